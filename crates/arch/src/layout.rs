@@ -1,0 +1,63 @@
+//! Guest physical memory layout of a tern x86_64 VM.
+//!
+//! ```text
+//! 0x0000_0500  boot GDT            0x0000_9000  PML4
+//! 0x0000_0520  boot IDT (empty)    0x0000_a000  PDPT
+//! 0x0000_6000  PVH start_info      0x0000_b000  4 x PD (identity map of 4 GiB, 2 MiB pages)
+//! 0x0000_7000  Linux zero page     0x0002_0000  kernel command line
+//! 0x0000_8ff0  boot stack top      0x0009_fc00  EBDA: MP table
+//! 0x0010_0000  kernel              ... RAM up to min(size, 3 GiB)
+//! 0xc000_0000  32-bit MMIO hole (PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
+//! 0x1_0000_0000 the rest of RAM
+//! ```
+
+/// Start of the boot GDT.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Start of the (empty) boot IDT.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info` structure.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH memory map, right after the start info.
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// Maximum number of PVH memory map entries that fit before the zero page.
+pub const PVH_MEMMAP_MAX_ENTRIES: usize = ((ZERO_PAGE_START - PVH_MEMMAP_START) / 24) as usize;
+/// Linux `boot_params` (the zero page).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Page-map level 4 table.
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table.
+pub const PDPTE_START: u64 = 0xa000;
+/// First of four page directories.
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Largest command line tern accepts (bytes, without the NUL).
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+/// Start of the extended BIOS data area; the MP table lives here.
+pub const EBDA_START: u64 = 0x9fc00;
+/// End of conventional memory.
+pub const EBDA_END: u64 = 0xa0000;
+/// High memory starts at 1 MiB: kernels load here or above.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO hole below 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// First address above 4 GiB.
+pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// IOAPIC MMIO base.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC MMIO base.
+pub const APIC_START: u64 = 0xfee0_0000;
+/// Address KVM uses for the TSS (three pages, inside the MMIO hole).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Address KVM uses for the real-mode identity map page.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// Lowest guest RAM size tern accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest RAM size tern accepts (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// MP floating pointer and configuration table (BIOS area, scanned by guests).
+pub const MPTABLE_START: u64 = 0xf_0000;
+/// End of the area the MP table may use.
+pub const MPTABLE_END: u64 = 0x10_0000;

@@ -1,0 +1,125 @@
+//! Guest RAM regions and the e820 map that describes them.
+
+use crate::layout::*;
+
+/// An e820 memory type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Type {
+    /// Usable RAM.
+    Ram = 1,
+    /// Reserved.
+    Reserved = 2,
+}
+
+/// One e820 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    /// First byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Memory type.
+    pub kind: E820Type,
+}
+
+/// The RAM regions `(guest address, size)` for a guest of `mem_size` bytes: RAM below the
+/// 32-bit MMIO hole, and the rest above 4 GiB.
+pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
+    if mem_size <= MMIO_HOLE_START {
+        vec![(0, mem_size)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (RAM_64BIT_START, mem_size - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// The highest usable address below the MMIO hole, plus one.
+pub fn low_ram_end(mem_size: u64) -> u64 {
+    mem_size.min(MMIO_HOLE_START)
+}
+
+/// The e820 map the guest is given for `mem_size` bytes of RAM.
+pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Type::Ram,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: EBDA_END - EBDA_START,
+            kind: E820Type::Reserved,
+        },
+    ];
+    let low_end = low_ram_end(mem_size);
+    if low_end > HIMEM_START {
+        map.push(E820Entry {
+            addr: HIMEM_START,
+            size: low_end - HIMEM_START,
+            kind: E820Type::Ram,
+        });
+    }
+    if mem_size > MMIO_HOLE_START {
+        map.push(E820Entry {
+            addr: RAM_64BIT_START,
+            size: mem_size - MMIO_HOLE_START,
+            kind: E820Type::Ram,
+        });
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_region() {
+        assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
+        let map = e820_map(256 << 20);
+        assert_eq!(map.len(), 3);
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (256 << 20) - HIMEM_START,
+                kind: E820Type::Ram
+            }
+        );
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820Type::Ram)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(
+            ram,
+            (256 << 20) - (EBDA_END - EBDA_START) - (HIMEM_START - EBDA_END)
+        );
+    }
+
+    #[test]
+    fn big_guest_splits_around_hole() {
+        let size = 4u64 << 30;
+        assert_eq!(
+            ram_regions(size),
+            vec![(0, MMIO_HOLE_START), (RAM_64BIT_START, 1 << 30)]
+        );
+        let map = e820_map(size);
+        assert_eq!(map.last().unwrap().addr, RAM_64BIT_START);
+        assert_eq!(map.last().unwrap().size, 1 << 30);
+        // No entry overlaps the MMIO hole.
+        for e in &map {
+            assert!(e.addr + e.size <= MMIO_HOLE_START || e.addr >= RAM_64BIT_START);
+        }
+    }
+
+    #[test]
+    fn exactly_the_hole_size() {
+        assert_eq!(ram_regions(MMIO_HOLE_START).len(), 1);
+        assert_eq!(e820_map(MMIO_HOLE_START).len(), 3);
+    }
+}

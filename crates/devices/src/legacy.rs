@@ -1,0 +1,160 @@
+//! Small legacy port devices: i8042 (reset line), debug-exit and the boot-timer debug port.
+
+use std::time::Instant;
+
+use crate::{BusDevice, EventFdTrigger};
+
+/// PIO base of the i8042 controller (data port 0x60, command port 0x64).
+pub const I8042_BASE: u64 = 0x60;
+/// Length of its range.
+pub const I8042_LEN: u64 = 5;
+/// PIO port of the debug-exit device: a byte written here ends the VM with that status.
+/// QEMU's `isa-debug-exit` (at `iobase=0xf4`) accepts the same write.
+pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+/// PIO port of the boot-timer debug port: a byte written here is a milestone code.
+pub const DEBUG_PORT: u64 = 0x440;
+
+/// The i8042 keyboard controller, for its CPU reset line (`reboot=k`).
+pub struct I8042(vm_superio::I8042Device<EventFdTrigger>);
+
+impl I8042 {
+    /// A controller that signals `reset` when the guest pulses the reset line.
+    pub fn new(reset: EventFdTrigger) -> Self {
+        I8042(vm_superio::I8042Device::new(reset))
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.0.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(b) = data.first() {
+            if let Err(e) = self.0.write(offset as u8, *b) {
+                tracing::warn!("i8042: cannot signal reset: {e}");
+            }
+        }
+    }
+}
+
+/// Ends the VM with the status byte the guest writes.
+pub struct DebugExit {
+    on_exit: Box<dyn FnMut(u8) + Send>,
+}
+
+impl DebugExit {
+    /// A debug-exit device calling `on_exit(status)`.
+    pub fn new(on_exit: Box<dyn FnMut(u8) + Send>) -> Self {
+        DebugExit { on_exit }
+    }
+}
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if let Some(b) = data.first() {
+            (self.on_exit)(*b);
+        }
+    }
+}
+
+/// One milestone the guest reported.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Milestone {
+    /// The code written.
+    pub code: u8,
+    /// Microseconds since the VMM started.
+    pub micros: u64,
+}
+
+/// The boot-timer debug port: the guest writes milestone codes, tern timestamps them relative
+/// to its own start and logs them (`tern::boot` target at info level).
+pub struct DebugPort {
+    start: Instant,
+    seen: Vec<Milestone>,
+}
+
+impl DebugPort {
+    /// A debug port measuring from `start`.
+    pub fn new(start: Instant) -> Self {
+        DebugPort {
+            start,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Milestones seen so far (at most 256 are kept).
+    pub fn milestones(&self) -> &[Milestone] {
+        &self.seen
+    }
+}
+
+impl BusDevice for DebugPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let Some(code) = data.first().copied() else {
+            return;
+        };
+        let micros = self.start.elapsed().as_micros() as u64;
+        if self.seen.len() < 256 {
+            self.seen.push(Milestone { code, micros });
+        }
+        tracing::info!(target: "tern::boot", "guest milestone {code:#04x} at {:.3} ms", micros as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn i8042_reset_pulse_signals() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(EventFdTrigger(evt.try_clone().unwrap()));
+        dev.write(4, &[0xfe]);
+        assert_eq!(evt.read().unwrap(), 1);
+        // Ordinary commands do not reset.
+        dev.write(4, &[0x20]);
+        assert!(evt.read().is_err());
+        let mut b = [0u8];
+        dev.read(4, &mut b);
+        dev.write(0, &[]);
+    }
+
+    #[test]
+    fn debug_exit_reports_status() {
+        let got = Arc::new(AtomicU32::new(999));
+        let g = got.clone();
+        let mut dev = DebugExit::new(Box::new(move |s| g.store(u32::from(s), Ordering::SeqCst)));
+        dev.write(0, &[3]);
+        assert_eq!(got.load(Ordering::SeqCst), 3);
+        dev.write(0, &[]);
+        assert_eq!(got.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn debug_port_timestamps_in_order() {
+        let mut dev = DebugPort::new(Instant::now());
+        for c in 0..300u16 {
+            dev.write(0, &[c as u8]);
+        }
+        assert_eq!(dev.milestones().len(), 256);
+        assert!(dev
+            .milestones()
+            .windows(2)
+            .all(|w| w[0].micros <= w[1].micros));
+        assert_eq!(dev.milestones()[1].code, 1);
+    }
+}

@@ -1,0 +1,487 @@
+//! `VmConfig`: the one description of a VM, produced by CLI flags, a config file (TOML or
+//! JSON) or, later, the API; validated once, here.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Default kernel command line: serial console, reboot through the i8042 reset line, reboot one
+/// second after a panic, no PCI probing (tern has no PCI bus yet), a quiet i8042.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Configuration errors; each names the field and the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A field has a bad value.
+    #[error("invalid {field} '{value}': {why}")]
+    Invalid {
+        /// Field name as the user wrote it.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// Why it is wrong.
+        why: String,
+    },
+    /// A required field is missing.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// The config file could not be read or parsed.
+    #[error("config file {path}: {why}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+fn invalid(field: &'static str, value: impl fmt::Display, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// A memory size in bytes, written as `512M`, `2G`, `65536K`, `1T` or a plain number of MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemSize(pub u64);
+
+impl FromStr for MemSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        let stripped = lower
+            .strip_suffix("ib")
+            .or_else(|| lower.strip_suffix('b'))
+            .unwrap_or(&lower);
+        let (num, shift) = match stripped.chars().last() {
+            Some('k') => (&stripped[..stripped.len() - 1], 10),
+            Some('m') => (&stripped[..stripped.len() - 1], 20),
+            Some('g') => (&stripped[..stripped.len() - 1], 30),
+            Some('t') => (&stripped[..stripped.len() - 1], 40),
+            Some(c) if c.is_ascii_digit() => (stripped, 20),
+            _ => return Err("expected a number with an optional K, M, G or T suffix".into()),
+        };
+        let n: u64 = num
+            .trim()
+            .parse()
+            .map_err(|_| "expected a number with an optional K, M, G or T suffix".to_string())?;
+        n.checked_mul(1u64 << shift)
+            .map(MemSize)
+            .ok_or_else(|| "too large".to_string())
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b % (1 << 30) == 0 {
+            write!(f, "{}G", b >> 30)
+        } else if b % (1 << 20) == 0 {
+            write!(f, "{}M", b >> 20)
+        } else {
+            write!(f, "{}K", b >> 10)
+        }
+    }
+}
+
+impl Serialize for MemSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MemSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Mib(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Mib(n) => n
+                .checked_mul(1 << 20)
+                .map(MemSize)
+                .ok_or_else(|| serde::de::Error::custom("memory size too large")),
+            Raw::Text(t) => t
+                .parse()
+                .map_err(|e: String| serde::de::Error::custom(format!("memory '{t}': {e}"))),
+        }
+    }
+}
+
+/// Where a character device (the serial port) sends guest output.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CharBackend {
+    /// The terminal: output to stdout, stdin forwarded to the guest.
+    #[default]
+    Stdio,
+    /// Output appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl FromStr for CharBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(CharBackend::Stdio),
+            "none" | "off" => Ok(CharBackend::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(CharBackend::File(PathBuf::from(p))),
+                _ => Err("expected stdio, none or file:PATH".into()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for CharBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CharBackend::Stdio => write!(f, "stdio"),
+            CharBackend::File(p) => write!(f, "file:{}", p.display()),
+            CharBackend::None => write!(f, "none"),
+        }
+    }
+}
+
+impl Serialize for CharBackend {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for CharBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let t = String::deserialize(d)?;
+        t.parse()
+            .map_err(|e: String| serde::de::Error::custom(format!("serial '{t}': {e}")))
+    }
+}
+
+/// Kernel entry protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    /// PVH when the ELF kernel has a PVH note, else the 64-bit Linux entry.
+    #[default]
+    Auto,
+    /// PVH (ELF kernels with a PVH note).
+    Pvh,
+    /// Linux 64-bit boot protocol.
+    Linux,
+}
+
+/// Where a bzImage's payload is decompressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decompress {
+    /// By tern, on the host; the guest enters vmlinux directly.
+    #[default]
+    Host,
+    /// By the kernel's own decompressor in the guest.
+    Guest,
+}
+
+/// What a guest reboot does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReboot {
+    /// tern exits with status 0.
+    #[default]
+    Exit,
+    /// The VM is rebuilt and boots again.
+    Restart,
+}
+
+/// `FromStr`/`Display` for the lowercase keyword enums, matching their serde names.
+macro_rules! keyword_enum {
+    ($t:ty, $($v:ident => $s:literal),+) => {
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok(<$t>::$v),)+
+                    _ => Err(format!("expected one of: {}", [$($s),+].join(", "))),
+                }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self { $(<$t>::$v => write!(f, $s),)+ }
+            }
+        }
+    };
+}
+
+keyword_enum!(BootProtocol, Auto => "auto", Pvh => "pvh", Linux => "linux");
+keyword_enum!(Decompress, Host => "host", Guest => "guest");
+keyword_enum!(OnReboot, Exit => "exit", Restart => "restart");
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> MemSize {
+    MemSize(512 << 20)
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: bzImage or ELF vmlinux.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; [`DEFAULT_CMDLINE`] when absent.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs, 1..=254.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest RAM.
+    #[serde(default = "default_memory")]
+    pub memory: MemSize,
+    /// Serial port (COM1) backend.
+    #[serde(default)]
+    pub serial: CharBackend,
+    /// Kernel entry protocol.
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
+    /// bzImage decompression.
+    #[serde(default)]
+    pub decompress: Decompress,
+    /// Guest reboot behaviour.
+    #[serde(default)]
+    pub on_reboot: OnReboot,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            cpus: default_cpus(),
+            memory: default_memory(),
+            serial: CharBackend::default(),
+            boot_protocol: BootProtocol::default(),
+            decompress: Decompress::default(),
+            on_reboot: OnReboot::default(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// Parses a config file: JSON when it starts with `{`, TOML otherwise.
+    pub fn from_file_text(path: &str, text: &str) -> Result<Self, ConfigError> {
+        let file_err = |why: String| ConfigError::File {
+            path: path.to_string(),
+            why,
+        };
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| file_err(e.to_string()))
+        } else {
+            toml::from_str(text).map_err(|e| file_err(e.message().to_string()))
+        }
+    }
+
+    /// The command line the guest gets.
+    pub fn effective_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel.is_none() {
+            return Err(ConfigError::Missing("kernel (--kernel PATH)"));
+        }
+        if !(1..=254).contains(&self.cpus) {
+            return Err(invalid("cpus", self.cpus, "must be between 1 and 254"));
+        }
+        let m = self.memory.0;
+        if m < arch::layout::MIN_MEMORY {
+            return Err(invalid("memory", self.memory, "must be at least 16M"));
+        }
+        if m > arch::layout::MAX_MEMORY {
+            return Err(invalid("memory", self.memory, "must be at most 1T"));
+        }
+        if m % 4096 != 0 {
+            return Err(invalid("memory", self.memory, "must be a multiple of 4K"));
+        }
+        let cmd = self.effective_cmdline();
+        if cmd.len() > arch::layout::CMDLINE_MAX_SIZE {
+            return Err(invalid(
+                "cmdline",
+                format!("{}...", &cmd[..32]),
+                format!(
+                    "is {} bytes; at most {} are allowed",
+                    cmd.len(),
+                    arch::layout::CMDLINE_MAX_SIZE
+                ),
+            ));
+        }
+        if cmd.contains('\0') {
+            return Err(invalid(
+                "cmdline",
+                cmd.replace('\0', "\\0"),
+                "contains a NUL byte",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!("512M".parse::<MemSize>(), Ok(MemSize(512 << 20)));
+        assert_eq!("512".parse::<MemSize>(), Ok(MemSize(512 << 20)));
+        assert_eq!("2g".parse::<MemSize>(), Ok(MemSize(2 << 30)));
+        assert_eq!("2GiB".parse::<MemSize>(), Ok(MemSize(2 << 30)));
+        assert_eq!("65536K".parse::<MemSize>(), Ok(MemSize(64 << 20)));
+        assert_eq!("1T".parse::<MemSize>(), Ok(MemSize(1 << 40)));
+        assert!("".parse::<MemSize>().is_err());
+        assert!("M".parse::<MemSize>().is_err());
+        assert!("12X".parse::<MemSize>().is_err());
+        assert!("-1M".parse::<MemSize>().is_err());
+        assert!("99999999999999999999G".parse::<MemSize>().is_err());
+        assert!("18446744073709551615G".parse::<MemSize>().is_err());
+        assert_eq!(MemSize(512 << 20).to_string(), "512M");
+        assert_eq!(MemSize(2 << 30).to_string(), "2G");
+    }
+
+    #[test]
+    fn keywords() {
+        assert_eq!("pvh".parse::<BootProtocol>(), Ok(BootProtocol::Pvh));
+        assert_eq!(BootProtocol::Linux.to_string(), "linux");
+        assert_eq!("guest".parse::<Decompress>(), Ok(Decompress::Guest));
+        assert_eq!("restart".parse::<OnReboot>(), Ok(OnReboot::Restart));
+        assert_eq!(
+            "x".parse::<OnReboot>(),
+            Err("expected one of: exit, restart".to_string())
+        );
+    }
+
+    #[test]
+    fn serial_backends() {
+        assert_eq!("stdio".parse::<CharBackend>(), Ok(CharBackend::Stdio));
+        assert_eq!("none".parse::<CharBackend>(), Ok(CharBackend::None));
+        assert_eq!(
+            "file:/tmp/x".parse::<CharBackend>(),
+            Ok(CharBackend::File("/tmp/x".into()))
+        );
+        assert!("file:".parse::<CharBackend>().is_err());
+        assert!("tcp:1".parse::<CharBackend>().is_err());
+    }
+
+    fn valid() -> VmConfig {
+        VmConfig {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(valid().validate().is_ok());
+        assert_eq!(
+            VmConfig::default().validate(),
+            Err(ConfigError::Missing("kernel (--kernel PATH)"))
+        );
+        let e = VmConfig { cpus: 0, ..valid() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "invalid cpus '0': must be between 1 and 254");
+        assert!(VmConfig {
+            cpus: 255,
+            ..valid()
+        }
+        .validate()
+        .is_err());
+        assert!(VmConfig {
+            cpus: 254,
+            ..valid()
+        }
+        .validate()
+        .is_ok());
+        let e = VmConfig {
+            memory: MemSize(1 << 20),
+            ..valid()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "invalid memory '1M': must be at least 16M");
+        assert!(VmConfig {
+            memory: MemSize((16 << 20) + 1),
+            ..valid()
+        }
+        .validate()
+        .is_err());
+        assert!(VmConfig {
+            memory: MemSize(2 << 40),
+            ..valid()
+        }
+        .validate()
+        .is_err());
+        assert!(VmConfig {
+            cmdline: Some("x".repeat(70000)),
+            ..valid()
+        }
+        .validate()
+        .is_err());
+        assert!(VmConfig {
+            cmdline: Some("a\0b".into()),
+            ..valid()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn toml_and_json_files() {
+        let t = "kernel = \"/boot/vmlinuz\"\ncpus = 2\nmemory = \"1G\"\nserial = \"file:/tmp/s\"\nboot_protocol = \"pvh\"\n";
+        let c = VmConfig::from_file_text("vm.toml", t).unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory, MemSize(1 << 30));
+        assert_eq!(c.serial, CharBackend::File("/tmp/s".into()));
+        assert_eq!(c.boot_protocol, BootProtocol::Pvh);
+        let j = r#"{"kernel": "/k", "memory": 256, "on_reboot": "restart"}"#;
+        let c = VmConfig::from_file_text("vm.json", j).unwrap();
+        assert_eq!(c.memory, MemSize(256 << 20));
+        assert_eq!(c.on_reboot, OnReboot::Restart);
+        // Unknown fields and bad values are named.
+        let e = VmConfig::from_file_text("vm.toml", "kernal = \"/k\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kernal"), "{e}");
+        let e = VmConfig::from_file_text("vm.json", r#"{"memory": "lots"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lots"), "{e}");
+        // Round trip.
+        let c = VmConfig {
+            cmdline: Some("quiet".into()),
+            ..valid()
+        };
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,10 @@
+//! One VM's life in tern: configuration, building the VM, vCPU threads and the event loop.
+
+pub mod config;
+pub mod host;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use vm::{run, VmExit, VmmError};

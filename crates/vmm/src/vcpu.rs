@@ -1,0 +1,196 @@
+//! vCPU threads: configure each vCPU, loop on `KVM_RUN`, dispatch PIO/MMIO exits to the buses,
+//! and get kicked out of `KVM_RUN` cleanly (`immediate_exit` set from a signal handler).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{
+    kvm_regs, kvm_sregs, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::vm::{VmControl, VmExit};
+use devices::Bus;
+
+/// Signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    IMMEDIATE_EXIT.with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer was set by this thread to its own kvm_run mapping, which
+            // outlives the thread's run loop; a single volatile byte store is signal-safe.
+            unsafe { p.write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick handler (once per process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    res
+}
+
+/// Exit counters of one vCPU.
+#[derive(Default)]
+pub struct ExitCounters {
+    /// Port I/O exits.
+    pub pio: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Other exits.
+    pub other: AtomicU64,
+}
+
+/// One vCPU and what it needs to run.
+pub struct Vcpu {
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Its index (= APIC ID).
+    pub id: u8,
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Shared VM control.
+    pub ctl: Arc<VmControl>,
+    /// Exit counters.
+    pub counters: Arc<ExitCounters>,
+}
+
+fn describe_regs(fd: &VcpuFd) -> String {
+    let r: kvm_regs = fd.get_regs().unwrap_or_default();
+    let s: kvm_sregs = fd.get_sregs().unwrap_or_default();
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+        r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
+    )
+}
+
+impl Vcpu {
+    /// Runs until the VM stops. Called on the vCPU's own thread.
+    pub fn run(mut self) {
+        let ie: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|p| p.set(ie));
+        loop {
+            if self.ctl.stopping() {
+                break;
+            }
+            match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        self.counters.pio.fetch_add(1, Ordering::Relaxed);
+                        if !self.pio.write(u64::from(port), data) {
+                            tracing::trace!("unclaimed port write {port:#x}");
+                        }
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        self.counters.pio.fetch_add(1, Ordering::Relaxed);
+                        if !self.pio.read(u64::from(port), data) {
+                            data.fill(0);
+                        }
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                        if !self.mmio.write(addr, data) {
+                            tracing::trace!("unclaimed MMIO write {addr:#x}");
+                        }
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                        if !self.mmio.read(addr, data) {
+                            data.fill(0);
+                        }
+                    }
+                    VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {
+                        self.counters.other.fetch_add(1, Ordering::Relaxed);
+                    }
+                    VcpuExit::Shutdown => {
+                        self.ctl.request_exit(VmExit::TripleFault {
+                            vcpu: self.id,
+                            regs: describe_regs(&self.fd),
+                        });
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        let r = match kind {
+                            KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                            KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                            KVM_SYSTEM_EVENT_CRASH => VmExit::GuestPanic,
+                            k => VmExit::Error(format!(
+                                "vCPU {} reported unknown system event {k}",
+                                self.id
+                            )),
+                        };
+                        self.ctl.request_exit(r);
+                    }
+                    VcpuExit::InternalError => {
+                        let sub = self.fd.get_kvm_run();
+                        // SAFETY: on KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+                        // exit union is the one KVM filled in.
+                        let suberror = unsafe { sub.__bindgen_anon_1.internal.suberror };
+                        self.ctl.request_exit(VmExit::InternalError {
+                            vcpu: self.id,
+                            suberror,
+                            regs: describe_regs(&self.fd),
+                        });
+                    }
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        self.ctl.request_exit(VmExit::Error(format!(
+                            "KVM could not enter vCPU {} (hardware entry failure {reason:#x} on host CPU {cpu})",
+                            self.id
+                        )));
+                    }
+                    other => {
+                        self.counters.other.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("vCPU {}: unhandled exit {other:?}", self.id);
+                    }
+                },
+                Err(e) => match e.errno() {
+                    libc::EINTR => {
+                        self.fd.set_kvm_immediate_exit(0);
+                    }
+                    libc::EAGAIN => {}
+                    _ => {
+                        self.ctl.request_exit(VmExit::Error(format!(
+                            "KVM_RUN failed on vCPU {}: {e}",
+                            self.id
+                        )));
+                    }
+                },
+            }
+        }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// Sets the boot MSRs on a vCPU.
+pub fn set_boot_msrs(fd: &VcpuFd) -> Result<(), String> {
+    let entries = arch::regs::boot_msrs();
+    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("cannot build MSR list: {e:?}"))?;
+    let n = fd
+        .set_msrs(&msrs)
+        .map_err(|e| format!("KVM_SET_MSRS: {e}"))?;
+    if n != entries.len() {
+        return Err(format!(
+            "KVM accepted only {n} of {} boot MSRs",
+            entries.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! Building a VM from a validated [`VmConfig`] and running it to its end.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use arch::layout::*;
+use arch::GuestMemoryMmap;
+use devices::legacy::{
+    DebugExit, DebugPort, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
+};
+use devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use devices::{Bus, EventFdTrigger};
+
+use crate::config::{BootProtocol, CharBackend, Decompress, OnReboot, VmConfig};
+use crate::terminal::RawTerminal;
+use crate::vcpu::{install_kick_handler, kick_signal, set_boot_msrs, ExitCounters, Vcpu};
+
+/// Errors building or running a VM; each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// `/dev/kvm` unusable.
+    #[error("cannot use /dev/kvm: {0}")]
+    Kvm(String),
+    /// A KVM ioctl failed while building the VM.
+    #[error("KVM setup failed: {what}: {err}")]
+    KvmSetup {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+    /// A file named in the config could not be opened.
+    #[error("cannot read {what} {path}: {err}")]
+    File {
+        /// kernel, initrd, ...
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// Kernel loading failed.
+    #[error("cannot boot kernel {path}: {err}")]
+    Boot {
+        /// The kernel path.
+        path: String,
+        /// The error.
+        err: arch::boot::BootError,
+    },
+    /// Setting up the machine failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (reboot).
+    Reset,
+    /// The guest wrote `status` to the debug-exit port.
+    DebugExit(u8),
+    /// The guest kernel panicked (seen on its console, or reported by the guest).
+    GuestPanic,
+    /// A vCPU triple-faulted.
+    TripleFault {
+        /// Which vCPU.
+        vcpu: u8,
+        /// Its registers.
+        regs: String,
+    },
+    /// KVM could not emulate something.
+    InternalError {
+        /// Which vCPU.
+        vcpu: u8,
+        /// KVM's suberror code.
+        suberror: u32,
+        /// Registers at the time.
+        regs: String,
+    },
+    /// tern was asked to stop (signal number).
+    Signal(i32),
+    /// The user pressed the escape sequence.
+    UserQuit,
+    /// A VMM error while running.
+    Error(String),
+}
+
+/// State shared between the VM's threads.
+pub struct VmControl {
+    stop: AtomicBool,
+    exit: Mutex<Option<VmExit>>,
+    exit_evt: EventFd,
+}
+
+impl VmControl {
+    fn new() -> Result<Self, VmmError> {
+        Ok(VmControl {
+            stop: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?,
+        })
+    }
+
+    /// Whether the VM is stopping.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Ends the VM with `reason` (the first reason wins).
+    pub fn request_exit(&self, reason: VmExit) {
+        let mut g = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(reason);
+        }
+        self.stop.store(true, Ordering::Release);
+        let _ = self.exit_evt.write(1);
+    }
+
+    fn take_exit(&self) -> Option<VmExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Runs the VM described by `config` until it ends (rebuilding it on reboot when configured
+/// so). `start` is when tern started, for boot-time measurements.
+pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, VmmError> {
+    config.validate()?;
+    install_kick_handler()
+        .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
+    let signals = block_stop_signals()?;
+    let _raw = match config.serial {
+        // SAFETY-free: fd 0 is stdin; raw mode only when it is a terminal.
+        CharBackend::Stdio => RawTerminal::enable(0),
+        _ => None,
+    };
+    let stdin_target: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>> = Arc::new(Mutex::new(None));
+    let stdin_quit =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+    if config.serial == CharBackend::Stdio {
+        spawn_stdin_thread(
+            stdin_target.clone(),
+            stdin_quit
+                .try_clone()
+                .map_err(|e| VmmError::Setup(e.to_string()))?,
+        );
+    }
+    loop {
+        let vm = Vm::build(config, start)?;
+        *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.serial.clone());
+        let exit = vm.run(&signals, &stdin_quit)?;
+        *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
+            tracing::info!("guest rebooted; restarting the VM");
+            continue;
+        }
+        return Ok(exit);
+    }
+}
+
+/// Blocks SIGINT/SIGTERM in every thread (inherited by threads spawned later) and returns a
+/// signalfd the main thread reads them from.
+fn block_stop_signals() -> Result<File, VmmError> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(VmmError::Setup("cannot block SIGINT/SIGTERM".into()));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(VmmError::Setup(format!(
+                "signalfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        Ok(<File as std::os::fd::FromRawFd>::from_raw_fd(fd))
+    }
+}
+
+/// Forwards stdin to the current VM's serial port. Ctrl-A x quits tern (as in QEMU);
+/// Ctrl-A Ctrl-A sends a literal Ctrl-A.
+fn spawn_stdin_thread(target: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>, quit: EventFd) {
+    let _ = std::thread::Builder::new()
+        .name("tern-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 256];
+            let mut escape = false;
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if escape {
+                        escape = false;
+                        match b {
+                            b'x' | b'X' => {
+                                let _ = quit.write(1);
+                                return;
+                            }
+                            0x01 => out.push(0x01),
+                            _ => out.push(b),
+                        }
+                    } else if b == 0x01 {
+                        escape = true;
+                    } else {
+                        out.push(b);
+                    }
+                }
+                let mut pending = &out[..];
+                while !pending.is_empty() {
+                    let dev = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let taken = match dev {
+                        Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).enqueue(pending),
+                        None => pending.len(),
+                    };
+                    pending = &pending[taken..];
+                    if taken == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        });
+}
+
+struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    serial: Arc<Mutex<SerialDevice>>,
+    ctl: Arc<VmControl>,
+    reset_evt: EventFd,
+    panic_seen: Arc<AtomicBool>,
+    vcpus: Vec<Vcpu>,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |err| VmmError::KvmSetup { what, err }
+}
+
+impl Vm {
+    fn build(config: &VmConfig, start: Instant) -> Result<Vm, VmmError> {
+        let kernel_path = config
+            .kernel
+            .as_ref()
+            .ok_or(crate::config::ConfigError::Missing(
+                "kernel (--kernel PATH)",
+            ))?;
+        let kernel_bytes = std::fs::read(kernel_path).map_err(|err| VmmError::File {
+            what: "kernel",
+            path: kernel_path.display().to_string(),
+            err,
+        })?;
+        let mut initrd = match &config.initrd {
+            Some(p) => {
+                let f = File::open(p).map_err(|err| VmmError::File {
+                    what: "initrd",
+                    path: p.display().to_string(),
+                    err,
+                })?;
+                let len = f
+                    .metadata()
+                    .map_err(|err| VmmError::File {
+                        what: "initrd",
+                        path: p.display().to_string(),
+                        err,
+                    })?
+                    .len();
+                Some((f, len))
+            }
+            None => None,
+        };
+        if arch::boot::is_linux(&kernel_bytes) {
+            if let Some(why) = crate::host::emulation_backed_kvm() {
+                eprintln!(
+                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
+                );
+            }
+        }
+
+        let kvm = Kvm::new().map_err(|e| {
+            VmmError::Kvm(format!(
+                "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
+            ))
+        })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT2"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::Kvm(format!("KVM lacks {name} support")));
+            }
+        }
+        let max_vcpus = kvm.get_max_vcpus();
+        if config.cpus as usize > max_vcpus {
+            return Err(VmmError::Kvm(format!(
+                "{} vCPUs requested but this host's KVM allows at most {max_vcpus}",
+                config.cpus
+            )));
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+        // Guest memory.
+        let mem_size = config.memory.0;
+        let ranges: Vec<(GuestAddress, usize)> = arch::memory::ram_regions(mem_size)
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| VmmError::Memory(mem_size >> 20, e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the returned `Vm`
+            // keeps alive for as long as the VM fd exists.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+        }
+
+        // Kernel, initrd, command line, boot structures.
+        let protocol = match config.boot_protocol {
+            BootProtocol::Auto => arch::boot::BootProtocol::Auto,
+            BootProtocol::Pvh => arch::boot::BootProtocol::Pvh,
+            BootProtocol::Linux => arch::boot::BootProtocol::Linux,
+        };
+        let bzimage_entry = match config.decompress {
+            Decompress::Host => arch::boot::BzImageEntry::Host,
+            Decompress::Guest => arch::boot::BzImageEntry::Guest,
+        };
+        let boot = arch::boot::load_kernel(
+            &mem,
+            arch::boot::KernelSpec {
+                kernel: &kernel_bytes,
+                initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
+                cmdline: config.effective_cmdline(),
+                mem_size,
+                protocol,
+                bzimage_entry,
+            },
+        )
+        .map_err(|err| VmmError::Boot {
+            path: kernel_path.display().to_string(),
+            err,
+        })?;
+        drop(kernel_bytes);
+        tracing::info!("kernel loaded: {}; entry {:#x}", boot.how, boot.entry);
+        arch::mptable::setup_mptable(&mem, config.cpus)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
+
+        // Devices.
+        let ctl = Arc::new(VmControl::new()?);
+        let panic_seen = Arc::new(AtomicBool::new(false));
+        let sink: Option<Box<dyn std::io::Write + Send>> = match &config.serial {
+            CharBackend::Stdio => Some(Box::new(std::io::stdout())),
+            CharBackend::File(p) => Some(Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|err| VmmError::File {
+                        what: "serial output file",
+                        path: p.display().to_string(),
+                        err,
+                    })?,
+            )),
+            CharBackend::None => None,
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("register serial irqfd"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(serial_irq),
+            SerialOut::new(sink, panic_seen.clone()),
+        )));
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+        let i8042 = I8042::new(EventFdTrigger(
+            reset_evt
+                .try_clone()
+                .map_err(|e| VmmError::Setup(e.to_string()))?,
+        ));
+        let ctl2 = ctl.clone();
+        let debug_exit = DebugExit::new(Box::new(move |s| ctl2.request_exit(VmExit::DebugExit(s))));
+
+        let mut pio = Bus::new();
+        let bus_err = |e: devices::BusError| VmmError::Setup(e.to_string());
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(debug_exit)), DEBUG_EXIT_PORT, 4)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(DebugPort::new(start))), DEBUG_PORT, 1)
+            .map_err(bus_err)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus as u8 {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vCPU"))?;
+            let entries = arch::cpuid::vcpu_cpuid(
+                supported.as_slice(),
+                arch::cpuid::CpuidOptions {
+                    id,
+                    count: config.cpus as u8,
+                    tsc_deadline,
+                },
+            );
+            let cpuid = CpuId::from_entries(&entries)
+                .map_err(|e| VmmError::Setup(format!("CPUID: {e:?}")))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            set_boot_msrs(&fd).map_err(VmmError::Setup)?;
+            let mut lapic = fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+            arch::regs::set_lint(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
+            if id == 0 {
+                let mut sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
+                arch::regs::setup_sregs(&mem, boot.mode, &mut sregs)
+                    .map_err(|e| VmmError::Setup(e.to_string()))?;
+                fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+                fd.set_regs(&arch::regs::boot_regs(boot.mode, boot.entry))
+                    .map_err(kvm_err("set regs"))?;
+                fd.set_fpu(&arch::regs::boot_fpu())
+                    .map_err(kvm_err("set FPU"))?;
+            }
+            vcpus.push(Vcpu {
+                fd,
+                id,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                ctl: ctl.clone(),
+                counters: Arc::new(ExitCounters::default()),
+            });
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            _mem: mem,
+            serial,
+            ctl,
+            reset_evt,
+            panic_seen,
+            vcpus,
+        })
+    }
+
+    fn run(mut self, signals: &File, stdin_quit: &EventFd) -> Result<VmExit, VmmError> {
+        let mut handles: Vec<JoinHandle<()>> = Vec::new();
+        for v in self.vcpus.drain(..) {
+            let name = format!("tern-vcpu{}", v.id);
+            let h = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || v.run())
+                .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
+            handles.push(h);
+        }
+
+        const EXIT: u64 = 1;
+        const RESET: u64 = 2;
+        const SIGNAL: u64 = 3;
+        const QUIT: u64 = 4;
+        let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
+        for (fd, token) in [
+            (self.ctl.exit_evt.as_raw_fd(), EXIT),
+            (self.reset_evt.as_raw_fd(), RESET),
+            (signals.as_raw_fd(), SIGNAL),
+            (stdin_quit.as_raw_fd(), QUIT),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
+        }
+        let mut events = vec![EpollEvent::default(); 8];
+        while !self.ctl.stopping() {
+            let n = match epoll.wait(50, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(VmmError::Setup(format!("epoll: {e}"))),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    RESET => {
+                        let _ = self.reset_evt.read();
+                        let reason = if self.panic_seen.load(Ordering::SeqCst) {
+                            VmExit::GuestPanic
+                        } else {
+                            VmExit::Reset
+                        };
+                        self.ctl.request_exit(reason);
+                    }
+                    SIGNAL => {
+                        let mut info = [0u8; 128];
+                        let mut f = signals;
+                        let signo = match f.read(&mut info) {
+                            Ok(128) => i32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
+                            _ => libc::SIGTERM,
+                        };
+                        self.ctl.request_exit(VmExit::Signal(signo));
+                    }
+                    QUIT => self.ctl.request_exit(VmExit::UserQuit),
+                    _ => {}
+                }
+            }
+            self.serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .flush();
+        }
+
+        // Stop every vCPU: the stop flag is set; kick each out of KVM_RUN until it returns.
+        for h in &handles {
+            let _ = h.kill(kick_signal());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for h in handles {
+            while !h.is_finished() && Instant::now() < deadline {
+                let _ = h.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+        let mut exit = self
+            .ctl
+            .take_exit()
+            .unwrap_or(VmExit::Error("VM stopped without a reason".into()));
+        if exit == VmExit::Reset && self.panic_seen.load(Ordering::SeqCst) {
+            exit = VmExit::GuestPanic;
+        }
+        Ok(exit)
+    }
+}
