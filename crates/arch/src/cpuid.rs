@@ -68,12 +68,10 @@ pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], opts: CpuidOptions) -> Vec<kvm
                     e.edx &= !EDX_HTT;
                 }
             }
-            0x4 => {
-                // Deterministic cache parameters: EAX[31:26] = cores per package - 1,
-                // EAX[25:14] = logical processors sharing this cache - 1 (one vCPU per core).
-                if e.eax & 0x1f != 0 {
-                    e.eax = (e.eax & 0x3fff) | ((count - 1).min(63) << 26);
-                }
+            // Deterministic cache parameters: EAX[31:26] = cores per package - 1 (one vCPU per
+            // core); only for real cache levels (type != 0).
+            0x4 if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x3fff) | ((count - 1).min(63) << 26);
             }
             0x6 => {
                 // Thermal and power management: nothing for a guest.
@@ -194,7 +192,7 @@ mod tests {
             assert_eq!(l1.edx & EDX_HTT != 0, count > 1);
             assert_eq!(find(&v, 0xb, 0).edx, u32::from(id));
             assert_eq!(find(&v, 0xb, 1).ebx, u32::from(count));
-            assert_eq!(1u32 << find(&v, 0xb, 1).eax >= u32::from(count), true);
+            assert!(1u32 << find(&v, 0xb, 1).eax >= u32::from(count));
             assert_eq!(find(&v, 0xb, 2).ecx, 2);
             assert_eq!(find(&v, 4, 0).eax >> 26, (u32::from(count) - 1).min(63));
             assert_eq!(find(&v, 0xa, 0).eax, 0);

@@ -81,9 +81,9 @@ impl FromStr for MemSize {
 impl fmt::Display for MemSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b % (1 << 30) == 0 {
+        if b.is_multiple_of(1 << 30) {
             write!(f, "{}G", b >> 30)
-        } else if b % (1 << 20) == 0 {
+        } else if b.is_multiple_of(1 << 20) {
             write!(f, "{}M", b >> 20)
         } else {
             write!(f, "{}K", b >> 10)
@@ -318,7 +318,7 @@ impl VmConfig {
         if m > arch::layout::MAX_MEMORY {
             return Err(invalid("memory", self.memory, "must be at most 1T"));
         }
-        if m % 4096 != 0 {
+        if !m.is_multiple_of(4096) {
             return Err(invalid("memory", self.memory, "must be a multiple of 4K"));
         }
         let cmd = self.effective_cmdline();

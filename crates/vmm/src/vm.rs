@@ -300,14 +300,7 @@ impl Vm {
             }
             None => None,
         };
-        if arch::boot::is_linux(&kernel_bytes) {
-            if let Some(why) = crate::host::emulation_backed_kvm() {
-                eprintln!(
-                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
-                );
-            }
-        }
-
+        let linux = arch::boot::is_linux(&kernel_bytes);
         let kvm = Kvm::new().map_err(|e| {
             VmmError::Kvm(format!(
                 "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
@@ -391,6 +384,13 @@ impl Vm {
             err,
         })?;
         drop(kernel_bytes);
+        if linux {
+            if let Some(why) = crate::host::emulation_backed_kvm() {
+                eprintln!(
+                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
+                );
+            }
+        }
         tracing::info!("kernel loaded: {}; entry {:#x}", boot.how, boot.entry);
         arch::mptable::setup_mptable(&mem, config.cpus)
             .map_err(|e| VmmError::Setup(e.to_string()))?;

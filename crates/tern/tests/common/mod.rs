@@ -1,0 +1,232 @@
+//! Shared helpers for tern's end-to-end tests: the tern binary, the probe guest, /dev/kvm
+//! availability (a failure under CI=true, a loud skip elsewhere), and running a VM with a
+//! hard timeout.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The tern binary under test.
+pub fn tern() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tern"))
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
+}
+
+/// Whether a missing resource must fail the test (CI) rather than skip it.
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+/// True when /dev/kvm can be opened. Otherwise fails under CI=true and skips loudly elsewhere.
+pub fn require_kvm(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if in_ci() {
+                panic!("{test}: /dev/kvm is required under CI=true but cannot be opened: {e}");
+            }
+            eprintln!(
+                "\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}); this test needs KVM ***\n"
+            );
+            false
+        }
+    }
+}
+
+/// The probe guest ELF: `$TERN_PROBE` if set, else built from guests/probe (once per run).
+pub fn probe() -> PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if let Ok(p) = std::env::var("TERN_PROBE") {
+                return PathBuf::from(p);
+            }
+            let dir = repo_root().join("guests/probe");
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--release", "--quiet"])
+                .current_dir(&dir)
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .env_remove("CARGO_TARGET_DIR")
+                .status()
+                .expect("cannot run cargo to build the probe guest");
+            assert!(status.success(), "building the probe guest failed");
+            let candidates = [
+                dir.join("target/x86_64-unknown-linux-gnu/release/probe"),
+                dir.join("target/release/probe"),
+            ];
+            candidates
+                .into_iter()
+                .find(|p| p.exists())
+                .expect("probe binary not found after build")
+        })
+        .clone()
+}
+
+/// Output of a finished (or killed) VMM process.
+pub struct Run {
+    /// Exit code (None when killed by a signal, e.g. on timeout).
+    pub code: Option<i32>,
+    /// Standard output (the guest console).
+    pub stdout: String,
+    /// Standard error (tern's own messages).
+    pub stderr: String,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Fields of the first `probe: <scenario> ok ...` line, panicking with the whole console
+    /// when the scenario failed or did not report.
+    pub fn scenario(&self, name: &str) -> HashMap<String, String> {
+        let prefix = format!("probe: {name} ");
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no '{prefix}' line.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.stdout, self.stderr
+                )
+            });
+        let rest = &line[prefix.len()..];
+        assert!(
+            rest.starts_with("ok"),
+            "scenario {name} failed: {line}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        parse_kv(rest.trim_start_matches("ok"))
+    }
+}
+
+/// Parses `key=value key="quoted value" ...`.
+pub fn parse_kv(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut chars = s.trim().chars().peekable();
+    loop {
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c == ' ' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() {
+            break;
+        }
+        let mut val = String::new();
+        if chars.peek() == Some(&'=') {
+            chars.next();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c == '"' {
+                        break;
+                    }
+                    val.push(c);
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == ' ' {
+                        break;
+                    }
+                    val.push(c);
+                    chars.next();
+                }
+            }
+        }
+        out.insert(key, val);
+    }
+    out
+}
+
+/// Runs `program args` with stdin closed, capturing output, killing it after `timeout`.
+pub fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
+        timed_out,
+        elapsed,
+    }
+}
+
+/// Runs tern with `args`.
+pub fn tern_run(args: &[&str], timeout: Duration) -> Run {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    run_with_timeout(&tern(), &a, timeout)
+}
+
+/// Boots the probe under tern with `probe.run=<scenarios>` and extra cmdline/flags.
+pub fn probe_run(scenarios: &str, extra_cmdline: &str, flags: &[&str]) -> Run {
+    let probe = probe();
+    let cmdline = format!("probe.run={scenarios} {extra_cmdline}");
+    let mut args = vec![
+        "--kernel",
+        probe.to_str().expect("utf-8 path"),
+        "--cmdline",
+        &cmdline,
+        "--serial",
+        "stdio",
+    ];
+    args.extend_from_slice(flags);
+    tern_run(&args, Duration::from_secs(60))
+}
