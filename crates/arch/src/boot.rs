@@ -121,6 +121,8 @@ pub struct KernelSpec<'a> {
     pub protocol: BootProtocol,
     /// bzImage entry method.
     pub bzimage_entry: BzImageEntry,
+    /// Address of the ACPI RSDP, when the VM has ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 /// What the boot vCPU needs to start the kernel.
@@ -500,7 +502,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
             initrd_at,
             spec.mem_size,
         )?,
-        EntryMode::Pvh => write_pvh_info(mem, initrd_at, spec.mem_size)?,
+        EntryMode::Pvh => write_pvh_info(mem, initrd_at, spec.mem_size, spec.rsdp)?,
     }
     Ok(BootInfo {
         entry,
@@ -574,6 +576,7 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     initrd: Option<(u64, u64)>,
     mem_size: u64,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let map = e820_map(mem_size);
     let mut info = hvm_start_info {
@@ -582,6 +585,7 @@ fn write_pvh_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {
@@ -674,6 +678,7 @@ mod tests {
             mem_size: mib << 20,
             protocol,
             bzimage_entry: BzImageEntry::Host,
+            rsdp: None,
         }
     }
 

@@ -61,3 +61,15 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 pub const MPTABLE_START: u64 = 0xf_0000;
 /// End of the area the MP table may use.
 pub const MPTABLE_END: u64 = 0x10_0000;
+/// ACPI tables: RSDP first (in the BIOS area guests scan), then XSDT, FADT, MADT, DSDT.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End of the ACPI table area (the MP table follows).
+pub const ACPI_END: u64 = MPTABLE_START;
+/// PIO port of the ACPI sleep control register (hardware-reduced ACPI).
+pub const ACPI_SLEEP_CONTROL_PORT: u64 = 0x3c0;
+/// PIO port of the ACPI sleep status register.
+pub const ACPI_SLEEP_STATUS_PORT: u64 = 0x3c1;
+/// PIO port of the ACPI reset register.
+pub const ACPI_RESET_PORT: u64 = 0x3c2;
+/// Value written to the reset register to reset the machine.
+pub const ACPI_RESET_VALUE: u8 = 0x1;

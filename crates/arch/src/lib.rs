@@ -1,6 +1,7 @@
 //! x86_64 machine description for tern: guest memory layout, e820, kernel loading (Linux
 //! 64-bit boot protocol and PVH), boot vCPU state, CPUID and the MP table.
 
+pub mod acpi;
 pub mod boot;
 pub mod bzimage;
 pub mod cpuid;

@@ -2,6 +2,7 @@
 //! reset line, the debug-exit and boot-timer ports, and the bus that dispatches guest accesses
 //! to them.
 
+pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod serial;

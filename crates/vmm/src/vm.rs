@@ -20,6 +20,7 @@ use vmm_sys_util::signal::Killable;
 
 use arch::layout::*;
 use arch::GuestMemoryMmap;
+use devices::acpi::{AcpiPm, PmRequest};
 use devices::legacy::{
     DebugExit, DebugPort, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
 };
@@ -368,6 +369,8 @@ impl Vm {
             Decompress::Host => arch::boot::BzImageEntry::Host,
             Decompress::Guest => arch::boot::BzImageEntry::Guest,
         };
+        let rsdp = arch::acpi::setup_acpi(&mem, config.cpus as u8)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
         let boot = arch::boot::load_kernel(
             &mem,
             arch::boot::KernelSpec {
@@ -377,6 +380,7 @@ impl Vm {
                 mem_size,
                 protocol,
                 bzimage_entry,
+                rsdp: Some(rsdp),
             },
         )
         .map_err(|err| VmmError::Boot {
@@ -431,7 +435,21 @@ impl Vm {
         let ctl2 = ctl.clone();
         let debug_exit = DebugExit::new(Box::new(move |s| ctl2.request_exit(VmExit::DebugExit(s))));
 
+        let ctl3 = ctl.clone();
+        let acpi_pm = AcpiPm::new(
+            arch::acpi::S5_SLEEP_TYPE,
+            ACPI_RESET_VALUE,
+            Box::new(move |r| {
+                ctl3.request_exit(match r {
+                    PmRequest::PowerOff => VmExit::PowerOff,
+                    PmRequest::Reset => VmExit::Reset,
+                })
+            }),
+        );
+
         let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(acpi_pm)), ACPI_SLEEP_CONTROL_PORT, 3)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
         let bus_err = |e: devices::BusError| VmmError::Setup(e.to_string());
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
             .map_err(bus_err)?;

@@ -1,0 +1,194 @@
+//! ACPI tables (built with the `acpi_tables` crate): RSDP, XSDT, a hardware-reduced FADT with
+//! sleep-control, sleep-status and reset registers, a MADT listing every vCPU and the IOAPIC,
+//! and a DSDT carrying the `_S5_` sleep type so guests can power off.
+//!
+//! Hardware-reduced ACPI (as Firecracker and Cloud Hypervisor use) needs no PM1 event/control
+//! blocks, no SCI and no PM timer: power-off and reset are single port writes that tern turns
+//! into VM exits. Guests without MP-table support (e.g. Debian's cloud kernel has
+//! `CONFIG_X86_MPPARSE` off) find their CPUs through the MADT.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::layout::*;
+
+/// The sleep type tern's `_S5_` object declares; the guest writes it (shifted, with SLP_EN)
+/// to the sleep control register to power off.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// SLP_EN bit of the hardware-reduced sleep control register.
+pub const SLEEP_ENABLE: u8 = 1 << 5;
+
+const OEM_ID: [u8; 6] = *b"TERNVM";
+const OEM_TABLE_ID: [u8; 8] = *b"TERNVM01";
+const OEM_REVISION: u32 = 1;
+/// IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC yet (bit 5).
+const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
+
+/// ACPI errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit in their area.
+    #[error("ACPI tables ({0} bytes) do not fit in the BIOS area")]
+    TooBig(u64),
+    /// Guest memory write failed.
+    #[error("cannot write ACPI tables into guest memory")]
+    Write,
+}
+
+fn bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_reg(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+/// Builds all tables for `num_cpus` vCPUs; returns `(guest address, bytes)` pieces and the
+/// RSDP address.
+pub fn build(num_cpus: u8) -> Result<(Vec<(u64, Vec<u8>)>, u64), AcpiError> {
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_addr = ACPI_START;
+    let mut next = align(rsdp_addr + Rsdp::len() as u64);
+
+    // DSDT: the S5 sleep type.
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
+    s5.to_aml_bytes(&mut dsdt);
+    let dsdt_bytes = bytes(&dsdt);
+    let dsdt_addr = next;
+    next = align(next + dsdt_bytes.len() as u64);
+
+    // FADT.
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::ResetRegSup);
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    fadt.sleep_control_reg = io_reg(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_reg(ACPI_SLEEP_STATUS_PORT);
+    fadt.reset_reg = io_reg(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    let fadt_bytes = bytes(&fadt.finalize());
+    let fadt_addr = next;
+    next = align(next + fadt_bytes.len() as u64);
+
+    // MADT.
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for cpu in 0..num_cpus {
+        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(num_cpus, IOAPIC_START as u32, 0));
+    let madt_bytes = bytes(&madt);
+    let madt_addr = next;
+    next = align(next + madt_bytes.len() as u64);
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_bytes = bytes(&xsdt);
+    let xsdt_addr = next;
+    next += xsdt_bytes.len() as u64;
+
+    if next > ACPI_END {
+        return Err(AcpiError::TooBig(next - ACPI_START));
+    }
+    let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    Ok((
+        vec![
+            (rsdp_addr, rsdp),
+            (dsdt_addr, dsdt_bytes),
+            (fadt_addr, fadt_bytes),
+            (madt_addr, madt_bytes),
+            (xsdt_addr, xsdt_bytes),
+        ],
+        rsdp_addr,
+    ))
+}
+
+/// Writes the ACPI tables; returns the RSDP address.
+pub fn setup_acpi<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<u64, AcpiError> {
+    let (pieces, rsdp) = build(num_cpus)?;
+    for (addr, data) in pieces {
+        mem.write_slice(&data, GuestAddress(addr))
+            .map_err(|_| AcpiError::Write)?;
+    }
+    Ok(rsdp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    #[test]
+    fn tables_are_well_formed() {
+        for n in [1u8, 2, 254] {
+            let (pieces, rsdp_addr) = build(n).unwrap();
+            let find = |sig: &[u8]| {
+                pieces
+                    .iter()
+                    .find(|(_, d)| d.starts_with(sig))
+                    .unwrap()
+                    .clone()
+            };
+            let (a, rsdp) = find(b"RSD PTR ");
+            assert_eq!(a, rsdp_addr);
+            assert_eq!(sum(&rsdp[..20]), 0);
+            assert_eq!(sum(&rsdp), 0);
+            let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+            let (xa, _) = find(b"XSDT");
+            assert_eq!(xa, xsdt_addr);
+            for sig in [&b"XSDT"[..], b"FACP", b"APIC", b"DSDT"] {
+                let (_, t) = find(sig);
+                let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
+                assert_eq!(len, t.len(), "{:?} length", std::str::from_utf8(sig));
+                assert_eq!(sum(&t), 0, "{:?} checksum", std::str::from_utf8(sig));
+            }
+            // MADT: one local APIC entry (type 0, 8 bytes) per vCPU, then the IOAPIC.
+            let (_, madt) = find(b"APIC");
+            let mut off = 44;
+            let mut cpus = 0;
+            let mut ioapics = 0;
+            while off < madt.len() {
+                match madt[off] {
+                    0 => {
+                        assert_eq!(madt[off + 3], cpus);
+                        cpus += 1;
+                    }
+                    1 => ioapics += 1,
+                    t => panic!("unexpected MADT entry {t}"),
+                }
+                off += madt[off + 1] as usize;
+            }
+            assert_eq!((cpus, ioapics), (n, 1));
+            // The DSDT carries _S5_.
+            let (_, dsdt) = find(b"DSDT");
+            assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+            // FADT: hardware-reduced, sleep control at our port.
+            let (_, fadt) = find(b"FACP");
+            let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+            assert_ne!(flags & (1 << 20), 0);
+            let sleep_ctl = u64::from_le_bytes(fadt[244 + 4..244 + 12].try_into().unwrap());
+            assert_eq!(sleep_ctl, ACPI_SLEEP_CONTROL_PORT);
+        }
+    }
+}
