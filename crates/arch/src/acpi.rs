@@ -53,9 +53,12 @@ fn io_reg(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
+/// One table (or the RSDP) and where it goes in guest memory.
+pub type TablePiece = (u64, Vec<u8>);
+
 /// Builds all tables for `num_cpus` vCPUs; returns `(guest address, bytes)` pieces and the
 /// RSDP address.
-pub fn build(num_cpus: u8) -> Result<(Vec<(u64, Vec<u8>)>, u64), AcpiError> {
+pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
