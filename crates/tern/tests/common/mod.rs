@@ -54,7 +54,7 @@ pub fn probe() -> PathBuf {
     static PROBE: OnceLock<PathBuf> = OnceLock::new();
     PROBE
         .get_or_init(|| {
-            if let Ok(p) = std::env::var("TERN_PROBE") {
+            if let Some(p) = std::env::var("TERN_PROBE").ok().filter(|p| !p.is_empty()) {
                 return PathBuf::from(p);
             }
             let dir = repo_root().join("guests/probe");
