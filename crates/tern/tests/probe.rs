@@ -89,14 +89,24 @@ fn timer_rate_within_tolerance() {
     if !require_kvm("timer_rate_within_tolerance") {
         return;
     }
+    // The LAPIC timer loses ticks when this 2-core host is loaded (other tests, builds), so a
+    // rate gets three tries; all three off by more than 10% fails.
     for hz in [250u32, 1000] {
-        let r = probe_run("timer", &format!("probe.timer_hz={hz} probe.timer_ms=300"), &["--memory", "64M"]);
-        assert_done(&r, 0);
-        let t = r.scenario("timer");
-        assert_eq!(num(&t, "hz"), f64::from(hz));
-        let measured = num(&t, "measured_hz");
-        assert!((measured - f64::from(hz)).abs() <= f64::from(hz) * 0.10, "measured {measured} Hz for {hz} Hz");
-        assert!(num(&t, "ticks") > 0.0);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let r = probe_run("timer", &format!("probe.timer_hz={hz} probe.timer_ms=300"), &["--memory", "64M"]);
+            assert_done(&r, 0);
+            let t = r.scenario("timer");
+            assert_eq!(num(&t, "hz"), f64::from(hz));
+            assert!(num(&t, "ticks") > 0.0);
+            let measured = num(&t, "measured_hz");
+            seen.push(measured);
+            if (measured - f64::from(hz)).abs() <= f64::from(hz) * 0.10 {
+                break;
+            }
+        }
+        let last = *seen.last().unwrap();
+        assert!((last - f64::from(hz)).abs() <= f64::from(hz) * 0.10, "{hz} Hz programmed, measured {seen:?}");
     }
 }
 
