@@ -97,7 +97,12 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
         madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
     }
     madt.add_structure(IoApic::new(num_cpus, IOAPIC_START as u32, 0));
-    let madt_bytes = bytes(&madt);
+    let mut madt_bytes = bytes(&madt);
+    // MADT flags (offset 40): PCAT_COMPAT, the machine has dual 8259s (KVM's in-kernel PIC).
+    // Without it Linux assumes no legacy IRQs and leaves ISA IRQs such as COM1's unrouted.
+    // The crate has no setter for the flags, so patch the byte and fix the checksum.
+    madt_bytes[40] |= 1;
+    madt_bytes[9] = madt_bytes[9].wrapping_sub(1);
     let madt_addr = next;
     next = align(next + madt_bytes.len() as u64);
 
@@ -183,6 +188,7 @@ mod tests {
                 off += madt[off + 1] as usize;
             }
             assert_eq!((cpus, ioapics), (n, 1));
+            assert_eq!(madt[40] & 1, 1, "PCAT_COMPAT");
             // The DSDT carries _S5_.
             let (_, dsdt) = find(b"DSDT");
             assert!(dsdt.windows(4).any(|w| w == b"_S5_"));

@@ -570,7 +570,6 @@ fn write_zero_page(
 }
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
-const PVH_MODLIST_START: u64 = 0x6020;
 
 fn write_pvh_info(
     mem: &GuestMemoryMmap,
@@ -692,6 +691,8 @@ mod tests {
         let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(si.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(si.memmap_entries, 3);
+        let e0: hvm_memmap_table_entry = m.read_obj(GuestAddress(si.memmap_paddr)).unwrap();
+        assert_eq!((e0.addr, e0.type_), (0, 1));
         let mut c = [0u8; 14];
         m.read_slice(&mut c, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&c, b"console=ttyS0\0");
@@ -703,6 +704,30 @@ mod tests {
         let (entries, magic) = (bp.e820_entries, bp.hdr.header);
         assert_eq!(entries, 3);
         assert_eq!(magic, KERNEL_HDR_MAGIC);
+    }
+
+    #[test]
+    fn pvh_initrd_module_and_rsdp_survive() {
+        let m = guest(32);
+        let k = tiny_elf(0x20_0000, &[0x90; 64], Some(0x20_0010));
+        let path = std::env::temp_dir().join(format!("tern-pvh-initrd-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut s = spec(&k, "console=ttyS0", 32, BootProtocol::Auto);
+        s.initrd = Some((&mut f, 8192));
+        s.rsdp = Some(0xe_0000);
+        let info = load_kernel(&m, s).unwrap();
+        let (addr, size) = info.initrd.unwrap();
+        let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!((si.nr_modules, si.rsdp_paddr), (1, 0xe_0000));
+        let module: hvm_modlist_entry = m.read_obj(GuestAddress(si.modlist_paddr)).unwrap();
+        assert_eq!((module.paddr, module.size), (addr, size));
+        let b: u8 = m.read_obj(GuestAddress(module.paddr)).unwrap();
+        assert_eq!(b, 7);
+        // Nothing the loader wrote overlaps: start info, module list and memory map are disjoint.
+        assert!(PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64 <= si.modlist_paddr);
+        assert!(si.modlist_paddr + 32 <= si.memmap_paddr);
+        std::fs::remove_file(path).ok();
     }
 
     #[test]

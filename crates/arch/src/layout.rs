@@ -17,8 +17,10 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
 /// PVH `hvm_start_info` structure.
 pub const PVH_INFO_START: u64 = 0x6000;
-/// PVH memory map, right after the start info.
-pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// PVH module list (the initrd), after the 56-byte start info.
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map, after the module list.
+pub const PVH_MEMMAP_START: u64 = 0x6060;
 /// Maximum number of PVH memory map entries that fit before the zero page.
 pub const PVH_MEMMAP_MAX_ENTRIES: usize = ((ZERO_PAGE_START - PVH_MEMMAP_START) / 24) as usize;
 /// Linux `boot_params` (the zero page).

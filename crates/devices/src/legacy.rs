@@ -14,28 +14,107 @@ pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// PIO port of the boot-timer debug port: a byte written here is a milestone code.
 pub const DEBUG_PORT: u64 = 0x440;
 
-/// The i8042 keyboard controller, for its CPU reset line (`reboot=k`).
-pub struct I8042(vm_superio::I8042Device<EventFdTrigger>);
+/// The i8042 keyboard controller: enough of it for guests to initialise the controller
+/// quickly (configuration byte, self tests, output port) and to reset the machine through it
+/// (`reboot=k`: command 0xfe, or clearing bit 0 of the output port). No keyboard or mouse is
+/// attached, so device commands get no answer.
+///
+/// Why in-tree: `vm-superio`'s i8042 implements only the reset command and reads back 0, which
+/// makes Linux wait for its controller probe to time out on every boot.
+pub struct I8042 {
+    reset: EventFdTrigger,
+    ctr: u8,
+    out: std::collections::VecDeque<u8>,
+    pending: Option<u8>,
+    last_was_command: bool,
+}
+
+const I8042_STATUS_OBF: u8 = 1 << 0;
+const I8042_STATUS_SYS: u8 = 1 << 2;
+const I8042_STATUS_CMD: u8 = 1 << 3;
+/// Keyboard interrupt enabled, system flag, translation on.
+const I8042_DEFAULT_CTR: u8 = 0x45;
 
 impl I8042 {
     /// A controller that signals `reset` when the guest pulses the reset line.
     pub fn new(reset: EventFdTrigger) -> Self {
-        I8042(vm_superio::I8042Device::new(reset))
+        I8042 {
+            reset,
+            ctr: I8042_DEFAULT_CTR,
+            out: Default::default(),
+            pending: None,
+            last_was_command: false,
+        }
+    }
+
+    fn reply(&mut self, b: u8) {
+        if self.out.len() < 16 {
+            self.out.push_back(b);
+        }
+    }
+
+    fn pulse_reset(&mut self) {
+        if let Err(e) = vm_superio::Trigger::trigger(&self.reset) {
+            tracing::warn!("i8042: cannot signal reset: {e}");
+        }
+    }
+
+    fn command(&mut self, cmd: u8) {
+        match cmd {
+            0x20 => self.reply(self.ctr),
+            0x60 | 0xd1 | 0xd2 | 0xd3 | 0xd4 => self.pending = Some(cmd),
+            0xaa => self.reply(0x55),
+            0xab => self.reply(0x00),
+            0xa9 => self.reply(0xff),
+            0xd0 => self.reply(0x01),
+            // Pulse output lines: bit 0 low pulses the CPU reset line.
+            0xf0..=0xff if cmd & 1 == 0 => self.pulse_reset(),
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, v: u8) {
+        match self.pending.take() {
+            Some(0x60) => self.ctr = v,
+            Some(0xd1) if v & 1 == 0 => self.pulse_reset(),
+            Some(0xd2) => self.reply(v),
+            // No keyboard or mouse: device commands go unanswered.
+            _ => {}
+        }
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let Some(b) = data.first_mut() {
-            *b = self.0.read(offset as u8);
-        }
+        let Some(b) = data.first_mut() else { return };
+        *b = match offset {
+            0 => self.out.pop_front().unwrap_or(0),
+            4 => {
+                let mut st = I8042_STATUS_SYS;
+                if !self.out.is_empty() {
+                    st |= I8042_STATUS_OBF;
+                }
+                if self.last_was_command {
+                    st |= I8042_STATUS_CMD;
+                }
+                st
+            }
+            _ => 0,
+        };
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Some(b) = data.first() {
-            if let Err(e) = self.0.write(offset as u8, *b) {
-                tracing::warn!("i8042: cannot signal reset: {e}");
+        let Some(&v) = data.first() else { return };
+        match offset {
+            0 => {
+                self.last_was_command = false;
+                self.data(v);
             }
+            4 => {
+                self.last_was_command = true;
+                self.command(v);
+            }
+            _ => {}
         }
     }
 }
@@ -125,11 +204,32 @@ mod tests {
         let mut dev = I8042::new(EventFdTrigger(evt.try_clone().unwrap()));
         dev.write(4, &[0xfe]);
         assert_eq!(evt.read().unwrap(), 1);
-        // Ordinary commands do not reset.
+        // Ordinary commands do not reset; they answer through the output buffer.
         dev.write(4, &[0x20]);
         assert!(evt.read().is_err());
         let mut b = [0u8];
         dev.read(4, &mut b);
+        assert_eq!(b[0] & I8042_STATUS_OBF, I8042_STATUS_OBF);
+        dev.read(0, &mut b);
+        assert_eq!(b[0], I8042_DEFAULT_CTR);
+        dev.read(4, &mut b);
+        assert_eq!(b[0] & I8042_STATUS_OBF, 0);
+        // Write the configuration byte, read it back.
+        dev.write(4, &[0x60]);
+        dev.write(0, &[0x61]);
+        dev.write(4, &[0x20]);
+        dev.read(0, &mut b);
+        assert_eq!(b[0], 0x61);
+        dev.write(4, &[0xaa]);
+        dev.read(0, &mut b);
+        assert_eq!(b[0], 0x55);
+        // Output port with bit 0 clear resets too; keyboard commands get no reply.
+        dev.write(0, &[0xff]);
+        dev.read(4, &mut b);
+        assert_eq!(b[0] & I8042_STATUS_OBF, 0);
+        dev.write(4, &[0xd1]);
+        dev.write(0, &[0x00]);
+        assert_eq!(evt.read().unwrap(), 1);
         dev.write(0, &[]);
     }
 

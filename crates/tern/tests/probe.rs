@@ -8,8 +8,11 @@ use std::time::Duration;
 use common::*;
 
 fn num(fields: &std::collections::HashMap<String, String>, key: &str) -> f64 {
-    let v = fields.get(key).unwrap_or_else(|| panic!("no {key} in {fields:?}"));
-    v.parse().unwrap_or_else(|_| panic!("{key}={v} is not a number"))
+    let v = fields
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {fields:?}"));
+    v.parse()
+        .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
 }
 
 /// The probe's `mem` checksum computed on the host: FNV-1a 64 over `mib` MiB whose u64 at byte
@@ -30,7 +33,12 @@ fn mem_checksum(mib: u64) -> u64 {
 
 fn assert_done(r: &Run, status: i32) {
     assert!(!r.timed_out, "timed out\n{}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains(&format!("probe: done status={status}")), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!("probe: done status={status}")),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     assert_eq!(r.code, Some(status), "exit code; stderr: {}", r.stderr);
 }
 
@@ -40,7 +48,11 @@ fn hello_on_both_entry_paths() {
         return;
     }
     for (proto, entry) in [("auto", "pvh"), ("pvh", "pvh"), ("linux", "linux64")] {
-        let r = probe_run("hello", "probe.tag=x1", &["--memory", "64M", "--boot-protocol", proto]);
+        let r = probe_run(
+            "hello",
+            "probe.tag=x1",
+            &["--memory", "64M", "--boot-protocol", proto],
+        );
         assert_done(&r, 0);
         let h = r.scenario("hello");
         assert_eq!(h["entry"], entry, "{proto}");
@@ -62,9 +74,16 @@ fn smp_brings_up_every_vcpu() {
         let s = r.scenario("smp");
         assert_eq!(s["cpus"], cpus);
         // APs report in whatever order they come up; each APIC ID exactly once.
-        let mut ids: Vec<u32> = s["apic_ids"].split(',').map(|v| v.parse().unwrap()).collect();
+        let mut ids: Vec<u32> = s["apic_ids"]
+            .split(',')
+            .map(|v| v.parse().unwrap())
+            .collect();
         ids.sort_unstable();
-        assert_eq!(ids, (0..n).collect::<Vec<_>>(), "every APIC ID reported once");
+        assert_eq!(
+            ids,
+            (0..n).collect::<Vec<_>>(),
+            "every APIC ID reported once"
+        );
         assert_eq!(r.scenario("hello")["cpus"], cpus);
     }
 }
@@ -80,7 +99,11 @@ fn mem_checksum_matches_the_host() {
         let m = r.scenario("mem");
         assert_eq!(m["mib"], mib.to_string());
         assert_eq!(m["errors"], "0");
-        assert_eq!(m["checksum"], format!("{:#018x}", mem_checksum(mib)), "guest and host checksums differ");
+        assert_eq!(
+            m["checksum"],
+            format!("{:#018x}", mem_checksum(mib)),
+            "guest and host checksums differ"
+        );
     }
 }
 
@@ -94,7 +117,11 @@ fn timer_rate_within_tolerance() {
     for hz in [250u32, 1000] {
         let mut seen = Vec::new();
         for _ in 0..3 {
-            let r = probe_run("timer", &format!("probe.timer_hz={hz} probe.timer_ms=300"), &["--memory", "64M"]);
+            let r = probe_run(
+                "timer",
+                &format!("probe.timer_hz={hz} probe.timer_ms=300"),
+                &["--memory", "64M"],
+            );
             assert_done(&r, 0);
             let t = r.scenario("timer");
             assert_eq!(num(&t, "hz"), f64::from(hz));
@@ -106,7 +133,10 @@ fn timer_rate_within_tolerance() {
             }
         }
         let last = *seen.last().unwrap();
-        assert!((last - f64::from(hz)).abs() <= f64::from(hz) * 0.10, "{hz} Hz programmed, measured {seen:?}");
+        assert!(
+            (last - f64::from(hz)).abs() <= f64::from(hz) * 0.10,
+            "{hz} Hz programmed, measured {seen:?}"
+        );
     }
 }
 
@@ -115,7 +145,11 @@ fn exits_and_cpuid_report_sane_values() {
     if !require_kvm("exits_and_cpuid_report_sane_values") {
         return;
     }
-    let r = probe_run("exits,cpuid", "probe.exits=2000", &["--memory", "64M", "--cpus", "3"]);
+    let r = probe_run(
+        "exits,cpuid",
+        "probe.exits=2000",
+        &["--memory", "64M", "--cpus", "3"],
+    );
     assert_done(&r, 0);
     let e = r.scenario("exits");
     assert_eq!(num(&e, "pio_n"), 2000.0);
@@ -137,7 +171,11 @@ fn failing_scenario_sets_the_exit_status() {
         return;
     }
     let r = probe_run("hello,no-such-scenario", "", &["--memory", "64M"]);
-    assert!(r.stdout.contains("probe: no-such-scenario FAIL"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("probe: no-such-scenario FAIL"),
+        "{}",
+        r.stdout
+    );
     assert_done(&r, 1);
 }
 
@@ -151,7 +189,9 @@ fn the_same_probe_boots_under_qemu() {
         if in_ci() {
             panic!("qemu-system-x86_64 is required under CI=true (cargo xtask test installs it)");
         }
-        eprintln!("\n*** SKIPPED the_same_probe_boots_under_qemu: qemu-system-x86_64 not installed ***\n");
+        eprintln!(
+            "\n*** SKIPPED the_same_probe_boots_under_qemu: qemu-system-x86_64 not installed ***\n"
+        );
         return;
     }
     let probe = probe();
@@ -160,9 +200,27 @@ fn the_same_probe_boots_under_qemu() {
     let r = run_with_timeout(
         qemu,
         &[
-            "-accel", "kvm", "-M", "microvm", "-cpu", "host,-arch-capabilities", "-smp", "2", "-m", "64", "-nographic", "-no-reboot",
-            "-nodefaults", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel", probe.to_str().unwrap(), "-append", "probe.run=hello,smp,mem,timer,exits,cpuid probe.mem_mib=8",
+            "-accel",
+            "kvm",
+            "-M",
+            "microvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-smp",
+            "2",
+            "-m",
+            "64",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            probe.to_str().unwrap(),
+            "-append",
+            "probe.run=hello,smp,mem,timer,exits,cpuid probe.mem_mib=8",
         ],
         Duration::from_secs(90),
     );
@@ -171,7 +229,10 @@ fn the_same_probe_boots_under_qemu() {
     assert_eq!(r.code, Some(1), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(r.scenario("hello")["entry"], "pvh");
     assert_eq!(r.scenario("smp")["cpus"], "2");
-    assert_eq!(r.scenario("mem")["checksum"], format!("{:#018x}", mem_checksum(8)));
+    assert_eq!(
+        r.scenario("mem")["checksum"],
+        format!("{:#018x}", mem_checksum(8))
+    );
     r.scenario("timer");
     r.scenario("exits");
     assert_eq!(r.scenario("cpuid")["hv_sig"], "KVMKVMKVM");
