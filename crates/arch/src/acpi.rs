@@ -27,6 +27,8 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 pub const SLEEP_ENABLE: u8 = 1 << 5;
 
 const OEM_ID: [u8; 6] = *b"TERNVM";
+const COM1_PORT: u16 = 0x3f8;
+const COM1_GSI: u32 = 4;
 const OEM_TABLE_ID: [u8; 8] = *b"TERNVM01";
 const OEM_REVISION: u32 = 1;
 /// IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC yet (bit 5).
@@ -67,6 +69,18 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
     s5.to_aml_bytes(&mut dsdt);
+    // COM1, so the guest routes its IRQ through the IOAPIC: with hardware-reduced ACPI Linux
+    // has no legacy PIC and maps ISA IRQs only for devices ACPI describes.
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_GSI);
+    let com1_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
+    );
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+    com1.to_aml_bytes(&mut dsdt);
     let dsdt_bytes = bytes(&dsdt);
     let dsdt_addr = next;
     next = align(next + dsdt_bytes.len() as u64);
@@ -192,6 +206,7 @@ mod tests {
             // The DSDT carries _S5_.
             let (_, dsdt) = find(b"DSDT");
             assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+            assert!(dsdt.windows(4).any(|w| w == b"COM1"));
             // FADT: hardware-reduced, sleep control at our port.
             let (_, fadt) = find(b"FACP");
             let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());

@@ -1,0 +1,232 @@
+//! `cargo xtask bench-probe`: tern vs QEMU on the probe guest, side by side on the host's
+//! /dev/kvm, same binary, same run, interleaved. Reports medians and tern/QEMU ratios for:
+//! process start to the guest's first serial line, the `exits` scenario's per-exit costs,
+//! the whole wall time of a 20,000-port-write guest, and peak RSS for a 64 MiB guest.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+struct Sample {
+    first_line_ms: f64,
+    wall_ms: f64,
+    max_rss_kib: u64,
+    fields: Vec<(String, String)>,
+}
+
+/// Spawns `cmd`, timestamps the first stdout line starting with "probe:", waits with wait4 for
+/// the peak RSS, and returns the probe's `key=value` fields from all lines.
+fn sample(program: &Path, args: &[String]) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let pid = child.id() as libc::pid_t;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut first_line_ms = None;
+    let mut fields = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if line.starts_with("probe:") {
+            first_line_ms.get_or_insert(start.elapsed().as_secs_f64() * 1e3);
+            for tok in line.split_whitespace() {
+                if let Some((k, v)) = tok.split_once('=') {
+                    fields.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("{} took over 60 s", program.display());
+        }
+    }
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled by wait4 for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, with valid out-pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(Sample {
+        first_line_ms: first_line_ms.context("the guest printed no probe line")?,
+        wall_ms,
+        max_rss_kib: ru.ru_maxrss as u64,
+        fields,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn field(s: &Sample, k: &str) -> f64 {
+    s.fields
+        .iter()
+        .find(|(key, _)| key == k)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Builds a VMM's argv for a guest command line.
+type ArgvFn = Box<dyn Fn(&str) -> Vec<String>>;
+/// Extracts one metric from a sample.
+type Metric = Box<dyn Fn(&Sample) -> f64>;
+
+struct Vmm {
+    name: &'static str,
+    program: PathBuf,
+    args: ArgvFn,
+}
+
+/// Runs the benchmark; `runs` samples of each kind per VMM.
+pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+    let p = probe.display().to_string();
+    let p2 = p.clone();
+    let vmms = [
+        Vmm {
+            name: "tern",
+            program: tern.to_path_buf(),
+            args: Box::new(move |cmdline| {
+                [
+                    "run",
+                    "--kernel",
+                    &p,
+                    "--memory",
+                    "64M",
+                    "--cpus",
+                    "1",
+                    "--serial",
+                    "stdio",
+                    "--cmdline",
+                    cmdline,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            }),
+        },
+        Vmm {
+            name: "qemu",
+            program: qemu.to_path_buf(),
+            args: Box::new(move |cmdline| {
+                [
+                    "-accel",
+                    "kvm",
+                    "-M",
+                    "microvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                    "-smp",
+                    "1",
+                    "-m",
+                    "64",
+                    "-nographic",
+                    "-nodefaults",
+                    "-no-reboot",
+                    "-serial",
+                    "stdio",
+                    "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                    "-kernel",
+                    &p2,
+                    "-append",
+                    cmdline,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            }),
+        },
+    ];
+    let workloads = [
+        ("hello", "probe.run=hello"),
+        ("exits", "probe.run=exits probe.exits=20000"),
+    ];
+    // results[vmm][workload] = samples
+    let mut results: Vec<Vec<Vec<Sample>>> =
+        vec![vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]];
+    for _ in 0..runs {
+        for (w, (_, cmdline)) in workloads.iter().enumerate() {
+            for (v, vmm) in vmms.iter().enumerate() {
+                let s = sample(&vmm.program, &(vmm.args)(cmdline))
+                    .with_context(|| format!("{} {cmdline}", vmm.name))?;
+                results[v][w].push(s);
+            }
+        }
+    }
+    let m = |v: usize, w: usize, f: &dyn Fn(&Sample) -> f64| {
+        median(results[v][w].iter().map(f).collect())
+    };
+    println!("probe guest on the host /dev/kvm: tern vs QEMU microvm, {runs} interleaved runs each, medians");
+    println!(
+        "{:<44} {:>12} {:>12} {:>12}",
+        "metric", "tern", "qemu", "tern/qemu"
+    );
+    let rows: Vec<(&str, usize, Metric)> = vec![
+        (
+            "start -> first guest line, ms (hello)",
+            0,
+            Box::new(|s| s.first_line_ms),
+        ),
+        ("wall time, ms (hello)", 0, Box::new(|s| s.wall_ms)),
+        (
+            "peak RSS, MiB (64 MiB guest, hello)",
+            0,
+            Box::new(|s| s.max_rss_kib as f64 / 1024.0),
+        ),
+        (
+            "wall time, ms (20,000 PIO + 20,000 MMIO exits)",
+            1,
+            Box::new(|s| s.wall_ms),
+        ),
+        (
+            "peak RSS, MiB (exits)",
+            1,
+            Box::new(|s| s.max_rss_kib as f64 / 1024.0),
+        ),
+        (
+            "PIO exit from ring 3, ns",
+            1,
+            Box::new(|s| field(s, "pio_ns")),
+        ),
+        (
+            "MMIO exit from ring 3, ns",
+            1,
+            Box::new(|s| field(s, "mmio_ns")),
+        ),
+        (
+            "PIO exit from ring 0, ns",
+            1,
+            Box::new(|s| field(s, "r0_pio_ns")),
+        ),
+        (
+            "MMIO exit from ring 0, ns",
+            1,
+            Box::new(|s| field(s, "r0_mmio_ns")),
+        ),
+    ];
+    for (name, w, f) in rows {
+        let t = m(0, w, &*f);
+        let q = m(1, w, &*f);
+        println!("{name:<44} {t:>12.2} {q:>12.2} {:>12.3}", t / q);
+    }
+    Ok(())
+}

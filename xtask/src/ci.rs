@@ -1,0 +1,223 @@
+//! `cargo xtask test` (everything CI runs) and `cargo xtask demo` (build tern, boot a guest).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{apt_install, workspace_root};
+
+/// Debian packages the tests need on the host.
+const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn step(name: &str) {
+    println!("\n==> {name}");
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        println!("installing Debian packages: {}", missing.join(" "));
+        apt_install(&missing)?;
+    }
+    Ok(())
+}
+
+fn check(cmd: &mut Command, what: &str) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("cannot run {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Builds tern (release) and returns its path.
+pub fn build_tern() -> Result<PathBuf> {
+    check(
+        cargo().args(["build", "--release", "-p", "tern"]),
+        "cargo build --release -p tern",
+    )?;
+    Ok(workspace_root().join("target/release/tern"))
+}
+
+/// Builds the probe guest and returns its path.
+pub fn build_probe() -> Result<PathBuf> {
+    let dir = workspace_root().join("guests/probe");
+    check(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release"])
+            .current_dir(&dir)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS"),
+        "building the probe guest",
+    )?;
+    Ok(dir.join("target/x86_64-unknown-linux-gnu/release/probe"))
+}
+
+/// Runs a cargo test command, echoing its output and adding up its "test result" lines.
+fn cargo_test(
+    args: &[&str],
+    env: &[(&str, &Path)],
+    passed: &mut u64,
+    failed: &mut u64,
+) -> Result<bool> {
+    let mut cmd = cargo();
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().context("cannot run cargo test")?;
+    let out = child.stdout.take().context("stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok.")
+                            .trim_start_matches("FAILED.")
+                            .trim()
+                            .strip_suffix(key)
+                            .map(|n| n.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0)
+            };
+            *passed += num("passed");
+            *failed += num("failed");
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
+/// `cargo xtask test`: packages, formatting and lints, unit and end-to-end tests on /dev/kvm,
+/// and the Linux-guest scenarios in the nested rig.
+pub fn test(skip_rig: bool) -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    step("packages");
+    ensure_packages()?;
+    if ci
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+    {
+        bail!("CI=true but /dev/kvm cannot be opened: the probe-guest tests and the rig need it");
+    }
+    step("format and lints");
+    check(
+        cargo().args(["fmt", "--all", "--check"]),
+        "cargo fmt --check",
+    )?;
+    check(
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy",
+    )?;
+    step("build");
+    let tern = build_tern()?;
+    let probe = build_probe()?;
+
+    let (mut passed, mut failed) = (0u64, 0u64);
+    step("unit and end-to-end tests (host /dev/kvm)");
+    let ok = cargo_test(
+        &["test", "--workspace"],
+        &[("TERN_PROBE", &probe)],
+        &mut passed,
+        &mut failed,
+    )?;
+
+    let mut rig_ok = true;
+    if !skip_rig {
+        step("Linux guests in the nested rig");
+        let opts = crate::rig::RigOptions {
+            tern: tern.clone(),
+            keep_logs: None,
+        };
+        let (p, f) = crate::rig::rig_counts(&opts, "core", None)?;
+        passed += p;
+        failed += f;
+        rig_ok = f == 0;
+    }
+    println!("\ntests: {passed} passed, {failed} failed");
+    if !ok || !rig_ok || failed > 0 {
+        bail!("some tests failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask demo`: builds tern and boots the Debian guest — directly on a hardware-KVM
+/// host (interactive shell), or inside the nested rig on an emulation-backed one.
+pub fn demo() -> Result<()> {
+    ensure_packages()?;
+    let tern = build_tern()?;
+    let imgs = crate::images::build()?;
+    let hardware = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
+        })
+        .unwrap_or(false)
+        && !Path::new("/sys/module/kvm_pvm").exists();
+    if hardware {
+        println!(
+            "This host has hardware virtualization: booting the Debian guest directly with tern."
+        );
+        println!("You get the guest's shell; `poweroff -f` or Ctrl-A x ends it.\n");
+        let st = Command::new(&tern)
+            .args(["run", "--kernel"])
+            .arg(&imgs.vmlinuz_cloud)
+            .arg("--initrd")
+            .arg(&imgs.guest_initrd)
+            .args([
+                "--cpus",
+                "2",
+                "--memory",
+                "512M",
+                "--cmdline",
+                "console=ttyS0 reboot=k panic=1 rig.action=shell",
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("tern exited with {st}");
+        }
+        return Ok(());
+    }
+    println!(
+        "This host's /dev/kvm is emulation-backed (no vmx/svm, or kvm_pvm): a stock kernel cannot"
+    );
+    println!("boot on it. Booting the same Debian guest with tern inside the nested rig instead");
+    println!("(QEMU emulating an AMD-V machine with kvm-amd); the guest's console follows.\n");
+    let opts = crate::rig::RigOptions {
+        tern,
+        keep_logs: None,
+    };
+    crate::rig::demo(&opts)
+}

@@ -1,0 +1,384 @@
+//! `cargo xtask images`: the rig's kernels and initramfs images, built from Debian packages into
+//! `build/images/`, each step cached by a stamp of its inputs.
+//!
+//! - `vmlinuz-l1`: `linux-image-amd64`'s kernel, the L1 kernel (kvm-amd is loaded from its
+//!   modules).
+//! - `vmlinuz-cloud`: `linux-image-cloud-amd64`'s bzImage, the guest (L2) kernel;
+//!   `vmlinux-cloud`: the ELF vmlinux extracted from it (PVH / 64-bit Linux entry).
+//! - `guest-initrd.cpio`: busybox + `/init` (xtask/guest/init.sh) + scenario scripts
+//!   (xtask/guest/scenarios/*.sh) + the cloud kernel's virtio-related modules.
+//! - `l1-initrd.cpio`: busybox + `/init` (xtask/l1/init.sh) + kvm modules + QEMU (with its
+//!   libraries and firmware) + tern (optional) + the rig agent + the guest images + the
+//!   scenario list.
+//!
+//! Both initramfs images are uncompressed: under TCG the L1 kernel would spend seconds
+//! inflating a compressed one, while an uncompressed cpio costs only the copy.
+
+use crate::bzimage;
+use crate::cpio::{Archive, Source};
+use crate::debs;
+use crate::modules::{self, ModuleTree};
+use crate::util::{
+    build_dir, ensure_tool, human_bytes, run_capture, write_atomic, Fingerprint, Stamp,
+};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Bump to force rebuilding every image when the build logic changes.
+const IMAGES_VERSION: &str = "1";
+
+const GUEST_INIT: &str = include_str!("../guest/init.sh");
+const L1_INIT: &str = include_str!("../l1/init.sh");
+
+/// L1 modules to load (dependencies are added automatically, in load order).
+const L1_MODULES: &[&str] = &[
+    "irqbypass",
+    "ccp",
+    "kvm",
+    "kvm_amd",
+    "tun",
+    "llc",
+    "stp",
+    "bridge",
+];
+
+/// Cloud-kernel modules shipped in the guest initramfs: every module under these paths, plus
+/// their dependencies.
+const GUEST_MODULE_PATHS: &[&str] = &[
+    "kernel/drivers/virtio/",
+    "kernel/drivers/block/virtio_blk",
+    "kernel/drivers/net/virtio_net",
+    "kernel/drivers/char/virtio_console",
+    "kernel/drivers/char/hw_random/virtio-rng",
+    "kernel/drivers/scsi/virtio_scsi",
+    "kernel/drivers/nvdimm/virtio_pmem",
+    "kernel/net/vmw_vsock/vsock",
+    "kernel/net/vmw_vsock/vmw_vsock_virtio",
+    "kernel/fs/fuse/",
+];
+
+/// QEMU firmware the L2 QEMU may need (microvm: qboot + option ROMs; pc: SeaBIOS).
+const QEMU_FIRMWARE: &[&str] = &[
+    "bios-microvm.bin",
+    "qboot.rom",
+    "linuxboot_dma.bin",
+    "linuxboot.bin",
+    "pvh.bin",
+    "multiboot_dma.bin",
+    "kvmvapic.bin",
+    "bios-256k.bin",
+    "bios.bin",
+    "efi-virtio.rom",
+    "vgabios-stdvga.bin",
+];
+
+/// Paths inside L1.
+pub mod l1 {
+    pub const BZIMAGE: &str = "/rig/guest/vmlinuz-cloud";
+    pub const VMLINUX: &str = "/rig/guest/vmlinux-cloud";
+    pub const INITRD: &str = "/rig/guest/guest-initrd.cpio";
+    pub const TERN: &str = "/usr/bin/tern";
+    pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+    pub const QEMU_DATA: &str = "/usr/share/qemu";
+    pub const AGENT: &str = "/rig/xtask";
+}
+
+/// Everything `cargo xtask images` produces (except the L1 initramfs, which depends on the run).
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub l1_kernel: PathBuf,
+    pub l1_release: String,
+    pub l1_modules: PathBuf,
+    pub vmlinuz_cloud: PathBuf,
+    pub vmlinux_cloud: PathBuf,
+    pub guest_release: String,
+    pub guest_initrd: PathBuf,
+    pub busybox: PathBuf,
+    pub qemu: PathBuf,
+}
+
+fn images_dir() -> PathBuf {
+    build_dir().join("images")
+}
+
+/// Copies `src` to `dst` unless the stamp says it is current.
+fn cached_copy(src: &Path, dst: &Path) -> Result<()> {
+    let stamp = Stamp::new(
+        dst,
+        Fingerprint::default().str(IMAGES_VERSION).file(src)?.hex(),
+    );
+    if stamp.fresh(dst) {
+        return Ok(());
+    }
+    write_atomic(dst, |f| {
+        std::io::copy(&mut std::fs::File::open(src)?, f)?;
+        Ok(())
+    })?;
+    stamp.commit()
+}
+
+/// Builds (or finds cached) kernels and the guest initramfs.
+pub fn build() -> Result<Images> {
+    let dir = images_dir();
+    std::fs::create_dir_all(&dir)?;
+
+    let l1_pkg =
+        debs::fetch_and_unpack(&debs::resolve("linux-image-amd64", Some("linux-image-"))?)?;
+    let guest_pkg = debs::fetch_and_unpack(&debs::resolve(
+        "linux-image-cloud-amd64",
+        Some("linux-image-"),
+    )?)?;
+    let busybox_pkg = debs::fetch_and_unpack(&debs::resolve("busybox-static", None)?)?;
+    let busybox = busybox_pkg.root.join("bin/busybox");
+    if !busybox.is_file() {
+        bail!("busybox-static has no /bin/busybox");
+    }
+    let qemu = ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+
+    let (l1_release, l1_vmlinuz, l1_modules) = l1_pkg.kernel()?;
+    let (guest_release, guest_vmlinuz, guest_modules) = guest_pkg.kernel()?;
+
+    let l1_kernel = dir.join("vmlinuz-l1");
+    cached_copy(&l1_vmlinuz, &l1_kernel)?;
+    let vmlinuz_cloud = dir.join("vmlinuz-cloud");
+    cached_copy(&guest_vmlinuz, &vmlinuz_cloud)?;
+
+    let vmlinux_cloud = dir.join("vmlinux-cloud");
+    let stamp = Stamp::new(
+        &vmlinux_cloud,
+        Fingerprint::default()
+            .str(IMAGES_VERSION)
+            .file(&guest_vmlinuz)?
+            .hex(),
+    );
+    if !stamp.fresh(&vmlinux_cloud) {
+        let image = std::fs::read(&guest_vmlinuz)?;
+        let info = bzimage::setup_header_info(&image)
+            .with_context(|| format!("{} is not a usable bzImage", guest_vmlinuz.display()))?;
+        eprintln!(
+            "[xtask] extracting vmlinux from {} (boot protocol {}.{:02}, {} payload)",
+            guest_vmlinuz.display(),
+            info.protocol_version >> 8,
+            info.protocol_version & 0xff,
+            info.payload_format
+                .map_or("unknown".to_string(), |f| f.to_string())
+        );
+        let vmlinux = bzimage::extract_vmlinux(&image)
+            .with_context(|| format!("cannot extract vmlinux from {}", guest_vmlinuz.display()))?;
+        write_atomic(&vmlinux_cloud, |f| {
+            use std::io::Write;
+            f.write_all(&vmlinux)?;
+            Ok(())
+        })?;
+        stamp.commit()?;
+    }
+
+    let guest_initrd = dir.join("guest-initrd.cpio");
+    let archive = guest_archive(&busybox, &guest_modules, &guest_release)?;
+    write_archive(&archive, &guest_initrd)?;
+
+    Ok(Images {
+        l1_kernel,
+        l1_release,
+        l1_modules,
+        vmlinuz_cloud,
+        vmlinux_cloud,
+        guest_release,
+        guest_initrd,
+        busybox,
+        qemu,
+    })
+}
+
+/// Writes `archive` to `path` unless its stamp says the same content is already there.
+fn write_archive(archive: &Archive, path: &Path) -> Result<()> {
+    let stamp = Stamp::new(path, archive.fingerprint()?.str(IMAGES_VERSION).hex());
+    if stamp.fresh(path) {
+        return Ok(());
+    }
+    let mut written = 0;
+    write_atomic(path, |f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        written = archive.write_to(&mut w)?;
+        use std::io::Write;
+        w.flush()?;
+        Ok(())
+    })?;
+    eprintln!(
+        "[xtask] wrote {} ({})",
+        path.display(),
+        human_bytes(written)
+    );
+    stamp.commit()
+}
+
+/// Busybox, its applet links, the standard directories and `/dev/console`.
+fn base_archive(busybox: &Path) -> Result<Archive> {
+    let mut a = Archive::default();
+    for d in ["proc", "sys", "dev", "tmp", "run", "root", "etc", "mnt"] {
+        a.dir(d)?;
+    }
+    // The kernel opens /dev/console for init's stdio before init can mount devtmpfs.
+    a.add("dev/console", Source::CharDev(5, 1), 0o600)?;
+    a.add("dev/null", Source::CharDev(1, 3), 0o666)?;
+    a.file("bin/busybox", busybox)?;
+    let applets = run_capture(Command::new(busybox).arg("--list-full"))
+        .context("cannot list busybox applets")?;
+    for applet in applets.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if applet == "bin/busybox" || applet.contains("..") {
+            continue;
+        }
+        a.symlink(applet, "/bin/busybox")?;
+    }
+    for needed in ["bin/sh", "sbin/insmod", "sbin/poweroff"] {
+        if !a.contains(needed) {
+            bail!("busybox lacks the {needed} applet");
+        }
+    }
+    a.bytes("etc/passwd", "root::0:0:root:/root:/bin/sh\n", 0o644)?;
+    Ok(a)
+}
+
+fn guest_archive(busybox: &Path, modules_dir: &Path, release: &str) -> Result<Archive> {
+    let mut a = base_archive(busybox)?;
+    a.bytes("init", GUEST_INIT, 0o755)?;
+
+    let scenarios = crate::util::workspace_root().join("xtask/guest/scenarios");
+    if scenarios.is_dir() {
+        for entry in std::fs::read_dir(&scenarios)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "sh") {
+                let name = path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                a.bytes(&format!("scenarios/{name}"), std::fs::read(&path)?, 0o755)?;
+            }
+        }
+    }
+
+    let tree = ModuleTree::scan(modules_dir)?;
+    let roots: Vec<String> = tree
+        .under(GUEST_MODULE_PATHS)
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
+    let mut list = String::new();
+    let mut included = BTreeMap::new();
+    for root in &roots {
+        let order = tree.load_order(&[root.as_str()])?;
+        let paths: Vec<String> = order
+            .iter()
+            .map(|m| format!("/lib/modules/{release}/{}", strip_compression(&m.rel)))
+            .collect();
+        list.push_str(&format!("{root}: {}\n", paths.join(" ")));
+        for m in order {
+            included.insert(m.rel.clone(), m.path.clone());
+        }
+    }
+    for (rel, path) in &included {
+        let data = modules::load(path)?;
+        a.bytes(
+            &format!("lib/modules/{release}/{}", strip_compression(rel)),
+            data,
+            0o644,
+        )?;
+    }
+    a.bytes("lib/modules/rig-modules.list", list, 0o644)?;
+    Ok(a)
+}
+
+/// `x.ko.xz` -> `x.ko` (modules are stored decompressed for busybox insmod).
+fn strip_compression(rel: &str) -> String {
+    for ext in [".xz", ".zst", ".gz"] {
+        if let Some(stem) = rel.strip_suffix(ext) {
+            return stem.to_string();
+        }
+    }
+    rel.to_string()
+}
+
+/// The shared libraries a dynamically linked program needs (host paths), from `ldd`.
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let out = match run_capture(Command::new("ldd").arg(program)) {
+        Ok(out) => out,
+        // ldd fails on static binaries ("not a dynamic executable").
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut libs = Vec::new();
+    for line in out.lines() {
+        let line = line.trim();
+        if line.contains("not found") {
+            bail!("{}: missing library: {line}", program.display());
+        }
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+/// Adds a program and its libraries (at their host paths) to the archive.
+fn add_program(a: &mut Archive, archive_path: &str, host: &Path) -> Result<()> {
+    a.file(archive_path, host)?;
+    for lib in shared_libraries(host)? {
+        let path = lib.to_string_lossy().into_owned();
+        if !a.contains(&path) {
+            a.file(&path, &lib)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds `build/images/l1-initrd.cpio` for one rig run.
+pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) -> Result<PathBuf> {
+    ensure_tool("ldd", "libc-bin")?;
+    let mut a = base_archive(&images.busybox)?;
+    a.bytes("init", L1_INIT, 0o755)?;
+
+    let tree = ModuleTree::scan(&images.l1_modules)?;
+    let order = tree.load_order(L1_MODULES)?;
+    let mut load_order = String::new();
+    for (i, m) in order.iter().enumerate() {
+        let file = strip_compression(m.rel.rsplit('/').next().unwrap_or(&m.rel));
+        let path = format!("lib/modules/l1/{i:02}-{file}");
+        a.bytes(&path, modules::load(&m.path)?, 0o644)?;
+        load_order.push_str(&format!("/{path}\n"));
+    }
+    a.bytes("lib/modules/l1/load-order", load_order, 0o644)?;
+
+    let agent = std::env::current_exe().context("cannot locate the xtask binary")?;
+    add_program(&mut a, l1::AGENT, &agent)?;
+    add_program(&mut a, l1::QEMU, &images.qemu)?;
+    let qemu_data = images
+        .qemu
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("share/qemu"))
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/usr/share/qemu"));
+    for fw in QEMU_FIRMWARE {
+        let host = qemu_data.join(fw);
+        if host.is_file() {
+            a.file(&format!("{}/{fw}", l1::QEMU_DATA), &host)?;
+        }
+    }
+    if let Some(tern) = tern {
+        add_program(&mut a, l1::TERN, tern)?;
+    }
+    a.file(l1::BZIMAGE, &images.vmlinuz_cloud)?;
+    a.file(l1::VMLINUX, &images.vmlinux_cloud)?;
+    a.file(l1::INITRD, &images.guest_initrd)?;
+    a.bytes(crate::spec::SPEC_PATH_IN_L1, spec_json, 0o644)?;
+
+    let path = images_dir().join("l1-initrd.cpio");
+    write_archive(&a, &path)?;
+    Ok(path)
+}

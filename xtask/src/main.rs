@@ -1,0 +1,191 @@
+//! Developer tasks for tern: guest images, the nested test rig, boot benchmarks.
+//!
+//! ```text
+//! cargo xtask images                 build kernels + initramfs images into build/images/
+//! cargo xtask rig [--group core] [--filter S] [--tern PATH] [--keep-logs DIR] [--list]
+//! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
+//! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
+//! cargo xtask extract-vmlinux BZIMAGE OUT
+//! ```
+//! See shared/design/TESTING.md for why the rig exists and what it measures.
+
+use arch::bzimage;
+
+mod agent;
+mod bench_probe;
+mod ci;
+mod cpio;
+mod debs;
+mod images;
+mod modules;
+mod rig;
+mod scenarios;
+mod spec;
+mod util;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tern developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelArg {
+    Bzimage,
+    Vmlinux,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the rig's kernels and initramfs images into build/images/ (cached).
+    Images {
+        /// tern binary to put into the L1 initramfs (skipped if missing).
+        #[arg(long)]
+        tern: Option<PathBuf>,
+    },
+    /// Run every test: lints, unit tests, probe-guest tests on /dev/kvm, the nested rig.
+    Test {
+        /// Skip the nested-rig scenarios.
+        #[arg(long)]
+        no_rig: bool,
+    },
+    /// Build tern and boot a Debian guest (directly, or in the rig on emulation-backed KVM).
+    Demo,
+    /// tern vs QEMU on the probe guest on the host /dev/kvm; medians and ratios.
+    BenchProbe {
+        /// Interleaved runs per VMM and workload.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// Run Linux-guest scenarios in the nested rig (L1 = QEMU TCG with AMD-V).
+    Rig {
+        /// tern binary [default: target/release/tern].
+        #[arg(long)]
+        tern: Option<PathBuf>,
+        /// Scenario group: core, qemu-extra, all.
+        #[arg(long, default_value = "core")]
+        group: String,
+        /// Only scenarios whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Also copy logs and results here.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+        /// List scenarios and exit.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Paired tern/QEMU boots of the same guest in one rig run; prints medians and ratios.
+    BenchBoot {
+        #[arg(long)]
+        tern: Option<PathBuf>,
+        /// Boots per VMM.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, value_enum, default_value = "bzimage")]
+        kernel: KernelArg,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
+    /// Boot L1 interactively (console on this terminal) with the guest images and VMMs.
+    Shell {
+        #[arg(long)]
+        tern: Option<PathBuf>,
+    },
+    /// Extract the ELF vmlinux from a bzImage.
+    ExtractVmlinux { bzimage: PathBuf, output: PathBuf },
+    /// (inside L1) Run the scenarios in SPEC and report on the console.
+    #[command(hide = true)]
+    RigAgent { spec: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Cmd) -> Result<()> {
+    match command {
+        Cmd::Images { tern } => {
+            let imgs = images::build()?;
+            let tern = tern.unwrap_or_else(rig::default_tern);
+            let tern = tern.is_file().then_some(tern.as_path());
+            let initrd = images::build_l1_initrd(&imgs, tern, &rig::default_spec_json()?)?;
+            rig::print_images(&imgs, &initrd);
+            Ok(())
+        }
+        Cmd::Rig {
+            tern,
+            group,
+            filter,
+            keep_logs,
+            list,
+        } => {
+            if list {
+                rig::list(&group, filter.as_deref());
+                return Ok(());
+            }
+            let opts = rig::RigOptions {
+                tern: tern.unwrap_or_else(rig::default_tern),
+                keep_logs,
+            };
+            rig::rig(&opts, &group, filter.as_deref())
+        }
+        Cmd::BenchBoot {
+            tern,
+            runs,
+            kernel,
+            cpus,
+            keep_logs,
+        } => {
+            let opts = rig::RigOptions {
+                tern: tern.unwrap_or_else(rig::default_tern),
+                keep_logs,
+            };
+            let kernel = match kernel {
+                KernelArg::Bzimage => scenarios::KernelForm::BzImage,
+                KernelArg::Vmlinux => scenarios::KernelForm::Vmlinux,
+            };
+            rig::bench(&opts, runs, kernel, cpus)
+        }
+        Cmd::Shell { tern } => rig::shell(&tern.unwrap_or_else(rig::default_tern)),
+        Cmd::ExtractVmlinux { bzimage, output } => {
+            let image = std::fs::read(&bzimage)
+                .with_context(|| format!("cannot read {}", bzimage.display()))?;
+            let info = bzimage::setup_header_info(&image)?;
+            let vmlinux = bzimage::extract_vmlinux(&image)?;
+            std::fs::write(&output, &vmlinux)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "{}: boot protocol {}.{:02}, {} payload; wrote {} ({} bytes)",
+                bzimage.display(),
+                info.protocol_version >> 8,
+                info.protocol_version & 0xff,
+                info.payload_format
+                    .map_or("unknown".to_string(), |f| f.to_string()),
+                output.display(),
+                vmlinux.len()
+            );
+            Ok(())
+        }
+        Cmd::RigAgent { spec } => agent::main(&spec),
+        Cmd::Test { no_rig } => ci::test(no_rig),
+        Cmd::Demo => ci::demo(),
+        Cmd::BenchProbe { runs } => {
+            let tern = ci::build_tern()?;
+            let probe = ci::build_probe()?;
+            let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+            bench_probe::run(&tern, &probe, &qemu, runs)
+        }
+    }
+}

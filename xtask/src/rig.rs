@@ -1,0 +1,789 @@
+//! Host side of the nested rig: `cargo xtask rig`, `cargo xtask bench-boot`, `cargo xtask shell`.
+//!
+//! Builds the images, writes the run list, boots L1 (QEMU TCG with an emulated AMD-V CPU, see
+//! docs in shared/design/TESTING.md §2), parses the agent's framed results from L1's console,
+//! writes logs to `build/rig/`, prints a table.
+
+use crate::images::{self, l1, Images};
+use crate::scenarios::{self, KernelForm, Scenario};
+use crate::spec::{AgentSpec, RunResult, RunSpec, FRAME};
+use crate::util::{build_dir, human_bytes, workspace_root};
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// L1 kernel command line. `quiet loglevel=3` keeps kernel chatter from interleaving with the
+/// agent's framed lines.
+const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=3";
+/// L1 machine options. The default `pc` machine, without a NIC (no iPXE option ROM to load).
+/// `-M microvm` reaches /init about a second sooner but hung in early boot (right after
+/// "Poking KASLR") in 3 of 14 trials under TCG; `pc` never did.
+const L1_MACHINE: &[&str] = &["-M", "pc", "-nic", "none"];
+/// If L1 has not reached its /init after this long, it is killed and booted once more.
+const L1_INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// L1 memory (MiB).
+const L1_MEMORY_MIB: u32 = 3072;
+/// Allowance for L1 boot, module loading and the final log transfer.
+const L1_OVERHEAD_SECS: u64 = 120;
+
+/// Default tern binary: the workspace's release build.
+pub fn default_tern() -> PathBuf {
+    workspace_root().join("target/release/tern")
+}
+
+fn rig_dir() -> PathBuf {
+    build_dir().join("rig")
+}
+
+/// Options shared by the rig commands.
+pub struct RigOptions {
+    pub tern: PathBuf,
+    pub keep_logs: Option<PathBuf>,
+}
+
+/// One planned run: its spec for the agent and where it came from.
+struct Planned {
+    spec: RunSpec,
+    scenario: Scenario,
+}
+
+/// Substitutes the L1 paths and the scenario's parameters into its argv template.
+fn resolve_argv(s: &Scenario) -> Vec<String> {
+    let kernel = match s.kernel {
+        KernelForm::BzImage => l1::BZIMAGE,
+        KernelForm::Vmlinux => l1::VMLINUX,
+    };
+    let cmdline = s.cmdline();
+    let vars = [
+        ("{tern}", l1::TERN.to_string()),
+        ("{qemu}", l1::QEMU.to_string()),
+        ("{qemu_data}", l1::QEMU_DATA.to_string()),
+        ("{kernel}", kernel.to_string()),
+        ("{bzimage}", l1::BZIMAGE.to_string()),
+        ("{vmlinux}", l1::VMLINUX.to_string()),
+        ("{initrd}", l1::INITRD.to_string()),
+        ("{cmdline}", cmdline),
+        ("{cpus}", s.cpus.to_string()),
+        ("{memory_mib}", s.memory_mib.to_string()),
+    ];
+    s.argv_template()
+        .into_iter()
+        .map(|mut arg| {
+            for (key, value) in &vars {
+                arg = arg.replace(key, value);
+            }
+            arg
+        })
+        .collect()
+}
+
+fn plan(s: &Scenario, name: String) -> Planned {
+    Planned {
+        spec: RunSpec {
+            name,
+            argv: resolve_argv(s),
+            timeout_secs: s.timeout_secs,
+            marker: s.marker.to_string(),
+            guest_mem_bytes: u64::from(s.memory_mib) << 20,
+            expect: s.expect.clone(),
+            stream: false,
+        },
+        scenario: s.clone(),
+    }
+}
+
+/// `cargo xtask rig --list`.
+pub fn list(group: &str, filter: Option<&str>) {
+    println!(
+        "{:<24} {:<6} {:<9} {:>4} {:>5} {:<22} {:<8} cmdline",
+        "scenario", "vmm", "kernel", "cpus", "mem", "groups", "timeout"
+    );
+    for s in scenarios::all() {
+        let selected = s.in_group(group) && filter.is_none_or(|f| s.name.contains(f));
+        println!(
+            "{}{:<23} {:<6} {:<9} {:>4} {:>4}M {:<22} {:<8} {}",
+            if selected { "*" } else { " " },
+            s.name,
+            format!("{:?}", s.vmm).to_lowercase(),
+            format!("{:?}", s.kernel).to_lowercase(),
+            s.cpus,
+            s.memory_mib,
+            s.groups.join(","),
+            format!("{}s", s.timeout_secs),
+            s.cmdline()
+        );
+    }
+    println!(
+        "(* = selected by --group {group}{})",
+        filter.map(|f| format!(" --filter {f}")).unwrap_or_default()
+    );
+}
+
+/// `cargo xtask rig`: fails if any selected scenario fails.
+pub fn rig(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<()> {
+    let (passed, failed) = rig_counts(opts, group, filter)?;
+    if failed > 0 {
+        bail!("{failed} of {} scenarios failed", passed + failed);
+    }
+    println!("all {passed} scenarios passed");
+    Ok(())
+}
+
+/// Runs the selected scenarios and returns (passed, failed) counts; errors only when the rig
+/// itself cannot run (no scenario selected, images cannot be built, L1 cannot start).
+pub fn rig_counts(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<(u64, u64)> {
+    let selected: Vec<Scenario> = scenarios::all()
+        .into_iter()
+        .filter(|s| s.in_group(group) && filter.is_none_or(|f| s.name.contains(f)))
+        .collect();
+    if selected.is_empty() {
+        bail!(
+            "no scenario matches --group {group} --filter {}",
+            filter.unwrap_or("(none)")
+        );
+    }
+    let planned: Vec<Planned> = selected
+        .iter()
+        .map(|s| plan(s, s.name.to_string()))
+        .collect();
+    let results = run_planned(opts, planned, false)?;
+    let failed = results.iter().filter(|r| !r.pass).count() as u64;
+    Ok((results.len() as u64 - failed, failed))
+}
+
+/// `cargo xtask demo` on an emulation-backed host: boots the Debian guest with tern inside the
+/// rig, printing the guest's console live. (Called from ci.rs.)
+#[allow(dead_code)]
+pub fn demo(opts: &RigOptions) -> Result<()> {
+    let s = scenarios::demo();
+    let results = run_planned(opts, vec![plan(&s, s.name.to_string())], true)?;
+    if results.iter().any(|r| !r.pass) {
+        bail!("the demo guest did not boot cleanly (see the table above)");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench-boot`: interleaved tern/QEMU boots of the same guest, medians and ratios.
+pub fn bench(opts: &RigOptions, runs: usize, kernel: KernelForm, cpus: u32) -> Result<()> {
+    let pair = scenarios::bench_pair(kernel, cpus);
+    let mut planned = Vec::new();
+    for i in 1..=runs.max(1) {
+        for s in &pair {
+            planned.push(plan(s, format!("{}#{i}", s.name)));
+        }
+    }
+    let results = run_planned(opts, planned, false)?;
+    type Stats = (Option<f64>, Option<f64>, Option<f64>, Option<f64>, usize);
+    let stats = |prefix: &str| -> Stats {
+        let ok: Vec<&RunResult> = results
+            .iter()
+            .filter(|r| r.name.starts_with(prefix) && r.pass)
+            .collect();
+        let med = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+            median(ok.iter().filter_map(|r| f(r)).collect())
+        };
+        (
+            med(&|r| r.marker_ms.map(|v| v as f64)),
+            med(&|r| r.exit_ms.map(|v| v as f64)),
+            med(&|r| r.mem.as_ref().map(|m| m.vmm_rss_kib as f64)),
+            med(&|r| {
+                r.guest_facts
+                    .get("UPTIME")
+                    .and_then(|u| u.parse::<f64>().ok())
+                    .map(|s| s * 1000.0)
+            }),
+            ok.len(),
+        )
+    };
+    let (tm, te, tr, tu, tn) = stats("bench-tern#");
+    let (qm, qe, qr, qu, qn) = stats("bench-qemu#");
+    let fmt_s = |v: Option<f64>| v.map_or("-".to_string(), |ms| format!("{:.2}s", ms / 1000.0));
+    let fmt_m =
+        |v: Option<f64>| v.map_or("-".to_string(), |kib| human_bytes((kib * 1024.0) as u64));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
+        _ => "n/a".to_string(),
+    };
+    println!();
+    println!(
+        "bench-boot: {:?} kernel, {cpus} vCPU(s), medians of passing runs (tern {tn}/{runs}, qemu {qn}/{runs})",
+        kernel
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "", "tern", "qemu", "tern/qemu"
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "time to guest init",
+        fmt_s(tm),
+        fmt_s(qm),
+        ratio(tm, qm)
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "time to exit",
+        fmt_s(te),
+        fmt_s(qe),
+        ratio(te, qe)
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "guest uptime at report",
+        fmt_s(tu),
+        fmt_s(qu),
+        ratio(tu, qu)
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "RSS excl. guest RAM",
+        fmt_m(tr),
+        fmt_m(qr),
+        ratio(tr, qr)
+    );
+    if tn == 0 || qn == 0 {
+        bail!(
+            "no passing {} runs: no ratio",
+            if tn == 0 { "tern" } else { "QEMU" }
+        );
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Events parsed from L1's console.
+enum Event {
+    L1Init(String),
+    AgentStart,
+    Start(String),
+    Log(String, Vec<u8>),
+    Result(Box<RunResult>),
+    Done,
+    AgentExit(String),
+    Warn(String),
+    Garbled(String),
+    Eof,
+}
+
+fn parse_line(line: &str) -> Option<Event> {
+    // A kernel message may have been glued in front of a frame: look for the prefix anywhere.
+    let pos = line.find(FRAME)?;
+    let rest = &line[pos + FRAME.len()..];
+    let (kind, body) = rest.split_once(' ').unwrap_or((rest, ""));
+    let engine = base64::engine::general_purpose::STANDARD;
+    Some(match kind {
+        "L1-INIT" => Event::L1Init(body.to_string()),
+        "L1-WARN" => Event::Warn(body.to_string()),
+        "L1-AGENT-EXIT" => Event::AgentExit(body.to_string()),
+        "AGENT-START" => Event::AgentStart,
+        "START" => Event::Start(body.to_string()),
+        "DONE" => Event::Done,
+        "LOG" => {
+            let mut parts = body.splitn(3, ' ');
+            let (Some(name), Some(_seq), Some(data)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Some(Event::Garbled(line.to_string()));
+            };
+            match engine.decode(data.trim()) {
+                Ok(bytes) => Event::Log(name.to_string(), bytes),
+                Err(_) => Event::Garbled(line.to_string()),
+            }
+        }
+        "RESULT" => match serde_json::from_str::<RunResult>(body) {
+            Ok(r) => Event::Result(Box::new(r)),
+            Err(_) => Event::Garbled(line.to_string()),
+        },
+        _ => Event::Garbled(line.to_string()),
+    })
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Builds images, runs the planned scenarios in one L1 boot, reports. With `live`, the agent
+/// streams each VMM's output as it comes and it is echoed here (for demos; it perturbs timing).
+fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<Vec<RunResult>> {
+    let tern = opts.tern.is_file().then_some(opts.tern.as_path());
+    if tern.is_none() && planned.iter().any(|p| p.scenario.needs_tern()) {
+        eprintln!(
+            "[rig] tern binary not found at {} (build it with `cargo build --release -p tern` or pass --tern): tern scenarios will fail",
+            opts.tern.display()
+        );
+    }
+    let dir = rig_dir();
+    std::fs::create_dir_all(&dir)?;
+    // Logs of an earlier run would be mistaken for this one's.
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "log" || e == "json") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    // Runs that cannot start are failed here, without booting L1 for them.
+    let mut results: BTreeMap<String, RunResult> = BTreeMap::new();
+    let mut to_run = Vec::new();
+    for p in &planned {
+        if p.scenario.needs_tern() && tern.is_none() {
+            results.insert(
+                p.spec.name.clone(),
+                RunResult {
+                    name: p.spec.name.clone(),
+                    error: Some(format!("tern binary not found at {}", opts.tern.display())),
+                    reasons: vec![format!("tern binary not found at {}", opts.tern.display())],
+                    ..Default::default()
+                },
+            );
+        } else {
+            let mut spec = p.spec.clone();
+            spec.stream = live;
+            to_run.push(spec);
+        }
+    }
+    let mut logs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut notes: Vec<String> = Vec::new();
+    if !to_run.is_empty() {
+        let imgs = images::build()?;
+        let spec = AgentSpec {
+            runs: to_run.clone(),
+        };
+        let spec_json = serde_json::to_string_pretty(&spec)?;
+        std::fs::write(dir.join("scenarios.json"), &spec_json)?;
+        let initrd = images::build_l1_initrd(&imgs, tern, &spec_json)?;
+        let budget = L1_OVERHEAD_SECS + to_run.iter().map(|r| r.timeout_secs + 5).sum::<u64>();
+        run_l1(
+            &imgs,
+            &initrd,
+            Duration::from_secs(budget),
+            &mut L1Sink {
+                results: &mut results,
+                logs: &mut logs,
+                notes: &mut notes,
+                live,
+            },
+        )?;
+    }
+
+    // Reports, in plan order.
+    let mut ordered = Vec::new();
+    for p in &planned {
+        let name = &p.spec.name;
+        let mut r = results.remove(name).unwrap_or_else(|| RunResult {
+            name: name.clone(),
+            reasons: vec![
+                "no result from the rig (L1 died or timed out before it ran)".to_string(),
+            ],
+            ..Default::default()
+        });
+        let log = logs.remove(name).unwrap_or_default();
+        if r.log_len > 0 && (log.len() != r.log_len || crate::util::fnv(&log) != r.log_fnv) {
+            notes.push(format!(
+                "{name}: log damaged in transfer ({} of {} bytes received)",
+                log.len(),
+                r.log_len
+            ));
+        }
+        let path = dir.join(format!("{}.log", sanitize(name)));
+        let mut text = format!("# {name}\n# argv: {:?}\n", p.spec.argv);
+        text.push_str(&format!("# result: {}\n", serde_json::to_string(&r)?));
+        text.push_str(&String::from_utf8_lossy(&log));
+        std::fs::write(&path, text)?;
+        if r.error.is_some() && r.reasons.is_empty() {
+            r.reasons.push(r.error.clone().unwrap_or_default());
+        }
+        ordered.push(r);
+    }
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&ordered)?,
+    )?;
+    if let Some(keep) = &opts.keep_logs {
+        std::fs::create_dir_all(keep)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_file() {
+                std::fs::copy(&path, keep.join(path.file_name().unwrap_or_default()))?;
+            }
+        }
+    }
+    print_table(&ordered);
+    for note in &notes {
+        println!("note: {note}");
+    }
+    println!("logs: {}", dir.display());
+    Ok(ordered)
+}
+
+fn print_table(results: &[RunResult]) {
+    let secs =
+        |ms: Option<u64>| ms.map_or("-".to_string(), |v| format!("{:.2}s", v as f64 / 1000.0));
+    println!();
+    println!(
+        "{:<24} {:<7} {:>9} {:>9} {:>11} {:>11} {:>5} {:>6} {:>7}  reasons",
+        "scenario", "verdict", "marker", "exit", "vmm-rss", "guest-rss", "code", "nproc", "g-upt"
+    );
+    for r in results {
+        println!(
+            "{:<24} {:<7} {:>9} {:>9} {:>11} {:>11} {:>5} {:>6} {:>7}  {}",
+            r.name,
+            if r.pass { "PASS" } else { "FAIL" },
+            secs(r.marker_ms),
+            secs(r.exit_ms),
+            r.mem
+                .as_ref()
+                .map_or("-".to_string(), |m| human_bytes(m.vmm_rss_kib * 1024)),
+            r.mem
+                .as_ref()
+                .map_or("-".to_string(), |m| human_bytes(m.guest_rss_kib * 1024)),
+            r.exit_code.map_or_else(
+                || r.signal.map_or("-".to_string(), |s| format!("sig{s}")),
+                |c| c.to_string()
+            ),
+            r.guest_facts.get("NPROC").map_or("-", String::as_str),
+            r.guest_facts.get("UPTIME").map_or("-", String::as_str),
+            r.reasons.join("; ")
+        );
+    }
+}
+
+/// The L1 QEMU command line.
+fn l1_command(imgs: &Images, initrd: &Path, extra_cmdline: &str) -> Command {
+    let mut cmd = Command::new(&imgs.qemu);
+    cmd.args(L1_MACHINE)
+        .args(["-accel", "tcg", "-cpu", "EPYC,+svm,+npt", "-smp", "1", "-m"])
+        .arg(L1_MEMORY_MIB.to_string())
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(&imgs.l1_kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("{L1_CMDLINE} {extra_cmdline}").trim());
+    cmd
+}
+
+/// Where `boot_l1` puts what it learns.
+struct L1Sink<'a> {
+    results: &'a mut BTreeMap<String, RunResult>,
+    logs: &'a mut BTreeMap<String, Vec<u8>>,
+    notes: &'a mut Vec<String>,
+    /// Echo guest output to stdout as it arrives.
+    live: bool,
+}
+
+/// Boots L1 with the agent and collects results and logs; boots it a second time if the first
+/// boot never reaches /init (a rare early-boot hang under TCG).
+fn run_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) -> Result<()> {
+    for attempt in 1..=2 {
+        match boot_l1(imgs, initrd, budget, sink)? {
+            L1Outcome::Ran => return Ok(()),
+            L1Outcome::NoInit if attempt == 1 => {
+                eprintln!(
+                    "[rig] L1 did not reach /init within {}s; booting it again",
+                    L1_INIT_TIMEOUT.as_secs()
+                );
+                sink.notes
+                    .push("L1's first boot hung before /init and was retried".to_string());
+            }
+            L1Outcome::NoInit => sink
+                .notes
+                .push("L1 never reached /init (twice)".to_string()),
+        }
+    }
+    Ok(())
+}
+
+enum L1Outcome {
+    /// L1 reached /init (whatever happened next).
+    Ran,
+    /// L1 was killed for not reaching /init in time.
+    NoInit,
+}
+
+fn boot_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) -> Result<L1Outcome> {
+    let console_path = rig_dir().join("l1-console.log");
+    let mut console = std::fs::File::create(&console_path)?;
+    let mut cmd = l1_command(imgs, initrd, "");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    eprintln!("[rig] booting L1 (QEMU TCG, budget {}s)", budget.as_secs());
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("cannot start L1 QEMU")?;
+    let stdout = child.stdout.take().context("no L1 stdout")?;
+    let stderr = child.stderr.take().context("no L1 stderr")?;
+    let (tx, rx) = mpsc::channel::<(Option<Event>, String)>();
+    let tx_err = tx.clone();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw);
+                    let line = line.trim_end_matches(['\r', '\n']).to_string();
+                    if tx.send((parse_line(&line), line)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send((Some(Event::Eof), String::new()));
+    });
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx_err.send((None, format!("[l1-qemu-stderr] {line}")));
+        }
+    });
+
+    let deadline = start + budget;
+    let mut init_reached = false;
+    let mut done = false;
+    let mut current: Option<(String, Instant)> = None;
+    loop {
+        let now = Instant::now();
+        let limit = if init_reached {
+            deadline
+        } else {
+            deadline.min(start + L1_INIT_TIMEOUT)
+        };
+        if now >= limit {
+            if init_reached {
+                sink.notes.push(format!(
+                    "L1 hit the overall timeout ({}s) and was killed",
+                    budget.as_secs()
+                ));
+            }
+            break;
+        }
+        let Ok((event, line)) = rx.recv_timeout(limit - now) else {
+            continue;
+        };
+        let t = start.elapsed().as_secs_f64();
+        if !matches!(event, Some(Event::Log(..))) {
+            let _ = writeln!(console, "{line}");
+        }
+        match event {
+            Some(Event::Eof) => break,
+            Some(Event::L1Init(info)) => {
+                init_reached = true;
+                eprintln!("[rig] {t:6.1}s L1 init reached ({info})");
+            }
+            Some(Event::AgentStart) => eprintln!("[rig] {t:6.1}s agent started"),
+            Some(Event::Warn(w)) => {
+                eprintln!("[rig] {t:6.1}s L1 warning: {w}");
+                sink.notes.push(format!("L1: {w}"));
+            }
+            Some(Event::Start(name)) => {
+                eprintln!("[rig] {t:6.1}s running {name}");
+                current = Some((name, Instant::now()));
+            }
+            Some(Event::Log(name, bytes)) => {
+                if sink.live {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&bytes);
+                    let _ = out.flush();
+                }
+                sink.logs.entry(name).or_default().extend(bytes);
+            }
+            Some(Event::Result(r)) => {
+                let took = current
+                    .take()
+                    .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
+                eprintln!(
+                    "[rig] {t:6.1}s {} {} (marker {}, exit {}, {took:.1}s incl. transfer){}",
+                    r.name,
+                    if r.pass { "PASS" } else { "FAIL" },
+                    r.marker_ms
+                        .map_or("-".into(), |v| format!("{:.2}s", v as f64 / 1000.0)),
+                    r.exit_ms
+                        .map_or("-".into(), |v| format!("{:.2}s", v as f64 / 1000.0)),
+                    if r.pass {
+                        String::new()
+                    } else {
+                        format!(": {}", r.reasons.join("; "))
+                    }
+                );
+                sink.results.insert(r.name.clone(), *r);
+            }
+            Some(Event::Done) => {
+                eprintln!("[rig] {t:6.1}s agent done");
+                done = true;
+            }
+            Some(Event::AgentExit(code)) if code.trim() != "0" => {
+                sink.notes
+                    .push(format!("rig agent exited with status {code}"));
+            }
+            Some(Event::Garbled(l)) => sink.notes.push(format!("garbled frame: {l}")),
+            Some(Event::AgentExit(_)) | None => {}
+        }
+    }
+    // L1 powers itself off after the agent; give it a moment, then make sure it is gone.
+    let grace = Instant::now() + Duration::from_secs(if done { 20 } else { 0 });
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() >= grace {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Drain whatever is left (console lines after the loop ended).
+    while let Ok((_, line)) = rx.try_recv() {
+        let _ = writeln!(console, "{line}");
+    }
+    eprintln!(
+        "[rig] L1 finished after {:.1}s (console: {})",
+        start.elapsed().as_secs_f64(),
+        console_path.display()
+    );
+    if !init_reached {
+        return Ok(L1Outcome::NoInit);
+    }
+    if !done {
+        sink.notes.push(format!(
+            "the agent did not finish; see {} for L1's console",
+            console_path.display()
+        ));
+    }
+    Ok(L1Outcome::Ran)
+}
+
+/// `cargo xtask shell`: boot L1 interactively (console on this terminal) with the guest images
+/// and tools, to poke at things by hand.
+pub fn shell(tern: &Path) -> Result<()> {
+    let imgs = images::build()?;
+    let tern = tern.is_file().then_some(tern);
+    let spec_json = serde_json::to_string_pretty(&AgentSpec { runs: Vec::new() })?;
+    let initrd = images::build_l1_initrd(&imgs, tern, &spec_json)?;
+    eprintln!("[rig] booting L1 with a shell (Ctrl-A X quits QEMU)");
+    let status = l1_command(&imgs, &initrd, "rig.l1=shell")
+        .status()
+        .context("cannot start L1 QEMU")?;
+    if !status.success() {
+        bail!("L1 QEMU exited with {status}");
+    }
+    Ok(())
+}
+
+/// Prints what `cargo xtask images` built.
+pub fn print_images(imgs: &Images, l1_initrd: &Path) {
+    let size = |p: &Path| std::fs::metadata(p).map_or("?".to_string(), |m| human_bytes(m.len()));
+    println!(
+        "L1 kernel     {} ({}, {})",
+        imgs.l1_kernel.display(),
+        imgs.l1_release,
+        size(&imgs.l1_kernel)
+    );
+    println!(
+        "guest bzImage {} ({}, {})",
+        imgs.vmlinuz_cloud.display(),
+        imgs.guest_release,
+        size(&imgs.vmlinuz_cloud)
+    );
+    println!(
+        "guest vmlinux {} ({})",
+        imgs.vmlinux_cloud.display(),
+        size(&imgs.vmlinux_cloud)
+    );
+    println!(
+        "guest initrd  {} ({})",
+        imgs.guest_initrd.display(),
+        size(&imgs.guest_initrd)
+    );
+    println!(
+        "L1 initrd     {} ({})",
+        l1_initrd.display(),
+        size(l1_initrd)
+    );
+}
+
+/// The core run list, used by `cargo xtask images` to build a default L1 initramfs.
+pub fn default_spec_json() -> Result<String> {
+    let runs = scenarios::all()
+        .iter()
+        .filter(|s| s.in_group("core"))
+        .map(|s| plan(s, s.name.to_string()).spec)
+        .collect();
+    Ok(serde_json::to_string_pretty(&AgentSpec { runs })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_parse() {
+        let r = RunResult {
+            name: "x".into(),
+            pass: true,
+            ..Default::default()
+        };
+        let line = format!(
+            "[ 12.3] junk{FRAME}RESULT {}",
+            serde_json::to_string(&r).unwrap()
+        );
+        assert!(matches!(parse_line(&line), Some(Event::Result(r)) if r.name == "x" && r.pass));
+        assert!(
+            matches!(parse_line("@@RIG-LOG a 0 aGVsbG8="), Some(Event::Log(n, b)) if n == "a" && b == b"hello")
+        );
+        assert!(matches!(
+            parse_line("@@RIG-LOG a 0 !!!"),
+            Some(Event::Garbled(_))
+        ));
+        assert!(parse_line("plain console line").is_none());
+    }
+
+    #[test]
+    fn argv_resolution() {
+        let s = scenarios::all()
+            .into_iter()
+            .find(|s| s.name == "qemu-vmlinux-pvh")
+            .unwrap();
+        let argv = resolve_argv(&s);
+        assert_eq!(argv[0], l1::QEMU);
+        assert!(argv.iter().any(|a| a == l1::VMLINUX));
+        assert!(argv.iter().any(|a| a.contains("rig.action=poweroff")));
+        assert!(!argv.iter().any(|a| a.contains('{')));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+}

@@ -1,0 +1,373 @@
+//! The scenario table: every Linux-guest run the nested rig knows.
+//!
+//! To add a scenario, add an entry to [`all`]. A scenario names the VMM, the guest kernel form,
+//! vCPUs/memory, what the guest's `/init` should do (`rig.action=`, see `guest/init.sh`), an
+//! argv template (built by [`Scenario::argv_template`] unless overridden) and what a pass looks
+//! like. Placeholders in argv templates, resolved to L1 paths by the host:
+//! `{tern}`, `{qemu}`, `{qemu_data}`, `{kernel}` (the bzImage or vmlinux, per `kernel`),
+//! `{bzimage}`, `{vmlinux}`, `{initrd}`, `{cmdline}`, `{cpus}`, `{memory_mib}`.
+
+use crate::spec::{ExitExpect, Expect};
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    Tern,
+    Qemu,
+}
+
+/// Which form of the guest kernel is booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelForm {
+    /// The distribution bzImage (`vmlinuz-cloud`).
+    BzImage,
+    /// The ELF vmlinux extracted from it (`vmlinux-cloud`): PVH or 64-bit Linux entry.
+    Vmlinux,
+}
+
+/// One rig scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: &'static str,
+    /// Groups it belongs to (`core`, `qemu-extra`, …); `cargo xtask rig --group` picks one.
+    pub groups: &'static [&'static str],
+    pub vmm: Vmm,
+    pub kernel: KernelForm,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// `rig.action=` for the guest init: `poweroff`, `reboot`, `panic`, `shell`,
+    /// `script:<name>` (runs `/scenarios/<name>.sh` from `xtask/guest/scenarios/`).
+    pub action: &'static str,
+    /// Start of the guest kernel command line ([`BASE_CMDLINE`] unless a scenario needs
+    /// otherwise, e.g. PCI devices need it without `pci=off`).
+    pub base_cmdline: &'static str,
+    /// Appended to the guest kernel command line.
+    pub extra_cmdline: &'static str,
+    /// Appended to the VMM's argv.
+    pub extra_args: &'static [&'static str],
+    /// A complete argv template replacing the default one.
+    pub argv_override: Option<&'static [&'static str]>,
+    pub timeout_secs: u64,
+    /// Output substring whose first appearance is timed.
+    pub marker: &'static str,
+    pub expect: Expect,
+}
+
+/// The line the guest init prints first.
+pub const INIT_MARKER: &str = "TERN-GUEST-INIT-REACHED";
+
+/// Base guest command line, the same for every VMM so comparisons are fair: tern's default
+/// command line (i8042 reset for `reboot=k`, no PCI probing) plus `quiet`. `quiet` matters: in
+/// the rig every byte on an emulated 8250 costs two nested exits (~150 µs each), so a full boot
+/// log would add seconds to every boot.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
+                            i8042.nopnp i8042.dumbkbd quiet";
+
+impl Scenario {
+    /// The guest kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut cmdline = format!("{} rig.action={}", self.base_cmdline, self.action);
+        if !self.extra_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(self.extra_cmdline);
+        }
+        cmdline
+    }
+
+    /// The argv template (placeholders unresolved).
+    pub fn argv_template(&self) -> Vec<String> {
+        if let Some(argv) = self.argv_override {
+            return argv.iter().map(|s| s.to_string()).collect();
+        }
+        let base: &[&str] = match self.vmm {
+            Vmm::Tern => &[
+                "{tern}",
+                "run",
+                "--kernel",
+                "{kernel}",
+                "--initrd",
+                "{initrd}",
+                "--cmdline",
+                "{cmdline}",
+                "--cpus",
+                "{cpus}",
+                "--memory",
+                "{memory_mib}M",
+                "--serial",
+                "stdio",
+            ],
+            Vmm::Qemu => &[
+                "{qemu}",
+                "-L",
+                "{qemu_data}",
+                "-accel",
+                "kvm",
+                "-M",
+                "microvm",
+                "-cpu",
+                "host",
+                "-m",
+                "{memory_mib}",
+                "-smp",
+                "{cpus}",
+                "-nographic",
+                "-no-reboot",
+                "-kernel",
+                "{kernel}",
+                "-initrd",
+                "{initrd}",
+                "-append",
+                "{cmdline}",
+            ],
+        };
+        base.iter()
+            .chain(self.extra_args)
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// True if the template needs the tern binary.
+    pub fn needs_tern(&self) -> bool {
+        self.argv_template().iter().any(|a| a.contains("{tern}"))
+    }
+
+    pub fn in_group(&self, group: &str) -> bool {
+        group == "all" || self.groups.contains(&group)
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// A normal boot that ends in `poweroff -f`: exit 0, the guest reports its vCPU count.
+fn boots_and_powers_off(cpus: u32) -> Expect {
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require: vec![
+            format!("TERN-GUEST-NPROC={cpus}"),
+            "TERN-GUEST-UPTIME=".to_string(),
+        ],
+        forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
+    }
+}
+
+/// A boot that ends in `reboot -f`: the VMM exits 0 (tern: default `--on-reboot exit`; QEMU:
+/// `-no-reboot`).
+fn boots_and_reboots() -> Expect {
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require: strings(&["TERN-GUEST-REBOOTING"]),
+        forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
+    }
+}
+
+/// A boot that ends in a kernel panic (`echo c > /proc/sysrq-trigger`) with `panic=-1`, so the
+/// guest resets right away. We require the panic on the console and that the VMM exits by
+/// itself (no hang, no crash by signal) with any exit code: whether a reset after a panic is
+/// exit 0 or an error is tern's policy to settle; tighten to `ExitExpect::Code(..)` or
+/// `ExitExpect::NonZero` here once it is.
+/// A guest that panics: tern reports it with exit status 3 ("the guest kernel panicked");
+/// QEMU has no such notion, so any status is accepted there.
+fn boots_and_panics(exit: ExitExpect) -> Expect {
+    Expect {
+        exit,
+        marker_required: true,
+        require: strings(&["TERN-GUEST-PANICKING", "Kernel panic"]),
+        forbid: strings(&["TERN-GUEST-ERROR"]),
+    }
+}
+
+const DEFAULT: Scenario = Scenario {
+    name: "",
+    groups: &["core"],
+    vmm: Vmm::Tern,
+    kernel: KernelForm::BzImage,
+    cpus: 1,
+    memory_mib: 256,
+    action: "poweroff",
+    base_cmdline: BASE_CMDLINE,
+    extra_cmdline: "",
+    extra_args: &[],
+    argv_override: None,
+    timeout_secs: 120,
+    marker: INIT_MARKER,
+    expect: Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require: Vec::new(),
+        forbid: Vec::new(),
+    },
+};
+
+/// Every scenario, in run order.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        // --- tern, core ---
+        Scenario {
+            name: "tern-bzimage-1cpu",
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-bzimage-2cpu",
+            cpus: 2,
+            expect: boots_and_powers_off(2),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-vmlinux-pvh",
+            kernel: KernelForm::Vmlinux,
+            extra_args: &["--boot-protocol", "pvh"],
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-vmlinux-linux64",
+            kernel: KernelForm::Vmlinux,
+            extra_args: &["--boot-protocol", "linux"],
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-reboot",
+            action: "reboot",
+            expect: boots_and_reboots(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-panic",
+            action: "panic",
+            extra_cmdline: "panic=-1",
+            expect: boots_and_panics(ExitExpect::Code(3)),
+            ..DEFAULT
+        },
+        // --- diagnostics (group "debug"): the full kernel log ---
+        Scenario {
+            name: "tern-verbose",
+            groups: &["debug"],
+            base_cmdline: "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ignore_loglevel",
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        // --- QEMU comparisons, core ---
+        Scenario {
+            name: "qemu-bzimage-1cpu",
+            vmm: Vmm::Qemu,
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "qemu-vmlinux-pvh",
+            vmm: Vmm::Qemu,
+            kernel: KernelForm::Vmlinux,
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        // --- QEMU, extra: validate the rig's own expectations and guest tooling ---
+        Scenario {
+            name: "qemu-bzimage-2cpu",
+            groups: &["qemu-extra"],
+            vmm: Vmm::Qemu,
+            cpus: 2,
+            expect: boots_and_powers_off(2),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "qemu-reboot",
+            groups: &["qemu-extra"],
+            vmm: Vmm::Qemu,
+            action: "reboot",
+            // microvm has no i8042 and Linux's default ACPI -> keyboard -> BIOS fallback ends
+            // in a KVM emulation failure there (QEMU then hangs); a triple fault is a clean
+            // reset, which -no-reboot turns into exit 0.
+            extra_cmdline: "reboot=t",
+            expect: boots_and_reboots(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "qemu-panic",
+            groups: &["qemu-extra"],
+            vmm: Vmm::Qemu,
+            action: "panic",
+            // As for qemu-reboot: with the base `reboot=k` and no i8042 the reset takes ~65 s.
+            extra_cmdline: "panic=-1 reboot=t",
+            expect: boots_and_panics(ExitExpect::AnyCode),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "qemu-virtio-modules",
+            groups: &["qemu-extra"],
+            vmm: Vmm::Qemu,
+            action: "script:virtio-modules",
+            expect: Expect {
+                exit: ExitExpect::Code(0),
+                marker_required: true,
+                require: strings(&["TERN-GUEST-MODULES=ok", "TERN-GUEST-UPTIME="]),
+                forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
+            },
+            ..DEFAULT
+        },
+    ]
+}
+
+/// What `cargo xtask demo` boots in the rig: tern, the Debian cloud bzImage, 2 vCPUs, a guest
+/// script that shows what the guest sees.
+#[allow(dead_code)] // used through rig::demo (ci.rs)
+pub fn demo() -> Scenario {
+    Scenario {
+        name: "tern-demo",
+        groups: &["demo"],
+        cpus: 2,
+        memory_mib: 512,
+        action: "script:demo",
+        expect: boots_and_powers_off(2),
+        ..DEFAULT
+    }
+}
+
+/// The pair `cargo xtask bench-boot` compares: the same guest, same boot, tern vs QEMU.
+pub fn bench_pair(kernel: KernelForm, cpus: u32) -> [Scenario; 2] {
+    let base = Scenario {
+        groups: &["bench"],
+        kernel,
+        cpus,
+        expect: boots_and_powers_off(cpus),
+        ..DEFAULT
+    };
+    [
+        Scenario {
+            name: "bench-tern",
+            vmm: Vmm::Tern,
+            ..base.clone()
+        },
+        Scenario {
+            name: "bench-qemu",
+            vmm: Vmm::Qemu,
+            ..base
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_templates_sane() {
+        let all = all();
+        let mut names: Vec<_> = all.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        for s in &all {
+            let argv = s.argv_template();
+            assert!(argv.iter().any(|a| a == "{kernel}"), "{}", s.name);
+            assert!(argv.iter().any(|a| a == "{cmdline}"), "{}", s.name);
+            assert_eq!(s.needs_tern(), s.vmm == Vmm::Tern);
+        }
+        assert!(all.iter().filter(|s| s.in_group("core")).count() >= 8);
+    }
+}
