@@ -91,6 +91,9 @@ enum Cmd {
         kernel: KernelArg,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
+        /// Boot tern's bzImage with --decompress guest (the kernel's own decompressor).
+        #[arg(long)]
+        guest_decompress: bool,
         #[arg(long)]
         keep_logs: Option<PathBuf>,
     },
@@ -146,6 +149,7 @@ fn run(command: Cmd) -> Result<()> {
             runs,
             kernel,
             cpus,
+            guest_decompress,
             keep_logs,
         } => {
             let opts = rig::RigOptions {
@@ -156,7 +160,7 @@ fn run(command: Cmd) -> Result<()> {
                 KernelArg::Bzimage => scenarios::KernelForm::BzImage,
                 KernelArg::Vmlinux => scenarios::KernelForm::Vmlinux,
             };
-            rig::bench(&opts, runs, kernel, cpus)
+            rig::bench(&opts, runs, kernel, cpus, guest_decompress)
         }
         Cmd::Shell { tern } => rig::shell(&tern.unwrap_or_else(rig::default_tern)),
         Cmd::ExtractVmlinux { bzimage, output } => {

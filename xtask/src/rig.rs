@@ -169,8 +169,14 @@ pub fn demo(opts: &RigOptions) -> Result<()> {
 }
 
 /// `cargo xtask bench-boot`: interleaved tern/QEMU boots of the same guest, medians and ratios.
-pub fn bench(opts: &RigOptions, runs: usize, kernel: KernelForm, cpus: u32) -> Result<()> {
-    let pair = scenarios::bench_pair(kernel, cpus);
+pub fn bench(
+    opts: &RigOptions,
+    runs: usize,
+    kernel: KernelForm,
+    cpus: u32,
+    guest_decompress: bool,
+) -> Result<()> {
+    let pair = scenarios::bench_pair(kernel, cpus, guest_decompress);
     let mut planned = Vec::new();
     for i in 1..=runs.max(1) {
         for s in &pair {
@@ -211,8 +217,9 @@ pub fn bench(opts: &RigOptions, runs: usize, kernel: KernelForm, cpus: u32) -> R
     };
     println!();
     println!(
-        "bench-boot: {:?} kernel, {cpus} vCPU(s), medians of passing runs (tern {tn}/{runs}, qemu {qn}/{runs})",
-        kernel
+        "bench-boot: {:?} kernel{}, {cpus} vCPU(s), medians of passing runs (tern {tn}/{runs}, qemu {qn}/{runs})",
+        kernel,
+        if guest_decompress { " (tern --decompress guest)" } else { "" }
     );
     println!(
         "{:<22} {:>10} {:>10} {:>10}",

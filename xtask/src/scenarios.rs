@@ -232,6 +232,12 @@ pub fn all() -> Vec<Scenario> {
             ..DEFAULT
         },
         Scenario {
+            name: "tern-bzimage-guest-decompress",
+            extra_args: &["--decompress", "guest"],
+            expect: boots_and_powers_off(1),
+            ..DEFAULT
+        },
+        Scenario {
             name: "tern-reboot",
             action: "reboot",
             expect: boots_and_reboots(),
@@ -329,7 +335,9 @@ pub fn demo() -> Scenario {
 }
 
 /// The pair `cargo xtask bench-boot` compares: the same guest, same boot, tern vs QEMU.
-pub fn bench_pair(kernel: KernelForm, cpus: u32) -> [Scenario; 2] {
+/// `guest_decompress` makes tern boot a bzImage with `--decompress guest` (the kernel's own
+/// decompressor) instead of its default host-side decompression.
+pub fn bench_pair(kernel: KernelForm, cpus: u32, guest_decompress: bool) -> [Scenario; 2] {
     let base = Scenario {
         groups: &["bench"],
         kernel,
@@ -341,6 +349,11 @@ pub fn bench_pair(kernel: KernelForm, cpus: u32) -> [Scenario; 2] {
         Scenario {
             name: "bench-tern",
             vmm: Vmm::Tern,
+            extra_args: if guest_decompress {
+                &["--decompress", "guest"]
+            } else {
+                &[]
+            },
             ..base.clone()
         },
         Scenario {
