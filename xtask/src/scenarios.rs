@@ -250,6 +250,18 @@ pub fn all() -> Vec<Scenario> {
             expect: boots_and_panics(ExitExpect::Code(3)),
             ..DEFAULT
         },
+        Scenario {
+            name: "tern-platform",
+            cpus: 2,
+            action: "script:platform",
+            expect: Expect {
+                exit: ExitExpect::Code(0),
+                marker_required: true,
+                require: strings(&["TERN-GUEST-RTC-OK", "TERN-GUEST-ACPI-OK", "TERN-GUEST-UPTIME="]),
+                forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
+            },
+            ..DEFAULT
+        },
         // --- diagnostics (group "debug"): the full kernel log ---
         Scenario {
             name: "tern-verbose",

@@ -31,8 +31,11 @@ const COM1_PORT: u16 = 0x3f8;
 const COM1_GSI: u32 = 4;
 const OEM_TABLE_ID: [u8; 8] = *b"TERNVM01";
 const OEM_REVISION: u32 = 1;
-/// IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC yet (bit 5).
-const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
+/// IA-PC boot architecture flags: no VGA (bit 2). (No 8042 bit: the i8042 is only there for
+/// the reset line; there is a CMOS RTC.)
+const IAPC_BOOT_ARCH: u16 = 1 << 2;
+/// CMOS register holding the century.
+const RTC_CENTURY_REG: u8 = 0x32;
 
 /// ACPI errors.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,16 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
     );
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
     com1.to_aml_bytes(&mut dsdt);
+    // The CMOS RTC at 0x70, IRQ 8.
+    let rtc_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
+    let rtc_irq = aml::Interrupt::new(true, true, false, false, 8);
+    let rtc_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]),
+    );
+    let rtc = aml::Device::new("_SB_.RTC_".into(), vec![&rtc_hid, &rtc_crs]);
+    rtc.to_aml_bytes(&mut dsdt);
     let dsdt_bytes = bytes(&dsdt);
     let dsdt_addr = next;
     next = align(next + dsdt_bytes.len() as u64);
@@ -92,6 +105,7 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
         .flag(Flags::PwrButton)
         .flag(Flags::ResetRegSup);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    fadt.century = RTC_CENTURY_REG;
     fadt.sleep_control_reg = io_reg(ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_reg(ACPI_SLEEP_STATUS_PORT);
     fadt.reset_reg = io_reg(ACPI_RESET_PORT);
@@ -207,6 +221,7 @@ mod tests {
             let (_, dsdt) = find(b"DSDT");
             assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
             assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+            assert!(dsdt.windows(4).any(|w| w == b"RTC_"));
             // FADT: hardware-reduced, sleep control at our port.
             let (_, fadt) = find(b"FACP");
             let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());

@@ -24,6 +24,7 @@ use devices::acpi::{AcpiPm, PmRequest};
 use devices::legacy::{
     DebugExit, DebugPort, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
 };
+use devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use devices::{Bus, EventFdTrigger};
 
@@ -458,6 +459,8 @@ impl Vm {
         pio.insert(Arc::new(Mutex::new(debug_exit)), DEBUG_EXIT_PORT, 4)
             .map_err(bus_err)?;
         pio.insert(Arc::new(Mutex::new(DebugPort::new(start))), DEBUG_PORT, 1)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_BASE, RTC_LEN)
             .map_err(bus_err)?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
