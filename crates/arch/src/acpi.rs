@@ -12,6 +12,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -58,12 +59,46 @@ fn io_reg(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
+/// A virtio-mmio device as ACPI describes it (`LNRO0005`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioAcpi {
+    /// Register window base.
+    pub base: u64,
+    /// Register window size.
+    pub size: u64,
+    /// Its interrupt (edge-triggered, active high).
+    pub gsi: u32,
+}
+
+/// The PCI root bridge as ACPI describes it (`PNP0A08` in the DSDT, the ECAM in the MCFG).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciAcpi {
+    /// ECAM base.
+    pub ecam_base: u64,
+    /// Last bus number the ECAM covers.
+    pub last_bus: u8,
+    /// 32-bit MMIO window for BARs: start and end (exclusive).
+    pub mmio32: (u64, u64),
+}
+
+/// What the ACPI tables describe besides CPUs and the fixed legacy devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AcpiPlatform {
+    /// Number of vCPUs.
+    pub num_cpus: u8,
+    /// virtio-mmio devices.
+    pub virtio_mmio: Vec<VirtioMmioAcpi>,
+    /// The PCI root bridge, when the VM has PCI.
+    pub pci: Option<PciAcpi>,
+}
+
 /// One table (or the RSDP) and where it goes in guest memory.
 pub type TablePiece = (u64, Vec<u8>);
 
 /// Builds all tables for `num_cpus` vCPUs; returns `(guest address, bytes)` pieces and the
 /// RSDP address.
-pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
+pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiError> {
+    let num_cpus = platform.num_cpus;
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
@@ -94,6 +129,47 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
     );
     let rtc = aml::Device::new("_SB_.RTC_".into(), vec![&rtc_hid, &rtc_crs]);
     rtc.to_aml_bytes(&mut dsdt);
+    for (i, d) in platform.virtio_mmio.iter().enumerate() {
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid_v = i as u32;
+        let uid = aml::Name::new("_UID".into(), &uid_v);
+        let mem = aml::Memory32Fixed::new(true, d.base as u32, d.size as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, d.gsi);
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq]));
+        let dev = aml::Device::new(
+            format!("_SB_.V{i:03X}").as_str().into(),
+            vec![&hid, &uid, &crs],
+        );
+        dev.to_aml_bytes(&mut dsdt);
+    }
+    if let Some(pci) = &platform.pci {
+        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+        let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+        let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+        let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+        let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.last_bus));
+        let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+        let io_lo = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+        let io_hi = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+        let mem32 = aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            pci.mmio32.0 as u32,
+            (pci.mmio32.1 - 1) as u32,
+            None,
+        );
+        let crs = aml::Name::new(
+            "_CRS".into(),
+            &aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_lo, &io_hi, &mem32]),
+        );
+        let dev = aml::Device::new(
+            "_SB_.PCI0".into(),
+            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+        );
+        dev.to_aml_bytes(&mut dsdt);
+    }
     let dsdt_bytes = bytes(&dsdt);
     let dsdt_addr = next;
     next = align(next + dsdt_bytes.len() as u64);
@@ -134,9 +210,19 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
     let madt_addr = next;
     next = align(next + madt_bytes.len() as u64);
 
+    let mut pieces_extra = Vec::new();
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(pci) = &platform.pci {
+        let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        mcfg.add_ecam(pci.ecam_base, 0, 0, pci.last_bus);
+        let mcfg_bytes = bytes(&mcfg);
+        let mcfg_addr = next;
+        next = align(next + mcfg_bytes.len() as u64);
+        xsdt.add_entry(mcfg_addr);
+        pieces_extra.push((mcfg_addr, mcfg_bytes));
+    }
     let xsdt_bytes = bytes(&xsdt);
     let xsdt_addr = next;
     next += xsdt_bytes.len() as u64;
@@ -145,21 +231,20 @@ pub fn build(num_cpus: u8) -> Result<(Vec<TablePiece>, u64), AcpiError> {
         return Err(AcpiError::TooBig(next - ACPI_START));
     }
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
-    Ok((
-        vec![
-            (rsdp_addr, rsdp),
-            (dsdt_addr, dsdt_bytes),
-            (fadt_addr, fadt_bytes),
-            (madt_addr, madt_bytes),
-            (xsdt_addr, xsdt_bytes),
-        ],
-        rsdp_addr,
-    ))
+    let mut pieces = vec![
+        (rsdp_addr, rsdp),
+        (dsdt_addr, dsdt_bytes),
+        (fadt_addr, fadt_bytes),
+        (madt_addr, madt_bytes),
+        (xsdt_addr, xsdt_bytes),
+    ];
+    pieces.extend(pieces_extra);
+    Ok((pieces, rsdp_addr))
 }
 
 /// Writes the ACPI tables; returns the RSDP address.
-pub fn setup_acpi<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<u64, AcpiError> {
-    let (pieces, rsdp) = build(num_cpus)?;
+pub fn setup_acpi<M: GuestMemory>(mem: &M, platform: &AcpiPlatform) -> Result<u64, AcpiError> {
+    let (pieces, rsdp) = build(platform)?;
     for (addr, data) in pieces {
         mem.write_slice(&data, GuestAddress(addr))
             .map_err(|_| AcpiError::Write)?;
@@ -178,7 +263,20 @@ mod tests {
     #[test]
     fn tables_are_well_formed() {
         for n in [1u8, 2, 254] {
-            let (pieces, rsdp_addr) = build(n).unwrap();
+            let platform = AcpiPlatform {
+                num_cpus: n,
+                virtio_mmio: vec![VirtioMmioAcpi {
+                    base: 0xfeb0_0000,
+                    size: 0x1000,
+                    gsi: 16,
+                }],
+                pci: Some(PciAcpi {
+                    ecam_base: 0xe000_0000,
+                    last_bus: 0,
+                    mmio32: (0xc000_0000, 0xe000_0000),
+                }),
+            };
+            let (pieces, rsdp_addr) = build(&platform).unwrap();
             let find = |sig: &[u8]| {
                 pieces
                     .iter()
@@ -193,7 +291,7 @@ mod tests {
             let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
             let (xa, _) = find(b"XSDT");
             assert_eq!(xa, xsdt_addr);
-            for sig in [&b"XSDT"[..], b"FACP", b"APIC", b"DSDT"] {
+            for sig in [&b"XSDT"[..], b"FACP", b"APIC", b"DSDT", b"MCFG"] {
                 let (_, t) = find(sig);
                 let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
                 assert_eq!(len, t.len(), "{:?} length", std::str::from_utf8(sig));
@@ -222,6 +320,15 @@ mod tests {
             assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
             assert!(dsdt.windows(4).any(|w| w == b"COM1"));
             assert!(dsdt.windows(4).any(|w| w == b"RTC_"));
+            assert!(dsdt.windows(4).any(|w| w == b"V000"));
+            assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+            assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+            let (_, mcfg) = find(b"MCFG");
+            assert_eq!(sum(&mcfg), 0);
+            assert_eq!(
+                u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+                0xe000_0000
+            );
             // FADT: hardware-reduced, sleep control at our port.
             let (_, fadt) = find(b"FACP");
             let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());

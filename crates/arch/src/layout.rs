@@ -75,3 +75,23 @@ pub const ACPI_SLEEP_STATUS_PORT: u64 = 0x3c1;
 pub const ACPI_RESET_PORT: u64 = 0x3c2;
 /// Value written to the reset register to reset the machine.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// 32-bit PCI MMIO window (BARs), the low part of the MMIO hole.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the 32-bit PCI MMIO window.
+pub const PCI_MMIO32_END: u64 = 0xe000_0000;
+/// PCIe enhanced configuration (ECAM) window: 1 MiB per bus.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Buses the ECAM window covers (bus 0 only, for now).
+pub const PCI_ECAM_BUSES: u64 = 1;
+/// Size of the ECAM window.
+pub const PCI_ECAM_SIZE: u64 = PCI_ECAM_BUSES << 20;
+/// First virtio-mmio device; each gets [`VIRTIO_MMIO_SIZE`] bytes.
+pub const VIRTIO_MMIO_START: u64 = 0xfeb0_0000;
+/// Register window of one virtio-mmio device.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Most virtio-mmio devices a VM can have (their window ends below the IOAPIC).
+pub const VIRTIO_MMIO_MAX: u64 = 32;
+/// GSI of the first virtio-mmio device (IOAPIC pins 16..23, then shared up from there).
+pub const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
+/// First GSI handed out for MSI routes (after the 24 IOAPIC pins).
+pub const MSI_FIRST_GSI: u32 = 24;

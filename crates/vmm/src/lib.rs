@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod host;
+pub mod interrupts;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

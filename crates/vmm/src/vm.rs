@@ -370,8 +370,14 @@ impl Vm {
             Decompress::Host => arch::boot::BzImageEntry::Host,
             Decompress::Guest => arch::boot::BzImageEntry::Guest,
         };
-        let rsdp = arch::acpi::setup_acpi(&mem, config.cpus as u8)
-            .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let rsdp = arch::acpi::setup_acpi(
+            &mem,
+            &arch::acpi::AcpiPlatform {
+                num_cpus: config.cpus as u8,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| VmmError::Setup(e.to_string()))?;
         let boot = arch::boot::load_kernel(
             &mem,
             arch::boot::KernelSpec {
