@@ -169,6 +169,26 @@ fn boots_and_reboots() -> Expect {
 /// itself (no hang, no crash by signal) with any exit code: whether a reset after a panic is
 /// exit 0 or an error is tern's policy to settle; tighten to `ExitExpect::Code(..)` or
 /// `ExitExpect::NonZero` here once it is.
+/// virtio-rng and virtio-console found, bound and working (guest script `virtio.sh`); the
+/// console's output is wired to the VMM's stdout, so the hvc0 line shows up in the log.
+fn virtio_rng_and_console() -> Expect {
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require: strings(&[
+            "TERN-GUEST-VIRTIO-COUNT=2",
+            "id=0x0004 vendor=0x5445524e driver=virtio_rng",
+            "id=0x0003 vendor=0x5445524e driver=virtio_console",
+            "TERN-GUEST-HWRNG=virtio_rng.0",
+            "TERN-GUEST-HWRNG-BYTES=256",
+            "TERN-GUEST-HVC0=present",
+            "TERN-GUEST-HVC0-HELLO",
+            "TERN-GUEST-UPTIME=",
+        ]),
+        forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
+    }
+}
+
 /// A guest that panics: tern reports it with exit status 3 ("the guest kernel panicked");
 /// QEMU has no such notion, so any status is accepted there.
 fn boots_and_panics(exit: ExitExpect) -> Expect {
@@ -260,6 +280,13 @@ pub fn all() -> Vec<Scenario> {
                 require: strings(&["TERN-GUEST-RTC-OK", "TERN-GUEST-ACPI-OK", "TERN-GUEST-UPTIME="]),
                 forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
             },
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-virtio-mmio",
+            action: "script:virtio",
+            extra_args: &["--transport", "mmio", "--rng", "--console", "file:/proc/self/fd/1"],
+            expect: virtio_rng_and_console(),
             ..DEFAULT
         },
         // --- diagnostics (group "debug"): the full kernel log ---

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{BootProtocol, CharBackend, Decompress, MemSize, OnReboot};
+use vmm::config::{BootProtocol, CharBackend, Decompress, MemSize, OnReboot, Transport};
 use vmm::{VmConfig, VmExit};
 
 /// Exit status when the guest crashed (triple fault, KVM internal error, kernel panic).
@@ -62,6 +62,15 @@ struct RunArgs {
     /// What a guest reboot does: exit (status 0) or restart [default: exit].
     #[arg(long, value_name = "ACTION")]
     on_reboot: Option<OnReboot>,
+    /// virtio transport: pci (virtio-pci with MSI-X) or mmio (virtio-mmio v2) [default: pci].
+    #[arg(long, value_name = "TRANSPORT")]
+    transport: Option<Transport>,
+    /// Add a virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// Add a virtio-console (the guest's hvc0): stdio, file:PATH or none.
+    #[arg(long, value_name = "BACKEND")]
+    console: Option<CharBackend>,
 }
 
 impl RunArgs {
@@ -100,6 +109,15 @@ impl RunArgs {
         }
         if let Some(v) = self.on_reboot {
             c.on_reboot = v;
+        }
+        if let Some(v) = self.transport {
+            c.transport = v;
+        }
+        if self.rng {
+            c.rng = true;
+        }
+        if let Some(v) = self.console {
+            c.console = Some(v);
         }
         c.validate()?;
         Ok(c)

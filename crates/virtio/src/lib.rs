@@ -3,7 +3,7 @@
 //! devices (rng, console, and later blk, net, vsock, balloon).
 //!
 //! Shape: a transport owns a `Box<dyn VirtioDevice>` and implements the register interface the
-//! guest sees (a [`devices::BusDevice`]). When the driver sets DRIVER_OK, the transport hands
+//! guest sees (a [`::devices::BusDevice`]). When the driver sets DRIVER_OK, the transport hands
 //! the device its queues, each with the eventfd the VMM registered as an ioeventfd for that
 //! queue's notification address, plus an [`Interrupt`] to signal the guest (an irqfd). The
 //! device runs its own worker thread from then on: the vCPU thread never runs device code.
@@ -14,6 +14,9 @@
 pub mod device;
 pub mod devices;
 pub mod transport;
+
+#[cfg(test)]
+mod testing;
 
 pub use device::{ActivateError, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
 

@@ -226,6 +226,18 @@ macro_rules! keyword_enum {
 keyword_enum!(BootProtocol, Auto => "auto", Pvh => "pvh", Linux => "linux");
 keyword_enum!(Decompress, Host => "host", Guest => "guest");
 keyword_enum!(OnReboot, Exit => "exit", Restart => "restart");
+keyword_enum!(Transport, Pci => "pci", Mmio => "mmio");
+
+/// How virtio devices attach to the VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-pci (modern) on the PCI root bus, with MSI-X.
+    #[default]
+    Pci,
+    /// virtio-mmio (v2), announced in ACPI.
+    Mmio,
+}
 
 fn default_cpus() -> u32 {
     1
@@ -266,6 +278,15 @@ pub struct VmConfig {
     /// Guest reboot behaviour.
     #[serde(default)]
     pub on_reboot: OnReboot,
+    /// virtio transport for every virtio device.
+    #[serde(default)]
+    pub transport: Transport,
+    /// A virtio-rng device backed by the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
+    /// A virtio-console device (the guest's `hvc0`) and its backend.
+    #[serde(default)]
+    pub console: Option<CharBackend>,
 }
 
 impl Default for VmConfig {
@@ -280,6 +301,9 @@ impl Default for VmConfig {
             boot_protocol: BootProtocol::default(),
             decompress: Decompress::default(),
             on_reboot: OnReboot::default(),
+            transport: Transport::default(),
+            rng: false,
+            console: None,
         }
     }
 }
@@ -331,6 +355,13 @@ impl VmConfig {
                     cmd.len(),
                     arch::layout::CMDLINE_MAX_SIZE
                 ),
+            ));
+        }
+        if self.serial == CharBackend::Stdio && self.console == Some(CharBackend::Stdio) {
+            return Err(invalid(
+                "console",
+                "stdio",
+                "the serial port already uses stdio; give one of them --serial none or a file",
             ));
         }
         if cmd.contains('\0') {
@@ -453,6 +484,36 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn virtio_settings() {
+        let c = VmConfig::from_file_text(
+            "vm.toml",
+            "kernel = \"/k\"\nrng = true\nconsole = \"none\"\ntransport = \"mmio\"\n",
+        )
+        .unwrap();
+        assert!(c.rng);
+        assert_eq!(c.console, Some(CharBackend::None));
+        assert_eq!(c.transport, Transport::Mmio);
+        assert!(c.validate().is_ok());
+        assert_eq!(VmConfig::default().transport, Transport::Pci);
+        let e = VmConfig {
+            console: Some(CharBackend::Stdio),
+            ..valid()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("invalid console 'stdio'"), "{e}");
+        assert!(VmConfig {
+            console: Some(CharBackend::Stdio),
+            serial: CharBackend::None,
+            ..valid()
+        }
+        .validate()
+        .is_ok());
+        assert_eq!("mmio".parse::<Transport>(), Ok(Transport::Mmio));
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod host;
 pub mod interrupts;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vm;
 
 pub use config::VmConfig;

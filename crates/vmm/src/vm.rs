@@ -28,7 +28,7 @@ use devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use devices::{Bus, EventFdTrigger};
 
-use crate::config::{BootProtocol, CharBackend, Decompress, OnReboot, VmConfig};
+use crate::config::{BootProtocol, CharBackend, Decompress, OnReboot, Transport, VmConfig};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, kick_signal, set_boot_msrs, ExitCounters, Vcpu};
 
@@ -154,15 +154,19 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, VmmError> {
     install_kick_handler()
         .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
     let signals = block_stop_signals()?;
-    let _raw = match config.serial {
-        // SAFETY-free: fd 0 is stdin; raw mode only when it is a terminal.
-        CharBackend::Stdio => RawTerminal::enable(0),
-        _ => None,
+    // The guest owns the terminal when the serial port or the virtio-console uses stdio.
+    let uses_stdio =
+        config.serial == CharBackend::Stdio || config.console == Some(CharBackend::Stdio);
+    // Raw mode only when stdin is a terminal.
+    let _raw = if uses_stdio {
+        RawTerminal::enable(0)
+    } else {
+        None
     };
-    let stdin_target: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>> = Arc::new(Mutex::new(None));
+    let stdin_target: Arc<Mutex<Option<StdinTarget>>> = Arc::new(Mutex::new(None));
     let stdin_quit =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
-    if config.serial == CharBackend::Stdio {
+    if uses_stdio {
         spawn_stdin_thread(
             stdin_target.clone(),
             stdin_quit
@@ -172,7 +176,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, VmmError> {
     }
     loop {
         let vm = Vm::build(config, start)?;
-        *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.serial.clone());
+        *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &vm.console_input {
+            Some(c) => StdinTarget::Console(c.clone()),
+            None => StdinTarget::Serial(vm.serial.clone()),
+        });
         let exit = vm.run(&signals, &stdin_quit)?;
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
@@ -209,7 +216,13 @@ fn block_stop_signals() -> Result<File, VmmError> {
 
 /// Forwards stdin to the current VM's serial port. Ctrl-A x quits tern (as in QEMU);
 /// Ctrl-A Ctrl-A sends a literal Ctrl-A.
-fn spawn_stdin_thread(target: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>, quit: EventFd) {
+/// Where terminal input goes: the serial port, or the virtio-console when it owns stdio.
+enum StdinTarget {
+    Serial(Arc<Mutex<SerialDevice>>),
+    Console(virtio::devices::ConsoleInput),
+}
+
+fn spawn_stdin_thread(target: Arc<Mutex<Option<StdinTarget>>>, quit: EventFd) {
     let _ = std::thread::Builder::new()
         .name("tern-stdin".into())
         .spawn(move || {
@@ -241,9 +254,11 @@ fn spawn_stdin_thread(target: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>, quit
                 }
                 let mut pending = &out[..];
                 while !pending.is_empty() {
-                    let dev = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let taken = match dev {
-                        Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).enqueue(pending),
+                    let taken = match &*target.lock().unwrap_or_else(|p| p.into_inner()) {
+                        Some(StdinTarget::Serial(d)) => {
+                            d.lock().unwrap_or_else(|p| p.into_inner()).enqueue(pending)
+                        }
+                        Some(StdinTarget::Console(c)) => c.push(pending),
                         None => pending.len(),
                     };
                     pending = &pending[taken..];
@@ -257,12 +272,13 @@ fn spawn_stdin_thread(target: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>, quit
 
 struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     serial: Arc<Mutex<SerialDevice>>,
     ctl: Arc<VmControl>,
     reset_evt: EventFd,
     panic_seen: Arc<AtomicBool>,
+    console_input: Option<virtio::devices::ConsoleInput>,
     vcpus: Vec<Vcpu>,
 }
 
@@ -326,7 +342,7 @@ impl Vm {
                 config.cpus
             )));
         }
-        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("set TSS address"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -370,14 +386,28 @@ impl Vm {
             Decompress::Host => arch::boot::BzImageEntry::Host,
             Decompress::Guest => arch::boot::BzImageEntry::Guest,
         };
-        let rsdp = arch::acpi::setup_acpi(
-            &mem,
-            &arch::acpi::AcpiPlatform {
-                num_cpus: config.cpus as u8,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let virtio = crate::virtio_devices::create(config)?;
+        let mut acpi_platform = arch::acpi::AcpiPlatform {
+            num_cpus: config.cpus as u8,
+            ..Default::default()
+        };
+        if !virtio.devices.is_empty() {
+            match config.transport {
+                Transport::Mmio => {
+                    acpi_platform.virtio_mmio = (0..virtio.devices.len())
+                        .map(crate::virtio_devices::mmio_slot)
+                        .collect();
+                }
+                Transport::Pci => {
+                    return Err(VmmError::Setup(
+                        "the virtio-pci transport is not available yet; use --transport mmio"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        let rsdp = arch::acpi::setup_acpi(&mem, &acpi_platform)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
         let boot = arch::boot::load_kernel(
             &mem,
             arch::boot::KernelSpec {
@@ -469,7 +499,10 @@ impl Vm {
         pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_BASE, RTC_LEN)
             .map_err(bus_err)?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        let console_input = virtio.console_input;
+        crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices)?;
+        let mmio = Arc::new(mmio);
 
         // vCPUs.
         let supported = kvm
@@ -524,6 +557,7 @@ impl Vm {
             ctl,
             reset_evt,
             panic_seen,
+            console_input,
             vcpus,
         })
     }

@@ -1,1 +1,18 @@
 //! Devices.
+//!
+//! Policy for hostile input, shared by all devices here: a malformed descriptor chain (empty,
+//! looping, longer than the queue, leaving the descriptor table, a buffer outside guest memory,
+//! a device-readable buffer after a device-writable one, a buffer in the wrong direction for the
+//! queue, more than 1 MiB in total) or a bogus available index makes the device *broken*: its
+//! worker stops (the chain is not returned to the guest), the transport reports
+//! DEVICE_NEEDS_RESET through [`VirtioDevice::broken`](crate::VirtioDevice::broken), and the
+//! device raises a configuration interrupt as the spec asks. Only a driver reset revives it.
+//! Each device processes at most a queue's worth of chains per wakeup, so a guest refilling a
+//! queue as fast as it is served cannot starve a reset.
+
+mod common;
+pub mod console;
+pub mod rng;
+
+pub use console::{Console, ConsoleInput, ConsoleOutput};
+pub use rng::Rng;

@@ -1,0 +1,459 @@
+//! What every device back-end shares: the worker thread, validated descriptor chains, the
+//! used ring and interrupts, and the "broken" state a malformed request leads to (the policy is
+//! described in the parent module).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{GuestMemoryMmap, Interrupt, InterruptKind};
+
+/// The most bytes one descriptor chain may describe. Anything larger is not a request any
+/// driver of these devices makes (Linux stays below 64 KiB) and is rejected as malformed, which
+/// bounds the work one request costs the worker.
+pub(crate) const MAX_CHAIN_BYTES: u64 = 1 << 20;
+
+/// Bytes copied through the host per step.
+pub(crate) const CHUNK: usize = 4096;
+
+/// Why a device gave up on the driver.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Malformed {
+    #[error("queue {0}: {1}")]
+    Queue(u16, virtio_queue::Error),
+    #[error("descriptor chain {0} is empty, loops, outgrows the queue or leaves the table")]
+    Truncated(u16),
+    #[error("descriptor chain {head}: buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange { head: u16, addr: u64, len: u32 },
+    #[error("descriptor chain {0}: a device-readable buffer follows a device-writable one")]
+    Order(u16),
+    #[error("descriptor chain {0} describes more than {MAX_CHAIN_BYTES} bytes")]
+    TooLong(u16),
+    #[error("descriptor chain {0} has {1} buffers, which this queue does not take")]
+    Direction(u16, &'static str),
+    #[error("guest memory: {0}")]
+    Memory(GuestMemoryError),
+}
+
+/// One guest buffer of a validated chain (known to lie inside guest memory).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Buf {
+    pub addr: GuestAddress,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// A validated descriptor chain popped from the available ring.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub head: u16,
+    pub bufs: Vec<Buf>,
+}
+
+impl Request {
+    /// Fails unless every buffer is device-writable (`writable`) or device-readable.
+    pub fn expect(&self, writable: bool) -> Result<(), Malformed> {
+        if self.bufs.iter().all(|b| b.writable == writable) {
+            return Ok(());
+        }
+        let wrong = if writable {
+            "device-readable"
+        } else {
+            "device-writable"
+        };
+        Err(Malformed::Direction(self.head, wrong))
+    }
+}
+
+/// What a device's worker holds besides its queues.
+pub(crate) struct Ctx {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn Interrupt>,
+    pub broken: Arc<AtomicBool>,
+    pub name: &'static str,
+}
+
+impl Ctx {
+    /// Marks the device broken and tells the driver (a config interrupt); returns false so
+    /// handlers can `return ctx.fail(e)` to stop their worker.
+    pub fn fail(&self, e: Malformed) -> bool {
+        tracing::warn!("virtio-{}: {e}; device needs a reset", self.name);
+        self.broken.store(true, Ordering::SeqCst);
+        if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
+            tracing::warn!(
+                "virtio-{}: cannot raise the config interrupt: {e}",
+                self.name
+            );
+        }
+        false
+    }
+
+    /// Pops and validates the next available chain of queue `index`.
+    pub fn pop(&self, q: &mut Queue, index: u16) -> Result<Option<Request>, Malformed> {
+        let chain = q
+            .iter(&self.mem)
+            .map_err(|e| Malformed::Queue(index, e))?
+            .next();
+        let Some(chain) = chain else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        let mut bufs = Vec::new();
+        let mut total = 0u64;
+        // The chain iterator stops quietly at a loop (after queue-size descriptors), at an index
+        // outside the table or at an unreadable descriptor; a last descriptor that still says
+        // NEXT (or no descriptor at all) tells us that happened.
+        let mut more = true;
+        for d in chain {
+            more = d.has_next();
+            let writable = d.is_write_only();
+            if !writable && bufs.last().is_some_and(|b: &Buf| b.writable) {
+                return Err(Malformed::Order(head));
+            }
+            total += u64::from(d.len());
+            if total > MAX_CHAIN_BYTES {
+                return Err(Malformed::TooLong(head));
+            }
+            let access = if writable {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if !self.mem.check_range(d.addr(), d.len() as usize, access) {
+                return Err(Malformed::OutOfRange {
+                    head,
+                    addr: d.addr().0,
+                    len: d.len(),
+                });
+            }
+            bufs.push(Buf {
+                addr: d.addr(),
+                len: d.len(),
+                writable,
+            });
+        }
+        if more {
+            return Err(Malformed::Truncated(head));
+        }
+        Ok(Some(Request { head, bufs }))
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written.
+    pub fn add_used(
+        &self,
+        q: &mut Queue,
+        index: u16,
+        head: u16,
+        len: u32,
+    ) -> Result<(), Malformed> {
+        q.add_used(&self.mem, head, len)
+            .map_err(|e| Malformed::Queue(index, e))
+    }
+
+    /// Interrupts the guest for queue `index` unless the driver asked not to be
+    /// (VRING_AVAIL_F_NO_INTERRUPT; EVENT_IDX is not offered by these devices).
+    pub fn signal(&self, q: &Queue, index: u16) {
+        // Order the used-ring update before reading the driver's flags.
+        fence(Ordering::SeqCst);
+        let flags: u16 = self
+            .mem
+            .read_obj(GuestAddress(q.avail_ring()))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        if flags & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0 {
+            return;
+        }
+        if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index)) {
+            tracing::warn!(
+                "virtio-{}: cannot raise the queue interrupt: {e}",
+                self.name
+            );
+        }
+    }
+
+    /// Writes `data` across the writable buffers of `req` in order; returns the bytes written.
+    pub fn write_bufs(&self, req: &Request, mut data: &[u8]) -> Result<usize, Malformed> {
+        let mut done = 0;
+        for b in req.bufs.iter().filter(|b| b.writable) {
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len().min(b.len as usize);
+            self.mem
+                .write_slice(&data[..n], b.addr)
+                .map_err(Malformed::Memory)?;
+            data = &data[n..];
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// Drains an eventfd (created non-blocking) so a level-triggered epoll does not fire again.
+pub(crate) fn drain(evt: &EventFd) {
+    // WouldBlock (a spurious wakeup) is the only expected error; nothing to do either way.
+    let _ = evt.read();
+}
+
+/// The event side of a device worker.
+pub(crate) trait Handler: Send + 'static {
+    /// The file descriptors to wait on; the index of each is the token passed to `handle`.
+    fn fds(&self) -> Vec<RawFd>;
+    /// Handles readiness of fd `token`; must consume the event (epoll is level-triggered).
+    /// Returns false to stop the worker (the device is broken).
+    fn handle(&mut self, token: usize) -> bool;
+}
+
+const KILL_TOKEN: u64 = u64::MAX;
+
+/// A device's worker thread: epolls its handler's fds and a kill eventfd.
+pub(crate) struct Worker<H: Handler> {
+    kill: EventFd,
+    thread: Option<JoinHandle<H>>,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Starts thread `name` serving `handler`.
+    pub fn spawn(name: &str, handler: H) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        for (i, fd) in handler.fds().into_iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+        }
+        let thread_kill = kill.try_clone()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            thread_kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL_TOKEN),
+        )?;
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(epoll, thread_kill, handler))?;
+        Ok(Worker {
+            kill,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and returns its handler (None if it panicked).
+    pub fn stop(mut self) -> Option<H> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Option<H> {
+        let thread = self.thread.take()?;
+        if let Err(e) = self.kill.write(1) {
+            tracing::error!("cannot stop a virtio worker: {e}");
+        }
+        thread
+            .join()
+            .map_err(|_| tracing::error!("a virtio worker panicked"))
+            .ok()
+    }
+}
+
+impl<H: Handler> Drop for Worker<H> {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+fn run<H: Handler>(epoll: Epoll, _kill: EventFd, mut handler: H) -> H {
+    let mut events = [EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("virtio worker: epoll failed: {e}");
+                return handler;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == KILL_TOKEN || !handler.handle(ev.data() as usize) {
+                return handler;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::testing::*;
+
+    #[derive(Default)]
+    struct Rec(Mutex<Vec<InterruptKind>>);
+    impl Interrupt for Rec {
+        fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+            self.0.lock().unwrap().push(kind);
+            Ok(())
+        }
+    }
+
+    fn rig() -> (Ctx, Arc<Rec>, VirtQueue, Queue) {
+        let rec = Arc::new(Rec::default());
+        let ctx = Ctx {
+            mem: mem(),
+            interrupt: rec.clone(),
+            broken: Arc::new(AtomicBool::new(false)),
+            name: "test",
+        };
+        let vq = VirtQueue::new(0x1000);
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(vq.size);
+        q.try_set_desc_table_address(GuestAddress(vq.desc)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(vq.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(vq.used)).unwrap();
+        q.set_ready(true);
+        assert!(q.is_valid(&ctx.mem));
+        (ctx, rec, vq, q)
+    }
+
+    #[test]
+    fn valid_chain() {
+        let (ctx, _, mut vq, mut q) = rig();
+        assert!(ctx.pop(&mut q, 0).unwrap().is_none());
+        let h = vq.add_chain(
+            &ctx.mem,
+            &[(BUFS, 3, false), (BUFS + 8, 0, true), (BUFS + 16, 5, true)],
+        );
+        let req = ctx.pop(&mut q, 0).unwrap().unwrap();
+        assert_eq!(req.head, h);
+        assert_eq!(req.bufs.len(), 3);
+        assert!(req.expect(true).is_err() && req.expect(false).is_err());
+        assert_eq!(ctx.write_bufs(&req, b"abcdefgh").unwrap(), 5);
+        let mut got = [0u8; 5];
+        ctx.mem
+            .read_slice(&mut got, GuestAddress(BUFS + 16))
+            .unwrap();
+        assert_eq!(&got, b"abcde");
+        ctx.add_used(&mut q, 0, req.head, 5).unwrap();
+        assert_eq!(vq.used_elem(&ctx.mem, 0), (h.into(), 5));
+        assert!(ctx.pop(&mut q, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn malformed_chains() {
+        type Setup = fn(&GuestMemoryMmap, &mut VirtQueue);
+        type Check = fn(&Malformed) -> bool;
+        let cases: [(&str, Setup, Check); 7] = [
+            (
+                "loop",
+                |m, q| {
+                    q.set_desc(m, 0, BUFS, 1, NEXT, 1);
+                    q.set_desc(m, 1, BUFS, 1, NEXT, 0);
+                    q.publish(m, 0);
+                },
+                |e| matches!(e, Malformed::Truncated(0)),
+            ),
+            (
+                "next outside table",
+                |m, q| {
+                    q.set_desc(m, 2, BUFS, 1, NEXT, QSIZE);
+                    q.publish(m, 2);
+                },
+                |e| matches!(e, Malformed::Truncated(2)),
+            ),
+            (
+                "head outside table",
+                |m, q| q.publish(m, QSIZE),
+                |e| matches!(e, Malformed::Truncated(_)),
+            ),
+            (
+                "order",
+                |m, q| {
+                    q.add_chain(m, &[(BUFS, 1, true), (BUFS, 1, false)]);
+                },
+                |e| matches!(e, Malformed::Order(0)),
+            ),
+            (
+                "range",
+                |m, q| {
+                    q.add_chain(m, &[(MEM_SIZE - 1, 2, true)]);
+                },
+                |e| matches!(e, Malformed::OutOfRange { .. }),
+            ),
+            (
+                "too long",
+                |m, q| {
+                    q.add_chain(m, &[(0, MAX_CHAIN_BYTES as u32, false), (0, 1, false)]);
+                },
+                |e| matches!(e, Malformed::TooLong(0)),
+            ),
+            (
+                "avail index",
+                |m, q| q.set_avail_idx(m, QSIZE + 1),
+                |e| {
+                    matches!(
+                        e,
+                        Malformed::Queue(0, virtio_queue::Error::InvalidAvailRingIndex)
+                    )
+                },
+            ),
+        ];
+        for (what, setup, check) in cases {
+            let (ctx, rec, mut vq, mut q) = rig();
+            setup(&ctx.mem, &mut vq);
+            let e = ctx.pop(&mut q, 0).unwrap_err();
+            assert!(check(&e), "{what}: {e}");
+            assert!(!ctx.fail(e));
+            assert!(ctx.broken.load(Ordering::SeqCst));
+            assert_eq!(*rec.0.lock().unwrap(), vec![InterruptKind::Config]);
+        }
+    }
+
+    struct Echo {
+        evt: EventFd,
+        seen: Arc<Mutex<Vec<usize>>>,
+    }
+    impl Handler for Echo {
+        fn fds(&self) -> Vec<RawFd> {
+            vec![self.evt.as_raw_fd()]
+        }
+        fn handle(&mut self, token: usize) -> bool {
+            drain(&self.evt);
+            self.seen.lock().unwrap().push(token);
+            self.seen.lock().unwrap().len() < 2
+        }
+    }
+
+    #[test]
+    fn worker_stops_on_kill_or_when_the_handler_says_so() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let handler = Echo {
+            evt: evt.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        let w = Worker::spawn("test", handler).unwrap();
+        evt.write(1).unwrap();
+        assert!(wait_for(|| seen.lock().unwrap().len() == 1));
+        assert!(w.stop().is_some());
+
+        let handler = Echo {
+            evt: evt.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        let w = Worker::spawn("test", handler).unwrap();
+        evt.write(1).unwrap();
+        assert!(wait_for(|| seen.lock().unwrap().len() == 2));
+        // The handler stopped the thread; stopping it again returns at once.
+        assert!(w.stop().is_some());
+    }
+}

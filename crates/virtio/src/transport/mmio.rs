@@ -1,0 +1,749 @@
+//! virtio-mmio, version 2 ("modern" register layout, virtio 1.x spec section 4.2), as a
+//! [`BusDevice`] over a [`MMIO_LEN`]-byte window.
+//!
+//! Written in-tree: no maintained crate provides a virtio-mmio transport for our device trait,
+//! and the register layout is small. Registers are 32-bit; any other access width or an
+//! unaligned access is ignored (reads as 0). Device configuration at [`CONFIG_OFFSET`] takes
+//! any width.
+//!
+//! Queue notifications: the transport owns one eventfd per queue. The VMM registers each as a
+//! KVM ioeventfd on `base + QUEUE_NOTIFY_OFFSET` with the queue index as datamatch (see
+//! [`MmioTransport::queue_notify_eventfds`]) so a notification never exits to userspace; a
+//! notification that does reach [`BusDevice::write`] signals the same eventfd.
+//!
+//! Everything the driver writes is hostile: an invalid status transition, DRIVER_OK with queues
+//! that are not ready, have a bad size or lie outside guest memory, or a device that fails to
+//! activate sets DEVICE_NEEDS_RESET; only a reset (writing 0 to Status) clears it. Every queue
+//! the device has must be configured and ready at DRIVER_OK.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use devices::BusDevice;
+use virtio_bindings::bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+
+/// Size of the register window.
+pub const MMIO_LEN: u64 = 0x1000;
+/// Offset of QueueNotify, where the VMM registers the queue ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+/// Offset of the device-specific configuration space.
+pub const CONFIG_OFFSET: u64 = 0x100;
+/// The VendorID tern reports: "TERN" in ASCII. Drivers do not interpret it.
+pub const VENDOR_ID: u32 = 0x5445_524e;
+
+/// "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+
+// Register offsets (virtio 1.x, 4.2.2).
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION_REG: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR_ID_REG: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const SHM_LEN_LOW: u64 = 0x0b0;
+const SHM_BASE_HIGH: u64 = 0x0bc;
+const CONFIG_GENERATION: u64 = 0x0fc;
+
+/// The status bits the driver sets, in the order it must set them.
+const STATUS_ORDER: [u32; 4] = [ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK];
+
+/// InterruptStatus, ConfigGeneration and the irq line, shared with the device's worker.
+struct MmioInterrupt {
+    status: AtomicU32,
+    generation: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt for MmioInterrupt {
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+        let bit = match kind {
+            InterruptKind::Queue(_) => VIRTIO_MMIO_INT_VRING,
+            InterruptKind::Config => {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                VIRTIO_MMIO_INT_CONFIG
+            }
+        };
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq.write(1)
+    }
+}
+
+/// The driver's configuration of one queue, as written to the registers.
+#[derive(Clone, Copy, Default)]
+struct QueueRegs {
+    size: u32,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueRegs {
+    fn new(max: u16) -> Self {
+        QueueRegs {
+            size: max.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The queue these registers describe, validated against `mem`.
+    fn build(&self, max: u16, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+        if !self.ready {
+            return Err("not ready".into());
+        }
+        let e = |e: virtio_queue::Error| e.to_string();
+        let mut q = Queue::new(max).map_err(e)?;
+        let size = u16::try_from(self.size).map_err(|_| format!("size {}", self.size))?;
+        q.try_set_size(size).map_err(e)?;
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(e)?;
+        q.try_set_avail_ring_address(GuestAddress(self.driver))
+            .map_err(e)?;
+        q.try_set_used_ring_address(GuestAddress(self.device))
+            .map_err(e)?;
+        q.set_ready(true);
+        q.set_event_idx(event_idx);
+        if !q.is_valid(mem) {
+            return Err("rings outside guest memory".into());
+        }
+        Ok(q)
+    }
+}
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    mem: GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<MmioInterrupt>,
+    notify: Vec<EventFd>,
+    queues: Vec<QueueRegs>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    /// The driver set a feature bit above 63, none of which is offered.
+    driver_features_unknown: bool,
+    status: u32,
+    needs_reset: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`, signalling the guest through `irq` (an irqfd).
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+        irq: EventFd,
+    ) -> std::io::Result<Self> {
+        let maxes = device.queue_max_sizes();
+        let notify = maxes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<_>>()?;
+        let queues = maxes.iter().map(|&m| QueueRegs::new(m)).collect();
+        Ok(MmioTransport {
+            mem,
+            device,
+            interrupt: Arc::new(MmioInterrupt {
+                status: AtomicU32::new(0),
+                generation: AtomicU32::new(0),
+                irq,
+            }),
+            notify,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            driver_features_unknown: false,
+            status: 0,
+            needs_reset: false,
+        })
+    }
+
+    /// The queue notification eventfds to register as KVM ioeventfds: (offset from the window
+    /// base, datamatch = queue index, eventfd), each an MMIO ioeventfd of length 4 matching the
+    /// 32-bit value written. They stay the same for the transport's life, across resets.
+    pub fn queue_notify_eventfds(&self) -> Vec<(u64, u32, &EventFd)> {
+        (0u32..)
+            .zip(&self.notify)
+            .map(|(i, e)| (QUEUE_NOTIFY_OFFSET, i, e))
+            .collect()
+    }
+
+    /// The virtio device type, e.g. for naming the device.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// The Status register as the driver reads it.
+    pub fn status(&self) -> u32 {
+        let broken = self.needs_reset || self.device.broken();
+        self.status | if broken { NEEDS_RESET } else { 0 }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for (regs, &max) in self.queues.iter_mut().zip(self.device.queue_max_sizes()) {
+            *regs = QueueRegs::new(max);
+        }
+        for e in &self.notify {
+            // Drop notifications that were never served; WouldBlock means there were none.
+            let _ = e.read();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.driver_features_unknown = false;
+        self.status = 0;
+        self.needs_reset = false;
+        self.interrupt.status.store(0, Ordering::SeqCst);
+    }
+
+    fn fail(&mut self, why: &str) {
+        tracing::warn!(
+            "virtio-mmio (type {}): {why}; device needs a reset",
+            self.device.device_type()
+        );
+        self.needs_reset = true;
+    }
+
+    fn set_status(&mut self, val: u32) {
+        let val = val & 0xff;
+        if val == 0 {
+            return self.reset();
+        }
+        if val & FAILED != 0 {
+            // The driver gave up on the device; it will reset it before trying again.
+            self.status |= FAILED;
+            return;
+        }
+        if self.needs_reset || self.status & FAILED != 0 {
+            return;
+        }
+        let mut val = val & !NEEDS_RESET;
+        let old = self.status;
+        let known = STATUS_ORDER.iter().fold(0, |a, b| a | b);
+        let in_order = STATUS_ORDER
+            .windows(2)
+            .all(|w| val & w[1] == 0 || val & w[0] != 0);
+        if val & !known != 0 || val & old != old || !in_order {
+            return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"));
+        }
+        let new = val & !old;
+        if new & FEATURES_OK != 0 && !self.accept_features() {
+            // The driver reads Status back and finds FEATURES_OK missing.
+            val &= !FEATURES_OK;
+            if val & DRIVER_OK != 0 {
+                return self.fail("DRIVER_OK without accepted features");
+            }
+        }
+        self.status = val;
+        if new & DRIVER_OK != 0 {
+            if let Err(e) = self.activate() {
+                self.fail(&format!("activation failed: {e}"));
+            }
+        }
+    }
+
+    fn accept_features(&mut self) -> bool {
+        let offered = self.device.features();
+        let f = self.driver_features;
+        if self.driver_features_unknown || f & !offered != 0 || f & (1 << VIRTIO_F_VERSION_1) == 0 {
+            tracing::warn!("virtio-mmio: driver features {f:#x} refused (offered {offered:#x})");
+            return false;
+        }
+        self.device.ack_features(f);
+        true
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let maxes = self.device.queue_max_sizes().to_vec();
+        let mut queues = Vec::with_capacity(maxes.len());
+        for (i, ((regs, max), notify)) in
+            self.queues.iter().zip(maxes).zip(&self.notify).enumerate()
+        {
+            let queue = regs
+                .build(max, event_idx, &self.mem)
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            let event = notify.try_clone().map_err(|e| e.to_string())?;
+            queues.push(QueueEvent { queue, event });
+        }
+        self.device
+            .activate(self.mem.clone(), self.interrupt.clone(), queues)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The selected queue, if it exists and may still be configured.
+    fn queue_mut(&mut self) -> Option<&mut QueueRegs> {
+        if self.status & DRIVER_OK != 0 || self.needs_reset {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let sel = self.queues.get(self.queue_sel as usize);
+        match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR_ID_REG => VENDOR_ID,
+            DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            QUEUE_NUM_MAX => {
+                let max = self.device.queue_max_sizes();
+                max.get(self.queue_sel as usize).map_or(0, |&m| m.into())
+            }
+            QUEUE_READY => sel.map_or(0, |q| q.ready.into()),
+            INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            STATUS => self.status(),
+            // No shared memory regions: their length reads as -1.
+            SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
+            CONFIG_GENERATION => self.interrupt.generation.load(Ordering::SeqCst),
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, val: u32) {
+        let configuring = self.status & DRIVER != 0 && self.status & FEATURES_OK == 0;
+        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(val);
+        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(val) << 32);
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = val,
+            DRIVER_FEATURES if configuring => match self.driver_features_sel {
+                0 => self.driver_features = lo(self.driver_features),
+                1 => self.driver_features = hi(self.driver_features),
+                _ => self.driver_features_unknown |= val != 0,
+            },
+            DRIVER_FEATURES_SEL => self.driver_features_sel = val,
+            QUEUE_SEL => self.queue_sel = val,
+            QUEUE_NUM => {
+                if let Some(q) = self.queue_mut() {
+                    q.size = val;
+                }
+            }
+            QUEUE_READY => {
+                if let Some(q) = self.queue_mut() {
+                    q.ready = val == 1;
+                }
+            }
+            QUEUE_NOTIFY_OFFSET => {
+                if let Some(e) = self.notify.get(val as usize) {
+                    if let Err(e) = e.write(1) {
+                        tracing::warn!("virtio-mmio: cannot signal queue {val}: {e}");
+                    }
+                }
+            }
+            INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!val, Ordering::SeqCst);
+            }
+            STATUS => self.set_status(val),
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
+            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
+                let Some(q) = self.queue_mut() else { return };
+                let reg = match offset & !0xf {
+                    QUEUE_DESC_LOW => &mut q.desc,
+                    QUEUE_DRIVER_LOW => &mut q.driver,
+                    _ => &mut q.device,
+                };
+                *reg = if offset & 0x4 == 0 {
+                    lo(*reg)
+                } else {
+                    hi(*reg)
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            return self.device.read_config(offset - CONFIG_OFFSET, data);
+        }
+        match data.len() {
+            4 if offset & 3 == 0 => data.copy_from_slice(&self.read_reg(offset).to_le_bytes()),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            return self.device.write_config(offset - CONFIG_OFFSET, data);
+        }
+        if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset & 3) {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use virtio_queue::QueueT;
+
+    use super::*;
+    use crate::testing::*;
+    use crate::ActivateError;
+
+    #[derive(Default)]
+    struct Record {
+        acked: Option<u64>,
+        /// (size, desc, avail, used) of each activated queue.
+        queues: Vec<(u16, u64, u64, u64)>,
+        resets: usize,
+        interrupt: Option<Arc<dyn Interrupt>>,
+        events: Vec<EventFd>,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    /// A device that records what the transport does to it.
+    struct Fake {
+        rec: Arc<Mutex<Record>>,
+        fail_activate: bool,
+    }
+
+    const FAKE_FEATURES: u64 = VERSION_1 | 1 << 5;
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 32]
+        }
+        fn features(&self) -> u64 {
+            FAKE_FEATURES
+        }
+        fn ack_features(&mut self, features: u64) {
+            self.rec.lock().unwrap().acked = Some(features);
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = 0x10 + offset as u8 + i as u8;
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            let mut r = self.rec.lock().unwrap();
+            r.config_writes.push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            interrupt: Arc<dyn Interrupt>,
+            queues: Vec<QueueEvent>,
+        ) -> Result<(), ActivateError> {
+            if self.fail_activate {
+                return Err(ActivateError::BadQueue("refused".into()));
+            }
+            let mut r = self.rec.lock().unwrap();
+            for q in queues {
+                let qq = &q.queue;
+                r.queues
+                    .push((qq.size(), qq.desc_table(), qq.avail_ring(), qq.used_ring()));
+                r.events.push(q.event);
+            }
+            r.interrupt = Some(interrupt);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            let mut r = self.rec.lock().unwrap();
+            r.resets += 1;
+            r.queues.clear();
+            r.events.clear();
+            r.interrupt = None;
+        }
+    }
+
+    fn fake(fail_activate: bool) -> (Driver, Arc<Mutex<Record>>) {
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let dev = Fake {
+            rec: rec.clone(),
+            fail_activate,
+        };
+        (Driver::new(Box::new(dev)), rec)
+    }
+
+    fn queues() -> (VirtQueue, VirtQueue) {
+        (VirtQueue::new(0x1000), VirtQueue::new(0x2000))
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut d, _) = fake(false);
+        assert_eq!(d.read(0x0), 0x7472_6976);
+        assert_eq!(d.read(0x4), 2);
+        assert_eq!(d.read(0x8), 42);
+        assert_eq!(d.read(0xc), VENDOR_ID);
+        d.write(0x14, 0);
+        assert_eq!(d.read(0x10), FAKE_FEATURES as u32);
+        d.write(0x14, 1);
+        assert_eq!(d.read(0x10), (FAKE_FEATURES >> 32) as u32);
+        d.write(0x14, 7);
+        assert_eq!(d.read(0x10), 0);
+        for (sel, max) in [(0, 16), (1, 32), (2, 0), (u32::MAX, 0)] {
+            d.write(0x30, sel);
+            assert_eq!(d.read(0x34), max);
+        }
+        assert_eq!(d.read(0xb0), u32::MAX);
+        assert_eq!(d.read(0xb4), u32::MAX);
+        assert_eq!(d.t.device_type(), 42);
+    }
+
+    #[test]
+    fn odd_accesses_ignored_config_passed_through() {
+        let (mut d, rec) = fake(false);
+        let mut b = [0xffu8; 2];
+        d.t.read(0x0, &mut b);
+        assert_eq!(b, [0, 0]);
+        let mut b = [0xffu8; 4];
+        d.t.read(0x2, &mut b);
+        assert_eq!(b, [0; 4]);
+        let mut b = [0xffu8; 8];
+        d.t.read(0x0, &mut b);
+        assert_eq!(b, [0; 8]);
+        // A 1-byte write of ACKNOWLEDGE to Status is not a register access.
+        d.t.write(REG_STATUS, &[1]);
+        d.t.write(REG_STATUS + 1, &[1, 0, 0, 0]);
+        assert_eq!(d.read(REG_STATUS), 0);
+
+        let mut b = [0u8; 3];
+        d.t.read(0x101, &mut b);
+        assert_eq!(b, [0x11, 0x12, 0x13]);
+        d.t.write(0x102, &[9]);
+        assert_eq!(rec.lock().unwrap().config_writes, vec![(2, vec![9])]);
+    }
+
+    #[test]
+    fn feature_negotiation() {
+        let (mut d, rec) = fake(false);
+        // Missing VERSION_1.
+        assert!(!d.negotiate(1 << 5));
+        // A feature the device does not offer.
+        assert!(!d.negotiate(VERSION_1 | 1 << 6));
+        // A feature bit above 63.
+        d.write(REG_STATUS, 0);
+        d.add_status(1);
+        d.add_status(2);
+        d.write(0x24, 2);
+        d.write(0x20, 1);
+        d.write(0x24, 1);
+        d.write(0x20, 1);
+        d.add_status(FEATURES_OK);
+        assert_eq!(d.read(REG_STATUS) & FEATURES_OK, 0);
+        assert_eq!(rec.lock().unwrap().acked, None);
+        // A proper subset.
+        assert!(d.negotiate(VERSION_1 | 1 << 5));
+        assert_eq!(rec.lock().unwrap().acked, Some(VERSION_1 | 1 << 5));
+        // Features are frozen after FEATURES_OK.
+        d.write(0x24, 0);
+        d.write(0x20, 0);
+        assert!(d.t.driver_features & (1 << 5) != 0);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_needs_reset() {
+        let (mut d, rec) = fake(false);
+        assert!(!d.negotiate(1 << 5));
+        d.add_status(DRIVER_OK);
+        assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        assert!(rec.lock().unwrap().interrupt.is_none());
+        // Nothing but a reset helps.
+        d.add_status(FEATURES_OK);
+        assert_eq!(d.read(REG_STATUS) & FEATURES_OK, 0);
+        d.write(REG_STATUS, 0);
+        assert_eq!(d.read(REG_STATUS), 0);
+    }
+
+    #[test]
+    fn invalid_status_transitions_need_reset() {
+        for status in [2, 8, 1 | 4, 1 | 0x20, 1 | 2 | 4] {
+            let (mut d, _) = fake(false);
+            d.write(REG_STATUS, status);
+            assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0, "status {status:#x}");
+        }
+        // Clearing a bit without a reset.
+        let (mut d, _) = fake(false);
+        assert!(d.negotiate(VERSION_1));
+        d.write(REG_STATUS, 1);
+        assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        // FAILED is always accepted.
+        let (mut d, _) = fake(false);
+        d.add_status(1);
+        d.add_status(0x80);
+        assert_eq!(d.read(REG_STATUS), 0x81);
+    }
+
+    #[test]
+    fn activation_hands_over_queues_and_interrupts() {
+        let (mut d, rec) = fake(false);
+        let (q0, q1) = queues();
+        let status = d.start(&[&q0, &q1]);
+        assert_eq!(status, 1 | 2 | 8 | 4);
+        let (interrupt, event) = {
+            let mut r = rec.lock().unwrap();
+            assert_eq!(
+                r.queues,
+                vec![
+                    (16, q0.desc, q0.avail, q0.used),
+                    (16, q1.desc, q1.avail, q1.used)
+                ]
+            );
+            (r.interrupt.clone().unwrap(), r.events.remove(1))
+        };
+
+        // Notifications reach the queue's eventfd, which the VMM can also register.
+        let fds = d.t.queue_notify_eventfds();
+        assert_eq!(fds.len(), 2);
+        assert_eq!((fds[1].0, fds[1].1), (0x50, 1));
+        d.notify(1);
+        assert_eq!(event.read().unwrap(), 1);
+        d.notify(7);
+
+        // Queue registers are frozen after DRIVER_OK.
+        d.write(0x30, 0);
+        d.write(0x44, 0);
+        assert_eq!(d.read(0x44), 1);
+
+        interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+        assert_eq!(d.read(REG_ISR), 1);
+        assert_eq!(d.irq.read().unwrap(), 1);
+        let gen = d.read(0xfc);
+        interrupt.trigger(InterruptKind::Config).unwrap();
+        assert_eq!(d.read(REG_ISR), 3);
+        assert_eq!(d.read(0xfc), gen + 1);
+        d.write(REG_ACK, 1);
+        assert_eq!(d.read(REG_ISR), 2);
+        d.write(REG_ACK, 2);
+        assert_eq!(d.read(REG_ISR), 0);
+
+        // Reset: the device is reset, the transport forgets everything.
+        interrupt.trigger(InterruptKind::Queue(1)).unwrap();
+        d.notify(0);
+        d.write(REG_STATUS, 0);
+        {
+            let r = rec.lock().unwrap();
+            assert!(r.resets >= 1);
+            assert!(r.interrupt.is_none());
+        }
+        assert_eq!(d.read(REG_STATUS), 0);
+        assert_eq!(d.read(REG_ISR), 0);
+        d.write(0x30, 0);
+        assert_eq!(d.read(0x44), 0);
+        assert!(d.t.queue_notify_eventfds()[0].2.read().is_err());
+        assert_eq!(d.t.driver_features, 0);
+        // And it can be brought up again.
+        assert_eq!(d.start(&[&q0, &q1]) & NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn bad_queue_configuration_needs_reset() {
+        type Tweak = fn(&mut Driver);
+        let tweaks: [(&str, Tweak); 6] = [
+            ("size not a power of two", |d| d.write(0x38, 12)),
+            ("size above max", |d| d.write(0x38, 32)),
+            ("size zero", |d| d.write(0x38, 0)),
+            ("not ready", |d| d.write(0x44, 0)),
+            ("desc outside memory", |d| d.write(0x84, 1)),
+            ("used misaligned", |d| d.write(0xa0, 0x1102)),
+        ];
+        for (what, tweak) in tweaks {
+            let (mut d, rec) = fake(false);
+            let (q0, q1) = queues();
+            assert!(d.negotiate(VERSION_1));
+            d.setup_queue(0, &q0);
+            d.setup_queue(1, &q1);
+            d.write(0x30, 0);
+            tweak(&mut d);
+            d.add_status(DRIVER_OK);
+            assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0, "{what}");
+            assert!(rec.lock().unwrap().interrupt.is_none(), "{what}");
+        }
+        // A queue left unconfigured.
+        let (mut d, _) = fake(false);
+        let (q0, _) = queues();
+        assert!(d.negotiate(VERSION_1));
+        d.setup_queue(0, &q0);
+        d.add_status(DRIVER_OK);
+        assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        // Rings at the very end of the address space.
+        let (mut d, _) = fake(false);
+        let (q0, q1) = queues();
+        assert!(d.negotiate(VERSION_1));
+        d.setup_queue(0, &q0);
+        d.setup_queue(1, &q1);
+        d.write(0x90, 0xffff_fff0);
+        d.write(0x94, 0xffff_ffff);
+        d.add_status(DRIVER_OK);
+        assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn activation_failure_needs_reset() {
+        let (mut d, _) = fake(true);
+        let (q0, q1) = queues();
+        assert_ne!(d.start(&[&q0, &q1]) & NEEDS_RESET, 0);
+        d.write(REG_STATUS, 0);
+        assert_eq!(d.read(REG_STATUS), 0);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let (mut d, _) = fake(false);
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..20_000 {
+            // xorshift
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let off = u64::from(x % 0x140);
+            let len = [1, 2, 4, 8][(x >> 20) as usize % 4];
+            if x & 1 == 0 {
+                let val = x.rotate_left(7).to_le_bytes();
+                let data = [val[0], val[1], val[2], val[3], 0, 0, 0, 0];
+                d.t.write(off, &data[..len]);
+            } else {
+                let mut data = [0u8; 8];
+                d.t.read(off, &mut data[..len]);
+            }
+        }
+        d.write(REG_STATUS, 0);
+        assert_eq!(d.read(REG_STATUS), 0);
+    }
+}
