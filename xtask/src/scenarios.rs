@@ -189,6 +189,30 @@ fn virtio_rng_and_console() -> Expect {
     }
 }
 
+/// The same over virtio-pci: the functions show up on the PCI bus with the modern virtio IDs
+/// (0x1044 rng, 0x1043 console) and bind to virtio_pci.
+fn virtio_pci_rng_and_console() -> Expect {
+    let mut e = virtio_rng_and_console();
+    e.require = strings(&[
+        "TERN-GUEST-VIRTIO-COUNT=2",
+        "id=0x0004 vendor=0x1af4 driver=virtio_rng",
+        "id=0x0003 vendor=0x1af4 driver=virtio_console",
+        "vendor=0x1af4 device=0x1044",
+        "vendor=0x1af4 device=0x1043",
+        "TERN-GUEST-HWRNG=virtio_rng.0",
+        "TERN-GUEST-HWRNG-BYTES=256",
+        "TERN-GUEST-HVC0=present",
+        "TERN-GUEST-HVC0-HELLO",
+        "TERN-GUEST-UPTIME=",
+    ]);
+    // Interrupts must arrive as MSI-X, and the guest must keep the BARs where tern put them.
+    e.forbid.extend(strings(&[
+        "TERN-GUEST-MSI-IRQS=0",
+        "does not follow BAR moves",
+    ]));
+    e
+}
+
 /// A guest that panics: tern reports it with exit status 3 ("the guest kernel panicked");
 /// QEMU has no such notion, so any status is accepted there.
 fn boots_and_panics(exit: ExitExpect) -> Expect {
@@ -287,6 +311,15 @@ pub fn all() -> Vec<Scenario> {
             action: "script:virtio",
             extra_args: &["--transport", "mmio", "--rng", "--console", "file:/proc/self/fd/1"],
             expect: virtio_rng_and_console(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-virtio-pci",
+            action: "script:virtio",
+            base_cmdline: "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp \
+                           i8042.dumbkbd quiet",
+            extra_args: &["--transport", "pci", "--rng", "--console", "file:/proc/self/fd/1"],
+            expect: virtio_pci_rng_and_console(),
             ..DEFAULT
         },
         // --- diagnostics (group "debug"): the full kernel log ---

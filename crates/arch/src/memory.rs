@@ -63,6 +63,12 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             kind: E820Type::Ram,
         });
     }
+    // The PCIe ECAM window, so guests trust the MCFG's address.
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820Type::Reserved,
+    });
     if mem_size > MMIO_HOLE_START {
         map.push(E820Entry {
             addr: RAM_64BIT_START,
@@ -81,7 +87,15 @@ mod tests {
     fn small_guest_is_one_region() {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         let map = e820_map(256 << 20);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: PCI_ECAM_START,
+                size: PCI_ECAM_SIZE,
+                kind: E820Type::Reserved
+            }
+        );
         assert_eq!(
             map[2],
             E820Entry {
@@ -111,8 +125,8 @@ mod tests {
         let map = e820_map(size);
         assert_eq!(map.last().unwrap().addr, RAM_64BIT_START);
         assert_eq!(map.last().unwrap().size, 1 << 30);
-        // No entry overlaps the MMIO hole.
-        for e in &map {
+        // No RAM entry overlaps the MMIO hole.
+        for e in map.iter().filter(|e| e.kind == E820Type::Ram) {
             assert!(e.addr + e.size <= MMIO_HOLE_START || e.addr >= RAM_64BIT_START);
         }
     }
@@ -120,6 +134,6 @@ mod tests {
     #[test]
     fn exactly_the_hole_size() {
         assert_eq!(ram_regions(MMIO_HOLE_START).len(), 1);
-        assert_eq!(e820_map(MMIO_HOLE_START).len(), 3);
+        assert_eq!(e820_map(MMIO_HOLE_START).len(), 4);
     }
 }

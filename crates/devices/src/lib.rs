@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 

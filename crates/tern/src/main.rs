@@ -40,7 +40,7 @@ struct RunArgs {
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// Kernel command line [default: console=ttyS0 reboot=k panic=1 pci=off i8042.…].
+    /// Kernel command line [default: console=ttyS0 reboot=k panic=1 i8042.…].
     #[arg(long, value_name = "STRING")]
     cmdline: Option<String>,
     /// Number of vCPUs (1-254) [default: 1].

@@ -8,9 +8,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Default kernel command line: serial console, reboot through the i8042 reset line, reboot one
-/// second after a panic, no PCI probing (tern has no PCI bus yet), a quiet i8042.
+/// second after a panic, a quiet i8042.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+    "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Configuration errors; each names the field and the value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -16,7 +16,11 @@ use virtio::transport::mmio::MmioTransport;
 use virtio::VirtioDevice;
 
 use crate::config::{CharBackend, VmConfig};
+use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use crate::vm::VmmError;
+use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
+use devices::pci::{MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
+use virtio::transport::pci::VirtioPciDevice;
 
 /// The virtio devices a config asks for, not yet attached.
 pub struct VirtioDevices {
@@ -99,6 +103,115 @@ pub fn attach_mmio(
         }
         bus.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)
             .map_err(setup)?;
+    }
+    Ok(())
+}
+
+/// One PCI function's MSI-X vectors, each a KVM GSI with an irqfd.
+struct PciMsi {
+    routing: Arc<GsiRouting>,
+    vectors: Vec<MsiVector>,
+}
+
+impl MsiRouting for PciMsi {
+    fn update(&self, vector: u16, msg: Option<devices::pci::MsiMessage>) {
+        let Some(v) = self.vectors.get(usize::from(vector)) else {
+            return;
+        };
+        let msg = msg.map(|m| MsiMessage {
+            address: m.addr,
+            data: m.data,
+        });
+        if let Err(e) = self.routing.set(v.gsi, msg) {
+            tracing::warn!("MSI-X vector {vector}: {e}");
+        }
+    }
+
+    fn trigger(&self, vector: u16) -> std::io::Result<()> {
+        match self.vectors.get(usize::from(vector)) {
+            Some(v) => v.irqfd.write(1),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and attaches each
+/// device as a virtio-pci function with MSI-X; BARs go on the MMIO bus, queue notifications
+/// become ioeventfds.
+pub fn attach_pci(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    routing: &Arc<GsiRouting>,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<(), VmmError> {
+    let windows = PciWindows {
+        mmio32: arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END,
+        mmio64: None,
+        io: None,
+    };
+    let root = Arc::new(Mutex::new(
+        PciRoot::new(&windows).map_err(|e| setup(format!("PCI: {e}")))?,
+    ));
+    root.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_relocation_notifier(Box::new(|r| {
+            tracing::warn!(
+                "guest moved BAR {} of PCI device {:?} from {:#x} to {:#x}; tern does not follow BAR moves yet",
+                r.bar,
+                r.bdf,
+                r.old_addr,
+                r.new_addr
+            )
+        }));
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        PCI_CONFIG_IO_BASE,
+        PCI_CONFIG_IO_LEN,
+    )
+    .map_err(setup)?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+        arch::layout::PCI_ECAM_START,
+        ECAM_BUS_SIZE,
+    )
+    .map_err(setup)?;
+    for dev in devices {
+        let nvec = dev.queue_max_sizes().len() + 1;
+        let vectors = (0..nvec)
+            .map(|_| routing.allocate())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| setup(format!("MSI-X: {e}")))?;
+        let msi = Arc::new(PciMsi {
+            routing: routing.clone(),
+            vectors,
+        });
+        let vpci = Arc::new(Mutex::new(
+            VirtioPciDevice::new(mem.clone(), dev, msi)
+                .map_err(|e| setup(format!("virtio-pci: {e}")))?,
+        ));
+        let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
+        let bdf = r
+            .attach(vpci.clone())
+            .map_err(|e| setup(format!("PCI: {e}")))?;
+        for (bar, busdev) in r.bar_bus_devices(bdf) {
+            mmio.insert(busdev, bar.addr, bar.size).map_err(setup)?;
+        }
+        drop(r);
+        let notifies = vpci
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_notify_events()
+            .map_err(|e| setup(format!("virtio-pci notify: {e}")))?;
+        for n in notifies {
+            vm.register_ioevent(
+                &n.event,
+                &IoEventAddress::Mmio(n.addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| setup(format!("virtio-pci ioeventfd: {e}")))?;
+        }
     }
     Ok(())
 }

@@ -398,13 +398,15 @@ impl Vm {
                         .map(crate::virtio_devices::mmio_slot)
                         .collect();
                 }
-                Transport::Pci => {
-                    return Err(VmmError::Setup(
-                        "the virtio-pci transport is not available yet; use --transport mmio"
-                            .into(),
-                    ))
-                }
+                Transport::Pci => {}
             }
+        }
+        if config.transport == Transport::Pci {
+            acpi_platform.pci = Some(arch::acpi::PciAcpi {
+                ecam_base: PCI_ECAM_START,
+                last_bus: (PCI_ECAM_BUSES - 1) as u8,
+                mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+            });
         }
         let rsdp = arch::acpi::setup_acpi(&mem, &acpi_platform)
             .map_err(|e| VmmError::Setup(e.to_string()))?;
@@ -498,11 +500,26 @@ impl Vm {
             .map_err(bus_err)?;
         pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_BASE, RTC_LEN)
             .map_err(bus_err)?;
-        let pio = Arc::new(pio);
         let mut mmio = Bus::new();
         let console_input = virtio.console_input;
-        crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices)?;
+        match config.transport {
+            Transport::Mmio => {
+                crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices)?
+            }
+            Transport::Pci => {
+                let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
+                crate::virtio_devices::attach_pci(
+                    &vm,
+                    &mem,
+                    &routing,
+                    &mut pio,
+                    &mut mmio,
+                    virtio.devices,
+                )?
+            }
+        }
         let mmio = Arc::new(mmio);
+        let pio = Arc::new(pio);
 
         // vCPUs.
         let supported = kvm

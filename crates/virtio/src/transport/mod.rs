@@ -1,3 +1,4 @@
 //! Transports.
 
 pub mod mmio;
+pub mod pci;
