@@ -141,8 +141,17 @@ fn execute(run: &RunSpec) -> (RunResult, Vec<u8>) {
     let marker = run.marker.clone().into_bytes();
     let guest_mem = run.guest_mem_bytes;
     let stream = run.stream.then(|| run.name.clone());
+    let sigterm_after = run.sigterm_after.clone().map(String::into_bytes);
     let reader_thread = std::thread::spawn(move || {
-        capture(reader, start, pid, &marker, guest_mem, stream.as_deref())
+        capture(
+            reader,
+            start,
+            pid,
+            &marker,
+            guest_mem,
+            stream.as_deref(),
+            sigterm_after.as_deref(),
+        )
     });
 
     let (tx, rx) = mpsc::channel();
@@ -199,6 +208,7 @@ fn capture(
     marker: &[u8],
     guest_mem: u64,
     stream: Option<&str>,
+    mut sigterm_after: Option<&[u8]>,
 ) -> Captured {
     let mut c = Captured {
         output: Vec::new(),
@@ -237,6 +247,19 @@ fn capture(
             c.truncated = true;
         }
         c.output.extend_from_slice(&chunk[..n.min(room)]);
+        if let Some(trigger) = sigterm_after {
+            let from = c.output.len().saturating_sub(n + trigger.len());
+            if c.output[from..]
+                .windows(trigger.len())
+                .any(|w| w == trigger)
+            {
+                // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+                sigterm_after = None;
+            }
+        }
     }
     c
 }

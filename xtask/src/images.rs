@@ -57,6 +57,8 @@ const GUEST_MODULE_PATHS: &[&str] = &[
     "kernel/net/vmw_vsock/vsock",
     "kernel/net/vmw_vsock/vmw_vsock_virtio",
     "kernel/fs/fuse/",
+    "kernel/drivers/acpi/button",
+    "kernel/drivers/input/evdev",
 ];
 
 /// QEMU firmware the L2 QEMU may need (microvm: qboot + option ROMs; pc: SeaBIOS).

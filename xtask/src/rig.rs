@@ -92,6 +92,7 @@ fn plan(s: &Scenario, name: String) -> Planned {
             guest_mem_bytes: u64::from(s.memory_mib) << 20,
             expect: s.expect.clone(),
             stream: false,
+            sigterm_after: s.sigterm_after.map(str::to_string),
         },
         scenario: s.clone(),
     }

@@ -50,6 +50,8 @@ pub struct Scenario {
     pub timeout_secs: u64,
     /// Output substring whose first appearance is timed.
     pub marker: &'static str,
+    /// Send the VMM a SIGTERM once its output contains this.
+    pub sigterm_after: Option<&'static str>,
     pub expect: Expect,
 }
 
@@ -238,6 +240,7 @@ const DEFAULT: Scenario = Scenario {
     argv_override: None,
     timeout_secs: 120,
     marker: INIT_MARKER,
+    sigterm_after: None,
     expect: Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
@@ -320,6 +323,23 @@ pub fn all() -> Vec<Scenario> {
                            i8042.dumbkbd quiet",
             extra_args: &["--transport", "pci", "--rng", "--console", "file:/proc/self/fd/1"],
             expect: virtio_pci_rng_and_console(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "tern-power-button",
+            action: "script:powerbutton",
+            extra_args: &["--shutdown-timeout", "60"],
+            sigterm_after: Some("TERN-GUEST-WAITING-FOR-BUTTON"),
+            expect: Expect {
+                exit: ExitExpect::Code(0),
+                marker_required: true,
+                require: strings(&[
+                    "TERN-GUEST-WAITING-FOR-BUTTON",
+                    "pressed the power button",
+                    "TERN-GUEST-POWER-BUTTON",
+                ]),
+                forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR", "did not power off"]),
+            },
             ..DEFAULT
         },
         // --- diagnostics (group "debug"): the full kernel log ---

@@ -33,6 +33,10 @@ pub struct RunSpec {
     /// Send the output to the host as it comes (for demos) instead of after the run.
     #[serde(default)]
     pub stream: bool,
+    /// Send the VMM one SIGTERM when its output first contains this (e.g. to press tern's
+    /// power button once the guest is ready for it).
+    #[serde(default)]
+    pub sigterm_after: Option<String>,
 }
 
 /// What a passing run looks like.

@@ -129,6 +129,22 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     );
     let rtc = aml::Device::new("_SB_.RTC_".into(), vec![&rtc_hid, &rtc_crs]);
     rtc.to_aml_bytes(&mut dsdt);
+    // The power button: a generic event device (hardware-reduced ACPI has no fixed-feature
+    // button) whose interrupt makes the guest evaluate _EVT, which notifies PWRB (0x80: the
+    // button was pressed).
+    let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pwrb = aml::Device::new("_SB_.PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
+    pwrb.to_aml_bytes(&mut dsdt);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_irq = aml::Interrupt::new(true, true, false, false, ACPI_GED_GSI);
+    let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq]));
+    let pwrb_path: aml::Path = "\\_SB_.PWRB".into();
+    let notify = aml::Notify::new(&pwrb_path, &0x80u8);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    let ged = aml::Device::new("_SB_.GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
+    ged.to_aml_bytes(&mut dsdt);
     for (i, d) in platform.virtio_mmio.iter().enumerate() {
         let hid = aml::Name::new("_HID".into(), &"LNRO0005");
         let uid_v = i as u32;
@@ -320,6 +336,9 @@ mod tests {
             assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
             assert!(dsdt.windows(4).any(|w| w == b"COM1"));
             assert!(dsdt.windows(4).any(|w| w == b"RTC_"));
+            assert!(dsdt.windows(4).any(|w| w == b"GED_"));
+            assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
+            assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
             assert!(dsdt.windows(4).any(|w| w == b"V000"));
             assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
             assert!(dsdt.windows(4).any(|w| w == b"PCI0"));

@@ -89,9 +89,12 @@ pub const PCI_ECAM_SIZE: u64 = PCI_ECAM_BUSES << 20;
 pub const VIRTIO_MMIO_START: u64 = 0xfeb0_0000;
 /// Register window of one virtio-mmio device.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// Most virtio-mmio devices a VM can have (their window ends below the IOAPIC).
-pub const VIRTIO_MMIO_MAX: u64 = 32;
-/// GSI of the first virtio-mmio device (IOAPIC pins 16..23, then shared up from there).
+/// Most virtio-mmio devices a VM can have: one IOAPIC pin each, 16..=22 (pin 23 is kept for
+/// the ACPI generic event device).
+pub const VIRTIO_MMIO_MAX: u64 = 7;
+/// GSI of the first virtio-mmio device.
 pub const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
 /// First GSI handed out for MSI routes (after the 24 IOAPIC pins).
 pub const MSI_FIRST_GSI: u32 = 24;
+/// GSI of the ACPI generic event device (GED) that signals the power button.
+pub const ACPI_GED_GSI: u32 = 23;

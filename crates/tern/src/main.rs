@@ -71,6 +71,10 @@ struct RunArgs {
     /// Add a virtio-console (the guest's hvc0): stdio, file:PATH or none.
     #[arg(long, value_name = "BACKEND")]
     console: Option<CharBackend>,
+    /// Seconds the guest gets to power off after SIGTERM presses its ACPI power button
+    /// [default: 20].
+    #[arg(long, value_name = "SECS")]
+    shutdown_timeout: Option<u64>,
 }
 
 impl RunArgs {
@@ -118,6 +122,9 @@ impl RunArgs {
         }
         if let Some(v) = self.console {
             c.console = Some(v);
+        }
+        if let Some(v) = self.shutdown_timeout {
+            c.shutdown_timeout = v;
         }
         c.validate()?;
         Ok(c)
@@ -176,6 +183,12 @@ fn exit_code(exit: &VmExit) -> ExitCode {
             ExitCode::SUCCESS
         }
         VmExit::UserQuit => ExitCode::SUCCESS,
+        VmExit::ShutdownTimeout(secs) => {
+            eprintln!(
+                "tern: the guest did not power off within {secs} s of the power button; stopped it"
+            );
+            ExitCode::SUCCESS
+        }
         VmExit::GuestPanic => {
             eprintln!("tern: the guest kernel panicked");
             ExitCode::from(EXIT_GUEST_CRASH)

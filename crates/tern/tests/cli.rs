@@ -199,8 +199,8 @@ fn triple_fault_is_a_clear_nonzero_exit() {
 }
 
 #[test]
-fn sigterm_stops_a_running_vm_cleanly() {
-    if !require_kvm("sigterm_stops_a_running_vm_cleanly") {
+fn sigint_stops_a_running_vm_at_once() {
+    if !require_kvm("sigint_stops_a_running_vm_at_once") {
         return;
     }
     let mut code = print(b"up\n");
@@ -214,17 +214,68 @@ fn sigterm_stops_a_running_vm_cleanly() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: sending SIGTERM to our own child process.
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n");
+    assert!(err.contains("stopped by signal 2"), "{err}");
+}
+
+#[test]
+fn sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm() {
+    if !require_kvm("sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm") {
+        return;
+    }
+    // This guest ignores the power button.
+    let mut code = print(b"up\n");
+    code.extend_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
+    let k = tiny_guest("deaf.elf", &code);
+    let spawn = || {
+        std::process::Command::new(tern())
+            .args([
+                "run",
+                "--kernel",
+                s(&k),
+                "--memory",
+                "32M",
+                "--shutdown-timeout",
+                "1",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // One SIGTERM: the button is pressed, the guest ignores it, tern stops it after 1 s.
+    let child = spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    // SAFETY: signalling our own child process.
     unsafe { libc_kill(child.id() as i32, 15) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("pressed the power button"), "{err}");
+    assert!(err.contains("did not power off within 1 s"), "{err}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "stopped before the timeout"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal 15"));
+    // Two SIGTERMs: the second stops it at once.
+    let child = spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc_kill(child.id() as i32, 15) };
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: as above.
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
 }
 
 extern "C" {

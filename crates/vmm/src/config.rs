@@ -287,6 +287,13 @@ pub struct VmConfig {
     /// A virtio-console device (the guest's `hvc0`) and its backend.
     #[serde(default)]
     pub console: Option<CharBackend>,
+    /// Seconds the guest has to power off after SIGTERM presses its power button.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: u64,
+}
+
+fn default_shutdown_timeout() -> u64 {
+    20
 }
 
 impl Default for VmConfig {
@@ -304,6 +311,7 @@ impl Default for VmConfig {
             transport: Transport::default(),
             rng: false,
             console: None,
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }

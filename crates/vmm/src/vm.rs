@@ -104,6 +104,8 @@ pub enum VmExit {
     },
     /// tern was asked to stop (signal number).
     Signal(i32),
+    /// The power button was pressed but the guest did not power off within this many seconds.
+    ShutdownTimeout(u64),
     /// The user pressed the escape sequence.
     UserQuit,
     /// A VMM error while running.
@@ -277,6 +279,8 @@ struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     ctl: Arc<VmControl>,
     reset_evt: EventFd,
+    power_button: EventFd,
+    shutdown_timeout: Duration,
     panic_seen: Arc<AtomicBool>,
     console_input: Option<virtio::devices::ConsoleInput>,
     vcpus: Vec<Vcpu>,
@@ -464,6 +468,10 @@ impl Vm {
             EventFdTrigger(serial_irq),
             SerialOut::new(sink, panic_seen.clone()),
         )));
+        let power_button = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&power_button, ACPI_GED_GSI)
+            .map_err(kvm_err("register power button irqfd"))?;
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
         let i8042 = I8042::new(EventFdTrigger(
@@ -573,6 +581,8 @@ impl Vm {
             serial,
             ctl,
             reset_evt,
+            power_button,
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
             panic_seen,
             console_input,
             vcpus,
@@ -610,7 +620,12 @@ impl Vm {
                 .map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
         }
         let mut events = vec![EpollEvent::default(); 8];
+        let mut button_deadline: Option<Instant> = None;
         while !self.ctl.stopping() {
+            if button_deadline.is_some_and(|d| Instant::now() >= d) {
+                self.ctl
+                    .request_exit(VmExit::ShutdownTimeout(self.shutdown_timeout.as_secs()));
+            }
             let n = match epoll.wait(50, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
@@ -634,7 +649,17 @@ impl Vm {
                             Ok(128) => i32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
                             _ => libc::SIGTERM,
                         };
-                        self.ctl.request_exit(VmExit::Signal(signo));
+                        if signo == libc::SIGTERM && button_deadline.is_none() {
+                            // First SIGTERM: ask the guest to shut down, as a power button.
+                            let _ = self.power_button.write(1);
+                            button_deadline = Some(Instant::now() + self.shutdown_timeout);
+                            eprintln!(
+                                "tern: SIGTERM: pressed the power button; the guest has {} s to power off (SIGTERM again or SIGINT stops it now)",
+                                self.shutdown_timeout.as_secs()
+                            );
+                        } else {
+                            self.ctl.request_exit(VmExit::Signal(signo));
+                        }
                     }
                     QUIT => self.ctl.request_exit(VmExit::UserQuit),
                     _ => {}
