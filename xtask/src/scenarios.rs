@@ -52,6 +52,8 @@ pub struct Scenario {
     pub marker: &'static str,
     /// Send the VMM a SIGTERM once its output contains this.
     pub sigterm_after: Option<&'static str>,
+    /// QEMU's `-M` value for QEMU scenarios.
+    pub qemu_machine: &'static str,
     pub expect: Expect,
 }
 
@@ -124,7 +126,13 @@ impl Scenario {
         };
         base.iter()
             .chain(self.extra_args)
-            .map(|s| s.to_string())
+            .map(|s| {
+                if *s == "microvm" {
+                    self.qemu_machine.to_string()
+                } else {
+                    s.to_string()
+                }
+            })
             .collect()
     }
 
@@ -215,6 +223,24 @@ fn virtio_pci_rng_and_console() -> Expect {
     e
 }
 
+/// The base command line without `pci=off`, for guests with PCI devices.
+const PCI_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd quiet";
+
+/// A virtio-rng device bound and giving entropy (any VMM, any transport).
+fn rng_works() -> Expect {
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require: strings(&[
+            "TERN-GUEST-HWRNG=virtio_rng.0",
+            "TERN-GUEST-HWRNG-BYTES=256",
+            "TERN-GUEST-UPTIME=",
+        ]),
+        forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR"]),
+    }
+}
+
 /// A guest that panics: tern reports it with exit status 3 ("the guest kernel panicked");
 /// QEMU has no such notion, so any status is accepted there.
 fn boots_and_panics(exit: ExitExpect) -> Expect {
@@ -241,6 +267,7 @@ const DEFAULT: Scenario = Scenario {
     timeout_secs: 120,
     marker: INIT_MARKER,
     sigterm_after: None,
+    qemu_machine: "microvm",
     expect: Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
@@ -340,6 +367,44 @@ pub fn all() -> Vec<Scenario> {
                 ]),
                 forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR", "did not power off"]),
             },
+            ..DEFAULT
+        },
+        // --- virtio-rng on each transport, tern vs QEMU (group "compare", one rig run) ---
+        Scenario {
+            name: "cmp-tern-rng-mmio",
+            groups: &["compare"],
+            action: "script:virtio",
+            extra_args: &["--transport", "mmio", "--rng"],
+            expect: rng_works(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "cmp-qemu-rng-mmio",
+            groups: &["compare"],
+            vmm: Vmm::Qemu,
+            action: "script:virtio",
+            extra_args: &["-device", "virtio-rng-device"],
+            expect: rng_works(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "cmp-tern-rng-pci",
+            groups: &["compare"],
+            action: "script:virtio",
+            base_cmdline: PCI_CMDLINE,
+            extra_args: &["--transport", "pci", "--rng"],
+            expect: rng_works(),
+            ..DEFAULT
+        },
+        Scenario {
+            name: "cmp-qemu-rng-pci",
+            groups: &["compare"],
+            vmm: Vmm::Qemu,
+            qemu_machine: "microvm,pcie=on",
+            action: "script:virtio",
+            base_cmdline: PCI_CMDLINE,
+            extra_args: &["-device", "virtio-rng-pci"],
+            expect: rng_works(),
             ..DEFAULT
         },
         // --- diagnostics (group "debug"): the full kernel log ---

@@ -220,7 +220,7 @@ fn the_same_probe_boots_under_qemu() {
             "-kernel",
             probe.to_str().unwrap(),
             "-append",
-            "probe.run=hello,smp,mem,timer,exits,cpuid probe.mem_mib=8",
+            "probe.run=hello,smp,mem,exits,cpuid probe.mem_mib=8",
         ],
         Duration::from_secs(90),
     );
@@ -233,7 +233,7 @@ fn the_same_probe_boots_under_qemu() {
         r.scenario("mem")["checksum"],
         format!("{:#018x}", mem_checksum(8))
     );
-    r.scenario("timer");
+    // (The timer's rate is checked under tern, with retries; a loaded host skews it.)
     r.scenario("exits");
     assert_eq!(r.scenario("cpuid")["hv_sig"], "KVMKVMKVM");
 }

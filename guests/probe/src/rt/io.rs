@@ -77,6 +77,46 @@ pub unsafe fn mmio_write32(paddr: u64, value: u32) {
     unsafe { (paddr as *mut u32).write_volatile(value) }
 }
 
+/// 16-bit MMIO read of a physical address (identity mapped).
+///
+/// # Safety
+/// As for [`mmio_read32`].
+#[inline(always)]
+pub unsafe fn mmio_read16(paddr: u64) -> u16 {
+    // SAFETY: forwarded to the caller.
+    unsafe { (paddr as *const u16).read_volatile() }
+}
+
+/// 16-bit MMIO write to a physical address (identity mapped).
+///
+/// # Safety
+/// As for [`mmio_write32`].
+#[inline(always)]
+pub unsafe fn mmio_write16(paddr: u64, value: u16) {
+    // SAFETY: forwarded to the caller.
+    unsafe { (paddr as *mut u16).write_volatile(value) }
+}
+
+/// 8-bit MMIO read of a physical address (identity mapped).
+///
+/// # Safety
+/// As for [`mmio_read32`].
+#[inline(always)]
+pub unsafe fn mmio_read8(paddr: u64) -> u8 {
+    // SAFETY: forwarded to the caller.
+    unsafe { (paddr as *const u8).read_volatile() }
+}
+
+/// 8-bit MMIO write to a physical address (identity mapped).
+///
+/// # Safety
+/// As for [`mmio_write32`].
+#[inline(always)]
+pub unsafe fn mmio_write8(paddr: u64, value: u8) {
+    // SAFETY: forwarded to the caller.
+    unsafe { (paddr as *mut u8).write_volatile(value) }
+}
+
 /// Read a plain value from guest-physical memory (boot structures, tables).
 ///
 /// # Safety

@@ -8,11 +8,14 @@ pub mod cmdline;
 pub mod cpu;
 pub mod cpuid;
 pub mod io;
+pub mod paging;
+pub mod pci;
 pub mod phys;
 pub mod reenter;
 pub mod serial;
 pub mod smp;
 pub mod sys;
+pub mod virtio;
 
 use core::cell::UnsafeCell;
 

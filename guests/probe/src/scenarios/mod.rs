@@ -20,6 +20,9 @@ mod hello;
 mod mem;
 mod smp;
 mod timer;
+mod vcons;
+mod virtio;
+mod vrng;
 
 pub struct Scenario {
     pub name: &'static str,
@@ -34,6 +37,9 @@ pub static SCENARIOS: &[Scenario] = &[
     timer::SCENARIO,
     exits::SCENARIO,
     cpuid::SCENARIO,
+    virtio::SCENARIO,
+    vrng::SCENARIO,
+    vcons::SCENARIO,
 ];
 
 pub struct Ctx<'a> {
@@ -61,6 +67,20 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+/// Every virtio device on both transports (see `rt::virtio::discover`).
+fn discover_virtio(ctx: &mut Ctx<'_>) -> Result<crate::rt::virtio::Devices, Fail> {
+    crate::rt::virtio::discover(ctx.boot.cmdline(), &mut ctx.phys)
+        .map_err(|e| Fail::new(format_args!("virtio discovery: {e}")))
+}
+
+/// `probe.virtio_timeout_ms` (default 1000) in nanoseconds: how long a
+/// virtio request may take.
+fn virtio_timeout_ns(ctx: &Ctx<'_>) -> Result<u64, Fail> {
+    Ok(ctx
+        .param("virtio_timeout_ms", 1000)?
+        .saturating_mul(1_000_000))
 }
 
 /// A fixed-capacity text buffer (no allocator in the probe).

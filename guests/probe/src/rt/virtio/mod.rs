@@ -1,0 +1,256 @@
+//! Ring-3 virtio drivers: device discovery on virtio-mmio (v2) and modern
+//! virtio-pci, and the transport-independent part (status handshake, feature
+//! negotiation, split virtqueues). The probe polls; it asks for no interrupts.
+//!
+//! Driver sequence ([`Device::start`], virtio 1.x §3.1.1): reset, ACKNOWLEDGE,
+//! DRIVER, negotiate VIRTIO_F_VERSION_1 only, FEATURES_OK (checked to stick),
+//! set up the queues in probe-owned RAM, DRIVER_OK.
+
+use core::fmt;
+
+use super::clock;
+use super::io::pause;
+use super::pci::Bdf;
+use super::phys::PhysAlloc;
+
+pub mod mmio;
+pub mod pci;
+pub mod queue;
+
+pub use queue::{Buf, Virtqueue};
+
+/// Device types (virtio 1.x §5).
+pub const ID_CONSOLE: u32 = 3;
+pub const ID_RNG: u32 = 4;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// The only feature the probe negotiates.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Most devices one discovery keeps (tern's mmio window has 32 slots, PCI bus
+/// 0 has 32 devices).
+pub const MAX_DEVICES: usize = 64;
+/// Time a reset may take before the driver gives up.
+const RESET_TIMEOUT_NS: u64 = 100_000_000;
+
+/// Register access of one transport.
+pub trait Regs {
+    fn status(&self) -> u8;
+    fn set_status(&self, status: u8);
+    fn device_features(&self) -> u64;
+    fn set_driver_features(&self, features: u64);
+    /// Largest size of queue `queue`; 0 if the queue does not exist.
+    fn queue_max(&self, queue: u16) -> u16;
+    /// Program and enable queue `queue`; returns its notification address.
+    fn setup_queue(
+        &self,
+        queue: u16,
+        size: u16,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    ) -> Result<u64, &'static str>;
+    /// Tell the device that queue `queue` (notification address `addr`) has
+    /// new buffers.
+    fn notify(&self, queue: u16, addr: u64);
+}
+
+#[derive(Clone, Copy)]
+pub enum Transport {
+    Mmio(mmio::Mmio),
+    Pci(pci::Pci),
+}
+
+/// A discovered device.
+#[derive(Clone, Copy)]
+pub struct Device {
+    /// Device type (1 net, 2 block, 3 console, 4 rng, …).
+    pub kind: u32,
+    pub transport: Transport,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.transport {
+            Transport::Mmio(m) => write!(f, "mmio@{:#x}", m.base),
+            Transport::Pci(p) => write!(f, "pci@{}", p.bdf),
+        }
+    }
+}
+
+impl Device {
+    /// "mmio" or "pci".
+    pub fn transport_name(&self) -> &'static str {
+        match self.transport {
+            Transport::Mmio(_) => "mmio",
+            Transport::Pci(_) => "pci",
+        }
+    }
+
+    /// Where the registers are: the virtio-mmio window, or the PCI common
+    /// configuration structure.
+    pub fn regs_addr(&self) -> u64 {
+        match &self.transport {
+            Transport::Mmio(m) => m.base,
+            Transport::Pci(p) => p.common,
+        }
+    }
+
+    fn regs(&self) -> &dyn Regs {
+        match &self.transport {
+            Transport::Mmio(m) => m,
+            Transport::Pci(p) => p,
+        }
+    }
+
+    /// Reset the device and wait until it reports status 0.
+    pub fn reset(&self) -> Result<(), &'static str> {
+        let r = self.regs();
+        r.set_status(0);
+        let start = clock::now_ns();
+        while r.status() != 0 {
+            if clock::now_ns().wrapping_sub(start) > RESET_TIMEOUT_NS {
+                return Err("device does not reset");
+            }
+            pause();
+        }
+        Ok(())
+    }
+
+    /// Bring the device up with `queues.len()` queues (indices 0, 1, …), each
+    /// of the largest power of two not above `max_size` and the device's
+    /// limit. On error the device is left FAILED.
+    pub fn start(
+        &self,
+        pa: &mut PhysAlloc,
+        queues: &mut [Virtqueue],
+        max_size: u16,
+    ) -> Result<(), &'static str> {
+        let r = self.regs();
+        self.reset()?;
+        let result = self.handshake(r, pa, queues, max_size);
+        if result.is_err() {
+            r.set_status(r.status() | STATUS_FAILED);
+        }
+        result
+    }
+
+    fn handshake(
+        &self,
+        r: &dyn Regs,
+        pa: &mut PhysAlloc,
+        queues: &mut [Virtqueue],
+        max_size: u16,
+    ) -> Result<(), &'static str> {
+        let mut status = STATUS_ACKNOWLEDGE;
+        r.set_status(status);
+        status |= STATUS_DRIVER;
+        r.set_status(status);
+        if r.device_features() & F_VERSION_1 == 0 {
+            return Err("device does not offer VIRTIO_F_VERSION_1");
+        }
+        r.set_driver_features(F_VERSION_1);
+        status |= STATUS_FEATURES_OK;
+        r.set_status(status);
+        if r.status() & STATUS_FEATURES_OK == 0 {
+            return Err("device refused FEATURES_OK");
+        }
+        for (i, q) in queues.iter_mut().enumerate() {
+            let index = i as u16;
+            let max = r.queue_max(index);
+            if max == 0 {
+                return Err("device lacks a queue the driver needs");
+            }
+            let limit = max.min(max_size).max(1);
+            // Largest power of two <= limit (split rings need one).
+            let size = 1 << (15 - limit.leading_zeros());
+            *q = Virtqueue::new(index, size, pa)?;
+            q.notify_addr = r.setup_queue(index, size, q.desc, q.avail, q.used)?;
+        }
+        status |= STATUS_DRIVER_OK;
+        r.set_status(status);
+        if r.status() & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0 {
+            return Err("device needs a reset after DRIVER_OK");
+        }
+        Ok(())
+    }
+
+    /// Notify the device after [`Virtqueue::push`].
+    pub fn notify(&self, q: &Virtqueue) {
+        self.regs().notify(q.index, q.notify_addr);
+    }
+}
+
+/// Where discovery failed.
+#[derive(Clone, Copy)]
+pub enum Location {
+    Cmdline,
+    Mmio(u64),
+    Pci(Bdf),
+}
+
+pub struct DiscoverError {
+    pub at: Location,
+    pub why: &'static str,
+}
+
+impl fmt::Display for DiscoverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Location::Cmdline => write!(f, "command line: {}", self.why),
+            Location::Mmio(a) => write!(f, "mmio@{a:#x}: {}", self.why),
+            Location::Pci(b) => write!(f, "pci@{b}: {}", self.why),
+        }
+    }
+}
+
+/// The devices found, virtio-mmio first, then PCI in bus order.
+pub struct Devices {
+    list: [Option<Device>; MAX_DEVICES],
+    n: usize,
+    /// Legacy-only devices seen and ignored (virtio-mmio version 1, PCI
+    /// functions without the modern capabilities).
+    pub legacy: usize,
+}
+
+impl Devices {
+    fn push(&mut self, d: Device) {
+        if self.n < MAX_DEVICES {
+            self.list[self.n] = Some(d);
+            self.n += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Device> {
+        self.list[..self.n].iter().flatten()
+    }
+}
+
+/// Find every virtio device on both transports, mapping their registers for
+/// ring 3 (page tables come from `pa`). PCI functions get memory decoding and
+/// bus mastering enabled.
+pub fn discover(cmdline: &str, pa: &mut PhysAlloc) -> Result<Devices, DiscoverError> {
+    let mut out = Devices {
+        list: [None; MAX_DEVICES],
+        n: 0,
+        legacy: 0,
+    };
+    mmio::discover(cmdline, pa, &mut out)?;
+    pci::discover(pa, &mut out)?;
+    Ok(out)
+}
