@@ -4,7 +4,7 @@
 //! the whole wall time of a 20,000-port-write guest, and peak RSS for a 64 MiB guest.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,11 @@ fn sample(program: &Path, args: &[String]) -> Result<Sample> {
     })
 }
 
+/// Throughput of the `vrng` scenario: request size over the mean time per request.
+fn rng_mib_s(s: &Sample) -> f64 {
+    field(s, "chunk") / field(s, "ns_per_req") * 1e9 / f64::from(1u32 << 20)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -85,97 +90,125 @@ fn field(s: &Sample, k: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Builds a VMM's argv for a guest command line.
-type ArgvFn = Box<dyn Fn(&str) -> Vec<String>>;
 /// Extracts one metric from a sample.
 type Metric = Box<dyn Fn(&Sample) -> f64>;
 
-struct Vmm {
-    name: &'static str,
-    program: PathBuf,
-    args: ArgvFn,
+/// One workload: the probe command line plus the extra flags each VMM needs for it.
+struct Workload {
+    cmdline: &'static str,
+    tern: &'static [&'static str],
+    qemu_machine: &'static str,
+    qemu: &'static [&'static str],
 }
 
-/// Runs the benchmark; `runs` samples of each kind per VMM.
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        cmdline: "probe.run=hello",
+        tern: &[],
+        qemu_machine: "microvm",
+        qemu: &[],
+    },
+    Workload {
+        cmdline: "probe.run=exits probe.exits=20000",
+        tern: &[],
+        qemu_machine: "microvm",
+        qemu: &[],
+    },
+    // virtio-rng over virtio-mmio: QEMU microvm without ACPI so the probe finds the device on
+    // the command line, and modern (v2) virtio-mmio.
+    Workload {
+        cmdline: "probe.run=vrng probe.vrng_chunk=4096 probe.vrng_bytes=1048576",
+        tern: &["--transport", "mmio", "--rng"],
+        qemu_machine: "microvm,acpi=off",
+        qemu: &[
+            "-global",
+            "virtio-mmio.force-legacy=false",
+            "-device",
+            "virtio-rng-device",
+        ],
+    },
+    // virtio-rng over modern virtio-pci: QEMU pc (SeaBIOS assigns the BARs).
+    Workload {
+        cmdline: "probe.run=vrng probe.vrng_chunk=4096 probe.vrng_bytes=1048576",
+        tern: &["--transport", "pci", "--rng"],
+        qemu_machine: "pc",
+        qemu: &["-device", "virtio-rng-pci,disable-legacy=on"],
+    },
+];
+
+fn tern_args(probe: &str, w: &Workload) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--kernel",
+        probe,
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--serial",
+        "stdio",
+        "--cmdline",
+        w.cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(w.tern.iter().map(|s| s.to_string()));
+    a
+}
+
+fn qemu_args(probe: &str, w: &Workload) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-accel",
+        "kvm",
+        "-M",
+        w.qemu_machine,
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-m",
+        "64",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+        probe,
+        "-append",
+        w.cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(w.qemu.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs the benchmark; `runs` samples of each workload per VMM, interleaved.
 pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     let p = probe.display().to_string();
-    let p2 = p.clone();
-    let vmms = [
-        Vmm {
-            name: "tern",
-            program: tern.to_path_buf(),
-            args: Box::new(move |cmdline| {
-                [
-                    "run",
-                    "--kernel",
-                    &p,
-                    "--memory",
-                    "64M",
-                    "--cpus",
-                    "1",
-                    "--serial",
-                    "stdio",
-                    "--cmdline",
-                    cmdline,
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-            }),
-        },
-        Vmm {
-            name: "qemu",
-            program: qemu.to_path_buf(),
-            args: Box::new(move |cmdline| {
-                [
-                    "-accel",
-                    "kvm",
-                    "-M",
-                    "microvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                    "-smp",
-                    "1",
-                    "-m",
-                    "64",
-                    "-nographic",
-                    "-nodefaults",
-                    "-no-reboot",
-                    "-serial",
-                    "stdio",
-                    "-device",
-                    "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                    "-kernel",
-                    &p2,
-                    "-append",
-                    cmdline,
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-            }),
-        },
-    ];
-    let workloads = [
-        ("hello", "probe.run=hello"),
-        ("exits", "probe.run=exits probe.exits=20000"),
-    ];
-    // results[vmm][workload] = samples
-    let mut results: Vec<Vec<Vec<Sample>>> =
-        vec![vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]];
+    // results[vmm][workload] = samples; vmm 0 = tern, 1 = QEMU.
+    let mut results: Vec<Vec<Vec<Sample>>> = (0..2)
+        .map(|_| (0..WORKLOADS.len()).map(|_| Vec::new()).collect())
+        .collect();
     for _ in 0..runs {
-        for (w, (_, cmdline)) in workloads.iter().enumerate() {
-            for (v, vmm) in vmms.iter().enumerate() {
-                let s = sample(&vmm.program, &(vmm.args)(cmdline))
-                    .with_context(|| format!("{} {cmdline}", vmm.name))?;
-                results[v][w].push(s);
-            }
+        for (w, wl) in WORKLOADS.iter().enumerate() {
+            let s =
+                sample(tern, &tern_args(&p, wl)).with_context(|| format!("tern {}", wl.cmdline))?;
+            results[0][w].push(s);
+            let s =
+                sample(qemu, &qemu_args(&p, wl)).with_context(|| format!("qemu {}", wl.cmdline))?;
+            results[1][w].push(s);
         }
     }
     let m = |v: usize, w: usize, f: &dyn Fn(&Sample) -> f64| {
         median(results[v][w].iter().map(f).collect())
     };
-    println!("probe guest on the host /dev/kvm: tern vs QEMU microvm, {runs} interleaved runs each, medians");
+    println!("probe guest on the host /dev/kvm: tern vs QEMU 7.2 (microvm; pc for virtio-pci), {runs} interleaved runs each, medians");
     println!(
         "{:<44} {:>12} {:>12} {:>12}",
         "metric", "tern", "qemu", "tern/qemu"
@@ -221,6 +254,16 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
             "MMIO exit from ring 0, ns",
             1,
             Box::new(|s| field(s, "r0_mmio_ns")),
+        ),
+        (
+            "virtio-rng over mmio, MiB/s (4 KiB requests)",
+            2,
+            Box::new(rng_mib_s),
+        ),
+        (
+            "virtio-rng over pci, MiB/s (4 KiB requests)",
+            3,
+            Box::new(rng_mib_s),
         ),
     ];
     for (name, w, f) in rows {

@@ -690,7 +690,7 @@ mod tests {
         assert_eq!(info.entry, 0x20_0010);
         let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(si.magic, XEN_HVM_START_MAGIC_VALUE);
-        assert_eq!(si.memmap_entries, 3);
+        assert_eq!(si.memmap_entries, 4);
         let e0: hvm_memmap_table_entry = m.read_obj(GuestAddress(si.memmap_paddr)).unwrap();
         assert_eq!((e0.addr, e0.type_), (0, 1));
         let mut c = [0u8; 14];
@@ -702,7 +702,7 @@ mod tests {
         assert_eq!(info.entry, 0x20_0000);
         let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         let (entries, magic) = (bp.e820_entries, bp.hdr.header);
-        assert_eq!(entries, 3);
+        assert_eq!(entries, 4);
         assert_eq!(magic, KERNEL_HDR_MAGIC);
     }
 
