@@ -148,7 +148,7 @@ pub fn test(skip_rig: bool) -> Result<()> {
     let (mut passed, mut failed) = (0u64, 0u64);
     step("unit and end-to-end tests (host /dev/kvm)");
     let ok = cargo_test(
-        &["test", "--workspace"],
+        &["test", "--workspace", "--no-fail-fast"],
         &[("TERN_PROBE", &probe)],
         &mut passed,
         &mut failed,
