@@ -376,19 +376,36 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
     }
     let mut logs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut notes: Vec<String> = Vec::new();
-    if !to_run.is_empty() {
+    // L1 (nested SVM under TCG) occasionally freezes for good mid-run. A frozen L1 is killed
+    // and a fresh one runs the scenarios that have no result yet; a scenario during which L1
+    // froze twice fails.
+    let mut stalls: BTreeMap<String, u32> = BTreeMap::new();
+    for _boot in 0..4 {
+        let remaining: Vec<RunSpec> = to_run
+            .iter()
+            .filter(|r| !results.contains_key(&r.name))
+            .cloned()
+            .collect();
+        if remaining.is_empty() {
+            break;
+        }
         let imgs = images::build()?;
         let spec = AgentSpec {
-            runs: to_run.clone(),
+            runs: remaining.clone(),
         };
         let spec_json = serde_json::to_string_pretty(&spec)?;
         std::fs::write(dir.join("scenarios.json"), &spec_json)?;
         let initrd = images::build_l1_initrd(&imgs, tern, &spec_json)?;
-        let budget = L1_OVERHEAD_SECS + to_run.iter().map(|r| r.timeout_secs + 5).sum::<u64>();
-        run_l1(
+        let budget = L1_OVERHEAD_SECS + remaining.iter().map(|r| r.timeout_secs + 5).sum::<u64>();
+        let timeouts: BTreeMap<String, u64> = remaining
+            .iter()
+            .map(|r| (r.name.clone(), r.timeout_secs))
+            .collect();
+        let outcome = run_l1(
             &imgs,
             &initrd,
             Duration::from_secs(budget),
+            &timeouts,
             &mut L1Sink {
                 results: &mut results,
                 logs: &mut logs,
@@ -396,6 +413,27 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
                 live,
             },
         )?;
+        match outcome {
+            Some(name) => {
+                let n = stalls.entry(name.clone()).or_default();
+                *n += 1;
+                logs.remove(&name);
+                if *n >= 2 {
+                    results.insert(
+                        name.clone(),
+                        RunResult {
+                            name: name.clone(),
+                            error: Some("L1 froze twice while running this scenario".into()),
+                            reasons: vec!["L1 froze twice while running this scenario".into()],
+                            ..Default::default()
+                        },
+                    );
+                }
+                eprintln!("[rig] L1 froze during {name}; booting a fresh L1 for what is left");
+                notes.push(format!("L1 froze during {name} and was replaced"));
+            }
+            None => break,
+        }
     }
 
     // Reports, in plan order.
@@ -506,10 +544,18 @@ struct L1Sink<'a> {
 
 /// Boots L1 with the agent and collects results and logs; boots it a second time if the first
 /// boot never reaches /init (a rare early-boot hang under TCG).
-fn run_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) -> Result<()> {
+/// Returns the scenario during which L1 froze, if it did.
+fn run_l1(
+    imgs: &Images,
+    initrd: &Path,
+    budget: Duration,
+    timeouts: &BTreeMap<String, u64>,
+    sink: &mut L1Sink,
+) -> Result<Option<String>> {
     for attempt in 1..=2 {
-        match boot_l1(imgs, initrd, budget, sink)? {
-            L1Outcome::Ran => return Ok(()),
+        match boot_l1(imgs, initrd, budget, timeouts, sink)? {
+            L1Outcome::Ran => return Ok(None),
+            L1Outcome::Froze(name) => return Ok(Some(name)),
             L1Outcome::NoInit if attempt == 1 => {
                 eprintln!(
                     "[rig] L1 did not reach /init within {}s; booting it again",
@@ -523,7 +569,7 @@ fn run_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) -> 
                 .push("L1 never reached /init (twice)".to_string()),
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 enum L1Outcome {
@@ -531,9 +577,21 @@ enum L1Outcome {
     Ran,
     /// L1 was killed for not reaching /init in time.
     NoInit,
+    /// L1 stopped responding while running this scenario (well past its timeout) and was
+    /// killed.
+    Froze(String),
 }
 
-fn boot_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) -> Result<L1Outcome> {
+/// How long past a scenario's own timeout L1 may stay silent before it counts as frozen.
+const L1_FREEZE_GRACE: Duration = Duration::from_secs(45);
+
+fn boot_l1(
+    imgs: &Images,
+    initrd: &Path,
+    budget: Duration,
+    timeouts: &BTreeMap<String, u64>,
+    sink: &mut L1Sink,
+) -> Result<L1Outcome> {
     let console_path = rig_dir().join("l1-console.log");
     let mut console = std::fs::File::create(&console_path)?;
     let mut cmd = l1_command(imgs, initrd, "");
@@ -578,6 +636,7 @@ fn boot_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) ->
     let mut init_reached = false;
     let mut done = false;
     let mut current: Option<(String, Instant)> = None;
+    let mut froze: Option<String> = None;
     loop {
         let now = Instant::now();
         let limit = if init_reached {
@@ -585,6 +644,16 @@ fn boot_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) ->
         } else {
             deadline.min(start + L1_INIT_TIMEOUT)
         };
+        // The agent kills a scenario at its timeout and reports; silence well past that means
+        // L1 itself is stuck.
+        let freeze_at = current.as_ref().map(|(name, at)| {
+            *at + Duration::from_secs(timeouts.get(name).copied().unwrap_or(120)) + L1_FREEZE_GRACE
+        });
+        if freeze_at.is_some_and(|f| now >= f) {
+            froze = current.as_ref().map(|(n, _)| n.clone());
+            break;
+        }
+        let limit = freeze_at.map_or(limit, |f| f.min(limit));
         if now >= limit {
             if init_reached {
                 sink.notes.push(format!(
@@ -680,6 +749,9 @@ fn boot_l1(imgs: &Images, initrd: &Path, budget: Duration, sink: &mut L1Sink) ->
     );
     if !init_reached {
         return Ok(L1Outcome::NoInit);
+    }
+    if let Some(name) = froze {
+        return Ok(L1Outcome::Froze(name));
     }
     if !done {
         sink.notes.push(format!(

@@ -21,6 +21,7 @@ mod mem;
 mod smp;
 mod timer;
 mod vcons;
+mod vhostile;
 mod virtio;
 mod vrng;
 
@@ -40,6 +41,7 @@ pub static SCENARIOS: &[Scenario] = &[
     virtio::SCENARIO,
     vrng::SCENARIO,
     vcons::SCENARIO,
+    vhostile::SCENARIO,
 ];
 
 pub struct Ctx<'a> {

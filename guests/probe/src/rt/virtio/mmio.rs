@@ -31,6 +31,7 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
 const STATUS: u64 = 0x070;
 const QUEUE_DESC_LOW: u64 = 0x080;
 const QUEUE_DRIVER_LOW: u64 = 0x090;
@@ -57,6 +58,12 @@ impl Mmio {
     fn write64(&self, reg_low: u64, value: u64) {
         self.write(reg_low, value as u32);
         self.write(reg_low + 4, (value >> 32) as u32);
+    }
+
+    /// InterruptStatus (bit 0 used buffer, bit 1 configuration change); not
+    /// acknowledged here.
+    pub fn interrupt_status(&self) -> u8 {
+        self.read(INTERRUPT_STATUS) as u8
     }
 }
 

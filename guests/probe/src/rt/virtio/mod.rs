@@ -31,6 +31,10 @@ pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
 
+/// Interrupt status bit of a configuration change (virtio-mmio
+/// InterruptStatus, virtio-pci ISR).
+pub const INT_CONFIG: u8 = 2;
+
 /// The only feature the probe negotiates.
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -107,6 +111,21 @@ impl Device {
         match &self.transport {
             Transport::Mmio(m) => m,
             Transport::Pci(p) => p,
+        }
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u8 {
+        self.regs().status()
+    }
+
+    /// The interrupt status bits (`INT_CONFIG`, bit 0 for a used buffer):
+    /// virtio-mmio InterruptStatus, or the virtio-pci ISR byte, which the
+    /// read clears.
+    pub fn interrupt_status(&self) -> u8 {
+        match &self.transport {
+            Transport::Mmio(m) => m.interrupt_status(),
+            Transport::Pci(p) => p.isr_status(),
         }
     }
 

@@ -94,6 +94,17 @@ impl Pci {
     pub fn num_queues(&self) -> u16 {
         self.r16(NUM_QUEUES)
     }
+
+    /// The ISR status byte (bit 0 queue, bit 1 configuration change), which
+    /// this read clears; 0 when the function has no ISR structure.
+    pub fn isr_status(&self) -> u8 {
+        if self.isr == 0 {
+            return 0;
+        }
+        // SAFETY: `isr` is the function's mapped ISR structure (resolved at
+        // discovery).
+        unsafe { mmio_read8(self.isr) }
+    }
 }
 
 impl Regs for Pci {
