@@ -369,6 +369,28 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        Scenario {
+            name: "tern-virtio-pci-intx",
+            action: "script:virtio",
+            base_cmdline: PCI_CMDLINE,
+            // The guest may not use MSI-X: interrupts must come through INTx (_PRT, level).
+            extra_cmdline: "pci=nomsi",
+            extra_args: &["--transport", "pci", "--rng", "--console", "file:/proc/self/fd/1"],
+            expect: {
+                let mut e = virtio_rng_and_console();
+                e.require = strings(&[
+                    "TERN-GUEST-VIRTIO-COUNT=2",
+                    "id=0x0004 vendor=0x1af4 driver=virtio_rng",
+                    "TERN-GUEST-MSI-IRQS=0",
+                    "TERN-GUEST-HWRNG=virtio_rng.0",
+                    "TERN-GUEST-HWRNG-BYTES=256",
+                    "TERN-GUEST-HVC0-HELLO",
+                ]);
+                e.forbid.push("TERN-GUEST-INTX-IRQS=0".to_string());
+                e
+            },
+            ..DEFAULT
+        },
         // --- virtio-rng on each transport, tern vs QEMU (group "compare", one rig run) ---
         Scenario {
             name: "cmp-tern-rng-mmio",

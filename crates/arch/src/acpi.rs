@@ -180,9 +180,26 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
             "_CRS".into(),
             &aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_lo, &io_hi, &mem32]),
         );
+        // _PRT: INTA# of each slot goes straight to a GSI (no link devices); level-triggered,
+        // active-low, as PCI interrupts are.
+        let prt_rows: Vec<(u32, u32)> = (1..32u8)
+            .map(|slot| {
+                (
+                    (u32::from(slot) << 16) | 0xffff,
+                    crate::layout::pci_intx_gsi(slot),
+                )
+            })
+            .collect();
+        let zero: u8 = 0;
+        let prt_pkgs: Vec<aml::Package> = prt_rows
+            .iter()
+            .map(|(adr, gsi)| aml::Package::new(vec![adr, &zero, &zero, gsi]))
+            .collect();
+        let prt_refs: Vec<&dyn Aml> = prt_pkgs.iter().map(|p| p as &dyn Aml).collect();
+        let prt = aml::Name::new("_PRT".into(), &aml::Package::new(prt_refs));
         let dev = aml::Device::new(
             "_SB_.PCI0".into(),
-            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
         );
         dev.to_aml_bytes(&mut dsdt);
     }
@@ -342,6 +359,7 @@ mod tests {
             assert!(dsdt.windows(4).any(|w| w == b"V000"));
             assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
             assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+            assert!(dsdt.windows(4).any(|w| w == b"_PRT"));
             let (_, mcfg) = find(b"MCFG");
             assert_eq!(sum(&mcfg), 0);
             assert_eq!(

@@ -98,3 +98,12 @@ pub const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
 pub const MSI_FIRST_GSI: u32 = 24;
 /// GSI of the ACPI generic event device (GED) that signals the power button.
 pub const ACPI_GED_GSI: u32 = 23;
+/// First GSI used for PCI INTx (IOAPIC pins 16..=22, shared round-robin by slot).
+pub const PCI_INTX_FIRST_GSI: u32 = 16;
+/// Number of GSIs PCI INTx is spread over.
+pub const PCI_INTX_GSIS: u32 = 7;
+
+/// The GSI INTA# of PCI slot `slot` (1..32) is routed to.
+pub fn pci_intx_gsi(slot: u8) -> u32 {
+    PCI_INTX_FIRST_GSI + (u32::from(slot).saturating_sub(1) % PCI_INTX_GSIS)
+}

@@ -20,7 +20,8 @@ use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use crate::vm::VmmError;
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
 use devices::pci::{MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
-use virtio::transport::pci::VirtioPciDevice;
+use virtio::transport::pci::{IntxLine, VirtioPciDevice};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// The virtio devices a config asks for, not yet attached.
 pub struct VirtioDevices {
@@ -135,6 +136,90 @@ impl MsiRouting for PciMsi {
     }
 }
 
+/// INTx through a KVM irqfd in resample mode.
+struct KvmIntx {
+    irqfd: EventFd,
+}
+
+impl IntxLine for KvmIntx {
+    fn assert(&self) -> std::io::Result<()> {
+        self.irqfd.write(1)
+    }
+}
+
+/// Re-raises level-triggered INTx lines that are still pending when the guest acknowledges
+/// them (KVM signals the resample eventfd on EOI). One thread for all PCI functions; stopped
+/// and joined on drop.
+pub struct IntxResampler {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type Pending = Arc<dyn Fn() -> bool + Send + Sync>;
+
+impl IntxResampler {
+    fn start(lines: Vec<(EventFd, Arc<KvmIntx>, Pending)>) -> Result<Self, VmmError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+        let stop2 = stop
+            .try_clone()
+            .map_err(|e| setup(format!("eventfd: {e}")))?;
+        let epoll = Epoll::new().map_err(|e| setup(format!("epoll: {e}")))?;
+        use std::os::fd::AsRawFd;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, u64::MAX),
+            )
+            .map_err(|e| setup(format!("epoll: {e}")))?;
+        for (i, (resample, _, _)) in lines.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    resample.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(|e| setup(format!("epoll: {e}")))?;
+        }
+        let thread = std::thread::Builder::new()
+            .name("tern-intx".into())
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 8];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    };
+                    for ev in &events[..n] {
+                        let Some((resample, line, pending)) = lines.get(ev.data() as usize) else {
+                            return; // the stop event
+                        };
+                        let _ = resample.read();
+                        if pending() {
+                            let _ = line.assert();
+                        }
+                    }
+                }
+            })
+            .map_err(|e| setup(format!("cannot start the INTx thread: {e}")))?;
+        let _ = stop2;
+        Ok(IntxResampler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for IntxResampler {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and attaches each
 /// device as a virtio-pci function with MSI-X; BARs go on the MMIO bus, queue notifications
 /// become ioeventfds.
@@ -145,7 +230,8 @@ pub fn attach_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<(), VmmError> {
+) -> Result<IntxResampler, VmmError> {
+    let mut intx_lines = Vec::new();
     let windows = PciWindows {
         mmio32: arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END,
         mmio64: None,
@@ -195,10 +281,23 @@ pub fn attach_pci(
         let bdf = r
             .attach(vpci.clone())
             .map_err(|e| setup(format!("PCI: {e}")))?;
+        // INTA#, for drivers that do not enable MSI-X.
+        let gsi = arch::layout::pci_intx_gsi(bdf.device);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+        let resample =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+        vm.register_irqfd_with_resample(&irqfd, &resample, gsi)
+            .map_err(|e| setup(format!("INTx irqfd on GSI {gsi}: {e}")))?;
+        let line = Arc::new(KvmIntx { irqfd });
         for (bar, busdev) in r.bar_bus_devices(bdf) {
             mmio.insert(busdev, bar.addr, bar.size).map_err(setup)?;
         }
         drop(r);
+        {
+            let v = vpci.lock().unwrap_or_else(|p| p.into_inner());
+            v.set_intx(line.clone());
+            intx_lines.push((resample, line, v.intx_pending()));
+        }
         let notifies = vpci
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -213,5 +312,5 @@ pub fn attach_pci(
             .map_err(|e| setup(format!("virtio-pci ioeventfd: {e}")))?;
         }
     }
-    Ok(())
+    IntxResampler::start(intx_lines)
 }

@@ -283,6 +283,7 @@ struct Vm {
     shutdown_timeout: Duration,
     panic_seen: Arc<AtomicBool>,
     console_input: Option<virtio::devices::ConsoleInput>,
+    _intx: Option<crate::virtio_devices::IntxResampler>,
     vcpus: Vec<Vcpu>,
 }
 
@@ -510,20 +511,21 @@ impl Vm {
             .map_err(bus_err)?;
         let mut mmio = Bus::new();
         let console_input = virtio.console_input;
+        let mut intx = None;
         match config.transport {
             Transport::Mmio => {
                 crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices)?
             }
             Transport::Pci => {
                 let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
-                crate::virtio_devices::attach_pci(
+                intx = Some(crate::virtio_devices::attach_pci(
                     &vm,
                     &mem,
                     &routing,
                     &mut pio,
                     &mut mmio,
                     virtio.devices,
-                )?
+                )?);
             }
         }
         let mmio = Arc::new(mmio);
@@ -585,6 +587,7 @@ impl Vm {
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
             panic_seen,
             console_input,
+            _intx: intx,
             vcpus,
         })
     }

@@ -14,6 +14,7 @@ for p in /sys/bus/pci/devices/*; do
     echo "TERN-GUEST-PCI-DEV=$(basename "$p") vendor=$(cat "$p/vendor") device=$(cat "$p/device") class=$(cat "$p/class")"
 done
 echo "TERN-GUEST-MSI-IRQS=$(grep -c -i 'PCI-MSI' /proc/interrupts)"
+echo "TERN-GUEST-INTX-IRQS=$(grep -i 'IO-APIC' /proc/interrupts | grep -c virtio)"
 rng=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
 echo "TERN-GUEST-HWRNG=${rng:-none}"
 bytes=$(head -c 256 /dev/hwrng 2>/dev/null | wc -c)

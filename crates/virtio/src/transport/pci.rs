@@ -201,10 +201,20 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A level-triggered legacy interrupt line (INTx). The VMM implements it with a KVM irqfd in
+/// resample mode: `assert` raises the line; KVM lowers it when the guest acknowledges the
+/// interrupt and tells the VMM, which raises it again while [`VirtioPciDevice::intx_pending`]
+/// says the ISR is still set.
+pub trait IntxLine: Send + Sync {
+    /// Raises the line.
+    fn assert(&self) -> std::io::Result<()>;
+}
+
 /// Interrupt state shared with the device's worker: ISR, configuration generation, vector
 /// mapping and the MSI-X state. Never locks the transport.
 struct PciInterrupt {
     msix: Mutex<MsixState>,
+    intx: std::sync::OnceLock<Arc<dyn IntxLine>>,
     isr: AtomicU8,
     generation: AtomicU8,
     config_vector: AtomicU16,
@@ -229,11 +239,14 @@ impl Interrupt for PciInterrupt {
         };
         let mut msix = lock(&self.msix);
         if !msix.enabled() {
-            // No INTx: the ISR bit is all a driver without MSI-X gets.
+            // Without MSI-X: set the ISR bit and raise INTx (when the VMM wired it).
             if matches!(kind, InterruptKind::Queue(_)) {
                 self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
             }
-            return Ok(());
+            return match self.intx.get() {
+                Some(line) => line.assert(),
+                None => Ok(()),
+            };
         }
         if vector == VIRTIO_MSI_NO_VECTOR {
             return Ok(());
@@ -323,6 +336,18 @@ fn align_up(v: u64, a: u64) -> u64 {
 }
 
 impl VirtioPciDevice {
+    /// Wires the legacy interrupt line used when the driver leaves MSI-X disabled (once).
+    pub fn set_intx(&self, line: Arc<dyn IntxLine>) {
+        let _ = self.interrupt.intx.set(line);
+    }
+
+    /// Whether an INTx-delivered interrupt is still pending (the ISR is not yet read), for
+    /// the VMM's resample handling. Safe to call from any thread.
+    pub fn intx_pending(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let i = self.interrupt.clone();
+        Arc::new(move || i.isr.load(Ordering::SeqCst) != 0 && !lock(&i.msix).enabled())
+    }
+
     /// Wraps `device`; its MSI-X vectors are delivered through `msi`.
     pub fn new(
         mem: GuestMemoryMmap,
@@ -351,7 +376,8 @@ impl VirtioPciDevice {
             revision: 1,
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
             subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
-            interrupt_pin: 0,
+            // INTA#; it only fires when the VMM wires it (`set_intx`) and MSI-X is off.
+            interrupt_pin: 1,
         });
         config.add_bar(VIRTIO_BAR, BarKind::Mem64, bar_size, false)?;
         let notify_len = (u32::from(num_queues) * NOTIFY_OFF_MULTIPLIER).max(4);
@@ -419,6 +445,7 @@ impl VirtioPciDevice {
             mem,
             interrupt: Arc::new(PciInterrupt {
                 msix: Mutex::new(msix),
+                intx: std::sync::OnceLock::new(),
                 isr: AtomicU8::new(0),
                 generation: AtomicU8::new(0),
                 config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
@@ -1137,7 +1164,7 @@ mod tests {
         assert_eq!(drv.cfg32(0), 0x1044_1af4);
         assert_eq!(drv.cfg32(0x08), 0xff00_0001);
         assert_eq!(drv.cfg32(0x2c), 0x0040_1af4);
-        assert_eq!(drv.cfg8(0x3d), 0, "no INTx pin");
+        assert_eq!(drv.cfg8(0x3d), 1, "INTA#");
         let bar = drv.d.bars();
         assert_eq!(bar.len(), 1);
         assert_eq!(
@@ -1546,6 +1573,37 @@ mod tests {
         assert_eq!(drv.cfg32(cap + 16), 0);
         drv.d.config_write(cap + 16, &[0; 4]);
         assert_eq!(drv.status(), ACKNOWLEDGE as u8);
+    }
+
+    #[derive(Default)]
+    struct CountingLine(std::sync::atomic::AtomicU32);
+    impl IntxLine for CountingLine {
+        fn assert(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn intx_without_msix() {
+        let mut drv = driver(false);
+        let line = Arc::new(CountingLine::default());
+        drv.d.set_intx(line.clone());
+        let pending = drv.d.intx_pending();
+        assert!(!pending());
+        // MSI-X is off (the driver never enabled it): a queue interrupt sets the ISR and raises
+        // the line; it stays pending until the driver reads the ISR.
+        drv.d.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+        assert_eq!(line.0.load(Ordering::SeqCst), 1);
+        assert!(pending());
+        let mut isr = [0u8];
+        drv.d.bar_read(0, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_QUEUE);
+        assert!(!pending());
+        drv.d.interrupt.trigger(InterruptKind::Config).unwrap();
+        assert_eq!(line.0.load(Ordering::SeqCst), 2);
+        drv.d.bar_read(0, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_CONFIG);
     }
 
     #[test]
