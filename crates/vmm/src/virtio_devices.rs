@@ -43,21 +43,7 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
         devices.push(Box::new(Rng::new()));
     }
     if let Some(backend) = &config.console {
-        let sink: Option<Box<dyn std::io::Write + Send>> = match backend {
-            CharBackend::Stdio => Some(Box::new(std::io::stdout())),
-            CharBackend::File(p) => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|err| VmmError::File {
-                        what: "console output file",
-                        path: p.display().to_string(),
-                        err,
-                    })?,
-            )),
-            CharBackend::None => None,
-        };
+        let sink = crate::vm::open_char_sink(backend, "console output file")?;
         let console = Console::new(sink).map_err(|e| setup(format!("virtio-console: {e}")))?;
         if *backend == CharBackend::Stdio {
             console_input = Some(console.input_handle());

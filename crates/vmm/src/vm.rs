@@ -75,6 +75,28 @@ pub enum VmmError {
     Setup(String),
 }
 
+/// Where a character device's output goes: stdout, a file opened for appending, or nowhere.
+pub(crate) fn open_char_sink(
+    backend: &CharBackend,
+    what: &'static str,
+) -> Result<Option<Box<dyn std::io::Write + Send>>, VmmError> {
+    Ok(match backend {
+        CharBackend::Stdio => Some(Box::new(std::io::stdout())),
+        CharBackend::File(p) => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|err| VmmError::File {
+                    what,
+                    path: p.display().to_string(),
+                    err,
+                })?,
+        )),
+        CharBackend::None => None,
+    })
+}
+
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -446,21 +468,7 @@ impl Vm {
         // Devices.
         let ctl = Arc::new(VmControl::new()?);
         let panic_seen = Arc::new(AtomicBool::new(false));
-        let sink: Option<Box<dyn std::io::Write + Send>> = match &config.serial {
-            CharBackend::Stdio => Some(Box::new(std::io::stdout())),
-            CharBackend::File(p) => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|err| VmmError::File {
-                        what: "serial output file",
-                        path: p.display().to_string(),
-                        err,
-                    })?,
-            )),
-            CharBackend::None => None,
-        };
+        let sink = open_char_sink(&config.serial, "serial output file")?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)

@@ -24,15 +24,12 @@ use virtio_bindings::bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+use super::common::{activate, features_acceptable, QueueRegs};
+use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
 /// Size of the register window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -94,48 +91,6 @@ impl Interrupt for MmioInterrupt {
         };
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.irq.write(1)
-    }
-}
-
-/// The driver's configuration of one queue, as written to the registers.
-#[derive(Clone, Copy, Default)]
-struct QueueRegs {
-    size: u32,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
-}
-
-impl QueueRegs {
-    fn new(max: u16) -> Self {
-        QueueRegs {
-            size: max.into(),
-            ..Default::default()
-        }
-    }
-
-    /// The queue these registers describe, validated against `mem`.
-    fn build(&self, max: u16, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
-        if !self.ready {
-            return Err("not ready".into());
-        }
-        let e = |e: virtio_queue::Error| e.to_string();
-        let mut q = Queue::new(max).map_err(e)?;
-        let size = u16::try_from(self.size).map_err(|_| format!("size {}", self.size))?;
-        q.try_set_size(size).map_err(e)?;
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(e)?;
-        q.try_set_avail_ring_address(GuestAddress(self.driver))
-            .map_err(e)?;
-        q.try_set_used_ring_address(GuestAddress(self.device))
-            .map_err(e)?;
-        q.set_ready(true);
-        q.set_event_idx(event_idx);
-        if !q.is_valid(mem) {
-            return Err("rings outside guest memory".into());
-        }
-        Ok(q)
     }
 }
 
@@ -276,10 +231,13 @@ impl MmioTransport {
     }
 
     fn accept_features(&mut self) -> bool {
-        let offered = self.device.features();
         let f = self.driver_features;
-        if self.driver_features_unknown || f & !offered != 0 || f & (1 << VIRTIO_F_VERSION_1) == 0 {
-            tracing::warn!("virtio-mmio: driver features {f:#x} refused (offered {offered:#x})");
+        if !features_acceptable(
+            "virtio-mmio",
+            f,
+            self.driver_features_unknown,
+            self.device.features(),
+        ) {
             return false;
         }
         self.device.ack_features(f);
@@ -287,21 +245,14 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) -> Result<(), String> {
-        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let maxes = self.device.queue_max_sizes().to_vec();
-        let mut queues = Vec::with_capacity(maxes.len());
-        for (i, ((regs, max), notify)) in
-            self.queues.iter().zip(maxes).zip(&self.notify).enumerate()
-        {
-            let queue = regs
-                .build(max, event_idx, &self.mem)
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            let event = notify.try_clone().map_err(|e| e.to_string())?;
-            queues.push(QueueEvent { queue, event });
-        }
-        self.device
-            .activate(self.mem.clone(), self.interrupt.clone(), queues)
-            .map_err(|e| e.to_string())
+        activate(
+            self.device.as_mut(),
+            &self.mem,
+            self.interrupt.clone(),
+            &self.queues,
+            &self.notify,
+            self.driver_features,
+        )
     }
 
     /// The selected queue, if it exists and may still be configured.
@@ -419,6 +370,8 @@ mod tests {
     use virtio_queue::QueueT;
 
     use super::*;
+    use crate::QueueEvent;
+
     use crate::testing::*;
     use crate::ActivateError;
 

@@ -1,4 +1,5 @@
 //! Transports.
 
+mod common;
 pub mod mmio;
 pub mod pci;

@@ -47,14 +47,13 @@ use virtio_bindings::bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
     VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_NOTIF_CONFIG_DATA,
-    VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV, VIRTIO_F_VERSION_1,
+    VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
 };
-use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+use super::common::{activate, features_acceptable, QueueRegs};
+use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -252,50 +251,6 @@ impl Interrupt for PciInterrupt {
             return Ok(());
         }
         msix.trigger(vector).map(|_| ())
-    }
-}
-
-/// The driver's configuration of one queue.
-#[derive(Clone, Copy)]
-struct QueueRegs {
-    size: u16,
-    enabled: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
-}
-
-impl QueueRegs {
-    fn new(max: u16) -> Self {
-        QueueRegs {
-            size: max,
-            enabled: false,
-            desc: 0,
-            driver: 0,
-            device: 0,
-        }
-    }
-
-    /// The queue these registers describe, validated against `mem`.
-    fn build(&self, max: u16, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
-        if !self.enabled {
-            return Err("not enabled".into());
-        }
-        let e = |e: virtio_queue::Error| e.to_string();
-        let mut q = Queue::new(max).map_err(e)?;
-        q.try_set_size(self.size).map_err(e)?;
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(e)?;
-        q.try_set_avail_ring_address(GuestAddress(self.driver))
-            .map_err(e)?;
-        q.try_set_used_ring_address(GuestAddress(self.device))
-            .map_err(e)?;
-        q.set_ready(true);
-        q.set_event_idx(event_idx);
-        if !q.is_valid(mem) {
-            return Err("rings outside guest memory".into());
-        }
-        Ok(q)
     }
 }
 
@@ -585,10 +540,13 @@ impl VirtioPciDevice {
     }
 
     fn accept_features(&mut self) -> bool {
-        let offered = self.offered_features();
         let f = self.driver_features;
-        if self.driver_features_unknown || f & !offered != 0 || f & (1 << VIRTIO_F_VERSION_1) == 0 {
-            tracing::warn!("virtio-pci: driver features {f:#x} refused (offered {offered:#x})");
+        if !features_acceptable(
+            "virtio-pci",
+            f,
+            self.driver_features_unknown,
+            self.offered_features(),
+        ) {
             return false;
         }
         self.device.ack_features(f);
@@ -596,21 +554,14 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) -> Result<(), String> {
-        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let maxes = self.device.queue_max_sizes().to_vec();
-        let mut queues = Vec::with_capacity(maxes.len());
-        for (i, ((regs, max), notify)) in
-            self.queues.iter().zip(maxes).zip(&self.notify).enumerate()
-        {
-            let queue = regs
-                .build(max, event_idx, &self.mem)
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            let event = notify.try_clone().map_err(|e| e.to_string())?;
-            queues.push(QueueEvent { queue, event });
-        }
-        self.device
-            .activate(self.mem.clone(), self.interrupt.clone(), queues)
-            .map_err(|e| e.to_string())
+        activate(
+            self.device.as_mut(),
+            &self.mem,
+            self.interrupt.clone(),
+            &self.queues,
+            &self.notify,
+            self.driver_features,
+        )
     }
 
     /// The selected queue, if it exists and may still be configured.
@@ -620,7 +571,7 @@ impl VirtioPciDevice {
         }
         self.queues
             .get_mut(usize::from(self.queue_select))
-            .filter(|q| !q.enabled)
+            .filter(|q| !q.ready)
     }
 
     /// A validated MSI-X vector: in range, or NO_VECTOR (which the driver reads back to learn
@@ -661,7 +612,7 @@ impl VirtioPciDevice {
                 .get(qsel)
                 .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::SeqCst))
                 .into(),
-            QUEUE_ENABLE => sel.map_or(0, |q| q.enabled.into()),
+            QUEUE_ENABLE => sel.map_or(0, |q| q.ready.into()),
             QUEUE_NOTIFY_OFF => sel.map_or(0, |_| qsel as u64),
             QUEUE_DESC_LO | QUEUE_DESC_HI => sel.map_or(0, |q| half(q.desc, off == QUEUE_DESC_HI)),
             QUEUE_DRIVER_LO | QUEUE_DRIVER_HI => {
@@ -704,13 +655,13 @@ impl VirtioPciDevice {
             }
             QUEUE_SIZE => {
                 if let Some(q) = self.queue_mut() {
-                    q.size = val as u16;
+                    q.size = u32::from(val as u16);
                 }
             }
             QUEUE_ENABLE => {
                 if let Some(q) = self.queue_mut() {
                     // Writing 0 is not allowed; only a reset disables a queue.
-                    q.enabled = val == 1;
+                    q.ready = val == 1;
                 }
             }
             QUEUE_DESC_LO | QUEUE_DESC_HI | QUEUE_DRIVER_LO | QUEUE_DRIVER_HI | QUEUE_DEVICE_LO
@@ -901,11 +852,16 @@ impl PciDevice for VirtioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QueueEvent;
+    use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
     use devices::pci::config::{PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST};
     use devices::pci::msix::{MSIX_CTRL_ENABLE, MSIX_CTRL_FUNCTION_MASK};
     use devices::pci::{MsiMessage, PciBdf, PciConfigMmio, PciRoot, PciWindows};
     use devices::BusDevice;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
 
     use crate::ActivateError;
 
