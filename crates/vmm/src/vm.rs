@@ -326,7 +326,7 @@ impl Vm {
             path: kernel_path.display().to_string(),
             err,
         })?;
-        let mut initrd = match &config.initrd {
+        let initrd = match &config.initrd {
             Some(p) => {
                 let f = File::open(p).map_err(|err| VmmError::File {
                     what: "initrd",
@@ -390,19 +390,73 @@ impl Vm {
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| VmmError::Memory(mem_size >> 20, e.to_string()))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
+        // Registering guest memory is one of the slowest KVM calls on some hosts; it runs on
+        // its own thread while this one loads the kernel and sets up devices and vCPUs, and
+        // is joined before the VM can run.
+        let regions: Vec<kvm_userspace_memory_region> = mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the returned `Vm`
-            // keeps alive for as long as the VM fd exists.
-            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
-        }
+            })
+            .collect();
+        let vm_for_slots = vm.clone();
+        let register_memory = std::thread::Builder::new()
+            .name("tern-memslots".into())
+            .spawn(move || -> Result<(), VmmError> {
+                for r in regions {
+                    // SAFETY: each region is a live mapping owned by `mem`, which `build` keeps
+                    // until this thread is joined, and which the returned `Vm` then keeps for
+                    // as long as the VM fd exists.
+                    unsafe { vm_for_slots.set_user_memory_region(r) }
+                        .map_err(kvm_err("register guest memory"))?;
+                }
+                Ok(())
+            })
+            .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
+        // `mem` (and so the mapping) stays alive here until the thread is joined, whether or
+        // not the rest of the build succeeds; clones share the same mapping.
+        let result = Self::build_rest(
+            config,
+            start,
+            kvm,
+            vm,
+            mem.clone(),
+            kernel_bytes,
+            initrd,
+            linux,
+        );
+        let registered = register_memory
+            .join()
+            .unwrap_or_else(|_| Err(VmmError::Setup("guest memory registration panicked".into())));
+        drop(mem);
+        let vm = result?;
+        registered?;
+        Ok(vm)
+    }
 
+    #[allow(clippy::too_many_arguments)]
+    fn build_rest(
+        config: &VmConfig,
+        start: Instant,
+        kvm: Kvm,
+        vm: Arc<VmFd>,
+        mem: GuestMemoryMmap,
+        kernel_bytes: Vec<u8>,
+        mut initrd: Option<(File, u64)>,
+        linux: bool,
+    ) -> Result<Vm, VmmError> {
+        let mem_size = config.memory.0;
+        let kernel_path = config
+            .kernel
+            .as_ref()
+            .ok_or(crate::config::ConfigError::Missing(
+                "kernel (--kernel PATH)",
+            ))?;
         // Kernel, initrd, command line, boot structures.
         let protocol = match config.boot_protocol {
             BootProtocol::Auto => arch::boot::BootProtocol::Auto,
