@@ -3,7 +3,12 @@
 
 use std::sync::Arc;
 
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -59,6 +64,56 @@ impl QueueRegs {
     }
 }
 
+/// The status bits a driver sets, in the order it must set them.
+const STATUS_ORDER: [u32; 4] = [ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK];
+
+/// What a driver's write to the device status asks for, by the virtio 1.x state machine.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StatusWrite {
+    /// 0: reset the device.
+    Reset,
+    /// FAILED set: the driver gave up on the device.
+    Failed,
+    /// The device needs a reset or has failed: the write is ignored.
+    Ignored,
+    /// Bits cleared, unknown or set out of order; the value (NEEDS_RESET dropped) is given
+    /// for the message.
+    Invalid(u32),
+    /// A legal step to `val` (NEEDS_RESET dropped); `new` holds the bits it sets.
+    Step {
+        /// The new status.
+        val: u32,
+        /// Bits set by this write.
+        new: u32,
+    },
+}
+
+/// Classifies a write of `val` to a status that is `old`; `blocked` when the device needs a
+/// reset or has failed.
+pub(crate) fn status_write(old: u32, val: u32, blocked: bool) -> StatusWrite {
+    if val == 0 {
+        return StatusWrite::Reset;
+    }
+    if val & FAILED != 0 {
+        return StatusWrite::Failed;
+    }
+    if blocked || old & FAILED != 0 {
+        return StatusWrite::Ignored;
+    }
+    let val = val & !NEEDS_RESET;
+    let known = STATUS_ORDER.iter().fold(0, |a, b| a | b);
+    let in_order = STATUS_ORDER
+        .windows(2)
+        .all(|w| val & w[1] == 0 || val & w[0] != 0);
+    if val & !known != 0 || val & old != old || !in_order {
+        return StatusWrite::Invalid(val);
+    }
+    StatusWrite::Step {
+        val,
+        new: val & !old,
+    }
+}
+
 /// Whether the driver's feature choice can be accepted: VERSION_1 set, nothing the device did
 /// not offer, no bit above 63 (`unknown`).
 pub(crate) fn features_acceptable(
@@ -96,4 +151,30 @@ pub(crate) fn activate(
     device
         .activate(mem.clone(), interrupt, queues)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_state_machine() {
+        use StatusWrite::*;
+        assert_eq!(status_write(0xf, 0, false), Reset);
+        assert_eq!(status_write(0x3, FAILED | 0x3, true), Failed);
+        assert_eq!(status_write(0x1, 0x3, true), Ignored);
+        assert_eq!(status_write(FAILED, 0x3, false), Ignored);
+        assert_eq!(status_write(0, ACKNOWLEDGE, false), Step { val: 1, new: 1 });
+        assert_eq!(
+            status_write(1, 1 | DRIVER | NEEDS_RESET, false),
+            Step { val: 3, new: 2 }
+        );
+        // Clearing a bit, an unknown bit, or skipping a step is invalid.
+        assert_eq!(status_write(3, 1, false), Invalid(1));
+        assert_eq!(status_write(1, 1 | 0x10, false), Invalid(0x11));
+        assert_eq!(
+            status_write(1, 1 | FEATURES_OK, false),
+            Invalid(1 | FEATURES_OK)
+        );
+    }
 }

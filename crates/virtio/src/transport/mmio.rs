@@ -21,14 +21,14 @@ use std::sync::Arc;
 
 use devices::BusDevice;
 use virtio_bindings::bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+    VIRTIO_CONFIG_S_DRIVER as DRIVER, VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED as FAILED, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
 };
 use virtio_bindings::bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::common::{activate, features_acceptable, QueueRegs};
+use super::common::{activate, features_acceptable, status_write, QueueRegs, StatusWrite};
 use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
 /// Size of the register window.
@@ -69,9 +69,6 @@ const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const SHM_LEN_LOW: u64 = 0x0b0;
 const SHM_BASE_HIGH: u64 = 0x0bc;
 const CONFIG_GENERATION: u64 = 0x0fc;
-
-/// The status bits the driver sets, in the order it must set them.
-const STATUS_ORDER: [u32; 4] = [ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK];
 
 /// InterruptStatus, ConfigGeneration and the irq line, shared with the device's worker.
 struct MmioInterrupt {
@@ -193,28 +190,21 @@ impl MmioTransport {
     }
 
     fn set_status(&mut self, val: u32) {
-        let val = val & 0xff;
-        if val == 0 {
-            return self.reset();
-        }
-        if val & FAILED != 0 {
-            // The driver gave up on the device; it will reset it before trying again.
-            self.status |= FAILED;
-            return;
-        }
-        if self.needs_reset || self.status & FAILED != 0 {
-            return;
-        }
-        let mut val = val & !NEEDS_RESET;
-        let old = self.status;
-        let known = STATUS_ORDER.iter().fold(0, |a, b| a | b);
-        let in_order = STATUS_ORDER
-            .windows(2)
-            .all(|w| val & w[1] == 0 || val & w[0] != 0);
-        if val & !known != 0 || val & old != old || !in_order {
-            return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"));
-        }
-        let new = val & !old;
+        let blocked = self.needs_reset;
+        let (mut val, new) = match status_write(self.status, val & 0xff, blocked) {
+            StatusWrite::Reset => return self.reset(),
+            StatusWrite::Failed => {
+                // The driver gave up on the device; it will reset it before trying again.
+                self.status |= FAILED;
+                return;
+            }
+            StatusWrite::Ignored => return,
+            StatusWrite::Invalid(val) => {
+                let old = self.status;
+                return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"));
+            }
+            StatusWrite::Step { val, new } => (val, new),
+        };
         if new & FEATURES_OK != 0 && !self.accept_features() {
             // The driver reads Status back and finds FEATURES_OK missing.
             val &= !FEATURES_OK;

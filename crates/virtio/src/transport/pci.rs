@@ -43,16 +43,15 @@ use devices::pci::{
     PciDevice, PciHeader,
 };
 use virtio_bindings::bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
-    VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_NOTIF_CONFIG_DATA,
-    VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
+    VIRTIO_CONFIG_S_DRIVER as DRIVER, VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED as FAILED, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET, VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_NOTIF_CONFIG_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::common::{activate, features_acceptable, QueueRegs};
+use super::common::{activate, features_acceptable, status_write, QueueRegs, StatusWrite};
 use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
 /// PCI vendor ID of virtio devices.
@@ -109,14 +108,6 @@ const UNSUPPORTED_FEATURES: u64 = 1 << VIRTIO_F_RING_PACKED
     | 1 << VIRTIO_F_NOTIF_CONFIG_DATA
     | 1 << VIRTIO_F_RING_RESET
     | 1 << VIRTIO_F_ADMIN_VQ;
-
-/// The status bits the driver sets, in the order it must set them.
-const STATUS_ORDER: [u8; 4] = [
-    ACKNOWLEDGE as u8,
-    DRIVER as u8,
-    FEATURES_OK as u8,
-    DRIVER_OK as u8,
-];
 
 // Common configuration fields (offset, width).
 const DEVICE_FEATURE_SELECT: u64 = 0x00;
@@ -502,27 +493,21 @@ impl VirtioPciDevice {
     }
 
     fn set_status(&mut self, val: u8) {
-        if val == 0 {
-            return self.reset();
-        }
-        if val & FAILED as u8 != 0 {
-            // The driver gave up on the device; it will reset it before trying again.
-            self.status |= FAILED as u8;
-            return;
-        }
-        if self.needs_reset || self.status & FAILED as u8 != 0 {
-            return;
-        }
-        let mut val = val & !(NEEDS_RESET as u8);
-        let old = self.status;
-        let known = STATUS_ORDER.iter().fold(0, |a, b| a | b);
-        let in_order = STATUS_ORDER
-            .windows(2)
-            .all(|w| val & w[1] == 0 || val & w[0] != 0);
-        if val & !known != 0 || val & old != old || !in_order {
-            return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"));
-        }
-        let new = val & !old;
+        let (old, blocked) = (u32::from(self.status), self.needs_reset);
+        // Steps only carry the four known status bits, so they fit the 8-bit register.
+        let (mut val, new) = match status_write(old, val.into(), blocked) {
+            StatusWrite::Reset => return self.reset(),
+            StatusWrite::Failed => {
+                // The driver gave up on the device; it will reset it before trying again.
+                self.status |= FAILED as u8;
+                return;
+            }
+            StatusWrite::Ignored => return,
+            StatusWrite::Invalid(val) => {
+                return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"))
+            }
+            StatusWrite::Step { val, new } => (val as u8, new as u8),
+        };
         if new & FEATURES_OK as u8 != 0 && !self.accept_features() {
             // The driver reads device_status back and finds FEATURES_OK missing.
             val &= !(FEATURES_OK as u8);
@@ -853,6 +838,7 @@ impl PciDevice for VirtioPciDevice {
 mod tests {
     use super::*;
     use crate::QueueEvent;
+    use virtio_bindings::bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE;
     use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
