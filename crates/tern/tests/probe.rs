@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 fn num(fields: &std::collections::HashMap<String, String>, key: &str) -> f64 {
@@ -184,45 +182,15 @@ fn the_same_probe_boots_under_qemu() {
     if !require_kvm("the_same_probe_boots_under_qemu") {
         return;
     }
-    let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
-    if !qemu.exists() {
-        if in_ci() {
-            panic!("qemu-system-x86_64 is required under CI=true (cargo xtask test installs it)");
-        }
-        eprintln!(
-            "\n*** SKIPPED the_same_probe_boots_under_qemu: qemu-system-x86_64 not installed ***\n"
-        );
+    let Some(qemu) = qemu("the_same_probe_boots_under_qemu") else {
         return;
-    }
-    let probe = probe();
-    // `-cpu host` alone fails on this kind of host (QEMU cannot set MSR 0x10a,
-    // IA32_ARCH_CAPABILITIES); everything else is stock microvm.
-    let r = run_with_timeout(
+    };
+    let r = qemu_probe_run(
         qemu,
-        &[
-            "-accel",
-            "kvm",
-            "-M",
-            "microvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-smp",
-            "2",
-            "-m",
-            "64",
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
-            probe.to_str().unwrap(),
-            "-append",
-            "probe.run=hello,smp,mem,exits,cpuid probe.mem_mib=8",
-        ],
-        Duration::from_secs(90),
+        "microvm",
+        "2",
+        "probe.run=hello,smp,mem,exits,cpuid probe.mem_mib=8",
+        &[],
     );
     assert!(!r.timed_out, "{}\n{}", r.stdout, r.stderr);
     // isa-debug-exit turns status s into (s << 1) | 1.

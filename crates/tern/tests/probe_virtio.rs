@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::*;
 
@@ -213,48 +212,9 @@ fn hostile_chains_are_flagged_and_the_vmm_keeps_serving() {
     }
 }
 
-/// The QEMU binary, or None (a loud skip; a failure under CI=true).
-fn qemu(test: &str) -> Option<&'static Path> {
-    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
-    if qemu.exists() {
-        return Some(qemu);
-    }
-    if in_ci() {
-        panic!("qemu-system-x86_64 is required under CI=true (cargo xtask test installs it)");
-    }
-    eprintln!("\n*** SKIPPED {test}: qemu-system-x86_64 not installed ***\n");
-    None
-}
-
 /// Boots the probe under QEMU (KVM) on `machine` with `devices`, running the virtio scenarios.
 fn qemu_run(qemu: &Path, machine: &str, devices: &[&str]) -> Run {
-    let probe = probe();
-    let mut args = vec![
-        "-accel",
-        "kvm",
-        "-M",
-        machine,
-        // `-cpu host` alone fails on this kind of host (MSR 0x10a, IA32_ARCH_CAPABILITIES).
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        "1",
-        "-m",
-        "64",
-        "-nographic",
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-        probe.to_str().expect("utf-8 path"),
-        "-append",
-        "probe.run=virtio,vrng,vcons",
-    ];
-    args.extend_from_slice(devices);
-    let r = run_with_timeout(qemu, &args, Duration::from_secs(90));
+    let r = qemu_probe_run(qemu, machine, "1", "probe.run=virtio,vrng,vcons", devices);
     assert!(!r.timed_out, "{}\n{}", r.stdout, r.stderr);
     // isa-debug-exit turns status s into (s << 1) | 1: 1 means all passed.
     assert_eq!(r.code, Some(1), "{}\n{}", r.stdout, r.stderr);

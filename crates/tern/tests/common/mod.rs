@@ -230,3 +230,50 @@ pub fn probe_run(scenarios: &str, extra_cmdline: &str, flags: &[&str]) -> Run {
     args.extend_from_slice(flags);
     tern_run(&args, Duration::from_secs(60))
 }
+
+/// The QEMU binary, or None (a loud skip; a failure under CI=true).
+pub fn qemu(test: &str) -> Option<&'static Path> {
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    if qemu.exists() {
+        return Some(qemu);
+    }
+    if in_ci() {
+        panic!("qemu-system-x86_64 is required under CI=true (cargo xtask test installs it)");
+    }
+    eprintln!("\n*** SKIPPED {test}: qemu-system-x86_64 not installed ***\n");
+    None
+}
+
+/// Boots the probe under QEMU (KVM, 64 MiB) on `machine` with `smp` vCPUs, the probe
+/// command line `cmdline` and `extra` QEMU arguments (devices), with the debug-exit device
+/// the probe ends through.
+pub fn qemu_probe_run(qemu: &Path, machine: &str, smp: &str, cmdline: &str, extra: &[&str]) -> Run {
+    let probe = probe();
+    let mut args = vec![
+        "-accel",
+        "kvm",
+        "-M",
+        machine,
+        // `-cpu host` alone fails on this kind of host (QEMU cannot set MSR 0x10a,
+        // IA32_ARCH_CAPABILITIES).
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        smp,
+        "-m",
+        "64",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+        probe.to_str().expect("utf-8 path"),
+        "-append",
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    run_with_timeout(qemu, &args, Duration::from_secs(90))
+}
