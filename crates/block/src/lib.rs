@@ -1,15 +1,24 @@
-//! Disk images for tern's block devices: opening an image with the right format and an
-//! exclusive lock, and the synchronous raw-file backend (read, write, flush, discard and
-//! write-zeroes by hole punching). qcow2 (through `imago`), io_uring and O_DIRECT come with the
-//! virtio-blk device.
+//! Disk images for tern's block devices: opening an image in the right format with a lock
+//! against other VMs ([`Disk`]), the raw and qcow2 backends, and the I/O [`engine`] that runs
+//! requests through io_uring (or synchronously where the host lacks it).
 
-use std::fs::{File, OpenOptions};
+pub mod engine;
+pub mod iov;
+mod qcow2;
+mod raw;
+
+use std::fs::File;
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub use engine::{Completion, Engine, EngineKind, IoOp};
+pub use iov::IoSlice;
+pub use qcow2::Qcow2Disk;
+pub use raw::RawDisk;
+
 /// Image formats tern knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ImageFormat {
     /// A plain disk image.
     Raw,
@@ -67,168 +76,194 @@ pub fn detect_format(head: &[u8]) -> ImageFormat {
     }
 }
 
-/// A raw disk image, locked against other writers (and, when writable, other readers).
-#[derive(Debug)]
-pub struct RawDisk {
-    file: File,
-    path: PathBuf,
-    size: u64,
-    read_only: bool,
-}
-
-impl RawDisk {
-    /// Opens `path`, taking an OFD-style `flock`: exclusive when writable, shared when
-    /// read-only, so two VMs cannot both write one image.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let open_err = |err| BlockError::Open {
-            path: path.to_path_buf(),
-            err,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                BlockError::Locked(path.to_path_buf())
-            } else {
-                open_err(err)
-            });
-        }
-        let size = file.metadata().map_err(open_err)?.len();
-        Ok(RawDisk {
-            file,
-            path: path.to_path_buf(),
-            size,
-            read_only,
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
         })
     }
+}
 
-    /// Disk size in bytes.
+/// Takes the image lock on `file`: `flock`, exclusive when writable and shared when read-only.
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            BlockError::Locked(path.to_path_buf())
+        } else {
+            BlockError::Open {
+                path: path.to_path_buf(),
+                err,
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Fails unless `[offset, offset + len)` lies within a disk of `size` bytes.
+fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// How to open a disk image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// The image file.
+    pub path: PathBuf,
+    /// The stated format; detected from the image when `None`.
+    pub format: Option<ImageFormat>,
+    /// Refuse writes; the image is opened read-only and locked shared.
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`, `cache=none`).
+    pub direct: bool,
+}
+
+/// An open disk image of either format.
+#[derive(Debug)]
+pub enum Disk {
+    /// A raw image.
+    Raw(RawDisk),
+    /// A qcow2 image (with its backing chain).
+    Qcow2(Qcow2Disk),
+}
+
+impl Disk {
+    /// Opens and locks an image. Returns a warning to show the user when the stated format
+    /// disagrees with what the image looks like (the stated format is used).
+    pub fn open(opts: &DiskOptions) -> Result<(Disk, Option<String>), BlockError> {
+        let path = opts.path.as_path();
+        let mut head = [0u8; 4];
+        let n = File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .map_err(|err| BlockError::Open {
+                path: path.to_path_buf(),
+                err,
+            })?;
+        let detected = detect_format(&head[..n]);
+        let mut warning = None;
+        let format = match opts.format {
+            Some(f) if f != detected => {
+                warning = Some(format!(
+                    "disk {}: format={f} was given but the image looks like {detected}; using {f}",
+                    path.display()
+                ));
+                f
+            }
+            Some(f) => f,
+            None => detected,
+        };
+        let disk = match format {
+            ImageFormat::Raw => Disk::Raw(RawDisk::open_with(path, opts.read_only, opts.direct)?),
+            ImageFormat::Qcow2 => Disk::Qcow2(Qcow2Disk::open(path, opts.read_only, opts.direct)?),
+        };
+        Ok((disk, warning))
+    }
+
+    /// The image format.
+    pub fn format(&self) -> ImageFormat {
+        match self {
+            Disk::Raw(_) => ImageFormat::Raw,
+            Disk::Qcow2(_) => ImageFormat::Qcow2,
+        }
+    }
+
+    /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        match self {
+            Disk::Raw(d) => d.size(),
+            Disk::Qcow2(d) => d.size(),
+        }
+    }
+
+    /// The image file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Disk::Raw(d) => d.path(),
+            Disk::Qcow2(d) => d.path(),
+        }
     }
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn check(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(BlockError::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                len,
-                size: self.size,
-            }),
+        match self {
+            Disk::Raw(d) => d.read_only(),
+            Disk::Qcow2(d) => d.read_only(),
         }
     }
 
-    fn io(&self, err: std::io::Error) -> BlockError {
-        BlockError::Io {
-            path: self.path.clone(),
-            err,
-        }
-    }
-
-    fn writable(&self) -> Result<(), BlockError> {
-        if self.read_only {
-            Err(BlockError::ReadOnly(self.path.clone()))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
-        self.check(offset, buf.len() as u64)?;
-        self.file.read_exact_at(buf, offset).map_err(|e| self.io(e))
-    }
-
-    /// Writes `buf` at `offset`.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        self.writable()?;
-        self.check(offset, buf.len() as u64)?;
-        self.file.write_all_at(buf, offset).map_err(|e| self.io(e))
-    }
-
-    /// Makes written data durable.
-    pub fn flush(&self) -> Result<(), BlockError> {
-        self.file.sync_data().map_err(|e| self.io(e))
-    }
-
-    /// Deallocates `[offset, offset + len)` (discard); reads return zeroes afterwards.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.punch_hole(offset, len)
-    }
-
-    /// Zeroes `[offset, offset + len)`, deallocating it where the file system can.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        match self.punch_hole(offset, len) {
-            Err(BlockError::Io { err, .. }) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                // No hole punching here: write zeroes.
-                let zeroes = vec![0u8; 64 << 10];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeroes.len() as u64) as usize;
-                    self.write_at(&zeroes[..n], offset + done)?;
-                    done += n as u64;
-                }
-                Ok(())
+    /// Reads into `iov` from `offset` on.
+    ///
+    /// # Safety
+    /// Every buffer must be valid for writes of its length for the duration of the call.
+    pub unsafe fn readv(&self, iov: &[IoSlice], offset: u64) -> Result<(), BlockError> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self {
+                Disk::Raw(d) => d.readv(iov, offset),
+                Disk::Qcow2(d) => d.readv(iov, offset),
             }
-            r => r,
         }
     }
 
-    fn punch_hole(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.writable()?;
-        self.check(offset, len)?;
-        if len == 0 {
-            return Ok(());
+    /// Writes `iov` at `offset`.
+    ///
+    /// # Safety
+    /// Every buffer must be valid for reads of its length for the duration of the call.
+    pub unsafe fn writev(&self, iov: &[IoSlice], offset: u64) -> Result<(), BlockError> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self {
+                Disk::Raw(d) => d.writev(iov, offset),
+                Disk::Qcow2(d) => d.writev(iov, offset),
+            }
         }
-        let (off, l) = (offset as libc::off_t, len as libc::off_t);
-        // SAFETY: fallocate on a descriptor we own, with a range checked against the size.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if r != 0 {
-            return Err(self.io(std::io::Error::last_os_error()));
-        }
-        Ok(())
     }
 
-    /// Bytes the image occupies on disk (allocated blocks), for checking discards.
-    pub fn allocated_bytes(&self) -> Result<u64, BlockError> {
-        use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata().map_err(|e| self.io(e))?.blocks() * 512)
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> Result<(), BlockError> {
+        match self {
+            Disk::Raw(d) => d.flush(),
+            Disk::Qcow2(d) => d.flush(),
+        }
+    }
+
+    /// Deallocates a range; it reads as zeroes afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        match self {
+            Disk::Raw(d) => d.discard(offset, len),
+            Disk::Qcow2(d) => d.discard(offset, len),
+        }
+    }
+
+    /// Zeroes a range (deallocating where possible).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        match self {
+            Disk::Raw(d) => d.write_zeroes(offset, len),
+            Disk::Qcow2(d) => d.write_zeroes(offset, len),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::process::Command;
 
-    fn image(name: &str, size: u64) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("tern-block-{}-{name}", std::process::id()));
-        let f = File::create(&p).unwrap();
-        f.set_len(size).unwrap();
-        p
-    }
+    use super::*;
 
     #[test]
     fn formats() {
@@ -237,99 +272,127 @@ mod tests {
         assert_eq!(detect_format(b"QF"), ImageFormat::Raw);
     }
 
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("tern-disk-{}-{name}", std::process::id()))
+    }
+
+    fn qemu_img(args: &[&str]) -> Option<std::process::Output> {
+        match Command::new("qemu-img").args(args).output() {
+            Ok(o) => Some(o),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("qemu-img: {e}"),
+            Err(e) => {
+                eprintln!("SKIP: qemu-img not available ({e})");
+                None
+            }
+        }
+    }
+
+    fn opts(path: &Path, format: Option<ImageFormat>, read_only: bool) -> DiskOptions {
+        DiskOptions {
+            path: path.to_path_buf(),
+            format,
+            read_only,
+            direct: false,
+        }
+    }
+
     #[test]
-    fn read_write_flush_and_bounds() {
-        let p = image("rw", 1 << 20);
-        let d = RawDisk::open(&p, false).unwrap();
-        assert_eq!(d.size(), 1 << 20);
-        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
-        d.write_at(&data, 8192).unwrap();
+    fn a_qcow2_overlay_takes_the_writes_and_leaves_its_base_alone() {
+        let base = tmp("base.raw");
+        let overlay = tmp("overlay.qcow2");
+        let pattern: Vec<u8> = (0..4u32 << 20).map(|i| (i / 4096) as u8).collect();
+        std::fs::write(&base, &pattern).unwrap();
+        let Some(o) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+        ]) else {
+            return;
+        };
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (d, warning) = Disk::open(&opts(&overlay, None, false)).unwrap();
+        assert!(warning.is_none());
+        assert_eq!(d.format(), ImageFormat::Qcow2);
+        assert_eq!(d.size(), 4 << 20);
+        // Reads come from the base.
+        let mut buf = vec![0u8; 8192];
+        let iov = [IoSlice::from_mut(&mut buf)];
+        // SAFETY: `buf` is live and exclusively borrowed through `iov` for the call.
+        unsafe { d.readv(&iov, 4096 * 5).unwrap() };
+        assert_eq!(&buf[..4096], &[5u8; 4096][..]);
+        assert_eq!(&buf[4096..], &[6u8; 4096][..]);
+        // Writes land in the overlay.
+        let data = vec![0xcdu8; 65536];
+        let iov = [IoSlice::from_ref(&data)];
+        // SAFETY: `data` is live for the call.
+        unsafe { d.writev(&iov, 1 << 20).unwrap() };
+        d.write_zeroes(2 << 20, 65536).unwrap();
+        d.discard(3 << 20, 65536).unwrap();
         d.flush().unwrap();
-        let mut back = vec![0u8; 4096];
-        d.read_at(&mut back, 8192).unwrap();
-        assert_eq!(back, data);
+        // A second writer is refused while it is open.
         assert!(matches!(
-            d.read_at(&mut back, (1 << 20) - 100),
-            Err(BlockError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            d.write_at(&data, u64::MAX - 10),
-            Err(BlockError::OutOfRange { .. })
-        ));
-        drop(d);
-        std::fs::remove_file(p).ok();
-    }
-
-    #[test]
-    fn read_only_refuses_writes_and_leaves_the_file_alone() {
-        let p = image("ro", 64 << 10);
-        std::fs::write(&p, vec![7u8; 64 << 10]).unwrap();
-        let d = RawDisk::open(&p, true).unwrap();
-        assert!(matches!(
-            d.write_at(&[1, 2, 3], 0),
-            Err(BlockError::ReadOnly(_))
-        ));
-        assert!(matches!(d.discard(0, 4096), Err(BlockError::ReadOnly(_))));
-        assert!(matches!(
-            d.write_zeroes(0, 4096),
-            Err(BlockError::ReadOnly(_))
-        ));
-        drop(d);
-        assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 64 << 10]);
-        std::fs::remove_file(p).ok();
-    }
-
-    #[test]
-    fn a_writable_image_is_locked_against_a_second_opener() {
-        let p = image("lock", 64 << 10);
-        let first = RawDisk::open(&p, false).unwrap();
-        let e = RawDisk::open(&p, false).unwrap_err();
-        assert!(matches!(e, BlockError::Locked(_)), "{e}");
-        assert!(e.to_string().contains("in use by another process"));
-        assert!(matches!(
-            RawDisk::open(&p, true),
+            Disk::open(&opts(&overlay, None, false)),
             Err(BlockError::Locked(_))
         ));
-        drop(first);
-        // Read-only openers share.
-        let a = RawDisk::open(&p, true).unwrap();
-        let b = RawDisk::open(&p, true).unwrap();
-        assert!(matches!(
-            RawDisk::open(&p, false),
-            Err(BlockError::Locked(_))
-        ));
-        drop((a, b));
-        std::fs::remove_file(p).ok();
-    }
-
-    #[test]
-    fn discard_and_write_zeroes_punch_holes() {
-        let p = image("trim", 4 << 20);
-        std::fs::write(&p, vec![0xabu8; 4 << 20]).unwrap();
-        let d = RawDisk::open(&p, false).unwrap();
-        d.flush().unwrap();
-        let before = d.allocated_bytes().unwrap();
-        d.discard(0, 2 << 20).unwrap();
-        d.write_zeroes(2 << 20, 1 << 20).unwrap();
-        let mut back = vec![1u8; 3 << 20];
-        d.read_at(&mut back, 0).unwrap();
-        assert!(back.iter().all(|&b| b == 0));
-        let mut tail = vec![0u8; 1 << 20];
-        d.read_at(&mut tail, 3 << 20).unwrap();
-        assert!(tail.iter().all(|&b| b == 0xab));
-        let after = d.allocated_bytes().unwrap();
-        assert!(after < before, "allocated {before} -> {after}");
-        assert_eq!(d.size(), 4 << 20, "size kept");
         drop(d);
-        std::fs::remove_file(p).ok();
-    }
-
-    #[test]
-    fn missing_image_is_a_clear_error() {
-        let e = RawDisk::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "cannot open disk image /nonexistent/disk.img: No such file or directory (os error 2)"
+        assert_eq!(std::fs::read(&base).unwrap(), pattern, "base changed");
+        let o = qemu_img(&["check", "-q", overlay.to_str().unwrap()]).unwrap();
+        assert!(
+            o.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&o.stdout)
         );
+        let flat = tmp("flat.raw");
+        let o = qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            overlay.to_str().unwrap(),
+            flat.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(o.status.success());
+        let flat_data = std::fs::read(&flat).unwrap();
+        assert_eq!(&flat_data[1 << 20..(1 << 20) + 65536], &data[..]);
+        assert!(flat_data[2 << 20..(2 << 20) + 65536]
+            .iter()
+            .all(|&b| b == 0));
+        assert!(flat_data[3 << 20..(3 << 20) + 65536]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(&flat_data[..1 << 20], &pattern[..1 << 20]);
+        for p in [base, overlay, flat] {
+            std::fs::remove_file(p).ok();
+        }
+    }
+
+    #[test]
+    fn stated_and_detected_formats() {
+        let q = tmp("stated.qcow2");
+        let Some(o) = qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1M"]) else {
+            return;
+        };
+        assert!(o.status.success());
+        // Stated raw on a qcow2 image: used as raw, with a warning.
+        let (d, w) = Disk::open(&opts(&q, Some(ImageFormat::Raw), true)).unwrap();
+        assert_eq!(d.format(), ImageFormat::Raw);
+        assert!(w.unwrap().contains("looks like qcow2"));
+        drop(d);
+        // A corrupt qcow2 header is a clear error.
+        let mut bytes = std::fs::read(&q).unwrap();
+        bytes[4..8].copy_from_slice(&[0, 0, 0, 9]); // version 9
+        std::fs::write(&q, &bytes).unwrap();
+        let e = Disk::open(&opts(&q, None, false)).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot open disk image {}", q.display())),
+            "{e}"
+        );
+        std::fs::remove_file(q).ok();
     }
 }

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{BootProtocol, CharBackend, Decompress, MemSize, OnReboot, Transport};
+use vmm::config::{
+    BootProtocol, CharBackend, Decompress, DiskConfig, MemSize, OnReboot, Transport,
+};
 use vmm::{VmConfig, VmExit};
 
 /// Exit status when the guest crashed (triple fault, KVM internal error, kernel panic).
@@ -71,6 +73,11 @@ struct RunArgs {
     /// Add a virtio-console (the guest's hvc0): stdio, file:PATH or none.
     #[arg(long, value_name = "BACKEND")]
     console: Option<CharBackend>,
+    /// Add a virtio-blk disk (repeatable; the first is vda):
+    /// path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=none|writeback][,queues=N]
+    /// [,iops=N][,bw=BYTES/s][,io=auto|io_uring|sync].
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<DiskConfig>,
     /// Seconds the guest gets to power off after SIGTERM presses its ACPI power button
     /// [default: 20].
     #[arg(long, value_name = "SECS")]
@@ -122,6 +129,9 @@ impl RunArgs {
         }
         if let Some(v) = self.console {
             c.console = Some(v);
+        }
+        if !self.disk.is_empty() {
+            c.disks = self.disk;
         }
         if let Some(v) = self.shutdown_timeout {
             c.shutdown_timeout = v;

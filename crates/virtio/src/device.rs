@@ -48,6 +48,11 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues a driver must enable; a multiqueue device lets the driver use
+    /// only the first ones (Linux uses one per vCPU) and is activated with those.
+    fn min_queues(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Features the device offers (must include `VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;
     /// The features the driver accepted (a subset of [`features`](Self::features)).

@@ -239,6 +239,181 @@ pub enum Transport {
     Mmio,
 }
 
+/// Image format of a disk, as the user states it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Plain image.
+    Raw,
+    /// QEMU copy-on-write.
+    Qcow2,
+}
+
+/// Host caching of a disk image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// Through the host page cache; guest flushes reach the disk.
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: bypass the host page cache.
+    None,
+}
+
+/// How a disk's requests are run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskIo {
+    /// io_uring where the host allows it (raw images), synchronous otherwise.
+    #[default]
+    Auto,
+    /// io_uring, falling back to synchronous I/O where unavailable.
+    IoUring,
+    /// Synchronous I/O on the device's worker threads.
+    Sync,
+}
+
+keyword_enum!(DiskFormat, Raw => "raw", Qcow2 => "qcow2");
+keyword_enum!(DiskCache, Writeback => "writeback", None => "none");
+keyword_enum!(DiskIo, Auto => "auto", IoUring => "io_uring", Sync => "sync");
+
+fn default_queues() -> u16 {
+    1
+}
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its format; detected (qcow2 magic) when absent.
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
+    /// The guest cannot write (VIRTIO_BLK_F_RO); the file is opened read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// The disk's serial number (get-id), at most 20 bytes.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Host caching.
+    #[serde(default)]
+    pub cache: DiskCache,
+    /// Request queues (VIRTIO_BLK_F_MQ when more than 1), 1..=16.
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    /// Operations per second (0: no limit).
+    #[serde(default)]
+    pub iops: u64,
+    /// Bytes per second (0: no limit).
+    #[serde(default)]
+    pub bw: u64,
+    /// I/O engine.
+    #[serde(default)]
+    pub io: DiskIo,
+}
+
+fn on_off(field: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(invalid(field, v, "expected on or off")),
+    }
+}
+
+/// A byte rate: a number with an optional K, M or G (binary) suffix and an optional `/s`.
+fn byte_rate(field: &'static str, v: &str) -> Result<u64, ConfigError> {
+    let t = v.strip_suffix("/s").unwrap_or(v);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| invalid(field, v, "expected bytes per second, e.g. 50M"))
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=none|writeback]
+    /// [,queues=N][,iops=N][,bw=BYTES/s][,io=auto|io_uring|sync]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut path = None;
+        let mut d = DiskConfig {
+            path: PathBuf::new(),
+            format: None,
+            readonly: false,
+            serial: None,
+            cache: DiskCache::default(),
+            queues: default_queues(),
+            iops: 0,
+            bw: 0,
+            io: DiskIo::default(),
+        };
+        for item in s.split(',') {
+            let Some((k, v)) = item.split_once('=') else {
+                return Err(invalid("disk", item, "expected key=value"));
+            };
+            let kw = |field| move |why: String| invalid(field, v, why);
+            match k {
+                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+                "format" => d.format = Some(v.parse().map_err(kw("disk format"))?),
+                "readonly" | "ro" => d.readonly = on_off("disk readonly", v)?,
+                "serial" => d.serial = Some(v.to_string()),
+                "cache" => d.cache = v.parse().map_err(kw("disk cache"))?,
+                "io" => d.io = v.parse().map_err(kw("disk io"))?,
+                "queues" => {
+                    d.queues = v
+                        .parse()
+                        .map_err(|_| invalid("disk queues", v, "expected a number"))?
+                }
+                "iops" => {
+                    d.iops = v
+                        .parse()
+                        .map_err(|_| invalid("disk iops", v, "expected a number"))?
+                }
+                "bw" => d.bw = byte_rate("disk bw", v)?,
+                _ => {
+                    return Err(invalid(
+                        "disk",
+                        item,
+                        "expected path, format, readonly, serial, cache, queues, iops, bw or io",
+                    ))
+                }
+            }
+        }
+        d.path = path.ok_or(ConfigError::Missing("disk path (--disk path=IMG)"))?;
+        Ok(d)
+    }
+}
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let name = self.path.display();
+        if !(1..=16).contains(&self.queues) {
+            return Err(invalid(
+                "disk queues",
+                self.queues,
+                format!("must be 1 to 16 ({name})"),
+            ));
+        }
+        if let Some(s) = &self.serial {
+            if s.len() > 20 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "disk serial",
+                    s,
+                    "must be at most 20 printable ASCII characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -287,6 +462,9 @@ pub struct VmConfig {
     /// A virtio-console device (the guest's `hvc0`) and its backend.
     #[serde(default)]
     pub console: Option<CharBackend>,
+    /// virtio-blk disks, in order (the first is the guest's `vda`).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its power button.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: u64,
@@ -311,6 +489,7 @@ impl Default for VmConfig {
             transport: Transport::default(),
             rng: false,
             console: None,
+            disks: Vec::new(),
             shutdown_timeout: default_shutdown_timeout(),
         }
     }
@@ -371,6 +550,9 @@ impl VmConfig {
                 "stdio",
                 "the serial port already uses stdio; give one of them --serial none or a file",
             ));
+        }
+        for d in &self.disks {
+            d.validate()?;
         }
         if cmd.contains('\0') {
             return Err(invalid(

@@ -10,12 +10,13 @@ use vmm_sys_util::eventfd::EventFd;
 use arch::acpi::VirtioMmioAcpi;
 use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use arch::GuestMemoryMmap;
+use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use devices::Bus;
-use virtio::devices::{Console, ConsoleInput, Rng};
+use virtio::devices::{Block, BlockOptions, Console, ConsoleInput, Rng};
 use virtio::transport::mmio::MmioTransport;
 use virtio::VirtioDevice;
 
-use crate::config::{CharBackend, VmConfig};
+use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, VmConfig};
 use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use crate::vm::VmmError;
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
@@ -50,6 +51,9 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
         }
         devices.push(Box::new(console));
     }
+    for (i, d) in config.disks.iter().enumerate() {
+        devices.push(Box::new(open_disk(i, d)?));
+    }
     if devices.len() as u64 > VIRTIO_MMIO_MAX {
         return Err(setup(format!(
             "at most {VIRTIO_MMIO_MAX} virtio devices are supported"
@@ -59,6 +63,44 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
         devices,
         console_input,
     })
+}
+
+/// Opens disk `i` and wraps it in a virtio-blk device.
+fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
+    let opts = DiskOptions {
+        path: d.path.clone(),
+        format: d.format.map(|f| match f {
+            DiskFormat::Raw => ImageFormat::Raw,
+            DiskFormat::Qcow2 => ImageFormat::Qcow2,
+        }),
+        read_only: d.readonly,
+        direct: d.cache == DiskCache::None,
+    };
+    let (disk, warning) = Disk::open(&opts).map_err(setup)?;
+    if let Some(w) = warning {
+        eprintln!("tern: warning: {w}");
+    }
+    if disk.size() < 512 {
+        return Err(setup(format!(
+            "disk image {} is smaller than one 512-byte sector",
+            d.path.display()
+        )));
+    }
+    let engine = match d.io {
+        DiskIo::Auto | DiskIo::IoUring => EngineKind::IoUring,
+        DiskIo::Sync => EngineKind::Sync,
+    };
+    let serial = d.serial.clone().unwrap_or_else(|| format!("tern-disk{i}"));
+    Ok(Block::new(
+        Arc::new(disk),
+        BlockOptions {
+            serial,
+            queues: d.queues,
+            engine,
+            iops: d.iops,
+            bandwidth: d.bw,
+        },
+    ))
 }
 
 /// Where the `i`-th virtio-mmio device lives.

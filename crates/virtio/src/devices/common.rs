@@ -35,8 +35,8 @@ pub(crate) enum Malformed {
     OutOfRange { head: u16, addr: u64, len: u32 },
     #[error("descriptor chain {0}: a device-readable buffer follows a device-writable one")]
     Order(u16),
-    #[error("descriptor chain {0} describes more than {MAX_CHAIN_BYTES} bytes")]
-    TooLong(u16),
+    #[error("descriptor chain {0} describes more than {1} bytes")]
+    TooLong(u16, u64),
     #[error("descriptor chain {0} has {1} buffers, which this queue does not take")]
     Direction(u16, &'static str),
     #[error("guest memory: {0}")]
@@ -79,6 +79,8 @@ pub(crate) struct Ctx {
     pub interrupt: Arc<dyn Interrupt>,
     pub broken: Arc<AtomicBool>,
     pub name: &'static str,
+    /// Most bytes a chain may describe ([`MAX_CHAIN_BYTES`] unless the device needs more).
+    pub max_chain: u64,
 }
 
 impl Ctx {
@@ -119,8 +121,8 @@ impl Ctx {
                 return Err(Malformed::Order(head));
             }
             total += u64::from(d.len());
-            if total > MAX_CHAIN_BYTES {
-                return Err(Malformed::TooLong(head));
+            if total > self.max_chain {
+                return Err(Malformed::TooLong(head, self.max_chain));
             }
             let access = if writable {
                 Permissions::Write
@@ -312,6 +314,7 @@ mod tests {
             interrupt: rec.clone(),
             broken: Arc::new(AtomicBool::new(false)),
             name: "test",
+            max_chain: MAX_CHAIN_BYTES,
         };
         let vq = VirtQueue::new(0x1000);
         let mut q = Queue::new(256).unwrap();
@@ -394,7 +397,7 @@ mod tests {
                 |m, q| {
                     q.add_chain(m, &[(0, MAX_CHAIN_BYTES as u32, false), (0, 1, false)]);
                 },
-                |e| matches!(e, Malformed::TooLong(0)),
+                |e| matches!(e, Malformed::TooLong(0, _)),
             ),
             (
                 "avail index",

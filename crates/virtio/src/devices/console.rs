@@ -21,7 +21,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::common::{drain, Ctx, Handler, Malformed, Request, Worker, CHUNK};
+use super::common::{drain, Ctx, Handler, Malformed, Request, Worker, CHUNK, MAX_CHAIN_BYTES};
 use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
 
 /// Size of each queue.
@@ -149,6 +149,7 @@ impl VirtioDevice for Console {
                 interrupt,
                 broken: self.broken.clone(),
                 name: "console",
+                max_chain: MAX_CHAIN_BYTES,
             },
             rx: rx.queue,
             rx_event: rx.event,

@@ -10,9 +10,11 @@
 //! Each device processes at most a queue's worth of chains per wakeup, so a guest refilling a
 //! queue as fast as it is served cannot starve a reset.
 
+pub mod block;
 mod common;
 pub mod console;
 pub mod rng;
 
+pub use block::{Block, BlockCounters, BlockOptions};
 pub use console::{Console, ConsoleInput, ConsoleOutput};
 pub use rng::Rng;

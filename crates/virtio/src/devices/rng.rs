@@ -16,7 +16,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::common::{drain, Ctx, Handler, Malformed, Request, Worker, CHUNK};
+use super::common::{drain, Ctx, Handler, Malformed, Request, Worker, CHUNK, MAX_CHAIN_BYTES};
 use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
 
 /// Size of the request queue.
@@ -80,6 +80,7 @@ impl VirtioDevice for Rng {
                 interrupt,
                 broken: self.broken.clone(),
                 name: "rng",
+                max_chain: MAX_CHAIN_BYTES,
             },
             queue: q.queue,
             event: q.event,

@@ -140,8 +140,14 @@ pub(crate) fn activate(
 ) -> Result<(), String> {
     let event_idx = driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
     let maxes = device.queue_max_sizes().to_vec();
+    let min_queues = device.min_queues();
     let mut queues = Vec::with_capacity(maxes.len());
     for (i, ((r, max), n)) in regs.iter().zip(maxes).zip(notify).enumerate() {
+        if !r.ready && i >= min_queues {
+            // A driver may use only the first queues of a multiqueue device (Linux uses one
+            // per vCPU); the device is told how many it got.
+            break;
+        }
         let queue = r
             .build(max, event_idx, mem)
             .map_err(|e| format!("queue {i}: {e}"))?;

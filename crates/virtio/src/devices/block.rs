@@ -1,0 +1,1038 @@
+//! virtio-blk (device type 2): a disk image ([`block::Disk`], raw or qcow2) served to the guest.
+//!
+//! Each queue has its own worker thread and its own I/O [`Engine`] (io_uring where it can), so
+//! with `queues=N` (VIRTIO_BLK_F_MQ) N guest CPUs submit in parallel. Requests: read, write,
+//! flush, get-id, discard and write-zeroes; a read-only disk refuses the writing ones with
+//! VIRTIO_BLK_S_IOERR and never touches the file.
+//!
+//! Hostile requests are answered, not fatal: a request whose header or buffers make no sense
+//! (past the end of the disk, a zero-length buffer, writable buffers overlapping anything, more
+//! than [`MAX_DATA`] bytes, a length that is not whole sectors, buffers in the wrong direction)
+//! completes with VIRTIO_BLK_S_IOERR, an unknown type with VIRTIO_BLK_S_UNSUPP, and the device
+//! keeps serving. Only a broken *chain* (see [the devices module](super)) or one without a
+//! status byte stops it.
+//!
+//! An optional rate limiter (ops/s and bytes/s token buckets, shared by the queues) delays
+//! reads and writes: a request that does not fit is put back on the available ring and the
+//! queue sleeps on a timerfd until the buckets refill.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use block::{Completion, Disk, Engine, EngineKind, IoOp, IoSlice};
+use ratelimit::RateLimiter;
+use virtio_bindings::bindings::virtio_blk::*;
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::common::{drain, Buf, Ctx, Handler, Malformed, Request, Worker};
+use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
+
+/// Size of each request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR: u64 = 512;
+/// Most data one request may carry; larger ones fail with IOERR. Linux sends at most 1.25 MiB
+/// (BLK_DEF_MAX_SECTORS) unless told otherwise.
+pub const MAX_DATA: u64 = 8 << 20;
+/// Most bytes one chain may describe before it counts as a broken chain.
+const MAX_CHAIN: u64 = 64 << 20;
+/// Most sectors one discard or write-zeroes segment may cover (2 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Bytes of device configuration space (`struct virtio_blk_config` up to `unused1`).
+const CONFIG_LEN: usize = 60;
+/// Length of a get-id answer.
+const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// How a virtio-blk device is set up.
+#[derive(Clone, Debug)]
+pub struct BlockOptions {
+    /// What get-id answers (at most 20 bytes are used).
+    pub serial: String,
+    /// Number of request queues (1 = no multiqueue).
+    pub queues: u16,
+    /// io_uring or synchronous I/O (io_uring falls back to synchronous where unavailable).
+    pub engine: EngineKind,
+    /// Operations per second (0 = unlimited).
+    pub iops: u64,
+    /// Bytes per second (0 = unlimited).
+    pub bandwidth: u64,
+}
+
+/// I/O counters of one device.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// Read requests completed.
+    pub read_ops: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Write requests completed.
+    pub write_ops: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flushes completed.
+    pub flush_ops: AtomicU64,
+    /// Discard and write-zeroes requests completed.
+    pub discard_ops: AtomicU64,
+    /// Requests answered with an error status.
+    pub errors: AtomicU64,
+    /// Times a queue waited for the rate limiter.
+    pub throttled: AtomicU64,
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: Arc<Disk>,
+    opts: BlockOptions,
+    queue_sizes: Vec<u16>,
+    config: [u8; CONFIG_LEN],
+    acked: u64,
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    counters: Arc<BlockCounters>,
+    broken: Arc<AtomicBool>,
+    workers: Vec<Worker<BlkWorker>>,
+}
+
+impl Block {
+    /// A device serving `disk`.
+    pub fn new(disk: Arc<Disk>, mut opts: BlockOptions) -> Self {
+        opts.queues = opts.queues.max(1);
+        let mut config = [0u8; CONFIG_LEN];
+        let put = |c: &mut [u8; CONFIG_LEN], off: usize, v: &[u8]| {
+            c[off..off + v.len()].copy_from_slice(v)
+        };
+        put(&mut config, 0, &(disk.size() / SECTOR).to_le_bytes());
+        put(&mut config, 12, &u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        put(&mut config, 20, &(SECTOR as u32).to_le_bytes()); // blk_size
+        put(&mut config, 34, &opts.queues.to_le_bytes());
+        put(&mut config, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut config, 40, &1u32.to_le_bytes()); // max_discard_seg
+        put(&mut config, 44, &8u32.to_le_bytes()); // discard_sector_alignment: 4 KiB
+        put(&mut config, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut config, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+        config[56] = 1; // write_zeroes_may_unmap
+        let limiter = (opts.iops > 0 || opts.bandwidth > 0).then(|| {
+            Arc::new(Mutex::new(RateLimiter::new(
+                (opts.iops, 0),
+                (opts.bandwidth, 0),
+                Instant::now(),
+            )))
+        });
+        Block {
+            queue_sizes: vec![QUEUE_SIZE; usize::from(opts.queues)],
+            disk,
+            opts,
+            config,
+            acked: 0,
+            limiter,
+            counters: Arc::default(),
+            broken: Arc::default(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// The device's I/O counters.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn min_queues(&self) -> usize {
+        1
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if self.disk.read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if self.opts.queues > 1 {
+            f |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(off) = usize::try_from(offset) else {
+            return;
+        };
+        if off < CONFIG_LEN {
+            let n = data.len().min(CONFIG_LEN - off);
+            data[..n].copy_from_slice(&self.config[off..off + n]);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // `writeback` (VIRTIO_BLK_F_CONFIG_WCE) is not offered: nothing is writable.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<QueueEvent>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        if queues.is_empty() || queues.len() > usize::from(self.opts.queues) {
+            return Err(ActivateError::BadQueue(format!(
+                "1 to {} queues expected, got {}",
+                self.opts.queues,
+                queues.len()
+            )));
+        }
+        let mut serial = [0u8; ID_LEN];
+        let s = self.opts.serial.as_bytes();
+        serial[..s.len().min(ID_LEN)].copy_from_slice(&s[..s.len().min(ID_LEN)]);
+        for (i, q) in queues.into_iter().enumerate() {
+            let index = i as u16;
+            let engine = Engine::new(self.disk.clone(), u32::from(QUEUE_SIZE), self.opts.engine);
+            tracing::debug!(
+                "virtio-blk {}: queue {index} uses {} I/O",
+                self.disk.path().display(),
+                engine.kind()
+            );
+            let handler = BlkWorker {
+                ctx: Ctx {
+                    mem: mem.clone(),
+                    interrupt: interrupt.clone(),
+                    broken: self.broken.clone(),
+                    name: "blk",
+                    max_chain: MAX_CHAIN,
+                },
+                queue: q.queue,
+                index,
+                event: q.event,
+                engine,
+                limiter: self.limiter.clone(),
+                timer: TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?,
+                throttled: false,
+                pending: Vec::new(),
+                free: Vec::new(),
+                serial,
+                counters: self.counters.clone(),
+                done: Vec::new(),
+            };
+            let name = format!("virtio-blk-q{index}");
+            self.workers
+                .push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Each worker's engine waits for its in-flight I/O when it is dropped.
+        for w in self.workers.drain(..) {
+            w.stop();
+        }
+        self.broken.store(false, Ordering::SeqCst);
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}
+
+/// A request whose I/O is running: where its status goes and what it returns.
+struct Pending {
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+    op: IoOp,
+    bytes: u64,
+}
+
+/// What a request turned out to be.
+enum Action {
+    /// Answer at once with this status; `used_len` bytes were written before the status.
+    Done { status: u8, written: u32 },
+    /// Run I/O, then answer.
+    Io {
+        op: IoOp,
+        iov: Vec<IoSlice>,
+        offset: u64,
+        bytes: u64,
+    },
+}
+
+fn err(status: u32) -> Action {
+    Action::Done {
+        status: status as u8,
+        written: 0,
+    }
+}
+
+struct BlkWorker {
+    ctx: Ctx,
+    queue: Queue,
+    index: u16,
+    event: EventFd,
+    engine: Engine,
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    timer: TimerFd,
+    throttled: bool,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    serial: [u8; ID_LEN],
+    counters: Arc<BlockCounters>,
+    done: Vec<Completion>,
+}
+
+const TOKEN_QUEUE: usize = 0;
+const TOKEN_TIMER: usize = 1;
+
+impl Handler for BlkWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.event.as_raw_fd(), self.timer.as_raw_fd()];
+        fds.extend(self.engine.event_fd());
+        fds
+    }
+
+    fn handle(&mut self, token: usize) -> bool {
+        let mut used = 0u32;
+        let res = match token {
+            TOKEN_QUEUE => {
+                drain(&self.event);
+                if self.throttled {
+                    Ok(())
+                } else {
+                    self.process(&mut used)
+                }
+            }
+            TOKEN_TIMER => {
+                let _ = self.timer.wait();
+                self.throttled = false;
+                self.process(&mut used)
+            }
+            _ => Ok(()),
+        };
+        let res = res.and_then(|()| self.complete(&mut used));
+        if used > 0 {
+            self.ctx.signal(&self.queue, self.index);
+        }
+        match res {
+            Ok(()) => true,
+            Err(e) => self.ctx.fail(e),
+        }
+    }
+}
+
+impl Drop for BlkWorker {
+    fn drop(&mut self) {
+        // Let the kernel finish with guest buffers before the requests are forgotten.
+        let mut sink = Vec::new();
+        self.engine.drain(&mut sink);
+    }
+}
+
+impl BlkWorker {
+    /// Takes requests off the available ring until it is empty, the rate limiter says wait, or
+    /// a queue's worth was taken (then the queue event is re-raised so a reset is not starved).
+    fn process(&mut self, used: &mut u32) -> Result<(), Malformed> {
+        let mut taken = 0;
+        while let Some(req) = self.ctx.pop(&mut self.queue, self.index)? {
+            let Some(last) = req.bufs.last().copied().filter(|b| b.writable && b.len > 0) else {
+                // No status byte to answer in: return the chain with nothing written.
+                tracing::warn!("virtio-blk: request {} has no status byte", req.head);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .add_used(&mut self.queue, self.index, req.head, 0)?;
+                *used += 1;
+                continue;
+            };
+            let status = GuestAddress(last.addr.0 + u64::from(last.len) - 1);
+            match self.parse(&req) {
+                Action::Done { status: s, written } => {
+                    if s != VIRTIO_BLK_S_OK as u8 {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.finish(req.head, status, s, written + 1)?;
+                    *used += 1;
+                }
+                Action::Io {
+                    op,
+                    iov,
+                    offset,
+                    bytes,
+                } => {
+                    if matches!(op, IoOp::Read | IoOp::Write) && !self.admit(bytes) {
+                        self.queue.go_to_previous_position();
+                        break;
+                    }
+                    let slot = self.free.pop().unwrap_or_else(|| {
+                        self.pending.push(None);
+                        self.pending.len() - 1
+                    });
+                    let used_len = if op == IoOp::Read {
+                        bytes as u32 + 1
+                    } else {
+                        1
+                    };
+                    self.pending[slot] = Some(Pending {
+                        head: req.head,
+                        status,
+                        used_len,
+                        op,
+                        bytes,
+                    });
+                    // SAFETY: `iov` points into guest memory (checked by `parse`), which
+                    // `self.ctx.mem` keeps mapped; the chain is not returned to the guest until
+                    // its completion is reaped, and the worker drains the engine before it goes.
+                    unsafe { self.engine.submit(op, iov, offset, slot as u64) };
+                }
+            }
+            taken += 1;
+            if taken == QUEUE_SIZE {
+                let _ = self.event.write(1);
+                break;
+            }
+        }
+        self.engine.commit();
+        Ok(())
+    }
+
+    /// Whether the rate limiter lets a request of `bytes` through now; if not, arms the timer.
+    fn admit(&mut self, bytes: u64) -> bool {
+        let Some(l) = &self.limiter else {
+            return true;
+        };
+        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if l.try_admit(bytes, now) {
+            return true;
+        }
+        let wait = l.wait_time(bytes, now).max(Duration::from_micros(100));
+        drop(l);
+        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.timer.reset(wait, None) {
+            tracing::warn!("virtio-blk: cannot arm the rate-limit timer: {e}");
+            return true;
+        }
+        self.throttled = true;
+        false
+    }
+
+    /// Answers the requests whose I/O finished.
+    fn complete(&mut self, used: &mut u32) -> Result<(), Malformed> {
+        let mut done = std::mem::take(&mut self.done);
+        self.engine.reap(&mut done);
+        for c in done.drain(..) {
+            let Some(p) = self
+                .pending
+                .get_mut(c.user_data as usize)
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            self.free.push(c.user_data as usize);
+            let (status, len) = match c.result {
+                Ok(()) => {
+                    let (ops, bytes) = match p.op {
+                        IoOp::Read => (&self.counters.read_ops, &self.counters.read_bytes),
+                        IoOp::Write => (&self.counters.write_ops, &self.counters.write_bytes),
+                        IoOp::Flush => (&self.counters.flush_ops, &self.counters.flush_ops),
+                    };
+                    ops.fetch_add(1, Ordering::Relaxed);
+                    if p.op != IoOp::Flush {
+                        bytes.fetch_add(p.bytes, Ordering::Relaxed);
+                    }
+                    (VIRTIO_BLK_S_OK as u8, p.used_len)
+                }
+                Err(e) => {
+                    tracing::warn!("virtio-blk: {e}");
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    (VIRTIO_BLK_S_IOERR as u8, 1)
+                }
+            };
+            self.finish(p.head, p.status, status, len)?;
+            *used += 1;
+        }
+        self.done = done;
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        head: u16,
+        status: GuestAddress,
+        s: u8,
+        len: u32,
+    ) -> Result<(), Malformed> {
+        self.ctx
+            .mem
+            .write_obj(s, status)
+            .map_err(Malformed::Memory)?;
+        self.ctx.add_used(&mut self.queue, self.index, head, len)
+    }
+
+    /// Makes sense of a request (whose last byte is its status), answering what is wrong.
+    fn parse(&mut self, req: &Request) -> Action {
+        let Some(segs) = Segments::split(&self.ctx.mem, &req.bufs) else {
+            return err(VIRTIO_BLK_S_IOERR);
+        };
+        let [t0, t1, t2, t3, _, _, _, _, s @ ..] = segs.header;
+        let kind = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes(s);
+        let disk = self.engine.disk().clone();
+        let data_len = segs.data_len();
+        let writing = matches!(
+            kind,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+        );
+        if writing && disk.read_only() {
+            return err(VIRTIO_BLK_S_IOERR);
+        }
+        match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let reading = kind == VIRTIO_BLK_T_IN;
+                if data_len == 0
+                    || data_len % SECTOR != 0
+                    || data_len > MAX_DATA
+                    || !segs.data.iter().all(|b| b.writable == reading)
+                {
+                    return err(VIRTIO_BLK_S_IOERR);
+                }
+                let Some(offset) = sector
+                    .checked_mul(SECTOR)
+                    .filter(|o| o.checked_add(data_len).is_some_and(|e| e <= disk.size()))
+                else {
+                    return err(VIRTIO_BLK_S_IOERR);
+                };
+                let Some(iov) = segs.iovecs(&self.ctx.mem) else {
+                    return err(VIRTIO_BLK_S_IOERR);
+                };
+                Action::Io {
+                    op: if reading { IoOp::Read } else { IoOp::Write },
+                    iov,
+                    offset,
+                    bytes: data_len,
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => Action::Io {
+                op: IoOp::Flush,
+                iov: Vec::new(),
+                offset: 0,
+                bytes: 0,
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                if !segs.data.iter().all(|b| b.writable) {
+                    return err(VIRTIO_BLK_S_IOERR);
+                }
+                let n = (data_len as usize).min(ID_LEN);
+                let mut left = &self.serial[..n];
+                for b in &segs.data {
+                    let k = left.len().min(b.len as usize);
+                    if self.ctx.mem.write_slice(&left[..k], b.addr).is_err() {
+                        return err(VIRTIO_BLK_S_IOERR);
+                    }
+                    left = &left[k..];
+                }
+                Action::Done {
+                    status: VIRTIO_BLK_S_OK as u8,
+                    written: n as u32,
+                }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => self.discard(kind, &segs, &disk),
+            _ => err(VIRTIO_BLK_S_UNSUPP),
+        }
+    }
+
+    /// Discard or write-zeroes of one `virtio_blk_discard_write_zeroes` segment.
+    fn discard(&mut self, kind: u32, segs: &Segments, disk: &Disk) -> Action {
+        if segs.data_len() != 16 || !segs.data.iter().all(|b| !b.writable) {
+            return err(VIRTIO_BLK_S_IOERR);
+        }
+        let mut raw = [0u8; 16];
+        let mut off = 0;
+        for b in &segs.data {
+            let n = b.len as usize;
+            if self
+                .ctx
+                .mem
+                .read_slice(&mut raw[off..off + n], b.addr)
+                .is_err()
+            {
+                return err(VIRTIO_BLK_S_IOERR);
+            }
+            off += n;
+        }
+        let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
+        let count = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
+        let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or_default());
+        let allowed = if kind == VIRTIO_BLK_T_WRITE_ZEROES {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        } else {
+            0
+        };
+        if flags & !allowed != 0 {
+            return err(VIRTIO_BLK_S_UNSUPP);
+        }
+        let len = u64::from(count) * SECTOR;
+        let Some(offset) = sector
+            .checked_mul(SECTOR)
+            .filter(|o| o.checked_add(len).is_some_and(|e| e <= disk.size()))
+        else {
+            return err(VIRTIO_BLK_S_IOERR);
+        };
+        if count > MAX_DISCARD_SECTORS {
+            return err(VIRTIO_BLK_S_IOERR);
+        }
+        let res = if kind == VIRTIO_BLK_T_DISCARD {
+            disk.discard(offset, len)
+        } else {
+            disk.write_zeroes(offset, len)
+        };
+        match res {
+            Ok(()) => {
+                self.counters.discard_ops.fetch_add(1, Ordering::Relaxed);
+                Action::Done {
+                    status: VIRTIO_BLK_S_OK as u8,
+                    written: 0,
+                }
+            }
+            Err(e) => {
+                tracing::warn!("virtio-blk: {e}");
+                err(VIRTIO_BLK_S_IOERR)
+            }
+        }
+    }
+}
+
+/// A request's buffers split into header, data and status.
+struct Segments {
+    header: [u8; 16],
+    data: Vec<Buf>,
+}
+
+impl Segments {
+    /// Splits `bufs` (the last byte of the last buffer is the status): the first 16
+    /// device-readable bytes are the header, the rest is data. `None` for a request that is
+    /// malformed: a short header, a zero-length buffer, or a device-writable byte overlapping
+    /// any other byte of the request.
+    fn split(mem: &GuestMemoryMmap, bufs: &[Buf]) -> Option<Self> {
+        if bufs.iter().any(|b| b.len == 0) {
+            return None;
+        }
+        let mut header = [0u8; 16];
+        let mut need = 16usize;
+        let mut data = Vec::new();
+        let mut ranges = Vec::with_capacity(bufs.len() + 2);
+        let last = bufs.len() - 1;
+        for (i, b) in bufs.iter().enumerate() {
+            let mut addr = b.addr.0;
+            let mut len = u64::from(b.len);
+            if i == last {
+                len -= 1;
+                ranges.push((addr + len, 1, true));
+            }
+            if need > 0 && len > 0 {
+                if b.writable {
+                    return None;
+                }
+                let n = need.min(len as usize);
+                mem.read_slice(&mut header[16 - need..16 - need + n], GuestAddress(addr))
+                    .ok()?;
+                ranges.push((addr, n as u64, false));
+                need -= n;
+                addr += n as u64;
+                len -= n as u64;
+            }
+            if len > 0 {
+                ranges.push((addr, len, b.writable));
+                data.push(Buf {
+                    addr: GuestAddress(addr),
+                    len: len as u32,
+                    writable: b.writable,
+                });
+            }
+        }
+        if need > 0 || overlaps(&mut ranges) {
+            return None;
+        }
+        Some(Segments { header, data })
+    }
+
+    fn data_len(&self) -> u64 {
+        self.data.iter().map(|b| u64::from(b.len)).sum()
+    }
+
+    /// Host addresses of the data buffers; `None` if one crosses a memory region boundary.
+    fn iovecs(&self, mem: &GuestMemoryMmap) -> Option<Vec<IoSlice>> {
+        self.data
+            .iter()
+            .map(|b| {
+                let s = mem.get_slice(b.addr, b.len as usize).ok()?;
+                Some(IoSlice::new(s.ptr_guard_mut().as_ptr(), b.len as usize))
+            })
+            .collect()
+    }
+}
+
+/// Whether any device-writable range `(addr, len, writable)` overlaps another range. Readable
+/// ranges may overlap each other (Linux writes one zero page to many sectors).
+fn overlaps(ranges: &mut [(u64, u64, bool)]) -> bool {
+    ranges.sort_unstable_by_key(|r| r.0);
+    let (mut end_any, mut end_writable) = (0u64, 0u64);
+    for &(start, len, writable) in ranges.iter() {
+        if start < end_writable || (writable && start < end_any) {
+            return true;
+        }
+        let end = start.saturating_add(len);
+        end_any = end_any.max(end);
+        if writable {
+            end_writable = end_writable.max(end);
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use block::DiskOptions;
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::testing::*;
+
+    const HDR: u64 = BUFS;
+    const STATUS: u64 = BUFS + 0x100;
+    const DATA: u64 = BUFS + 0x1000;
+
+    struct Rig {
+        d: Driver,
+        q: VirtQueue,
+        path: PathBuf,
+        counters: Arc<BlockCounters>,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            std::fs::remove_file(&self.path).ok();
+        }
+    }
+
+    fn image(name: &str, size: usize) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("tern-vblk-{}-{name}", std::process::id()));
+        let content: Vec<u8> = (0..size).map(|i| (i / 512) as u8).collect();
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    fn rig(name: &str, read_only: bool, engine: EngineKind, direct: bool, iops: u64) -> Rig {
+        let path = image(name, 64 << 10);
+        let opts = DiskOptions {
+            path: path.clone(),
+            format: None,
+            read_only,
+            direct,
+        };
+        let disk = Arc::new(Disk::open(&opts).unwrap().0);
+        let dev = Block::new(
+            disk,
+            BlockOptions {
+                serial: "serial-0123456789abcdef".into(),
+                queues: 1,
+                engine,
+                iops,
+                bandwidth: 0,
+            },
+        );
+        let counters = dev.counters();
+        let mut d = Driver::new(Box::new(dev));
+        let q = VirtQueue::new(0x1000);
+        assert_eq!(d.start(&[&q]), 0xf);
+        Rig {
+            d,
+            q,
+            path,
+            counters,
+        }
+    }
+
+    impl Rig {
+        /// Sends one request; returns (status, used length).
+        fn send(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
+            let mem = &self.d.mem;
+            mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+            mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+            mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let mut bufs = vec![(HDR, 16, false)];
+            bufs.extend_from_slice(data);
+            bufs.push((STATUS, 1, true));
+            let before = self.q.used_idx(mem);
+            self.q.add_chain(mem, &bufs);
+            self.d.notify(0);
+            assert!(wait_for(|| self.q.used_idx(&self.d.mem) != before));
+            let (_, len) = self.q.used_elem(&self.d.mem, before);
+            let status = self.d.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+            (status, len)
+        }
+
+        fn fill(&self, addr: u64, len: usize, byte: u8) {
+            self.d
+                .mem
+                .write_slice(&vec![byte; len], GuestAddress(addr))
+                .unwrap();
+        }
+
+        fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            self.d.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+
+        fn file(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    fn read_write_on(engine: EngineKind, direct: bool) {
+        let mut r = rig(&format!("rw-{engine}-{direct}"), false, engine, direct, 0);
+        assert_eq!(r.d.read(0x100), 128, "capacity in sectors");
+        // Read sectors 3..5 into two buffers (the second one 512 bytes in).
+        let (s, len) = r.send(
+            VIRTIO_BLK_T_IN,
+            3,
+            &[(DATA, 512, true), (DATA + 0x1000, 512, true)],
+        );
+        assert_eq!((s, len), (OK, 1025));
+        assert_eq!(r.bytes(DATA, 512), vec![3; 512]);
+        assert_eq!(r.bytes(DATA + 0x1000, 512), vec![4; 512]);
+        // Write 4 KiB at sector 8 and flush.
+        r.fill(DATA, 4096, 0xa5);
+        assert_eq!(r.send(VIRTIO_BLK_T_OUT, 8, &[(DATA, 4096, false)]), (OK, 1));
+        assert_eq!(r.send(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+        let f = r.file();
+        assert_eq!(&f[8 * 512..16 * 512], &[0xa5; 4096][..]);
+        assert_eq!(&f[7 * 512..8 * 512], &[7; 512][..]);
+        assert_eq!(&f[16 * 512..17 * 512], &[16; 512][..]);
+        assert_eq!(r.counters.write_bytes.load(Ordering::Relaxed), 4096);
+        assert_eq!(r.counters.read_bytes.load(Ordering::Relaxed), 1024);
+    }
+
+    #[test]
+    fn reads_and_writes_through_io_uring_and_sync_io() {
+        read_write_on(EngineKind::IoUring, false);
+        read_write_on(EngineKind::Sync, false);
+        // O_DIRECT: the 512-byte buffers above are bounced, the 4 KiB write is not.
+        read_write_on(EngineKind::IoUring, true);
+        read_write_on(EngineKind::Sync, true);
+    }
+
+    #[test]
+    fn get_id_discard_and_write_zeroes() {
+        let mut r = rig("misc", false, EngineKind::IoUring, false, 0);
+        let (s, len) = r.send(VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
+        assert_eq!((s, len), (OK, 21));
+        assert_eq!(r.bytes(DATA, 20), b"serial-0123456789abc");
+        let seg = |sector: u64, n: u32, flags: u32| {
+            let mut v = sector.to_le_bytes().to_vec();
+            v.extend_from_slice(&n.to_le_bytes());
+            v.extend_from_slice(&flags.to_le_bytes());
+            v
+        };
+        r.d.mem
+            .write_slice(&seg(8, 8, 0), GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(r.send(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]).0, OK);
+        r.d.mem
+            .write_slice(&seg(32, 4, 1), GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(
+            r.send(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(DATA, 16, false)]).0,
+            OK
+        );
+        let f = r.file();
+        assert!(f[8 * 512..16 * 512].iter().all(|&b| b == 0));
+        assert!(f[32 * 512..36 * 512].iter().all(|&b| b == 0));
+        assert_eq!(&f[16 * 512..17 * 512], &[16; 512][..]);
+        // Discard takes no flags; a range past the end fails.
+        r.d.mem
+            .write_slice(&seg(8, 8, 1), GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(
+            r.send(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]).0,
+            UNSUPP
+        );
+        r.d.mem
+            .write_slice(&seg(127, 2, 0), GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(
+            r.send(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]).0,
+            IOERR
+        );
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_and_keep_the_file() {
+        let mut r = rig("ro", true, EngineKind::IoUring, false, 0);
+        let before = r.file();
+        r.fill(DATA, 512, 0x11);
+        assert_eq!(r.send(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0, IOERR);
+        r.d.mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            r.send(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]).0,
+            IOERR
+        );
+        assert_eq!(
+            r.send(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(DATA, 16, false)]).0,
+            IOERR
+        );
+        assert_eq!(r.send(VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]).0, OK);
+        assert_eq!(r.bytes(DATA, 512), vec![1; 512]);
+        assert_eq!(r.file(), before);
+    }
+
+    #[test]
+    fn hostile_requests_get_an_error_status_and_the_device_keeps_serving() {
+        let mut r = rig("hostile", false, EngineKind::IoUring, false, 0);
+        type Case = (&'static str, u32, u64, Vec<(u64, u32, bool)>, u8);
+        let cases: [Case; 10] = [
+            (
+                "past the end",
+                VIRTIO_BLK_T_IN,
+                128,
+                vec![(DATA, 512, true)],
+                IOERR,
+            ),
+            (
+                "straddling the end",
+                VIRTIO_BLK_T_IN,
+                127,
+                vec![(DATA, 1024, true)],
+                IOERR,
+            ),
+            (
+                "sector overflow",
+                VIRTIO_BLK_T_IN,
+                u64::MAX / 2,
+                vec![(DATA, 512, true)],
+                IOERR,
+            ),
+            (
+                "zero-length buffer",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(DATA, 0, true), (DATA + 0x1000, 512, true)],
+                IOERR,
+            ),
+            (
+                "overlapping buffers",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(DATA, 512, true), (DATA + 256, 512, true)],
+                IOERR,
+            ),
+            (
+                "data over the header",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(HDR, 512, true)],
+                IOERR,
+            ),
+            (
+                "data over the status",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(STATUS - 511, 512, true)],
+                IOERR,
+            ),
+            (
+                "partial sector",
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![(DATA, 100, false)],
+                IOERR,
+            ),
+            (
+                "too much data",
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![(0x20_0000, (MAX_DATA as u32) / 4, false); 5],
+                IOERR,
+            ),
+            ("unknown type", 0x55, 0, vec![], UNSUPP),
+        ];
+        let before = r.file();
+        for (what, kind, sector, data, want) in cases {
+            assert_eq!(r.send(kind, sector, &data).0, want, "{what}");
+            assert_eq!(r.d.read(REG_STATUS) & NEEDS_RESET, 0, "{what}: broken");
+            assert_eq!(
+                r.send(VIRTIO_BLK_T_IN, 2, &[(DATA, 512, true)]).0,
+                OK,
+                "{what}"
+            );
+        }
+        // Readable buffers may overlap: one zero page written to two sectors.
+        r.fill(DATA, 512, 0);
+        assert_eq!(
+            r.send(
+                VIRTIO_BLK_T_OUT,
+                4,
+                &[(DATA, 512, false), (DATA, 512, false)]
+            )
+            .0,
+            OK
+        );
+        let f = r.file();
+        assert!(f[4 * 512..6 * 512].iter().all(|&b| b == 0));
+        assert_eq!(f[..4 * 512], before[..4 * 512]);
+        assert_eq!(r.counters.errors.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn a_chain_without_a_status_byte_is_returned_unanswered() {
+        let mut r = rig("nostatus", false, EngineKind::Sync, false, 0);
+        let mem = &r.d.mem;
+        r.q.add_chain(mem, &[(HDR, 16, false)]);
+        r.d.notify(0);
+        assert!(wait_for(|| r.q.used_idx(&r.d.mem) == 1));
+        assert_eq!(r.q.used_elem(&r.d.mem, 0).1, 0);
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 2, &[(DATA, 512, true)]).0, OK);
+    }
+
+    #[test]
+    fn the_rate_limiter_holds_requests_back() {
+        // 20 ops/s with a one-second bucket: 20 pass at once, the next waits ~50 ms.
+        let mut r = rig("limit", false, EngineKind::IoUring, false, 20);
+        for _ in 0..20 {
+            assert_eq!(r.send(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, OK);
+        }
+        assert_eq!(r.counters.throttled.load(Ordering::Relaxed), 0);
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, OK);
+        assert!(r.counters.throttled.load(Ordering::Relaxed) >= 1);
+        assert_eq!(r.counters.read_ops.load(Ordering::Relaxed), 21);
+    }
+}
