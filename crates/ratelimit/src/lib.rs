@@ -18,13 +18,18 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket refilled at `rate` tokens/s holding at most `burst` tokens (at least
-    /// `rate`, so one second's worth always fits). `None` for a zero rate (no limit).
+    /// A full bucket refilled at `rate` tokens/s holding at most `burst` tokens; a `burst` of
+    /// 0 means a tenth of a second's worth (at least one token), as QEMU's throttling does.
+    /// `None` for a zero rate (no limit).
     pub fn new(rate: u64, burst: u64, now: Instant) -> Option<Self> {
         if rate == 0 {
             return None;
         }
-        let capacity = burst.max(rate);
+        let capacity = if burst == 0 {
+            (rate / 10).max(1)
+        } else {
+            burst
+        };
         Some(TokenBucket {
             capacity,
             rate,
@@ -197,6 +202,15 @@ mod tests {
         assert!(!r.try_admit(1, t));
         assert_eq!(r.ops.as_ref().unwrap().available(), 9.0);
         assert!(r.try_admit(500, ms(t, 500)));
+    }
+
+    #[test]
+    fn default_burst_is_a_tenth_of_a_second() {
+        let t = Instant::now();
+        let mut b = TokenBucket::new(1000, 0, t).unwrap();
+        assert!(b.try_take(100, t));
+        assert!(!b.try_take(1, t));
+        assert_eq!(TokenBucket::new(5, 0, t).unwrap().available(), 1.0);
     }
 
     #[test]
