@@ -20,6 +20,9 @@ mod hello;
 mod mem;
 mod smp;
 mod timer;
+mod vblk;
+mod vblkbench;
+mod vblkhostile;
 mod vcons;
 mod vhostile;
 mod virtio;
@@ -42,6 +45,9 @@ pub static SCENARIOS: &[Scenario] = &[
     vrng::SCENARIO,
     vcons::SCENARIO,
     vhostile::SCENARIO,
+    vblk::SCENARIO,
+    vblkhostile::SCENARIO,
+    vblkbench::SCENARIO,
 ];
 
 pub struct Ctx<'a> {

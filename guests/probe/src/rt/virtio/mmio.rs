@@ -36,11 +36,16 @@ const STATUS: u64 = 0x070;
 const QUEUE_DESC_LOW: u64 = 0x080;
 const QUEUE_DRIVER_LOW: u64 = 0x090;
 const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const CONFIG_GENERATION: u64 = 0x0fc;
+/// Start of the device-specific configuration space.
+pub const CONFIG: u64 = 0x100;
 
 /// The register window of one virtio-mmio v2 device.
 #[derive(Clone, Copy)]
 pub struct Mmio {
     pub base: u64,
+    /// Size of the register window (the device configuration ends there).
+    pub size: u64,
 }
 
 impl Mmio {
@@ -64,6 +69,17 @@ impl Mmio {
     /// acknowledged here.
     pub fn interrupt_status(&self) -> u8 {
         self.read(INTERRUPT_STATUS) as u8
+    }
+
+    /// ConfigGeneration: changes whenever the device configuration does.
+    pub fn config_generation(&self) -> u32 {
+        self.read(CONFIG_GENERATION)
+    }
+
+    /// Address of `width` bytes at offset `off` of the device configuration,
+    /// if they lie inside the register window.
+    pub fn config_addr(&self, off: u64, width: u64) -> Option<u64> {
+        (off + width <= self.size - CONFIG).then_some(self.base + CONFIG + off)
     }
 }
 
@@ -124,8 +140,8 @@ impl Regs for Mmio {
 
 /// Add the device at `base` to `out` if a virtio-mmio v2 device with a
 /// non-zero ID is there (a version-1 device only counts as legacy).
-fn probe(base: u64, out: &mut Devices) {
-    let m = Mmio { base };
+fn probe(base: u64, size: u64, out: &mut Devices) {
+    let m = Mmio { base, size };
     if m.read(MAGIC_VALUE) != MAGIC {
         return;
     }
@@ -179,12 +195,12 @@ pub fn discover(cmdline: &str, pa: &mut PhysAlloc, out: &mut Devices) -> Result<
             at: Location::Mmio(base),
             why,
         })?;
-        probe(base, out);
+        probe(base, size, out);
     }
     if !named {
         // The window lies in the last GiB below 4 GiB, mapped uncached at boot.
         for i in 0..TERN_SLOTS {
-            probe(TERN_WINDOW + i * TERN_SLOT_SIZE, out);
+            probe(TERN_WINDOW + i * TERN_SLOT_SIZE, TERN_SLOT_SIZE, out);
         }
     }
     Ok(())

@@ -3,16 +3,18 @@
 //! negotiation, split virtqueues). The probe polls; it asks for no interrupts.
 //!
 //! Driver sequence ([`Device::start`], virtio 1.x §3.1.1): reset, ACKNOWLEDGE,
-//! DRIVER, negotiate VIRTIO_F_VERSION_1 only, FEATURES_OK (checked to stick),
-//! set up the queues in probe-owned RAM, DRIVER_OK.
+//! DRIVER, negotiate VIRTIO_F_VERSION_1 (plus the device-type features a
+//! driver asks for with [`Device::start_with`]), FEATURES_OK (checked to
+//! stick), set up the queues in probe-owned RAM, DRIVER_OK.
 
 use core::fmt;
 
 use super::clock;
-use super::io::pause;
+use super::io::{mmio_read16, mmio_read32, mmio_read8, pause};
 use super::pci::Bdf;
 use super::phys::PhysAlloc;
 
+pub mod blk;
 pub mod mmio;
 pub mod pci;
 pub mod queue;
@@ -20,6 +22,7 @@ pub mod queue;
 pub use queue::{Buf, Virtqueue};
 
 /// Device types (virtio 1.x §5).
+pub const ID_BLK: u32 = 2;
 pub const ID_CONSOLE: u32 = 3;
 pub const ID_RNG: u32 = 4;
 
@@ -35,7 +38,7 @@ pub const STATUS_FAILED: u8 = 0x80;
 /// InterruptStatus, virtio-pci ISR).
 pub const INT_CONFIG: u8 = 2;
 
-/// The only feature the probe negotiates.
+/// The feature every driver negotiates (device-type features come on top).
 pub const F_VERSION_1: u64 = 1 << 32;
 
 /// Most devices one discovery keeps (tern's mmio window has 32 slots, PCI bus
@@ -152,13 +155,30 @@ impl Device {
         queues: &mut [Virtqueue],
         max_size: u16,
     ) -> Result<(), &'static str> {
+        self.start_with(pa, queues, max_size, 0).map(|_| ())
+    }
+
+    /// [`Device::start`], also negotiating those of `wanted` (device-type
+    /// feature bits) that the device offers. Returns the negotiated features.
+    pub fn start_with(
+        &self,
+        pa: &mut PhysAlloc,
+        queues: &mut [Virtqueue],
+        max_size: u16,
+        wanted: u64,
+    ) -> Result<u64, &'static str> {
         let r = self.regs();
         self.reset()?;
-        let result = self.handshake(r, pa, queues, max_size);
+        let result = self.handshake(r, pa, queues, max_size, wanted);
         if result.is_err() {
             r.set_status(r.status() | STATUS_FAILED);
         }
         result
+    }
+
+    /// The feature bits the device offers.
+    pub fn device_features(&self) -> u64 {
+        self.regs().device_features()
     }
 
     fn handshake(
@@ -167,7 +187,8 @@ impl Device {
         pa: &mut PhysAlloc,
         queues: &mut [Virtqueue],
         max_size: u16,
-    ) -> Result<(), &'static str> {
+        wanted: u64,
+    ) -> Result<u64, &'static str> {
         let mut status = STATUS_ACKNOWLEDGE;
         r.set_status(status);
         status |= STATUS_DRIVER;
@@ -175,7 +196,8 @@ impl Device {
         if r.device_features() & F_VERSION_1 == 0 {
             return Err("device does not offer VIRTIO_F_VERSION_1");
         }
-        r.set_driver_features(F_VERSION_1);
+        let features = F_VERSION_1 | (r.device_features() & wanted);
+        r.set_driver_features(features);
         status |= STATUS_FEATURES_OK;
         r.set_status(status);
         if r.status() & STATUS_FEATURES_OK == 0 {
@@ -198,7 +220,59 @@ impl Device {
         if r.status() & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0 {
             return Err("device needs a reset after DRIVER_OK");
         }
-        Ok(())
+        Ok(features)
+    }
+
+    /// The configuration generation counter (virtio-mmio ConfigGeneration,
+    /// virtio-pci config_generation).
+    fn config_generation(&self) -> u32 {
+        match &self.transport {
+            Transport::Mmio(m) => m.config_generation(),
+            Transport::Pci(p) => p.config_generation().into(),
+        }
+    }
+
+    fn config_addr(&self, off: u64, width: u64) -> Result<u64, &'static str> {
+        match &self.transport {
+            Transport::Mmio(m) => m.config_addr(off, width),
+            Transport::Pci(p) => p.config_addr(off, width),
+        }
+        .ok_or("device configuration field out of range")
+    }
+
+    /// 8-bit field at offset `off` of the device-specific configuration.
+    pub fn config8(&self, off: u64) -> Result<u8, &'static str> {
+        let a = self.config_addr(off, 1)?;
+        // SAFETY: `a` lies in the device's mapped configuration space.
+        Ok(unsafe { mmio_read8(a) })
+    }
+
+    /// 16-bit field (aligned) of the device-specific configuration.
+    pub fn config16(&self, off: u64) -> Result<u16, &'static str> {
+        let a = self.config_addr(off, 2)?;
+        // SAFETY: as for `config8`.
+        Ok(unsafe { mmio_read16(a) })
+    }
+
+    /// 32-bit field (aligned) of the device-specific configuration.
+    pub fn config32(&self, off: u64) -> Result<u32, &'static str> {
+        let a = self.config_addr(off, 4)?;
+        // SAFETY: as for `config8`.
+        Ok(unsafe { mmio_read32(a) })
+    }
+
+    /// 64-bit field of the device-specific configuration: two 32-bit reads,
+    /// repeated until the generation counter is the same before and after.
+    pub fn config64(&self, off: u64) -> Result<u64, &'static str> {
+        for _ in 0..100 {
+            let g = self.config_generation();
+            let lo = self.config32(off)?;
+            let hi = self.config32(off + 4)?;
+            if self.config_generation() == g {
+                return Ok(u64::from(hi) << 32 | u64::from(lo));
+            }
+        }
+        Err("device configuration keeps changing")
     }
 
     /// Notify the device after [`Virtqueue::push`].

@@ -32,6 +32,7 @@ const DRIVER_FEATURE: u64 = 0x0c;
 const CONFIG_MSIX_VECTOR: u64 = 0x10;
 const NUM_QUEUES: u64 = 0x12;
 const DEVICE_STATUS: u64 = 0x14;
+const CONFIG_GENERATION: u64 = 0x15;
 const QUEUE_SELECT: u64 = 0x16;
 const QUEUE_SIZE: u64 = 0x18;
 const QUEUE_MSIX_VECTOR: u64 = 0x1a;
@@ -57,6 +58,7 @@ pub struct Pci {
     pub isr: u64,
     /// Device-specific configuration (0 when the device has none).
     pub device_cfg: u64,
+    pub device_cfg_len: u32,
 }
 
 impl Pci {
@@ -89,6 +91,18 @@ impl Pci {
     fn w64(&self, off: u64, v: u64) {
         self.w32(off, v as u32);
         self.w32(off + 4, (v >> 32) as u32);
+    }
+
+    /// config_generation: changes whenever the device configuration does.
+    pub fn config_generation(&self) -> u8 {
+        self.r8(CONFIG_GENERATION)
+    }
+
+    /// Address of `width` bytes at offset `off` of the device configuration,
+    /// if the function has that structure and they lie inside it.
+    pub fn config_addr(&self, off: u64, width: u64) -> Option<u64> {
+        (self.device_cfg != 0 && off + width <= u64::from(self.device_cfg_len))
+            .then_some(self.device_cfg + off)
     }
 
     pub fn num_queues(&self) -> u16 {
@@ -241,12 +255,14 @@ fn probe(bdf: Bdf, pa: &mut PhysAlloc) -> Result<Option<Pci>, &'static str> {
         notify_mult,
         isr: 0,
         device_cfg: 0,
+        device_cfg_len: 0,
     };
     if let Some(c) = isr {
         dev.isr = resolve(bdf, c, pa)?;
     }
     if let Some(c) = device {
         dev.device_cfg = resolve(bdf, c, pa)?;
+        dev.device_cfg_len = c.length;
     }
     Ok(Some(dev))
 }
