@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-struct Sample {
+pub(crate) struct Sample {
     first_line_ms: f64,
     wall_ms: f64,
     max_rss_kib: u64,
@@ -19,7 +19,7 @@ struct Sample {
 
 /// Spawns `cmd`, timestamps the first stdout line starting with "probe:", waits with wait4 for
 /// the peak RSS, and returns the probe's `key=value` fields from all lines.
-fn sample(program: &Path, args: &[String]) -> Result<Sample> {
+pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
     let start = Instant::now();
     let mut child = Command::new(program)
         .args(args)
@@ -69,7 +69,7 @@ fn rng_mib_s(s: &Sample) -> f64 {
     field(s, "chunk") / field(s, "ns_per_req") * 1e9 / f64::from(1u32 << 20)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;
@@ -82,7 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn field(s: &Sample, k: &str) -> f64 {
+pub(crate) fn field(s: &Sample, k: &str) -> f64 {
     s.fields
         .iter()
         .find(|(key, _)| key == k)

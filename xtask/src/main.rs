@@ -12,6 +12,7 @@
 use arch::bzimage;
 
 mod agent;
+mod bench_blk;
 mod bench_probe;
 mod ci;
 mod cpio;
@@ -62,12 +63,18 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// virtio-blk throughput, tern vs QEMU on the probe guest, with fio on the host file.
+    BenchBlk {
+        /// Interleaved boots per VMM and setup.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Run Linux-guest scenarios in the nested rig (L1 = QEMU TCG with AMD-V).
     Rig {
         /// tern binary [default: target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
-        /// Scenario group: core, qemu-extra, all.
+        /// Scenario group: core, block, block-qemu, compare, debug, qemu-extra, all.
         #[arg(long, default_value = "core")]
         group: String,
         /// Only scenarios whose name contains this.
@@ -190,6 +197,12 @@ fn run(command: Cmd) -> Result<()> {
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
             bench_probe::run(&tern, &probe, &qemu, runs)
+        }
+        Cmd::BenchBlk { runs } => {
+            let tern = ci::build_tern()?;
+            let probe = ci::build_probe()?;
+            let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+            bench_blk::run(&tern, &probe, &qemu, runs)
         }
     }
 }

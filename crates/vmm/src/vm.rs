@@ -390,6 +390,25 @@ impl Vm {
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| VmmError::Memory(mem_size >> 20, e.to_string()))?;
+        // Transparent huge pages for guest RAM where the host offers them on request (as QEMU and
+        // Cloud Hypervisor do): fewer TLB misses for the guest, and O_DIRECT disk I/O into guest
+        // memory pins 2 MiB pages instead of 4 KiB ones.
+        for region in mem.iter() {
+            // SAFETY: advice on a mapping we own, over exactly its extent; it changes no contents.
+            let r = unsafe {
+                libc::madvise(
+                    region.as_ptr().cast(),
+                    region.len() as usize,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+            if r != 0 {
+                tracing::debug!(
+                    "madvise(MADV_HUGEPAGE) on guest memory: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         // Registering guest memory is one of the slowest KVM calls on some hosts; it runs on
         // its own thread while this one loads the kernel and sets up devices and vCPUs, and
         // is joined before the VM can run.

@@ -1,0 +1,242 @@
+//! `cargo xtask bench-blk`: virtio-blk throughput, tern vs QEMU on the probe guest (scenario
+//! `vblkbench`), side by side on the host's /dev/kvm, same raw file, same run, interleaved;
+//! plus `fio` on the same file from the host as the ceiling, and the rate limiter's accuracy.
+//!
+//! Rows: 4 KiB random reads at queue depth 1 and 32 and 1 MiB sequential reads, over
+//! virtio-mmio (QEMU microvm) and virtio-pci (QEMU pc), with the file in the host page cache
+//! (`cache=writeback`) and with `O_DIRECT` (`cache=none`). QEMU uses `aio=io_uring`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench_probe::{field, median, sample, Sample};
+
+/// The benchmark file: big enough that random reads are not all in the device's caches.
+const FILE_SIZE: u64 = 1 << 30;
+/// Milliseconds each of the three workloads runs per boot.
+const WORKLOAD_MS: u64 = 2000;
+
+#[derive(Clone, Copy)]
+struct Setup {
+    transport: &'static str,
+    direct: bool,
+}
+
+const SETUPS: [Setup; 4] = [
+    Setup {
+        transport: "mmio",
+        direct: false,
+    },
+    Setup {
+        transport: "pci",
+        direct: false,
+    },
+    Setup {
+        transport: "mmio",
+        direct: true,
+    },
+    Setup {
+        transport: "pci",
+        direct: true,
+    },
+];
+
+fn cmdline(extra: &str) -> String {
+    format!("probe.run=vblkbench probe.vblk_ms={WORKLOAD_MS} {extra}")
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn tern_args(probe: &str, file: &Path, s: Setup, disk_extra: &str, cmd_extra: &str) -> Vec<String> {
+    let cache = if s.direct { "none" } else { "writeback" };
+    let mut a = strings(&[
+        "run",
+        "--kernel",
+        probe,
+        "--memory",
+        "256M",
+        "--cpus",
+        "1",
+        "--serial",
+        "stdio",
+        "--transport",
+        s.transport,
+    ]);
+    a.push("--cmdline".into());
+    a.push(cmdline(cmd_extra));
+    a.push("--disk".into());
+    a.push(format!("path={},cache={cache}{disk_extra}", file.display()));
+    a
+}
+
+fn qemu_args(probe: &str, file: &Path, s: Setup) -> Vec<String> {
+    let cache = if s.direct { "none" } else { "writeback" };
+    let (machine, device) = if s.transport == "mmio" {
+        ("microvm,acpi=off", "virtio-blk-device,drive=d0")
+    } else {
+        ("pc", "virtio-blk-pci,drive=d0,disable-legacy=on")
+    };
+    let mut a = strings(&[
+        "-accel",
+        "kvm",
+        "-M",
+        machine,
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-m",
+        "256",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-kernel",
+        probe,
+        "-append",
+    ]);
+    a.push(cmdline(""));
+    a.push("-drive".into());
+    a.push(format!(
+        "if=none,id=d0,file={},format=raw,aio=io_uring,cache={cache}",
+        file.display()
+    ));
+    a.push("-device".into());
+    a.push(device.into());
+    a
+}
+
+/// Creates the benchmark file (written, not sparse) unless it is already there.
+fn bench_file() -> Result<PathBuf> {
+    let p = PathBuf::from("/var/tmp/tern-bench-blk.raw");
+    if std::fs::metadata(&p).map(|m| m.len()).ok() == Some(FILE_SIZE) {
+        return Ok(p);
+    }
+    let mut data = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?;
+    for i in 0..FILE_SIZE >> 20 {
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(j, b)| *b = (i as usize ^ j) as u8);
+        std::io::Write::write_all(&mut f, &data)?;
+    }
+    f.sync_all()?;
+    Ok(p)
+}
+
+/// Warms the host page cache with the whole file.
+fn warm(file: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(file)?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}
+
+/// One fio job on the host: returns IOPS and MB/s.
+fn fio(file: &Path, rw: &str, bs: &str, depth: u32, direct: bool) -> Result<(f64, f64)> {
+    let out = Command::new("fio")
+        .args([
+            "--name=tern-bench",
+            &format!("--filename={}", file.display()),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={depth}"),
+            "--ioengine=io_uring",
+            &format!("--direct={}", u8::from(direct)),
+            &format!("--runtime={}ms", WORKLOAD_MS),
+            "--time_based",
+            "--output-format=json",
+        ])
+        .output()
+        .context("cannot run fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio's JSON")?;
+    let read = &v["jobs"][0]["read"];
+    let iops = read["iops"].as_f64().unwrap_or(f64::NAN);
+    let mbps = read["bw_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6;
+    Ok((iops, mbps))
+}
+
+/// Runs the benchmark with `runs` boots per VMM and setup.
+pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+    crate::util::ensure_tool("fio", "fio")?;
+    let file = bench_file()?;
+    let p = probe.display().to_string();
+    println!(
+        "virtio-blk, probe guest on the host /dev/kvm, 1 vCPU, {} MiB raw file {}; tern vs QEMU \
+         (aio=io_uring), {runs} interleaved boots each, medians; fio on the host file as the ceiling",
+        FILE_SIZE >> 20,
+        file.display()
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "workload", "tern", "qemu", "tern/qemu", "fio", "tern/fio"
+    );
+    for s in SETUPS {
+        warm(&file)?;
+        let mut t: Vec<Sample> = Vec::new();
+        let mut q: Vec<Sample> = Vec::new();
+        for _ in 0..runs {
+            t.push(sample(tern, &tern_args(&p, &file, s, "", ""))?);
+            q.push(sample(qemu, &qemu_args(&p, &file, s))?);
+        }
+        let rows = [
+            (
+                "4 KiB random read QD1, IOPS",
+                "iops_qd1",
+                "randread",
+                "4k",
+                1,
+            ),
+            (
+                "4 KiB random read QD32, IOPS",
+                "iops_qd32",
+                "randread",
+                "4k",
+                32,
+            ),
+            ("1 MiB sequential read, MB/s", "seq_mbps", "read", "1M", 1),
+        ];
+        let cache = if s.direct { "cache=none" } else { "page cache" };
+        for (name, key, rw, bs, depth) in rows {
+            let tm = median(t.iter().map(|x| field(x, key)).collect());
+            let qm = median(q.iter().map(|x| field(x, key)).collect());
+            let (fi, fm) = fio(&file, rw, bs, depth, s.direct)?;
+            let f = if key == "seq_mbps" { fm } else { fi };
+            println!(
+                "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}",
+                format!("{} {cache}: {name}", s.transport),
+                tm / qm,
+                tm / f
+            );
+        }
+    }
+    // Rate limiter: configured vs achieved, QD32 4 KiB random reads (and 1 MiB sequential for
+    // bandwidth), page cache, virtio-pci.
+    println!("\nrate limiter (virtio-pci, page cache, {WORKLOAD_MS} ms per workload):");
+    let s = SETUPS[1];
+    for (limit, key, cfg) in [
+        (",iops=1000", "iops_qd32", 1000.0),
+        (",iops=5000", "iops_qd32", 5000.0),
+        (",bw=50M", "seq_mbps", 50.0 * 1048576.0 / 1e6),
+    ] {
+        let x = sample(tern, &tern_args(&p, &file, s, limit, ""))?;
+        let got = field(&x, key);
+        println!(
+            "  {:<12} configured {cfg:>8.1} achieved {got:>8.1} ({:+.1}%)",
+            &limit[1..],
+            (got / cfg - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
