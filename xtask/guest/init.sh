@@ -9,15 +9,20 @@
 #   rig.action=shell          interactive shell on the console, power off when it exits
 #   rig.action=script:NAME    source /scenarios/NAME.sh (from xtask/guest/scenarios/), then
 #                             report facts and power off (unless the script did otherwise)
+#   root=/dev/vdX             like a distribution initramfs: load virtio_blk, mount that disk
+#                             (ext4, read-write) and switch_root to it. The disk is the rig's
+#                             blk-root image, whose /sbin/init is this same script; it finds
+#                             /etc/rig-disk-root there and goes on with rig.action.
 # Output lines of the form TERN-GUEST-KEY=VALUE are collected by the rig as "guest facts";
 # TERN-GUEST-ERROR=... fails a scenario.
 
 echo TERN-GUEST-INIT-REACHED
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# After a switch_root these are already there (moved over from the initramfs).
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+grep -q '^devtmpfs /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
 # rig_modload NAME...: insmod NAME and its dependencies (order precomputed at build time in
 # /lib/modules/rig-modules.list as "name: /path/dep.ko ... /path/name.ko").
@@ -50,11 +55,47 @@ rig_poweroff() {
 }
 
 action=poweroff
+root=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         rig.action=*) action="${arg#rig.action=}" ;;
+        root=/dev/*) root="${arg#root=}" ;;
     esac
 done
+
+# root=/dev/vdX: mount the virtio-blk disk and switch_root to its /sbin/init.
+if [ -n "$root" ] && [ ! -e /etc/rig-disk-root ]; then
+    rig_modload virtio_pci virtio_mmio virtio_blk
+    n=0
+    while [ ! -b "$root" ] && [ $n -lt 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    if [ ! -b "$root" ]; then
+        echo "TERN-GUEST-ERROR=root-device-missing:$root"
+        ls /sys/block
+        rig_poweroff
+    fi
+    echo "TERN-GUEST-ROOT-DEVICE=$root size=$(cat /sys/class/block/${root#/dev/}/size)"
+    mkdir -p /newroot
+    if ! mount -t ext4 -o rw "$root" /newroot; then
+        echo "TERN-GUEST-ERROR=root-mount-failed:$root"
+        dmesg | tail -n 20
+        rig_poweroff
+    fi
+    if [ ! -x /newroot/sbin/init ] || [ ! -e /newroot/etc/rig-disk-root ]; then
+        echo "TERN-GUEST-ERROR=root-not-a-rig-disk:$root"
+        rig_poweroff
+    fi
+    for m in /proc /sys /dev; do
+        mount --move "$m" "/newroot$m"
+    done
+    echo "TERN-GUEST-SWITCH-ROOT=$root"
+    exec switch_root /newroot /sbin/init
+fi
+if [ -e /etc/rig-disk-root ]; then
+    echo "TERN-GUEST-ROOTFS=$(awk '$2 == "/" { print $1 ":" $3 ":" substr($4, 1, 2) }' /proc/mounts | tail -n 1)"
+fi
 
 case "$action" in
     poweroff)

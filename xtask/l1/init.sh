@@ -24,6 +24,7 @@ case " $(cat /proc/cmdline) " in
         echo "       -kernel /rig/guest/vmlinuz-cloud -initrd /rig/guest/guest-initrd.cpio \\"
         echo "       -append 'console=ttyS0 rig.action=shell'"
         [ -x /usr/bin/tern ] && echo "or: tern run --kernel /rig/guest/vmlinuz-cloud --initrd /rig/guest/guest-initrd.cpio --cmdline 'console=ttyS0 rig.action=shell' --serial stdio"
+        echo "Disk image (ext4, root=/dev/vda boots from it): cp /rig/blk/root.ext4 /tmp/ and add --disk path=/tmp/root.ext4"
         setsid cttyhack sh
         ;;
     *)

@@ -139,7 +139,8 @@ fn execute(run: &RunSpec) -> (RunResult, Vec<u8>) {
     let pid = child.id() as i32;
 
     let marker = run.marker.clone().into_bytes();
-    let guest_mem = run.guest_mem_bytes;
+    // None: do not sample memory (the process is a script, not the VMM).
+    let guest_mem = run.measure_memory.then_some(run.guest_mem_bytes);
     let stream = run.stream.then(|| run.name.clone());
     let sigterm_after = run.sigterm_after.clone().map(String::into_bytes);
     let reader_thread = std::thread::spawn(move || {
@@ -206,7 +207,7 @@ fn capture(
     start: Instant,
     pid: i32,
     marker: &[u8],
-    guest_mem: u64,
+    guest_mem: Option<u64>,
     stream: Option<&str>,
     mut sigterm_after: Option<&[u8]>,
 ) -> Captured {
@@ -232,7 +233,9 @@ fn capture(
             window.extend_from_slice(chunk);
             if window.windows(marker.len()).any(|w| w == marker) {
                 c.marker_ms = Some(now.duration_since(start).as_millis() as u64);
-                c.mem = sample_memory(pid, guest_mem).ok();
+                if let Some(guest_mem) = guest_mem {
+                    c.mem = sample_memory(pid, guest_mem).ok();
+                }
                 window = Vec::new();
             } else {
                 let keep = marker.len().saturating_sub(1).min(window.len());

@@ -7,9 +7,13 @@
 //!   `vmlinux-cloud`: the ELF vmlinux extracted from it (PVH / 64-bit Linux entry).
 //! - `guest-initrd.cpio`: busybox + `/init` (xtask/guest/init.sh) + scenario scripts
 //!   (xtask/guest/scenarios/*.sh) + the cloud kernel's virtio-related modules.
+//! - `blk-root.ext4`: a small ext4 file system (`mkfs.ext4 -d`) holding busybox, the guest init
+//!   as `/sbin/init` and the scenario scripts: the root disk of the virtio-blk scenarios (the
+//!   initramfs init mounts it and `switch_root`s when the command line says `root=/dev/vdX`).
 //! - `l1-initrd.cpio`: busybox + `/init` (xtask/l1/init.sh) + kvm modules + QEMU (with its
 //!   libraries and firmware) + tern (optional) + the rig agent + the guest images + the
-//!   scenario list.
+//!   L1-side scenario scripts (xtask/l1/scenarios/*.sh) and their tools (e2fsprogs'
+//!   `debugfs`/`e2fsck`, `qemu-img`) + the scenario list.
 //!
 //! Both initramfs images are uncompressed: under TCG the L1 kernel would spend seconds
 //! inflating a compressed one, while an uncompressed cpio costs only the copy.
@@ -61,6 +65,20 @@ const GUEST_MODULE_PATHS: &[&str] = &[
     "kernel/drivers/input/evdev",
 ];
 
+/// Size of the virtio-blk scenarios' ext4 disk image. Every L1-side check reads it whole
+/// (sha256, qemu-img convert) at emulated-CPU speed, so it is kept small.
+const BLK_ROOT_MIB: u64 = 16;
+
+/// Content of `/base.txt` in the disk image (the L1 scripts and guest scripts check for it).
+const BLK_BASE_TXT: &str = "tern-blk-base: written by cargo xtask images\n";
+
+/// Host tools the L1-side block scenarios use: (tool, Debian package, path inside L1).
+const L1_TOOLS: &[(&str, &str, &str)] = &[
+    ("debugfs", "e2fsprogs", "/usr/sbin/debugfs"),
+    ("e2fsck", "e2fsprogs", "/usr/sbin/e2fsck"),
+    ("qemu-img", "qemu-utils", "/usr/bin/qemu-img"),
+];
+
 /// QEMU firmware the L2 QEMU may need (microvm: qboot + option ROMs; pc: SeaBIOS).
 const QEMU_FIRMWARE: &[&str] = &[
     "bios-microvm.bin",
@@ -85,6 +103,10 @@ pub mod l1 {
     pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
     pub const QEMU_DATA: &str = "/usr/share/qemu";
     pub const AGENT: &str = "/rig/xtask";
+    /// The virtio-blk scenarios' pristine ext4 disk image (scripts copy it before use).
+    pub const BLK_ROOT: &str = "/rig/blk/root.ext4";
+    /// L1-side scenario scripts (`xtask/l1/scenarios/NAME.sh` is `/rig/l1/NAME.sh`).
+    pub const SCRIPTS: &str = "/rig/l1";
 }
 
 /// Everything `cargo xtask images` produces (except the L1 initramfs, which depends on the run).
@@ -97,6 +119,8 @@ pub struct Images {
     pub vmlinux_cloud: PathBuf,
     pub guest_release: String,
     pub guest_initrd: PathBuf,
+    /// ext4 image with busybox + guest init + scenario scripts (virtio-blk root disk).
+    pub blk_root: PathBuf,
     pub busybox: PathBuf,
     pub qemu: PathBuf,
 }
@@ -181,6 +205,9 @@ pub fn build() -> Result<Images> {
     let archive = guest_archive(&busybox, &guest_modules, &guest_release)?;
     write_archive(&archive, &guest_initrd)?;
 
+    let blk_root = dir.join("blk-root.ext4");
+    build_blk_root(&busybox, &blk_root)?;
+
     Ok(Images {
         l1_kernel,
         l1_release,
@@ -189,6 +216,7 @@ pub fn build() -> Result<Images> {
         vmlinux_cloud,
         guest_release,
         guest_initrd,
+        blk_root,
         busybox,
         qemu,
     })
@@ -247,19 +275,8 @@ fn guest_archive(busybox: &Path, modules_dir: &Path, release: &str) -> Result<Ar
     let mut a = base_archive(busybox)?;
     a.bytes("init", GUEST_INIT, 0o755)?;
 
-    let scenarios = crate::util::workspace_root().join("xtask/guest/scenarios");
-    if scenarios.is_dir() {
-        for entry in std::fs::read_dir(&scenarios)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "sh") {
-                let name = path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                a.bytes(&format!("scenarios/{name}"), std::fs::read(&path)?, 0o755)?;
-            }
-        }
+    for (name, script) in scripts_in("xtask/guest/scenarios")? {
+        a.bytes(&format!("scenarios/{name}"), script, 0o755)?;
     }
 
     let tree = ModuleTree::scan(modules_dir)?;
@@ -291,6 +308,131 @@ fn guest_archive(busybox: &Path, modules_dir: &Path, release: &str) -> Result<Ar
     }
     a.bytes("lib/modules/rig-modules.list", list, 0o644)?;
     Ok(a)
+}
+
+/// The `*.sh` files in a directory of the workspace, sorted by name, with their content.
+fn scripts_in(rel_dir: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let dir = crate::util::workspace_root().join(rel_dir);
+    let mut scripts = Vec::new();
+    if dir.is_dir() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "sh") {
+                let name = path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                scripts.push((name, std::fs::read(&path)?));
+            }
+        }
+    }
+    scripts.sort();
+    Ok(scripts)
+}
+
+/// Builds the virtio-blk scenarios' root disk: an ext4 image (`mkfs.ext4 -d`) of a tree with
+/// busybox and its applet links, the guest init as `/sbin/init`, the scenario scripts,
+/// `/etc/rig-disk-root` (tells the init it already runs from the disk) and `/base.txt`.
+fn build_blk_root(busybox: &Path, image: &Path) -> Result<()> {
+    let mkfs = ensure_tool("mkfs.ext4", "e2fsprogs")?;
+    let scripts = scripts_in("xtask/guest/scenarios")?;
+    let mut fp = Fingerprint::default();
+    fp.str(IMAGES_VERSION)
+        .str("blk-root 1")
+        .file(busybox)?
+        .str(GUEST_INIT)
+        .str(BLK_BASE_TXT)
+        .bytes(&BLK_ROOT_MIB.to_le_bytes());
+    for (name, script) in &scripts {
+        fp.str(name).bytes(script);
+    }
+    let stamp = Stamp::new(image, fp.hex());
+    if stamp.fresh(image) {
+        return Ok(());
+    }
+
+    let tree = image.with_extension("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    let mkdir = |rel: &str| -> Result<PathBuf> {
+        let p = tree.join(rel);
+        std::fs::create_dir_all(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        Ok(p)
+    };
+    let write = |rel: &str, data: &[u8], mode: u32| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let p = tree.join(rel);
+        std::fs::write(&p, data).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    };
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "mnt",
+        "data",
+        "scenarios",
+    ] {
+        mkdir(d)?;
+    }
+    write("bin/busybox", &std::fs::read(busybox)?, 0o755)?;
+    let applets = run_capture(Command::new(busybox).arg("--list-full"))
+        .context("cannot list busybox applets")?;
+    for applet in applets.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if applet == "bin/busybox" || applet.contains("..") {
+            continue;
+        }
+        let link = tree.join(applet);
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &link)
+            .with_context(|| format!("cannot create {}", link.display()))?;
+    }
+    // The applet list has sbin/init (busybox init); the rig's init replaces it.
+    let _ = std::fs::remove_file(tree.join("sbin/init"));
+    write("sbin/init", GUEST_INIT.as_bytes(), 0o755)?;
+    for (name, script) in &scripts {
+        write(&format!("scenarios/{name}"), script, 0o755)?;
+    }
+    write("etc/passwd", b"root::0:0:root:/root:/bin/sh\n", 0o644)?;
+    write(
+        "etc/rig-disk-root",
+        b"This file system is the rig's virtio-blk root disk (xtask/src/images.rs).\n",
+        0o644,
+    )?;
+    write("base.txt", BLK_BASE_TXT.as_bytes(), 0o644)?;
+
+    let partial = image.with_extension("partial");
+    let _ = std::fs::remove_file(&partial);
+    run_capture(
+        Command::new(&mkfs)
+            .args([
+                "-q", "-F", "-t", "ext4", "-b", "4096", "-L", "tern-blk", "-E",
+            ])
+            .arg("root_owner=0:0")
+            .arg("-d")
+            .arg(&tree)
+            .arg(&partial)
+            .arg(format!("{BLK_ROOT_MIB}M")),
+    )
+    .context("mkfs.ext4 -d failed (e2fsprogs >= 1.43 is needed)")?;
+    std::fs::rename(&partial, image)?;
+    let _ = std::fs::remove_dir_all(&tree);
+    eprintln!(
+        "[xtask] wrote {} ({BLK_ROOT_MIB} MiB ext4: busybox, init, scenario scripts)",
+        image.display()
+    );
+    stamp.commit()
 }
 
 /// `x.ko.xz` -> `x.ko` (modules are stored decompressed for busybox insmod).
@@ -378,6 +520,14 @@ pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) ->
     a.file(l1::BZIMAGE, &images.vmlinuz_cloud)?;
     a.file(l1::VMLINUX, &images.vmlinux_cloud)?;
     a.file(l1::INITRD, &images.guest_initrd)?;
+    a.file(l1::BLK_ROOT, &images.blk_root)?;
+    for (tool, package, in_l1) in L1_TOOLS {
+        let host = ensure_tool(tool, package)?;
+        add_program(&mut a, in_l1, &host)?;
+    }
+    for (name, script) in scripts_in("xtask/l1/scenarios")? {
+        a.bytes(&format!("{}/{name}", l1::SCRIPTS), script, 0o755)?;
+    }
     a.bytes(crate::spec::SPEC_PATH_IN_L1, spec_json, 0o644)?;
 
     let path = images_dir().join("l1-initrd.cpio");

@@ -93,6 +93,7 @@ fn plan(s: &Scenario, name: String) -> Planned {
             expect: s.expect.clone(),
             stream: false,
             sigterm_after: s.sigterm_after.map(str::to_string),
+            measure_memory: s.l1_script.is_none(),
         },
         scenario: s.clone(),
     }

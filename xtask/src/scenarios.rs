@@ -6,7 +6,13 @@
 //! like. Placeholders in argv templates, resolved to L1 paths by the host:
 //! `{tern}`, `{qemu}`, `{qemu_data}`, `{kernel}` (the bzImage or vmlinux, per `kernel`),
 //! `{bzimage}`, `{vmlinux}`, `{initrd}`, `{cmdline}`, `{cpus}`, `{memory_mib}`.
+//!
+//! A scenario that needs work in L1 around the VMM (disk images to prepare and check, several
+//! boots) names an L1-side script (`l1_script`, from `xtask/l1/scenarios/`): the agent runs
+//! that script with the scenario's VMM command line as its arguments, and the script runs the
+//! VMM (see `xtask/l1/scenarios/blk.sh`).
 
+use crate::images::l1;
 use crate::spec::{ExitExpect, Expect};
 
 /// Which VMM runs the guest.
@@ -54,6 +60,10 @@ pub struct Scenario {
     pub sigterm_after: Option<&'static str>,
     /// QEMU's `-M` value for QEMU scenarios.
     pub qemu_machine: &'static str,
+    /// Run `xtask/l1/scenarios/<first>` in L1 with the remaining strings, `--` and the VMM argv
+    /// as its arguments, instead of the VMM itself (the script starts the VMM, maybe several
+    /// times, and checks what it left behind).
+    pub l1_script: Option<&'static [&'static str]>,
     pub expect: Expect,
 }
 
@@ -124,16 +134,24 @@ impl Scenario {
                 "{cmdline}",
             ],
         };
-        base.iter()
-            .chain(self.extra_args)
-            .map(|s| {
-                if *s == "microvm" {
-                    self.qemu_machine.to_string()
-                } else {
-                    s.to_string()
-                }
-            })
-            .collect()
+        let vmm = base.iter().chain(self.extra_args).map(|s| {
+            if *s == "microvm" {
+                self.qemu_machine.to_string()
+            } else {
+                s.to_string()
+            }
+        });
+        match self.l1_script {
+            Some([script, args @ ..]) => {
+                ["/bin/sh".to_string(), format!("{}/{script}", l1::SCRIPTS)]
+                    .into_iter()
+                    .chain(args.iter().map(|a| a.to_string()))
+                    .chain(["--".to_string()])
+                    .chain(vmm)
+                    .collect()
+            }
+            _ => vmm.collect(),
+        }
     }
 
     /// True if the template needs the tern binary.
@@ -268,6 +286,7 @@ const DEFAULT: Scenario = Scenario {
     marker: INIT_MARKER,
     sigterm_after: None,
     qemu_machine: "microvm",
+    l1_script: None,
     expect: Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
@@ -275,6 +294,125 @@ const DEFAULT: Scenario = Scenario {
         forbid: Vec::new(),
     },
 };
+
+/// What a virtio-blk case of `xtask/l1/scenarios/blk.sh` must report: every named check passed
+/// (`TERN-BLK-PASS <case>/<check>:`), none failed, the script's final `TERN-BLK-OK <case>`, and
+/// a clean guest. The checks are listed here so a script that silently skips one fails.
+fn blk_checks_pass(case: &str, checks: &[&str]) -> Expect {
+    let mut require: Vec<String> = checks
+        .iter()
+        .map(|c| format!("TERN-BLK-PASS {case}/{c}:"))
+        .collect();
+    require.push(format!("TERN-BLK-OK {case} "));
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require,
+        forbid: strings(&["TERN-BLK-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+    }
+}
+
+/// The virtio-blk scenarios (`xtask/l1/scenarios/blk.sh` cases) for one VMM. The guest has PCI
+/// (virtio-blk on tern's default virtio-pci transport; QEMU: microvm with PCIe).
+fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
+    let tern = vmm == Vmm::Tern;
+    let base = Scenario {
+        groups: if tern {
+            &["core", "block"]
+        } else {
+            &["block-qemu"]
+        },
+        vmm,
+        base_cmdline: PCI_CMDLINE,
+        // blk.sh sets rig.action (and root=) for each boot it makes.
+        action: "poweroff",
+        qemu_machine: "microvm,pcie=on",
+        ..DEFAULT
+    };
+    vec![
+        Scenario {
+            name: if tern {
+                "tern-blk-root"
+            } else {
+                "qemu-blk-root"
+            },
+            l1_script: Some(&["blk.sh", "root"]),
+            timeout_secs: 240,
+            expect: blk_checks_pass(
+                "root",
+                &[
+                    "write-rootfs",
+                    "write-files",
+                    "write-fsck",
+                    "write-hello",
+                    "write-pattern",
+                    "write-many",
+                    "verify-read",
+                    "verify-second",
+                    "verify-fsck",
+                ],
+            ),
+            ..base.clone()
+        },
+        Scenario {
+            name: if tern {
+                "tern-blk-qcow2-overlay"
+            } else {
+                "qemu-blk-qcow2-overlay"
+            },
+            l1_script: Some(&["blk.sh", "qcow2-overlay"]),
+            timeout_secs: 180,
+            expect: blk_checks_pass(
+                "qcow2-overlay",
+                &[
+                    "create",
+                    "overlay-rootfs",
+                    "overlay-write",
+                    "base-unchanged",
+                    "qemu-img-check",
+                    "convert",
+                    "newfile",
+                    "basefile",
+                    "pattern",
+                    "fsck",
+                ],
+            ),
+            ..base.clone()
+        },
+        Scenario {
+            name: if tern {
+                "tern-blk-readonly"
+            } else {
+                "qemu-blk-readonly"
+            },
+            l1_script: Some(&["blk.sh", "readonly"]),
+            timeout_secs: 150,
+            expect: blk_checks_pass(
+                "readonly",
+                &[
+                    "ro-flag",
+                    "ro-write-refused",
+                    "rw-write",
+                    "ro-read",
+                    "ro-unchanged",
+                    "rw-on-host",
+                ],
+            ),
+            ..base.clone()
+        },
+        Scenario {
+            name: if tern {
+                "tern-blk-fstrim"
+            } else {
+                "qemu-blk-fstrim"
+            },
+            l1_script: Some(&["blk.sh", "fstrim"]),
+            timeout_secs: 150,
+            expect: blk_checks_pass("fstrim", &["fstrim", "shrink", "fsck", "basefile"]),
+            ..base
+        },
+    ]
+}
 
 /// Every scenario, in run order.
 pub fn all() -> Vec<Scenario> {
@@ -391,6 +529,12 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+    ]
+    .into_iter()
+    // --- virtio-blk (groups "block" and "core"): root file system, qcow2 overlay, read-only
+    // disk, discard; each an L1 script around one or two boots ---
+    .chain(blk_scenarios(Vmm::Tern))
+    .chain(vec![
         // --- virtio-rng on each transport, tern vs QEMU (group "compare", one rig run) ---
         Scenario {
             name: "cmp-tern-rng-mmio",
@@ -495,7 +639,11 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
-    ]
+    ])
+    // --- the virtio-blk scenarios with QEMU as L2 (group "block-qemu"): validate the guest
+    // and L1 scripts themselves; not in core ---
+    .chain(blk_scenarios(Vmm::Qemu))
+    .collect()
 }
 
 /// What `cargo xtask demo` boots in the rig: tern, the Debian cloud bzImage, 2 vCPUs, a guest
@@ -561,5 +709,24 @@ mod tests {
             assert_eq!(s.needs_tern(), s.vmm == Vmm::Tern);
         }
         assert!(all.iter().filter(|s| s.in_group("core")).count() >= 8);
+    }
+
+    #[test]
+    fn blk_scenarios_wrap_the_vmm_in_the_l1_script() {
+        let all = all();
+        let root = all.iter().find(|s| s.name == "tern-blk-root").unwrap();
+        assert!(root.in_group("core") && root.in_group("block"));
+        let argv = root.argv_template();
+        assert_eq!(
+            argv[..5],
+            ["/bin/sh", "/rig/l1/blk.sh", "root", "--", "{tern}"]
+        );
+        assert!(argv.iter().any(|a| a == "{cmdline}"));
+        let qemu = all.iter().find(|s| s.name == "qemu-blk-fstrim").unwrap();
+        assert!(!qemu.in_group("core"));
+        assert_eq!(
+            qemu.argv_template()[..5],
+            ["/bin/sh", "/rig/l1/blk.sh", "fstrim", "--", "{qemu}"]
+        );
     }
 }

@@ -37,6 +37,14 @@ pub struct RunSpec {
     /// power button once the guest is ready for it).
     #[serde(default)]
     pub sigterm_after: Option<String>,
+    /// Sample the process's memory at the marker. Off when the process is an L1-side script
+    /// that runs the VMM as a child (its own RSS would be taken for the VMM's).
+    #[serde(default = "yes")]
+    pub measure_memory: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a passing run looks like.
@@ -126,15 +134,32 @@ pub fn judge(expect: &Expect, result: &mut RunResult, output: &str) {
     if expect.marker_required && result.marker_ms.is_none() && result.error.is_none() {
         reasons.push("marker never appeared".to_string());
     }
-    for needle in &expect.require {
-        if !output.contains(needle.as_str()) {
-            reasons.push(format!("output lacks {needle:?}"));
+    // Forbidden output first, quoting the first line that has it: it usually says what went
+    // wrong (`TERN-GUEST-ERROR=...`, a script's `...-FAIL ...: why`).
+    for needle in &expect.forbid {
+        if let Some(pos) = output.find(needle.as_str()) {
+            let start = output[..pos].rfind('\n').map_or(0, |i| i + 1);
+            let end = output[pos..].find('\n').map_or(output.len(), |i| pos + i);
+            let line: String = output[start..end].trim().chars().take(300).collect();
+            reasons.push(format!("output contains {needle:?}: {line:?}"));
         }
     }
-    for needle in &expect.forbid {
-        if output.contains(needle.as_str()) {
-            reasons.push(format!("output contains {needle:?}"));
+    let missing: Vec<&String> = expect
+        .require
+        .iter()
+        .filter(|needle| !output.contains(needle.as_str()))
+        .collect();
+    match missing.as_slice() {
+        [] => {}
+        [one] => reasons.push(format!("output lacks {one:?}")),
+        [first, second] => {
+            reasons.push(format!("output lacks {first:?}"));
+            reasons.push(format!("output lacks {second:?}"));
         }
+        [first, rest @ ..] => reasons.push(format!(
+            "output lacks {first:?} and {} more required strings",
+            rest.len()
+        )),
     }
     result.pass = reasons.is_empty();
     result.reasons = reasons;

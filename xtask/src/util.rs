@@ -10,9 +10,13 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-/// `build/` under the workspace root (gitignored).
+/// `build/` under the workspace root (gitignored), or `$TERN_BUILD_DIR` when set (so two rig
+/// runs on one checkout do not overwrite each other's images and logs).
 pub fn build_dir() -> PathBuf {
-    workspace_root().join("build")
+    match std::env::var_os("TERN_BUILD_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => workspace_root().join("build"),
+    }
 }
 
 /// Runs a command, failing with its stderr if it exits non-zero; returns stdout.
