@@ -110,7 +110,10 @@ impl Engine {
     }
 
     fn uring(fd: RawFd, depth: u32) -> io::Result<Uring> {
-        let ring = IoUring::new(depth.next_power_of_two().max(8))?;
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(depth.next_power_of_two().max(8))
+            .or_else(|_| IoUring::new(depth.next_power_of_two().max(8)))?;
         if !uring_usable(&ring) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,

@@ -26,7 +26,7 @@ use ratelimit::RateLimiter;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -353,7 +353,34 @@ impl BlkWorker {
     /// Takes requests off the available ring until it is empty, the rate limiter says wait, or
     /// a queue's worth was taken (then the queue event is re-raised so a reset is not starved).
     fn process(&mut self, used: &mut u32) -> Result<(), Malformed> {
+        // While the worker drains the ring the driver need not notify it
+        // (VRING_USED_F_NO_NOTIFY): each notification is a VM exit. Notifications are enabled
+        // again when the ring looks empty, and the ring re-checked to close the race.
         let mut taken = 0;
+        loop {
+            self.queue
+                .disable_notification(&self.ctx.mem)
+                .map_err(|e| Malformed::Queue(self.index, e))?;
+            if !self.drain_ring(used, &mut taken)? {
+                // Throttled or out of budget: leave notifications off; the timer or the
+                // re-raised queue event brings the worker back.
+                break;
+            }
+            let more = self
+                .queue
+                .enable_notification(&self.ctx.mem)
+                .map_err(|e| Malformed::Queue(self.index, e))?;
+            if !more {
+                break;
+            }
+        }
+        self.engine.commit();
+        Ok(())
+    }
+
+    /// Takes requests until the ring is empty (true), or the rate limiter or the per-wakeup
+    /// budget stops it (false).
+    fn drain_ring(&mut self, used: &mut u32, taken: &mut u16) -> Result<bool, Malformed> {
         while let Some(req) = self.ctx.pop(&mut self.queue, self.index)? {
             let Some(last) = req.bufs.last().copied().filter(|b| b.writable && b.len > 0) else {
                 // No status byte to answer in: return the chain with nothing written.
@@ -381,7 +408,7 @@ impl BlkWorker {
                 } => {
                     if matches!(op, IoOp::Read | IoOp::Write) && !self.admit(bytes) {
                         self.queue.go_to_previous_position();
-                        break;
+                        return Ok(false);
                     }
                     let slot = self.free.pop().unwrap_or_else(|| {
                         self.pending.push(None);
@@ -405,14 +432,16 @@ impl BlkWorker {
                     unsafe { self.engine.submit(op, iov, offset, slot as u64) };
                 }
             }
-            taken += 1;
-            if taken == QUEUE_SIZE {
+            *taken += 1;
+            if *taken == QUEUE_SIZE {
+                // Hand what was taken to the kernel, and come back after the worker had a
+                // chance to see a reset.
+                self.engine.commit();
                 let _ = self.event.write(1);
-                break;
+                return Ok(false);
             }
         }
-        self.engine.commit();
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the rate limiter lets a request of `bytes` through now; if not, arms the timer.
@@ -1021,6 +1050,70 @@ mod tests {
         assert!(wait_for(|| r.q.used_idx(&r.d.mem) == 1));
         assert_eq!(r.q.used_elem(&r.d.mem, 0).1, 0);
         assert_eq!(r.send(VIRTIO_BLK_T_IN, 2, &[(DATA, 512, true)]).0, OK);
+    }
+
+    #[test]
+    fn multiqueue_serves_each_queue_and_runs_with_fewer() {
+        let path = image("mq", 64 << 10);
+        let opts = DiskOptions {
+            path: path.clone(),
+            format: None,
+            read_only: false,
+            direct: false,
+        };
+        let disk = Arc::new(Disk::open(&opts).unwrap().0);
+        let mk = || {
+            Block::new(
+                disk.clone(),
+                BlockOptions {
+                    serial: String::new(),
+                    queues: 3,
+                    engine: EngineKind::IoUring,
+                    iops: 0,
+                    bandwidth: 0,
+                },
+            )
+        };
+        let dev = mk();
+        assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+        let mut cfg = [0u8; 2];
+        dev.read_config(34, &mut cfg);
+        assert_eq!(u16::from_le_bytes(cfg), 3);
+        // Two of three queues enabled (a 2-vCPU Linux guest): both serve, in parallel.
+        let mut d = Driver::new(Box::new(dev));
+        let mut q0 = VirtQueue::new(0x1000);
+        let mut q1 = VirtQueue::new(0x2000);
+        assert_eq!(d.start(&[&q0, &q1]), 0xf);
+        for (i, q) in [&mut q0, &mut q1].into_iter().enumerate() {
+            let base = BUFS + 0x10000 * i as u64;
+            d.mem.write_slice(&[0u8; 16], GuestAddress(base)).unwrap();
+            d.mem
+                .write_obj(5u64 + i as u64, GuestAddress(base + 8))
+                .unwrap();
+            q.add_chain(
+                &d.mem,
+                &[
+                    (base, 16, false),
+                    (base + 0x1000, 512, true),
+                    (base + 0x100, 1, true),
+                ],
+            );
+            d.notify(i as u32);
+        }
+        for (i, q) in [&q0, &q1].into_iter().enumerate() {
+            let base = BUFS + 0x10000 * i as u64;
+            assert!(wait_for(|| q.used_idx(&d.mem) == 1), "queue {i}");
+            assert_eq!(
+                d.mem.read_obj::<u8>(GuestAddress(base + 0x100)).unwrap(),
+                OK
+            );
+            let mut got = vec![0u8; 512];
+            d.mem
+                .read_slice(&mut got, GuestAddress(base + 0x1000))
+                .unwrap();
+            assert_eq!(got, vec![5 + i as u8; 512], "queue {i}");
+        }
+        std::fs::remove_file(path).ok();
     }
 
     #[test]

@@ -275,9 +275,12 @@ impl Device {
         Err("device configuration keeps changing")
     }
 
-    /// Notify the device after [`Virtqueue::push`].
+    /// Notify the device after [`Virtqueue::push`], unless it asked not to be
+    /// (VRING_USED_F_NO_NOTIFY), as Linux's drivers do.
     pub fn notify(&self, q: &Virtqueue) {
-        self.regs().notify(q.index, q.notify_addr);
+        if q.kick_needed() {
+            self.regs().notify(q.index, q.notify_addr);
+        }
     }
 }
 

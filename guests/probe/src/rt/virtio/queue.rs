@@ -113,6 +113,15 @@ impl Virtqueue {
 
     /// Chain `bufs` into free descriptors and make the chain available.
     /// Returns the head descriptor (the request's id). The caller notifies.
+    /// Whether the device wants a notification: not when it set VRING_USED_F_NO_NOTIFY
+    /// (it is already processing the ring). Called after [`push`](Self::push), whose fence
+    /// orders the available index before this read.
+    pub fn kick_needed(&self) -> bool {
+        // SAFETY: the used ring lies in this queue's own memory.
+        let flags = unsafe { rd::<u16>(self.used) };
+        flags & 1 == 0
+    }
+
     pub fn push(&mut self, bufs: &[Buf]) -> Result<u16, &'static str> {
         if bufs.is_empty() || bufs.len() > usize::from(self.num_free) {
             return Err("virtqueue full");
