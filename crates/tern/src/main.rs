@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
-    BootProtocol, CharBackend, Decompress, DiskConfig, MemSize, OnReboot, Transport,
+    BootProtocol, CharBackend, Decompress, DiskConfig, MemSize, NetConfig, OnReboot, Transport,
 };
 use vmm::{VmConfig, VmExit};
 
@@ -78,6 +78,11 @@ struct RunArgs {
     /// [,iops=N][,bw=BYTES/s][,io=auto|io_uring|sync].
     #[arg(long, value_name = "SPEC")]
     disk: Vec<DiskConfig>,
+    /// Add a virtio-net interface on a TAP device (repeatable; the first is eth0):
+    /// tap=NAME|auto[,mac=52:54:00:12:34:56][,queues=N][,mtu=N][,offload=on|off]
+    /// [,rx_bw=BYTES/s][,tx_bw=BYTES/s][,rx_ops=N][,tx_ops=N].
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NetConfig>,
     /// Seconds the guest gets to power off after SIGTERM presses its ACPI power button
     /// [default: 20].
     #[arg(long, value_name = "SECS")]
@@ -132,6 +137,9 @@ impl RunArgs {
         }
         if !self.disk.is_empty() {
             c.disks = self.disk;
+        }
+        if !self.net.is_empty() {
+            c.nets = self.net;
         }
         if let Some(v) = self.shutdown_timeout {
             c.shutdown_timeout = v;

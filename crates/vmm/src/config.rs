@@ -414,6 +414,192 @@ impl DiskConfig {
     }
 }
 
+/// A MAC address, written `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut m = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err("expected six hex bytes like 52:54:00:12:34:56".into());
+        }
+        for (b, p) in m.iter_mut().zip(parts) {
+            *b = u8::from_str_radix(p, 16)
+                .ok()
+                .filter(|_| p.len() == 2)
+                .ok_or("expected six hex bytes like 52:54:00:12:34:56")?;
+        }
+        if m[0] & 1 != 0 {
+            return Err("a multicast address cannot be a NIC's address".into());
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let t = String::deserialize(d)?;
+        t.parse()
+            .map_err(|e: String| serde::de::Error::custom(format!("mac '{t}': {e}")))
+    }
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One virtio-net interface on a TAP device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An existing TAP's name, or `auto` to create one for the VM's lifetime.
+    pub tap: String,
+    /// The guest's MAC; a locally administered one derived from the TAP name when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Queue pairs (VIRTIO_NET_F_MQ above 1; the TAP must then be multi-queue), 1..=8.
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    /// MTU the guest is told, 68..=65535.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// Offer checksum and TSO offloads.
+    #[serde(default = "default_true")]
+    pub offload: bool,
+    /// Guest receive bytes/s (0: no limit).
+    #[serde(default)]
+    pub rx_bw: u64,
+    /// Guest transmit bytes/s (0: no limit).
+    #[serde(default)]
+    pub tx_bw: u64,
+    /// Guest receive frames/s (0: no limit).
+    #[serde(default)]
+    pub rx_ops: u64,
+    /// Guest transmit frames/s (0: no limit).
+    #[serde(default)]
+    pub tx_ops: u64,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// Parses `tap=NAME|auto[,mac=M][,queues=N][,mtu=N][,offload=on|off][,rx_bw=R][,tx_bw=R]
+    /// [,rx_ops=N][,tx_ops=N]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut n = NetConfig {
+            tap: String::new(),
+            mac: None,
+            queues: default_queues(),
+            mtu: default_mtu(),
+            offload: true,
+            rx_bw: 0,
+            tx_bw: 0,
+            rx_ops: 0,
+            tx_ops: 0,
+        };
+        for item in s.split(',') {
+            let Some((k, v)) = item.split_once('=') else {
+                return Err(invalid("net", item, "expected key=value"));
+            };
+            let number = |field: &'static str| {
+                v.parse::<u64>()
+                    .map_err(|_| invalid(field, v, "expected a number"))
+            };
+            match k {
+                "tap" if !v.is_empty() => n.tap = v.to_string(),
+                "mac" => n.mac = Some(v.parse().map_err(|why| invalid("net mac", v, why))?),
+                "queues" => {
+                    n.queues = number("net queues")?
+                        .try_into()
+                        .map_err(|_| invalid("net queues", v, "too large"))?
+                }
+                "mtu" => {
+                    n.mtu = number("net mtu")?
+                        .try_into()
+                        .map_err(|_| invalid("net mtu", v, "must be 68 to 65535"))?
+                }
+                "offload" => n.offload = on_off("net offload", v)?,
+                "rx_bw" => n.rx_bw = byte_rate("net rx_bw", v)?,
+                "tx_bw" => n.tx_bw = byte_rate("net tx_bw", v)?,
+                "rx_ops" => n.rx_ops = number("net rx_ops")?,
+                "tx_ops" => n.tx_ops = number("net tx_ops")?,
+                _ => {
+                    return Err(invalid(
+                        "net",
+                        item,
+                        "expected tap, mac, queues, mtu, offload, rx_bw, tx_bw, rx_ops or tx_ops",
+                    ))
+                }
+            }
+        }
+        if n.tap.is_empty() {
+            return Err(ConfigError::Missing("net tap (--net tap=NAME or tap=auto)"));
+        }
+        Ok(n)
+    }
+}
+
+impl NetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=8).contains(&self.queues) {
+            return Err(invalid("net queues", self.queues, "must be 1 to 8"));
+        }
+        if self.mtu < 68 {
+            return Err(invalid("net mtu", self.mtu, "must be 68 to 65535"));
+        }
+        if self.tap != "auto"
+            && (self.tap.len() > 15 || self.tap.contains('/') || self.tap.contains('%'))
+        {
+            return Err(invalid(
+                "net tap",
+                &self.tap,
+                "must be an interface name of at most 15 characters, or auto",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The MAC the guest gets: the configured one, or a locally administered address derived
+    /// from the TAP name and the interface's position (stable across runs of the same VM).
+    pub fn effective_mac(&self, index: usize) -> MacAddr {
+        if let Some(m) = self.mac {
+            return m;
+        }
+        let h = format!("{}#{index}", self.tap)
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let b = h.to_le_bytes();
+        MacAddr([0x02, 0x74, 0x6e, b[0], b[1], b[2]])
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -465,6 +651,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order (the first is the guest's `vda`).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces on TAP devices, in order (the first is the guest's `eth0`).
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its power button.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: u64,
@@ -490,6 +679,7 @@ impl Default for VmConfig {
             rng: false,
             console: None,
             disks: Vec::new(),
+            nets: Vec::new(),
             shutdown_timeout: default_shutdown_timeout(),
         }
     }
@@ -553,6 +743,9 @@ impl VmConfig {
         }
         for d in &self.disks {
             d.validate()?;
+        }
+        for n in &self.nets {
+            n.validate()?;
         }
         if cmd.contains('\0') {
             return Err(invalid(

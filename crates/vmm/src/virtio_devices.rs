@@ -12,11 +12,12 @@ use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIR
 use arch::GuestMemoryMmap;
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use devices::Bus;
-use virtio::devices::{Block, BlockOptions, Console, ConsoleInput, Rng};
+use net::Tap;
+use virtio::devices::{Block, BlockOptions, Console, ConsoleInput, Limits, Net, NetOptions, Rng};
 use virtio::transport::mmio::MmioTransport;
 use virtio::VirtioDevice;
 
-use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, VmConfig};
+use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
 use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use crate::vm::VmmError;
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
@@ -53,6 +54,9 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     }
     for (i, d) in config.disks.iter().enumerate() {
         devices.push(Box::new(open_disk(i, d)?));
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        devices.push(Box::new(open_net(i, n)?));
     }
     if devices.len() as u64 > VIRTIO_MMIO_MAX {
         return Err(setup(format!(
@@ -99,6 +103,32 @@ fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
             engine,
             iops: d.iops,
             bandwidth: d.bw,
+        },
+    ))
+}
+
+/// Opens (or creates) the TAP of interface `i` and wraps it in a virtio-net device.
+fn open_net(i: usize, n: &NetConfig) -> Result<Net, VmmError> {
+    let name = if n.tap == "auto" { "tern%d" } else { &n.tap };
+    let taps = Tap::open(name, usize::from(n.queues)).map_err(setup)?;
+    if n.tap == "auto" {
+        tracing::info!("virtio-net {i}: created TAP {}", taps[0].name());
+    }
+    let mac = n.effective_mac(i);
+    Ok(Net::new(
+        taps,
+        NetOptions {
+            mac: mac.0,
+            mtu: n.mtu,
+            offload: n.offload,
+            rx: Limits {
+                ops: n.rx_ops,
+                bytes: n.rx_bw,
+            },
+            tx: Limits {
+                ops: n.tx_ops,
+                bytes: n.tx_bw,
+            },
         },
     ))
 }

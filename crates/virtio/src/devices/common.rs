@@ -100,6 +100,23 @@ impl Ctx {
 
     /// Pops and validates the next available chain of queue `index`.
     pub fn pop(&self, q: &mut Queue, index: u16) -> Result<Option<Request>, Malformed> {
+        match self.pop_checked(q, index)? {
+            None => Ok(None),
+            Some(Ok(r)) => Ok(Some(r)),
+            Some(Err((_, e))) => Err(e),
+        }
+    }
+
+    /// Like [`pop`](Self::pop), but a malformed chain whose head is a valid descriptor index
+    /// comes back as `Some(Err((head, why)))`, so a device may return it unused and carry on
+    /// (virtio-net drops such frames). A bad available ring is still an error.
+    #[allow(clippy::type_complexity)]
+    pub fn pop_checked(
+        &self,
+        q: &mut Queue,
+        index: u16,
+    ) -> Result<Option<Result<Request, (u16, Malformed)>>, Malformed> {
+        let size = q.size();
         let chain = q
             .iter(&self.mem)
             .map_err(|e| Malformed::Queue(index, e))?
@@ -107,6 +124,18 @@ impl Ctx {
         let Some(chain) = chain else {
             return Ok(None);
         };
+        let head = chain.head_index();
+        match self.validate(chain) {
+            Ok(r) => Ok(Some(Ok(r))),
+            Err(e) if head < size => Ok(Some(Err((head, e)))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn validate(
+        &self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<Request, Malformed> {
         let head = chain.head_index();
         let mut bufs = Vec::new();
         let mut total = 0u64;
@@ -145,7 +174,7 @@ impl Ctx {
         if more {
             return Err(Malformed::Truncated(head));
         }
-        Ok(Some(Request { head, bufs }))
+        Ok(Request { head, bufs })
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
@@ -209,6 +238,11 @@ pub(crate) fn drain(evt: &EventFd) {
 pub(crate) trait Handler: Send + 'static {
     /// The file descriptors to wait on; the index of each is the token passed to `handle`.
     fn fds(&self) -> Vec<RawFd>;
+    /// Whether fd `token` is watched edge-triggered (then `handle` need not drain it at once,
+    /// but must remember that it may have more). Level-triggered by default.
+    fn edge_triggered(&self, _token: usize) -> bool {
+        false
+    }
     /// Handles readiness of fd `token`; must consume the event (epoll is level-triggered).
     /// Returns false to stop the worker (the device is broken).
     fn handle(&mut self, token: usize) -> bool;
@@ -228,11 +262,11 @@ impl<H: Handler> Worker<H> {
         let epoll = Epoll::new()?;
         let kill = EventFd::new(EFD_NONBLOCK)?;
         for (i, fd) in handler.fds().into_iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
+            let mut events = EventSet::IN;
+            if handler.edge_triggered(i) {
+                events |= EventSet::EDGE_TRIGGERED;
+            }
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, i as u64))?;
         }
         let thread_kill = kill.try_clone()?;
         epoll.ctl(

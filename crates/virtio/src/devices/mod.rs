@@ -13,8 +13,10 @@
 pub mod block;
 mod common;
 pub mod console;
+pub mod net;
 pub mod rng;
 
 pub use block::{Block, BlockCounters, BlockOptions};
 pub use console::{Console, ConsoleInput, ConsoleOutput};
+pub use net::{Limits, Net, NetCounters, NetOptions};
 pub use rng::Rng;

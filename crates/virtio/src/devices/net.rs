@@ -1,0 +1,1124 @@
+//! virtio-net (device type 1) over a Linux TAP device.
+//!
+//! Frames carry the 12-byte `virtio_net_hdr_v1` straight to and from the TAP (opened with
+//! `IFF_VNET_HDR`), so checksum and segmentation offloads (`CSUM`, `GUEST_CSUM`,
+//! `HOST_TSO4/6`, `GUEST_TSO4/6`) cost tern nothing: the host kernel segments or checksums what
+//! needs it. Receive buffers may be merged (`MRG_RXBUF`). With `queues=N` (`MQ` + `CTRL_VQ`)
+//! each queue pair has its own TAP queue (`IFF_MULTI_QUEUE`) and worker thread; the control
+//! queue has one more.
+//!
+//! Hostile guests: a transmitted frame with a malformed header (unknown GSO type or flags,
+//! offsets past the frame, GSO the guest did not negotiate), larger than the MTU without GSO,
+//! shorter than an Ethernet header, or a malformed descriptor chain (a loop, a buffer outside
+//! guest memory, wrong direction) is dropped and counted, and the chain returned; the device
+//! keeps working. Only a bad available ring index (no chain can be trusted) breaks the device.
+//!
+//! A TAP that disappears (deleted by an administrator) takes the link down: the `status` field
+//! loses `LINK_UP`, the guest gets a configuration interrupt, transmitted frames are dropped
+//! (counted), and the VM keeps running.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use net::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+use ratelimit::RateLimiter;
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_net::*;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::common::{drain, Ctx, Handler, Malformed, Request, Worker};
+use crate::{ActivateError, GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+
+/// Size of every queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest frame the TAP hands over: a 64 KiB GSO frame, its Ethernet header and ours.
+const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535 + 4;
+/// Most bytes one chain may describe.
+const MAX_CHAIN: u64 = 1 << 20;
+/// Ethernet header plus an 802.1Q tag: what a non-GSO frame may add to the MTU.
+const L2_OVERHEAD: usize = 18;
+
+/// Rate limits of one direction (0 = unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Frames per second.
+    pub ops: u64,
+    /// Bytes per second.
+    pub bytes: u64,
+}
+
+/// How a virtio-net device is set up.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The MTU the guest is told.
+    pub mtu: u16,
+    /// Offer checksum and segmentation offloads.
+    pub offload: bool,
+    /// Guest receive limits.
+    pub rx: Limits,
+    /// Guest transmit limits.
+    pub tx: Limits,
+}
+
+/// Counters of one device.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Bytes delivered to the guest (without the vnet header).
+    pub rx_bytes: AtomicU64,
+    /// Frames from the TAP that could not be delivered (no buffer large enough, bad buffers).
+    pub rx_dropped: AtomicU64,
+    /// Frames sent to the TAP.
+    pub tx_frames: AtomicU64,
+    /// Bytes sent to the TAP (without the vnet header).
+    pub tx_bytes: AtomicU64,
+    /// Guest frames dropped: malformed, oversized, refused by the host, or link down.
+    pub tx_dropped: AtomicU64,
+    /// Times the TAP went away.
+    pub link_down: AtomicU64,
+    /// Times a queue waited for a rate limiter.
+    pub throttled: AtomicU64,
+}
+
+/// The virtio-net device.
+pub struct Net {
+    taps: Vec<Arc<Tap>>,
+    opts: NetOptions,
+    queue_sizes: Vec<u16>,
+    acked: u64,
+    link_up: Arc<AtomicBool>,
+    limiters: [Option<Arc<Mutex<RateLimiter>>>; 2],
+    counters: Arc<NetCounters>,
+    broken: Arc<AtomicBool>,
+    pairs: Vec<Worker<PairWorker>>,
+    ctrl: Option<Worker<CtrlWorker>>,
+}
+
+fn limiter(l: Limits) -> Option<Arc<Mutex<RateLimiter>>> {
+    (l.ops > 0 || l.bytes > 0).then(|| {
+        Arc::new(Mutex::new(RateLimiter::new(
+            (l.ops, 0),
+            (l.bytes, 0),
+            Instant::now(),
+        )))
+    })
+}
+
+impl Net {
+    /// A device on `taps` (one per queue pair).
+    pub fn new(taps: Vec<Tap>, opts: NetOptions) -> Self {
+        let pairs = taps.len().max(1);
+        Net {
+            taps: taps.into_iter().map(Arc::new).collect(),
+            queue_sizes: vec![QUEUE_SIZE; 2 * pairs + 1],
+            acked: 0,
+            link_up: Arc::new(AtomicBool::new(true)),
+            limiters: [limiter(opts.rx), limiter(opts.tx)],
+            opts,
+            counters: Arc::default(),
+            broken: Arc::default(),
+            pairs: Vec::new(),
+            ctrl: None,
+        }
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    /// The TAP's interface name.
+    pub fn tap_name(&self) -> &str {
+        self.taps.first().map_or("", |t| t.name())
+    }
+
+    fn config(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.opts.mac);
+        let status = if self.link_up.load(Ordering::SeqCst) {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.taps.len() as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.opts.mtu.to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn min_queues(&self) -> usize {
+        2
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_MTU
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_CTRL_VQ;
+        if self.opts.offload {
+            f |= 1 << VIRTIO_NET_F_CSUM
+                | 1 << VIRTIO_NET_F_GUEST_CSUM
+                | 1 << VIRTIO_NET_F_HOST_TSO4
+                | 1 << VIRTIO_NET_F_HOST_TSO6
+                | 1 << VIRTIO_NET_F_GUEST_TSO4
+                | 1 << VIRTIO_NET_F_GUEST_TSO6;
+        }
+        if self.taps.len() > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let c = self.config();
+        if let Ok(off) = usize::try_from(offset) {
+            if off < c.len() {
+                let n = data.len().min(c.len() - off);
+                data[..n].copy_from_slice(&c[off..off + n]);
+            }
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is not writable (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<QueueEvent>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        let acked = self.acked;
+        let has = |bit: u32| acked & (1 << bit) != 0;
+        let pairs = if has(VIRTIO_NET_F_MQ) {
+            self.taps.len()
+        } else {
+            1
+        };
+        let ctrl = has(VIRTIO_NET_F_CTRL_VQ);
+        let want = 2 * pairs + usize::from(ctrl);
+        if queues.len() < want {
+            return Err(ActivateError::BadQueue(format!(
+                "{want} queues expected, got {}",
+                queues.len()
+            )));
+        }
+        let mut tun = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            tun |= TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                tun |= TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                tun |= TUN_F_TSO6;
+            }
+        }
+        for t in &self.taps {
+            if let Err(e) = t.set_offload(tun) {
+                tracing::warn!("virtio-net: {e}");
+            }
+        }
+        let ctx = || Ctx {
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            broken: self.broken.clone(),
+            name: "net",
+            max_chain: MAX_CHAIN,
+        };
+        let mut queues = queues.into_iter();
+        for (i, tap) in self.taps.iter().take(pairs).enumerate() {
+            let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+                break;
+            };
+            let timer = || TimerFd::new().map_err(|e| ActivateError::Worker(e.into()));
+            let w = PairWorker {
+                ctx: ctx(),
+                pair: i as u16,
+                rx: rx.queue,
+                rx_evt: rx.event,
+                tx: tx.queue,
+                tx_evt: tx.event,
+                tap: Some(tap.clone()),
+                tap_readable: true,
+                pending: None,
+                buf: vec![0u8; MAX_FRAME],
+                mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
+                acked,
+                mtu: usize::from(self.opts.mtu),
+                limiters: self.limiters.clone(),
+                timers: [timer()?, timer()?],
+                throttled: [false, false],
+                link_up: self.link_up.clone(),
+                counters: self.counters.clone(),
+            };
+            let name = format!("virtio-net-q{i}");
+            self.pairs
+                .push(Worker::spawn(&name, w).map_err(ActivateError::Worker)?);
+        }
+        if ctrl {
+            // The control queue comes after the pairs the driver uses (index 2 without MQ).
+            if let Some(q) = queues.next() {
+                let w = CtrlWorker {
+                    ctx: ctx(),
+                    index: want as u16 - 1,
+                    queue: q.queue,
+                    event: q.event,
+                    pairs: self.taps.len() as u16,
+                };
+                self.ctrl =
+                    Some(Worker::spawn("virtio-net-ctrl", w).map_err(ActivateError::Worker)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for w in self.pairs.drain(..) {
+            w.stop();
+        }
+        if let Some(w) = self.ctrl.take() {
+            w.stop();
+        }
+        self.broken.store(false, Ordering::SeqCst);
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}
+
+const RX: usize = 0;
+const TX: usize = 1;
+const TOKEN_RX: usize = 0;
+const TOKEN_TX: usize = 1;
+const TOKEN_TAP: usize = 2;
+const TOKEN_RX_TIMER: usize = 3;
+const TOKEN_TX_TIMER: usize = 4;
+
+/// One queue pair: receive from the TAP into `rx`, transmit `tx` to the TAP.
+struct PairWorker {
+    ctx: Ctx,
+    pair: u16,
+    rx: Queue,
+    rx_evt: EventFd,
+    tx: Queue,
+    tx_evt: EventFd,
+    /// `None` once the TAP is gone.
+    tap: Option<Arc<Tap>>,
+    /// The TAP may have frames queued (it is watched edge-triggered).
+    tap_readable: bool,
+    /// Length of a frame read from the TAP into `buf` and not yet delivered.
+    pending: Option<usize>,
+    buf: Vec<u8>,
+    mrg_rxbuf: bool,
+    acked: u64,
+    mtu: usize,
+    limiters: [Option<Arc<Mutex<RateLimiter>>>; 2],
+    timers: [TimerFd; 2],
+    throttled: [bool; 2],
+    link_up: Arc<AtomicBool>,
+    counters: Arc<NetCounters>,
+}
+
+impl Handler for PairWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![
+            self.rx_evt.as_raw_fd(),
+            self.tx_evt.as_raw_fd(),
+            self.tap.as_ref().map_or(-1, |t| t.fd()),
+            self.timers[RX].as_raw_fd(),
+            self.timers[TX].as_raw_fd(),
+        ]
+    }
+
+    fn edge_triggered(&self, token: usize) -> bool {
+        token == TOKEN_TAP
+    }
+
+    fn handle(&mut self, token: usize) -> bool {
+        match token {
+            TOKEN_RX => drain(&self.rx_evt),
+            TOKEN_TX => drain(&self.tx_evt),
+            TOKEN_TAP => self.tap_readable = true,
+            TOKEN_RX_TIMER | TOKEN_TX_TIMER => {
+                let d = token - TOKEN_RX_TIMER;
+                let _ = self.timers[d].wait();
+                self.throttled[d] = false;
+            }
+            _ => {}
+        }
+        let mut used = [false, false];
+        let res = self
+            .transmit(&mut used[TX])
+            .and_then(|()| self.receive(&mut used[RX]));
+        if used[RX] {
+            self.ctx.signal(&self.rx, 2 * self.pair);
+        }
+        if used[TX] {
+            self.ctx.signal(&self.tx, 2 * self.pair + 1);
+        }
+        match res {
+            Ok(()) => true,
+            Err(e) => self.ctx.fail(e),
+        }
+    }
+}
+
+/// Reads a little-endian u16 at `off` of the vnet header.
+fn hdr16(h: &[u8; VNET_HDR_LEN], off: usize) -> usize {
+    usize::from(u16::from_le_bytes([h[off], h[off + 1]]))
+}
+
+impl PairWorker {
+    fn has(&self, bit: u32) -> bool {
+        self.acked & (1 << bit) != 0
+    }
+
+    /// Whether the limiter of direction `d` lets `bytes` through now; if not, arms its timer.
+    fn admit(&mut self, d: usize, bytes: u64) -> bool {
+        let Some(l) = &self.limiters[d] else {
+            return true;
+        };
+        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if l.try_admit(bytes, now) {
+            return true;
+        }
+        let wait = l.wait_time(bytes, now).max(Duration::from_micros(50));
+        drop(l);
+        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.timers[d].reset(wait, None) {
+            tracing::warn!("virtio-net: cannot arm the rate-limit timer: {e}");
+            return true;
+        }
+        self.throttled[d] = true;
+        false
+    }
+
+    /// The TAP went away: link down, tell the guest, stop using it.
+    fn tap_gone(&mut self, e: &std::io::Error) {
+        if self.tap.take().is_none() {
+            return;
+        }
+        tracing::warn!("virtio-net: the TAP is gone ({e}); link down");
+        self.counters.link_down.fetch_add(1, Ordering::Relaxed);
+        if self.link_up.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.ctx.interrupt.trigger(InterruptKind::Config) {
+                tracing::warn!("virtio-net: cannot raise the config interrupt: {e}");
+            }
+        }
+    }
+
+    /// Checks a guest frame's vnet header against the frame length and what was negotiated.
+    fn header_ok(&self, h: &[u8; VNET_HDR_LEN], frame: usize) -> bool {
+        let (flags, gso) = (u32::from(h[0]), u32::from(h[1]));
+        if frame < 14 || flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            return false;
+        }
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            let (start, off) = (hdr16(h, 6), hdr16(h, 8));
+            if !self.has(VIRTIO_NET_F_CSUM) || start + off + 2 > frame {
+                return false;
+            }
+        }
+        match gso {
+            VIRTIO_NET_HDR_GSO_NONE => frame <= self.mtu + L2_OVERHEAD,
+            VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => {
+                let bit = if gso == VIRTIO_NET_HDR_GSO_TCPV4 {
+                    VIRTIO_NET_F_HOST_TSO4
+                } else {
+                    VIRTIO_NET_F_HOST_TSO6
+                };
+                self.has(bit)
+                    && flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+                    && hdr16(h, 4) > 0
+                    && hdr16(h, 2) <= frame
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends the guest's frames to the TAP.
+    fn transmit(&mut self, used: &mut bool) -> Result<(), Malformed> {
+        if self.throttled[TX] {
+            return Ok(());
+        }
+        let mut budget = QUEUE_SIZE;
+        loop {
+            self.tx
+                .disable_notification(&self.ctx.mem)
+                .map_err(|e| Malformed::Queue(2 * self.pair + 1, e))?;
+            loop {
+                if budget == 0 {
+                    // Let the worker see a reset; come back for the rest.
+                    let _ = self.tx_evt.write(1);
+                    return Ok(());
+                }
+                let Some(chain) = self.ctx.pop_checked(&mut self.tx, 2 * self.pair + 1)? else {
+                    break;
+                };
+                budget -= 1;
+                let req = match chain {
+                    Ok(req) => req,
+                    Err((head, e)) => {
+                        tracing::debug!("virtio-net: dropped a transmit chain: {e}");
+                        self.drop_tx(head)?;
+                        *used = true;
+                        continue;
+                    }
+                };
+                match self.send(&req) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Throttled: the chain goes back; the timer brings us here again.
+                        self.tx.go_to_previous_position();
+                        return Ok(());
+                    }
+                    Err(()) => {
+                        self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                self.ctx
+                    .add_used(&mut self.tx, 2 * self.pair + 1, req.head, 0)?;
+                *used = true;
+            }
+            let more = self
+                .tx
+                .enable_notification(&self.ctx.mem)
+                .map_err(|e| Malformed::Queue(2 * self.pair + 1, e))?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drop_tx(&mut self, head: u16) -> Result<(), Malformed> {
+        self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        self.ctx.add_used(&mut self.tx, 2 * self.pair + 1, head, 0)
+    }
+
+    /// Sends one frame; `Ok(false)` when the rate limiter holds it back, `Err` when dropped.
+    fn send(&mut self, req: &Request) -> Result<bool, ()> {
+        if req.bufs.iter().any(|b| b.writable) {
+            return Err(());
+        }
+        let total: usize = req.bufs.iter().map(|b| b.len as usize).sum();
+        if !(VNET_HDR_LEN..=MAX_FRAME).contains(&total) {
+            return Err(());
+        }
+        let mut h = [0u8; VNET_HDR_LEN];
+        let mut got = 0;
+        for b in &req.bufs {
+            let n = (VNET_HDR_LEN - got).min(b.len as usize);
+            self.ctx
+                .mem
+                .read_slice(&mut h[got..got + n], b.addr)
+                .map_err(|_| ())?;
+            got += n;
+            if got == VNET_HDR_LEN {
+                break;
+            }
+        }
+        let frame = total - VNET_HDR_LEN;
+        if !self.header_ok(&h, frame) {
+            return Err(());
+        }
+        if self.tap.is_none() {
+            return Err(());
+        }
+        if !self.admit(TX, frame as u64) {
+            return Ok(false);
+        }
+        let mut iov = Vec::with_capacity(req.bufs.len());
+        for b in req.bufs.iter().filter(|b| b.len > 0) {
+            let s = self
+                .ctx
+                .mem
+                .get_slice(b.addr, b.len as usize)
+                .map_err(|_| ())?;
+            iov.push(libc::iovec {
+                iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: b.len as usize,
+            });
+        }
+        let Some(tap) = &self.tap else {
+            return Err(());
+        };
+        // SAFETY: every iovec was checked to lie inside guest memory, which `self.ctx.mem`
+        // keeps mapped; the kernel only reads from it.
+        match unsafe { tap.writev(&iov) } {
+            Ok(_) => {
+                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .tx_bytes
+                    .fetch_add(frame as u64, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) if net::is_gone(&e) => {
+                self.tap_gone(&e);
+                Err(())
+            }
+            Err(e) => {
+                tracing::debug!("virtio-net: the TAP refused a frame: {e}");
+                Err(())
+            }
+        }
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers while both have some.
+    fn receive(&mut self, used: &mut bool) -> Result<(), Malformed> {
+        if self.throttled[RX] {
+            return Ok(());
+        }
+        for _ in 0..QUEUE_SIZE {
+            let len = match self.pending {
+                Some(len) => len,
+                None => {
+                    let Some(tap) = self.tap.as_ref().filter(|_| self.tap_readable) else {
+                        return Ok(());
+                    };
+                    match tap.read(&mut self.buf) {
+                        Ok(n) if n > VNET_HDR_LEN => n,
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            self.tap_readable = false;
+                            return Ok(());
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) if net::is_gone(&e) => {
+                            self.tap_gone(&e);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            tracing::warn!("virtio-net: reading the TAP: {e}");
+                            self.tap_readable = false;
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            self.pending = Some(len);
+            if !self.admit(RX, (len - VNET_HDR_LEN) as u64) {
+                return Ok(());
+            }
+            if !self.deliver(len, used)? {
+                // Out of receive buffers: the driver's next notification brings us back.
+                return Ok(());
+            }
+            self.pending = None;
+        }
+        // More may be queued: come back after a look at the other events.
+        let _ = self.rx_evt.write(1);
+        Ok(())
+    }
+
+    /// Copies the frame in `buf[..len]` into receive chains; false if there were not enough.
+    fn deliver(&mut self, len: usize, used: &mut bool) -> Result<bool, Malformed> {
+        let index = 2 * self.pair;
+        let mut chains: Vec<Request> = Vec::new();
+        let mut room = 0usize;
+        while room < len {
+            let Some(chain) = self.ctx.pop_checked(&mut self.rx, index)? else {
+                for _ in &chains {
+                    self.rx.go_to_previous_position();
+                }
+                return Ok(false);
+            };
+            match chain {
+                Ok(req) if req.bufs.iter().all(|b| b.writable) => {
+                    room += req.bufs.iter().map(|b| b.len as usize).sum::<usize>();
+                    chains.push(req);
+                    if !self.mrg_rxbuf {
+                        break;
+                    }
+                }
+                Ok(req) => {
+                    self.rx_bad_chain(req.head)?;
+                    *used = true;
+                }
+                Err((head, e)) => {
+                    tracing::debug!("virtio-net: dropped a receive chain: {e}");
+                    self.rx_bad_chain(head)?;
+                    *used = true;
+                }
+            }
+        }
+        if room < len {
+            // Without merged buffers one chain must hold the frame: drop the frame, keep the
+            // buffer.
+            self.rx.go_to_previous_position();
+            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        let n = chains.len() as u16;
+        self.buf[10..12].copy_from_slice(&n.to_le_bytes());
+        let mut off = 0;
+        for req in &chains {
+            let wrote = self.ctx.write_bufs(req, &self.buf[off..len])?;
+            off += wrote;
+            self.ctx
+                .add_used(&mut self.rx, index, req.head, wrote as u32)?;
+        }
+        *used = true;
+        self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .rx_bytes
+            .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn rx_bad_chain(&mut self, head: u16) -> Result<(), Malformed> {
+        self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        self.ctx.add_used(&mut self.rx, 2 * self.pair, head, 0)
+    }
+}
+
+/// The control queue: answers the driver's commands.
+struct CtrlWorker {
+    ctx: Ctx,
+    index: u16,
+    queue: Queue,
+    event: EventFd,
+    pairs: u16,
+}
+
+impl Handler for CtrlWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.event.as_raw_fd()]
+    }
+
+    fn handle(&mut self, _token: usize) -> bool {
+        drain(&self.event);
+        let mut used = false;
+        let res = self.process(&mut used);
+        if used {
+            self.ctx.signal(&self.queue, self.index);
+        }
+        match res {
+            Ok(()) => true,
+            Err(e) => self.ctx.fail(e),
+        }
+    }
+}
+
+impl CtrlWorker {
+    fn process(&mut self, used: &mut bool) -> Result<(), Malformed> {
+        for _ in 0..QUEUE_SIZE {
+            let Some(chain) = self.ctx.pop_checked(&mut self.queue, self.index)? else {
+                return Ok(());
+            };
+            let req = match chain {
+                Ok(r) => r,
+                Err((head, _)) => {
+                    self.ctx.add_used(&mut self.queue, self.index, head, 0)?;
+                    *used = true;
+                    continue;
+                }
+            };
+            let ack = self.command(&req);
+            let len = match req.bufs.last().filter(|b| b.writable && b.len > 0) {
+                Some(b) => {
+                    let at = GuestAddress(b.addr.0 + u64::from(b.len) - 1);
+                    self.ctx.mem.write_obj(ack, at).map_err(Malformed::Memory)?;
+                    1
+                }
+                None => 0,
+            };
+            self.ctx
+                .add_used(&mut self.queue, self.index, req.head, len)?;
+            *used = true;
+        }
+        let _ = self.event.write(1);
+        Ok(())
+    }
+
+    /// Runs one command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.
+    fn command(&self, req: &Request) -> u8 {
+        let mut cmd = [0u8; 4];
+        let mut got = 0;
+        for b in req.bufs.iter().filter(|b| !b.writable) {
+            let n = (cmd.len() - got).min(b.len as usize);
+            if self
+                .ctx
+                .mem
+                .read_slice(&mut cmd[got..got + n], b.addr)
+                .is_err()
+            {
+                return VIRTIO_NET_ERR as u8;
+            }
+            got += n;
+            if got == cmd.len() {
+                break;
+            }
+        }
+        let ok = match (u32::from(cmd[0]), u32::from(cmd[1])) {
+            // Receive filtering: tern hands the guest every frame; promiscuous and multicast
+            // settings and MAC tables need nothing.
+            (VIRTIO_NET_CTRL_RX, _) | (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) => true,
+            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) => true,
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+                // Every pair is served whether the driver uses it or not.
+                let n = u16::from_le_bytes([cmd[2], cmd[3]]);
+                got == 4 && (1..=self.pairs).contains(&n)
+            }
+            _ => false,
+        };
+        if ok {
+            VIRTIO_NET_OK as u8
+        } else {
+            VIRTIO_NET_ERR as u8
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use devices::BusDevice;
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::testing::*;
+
+    /// A TAP in a network namespace of this test thread's own, up, with a packet socket on it
+    /// standing for the host side.
+    struct Wire {
+        taps: Option<Vec<Tap>>,
+        peer: std::fs::File,
+        ns: String,
+    }
+
+    fn ioctl_ok(r: libc::c_int, what: &str) {
+        assert!(r >= 0, "{what}: {}", std::io::Error::last_os_error());
+    }
+
+    fn wire(name: &str) -> Option<Wire> {
+        // SAFETY: unshare affects only this thread's network namespace; no memory involved.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "unshare(CLONE_NEWNET): {e}"
+            );
+            eprintln!("SKIP: cannot create a network namespace ({e})");
+            return None;
+        }
+        let taps = match Tap::open(name, 1) {
+            Ok(t) => t,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIP: no TAP devices here ({e})");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // Bring the interface up and find its index.
+        // SAFETY: plain socket creation.
+        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        ioctl_ok(s, "socket");
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS/SIOCGIFINDEX read and write a 40-byte ifreq.
+        unsafe {
+            ioctl_ok(
+                libc::ioctl(s, libc::SIOCGIFFLAGS, req.as_mut_ptr()),
+                "get flags",
+            );
+            let flags = i16::from_ne_bytes([req[16], req[17]]) | libc::IFF_UP as i16;
+            req[16..18].copy_from_slice(&flags.to_ne_bytes());
+            ioctl_ok(
+                libc::ioctl(s, libc::SIOCSIFFLAGS, req.as_mut_ptr()),
+                "set up",
+            );
+            ioctl_ok(
+                libc::ioctl(s, libc::SIOCGIFINDEX, req.as_mut_ptr()),
+                "index",
+            );
+            libc::close(s);
+        }
+        let ifindex = i32::from_ne_bytes([req[16], req[17], req[18], req[19]]);
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation; ownership moves into a File below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        ioctl_ok(fd, "packet socket");
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let peer = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; bind reads `size_of` bytes of it.
+        unsafe {
+            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_protocol = proto;
+            sa.sll_ifindex = ifindex;
+            ioctl_ok(
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                ),
+                "bind",
+            );
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        let ns = format!("/proc/{}/task/{}/ns/net", std::process::id(), unsafe {
+            // SAFETY: gettid has no preconditions.
+            libc::gettid()
+        });
+        Some(Wire {
+            taps: Some(taps),
+            peer,
+            ns,
+        })
+    }
+
+    impl Wire {
+        /// The next frame the host side sees with ethertype 0x88b5 (IPv6 router chatter and
+        /// the like are skipped), or None after a timeout.
+        fn recv(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; 70000];
+            for _ in 0..20 {
+                let n = std::io::Read::read(&mut &self.peer, &mut buf).ok()?;
+                if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+                    return Some(buf[..n].to_vec());
+                }
+            }
+            None
+        }
+
+        fn send(&self, frame: &[u8]) {
+            std::io::Write::write_all(&mut &self.peer, frame).unwrap();
+        }
+
+        /// Deletes the TAP, as an administrator would.
+        fn delete_tap(&self, name: &str) {
+            let ok = std::process::Command::new("nsenter")
+                .args([&format!("--net={}", self.ns), "ip", "link", "del", name])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "cannot delete the TAP with nsenter + ip");
+        }
+    }
+
+    const MAC: [u8; 6] = [0x02, 0x74, 0x6e, 1, 2, 3];
+    const FEATURES: u64 = VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF;
+    const RXBUF: u64 = BUFS;
+    const TXBUF: u64 = BUFS + 0x10_0000;
+
+    fn frame(len: usize, tag: u8) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend((14..len).map(|i| (i as u8) ^ tag));
+        f
+    }
+
+    struct Rig {
+        d: Driver,
+        rx: VirtQueue,
+        tx: VirtQueue,
+        counters: Arc<NetCounters>,
+        wire: Wire,
+    }
+
+    fn rig(name: &str, mtu: u16) -> Option<Rig> {
+        let mut wire = wire(name)?;
+        let dev = Net::new(
+            wire.taps.take().unwrap(),
+            NetOptions {
+                mac: MAC,
+                mtu,
+                offload: true,
+                rx: Limits::default(),
+                tx: Limits::default(),
+            },
+        );
+        let counters = dev.counters();
+        let mut d = Driver::new(Box::new(dev));
+        assert!(d.negotiate(FEATURES | 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4));
+        let rx = VirtQueue::new(0x1000);
+        let tx = VirtQueue::new(0x2000);
+        d.setup_queue(0, &rx);
+        d.setup_queue(1, &tx);
+        d.add_status(DRIVER_OK);
+        assert_eq!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        Some(Rig {
+            d,
+            rx,
+            tx,
+            counters,
+            wire,
+        })
+    }
+
+    impl Rig {
+        fn transmit(&mut self, hdr: [u8; 12], frame: &[u8]) {
+            self.d.mem.write_slice(&hdr, GuestAddress(TXBUF)).unwrap();
+            self.d
+                .mem
+                .write_slice(frame, GuestAddress(TXBUF + 12))
+                .unwrap();
+            let before = self.tx.used_idx(&self.d.mem);
+            self.tx.add_chain(
+                &self.d.mem,
+                &[(TXBUF, 12, false), (TXBUF + 12, frame.len() as u32, false)],
+            );
+            self.d.notify(1);
+            assert!(wait_for(|| self.tx.used_idx(&self.d.mem) != before));
+        }
+    }
+
+    #[test]
+    fn frames_go_out_and_come_in_through_a_real_tap() {
+        let Some(mut r) = rig("ternt0", 1500) else {
+            return;
+        };
+        let mut cfg = [0u8; 12];
+        r.d.t.read(0x100, &mut cfg);
+        assert_eq!(cfg[..6], MAC);
+        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
+        assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1500);
+        // Guest -> host.
+        let out = frame(600, 1);
+        r.transmit([0; 12], &out);
+        assert_eq!(r.wire.recv().as_deref(), Some(&out[..]));
+        // Host -> guest, into two 1 KiB buffers merged for a 1500-byte frame.
+        for i in 0..2u64 {
+            r.rx.add_chain(&r.d.mem, &[(RXBUF + i * 0x1000, 1024, true)]);
+        }
+        r.d.notify(0);
+        let inb = frame(1500, 2);
+        r.wire.send(&inb);
+        assert!(wait_for(|| r.rx.used_idx(&r.d.mem) == 2));
+        assert_eq!(r.rx.used_elem(&r.d.mem, 0).1, 1024);
+        assert_eq!(r.rx.used_elem(&r.d.mem, 1).1, 1500 + 12 - 1024);
+        let mut got = vec![0u8; 2048];
+        r.d.mem
+            .read_slice(&mut got[..1024], GuestAddress(RXBUF))
+            .unwrap();
+        r.d.mem
+            .read_slice(&mut got[1024..], GuestAddress(RXBUF + 0x1000))
+            .unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+        assert_eq!(&got[12..1512], &inb[..]);
+        assert_eq!(r.counters.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(r.counters.tx_frames.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn hostile_frames_are_dropped_and_the_device_keeps_working() {
+        let Some(mut r) = rig("ternt1", 1500) else {
+            return;
+        };
+        let gso = |kind: u8, hdr_len: u16, size: u16| {
+            let mut h = [0u8; 12];
+            h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+            h[1] = kind;
+            h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+            h[4..6].copy_from_slice(&size.to_le_bytes());
+            h[6..8].copy_from_slice(&34u16.to_le_bytes());
+            h[8..10].copy_from_slice(&16u16.to_le_bytes());
+            h
+        };
+        let mut csum_past_end = [0u8; 12];
+        csum_past_end[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+        csum_past_end[6..8].copy_from_slice(&599u16.to_le_bytes());
+        let cases: [(&str, [u8; 12], Vec<u8>); 6] = [
+            ("unknown GSO type", gso(0x55, 54, 1448), frame(600, 3)),
+            (
+                "GSO header past the frame",
+                gso(1, 4000, 1448),
+                frame(600, 3),
+            ),
+            (
+                "GSO not negotiated (TCPv6)",
+                gso(4, 54, 1448),
+                frame(600, 3),
+            ),
+            ("checksum past the frame", csum_past_end, frame(600, 3)),
+            ("larger than the MTU", [0; 12], frame(1500 + 18 + 100, 3)),
+            ("shorter than an Ethernet header", [0; 12], vec![1, 2, 3]),
+        ];
+        for (n, (what, hdr, f)) in cases.iter().enumerate() {
+            r.transmit(*hdr, f);
+            assert_eq!(
+                r.counters.tx_dropped.load(Ordering::Relaxed),
+                n as u64 + 1,
+                "{what}"
+            );
+        }
+        // A looping chain is returned unused and counted.
+        r.tx.set_desc(&r.d.mem, 10, TXBUF, 12, NEXT, 11);
+        r.tx.set_desc(&r.d.mem, 11, TXBUF, 12, NEXT, 10);
+        let before = r.tx.used_idx(&r.d.mem);
+        r.tx.publish(&r.d.mem, 10);
+        r.d.notify(1);
+        assert!(wait_for(|| r.tx.used_idx(&r.d.mem) != before));
+        assert_eq!(r.counters.tx_dropped.load(Ordering::Relaxed), 7);
+        assert_eq!(r.d.read(REG_STATUS) & NEEDS_RESET, 0, "device broken");
+        // Nothing malformed reached the host; a good frame still does.
+        let good = frame(200, 4);
+        r.transmit([0; 12], &good);
+        assert_eq!(r.wire.recv().as_deref(), Some(&good[..]));
+    }
+
+    #[test]
+    fn a_deleted_tap_takes_the_link_down() {
+        let Some(mut r) = rig("ternt2", 1500) else {
+            return;
+        };
+        r.wire.delete_tap("ternt2");
+        // The next transmission finds the TAP gone (or the TAP's error event did already).
+        r.transmit([0; 12], &frame(100, 5));
+        assert!(wait_for(
+            || r.counters.link_down.load(Ordering::Relaxed) == 1
+        ));
+        let mut status = [0u8; 2];
+        r.d.t.read(0x106, &mut status);
+        assert_eq!(status, [0, 0], "link still up");
+        assert_ne!(r.d.read(REG_ISR) & 2, 0, "no config interrupt");
+        // Frames sent now are dropped, not stuck.
+        let before = r.counters.tx_dropped.load(Ordering::Relaxed);
+        r.transmit([0; 12], &frame(100, 6));
+        assert_eq!(r.counters.tx_dropped.load(Ordering::Relaxed), before + 1);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(r.d.read(REG_STATUS) & NEEDS_RESET, 0);
+    }
+}
