@@ -158,6 +158,8 @@ fn fio(file: &Path, rw: &str, bs: &str, depth: u32, direct: bool) -> Result<(f64
                 "--ioengine=io_uring"
             },
             &format!("--direct={}", u8::from(direct)),
+            // fio drops the file's page cache before a job unless told not to.
+            "--invalidate=0",
             &format!("--runtime={}ms", WORKLOAD_MS),
             "--time_based",
             "--output-format=json",
