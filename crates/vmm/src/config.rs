@@ -928,4 +928,90 @@ mod tests {
         let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
     }
+
+    #[test]
+    fn disk_specs() {
+        let d: DiskConfig = "path=/a.img,format=qcow2,readonly=on,serial=s1,cache=none,queues=4,iops=100,bw=50M,io=sync"
+            .parse()
+            .unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.img"));
+        assert_eq!(d.format, Some(DiskFormat::Qcow2));
+        assert!(d.readonly);
+        assert_eq!(d.serial.as_deref(), Some("s1"));
+        assert_eq!(d.cache, DiskCache::None);
+        assert_eq!((d.queues, d.iops, d.bw), (4, 100, 50 << 20));
+        assert_eq!(d.io, DiskIo::Sync);
+        let d: DiskConfig = "path=/b.raw".parse().unwrap();
+        assert_eq!(
+            (d.format, d.readonly, d.queues, d.io),
+            (None, false, 1, DiskIo::Auto)
+        );
+        for (bad, why) in [
+            ("format=raw", "missing disk path"),
+            ("path=/a,readonly=maybe", "invalid disk readonly 'maybe'"),
+            ("path=/a,bw=1X", "invalid disk bw '1X'"),
+            ("path=/a,what=1", "invalid disk 'what=1'"),
+            ("path=/a,x", "invalid disk 'x': expected key=value"),
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let mut c = VmConfig {
+            kernel: Some("/k".into()),
+            ..VmConfig::default()
+        };
+        c.disks.push("path=/a,queues=17".parse().unwrap());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("must be 1 to 16"));
+        c.disks[0] = "path=/a,serial=123456789012345678901".parse().unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn net_specs_and_macs() {
+        let n: NetConfig =
+            "tap=tap0,mac=52:54:00:ab:cd:ef,queues=2,mtu=9000,offload=off,rx_bw=10M,tx_ops=5"
+                .parse()
+                .unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:ab:cd:ef");
+        assert_eq!((n.queues, n.mtu, n.offload), (2, 9000, false));
+        assert_eq!((n.rx_bw, n.tx_ops, n.tx_bw, n.rx_ops), (10 << 20, 5, 0, 0));
+        // Generated MACs are locally administered, unicast and stable.
+        let a: NetConfig = "tap=auto".parse().unwrap();
+        let m = a.effective_mac(0);
+        assert_eq!(m.0[0] & 3, 2);
+        assert_eq!(m, a.effective_mac(0));
+        assert_ne!(m, a.effective_mac(1));
+        for bad in [
+            "mac=52:54:00:ab:cd:ef",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,mac=zz",
+            "tap=t,mtu=70000",
+            "tap=t,nope=1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+        let mut c = VmConfig {
+            kernel: Some("/k".into()),
+            ..VmConfig::default()
+        };
+        c.nets.push("tap=t,queues=9".parse().unwrap());
+        assert!(c.validate().is_err());
+        c.nets[0] = "tap=averyveryverylongname".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.nets[0] = "tap=tap0".parse().unwrap();
+        c.validate().unwrap();
+        // The same in a config file.
+        let f = VmConfig::from_file_text(
+            "t.toml",
+            "kernel = \"/k\"\n[[disks]]\npath = \"/d.img\"\nreadonly = true\n[[nets]]\ntap = \"tap0\"\nmac = \"02:00:00:00:00:01\"\n",
+        )
+        .unwrap();
+        assert!(f.disks[0].readonly);
+        assert_eq!(f.nets[0].mac.unwrap().0, [2, 0, 0, 0, 0, 1]);
+    }
 }
