@@ -14,6 +14,7 @@ use crate::rt::cmdline::Params;
 use crate::rt::phys::PhysAlloc;
 use crate::rt::smp::Topology;
 
+mod count;
 mod cpuid;
 mod exits;
 mod hello;
@@ -26,6 +27,9 @@ mod vblkhostile;
 mod vcons;
 mod vhostile;
 mod virtio;
+mod vnet;
+mod vnetbench;
+mod vnethostile;
 mod vrng;
 
 pub struct Scenario {
@@ -48,6 +52,10 @@ pub static SCENARIOS: &[Scenario] = &[
     vblk::SCENARIO,
     vblkhostile::SCENARIO,
     vblkbench::SCENARIO,
+    vnet::SCENARIO,
+    vnethostile::SCENARIO,
+    vnetbench::SCENARIO,
+    count::SCENARIO,
 ];
 
 pub struct Ctx<'a> {

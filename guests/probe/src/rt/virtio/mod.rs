@@ -16,12 +16,14 @@ use super::phys::PhysAlloc;
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod pci;
 pub mod queue;
 
 pub use queue::{Buf, Virtqueue};
 
 /// Device types (virtio 1.x §5).
+pub const ID_NET: u32 = 1;
 pub const ID_BLK: u32 = 2;
 pub const ID_CONSOLE: u32 = 3;
 pub const ID_RNG: u32 = 4;

@@ -107,12 +107,24 @@ impl Virtqueue {
         Ok(q)
     }
 
-    fn desc_addr(&self, i: u16) -> u64 {
+    /// Address of descriptor `i` in the descriptor table.
+    pub fn desc_addr(&self, i: u16) -> u64 {
         self.desc + DESC_SIZE * u64::from(i)
     }
 
-    /// Chain `bufs` into free descriptors and make the chain available.
-    /// Returns the head descriptor (the request's id). The caller notifies.
+    /// Free descriptors.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Whether the device has published a completion [`pop_used`](Self::pop_used)
+    /// has not taken yet.
+    pub fn has_used(&self) -> bool {
+        // SAFETY: reading the device area of our own queue.
+        let idx = unsafe { rd::<u16>(self.used + 2) };
+        idx != self.last_used
+    }
+
     /// Whether the device wants a notification: not when it set VRING_USED_F_NO_NOTIFY
     /// (it is already processing the ring). Called after [`push`](Self::push), whose fence
     /// orders the available index before this read.
@@ -122,7 +134,22 @@ impl Virtqueue {
         flags & 1 == 0
     }
 
+    /// Chain `bufs` into free descriptors and make the chain available.
+    /// Returns the head descriptor (the request's id). The caller notifies.
     pub fn push(&mut self, bufs: &[Buf]) -> Result<u16, &'static str> {
+        self.push_edited(bufs, |_, _| {})
+    }
+
+    /// [`push`](Self::push) for malformed chains: `edit(queue, head)` may
+    /// rewrite the chain's descriptors after they are written and before the
+    /// chain is published. Whatever it changes must be undone before the
+    /// chain comes back through [`pop_used`](Self::pop_used), which follows
+    /// the NEXT flags to free it.
+    pub fn push_edited(
+        &mut self,
+        bufs: &[Buf],
+        edit: impl FnOnce(&Virtqueue, u16),
+    ) -> Result<u16, &'static str> {
         if bufs.is_empty() || bufs.len() > usize::from(self.num_free) {
             return Err("virtqueue full");
         }
@@ -151,6 +178,7 @@ impl Virtqueue {
             }
         }
         self.num_free -= bufs.len() as u16;
+        edit(self, head);
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx & (self.size - 1));
         // SAFETY: the ring slot and the index belong to the driver.
         unsafe {
