@@ -28,11 +28,43 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Show a running VM's state, configuration and size.
+    Info(ClientArgs),
+    /// Stop every vCPU of a running VM.
+    Pause(ClientArgs),
+    /// Continue a paused VM.
+    Resume(ClientArgs),
+    /// Press the VM's ACPI power button (--force: stop it at once).
+    Shutdown {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Stop the VM without asking the guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reset the VM (as a guest reboot: tern exits or restarts it, per --on-reboot).
+    Reboot(ClientArgs),
+    /// Show exit counts per vCPU and I/O counters per device.
+    Counters(ClientArgs),
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The running tern's API socket (`tern run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Print the server's JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
 struct RunArgs {
+    /// Serve the control API (HTTP/1.1 REST) on this Unix socket. Without --kernel (or a
+    /// config file), tern starts empty and waits for PUT /v1/vm and PUT /v1/vm/boot.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Config file (TOML, or JSON when it starts with '{'); flags override its settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -90,6 +122,11 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// Whether the VM is to be configured through the API (no kernel, no config file).
+    fn api_only(&self) -> bool {
+        self.api_socket.is_some() && self.kernel.is_none() && self.config.is_none()
+    }
+
     fn into_config(self) -> anyhow::Result<VmConfig> {
         let mut c = match &self.config {
             Some(p) => {
@@ -170,14 +207,28 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref());
     match cli.cmd {
         Command::Run(args) => {
-            let config = match args.into_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("tern: {e}");
-                    return ExitCode::from(EXIT_VMM_ERROR);
+            let api = match &args.api_socket {
+                Some(p) => match vmm::api::ApiServer::start(p) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        eprintln!("tern: {e}");
+                        return ExitCode::from(EXIT_VMM_ERROR);
+                    }
+                },
+                None => None,
+            };
+            let config = if args.api_only() {
+                None
+            } else {
+                match args.into_config() {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        eprintln!("tern: {e}");
+                        return ExitCode::from(EXIT_VMM_ERROR);
+                    }
                 }
             };
-            match vmm::run(&config, start) {
+            match vmm::run(config, api, start) {
                 Ok(exit) => exit_code(&exit),
                 Err(e) => {
                     eprintln!("tern: {e}");
@@ -185,7 +236,104 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Info(c) => client(&c, "GET", "/v1/vm", show_info),
+        Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| "paused".into()),
+        Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| "resumed".into()),
+        Command::Shutdown { client: c, force } => {
+            let path = if force {
+                "/v1/vm/shutdown?force=true"
+            } else {
+                "/v1/vm/shutdown"
+            };
+            let done = if force {
+                "stopping the VM"
+            } else {
+                "pressed the power button"
+            };
+            client(&c, "PUT", path, move |_| done.into())
+        }
+        Command::Reboot(c) => client(&c, "PUT", "/v1/vm/reboot", |_| "resetting the VM".into()),
+        Command::Counters(c) => client(&c, "GET", "/v1/vm/counters", show_counters),
     }
+}
+
+/// Runs one API call and prints its outcome: `show` of the JSON body (or the JSON itself with
+/// --json) on success, the server's error message otherwise.
+fn client(
+    args: &ClientArgs,
+    method: &str,
+    path: &str,
+    show: impl Fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    let (status, body) = match vmm::api::call(&args.api_socket, method, path, None) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "tern: cannot reach the API socket {}: {e}",
+                args.api_socket.display()
+            );
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    if !(200..300).contains(&status) {
+        let msg = json["error"].as_str().unwrap_or(body.trim());
+        eprintln!("tern: {msg} (HTTP {status})");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
+    if args.json {
+        println!("{}", if body.is_empty() { "{}" } else { body.trim() });
+    } else {
+        println!("{}", show(&json));
+    }
+    ExitCode::SUCCESS
+}
+
+fn show_info(v: &serde_json::Value) -> String {
+    let mut s = format!("state: {}", v["state"].as_str().unwrap_or("?"));
+    if let Some(n) = v["vcpus"].as_u64() {
+        s.push_str(&format!("\nvcpus: {n}"));
+    }
+    if let Some(m) = v["memory_bytes"].as_u64() {
+        s.push_str(&format!("\nmemory: {} MiB", m >> 20));
+    }
+    if let Some(u) = v["uptime_ms"].as_u64() {
+        s.push_str(&format!("\nuptime: {}.{:03} s", u / 1000, u % 1000));
+    }
+    if let Some(k) = v["config"]["kernel"].as_str() {
+        s.push_str(&format!("\nkernel: {k}"));
+    }
+    if let Some(t) = v["taps"].as_array().filter(|t| !t.is_empty()) {
+        let names: Vec<&str> = t.iter().filter_map(|x| x.as_str()).collect();
+        s.push_str(&format!("\ntaps: {}", names.join(", ")));
+    }
+    s
+}
+
+fn show_counters(v: &serde_json::Value) -> String {
+    let mut lines = Vec::new();
+    for c in v["vcpus"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "vcpu{}: pio {} mmio {} other {}",
+            c["vcpu"], c["pio_exits"], c["mmio_exits"], c["other_exits"]
+        ));
+    }
+    for d in v["devices"].as_array().into_iter().flatten() {
+        let fields: Vec<String> = d
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !matches!(k.as_str(), "type" | "path" | "tap"))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let name = d["path"].as_str().or(d["tap"].as_str()).unwrap_or("");
+        lines.push(format!(
+            "{} {name}: {}",
+            d["type"].as_str().unwrap_or("?"),
+            fields.join(" ")
+        ));
+    }
+    lines.join("\n")
 }
 
 fn exit_code(exit: &VmExit) -> ExitCode {
@@ -201,6 +349,10 @@ fn exit_code(exit: &VmExit) -> ExitCode {
             ExitCode::SUCCESS
         }
         VmExit::UserQuit => ExitCode::SUCCESS,
+        VmExit::ApiStop => {
+            eprintln!("tern: stopped through the API");
+            ExitCode::SUCCESS
+        }
         VmExit::ShutdownTimeout(secs) => {
             eprintln!(
                 "tern: the guest did not power off within {secs} s of the power button; stopped it"

@@ -1,5 +1,6 @@
 //! One VM's life in tern: configuration, building the VM, vCPU threads and the event loop.
 
+pub mod api;
 pub mod config;
 pub mod host;
 pub mod interrupts;

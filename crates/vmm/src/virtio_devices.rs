@@ -13,7 +13,10 @@ use arch::GuestMemoryMmap;
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use devices::Bus;
 use net::Tap;
-use virtio::devices::{Block, BlockOptions, Console, ConsoleInput, Limits, Net, NetOptions, Rng};
+use virtio::devices::{
+    Block, BlockCounters, BlockOptions, Console, ConsoleInput, Limits, Net, NetCounters,
+    NetOptions, Rng,
+};
 use virtio::transport::mmio::MmioTransport;
 use virtio::VirtioDevice;
 
@@ -31,6 +34,60 @@ pub struct VirtioDevices {
     pub devices: Vec<Box<dyn VirtioDevice>>,
     /// Where the virtio-console takes its input, when it reads stdin.
     pub console_input: Option<ConsoleInput>,
+    /// I/O counters of the disks and interfaces, for the API.
+    pub stats: Vec<DeviceStats>,
+}
+
+/// A device's counters, as the API reports them.
+#[derive(Clone)]
+pub enum DeviceStats {
+    /// A virtio-blk disk.
+    Block {
+        /// The image.
+        path: String,
+        /// Its counters.
+        counters: Arc<BlockCounters>,
+    },
+    /// A virtio-net interface.
+    Net {
+        /// The TAP.
+        tap: String,
+        /// Its counters.
+        counters: Arc<NetCounters>,
+    },
+}
+
+impl DeviceStats {
+    /// The counters as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            DeviceStats::Block { path, counters: c } => serde_json::json!({
+                "type": "block",
+                "path": path,
+                "read_ops": c.read_ops.load(Relaxed),
+                "read_bytes": c.read_bytes.load(Relaxed),
+                "write_ops": c.write_ops.load(Relaxed),
+                "write_bytes": c.write_bytes.load(Relaxed),
+                "flush_ops": c.flush_ops.load(Relaxed),
+                "discard_ops": c.discard_ops.load(Relaxed),
+                "errors": c.errors.load(Relaxed),
+                "throttled": c.throttled.load(Relaxed),
+            }),
+            DeviceStats::Net { tap, counters: c } => serde_json::json!({
+                "type": "net",
+                "tap": tap,
+                "rx_frames": c.rx_frames.load(Relaxed),
+                "rx_bytes": c.rx_bytes.load(Relaxed),
+                "rx_dropped": c.rx_dropped.load(Relaxed),
+                "tx_frames": c.tx_frames.load(Relaxed),
+                "tx_bytes": c.tx_bytes.load(Relaxed),
+                "tx_dropped": c.tx_dropped.load(Relaxed),
+                "link_down": c.link_down.load(Relaxed),
+                "throttled": c.throttled.load(Relaxed),
+            }),
+        }
+    }
 }
 
 fn setup(e: impl std::fmt::Display) -> VmmError {
@@ -41,6 +98,7 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
 pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut console_input = None;
+    let mut stats = Vec::new();
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -53,10 +111,20 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
         devices.push(Box::new(console));
     }
     for (i, d) in config.disks.iter().enumerate() {
-        devices.push(Box::new(open_disk(i, d)?));
+        let blk = open_disk(i, d)?;
+        stats.push(DeviceStats::Block {
+            path: d.path.display().to_string(),
+            counters: blk.counters(),
+        });
+        devices.push(Box::new(blk));
     }
     for (i, n) in config.nets.iter().enumerate() {
-        devices.push(Box::new(open_net(i, n)?));
+        let net = open_net(i, n)?;
+        stats.push(DeviceStats::Net {
+            tap: net.tap_name().to_string(),
+            counters: net.counters(),
+        });
+        devices.push(Box::new(net));
     }
     if devices.len() as u64 > VIRTIO_MMIO_MAX {
         return Err(setup(format!(
@@ -66,6 +134,7 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     Ok(VirtioDevices {
         devices,
         console_input,
+        stats,
     })
 }
 

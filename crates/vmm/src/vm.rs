@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use devices::{Bus, EventFdTrigger};
 
+use crate::api::{Action, ApiServer, Reply, Request as ApiRequest};
 use crate::config::{BootProtocol, CharBackend, Decompress, OnReboot, Transport, VmConfig};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, kick_signal, set_boot_msrs, ExitCounters, Vcpu};
@@ -130,8 +131,17 @@ pub enum VmExit {
     ShutdownTimeout(u64),
     /// The user pressed the escape sequence.
     UserQuit,
+    /// Stopped through the API (`PUT /v1/vm/shutdown?force=true`).
+    ApiStop,
     /// A VMM error while running.
     Error(String),
+}
+
+/// Pause bookkeeping: whether vCPUs should park, and how many have.
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
 }
 
 /// State shared between the VM's threads.
@@ -139,6 +149,8 @@ pub struct VmControl {
     stop: AtomicBool,
     exit: Mutex<Option<VmExit>>,
     exit_evt: EventFd,
+    pause: Mutex<PauseState>,
+    pause_cv: Condvar,
 }
 
 impl VmControl {
@@ -148,6 +160,8 @@ impl VmControl {
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?,
+            pause: Mutex::new(PauseState::default()),
+            pause_cv: Condvar::new(),
         })
     }
 
@@ -164,6 +178,32 @@ impl VmControl {
         }
         self.stop.store(true, Ordering::Release);
         let _ = self.exit_evt.write(1);
+        // Paused vCPUs wake up to stop.
+        let _p = self.pause.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause_cv.notify_all();
+    }
+
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a vCPU thread outside `KVM_RUN`: waits while the VM is paused.
+    pub fn park_if_paused(&self) {
+        let mut s = self.pause_state();
+        if !s.requested {
+            return;
+        }
+        s.parked += 1;
+        self.pause_cv.notify_all();
+        while s.requested && !self.stopping() {
+            s = self.pause_cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.parked -= 1;
+    }
+
+    /// Whether a pause is in effect.
+    pub fn paused(&self) -> bool {
+        self.pause_state().requested
     }
 
     fn take_exit(&self) -> Option<VmExit> {
@@ -173,11 +213,32 @@ impl VmControl {
 
 /// Runs the VM described by `config` until it ends (rebuilding it on reboot when configured
 /// so). `start` is when tern started, for boot-time measurements.
-pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, VmmError> {
-    config.validate()?;
+///
+/// With an API server, `config` may be `None`: tern then waits for `PUT /v1/vm` and
+/// `PUT /v1/vm/boot`, and serves the API for the VM's whole life.
+pub fn run(
+    config: Option<VmConfig>,
+    api: Option<ApiServer>,
+    start: Instant,
+) -> Result<VmExit, VmmError> {
     install_kick_handler()
         .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
     let signals = block_stop_signals()?;
+    let (mut config, mut boot_req) = match config {
+        Some(c) => {
+            c.validate()?;
+            (c, None)
+        }
+        None => {
+            let Some(api) = &api else {
+                return Err(crate::config::ConfigError::Missing("kernel (--kernel PATH)").into());
+            };
+            match wait_for_boot(api, &signals, None)? {
+                Ok((c, req)) => (c, Some(req)),
+                Err(exit) => return Ok(exit),
+            }
+        }
+    };
     // The guest owns the terminal when the serial port or the virtio-console uses stdio.
     let uses_stdio =
         config.serial == CharBackend::Stdio || config.console == Some(CharBackend::Stdio);
@@ -199,18 +260,120 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<VmExit, VmmError> {
         );
     }
     loop {
-        let vm = Vm::build(config, start)?;
+        let vm = match Vm::build(&config, start) {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A boot requested through the API fails back to the caller, and tern waits
+                // for a better configuration.
+                let (Some(req), Some(a)) = (boot_req.take(), &api) else {
+                    return Err(e);
+                };
+                req.reply(Reply::error(400, format!("cannot boot: {e}")));
+                match wait_for_boot(a, &signals, Some(config))? {
+                    Ok((c, req)) => {
+                        config = c;
+                        boot_req = Some(req);
+                        continue;
+                    }
+                    Err(exit) => return Ok(exit),
+                }
+            }
+        };
+        if let Some(req) = boot_req.take() {
+            req.reply(Reply::done());
+        }
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &vm.console_input {
             Some(c) => StdinTarget::Console(c.clone()),
             None => StdinTarget::Serial(vm.serial.clone()),
         });
-        let exit = vm.run(&signals, &stdin_quit)?;
+        let exit = vm.run(&signals, &stdin_quit, api.as_ref(), &config)?;
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
             tracing::info!("guest rebooted; restarting the VM");
             continue;
         }
         return Ok(exit);
+    }
+}
+
+/// Serves the API before boot (states `created` and `configured`) until a boot request comes
+/// with a valid configuration; returns it with the request to answer once the VM is built, or
+/// how tern was stopped meanwhile.
+#[allow(clippy::type_complexity)]
+fn wait_for_boot(
+    api: &ApiServer,
+    signals: &File,
+    mut config: Option<VmConfig>,
+) -> Result<Result<(VmConfig, ApiRequest), VmExit>, VmmError> {
+    const API: u64 = 1;
+    const SIGNAL: u64 = 2;
+    let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
+    for (fd, token) in [(api.event_fd(), API), (signals.as_raw_fd(), SIGNAL)] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
+    }
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(VmmError::Setup(format!("epoll: {e}"))),
+        };
+        for ev in &events[..n] {
+            if ev.data() == SIGNAL {
+                return Ok(Err(VmExit::Signal(read_signal(signals))));
+            }
+        }
+        for req in api.take() {
+            let state = if config.is_some() {
+                "configured"
+            } else {
+                "created"
+            };
+            match req.action {
+                Action::Info => {
+                    let r = Reply::ok(serde_json::json!({ "state": state, "config": config }));
+                    req.reply(r);
+                }
+                Action::Configure(ref c) => match c.validate() {
+                    Ok(()) => {
+                        config = Some((**c).clone());
+                        req.reply(Reply::done());
+                    }
+                    Err(e) => req.reply(Reply::error(400, e.to_string())),
+                },
+                Action::Boot => match config.take() {
+                    Some(c) => return Ok(Ok((c, req))),
+                    None => req.reply(Reply::error(
+                        409,
+                        "cannot boot: the VM is not configured (PUT /v1/vm first)",
+                    )),
+                },
+                Action::Shutdown { .. } => {
+                    req.reply(Reply::accepted());
+                    return Ok(Err(VmExit::ApiStop));
+                }
+                Action::Pause => req.reply(Reply::conflict("pause", state)),
+                Action::Resume => req.reply(Reply::conflict("resume", state)),
+                Action::Reboot => req.reply(Reply::conflict("reboot", state)),
+                Action::Counters => req.reply(Reply::conflict("read counters", state)),
+            }
+        }
+    }
+}
+
+/// Reads one signal number from the signalfd.
+fn read_signal(signals: &File) -> i32 {
+    let mut info = [0u8; 128];
+    let mut f = signals;
+    match f.read(&mut info) {
+        Ok(128) => i32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
+        _ => libc::SIGTERM,
     }
 }
 
@@ -307,6 +470,8 @@ struct Vm {
     console_input: Option<virtio::devices::ConsoleInput>,
     _intx: Option<crate::virtio_devices::IntxResampler>,
     vcpus: Vec<Vcpu>,
+    device_stats: Vec<crate::virtio_devices::DeviceStats>,
+    started: Instant,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -592,6 +757,7 @@ impl Vm {
             .map_err(bus_err)?;
         let mut mmio = Bus::new();
         let console_input = virtio.console_input;
+        let device_stats = virtio.stats;
         let mut intx = None;
         match config.transport {
             Transport::Mmio => {
@@ -670,10 +836,132 @@ impl Vm {
             console_input,
             _intx: intx,
             vcpus,
+            device_stats,
+            started: Instant::now(),
         })
     }
 
-    fn run(mut self, signals: &File, stdin_quit: &EventFd) -> Result<VmExit, VmmError> {
+    fn press_power_button(&self, deadline: &mut Option<Instant>) {
+        let _ = self.power_button.write(1);
+        if deadline.is_none() {
+            *deadline = Some(Instant::now() + self.shutdown_timeout);
+        }
+    }
+
+    /// Parks every vCPU outside `KVM_RUN`; false if they did not all stop within 5 s.
+    fn pause_vcpus(&self, handles: &[JoinHandle<()>]) -> bool {
+        self.ctl.pause_state().requested = true;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.ctl.pause_state().parked == handles.len() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                self.resume_vcpus();
+                return false;
+            }
+            for h in handles {
+                let _ = h.kill(kick_signal());
+            }
+            let s = self.ctl.pause_state();
+            let _ = self
+                .ctl
+                .pause_cv
+                .wait_timeout(s, Duration::from_millis(1))
+                .map_err(|p| p.into_inner());
+        }
+    }
+
+    fn resume_vcpus(&self) {
+        self.ctl.pause_state().requested = false;
+        self.ctl.pause_cv.notify_all();
+    }
+
+    /// Answers one API request while the VM runs.
+    fn api_request(
+        &self,
+        action: &Action,
+        handles: &[JoinHandle<()>],
+        exit_counters: &[Arc<ExitCounters>],
+        config: &VmConfig,
+        button_deadline: &mut Option<Instant>,
+    ) -> Reply {
+        let paused = self.ctl.paused();
+        let state = if paused { "paused" } else { "running" };
+        match action {
+            Action::Info => Reply::ok(serde_json::json!({
+                "state": state,
+                "config": config,
+                "vcpus": config.cpus,
+                "memory_bytes": config.memory.0,
+                "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "taps": self.device_stats.iter().filter_map(|d| match d {
+                    crate::virtio_devices::DeviceStats::Net { tap, .. } => Some(tap.clone()),
+                    _ => None,
+                }).collect::<Vec<_>>(),
+            })),
+            Action::Configure(_) => Reply::conflict("configure", state),
+            Action::Boot => Reply::conflict("boot", state),
+            Action::Pause if paused => Reply::conflict("pause", "paused already"),
+            Action::Pause => {
+                if self.pause_vcpus(handles) {
+                    Reply::done()
+                } else {
+                    Reply::error(
+                        500,
+                        "the vCPUs did not stop within 5 s; the VM keeps running",
+                    )
+                }
+            }
+            Action::Resume if !paused => Reply::conflict("resume", "running"),
+            Action::Resume => {
+                self.resume_vcpus();
+                Reply::done()
+            }
+            Action::Shutdown { force: true } => {
+                self.ctl.request_exit(VmExit::ApiStop);
+                Reply::accepted()
+            }
+            Action::Shutdown { force: false } if paused => Reply::error(
+                409,
+                "cannot press the power button of a paused VM: resume it first, or use ?force=true",
+            ),
+            Action::Shutdown { force: false } => {
+                self.press_power_button(button_deadline);
+                Reply::accepted()
+            }
+            Action::Reboot => {
+                self.ctl.request_exit(VmExit::Reset);
+                Reply::accepted()
+            }
+            Action::Counters => {
+                let vcpus: Vec<_> = exit_counters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        serde_json::json!({
+                            "vcpu": i,
+                            "pio_exits": c.pio.load(Ordering::Relaxed),
+                            "mmio_exits": c.mmio.load(Ordering::Relaxed),
+                            "other_exits": c.other.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                let devices: Vec<_> = self.device_stats.iter().map(|d| d.to_json()).collect();
+                Reply::ok(serde_json::json!({ "vcpus": vcpus, "devices": devices }))
+            }
+        }
+    }
+
+    fn run(
+        mut self,
+        signals: &File,
+        stdin_quit: &EventFd,
+        api: Option<&ApiServer>,
+        config: &VmConfig,
+    ) -> Result<VmExit, VmmError> {
+        let exit_counters: Vec<Arc<ExitCounters>> =
+            self.vcpus.iter().map(|v| v.counters.clone()).collect();
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         for v in self.vcpus.drain(..) {
             let name = format!("tern-vcpu{}", v.id);
@@ -688,13 +976,18 @@ impl Vm {
         const RESET: u64 = 2;
         const SIGNAL: u64 = 3;
         const QUIT: u64 = 4;
+        const API: u64 = 5;
         let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
-        for (fd, token) in [
+        let mut fds = vec![
             (self.ctl.exit_evt.as_raw_fd(), EXIT),
             (self.reset_evt.as_raw_fd(), RESET),
             (signals.as_raw_fd(), SIGNAL),
             (stdin_quit.as_raw_fd(), QUIT),
-        ] {
+        ];
+        if let Some(a) = api {
+            fds.push((a.event_fd(), API));
+        }
+        for (fd, token) in fds {
             epoll
                 .ctl(
                     ControlOperation::Add,
@@ -727,16 +1020,10 @@ impl Vm {
                         self.ctl.request_exit(reason);
                     }
                     SIGNAL => {
-                        let mut info = [0u8; 128];
-                        let mut f = signals;
-                        let signo = match f.read(&mut info) {
-                            Ok(128) => i32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
-                            _ => libc::SIGTERM,
-                        };
+                        let signo = read_signal(signals);
                         if signo == libc::SIGTERM && button_deadline.is_none() {
                             // First SIGTERM: ask the guest to shut down, as a power button.
-                            let _ = self.power_button.write(1);
-                            button_deadline = Some(Instant::now() + self.shutdown_timeout);
+                            self.press_power_button(&mut button_deadline);
                             eprintln!(
                                 "tern: SIGTERM: pressed the power button; the guest has {} s to power off (SIGTERM again or SIGINT stops it now)",
                                 self.shutdown_timeout.as_secs()
@@ -746,6 +1033,18 @@ impl Vm {
                         }
                     }
                     QUIT => self.ctl.request_exit(VmExit::UserQuit),
+                    API => {
+                        for req in api.map(ApiServer::take).unwrap_or_default() {
+                            let r = self.api_request(
+                                &req.action,
+                                &handles,
+                                &exit_counters,
+                                config,
+                                &mut button_deadline,
+                            );
+                            req.reply(r);
+                        }
+                    }
                     _ => {}
                 }
             }

@@ -1,0 +1,423 @@
+//! The control API: HTTP/1.1 REST with JSON bodies on a Unix socket (`--api-socket PATH`).
+//!
+//! axum serves it on a tokio runtime of its own thread. A request becomes an [`Action`] sent to
+//! the VMM's event loop over a channel, with an eventfd to wake that loop; the loop answers
+//! through a oneshot channel. vCPU threads never see the API.
+//!
+//! URL space (versioned under `/v1`, resources under `/v1/vm`): `GET /ping`, `GET|PUT /v1/vm`,
+//! `PUT /v1/vm/{boot,pause,resume,shutdown,reboot}`, `GET /v1/vm/counters`. Snapshots,
+//! migration, resizing and hotplug are meant to follow as `PUT /v1/vm/snapshot`,
+//! `PUT /v1/vm/restore`, `PUT /v1/vm/migrate`, `PUT /v1/vm/resize` and
+//! `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document `docs/api/openapi.json` describes
+//! every route; a test checks it against [`ROUTES`].
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::VmConfig;
+
+/// Every route the server answers: (method, path).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/ping"),
+    ("GET", "/v1/vm"),
+    ("PUT", "/v1/vm"),
+    ("PUT", "/v1/vm/boot"),
+    ("PUT", "/v1/vm/pause"),
+    ("PUT", "/v1/vm/resume"),
+    ("PUT", "/v1/vm/shutdown"),
+    ("PUT", "/v1/vm/reboot"),
+    ("GET", "/v1/vm/counters"),
+];
+
+/// Largest request body accepted (a VM config is well under it).
+pub const MAX_BODY: usize = 64 << 10;
+
+/// What a request asks the VMM to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Describe the VM.
+    Info,
+    /// Set the configuration (before boot).
+    Configure(Box<VmConfig>),
+    /// Boot the configured VM.
+    Boot,
+    /// Stop every vCPU and device queue.
+    Pause,
+    /// Continue a paused VM.
+    Resume,
+    /// Press the ACPI power button, or stop the VM at once when `force`.
+    Shutdown {
+        /// Stop without asking the guest.
+        force: bool,
+    },
+    /// Reset the VM (what a guest reboot does: exit or restart, per `on_reboot`).
+    Reboot,
+    /// Exit and I/O counters.
+    Counters,
+}
+
+/// The VMM's answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body, if any.
+    pub body: Option<Value>,
+}
+
+impl Reply {
+    /// 200 with `body`.
+    pub fn ok(body: Value) -> Self {
+        Reply {
+            status: 200,
+            body: Some(body),
+        }
+    }
+
+    /// 204.
+    pub fn done() -> Self {
+        Reply {
+            status: 204,
+            body: None,
+        }
+    }
+
+    /// 202: started, finishes later.
+    pub fn accepted() -> Self {
+        Reply {
+            status: 202,
+            body: None,
+        }
+    }
+
+    /// An error with its message.
+    pub fn error(status: u16, msg: impl Into<String>) -> Self {
+        Reply {
+            status,
+            body: Some(json!({ "error": msg.into() })),
+        }
+    }
+
+    /// 409: the request does not fit the VM's state.
+    pub fn conflict(action: &str, state: &str) -> Self {
+        Self::error(409, format!("cannot {action}: the VM is {state}"))
+    }
+}
+
+/// A request waiting for the VMM's answer.
+pub struct Request {
+    /// What to do.
+    pub action: Action,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Request {
+    /// Answers the request.
+    pub fn reply(self, r: Reply) {
+        // The client may have gone away; nothing to do then.
+        let _ = self.reply.send(r);
+    }
+}
+
+/// The running server: its socket, and the requests it queues for the VMM.
+pub struct ApiServer {
+    path: PathBuf,
+    rx: mpsc::Receiver<Request>,
+    evt: EventFd,
+}
+
+#[derive(Clone)]
+struct Shared {
+    tx: mpsc::Sender<Request>,
+    evt: std::sync::Arc<EventFd>,
+}
+
+/// Binds `path` with mode 0600. A leftover socket from a tern that is gone is replaced; one a
+/// live process answers on, or a file that is not a socket, is refused.
+fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    let show = path.display();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("API socket {show} exists and is not a socket"));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "API socket {show} is in use by a running process (another tern?)"
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale API socket {show}: {e}"))?;
+    }
+    // Created 0600 from the start: no window in which others could connect.
+    // SAFETY: umask only changes this process's file-creation mask; restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let l = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = l.map_err(|e| format!("cannot create the API socket {show}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot set the API socket's permissions: {e}"))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("API socket: {e}"))?;
+    Ok(l)
+}
+
+impl ApiServer {
+    /// Starts serving on `path`.
+    pub fn start(path: &Path) -> Result<Self, String> {
+        let listener = bind(path)?;
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Shared {
+            tx,
+            evt: std::sync::Arc::new(evt.try_clone().map_err(|e| format!("eventfd: {e}"))?),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| format!("cannot start the API runtime: {e}"))?;
+        std::thread::Builder::new()
+            .name("tern-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::UnixListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("API socket: {e}");
+                            return;
+                        }
+                    };
+                    if let Err(e) = axum::serve(listener, router(shared)).await {
+                        tracing::error!("API server stopped: {e}");
+                    }
+                })
+            })
+            .map_err(|e| format!("cannot start the API thread: {e}"))?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            rx,
+            evt,
+        })
+    }
+
+    /// Signalled when requests are queued.
+    pub fn event_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+
+    /// The queued requests.
+    pub fn take(&self) -> Vec<Request> {
+        let _ = self.evt.read();
+        self.rx.try_iter().collect()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/ping", get(ping))
+        .route("/v1/vm", get(info).put(configure))
+        .route("/v1/vm/boot", put(|s| ask(s, Action::Boot)))
+        .route("/v1/vm/pause", put(|s| ask(s, Action::Pause)))
+        .route("/v1/vm/resume", put(|s| ask(s, Action::Resume)))
+        .route("/v1/vm/shutdown", put(shutdown))
+        .route("/v1/vm/reboot", put(|s| ask(s, Action::Reboot)))
+        .route("/v1/vm/counters", get(|s| ask(s, Action::Counters)))
+        .fallback(|| async { reply(Reply::error(404, "no such route")) })
+        .method_not_allowed_fallback(|| async {
+            reply(Reply::error(405, "method not allowed on this route"))
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}
+
+fn reply(r: Reply) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match r.body {
+        Some(b) => (status, Json(b)).into_response(),
+        None => status.into_response(),
+    }
+}
+
+async fn ask(State(s): State<Shared>, action: Action) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if s.tx.send(Request { action, reply: tx }).is_err() {
+        return reply(Reply::error(503, "the VMM is shutting down"));
+    }
+    let _ = s.evt.write(1);
+    match rx.await {
+        Ok(r) => reply(r),
+        Err(_) => reply(Reply::error(503, "the VMM is shutting down")),
+    }
+}
+
+async fn ping() -> Response {
+    reply(Reply::ok(json!({ "tern": env!("CARGO_PKG_VERSION") })))
+}
+
+async fn info(s: State<Shared>) -> Response {
+    ask(s, Action::Info).await
+}
+
+/// A body error as 400 (413 when too large), naming what is wrong.
+fn body_error(status: StatusCode, text: String) -> Response {
+    let status = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        413
+    } else {
+        400
+    };
+    reply(Reply::error(status, text))
+}
+
+async fn configure(s: State<Shared>, body: Result<Json<VmConfig>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(c)) => ask(s, Action::Configure(Box::new(c))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn shutdown(s: State<Shared>, q: Result<Query<ShutdownQuery>, QueryRejection>) -> Response {
+    match q {
+        Ok(Query(q)) => ask(s, Action::Shutdown { force: q.force }).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+/// A minimal HTTP/1.1 client for the API socket (what `tern info` and friends use): one
+/// request per connection. Returns the status and the body.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: tern\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP response");
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+/// Decodes a chunked body.
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The OpenAPI document and the router describe the same routes.
+    #[test]
+    fn openapi_document_matches_the_routes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api/openapi.json");
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (p, item) in doc["paths"].as_object().unwrap() {
+            for m in item.as_object().unwrap().keys() {
+                documented.push((m.to_uppercase(), p.clone()));
+            }
+        }
+        documented.sort();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+        let dir = std::env::temp_dir().join(format!("tern-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("api.sock");
+        let live = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        let e = bind(&p).unwrap_err();
+        assert!(e.contains("in use by a running process"), "{e}");
+        drop(live); // leaves the file behind, like a killed tern
+        let l = bind(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"not a socket").unwrap();
+        assert!(bind(&p).unwrap_err().contains("is not a socket"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"not a socket");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
