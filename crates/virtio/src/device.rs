@@ -71,6 +71,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device (worker thread joined, queues dropped) for a driver reset.
     fn reset(&mut self);
+    /// Stops the device's workers between requests, once in-flight I/O has completed: while
+    /// paused the device does not touch guest memory or raise interrupts.
+    fn pause(&mut self) {}
+    /// Lets the device's workers go on after [`pause`](Self::pause).
+    fn resume(&mut self) {}
     /// Whether the device found the driver's input malformed and needs a reset.
     fn broken(&self) -> bool {
         false

@@ -94,6 +94,9 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
 
+/// Pauses (true) or resumes (false) one attached device.
+pub type DevicePauser = Box<dyn Fn(bool) + Send + Sync>;
+
 /// Creates the devices `config` asks for.
 pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -217,6 +220,7 @@ pub fn attach_mmio(
     mem: &GuestMemoryMmap,
     bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
+    pausers: &mut Vec<DevicePauser>,
 ) -> Result<(), VmmError> {
     for (i, dev) in devices.into_iter().enumerate() {
         let slot = mmio_slot(i);
@@ -229,8 +233,17 @@ pub fn attach_mmio(
             vm.register_ioevent(evt, &IoEventAddress::Mmio(slot.base + offset), queue)
                 .map_err(|e| setup(format!("virtio-mmio ioeventfd: {e}")))?;
         }
-        bus.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)
-            .map_err(setup)?;
+        let transport = Arc::new(Mutex::new(transport));
+        let t = transport.clone();
+        pausers.push(Box::new(move |pause| {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            if pause {
+                t.pause_device()
+            } else {
+                t.resume_device()
+            }
+        }));
+        bus.insert(transport, slot.base, slot.size).map_err(setup)?;
     }
     Ok(())
 }
@@ -357,6 +370,7 @@ pub fn attach_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
+    pausers: &mut Vec<DevicePauser>,
 ) -> Result<IntxResampler, VmmError> {
     let mut intx_lines = Vec::new();
     let windows = PciWindows {
@@ -404,6 +418,15 @@ pub fn attach_pci(
             VirtioPciDevice::new(mem.clone(), dev, msi)
                 .map_err(|e| setup(format!("virtio-pci: {e}")))?,
         ));
+        let t = vpci.clone();
+        pausers.push(Box::new(move |pause| {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            if pause {
+                t.pause_device()
+            } else {
+                t.resume_device()
+            }
+        }));
         let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
         let bdf = r
             .attach(vpci.clone())

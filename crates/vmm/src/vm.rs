@@ -471,6 +471,7 @@ struct Vm {
     _intx: Option<crate::virtio_devices::IntxResampler>,
     vcpus: Vec<Vcpu>,
     device_stats: Vec<crate::virtio_devices::DeviceStats>,
+    pausers: Vec<crate::virtio_devices::DevicePauser>,
     started: Instant,
 }
 
@@ -759,10 +760,15 @@ impl Vm {
         let console_input = virtio.console_input;
         let device_stats = virtio.stats;
         let mut intx = None;
+        let mut pausers = Vec::new();
         match config.transport {
-            Transport::Mmio => {
-                crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices)?
-            }
+            Transport::Mmio => crate::virtio_devices::attach_mmio(
+                &vm,
+                &mem,
+                &mut mmio,
+                virtio.devices,
+                &mut pausers,
+            )?,
             Transport::Pci => {
                 let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
                 intx = Some(crate::virtio_devices::attach_pci(
@@ -772,6 +778,7 @@ impl Vm {
                     &mut pio,
                     &mut mmio,
                     virtio.devices,
+                    &mut pausers,
                 )?);
             }
         }
@@ -837,6 +844,7 @@ impl Vm {
             _intx: intx,
             vcpus,
             device_stats,
+            pausers,
             started: Instant::now(),
         })
     }
@@ -848,12 +856,15 @@ impl Vm {
         }
     }
 
-    /// Parks every vCPU outside `KVM_RUN`; false if they did not all stop within 5 s.
+    /// Parks every vCPU outside `KVM_RUN`, then every device worker (after its in-flight I/O);
+    /// false if the vCPUs did not all stop within 5 s.
     fn pause_vcpus(&self, handles: &[JoinHandle<()>]) -> bool {
         self.ctl.pause_state().requested = true;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if self.ctl.pause_state().parked == handles.len() {
+                // vCPUs first: none is inside a device's registers while devices pause.
+                self.pausers.iter().for_each(|p| p(true));
                 return true;
             }
             if Instant::now() >= deadline {
@@ -873,6 +884,9 @@ impl Vm {
     }
 
     fn resume_vcpus(&self) {
+        if self.ctl.pause_state().parked > 0 {
+            self.pausers.iter().for_each(|p| p(false));
+        }
         self.ctl.pause_state().requested = false;
         self.ctl.pause_cv.notify_all();
     }

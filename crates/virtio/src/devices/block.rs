@@ -252,6 +252,14 @@ impl VirtioDevice for Block {
         self.broken.store(false, Ordering::SeqCst);
     }
 
+    fn pause(&mut self) {
+        self.workers.iter().for_each(|w| w.pause());
+    }
+
+    fn resume(&mut self) {
+        self.workers.iter().for_each(|w| w.resume());
+    }
+
     fn broken(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
     }
@@ -310,6 +318,21 @@ impl Handler for BlkWorker {
         let mut fds = vec![self.event.as_raw_fd(), self.timer.as_raw_fd()];
         fds.extend(self.engine.event_fd());
         fds
+    }
+
+    fn quiesce(&mut self) {
+        // Finish the I/O in flight and answer it, so nothing writes guest memory while paused.
+        let mut done = std::mem::take(&mut self.done);
+        self.engine.drain(&mut done);
+        self.done = done;
+        let mut used = 0u32;
+        let res = self.complete(&mut used);
+        if used > 0 {
+            self.ctx.signal(&self.queue, self.index);
+        }
+        if let Err(e) = res {
+            self.ctx.fail(e);
+        }
     }
 
     fn handle(&mut self, token: usize) -> bool {

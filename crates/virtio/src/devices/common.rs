@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
@@ -243,16 +243,42 @@ pub(crate) trait Handler: Send + 'static {
     fn edge_triggered(&self, _token: usize) -> bool {
         false
     }
+    /// Before the worker parks for a pause: finish in-flight work (the device must not touch
+    /// guest memory while paused).
+    fn quiesce(&mut self) {}
     /// Handles readiness of fd `token`; must consume the event (epoll is level-triggered).
     /// Returns false to stop the worker (the device is broken).
     fn handle(&mut self, token: usize) -> bool;
 }
 
-const KILL_TOKEN: u64 = u64::MAX;
+const CTL_TOKEN: u64 = u64::MAX;
 
-/// A device's worker thread: epolls its handler's fds and a kill eventfd.
+/// What the owner wants of a worker thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// The owner's side of a worker's control: the wish, whether the worker is parked, and the
+/// eventfd that makes it look.
+struct Control {
+    state: Mutex<(Want, bool)>,
+    cv: Condvar,
+    evt: EventFd,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Want, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A device's worker thread: epolls its handler's fds and a control eventfd (pause, resume,
+/// stop).
 pub(crate) struct Worker<H: Handler> {
-    kill: EventFd,
+    ctl: Arc<Control>,
     thread: Option<JoinHandle<H>>,
 }
 
@@ -260,7 +286,11 @@ impl<H: Handler> Worker<H> {
     /// Starts thread `name` serving `handler`.
     pub fn spawn(name: &str, handler: H) -> io::Result<Self> {
         let epoll = Epoll::new()?;
-        let kill = EventFd::new(EFD_NONBLOCK)?;
+        let ctl = Arc::new(Control {
+            state: Mutex::new((Want::Run, false)),
+            cv: Condvar::new(),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        });
         for (i, fd) in handler.fds().into_iter().enumerate() {
             let mut events = EventSet::IN;
             if handler.edge_triggered(i) {
@@ -268,19 +298,50 @@ impl<H: Handler> Worker<H> {
             }
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, i as u64))?;
         }
-        let thread_kill = kill.try_clone()?;
         epoll.ctl(
             ControlOperation::Add,
-            thread_kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, KILL_TOKEN),
+            ctl.evt.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, CTL_TOKEN),
         )?;
+        let thread_ctl = ctl.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(epoll, thread_kill, handler))?;
+            .spawn(move || run(epoll, thread_ctl, handler))?;
         Ok(Worker {
-            kill,
+            ctl,
             thread: Some(thread),
         })
+    }
+
+    fn want(&self, w: Want) {
+        self.ctl.lock().0 = w;
+        self.ctl.cv.notify_all();
+        if let Err(e) = self.ctl.evt.write(1) {
+            tracing::error!("cannot signal a virtio worker: {e}");
+        }
+    }
+
+    /// Stops the worker between two events, after its handler quiesced (in-flight I/O
+    /// finished and answered); returns once it is parked (or gone).
+    pub fn pause(&self) {
+        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            return;
+        }
+        self.want(Want::Pause);
+        let mut s = self.ctl.lock();
+        while !s.1 && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            s = self
+                .ctl
+                .cv
+                .wait_timeout(s, std::time::Duration::from_millis(10))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Lets a paused worker go on.
+    pub fn resume(&self) {
+        self.want(Want::Run);
     }
 
     /// Stops the thread and returns its handler (None if it panicked).
@@ -290,9 +351,7 @@ impl<H: Handler> Worker<H> {
 
     fn join(&mut self) -> Option<H> {
         let thread = self.thread.take()?;
-        if let Err(e) = self.kill.write(1) {
-            tracing::error!("cannot stop a virtio worker: {e}");
-        }
+        self.want(Want::Stop);
         thread
             .join()
             .map_err(|_| tracing::error!("a virtio worker panicked"))
@@ -306,7 +365,25 @@ impl<H: Handler> Drop for Worker<H> {
     }
 }
 
-fn run<H: Handler>(epoll: Epoll, _kill: EventFd, mut handler: H) -> H {
+/// Handles the owner's wish; false when the worker is to stop.
+fn obey<H: Handler>(ctl: &Control, handler: &mut H) -> bool {
+    let _ = ctl.evt.read();
+    let mut s = ctl.lock();
+    if s.0 == Want::Pause {
+        drop(s);
+        handler.quiesce();
+        s = ctl.lock();
+        s.1 = true;
+        ctl.cv.notify_all();
+        while s.0 == Want::Pause {
+            s = ctl.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.1 = false;
+    }
+    s.0 != Want::Stop
+}
+
+fn run<H: Handler>(epoll: Epoll, ctl: Arc<Control>, mut handler: H) -> H {
     let mut events = [EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -317,8 +394,12 @@ fn run<H: Handler>(epoll: Epoll, _kill: EventFd, mut handler: H) -> H {
                 return handler;
             }
         };
-        for ev in &events[..n] {
-            if ev.data() == KILL_TOKEN || !handler.handle(ev.data() as usize) {
+        // The owner's wish first: a paused worker handles nothing else.
+        if events[..n].iter().any(|e| e.data() == CTL_TOKEN) && !obey(&ctl, &mut handler) {
+            return handler;
+        }
+        for ev in events[..n].iter().filter(|e| e.data() != CTL_TOKEN) {
+            if !handler.handle(ev.data() as usize) {
                 return handler;
             }
         }
@@ -491,6 +572,26 @@ mod tests {
         evt.write(1).unwrap();
         assert!(wait_for(|| seen.lock().unwrap().len() == 2));
         // The handler stopped the thread; stopping it again returns at once.
+        assert!(w.stop().is_some());
+    }
+
+    #[test]
+    fn a_paused_worker_handles_nothing_until_resumed() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let handler = Echo {
+            evt: evt.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        let w = Worker::spawn("test", handler).unwrap();
+        w.pause();
+        evt.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(seen.lock().unwrap().is_empty(), "handled while paused");
+        w.resume();
+        assert!(wait_for(|| seen.lock().unwrap().len() == 1));
+        // Stopping a paused worker works too.
+        w.pause();
         assert!(w.stop().is_some());
     }
 }

@@ -178,6 +178,14 @@ impl VirtioDevice for Console {
         self.broken.store(false, Ordering::SeqCst);
     }
 
+    fn pause(&mut self) {
+        self.worker.iter().for_each(|w| w.pause());
+    }
+
+    fn resume(&mut self) {
+        self.worker.iter().for_each(|w| w.resume());
+    }
+
     fn broken(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
     }

@@ -109,6 +109,16 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// Pauses the device behind this transport (see [`VirtioDevice::pause`]).
+    pub fn pause_device(&mut self) {
+        self.device.pause();
+    }
+
+    /// Resumes the device behind this transport.
+    pub fn resume_device(&mut self) {
+        self.device.resume();
+    }
+
     /// Wraps `device`, signalling the guest through `irq` (an irqfd).
     pub fn new(
         mem: GuestMemoryMmap,
