@@ -18,20 +18,19 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use block::{Completion, Disk, Engine, EngineKind, IoOp, IoSlice};
-use ratelimit::RateLimiter;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
-use super::common::{drain, Buf, Ctx, Handler, Malformed, Request, Worker};
+use super::common::{
+    drain, shared_limiter, Buf, Ctx, Handler, Malformed, Request, SharedLimiter, Throttle, Worker,
+};
 use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
 
 /// Size of each request queue.
@@ -93,7 +92,7 @@ pub struct Block {
     queue_sizes: Vec<u16>,
     config: [u8; CONFIG_LEN],
     acked: u64,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: SharedLimiter,
     counters: Arc<BlockCounters>,
     broken: Arc<AtomicBool>,
     workers: Vec<Worker<BlkWorker>>,
@@ -117,13 +116,7 @@ impl Block {
         put(&mut config, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(&mut config, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
-        let limiter = (opts.iops > 0 || opts.bandwidth > 0).then(|| {
-            Arc::new(Mutex::new(RateLimiter::new(
-                (opts.iops, 0),
-                (opts.bandwidth, 0),
-                Instant::now(),
-            )))
-        });
+        let limiter = shared_limiter(opts.iops, opts.bandwidth);
         Block {
             queue_sizes: vec![QUEUE_SIZE; usize::from(opts.queues)],
             disk,
@@ -228,9 +221,7 @@ impl VirtioDevice for Block {
                 index,
                 event: q.event,
                 engine,
-                limiter: self.limiter.clone(),
-                timer: TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?,
-                throttled: false,
+                throttle: Throttle::new(self.limiter.clone()).map_err(ActivateError::Worker)?,
                 pending: Vec::new(),
                 free: Vec::new(),
                 serial,
@@ -300,9 +291,7 @@ struct BlkWorker {
     index: u16,
     event: EventFd,
     engine: Engine,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    timer: TimerFd,
-    throttled: bool,
+    throttle: Throttle,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     serial: [u8; ID_LEN],
@@ -315,7 +304,7 @@ const TOKEN_TIMER: usize = 1;
 
 impl Handler for BlkWorker {
     fn fds(&self) -> Vec<RawFd> {
-        let mut fds = vec![self.event.as_raw_fd(), self.timer.as_raw_fd()];
+        let mut fds = vec![self.event.as_raw_fd(), self.throttle.fd()];
         fds.extend(self.engine.event_fd());
         fds
     }
@@ -340,15 +329,14 @@ impl Handler for BlkWorker {
         let res = match token {
             TOKEN_QUEUE => {
                 drain(&self.event);
-                if self.throttled {
+                if self.throttle.waiting {
                     Ok(())
                 } else {
                     self.process(&mut used)
                 }
             }
             TOKEN_TIMER => {
-                let _ = self.timer.wait();
-                self.throttled = false;
+                self.throttle.fired();
                 self.process(&mut used)
             }
             _ => Ok(()),
@@ -467,25 +455,9 @@ impl BlkWorker {
         Ok(true)
     }
 
-    /// Whether the rate limiter lets a request of `bytes` through now; if not, arms the timer.
+    /// Whether the rate limiter lets a request of `bytes` through now.
     fn admit(&mut self, bytes: u64) -> bool {
-        let Some(l) = &self.limiter else {
-            return true;
-        };
-        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if l.try_admit(bytes, now) {
-            return true;
-        }
-        let wait = l.wait_time(bytes, now).max(Duration::from_micros(100));
-        drop(l);
-        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.timer.reset(wait, None) {
-            tracing::warn!("virtio-blk: cannot arm the rate-limit timer: {e}");
-            return true;
-        }
-        self.throttled = true;
-        false
+        self.throttle.admit(bytes, &self.counters.throttled)
     }
 
     /// Answers the requests whose I/O finished.

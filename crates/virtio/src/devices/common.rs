@@ -4,9 +4,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ratelimit::RateLimiter;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use vmm_sys_util::timerfd::TimerFd;
 
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -225,6 +229,73 @@ impl Ctx {
             done += n;
         }
         Ok(done)
+    }
+}
+
+/// A rate limiter (ops/s and bytes/s) shared by the queues of a device; `None` when the
+/// device has no limits.
+pub(crate) type SharedLimiter = Option<Arc<Mutex<RateLimiter>>>;
+
+/// A limiter for `ops` operations/s and `bytes` bytes/s (0 = unlimited), with the default
+/// bursts.
+pub(crate) fn shared_limiter(ops: u64, bytes: u64) -> SharedLimiter {
+    (ops > 0 || bytes > 0).then(|| {
+        Arc::new(Mutex::new(RateLimiter::new(
+            (ops, 0),
+            (bytes, 0),
+            Instant::now(),
+        )))
+    })
+}
+
+/// One queue's side of a rate limiter: a timerfd to wait on when a request does not fit.
+pub(crate) struct Throttle {
+    limiter: SharedLimiter,
+    timer: TimerFd,
+    /// The queue waits for the timer.
+    pub waiting: bool,
+}
+
+impl Throttle {
+    pub fn new(limiter: SharedLimiter) -> io::Result<Self> {
+        Ok(Throttle {
+            limiter,
+            timer: TimerFd::new().map_err(io::Error::from)?,
+            waiting: false,
+        })
+    }
+
+    /// The timer's descriptor, for the worker's epoll.
+    pub fn fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The timer fired: the queue may go on.
+    pub fn fired(&mut self) {
+        let _ = self.timer.wait();
+        self.waiting = false;
+    }
+
+    /// Whether an operation of `bytes` may go now; if not, arms the timer for when it may,
+    /// sets `waiting` and counts a wait in `waits`.
+    pub fn admit(&mut self, bytes: u64, waits: &AtomicU64) -> bool {
+        let Some(l) = &self.limiter else {
+            return true;
+        };
+        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if l.try_admit(bytes, now) {
+            return true;
+        }
+        let wait = l.wait_time(bytes, now).max(Duration::from_micros(50));
+        drop(l);
+        waits.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.timer.reset(wait, None) {
+            tracing::warn!("cannot arm a rate-limit timer: {e}");
+            return true;
+        }
+        self.waiting = true;
+        false
     }
 }
 

@@ -19,20 +19,19 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use net::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use ratelimit::RateLimiter;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
-use super::common::{drain, Ctx, Handler, Malformed, Request, Worker};
+use super::common::{
+    drain, shared_limiter, Ctx, Handler, Malformed, Request, SharedLimiter, Throttle, Worker,
+};
 use crate::{ActivateError, GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
 
 /// Size of every queue.
@@ -96,21 +95,11 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     acked: u64,
     link_up: Arc<AtomicBool>,
-    limiters: [Option<Arc<Mutex<RateLimiter>>>; 2],
+    limiters: [SharedLimiter; 2],
     counters: Arc<NetCounters>,
     broken: Arc<AtomicBool>,
     pairs: Vec<Worker<PairWorker>>,
     ctrl: Option<Worker<CtrlWorker>>,
-}
-
-fn limiter(l: Limits) -> Option<Arc<Mutex<RateLimiter>>> {
-    (l.ops > 0 || l.bytes > 0).then(|| {
-        Arc::new(Mutex::new(RateLimiter::new(
-            (l.ops, 0),
-            (l.bytes, 0),
-            Instant::now(),
-        )))
-    })
 }
 
 impl Net {
@@ -122,7 +111,10 @@ impl Net {
             queue_sizes: vec![QUEUE_SIZE; 2 * pairs + 1],
             acked: 0,
             link_up: Arc::new(AtomicBool::new(true)),
-            limiters: [limiter(opts.rx), limiter(opts.tx)],
+            limiters: [
+                shared_limiter(opts.rx.ops, opts.rx.bytes),
+                shared_limiter(opts.tx.ops, opts.tx.bytes),
+            ],
             opts,
             counters: Arc::default(),
             broken: Arc::default(),
@@ -258,7 +250,8 @@ impl VirtioDevice for Net {
             let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
                 break;
             };
-            let timer = || TimerFd::new().map_err(|e| ActivateError::Worker(e.into()));
+            let throttle =
+                |l: &SharedLimiter| Throttle::new(l.clone()).map_err(ActivateError::Worker);
             let w = PairWorker {
                 ctx: ctx(),
                 pair: i as u16,
@@ -273,9 +266,7 @@ impl VirtioDevice for Net {
                 mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
                 acked,
                 mtu: usize::from(self.opts.mtu),
-                limiters: self.limiters.clone(),
-                timers: [timer()?, timer()?],
-                throttled: [false, false],
+                throttles: [throttle(&self.limiters[RX])?, throttle(&self.limiters[TX])?],
                 link_up: self.link_up.clone(),
                 counters: self.counters.clone(),
             };
@@ -351,9 +342,7 @@ struct PairWorker {
     mrg_rxbuf: bool,
     acked: u64,
     mtu: usize,
-    limiters: [Option<Arc<Mutex<RateLimiter>>>; 2],
-    timers: [TimerFd; 2],
-    throttled: [bool; 2],
+    throttles: [Throttle; 2],
     link_up: Arc<AtomicBool>,
     counters: Arc<NetCounters>,
 }
@@ -364,8 +353,8 @@ impl Handler for PairWorker {
             self.rx_evt.as_raw_fd(),
             self.tx_evt.as_raw_fd(),
             self.tap.as_ref().map_or(-1, |t| t.fd()),
-            self.timers[RX].as_raw_fd(),
-            self.timers[TX].as_raw_fd(),
+            self.throttles[RX].fd(),
+            self.throttles[TX].fd(),
         ]
     }
 
@@ -379,9 +368,7 @@ impl Handler for PairWorker {
             TOKEN_TX => drain(&self.tx_evt),
             TOKEN_TAP => self.tap_readable = true,
             TOKEN_RX_TIMER | TOKEN_TX_TIMER => {
-                let d = token - TOKEN_RX_TIMER;
-                let _ = self.timers[d].wait();
-                self.throttled[d] = false;
+                self.throttles[token - TOKEN_RX_TIMER].fired();
             }
             _ => {}
         }
@@ -412,25 +399,9 @@ impl PairWorker {
         self.acked & (1 << bit) != 0
     }
 
-    /// Whether the limiter of direction `d` lets `bytes` through now; if not, arms its timer.
+    /// Whether the limiter of direction `d` lets `bytes` through now.
     fn admit(&mut self, d: usize, bytes: u64) -> bool {
-        let Some(l) = &self.limiters[d] else {
-            return true;
-        };
-        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if l.try_admit(bytes, now) {
-            return true;
-        }
-        let wait = l.wait_time(bytes, now).max(Duration::from_micros(50));
-        drop(l);
-        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.timers[d].reset(wait, None) {
-            tracing::warn!("virtio-net: cannot arm the rate-limit timer: {e}");
-            return true;
-        }
-        self.throttled[d] = true;
-        false
+        self.throttles[d].admit(bytes, &self.counters.throttled)
     }
 
     /// The TAP went away: link down, tell the guest, stop using it.
@@ -478,7 +449,7 @@ impl PairWorker {
 
     /// Sends the guest's frames to the TAP.
     fn transmit(&mut self, used: &mut bool) -> Result<(), Malformed> {
-        if self.throttled[TX] {
+        if self.throttles[TX].waiting {
             return Ok(());
         }
         let mut budget = QUEUE_SIZE;
@@ -605,7 +576,7 @@ impl PairWorker {
 
     /// Moves frames from the TAP into the guest's receive buffers while both have some.
     fn receive(&mut self, used: &mut bool) -> Result<(), Malformed> {
-        if self.throttled[RX] {
+        if self.throttles[RX].waiting {
             return Ok(());
         }
         for _ in 0..QUEUE_SIZE {
