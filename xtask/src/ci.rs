@@ -9,12 +9,14 @@ use anyhow::{bail, Context, Result};
 use crate::util::{apt_install, workspace_root};
 
 /// Debian packages the tests need on the host (e2fsprogs: `mkfs.ext4 -d` builds the virtio-blk
-/// disk image, and its `debugfs`/`e2fsck` and qemu-utils' `qemu-img` check disks inside L1).
+/// disk image, and its `debugfs`/`e2fsck` and qemu-utils' `qemu-img` check disks inside L1;
+/// iproute2's `ip` builds the network scenarios' bridge and TAPs inside L1).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "e2fsprogs",
     "qemu-utils",
+    "iproute2",
 ];
 
 fn cargo() -> Command {

@@ -13,7 +13,7 @@
 //! - `l1-initrd.cpio`: busybox + `/init` (xtask/l1/init.sh) + kvm modules + QEMU (with its
 //!   libraries and firmware) + tern (optional) + the rig agent + the guest images + the
 //!   L1-side scenario scripts (xtask/l1/scenarios/*.sh) and their tools (e2fsprogs'
-//!   `debugfs`/`e2fsck`, `qemu-img`) + the scenario list.
+//!   `debugfs`/`e2fsck`, `qemu-img`, iproute2's `ip`) + the scenario list.
 //!
 //! Both initramfs images are uncompressed: under TCG the L1 kernel would spend seconds
 //! inflating a compressed one, while an uncompressed cpio costs only the copy.
@@ -72,11 +72,15 @@ const BLK_ROOT_MIB: u64 = 16;
 /// Content of `/base.txt` in the disk image (the L1 scripts and guest scripts check for it).
 const BLK_BASE_TXT: &str = "tern-blk-base: written by cargo xtask images\n";
 
-/// Host tools the L1-side block scenarios use: (tool, Debian package, path inside L1).
+/// Host tools the L1-side scenario scripts use: (tool, Debian package, path inside L1). The
+/// block scenarios check images with e2fsprogs and qemu-img; the network scenarios build
+/// bridges and TAPs with iproute2's `ip` (busybox's `ip` cannot; at `/usr/sbin/ip` it comes
+/// before busybox's `/sbin/ip` in L1's `PATH`).
 const L1_TOOLS: &[(&str, &str, &str)] = &[
     ("debugfs", "e2fsprogs", "/usr/sbin/debugfs"),
     ("e2fsck", "e2fsprogs", "/usr/sbin/e2fsck"),
     ("qemu-img", "qemu-utils", "/usr/bin/qemu-img"),
+    ("ip", "iproute2", "/usr/sbin/ip"),
 ];
 
 /// QEMU firmware the L2 QEMU may need (microvm: qboot + option ROMs; pc: SeaBIOS).

@@ -414,6 +414,128 @@ fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
     ]
 }
 
+/// What a virtio-net case of `xtask/l1/scenarios/net.sh` must report: every named check passed
+/// (`TERN-NET-PASS <case>/<check>:`), none failed, the script's final `TERN-NET-OK <case>`, and
+/// clean guests. The checks are listed here so a script that silently skips one fails.
+fn net_checks_pass(case: &str, checks: &[&str]) -> Expect {
+    let mut require: Vec<String> = checks
+        .iter()
+        .map(|c| format!("TERN-NET-PASS {case}/{c}:"))
+        .collect();
+    require.push(format!("TERN-NET-OK {case} "));
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require,
+        forbid: strings(&["TERN-NET-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+    }
+}
+
+/// Checks of one guest of `net.sh` (`check_device`: MAC, carrier/operstate, MTU, offload
+/// features), prefixed with its label.
+fn net_device_checks(label: &str) -> Vec<String> {
+    ["device", "link", "mtu", "offload"]
+        .iter()
+        .map(|c| format!("{label}-{c}"))
+        .collect()
+}
+
+/// The checks of a `net.sh` pair case (`pair`, `pair-nooffload`).
+fn net_pair_checks() -> Vec<String> {
+    let mut checks = vec!["setup".to_string()];
+    checks.extend(net_device_checks("a"));
+    checks.extend(net_device_checks("b"));
+    checks.extend(
+        [
+            "a-ping-host",
+            "a-ping-peer",
+            "b-ping-host",
+            "b-ping-peer",
+            "send",
+            "receive",
+            "sha256",
+            "sha256-back",
+            "tap-counters",
+            "gso-frames",
+        ]
+        .iter()
+        .map(|c| c.to_string()),
+    );
+    checks
+}
+
+/// The virtio-net scenarios (`xtask/l1/scenarios/net.sh` cases) for one VMM: two guests on TAPs
+/// in an L1 bridge pinging each other and L1 and moving 4 MiB over TCP, with offloads on and
+/// off; and a guest whose TAP L1 deletes under it. PCI transport (QEMU: microvm with PCIe and
+/// virtio-net-pci on `-netdev tap`).
+fn net_scenarios(vmm: Vmm) -> Vec<Scenario> {
+    let tern = vmm == Vmm::Tern;
+    let base = Scenario {
+        groups: if tern {
+            &["core", "net"]
+        } else {
+            &["net-qemu"]
+        },
+        vmm,
+        base_cmdline: PCI_CMDLINE,
+        // net.sh sets rig.action (and the guest script's rig.net.* parameters) per guest.
+        action: "poweroff",
+        qemu_machine: "microvm,pcie=on",
+        // A guest boot in net.sh may take up to 240 s before the script kills it.
+        timeout_secs: 300,
+        ..DEFAULT
+    };
+    let pair = |case: &'static str| {
+        let checks = net_pair_checks();
+        let checks: Vec<&str> = checks.iter().map(String::as_str).collect();
+        net_checks_pass(case, &checks)
+    };
+    let link_down = {
+        let mut checks = vec!["setup".to_string(), "tap-deleted".to_string()];
+        checks.extend(
+            ["vmm-alive", "carrier-lost", "operstate-down"]
+                .iter()
+                .map(|c| c.to_string()),
+        );
+        checks.extend(net_device_checks("g"));
+        checks.extend(["ping-before", "survived"].iter().map(|c| c.to_string()));
+        let checks: Vec<&str> = checks.iter().map(String::as_str).collect();
+        net_checks_pass("link-down", &checks)
+    };
+    vec![
+        Scenario {
+            name: if tern {
+                "tern-net-pair"
+            } else {
+                "qemu-net-pair"
+            },
+            l1_script: Some(&["net.sh", "pair"]),
+            expect: pair("pair"),
+            ..base.clone()
+        },
+        Scenario {
+            name: if tern {
+                "tern-net-pair-nooffload"
+            } else {
+                "qemu-net-pair-nooffload"
+            },
+            l1_script: Some(&["net.sh", "pair-nooffload"]),
+            expect: pair("pair-nooffload"),
+            ..base.clone()
+        },
+        Scenario {
+            name: if tern {
+                "tern-net-link-down"
+            } else {
+                "qemu-net-link-down"
+            },
+            l1_script: Some(&["net.sh", "link-down"]),
+            expect: link_down,
+            ..base
+        },
+    ]
+}
+
 /// Every scenario, in run order.
 pub fn all() -> Vec<Scenario> {
     vec![
@@ -534,6 +656,10 @@ pub fn all() -> Vec<Scenario> {
     // --- virtio-blk (groups "block" and "core"): root file system, qcow2 overlay, read-only
     // disk, discard; each an L1 script around one or two boots ---
     .chain(blk_scenarios(Vmm::Tern))
+    // --- virtio-net (groups "net" and "core"): two guests on an L1 bridge (ping, 4 MiB over
+    // TCP, offloads on and off), TAP removal under a running guest; L1 scripts around the
+    // boots ---
+    .chain(net_scenarios(Vmm::Tern))
     .chain(vec![
         // --- virtio-rng on each transport, tern vs QEMU (group "compare", one rig run) ---
         Scenario {
@@ -643,6 +769,9 @@ pub fn all() -> Vec<Scenario> {
     // --- the virtio-blk scenarios with QEMU as L2 (group "block-qemu"): validate the guest
     // and L1 scripts themselves; not in core ---
     .chain(blk_scenarios(Vmm::Qemu))
+    // --- the virtio-net scenarios with QEMU as L2 (group "net-qemu"): validate the guest and
+    // L1 scripts and the L1 network setup; not in core ---
+    .chain(net_scenarios(Vmm::Qemu))
     .collect()
 }
 
@@ -728,5 +857,70 @@ mod tests {
             qemu.argv_template()[..5],
             ["/bin/sh", "/rig/l1/blk.sh", "fstrim", "--", "{qemu}"]
         );
+    }
+
+    #[test]
+    fn net_scenarios_are_grouped_and_list_every_check() {
+        let all = all();
+        for name in [
+            "tern-net-pair",
+            "tern-net-pair-nooffload",
+            "tern-net-link-down",
+        ] {
+            let s = all.iter().find(|s| s.name == name).unwrap();
+            assert!(s.in_group("core") && s.in_group("net"), "{name}");
+            assert!(!s.in_group("net-qemu"), "{name}");
+            let twin = name.replacen("tern-", "qemu-", 1);
+            let q = all.iter().find(|s| s.name == twin).unwrap();
+            assert!(q.in_group("net-qemu") && !q.in_group("core"), "{twin}");
+            assert_eq!(q.expect.require, s.expect.require, "{twin}");
+        }
+        let pair = all.iter().find(|s| s.name == "tern-net-pair").unwrap();
+        assert_eq!(
+            pair.argv_template()[..5],
+            ["/bin/sh", "/rig/l1/net.sh", "pair", "--", "{tern}"]
+        );
+        let require = &pair.expect.require;
+        for check in [
+            "setup",
+            "a-offload",
+            "b-ping-peer",
+            "sha256",
+            "tap-counters",
+        ] {
+            assert!(
+                require.contains(&format!("TERN-NET-PASS pair/{check}:")),
+                "{check}"
+            );
+        }
+        assert!(require.contains(&"TERN-NET-OK pair ".to_string()));
+        let down = all.iter().find(|s| s.name == "tern-net-link-down").unwrap();
+        assert!(down
+            .expect
+            .require
+            .contains(&"TERN-NET-PASS link-down/carrier-lost:".to_string()));
+        // Every required check is one the L1 script can report.
+        let script = include_str!("../l1/scenarios/net.sh");
+        for s in all.iter().filter(|s| s.name.starts_with("tern-net-")) {
+            for req in &s.expect.require {
+                let Some(check) = req
+                    .strip_prefix("TERN-NET-PASS ")
+                    .and_then(|r| r.split_once('/'))
+                    .map(|(_, c)| c.trim_end_matches(':'))
+                else {
+                    continue;
+                };
+                let device = ["device", "link", "mtu", "offload"]
+                    .iter()
+                    .any(|d| check.ends_with(&format!("-{d}")) && check.len() == d.len() + 2);
+                let found = if device {
+                    script.contains(&format!("\"$label{}\"", &check[1..]))
+                } else {
+                    script.contains(&format!(" {check} "))
+                        || script.contains(&format!(" {check}\n"))
+                };
+                assert!(found, "{}: net.sh never reports {check}", s.name);
+            }
+        }
     }
 }
