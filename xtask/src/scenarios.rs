@@ -629,6 +629,38 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // The control API: tern's client verbs pause, resume and inspect the VM, and
+        // `tern shutdown` presses the power button; the guest powers itself off.
+        Scenario {
+            name: "tern-api-shutdown",
+            action: "script:powerbutton",
+            extra_args: &["--shutdown-timeout", "60"],
+            l1_script: Some(&["api.sh", "shutdown"]),
+            timeout_secs: 180,
+            expect: Expect {
+                exit: ExitExpect::Code(0),
+                marker_required: true,
+                require: [
+                    "armed",
+                    "info-running",
+                    "pause",
+                    "info-paused",
+                    "quiet",
+                    "resume",
+                    "counters",
+                    "shutdown",
+                    "exit",
+                    "guest-poweroff",
+                    "socket",
+                ]
+                .iter()
+                .map(|c| format!("TERN-API-PASS shutdown/{c}:"))
+                .chain(["TERN-API-OK shutdown".to_string()])
+                .collect(),
+                forbid: strings(&["TERN-API-FAIL", "Kernel panic", "TERN-GUEST-ERROR"]),
+            },
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",
