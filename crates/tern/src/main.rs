@@ -127,6 +127,24 @@ impl RunArgs {
         self.api_socket.is_some() && self.kernel.is_none() && self.config.is_none()
     }
 
+    /// Whether any VM setting was given on the command line.
+    fn vm_flags_given(&self) -> bool {
+        self.initrd.is_some()
+            || self.cmdline.is_some()
+            || self.cpus.is_some()
+            || self.memory.is_some()
+            || self.serial.is_some()
+            || self.boot_protocol.is_some()
+            || self.decompress.is_some()
+            || self.on_reboot.is_some()
+            || self.transport.is_some()
+            || self.rng
+            || self.console.is_some()
+            || !self.disk.is_empty()
+            || !self.net.is_empty()
+            || self.shutdown_timeout.is_some()
+    }
+
     fn into_config(self) -> anyhow::Result<VmConfig> {
         let mut c = match &self.config {
             Some(p) => {
@@ -218,6 +236,13 @@ fn main() -> ExitCode {
                 None => None,
             };
             let config = if args.api_only() {
+                if args.vm_flags_given() {
+                    eprintln!(
+                        "tern: VM settings on the command line need --kernel (or --config); with \
+                         --api-socket alone, send the whole configuration with PUT /v1/vm"
+                    );
+                    return ExitCode::from(EXIT_VMM_ERROR);
+                }
                 None
             } else {
                 match args.into_config() {

@@ -138,6 +138,8 @@ pub struct ApiServer {
     path: PathBuf,
     rx: mpsc::Receiver<Request>,
     evt: EventFd,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Clone)]
@@ -190,9 +192,14 @@ impl ApiServer {
             .enable_io()
             .build()
             .map_err(|e| format!("cannot start the API runtime: {e}"))?;
-        std::thread::Builder::new()
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("tern-api".into())
             .spawn(move || {
+                // SIGINT/SIGTERM belong to the VMM's signalfd, whichever thread started first.
+                if let Err(e) = crate::vm::block_stop_signals_in_this_thread() {
+                    tracing::warn!("API thread: cannot block SIGINT/SIGTERM: {e}");
+                }
                 runtime.block_on(async move {
                     let listener = match tokio::net::UnixListener::from_std(listener) {
                         Ok(l) => l,
@@ -201,7 +208,12 @@ impl ApiServer {
                             return;
                         }
                     };
-                    if let Err(e) = axum::serve(listener, router(shared)).await {
+                    // On stop, answers in flight are still written out before the thread ends.
+                    let serve =
+                        axum::serve(listener, router(shared)).with_graceful_shutdown(async {
+                            let _ = stop_rx.await;
+                        });
+                    if let Err(e) = serve.await {
                         tracing::error!("API server stopped: {e}");
                     }
                 })
@@ -211,6 +223,8 @@ impl ApiServer {
             path: path.to_path_buf(),
             rx,
             evt,
+            stop: Some(stop_tx),
+            thread: Some(thread),
         })
     }
 
@@ -229,6 +243,20 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // Let the last answers (say, to the shutdown request that ended the VM) reach their
+        // clients; idle keep-alive connections are not waited for beyond a second.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
     }
 }
 
@@ -332,7 +360,13 @@ pub fn call(
     req.push_str(body);
     s.write_all(req.as_bytes())?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
+    if let Err(e) = s.read_to_end(&mut resp) {
+        // A server that did not read the whole body may reset the connection after its
+        // complete answer; keep the answer then.
+        if resp.is_empty() {
+            return Err(e);
+        }
+    }
     let text = String::from_utf8_lossy(&resp);
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP response");
     let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(bad)?;

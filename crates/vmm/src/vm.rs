@@ -239,27 +239,29 @@ pub fn run(
             }
         }
     };
-    // The guest owns the terminal when the serial port or the virtio-console uses stdio.
-    let uses_stdio =
-        config.serial == CharBackend::Stdio || config.console == Some(CharBackend::Stdio);
-    // Raw mode only when stdin is a terminal.
-    let _raw = if uses_stdio {
-        RawTerminal::enable(0)
-    } else {
-        None
-    };
     let stdin_target: Arc<Mutex<Option<StdinTarget>>> = Arc::new(Mutex::new(None));
     let stdin_quit =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
-    if uses_stdio {
-        spawn_stdin_thread(
-            stdin_target.clone(),
-            stdin_quit
-                .try_clone()
-                .map_err(|e| VmmError::Setup(e.to_string()))?,
-        );
-    }
+    let mut raw_terminal = None;
+    let mut stdin_thread = false;
     loop {
+        // The guest owns the terminal when the serial port or the virtio-console uses stdio
+        // (raw mode only when stdin is a terminal). Decided per configuration: one set through
+        // the API may replace one that failed to boot.
+        if config.serial == CharBackend::Stdio || config.console == Some(CharBackend::Stdio) {
+            if raw_terminal.is_none() {
+                raw_terminal = RawTerminal::enable(0);
+            }
+            if !stdin_thread {
+                spawn_stdin_thread(
+                    stdin_target.clone(),
+                    stdin_quit
+                        .try_clone()
+                        .map_err(|e| VmmError::Setup(e.to_string()))?,
+                );
+                stdin_thread = true;
+            }
+        }
         let vm = match Vm::build(&config, start) {
             Ok(vm) => vm,
             Err(e) => {
@@ -379,6 +381,22 @@ fn read_signal(signals: &File) -> i32 {
 
 /// Blocks SIGINT/SIGTERM in every thread (inherited by threads spawned later) and returns a
 /// signalfd the main thread reads them from.
+/// Blocks SIGINT and SIGTERM in the calling thread (and threads it starts later), so only the
+/// VMM's signalfd sees them.
+pub fn block_stop_signals_in_this_thread() -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn block_stop_signals() -> Result<File, VmmError> {
     // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset before use.
     unsafe {
