@@ -56,13 +56,16 @@ fn check(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds tern (release) and returns its path.
+/// Builds tern (release) and returns its path (under `$CARGO_TARGET_DIR` when set).
 pub fn build_tern() -> Result<PathBuf> {
     check(
         cargo().args(["build", "--release", "-p", "tern"]),
         "cargo build --release -p tern",
     )?;
-    Ok(workspace_root().join("target/release/tern"))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    Ok(workspace_root().join(target).join("release/tern"))
 }
 
 /// Builds the probe guest and returns its path.

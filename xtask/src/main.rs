@@ -12,7 +12,9 @@
 use arch::bzimage;
 
 mod agent;
+mod bench_api;
 mod bench_blk;
+mod bench_net;
 mod bench_probe;
 mod ci;
 mod cpio;
@@ -69,12 +71,24 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// virtio-net packet rate and TSO throughput, tern vs QEMU on the probe guest (needs root).
+    BenchNet {
+        /// Interleaved boots per VMM and transport.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Control-API latency (GET /v1/vm, pause+resume) and tern's CPU use serving it.
+    BenchApi {
+        /// tern binary to measure [default: build target/release/tern].
+        #[arg(long)]
+        tern: Option<PathBuf>,
+    },
     /// Run Linux-guest scenarios in the nested rig (L1 = QEMU TCG with AMD-V).
     Rig {
         /// tern binary [default: target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
-        /// Scenario group: core, block, block-qemu, compare, debug, qemu-extra, all.
+        /// Scenario group: core, block, block-qemu, net, net-qemu, compare, debug, qemu-extra, all.
         #[arg(long, default_value = "core")]
         group: String,
         /// Only scenarios whose name contains this.
@@ -203,6 +217,20 @@ fn run(command: Cmd) -> Result<()> {
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
             bench_blk::run(&tern, &probe, &qemu, runs)
+        }
+        Cmd::BenchNet { runs } => {
+            let tern = ci::build_tern()?;
+            let probe = ci::build_probe()?;
+            let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+            bench_net::run(&tern, &probe, &qemu, runs)
+        }
+        Cmd::BenchApi { tern } => {
+            let tern = match tern {
+                Some(t) => t,
+                None => ci::build_tern()?,
+            };
+            let probe = ci::build_probe()?;
+            bench_api::run(&tern, &probe)
         }
     }
 }

@@ -1,0 +1,181 @@
+//! `cargo xtask bench-net`: virtio-net packet rate and TSO throughput, tern vs QEMU on the
+//! probe guest (scenario `vnetbench`), side by side on the host's /dev/kvm, interleaved; plus
+//! the rate limiter's accuracy.
+//!
+//! Every boot gets a fresh network namespace with a TAP device `tap0` and the host peer of the
+//! frame protocol (crates/netpeer) on it; the VMM runs inside it (`ip netns exec`). QEMU uses
+//! `-netdev tap,…,vhost=off` (the peer and the VMM both in user space, as with tern), on
+//! microvm (virtio-mmio) and pc (virtio-pci). Needs root, iproute2 and /dev/net/tun.
+//!
+//! Rows (guests/probe/README.md, `vnetbench`): `tx_pps` and `rx_pps`, 64-byte frames per
+//! second; `tso_tx_mbps` and `tso_rx_mbps`, TCP payload in 10^6 bytes per second of 64 KiB TSO
+//! frames.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use netpeer::{NetNs, Peer};
+
+use crate::bench_probe::{field, median, sample, Sample};
+
+/// Milliseconds each `vnetbench` test runs per boot.
+const TEST_MS: u64 = 2000;
+
+/// `vnetbench`'s results, and the rows they make.
+const ROWS: [(&str, &str); 4] = [
+    ("tx_pps", "tx 64 B frames, pps"),
+    ("rx_pps", "rx 64 B frames, pps"),
+    ("tso_tx_mbps", "TSO tx, MB/s"),
+    ("tso_rx_mbps", "TSO rx, MB/s"),
+];
+
+fn cmdline(extra: &str) -> String {
+    format!("probe.run=vnetbench probe.vnet_ms={TEST_MS} {extra}")
+}
+
+fn tern_args(probe: &str, transport: &str, net_opts: &str, cmd_extra: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--kernel",
+        probe,
+        "--memory",
+        "128M",
+        "--cpus",
+        "1",
+        "--serial",
+        "stdio",
+        "--transport",
+        transport,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push("--cmdline".into());
+    a.push(cmdline(cmd_extra));
+    a.push("--net".into());
+    a.push(format!("tap=tap0{net_opts}"));
+    a
+}
+
+fn qemu_args(probe: &str, transport: &str) -> Vec<String> {
+    let (machine, device): (&str, &[&str]) = if transport == "mmio" {
+        (
+            "microvm,acpi=off",
+            &[
+                "-global",
+                "virtio-mmio.force-legacy=false",
+                "-device",
+                "virtio-net-device,netdev=n0",
+            ],
+        )
+    } else {
+        (
+            "pc",
+            &["-device", "virtio-net-pci,netdev=n0,disable-legacy=on"],
+        )
+    };
+    let mut a: Vec<String> = [
+        "-accel",
+        "kvm",
+        "-M",
+        machine,
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-m",
+        "128",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+        probe,
+        "-netdev",
+        "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off",
+    ]
+    .iter()
+    .chain(device)
+    .map(|s| s.to_string())
+    .collect();
+    a.push("-append".into());
+    a.push(cmdline(""));
+    a
+}
+
+/// One boot of `program args` in a fresh namespace with the peer running; fails unless the
+/// probe reported every one of `keys`.
+fn boot(program: &Path, args: &[String], keys: &[&str]) -> Result<Sample> {
+    let ns = NetNs::new().context("creating the network namespace")?;
+    let peer = Peer::start(&ns).context("starting the host peer")?;
+    let program = program.to_str().context("non-UTF-8 program path")?;
+    let s = sample(Path::new("ip"), &ns.exec_args(program, args));
+    peer.stop().context("host peer")?;
+    let s = s.with_context(|| format!("{program} {}", args.join(" ")))?;
+    for k in keys {
+        if !field(&s, k).is_finite() {
+            bail!(
+                "vnetbench reported no {k} (failed?): ip netns exec NS {program} {}",
+                args.join(" ")
+            );
+        }
+    }
+    Ok(s)
+}
+
+/// Runs the benchmark with `runs` boots per VMM and transport.
+pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        bail!("bench-net needs root and /dev/net/tun (network namespaces, TAP devices)");
+    }
+    crate::util::ensure_tool("ip", "iproute2")?;
+    let p = probe.display().to_string();
+    let keys: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
+    println!(
+        "virtio-net, probe guest (vnetbench, {TEST_MS} ms per test) on the host /dev/kvm, 1 vCPU, \
+         TAP in a fresh network namespace per boot with the host peer; tern vs QEMU (vhost=off), \
+         {runs} interleaved boots each, medians"
+    );
+    println!(
+        "{:<30} {:>10} {:>10} {:>10}",
+        "workload", "tern", "qemu", "tern/qemu"
+    );
+    for transport in ["mmio", "pci"] {
+        let mut t: Vec<Sample> = Vec::new();
+        let mut q: Vec<Sample> = Vec::new();
+        for _ in 0..runs {
+            t.push(boot(tern, &tern_args(&p, transport, "", ""), &keys)?);
+            q.push(boot(qemu, &qemu_args(&p, transport), &keys)?);
+        }
+        for (key, name) in ROWS {
+            let tm = median(t.iter().map(|x| field(x, key)).collect());
+            let qm = median(q.iter().map(|x| field(x, key)).collect());
+            println!(
+                "{:<30} {tm:>10.0} {qm:>10.0} {:>10.2}",
+                format!("{transport}: {name}"),
+                tm / qm
+            );
+        }
+    }
+    // Rate limiter: configured vs achieved on virtio-pci, one test per limit. tso_tx_mbps
+    // counts TCP payload only (65160 of each 65214-byte frame), MB = 10^6 bytes; 50M = 50 MiB/s.
+    println!("\nrate limiter (tern, virtio-pci, {TEST_MS} ms per test):");
+    for (limit, test, key, cfg) in [
+        (",tx_ops=20000", "tx", "tx_pps", 20000.0),
+        (",tx_bw=50M", "tso", "tso_tx_mbps", 50.0 * 1048576.0 / 1e6),
+    ] {
+        let args = tern_args(&p, "pci", limit, &format!("probe.vnet_bench={test}"));
+        let x = boot(tern, &args, &[key])?;
+        let got = field(&x, key);
+        println!(
+            "  {:<12} configured {cfg:>8.1} achieved {got:>8.1} ({:+.1}%)",
+            &limit[1..],
+            (got / cfg - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
