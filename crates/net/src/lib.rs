@@ -200,6 +200,49 @@ pub fn is_gone(e: &io::Error) -> bool {
 mod tests {
     use super::*;
 
+    /// Moves this test thread into a network namespace of its own (false if none can be made).
+    fn in_private_netns() -> bool {
+        // SAFETY: unshare affects only this thread; no memory is involved.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = io::Error::last_os_error();
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "unshare(CLONE_NEWNET): {e}"
+            );
+            eprintln!("SKIP: cannot create a network namespace ({e})");
+            return false;
+        }
+        true
+    }
+
+    fn interface_exists(name: &str) -> bool {
+        // /proc/thread-self/net shows this thread's network namespace.
+        std::fs::read_to_string("/proc/thread-self/net/dev")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{name}:")))
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn an_auto_tap_is_created_and_goes_away_with_its_last_queue() {
+        if !in_private_netns() {
+            return;
+        }
+        let taps = Tap::open("tern%d", 2).unwrap();
+        let name = taps[0].name().to_string();
+        assert!(name.starts_with("tern") && name != "tern%d", "{name}");
+        assert_eq!(taps[1].name(), name, "both queues on one TAP");
+        assert!(
+            interface_exists(&name),
+            "{name} not in /proc/thread-self/net/dev"
+        );
+        taps[0].set_offload(TUN_F_CSUM | TUN_F_TSO4).unwrap();
+        drop(taps);
+        assert!(!interface_exists(&name), "{name} outlived its queues");
+    }
+
     #[test]
     fn bad_names_are_refused() {
         for n in ["", "a/b", "sixteen-chars-xx"] {
