@@ -525,6 +525,23 @@ fn net_scenarios(vmm: Vmm) -> Vec<Scenario> {
         },
         Scenario {
             name: if tern {
+                "tern-net-pair-mq"
+            } else {
+                "qemu-net-pair-mq"
+            },
+            cpus: 2,
+            l1_script: Some(&["net.sh", "pair-mq"]),
+            expect: {
+                let mut e = pair("pair-mq");
+                for g in ["a", "b"] {
+                    e.require.push(format!("TERN-NET-PASS pair-mq/{g}-queues:"));
+                }
+                e
+            },
+            ..base.clone()
+        },
+        Scenario {
+            name: if tern {
                 "tern-net-link-down"
             } else {
                 "qemu-net-link-down"
@@ -942,7 +959,7 @@ mod tests {
                 else {
                     continue;
                 };
-                let device = ["device", "link", "mtu", "offload"]
+                let device = ["device", "link", "mtu", "offload", "queues"]
                     .iter()
                     .any(|d| check.ends_with(&format!("-{d}")) && check.len() == d.len() + 2);
                 let found = if device {

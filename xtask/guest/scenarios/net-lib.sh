@@ -49,6 +49,7 @@ net_setup() {
     fi
     NET_SYS=/sys/class/net/$NET_IF
     echo "TERN-GUEST-NET-FEATURES=$(cat "$NET_SYS/device/features")"
+    echo "TERN-GUEST-NET-QUEUES=$(ls "$NET_SYS/queues" | tr '\n' ' ')"
     ip link set lo up
     addr=$(net_param ip) || { net_fail "no rig.net.ip= on the command line"; return 1; }
     ip addr add "$addr" dev "$NET_IF" || { net_fail "ip addr add $addr dev $NET_IF failed"; return 1; }

@@ -16,7 +16,8 @@
 # CASE/CHECK: why" for one that failed, and "TERN-NET-OK CASE" at the end when every check
 # passed (exit 0; otherwise exit 1). TERN-GUEST-ERROR from a guest fails it too.
 #
-# CASEs: pair, pair-nooffload, link-down (see each function below).
+# CASEs: pair, pair-nooffload, pair-mq (2 queue pairs, 2 vCPUs), link-down (see each function
+# below).
 
 set -u
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin
@@ -119,7 +120,7 @@ setup_network() {
                 $IP addr add "$HOST_IP/24" dev "$BRIDGE" &&
                 $IP link set "$BRIDGE" up &&
                 for t in $taps; do
-                    $IP tuntap add dev "$t" mode tap &&
+                    $IP tuntap add dev "$t" mode tap ${MQ:+multi_queue} &&
                         $IP link set "$t" master "$BRIDGE" &&
                         $IP link set "$t" up || exit 1
                 done
@@ -166,8 +167,10 @@ start_guest() {
                     offload=off) off=,csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off ;;
                 esac
             done
-            set -- "$@" -netdev "tap,id=n$i,ifname=$tap,script=no,downscript=no,vhost=off" \
-                -device "$dev,netdev=n$i,mac=$mac$mtu$off"
+            q= mq=
+            [ -n "${MQ:-}" ] && q=,queues=2 mq=,mq=on,vectors=6
+            set -- "$@" -netdev "tap,id=n$i,ifname=$tap,script=no,downscript=no,vhost=off$q" \
+                -device "$dev,netdev=n$i,mac=$mac$mtu$off$mq"
         fi
         i=$((i + 1))
     done
@@ -281,6 +284,15 @@ check_device() {
 }
 
 # check_ping LABEL NAME CHECK: the guest's TERN-GUEST-NET-PING-NAME line shows 3 of 3 replies.
+# check_queues LABEL: the guest's interface has two queue pairs (multiqueue negotiated).
+check_queues() {
+    local label=$1 qs
+    qs=$(fact "$label" NET-QUEUES)
+    case "$qs" in
+        *rx-0*rx-1*tx-0*tx-1*) pass "$label-queues" "the guest's eth0 has 2 queue pairs: $qs" ;;
+        *) fail "$label-queues" "expected rx-0, rx-1, tx-0 and tx-1, the guest has: ${qs:-nothing}" ;;
+    esac
+}
 check_ping() {
     local line
     line=$(fact "$1" "NET-PING-$2")
@@ -297,6 +309,7 @@ check_ping() {
 case_pair() {
     local offload=$1 opt= sent recv sum_a sum_b rx tx t0
     [ "$offload" = off ] && opt=,offload=off
+    [ -n "${MQ:-}" ] && opt=$opt,queues=2
     setup_network tap0 tap1
     local common="rig.net.host=$HOST_IP rig.net.bytes=$PAIR_BYTES"
     t0=$(now)
@@ -315,6 +328,10 @@ case_pair() {
     [ "$ok" = 0 ] || finish
     check_device a 52:54:00:77:00:11 1500 "$offload"
     check_device b 52:54:00:77:00:12 1500 "$offload"
+    if [ -n "${MQ:-}" ]; then
+        check_queues a
+        check_queues b
+    fi
     check_ping a HOST a-ping-host
     check_ping a PEER a-ping-peer
     check_ping b HOST b-ping-host
@@ -452,6 +469,10 @@ case_link_down() {
 case "$case_" in
     pair) case_pair on ;;
     pair-nooffload) case_pair off ;;
+    pair-mq)
+        MQ=1
+        case_pair on
+        ;;
     link-down) case_link_down ;;
     *) fail args "unknown case $case_" ;;
 esac
