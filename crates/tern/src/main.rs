@@ -47,6 +47,22 @@ enum Command {
     Reboot(ClientArgs),
     /// Show exit counts per vCPU and I/O counters per device.
     Counters(ClientArgs),
+    /// Snapshots of a running tern's VM.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Write a snapshot of the paused VM to a new directory (`tern run --restore DIR` brings
+    /// it back).
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The snapshot directory to create.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -59,12 +75,18 @@ struct ClientArgs {
     json: bool,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RunArgs {
     /// Serve the control API (HTTP/1.1 REST) on this Unix socket. Without --kernel (or a
     /// config file), tern starts empty and waits for PUT /v1/vm and PUT /v1/vm/boot.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Bring back the VM saved in this snapshot directory instead of booting one.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// With --restore: stay paused (resume through the API).
+    #[arg(long)]
+    paused: bool,
     /// Config file (TOML, or JSON when it starts with '{'); flags override its settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -235,7 +257,49 @@ fn main() -> ExitCode {
                 },
                 None => None,
             };
-            let config = if args.api_only() {
+            let restore = match &args.restore {
+                Some(dir) => {
+                    // Where the serial port and console write is the host's business; the
+                    // rest of the VM comes from the snapshot.
+                    let (serial, console) = (args.serial.clone(), args.console.clone());
+                    let others = RunArgs {
+                        serial: None,
+                        console: None,
+                        ..(*args).clone()
+                    };
+                    if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
+                    {
+                        eprintln!(
+                            "tern: --restore takes the VM's settings from the snapshot; only \
+                             --serial and --console may be given with it"
+                        );
+                        return ExitCode::from(EXIT_VMM_ERROR);
+                    }
+                    match vmm::snapshot::read(dir) {
+                        Ok(mut snapshot) => Some(vmm::Restore {
+                            snapshot: {
+                                if let Some(s) = serial {
+                                    snapshot.config.serial = s;
+                                }
+                                if let Some(c) = console {
+                                    snapshot.config.console = Some(c);
+                                }
+                                snapshot
+                            },
+                            dir: dir.clone(),
+                            paused: args.paused,
+                        }),
+                        Err(e) => {
+                            eprintln!("tern: {e}");
+                            return ExitCode::from(EXIT_VMM_ERROR);
+                        }
+                    }
+                }
+                None => None,
+            };
+            let config = if let Some(r) = &restore {
+                Some(r.snapshot.config.clone())
+            } else if args.api_only() {
                 if args.vm_flags_given() {
                     eprintln!(
                         "tern: VM settings on the command line need --kernel (or --config); with \
@@ -253,7 +317,7 @@ fn main() -> ExitCode {
                     }
                 }
             };
-            match vmm::run(config, api, start) {
+            match vmm::run(config, api, restore, start) {
                 Ok(exit) => exit_code(&exit),
                 Err(e) => {
                     eprintln!("tern: {e}");
@@ -279,6 +343,13 @@ fn main() -> ExitCode {
         }
         Command::Reboot(c) => client(&c, "PUT", "/v1/vm/reboot", |_| "resetting the VM".into()),
         Command::Counters(c) => client(&c, "GET", "/v1/vm/counters", show_counters),
+        Command::Snapshot(SnapshotCmd::Create { client: c, dir }) => {
+            let body = serde_json::json!({ "dir": dir }).to_string();
+            let shown = format!("snapshot written to {}", dir.display());
+            client_with(&c, "PUT", "/v1/vm/snapshot", Some(&body), move |_| {
+                shown.clone()
+            })
+        }
     }
 }
 
@@ -290,7 +361,18 @@ fn client(
     path: &str,
     show: impl Fn(&serde_json::Value) -> String,
 ) -> ExitCode {
-    let (status, body) = match vmm::api::call(&args.api_socket, method, path, None) {
+    client_with(args, method, path, None, show)
+}
+
+/// [`client`] with a JSON request body.
+fn client_with(
+    args: &ClientArgs,
+    method: &str,
+    path: &str,
+    request: Option<&str>,
+    show: impl Fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    let (status, body) = match vmm::api::call(&args.api_socket, method, path, request) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(

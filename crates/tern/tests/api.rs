@@ -757,7 +757,6 @@ const UNKNOWN_PATHS: &[&str] = &[
     "/v1/vm/",
     "/v2/vm",
     "/V1/VM",
-    "/v1/vm/snapshot",
     "/v1/vm/restore",
     "/v1/vm/devices/disk0",
     "/v1/vm/boot/now",

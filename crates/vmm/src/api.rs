@@ -41,6 +41,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vm/shutdown"),
     ("PUT", "/v1/vm/reboot"),
     ("GET", "/v1/vm/counters"),
+    ("PUT", "/v1/vm/snapshot"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -68,6 +69,11 @@ pub enum Action {
     Reboot,
     /// Exit and I/O counters.
     Counters,
+    /// Write a snapshot of the paused VM to a new directory.
+    Snapshot {
+        /// Where.
+        dir: std::path::PathBuf,
+    },
 }
 
 /// The VMM's answer.
@@ -270,6 +276,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/vm/shutdown", put(shutdown))
         .route("/v1/vm/reboot", put(|s| ask(s, Action::Reboot)))
         .route("/v1/vm/counters", get(|s| ask(s, Action::Counters)))
+        .route("/v1/vm/snapshot", put(snapshot))
         .fallback(|| async { reply(Reply::error(404, "no such route")) })
         .method_not_allowed_fallback(|| async {
             reply(Reply::error(405, "method not allowed on this route"))
@@ -319,6 +326,19 @@ fn body_error(status: StatusCode, text: String) -> Response {
 async fn configure(s: State<Shared>, body: Result<Json<VmConfig>, JsonRejection>) -> Response {
     match body {
         Ok(Json(c)) => ask(s, Action::Configure(Box::new(c))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    dir: std::path::PathBuf,
+}
+
+async fn snapshot(s: State<Shared>, body: Result<Json<SnapshotBody>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(b)) => ask(s, Action::Snapshot { dir: b.dir }).await,
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

@@ -4,10 +4,11 @@ pub mod api;
 pub mod config;
 pub mod host;
 pub mod interrupts;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;
 
 pub use config::VmConfig;
-pub use vm::{run, VmExit, VmmError};
+pub use vm::{run, Restore, VmExit, VmmError};

@@ -89,7 +89,7 @@ impl Vcpu {
         let ie: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(ie));
         loop {
-            self.ctl.park_if_paused();
+            self.ctl.park_if_paused(self.id, &self.fd);
             if self.ctl.stopping() {
                 break;
             }

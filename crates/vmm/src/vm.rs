@@ -137,11 +137,27 @@ pub enum VmExit {
     Error(String),
 }
 
+/// A snapshot to bring back instead of booting.
+pub struct Restore {
+    /// The snapshot directory.
+    pub dir: std::path::PathBuf,
+    /// Its state (read and checked).
+    pub snapshot: crate::snapshot::Snapshot,
+    /// Stay paused after restoring.
+    pub paused: bool,
+}
+
 /// Pause bookkeeping: whether vCPUs should park, and how many have.
 #[derive(Default)]
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// Bumped to ask parked vCPUs for their state (snapshots).
+    save_generation: u64,
+    /// MSRs to save.
+    save_msrs: Vec<u32>,
+    /// vCPU id → its saved state.
+    saved: std::collections::BTreeMap<u8, Result<crate::snapshot::VcpuState, String>>,
 }
 
 /// State shared between the VM's threads.
@@ -187,18 +203,56 @@ impl VmControl {
         self.pause.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by a vCPU thread outside `KVM_RUN`: waits while the VM is paused.
-    pub fn park_if_paused(&self) {
+    /// Called by a vCPU thread outside `KVM_RUN`: waits while the VM is paused, saving the
+    /// vCPU's state when a snapshot asks for it.
+    pub fn park_if_paused(&self, id: u8, fd: &kvm_ioctls::VcpuFd) {
         let mut s = self.pause_state();
         if !s.requested {
             return;
         }
         s.parked += 1;
+        let mut seen = s.save_generation;
         self.pause_cv.notify_all();
         while s.requested && !self.stopping() {
+            if s.save_generation != seen {
+                seen = s.save_generation;
+                let state = crate::snapshot::save_vcpu(fd, &s.save_msrs);
+                s.saved.insert(id, state);
+                self.pause_cv.notify_all();
+            }
             s = self.pause_cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.parked -= 1;
+    }
+
+    /// Asks the parked vCPUs for their states; returns them in id order.
+    fn save_vcpus(
+        &self,
+        n: usize,
+        msrs: Vec<u32>,
+    ) -> Result<Vec<crate::snapshot::VcpuState>, String> {
+        let mut s = self.pause_state();
+        s.saved.clear();
+        s.save_msrs = msrs;
+        s.save_generation += 1;
+        self.pause_cv.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.saved.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("the vCPUs did not report their state within 5 s".into());
+            }
+            s = self
+                .pause_cv
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        std::mem::take(&mut s.saved)
+            .into_values()
+            .enumerate()
+            .map(|(i, r)| r.map_err(|e| format!("vCPU {i}: {e}")))
+            .collect()
     }
 
     /// Whether a pause is in effect.
@@ -219,6 +273,7 @@ impl VmControl {
 pub fn run(
     config: Option<VmConfig>,
     api: Option<ApiServer>,
+    mut restore: Option<Restore>,
     start: Instant,
 ) -> Result<VmExit, VmmError> {
     install_kick_handler()
@@ -262,7 +317,7 @@ pub fn run(
                 stdin_thread = true;
             }
         }
-        let vm = match Vm::build(&config, start) {
+        let mut vm = match Vm::build(&config, start) {
             Ok(vm) => vm,
             Err(e) => {
                 // A boot requested through the API fails back to the caller, and tern waits
@@ -283,6 +338,13 @@ pub fn run(
         };
         if let Some(req) = boot_req.take() {
             req.reply(Reply::done());
+        }
+        // Only the first VM comes from the snapshot; a reboot starts the guest afresh.
+        if let Some(r) = restore.take() {
+            vm.restore(&r.dir, &r.snapshot)?;
+            if r.paused {
+                vm.ctl.pause_state().requested = true;
+            }
         }
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &vm.console_input {
             Some(c) => StdinTarget::Console(c.clone()),
@@ -364,6 +426,7 @@ fn wait_for_boot(
                 Action::Resume => req.reply(Reply::conflict("resume", state)),
                 Action::Reboot => req.reply(Reply::conflict("reboot", state)),
                 Action::Counters => req.reply(Reply::conflict("read counters", state)),
+                Action::Snapshot { .. } => req.reply(Reply::conflict("snapshot", state)),
             }
         }
     }
@@ -909,6 +972,58 @@ impl Vm {
         self.ctl.pause_cv.notify_all();
     }
 
+    /// Writes a snapshot of the paused VM to `dir`.
+    fn snapshot(&self, dir: &std::path::Path, config: &VmConfig) -> Result<(), (u16, String)> {
+        if config.rng
+            || config.console.is_some()
+            || !config.disks.is_empty()
+            || !config.nets.is_empty()
+        {
+            return Err((
+                400,
+                "VMs with virtio devices cannot be snapshotted yet (their queue state is not saved)"
+                    .into(),
+            ));
+        }
+        if dir.exists() {
+            return Err((400, format!("{} already exists", dir.display())));
+        }
+        let msrs = self
+            ._kvm
+            .get_msr_index_list()
+            .map_err(|e| (500, format!("MSR list: {e}")))?
+            .as_slice()
+            .to_vec();
+        let vcpus = self
+            .ctl
+            .save_vcpus(config.cpus as usize, msrs)
+            .map_err(|e| (500, e))?;
+        let vm = crate::snapshot::save_vm(&self._vm).map_err(|e| (500, e))?;
+        crate::snapshot::write(dir, config, vm, vcpus, &self._mem).map_err(|e| (500, e))
+    }
+
+    /// Replaces the freshly built VM's memory, vCPU and VM state with a snapshot's.
+    fn restore(
+        &mut self,
+        dir: &std::path::Path,
+        snap: &crate::snapshot::Snapshot,
+    ) -> Result<(), VmmError> {
+        let e = |m: String| VmmError::Setup(format!("restoring {}: {m}", dir.display()));
+        snap.load_memory(dir, &self._mem).map_err(e)?;
+        if snap.vcpus().len() != self.vcpus.len() {
+            return Err(e(format!(
+                "{} vCPUs saved, {} configured",
+                snap.vcpus().len(),
+                self.vcpus.len()
+            )));
+        }
+        for (v, s) in self.vcpus.iter().zip(snap.vcpus()) {
+            crate::snapshot::restore_vcpu(&v.fd, s)
+                .map_err(|m| e(format!("vCPU {}: {m}", v.id)))?;
+        }
+        crate::snapshot::restore_vm(&self._vm, snap.vm()).map_err(e)
+    }
+
     /// Answers one API request while the VM runs.
     fn api_request(
         &self,
@@ -966,6 +1081,13 @@ impl Vm {
                 self.ctl.request_exit(VmExit::Reset);
                 Reply::accepted()
             }
+            Action::Snapshot { .. } if !paused => {
+                Reply::conflict("snapshot", "running (pause it first)")
+            }
+            Action::Snapshot { dir } => match self.snapshot(dir, config) {
+                Ok(()) => Reply::done(),
+                Err((status, e)) => Reply::error(status, format!("cannot snapshot: {e}")),
+            },
             Action::Counters => {
                 let vcpus: Vec<_> = exit_counters
                     .iter()

@@ -1,0 +1,334 @@
+//! Snapshots on the host's `/dev/kvm`: the probe's ring-3 counter (`count`) is paused,
+//! snapshotted, its tern killed, and a new tern restores it; the counter must go on from the
+//! next tick. Damaged snapshots must be refused with a clear message.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tern-snap-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A tern process killed when dropped.
+struct Tern(Child);
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Tern {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    Tern(
+        Command::new(tern())
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tern"),
+    )
+}
+
+fn client(args: &[&str]) -> Run {
+    run_with_timeout(&tern(), args, Duration::from_secs(20))
+}
+
+fn client_ok(args: &[&str]) {
+    let r = client(args);
+    assert_eq!(r.code, Some(0), "tern {args:?}: {}{}", r.stdout, r.stderr);
+}
+
+/// (tick, value) lines of the `count` scenario.
+fn ticks(serial: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let kv = parse_kv(l.strip_prefix("probe: count tick=")?);
+            let tick = l
+                .split_whitespace()
+                .nth(2)?
+                .strip_prefix("tick=")?
+                .parse()
+                .ok()?;
+            Some((tick, kv.get("value")?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_socket(sock: &Path) {
+    wait_until("the API socket", Duration::from_secs(10), || sock.exists());
+}
+
+/// Boots `count` with an API socket, pauses it after a few ticks and snapshots it to `snap`;
+/// returns the last tick before the snapshot.
+fn counting_vm_snapshot(dir: &Scratch, cpus: &str, snap: &Path) -> (u64, u64) {
+    let sock = dir.path("a.sock");
+    let serial = dir.path("a.log");
+    let backend = format!("file:{}", s(&serial));
+    let mut vm = spawn(&[
+        "--kernel",
+        s(&probe()),
+        "--memory",
+        "64M",
+        "--cpus",
+        cpus,
+        "--serial",
+        &backend,
+        "--cmdline",
+        "probe.run=count probe.count_ms=5000",
+        "--api-socket",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    wait_until("3 ticks", Duration::from_secs(20), || {
+        ticks(&serial).len() >= 3
+    });
+    client_ok(&["pause", "--api-socket", s(&sock)]);
+    // Running → snapshot refused; paused → written.
+    let last = *ticks(&serial).last().unwrap();
+    client_ok(&[
+        "snapshot",
+        "create",
+        "--dir",
+        s(snap),
+        "--api-socket",
+        s(&sock),
+    ]);
+    let again = client(&[
+        "snapshot",
+        "create",
+        "--dir",
+        s(snap),
+        "--api-socket",
+        s(&sock),
+    ]);
+    assert_ne!(again.code, Some(0));
+    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+    // The original dies hard: the snapshot must stand on its own.
+    let _ = vm.0.kill();
+    let _ = vm.0.wait();
+    assert!(snap.join("state.json").exists() && snap.join("memory.bin").exists());
+    last
+}
+
+fn restore_and_check(dir: &Scratch, snap: &Path, last: (u64, u64)) {
+    let serial = dir.path("b.log");
+    let backend = format!("file:{}", s(&serial));
+    let r = run_with_timeout(
+        &tern(),
+        &["run", "--restore", s(snap), "--serial", &backend],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(0), "restore: {}", r.stderr);
+    let t = ticks(&serial);
+    assert!(!t.is_empty(), "no tick after the restore");
+    assert_eq!(
+        t[0].0,
+        last.0 + 1,
+        "the counter did not resume at the next tick: {t:?}"
+    );
+    assert!(
+        t[0].1 > last.1,
+        "the value went back: {last:?} then {:?}",
+        t[0]
+    );
+    for w in t.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "gap: {w:?}");
+        assert!(w[1].1 > w[0].1);
+    }
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.contains("probe: count ok"), "{text}");
+}
+
+#[test]
+fn a_counting_guest_survives_snapshot_kill_and_restore() {
+    if !require_kvm("a_counting_guest_survives_snapshot_kill_and_restore") {
+        return;
+    }
+    let dir = Scratch::new("survive");
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot(&dir, "1", &snap);
+    restore_and_check(&dir, &snap, last);
+    // The same snapshot restores again (clones start from the same point).
+    let dir2 = Scratch::new("survive-again");
+    restore_and_check(&dir2, &snap, last);
+}
+
+#[test]
+fn a_two_vcpu_guest_survives_too() {
+    if !require_kvm("a_two_vcpu_guest_survives_too") {
+        return;
+    }
+    let dir = Scratch::new("smp");
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot(&dir, "2", &snap);
+    restore_and_check(&dir, &snap, last);
+}
+
+#[test]
+fn restore_paused_then_resume() {
+    if !require_kvm("restore_paused_then_resume") {
+        return;
+    }
+    let dir = Scratch::new("paused");
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot(&dir, "1", &snap);
+    let sock = dir.path("b.sock");
+    let serial = dir.path("b.log");
+    let backend = format!("file:{}", s(&serial));
+    let _vm = spawn(&[
+        "--restore",
+        s(&snap),
+        "--paused",
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    let info = client(&["info", "--api-socket", s(&sock)]);
+    assert!(info.stdout.contains("state: paused"), "{}", info.stdout);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ticks(&serial).is_empty(), "ticks while paused");
+    client_ok(&["resume", "--api-socket", s(&sock)]);
+    wait_until("a tick after resume", Duration::from_secs(10), || {
+        !ticks(&serial).is_empty()
+    });
+    assert_eq!(ticks(&serial)[0].0, last.0 + 1);
+}
+
+#[test]
+fn damaged_snapshots_are_refused() {
+    if !require_kvm("damaged_snapshots_are_refused") {
+        return;
+    }
+    let dir = Scratch::new("damaged");
+    let snap = dir.path("snap");
+    counting_vm_snapshot(&dir, "1", &snap);
+    let restore = |what: &str| {
+        let r = run_with_timeout(
+            &tern(),
+            &["run", "--restore", s(&snap), "--serial", "none"],
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.code, Some(1), "{what}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{what}: {}", r.stderr);
+        r.stderr
+    };
+    let mem = snap.join("memory.bin");
+    let state = snap.join("state.json");
+    let good_mem = std::fs::read(&mem).unwrap();
+    let good_state = std::fs::read(&state).unwrap();
+
+    let mut bad = good_mem.clone();
+    bad[12345] ^= 0x40;
+    std::fs::write(&mem, &bad).unwrap();
+    assert!(restore("flipped memory bit").contains("memory.bin is corrupted"));
+
+    std::fs::write(&mem, &good_mem[..good_mem.len() / 2]).unwrap();
+    assert!(restore("truncated memory").contains("is truncated"));
+    std::fs::write(&mem, &good_mem).unwrap();
+
+    let text = String::from_utf8(good_state.clone()).unwrap();
+    assert!(text.contains("\"cpus\":1"));
+    std::fs::write(&state, text.replacen("\"cpus\":1", "\"cpus\":2", 1)).unwrap();
+    let e = restore("edited state");
+    assert!(e.contains("state.json is corrupted"), "{e}");
+    std::fs::write(&state, &good_state[..good_state.len() / 3]).unwrap();
+    assert!(restore("truncated state").contains("is not a tern snapshot"));
+    std::fs::write(&state, text.replacen("\"version\":1", "\"version\":99", 1)).unwrap();
+    assert!(restore("other version").contains("this tern reads format 1"));
+    std::fs::remove_file(&state).unwrap();
+    assert!(restore("missing state").contains("cannot read"));
+}
+
+#[test]
+fn snapshots_need_a_paused_vm_without_virtio_devices() {
+    if !require_kvm("snapshots_need_a_paused_vm_without_virtio_devices") {
+        return;
+    }
+    let dir = Scratch::new("rules");
+    let sock = dir.path("a.sock");
+    let _vm = spawn(&[
+        "--kernel",
+        s(&probe()),
+        "--memory",
+        "64M",
+        "--serial",
+        "none",
+        "--rng",
+        "--cmdline",
+        "probe.run=count probe.count_ms=20000",
+        "--api-socket",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    let snap = dir.path("snap");
+    let r = client(&[
+        "snapshot",
+        "create",
+        "--dir",
+        s(&snap),
+        "--api-socket",
+        s(&sock),
+    ]);
+    assert!(
+        r.stderr.contains("pause it first") && r.stderr.contains("409"),
+        "{}",
+        r.stderr
+    );
+    client_ok(&["pause", "--api-socket", s(&sock)]);
+    let r = client(&[
+        "snapshot",
+        "create",
+        "--dir",
+        s(&snap),
+        "--api-socket",
+        s(&sock),
+    ]);
+    assert!(
+        r.stderr
+            .contains("virtio devices cannot be snapshotted yet"),
+        "{}",
+        r.stderr
+    );
+    assert!(!snap.exists());
+}
