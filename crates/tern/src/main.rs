@@ -87,6 +87,11 @@ struct RunArgs {
     /// With --restore: stay paused (resume through the API).
     #[arg(long)]
     paused: bool,
+    /// With --restore: eager reads and checks the memory file; lazy maps it copy-on-write, so
+    /// pages load on first touch (restore time independent of the guest's size; the memory
+    /// checksum is not checked) [default: eager].
+    #[arg(long, value_name = "MODE", value_parser = ["eager", "lazy"])]
+    restore_mode: Option<String>,
     /// Config file (TOML, or JSON when it starts with '{'); flags override its settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -288,6 +293,7 @@ fn main() -> ExitCode {
                             },
                             dir: dir.clone(),
                             paused: args.paused,
+                            lazy: args.restore_mode.as_deref() == Some("lazy"),
                         }),
                         Err(e) => {
                             eprintln!("tern: {e}");

@@ -149,12 +149,20 @@ fn counting_vm_snapshot(dir: &Scratch, cpus: &str, snap: &Path) -> (u64, u64) {
     last
 }
 
-fn restore_and_check(dir: &Scratch, snap: &Path, last: (u64, u64)) {
-    let serial = dir.path("b.log");
+fn restore_and_check(dir: &Scratch, snap: &Path, last: (u64, u64), mode: &str) {
+    let serial = dir.path(&format!("b-{mode}.log"));
     let backend = format!("file:{}", s(&serial));
     let r = run_with_timeout(
         &tern(),
-        &["run", "--restore", s(snap), "--serial", &backend],
+        &[
+            "run",
+            "--restore",
+            s(snap),
+            "--restore-mode",
+            mode,
+            "--serial",
+            &backend,
+        ],
         Duration::from_secs(30),
     );
     assert_eq!(r.code, Some(0), "restore: {}", r.stderr);
@@ -186,10 +194,15 @@ fn a_counting_guest_survives_snapshot_kill_and_restore() {
     let dir = Scratch::new("survive");
     let snap = dir.path("snap");
     let last = counting_vm_snapshot(&dir, "1", &snap);
-    restore_and_check(&dir, &snap, last);
-    // The same snapshot restores again (clones start from the same point).
-    let dir2 = Scratch::new("survive-again");
-    restore_and_check(&dir2, &snap, last);
+    restore_and_check(&dir, &snap, last, "eager");
+    // The same snapshot restores again (clones start from the same point), here with the
+    // memory file mapped copy-on-write; the file itself must not change.
+    let before = std::fs::read(snap.join("memory.bin")).unwrap();
+    restore_and_check(&dir, &snap, last, "lazy");
+    assert!(
+        std::fs::read(snap.join("memory.bin")).unwrap() == before,
+        "a lazy restore wrote to the snapshot's memory file"
+    );
 }
 
 #[test]
@@ -200,7 +213,7 @@ fn a_two_vcpu_guest_survives_too() {
     let dir = Scratch::new("smp");
     let snap = dir.path("snap");
     let last = counting_vm_snapshot(&dir, "2", &snap);
-    restore_and_check(&dir, &snap, last);
+    restore_and_check(&dir, &snap, last, "lazy");
 }
 
 #[test]
@@ -265,6 +278,21 @@ fn damaged_snapshots_are_refused() {
 
     std::fs::write(&mem, &good_mem[..good_mem.len() / 2]).unwrap();
     assert!(restore("truncated memory").contains("is truncated"));
+    let lazy = run_with_timeout(
+        &tern(),
+        &[
+            "run",
+            "--restore",
+            s(&snap),
+            "--restore-mode",
+            "lazy",
+            "--serial",
+            "none",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(lazy.code, Some(1), "lazy, truncated: {}", lazy.stderr);
+    assert!(lazy.stderr.contains("it is truncated"), "{}", lazy.stderr);
     std::fs::write(&mem, &good_mem).unwrap();
 
     let text = String::from_utf8(good_state.clone()).unwrap();

@@ -302,6 +302,57 @@ impl Snapshot {
         &self.vm
     }
 
+    /// Maps `dir/memory.bin` copy-on-write over `mem`'s regions (`MAP_PRIVATE|MAP_FIXED` at the
+    /// same host addresses, which KVM's memslots keep pointing at): pages load on first touch,
+    /// so restoring costs the same for any guest size. The layout and the file's length are
+    /// checked; the memory checksum is not (that would read every page).
+    pub fn map_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(MEMORY_FILE);
+        let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        if layout != self.memory {
+            return Err(format!(
+                "the snapshot's memory layout {:?} does not match the VM's {layout:?}",
+                self.memory
+            ));
+        }
+        let f = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
+        let len = f.metadata().map_err(|e| e.to_string())?.len();
+        if len != total {
+            return Err(format!(
+                "{} has {len} bytes, the VM's memory {total}: it is truncated or not this snapshot's",
+                path.display()
+            ));
+        }
+        let mut offset = 0u64;
+        for r in mem.iter() {
+            // SAFETY: the range is exactly a live mapping owned by `mem` (it stays owned and is
+            // unmapped by it later); MAP_FIXED replaces its pages with a private view of the
+            // file, and no vCPU runs yet.
+            let p = unsafe {
+                libc::mmap(
+                    r.as_ptr().cast(),
+                    r.len() as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    f.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED || p.cast::<u8>() != r.as_ptr() {
+                return Err(format!(
+                    "cannot map {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+            offset += r.len();
+        }
+        Ok(())
+    }
+
     /// Loads `dir/memory.bin` into `mem` (eagerly), checking layout and checksum.
     pub fn load_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
         let path = dir.join(MEMORY_FILE);

@@ -145,6 +145,8 @@ pub struct Restore {
     pub snapshot: crate::snapshot::Snapshot,
     /// Stay paused after restoring.
     pub paused: bool,
+    /// Map the memory file copy-on-write (pages load on first touch) instead of reading it.
+    pub lazy: bool,
 }
 
 /// Pause bookkeeping: whether vCPUs should park, and how many have.
@@ -341,7 +343,7 @@ pub fn run(
         }
         // Only the first VM comes from the snapshot; a reboot starts the guest afresh.
         if let Some(r) = restore.take() {
-            vm.restore(&r.dir, &r.snapshot)?;
+            vm.restore(&r.dir, &r.snapshot, r.lazy)?;
             if r.paused {
                 vm.ctl.pause_state().requested = true;
             }
@@ -1007,9 +1009,14 @@ impl Vm {
         &mut self,
         dir: &std::path::Path,
         snap: &crate::snapshot::Snapshot,
+        lazy: bool,
     ) -> Result<(), VmmError> {
         let e = |m: String| VmmError::Setup(format!("restoring {}: {m}", dir.display()));
-        snap.load_memory(dir, &self._mem).map_err(e)?;
+        if lazy {
+            snap.map_memory(dir, &self._mem).map_err(e)?;
+        } else {
+            snap.load_memory(dir, &self._mem).map_err(e)?;
+        }
         if snap.vcpus().len() != self.vcpus.len() {
             return Err(e(format!(
                 "{} vCPUs saved, {} configured",
