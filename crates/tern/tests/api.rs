@@ -19,32 +19,6 @@ use common::*;
 use serde_json::Value;
 use vmm::api::{call, MAX_BODY, ROUTES};
 
-/// A directory of one test, removed with everything in it when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("tern-api-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// A `tern run` in the background, killed (SIGKILL) when dropped.
 struct Tern {
     child: Option<Child>,
@@ -173,32 +147,6 @@ fn client_ok(args: &[&str]) -> Run {
     r
 }
 
-/// `(tick, value)` of every complete `probe: count tick=K value=V` line of the serial file.
-fn ticks(serial: &Path) -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string(serial).unwrap_or_default();
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..i],
-        None => "",
-    };
-    complete
-        .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("probe: count tick="))
-        .map(|rest| {
-            let (t, v) = rest.split_once(" value=").expect("tick line");
-            (t.parse().unwrap(), v.parse().unwrap())
-        })
-        .collect()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Ticks number 1, 2, 3, ... with no gap and values that only grow.
 fn assert_contiguous(t: &[(u64, u64)]) {
     for (i, w) in t.iter().enumerate() {
         assert_eq!(w.0, i as u64 + 1, "tick numbers have a gap: {t:?}");

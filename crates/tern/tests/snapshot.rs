@@ -4,36 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("tern-snap-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// A tern process killed when dropped.
 struct Tern(Child);
@@ -66,31 +41,6 @@ fn client(args: &[&str]) -> Run {
 fn client_ok(args: &[&str]) {
     let r = client(args);
     assert_eq!(r.code, Some(0), "tern {args:?}: {}{}", r.stdout, r.stderr);
-}
-
-/// (tick, value) lines of the `count` scenario.
-fn ticks(serial: &Path) -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string(serial).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let kv = parse_kv(l.strip_prefix("probe: count tick=")?);
-            let tick = l
-                .split_whitespace()
-                .nth(2)?
-                .strip_prefix("tick=")?
-                .parse()
-                .ok()?;
-            Some((tick, kv.get("value")?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn wait_socket(sock: &Path) {

@@ -277,3 +277,58 @@ pub fn qemu_probe_run(qemu: &Path, machine: &str, smp: &str, cmdline: &str, extr
     args.extend_from_slice(extra);
     run_with_timeout(qemu, &args, Duration::from_secs(90))
 }
+
+/// A directory of one test, removed with everything in it when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh, empty directory named after the test binary's process and `name`.
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tern-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A path as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `(tick, value)` of every complete `probe: count tick=K value=V` line of a serial file.
+pub fn ticks(serial: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("probe: count tick="))
+        .map(|rest| {
+            let (t, v) = rest.split_once(" value=").expect("tick line");
+            (t.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Polls `f` every 20 ms until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
