@@ -18,6 +18,7 @@ use virtio::devices::{
     NetOptions, Rng,
 };
 use virtio::transport::mmio::MmioTransport;
+use virtio::transport::PauseDevice;
 use virtio::VirtioDevice;
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
@@ -94,8 +95,8 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
 
-/// Pauses (true) or resumes (false) one attached device.
-pub type DevicePauser = Box<dyn Fn(bool) + Send + Sync>;
+/// An attached device's transport, for pausing and resuming the device.
+pub type DevicePauser = Arc<Mutex<dyn PauseDevice>>;
 
 /// Creates the devices `config` asks for.
 pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
@@ -234,15 +235,7 @@ pub fn attach_mmio(
                 .map_err(|e| setup(format!("virtio-mmio ioeventfd: {e}")))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        let t = transport.clone();
-        pausers.push(Box::new(move |pause| {
-            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-            if pause {
-                t.pause_device()
-            } else {
-                t.resume_device()
-            }
-        }));
+        pausers.push(transport.clone());
         bus.insert(transport, slot.base, slot.size).map_err(setup)?;
     }
     Ok(())
@@ -418,15 +411,7 @@ pub fn attach_pci(
             VirtioPciDevice::new(mem.clone(), dev, msi)
                 .map_err(|e| setup(format!("virtio-pci: {e}")))?,
         ));
-        let t = vpci.clone();
-        pausers.push(Box::new(move |pause| {
-            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-            if pause {
-                t.pause_device()
-            } else {
-                t.resume_device()
-            }
-        }));
+        pausers.push(vpci.clone());
         let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
         let bdf = r
             .attach(vpci.clone())

@@ -947,7 +947,9 @@ impl Vm {
         loop {
             if self.ctl.pause_state().parked == handles.len() {
                 // vCPUs first: none is inside a device's registers while devices pause.
-                self.pausers.iter().for_each(|p| p(true));
+                self.pausers
+                    .iter()
+                    .for_each(|p| p.lock().unwrap_or_else(|e| e.into_inner()).pause_device());
                 return true;
             }
             if Instant::now() >= deadline {
@@ -968,7 +970,9 @@ impl Vm {
 
     fn resume_vcpus(&self) {
         if self.ctl.pause_state().parked > 0 {
-            self.pausers.iter().for_each(|p| p(false));
+            self.pausers
+                .iter()
+                .for_each(|p| p.lock().unwrap_or_else(|e| e.into_inner()).resume_device());
         }
         self.ctl.pause_state().requested = false;
         self.ctl.pause_cv.notify_all();

@@ -108,17 +108,17 @@ pub struct MmioTransport {
     needs_reset: bool,
 }
 
-impl MmioTransport {
-    /// Pauses the device behind this transport (see [`VirtioDevice::pause`]).
-    pub fn pause_device(&mut self) {
+impl super::PauseDevice for MmioTransport {
+    fn pause_device(&mut self) {
         self.device.pause();
     }
 
-    /// Resumes the device behind this transport.
-    pub fn resume_device(&mut self) {
+    fn resume_device(&mut self) {
         self.device.resume();
     }
+}
 
+impl MmioTransport {
     /// Wraps `device`, signalling the guest through `irq` (an irqfd).
     pub fn new(
         mem: GuestMemoryMmap,

@@ -281,17 +281,17 @@ fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
-impl VirtioPciDevice {
-    /// Pauses the device behind this transport (see [`VirtioDevice::pause`]).
-    pub fn pause_device(&mut self) {
+impl super::PauseDevice for VirtioPciDevice {
+    fn pause_device(&mut self) {
         self.device.pause();
     }
 
-    /// Resumes the device behind this transport.
-    pub fn resume_device(&mut self) {
+    fn resume_device(&mut self) {
         self.device.resume();
     }
+}
 
+impl VirtioPciDevice {
     /// Wires the legacy interrupt line used when the driver leaves MSI-X disabled (once).
     pub fn set_intx(&self, line: Arc<dyn IntxLine>) {
         let _ = self.interrupt.intx.set(line);
