@@ -302,13 +302,8 @@ impl Snapshot {
         &self.vm
     }
 
-    /// Maps `dir/memory.bin` copy-on-write over `mem`'s regions (`MAP_PRIVATE|MAP_FIXED` at the
-    /// same host addresses, which KVM's memslots keep pointing at): pages load on first touch,
-    /// so restoring costs the same for any guest size. The layout and the file's length are
-    /// checked; the memory checksum is not (that would read every page).
-    pub fn map_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
-        use std::os::fd::AsRawFd;
-        let path = dir.join(MEMORY_FILE);
+    /// Fails unless `mem` has the regions the snapshot was taken with.
+    fn check_layout(&self, mem: &GuestMemoryMmap) -> Result<(), String> {
         let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         if layout != self.memory {
             return Err(format!(
@@ -316,6 +311,17 @@ impl Snapshot {
                 self.memory
             ));
         }
+        Ok(())
+    }
+
+    /// Maps `dir/memory.bin` copy-on-write over `mem`'s regions (`MAP_PRIVATE|MAP_FIXED` at the
+    /// same host addresses, which KVM's memslots keep pointing at): pages load on first touch,
+    /// so restoring costs the same for any guest size. The layout and the file's length are
+    /// checked; the memory checksum is not (that would read every page).
+    pub fn map_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(MEMORY_FILE);
+        self.check_layout(mem)?;
         let f = std::fs::File::open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
@@ -356,13 +362,7 @@ impl Snapshot {
     /// Loads `dir/memory.bin` into `mem` (eagerly), checking layout and checksum.
     pub fn load_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
         let path = dir.join(MEMORY_FILE);
-        let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        if layout != self.memory {
-            return Err(format!(
-                "the snapshot's memory layout {:?} does not match the VM's {layout:?}",
-                self.memory
-            ));
-        }
+        self.check_layout(mem)?;
         let mut f = std::fs::File::open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let mut h = FNV_INIT;
