@@ -117,6 +117,67 @@ impl SerialDevice {
     pub fn flush(&mut self) {
         self.serial.writer_mut().flush_buf();
     }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        let s = self.serial.state();
+        SerialState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+        }
+    }
+
+    /// Puts saved registers and FIFO back; the interrupt line and the output stay.
+    pub fn restore_state(&mut self, s: &SerialState) -> Result<(), String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            s.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: s.fifo.clone(),
+        };
+        let trigger = EventFdTrigger(
+            self.serial
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("serial: {e}"))?,
+        );
+        let panic_seen = self.serial.writer_mut().panic_seen.clone();
+        let out = std::mem::replace(self.serial.writer_mut(), SerialOut::new(None, panic_seen));
+        match Serial::from_state(&state, trigger, NoEvents, out) {
+            Ok(serial) => {
+                self.serial = serial;
+                Ok(())
+            }
+            Err(e) => Err(format!("serial: cannot restore its state: {e:?}")),
+        }
+    }
+}
+
+/// The UART's state in a snapshot: the nine registers in `vm_superio`'s order (divisor low and
+/// high, IER, IIR, LCR, LSR, MCR, MSR, scratch) and the receive FIFO.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    registers: [u8; 9],
+    fifo: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {

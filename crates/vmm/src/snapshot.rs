@@ -6,8 +6,10 @@
 //! and `memory.bin` (guest RAM, region after region). Both are written into a temporary
 //! directory next to the target and renamed into place, so a crash leaves no half snapshot.
 //!
-//! This first version covers VMs without virtio devices (their queue state is not captured
-//! yet) and restores memory eagerly.
+//! Devices: the COM1 UART's registers, and each virtio device's transport state (the driver's
+//! configuration, MSI-X, and where each queue stopped: a paused device has answered every
+//! request it took, so nothing is in flight). Disks and TAPs are reopened from the
+//! configuration.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ use arch::GuestMemoryMmap;
 use crate::VmConfig;
 
 /// Version of the snapshot format this tern writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const STATE_FILE: &str = "state.json";
 const MEMORY_FILE: &str = "memory.bin";
 
@@ -63,6 +65,10 @@ pub struct Snapshot {
     pub config: VmConfig,
     vm: VmState,
     vcpus: Vec<VcpuState>,
+    /// The COM1 UART.
+    serial: devices::serial::SerialState,
+    /// Each virtio device's transport state, in attach order.
+    devices: Vec<virtio::transport::TransportState>,
     /// (guest address, length) of each RAM region, in `memory.bin` order.
     memory: Vec<(u64, u64)>,
     memory_fnv: u64,
@@ -194,12 +200,21 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), String> {
         .map_err(|err| format!("set clock: {err}"))
 }
 
+/// Device state captured from a paused VM.
+pub struct DeviceStates {
+    /// The COM1 UART.
+    pub serial: devices::serial::SerialState,
+    /// Each virtio transport, in attach order.
+    pub virtio: Vec<virtio::transport::TransportState>,
+}
+
 /// Writes a snapshot of a paused VM to `dir` (which must not exist yet).
 pub fn write(
     dir: &Path,
     config: &VmConfig,
     vm: VmState,
     vcpus: Vec<VcpuState>,
+    devices: DeviceStates,
     mem: &GuestMemoryMmap,
 ) -> Result<(), String> {
     if dir.exists() {
@@ -242,6 +257,8 @@ pub fn write(
             config: config.clone(),
             vm,
             vcpus,
+            serial: devices.serial,
+            devices: devices.virtio,
             memory,
             memory_fnv: h,
             state_fnv: 0,
@@ -300,6 +317,16 @@ impl Snapshot {
     /// Saved VM-wide state.
     pub fn vm(&self) -> &VmState {
         &self.vm
+    }
+
+    /// Saved UART state.
+    pub fn serial(&self) -> &devices::serial::SerialState {
+        &self.serial
+    }
+
+    /// Saved virtio transport states, in attach order.
+    pub fn devices(&self) -> &[virtio::transport::TransportState] {
+        &self.devices
     }
 
     /// Fails unless `mem` has the regions the snapshot was taken with.

@@ -343,7 +343,7 @@ pub fn run(
         }
         // Only the first VM comes from the snapshot; a reboot starts the guest afresh.
         if let Some(r) = restore.take() {
-            vm.restore(&r.dir, &r.snapshot, r.lazy)?;
+            vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
             if r.paused {
                 vm.ctl.pause_state().requested = true;
             }
@@ -980,17 +980,6 @@ impl Vm {
 
     /// Writes a snapshot of the paused VM to `dir`.
     fn snapshot(&self, dir: &std::path::Path, config: &VmConfig) -> Result<(), (u16, String)> {
-        if config.rng
-            || config.console.is_some()
-            || !config.disks.is_empty()
-            || !config.nets.is_empty()
-        {
-            return Err((
-                400,
-                "VMs with virtio devices cannot be snapshotted yet (their queue state is not saved)"
-                    .into(),
-            ));
-        }
         if dir.exists() {
             return Err((400, format!("{} already exists", dir.display())));
         }
@@ -1005,15 +994,30 @@ impl Vm {
             .save_vcpus(config.cpus as usize, msrs)
             .map_err(|e| (500, e))?;
         let vm = crate::snapshot::save_vm(&self._vm).map_err(|e| (500, e))?;
-        crate::snapshot::write(dir, config, vm, vcpus, &self._mem).map_err(|e| (500, e))
+        let devices = crate::snapshot::DeviceStates {
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save_state(),
+            virtio: self
+                .pausers
+                .iter()
+                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).save_state())
+                .collect(),
+        };
+        crate::snapshot::write(dir, config, vm, vcpus, devices, &self._mem).map_err(|e| (500, e))
     }
 
-    /// Replaces the freshly built VM's memory, vCPU and VM state with a snapshot's.
+    /// Replaces the freshly built VM's memory, VM, vCPU and device state with a snapshot's.
+    /// Devices come last: their workers may raise interrupts at once, which must find the
+    /// restored irqchip and LAPICs.
     fn restore(
         &mut self,
         dir: &std::path::Path,
         snap: &crate::snapshot::Snapshot,
         lazy: bool,
+        paused: bool,
     ) -> Result<(), VmmError> {
         let e = |m: String| VmmError::Setup(format!("restoring {}: {m}", dir.display()));
         if lazy {
@@ -1028,11 +1032,32 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
+        if snap.devices().len() != self.pausers.len() {
+            return Err(e(format!(
+                "{} virtio devices saved, {} configured",
+                snap.devices().len(),
+                self.pausers.len()
+            )));
+        }
+        crate::snapshot::restore_vm(&self._vm, snap.vm()).map_err(e)?;
         for (v, s) in self.vcpus.iter().zip(snap.vcpus()) {
             crate::snapshot::restore_vcpu(&v.fd, s)
                 .map_err(|m| e(format!("vCPU {}: {m}", v.id)))?;
         }
-        crate::snapshot::restore_vm(&self._vm, snap.vm()).map_err(e)
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(snap.serial())
+            .map_err(e)?;
+        for (i, (p, s)) in self.pausers.iter().zip(snap.devices()).enumerate() {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.restore_state(s)
+                .map_err(|m| e(format!("virtio device {i}: {m}")))?;
+            if paused {
+                p.pause_device();
+            }
+        }
+        Ok(())
     }
 
     /// Answers one API request while the VM runs.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
@@ -11,13 +12,13 @@ use virtio_bindings::bindings::virtio_config::{
 };
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
 
 /// The driver's configuration of one queue.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct QueueRegs {
     /// Queue size the driver chose (the register is 32 bits wide on virtio-mmio).
     pub size: u32,
@@ -29,6 +30,12 @@ pub(crate) struct QueueRegs {
     pub driver: u64,
     /// Device (used) ring address.
     pub device: u64,
+    /// Ring position the device starts from at activation (both the next available entry
+    /// and the next used one): 0 for a driver's activation, where the device stopped for a
+    /// restored snapshot (a paused device has answered every chain it took, so the two are
+    /// equal).
+    #[serde(default)]
+    pub next: u16,
 }
 
 impl QueueRegs {
@@ -57,11 +64,71 @@ impl QueueRegs {
             .map_err(e)?;
         q.set_ready(true);
         q.set_event_idx(event_idx);
+        q.set_next_avail(self.next);
+        q.set_next_used(self.next);
         if !q.is_valid(mem) {
             return Err("rings outside guest memory".into());
         }
         Ok(q)
     }
+}
+
+/// A device's transport state as a snapshot keeps it: what the driver configured, and where
+/// each queue stopped. Taken while the device is paused (every chain it took is answered).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransportState {
+    pub(crate) device_type: u32,
+    pub(crate) status: u32,
+    pub(crate) needs_reset: bool,
+    pub(crate) driver_features: u64,
+    pub(crate) driver_features_unknown: bool,
+    pub(crate) queue_select: u32,
+    pub(crate) device_features_select: u32,
+    pub(crate) driver_features_select: u32,
+    pub(crate) queues: Vec<QueueRegs>,
+    /// virtio-mmio InterruptStatus, or the virtio-pci ISR.
+    pub(crate) interrupt_status: u32,
+    pub(crate) config_generation: u32,
+    /// virtio-pci only: configuration space and MSI-X.
+    pub(crate) pci: Option<super::pci::PciState>,
+}
+
+/// Queue registers with each ready queue's position, read from its used ring in `mem` (the
+/// used index is where the device stopped) when the device is live.
+pub(crate) fn save_queues(regs: &[QueueRegs], live: bool, mem: &GuestMemoryMmap) -> Vec<QueueRegs> {
+    regs.iter()
+        .map(|r| {
+            let mut r = *r;
+            if live && r.ready {
+                r.next = mem
+                    .read_obj::<u16>(GuestAddress(r.device.wrapping_add(2)))
+                    .unwrap_or(0);
+            }
+            r
+        })
+        .collect()
+}
+
+/// Checks that a saved state fits a device of `device_type` with `maxes` queues.
+pub(crate) fn check_state(
+    s: &TransportState,
+    device_type: u32,
+    maxes: &[u16],
+) -> Result<(), String> {
+    if s.device_type != device_type {
+        return Err(format!(
+            "saved device type {} does not match the configured device type {device_type}",
+            s.device_type
+        ));
+    }
+    if s.queues.len() != maxes.len() {
+        return Err(format!(
+            "device type {device_type}: {} queues saved, {} configured",
+            s.queues.len(),
+            maxes.len()
+        ));
+    }
+    Ok(())
 }
 
 /// The status bits a driver sets, in the order it must set them.

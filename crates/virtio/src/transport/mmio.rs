@@ -28,7 +28,10 @@ use virtio_bindings::bindings::virtio_config::{
 use virtio_bindings::bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::common::{activate, features_acceptable, status_write, QueueRegs, StatusWrite};
+use super::common::{
+    activate, check_state, features_acceptable, save_queues, status_write, QueueRegs, StatusWrite,
+    TransportState,
+};
 use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
 /// Size of the register window.
@@ -115,6 +118,56 @@ impl super::PauseDevice for MmioTransport {
 
     fn resume_device(&mut self) {
         self.device.resume();
+    }
+
+    fn save_state(&self) -> TransportState {
+        let live = self.status & DRIVER_OK != 0 && !self.needs_reset;
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            needs_reset: self.needs_reset,
+            driver_features: self.driver_features,
+            driver_features_unknown: self.driver_features_unknown,
+            queue_select: self.queue_sel,
+            device_features_select: self.device_features_sel,
+            driver_features_select: self.driver_features_sel,
+            queues: save_queues(&self.queues, live, &self.mem),
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            config_generation: self.interrupt.generation.load(Ordering::SeqCst),
+            pci: None,
+        }
+    }
+
+    fn restore_state(&mut self, s: &TransportState) -> Result<(), String> {
+        check_state(s, self.device.device_type(), self.device.queue_max_sizes())?;
+        if s.pci.is_some() {
+            return Err(
+                "the snapshot has a virtio-pci device where a virtio-mmio one is configured".into(),
+            );
+        }
+        self.reset();
+        self.queue_sel = s.queue_select;
+        self.device_features_sel = s.device_features_select;
+        self.driver_features_sel = s.driver_features_select;
+        self.driver_features = s.driver_features;
+        self.driver_features_unknown = s.driver_features_unknown;
+        self.queues.clone_from(&s.queues);
+        self.status = s.status;
+        self.needs_reset = s.needs_reset;
+        self.interrupt
+            .status
+            .store(s.interrupt_status, Ordering::SeqCst);
+        self.interrupt
+            .generation
+            .store(s.config_generation, Ordering::SeqCst);
+        if self.status & FEATURES_OK != 0 {
+            self.device.ack_features(self.driver_features);
+        }
+        if self.status & DRIVER_OK != 0 && !self.needs_reset {
+            self.activate()
+                .map_err(|e| format!("cannot restart virtio device type {}: {e}", s.device_type))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Transports.
 
 mod common;
+pub use common::TransportState;
 pub mod mmio;
 pub mod pci;
 
@@ -10,4 +11,10 @@ pub trait PauseDevice: Send {
     fn pause_device(&mut self);
     /// Resumes the device.
     fn resume_device(&mut self);
+    /// The transport's state, for a snapshot; the device must be paused.
+    fn save_state(&self) -> TransportState;
+    /// Puts a saved state into a freshly created transport of the same device (before any
+    /// vCPU runs), activating the device where the driver had: its queues go on from where
+    /// they stopped. Guest memory must hold the snapshot's contents already.
+    fn restore_state(&mut self, state: &TransportState) -> Result<(), String>;
 }

@@ -51,7 +51,10 @@ use virtio_bindings::bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::common::{activate, features_acceptable, status_write, QueueRegs, StatusWrite};
+use super::common::{
+    activate, check_state, features_acceptable, save_queues, status_write, QueueRegs, StatusWrite,
+    TransportState,
+};
 use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
 /// PCI vendor ID of virtio devices.
@@ -289,6 +292,122 @@ impl super::PauseDevice for VirtioPciDevice {
     fn resume_device(&mut self) {
         self.device.resume();
     }
+
+    fn save_state(&self) -> TransportState {
+        let live = self.status & DRIVER_OK as u8 != 0 && !self.needs_reset;
+        let mut config = vec![0u8; CONFIG_SPACE_SAVED];
+        self.config.read(0, &mut config);
+        let msix = lock(&self.interrupt.msix);
+        let mut msix_table = vec![0u8; msix.table_size() as usize];
+        msix.table_read(0, &mut msix_table);
+        drop(msix);
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status.into(),
+            needs_reset: self.needs_reset,
+            driver_features: self.driver_features,
+            driver_features_unknown: self.driver_features_unknown,
+            queue_select: self.queue_select.into(),
+            device_features_select: self.device_feature_select,
+            driver_features_select: self.driver_feature_select,
+            queues: save_queues(&self.queues, live, &self.mem),
+            interrupt_status: self.interrupt.isr.load(Ordering::SeqCst).into(),
+            config_generation: self.interrupt.generation.load(Ordering::SeqCst).into(),
+            pci: Some(PciState {
+                config,
+                msix_table,
+                config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
+                queue_vectors: self
+                    .interrupt
+                    .queue_vectors
+                    .iter()
+                    .map(|v| v.load(Ordering::SeqCst))
+                    .collect(),
+            }),
+        }
+    }
+
+    fn restore_state(&mut self, s: &TransportState) -> Result<(), String> {
+        check_state(s, self.device.device_type(), self.device.queue_max_sizes())?;
+        let Some(p) = &s.pci else {
+            return Err(
+                "the snapshot has a virtio-mmio device where a virtio-pci one is configured".into(),
+            );
+        };
+        if p.config.len() != CONFIG_SPACE_SAVED
+            || p.queue_vectors.len() != self.queues.len()
+            || p.msix_table.len() as u64 != lock(&self.interrupt.msix).table_size()
+        {
+            return Err(format!(
+                "virtio-pci device type {}: the saved PCI state has the wrong size",
+                s.device_type
+            ));
+        }
+        self.reset();
+        // The MSI-X table first, then configuration space (whose message control enables
+        // MSI-X and so routes every unmasked vector). Configuration space goes back through
+        // the guest's own write path, a dword at a time, so read-only bits stay as this tern
+        // builds them; the access window's data field is not a register and is skipped.
+        lock(&self.interrupt.msix).table_write(0, &p.msix_table);
+        let window = self.pci_cfg_cap + 16;
+        for reg in (0..CONFIG_SPACE_SAVED as u16).step_by(4) {
+            if reg == window {
+                continue;
+            }
+            let r = usize::from(reg);
+            if let Some(m) = self.config.write(reg, &p.config[r..r + 4]) {
+                return Err(format!(
+                    "virtio-pci device type {}: BAR {} is at {:#x} in the snapshot and {:#x} here",
+                    s.device_type, m.bar, m.new_addr, m.old_addr
+                ));
+            }
+        }
+        let ctrl = self.config.read_u16(self.msix_cap + 2);
+        lock(&self.interrupt.msix).set_message_control(ctrl);
+        let nvec = self.num_vectors();
+        let vector = |v: u16| if v < nvec { v } else { VIRTIO_MSI_NO_VECTOR };
+        self.interrupt
+            .config_vector
+            .store(vector(p.config_vector), Ordering::SeqCst);
+        for (q, &v) in self.interrupt.queue_vectors.iter().zip(&p.queue_vectors) {
+            q.store(vector(v), Ordering::SeqCst);
+        }
+        self.queue_select = s.queue_select as u16;
+        self.device_feature_select = s.device_features_select;
+        self.driver_feature_select = s.driver_features_select;
+        self.driver_features = s.driver_features;
+        self.driver_features_unknown = s.driver_features_unknown;
+        self.queues.clone_from(&s.queues);
+        self.status = s.status as u8;
+        self.needs_reset = s.needs_reset;
+        self.interrupt
+            .isr
+            .store(s.interrupt_status as u8, Ordering::SeqCst);
+        self.interrupt
+            .generation
+            .store(s.config_generation as u8, Ordering::SeqCst);
+        if self.status & FEATURES_OK as u8 != 0 {
+            self.device.ack_features(self.driver_features);
+        }
+        if self.status & DRIVER_OK as u8 != 0 && !self.needs_reset {
+            self.activate()
+                .map_err(|e| format!("cannot restart virtio device type {}: {e}", s.device_type))?;
+        }
+        Ok(())
+    }
+}
+
+/// How much of configuration space a snapshot keeps: the header and the capabilities, which
+/// all live in the first 256 bytes.
+const CONFIG_SPACE_SAVED: usize = 256;
+
+/// The virtio-pci part of a [`TransportState`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PciState {
+    config: Vec<u8>,
+    msix_table: Vec<u8>,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
 }
 
 impl VirtioPciDevice {

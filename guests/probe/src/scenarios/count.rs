@@ -3,23 +3,75 @@
 //! 100) ms, prints `probe: count tick=K value=V`. Tick numbers count lines, not time, so a VM
 //! paused between two ticks resumes at the next number; the value only ever grows. The host
 //! uses it to check that a paused VM really stops and continues where it was.
+//!
+//! Options, for snapshots:
+//! - `probe.count_mem_mb=N`: fills N MiB of RAM with a pattern at the start and checks it at
+//!   the end (`mem_mb=N mem=ok`); a mismatch fails the scenario.
+//! - `probe.count_blk=1`: at every tick, writes the tick's pattern to sector `tick % 64` of
+//!   the first virtio-blk device, reads it back and checks it (`blk_ok=K`), and prints
+//!   `probe: count blk tick=K sector=S fnv=H` (FNV-1a 64 of the sector). Request failures
+//!   fail the scenario.
 
 use super::{fail, Ctx, Fail, Report, Scenario};
 use crate::rt::clock;
+use crate::rt::virtio::blk::{self, Blk, SECTOR};
+use crate::rt::virtio::ID_BLK;
 
 pub const SCENARIO: Scenario = Scenario { name: "count", run };
+
+/// Pattern word at physical address `a`.
+fn mem_word(a: u64) -> u64 {
+    a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x636f_756e_7421
+}
 
 fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     ctx.need_clock()?;
     let total_ns = ctx.param("count_ms", 3000)? * 1_000_000;
     let tick_ns = ctx.param("count_tick_ms", 100)? * 1_000_000;
+    let mem_mb = ctx.param("count_mem_mb", 0)?;
+    let use_blk = ctx.param("count_blk", 0)? != 0;
     if tick_ns == 0 {
         fail!("probe.count_tick_ms must be positive");
+    }
+    // Memory pattern.
+    let mem = if mem_mb > 0 {
+        let len = mem_mb << 20;
+        let Some(base) = ctx.phys.alloc(len, 4096) else {
+            fail!("no memory for probe.count_mem_mb={mem_mb}");
+        };
+        for a in (base..base + len).step_by(8) {
+            // SAFETY: [base, base+len) is RAM of ours that nothing else uses.
+            unsafe { core::ptr::write_volatile(a as *mut u64, mem_word(a)) };
+        }
+        Some((base, len))
+    } else {
+        None
+    };
+    // Disk.
+    let mut disk = None;
+    if use_blk {
+        let timeout_ns = super::virtio_timeout_ns(ctx)?;
+        let devs = super::discover_virtio(ctx)?;
+        let Some(d) = devs.iter().find(|d| d.kind == ID_BLK) else {
+            fail!("probe.count_blk=1 but there is no virtio-blk device");
+        };
+        let b = match Blk::start(d, &mut ctx.phys, blk::MAX_QUEUE, timeout_ns) {
+            Ok(b) => b,
+            Err(e) => fail!("virtio-blk start: {e}"),
+        };
+        if b.read_only() {
+            fail!("probe.count_blk=1 needs a writable disk");
+        }
+        let Some(buf) = ctx.phys.alloc(4096, 4096) else {
+            fail!("no memory for a sector buffer");
+        };
+        disk = Some((b, buf));
     }
     let start = clock::now_ns();
     let mut next = start + tick_ns;
     let mut value: u64 = 0;
     let mut ticks: u64 = 0;
+    let mut blk_ok: u64 = 0;
     loop {
         // Work between clock reads, so the counter runs mostly in ring 3 arithmetic.
         for _ in 0..1000 {
@@ -29,6 +81,15 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         if now >= next {
             ticks += 1;
             crate::println!("probe: count tick={ticks} value={value}");
+            if let Some((b, buf)) = disk.as_mut() {
+                let sector = ticks % 64;
+                let h = match blk_tick(b, *buf, sector, ticks) {
+                    Ok(h) => h,
+                    Err(why) => fail!("tick {ticks}: virtio-blk sector {sector}: {why}"),
+                };
+                blk_ok += 1;
+                crate::println!("probe: count blk tick={ticks} sector={sector} fnv={h:#x}");
+            }
             next = now + tick_ns;
         }
         if now - start >= total_ns {
@@ -37,5 +98,40 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     }
     r.kv("ticks", ticks);
     r.kv("value", value);
+    if let Some((base, len)) = mem {
+        for a in (base..base + len).step_by(8) {
+            // SAFETY: as above.
+            let w = unsafe { core::ptr::read_volatile(a as *const u64) };
+            if w != mem_word(a) {
+                fail!("memory pattern broken at {a:#x}: {w:#x}");
+            }
+        }
+        r.kv("mem_mb", mem_mb);
+        r.kv("mem", "ok");
+    }
+    if disk.is_some() {
+        r.kv("blk_ok", blk_ok);
+    }
     Ok(())
+}
+
+/// Writes sector `sector` with `tick`'s pattern, reads it back into a poisoned buffer and
+/// checks it; returns its FNV-1a 64.
+fn blk_tick(b: &mut Blk, buf: u64, sector: u64, tick: u64) -> Result<u64, &'static str> {
+    // SAFETY: `buf` is a page of ours that no request uses between these calls.
+    let words = unsafe { core::slice::from_raw_parts_mut(buf as *mut u64, (SECTOR / 8) as usize) };
+    super::vblk::fill_sector(words, sector, tick);
+    b.transfer(true, sector, buf, SECTOR)
+        .map_err(|_| "write failed")?;
+    words.fill(0xa5a5_a5a5_a5a5_a5a5);
+    b.transfer(false, sector, buf, SECTOR)
+        .map_err(|_| "read failed")?;
+    let mut want = [0u64; (SECTOR / 8) as usize];
+    super::vblk::fill_sector(&mut want, sector, tick);
+    if words != want {
+        return Err("read back differs from what was written");
+    }
+    // SAFETY: as above.
+    let bytes = unsafe { core::slice::from_raw_parts(buf as *const u8, SECTOR as usize) };
+    Ok(super::vblk::fnv1a64(bytes))
 }
