@@ -14,6 +14,8 @@ use vmm::{VmConfig, VmExit};
 const EXIT_GUEST_CRASH: u8 = 3;
 /// Exit status for VMM errors (bad config, missing files, KVM failures).
 const EXIT_VMM_ERROR: u8 = 1;
+/// Exit status for command-line misuse (as clap's own errors).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "tern: a KVM virtual machine monitor")]
@@ -87,11 +89,19 @@ struct RunArgs {
     /// With --restore: stay paused (resume through the API).
     #[arg(long)]
     paused: bool,
-    /// With --restore: eager reads and checks the memory file; lazy maps it copy-on-write, so
-    /// pages load on first touch (restore time independent of the guest's size; the memory
-    /// checksum is not checked) [default: eager].
+    /// With --restore: lazy maps the memory file copy-on-write, so pages load on first touch
+    /// (restore time independent of the guest's size; the memory checksum is not checked);
+    /// eager reads the file and checks its checksum [default: lazy].
     #[arg(long, value_name = "MODE", value_parser = ["eager", "lazy"])]
     restore_mode: Option<String>,
+    /// With --restore: open disk image NEW where the snapshot names OLD (repeatable). Clones
+    /// restored from one snapshot each need their own copy or overlay of every writable disk.
+    #[arg(long, value_name = "OLD=NEW")]
+    disk_remap: Vec<String>,
+    /// With --restore: use TAP NEW where the snapshot names OLD (repeatable); the guest keeps
+    /// its MAC address.
+    #[arg(long, value_name = "OLD=NEW")]
+    tap_remap: Vec<String>,
     /// Config file (TOML, or JSON when it starts with '{'); flags override its settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -264,9 +274,9 @@ fn main() -> ExitCode {
             };
             let restore = match &args.restore {
                 Some(dir) => {
-                    // Where the serial port and console write is the host's business; the
-                    // rest of the VM comes from the snapshot.
-                    let (serial, console) = (args.serial.clone(), args.console.clone());
+                    // Where the serial port and console write, and which disks and TAPs it
+                    // uses, are the host's business; the rest of the VM comes from the
+                    // snapshot.
                     let others = RunArgs {
                         serial: None,
                         console: None,
@@ -276,32 +286,33 @@ fn main() -> ExitCode {
                     {
                         eprintln!(
                             "tern: --restore takes the VM's settings from the snapshot; only \
-                             --serial and --console may be given with it"
+                             --serial, --console, --disk-remap, --tap-remap, --restore-mode and \
+                             --paused may be given with it"
                         );
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
-                    match vmm::snapshot::read(dir) {
-                        Ok(mut snapshot) => Some(vmm::Restore {
-                            snapshot: {
-                                if let Some(s) = serial {
-                                    snapshot.config.serial = s;
-                                }
-                                if let Some(c) = console {
-                                    snapshot.config.console = Some(c);
-                                }
-                                snapshot
-                            },
-                            dir: dir.clone(),
-                            paused: args.paused,
-                            lazy: args.restore_mode.as_deref() == Some("lazy"),
-                        }),
+                    match restore_options(dir, &args).and_then(|o| o.open()) {
+                        Ok(r) => Some(r),
                         Err(e) => {
                             eprintln!("tern: {e}");
                             return ExitCode::from(EXIT_VMM_ERROR);
                         }
                     }
                 }
-                None => None,
+                None => {
+                    if args.paused
+                        || args.restore_mode.is_some()
+                        || !args.disk_remap.is_empty()
+                        || !args.tap_remap.is_empty()
+                    {
+                        eprintln!(
+                            "tern: --paused, --restore-mode, --disk-remap and --tap-remap go \
+                             with --restore DIR"
+                        );
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                    None
+                }
             };
             let config = if let Some(r) = &restore {
                 Some(r.snapshot.config.clone())
@@ -493,4 +504,34 @@ fn exit_code(exit: &VmExit) -> ExitCode {
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// The restore options `tern run --restore DIR` flags ask for.
+fn restore_options(
+    dir: &std::path::Path,
+    args: &RunArgs,
+) -> Result<vmm::snapshot::RestoreOptions, String> {
+    fn pairs(flag: &str, v: &[String]) -> Result<Vec<(String, String)>, String> {
+        v.iter()
+            .map(|p| match p.split_once('=') {
+                Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.into(), b.into())),
+                _ => Err(format!("invalid {flag} '{p}': expected OLD=NEW")),
+            })
+            .collect()
+    }
+    Ok(vmm::snapshot::RestoreOptions {
+        dir: dir.to_path_buf(),
+        mode: match args.restore_mode.as_deref() {
+            Some("eager") => vmm::snapshot::RestoreMode::Eager,
+            _ => vmm::snapshot::RestoreMode::Lazy,
+        },
+        paused: args.paused,
+        disk_remap: pairs("--disk-remap", &args.disk_remap)?
+            .into_iter()
+            .map(|(a, b)| (a.into(), b.into()))
+            .collect(),
+        tap_remap: pairs("--tap-remap", &args.tap_remap)?.into_iter().collect(),
+        serial: args.serial.clone(),
+        console: args.console.clone(),
+    })
 }

@@ -224,7 +224,15 @@ fn damaged_snapshots_are_refused() {
     let restore = |what: &str| {
         let r = run_with_timeout(
             &tern(),
-            &["run", "--restore", s(&snap), "--serial", "none"],
+            &[
+                "run",
+                "--restore",
+                s(&snap),
+                "--restore-mode",
+                "eager",
+                "--serial",
+                "none",
+            ],
             Duration::from_secs(30),
         );
         assert_eq!(r.code, Some(1), "{what}: {}", r.stderr);
@@ -369,4 +377,156 @@ fn a_guest_using_virtio_blk_over_mmio_survives() {
         return;
     }
     blk_guest_survives("blk-mmio", "mmio");
+}
+
+#[test]
+fn restore_through_the_api_of_an_empty_tern() {
+    if !require_kvm("restore_through_the_api_of_an_empty_tern") {
+        return;
+    }
+    use vmm::api::call;
+    let dir = Scratch::new("api-restore");
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot(&dir, "1", &snap);
+    let sock = dir.path("b.sock");
+    let mut vm = spawn(&["--api-socket", s(&sock)]);
+    wait_socket(&sock);
+    let serial = dir.path("b.log");
+    let put = |body: String| call(&sock, "PUT", "/v1/vm/restore", Some(&body)).unwrap();
+    // Bad requests leave tern empty and serving.
+    let (st, body) = put(r#"{"dir": "/nonexistent/snap"}"#.into());
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        body.contains("cannot read /nonexistent/snap/state.json"),
+        "{body}"
+    );
+    let (st, body) = put(format!(r#"{{"dir": "{}", "mode": "fast"}}"#, s(&snap)));
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("mode"), "{body}");
+    let (st, body) = put(format!(
+        r#"{{"dir": "{}", "disk_remap": {{"/no/such.img": "/x.img"}}}}"#,
+        s(&snap)
+    ));
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        body.contains("the snapshot has no disk /no/such.img"),
+        "{body}"
+    );
+    let (st, body) = call(&sock, "GET", "/v1/vm", None).unwrap();
+    assert_eq!(st, 200);
+    assert!(body.contains(r#""state":"created""#), "{body}");
+    // A good one: 204 once the VM runs.
+    let (st, body) = put(format!(
+        r#"{{"dir": "{}", "serial": "file:{}"}}"#,
+        s(&snap),
+        s(&serial)
+    ));
+    assert_eq!(st, 204, "{body}");
+    let (_, body) = call(&sock, "GET", "/v1/vm", None).unwrap();
+    assert!(body.contains(r#""state":"running""#), "{body}");
+    wait_until("a tick after the restore", Duration::from_secs(10), || {
+        !ticks(&serial).is_empty()
+    });
+    assert_eq!(ticks(&serial)[0].0, last.0 + 1);
+    // One VM per tern.
+    let (st, body) = put(format!(r#"{{"dir": "{}"}}"#, s(&snap)));
+    assert_eq!(st, 409, "{body}");
+    let status = vm.0.wait().unwrap();
+    assert!(status.success(), "tern exited with {status}");
+    assert!(std::fs::read_to_string(&serial)
+        .unwrap()
+        .contains("probe: count ok"));
+}
+
+/// Eight clones restored at once from one snapshot of a guest doing disk I/O, each with its
+/// own copy of the disk (`--disk-remap`): each goes on from the snapshot and writes only its
+/// own copy; the original image stays as it was.
+#[test]
+fn eight_clones_run_from_one_snapshot() {
+    if !require_kvm("eight_clones_run_from_one_snapshot") {
+        return;
+    }
+    let dir = Scratch::new("clones");
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", s(&disk));
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot_with(
+        &dir,
+        "1",
+        &snap,
+        &["--disk", &disk_arg],
+        "probe.count_blk=1 probe.count_mem_mb=8",
+    );
+    let original = std::fs::read(&disk).unwrap();
+    let clones: Vec<_> = (0..8)
+        .map(|i| {
+            let copy = dir.path(&format!("clone{i}.raw"));
+            std::fs::copy(&disk, &copy).unwrap();
+            let log = dir.path(&format!("clone{i}.log"));
+            let remap = format!("{}={}", s(&disk), s(&copy));
+            let serial = format!("file:{}", s(&log));
+            let child = Command::new(tern())
+                .args([
+                    "run",
+                    "--restore",
+                    s(&snap),
+                    "--disk-remap",
+                    &remap,
+                    "--serial",
+                    &serial,
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start tern");
+            (Tern(child), copy, log)
+        })
+        .collect();
+    for (i, (mut t, copy, log)) in clones.into_iter().enumerate() {
+        let out = wait_child(&mut t.0, Duration::from_secs(60));
+        assert!(out.0, "clone {i} did not exit 0: {}", out.1);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let t = ticks(&log);
+        assert_eq!(
+            t.first().map(|t| t.0),
+            Some(last.0 + 1),
+            "clone {i}: {text}"
+        );
+        assert!(
+            text.contains("probe: count ok") && text.contains("mem=ok"),
+            "clone {i}: {text}"
+        );
+        assert_ne!(
+            std::fs::read(&copy).unwrap(),
+            original,
+            "clone {i} did not write its own disk"
+        );
+    }
+    assert!(
+        std::fs::read(&disk).unwrap() == original,
+        "a clone wrote the original disk image"
+    );
+}
+
+/// Waits for `child` (killed after `timeout`); (exited 0, its stderr).
+fn wait_child(child: &mut Child, timeout: Duration) -> (bool, String) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.is_some_and(|s| s.success()), err)
 }

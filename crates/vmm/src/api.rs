@@ -5,9 +5,9 @@
 //! through a oneshot channel. vCPU threads never see the API.
 //!
 //! URL space (versioned under `/v1`, resources under `/v1/vm`): `GET /ping`, `GET|PUT /v1/vm`,
-//! `PUT /v1/vm/{boot,pause,resume,shutdown,reboot}`, `GET /v1/vm/counters`. Snapshots,
-//! migration, resizing and hotplug are meant to follow as `PUT /v1/vm/snapshot`,
-//! `PUT /v1/vm/restore`, `PUT /v1/vm/migrate`, `PUT /v1/vm/resize` and
+//! `PUT /v1/vm/{boot,pause,resume,shutdown,reboot}`, `GET /v1/vm/counters`,
+//! `PUT /v1/vm/snapshot` and `PUT /v1/vm/restore`. Migration, resizing and hotplug are meant
+//! to follow as `PUT /v1/vm/migrate`, `PUT /v1/vm/resize` and
 //! `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document `docs/api/openapi.json` describes
 //! every route; a test checks it against [`ROUTES`].
 
@@ -42,6 +42,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vm/reboot"),
     ("GET", "/v1/vm/counters"),
     ("PUT", "/v1/vm/snapshot"),
+    ("PUT", "/v1/vm/restore"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -74,6 +75,8 @@ pub enum Action {
         /// Where.
         dir: std::path::PathBuf,
     },
+    /// Bring back a snapshot (tern must be empty: no VM booted).
+    Restore(Box<crate::snapshot::RestoreOptions>),
 }
 
 /// The VMM's answer.
@@ -277,6 +280,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/vm/reboot", put(|s| ask(s, Action::Reboot)))
         .route("/v1/vm/counters", get(|s| ask(s, Action::Counters)))
         .route("/v1/vm/snapshot", put(snapshot))
+        .route("/v1/vm/restore", put(restore))
         .fallback(|| async { reply(Reply::error(404, "no such route")) })
         .method_not_allowed_fallback(|| async {
             reply(Reply::error(405, "method not allowed on this route"))
@@ -339,6 +343,16 @@ struct SnapshotBody {
 async fn snapshot(s: State<Shared>, body: Result<Json<SnapshotBody>, JsonRejection>) -> Response {
     match body {
         Ok(Json(b)) => ask(s, Action::Snapshot { dir: b.dir }).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn restore(
+    s: State<Shared>,
+    body: Result<Json<crate::snapshot::RestoreOptions>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => ask(s, Action::Restore(Box::new(b))).await,
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

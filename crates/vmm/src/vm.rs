@@ -281,6 +281,7 @@ pub fn run(
     install_kick_handler()
         .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
     let signals = block_stop_signals()?;
+    let mut shell = None;
     let (mut config, mut boot_req) = match config {
         Some(c) => {
             c.validate()?;
@@ -290,8 +291,17 @@ pub fn run(
             let Some(api) = &api else {
                 return Err(crate::config::ConfigError::Missing("kernel (--kernel PATH)").into());
             };
+            // The KVM VM is made while tern waits (a failure here is met again, and reported,
+            // when the VM is built for real).
+            shell = std::thread::Builder::new()
+                .name("tern-prepare".into())
+                .spawn(|| VmShell::create(true))
+                .ok();
             match wait_for_boot(api, &signals, None)? {
-                Ok((c, req)) => (c, Some(req)),
+                Ok(b) => {
+                    restore = b.restore;
+                    (b.config, Some(b.req))
+                }
                 Err(exit) => return Ok(exit),
             }
         }
@@ -319,19 +329,52 @@ pub fn run(
                 stdin_thread = true;
             }
         }
-        let mut vm = match Vm::build(&config, start) {
+        // Only the first VM may come from a snapshot; a reboot starts the guest afresh.
+        let restoring = restore.take();
+        let t0 = Instant::now();
+        let shell = shell
+            .take()
+            .and_then(|h| h.join().ok())
+            .and_then(Result::ok);
+        let built = Vm::build(&config, start, restoring.is_some(), shell).and_then(|mut vm| {
+            if let Some(r) = &restoring {
+                vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
+                tracing::info!(
+                    "restored {} ({}) in {:.1} ms",
+                    r.dir.display(),
+                    if r.lazy { "lazy" } else { "eager" },
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                if r.paused {
+                    vm.ctl.pause_state().requested = true;
+                }
+            }
+            Ok(vm)
+        });
+        let vm = match built {
             Ok(vm) => vm,
             Err(e) => {
-                // A boot requested through the API fails back to the caller, and tern waits
-                // for a better configuration.
+                // A boot or restore requested through the API fails back to the caller, and
+                // tern waits for a better request.
                 let (Some(req), Some(a)) = (boot_req.take(), &api) else {
                     return Err(e);
                 };
-                req.reply(Reply::error(400, format!("cannot boot: {e}")));
-                match wait_for_boot(a, &signals, Some(config))? {
-                    Ok((c, req)) => {
-                        config = c;
-                        boot_req = Some(req);
+                let what = if restoring.is_some() {
+                    "restore"
+                } else {
+                    "boot"
+                };
+                req.reply(Reply::error(400, format!("cannot {what}: {e}")));
+                let keep = if restoring.is_some() {
+                    None
+                } else {
+                    Some(config)
+                };
+                match wait_for_boot(a, &signals, keep)? {
+                    Ok(b) => {
+                        config = b.config;
+                        boot_req = Some(b.req);
+                        restore = b.restore;
                         continue;
                     }
                     Err(exit) => return Ok(exit),
@@ -340,13 +383,6 @@ pub fn run(
         };
         if let Some(req) = boot_req.take() {
             req.reply(Reply::done());
-        }
-        // Only the first VM comes from the snapshot; a reboot starts the guest afresh.
-        if let Some(r) = restore.take() {
-            vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
-            if r.paused {
-                vm.ctl.pause_state().requested = true;
-            }
         }
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &vm.console_input {
             Some(c) => StdinTarget::Console(c.clone()),
@@ -362,15 +398,23 @@ pub fn run(
     }
 }
 
+/// What the API asked for before any VM existed.
+struct BootRequest {
+    config: VmConfig,
+    /// Answered once the VM is built (and restored).
+    req: ApiRequest,
+    /// A snapshot to bring back instead of booting.
+    restore: Option<Restore>,
+}
+
 /// Serves the API before boot (states `created` and `configured`) until a boot request comes
-/// with a valid configuration; returns it with the request to answer once the VM is built, or
+/// with a valid configuration, or a restore request with a readable snapshot; returns it, or
 /// how tern was stopped meanwhile.
-#[allow(clippy::type_complexity)]
 fn wait_for_boot(
     api: &ApiServer,
     signals: &File,
     mut config: Option<VmConfig>,
-) -> Result<Result<(VmConfig, ApiRequest), VmExit>, VmmError> {
+) -> Result<Result<BootRequest, VmExit>, VmmError> {
     const API: u64 = 1;
     const SIGNAL: u64 = 2;
     let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
@@ -413,8 +457,24 @@ fn wait_for_boot(
                     }
                     Err(e) => req.reply(Reply::error(400, e.to_string())),
                 },
+                Action::Restore(ref opts) => match opts.open() {
+                    Ok(r) => {
+                        return Ok(Ok(BootRequest {
+                            config: r.snapshot.config.clone(),
+                            req,
+                            restore: Some(r),
+                        }))
+                    }
+                    Err(e) => req.reply(Reply::error(400, format!("cannot restore: {e}"))),
+                },
                 Action::Boot => match config.take() {
-                    Some(c) => return Ok(Ok((c, req))),
+                    Some(c) => {
+                        return Ok(Ok(BootRequest {
+                            config: c,
+                            req,
+                            restore: None,
+                        }))
+                    }
                     None => req.reply(Reply::error(
                         409,
                         "cannot boot: the VM is not configured (PUT /v1/vm first)",
@@ -562,20 +622,147 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |err| VmmError::KvmSetup { what, err }
 }
 
-impl Vm {
-    fn build(config: &VmConfig, start: Instant) -> Result<Vm, VmmError> {
-        let kernel_path = config
-            .kernel
-            .as_ref()
-            .ok_or(crate::config::ConfigError::Missing(
-                "kernel (--kernel PATH)",
-            ))?;
-        let kernel_bytes = std::fs::read(kernel_path).map_err(|err| VmmError::File {
-            what: "kernel",
-            path: kernel_path.display().to_string(),
-            err,
+/// A KVM VM with what every tern VM has whatever its configuration: TSS and identity map
+/// addresses, the in-kernel irqchip and (when `has_pit`) the PIT. An API-only tern makes one
+/// while it waits, so a boot or restore request does not pay for it.
+struct VmShell {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    has_pit: bool,
+}
+
+impl VmShell {
+    /// Opens `/dev/kvm`, checks what tern needs and creates the VM (with its PIT when
+    /// `with_pit`: creating it starts a kernel thread, which a cold start overlaps with other
+    /// work instead).
+    fn create(with_pit: bool) -> Result<VmShell, VmmError> {
+        let kvm = Kvm::new().map_err(|e| {
+            VmmError::Kvm(format!(
+                "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
+            ))
         })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT2"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::Kvm(format!("KVM lacks {name} support")));
+            }
+        }
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create in-kernel irqchip"))?;
+        if with_pit {
+            create_pit(&vm)?;
+        }
+        Ok(VmShell {
+            kvm,
+            vm,
+            has_pit: with_pit,
+        })
+    }
+}
+
+fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create PIT"))
+}
+
+/// Writes the ACPI tables, the kernel, initrd, command line, boot structures and MP table
+/// into guest memory.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    acpi_platform: &arch::acpi::AcpiPlatform,
+    kernel_bytes: Vec<u8>,
+    mut initrd: Option<(File, u64)>,
+    linux: bool,
+) -> Result<arch::boot::BootInfo, VmmError> {
+    let mem_size = config.memory.0;
+    let kernel_path = config
+        .kernel
+        .as_ref()
+        .ok_or(crate::config::ConfigError::Missing(
+            "kernel (--kernel PATH)",
+        ))?;
+    let protocol = match config.boot_protocol {
+        BootProtocol::Auto => arch::boot::BootProtocol::Auto,
+        BootProtocol::Pvh => arch::boot::BootProtocol::Pvh,
+        BootProtocol::Linux => arch::boot::BootProtocol::Linux,
+    };
+    let bzimage_entry = match config.decompress {
+        Decompress::Host => arch::boot::BzImageEntry::Host,
+        Decompress::Guest => arch::boot::BzImageEntry::Guest,
+    };
+    let rsdp =
+        arch::acpi::setup_acpi(mem, acpi_platform).map_err(|e| VmmError::Setup(e.to_string()))?;
+    let boot = arch::boot::load_kernel(
+        mem,
+        arch::boot::KernelSpec {
+            kernel: &kernel_bytes,
+            initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
+            cmdline: config.effective_cmdline(),
+            mem_size,
+            protocol,
+            bzimage_entry,
+            rsdp: Some(rsdp),
+        },
+    )
+    .map_err(|err| VmmError::Boot {
+        path: kernel_path.display().to_string(),
+        err,
+    })?;
+    drop(kernel_bytes);
+    if linux {
+        if let Some(why) = crate::host::emulation_backed_kvm() {
+            eprintln!(
+                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
+                );
+        }
+    }
+    tracing::info!("kernel loaded: {}; entry {:#x}", boot.how, boot.entry);
+    arch::mptable::setup_mptable(mem, config.cpus).map_err(|e| VmmError::Setup(e.to_string()))?;
+
+    Ok(boot)
+}
+
+impl Vm {
+    /// Builds the VM `config` describes. For a restore (`restoring`), guest memory and vCPU
+    /// state come from the snapshot afterwards, so the kernel, initrd and boot tables are not
+    /// loaded (the files need not exist any more).
+    fn build(
+        config: &VmConfig,
+        start: Instant,
+        restoring: bool,
+        shell: Option<VmShell>,
+    ) -> Result<Vm, VmmError> {
+        let kernel = if restoring {
+            None
+        } else {
+            let kernel_path = config
+                .kernel
+                .as_ref()
+                .ok_or(crate::config::ConfigError::Missing(
+                    "kernel (--kernel PATH)",
+                ))?;
+            Some(std::fs::read(kernel_path).map_err(|err| VmmError::File {
+                what: "kernel",
+                path: kernel_path.display().to_string(),
+                err,
+            })?)
+        };
         let initrd = match &config.initrd {
+            Some(_) if restoring => None,
             Some(p) => {
                 let f = File::open(p).map_err(|err| VmmError::File {
                     what: "initrd",
@@ -594,23 +781,12 @@ impl Vm {
             }
             None => None,
         };
-        let linux = arch::boot::is_linux(&kernel_bytes);
-        let kvm = Kvm::new().map_err(|e| {
-            VmmError::Kvm(format!(
-                "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
-            ))
-        })?;
-        for (cap, name) in [
-            (Cap::Irqchip, "in-kernel irqchip"),
-            (Cap::UserMemory, "user memory"),
-            (Cap::Ioeventfd, "ioeventfd"),
-            (Cap::Irqfd, "irqfd"),
-            (Cap::Pit2, "PIT2"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmmError::Kvm(format!("KVM lacks {name} support")));
-            }
-        }
+        let linux = kernel.as_deref().is_some_and(arch::boot::is_linux);
+        let shell = match shell {
+            Some(s) => s,
+            None => VmShell::create(false)?,
+        };
+        let VmShell { kvm, vm, has_pit } = shell;
         let max_vcpus = kvm.get_max_vcpus();
         if config.cpus as usize > max_vcpus {
             return Err(VmmError::Kvm(format!(
@@ -618,18 +794,6 @@ impl Vm {
                 config.cpus
             )));
         }
-        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
-        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("set TSS address"))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("set identity map address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
         // Guest memory.
         let mem_size = config.memory.0;
@@ -658,9 +822,10 @@ impl Vm {
                 );
             }
         }
-        // Registering guest memory is one of the slowest KVM calls on some hosts; it runs on
-        // its own thread while this one loads the kernel and sets up devices and vCPUs, and
-        // is joined before the VM can run.
+        // Registering guest memory and creating the PIT (which starts a kernel thread) are
+        // among the slowest KVM calls on some hosts; they run on their own thread while this
+        // one loads the kernel and sets up devices and vCPUs, and are joined before the VM can
+        // run.
         let regions: Vec<kvm_userspace_memory_region> = mem
             .iter()
             .enumerate()
@@ -676,6 +841,9 @@ impl Vm {
         let register_memory = std::thread::Builder::new()
             .name("tern-memslots".into())
             .spawn(move || -> Result<(), VmmError> {
+                if !has_pit {
+                    create_pit(&vm_for_slots)?;
+                }
                 for r in regions {
                     // SAFETY: each region is a live mapping owned by `mem`, which `build` keeps
                     // until this thread is joined, and which the returned `Vm` then keeps for
@@ -688,16 +856,7 @@ impl Vm {
             .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
         // `mem` (and so the mapping) stays alive here until the thread is joined, whether or
         // not the rest of the build succeeds; clones share the same mapping.
-        let result = Self::build_rest(
-            config,
-            start,
-            kvm,
-            vm,
-            mem.clone(),
-            kernel_bytes,
-            initrd,
-            linux,
-        );
+        let result = Self::build_rest(config, start, kvm, vm, mem.clone(), kernel, initrd, linux);
         let registered = register_memory
             .join()
             .unwrap_or_else(|_| Err(VmmError::Setup("guest memory registration panicked".into())));
@@ -714,27 +873,10 @@ impl Vm {
         kvm: Kvm,
         vm: Arc<VmFd>,
         mem: GuestMemoryMmap,
-        kernel_bytes: Vec<u8>,
-        mut initrd: Option<(File, u64)>,
+        kernel: Option<Vec<u8>>,
+        initrd: Option<(File, u64)>,
         linux: bool,
     ) -> Result<Vm, VmmError> {
-        let mem_size = config.memory.0;
-        let kernel_path = config
-            .kernel
-            .as_ref()
-            .ok_or(crate::config::ConfigError::Missing(
-                "kernel (--kernel PATH)",
-            ))?;
-        // Kernel, initrd, command line, boot structures.
-        let protocol = match config.boot_protocol {
-            BootProtocol::Auto => arch::boot::BootProtocol::Auto,
-            BootProtocol::Pvh => arch::boot::BootProtocol::Pvh,
-            BootProtocol::Linux => arch::boot::BootProtocol::Linux,
-        };
-        let bzimage_entry = match config.decompress {
-            Decompress::Host => arch::boot::BzImageEntry::Host,
-            Decompress::Guest => arch::boot::BzImageEntry::Guest,
-        };
         let virtio = crate::virtio_devices::create(config)?;
         let mut acpi_platform = arch::acpi::AcpiPlatform {
             num_cpus: config.cpus as u8,
@@ -757,35 +899,11 @@ impl Vm {
                 mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
             });
         }
-        let rsdp = arch::acpi::setup_acpi(&mem, &acpi_platform)
-            .map_err(|e| VmmError::Setup(e.to_string()))?;
-        let boot = arch::boot::load_kernel(
-            &mem,
-            arch::boot::KernelSpec {
-                kernel: &kernel_bytes,
-                initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
-                cmdline: config.effective_cmdline(),
-                mem_size,
-                protocol,
-                bzimage_entry,
-                rsdp: Some(rsdp),
-            },
-        )
-        .map_err(|err| VmmError::Boot {
-            path: kernel_path.display().to_string(),
-            err,
-        })?;
-        drop(kernel_bytes);
-        if linux {
-            if let Some(why) = crate::host::emulation_backed_kvm() {
-                eprintln!(
-                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
-                );
-            }
-        }
-        tracing::info!("kernel loaded: {}; entry {:#x}", boot.how, boot.entry);
-        arch::mptable::setup_mptable(&mem, config.cpus)
-            .map_err(|e| VmmError::Setup(e.to_string()))?;
+        // A restored VM gets its memory and registers from the snapshot.
+        let boot = match kernel {
+            Some(k) => Some(load_guest(config, &mem, &acpi_platform, k, initrd, linux)?),
+            None => None,
+        };
 
         // Devices.
         let ctl = Arc::new(VmControl::new()?);
@@ -893,7 +1011,7 @@ impl Vm {
             let mut lapic = fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
             arch::regs::set_lint(&mut lapic);
             fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
-            if id == 0 {
+            if let (0, Some(boot)) = (id, &boot) {
                 let mut sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
                 arch::regs::setup_sregs(&mem, boot.mode, &mut sregs)
                     .map_err(|e| VmmError::Setup(e.to_string()))?;
@@ -1117,6 +1235,10 @@ impl Vm {
                 self.ctl.request_exit(VmExit::Reset);
                 Reply::accepted()
             }
+            Action::Restore(_) => Reply::error(
+                409,
+                "cannot restore: a VM exists already (restore into a tern started with only --api-socket)",
+            ),
             Action::Snapshot { .. } if !paused => {
                 Reply::conflict("snapshot", "running (pause it first)")
             }
