@@ -530,3 +530,90 @@ fn wait_child(child: &mut Child, timeout: Duration) -> (bool, String) {
     }
     (status.is_some_and(|s| s.success()), err)
 }
+
+/// tern killed with SIGKILL while writing a snapshot leaves no snapshot (only a temporary
+/// directory, which the next snapshot to that name removes); the next snapshot is whole.
+#[test]
+fn kill_9_during_a_snapshot_leaves_no_snapshot() {
+    if !require_kvm("kill_9_during_a_snapshot_leaves_no_snapshot") {
+        return;
+    }
+    let dir = Scratch::new("kill9");
+    let boot = |name: &str| {
+        let sock = dir.path(&format!("{name}.sock"));
+        let vm = spawn(&[
+            "--kernel",
+            s(&probe()),
+            "--memory",
+            "256M",
+            "--serial",
+            "none",
+            "--cmdline",
+            "probe.run=count probe.count_ms=60000",
+            "--api-socket",
+            s(&sock),
+        ]);
+        wait_socket(&sock);
+        client_ok(&["pause", "--api-socket", s(&sock)]);
+        (vm, sock)
+    };
+    let snap = dir.path("snap");
+    let (mut vm, sock) = boot("a");
+    let pid = vm.0.id();
+    let tmp = dir.path(&format!(".snap.tmp-{pid}"));
+    let writer = {
+        let (sock, snap) = (sock.clone(), snap.clone());
+        std::thread::spawn(move || {
+            client(&[
+                "snapshot",
+                "create",
+                "--dir",
+                s(&snap),
+                "--api-socket",
+                s(&sock),
+            ])
+        })
+    };
+    wait_until(
+        "the snapshot's memory file",
+        Duration::from_secs(10),
+        || std::fs::metadata(tmp.join("memory.bin")).is_ok_and(|m| m.len() > 0),
+    );
+    vm.0.kill().unwrap();
+    let _ = vm.0.wait();
+    let r = writer.join().unwrap();
+    assert_ne!(
+        r.code,
+        Some(0),
+        "the snapshot request succeeded: {}",
+        r.stdout
+    );
+    assert!(
+        !snap.exists(),
+        "a snapshot appeared although tern was killed"
+    );
+    let refused = run_with_timeout(
+        &tern(),
+        &["run", "--restore", s(&snap), "--serial", "none"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    // A new tern writes the snapshot whole and clears the dead one's leftovers.
+    let (_vm2, sock2) = boot("b");
+    client_ok(&[
+        "snapshot",
+        "create",
+        "--dir",
+        s(&snap),
+        "--api-socket",
+        s(&sock2),
+    ]);
+    assert!(
+        !tmp.exists(),
+        "the killed tern's temporary directory is still there"
+    );
+    assert_eq!(
+        std::fs::metadata(snap.join("memory.bin")).unwrap().len(),
+        256 << 20
+    );
+}

@@ -162,6 +162,52 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     Ok(())
 }
 
+/// The CPUID feature registers a snapshot's vCPUs may rely on: (leaf, subleaf, register
+/// name, register index: eax 0, ebx 1, ecx 2, edx 3).
+const FEATURE_REGS: &[(u32, u32, &str, usize)] = &[
+    (0x1, 0, "ecx", 2),
+    (0x1, 0, "edx", 3),
+    (0x7, 0, "ebx", 1),
+    (0x7, 0, "ecx", 2),
+    (0x7, 0, "edx", 3),
+    (0x7, 1, "eax", 0),
+    (0xd, 1, "eax", 0),
+    (0x8000_0001, 0, "ecx", 2),
+    (0x8000_0001, 0, "edx", 3),
+    (0x8000_0007, 0, "edx", 3),
+    (0x8000_0008, 0, "ebx", 1),
+];
+
+/// Fails, naming the missing bits, when the saved vCPU CPUID has a feature that `host` (what
+/// tern gives a vCPU on this host) lacks: the guest would use an instruction this CPU does not
+/// run. Features the host has and the snapshot lacks are fine (the guest does not use them).
+pub fn check_cpu_features(
+    saved: &[kvm_cpuid_entry2],
+    host: &[kvm_cpuid_entry2],
+) -> Result<(), String> {
+    let reg = |entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32, r: usize| {
+        entries
+            .iter()
+            .find(|e| e.function == leaf && (e.index == sub || (sub == 0 && e.flags & 1 == 0)))
+            .map_or(0, |e| [e.eax, e.ebx, e.ecx, e.edx][r])
+    };
+    let missing: Vec<String> = FEATURE_REGS
+        .iter()
+        .filter_map(|&(leaf, sub, name, r)| {
+            let m = reg(saved, leaf, sub, r) & !reg(host, leaf, sub, r);
+            (m != 0).then(|| format!("CPUID {leaf:#x}.{sub} {name} bits {m:#x}"))
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the snapshot was taken on a CPU with features this host lacks ({}); restore it on a host with the same CPU model",
+            missing.join(", ")
+        ))
+    }
+}
+
 /// Captures the VM-wide state.
 pub fn save_vm(vm: &VmFd) -> Result<VmState, String> {
     let mut irqchips = Vec::new();
@@ -232,6 +278,7 @@ pub fn write(
         name.to_string_lossy(),
         std::process::id()
     ));
+    remove_stale_temporaries(parent, &name.to_string_lossy());
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     let res = (|| {
@@ -381,6 +428,32 @@ fn list(items: impl Iterator<Item = String>) -> String {
     }
 }
 
+/// Removes the temporary directories (`.NAME.tmp-PID`) of snapshots to `NAME` whose tern
+/// died while writing them (killed, or the host crashed).
+fn remove_stale_temporaries(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            tracing::info!("removing {}, left by a tern that died", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Reads and checks `dir/state.json`.
 pub fn read(dir: &Path) -> Result<Snapshot, String> {
     let path = dir.join(STATE_FILE);
@@ -412,6 +485,11 @@ impl Snapshot {
     /// Saved vCPU states.
     pub fn vcpus(&self) -> &[VcpuState] {
         &self.vcpus
+    }
+
+    /// The first vCPU's saved CPUID.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        self.vcpus.first().map_or(&[], |v| &v.cpuid)
     }
 
     /// Saved VM-wide state.
@@ -512,5 +590,52 @@ impl Snapshot {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: if function == 0x7 || function == 0xd {
+                1
+            } else {
+                0
+            },
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpu_features_must_be_a_subset_of_the_hosts() {
+        let host = vec![
+            leaf(0x1, 0, [0, 0, 0x8000_0001, 0xff]),
+            leaf(0x7, 0, [0, 0b1011, 0, 0]),
+            leaf(0x7, 1, [0, 0, 0, 0]),
+        ];
+        // Fewer features than the host: fine.
+        let older = vec![
+            leaf(0x1, 0, [0, 0, 1, 0x0f]),
+            leaf(0x7, 0, [0, 0b0001, 0, 0]),
+        ];
+        assert!(check_cpu_features(&older, &host).is_ok());
+        // A feature the host lacks (leaf 7 ebx bit 2): refused, naming it.
+        let newer = vec![
+            leaf(0x1, 0, [0, 0, 1, 0x0f]),
+            leaf(0x7, 0, [0, 0b0101, 0, 0]),
+        ];
+        let e = check_cpu_features(&newer, &host).unwrap_err();
+        assert!(e.contains("CPUID 0x7.0 ebx bits 0x4"), "{e}");
+        // A leaf the host does not have at all.
+        let e = check_cpu_features(&[leaf(0x8000_0001, 0, [0, 0, 0x20, 0])], &host).unwrap_err();
+        assert!(e.contains("CPUID 0x80000001.0 ecx bits 0x20"), "{e}");
     }
 }

@@ -1150,6 +1150,18 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
+        // What this host's KVM gives a tern vCPU (read back from the freshly built one, before
+        // the snapshot's state replaces it).
+        let host = match self.vcpus.first() {
+            Some(v) => {
+                v.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|err| e(format!("get CPUID: {err}")))?
+                    .as_slice()
+                    .to_vec()
+            }
+            None => Vec::new(),
+        };
+        crate::snapshot::check_cpu_features(snap.cpuid(), &host).map_err(e)?;
         if snap.devices().len() != self.pausers.len() {
             return Err(e(format!(
                 "{} virtio devices saved, {} configured",
