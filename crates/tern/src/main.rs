@@ -64,6 +64,11 @@ enum SnapshotCmd {
         /// The snapshot directory to create.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// Write only the memory written since the previous snapshot of this VM (or since it
+        /// was restored); needs `tern run --track-dirty-pages`. Restoring it reads the
+        /// earlier snapshot too, which must stay where it is.
+        #[arg(long)]
+        diff: bool,
     },
 }
 
@@ -156,6 +161,10 @@ struct RunArgs {
     /// [default: 20].
     #[arg(long, value_name = "SECS")]
     shutdown_timeout: Option<u64>,
+    /// Track the memory the guest and its devices write, so `tern snapshot create --diff`
+    /// can write only what changed since the previous snapshot.
+    #[arg(long)]
+    track_dirty_pages: bool,
 }
 
 impl RunArgs {
@@ -180,6 +189,7 @@ impl RunArgs {
             || !self.disk.is_empty()
             || !self.net.is_empty()
             || self.shutdown_timeout.is_some()
+            || self.track_dirty_pages
     }
 
     fn into_config(self) -> anyhow::Result<VmConfig> {
@@ -236,6 +246,9 @@ impl RunArgs {
         if let Some(v) = self.shutdown_timeout {
             c.shutdown_timeout = v;
         }
+        if self.track_dirty_pages {
+            c.track_dirty_pages = true;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -262,6 +275,12 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref());
     match cli.cmd {
         Command::Run(args) => {
+            // SIGINT/SIGTERM belong to the VMM's signalfd; blocked before any thread starts (or
+            // the API socket appears), so a signal never finds them at their default action.
+            if let Err(e) = vmm::vm::block_stop_signals_in_this_thread() {
+                eprintln!("tern: cannot block SIGINT/SIGTERM: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
             let api = match &args.api_socket {
                 Some(p) => match vmm::api::ApiServer::start(p) {
                     Ok(s) => Some(s),
@@ -360,8 +379,14 @@ fn main() -> ExitCode {
         }
         Command::Reboot(c) => client(&c, "PUT", "/v1/vm/reboot", |_| "resetting the VM".into()),
         Command::Counters(c) => client(&c, "GET", "/v1/vm/counters", show_counters),
-        Command::Snapshot(SnapshotCmd::Create { client: c, dir }) => {
-            let body = serde_json::json!({ "dir": dir }).to_string();
+        Command::Snapshot(SnapshotCmd::Create {
+            client: c,
+            dir,
+            diff,
+        }) => {
+            // The server resolves relative paths from its own directory: send ours.
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let body = serde_json::json!({ "dir": dir, "diff": diff }).to_string();
             let shown = format!("snapshot written to {}", dir.display());
             client_with(&c, "PUT", "/v1/vm/snapshot", Some(&body), move |_| {
                 shown.clone()

@@ -617,3 +617,142 @@ fn kill_9_during_a_snapshot_leaves_no_snapshot() {
         256 << 20
     );
 }
+
+/// Allocated bytes of a file (holes excluded).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Diff snapshots: a full snapshot, then two diffs (each over the previous one) of a guest
+/// that keeps a 16 MiB memory pattern and logs every tick in memory. Each diff holds a small
+/// part of the memory; restoring the newest layers all three (lazy and eager) and the guest
+/// finds every tick it logged, across all three snapshots; restoring the middle one goes on
+/// from its own point. A diff whose parent is gone is refused.
+#[test]
+fn diff_snapshots_layer_over_their_parents() {
+    if !require_kvm("diff_snapshots_layer_over_their_parents") {
+        return;
+    }
+    let dir = Scratch::new("diff");
+    let sock = dir.path("a.sock");
+    let serial = dir.path("a.log");
+    let backend = format!("file:{}", s(&serial));
+    let mut vm = spawn(&[
+        "--kernel",
+        s(&probe()),
+        "--memory",
+        "64M",
+        "--serial",
+        &backend,
+        "--cmdline",
+        "probe.run=count probe.count_ms=6000 probe.count_mem_mb=16",
+        "--track-dirty-pages",
+        "--api-socket",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    let snap = |name: &str, diff: bool, min_ticks: usize| {
+        wait_until("ticks", Duration::from_secs(20), || {
+            ticks(&serial).len() >= min_ticks
+        });
+        client_ok(&["pause", "--api-socket", s(&sock)]);
+        let last = *ticks(&serial).last().unwrap();
+        let d = dir.path(name);
+        let mut args = vec![
+            "snapshot",
+            "create",
+            "--dir",
+            s(&d),
+            "--api-socket",
+            s(&sock),
+        ];
+        if diff {
+            args.push("--diff");
+        }
+        client_ok(&args);
+        client_ok(&["resume", "--api-socket", s(&sock)]);
+        (d, last)
+    };
+    let (full, _) = snap("full", false, 3);
+    let (d1, last1) = snap("diff1", true, 6);
+    let (d2, last2) = snap("diff2", true, 9);
+    let _ = vm.0.kill();
+    let _ = vm.0.wait();
+    let full_size = allocated(&full.join("memory.bin"));
+    for d in [&d1, &d2] {
+        let diff_size = allocated(&d.join("memory.bin"));
+        assert!(
+            diff_size * 8 < full_size,
+            "{}: a diff snapshot holds {diff_size} bytes of memory, the full one {full_size}",
+            d.display()
+        );
+        assert_eq!(
+            std::fs::metadata(d.join("memory.bin")).unwrap().len(),
+            64 << 20
+        );
+    }
+    restore_and_check(&dir, &d2, last2, "lazy");
+    restore_and_check(&dir, &d2, last2, "eager");
+    let text = std::fs::read_to_string(dir.path("b-eager.log")).unwrap();
+    assert!(text.contains("mem=ok"), "{text}");
+    std::fs::rename(dir.path("b-lazy.log"), dir.path("b-lazy-2.log")).unwrap();
+    restore_and_check(&dir, &d1, last1, "lazy");
+    // Without its parent, a diff cannot be restored.
+    std::fs::rename(&full, dir.path("moved")).unwrap();
+    let r = run_with_timeout(
+        &tern(),
+        &["run", "--restore", s(&d2), "--serial", "none"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("parent snapshot"), "{}", r.stderr);
+}
+
+#[test]
+fn diff_snapshots_need_tracking_and_an_earlier_snapshot() {
+    if !require_kvm("diff_snapshots_need_tracking_and_an_earlier_snapshot") {
+        return;
+    }
+    let dir = Scratch::new("diff-rules");
+    for (tracking, want) in [
+        (false, "needs a VM that tracks dirty pages"),
+        (true, "take a full snapshot first"),
+    ] {
+        let sock = dir.path("a.sock");
+        let kernel = probe();
+        let mut args = vec![
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "64M",
+            "--serial",
+            "none",
+            "--cmdline",
+            "probe.run=count probe.count_ms=20000",
+            "--api-socket",
+            s(&sock),
+        ];
+        if tracking {
+            args.push("--track-dirty-pages");
+        }
+        let mut vm = spawn(&args);
+        wait_socket(&sock);
+        client_ok(&["pause", "--api-socket", s(&sock)]);
+        let snap = dir.path("snap");
+        let r = client(&[
+            "snapshot",
+            "create",
+            "--diff",
+            "--dir",
+            s(&snap),
+            "--api-socket",
+            s(&sock),
+        ]);
+        assert!(r.stderr.contains(want), "{}", r.stderr);
+        assert!(!snap.exists());
+        let _ = vm.0.kill();
+        let _ = vm.0.wait();
+        let _ = std::fs::remove_file(&sock);
+    }
+}

@@ -13,6 +13,7 @@
 
 pub mod device;
 pub mod devices;
+pub mod dirty;
 pub mod transport;
 
 #[cfg(test)]

@@ -74,6 +74,8 @@ pub enum Action {
     Snapshot {
         /// Where.
         dir: std::path::PathBuf,
+        /// Only the memory written since the previous snapshot.
+        diff: bool,
     },
     /// Bring back a snapshot (tern must be empty: no VM booted).
     Restore(Box<crate::snapshot::RestoreOptions>),
@@ -338,11 +340,22 @@ async fn configure(s: State<Shared>, body: Result<Json<VmConfig>, JsonRejection>
 #[serde(deny_unknown_fields)]
 struct SnapshotBody {
     dir: std::path::PathBuf,
+    #[serde(default)]
+    diff: bool,
 }
 
 async fn snapshot(s: State<Shared>, body: Result<Json<SnapshotBody>, JsonRejection>) -> Response {
     match body {
-        Ok(Json(b)) => ask(s, Action::Snapshot { dir: b.dir }).await,
+        Ok(Json(b)) => {
+            ask(
+                s,
+                Action::Snapshot {
+                    dir: b.dir,
+                    diff: b.diff,
+                },
+            )
+            .await
+        }
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

@@ -657,6 +657,10 @@ pub struct VmConfig {
     /// Seconds the guest has to power off after SIGTERM presses its power button.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: u64,
+    /// Track the guest memory the guest and the devices write (KVM dirty logging), so a
+    /// snapshot can hold only what changed since the previous one (a diff snapshot).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn default_shutdown_timeout() -> u64 {
@@ -681,6 +685,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             shutdown_timeout: default_shutdown_timeout(),
+            track_dirty_pages: false,
         }
     }
 }

@@ -72,6 +72,14 @@ pub struct Snapshot {
     /// (guest address, length) of each RAM region, in `memory.bin` order.
     memory: Vec<(u64, u64)>,
     memory_fnv: u64,
+    /// For a diff snapshot: the snapshot it builds on. Its `memory.bin` then holds only the
+    /// pages marked in `dirty.bin` (the rest of the file is a hole), and `memory_fnv` covers
+    /// those pages in order.
+    #[serde(default)]
+    parent: Option<Parent>,
+    /// FNV-1a of `dirty.bin` (diff snapshots).
+    #[serde(default)]
+    dirty_fnv: u64,
     /// FNV-1a of this structure's JSON with `state_fnv` = 0.
     state_fnv: u64,
 }
@@ -246,6 +254,85 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), String> {
         .map_err(|err| format!("set clock: {err}"))
 }
 
+/// The snapshot a diff snapshot builds on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Parent {
+    /// Its directory (absolute).
+    pub dir: PathBuf,
+    /// Its `state_fnv`, to notice it was replaced.
+    pub state_fnv: u64,
+}
+
+/// What memory a snapshot holds.
+pub enum MemoryContent<'a> {
+    /// All of it.
+    Full,
+    /// The pages set in `dirty` (one bit per 4 KiB page of the regions end to end), over
+    /// `parent`.
+    Diff {
+        /// The earlier snapshot.
+        parent: Parent,
+        /// Written pages.
+        dirty: &'a [u64],
+    },
+}
+
+const DIRTY_FILE: &str = "dirty.bin";
+const PAGE: u64 = virtio::dirty::PAGE_SIZE;
+
+/// Runs of set bits in `bits` (over `pages` pages), as (first page, count).
+fn page_runs(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for p in 0..pages {
+        let set = bits
+            .get((p / 64) as usize)
+            .is_some_and(|w| w & (1 << (p % 64)) != 0);
+        match (set, start) {
+            (true, None) => start = Some(p),
+            (false, Some(s0)) => {
+                runs.push((s0, p - s0));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s0) = start {
+        runs.push((s0, pages - s0));
+    }
+    runs
+}
+
+/// Splits page runs at region boundaries: (host pointer, file offset, bytes) for each piece.
+fn run_pieces(mem: &GuestMemoryMmap, runs: &[(u64, u64)]) -> Vec<(*mut u8, u64, u64)> {
+    let regions: Vec<(u64, u64, *mut u8)> = {
+        let mut off = 0;
+        mem.iter()
+            .map(|r| {
+                let e = (off, r.len(), r.as_ptr());
+                off += r.len();
+                e
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for &(p, n) in runs {
+        let (mut lo, hi) = (p * PAGE, (p + n) * PAGE);
+        for &(off, len, ptr) in &regions {
+            if lo >= hi {
+                break;
+            }
+            let end = (off + len).min(hi);
+            if lo >= off && lo < end {
+                // SAFETY: lo - off < len: the pointer stays inside the region's mapping.
+                out.push((unsafe { ptr.add((lo - off) as usize) }, lo, end - lo));
+                lo = end;
+            }
+        }
+    }
+    out
+}
+
 /// Device state captured from a paused VM.
 pub struct DeviceStates {
     /// The COM1 UART.
@@ -262,7 +349,8 @@ pub fn write(
     vcpus: Vec<VcpuState>,
     devices: DeviceStates,
     mem: &GuestMemoryMmap,
-) -> Result<(), String> {
+    content: MemoryContent<'_>,
+) -> Result<u64, String> {
     if dir.exists() {
         return Err(format!("{} already exists", dir.display()));
     }
@@ -282,22 +370,46 @@ pub fn write(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     let res = (|| {
-        let mut memory = Vec::new();
+        let memory: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         let mut h = FNV_INIT;
         let path = tmp.join(MEMORY_FILE);
         let mut f = std::fs::File::create(&path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        for r in mem.iter() {
-            // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`; the VM is
-            // paused, so nothing writes it while it is read.
-            let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
-            h = fnv(h, bytes);
-            f.write_all(bytes)
-                .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            memory.push((r.start_addr().0, r.len()));
-        }
-        f.sync_all()
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let werr = |e: std::io::Error| format!("writing {}: {e}", path.display());
+        let (parent_snap, dirty_fnv) = match content {
+            MemoryContent::Full => {
+                for r in mem.iter() {
+                    // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`;
+                    // the VM is paused, so nothing writes it while it is read.
+                    let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
+                    h = fnv(h, bytes);
+                    f.write_all(bytes).map_err(werr)?;
+                }
+                (None, 0)
+            }
+            MemoryContent::Diff { parent, dirty } => {
+                use std::os::unix::fs::FileExt;
+                let total: u64 = memory.iter().map(|(_, l)| l).sum();
+                f.set_len(total).map_err(werr)?;
+                let runs = page_runs(dirty, total.div_ceil(PAGE));
+                for (ptr, off, len) in run_pieces(mem, &runs) {
+                    // SAFETY: `run_pieces` keeps each piece inside one live region of `mem`;
+                    // the VM is paused.
+                    let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
+                    h = fnv(h, bytes);
+                    f.write_all_at(bytes, off).map_err(werr)?;
+                }
+                let words: Vec<u8> = dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let dpath = tmp.join(DIRTY_FILE);
+                let mut d = std::fs::File::create(&dpath)
+                    .map_err(|e| format!("cannot create {}: {e}", dpath.display()))?;
+                d.write_all(&words)
+                    .and_then(|()| d.sync_all())
+                    .map_err(|e| format!("writing {}: {e}", dpath.display()))?;
+                (Some(parent), fnv(FNV_INIT, &words))
+            }
+        };
+        f.sync_all().map_err(werr)?;
         let mut snap = Snapshot {
             version: FORMAT_VERSION,
             tern: env!("CARGO_PKG_VERSION").to_string(),
@@ -308,6 +420,8 @@ pub fn write(
             devices: devices.virtio,
             memory,
             memory_fnv: h,
+            parent: parent_snap,
+            dirty_fnv,
             state_fnv: 0,
         };
         let unsigned = serde_json::to_vec(&snap).map_err(|e| e.to_string())?;
@@ -320,7 +434,12 @@ pub fn write(
             .and_then(|()| f.sync_all())
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
         std::fs::rename(&tmp, dir)
-            .map_err(|e| format!("cannot move the snapshot to {}: {e}", dir.display()))
+            .map_err(|e| format!("cannot move the snapshot to {}: {e}", dir.display()))?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+        Ok(snap.state_fnv)
     })();
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -514,6 +633,137 @@ impl Snapshot {
             return Err(format!(
                 "the snapshot's memory layout {:?} does not match the VM's {layout:?}",
                 self.memory
+            ));
+        }
+        Ok(())
+    }
+
+    /// The snapshot this diff snapshot builds on.
+    pub fn parent(&self) -> Option<&Parent> {
+        self.parent.as_ref()
+    }
+
+    /// Its state checksum (what a diff snapshot built on it records).
+    pub fn state_fnv(&self) -> u64 {
+        self.state_fnv
+    }
+
+    /// Brings back guest memory: the full snapshot at the root of the diff chain, then each
+    /// diff snapshot's pages over it, oldest first. Lazy maps every layer copy-on-write;
+    /// eager reads it and checks its checksum.
+    pub fn restore_memory(
+        &self,
+        dir: &Path,
+        mem: &GuestMemoryMmap,
+        lazy: bool,
+    ) -> Result<(), String> {
+        // Newest first.
+        let mut chain: Vec<(PathBuf, Snapshot)> = Vec::new();
+        let mut next = self.parent.clone();
+        while let Some(p) = next {
+            if chain.len() >= 64 {
+                return Err(format!(
+                    "{}: more than 64 diff snapshots in a chain",
+                    dir.display()
+                ));
+            }
+            let parent = read(&p.dir).map_err(|e| format!("its parent snapshot: {e}"))?;
+            if parent.state_fnv != p.state_fnv {
+                return Err(format!(
+                    "its parent snapshot {} is not the one it was taken over (it was replaced)",
+                    p.dir.display()
+                ));
+            }
+            if parent.memory != self.memory {
+                return Err(format!(
+                    "its parent snapshot {} has another memory layout",
+                    p.dir.display()
+                ));
+            }
+            next = parent.parent.clone();
+            chain.push((p.dir, parent));
+        }
+        let layers =
+            std::iter::once((dir, self)).chain(chain.iter().map(|(d, s)| (d.as_path(), s)));
+        let mut layers: Vec<(&Path, &Snapshot)> = layers.collect();
+        layers.reverse();
+        let (base_dir, base) = layers[0];
+        if lazy {
+            base.map_memory(base_dir, mem)?;
+        } else {
+            base.load_memory(base_dir, mem)?;
+        }
+        for (d, s) in &layers[1..] {
+            s.apply_diff(d, mem, lazy)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a diff snapshot's pages over `mem`.
+    fn apply_diff(&self, dir: &Path, mem: &GuestMemoryMmap, lazy: bool) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        self.check_layout(mem)?;
+        let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
+        let pages = total.div_ceil(PAGE);
+        let dpath = dir.join(DIRTY_FILE);
+        let words =
+            std::fs::read(&dpath).map_err(|e| format!("cannot read {}: {e}", dpath.display()))?;
+        if words.len() as u64 != pages.div_ceil(64) * 8 || fnv(FNV_INIT, &words) != self.dirty_fnv {
+            return Err(format!("{} is corrupted or truncated", dpath.display()));
+        }
+        let bits: Vec<u64> = words
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let path = dir.join(MEMORY_FILE);
+        let f = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = f.metadata().map_err(|e| e.to_string())?.len();
+        if len != total {
+            return Err(format!(
+                "{} has {len} bytes, the VM's memory {total}: it is truncated or not this snapshot's",
+                path.display()
+            ));
+        }
+        let pieces = run_pieces(mem, &page_runs(&bits, pages));
+        // Each mapped piece is a mapping of its own; past a few thousand, reading is cheaper
+        // than the mappings (and the process's mapping limit is far away).
+        let map = lazy && pieces.len() <= 4096;
+        let mut h = FNV_INIT;
+        for (ptr, off, n) in pieces {
+            if map {
+                // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`), whose
+                // pages MAP_FIXED replaces with a private view of the file; no vCPU runs yet.
+                let p = unsafe {
+                    libc::mmap(
+                        ptr.cast(),
+                        n as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        f.as_raw_fd(),
+                        off as libc::off_t,
+                    )
+                };
+                if p == libc::MAP_FAILED || p.cast::<u8>() != ptr {
+                    return Err(format!(
+                        "cannot map {}: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            } else {
+                // SAFETY: as above; nothing else references these bytes while they are read.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n as usize) };
+                f.read_exact_at(bytes, off)
+                    .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+                h = fnv(h, bytes);
+            }
+        }
+        if !lazy && h != self.memory_fnv {
+            return Err(format!(
+                "{} is corrupted (checksum mismatch)",
+                path.display()
             ));
         }
         Ok(())

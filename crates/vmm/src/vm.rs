@@ -616,6 +616,12 @@ struct Vm {
     device_stats: Vec<crate::virtio_devices::DeviceStats>,
     pausers: Vec<crate::virtio_devices::DevicePauser>,
     started: Instant,
+    /// Guest memory devices wrote, when the VM tracks dirty pages.
+    dirty: Option<Arc<virtio::dirty::DirtyPages>>,
+    /// Pages written before a snapshot that failed: still dirty for the next one.
+    dirty_carry: Mutex<Vec<u64>>,
+    /// The snapshot this VM last wrote or was restored from: what a diff builds on.
+    last_snapshot: Mutex<Option<crate::snapshot::Parent>>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -831,7 +837,11 @@ impl Vm {
             .enumerate()
             .map(|(slot, region)| kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if config.track_dirty_pages {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -1031,6 +1041,13 @@ impl Vm {
             });
         }
 
+        let dirty = if config.track_dirty_pages {
+            let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            virtio::dirty::install(Arc::new(virtio::dirty::DirtyPages::new(&layout)));
+            virtio::dirty::tracker().cloned()
+        } else {
+            None
+        };
         Ok(Vm {
             _kvm: kvm,
             _vm: vm,
@@ -1047,6 +1064,9 @@ impl Vm {
             device_stats,
             pausers,
             started: Instant::now(),
+            dirty,
+            dirty_carry: Mutex::new(Vec::new()),
+            last_snapshot: Mutex::new(None),
         })
     }
 
@@ -1097,10 +1117,36 @@ impl Vm {
     }
 
     /// Writes a snapshot of the paused VM to `dir`.
-    fn snapshot(&self, dir: &std::path::Path, config: &VmConfig) -> Result<(), (u16, String)> {
+    fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        config: &VmConfig,
+        diff: bool,
+    ) -> Result<(), (u16, String)> {
         if dir.exists() {
             return Err((400, format!("{} already exists", dir.display())));
         }
+        let parent = self
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let parent = match (diff, config.track_dirty_pages, parent) {
+            (false, _, _) => None,
+            (true, false, _) => return Err((
+                400,
+                "a diff snapshot needs a VM that tracks dirty pages (tern run --track-dirty-pages)"
+                    .into(),
+            )),
+            (true, true, None) => {
+                return Err((
+                    400,
+                    "no earlier snapshot of this VM to build a diff on: take a full snapshot first"
+                        .into(),
+                ))
+            }
+            (true, true, Some(p)) => Some(p),
+        };
         let msrs = self
             ._kvm
             .get_msr_index_list()
@@ -1124,7 +1170,72 @@ impl Vm {
                 .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).save_state())
                 .collect(),
         };
-        crate::snapshot::write(dir, config, vm, vcpus, devices, &self._mem).map_err(|e| (500, e))
+        // Every snapshot of a tracking VM starts the next diff afresh.
+        let dirty = match &self.dirty {
+            Some(d) => {
+                for r in devices.virtio.iter().flat_map(|t| t.used_rings()) {
+                    d.mark(r.0, r.1);
+                }
+                Some(self.take_dirty(d).map_err(|e| (500, e))?)
+            }
+            None => None,
+        };
+        let content = match (&parent, &dirty) {
+            (Some(p), Some(bits)) => crate::snapshot::MemoryContent::Diff {
+                parent: p.clone(),
+                dirty: bits,
+            },
+            _ => crate::snapshot::MemoryContent::Full,
+        };
+        match crate::snapshot::write(dir, config, vm, vcpus, devices, &self._mem, content) {
+            Ok(state_fnv) => {
+                *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(crate::snapshot::Parent {
+                        dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+                        state_fnv,
+                    });
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(bits) = dirty {
+                    *self.dirty_carry.lock().unwrap_or_else(|p| p.into_inner()) = bits;
+                }
+                Err((500, e))
+            }
+        }
+    }
+
+    /// The pages written since the last snapshot (by vCPUs: KVM's dirty log; by devices: the
+    /// tracker; and any carried over from a failed snapshot), one bit per page of the regions
+    /// end to end; clears them.
+    fn take_dirty(&self, devices: &virtio::dirty::DirtyPages) -> Result<Vec<u64>, String> {
+        let mut bits = devices.take();
+        let carry =
+            std::mem::take(&mut *self.dirty_carry.lock().unwrap_or_else(|p| p.into_inner()));
+        for (w, c) in bits.iter_mut().zip(carry) {
+            *w |= c;
+        }
+        let mut first = 0u64;
+        for (slot, r) in self._mem.iter().enumerate() {
+            let log = self
+                ._vm
+                .get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(|e| format!("KVM dirty log of memory slot {slot}: {e}"))?;
+            let pages = r.len().div_ceil(virtio::dirty::PAGE_SIZE);
+            for p in 0..pages {
+                if log
+                    .get((p / 64) as usize)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+                {
+                    let g = first + p;
+                    if let Some(w) = bits.get_mut((g / 64) as usize) {
+                        *w |= 1 << (g % 64);
+                    }
+                }
+            }
+            first += pages;
+        }
+        Ok(bits)
     }
 
     /// Replaces the freshly built VM's memory, VM, vCPU and device state with a snapshot's.
@@ -1138,11 +1249,7 @@ impl Vm {
         paused: bool,
     ) -> Result<(), VmmError> {
         let e = |m: String| VmmError::Setup(format!("restoring {}: {m}", dir.display()));
-        if lazy {
-            snap.map_memory(dir, &self._mem).map_err(e)?;
-        } else {
-            snap.load_memory(dir, &self._mem).map_err(e)?;
-        }
+        snap.restore_memory(dir, &self._mem, lazy).map_err(e)?;
         if snap.vcpus().len() != self.vcpus.len() {
             return Err(e(format!(
                 "{} vCPUs saved, {} configured",
@@ -1170,6 +1277,11 @@ impl Vm {
             )));
         }
         crate::snapshot::restore_vm(&self._vm, snap.vm()).map_err(e)?;
+        *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::snapshot::Parent {
+                dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+                state_fnv: snap.state_fnv(),
+            });
         for (v, s) in self.vcpus.iter().zip(snap.vcpus()) {
             crate::snapshot::restore_vcpu(&v.fd, s)
                 .map_err(|m| e(format!("vCPU {}: {m}", v.id)))?;
@@ -1254,7 +1366,7 @@ impl Vm {
             Action::Snapshot { .. } if !paused => {
                 Reply::conflict("snapshot", "running (pause it first)")
             }
-            Action::Snapshot { dir } => match self.snapshot(dir, config) {
+            Action::Snapshot { dir, diff } => match self.snapshot(dir, config, *diff) {
                 Ok(()) => Reply::done(),
                 Err((status, e)) => Reply::error(status, format!("cannot snapshot: {e}")),
             },

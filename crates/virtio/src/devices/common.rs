@@ -169,6 +169,9 @@ impl Ctx {
                     len: d.len(),
                 });
             }
+            if writable {
+                crate::dirty::mark(d.addr().0, u64::from(d.len()));
+            }
             bufs.push(Buf {
                 addr: d.addr(),
                 len: d.len(),

@@ -93,6 +93,19 @@ pub struct TransportState {
     pub(crate) pci: Option<super::pci::PciState>,
 }
 
+impl TransportState {
+    /// (guest address, length) of the used ring of every queue the device serves: the
+    /// device writes them through the memory API, not through a buffer the driver gave.
+    pub fn used_rings(&self) -> Vec<(u64, u64)> {
+        let live = self.status & DRIVER_OK != 0 && !self.needs_reset;
+        self.queues
+            .iter()
+            .filter(|q| live && q.ready)
+            .map(|q| (q.device, 6 + 8 * u64::from(q.size)))
+            .collect()
+    }
+}
+
 /// Queue registers with each ready queue's position, read from its used ring in `mem` (the
 /// used index is where the device stopped) when the device is live.
 pub(crate) fn save_queues(regs: &[QueueRegs], live: bool, mem: &GuestMemoryMmap) -> Vec<QueueRegs> {

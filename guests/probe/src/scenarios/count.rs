@@ -6,7 +6,9 @@
 //!
 //! Options, for snapshots:
 //! - `probe.count_mem_mb=N`: fills N MiB of RAM with a pattern at the start and checks it at
-//!   the end (`mem_mb=N mem=ok`); a mismatch fails the scenario.
+//!   the end (`mem_mb=N mem=ok`); it also records every tick in a log page of its own and
+//!   checks at the end that each tick's entry is there. A mismatch fails the scenario (memory
+//!   lost or mixed up across a snapshot and restore).
 //! - `probe.count_blk=1`: at every tick, writes the tick's pattern to sector `tick % 64` of
 //!   the first virtio-blk device, reads it back and checks it (`blk_ok=K`), and prints
 //!   `probe: count blk tick=K sector=S fnv=H` (FNV-1a 64 of the sector). Request failures
@@ -22,6 +24,14 @@ pub const SCENARIO: Scenario = Scenario { name: "count", run };
 /// Pattern word at physical address `a`.
 fn mem_word(a: u64) -> u64 {
     a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x636f_756e_7421
+}
+
+/// Entries in the tick log (one u64 each; 16 pages).
+const TICK_LOG: u64 = 8192;
+
+/// Tick `t`'s log entry.
+fn tick_word(t: u64) -> u64 {
+    t ^ 0x7469_636b_0000_0000
 }
 
 fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
@@ -43,7 +53,10 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
             // SAFETY: [base, base+len) is RAM of ours that nothing else uses.
             unsafe { core::ptr::write_volatile(a as *mut u64, mem_word(a)) };
         }
-        Some((base, len))
+        let Some(log) = ctx.phys.alloc(TICK_LOG * 8, 4096) else {
+            fail!("no memory for the tick log");
+        };
+        Some((base, len, log))
     } else {
         None
     };
@@ -81,6 +94,11 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         if now >= next {
             ticks += 1;
             crate::println!("probe: count tick={ticks} value={value}");
+            if let Some((_, _, log)) = mem {
+                let slot = log + (ticks % TICK_LOG) * 8;
+                // SAFETY: the log is RAM of ours that nothing else uses.
+                unsafe { core::ptr::write_volatile(slot as *mut u64, tick_word(ticks)) };
+            }
             if let Some((b, buf)) = disk.as_mut() {
                 let sector = ticks % 64;
                 let h = match blk_tick(b, *buf, sector, ticks) {
@@ -98,12 +116,19 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     }
     r.kv("ticks", ticks);
     r.kv("value", value);
-    if let Some((base, len)) = mem {
+    if let Some((base, len, log)) = mem {
         for a in (base..base + len).step_by(8) {
             // SAFETY: as above.
             let w = unsafe { core::ptr::read_volatile(a as *const u64) };
             if w != mem_word(a) {
                 fail!("memory pattern broken at {a:#x}: {w:#x}");
+            }
+        }
+        for t in ticks.saturating_sub(TICK_LOG - 1).max(1)..=ticks {
+            // SAFETY: as above.
+            let w = unsafe { core::ptr::read_volatile((log + (t % TICK_LOG) * 8) as *const u64) };
+            if w != tick_word(t) {
+                fail!("tick {t} is missing from the tick log ({w:#x})");
             }
         }
         r.kv("mem_mb", mem_mb);
