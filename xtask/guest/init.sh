@@ -13,6 +13,9 @@
 #                             (ext4, read-write) and switch_root to it. The disk is the rig's
 #                             blk-root image, whose /sbin/init is this same script; it finds
 #                             /etc/rig-disk-root there and goes on with rig.action.
+#   rig.modules=a,b           load these modules from the initramfs first (the disk has no
+#                             modules: a root=/dev/vdX guest that needs more drivers than
+#                             virtio_blk, e.g. virtio_console, names them here)
 # Output lines of the form TERN-GUEST-KEY=VALUE are collected by the rig as "guest facts";
 # TERN-GUEST-ERROR=... fails a scenario.
 
@@ -56,12 +59,19 @@ rig_poweroff() {
 
 action=poweroff
 root=
+modules=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         rig.action=*) action="${arg#rig.action=}" ;;
+        rig.modules=*) modules="${arg#rig.modules=}" ;;
         root=/dev/*) root="${arg#root=}" ;;
     esac
 done
+
+# rig.modules=: only from the initramfs (after a switch_root they are loaded already).
+if [ -n "$modules" ] && [ ! -e /etc/rig-disk-root ]; then
+    rig_modload $(echo "$modules" | tr , ' ')
+fi
 
 # root=/dev/vdX: mount the virtio-blk disk and switch_root to its /sbin/init.
 if [ -n "$root" ] && [ ! -e /etc/rig-disk-root ]; then

@@ -312,6 +312,29 @@ fn blk_checks_pass(case: &str, checks: &[&str]) -> Expect {
     }
 }
 
+/// What a case of `xtask/l1/scenarios/snapshot.sh` must report: every named check passed
+/// (`TERN-SNAP-PASS <case>/<check>:`), none failed, the script's final `TERN-SNAP-OK <case>`,
+/// and a clean guest in both runs. The checks are listed here so a script that silently skips
+/// one fails.
+fn snapshot_checks_pass(case: &str, checks: &[&str]) -> Expect {
+    let mut require: Vec<String> = checks
+        .iter()
+        .map(|c| format!("TERN-SNAP-PASS {case}/{c}:"))
+        .collect();
+    require.push(format!("TERN-SNAP-OK {case} "));
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require,
+        forbid: strings(&[
+            "TERN-SNAP-FAIL",
+            "TERN-SNAP-STALL",
+            "TERN-GUEST-ERROR",
+            "Kernel panic",
+        ]),
+    }
+}
+
 /// The virtio-blk scenarios (`xtask/l1/scenarios/blk.sh` cases) for one VMM. The guest has PCI
 /// (virtio-blk on tern's default virtio-pci transport; QEMU: microvm with PCIe).
 fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
@@ -678,6 +701,42 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // Snapshot and restore under a workload: a guest with its root file system on
+        // virtio-blk and a virtio-console writes files; L1 pauses it half way, snapshots it,
+        // kills tern and restores the snapshot in a new tern (lazy restore); the guest must
+        // finish on both consoles, and L1 checks every file in the image
+        // (`xtask/l1/scenarios/snapshot.sh`).
+        Scenario {
+            name: "tern-snapshot-blk-console",
+            groups: &["core", "snapshot"],
+            base_cmdline: PCI_CMDLINE,
+            // snapshot.sh sets rig.action, root= and rig.modules=.
+            l1_script: Some(&["snapshot.sh", "blk-console"]),
+            // ~110 s when it passes; snapshot.sh gives each of its two runs 100 s.
+            timeout_secs: 260,
+            expect: snapshot_checks_pass(
+                "blk-console",
+                &[
+                    "boot",
+                    "pause",
+                    "mid-workload",
+                    "snapshot",
+                    "killed",
+                    "snapshot-files",
+                    "restore-exit",
+                    "serial-resumed",
+                    "hvc0-resumed",
+                    "serial-sequence",
+                    "hvc0-sequence",
+                    "serial-done",
+                    "hvc0-done",
+                    "fsck",
+                    "files",
+                    "manifest",
+                ],
+            ),
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",
@@ -906,6 +965,56 @@ mod tests {
             qemu.argv_template()[..5],
             ["/bin/sh", "/rig/l1/blk.sh", "fstrim", "--", "{qemu}"]
         );
+    }
+
+    #[test]
+    fn snapshot_scenario_lists_every_check_its_script_reports() {
+        let all = all();
+        let s = all
+            .iter()
+            .find(|s| s.name == "tern-snapshot-blk-console")
+            .unwrap();
+        assert!(s.in_group("core") && s.in_group("snapshot"));
+        assert_eq!(
+            s.argv_template()[..5],
+            [
+                "/bin/sh",
+                "/rig/l1/snapshot.sh",
+                "blk-console",
+                "--",
+                "{tern}"
+            ]
+        );
+        let script = include_str!("../l1/scenarios/snapshot.sh");
+        let mut checks = 0;
+        for req in &s.expect.require {
+            let Some(check) = req
+                .strip_prefix("TERN-SNAP-PASS blk-console/")
+                .map(|c| c.trim_end_matches(':'))
+            else {
+                continue;
+            };
+            checks += 1;
+            // A check is reported as `pass ID`, by `sequence_ok ... ID`, or per console as
+            // `"$log-ID"`.
+            let found = script.contains(&format!("pass {check} "))
+                || script.contains(&format!(" {check}\n"))
+                || ["serial-", "hvc0-"].iter().any(|p| {
+                    check
+                        .strip_prefix(p)
+                        .is_some_and(|c| script.contains(&format!("\"$log-{c}\"")))
+                });
+            assert!(found, "snapshot.sh never reports {check}");
+        }
+        assert!(checks >= 16);
+        assert!(s
+            .expect
+            .require
+            .contains(&"TERN-SNAP-OK blk-console ".to_string()));
+        // The guest action it sets exists.
+        assert!(script.contains("rig.action=script:snapshot-workload"));
+        let guest = include_str!("../guest/scenarios/snapshot-workload.sh");
+        assert!(guest.contains("TERN-SNAP-PROGRESS") && guest.contains("TERN-SNAP-DONE"));
     }
 
     #[test]

@@ -625,7 +625,8 @@ fn allocated(path: &Path) -> u64 {
 }
 
 /// Diff snapshots: a full snapshot, then two diffs (each over the previous one) of a guest
-/// that keeps a 16 MiB memory pattern and logs every tick in memory. Each diff holds a small
+/// that keeps a 16 MiB memory pattern, logs every tick in memory and does virtio-blk I/O at
+/// every tick (so the device's writes to guest memory must be in the diffs too). Each diff holds a small
 /// part of the memory; restoring the newest layers all three (lazy and eager) and the guest
 /// finds every tick it logged, across all three snapshots; restoring the middle one goes on
 /// from its own point. A diff whose parent is gone is refused.
@@ -638,6 +639,9 @@ fn diff_snapshots_layer_over_their_parents() {
     let sock = dir.path("a.sock");
     let serial = dir.path("a.log");
     let backend = format!("file:{}", s(&serial));
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", s(&disk));
     let mut vm = spawn(&[
         "--kernel",
         s(&probe()),
@@ -646,7 +650,9 @@ fn diff_snapshots_layer_over_their_parents() {
         "--serial",
         &backend,
         "--cmdline",
-        "probe.run=count probe.count_ms=6000 probe.count_mem_mb=16",
+        "probe.run=count probe.count_ms=6000 probe.count_mem_mb=16 probe.count_blk=1",
+        "--disk",
+        &disk_arg,
         "--track-dirty-pages",
         "--api-socket",
         s(&sock),
@@ -695,7 +701,10 @@ fn diff_snapshots_layer_over_their_parents() {
     restore_and_check(&dir, &d2, last2, "lazy");
     restore_and_check(&dir, &d2, last2, "eager");
     let text = std::fs::read_to_string(dir.path("b-eager.log")).unwrap();
-    assert!(text.contains("mem=ok"), "{text}");
+    assert!(
+        text.contains("mem=ok") && text.contains("devlog=ok"),
+        "{text}"
+    );
     std::fs::rename(dir.path("b-lazy.log"), dir.path("b-lazy-2.log")).unwrap();
     restore_and_check(&dir, &d1, last1, "lazy");
     // Without its parent, a diff cannot be restored.

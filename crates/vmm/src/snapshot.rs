@@ -148,6 +148,17 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(|err| format!("CPUID: {err:?}"))?;
     fd.set_cpuid2(&cpuid).map_err(e("set CPUID"))?;
+    fd.set_sregs(&s.sregs).map_err(e("set special registers"))?;
+    fd.set_regs(&s.regs).map_err(e("set registers"))?;
+    // SAFETY: `s.xsave` is a whole `kvm_xsave` taken by KVM_GET_XSAVE on this kind of vCPU
+    // (tern does not enable extended XSAVE state that needs KVM_SET_XSAVE2).
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(e("set XSAVE"))?;
+    fd.set_xcrs(&s.xcrs).map_err(e("set XCRs"))?;
+    // The LAPIC before the MSRs: KVM drops a write of IA32_TSC_DEADLINE unless the APIC is
+    // enabled (the APIC base, from the special registers) and its timer is in TSC-deadline
+    // mode (LVTT, from the LAPIC state). Written earlier, a guest's armed deadline timer would
+    // be lost and the guest would wait for a timer interrupt that never comes.
+    fd.set_lapic(&s.lapic).map_err(e("set LAPIC"))?;
     let msrs = Msrs::from_entries(&s.msrs).map_err(|err| format!("MSRs: {err:?}"))?;
     let n = fd.set_msrs(&msrs).map_err(e("set MSRs"))?;
     if n != s.msrs.len() {
@@ -157,13 +168,6 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
             s.msrs[n].index
         );
     }
-    fd.set_sregs(&s.sregs).map_err(e("set special registers"))?;
-    fd.set_regs(&s.regs).map_err(e("set registers"))?;
-    // SAFETY: `s.xsave` is a whole `kvm_xsave` taken by KVM_GET_XSAVE on this kind of vCPU
-    // (tern does not enable extended XSAVE state that needs KVM_SET_XSAVE2).
-    unsafe { fd.set_xsave(&s.xsave) }.map_err(e("set XSAVE"))?;
-    fd.set_xcrs(&s.xcrs).map_err(e("set XCRs"))?;
-    fd.set_lapic(&s.lapic).map_err(e("set LAPIC"))?;
     fd.set_mp_state(s.mp_state).map_err(e("set MP state"))?;
     fd.set_vcpu_events(&s.events)
         .map_err(e("set vCPU events"))?;
@@ -845,7 +849,92 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+    use kvm_ioctls::Kvm;
+
     use super::*;
+
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+    /// LVT timer register offset in the LAPIC page; mode bits 18:17 = 10b is TSC-deadline.
+    const APIC_LVTT: usize = 0x320;
+    const LVTT_TSC_DEADLINE: u32 = 2 << 17;
+
+    /// KVM, or None after a loud skip (a failure under CI=true).
+    fn kvm(test: &str) -> Option<Kvm> {
+        match Kvm::new() {
+            Ok(k) => Some(k),
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+                panic!("{test}: /dev/kvm is required under CI=true but cannot be opened: {e}")
+            }
+            Err(e) => {
+                eprintln!("\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}); this test needs KVM ***\n");
+                None
+            }
+        }
+    }
+
+    /// A VM with an in-kernel irqchip and one vCPU with KVM's supported CPUID (which offers
+    /// the TSC-deadline timer).
+    fn vm_and_vcpu(kvm: &Kvm) -> (VmFd, VcpuFd) {
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        vcpu.set_cpuid2(&cpuid).unwrap();
+        (vm, vcpu)
+    }
+
+    fn tsc_deadline(vcpu: &VcpuFd) -> u64 {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC_DEADLINE,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), 1);
+        msrs.as_slice()[0].data
+    }
+
+    /// A guest's armed TSC-deadline timer survives save and restore (KVM ignores the deadline
+    /// MSR unless the LAPIC is already in TSC-deadline mode, so the order of restoring matters;
+    /// a lost deadline leaves a Linux guest waiting for a timer interrupt forever).
+    #[test]
+    fn restore_keeps_an_armed_tsc_deadline_timer() {
+        let Some(kvm) = kvm("restore_keeps_an_armed_tsc_deadline_timer") else {
+            return;
+        };
+        let (_vm, a) = vm_and_vcpu(&kvm);
+        let mut lapic = a.get_lapic().unwrap();
+        let lvtt = LVTT_TSC_DEADLINE | 0xec;
+        for (i, b) in lvtt.to_le_bytes().iter().enumerate() {
+            lapic.regs[APIC_LVTT + i] = *b as _;
+        }
+        a.set_lapic(&lapic).unwrap();
+        // Far in the future: the timer must stay armed, not fire.
+        let deadline = 1u64 << 60;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC_DEADLINE,
+            data: deadline,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(a.set_msrs(&msrs).unwrap(), 1);
+        assert_eq!(
+            tsc_deadline(&a),
+            deadline,
+            "KVM did not arm the deadline timer"
+        );
+
+        let msr_list = kvm.get_msr_index_list().unwrap();
+        let saved = save_vcpu(&a, msr_list.as_slice()).unwrap();
+        assert!(saved.msrs.iter().any(|m| m.index == MSR_IA32_TSC_DEADLINE));
+        let (_vm2, b) = vm_and_vcpu(&kvm);
+        restore_vcpu(&b, &saved).unwrap();
+        assert_eq!(
+            tsc_deadline(&b),
+            deadline,
+            "the restored vCPU lost its TSC-deadline timer"
+        );
+    }
 
     fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {

@@ -166,6 +166,13 @@ impl super::PauseDevice for MmioTransport {
         if self.status & DRIVER_OK != 0 && !self.needs_reset {
             self.activate()
                 .map_err(|e| format!("cannot restart virtio device type {}: {e}", s.device_type))?;
+            // A notification the driver sent while the device was pausing died with the old
+            // process; look at every queue once, as if notified (an idle queue costs a wakeup).
+            for (q, e) in self.queues.iter().zip(&self.notify) {
+                if q.ready {
+                    let _ = e.write(1);
+                }
+            }
         }
         Ok(())
     }

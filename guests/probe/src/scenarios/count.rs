@@ -11,8 +11,10 @@
 //!   lost or mixed up across a snapshot and restore).
 //! - `probe.count_blk=1`: at every tick, writes the tick's pattern to sector `tick % 64` of
 //!   the first virtio-blk device, reads it back and checks it (`blk_ok=K`), and prints
-//!   `probe: count blk tick=K sector=S fnv=H` (FNV-1a 64 of the sector). Request failures
-//!   fail the scenario.
+//!   `probe: count blk tick=K sector=S fnv=H` (FNV-1a 64 of the sector). It also reads the
+//!   sector into the tick's slot of a 64-page device log that only the device writes, and
+//!   checks every slot at the end (`devlog=ok`): memory only a device wrote must survive a
+//!   snapshot too. Request failures fail the scenario.
 
 use super::{fail, Ctx, Fail, Report, Scenario};
 use crate::rt::clock;
@@ -75,10 +77,13 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         if b.read_only() {
             fail!("probe.count_blk=1 needs a writable disk");
         }
-        let Some(buf) = ctx.phys.alloc(4096, 4096) else {
-            fail!("no memory for a sector buffer");
+        let (Some(buf), Some(devlog)) = (
+            ctx.phys.alloc(4096, 4096),
+            ctx.phys.alloc(DEVLOG * 4096, 4096),
+        ) else {
+            fail!("no memory for the disk buffers");
         };
-        disk = Some((b, buf));
+        disk = Some((b, buf, devlog));
     }
     let start = clock::now_ns();
     let mut next = start + tick_ns;
@@ -99,9 +104,10 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
                 // SAFETY: the log is RAM of ours that nothing else uses.
                 unsafe { core::ptr::write_volatile(slot as *mut u64, tick_word(ticks)) };
             }
-            if let Some((b, buf)) = disk.as_mut() {
+            if let Some((b, buf, devlog)) = disk.as_mut() {
                 let sector = ticks % 64;
-                let h = match blk_tick(b, *buf, sector, ticks) {
+                let slot = *devlog + (ticks % DEVLOG) * 4096;
+                let h = match blk_tick(b, *buf, slot, sector, ticks) {
                     Ok(h) => h,
                     Err(why) => fail!("tick {ticks}: virtio-blk sector {sector}: {why}"),
                 };
@@ -134,15 +140,30 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         r.kv("mem_mb", mem_mb);
         r.kv("mem", "ok");
     }
-    if disk.is_some() {
+    if let Some((_, _, devlog)) = disk {
+        for t in ticks.saturating_sub(DEVLOG - 1).max(1)..=ticks {
+            let mut want = [0u64; (SECTOR / 8) as usize];
+            super::vblk::fill_sector(&mut want, t % 64, t);
+            let slot = devlog + (t % DEVLOG) * 4096;
+            // SAFETY: the device log is RAM of ours; its requests have completed.
+            let got = unsafe { core::slice::from_raw_parts(slot as *const u64, want.len()) };
+            if got != want {
+                fail!("tick {t}: the device log slot does not hold what the disk returned");
+            }
+        }
         r.kv("blk_ok", blk_ok);
+        r.kv("devlog", "ok");
     }
     Ok(())
 }
 
+/// Pages in the device log.
+const DEVLOG: u64 = 64;
+
 /// Writes sector `sector` with `tick`'s pattern, reads it back into a poisoned buffer and
-/// checks it; returns its FNV-1a 64.
-fn blk_tick(b: &mut Blk, buf: u64, sector: u64, tick: u64) -> Result<u64, &'static str> {
+/// checks it, then reads it once more into `slot` (which the CPU never writes); returns its
+/// FNV-1a 64.
+fn blk_tick(b: &mut Blk, buf: u64, slot: u64, sector: u64, tick: u64) -> Result<u64, &'static str> {
     // SAFETY: `buf` is a page of ours that no request uses between these calls.
     let words = unsafe { core::slice::from_raw_parts_mut(buf as *mut u64, (SECTOR / 8) as usize) };
     super::vblk::fill_sector(words, sector, tick);
@@ -156,6 +177,8 @@ fn blk_tick(b: &mut Blk, buf: u64, sector: u64, tick: u64) -> Result<u64, &'stat
     if words != want {
         return Err("read back differs from what was written");
     }
+    b.transfer(false, sector, slot, SECTOR)
+        .map_err(|_| "read into the device log failed")?;
     // SAFETY: as above.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const u8, SECTOR as usize) };
     Ok(super::vblk::fnv1a64(bytes))
