@@ -765,3 +765,72 @@ fn diff_snapshots_need_tracking_and_an_earlier_snapshot() {
         let _ = std::fs::remove_file(&sock);
     }
 }
+
+/// A clone gets the TAP `--tap-remap` names instead of the snapshot's, and keeps the MAC the
+/// guest had; a remap of a TAP the snapshot does not have is refused, naming the ones it has.
+#[test]
+fn a_clone_gets_its_own_tap() {
+    if !require_kvm("a_clone_gets_its_own_tap") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !in_ci(),
+            "a_clone_gets_its_own_tap needs root (TAP devices) under CI=true"
+        );
+        eprintln!("\n*** SKIPPED a_clone_gets_its_own_tap: needs root to create TAP devices ***\n");
+        return;
+    }
+    let dir = Scratch::new("tap-remap");
+    let snap = dir.path("snap");
+    let tap_a = format!("tsa{}", std::process::id() % 100_000);
+    let tap_b = format!("tsb{}", std::process::id() % 100_000);
+    let net = format!("tap={tap_a}");
+    counting_vm_snapshot_with(&dir, "1", &snap, &["--net", &net], "");
+    let info = |extra: &[&str]| {
+        let sock = dir.path("b.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut args = vec!["--restore", s(&snap), "--serial", "none", "--paused"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--api-socket", s(&sock)]);
+        let _vm = spawn(&args);
+        wait_socket(&sock);
+        let (st, body) = vmm::api::call(&sock, "GET", "/v1/vm", None).unwrap();
+        assert_eq!(st, 200, "{body}");
+        body
+    };
+    let original = info(&[]);
+    let remap = format!("{tap_a}={tap_b}");
+    let clone = info(&["--tap-remap", &remap]);
+    assert!(clone.contains(&format!(r#""taps":["{tap_b}"]"#)), "{clone}");
+    let mac = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["config"]["nets"][0]["mac"].clone()
+    };
+    assert!(
+        original.contains(&format!(r#""taps":["{tap_a}"]"#)),
+        "{original}"
+    );
+    assert!(!mac(&clone).is_null(), "{clone}");
+    let r = run_with_timeout(
+        &tern(),
+        &[
+            "run",
+            "--restore",
+            s(&snap),
+            "--tap-remap",
+            "nope=x",
+            "--serial",
+            "none",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("the snapshot has no TAP nope (it has: {tap_a})")),
+        "{}",
+        r.stderr
+    );
+}
