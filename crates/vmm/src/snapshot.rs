@@ -284,6 +284,28 @@ pub enum MemoryContent<'a> {
 const DIRTY_FILE: &str = "dirty.bin";
 const PAGE: u64 = virtio::dirty::PAGE_SIZE;
 
+/// Byte ranges (start, length) of `data` made of whole pages that are not all zeroes (the
+/// last page may be partial).
+fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in data.chunks(PAGE as usize).enumerate() {
+        let zero = page.chunks(8).fold(0u64, |acc, w| {
+            let mut b = [0u8; 8];
+            b[..w.len()].copy_from_slice(w);
+            acc | u64::from_ne_bytes(b)
+        }) == 0;
+        if zero {
+            continue;
+        }
+        let start = i * PAGE as usize;
+        match runs.last_mut() {
+            Some((s0, l)) if *s0 + *l == start => *l += page.len(),
+            _ => runs.push((start, page.len())),
+        }
+    }
+    runs
+}
+
 /// Runs of set bits in `bits` (over `pages` pages), as (first page, count).
 fn page_runs(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
@@ -377,17 +399,27 @@ pub fn write(
         let memory: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         let mut h = FNV_INIT;
         let path = tmp.join(MEMORY_FILE);
-        let mut f = std::fs::File::create(&path)
+        let f = std::fs::File::create(&path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let werr = |e: std::io::Error| format!("writing {}: {e}", path.display());
         let (parent_snap, dirty_fnv) = match content {
             MemoryContent::Full => {
+                // Pages of zeroes are left as holes: most of a guest's memory usually is, and
+                // a hole reads back as zeroes (eagerly or mapped).
+                use std::os::unix::fs::FileExt;
+                let total: u64 = memory.iter().map(|(_, l)| l).sum();
+                f.set_len(total).map_err(werr)?;
+                let mut off = 0u64;
                 for r in mem.iter() {
                     // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`;
                     // the VM is paused, so nothing writes it while it is read.
                     let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
                     h = fnv(h, bytes);
-                    f.write_all(bytes).map_err(werr)?;
+                    for (start, len) in nonzero_runs(bytes) {
+                        f.write_all_at(&bytes[start..start + len], off + start as u64)
+                            .map_err(werr)?;
+                    }
+                    off += r.len();
                 }
                 (None, 0)
             }
@@ -951,6 +983,16 @@ mod tests {
             edx: regs[3],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn zero_pages_are_skipped() {
+        let mut d = vec![0u8; 5 * 4096 + 100];
+        d[4096 + 7] = 1; // page 1
+        d[2 * 4096] = 2; // page 2
+        d[5 * 4096 + 99] = 3; // the partial last page
+        assert_eq!(nonzero_runs(&d), vec![(4096, 2 * 4096), (5 * 4096, 100)]);
+        assert!(nonzero_runs(&[0u8; 8192]).is_empty());
     }
 
     #[test]
