@@ -16,7 +16,7 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::{aml, Aml};
+use acpi_tables::{aml, Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::layout::*;
@@ -92,6 +92,36 @@ pub struct AcpiPlatform {
     pub pci: Option<PciAcpi>,
 }
 
+/// The VM generation ID device and its notifier, appended to `dsdt`.
+///
+/// `\_SB_.VGEN` (`_HID "VMGENCTR"`, `_CID "VM_Gen_Counter"`) has a method `ADDR` returning
+/// `Package { low 32 bits, high 32 bits }` of [`VMGENID_ADDR`], where the 16-byte ID lives.
+/// When tern changes the ID it raises [`ACPI_VMGENID_GSI`], the interrupt of a second generic
+/// event device, `\_SB_.GED1`, whose `_EVT` does `Notify (\_SB_.VGEN, 0x80)`; the guest then
+/// reads the new ID. (The power button keeps `\_SB_.GED_` and its own interrupt to itself.)
+fn vmgenid_aml(dsdt: &mut dyn AmlSink) {
+    let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+    let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let lo = (VMGENID_ADDR & 0xffff_ffff) as u32;
+    let hi = (VMGENID_ADDR >> 32) as u32;
+    let addr_pkg = aml::Package::new(vec![&lo, &hi]);
+    let ret = aml::Return::new(&addr_pkg);
+    let addr = aml::Method::new("ADDR".into(), 0, false, vec![&ret]);
+    let vgen = aml::Device::new("_SB_.VGEN".into(), vec![&hid, &cid, &ddn, &addr]);
+    vgen.to_aml_bytes(dsdt);
+
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ONE);
+    let ged_irq = aml::Interrupt::new(true, true, false, false, ACPI_VMGENID_GSI);
+    let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq]));
+    let vgen_path: aml::Path = "\\_SB_.VGEN".into();
+    let notify = aml::Notify::new(&vgen_path, &0x80u8);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    let ged = aml::Device::new("_SB_.GED1".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
+    ged.to_aml_bytes(dsdt);
+}
+
 /// One table (or the RSDP) and where it goes in guest memory.
 pub type TablePiece = (u64, Vec<u8>);
 
@@ -145,6 +175,7 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
     let ged = aml::Device::new("_SB_.GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
     ged.to_aml_bytes(&mut dsdt);
+    vmgenid_aml(&mut dsdt);
     for (i, d) in platform.virtio_mmio.iter().enumerate() {
         let hid = aml::Name::new("_HID".into(), &"LNRO0005");
         let uid_v = i as u32;
@@ -356,6 +387,20 @@ mod tests {
             assert!(dsdt.windows(4).any(|w| w == b"GED_"));
             assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
             assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
+            // The VM generation ID device, its ADDR method (a package of the address's
+            // low and high dwords) and the GED that notifies it.
+            assert!(dsdt.windows(4).any(|w| w == b"VGEN"));
+            assert!(dsdt.windows(4).any(|w| w == b"ADDR"));
+            assert!(dsdt.windows(9).any(|w| w == b"VMGENCTR\0"));
+            assert!(dsdt.windows(15).any(|w| w == b"VM_Gen_Counter\0"));
+            assert!(dsdt.windows(4).any(|w| w == b"GED1"));
+            let mut addr_pkg = vec![0xa4, 0x12, 0x08, 0x02, 0x0c];
+            addr_pkg.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
+            addr_pkg.push(0x00);
+            assert!(
+                dsdt.windows(addr_pkg.len()).any(|w| w == addr_pkg),
+                "ADDR returns Package {{ {VMGENID_ADDR:#x}, 0 }}"
+            );
             assert!(dsdt.windows(4).any(|w| w == b"V000"));
             assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
             assert!(dsdt.windows(4).any(|w| w == b"PCI0"));

@@ -6,6 +6,8 @@
 //! 0x0000_6000  PVH start_info      0x0000_b000  4 x PD (identity map of 4 GiB, 2 MiB pages)
 //! 0x0000_7000  Linux zero page     0x0002_0000  kernel command line
 //! 0x0000_8ff0  boot stack top      0x0009_fc00  EBDA: MP table
+//! 0x000e_0000  ACPI tables         0x000e_f000  VM generation ID (16 bytes)
+//! 0x000f_0000  MP table
 //! 0x0010_0000  kernel              ... RAM up to min(size, 3 GiB)
 //! 0xc000_0000  32-bit MMIO hole (PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
 //! 0x1_0000_0000 the rest of RAM
@@ -65,8 +67,16 @@ pub const MPTABLE_START: u64 = 0xf_0000;
 pub const MPTABLE_END: u64 = 0x10_0000;
 /// ACPI tables: RSDP first (in the BIOS area guests scan), then XSDT, FADT, MADT, DSDT.
 pub const ACPI_START: u64 = 0xe_0000;
-/// End of the ACPI table area (the MP table follows).
-pub const ACPI_END: u64 = MPTABLE_START;
+/// End of the ACPI table area (the VM generation ID page follows).
+pub const ACPI_END: u64 = VMGENID_ADDR;
+/// The VM generation ID: 16 random bytes tern writes at boot and replaces after every restore
+/// from a snapshot, so a guest can tell it is a clone (the DSDT's `\_SB_.VGEN` device names
+/// this address). It has the page between the ACPI tables (which end below it) and the MP
+/// table to itself, in the BIOS area (`EBDA_END`..`HIMEM_START`) that the e820 map leaves out
+/// of RAM, so a guest never allocates it.
+pub const VMGENID_ADDR: u64 = 0xe_f000;
+/// Size of the VM generation ID.
+pub const VMGENID_SIZE: usize = 16;
 /// PIO port of the ACPI sleep control register (hardware-reduced ACPI).
 pub const ACPI_SLEEP_CONTROL_PORT: u64 = 0x3c0;
 /// PIO port of the ACPI sleep status register.
@@ -98,6 +108,11 @@ pub const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
 pub const MSI_FIRST_GSI: u32 = 24;
 /// GSI of the ACPI generic event device (GED) that signals the power button.
 pub const ACPI_GED_GSI: u32 = 23;
+/// GSI of the second generic event device (`\_SB_.GED1`), which tells the guest that the VM
+/// generation ID changed. An ISA pin nothing else uses (the PIT has 0, COM1 4, the RTC 8;
+/// guests assume 1 and 12 for the keyboard controller and 3 for COM2), edge-triggered and
+/// active high as ISA interrupts are.
+pub const ACPI_VMGENID_GSI: u32 = 5;
 /// First GSI used for PCI INTx (IOAPIC pins 16..=22, shared round-robin by slot).
 pub const PCI_INTX_FIRST_GSI: u32 = 16;
 /// Number of GSIs PCI INTx is spread over.

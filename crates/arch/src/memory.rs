@@ -132,6 +132,20 @@ mod tests {
     }
 
     #[test]
+    fn the_generation_id_is_in_guest_memory_but_not_ram_the_guest_may_use() {
+        let id = (VMGENID_ADDR, VMGENID_ADDR + VMGENID_SIZE as u64);
+        assert!(ACPI_END <= id.0 && id.1 <= MPTABLE_START);
+        for size in [MIN_MEMORY, 256 << 20, 4 << 30] {
+            assert!(ram_regions(size)
+                .iter()
+                .any(|&(a, s)| a <= id.0 && id.1 <= a + s));
+            for e in e820_map(size).iter().filter(|e| e.kind == E820Type::Ram) {
+                assert!(id.1 <= e.addr || id.0 >= e.addr + e.size, "{e:?}");
+            }
+        }
+    }
+
+    #[test]
     fn exactly_the_hole_size() {
         assert_eq!(ram_regions(MMIO_HOLE_START).len(), 1);
         assert_eq!(e820_map(MMIO_HOLE_START).len(), 4);

@@ -452,6 +452,9 @@ fn show_info(v: &serde_json::Value) -> String {
     if let Some(k) = v["config"]["kernel"].as_str() {
         s.push_str(&format!("\nkernel: {k}"));
     }
+    if let Some(g) = v["generation_id"].as_str() {
+        s.push_str(&format!("\ngeneration id: {g}"));
+    }
     if let Some(t) = v["taps"].as_array().filter(|t| !t.is_empty()) {
         let names: Vec<&str> = t.iter().filter_map(|x| x.as_str()).collect();
         s.push_str(&format!("\ntaps: {}", names.join(", ")));

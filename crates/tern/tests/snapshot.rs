@@ -439,8 +439,8 @@ fn restore_through_the_api_of_an_empty_tern() {
 }
 
 /// Eight clones restored at once from one snapshot of a guest doing disk I/O, each with its
-/// own copy of the disk (`--disk-remap`): each goes on from the snapshot and writes only its
-/// own copy; the original image stays as it was.
+/// own copy of the disk (`--disk-remap`): each goes on from the snapshot, writes only its own
+/// copy and sees a VM generation ID of its own; the original image stays as it was.
 #[test]
 fn eight_clones_run_from_one_snapshot() {
     if !require_kvm("eight_clones_run_from_one_snapshot") {
@@ -456,9 +456,10 @@ fn eight_clones_run_from_one_snapshot() {
         "1",
         &snap,
         &["--disk", &disk_arg],
-        "probe.count_blk=1 probe.count_mem_mb=8",
+        "probe.count_blk=1 probe.count_mem_mb=8 probe.count_gen=1",
     );
     let original = std::fs::read(&disk).unwrap();
+    let mut generations = std::collections::BTreeSet::new();
     let clones: Vec<_> = (0..8)
         .map(|i| {
             let copy = dir.path(&format!("clone{i}.raw"));
@@ -503,11 +504,104 @@ fn eight_clones_run_from_one_snapshot() {
             original,
             "clone {i} did not write its own disk"
         );
+        let generation = text
+            .lines()
+            .rfind(|l| l.starts_with("probe: count generation="))
+            .unwrap_or_else(|| panic!("clone {i} printed no generation ID: {text}"))
+            .to_string();
+        generations.insert(generation);
     }
     assert!(
         std::fs::read(&disk).unwrap() == original,
         "a clone wrote the original disk image"
     );
+    assert_eq!(
+        generations.len(),
+        8,
+        "clones share a generation ID: {generations:?}"
+    );
+}
+
+/// The IDs of every complete `probe: count generation=<hex>` line of a serial file.
+fn generations(serial: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("probe: count generation="))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A VM restored from a snapshot gets a new VM generation ID: the probe reads it where the
+/// DSDT says it is, and `GET /v1/vm` reports the same. Two clones of one snapshot have IDs
+/// different from the original's and from each other's.
+#[test]
+fn each_restore_gets_a_new_generation_id() {
+    if !require_kvm("each_restore_gets_a_new_generation_id") {
+        return;
+    }
+    use vmm::api::call;
+    let dir = Scratch::new("vmgenid");
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot_with(&dir, "1", &snap, &[], "probe.count_gen=1");
+    let original = generations(&dir.path("a.log"));
+    assert_eq!(
+        original.len(),
+        1,
+        "the original VM's ID changed while it ran: {original:?}"
+    );
+    let is_id = |g: &str| g.len() == 32 && g.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(is_id(&original[0]), "{original:?}");
+    let mut seen = original;
+    for i in 0..2 {
+        let sock = dir.path(&format!("clone{i}.sock"));
+        let log = dir.path(&format!("clone{i}.log"));
+        let backend = format!("file:{}", s(&log));
+        let mut vm = spawn(&[
+            "--restore",
+            s(&snap),
+            "--serial",
+            &backend,
+            "--api-socket",
+            s(&sock),
+        ]);
+        wait_socket(&sock);
+        wait_until(
+            "the clone to see its generation ID",
+            Duration::from_secs(10),
+            || !generations(&log).is_empty(),
+        );
+        let id = generations(&log).remove(0);
+        assert!(is_id(&id), "clone {i}: {id}");
+        let (st, body) = call(&sock, "GET", "/v1/vm", None).unwrap();
+        assert_eq!(st, 200, "{body}");
+        assert!(
+            body.contains(&format!(r#""generation_id":"{id}""#)),
+            "clone {i}: the guest read {id}, the API says {body}"
+        );
+        let (ok, stderr) = wait_child(&mut vm.0, Duration::from_secs(30));
+        assert!(ok, "clone {i} did not exit 0: {stderr}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            ticks(&log).first().map(|t| t.0),
+            Some(last.0 + 1),
+            "clone {i}: {text}"
+        );
+        assert!(
+            text.contains("probe: count ok") && text.contains("gen_changes=1"),
+            "clone {i}: {text}"
+        );
+        assert_eq!(generations(&log).len(), 1, "clone {i}: {text}");
+        assert!(
+            !seen.contains(&id),
+            "clone {i} has generation ID {id}, as an earlier VM: {seen:?}"
+        );
+        seen.push(id);
+    }
 }
 
 /// Waits for `child` (killed after `timeout`); (exited 0, its stderr).

@@ -9,6 +9,7 @@ pub mod terminal;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;
+pub mod vmgenid;
 
 pub use config::VmConfig;
 pub use vm::{run, Restore, VmExit, VmmError};

@@ -608,6 +608,8 @@ struct Vm {
     ctl: Arc<VmControl>,
     reset_evt: EventFd,
     power_button: EventFd,
+    /// Raises `\_SB_.GED1`: the VM generation ID changed.
+    vmgenid_evt: EventFd,
     shutdown_timeout: Duration,
     panic_seen: Arc<AtomicBool>,
     console_input: Option<virtio::devices::ConsoleInput>,
@@ -712,6 +714,7 @@ fn load_guest(
     };
     let rsdp =
         arch::acpi::setup_acpi(mem, acpi_platform).map_err(|e| VmmError::Setup(e.to_string()))?;
+    crate::vmgenid::write_new(mem).map_err(VmmError::Setup)?;
     let boot = arch::boot::load_kernel(
         mem,
         arch::boot::KernelSpec {
@@ -931,6 +934,10 @@ impl Vm {
             .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
         vm.register_irqfd(&power_button, ACPI_GED_GSI)
             .map_err(kvm_err("register power button irqfd"))?;
+        let vmgenid_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&vmgenid_evt, ACPI_VMGENID_GSI)
+            .map_err(kvm_err("register VM generation ID irqfd"))?;
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
         let i8042 = I8042::new(EventFdTrigger(
@@ -1056,6 +1063,7 @@ impl Vm {
             ctl,
             reset_evt,
             power_button,
+            vmgenid_evt,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
             panic_seen,
             console_input,
@@ -1075,6 +1083,22 @@ impl Vm {
         if deadline.is_none() {
             *deadline = Some(Instant::now() + self.shutdown_timeout);
         }
+    }
+
+    /// Gives the VM a new generation ID and tells the guest (`Notify (\_SB_.VGEN, 0x80)`
+    /// through `\_SB_.GED1`): after a restore, so every clone of a snapshot has its own.
+    fn new_generation(&self) -> Result<(), VmmError> {
+        crate::vmgenid::write_new(&self._mem).map_err(VmmError::Setup)?;
+        // tern's own write: a diff snapshot must carry it too.
+        virtio::dirty::mark(
+            arch::layout::VMGENID_ADDR,
+            arch::layout::VMGENID_SIZE as u64,
+        );
+        self.vmgenid_evt.write(1).map_err(|e| {
+            VmmError::Setup(format!(
+                "cannot signal the new VM generation ID to the guest: {e}"
+            ))
+        })
     }
 
     /// Parks every vCPU outside `KVM_RUN`, then every device worker (after its in-flight I/O);
@@ -1299,7 +1323,8 @@ impl Vm {
                 p.pause_device();
             }
         }
-        Ok(())
+        // A restored VM is a clone: it gets a generation ID of its own.
+        self.new_generation()
     }
 
     /// Answers one API request while the VM runs.
@@ -1320,6 +1345,9 @@ impl Vm {
                 "vcpus": config.cpus,
                 "memory_bytes": config.memory.0,
                 "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "generation_id": crate::vmgenid::read(&self._mem)
+                    .ok()
+                    .map(|id| crate::vmgenid::hex(&id)),
                 "taps": self.device_stats.iter().filter_map(|d| match d {
                     crate::virtio_devices::DeviceStats::Net { tap, .. } => Some(tap.clone()),
                     _ => None,

@@ -15,6 +15,10 @@
 //!   sector into the tick's slot of a 64-page device log that only the device writes, and
 //!   checks every slot at the end (`devlog=ok`): memory only a device wrote must survive a
 //!   snapshot too. Request failures fail the scenario.
+//! - `probe.count_gen=1`: reads the 16-byte VM generation ID at [`VMGENID_ADDR`] at the start
+//!   and at every tick, and prints `probe: count generation=<32 hex digits>` (bytes in memory
+//!   order) at the start and whenever it changed (`gen_changes=K`). tern gives a VM restored
+//!   from a snapshot a new one, so each clone prints its own.
 
 use super::{fail, Ctx, Fail, Report, Scenario};
 use crate::rt::clock;
@@ -22,6 +26,22 @@ use crate::rt::virtio::blk::{self, Blk, SECTOR};
 use crate::rt::virtio::ID_BLK;
 
 pub const SCENARIO: Scenario = Scenario { name: "count", run };
+
+/// Where tern puts the VM generation ID (tern's `arch::layout::VMGENID_ADDR`, which its DSDT
+/// names in `\_SB_.VGEN.ADDR`): a page of the BIOS area, identity mapped and user accessible
+/// like all low memory.
+const VMGENID_ADDR: u64 = 0xe_f000;
+
+/// The VM generation ID, read as one 128-bit number whose hex digits follow memory order.
+fn generation() -> u128 {
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        // SAFETY: the generation ID page is mapped (the identity map of low memory) and only
+        // read; volatile, since tern rewrites it behind the guest's back.
+        *b = unsafe { core::ptr::read_volatile((VMGENID_ADDR + i as u64) as *const u8) };
+    }
+    u128::from_be_bytes(id)
+}
 
 /// Pattern word at physical address `a`.
 fn mem_word(a: u64) -> u64 {
@@ -42,6 +62,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     let tick_ns = ctx.param("count_tick_ms", 100)? * 1_000_000;
     let mem_mb = ctx.param("count_mem_mb", 0)?;
     let use_blk = ctx.param("count_blk", 0)? != 0;
+    let use_gen = ctx.param("count_gen", 0)? != 0;
     if tick_ns == 0 {
         fail!("probe.count_tick_ms must be positive");
     }
@@ -85,6 +106,13 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         };
         disk = Some((b, buf, devlog));
     }
+    let mut gen = None;
+    if use_gen {
+        let g = generation();
+        crate::println!("probe: count generation={g:032x}");
+        gen = Some(g);
+    }
+    let mut gen_changes: u64 = 0;
     let start = clock::now_ns();
     let mut next = start + tick_ns;
     let mut value: u64 = 0;
@@ -113,6 +141,14 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
                 };
                 blk_ok += 1;
                 crate::println!("probe: count blk tick={ticks} sector={sector} fnv={h:#x}");
+            }
+            if let Some(g) = gen.as_mut() {
+                let now_gen = generation();
+                if now_gen != *g {
+                    *g = now_gen;
+                    gen_changes += 1;
+                    crate::println!("probe: count generation={now_gen:032x}");
+                }
             }
             next = now + tick_ns;
         }
@@ -153,6 +189,9 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         }
         r.kv("blk_ok", blk_ok);
         r.kv("devlog", "ok");
+    }
+    if use_gen {
+        r.kv("gen_changes", gen_changes);
     }
     Ok(())
 }
