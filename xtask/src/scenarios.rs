@@ -718,6 +718,7 @@ pub fn all() -> Vec<Scenario> {
                 "blk-console",
                 &[
                     "boot",
+                    "vmgenid-acpi",
                     "pause",
                     "mid-workload",
                     "snapshot",

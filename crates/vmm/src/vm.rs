@@ -686,6 +686,16 @@ fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
     vm.create_pit2(pit).map_err(kvm_err("create PIT"))
 }
 
+/// The kernel a configuration boots.
+fn kernel_path(config: &VmConfig) -> Result<&std::path::Path, VmmError> {
+    Ok(config
+        .kernel
+        .as_deref()
+        .ok_or(crate::config::ConfigError::Missing(
+            "kernel (--kernel PATH)",
+        ))?)
+}
+
 /// Writes the ACPI tables, the kernel, initrd, command line, boot structures and MP table
 /// into guest memory.
 fn load_guest(
@@ -697,12 +707,7 @@ fn load_guest(
     linux: bool,
 ) -> Result<arch::boot::BootInfo, VmmError> {
     let mem_size = config.memory.0;
-    let kernel_path = config
-        .kernel
-        .as_ref()
-        .ok_or(crate::config::ConfigError::Missing(
-            "kernel (--kernel PATH)",
-        ))?;
+    let kernel_path = kernel_path(config)?;
     let protocol = match config.boot_protocol {
         BootProtocol::Auto => arch::boot::BootProtocol::Auto,
         BootProtocol::Pvh => arch::boot::BootProtocol::Pvh,
@@ -758,12 +763,7 @@ impl Vm {
         let kernel = if restoring {
             None
         } else {
-            let kernel_path = config
-                .kernel
-                .as_ref()
-                .ok_or(crate::config::ConfigError::Missing(
-                    "kernel (--kernel PATH)",
-                ))?;
+            let kernel_path = kernel_path(config)?;
             Some(std::fs::read(kernel_path).map_err(|err| VmmError::File {
                 what: "kernel",
                 path: kernel_path.display().to_string(),

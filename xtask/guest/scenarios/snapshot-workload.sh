@@ -72,6 +72,8 @@ snap_workload() {
         blk_fail "/dev/hvc0 never appeared (virtio_console: $(grep -c '^virtio_console ' /proc/modules))"
         return 1
     fi
+    # tern's VM generation ID device, as Linux's ACPI scan found it (its path, or "missing").
+    echo "TERN-SNAP-VMGENID $(cat /sys/bus/acpi/devices/VMGENCTR:00/path 2>/dev/null || echo missing)"
     # hvc0 stays open across the snapshot, like a long-running program's console would.
     exec 3> /dev/hvc0
     echo "TERN-SNAP-START files=$SNAP_FILES bytes=$SNAP_FILE_BYTES"

@@ -170,6 +170,12 @@ if [ -z "$reached" ]; then
     finish
 fi
 pass boot "first run: the guest booted from /dev/vda and wrote $SNAP_AT files in $(since "$start")s"
+# The guest's ACPI namespace has tern's VM generation ID device (the workload reports it).
+vgen=$(sed -n 's/^TERN-SNAP-VMGENID //p' "$W/serial-1.log" | tr -d '\r' | head -n 1)
+case "$vgen" in
+    '\_SB_.VGEN') pass vmgenid-acpi "the guest found the VM generation ID device VMGENCTR at $vgen" ;;
+    *) fail vmgenid-acpi "the guest reports the VM generation ID device as '${vgen:-nothing}', expected \\_SB_.VGEN" ;;
+esac
 
 # Pause, snapshot, kill.
 if out=$("$tern" pause --api-socket "$SOCK" 2>&1) && echo "$out" | grep -q '^paused'; then

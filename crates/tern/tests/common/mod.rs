@@ -309,6 +309,19 @@ pub fn s(p: &Path) -> &str {
 
 /// `(tick, value)` of every complete `probe: count tick=K value=V` line of a serial file.
 pub fn ticks(serial: &Path) -> Vec<(u64, u64)> {
+    lines_after(serial, "probe: count tick=")
+        .iter()
+        .map(|rest| {
+            let (t, v) = rest.split_once(" value=").expect("tick line");
+            (t.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// What follows `prefix` on every complete line of a serial file that starts with it (a line
+/// still being written does not count).
+#[allow(dead_code)]
+pub fn lines_after(serial: &Path, prefix: &str) -> Vec<String> {
     let text = std::fs::read_to_string(serial).unwrap_or_default();
     let complete = match text.rfind('\n') {
         Some(i) => &text[..i],
@@ -316,11 +329,8 @@ pub fn ticks(serial: &Path) -> Vec<(u64, u64)> {
     };
     complete
         .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("probe: count tick="))
-        .map(|rest| {
-            let (t, v) = rest.split_once(" value=").expect("tick line");
-            (t.parse().unwrap(), v.parse().unwrap())
-        })
+        .filter_map(|l| l.trim_end().strip_prefix(prefix))
+        .map(str::to_owned)
         .collect()
 }
 

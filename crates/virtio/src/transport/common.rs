@@ -209,6 +209,38 @@ pub(crate) fn features_acceptable(
     true
 }
 
+/// The end of a transport's restore, once its registers hold the saved state: the device
+/// learns the accepted features (`features_ok`) and, when the driver had started it (`live`),
+/// is activated on its saved queues, each of which is then looked at once as if notified (a
+/// notification the driver sent while the device was pausing died with the old process).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn restart_restored(
+    device: &mut dyn VirtioDevice,
+    mem: &GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    regs: &[QueueRegs],
+    notify: &[EventFd],
+    driver_features: u64,
+    features_ok: bool,
+    live: bool,
+) -> Result<(), String> {
+    if features_ok {
+        device.ack_features(driver_features);
+    }
+    if !live {
+        return Ok(());
+    }
+    let device_type = device.device_type();
+    activate(device, mem, interrupt, regs, notify, driver_features)
+        .map_err(|e| format!("cannot restart virtio device type {device_type}: {e}"))?;
+    for (q, e) in regs.iter().zip(notify) {
+        if q.ready {
+            let _ = e.write(1);
+        }
+    }
+    Ok(())
+}
+
 /// Builds every queue from the driver's registers and activates the device with them.
 pub(crate) fn activate(
     device: &mut dyn VirtioDevice,

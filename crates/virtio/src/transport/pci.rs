@@ -52,8 +52,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::common::{
-    activate, check_state, features_acceptable, save_queues, status_write, QueueRegs, StatusWrite,
-    TransportState,
+    activate, check_state, features_acceptable, restart_restored, save_queues, status_write,
+    QueueRegs, StatusWrite, TransportState,
 };
 use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
 
@@ -386,21 +386,16 @@ impl super::PauseDevice for VirtioPciDevice {
         self.interrupt
             .generation
             .store(s.config_generation as u8, Ordering::SeqCst);
-        if self.status & FEATURES_OK as u8 != 0 {
-            self.device.ack_features(self.driver_features);
-        }
-        if self.status & DRIVER_OK as u8 != 0 && !self.needs_reset {
-            self.activate()
-                .map_err(|e| format!("cannot restart virtio device type {}: {e}", s.device_type))?;
-            // A notification the driver sent while the device was pausing died with the old
-            // process; look at every queue once, as if notified (an idle queue costs a wakeup).
-            for (q, e) in self.queues.iter().zip(&self.notify) {
-                if q.ready {
-                    let _ = e.write(1);
-                }
-            }
-        }
-        Ok(())
+        restart_restored(
+            self.device.as_mut(),
+            &self.mem,
+            self.interrupt.clone(),
+            &self.queues,
+            &self.notify,
+            self.driver_features,
+            self.status & FEATURES_OK as u8 != 0,
+            self.status & DRIVER_OK as u8 != 0 && !self.needs_reset,
+        )
     }
 }
 
