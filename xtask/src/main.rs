@@ -3,6 +3,7 @@
 //! ```text
 //! cargo xtask images                 build kernels + initramfs images into build/images/
 //! cargo xtask rig [--group core] [--filter S] [--tern PATH] [--keep-logs DIR] [--list]
+//! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [--tern PATH]
 //! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
@@ -16,6 +17,7 @@ mod bench_api;
 mod bench_blk;
 mod bench_net;
 mod bench_probe;
+mod bench_snapshot;
 mod ci;
 mod cpio;
 mod debs;
@@ -82,6 +84,22 @@ enum Cmd {
         /// tern binary to measure [default: build target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
+    },
+    /// Snapshot, restore and clone times, tern vs QEMU (migrate to file / -incoming).
+    BenchSnapshot {
+        /// tern binary to measure [default: build target/release/tern].
+        #[arg(long)]
+        tern: Option<PathBuf>,
+        /// Interleaved runs per guest size.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Guest sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G",
+              value_parser = bench_snapshot::parse_size_mib)]
+        sizes: Vec<u64>,
+        /// Clones restored at once from one snapshot (0: skip).
+        #[arg(long, default_value_t = 8)]
+        clones: usize,
     },
     /// Run Linux-guest scenarios in the nested rig (L1 = QEMU TCG with AMD-V).
     Rig {
@@ -231,6 +249,29 @@ fn run(command: Cmd) -> Result<()> {
             };
             let probe = ci::build_probe()?;
             bench_api::run(&tern, &probe)
+        }
+        Cmd::BenchSnapshot {
+            tern,
+            runs,
+            sizes,
+            clones,
+        } => {
+            // Checked before the builds: this benchmark installs nothing.
+            let qemu = util::which("qemu-system-x86_64").context(
+                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86); \
+                 bench-snapshot compares tern with it",
+            )?;
+            let tern = match tern {
+                Some(t) => t,
+                None => ci::build_tern()?,
+            };
+            let probe = ci::build_probe()?;
+            let opts = bench_snapshot::Options {
+                sizes_mib: sizes,
+                runs,
+                clones,
+            };
+            bench_snapshot::run(&tern, &probe, &qemu, &opts)
         }
     }
 }

@@ -11,7 +11,7 @@
 //! request it took, so nothing is in flight). Disks and TAPs are reopened from the
 //! configuration.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
@@ -852,22 +852,55 @@ impl Snapshot {
 
     /// Loads `dir/memory.bin` into `mem` (eagerly), checking layout and checksum.
     pub fn load_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
         let path = dir.join(MEMORY_FILE);
         self.check_layout(mem)?;
-        let mut f = std::fs::File::open(&path)
+        let f = std::fs::File::open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
+        let len = f.metadata().map_err(|e| e.to_string())?.len();
+        if len != total {
+            return Err(format!(
+                "{} has {len} bytes, the VM's memory {total}: it is truncated or not this snapshot's",
+                path.display()
+            ));
+        }
+        // Only the file's data is read: its holes are pages of zeroes, which the freshly built
+        // VM's memory already is (they still count in the checksum).
+        let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
+            // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+            let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+            u64::try_from(r).ok()
+        };
         let mut h = FNV_INIT;
+        let mut base = 0u64;
         for r in mem.iter() {
             // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`; no vCPU runs
             // yet, and nothing else holds a reference into it.
             let bytes = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) };
-            f.read_exact(bytes)
-                .map_err(|e| format!("{} is truncated or unreadable: {e}", path.display()))?;
-            h = fnv(h, bytes);
-        }
-        let mut extra = [0u8; 1];
-        if f.read(&mut extra).map_err(|e| e.to_string())? != 0 {
-            return Err(format!("{} is longer than the VM's memory", path.display()));
+            let end = r.len();
+            let mut pos = 0u64;
+            while pos < end {
+                // Where data starts (a filesystem without holes says: here).
+                let data = seek(base + pos, libc::SEEK_DATA)
+                    .map_or(end, |d| d.saturating_sub(base).min(end))
+                    .max(pos);
+                h = fnv_zeroes(h, data - pos);
+                pos = data;
+                if pos >= end {
+                    break;
+                }
+                let hole = seek(base + pos, libc::SEEK_HOLE)
+                    .map_or(end, |d| d.saturating_sub(base).min(end))
+                    .max(pos + 1);
+                let chunk = &mut bytes[pos as usize..hole as usize];
+                f.read_exact_at(chunk, base + pos)
+                    .map_err(|e| format!("{} is truncated or unreadable: {e}", path.display()))?;
+                h = fnv(h, chunk);
+                pos = hole;
+            }
+            base += end;
         }
         if h != self.memory_fnv {
             return Err(format!(
@@ -877,6 +910,21 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+/// [`fnv`] over `n` zero bytes (n a multiple of 8, or the tail of a call): every step XORs
+/// zero and multiplies by the prime, so it is `h * prime^steps`.
+fn fnv_zeroes(h: u64, n: u64) -> u64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let (mut steps, mut base, mut acc) = (n / 8 + n % 8, PRIME, 1u64);
+    while steps > 0 {
+        if steps & 1 == 1 {
+            acc = acc.wrapping_mul(base);
+        }
+        base = base.wrapping_mul(base);
+        steps >>= 1;
+    }
+    h.wrapping_mul(acc)
 }
 
 #[cfg(test)]
@@ -983,6 +1031,15 @@ mod tests {
             edx: regs[3],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn checksum_of_zeroes_without_reading_them() {
+        for n in [0u64, 8, 4096, 3 * 4096 + 8, 1 << 20] {
+            let zeroes = vec![0u8; n as usize];
+            assert_eq!(fnv_zeroes(12345, n), fnv(12345, &zeroes), "{n} bytes");
+        }
+        assert_eq!(fnv_zeroes(7, 13), fnv(7, &[0u8; 13]));
     }
 
     #[test]
