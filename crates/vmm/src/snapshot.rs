@@ -3,8 +3,13 @@
 //!
 //! Layout of a snapshot directory: `state.json` (versioned; the configuration, every vCPU's
 //! and the VM's KVM state, the memory layout and FNV-1a checksums of the state and the memory)
-//! and `memory.bin` (guest RAM, region after region). Both are written into a temporary
-//! directory next to the target and renamed into place, so a crash leaves no half snapshot.
+//! and `memory.bin` (guest RAM, region after region; pages of zeroes are holes). Both are
+//! written into a temporary directory next to the target, synced and renamed into place, so a
+//! crash leaves no half snapshot.
+//!
+//! A diff snapshot's `memory.bin` holds only the pages written since the snapshot it names as
+//! its parent (the rest are holes; `dirty.bin` says which pages it holds); restoring one lays
+//! the chain of diffs over the full snapshot at its root.
 //!
 //! Devices: the COM1 UART's registers, and each virtio device's transport state (the driver's
 //! configuration, MSI-X, and where each queue stopped: a paused device has answered every
