@@ -22,6 +22,13 @@ const REG_B_24H: u8 = 1 << 1;
 /// Register D: valid RAM and time.
 const REG_D_VRT: u8 = 1 << 7;
 
+/// The RTC's state in a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RtcState {
+    index: u8,
+    ram: Vec<u8>,
+}
+
 /// The RTC and CMOS RAM.
 pub struct Rtc {
     index: u8,
@@ -78,6 +85,24 @@ impl Rtc {
         ram[REG_B as usize] = REG_B_24H;
         ram[REG_D as usize] = REG_D_VRT;
         Rtc { index: 0, ram, now }
+    }
+
+    /// The index register and CMOS RAM, for a snapshot (the time itself follows the host).
+    pub fn save_state(&self) -> RtcState {
+        RtcState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// Puts saved CMOS RAM and index back.
+    pub fn restore_state(&mut self, s: &RtcState) -> Result<(), String> {
+        self.ram =
+            s.ram.as_slice().try_into().map_err(|_| {
+                format!("RTC: {} bytes of CMOS RAM saved, 128 expected", s.ram.len())
+            })?;
+        self.index = s.index;
+        Ok(())
     }
 
     fn read_reg(&mut self, reg: u8) -> u8 {
@@ -142,6 +167,24 @@ mod tests {
         let mut b = [0u8];
         rtc.read(1, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn cmos_ram_survives_save_and_restore() {
+        let mut a = Rtc::with_clock(Box::new(|| 0));
+        a.write(0, &[0x40]);
+        a.write(1, &[0x5a]); // CMOS RAM byte 0x40
+        a.write(0, &[0x41]);
+        let s = a.save_state();
+        let mut b = Rtc::with_clock(Box::new(|| 0));
+        b.restore_state(&s).unwrap();
+        assert_eq!(read(&mut b, 0x40), 0x5a);
+        assert!(b
+            .restore_state(&RtcState {
+                index: 0,
+                ram: vec![0; 3]
+            })
+            .is_err());
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct Snapshot {
     vcpus: Vec<VcpuState>,
     /// The COM1 UART.
     serial: devices::serial::SerialState,
+    /// The CMOS RTC's RAM.
+    #[serde(default)]
+    rtc: Option<devices::rtc::RtcState>,
     /// Each virtio device's transport state, in attach order.
     devices: Vec<virtio::transport::TransportState>,
     /// (guest address, length) of each RAM region, in `memory.bin` order.
@@ -388,6 +391,8 @@ fn run_pieces(mem: &GuestMemoryMmap, runs: &[(u64, u64)]) -> Vec<(*mut u8, u64, 
 pub struct DeviceStates {
     /// The COM1 UART.
     pub serial: devices::serial::SerialState,
+    /// The CMOS RTC.
+    pub rtc: devices::rtc::RtcState,
     /// Each virtio transport, in attach order.
     pub virtio: Vec<virtio::transport::TransportState>,
 }
@@ -479,6 +484,7 @@ pub fn write(
             vm,
             vcpus,
             serial: devices.serial,
+            rtc: Some(devices.rtc),
             devices: devices.virtio,
             memory,
             memory_fnv: h,
@@ -681,6 +687,11 @@ impl Snapshot {
     /// Saved UART state.
     pub fn serial(&self) -> &devices::serial::SerialState {
         &self.serial
+    }
+
+    /// Saved RTC state (absent in snapshots from before it was saved).
+    pub fn rtc(&self) -> Option<&devices::rtc::RtcState> {
+        self.rtc.as_ref()
     }
 
     /// Saved virtio transport states, in attach order.

@@ -605,6 +605,7 @@ struct Vm {
     _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     serial: Arc<Mutex<SerialDevice>>,
+    rtc: Arc<Mutex<Rtc>>,
     ctl: Arc<VmControl>,
     reset_evt: EventFd,
     power_button: EventFd,
@@ -972,7 +973,8 @@ impl Vm {
             .map_err(bus_err)?;
         pio.insert(Arc::new(Mutex::new(DebugPort::new(start))), DEBUG_PORT, 1)
             .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_BASE, RTC_LEN)
+        let rtc = Arc::new(Mutex::new(Rtc::new()));
+        pio.insert(rtc.clone(), RTC_BASE, RTC_LEN)
             .map_err(bus_err)?;
         let mut mmio = Bus::new();
         let console_input = virtio.console_input;
@@ -1056,6 +1058,7 @@ impl Vm {
             None
         };
         Ok(Vm {
+            rtc,
             _kvm: kvm,
             _vm: vm,
             _mem: mem,
@@ -1188,6 +1191,11 @@ impl Vm {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .save_state(),
+            rtc: self
+                .rtc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save_state(),
             virtio: self
                 .pausers
                 .iter()
@@ -1315,6 +1323,13 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .restore_state(snap.serial())
             .map_err(e)?;
+        if let Some(r) = snap.rtc() {
+            self.rtc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(r)
+                .map_err(e)?;
+        }
         for (i, (p, s)) in self.pausers.iter().zip(snap.devices()).enumerate() {
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
             p.restore_state(s)

@@ -300,6 +300,7 @@ impl super::PauseDevice for VirtioPciDevice {
         let msix = lock(&self.interrupt.msix);
         let mut msix_table = vec![0u8; msix.table_size() as usize];
         msix.table_read(0, &mut msix_table);
+        let msix_pending = msix.pending_bits();
         drop(msix);
         TransportState {
             device_type: self.device.device_type(),
@@ -316,6 +317,7 @@ impl super::PauseDevice for VirtioPciDevice {
             pci: Some(PciState {
                 config,
                 msix_table,
+                msix_pending,
                 config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
                 queue_vectors: self
                     .interrupt
@@ -363,7 +365,10 @@ impl super::PauseDevice for VirtioPciDevice {
             }
         }
         let ctrl = self.config.read_u16(self.msix_cap + 2);
-        lock(&self.interrupt.msix).set_message_control(ctrl);
+        let mut msix = lock(&self.interrupt.msix);
+        msix.set_message_control(ctrl);
+        msix.restore_pending(&p.msix_pending);
+        drop(msix);
         let nvec = self.num_vectors();
         let vector = |v: u16| if v < nvec { v } else { VIRTIO_MSI_NO_VECTOR };
         self.interrupt
@@ -408,6 +413,9 @@ const CONFIG_SPACE_SAVED: usize = 256;
 pub(crate) struct PciState {
     config: Vec<u8>,
     msix_table: Vec<u8>,
+    /// Vectors raised while masked, not yet delivered.
+    #[serde(default)]
+    msix_pending: Vec<u64>,
     config_vector: u16,
     queue_vectors: Vec<u16>,
 }
