@@ -738,6 +738,43 @@ pub fn all() -> Vec<Scenario> {
             ),
             ..DEFAULT
         },
+        // Snapshot and restore under network traffic: a guest on a TAP in an L1 bridge pings L1
+        // and sends paced deterministic data to a listener in L1 over one TCP connection; L1
+        // snapshots it part-way, kills tern and restores the snapshot in a new tern on the same
+        // TAP; the pings must be answered again and the transfer must complete, byte-exact
+        // (`xtask/l1/scenarios/snapshot-net.sh`).
+        Scenario {
+            name: "tern-snapshot-net",
+            groups: &["core", "snapshot"],
+            base_cmdline: PCI_CMDLINE,
+            // snapshot-net.sh sets rig.action and the guest's rig.net.* parameters.
+            l1_script: Some(&["snapshot-net.sh", "net"]),
+            // snapshot-net.sh gives each of its two runs 120 s.
+            timeout_secs: 300,
+            expect: snapshot_checks_pass(
+                "net",
+                &[
+                    "setup",
+                    "boot",
+                    "device",
+                    "pause",
+                    "ping-before",
+                    "mid-transfer",
+                    "snapshot",
+                    "killed",
+                    "snapshot-files",
+                    "conn-open",
+                    "restore-exit",
+                    "resumed",
+                    "sequence",
+                    "ping-after",
+                    "transfer",
+                    "sha256",
+                    "done",
+                ],
+            ),
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",
@@ -1016,6 +1053,45 @@ mod tests {
         assert!(script.contains("rig.action=script:snapshot-workload"));
         let guest = include_str!("../guest/scenarios/snapshot-workload.sh");
         assert!(guest.contains("TERN-SNAP-PROGRESS") && guest.contains("TERN-SNAP-DONE"));
+    }
+
+    #[test]
+    fn snapshot_net_scenario_lists_every_check_its_script_reports() {
+        let all = all();
+        let s = all.iter().find(|s| s.name == "tern-snapshot-net").unwrap();
+        assert!(s.in_group("core") && s.in_group("snapshot"));
+        assert_eq!(
+            s.argv_template()[..5],
+            ["/bin/sh", "/rig/l1/snapshot-net.sh", "net", "--", "{tern}"]
+        );
+        let script = include_str!("../l1/scenarios/snapshot-net.sh");
+        let mut checks = 0;
+        for req in &s.expect.require {
+            let Some(check) = req
+                .strip_prefix("TERN-SNAP-PASS net/")
+                .map(|c| c.trim_end_matches(':'))
+            else {
+                continue;
+            };
+            checks += 1;
+            assert!(
+                script.contains(&format!("pass {check} ")),
+                "snapshot-net.sh never reports {check}"
+            );
+        }
+        assert!(checks >= 17);
+        assert!(s.expect.require.contains(&"TERN-SNAP-OK net ".to_string()));
+        // The guest action it sets exists and prints what the script looks for.
+        assert!(script.contains("rig.action=script:snapshot-net-workload"));
+        let guest = include_str!("../guest/scenarios/snapshot-net-workload.sh");
+        for line in [
+            "TERN-SNAPNET-PROGRESS",
+            "TERN-SNAPNET-SENT",
+            "TERN-SNAPNET-PING",
+            "TERN-SNAPNET-DONE",
+        ] {
+            assert!(guest.contains(line) && script.contains(line), "{line}");
+        }
     }
 
     #[test]

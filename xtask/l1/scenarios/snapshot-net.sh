@@ -1,0 +1,394 @@
+#!/bin/sh
+# L1 side of the virtio-net snapshot scenario (xtask/src/scenarios.rs, "tern-snapshot-net").
+# Started by the rig agent as
+#
+#     sh /rig/l1/snapshot-net.sh CASE -- TERN-ARGV...
+#
+# CASE net: builds a bridge br0 (10.77.0.1/24) with one persistent TAP tap0 in L1, starts a
+# TCP listener in L1 (busybox nc) and boots TERN-ARGV with `--net tap=tap0,...`, the serial
+# port writing to a file and --api-socket. The guest (guest/scenarios/snapshot-net-workload.sh)
+# pings L1 continuously and sends SNET_CHUNKS paced chunks of deterministic data to the listener
+# over one TCP connection. Once the guest is SNAP_AT chunks in, this script pauses the VM,
+# writes a snapshot with `tern snapshot create`, kills that tern with SIGKILL, checks that L1's
+# end of the connection is still established, and restores the snapshot in a new tern
+# (--restore-mode lazy) on the same TAP (tap0, reopened by name: it is persistent and stays in
+# the bridge while no tern holds it). The restored guest must carry on where it stopped, its
+# pings must be answered again, and the transfer must complete over the restored virtio-net
+# with exactly the bytes generated here (sha256); then the guest powers off and tern exits 0.
+#
+# Output: "TERN-SNAP-PASS CASE/CHECK: what" per passed check, "TERN-SNAP-FAIL CASE/CHECK: why"
+# per failed one, the serial output of both runs, and "TERN-SNAP-OK CASE" when every check
+# passed (exit 0; otherwise exit 1).
+
+set -u
+export PATH=/usr/bin:/bin:/usr/sbin:/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+
+case_=${1:?usage: snapshot-net.sh CASE -- TERN-ARGV...}
+shift
+[ "${1:-}" = "--" ] && shift
+[ $# -gt 0 ] || { echo "TERN-SNAP-FAIL $case_/args: no tern command line"; exit 1; }
+tern=$1
+
+# iproute2's ip (busybox's cannot create bridges or TAPs), copied into L1 by `cargo xtask images`.
+IP=/usr/sbin/ip
+BRIDGE=br0
+TAP=tap0
+HOST_IP=10.77.0.1
+GUEST_IP=10.77.0.21
+GUEST_MAC=52:54:00:77:00:21
+PORT=5002
+# The transfer (both sides generate the same stream, see the guest script): chunks, block size
+# and the guest's pause after each chunk.
+SNET_CHUNKS=64
+SNET_CHUNK_BYTES=262144
+SNET_PAUSE=0.2
+# Snapshot once the guest printed this many progress lines.
+SNAP_AT=12
+# Seconds the first boot may take to reach SNAP_AT, and the restored guest to finish.
+BOOT_TIMEOUT=120
+RESTORE_TIMEOUT=120
+# Ping replies the guest must get after the restore (one ping every 0.2 s).
+PINGS_AFTER=5
+
+W=/tmp/snapshot-$case_
+SOCK=$W/api.sock
+SNAP=$W/snap
+mkdir -p "$W"
+mount -t tmpfs -o size=400m tmpfs "$W" || { echo "TERN-SNAP-FAIL $case_/setup: cannot mount a tmpfs on $W"; exit 1; }
+
+failed=0
+checks=0
+pass() {
+    checks=$((checks + 1))
+    echo "TERN-SNAP-PASS $case_/$1: $2"
+}
+fail() {
+    checks=$((checks + 1))
+    failed=1
+    echo "TERN-SNAP-FAIL $case_/$1: $2"
+}
+info() { echo "TERN-SNAP-INFO $case_: $*"; }
+# show NAME FILE: a log of this script's, passed through for the rig (and for a reader).
+show() {
+    echo "TERN-SNAP-LOG $case_/$1:"
+    [ -f "$2" ] && tr -d '\r' < "$2"
+    echo "TERN-SNAP-LOG-END $case_/$1"
+}
+teardown() {
+    $IP link del "$TAP" 2>/dev/null
+    $IP link del "$BRIDGE" 2>/dev/null
+}
+finish() {
+    [ -n "${pid1:-}" ] && kill -9 "$pid1" 2>/dev/null
+    [ -n "${pid2:-}" ] && kill -9 "$pid2" 2>/dev/null
+    [ -n "${nc_pid:-}" ] && kill "$nc_pid" 2>/dev/null
+    cd /
+    teardown
+    umount "$W" 2>/dev/null
+    if [ "$failed" = 0 ] && [ "$checks" -gt 0 ]; then
+        echo "TERN-SNAP-OK $case_ ($checks checks)"
+        exit 0
+    fi
+    echo "TERN-SNAP-FAILED $case_"
+    exit 1
+}
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { between "$1" "$(now)"; }
+# between T1 T2: seconds from T1 to T2.
+between() { echo "$1 $2" | awk '{ printf "%.1f", $2 - $1 }'; }
+size() { stat -c %s "$1" 2>/dev/null || echo 0; }
+# progress FILE: the chunk numbers of the guest's progress lines, one per line, in order.
+progress() { tr -d '\r' < "$1" | sed -n 's/^TERN-SNAPNET-PROGRESS \([0-9][0-9]*\) .*/\1/p'; }
+# progress_pings FILE N: the ping reply count on progress line N.
+progress_pings() { tr -d '\r' < "$1" | sed -n "s/^TERN-SNAPNET-PROGRESS $2 pings:\([0-9]*\) .*/\1/p" | head -n 1; }
+# seen LOG N: the console log has progress line N.
+seen() { progress "$1" 2>/dev/null | grep -q -x "$2"; }
+# fact FILE KEY: the rest of the first "KEY=" line in a console log.
+fact() { tr -d '\r' < "$1" 2>/dev/null | sed -n "s/^$2=//p" | head -n 1; }
+# field LINE NAME: NAME's value in a "k1:v1 k2:v2 ..." line.
+field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2[:=]//p" | head -n 1; }
+# l1_echos: ICMP echo requests L1 has received so far.
+l1_echos() { awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; h = 1 } else print $c }' /proc/net/snmp; }
+# established: L1's TCP connection on PORT is (still) established (busybox nc listens on the
+# IPv6 wildcard address, so the connection is in tcp6 as ::ffff:10.77.0.1).
+established() { awk -v p=":$(printf %04X $PORT)" '$2 ~ p "$" && $4 == "01" { f = 1 } END { exit !f }' /proc/net/tcp /proc/net/tcp6; }
+# expected_stream: the bytes the guest sends (see the guest script).
+expected_stream() {
+    local i
+    awk -v n=$((SNET_CHUNK_BYTES / 20 + 1)) 'BEGIN { for (i = 0; i < n; i++) printf "tern-snapnet-%06d\n", i }' |
+        head -c "$SNET_CHUNK_BYTES" > "$W/block"
+    i=1
+    while [ $i -le $SNET_CHUNKS ]; do
+        printf 'tern-snapnet-chunk-%06d\n' $i
+        cat "$W/block"
+        i=$((i + 1))
+    done
+}
+# counters SOCK WHAT: tern's counters and the TAP's (for a stuck or failed run).
+counters() {
+    "$tern" counters --api-socket "$1" 2>&1 | sed "s/^/TERN-SNAP-INFO $case_ counters $2: /"
+    $IP -s link show "$TAP" 2>&1 | sed "s/^/TERN-SNAP-INFO $case_ $TAP $2: /"
+}
+
+case "$(basename "$tern")" in
+    tern*) ;;
+    *) fail args "snapshot-net.sh drives tern, not $tern"; finish ;;
+esac
+[ -c /dev/net/tun ] || { fail setup "/dev/net/tun missing in L1 (tun.ko not loaded?)"; finish; }
+[ -x "$IP" ] || { fail setup "$IP (iproute2) missing from L1"; finish; }
+teardown
+if ! out=$(
+    {
+        $IP link add name "$BRIDGE" type bridge forward_delay 0 &&
+            $IP addr add "$HOST_IP/24" dev "$BRIDGE" &&
+            $IP link set "$BRIDGE" up &&
+            $IP tuntap add dev "$TAP" mode tap &&
+            $IP link set "$TAP" master "$BRIDGE" &&
+            $IP link set "$TAP" up
+    } 2>&1
+); then
+    fail setup "building the network failed: $(echo "$out" | tail -n 3 | tr '\n' '|')"
+    finish
+fi
+# The listener: one connection, what it receives to $W/recv. Its stdin must never reach EOF
+# (busybox nc would half-close the connection): a FIFO opened read-write.
+mkfifo "$W/idle"
+nc -l -p "$PORT" <>"$W/idle" >"$W/recv" 2>"$W/nc.err" &
+nc_pid=$!
+sleep 0.5
+if kill -0 "$nc_pid" 2>/dev/null; then
+    pass setup "bridge $BRIDGE ($HOST_IP/24) with persistent TAP $TAP, nc listening on port $PORT"
+else
+    fail setup "nc -l -p $PORT exited at once: $(head -c 200 "$W/nc.err")"
+    finish
+fi
+
+# The first run: the scenario's argv with the guest action and its parameters, the serial port
+# to a file, the NIC and the API socket.
+memory=
+set_next=
+for a in "$@"; do
+    case "$set_next" in
+        --cmdline) a="$a rig.action=script:snapshot-net-workload rig.net.ip=$GUEST_IP/24 rig.net.host=$HOST_IP rig.net.port=$PORT rig.net.chunks=$SNET_CHUNKS rig.net.chunk-bytes=$SNET_CHUNK_BYTES rig.net.pause=$SNET_PAUSE" ;;
+        --serial) a="file:$W/serial-1.log" ;;
+        --memory) memory=$a ;;
+    esac
+    set -- "$@" "$a"
+    set_next=$a
+done
+# "$@" now holds the original argv followed by the edited one; keep the edited half.
+shift $(($# / 2))
+set -- "$@" --net "tap=$TAP,mac=$GUEST_MAC" --api-socket "$SOCK"
+echo "TERN-SNAP-RUN $case_/first: $*"
+start=$(now)
+"$@" > "$W/tern-1.err" 2>&1 &
+pid1=$!
+
+# Wait for the guest to be SNAP_AT chunks into its transfer (or for tern to die).
+n=0
+reached=
+t_first=
+while [ $n -le $((BOOT_TIMEOUT * 5)) ]; do
+    [ -z "$t_first" ] && seen "$W/serial-1.log" 1 && t_first=$(now)
+    if seen "$W/serial-1.log" "$SNAP_AT"; then
+        reached=1
+        t_at=$(now)
+        break
+    fi
+    kill -0 "$pid1" 2>/dev/null || break
+    n=$((n + 1))
+    sleep 0.2
+done
+if [ -z "$reached" ]; then
+    if kill -0 "$pid1" 2>/dev/null; then
+        why="no progress line $SNAP_AT after ${BOOT_TIMEOUT}s (L1 received $(size "$W/recv") bytes)"
+        counters "$SOCK" first
+    else
+        wait "$pid1"
+        why="tern exited with status $? before progress line $SNAP_AT"
+    fi
+    kill -9 "$pid1" 2>/dev/null
+    fail boot "first run: $why"
+    show serial-1 "$W/serial-1.log"
+    show tern-1 "$W/tern-1.err"
+    finish
+fi
+pass boot "first run: the guest booted, brought up its virtio-net and sent $SNAP_AT chunks in $(since "$start")s"
+dev=$(fact "$W/serial-1.log" TERN-GUEST-NET-DEV)
+if [ "$(field "$dev" mac)" = "$GUEST_MAC" ] && [ "$(field "$dev" carrier)" = 1 ]; then
+    pass device "the guest's $(echo "$dev" | cut -d' ' -f1) is virtio_net with MAC $GUEST_MAC, carrier 1"
+else
+    fail device "the guest reports '$dev', expected MAC $GUEST_MAC and carrier 1"
+fi
+
+# Pause, snapshot, kill.
+if out=$("$tern" pause --api-socket "$SOCK" 2>&1) && echo "$out" | grep -q '^paused'; then
+    pass pause "tern pause"
+else
+    fail pause "tern pause said: $(echo "$out" | tr '\n' '|')"
+fi
+at=$(progress "$W/serial-1.log" | tail -n 1)
+at=${at:-0}
+pings_at=$(progress_pings "$W/serial-1.log" "$at")
+got_at=$(size "$W/recv")
+total=$((SNET_CHUNKS * (26 + SNET_CHUNK_BYTES)))
+if [ "${pings_at:-0}" -gt 0 ]; then
+    pass ping-before "the guest had $pings_at ping replies from L1 by progress line $at"
+else
+    fail ping-before "no ping replies by progress line $at ('${pings_at:-}')"
+fi
+if grep -q '^TERN-SNAPNET-SENT' "$W/serial-1.log"; then
+    fail mid-transfer "the guest had already finished its transfer when it was paused"
+elif [ "$at" -ge "$SNAP_AT" ] && [ "$at" -lt "$SNET_CHUNKS" ] && [ "$got_at" -gt 0 ] && [ "$got_at" -lt "$total" ]; then
+    pass mid-transfer "paused after progress line $at of $SNET_CHUNKS; L1 had received $got_at of $total bytes"
+else
+    fail mid-transfer "paused after progress line '$at' with $got_at of $total bytes in L1; expected line $SNAP_AT..$((SNET_CHUNKS - 1)) and a partial transfer"
+fi
+counters "$SOCK" paused
+t=$(now)
+if out=$("$tern" snapshot create --dir "$SNAP" --api-socket "$SOCK" 2>&1); then
+    pass snapshot "tern snapshot create wrote $SNAP in $(since "$t")s: $(echo "$out" | tr '\n' ' ')"
+else
+    fail snapshot "tern snapshot create failed: $(echo "$out" | tr '\n' '|')"
+fi
+kill -9 "$pid1"
+wait "$pid1"
+rc=$?
+pid1=
+if [ "$rc" = 137 ]; then
+    pass killed "the first tern was still running when killed with SIGKILL"
+else
+    fail killed "the first tern had already exited (status $rc) before SIGKILL"
+fi
+show serial-1 "$W/serial-1.log"
+show tern-1 "$W/tern-1.err"
+want_mem=$(($(echo "$memory" | tr -d 'M') * 1048576))
+got_mem=$(stat -c %s "$SNAP/memory.bin" 2>/dev/null)
+if [ -f "$SNAP/state.json" ] && [ "${got_mem:-0}" = "$want_mem" ]; then
+    pass snapshot-files "the snapshot has state.json and a memory.bin of $got_mem bytes (the guest's ${memory})"
+else
+    fail snapshot-files "the snapshot directory holds '$(ls "$SNAP" 2>/dev/null | tr '\n' ' ')', memory.bin ${got_mem:-missing} bytes; expected state.json and memory.bin of $want_mem bytes"
+    finish
+fi
+# With no tern, L1's end of the transfer stays open: the restored guest must continue it.
+sleep 1
+if established && kill -0 "$nc_pid" 2>/dev/null; then
+    pass conn-open "with the first tern gone, L1's end of the TCP connection (port $PORT) is still established ($(size "$W/recv") bytes received)"
+else
+    fail conn-open "after the kill, L1's listener is $(kill -0 "$nc_pid" 2>/dev/null && echo running || echo gone) and port $PORT has no established connection: $(cat /proc/net/tcp /proc/net/tcp6 | grep -i ":$(printf %04X $PORT) " | tr '\n' '|')"
+fi
+info "$TAP after the kill: $($IP link show "$TAP" | head -n 1)"
+
+# The restored run: a new tern from the snapshot on the same TAP, its serial port to a new file.
+echos_before=$(l1_echos)
+got_before=$(size "$W/recv")
+t=$(now)
+set -- "$tern" run --restore "$SNAP" --restore-mode lazy --serial "file:$W/serial-2.log" \
+    --api-socket "$W/api2.sock"
+echo "TERN-SNAP-RUN $case_/restored: $*"
+"$@" > "$W/tern-2.err" 2>&1 &
+pid2=$!
+# Until the restored tern exits, noting when the guest's first progress line came and when L1
+# got new data.
+n=0
+t_resumed=
+t_data=
+while kill -0 "$pid2" 2>/dev/null && [ $n -le $((RESTORE_TIMEOUT * 5)) ]; do
+    [ -z "$t_resumed" ] && [ -n "$(progress "$W/serial-2.log" 2>/dev/null)" ] && t_resumed=$(now)
+    [ -z "$t_data" ] && [ "$(size "$W/recv")" -gt "$got_before" ] && t_data=$(now)
+    n=$((n + 1))
+    sleep 0.2
+done
+if ! kill -0 "$pid2" 2>/dev/null; then
+    wait "$pid2"
+    rc=$?
+    pid2=
+    if [ "$rc" = 0 ]; then
+        pass restore-exit "the restored tern ran the guest to its power-off and exited 0 after $(since "$t")s"
+    else
+        fail restore-exit "the restored tern exited with status $rc after $(since "$t")s: $(grep -m 3 -i -E 'error|tern:' "$W/tern-2.err" | tr '\n' '|')"
+    fi
+else
+    # What the stuck VM is doing: counters twice, 2 s apart.
+    for k in 1 2; do
+        counters "$W/api2.sock" "stuck-$k"
+        [ $k = 1 ] && sleep 2
+    done
+    "$tern" info --api-socket "$W/api2.sock" 2>&1 | sed "s/^/TERN-SNAP-INFO $case_ info: /"
+    kill -9 "$pid2"
+    wait "$pid2"
+    pid2=
+    fail restore-exit "the restored guest had not powered off after ${RESTORE_TIMEOUT}s (last progress '$(progress "$W/serial-2.log" | tail -n 1)', L1 received $(size "$W/recv") of $total bytes)"
+fi
+echos_after=$(l1_echos)
+info "restore: first progress line $([ -n "$t_resumed" ] && between "$t" "$t_resumed" || echo never)s, first new data in L1 $([ -n "$t_data" ] && between "$t" "$t_data" || echo never)s after the restored tern started; $(between "$t_first" "$t_at")s for chunks 1..$SNAP_AT before the snapshot"
+show serial-2 "$W/serial-2.log"
+show tern-2 "$W/tern-2.err"
+info "$TAP: $(cd /sys/class/net/$TAP/statistics && for c in rx_packets rx_bytes tx_packets tx_bytes rx_dropped tx_dropped; do printf '%s=%s ' $c "$(cat $c)"; done)"
+info "guest: $(fact "$W/serial-2.log" TERN-GUEST-NET-STATS)"
+
+# The restored guest went on from the snapshot: no new boot, first progress line right after the
+# last one of the first run (or the one after, when the snapshot cut that line).
+first=$(progress "$W/serial-2.log" | head -n 1)
+if grep -q -E 'TERN-GUEST-INIT-REACHED|TERN-SNAPNET-START' "$W/serial-2.log"; then
+    fail resumed "the restored guest started over (its init or transfer start is in the restored log)"
+elif [ -n "$first" ] && [ "$first" -gt "$at" ] && [ "$first" -le $((at + 2)) ]; then
+    pass resumed "the restored run's first progress line is $first, after $at at the snapshot"
+else
+    fail resumed "the restored run's first progress line is '${first:-none}', expected $((at + 1)) (the snapshot was taken after $at)"
+fi
+cat "$W/serial-1.log" "$W/serial-2.log" > "$W/joined"
+got=$(progress "$W/joined" | tr '\n' ' ')
+want=$(seq 1 "$SNET_CHUNKS" | tr '\n' ' ')
+if [ "$got" = "$want" ]; then
+    pass sequence "progress 1..$SNET_CHUNKS, each once, in order, across the snapshot"
+else
+    fail sequence "progress lines across both runs are '$got', expected 1..$SNET_CHUNKS"
+fi
+
+# Pings after the restore: the guest's reply count grew by PINGS_AFTER or more after its second
+# progress line of the restored run (certainly computed after the restore), and L1 received
+# echo requests while the restored tern ran.
+second=$(progress "$W/serial-2.log" | sed -n 2p)
+pings_mid=$(progress_pings "$W/serial-2.log" "${second:-x}")
+ping_line=$(fact "$W/serial-2.log" TERN-SNAPNET-PING)
+pings_end=$(field "$ping_line" replies)
+echos=$((${echos_after:-0} - ${echos_before:-0}))
+if [ -n "$pings_mid" ] && [ -n "$pings_end" ] && [ "$pings_end" -ge $((pings_mid + PINGS_AFTER)) ] && [ "$echos" -ge "$PINGS_AFTER" ]; then
+    pass ping-after "the restored guest got $((pings_end - pings_mid)) more ping replies after progress line $second ($pings_at at the snapshot, $pings_end in all, last seq $(field "$ping_line" last-seq)); L1 received $echos echo requests during the restored run"
+else
+    fail ping-after "replies at restored progress line ${second:-none}: '${pings_mid:-}', at the end: '${pings_end:-}' (need $PINGS_AFTER more); L1 got $echos echo requests during the restored run"
+fi
+
+# The transfer: L1's listener saw the connection close after all the data, and it is exactly
+# the stream generated here.
+sent=$(fact "$W/serial-2.log" TERN-SNAPNET-SENT)
+got_end=$(size "$W/recv")
+if kill -0 "$nc_pid" 2>/dev/null; then
+    nc_state="still running"
+    kill "$nc_pid" 2>/dev/null
+else
+    nc_state="exited"
+fi
+wait "$nc_pid" 2>/dev/null
+nc_pid=
+if [ "$nc_state" = exited ] && [ "$(field "$sent" rc)" = 0 ] && [ "$got_end" = "$total" ]; then
+    pass transfer "L1 received all $total bytes ($got_before before the restore) and the connection closed; the guest's nc exited 0"
+else
+    fail transfer "L1 received $got_end of $total bytes ($got_before before the restore), its listener $nc_state; the guest: '${sent:-no TERN-SNAPNET-SENT line}'"
+fi
+want_sum=$(expected_stream | sha256sum | cut -d' ' -f1)
+got_sum=$(sha256sum "$W/recv" | cut -d' ' -f1)
+if [ "$got_sum" = "$want_sum" ]; then
+    pass sha256 "what L1 received has the expected sha256 $want_sum"
+else
+    expected_stream > "$W/want"
+    fail sha256 "L1 received sha256 $got_sum, expected $want_sum; first difference: $(cmp "$W/want" "$W/recv" 2>&1 | head -n 1)"
+fi
+if grep -q '^TERN-SNAPNET-DONE' "$W/serial-2.log" && grep -q TERN-GUEST-POWEROFF "$W/serial-2.log"; then
+    pass done "the restored guest reported its transfer done and powered off"
+else
+    fail done "the restored guest's log lacks TERN-SNAPNET-DONE or TERN-GUEST-POWEROFF"
+fi
+finish
