@@ -9,8 +9,6 @@
 //!   `PUT /v1/vm`) over 10 s idle, during 1000 requests, and over 10 s idle after them; and of
 //!   the running VM's VMM thread (the event loop, without the vCPUs) over 10 s.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,30 +19,16 @@ const REQUESTS: usize = 100;
 const CLIENTS: usize = 8;
 const IDLE: Duration = Duration::from_secs(10);
 
-/// One HTTP/1.1 request on its own connection; the status.
+/// How long a request may take to be answered.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request without a body; the status.
 fn http(sock: &Path, method: &str, path: &str) -> Result<u16> {
-    let mut s = UnixStream::connect(sock)
-        .with_context(|| format!("cannot connect to {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: tern\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp);
-    text.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed response to {method} {path}: {text:?}"))
+    crate::api_client::http(sock, method, path, None, ANSWER_TIMEOUT).map(|(st, _)| st)
 }
 
 fn expect(sock: &Path, method: &str, path: &str, ok: &[u16]) -> Result<u16> {
-    let st = http(sock, method, path)?;
-    if !ok.contains(&st) {
-        bail!("{method} {path}: HTTP {st}");
-    }
-    Ok(st)
+    crate::api_client::expect(sock, method, path, None, ok, ANSWER_TIMEOUT)
 }
 
 /// A tern process, killed when dropped.

@@ -18,7 +18,7 @@
 //! snapshot left it. All files live in one directory under /var/tmp, removed at the end and on
 //! errors (stale ones from killed runs are removed at the start).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -225,45 +225,14 @@ impl Drop for Proc {
 // ---------------------------------------------------------------------------------------------
 // tern's API.
 
-/// One HTTP/1.1 request on its own connection: the status and the body.
+/// One request to tern's API, with this benchmark's step timeout.
 fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
-    let mut s = UnixStream::connect(sock)
-        .with_context(|| format!("cannot connect to {}", sock.display()))?;
-    s.set_read_timeout(Some(STEP_TIMEOUT))?;
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: tern\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(&body);
-    s.write_all(req.as_bytes())?;
-    let mut resp = Vec::new();
-    if let Err(e) = s.read_to_end(&mut resp) {
-        if resp.is_empty() {
-            return Err(e).with_context(|| format!("{method} {path}"));
-        }
-    }
-    let text = String::from_utf8_lossy(&resp);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed response to {method} {path}: {text:?}"))?;
-    Ok((status, rest.trim().to_string()))
+    crate::api_client::http(sock, method, path, body, STEP_TIMEOUT)
 }
 
 /// A request that must answer `want`.
 fn api(sock: &Path, method: &str, path: &str, body: Option<&Value>, want: u16) -> Result<()> {
-    let (st, text) = http(sock, method, path, body)?;
-    if st != want {
-        bail!("tern: {method} {path}: HTTP {st}: {text}");
-    }
-    Ok(())
+    crate::api_client::expect(sock, method, path, body, &[want], STEP_TIMEOUT).map(|_| ())
 }
 
 /// Starts `tern run ARGS --api-socket SOCK` and waits until the API answers.

@@ -387,6 +387,41 @@ fn run_pieces(mem: &GuestMemoryMmap, runs: &[(u64, u64)]) -> Vec<(*mut u8, u64, 
     out
 }
 
+/// Maps `len` bytes of `f` from `off` copy-on-write (`MAP_PRIVATE|MAP_FIXED`) at `ptr`: pages
+/// load from the file on first touch, and writes never reach it.
+///
+/// # Safety
+/// `[ptr, ptr + len)` lies inside one live mapping of guest memory that nothing reads or
+/// writes meanwhile; its pages are replaced.
+unsafe fn map_over(
+    ptr: *mut u8,
+    len: u64,
+    f: &std::fs::File,
+    off: u64,
+    path: &Path,
+) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the caller guarantees the range is guest memory tern owns and nothing uses.
+    let p = unsafe {
+        libc::mmap(
+            ptr.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            f.as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED || p.cast::<u8>() != ptr {
+        return Err(format!(
+            "cannot map {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// Device state captured from a paused VM.
 pub struct DeviceStates {
     /// The COM1 UART.
@@ -774,9 +809,8 @@ impl Snapshot {
 
     /// Puts a diff snapshot's pages over `mem`.
     fn apply_diff(&self, dir: &Path, mem: &GuestMemoryMmap, lazy: bool) -> Result<(), String> {
-        use std::os::fd::AsRawFd;
         use std::os::unix::fs::FileExt;
-        self.check_layout(mem)?;
+        let (f, path) = self.open_memory(dir, mem)?;
         let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
         let pages = total.div_ceil(PAGE);
         let dpath = dir.join(DIRTY_FILE);
@@ -789,16 +823,6 @@ impl Snapshot {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        let path = dir.join(MEMORY_FILE);
-        let f = std::fs::File::open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let len = f.metadata().map_err(|e| e.to_string())?.len();
-        if len != total {
-            return Err(format!(
-                "{} has {len} bytes, the VM's memory {total}: it is truncated or not this snapshot's",
-                path.display()
-            ));
-        }
         let pieces = run_pieces(mem, &page_runs(&bits, pages));
         // Each mapped piece is a mapping of its own; past a few thousand, reading is cheaper
         // than the mappings (and the process's mapping limit is far away).
@@ -806,27 +830,12 @@ impl Snapshot {
         let mut h = FNV_INIT;
         for (ptr, off, n) in pieces {
             if map {
-                // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`), whose
-                // pages MAP_FIXED replaces with a private view of the file; no vCPU runs yet.
-                let p = unsafe {
-                    libc::mmap(
-                        ptr.cast(),
-                        n as usize,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                        f.as_raw_fd(),
-                        off as libc::off_t,
-                    )
-                };
-                if p == libc::MAP_FAILED || p.cast::<u8>() != ptr {
-                    return Err(format!(
-                        "cannot map {}: {}",
-                        path.display(),
-                        std::io::Error::last_os_error()
-                    ));
-                }
+                // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`); no vCPU
+                // runs yet.
+                unsafe { map_over(ptr, n, &f, off, &path) }?;
             } else {
-                // SAFETY: as above; nothing else references these bytes while they are read.
+                // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`); no vCPU
+                // runs yet and nothing else references these bytes while they are read.
                 let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n as usize) };
                 f.read_exact_at(bytes, off)
                     .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
@@ -842,14 +851,15 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Maps `dir/memory.bin` copy-on-write over `mem`'s regions (`MAP_PRIVATE|MAP_FIXED` at the
-    /// same host addresses, which KVM's memslots keep pointing at): pages load on first touch,
-    /// so restoring costs the same for any guest size. The layout and the file's length are
-    /// checked; the memory checksum is not (that would read every page).
-    pub fn map_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
-        use std::os::fd::AsRawFd;
-        let path = dir.join(MEMORY_FILE);
+    /// Opens `dir/memory.bin` once `mem` has the snapshot's layout and the file the length of
+    /// the snapshot's memory (holes included); returns it with its path.
+    fn open_memory(
+        &self,
+        dir: &Path,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(std::fs::File, PathBuf), String> {
         self.check_layout(mem)?;
+        let path = dir.join(MEMORY_FILE);
         let f = std::fs::File::open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
@@ -860,28 +870,20 @@ impl Snapshot {
                 path.display()
             ));
         }
+        Ok((f, path))
+    }
+
+    /// Maps `dir/memory.bin` copy-on-write over `mem`'s regions (`MAP_PRIVATE|MAP_FIXED` at the
+    /// same host addresses, which KVM's memslots keep pointing at): pages load on first touch,
+    /// so restoring costs the same for any guest size. The layout and the file's length are
+    /// checked; the memory checksum is not (that would read every page).
+    pub fn map_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
+        let (f, path) = self.open_memory(dir, mem)?;
         let mut offset = 0u64;
         for r in mem.iter() {
             // SAFETY: the range is exactly a live mapping owned by `mem` (it stays owned and is
-            // unmapped by it later); MAP_FIXED replaces its pages with a private view of the
-            // file, and no vCPU runs yet.
-            let p = unsafe {
-                libc::mmap(
-                    r.as_ptr().cast(),
-                    r.len() as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    f.as_raw_fd(),
-                    offset as libc::off_t,
-                )
-            };
-            if p == libc::MAP_FAILED || p.cast::<u8>() != r.as_ptr() {
-                return Err(format!(
-                    "cannot map {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                ));
-            }
+            // unmapped by it later), and no vCPU runs yet.
+            unsafe { map_over(r.as_ptr(), r.len(), &f, offset, &path) }?;
             offset += r.len();
         }
         Ok(())
@@ -891,18 +893,7 @@ impl Snapshot {
     pub fn load_memory(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::FileExt;
-        let path = dir.join(MEMORY_FILE);
-        self.check_layout(mem)?;
-        let f = std::fs::File::open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
-        let len = f.metadata().map_err(|e| e.to_string())?.len();
-        if len != total {
-            return Err(format!(
-                "{} has {len} bytes, the VM's memory {total}: it is truncated or not this snapshot's",
-                path.display()
-            ));
-        }
+        let (f, path) = self.open_memory(dir, mem)?;
         // Only the file's data is read: its holes are pages of zeroes, which the freshly built
         // VM's memory already is (they still count in the checksum).
         let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
