@@ -1023,7 +1023,12 @@ mod tests {
                 "{tern}"
             ]
         );
-        let script = include_str!("../l1/scenarios/snapshot.sh");
+        // The script and the library it sources (pause, snapshot, killed, snapshot-files).
+        let script = [
+            include_str!("../l1/scenarios/snapshot.sh"),
+            include_str!("../l1/scenarios/snapshot-lib.sh"),
+        ]
+        .concat();
         let mut checks = 0;
         for req in &s.expect.require {
             let Some(check) = req
@@ -1064,7 +1069,11 @@ mod tests {
             s.argv_template()[..5],
             ["/bin/sh", "/rig/l1/snapshot-net.sh", "net", "--", "{tern}"]
         );
-        let script = include_str!("../l1/scenarios/snapshot-net.sh");
+        let script = [
+            include_str!("../l1/scenarios/snapshot-net.sh"),
+            include_str!("../l1/scenarios/snapshot-lib.sh"),
+        ]
+        .concat();
         let mut checks = 0;
         for req in &s.expect.require {
             let Some(check) = req

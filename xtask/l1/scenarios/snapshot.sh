@@ -46,37 +46,9 @@ SNAP=$W/snap
 mkdir -p "$W"
 mount -t tmpfs -o size=640m tmpfs "$W" || { echo "TERN-SNAP-FAIL $case_/setup: cannot mount a tmpfs on $W"; exit 1; }
 
-failed=0
-checks=0
-pass() {
-    checks=$((checks + 1))
-    echo "TERN-SNAP-PASS $case_/$1: $2"
-}
-fail() {
-    checks=$((checks + 1))
-    failed=1
-    echo "TERN-SNAP-FAIL $case_/$1: $2"
-}
-# show NAME FILE: a log of this script's, passed through for the rig (and for a reader).
-show() {
-    echo "TERN-SNAP-LOG $case_/$1:"
-    [ -f "$2" ] && tr -d '\r' < "$2"
-    echo "TERN-SNAP-LOG-END $case_/$1"
-}
-finish() {
-    [ -n "${pid1:-}" ] && kill -9 "$pid1" 2>/dev/null
-    [ -n "${pid2:-}" ] && kill -9 "$pid2" 2>/dev/null
-    cd /
-    umount "$W" 2>/dev/null
-    if [ "$failed" = 0 ] && [ "$checks" -gt 0 ]; then
-        echo "TERN-SNAP-OK $case_ ($checks checks)"
-        exit 0
-    fi
-    echo "TERN-SNAP-FAILED $case_"
-    exit 1
-}
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { between "$1" "$(now)"; }
+# Nothing of this script's own to clean up.
+finish_extra() { :; }
+. /rig/l1/snapshot-lib.sh
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 # progress FILE: the progress numbers in a console log, one per line, in order.
 progress() { tr -d '\r' < "$1" | sed -n 's/^TERN-SNAP-PROGRESS \([0-9][0-9]*\)$/\1/p'; }
@@ -84,8 +56,6 @@ progress() { tr -d '\r' < "$1" | sed -n 's/^TERN-SNAP-PROGRESS \([0-9][0-9]*\)$/
 seen() { progress "$1" 2>/dev/null | grep -q -x "$2"; }
 # rate T1 T2 FILES: seconds per file.
 rate() { echo "$1 $2 $3" | awk '{ printf "%.2f", ($2 - $1) / $3 }'; }
-# between T1 T2: seconds from T1 to T2.
-between() { echo "$1 $2" | awk '{ printf "%.1f", $2 - $1 }'; }
 # snap_content N: file N's content, as the guest's snapshot-workload.sh generates it.
 snap_content() {
     awk -v t="$1" -v n=$((SNAP_FILE_BYTES / 20 + 1)) \
@@ -178,11 +148,7 @@ case "$vgen" in
 esac
 
 # Pause, snapshot, kill.
-if out=$("$tern" pause --api-socket "$SOCK" 2>&1) && echo "$out" | grep -q '^paused'; then
-    pass pause "tern pause"
-else
-    fail pause "tern pause said: $(echo "$out" | tr '\n' '|')"
-fi
+pause_vm
 at=$(progress "$W/serial-1.log" | tail -n 1)
 at=${at:-0}
 if tr -d '\r' < "$W/serial-1.log" | grep -q '^TERN-SNAP-DONE'; then
@@ -192,32 +158,11 @@ elif [ "$at" -ge "$SNAP_AT" ] && [ "$at" -lt "$SNAP_FILES" ]; then
 else
     fail mid-workload "paused after progress line '$at', expected $SNAP_AT..$((SNAP_FILES - 1))"
 fi
-t=$(now)
-if out=$("$tern" snapshot create --dir "$SNAP" --api-socket "$SOCK" 2>&1); then
-    pass snapshot "tern snapshot create wrote $SNAP in $(since "$t")s: $(echo "$out" | tr '\n' ' ')"
-else
-    fail snapshot "tern snapshot create failed: $(echo "$out" | tr '\n' '|')"
-fi
-kill -9 "$pid1"
-wait "$pid1"
-rc=$?
-pid1=
-if [ "$rc" = 137 ]; then
-    pass killed "the first tern was still running when killed with SIGKILL"
-else
-    fail killed "the first tern had already exited (status $rc) before SIGKILL"
-fi
+snapshot_and_kill
 show serial-1 "$W/serial-1.log"
 show hvc0-1 "$W/hvc0-1.log"
 show tern-1 "$W/tern-1.err"
-want_mem=$(($(echo "$memory" | tr -d 'M') * 1048576))
-got_mem=$(stat -c %s "$SNAP/memory.bin" 2>/dev/null)
-if [ -f "$SNAP/state.json" ] && [ "${got_mem:-0}" = "$want_mem" ]; then
-    pass snapshot-files "the snapshot has state.json and a memory.bin of $got_mem bytes (the guest's ${memory})"
-else
-    fail snapshot-files "the snapshot directory holds '$(ls "$SNAP" 2>/dev/null | tr '\n' ' ')', memory.bin ${got_mem:-missing} bytes; expected state.json and memory.bin of $want_mem bytes"
-    finish
-fi
+check_snapshot_files "$memory"
 
 # The restored run: a new tern from the snapshot, its consoles to new files.
 t=$(now)
