@@ -358,6 +358,7 @@ mod tests {
             format: None,
             read_only: false,
             direct,
+            ..DiskOptions::default()
         };
         (Arc::new(Disk::open(&opts).unwrap().0), p)
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use engine::{Completion, Engine, EngineKind, IoOp};
 pub use iov::IoSlice;
-pub use qcow2::Qcow2Disk;
+pub use qcow2::{Qcow2Disk, Qcow2Trust};
 pub use raw::RawDisk;
 
 /// Image formats tern knows.
@@ -121,16 +121,39 @@ fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<(), Bloc
 }
 
 /// How to open a disk image.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The format is either stated by the user, or probed from the image's first bytes. A probed
+/// format is never trusted: whoever wrote the image chose it (a guest can write a qcow2 header
+/// into its raw disk), so a probed qcow2 image gets no backing or data file opened. A VM probes
+/// each disk once, when it is first built, and keeps that answer (`probed`) across reboots
+/// and snapshots, so a guest cannot change its disk's format under it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiskOptions {
     /// The image file.
     pub path: PathBuf,
-    /// The stated format; detected from the image when `None`.
+    /// The format the user stated.
     pub format: Option<ImageFormat>,
+    /// Without a stated format: the format probed when this VM first opened the image (probed
+    /// again when `None`).
+    pub probed: Option<ImageFormat>,
+    /// The external data file a qcow2 image may use (only with a stated format).
+    pub data_file: Option<PathBuf>,
     /// Refuse writes; the image is opened read-only and locked shared.
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`, `cache=none`).
     pub direct: bool,
+}
+
+/// Reads an image's first bytes and tells its format.
+pub fn probe_format(path: &Path) -> Result<ImageFormat, BlockError> {
+    let mut head = [0u8; 4];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|err| BlockError::Open {
+            path: path.to_path_buf(),
+            err,
+        })?;
+    Ok(detect_format(&head[..n]))
 }
 
 /// An open disk image of either format.
@@ -143,33 +166,47 @@ pub enum Disk {
 }
 
 impl Disk {
-    /// Opens and locks an image. Returns a warning to show the user when the stated format
-    /// disagrees with what the image looks like (the stated format is used).
+    /// Opens and locks an image. Returns a warning to show the user when the image does not
+    /// look like the format it is opened as (the stated or earlier probed format is used).
     pub fn open(opts: &DiskOptions) -> Result<(Disk, Option<String>), BlockError> {
         let path = opts.path.as_path();
-        let mut head = [0u8; 4];
-        let n = File::open(path)
-            .and_then(|mut f| f.read(&mut head))
-            .map_err(|err| BlockError::Open {
-                path: path.to_path_buf(),
-                err,
-            })?;
-        let detected = detect_format(&head[..n]);
+        let detected = probe_format(path)?;
         let mut warning = None;
-        let format = match opts.format {
-            Some(f) if f != detected => {
+        let format = match (opts.format, opts.probed) {
+            (Some(f), _) if f != detected => {
                 warning = Some(format!(
                     "disk {}: format={f} was given but the image looks like {detected}; using {f}",
                     path.display()
                 ));
                 f
             }
-            Some(f) => f,
-            None => detected,
+            (Some(f), _) => f,
+            (None, Some(f)) if f != detected => {
+                warning = Some(format!(
+                    "disk {}: the image now looks like {detected}, but it was {f} when this VM \
+                     started; it stays {f}",
+                    path.display()
+                ));
+                f
+            }
+            (None, Some(f)) => f,
+            (None, None) => detected,
         };
+        if opts.data_file.is_some() && opts.format != Some(ImageFormat::Qcow2) {
+            return Err(BlockError::Open {
+                path: path.to_path_buf(),
+                err: std::io::Error::other("data_file= needs format=qcow2"),
+            });
+        }
         let disk = match format {
             ImageFormat::Raw => Disk::Raw(RawDisk::open_with(path, opts.read_only, opts.direct)?),
-            ImageFormat::Qcow2 => Disk::Qcow2(Qcow2Disk::open(path, opts.read_only, opts.direct)?),
+            ImageFormat::Qcow2 => {
+                let trust = Qcow2Trust {
+                    backing: opts.format.is_some(),
+                    data_file: opts.data_file.clone(),
+                };
+                Disk::Qcow2(Qcow2Disk::open(path, opts.read_only, opts.direct, &trust)?)
+            }
         };
         Ok((disk, warning))
     }
@@ -292,7 +329,7 @@ mod tests {
             path: path.to_path_buf(),
             format,
             read_only,
-            direct: false,
+            ..DiskOptions::default()
         }
     }
 
@@ -316,7 +353,7 @@ mod tests {
             return;
         };
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let (d, warning) = Disk::open(&opts(&overlay, None, false)).unwrap();
+        let (d, warning) = Disk::open(&opts(&overlay, Some(ImageFormat::Qcow2), false)).unwrap();
         assert!(warning.is_none());
         assert_eq!(d.format(), ImageFormat::Qcow2);
         assert_eq!(d.size(), 4 << 20);
@@ -335,11 +372,16 @@ mod tests {
         d.write_zeroes(2 << 20, 65536).unwrap();
         d.discard(3 << 20, 65536).unwrap();
         d.flush().unwrap();
-        // A second writer is refused while it is open.
+        // A second writer is refused while it is open; the base is locked shared.
         assert!(matches!(
-            Disk::open(&opts(&overlay, None, false)),
+            Disk::open(&opts(&overlay, Some(ImageFormat::Qcow2), false)),
             Err(BlockError::Locked(_))
         ));
+        assert!(matches!(
+            Disk::open(&opts(&base, None, false)),
+            Err(BlockError::Locked(_))
+        ));
+        drop(Disk::open(&opts(&base, None, true)).expect("a shared reader of the base"));
         drop(d);
         assert_eq!(std::fs::read(&base).unwrap(), pattern, "base changed");
         let o = qemu_img(&["check", "-q", overlay.to_str().unwrap()]).unwrap();
@@ -394,5 +436,152 @@ mod tests {
             "{e}"
         );
         std::fs::remove_file(q).ok();
+    }
+
+    fn qemu_img_ok(args: &[&str]) -> bool {
+        match qemu_img(args) {
+            Some(o) => {
+                assert!(
+                    o.status.success(),
+                    "qemu-img {args:?}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn a_probed_image_never_opens_the_files_its_header_names() {
+        let secret = tmp("probed-secret");
+        std::fs::write(&secret, vec![0x77u8; 65536]).unwrap();
+        let img = tmp("probed.img");
+        if !qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            secret.to_str().unwrap(),
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+        ]) {
+            return;
+        }
+        // Probed: the backing file is refused, by name.
+        let e = Disk::open(&opts(&img, None, false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("names a backing file") && e.contains(secret.to_str().unwrap()),
+            "{e}"
+        );
+        assert!(e.contains("format=qcow2"), "{e}");
+        // Probed earlier (a restart, a restore) is no different.
+        let mut o = opts(&img, None, false);
+        o.probed = Some(ImageFormat::Qcow2);
+        assert!(Disk::open(&o).is_err());
+        // Stated: the user vouches for the header, and the backing file is read.
+        let (d, _) = Disk::open(&opts(&img, Some(ImageFormat::Qcow2), true)).unwrap();
+        let mut buf = vec![0u8; 512];
+        let iov = [IoSlice::from_mut(&mut buf)];
+        // SAFETY: `buf` is live and exclusively borrowed through `iov` for the call.
+        unsafe { d.readv(&iov, 0).unwrap() };
+        assert_eq!(buf, vec![0x77u8; 512]);
+        drop(d);
+        // A format probed earlier wins over what the image looks like now.
+        let mut o = opts(&img, None, true);
+        o.probed = Some(ImageFormat::Raw);
+        let (d, w) = Disk::open(&o).unwrap();
+        assert_eq!(d.format(), ImageFormat::Raw);
+        assert!(w.unwrap().contains("it stays raw"));
+        for p in [secret, img] {
+            std::fs::remove_file(p).ok();
+        }
+    }
+
+    #[test]
+    fn an_external_data_file_is_opened_only_when_named_by_the_user() {
+        let data = tmp("ext.data");
+        let other = tmp("ext.other");
+        std::fs::write(&other, b"x").unwrap();
+        let img = tmp("ext.qcow2");
+        let spec = format!("data_file={},data_file_raw=on", data.display());
+        if !qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &spec,
+            img.to_str().unwrap(),
+            "1M",
+        ]) {
+            return;
+        }
+        let stated = |data_file: Option<&Path>| DiskOptions {
+            data_file: data_file.map(Path::to_path_buf),
+            ..opts(&img, Some(ImageFormat::Qcow2), false)
+        };
+        for e in [
+            Disk::open(&opts(&img, None, false))
+                .unwrap_err()
+                .to_string(),
+            Disk::open(&stated(None)).unwrap_err().to_string(),
+            Disk::open(&stated(Some(&other))).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains("external data file") && e.contains(data.to_str().unwrap()),
+                "{e}"
+            );
+        }
+        let (d, _) = Disk::open(&stated(Some(&data))).unwrap();
+        let buf = vec![0xabu8; 4096];
+        let iov = [IoSlice::from_ref(&buf)];
+        // SAFETY: `buf` is live for the call.
+        unsafe { d.writev(&iov, 8192).unwrap() };
+        d.flush().unwrap();
+        drop(d);
+        assert_eq!(&std::fs::read(&data).unwrap()[8192..8192 + 4096], &buf[..]);
+        for p in [data, other, img] {
+            std::fs::remove_file(p).ok();
+        }
+    }
+
+    #[test]
+    fn backing_chains_that_loop_or_hide_their_format_are_refused() {
+        let a = tmp("loop-a.qcow2");
+        let b = tmp("loop-b.qcow2");
+        let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
+        if !qemu_img_ok(&["create", "-q", "-f", "qcow2", sa, "1M"]) {
+            return;
+        }
+        assert!(qemu_img_ok(&[
+            "create", "-q", "-f", "qcow2", "-b", sa, "-F", "qcow2", sb
+        ]));
+        // a -> b -> a.
+        assert!(qemu_img_ok(&[
+            "rebase", "-q", "-u", "-f", "qcow2", "-b", sb, "-F", "qcow2", sa
+        ]));
+        let e = Disk::open(&opts(&b, Some(ImageFormat::Qcow2), true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loops back"), "{e}");
+        // A backing file without its format would be probed: refused.
+        assert!(qemu_img_ok(&[
+            "rebase", "-q", "-u", "-f", "qcow2", "-b", "", sa
+        ]));
+        assert!(qemu_img_ok(&[
+            "rebase", "-q", "-u", "-f", "qcow2", "-b", sa, sb
+        ]));
+        let e = Disk::open(&opts(&b, Some(ImageFormat::Qcow2), true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without its format"), "{e}");
+        for p in [a, b] {
+            std::fs::remove_file(p).ok();
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! qcow2 images through the `imago` crate (its synchronous build): reads and writes, backing
-//! chains as the image header names them, discard and write-zeroes. Guest data go through a
+//! chains and external data files as far as [`Qcow2Trust`] allows them, discard and
+//! write-zeroes. tern opens every file of the chain itself (imago's implicit opening is
+//! gated shut), so an image header can never make tern open a file the user did not allow. Guest data go through a
 //! host bounce buffer, as imago takes Rust slices.
 
 use std::fs::File;
@@ -9,17 +11,20 @@ use std::sync::RwLock;
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, StorageOpenOptions};
+use imago::raw::Raw;
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
 
 use crate::iov::{self, IoSlice};
 use crate::{lock, BlockError};
 
-/// A qcow2 image, locked like raw images (the lock is held on a descriptor of our own).
+/// A qcow2 image and its chain, each file locked like raw images (the locks are held on
+/// descriptors of tern's own).
 pub struct Qcow2Disk {
     // Reads and writes share the lock; discard needs it exclusively (imago's safe discard
     // takes `&mut`).
     access: RwLock<FormatAccess<ImagoFile>>,
-    _lock: File,
+    /// Locks on every file of the chain (the image, its data file, its backing images).
+    _locks: Vec<File>,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -35,30 +40,197 @@ impl std::fmt::Debug for Qcow2Disk {
     }
 }
 
-impl Qcow2Disk {
-    /// Opens `path` and its backing chain (read-only), locking the image itself.
-    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, BlockError> {
-        let open_err = |err: io::Error| BlockError::Open {
-            path: path.to_path_buf(),
-            err,
+/// What a qcow2 image's header may make tern open besides the image itself.
+///
+/// A qcow2 header names other files: a backing image and an external data file. Whoever can
+/// write the header chooses them, and a guest can write the header of an image whose format
+/// was probed (it could have been the guest's own raw disk). So nothing is opened that the user
+/// did not allow: backing files only when the user stated the format, and an external data
+/// file only when the user named that very file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Qcow2Trust {
+    /// Backing images may be opened (read-only, with shared locks).
+    pub backing: bool,
+    /// The one external data file the image (or a backing image) may use.
+    pub data_file: Option<PathBuf>,
+}
+
+/// Longest backing chain tern follows (a loop or a very deep chain is refused).
+const MAX_CHAIN: usize = 16;
+
+/// Opened layers' lock descriptors and the canonical paths of the chain so far.
+#[derive(Default)]
+struct Chain {
+    locks: Vec<File>,
+    seen: Vec<PathBuf>,
+}
+
+/// An image path from a header, relative to the directory of the image naming it.
+fn resolve(image: &Path, named: &str) -> PathBuf {
+    let named = Path::new(named);
+    if named.is_absolute() {
+        named.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(named)
+    }
+}
+
+fn refused(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, msg)
+}
+
+/// Opens a storage file of a qcow2 layer with a lock: exclusive when written, shared otherwise.
+fn open_file(
+    path: &Path,
+    writable: bool,
+    direct: bool,
+    chain: &mut Chain,
+) -> Result<ImagoFile, BlockError> {
+    let open_err = |err: io::Error| BlockError::Open {
+        path: path.to_path_buf(),
+        err,
+    };
+    let lock_file = File::open(path).map_err(open_err)?;
+    lock(&lock_file, path, !writable)?;
+    chain.locks.push(lock_file);
+    ImagoFile::open(
+        StorageOpenOptions::new()
+            .filename(path)
+            .write(writable)
+            .direct(direct),
+    )
+    .map_err(open_err)
+}
+
+/// Opens one qcow2 layer at `path` and, as `trust` allows, what its header names: the external
+/// data file, and the backing image (recursively, read-only).
+fn open_layer(
+    path: &Path,
+    writable: bool,
+    direct: bool,
+    trust: &Qcow2Trust,
+    chain: &mut Chain,
+) -> Result<Qcow2<ImagoFile>, BlockError> {
+    let open_err = |err: io::Error| BlockError::Open {
+        path: path.to_path_buf(),
+        err,
+    };
+    let canonical = std::fs::canonicalize(path).map_err(open_err)?;
+    if chain.seen.contains(&canonical) {
+        return Err(open_err(io::Error::other(
+            "the backing chain loops back to this image",
+        )));
+    }
+    if chain.seen.len() >= MAX_CHAIN {
+        return Err(open_err(io::Error::other(format!(
+            "the backing chain is longer than {MAX_CHAIN} images"
+        ))));
+    }
+    chain.seen.push(canonical);
+    let file = open_file(path, writable, direct, chain)?;
+    let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(|e| {
+        open_err(io::Error::new(
+            e.kind(),
+            format!("not a usable qcow2 image: {e}"),
+        ))
+    })?;
+
+    if image.requires_external_data_file() {
+        let Some(named) = image.implicit_external_data_file() else {
+            return Err(open_err(io::Error::other(
+                "the image needs an external data file but names none",
+            )));
         };
-        let lock_file = File::open(path).map_err(open_err)?;
-        lock(&lock_file, path, read_only)?;
-        let image = Qcow2::<ImagoFile>::builder_path(path)
-            .write(!read_only)
-            .storage_open_options(StorageOpenOptions::new().direct(direct))
-            .open(PermissiveImplicitOpenGate::default())
-            .map_err(|e| {
-                open_err(io::Error::new(
-                    e.kind(),
-                    format!("not a usable qcow2 image: {e}"),
-                ))
-            })?;
+        let data = resolve(path, named);
+        let allowed = trust.data_file.as_ref().is_some_and(|d| {
+            match (std::fs::canonicalize(d), std::fs::canonicalize(&data)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            }
+        });
+        if !allowed {
+            return Err(open_err(refused(format!(
+                "the image names an external data file ({}); tern opens it only when the disk \
+                 is given format=qcow2,data_file={}",
+                data.display(),
+                data.display()
+            ))));
+        }
+        let file = open_file(&data, writable, direct, chain)?;
+        image.set_data_file(Some(file));
+    } else {
+        image.set_data_file(None);
+    }
+
+    match image.implicit_backing_file() {
+        None => image.set_backing(None),
+        Some(named) => {
+            let backing = resolve(path, named);
+            if !trust.backing {
+                return Err(open_err(refused(format!(
+                    "the image names a backing file ({}), and its format was probed, not \
+                     stated; tern opens a backing file only when the disk is given format=qcow2",
+                    backing.display()
+                ))));
+            }
+            let layer = match image.implicit_backing_format().map(String::as_str) {
+                Some("qcow2") => {
+                    FormatAccess::new(open_layer(&backing, false, direct, trust, chain)?)
+                }
+                Some("raw" | "file") => {
+                    let file = open_file(&backing, false, direct, chain)?;
+                    FormatAccess::new(
+                        Raw::builder(file)
+                            .open(DenyImplicitOpenGate::default())
+                            .map_err(|e| BlockError::Open {
+                                path: backing.clone(),
+                                err: e,
+                            })?,
+                    )
+                }
+                Some(other) => {
+                    return Err(open_err(io::Error::other(format!(
+                        "its backing file {} has format {other:?}; tern reads raw and qcow2",
+                        backing.display()
+                    ))))
+                }
+                None => {
+                    return Err(open_err(io::Error::other(format!(
+                        "the image names a backing file ({}) without its format; state it with \
+                         `qemu-img rebase -u -F raw|qcow2 -b {} {}`",
+                        backing.display(),
+                        backing.display(),
+                        path.display()
+                    ))))
+                }
+            };
+            image.set_backing(Some(layer));
+        }
+    }
+    // Everything the header names is set (or refused) above; this gate makes sure nothing
+    // else is opened behind tern's back.
+    image
+        .open_implicit_dependencies_gated(DenyImplicitOpenGate::default())
+        .map_err(open_err)?;
+    Ok(image)
+}
+
+impl Qcow2Disk {
+    /// Opens and locks `path`, and what its header names as far as `trust` allows it: backing
+    /// images read-only with shared locks, the external data file with the image's access.
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        trust: &Qcow2Trust,
+    ) -> Result<Self, BlockError> {
+        let mut chain = Chain::default();
+        let image = open_layer(path, !read_only, direct, trust, &mut chain)?;
         let access = FormatAccess::new(image);
         let size = access.size();
         Ok(Qcow2Disk {
             access: RwLock::new(access),
-            _lock: lock_file,
+            _locks: chain.locks,
             path: path.to_path_buf(),
             size,
             read_only,

@@ -775,6 +775,7 @@ mod tests {
             format: None,
             read_only,
             direct,
+            ..DiskOptions::default()
         };
         let disk = Arc::new(Disk::open(&opts).unwrap().0);
         let dev = Block::new(
@@ -1055,6 +1056,7 @@ mod tests {
             format: None,
             read_only: false,
             direct: false,
+            ..DiskOptions::default()
         };
         let disk = Arc::new(Disk::open(&opts).unwrap().0);
         let mk = || {
