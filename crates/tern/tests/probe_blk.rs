@@ -198,7 +198,7 @@ fn blk_qcow2_overlay_keeps_its_base() {
         "raw",
         s(&overlay),
     ]);
-    let disk = format!("path={},serial=probe-disk-1", s(&overlay));
+    let disk = format!("path={},format=qcow2,serial=probe-disk-1", s(&overlay));
     let r = probe_run(
         "vblk",
         "probe.vblk_chunk=262144",

@@ -287,9 +287,18 @@ fn default_queues() -> u16 {
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
-    /// Its format; detected (qcow2 magic) when absent.
+    /// Its format as the user states it. Without it the format is probed (qcow2 magic), and a
+    /// probed qcow2 image gets no backing or data file opened.
     #[serde(default)]
     pub format: Option<DiskFormat>,
+    /// Set by tern, not by users: the format probed when the VM was first built, kept across
+    /// reboots and snapshots so that a guest cannot change how its disk is opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probed_format: Option<DiskFormat>,
+    /// The external data file a qcow2 image may use (it names it in its header; tern opens it
+    /// only when it is this file, and only with `format=qcow2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<PathBuf>,
     /// The guest cannot write (VIRTIO_BLK_F_RO); the file is opened read-only.
     #[serde(default)]
     pub readonly: bool,
@@ -339,13 +348,15 @@ fn byte_rate(field: &'static str, v: &str) -> Result<u64, ConfigError> {
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=none|writeback]
-    /// [,queues=N][,iops=N][,bw=BYTES/s][,io=auto|io_uring|sync]`.
+    /// Parses `path=IMG[,format=raw|qcow2][,data_file=PATH][,readonly=on][,serial=ID]
+    /// [,cache=none|writeback][,queues=N][,iops=N][,bw=BYTES/s][,io=auto|io_uring|sync]`.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut path = None;
         let mut d = DiskConfig {
             path: PathBuf::new(),
             format: None,
+            probed_format: None,
+            data_file: None,
             readonly: false,
             serial: None,
             cache: DiskCache::default(),
@@ -362,6 +373,7 @@ impl FromStr for DiskConfig {
             match k {
                 "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
                 "format" => d.format = Some(v.parse().map_err(kw("disk format"))?),
+                "data_file" if !v.is_empty() => d.data_file = Some(PathBuf::from(v)),
                 "readonly" | "ro" => d.readonly = on_off("disk readonly", v)?,
                 "serial" => d.serial = Some(v.to_string()),
                 "cache" => d.cache = v.parse().map_err(kw("disk cache"))?,
@@ -381,7 +393,8 @@ impl FromStr for DiskConfig {
                     return Err(invalid(
                         "disk",
                         item,
-                        "expected path, format, readonly, serial, cache, queues, iops, bw or io",
+                        "expected path, format, data_file, readonly, serial, cache, queues, iops, \
+                         bw or io",
                     ))
                 }
             }
@@ -394,6 +407,15 @@ impl FromStr for DiskConfig {
 impl DiskConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let name = self.path.display();
+        if self.data_file.is_some() && self.format != Some(DiskFormat::Qcow2) {
+            return Err(invalid(
+                "disk data_file",
+                self.data_file
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+                format!("needs format=qcow2 ({name})"),
+            ));
+        }
         if !(1..=16).contains(&self.queues) {
             return Err(invalid(
                 "disk queues",
@@ -951,6 +973,23 @@ mod tests {
             (d.format, d.readonly, d.queues, d.io),
             (None, false, 1, DiskIo::Auto)
         );
+        // An external data file is named by the user, and only for a stated qcow2 image.
+        let d: DiskConfig = "path=/c.qcow2,format=qcow2,data_file=/c.data"
+            .parse()
+            .unwrap();
+        assert_eq!(d.data_file, Some(PathBuf::from("/c.data")));
+        d.validate().unwrap();
+        let d: DiskConfig = "path=/c.qcow2,data_file=/c.data".parse().unwrap();
+        let e = d.validate().unwrap_err().to_string();
+        assert!(e.contains("data_file") && e.contains("format=qcow2"), "{e}");
+        // What tern probed is not shown where nothing was probed, and comes back as it went.
+        assert!(!serde_json::to_string(&d).unwrap().contains("probed_format"));
+        let p = DiskConfig {
+            probed_format: Some(DiskFormat::Raw),
+            ..d
+        };
+        let back: DiskConfig = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
         for (bad, why) in [
             ("format=raw", "missing disk path"),
             ("path=/a,readonly=maybe", "invalid disk readonly 'maybe'"),

@@ -605,6 +605,8 @@ impl RestoreOptions {
                 )
             })?;
             c.disks[i].path = new.clone();
+            // Another file: its format is probed afresh (a stated format still holds).
+            c.disks[i].probed_format = None;
         }
         for (old, new) in &self.tap_remap {
             let (i, n) = c

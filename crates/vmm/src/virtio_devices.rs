@@ -142,14 +142,42 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     })
 }
 
+fn image_format(f: DiskFormat) -> ImageFormat {
+    match f {
+        DiskFormat::Raw => ImageFormat::Raw,
+        DiskFormat::Qcow2 => ImageFormat::Qcow2,
+    }
+}
+
+/// Probes the format of every disk given without one, once, before the VM is first built: the
+/// answer is kept in the configuration (`probed_format`) for the VM's reboots and snapshots,
+/// so a guest that writes an image header into its raw disk does not change how tern opens it.
+/// A disk that cannot be read is left for opening to report.
+pub fn probe_disk_formats(config: &mut VmConfig) {
+    for d in config.disks.iter_mut() {
+        if d.format.is_some() || d.probed_format.is_some() {
+            continue;
+        }
+        if let Ok(f) = block::probe_format(&d.path) {
+            d.probed_format = Some(match f {
+                ImageFormat::Raw => DiskFormat::Raw,
+                ImageFormat::Qcow2 => DiskFormat::Qcow2,
+            });
+            tracing::info!(
+                "disk {}: no format given, probed {f} (give format= to state it)",
+                d.path.display()
+            );
+        }
+    }
+}
+
 /// Opens disk `i` and wraps it in a virtio-blk device.
 fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
     let opts = DiskOptions {
         path: d.path.clone(),
-        format: d.format.map(|f| match f {
-            DiskFormat::Raw => ImageFormat::Raw,
-            DiskFormat::Qcow2 => ImageFormat::Qcow2,
-        }),
+        format: d.format.map(image_format),
+        probed: d.probed_format.map(image_format),
+        data_file: d.data_file.clone(),
         read_only: d.readonly,
         direct: d.cache == DiskCache::None,
     };

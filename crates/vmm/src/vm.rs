@@ -336,6 +336,7 @@ pub fn run(
             .take()
             .and_then(|h| h.join().ok())
             .and_then(Result::ok);
+        crate::virtio_devices::probe_disk_formats(&mut config);
         let built = Vm::build(&config, start, restoring.is_some(), shell).and_then(|mut vm| {
             if let Some(r) = &restoring {
                 vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;

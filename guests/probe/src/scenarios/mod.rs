@@ -23,6 +23,7 @@ mod smp;
 mod timer;
 mod vblk;
 mod vblkbench;
+mod vblkcopy;
 mod vblkhostile;
 mod vcons;
 mod vhostile;
@@ -52,6 +53,7 @@ pub static SCENARIOS: &[Scenario] = &[
     vblk::SCENARIO,
     vblkhostile::SCENARIO,
     vblkbench::SCENARIO,
+    vblkcopy::SCENARIO,
     vnet::SCENARIO,
     vnethostile::SCENARIO,
     vnetbench::SCENARIO,
