@@ -375,6 +375,66 @@ fn a_guest_using_virtio_blk_over_pci_survives() {
 }
 
 #[test]
+fn a_restored_disk_keeps_the_format_probed_at_boot() {
+    if !require_kvm("a_restored_disk_keeps_the_format_probed_at_boot") {
+        return;
+    }
+    // A raw disk given without a format is probed at boot; the snapshot keeps the answer. A
+    // qcow2 header (naming a host file as its backing file) written over the disk's start
+    // afterwards must not make the restored VM open the disk as qcow2.
+    let dir = Scratch::new("blk-probed");
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let snap = dir.path("snap");
+    let last = counting_vm_snapshot_with(
+        &dir,
+        "1",
+        &snap,
+        &["--disk", &format!("path={}", s(&disk))],
+        "probe.count_blk=1",
+    );
+    let state = std::fs::read_to_string(snap.join("state.json")).unwrap();
+    assert!(state.contains(r#""probed_format":"raw""#), "{state}");
+    let secret = dir.path("secret");
+    std::fs::write(&secret, vec![0x77u8; 1 << 20]).unwrap();
+    let header = dir.path("header.qcow2");
+    let o = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&secret),
+            "-F",
+            "raw",
+            s(&header),
+        ])
+        .output()
+        .expect("qemu-img (qemu-utils) is required");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let header = std::fs::read(&header).unwrap();
+    let mut img = std::fs::read(&disk).unwrap();
+    img[..header.len()].copy_from_slice(&header);
+    std::fs::write(&disk, &img).unwrap();
+    let serial = dir.path("b.log");
+    let r = run_with_timeout(
+        &tern(),
+        &[
+            "run",
+            "--restore",
+            s(&snap),
+            "--serial",
+            &format!("file:{}", s(&serial)),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(0), "restore: {}", r.stderr);
+    assert!(r.stderr.contains("it stays raw"), "{}", r.stderr);
+    assert_eq!(ticks(&serial)[0].0, last.0 + 1);
+}
+
+#[test]
 fn a_guest_using_virtio_blk_over_mmio_survives() {
     if !require_kvm("a_guest_using_virtio_blk_over_mmio_survives") {
         return;
