@@ -569,13 +569,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("loops back"), "{e}");
-        // A backing file without its format would be probed: refused.
+        // A backing file without its format would be probed: refused. (qemu-img no longer
+        // writes such headers: drop the backing-format extension by ending the extension list
+        // at its magic.)
         assert!(qemu_img_ok(&[
             "rebase", "-q", "-u", "-f", "qcow2", "-b", "", sa
         ]));
-        assert!(qemu_img_ok(&[
-            "rebase", "-q", "-u", "-f", "qcow2", "-b", sa, sb
-        ]));
+        let mut bytes = std::fs::read(&b).unwrap();
+        let at = bytes[..4096]
+            .windows(4)
+            .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+            .expect("a backing-format header extension");
+        bytes[at..at + 4].fill(0);
+        std::fs::write(&b, &bytes).unwrap();
         let e = Disk::open(&opts(&b, Some(ImageFormat::Qcow2), true))
             .unwrap_err()
             .to_string();
