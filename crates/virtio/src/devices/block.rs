@@ -395,7 +395,7 @@ impl BlkWorker {
         while let Some(req) = self.ctx.pop(&mut self.queue, self.index)? {
             let Some(last) = req.bufs.last().copied().filter(|b| b.writable && b.len > 0) else {
                 // No status byte to answer in: return the chain with nothing written.
-                tracing::warn!("virtio-blk: request {} has no status byte", req.head);
+                ratelimit::warn_limited!("virtio-blk: request {} has no status byte", req.head);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 self.ctx
                     .add_used(&mut self.queue, self.index, req.head, 0)?;
@@ -487,7 +487,7 @@ impl BlkWorker {
                     (VIRTIO_BLK_S_OK as u8, p.used_len)
                 }
                 Err(e) => {
-                    tracing::warn!("virtio-blk: {e}");
+                    ratelimit::warn_limited!("virtio-blk: {e}");
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                     (VIRTIO_BLK_S_IOERR as u8, 1)
                 }
@@ -639,7 +639,7 @@ impl BlkWorker {
                 }
             }
             Err(e) => {
-                tracing::warn!("virtio-blk: {e}");
+                ratelimit::warn_limited!("virtio-blk: {e}");
                 err(VIRTIO_BLK_S_IOERR)
             }
         }
