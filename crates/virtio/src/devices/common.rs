@@ -45,6 +45,8 @@ pub(crate) enum Malformed {
     Direction(u16, &'static str),
     #[error("guest memory: {0}")]
     Memory(GuestMemoryError),
+    #[error("queue {0}: descriptor chain {1} was made available again while still in use")]
+    InUse(u16, u16),
 }
 
 /// One guest buffer of a validated chain (known to lie inside guest memory).
