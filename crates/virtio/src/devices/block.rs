@@ -474,8 +474,9 @@ impl BlkWorker {
                         bytes,
                     });
                     // SAFETY: `iov` points into guest memory (checked by `parse`), which
-                    // `self.ctx.mem` keeps mapped; the chain is not returned to the guest until
-                    // its completion is reaped, and the worker drains the engine before it goes.
+                    // `self.ctx.mem` keeps mapped as long as the worker lives; the worker's
+                    // `Drop` drains the engine, which returns only once no request is in
+                    // flight, before `self.ctx.mem` is dropped.
                     unsafe { self.engine.submit(op, iov, offset, u64::from(req.head)) };
                 }
                 Action::Zero {
