@@ -1299,21 +1299,89 @@ mod tests {
         assert!(r.counters.throttled.load(Ordering::Relaxed) >= 1);
     }
 
+    struct NoIrq;
+    impl crate::Interrupt for NoIrq {
+        fn trigger(&self, _kind: crate::InterruptKind) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A queue worker on the image at `path` (synchronous I/O), driven by hand: each
+    /// `handle` call is one wake-up.
+    fn worker(path: &std::path::Path) -> (BlkWorker, VirtQueue) {
+        let opts = DiskOptions {
+            path: path.to_path_buf(),
+            format: None,
+            read_only: false,
+            direct: false,
+        };
+        let disk = Arc::new(Disk::open(&opts).unwrap().0);
+        let ctx = Ctx {
+            mem: mem(),
+            interrupt: Arc::new(NoIrq),
+            broken: Arc::default(),
+            name: "blk",
+            max_chain: MAX_CHAIN,
+        };
+        let vq = VirtQueue::new(0x1000);
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.set_size(vq.size);
+        queue
+            .try_set_desc_table_address(GuestAddress(vq.desc))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(vq.avail))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(vq.used))
+            .unwrap();
+        queue.set_ready(true);
+        let w = BlkWorker {
+            ctx,
+            queue,
+            index: 0,
+            event: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+            engine: Engine::new(disk, u32::from(QUEUE_SIZE), EngineKind::Sync),
+            throttle: Throttle::new(None).unwrap(),
+            pending: (0..QUEUE_SIZE).map(|_| None).collect(),
+            zeroing: VecDeque::new(),
+            serial: [0; ID_LEN],
+            counters: Arc::default(),
+            done: Vec::new(),
+        };
+        (w, vq)
+    }
+
     #[test]
-    fn a_big_write_zeroes_runs_in_pieces_and_does_not_hold_up_the_queue() {
-        // A sparse image of three wake-ups' worth of pieces, with data at both ends.
-        let size = 3 * ZERO_CHUNKS_PER_WAKE as u64 * ZERO_CHUNK;
+    fn a_big_write_zeroes_runs_in_pieces_across_wake_ups() {
+        // A sparse image of three wake-ups' worth of pieces, with data at both ends and
+        // right after the first wake-up's share.
+        let per_wake = ZERO_CHUNKS_PER_WAKE as u64 * ZERO_CHUNK;
+        let size = 3 * per_wake;
         let path = std::env::temp_dir().join(format!("tern-vblk-{}-bigzero", std::process::id()));
-        {
+        let f = {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::File::create(&path).unwrap();
+            let f = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
             f.set_len(size).unwrap();
             f.write_all_at(&[0x11; 4096], 0).unwrap();
-            f.write_all_at(&[0x22; 4096], ZERO_CHUNK).unwrap();
+            f.write_all_at(&[0x22; 4096], per_wake).unwrap();
             f.write_all_at(&[0x33; 4096], size - 4096).unwrap();
-        }
-        let mut r = rig_on(path, false, EngineKind::Sync, false, (0, 0));
-        let mem = r.d.mem.clone();
+            f
+        };
+        let at = |off: u64| {
+            use std::os::unix::fs::FileExt;
+            let mut b = [0u8; 4096];
+            f.read_exact_at(&mut b, off).unwrap();
+            b
+        };
+        let (mut w, mut vq) = worker(&path);
+        let mem = w.ctx.mem.clone();
         // Zero everything but the first and last 4 KiB...
         let sectors = ((size - 8192) / SECTOR) as u32;
         mem.write_obj(VIRTIO_BLK_T_WRITE_ZEROES, GuestAddress(HDR))
@@ -1322,40 +1390,47 @@ mod tests {
         mem.write_slice(&zero_seg(8, sectors, 0), GuestAddress(DATA))
             .unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let zero = r.q.add_chain(
+        let zero = vq.add_chain(
             &mem,
             &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
         );
-        // ... and read sector 1 right behind it, in the same notification.
+        // ... and read sector 1 right behind it.
         let (hdr2, buf2, status2) = (BUFS + 0x8000, BUFS + 0x9000, BUFS + 0x8100);
         mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(hdr2)).unwrap();
         mem.write_obj(1u64, GuestAddress(hdr2 + 8)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(status2)).unwrap();
-        let read = r.q.add_chain(
+        let read = vq.add_chain(
             &mem,
             &[(hdr2, 16, false), (buf2, 512, true), (status2, 1, true)],
         );
-        r.d.notify(0);
-        assert!(wait_for(|| r.q.used_idx(&mem) == 2));
-        // The read was answered first: the write-zeroes took more than one wake-up.
-        assert_eq!(r.q.used_elem(&mem, 0).0, u32::from(read));
-        assert_eq!(r.q.used_elem(&mem, 1), (u32::from(zero), 1));
+        // Wake-up 1: the read is answered, the write-zeroes has done one wake-up's share
+        // (the data right after it is still there) and the worker is to come back.
+        assert!(w.handle(TOKEN_QUEUE));
+        assert_eq!(vq.used_idx(&mem), 1);
+        assert_eq!(vq.used_elem(&mem, 0).0, u32::from(read));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(status2)).unwrap(), OK);
+        assert_eq!(r_bytes(&mem, buf2, 512), vec![0x11; 512]);
+        assert_eq!(at(per_wake - 4096), [0; 4096]);
+        assert_eq!(at(per_wake), [0x22; 4096]);
+        assert_eq!(w.event.read().unwrap(), 1, "queue event re-raised");
+        // Wake-ups 2 and 3 finish it; then it is answered.
+        assert!(w.handle(TOKEN_QUEUE));
+        assert_eq!(vq.used_idx(&mem), 1);
+        assert_eq!(at(per_wake), [0; 4096]);
+        assert!(w.handle(TOKEN_QUEUE));
+        assert_eq!(vq.used_idx(&mem), 2);
+        assert_eq!(vq.used_elem(&mem, 1), (u32::from(zero), 1));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
-        assert_eq!(r.bytes(buf2, 512), vec![0x11; 512]);
-        {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(&r.path).unwrap();
-            let at = |off: u64| {
-                let mut b = [0u8; 4096];
-                f.read_exact_at(&mut b, off).unwrap();
-                b
-            };
-            assert_eq!(at(0), [0x11; 4096]);
-            assert_eq!(at(ZERO_CHUNK), [0; 4096]);
-            assert_eq!(at(size - 8192), [0; 4096]);
-            assert_eq!(at(size - 4096), [0x33; 4096]);
-        }
-        assert_eq!(r.counters.discard_ops.load(Ordering::Relaxed), 1);
+        assert_eq!(at(0), [0x11; 4096]);
+        assert_eq!(at(size - 8192), [0; 4096]);
+        assert_eq!(at(size - 4096), [0x33; 4096]);
+        assert_eq!(w.counters.discard_ops.load(Ordering::Relaxed), 1);
+        assert!(w.zeroing.is_empty() && w.pending.iter().all(Option::is_none));
+        std::fs::remove_file(path).ok();
+    }
+
+    fn r_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
     }
 }
