@@ -166,9 +166,11 @@ fn uring_usable(ring: &IoUring) -> bool {
 }
 
 impl Engine {
-    /// An engine for `disk` keeping at most `depth` requests in flight. io_uring is used when
-    /// `prefer` asks for it, the image is raw and the host supports it; otherwise requests run
-    /// synchronously.
+    /// An engine for `disk` sized for `depth` requests in flight (the caller's bound; the
+    /// io_uring engine itself never has more in flight than its completion queue, twice the
+    /// submission queue, holds: beyond that a submission waits for completions). io_uring is
+    /// used when `prefer` asks for it, the image is raw and the host supports it; otherwise
+    /// requests run synchronously.
     pub fn new(disk: Arc<Disk>, depth: u32, prefer: EngineKind) -> Self {
         let uring = match (&*disk, prefer) {
             (Disk::Raw(raw), EngineKind::IoUring) => Self::uring(raw.fd(), depth)

@@ -190,7 +190,10 @@ impl BusDevice for DebugPort {
             tracing::info!(target: "tern::boot", "guest milestone {code:#04x} at {ms:.3} ms");
         } else {
             // A guest writing the port in a loop (e.g. as an I/O delay) is not logged per write.
-            ratelimit::info_limited!(target: "tern::boot", "guest milestone {code:#04x} at {ms:.3} ms");
+            ratelimit::info_limited!(
+                target: "tern::boot",
+                "guest milestone {code:#04x} at {ms:.3} ms"
+            );
         }
     }
 }

@@ -146,6 +146,49 @@ mod tests {
         assert_eq!(l.admit(later), None);
     }
 
+    /// Counts the events logged on this thread, and keeps the last message.
+    #[derive(Default)]
+    struct Count(std::sync::Mutex<(usize, String)>);
+
+    impl tracing::Subscriber for Count {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            struct Msg<'a>(&'a mut String);
+            impl tracing::field::Visit for Msg<'_> {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    if f.name() == "message" {
+                        *self.0 = format!("{v:?}");
+                    }
+                }
+            }
+            let mut c = self.0.lock().unwrap();
+            c.0 += 1;
+            e.record(&mut Msg(&mut c.1));
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn a_guest_hammering_a_warning_gets_a_burst_logged() {
+        let count = std::sync::Arc::new(Count::default());
+        tracing::subscriber::with_default(count.clone(), || {
+            for i in 0..10_000 {
+                crate::warn_limited!("virtio-test: bad request {i}");
+            }
+        });
+        let c = count.0.lock().unwrap();
+        assert_eq!(c.0, LOG_BURST as usize);
+        assert_eq!(c.1, format!("virtio-test: bad request {}", LOG_BURST - 1));
+    }
+
     #[test]
     fn the_macros_expand_with_captures_and_targets() {
         let e = "boom";
