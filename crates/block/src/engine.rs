@@ -8,10 +8,16 @@
 //!
 //! Either way the vCPU threads never wait for the disk: they only kick the worker's ioeventfd.
 //! Discard and write-zeroes are `fallocate` calls and run synchronously on both engines.
+//!
+//! An io_uring engine never has more requests in flight than its completion queue holds: a
+//! submission that would exceed that first takes completions off the ring (waiting for one if
+//! none is there), so the kernel never holds back completions and a full ring cannot make the
+//! worker spin.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring, Probe};
@@ -66,7 +72,75 @@ struct Uring {
     /// expected byte count.
     slots: Vec<Option<(u64, Vec<IoSlice>, u64)>>,
     free: Vec<usize>,
+    /// Occupied entries of `slots`: requests queued or running and not yet collected.
+    busy: usize,
+    /// Most requests in flight at once: the completion queue's size.
+    cq_cap: usize,
     unsubmitted: usize,
+}
+
+impl Uring {
+    /// Moves the completions the kernel has posted into `done`, freeing their slots; returns
+    /// how many there were.
+    fn collect(&mut self, done: &mut VecDeque<Completion>, path: &Path) -> usize {
+        let mut n = 0;
+        for cqe in self.ring.completion() {
+            let slot = cqe.user_data() as usize;
+            let Some((user_data, _iov, len)) = self.slots.get_mut(slot).and_then(Option::take)
+            else {
+                tracing::error!("io_uring completion for unknown slot {slot}");
+                continue;
+            };
+            self.free.push(slot);
+            self.busy -= 1;
+            n += 1;
+            let res = cqe.result();
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else if res as u64 != len {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short transfer: {res} of {len} bytes"),
+                ))
+            } else {
+                Ok(())
+            }
+            .map_err(|err| BlockError::Io {
+                path: path.to_path_buf(),
+                err,
+            });
+            done.push_back(Completion { user_data, result });
+        }
+        n
+    }
+
+    /// Submits what is queued and returns once at least one request has completed (moved
+    /// into `done`) or none is in flight. Never returns with nothing collected while requests
+    /// are in flight, whatever the kernel answers: callers rely on it to free ring space and
+    /// to know when guest buffers are no longer used.
+    fn wait(&mut self, done: &mut VecDeque<Completion>, path: &Path) {
+        loop {
+            if self.collect(done, path) > 0 || self.busy == 0 {
+                return;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EAGAIN/EBUSY: the kernel is short of resources. Wait for the ring to
+                    // have completions (or a while) rather than spin, and retry.
+                    ratelimit::warn_limited!("io_uring wait: {e}");
+                    let mut pfd = libc::pollfd {
+                        fd: self.ring.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: `pfd` is one valid pollfd that outlives the call.
+                    unsafe { libc::poll(&mut pfd, 1, 10) };
+                }
+            }
+        }
+    }
 }
 
 /// One queue's engine.
@@ -92,9 +166,11 @@ fn uring_usable(ring: &IoUring) -> bool {
 }
 
 impl Engine {
-    /// An engine for `disk` keeping at most `depth` requests in flight. io_uring is used when
-    /// `prefer` asks for it, the image is raw and the host supports it; otherwise requests run
-    /// synchronously.
+    /// An engine for `disk` sized for `depth` requests in flight (the caller's bound; the
+    /// io_uring engine itself never has more in flight than its completion queue, twice the
+    /// submission queue, holds: beyond that a submission waits for completions). io_uring is
+    /// used when `prefer` asks for it, the image is raw and the host supports it; otherwise
+    /// requests run synchronously.
     pub fn new(disk: Arc<Disk>, depth: u32, prefer: EngineKind) -> Self {
         let uring = match (&*disk, prefer) {
             (Disk::Raw(raw), EngineKind::IoUring) => Self::uring(raw.fd(), depth)
@@ -110,7 +186,7 @@ impl Engine {
     }
 
     fn uring(fd: RawFd, depth: u32) -> io::Result<Uring> {
-        let ring = IoUring::builder()
+        let mut ring = IoUring::builder()
             .setup_coop_taskrun()
             .build(depth.next_power_of_two().max(8))
             .or_else(|_| IoUring::new(depth.next_power_of_two().max(8)))?;
@@ -122,12 +198,15 @@ impl Engine {
         }
         let evt = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        let cq_cap = ring.completion().capacity();
         Ok(Uring {
             ring,
             evt,
             fd,
             slots: Vec::new(),
             free: Vec::new(),
+            busy: 0,
+            cq_cap,
             unsubmitted: 0,
         })
     }
@@ -153,9 +232,7 @@ impl Engine {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.uring
-            .as_ref()
-            .map_or(0, |u| u.slots.len() - u.free.len())
+        self.uring.as_ref().map_or(0, |u| u.busy)
     }
 
     /// Starts `op` on `iov` at `offset`; its [`Completion`] comes from [`reap`](Self::reap).
@@ -205,6 +282,11 @@ impl Engine {
             self.done.push_back(Completion { user_data, result });
             return;
         };
+        let path = self.disk.path();
+        // Room for the completion first (see the module documentation).
+        while u.busy >= u.cq_cap {
+            u.wait(&mut self.done, path);
+        }
         let slot = u.free.pop().unwrap_or_else(|| {
             u.slots.push(None);
             u.slots.len() - 1
@@ -222,23 +304,24 @@ impl Engine {
                 .build(),
         }
         .user_data(slot as u64);
-        // The iovec array moves into the slot; its heap buffer (what the SQE points at) stays put.
-        u.slots[slot] = Some((user_data, iov, if op == IoOp::Flush { 0 } else { len }));
         loop {
-            // SAFETY: the SQE's iovec array lives in `slots` until the completion is reaped, and
-            // the caller keeps the buffers valid as long.
+            // SAFETY: the SQE points at `iov`'s heap buffer, which moves into `slots` right
+            // after this push (the buffer itself stays put) and stays there until the
+            // completion is collected; the caller keeps the buffers it lists valid as long.
             let pushed = unsafe { u.ring.submission().push(&entry) };
             match pushed {
                 Ok(()) => break,
-                Err(_) => {
-                    // Queue full: hand what is queued to the kernel and retry.
-                    if let Err(e) = u.ring.submit() {
-                        tracing::warn!("io_uring submit failed: {e}");
-                    }
-                    u.unsubmitted = 0;
-                }
+                // Submission queue full: hand it to the kernel and retry; if the kernel cannot
+                // take it now, take completions off the ring (waiting for one) first.
+                Err(_) => match u.ring.submit() {
+                    Ok(_) => u.unsubmitted = 0,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => u.wait(&mut self.done, path),
+                },
             }
         }
+        u.slots[slot] = Some((user_data, iov, if op == IoOp::Flush { 0 } else { len }));
+        u.busy += 1;
         u.unsubmitted += 1;
     }
 
@@ -286,52 +369,21 @@ impl Engine {
 
     /// Moves finished requests into `out`.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.extend(self.done.drain(..));
-        let path = self.disk.path();
-        let Some(u) = self.uring.as_mut() else {
-            return;
-        };
-        // Drain the eventfd first so a completion arriving after this pass signals again.
-        let _ = u.evt.read();
-        for cqe in u.ring.completion() {
-            let slot = cqe.user_data() as usize;
-            let Some((user_data, _iov, len)) = u.slots.get_mut(slot).and_then(Option::take) else {
-                tracing::error!("io_uring completion for unknown slot {slot}");
-                continue;
-            };
-            u.free.push(slot);
-            let res = cqe.result();
-            let result = if res < 0 {
-                Err(io::Error::from_raw_os_error(-res))
-            } else if res as u64 != len {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("short transfer: {res} of {len} bytes"),
-                ))
-            } else {
-                Ok(())
-            }
-            .map_err(|err| BlockError::Io {
-                path: path.to_path_buf(),
-                err,
-            });
-            out.push(Completion { user_data, result });
+        if let Some(u) = self.uring.as_mut() {
+            // Drain the eventfd first so a completion arriving after this pass signals again.
+            let _ = u.evt.read();
+            u.collect(&mut self.done, self.disk.path());
         }
+        out.extend(self.done.drain(..));
     }
 
     /// Waits until every submitted request has completed (their buffers are then free).
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         self.commit();
-        while self.in_flight() > 0 {
-            if let Some(u) = self.uring.as_mut() {
-                if let Err(e) = u.ring.submit_and_wait(1) {
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        tracing::error!("io_uring wait failed: {e}");
-                        return;
-                    }
-                }
+        if let Some(u) = self.uring.as_mut() {
+            while u.busy > 0 {
+                u.wait(&mut self.done, self.disk.path());
             }
-            self.reap(out);
         }
         self.reap(out);
     }
@@ -434,5 +486,40 @@ mod tests {
         many_requests(EngineKind::IoUring, false);
         many_requests(EngineKind::IoUring, true);
         many_requests(EngineKind::Sync, false);
+    }
+
+    #[test]
+    fn a_small_ring_with_many_requests_in_flight() {
+        let (d, p) = disk("small-ring", false);
+        // An 8-entry submission queue (16 completions), 200 requests, nothing reaped meanwhile.
+        let mut e = Engine::new(d, 8, EngineKind::IoUring);
+        let Some(cap) = e.uring.as_ref().map(|u| u.cq_cap) else {
+            eprintln!("SKIP: io_uring is not usable on this host");
+            std::fs::remove_file(p).ok();
+            return;
+        };
+        assert!(cap <= 16, "completion queue of {cap}");
+        let bufs: Vec<crate::iov::AlignedBuf> = (0..200)
+            .map(|i| {
+                let mut b = crate::iov::AlignedBuf::new(4096).unwrap();
+                b.as_mut_slice().fill(i as u8);
+                b
+            })
+            .collect();
+        for (i, b) in bufs.iter().enumerate() {
+            let iov = vec![IoSlice::from_ref(b.as_slice())];
+            // SAFETY: `bufs` outlives the drain below.
+            unsafe { e.submit(IoOp::Write, iov, (i as u64 % 256) * 4096, i as u64) };
+            assert!(e.in_flight() <= cap, "{} in flight", e.in_flight());
+        }
+        let mut done = Vec::new();
+        e.drain(&mut done);
+        assert_eq!(e.in_flight(), 0);
+        assert_eq!(done.len(), 200);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        let mut ids: Vec<u64> = done.iter().map(|c| c.user_data).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..200).collect::<Vec<_>>());
+        std::fs::remove_file(p).ok();
     }
 }

@@ -55,7 +55,7 @@ impl I8042 {
 
     fn pulse_reset(&mut self) {
         if let Err(e) = vm_superio::Trigger::trigger(&self.reset) {
-            tracing::warn!("i8042: cannot signal reset: {e}");
+            ratelimit::warn_limited!("i8042: cannot signal reset: {e}");
         }
     }
 
@@ -184,10 +184,17 @@ impl BusDevice for DebugPort {
             return;
         };
         let micros = self.start.elapsed().as_micros() as u64;
+        let ms = micros as f64 / 1000.0;
         if self.seen.len() < 256 {
             self.seen.push(Milestone { code, micros });
+            tracing::info!(target: "tern::boot", "guest milestone {code:#04x} at {ms:.3} ms");
+        } else {
+            // A guest writing the port in a loop (e.g. as an I/O delay) is not logged per write.
+            ratelimit::info_limited!(
+                target: "tern::boot",
+                "guest milestone {code:#04x} at {ms:.3} ms"
+            );
         }
-        tracing::info!(target: "tern::boot", "guest milestone {code:#04x} at {:.3} ms", micros as f64 / 1000.0);
     }
 }
 

@@ -155,8 +155,8 @@ impl PeerSocket {
     /// Enters the namespace at `ns_path` (this thread only) and opens the sockets on `tap`.
     fn open(ns_path: &str, tap: &str) -> io::Result<PeerSocket> {
         let f = File::open(ns_path)?;
-        // SAFETY: setns on a namespace file; affects only the calling thread.
         cvt(
+            // SAFETY: setns on a namespace file; affects only the calling thread.
             unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
             "setns",
         )?;
@@ -167,8 +167,8 @@ impl PeerSocket {
             return Err(io::Error::other(format!("no interface {tap} in {ns_path}")));
         }
         let socket = |proto: u16| -> io::Result<OwnedFd> {
-            // SAFETY: plain socket(2); the descriptor is owned below.
             let fd = cvt(
+                // SAFETY: plain socket(2); the descriptor is owned below.
                 unsafe {
                     libc::socket(
                         libc::AF_PACKET,
@@ -183,8 +183,8 @@ impl PeerSocket {
         };
         let raw = socket(libc::ETH_P_ALL as u16)?;
         let addr = sockaddr_ll(ifindex, libc::ETH_P_ALL as u16);
-        // SAFETY: `addr` is a valid sockaddr_ll of the given size.
         cvt(
+            // SAFETY: `addr` is a valid sockaddr_ll of the given size.
             unsafe {
                 libc::bind(
                     raw.as_raw_fd(),

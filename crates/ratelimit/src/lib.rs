@@ -5,8 +5,15 @@
 //! Time is passed in (`Instant`), so the arithmetic is testable without sleeping; the device
 //! asks [`RateLimiter::wait_time`] how long to wait when a request does not fit and re-arms its
 //! own timer.
+//!
+//! [`log`] rate-limits log messages a guest can trigger repeatedly ([`warn_limited!`]).
 
 use std::time::{Duration, Instant};
+
+pub mod log;
+
+#[doc(hidden)]
+pub use tracing as __tracing;
 
 /// A bucket of `capacity` tokens refilled at `rate` tokens per second.
 #[derive(Clone, Debug, PartialEq)]

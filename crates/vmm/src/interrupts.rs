@@ -171,17 +171,19 @@ mod tests {
         // GSI 4 (COM1) goes to PIC master pin 4 and IOAPIC pin 4.
         let com1: Vec<_> = r.iter().filter(|e| e.gsi == 4).collect();
         assert_eq!(com1.len(), 2);
-        // SAFETY: irqchip entries carry the irqchip member of the union.
-        let chips: Vec<(u32, u32)> = com1
-            .iter()
-            .map(|e| unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) })
-            .collect();
+        let chip = |e: &kvm_irq_routing_entry| {
+            // SAFETY: these default routes are all irqchip entries (type
+            // KVM_IRQ_ROUTING_IRQCHIP), which carry the irqchip member of the union.
+            unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) }
+        };
+        assert!(r.iter().all(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP));
+        let chips: Vec<(u32, u32)> = com1.iter().map(|e| chip(e)).collect();
         assert!(chips.contains(&(KVM_IRQCHIP_PIC_MASTER, 4)));
         assert!(chips.contains(&(KVM_IRQCHIP_IOAPIC, 4)));
         // GSI 12 goes to the slave PIC, pin 4.
-        // SAFETY: as above.
-        assert!(r.iter().any(|e| e.gsi == 12
-            && unsafe { e.u.irqchip.irqchip == KVM_IRQCHIP_PIC_SLAVE && e.u.irqchip.pin == 4 }));
+        assert!(r
+            .iter()
+            .any(|e| e.gsi == 12 && chip(e) == (KVM_IRQCHIP_PIC_SLAVE, 4)));
         assert!(r.iter().all(|e| e.gsi < MSI_FIRST_GSI));
     }
 

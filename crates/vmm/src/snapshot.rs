@@ -158,8 +158,11 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     fd.set_cpuid2(&cpuid).map_err(e("set CPUID"))?;
     fd.set_sregs(&s.sregs).map_err(e("set special registers"))?;
     fd.set_regs(&s.regs).map_err(e("set registers"))?;
-    // SAFETY: `s.xsave` is a whole `kvm_xsave` taken by KVM_GET_XSAVE on this kind of vCPU
-    // (tern does not enable extended XSAVE state that needs KVM_SET_XSAVE2).
+    // SAFETY: KVM_SET_XSAVE reads a `kvm_xsave` of the size the process's enabled XSAVE
+    // features need; tern never enables dynamic XSTATE features (no arch_prctl
+    // ARCH_REQ_XCOMP_GUEST_PERM), so that is the 4096 bytes `s.xsave` holds. Its contents come
+    // from the snapshot file and are not trusted: KVM checks them and fails the call with
+    // EINVAL on a bad XSAVE header, it never reads past the struct because of them.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(e("set XSAVE"))?;
     fd.set_xcrs(&s.xcrs).map_err(e("set XCRs"))?;
     // The LAPIC before the MSRs: KVM drops a write of IA32_TSC_DEADLINE unless the APIC is

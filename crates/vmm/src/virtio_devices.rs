@@ -285,7 +285,7 @@ impl MsiRouting for PciMsi {
             data: m.data,
         });
         if let Err(e) = self.routing.set(v.gsi, msg) {
-            tracing::warn!("MSI-X vector {vector}: {e}");
+            ratelimit::warn_limited!("MSI-X vector {vector}: {e}");
         }
     }
 
@@ -405,7 +405,7 @@ pub fn attach_pci(
     root.lock()
         .unwrap_or_else(|p| p.into_inner())
         .set_relocation_notifier(Box::new(|r| {
-            tracing::warn!(
+            ratelimit::warn_limited!(
                 "guest moved BAR {} of PCI device {:?} from {:#x} to {:#x}; tern does not follow BAR moves yet",
                 r.bar,
                 r.bdf,

@@ -547,7 +547,7 @@ impl PciConfiguration {
             new_addr: bar.addr,
             size: bar.size,
         };
-        tracing::info!(
+        ratelimit::info_limited!(
             "pci: guest moved BAR {} ({:?}, {:#x} bytes) from {:#x} to {:#x}",
             r.bar,
             r.kind,

@@ -13,8 +13,9 @@
 //!   and routes configuration accesses; [`PciConfigIo`] (PIO 0xCF8..0xD00) and
 //!   [`PciConfigMmio`] (ECAM) are the two [`BusDevice`](crate::BusDevice)s that reach it.
 //! - [`PciBarBusDevice`] is what the VMM puts on its MMIO (or PIO) bus at each BAR's address.
-//! - A guest that re-programs a BAR produces a [`BarRelocation`] the VMM drains from
-//!   [`PciRoot::take_bar_relocations`] to move the bus range and any ioeventfds.
+//! - A guest that re-programs a BAR produces a [`BarRelocation`] (one per BAR until drained)
+//!   the VMM drains from [`PciRoot::take_bar_relocations`] to move the bus range and any
+//!   ioeventfds.
 //! - MSI-X state changes reach the VMM through the [`MsiRouting`] trait it implements (KVM
 //!   GSI routes + irqfds).
 //!

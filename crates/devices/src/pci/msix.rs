@@ -178,7 +178,7 @@ impl MsixState {
         if want.is_some() && self.is_pending(v as u16) {
             self.set_pending(v, false);
             if let Err(e) = self.routing.trigger(v as u16) {
-                tracing::warn!("msix: cannot deliver pending vector {v}: {e}");
+                ratelimit::warn_limited!("msix: cannot deliver pending vector {v}: {e}");
             }
         }
     }

@@ -107,6 +107,7 @@ pub struct PciRoot {
     mmio32: AddressAllocator,
     mmio64: Option<AddressAllocator>,
     io: Option<AddressAllocator>,
+    /// Undrained BAR moves, one per BAR at most (see [`Self::record`]).
     relocations: Vec<BarRelocation>,
     on_relocation: Option<RelocationNotifier>,
 }
@@ -241,7 +242,8 @@ impl PciRoot {
         self.on_relocation = Some(f);
     }
 
-    /// BAR moves the guest made since the last call, oldest first.
+    /// BAR moves the guest made since the last call: at most one per BAR, from where the BAR
+    /// was at the last call to where it is now (a BAR moved back where it was is left out).
     pub fn take_bar_relocations(&mut self) -> Vec<BarRelocation> {
         std::mem::take(&mut self.relocations)
     }
@@ -289,7 +291,27 @@ impl PciRoot {
             if let Some(f) = &self.on_relocation {
                 f(&m);
             }
-            self.relocations.push(m);
+            self.record(m);
+        }
+    }
+
+    /// Adds a move to the record of undrained ones, merged with an earlier move of the same
+    /// BAR: the record stays bounded (one entry per BAR) however often the guest moves BARs
+    /// and whether or not anyone drains it.
+    fn record(&mut self, m: BarRelocation) {
+        let same = |p: &BarRelocation| p.bdf == m.bdf && p.bar == m.bar;
+        match self.relocations.iter().position(same) {
+            Some(i) if self.relocations[i].old_addr == m.new_addr => {
+                self.relocations.remove(i);
+            }
+            Some(i) => {
+                let p = &mut self.relocations[i];
+                // The bus range is still where the first move found it.
+                p.new_addr = m.new_addr;
+                p.kind = m.kind;
+                p.size = m.size;
+            }
+            None => self.relocations.push(m),
         }
     }
 
@@ -739,5 +761,34 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![expect]);
         assert_eq!(devs[0].lock().unwrap().bars()[0].addr, 0xd000_0000);
         assert!(root.lock().unwrap().take_bar_relocations().is_empty());
+    }
+
+    #[test]
+    fn undrained_bar_moves_stay_bounded() {
+        let (root, _devs) = root_with(1);
+        let mut io = PciConfigIo::new(root.clone());
+        cf8(&mut io, 0, 1, 0, 0x10);
+        let orig = io_read(&mut io, 4, 4);
+        // A guest moving BAR0 back and forth, with nobody draining the record.
+        for i in 0..10_000u32 {
+            let addr = 0xd000_0000 + (i % 7) * 0x1000;
+            io.write(4, &addr.to_le_bytes());
+        }
+        let n = root.lock().unwrap().relocations.len();
+        assert!(n <= 1, "{n} undrained moves recorded");
+        let moves = root_take(&root);
+        assert_eq!(moves.len(), 1);
+        assert_eq!(
+            (moves[0].old_addr, moves[0].new_addr),
+            (u64::from(orig), 0xd000_0000 + (9_999 % 7) * 0x1000)
+        );
+        // Moved away and back again: nothing to follow.
+        io.write(4, &0xd800_0000u32.to_le_bytes());
+        io.write(4, &(0xd000_0000u32 + (9_999 % 7) * 0x1000).to_le_bytes());
+        assert!(root_take(&root).is_empty());
+    }
+
+    fn root_take(root: &Arc<Mutex<PciRoot>>) -> Vec<BarRelocation> {
+        root.lock().unwrap().take_bar_relocations()
     }
 }

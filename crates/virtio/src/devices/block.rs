@@ -10,12 +10,26 @@
 //! than [`MAX_DATA`] bytes, a length that is not whole sectors, buffers in the wrong direction)
 //! completes with VIRTIO_BLK_S_IOERR, an unknown type with VIRTIO_BLK_S_UNSUPP, and the device
 //! keeps serving. Only a broken *chain* (see [the devices module](super)) or one without a
-//! status byte stops it.
+//! status byte stops it, and so does a driver that makes a chain available again while the
+//! device still has it (its head index is in flight): answering the second copy would put
+//! the head in the used ring twice and write a status byte the first request still owns, so
+//! the device stops and asks for a reset (DEVICE_NEEDS_RESET) instead, as the virtio spec lets
+//! a device do with a driver that broke the rules. Requests in flight are therefore tracked by
+//! head index, at most one per descriptor of the queue.
 //!
 //! An optional rate limiter (ops/s and bytes/s token buckets, shared by the queues) delays
-//! reads and writes: a request that does not fit is put back on the available ring and the
-//! queue sleeps on a timerfd until the buckets refill.
+//! reads, writes, discards and write-zeroes: a request that does not fit is put back on the
+//! available ring and the queue sleeps on a timerfd until the buckets refill. Each request
+//! counts as one operation and its length in bytes (a discard or write-zeroes counts the
+//! length of its range, like a write of that size); flushes and get-id are not limited.
+//!
+//! Discard and write-zeroes run synchronously on the worker (they are `fallocate` calls, or
+//! writes of zeroes where the file system cannot punch holes), in pieces of at most
+//! [`ZERO_CHUNK`] bytes and at most [`ZERO_CHUNKS_PER_WAKE`] pieces per wake-up of the worker;
+//! a range left over is taken up again on the next wake-up, and the request completes when
+//! its whole range is done, so a guest cannot make one wake-up run gigabytes of I/O.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,6 +58,10 @@ pub const MAX_DATA: u64 = 8 << 20;
 const MAX_CHAIN: u64 = 64 << 20;
 /// Most sectors one discard or write-zeroes segment may cover (2 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Discard and write-zeroes run in pieces of at most this many bytes, aligned to it on the disk.
+pub const ZERO_CHUNK: u64 = 16 << 20;
+/// Most discard or write-zeroes pieces one wake-up of a queue's worker runs.
+pub const ZERO_CHUNKS_PER_WAKE: usize = 4;
 /// Bytes of device configuration space (`struct virtio_blk_config` up to `unused1`).
 const CONFIG_LEN: usize = 60;
 /// Length of a get-id answer.
@@ -222,8 +240,8 @@ impl VirtioDevice for Block {
                 event: q.event,
                 engine,
                 throttle: Throttle::new(self.limiter.clone()).map_err(ActivateError::Worker)?,
-                pending: Vec::new(),
-                free: Vec::new(),
+                pending: (0..QUEUE_SIZE).map(|_| None).collect(),
+                zeroing: VecDeque::new(),
                 serial,
                 counters: self.counters.clone(),
                 done: Vec::new(),
@@ -258,11 +276,18 @@ impl VirtioDevice for Block {
 
 /// A request whose I/O is running: where its status goes and what it returns.
 struct Pending {
-    head: u16,
     status: GuestAddress,
     used_len: u32,
-    op: IoOp,
+    work: Work,
     bytes: u64,
+}
+
+/// What a pending request waits for.
+enum Work {
+    /// Its I/O in the engine.
+    Io(IoOp),
+    /// The worker to discard or zero `[next, end)` of the disk.
+    Zero { discard: bool, next: u64, end: u64 },
 }
 
 /// What a request turned out to be.
@@ -275,6 +300,12 @@ enum Action {
         iov: Vec<IoSlice>,
         offset: u64,
         bytes: u64,
+    },
+    /// Discard (or zero) `len` bytes at `offset`, then answer.
+    Zero {
+        discard: bool,
+        offset: u64,
+        len: u64,
     },
 }
 
@@ -292,8 +323,10 @@ struct BlkWorker {
     event: EventFd,
     engine: Engine,
     throttle: Throttle,
+    /// Requests being served, by head index (one entry per descriptor of the queue).
     pending: Vec<Option<Pending>>,
-    free: Vec<usize>,
+    /// Heads of the pending discards and write-zeroes, oldest first.
+    zeroing: VecDeque<u16>,
     serial: [u8; ID_LEN],
     counters: Arc<BlockCounters>,
     done: Vec<Completion>,
@@ -315,7 +348,9 @@ impl Handler for BlkWorker {
         self.engine.drain(&mut done);
         self.done = done;
         let mut used = 0u32;
-        let res = self.complete(&mut used);
+        let res = self
+            .complete(&mut used)
+            .and_then(|()| self.run_zeroing(&mut used, usize::MAX));
         if used > 0 {
             self.ctx.signal(&self.queue, self.index);
         }
@@ -341,7 +376,9 @@ impl Handler for BlkWorker {
             }
             _ => Ok(()),
         };
-        let res = res.and_then(|()| self.complete(&mut used));
+        let res = res
+            .and_then(|()| self.complete(&mut used))
+            .and_then(|()| self.run_zeroing(&mut used, ZERO_CHUNKS_PER_WAKE));
         if used > 0 {
             self.ctx.signal(&self.queue, self.index);
         }
@@ -393,9 +430,13 @@ impl BlkWorker {
     /// budget stops it (false).
     fn drain_ring(&mut self, used: &mut u32, taken: &mut u16) -> Result<bool, Malformed> {
         while let Some(req) = self.ctx.pop(&mut self.queue, self.index)? {
+            match self.pending.get(usize::from(req.head)) {
+                Some(None) => {}
+                _ => return Err(Malformed::InUse(self.index, req.head)),
+            }
             let Some(last) = req.bufs.last().copied().filter(|b| b.writable && b.len > 0) else {
                 // No status byte to answer in: return the chain with nothing written.
-                tracing::warn!("virtio-blk: request {} has no status byte", req.head);
+                ratelimit::warn_limited!("virtio-blk: request {} has no status byte", req.head);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 self.ctx
                     .add_used(&mut self.queue, self.index, req.head, 0)?;
@@ -421,26 +462,43 @@ impl BlkWorker {
                         self.queue.go_to_previous_position();
                         return Ok(false);
                     }
-                    let slot = self.free.pop().unwrap_or_else(|| {
-                        self.pending.push(None);
-                        self.pending.len() - 1
-                    });
                     let used_len = if op == IoOp::Read {
                         bytes as u32 + 1
                     } else {
                         1
                     };
-                    self.pending[slot] = Some(Pending {
-                        head: req.head,
+                    self.pending[usize::from(req.head)] = Some(Pending {
                         status,
                         used_len,
-                        op,
+                        work: Work::Io(op),
                         bytes,
                     });
                     // SAFETY: `iov` points into guest memory (checked by `parse`), which
-                    // `self.ctx.mem` keeps mapped; the chain is not returned to the guest until
-                    // its completion is reaped, and the worker drains the engine before it goes.
-                    unsafe { self.engine.submit(op, iov, offset, slot as u64) };
+                    // `self.ctx.mem` keeps mapped as long as the worker lives; the worker's
+                    // `Drop` drains the engine, which returns only once no request is in
+                    // flight, before `self.ctx.mem` is dropped.
+                    unsafe { self.engine.submit(op, iov, offset, u64::from(req.head)) };
+                }
+                Action::Zero {
+                    discard,
+                    offset,
+                    len,
+                } => {
+                    if !self.admit(len) {
+                        self.queue.go_to_previous_position();
+                        return Ok(false);
+                    }
+                    self.pending[usize::from(req.head)] = Some(Pending {
+                        status,
+                        used_len: 1,
+                        work: Work::Zero {
+                            discard,
+                            next: offset,
+                            end: offset + len,
+                        },
+                        bytes: len,
+                    });
+                    self.zeroing.push_back(req.head);
                 }
             }
             *taken += 1;
@@ -465,37 +523,96 @@ impl BlkWorker {
         let mut done = std::mem::take(&mut self.done);
         self.engine.reap(&mut done);
         for c in done.drain(..) {
+            let head = c.user_data as u16;
             let Some(p) = self
                 .pending
-                .get_mut(c.user_data as usize)
-                .and_then(Option::take)
+                .get_mut(usize::from(head))
+                .and_then(|p| p.take_if(|p| matches!(p.work, Work::Io(_))))
             else {
                 continue;
             };
-            self.free.push(c.user_data as usize);
+            let Work::Io(op) = p.work else {
+                continue;
+            };
             let (status, len) = match c.result {
                 Ok(()) => {
-                    let (ops, bytes) = match p.op {
+                    let (ops, bytes) = match op {
                         IoOp::Read => (&self.counters.read_ops, &self.counters.read_bytes),
                         IoOp::Write => (&self.counters.write_ops, &self.counters.write_bytes),
                         IoOp::Flush => (&self.counters.flush_ops, &self.counters.flush_ops),
                     };
                     ops.fetch_add(1, Ordering::Relaxed);
-                    if p.op != IoOp::Flush {
+                    if op != IoOp::Flush {
                         bytes.fetch_add(p.bytes, Ordering::Relaxed);
                     }
                     (VIRTIO_BLK_S_OK as u8, p.used_len)
                 }
                 Err(e) => {
-                    tracing::warn!("virtio-blk: {e}");
+                    ratelimit::warn_limited!("virtio-blk: {e}");
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                     (VIRTIO_BLK_S_IOERR as u8, 1)
                 }
             };
-            self.finish(p.head, p.status, status, len)?;
+            self.finish(head, p.status, status, len)?;
             *used += 1;
         }
         self.done = done;
+        Ok(())
+    }
+
+    /// Runs at most `chunks` pieces of the pending discards and write-zeroes, oldest first,
+    /// answering those that are done; with work left over, re-raises the queue event so the
+    /// next wake-up goes on.
+    fn run_zeroing(&mut self, used: &mut u32, mut chunks: usize) -> Result<(), Malformed> {
+        let disk = self.engine.disk().clone();
+        while let Some(&head) = self.zeroing.front() {
+            let Some(Pending {
+                work: Work::Zero { discard, next, end },
+                ..
+            }) = self
+                .pending
+                .get_mut(usize::from(head))
+                .and_then(Option::as_mut)
+            else {
+                self.zeroing.pop_front();
+                continue;
+            };
+            let mut res = Ok(());
+            while *next < *end && chunks > 0 && res.is_ok() {
+                let stop = (*next / ZERO_CHUNK + 1)
+                    .saturating_mul(ZERO_CHUNK)
+                    .min(*end);
+                res = if *discard {
+                    disk.discard(*next, stop - *next)
+                } else {
+                    disk.write_zeroes(*next, stop - *next)
+                };
+                *next = stop;
+                chunks -= 1;
+            }
+            if res.is_ok() && *next < *end {
+                // Out of pieces for this wake-up.
+                let _ = self.event.write(1);
+                return Ok(());
+            }
+            self.zeroing.pop_front();
+            let Some(p) = self.pending[usize::from(head)].take() else {
+                continue;
+            };
+            let status = match res {
+                Ok(()) => {
+                    self.counters.discard_ops.fetch_add(1, Ordering::Relaxed);
+                    VIRTIO_BLK_S_OK as u8
+                }
+                Err(e) => {
+                    ratelimit::warn_limited!("virtio-blk: {e}");
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    VIRTIO_BLK_S_IOERR as u8
+                }
+            };
+            self.finish(head, p.status, status, p.used_len)?;
+            *used += 1;
+        }
         Ok(())
     }
 
@@ -625,23 +742,10 @@ impl BlkWorker {
         if count > MAX_DISCARD_SECTORS {
             return err(VIRTIO_BLK_S_IOERR);
         }
-        let res = if kind == VIRTIO_BLK_T_DISCARD {
-            disk.discard(offset, len)
-        } else {
-            disk.write_zeroes(offset, len)
-        };
-        match res {
-            Ok(()) => {
-                self.counters.discard_ops.fetch_add(1, Ordering::Relaxed);
-                Action::Done {
-                    status: VIRTIO_BLK_S_OK as u8,
-                    written: 0,
-                }
-            }
-            Err(e) => {
-                tracing::warn!("virtio-blk: {e}");
-                err(VIRTIO_BLK_S_IOERR)
-            }
+        Action::Zero {
+            discard: kind == VIRTIO_BLK_T_DISCARD,
+            offset,
+            len,
         }
     }
 }
@@ -769,7 +873,17 @@ mod tests {
     }
 
     fn rig(name: &str, read_only: bool, engine: EngineKind, direct: bool, iops: u64) -> Rig {
-        let path = image(name, 64 << 10);
+        rig_on(image(name, 64 << 10), read_only, engine, direct, (iops, 0))
+    }
+
+    /// A rig on the image at `path`, with an (ops/s, bytes/s) limit.
+    fn rig_on(
+        path: PathBuf,
+        read_only: bool,
+        engine: EngineKind,
+        direct: bool,
+        (iops, bandwidth): (u64, u64),
+    ) -> Rig {
         let opts = DiskOptions {
             path: path.clone(),
             format: None,
@@ -785,7 +899,7 @@ mod tests {
                 queues: 1,
                 engine,
                 iops,
-                bandwidth: 0,
+                bandwidth,
             },
         );
         let counters = dev.counters();
@@ -1124,5 +1238,201 @@ mod tests {
         assert_eq!(r.send(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, OK);
         assert!(r.counters.throttled.load(Ordering::Relaxed) >= 1);
         assert_eq!(r.counters.read_ops.load(Ordering::Relaxed), 3);
+    }
+
+    /// A `virtio_blk_discard_write_zeroes` segment.
+    fn zero_seg(sector: u64, n: u32, flags: u32) -> Vec<u8> {
+        let mut v = sector.to_le_bytes().to_vec();
+        v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn a_chain_made_available_again_while_in_flight_needs_a_reset() {
+        let mut r = rig("again", false, EngineKind::IoUring, false, 0);
+        let mem = r.d.mem.clone();
+        mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(8u64, GuestAddress(HDR + 8)).unwrap();
+        r.fill(DATA, 4096, 0x5a);
+        let head = r.q.add_chain(
+            &mem,
+            &[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)],
+        );
+        // The same head made available seven more times before the device answered it.
+        for _ in 0..7 {
+            r.q.publish(&mem, head);
+        }
+        r.d.notify(0);
+        assert!(r.d.wait_needs_reset(), "re-posted head accepted");
+        // No copy is answered twice; the device took one and stopped at the next.
+        assert!(r.q.used_idx(&mem) <= 1, "{} answers", r.q.used_idx(&mem));
+    }
+
+    #[test]
+    fn discards_and_write_zeroes_count_against_the_rate_limiter() {
+        // 20 ops/s with the default burst (2): the third waits.
+        let mut r = rig("zero-iops", false, EngineKind::IoUring, false, 20);
+        r.d.mem
+            .write_slice(&zero_seg(8, 8, 0), GuestAddress(DATA))
+            .unwrap();
+        for kind in [
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            VIRTIO_BLK_T_DISCARD,
+        ] {
+            assert_eq!(r.send(kind, 0, &[(DATA, 16, false)]).0, OK);
+        }
+        assert!(r.counters.throttled.load(Ordering::Relaxed) >= 1);
+        assert_eq!(r.counters.discard_ops.load(Ordering::Relaxed), 3);
+        // 1 MiB/s (a burst of 1/10 s: 100 KiB): each 32 KiB range counts its length.
+        let path = image("zero-bw", 1 << 20);
+        let mut r = rig_on(path, false, EngineKind::IoUring, false, (0, 1 << 20));
+        r.d.mem
+            .write_slice(&zero_seg(64, 64, 0), GuestAddress(DATA))
+            .unwrap();
+        for _ in 0..4 {
+            assert_eq!(
+                r.send(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(DATA, 16, false)]).0,
+                OK
+            );
+        }
+        assert!(r.counters.throttled.load(Ordering::Relaxed) >= 1);
+    }
+
+    struct NoIrq;
+    impl crate::Interrupt for NoIrq {
+        fn trigger(&self, _kind: crate::InterruptKind) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A queue worker on the image at `path` (synchronous I/O), driven by hand: each
+    /// `handle` call is one wake-up.
+    fn worker(path: &std::path::Path) -> (BlkWorker, VirtQueue) {
+        let opts = DiskOptions {
+            path: path.to_path_buf(),
+            format: None,
+            read_only: false,
+            direct: false,
+        };
+        let disk = Arc::new(Disk::open(&opts).unwrap().0);
+        let ctx = Ctx {
+            mem: mem(),
+            interrupt: Arc::new(NoIrq),
+            broken: Arc::default(),
+            name: "blk",
+            max_chain: MAX_CHAIN,
+        };
+        let vq = VirtQueue::new(0x1000);
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.set_size(vq.size);
+        queue
+            .try_set_desc_table_address(GuestAddress(vq.desc))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(vq.avail))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(vq.used))
+            .unwrap();
+        queue.set_ready(true);
+        let w = BlkWorker {
+            ctx,
+            queue,
+            index: 0,
+            event: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+            engine: Engine::new(disk, u32::from(QUEUE_SIZE), EngineKind::Sync),
+            throttle: Throttle::new(None).unwrap(),
+            pending: (0..QUEUE_SIZE).map(|_| None).collect(),
+            zeroing: VecDeque::new(),
+            serial: [0; ID_LEN],
+            counters: Arc::default(),
+            done: Vec::new(),
+        };
+        (w, vq)
+    }
+
+    #[test]
+    fn a_big_write_zeroes_runs_in_pieces_across_wake_ups() {
+        // A sparse image of three wake-ups' worth of pieces, with data at both ends and
+        // right after the first wake-up's share.
+        let per_wake = ZERO_CHUNKS_PER_WAKE as u64 * ZERO_CHUNK;
+        let size = 3 * per_wake;
+        let path = std::env::temp_dir().join(format!("tern-vblk-{}-bigzero", std::process::id()));
+        let f = {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            f.set_len(size).unwrap();
+            f.write_all_at(&[0x11; 4096], 0).unwrap();
+            f.write_all_at(&[0x22; 4096], per_wake).unwrap();
+            f.write_all_at(&[0x33; 4096], size - 4096).unwrap();
+            f
+        };
+        let at = |off: u64| {
+            use std::os::unix::fs::FileExt;
+            let mut b = [0u8; 4096];
+            f.read_exact_at(&mut b, off).unwrap();
+            b
+        };
+        let (mut w, mut vq) = worker(&path);
+        let mem = w.ctx.mem.clone();
+        // Zero everything but the first and last 4 KiB...
+        let sectors = ((size - 8192) / SECTOR) as u32;
+        mem.write_obj(VIRTIO_BLK_T_WRITE_ZEROES, GuestAddress(HDR))
+            .unwrap();
+        mem.write_obj(0u64, GuestAddress(HDR + 8)).unwrap();
+        mem.write_slice(&zero_seg(8, sectors, 0), GuestAddress(DATA))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let zero = vq.add_chain(
+            &mem,
+            &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+        );
+        // ... and read sector 1 right behind it.
+        let (hdr2, buf2, status2) = (BUFS + 0x8000, BUFS + 0x9000, BUFS + 0x8100);
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(hdr2)).unwrap();
+        mem.write_obj(1u64, GuestAddress(hdr2 + 8)).unwrap();
+        let read = vq.add_chain(
+            &mem,
+            &[(hdr2, 16, false), (buf2, 512, true), (status2, 1, true)],
+        );
+        // Wake-up 1: the read is answered, the write-zeroes has done one wake-up's share
+        // (the data right after it is still there) and the worker is to come back.
+        assert!(w.handle(TOKEN_QUEUE));
+        assert_eq!(vq.used_idx(&mem), 1);
+        assert_eq!(vq.used_elem(&mem, 0).0, u32::from(read));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(status2)).unwrap(), OK);
+        assert_eq!(r_bytes(&mem, buf2, 512), vec![0x11; 512]);
+        assert_eq!(at(per_wake - 4096), [0; 4096]);
+        assert_eq!(at(per_wake), [0x22; 4096]);
+        assert_eq!(w.event.read().unwrap(), 1, "queue event re-raised");
+        // Wake-ups 2 and 3 finish it; then it is answered.
+        assert!(w.handle(TOKEN_QUEUE));
+        assert_eq!(vq.used_idx(&mem), 1);
+        assert_eq!(at(per_wake), [0; 4096]);
+        assert!(w.handle(TOKEN_QUEUE));
+        assert_eq!(vq.used_idx(&mem), 2);
+        assert_eq!(vq.used_elem(&mem, 1), (u32::from(zero), 1));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+        assert_eq!(at(0), [0x11; 4096]);
+        assert_eq!(at(size - 8192), [0; 4096]);
+        assert_eq!(at(size - 4096), [0x33; 4096]);
+        assert_eq!(w.counters.discard_ops.load(Ordering::Relaxed), 1);
+        assert!(w.zeroing.is_empty() && w.pending.iter().all(Option::is_none));
+        std::fs::remove_file(path).ok();
+    }
+
+    fn r_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
     }
 }

@@ -45,6 +45,8 @@ pub(crate) enum Malformed {
     Direction(u16, &'static str),
     #[error("guest memory: {0}")]
     Memory(GuestMemoryError),
+    #[error("queue {0}: descriptor chain {1} was made available again while still in use")]
+    InUse(u16, u16),
 }
 
 /// One guest buffer of a validated chain (known to lie inside guest memory).
@@ -91,10 +93,10 @@ impl Ctx {
     /// Marks the device broken and tells the driver (a config interrupt); returns false so
     /// handlers can `return ctx.fail(e)` to stop their worker.
     pub fn fail(&self, e: Malformed) -> bool {
-        tracing::warn!("virtio-{}: {e}; device needs a reset", self.name);
+        ratelimit::warn_limited!("virtio-{}: {e}; device needs a reset", self.name);
         self.broken.store(true, Ordering::SeqCst);
         if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-            tracing::warn!(
+            ratelimit::warn_limited!(
                 "virtio-{}: cannot raise the config interrupt: {e}",
                 self.name
             );
@@ -210,7 +212,7 @@ impl Ctx {
             return;
         }
         if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index)) {
-            tracing::warn!(
+            ratelimit::warn_limited!(
                 "virtio-{}: cannot raise the queue interrupt: {e}",
                 self.name
             );
@@ -294,7 +296,7 @@ impl Throttle {
         drop(l);
         waits.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.timer.reset(wait, None) {
-            tracing::warn!("cannot arm a rate-limit timer: {e}");
+            ratelimit::warn_limited!("cannot arm a rate-limit timer: {e}");
             return true;
         }
         self.waiting = true;

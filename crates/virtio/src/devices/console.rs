@@ -59,7 +59,7 @@ impl ConsoleInput {
         };
         if taken > 0 {
             if let Err(e) = self.0.kick.write(1) {
-                tracing::warn!("virtio-console: cannot wake the device: {e}");
+                ratelimit::warn_limited!("virtio-console: cannot wake the device: {e}");
             }
         }
         taken
@@ -172,7 +172,7 @@ impl VirtioDevice for Console {
         if let Some(w) = self.worker.take() {
             match w.stop() {
                 Some(h) => self.output = h.output,
-                None => tracing::warn!("virtio-console: output lost with its worker"),
+                None => ratelimit::warn_limited!("virtio-console: output lost with its worker"),
             }
         }
         self.broken.store(false, Ordering::SeqCst);

@@ -235,7 +235,7 @@ impl VirtioDevice for Net {
         }
         for t in &self.taps {
             if let Err(e) = t.set_offload(tun) {
-                tracing::warn!("virtio-net: {e}");
+                ratelimit::warn_limited!("virtio-net: {e}");
             }
         }
         let ctx = || Ctx {
@@ -599,7 +599,7 @@ impl PairWorker {
                             return Ok(());
                         }
                         Err(e) => {
-                            tracing::warn!("virtio-net: reading the TAP: {e}");
+                            ratelimit::warn_limited!("virtio-net: reading the TAP: {e}");
                             self.tap_readable = false;
                             return Ok(());
                         }

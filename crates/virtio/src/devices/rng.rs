@@ -160,7 +160,7 @@ impl RngWorker {
                 let n = (b.len - off).min(CHUNK as u32);
                 let part = &mut chunk[..n as usize];
                 if let Err(e) = getrandom(part) {
-                    tracing::warn!("virtio-rng: getrandom failed: {e}");
+                    ratelimit::warn_limited!("virtio-rng: getrandom failed: {e}");
                     return Ok(written);
                 }
                 // Cannot overflow: [addr, addr + len) was checked to lie in guest memory.

@@ -203,7 +203,9 @@ pub(crate) fn features_acceptable(
     offered: u64,
 ) -> bool {
     if unknown || driver & !offered != 0 || driver & (1 << VIRTIO_F_VERSION_1) == 0 {
-        tracing::warn!("{transport}: driver features {driver:#x} refused (offered {offered:#x})");
+        ratelimit::warn_limited!(
+            "{transport}: driver features {driver:#x} refused (offered {offered:#x})"
+        );
         return false;
     }
     true

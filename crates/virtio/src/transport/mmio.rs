@@ -247,7 +247,7 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, why: &str) {
-        tracing::warn!(
+        ratelimit::warn_limited!(
             "virtio-mmio (type {}): {why}; device needs a reset",
             self.device.device_type()
         );
@@ -370,7 +370,7 @@ impl MmioTransport {
             QUEUE_NOTIFY_OFFSET => {
                 if let Some(e) = self.notify.get(val as usize) {
                     if let Err(e) = e.write(1) {
-                        tracing::warn!("virtio-mmio: cannot signal queue {val}: {e}");
+                        ratelimit::warn_limited!("virtio-mmio: cannot signal queue {val}: {e}");
                     }
                 }
             }

@@ -616,14 +616,14 @@ impl VirtioPciDevice {
     }
 
     fn fail(&mut self, why: &str) {
-        tracing::warn!(
+        ratelimit::warn_limited!(
             "virtio-pci (type {}): {why}; device needs a reset",
             self.device.device_type()
         );
         self.needs_reset = true;
         // Tell the driver, as the spec asks of a device entering DEVICE_NEEDS_RESET.
         if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-            tracing::warn!("virtio-pci: cannot signal the configuration change: {e}");
+            ratelimit::warn_limited!("virtio-pci: cannot signal the configuration change: {e}");
         }
     }
 
@@ -962,7 +962,7 @@ impl PciDevice for VirtioPciDevice {
                 }
                 if let Some(e) = self.notify.get(q as usize) {
                     if let Err(e) = e.write(1) {
-                        tracing::warn!("virtio-pci: cannot signal queue {q}: {e}");
+                        ratelimit::warn_limited!("virtio-pci: cannot signal queue {q}: {e}");
                     }
                 }
             }

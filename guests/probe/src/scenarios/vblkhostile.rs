@@ -8,10 +8,18 @@
 //!
 //! Every case is a read unless said otherwise: a 16-byte header, the data
 //! descriptors, a 1-byte status, as separate descriptors (see `CASES`).
+//!
+//! Then, on a freshly started device, one read is made available four times
+//! (the same head) before the device is notified: a driver breaking the
+//! rules, which the device must answer with DEVICE_NEEDS_RESET, not by serving
+//! the chain again. `reposted` counts the devices that did.
 
 use core::fmt::Write;
 
 use super::{fail, Ctx, Fail, Line, Report, Scenario};
+use crate::rt::clock;
+use crate::rt::io::pause;
+use crate::rt::phys::PhysAlloc;
 use crate::rt::virtio::blk::{self, Blk, SECTOR, S_IOERR, S_UNSET, S_UNSUPP, T_IN};
 use crate::rt::virtio::{Buf, Device, ID_BLK, STATUS_NEEDS_RESET};
 
@@ -83,7 +91,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     let m = Mem { hdr, data, big };
     let mut transports = Line::<256>::new();
     let mut problems = Line::<256>::new();
-    let (mut n, mut errors, mut recovered) = (0, 0, 0);
+    let (mut n, mut errors, mut recovered, mut reposted) = (0, 0, 0, 0);
     for d in devs.iter().filter(|d| d.kind == ID_BLK) {
         let sep = if n == 0 { "" } else { "," };
         let _ = write!(transports, "{sep}{}", d.transport_name());
@@ -138,6 +146,17 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
             }
         }
         let _ = d.reset();
+        match repost(d, &mut ctx.phys, &m, timeout_ns) {
+            Ok(true) => reposted += 1,
+            Ok(false) => note(
+                &mut problems,
+                d,
+                "reposted",
+                format_args!("no DEVICE_NEEDS_RESET"),
+            ),
+            Err(why) => note(&mut problems, d, "reposted", format_args!("{why}")),
+        }
+        let _ = d.reset();
     }
     if n == 0 {
         fail!("no virtio-blk device");
@@ -147,6 +166,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     r.kv("cases", CASES.len());
     r.kv("errors", errors);
     r.kv("recovered", recovered);
+    r.kv("reposted", reposted);
     if !problems.as_str().is_empty() {
         fail!("{}", problems.as_str());
     }
@@ -223,4 +243,49 @@ fn hostile(b: &mut Blk, m: &Mem, case: Case) -> Result<u8, blk::Error> {
     b.raw(&chain[..nd + 2])?;
     // SAFETY: the request has completed.
     Ok(unsafe { (status as *const u8).read_volatile() })
+}
+
+/// Starts `d`, makes one read available four times (the same head) and
+/// notifies; true when the device then flags DEVICE_NEEDS_RESET within the
+/// timeout.
+fn repost(d: &Device, pa: &mut PhysAlloc, m: &Mem, timeout_ns: u64) -> Result<bool, &'static str> {
+    let mut b = Blk::start(d, pa, QUEUE_SIZE, timeout_ns)?;
+    let status = m.hdr + 2048;
+    // SAFETY: the header page is ours and idle (the device was reset).
+    unsafe {
+        (m.hdr as *mut u32).write_volatile(T_IN);
+        ((m.hdr + 4) as *mut u32).write_volatile(0);
+        ((m.hdr + 8) as *mut u64).write_volatile(0);
+        (status as *mut u8).write_volatile(S_UNSET);
+    }
+    let chain = [
+        Buf {
+            addr: m.hdr,
+            len: 16,
+            device_writes: false,
+        },
+        Buf {
+            addr: m.data,
+            len: SECTOR as u32,
+            device_writes: true,
+        },
+        Buf {
+            addr: status,
+            len: 1,
+            device_writes: true,
+        },
+    ];
+    let head = b.q.push(&chain)?;
+    for _ in 0..3 {
+        b.q.republish(head);
+    }
+    b.kick();
+    let start = clock::now_ns();
+    while clock::now_ns().wrapping_sub(start) <= timeout_ns {
+        if d.status() & STATUS_NEEDS_RESET != 0 {
+            return Ok(true);
+        }
+        pause();
+    }
+    Ok(false)
 }

@@ -193,6 +193,22 @@ impl Virtqueue {
         Ok(head)
     }
 
+    /// Makes chain `head` available once more without touching its
+    /// descriptors: a broken driver, for hostile tests only (the device may
+    /// then use the chain twice, which [`pop_used`](Self::pop_used) cannot
+    /// account for; reset the device afterwards).
+    pub fn republish(&mut self, head: u16) {
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx & (self.size - 1));
+        // SAFETY: the ring slot and the index belong to the driver.
+        unsafe {
+            wr::<u16>(slot, head);
+            fence(Ordering::Release);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            wr::<u16>(self.avail + 2, self.avail_idx);
+        }
+        fence(Ordering::SeqCst);
+    }
+
     /// The next completion `(id, bytes written by the device)`, if any; its
     /// descriptors go back on the free list.
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, &'static str> {
