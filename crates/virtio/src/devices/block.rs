@@ -1313,9 +1313,7 @@ mod tests {
     fn worker(path: &std::path::Path) -> (BlkWorker, VirtQueue) {
         let opts = DiskOptions {
             path: path.to_path_buf(),
-            format: None,
-            read_only: false,
-            direct: false,
+            ..DiskOptions::default()
         };
         let disk = Arc::new(Disk::open(&opts).unwrap().0);
         let ctx = Ctx {
