@@ -1084,7 +1084,15 @@ impl Vm {
     fn press_power_button(&self, deadline: &mut Option<Instant>) {
         let _ = self.power_button.write(1);
         if deadline.is_none() {
-            *deadline = Some(Instant::now() + self.shutdown_timeout);
+            // Validation bounds the timeout; past the clock's range, wait the longest allowed.
+            let now = Instant::now();
+            *deadline = Some(
+                now.checked_add(self.shutdown_timeout)
+                    .or_else(|| {
+                        now.checked_add(Duration::from_secs(crate::config::MAX_SHUTDOWN_TIMEOUT))
+                    })
+                    .unwrap_or(now),
+            );
         }
     }
 
