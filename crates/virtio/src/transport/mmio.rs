@@ -597,7 +597,8 @@ mod tests {
         let (mut fresh, rec) = fake(false);
         fresh.t.restore_state(&good).unwrap();
         assert_eq!(rec.lock().unwrap().acked, Some(VERSION_1 | 1 << 5));
-        let cases: [(&str, fn(&mut TransportState)); 4] = [
+        type Edit = fn(&mut TransportState);
+        let cases: [(&str, Edit); 4] = [
             ("bit 6, not offered", |s| s.driver_features |= 1 << 6),
             ("bit 63, not offered", |s| s.driver_features |= 1 << 63),
             ("a bit above 63", |s| s.driver_features_unknown = true),
