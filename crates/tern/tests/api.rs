@@ -560,7 +560,14 @@ fn field_value(rng: &mut Rng, field: &str) -> String {
             r#"[{"tap": "auto", "mac": "zz:zz"}]"#,
             r#"[{"tap": 5}]"#,
         ],
-        "shutdown_timeout" => &["0", "20", "-1", "18446744073709551616"],
+        "shutdown_timeout" => &[
+            "0",
+            "20",
+            "86401",
+            "-1",
+            "18446744073709551615",
+            "18446744073709551616",
+        ],
         _ => &["1"],
     };
     match rng.below(10) {
