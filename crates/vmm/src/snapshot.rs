@@ -857,9 +857,16 @@ impl Snapshot {
         let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
         let pages = total.div_ceil(PAGE);
         let dpath = dir.join(DIRTY_FILE);
-        let words =
-            std::fs::read(&dpath).map_err(|e| format!("cannot read {}: {e}", dpath.display()))?;
-        if words.len() as u64 != pages.div_ceil(64) * 8 || fnv(FNV_INIT, &words) != self.dirty_fnv {
+        let want = pages.div_ceil(64) * 8;
+        // Its length is known: no more than that is read.
+        let mut words = Vec::new();
+        std::fs::File::open(&dpath)
+            .and_then(|f| {
+                use std::io::Read;
+                f.take(want + 1).read_to_end(&mut words)
+            })
+            .map_err(|e| format!("cannot read {}: {e}", dpath.display()))?;
+        if words.len() as u64 != want || fnv(FNV_INIT, &words) != self.dirty_fnv {
             return Err(format!("{} is corrupted or truncated", dpath.display()));
         }
         let bits: Vec<u64> = words
