@@ -1147,3 +1147,86 @@ fn a_memory_file_truncated_under_a_lazy_restore_is_named() {
         );
     }
 }
+
+/// tern stopping on a truncated memory file (from its SIGBUS handler) puts a terminal it set
+/// to raw mode back as it was.
+#[test]
+fn a_truncated_memory_file_leaves_the_terminal_as_it_was() {
+    if !require_kvm("a_truncated_memory_file_leaves_the_terminal_as_it_was") {
+        return;
+    }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use vmm::api::call;
+    let dir = Scratch::new("truncated-tty");
+    let snap = dir.path("snap");
+    counting_vm_snapshot(&dir, "1", &snap);
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given integers; the other arguments may
+    // be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and ours.
+    let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let canonical = |fd: &OwnedFd| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: termios is plain data that tcgetattr fills.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor and termios.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag & libc::ICANON != 0
+    };
+    assert!(canonical(&slave));
+    let sock = dir.path("t.sock");
+    let mut vm = Tern(
+        Command::new(tern())
+            .args([
+                "run",
+                "--restore",
+                s(&snap),
+                "--paused",
+                "--serial",
+                "stdio",
+                "--api-socket",
+                s(&sock),
+            ])
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tern"),
+    );
+    wait_socket(&sock);
+    wait_until("the restored VM", Duration::from_secs(20), || {
+        call(&sock, "GET", "/v1/vm", None).is_ok_and(|(_, b)| b.contains(r#""state":"paused""#))
+    });
+    assert!(
+        !canonical(&slave),
+        "tern did not put the terminal in raw mode"
+    );
+    std::fs::File::options()
+        .write(true)
+        .open(snap.join("memory.bin"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let body = format!(r#"{{"dir": "{}"}}"#, s(&dir.path("again")));
+    let _ = call(&sock, "PUT", "/v1/vm/snapshot", Some(&body));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = vm.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "tern did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(canonical(&slave), "tern left the terminal in raw mode");
+}

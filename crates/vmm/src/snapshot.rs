@@ -1037,6 +1037,7 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         });
     let msg = SIGBUS_MESSAGE.load(Ordering::Acquire);
     if ours && !msg.is_null() {
+        crate::terminal::restore_from_signal_handler();
         // SAFETY: `msg` points to a leaked buffer of SIGBUS_MESSAGE_LEN bytes that is never
         // freed; write(2) and _exit(2) are async-signal-safe.
         unsafe {
