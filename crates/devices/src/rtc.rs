@@ -97,6 +97,14 @@ impl Rtc {
 
     /// Puts saved CMOS RAM and index back.
     pub fn restore_state(&mut self, s: &RtcState) -> Result<(), String> {
+        // The guest's index port keeps 7 bits (bit 7 is the NMI mask); a larger index would
+        // address past the CMOS RAM.
+        if s.index > 0x7f {
+            return Err(format!(
+                "RTC: saved CMOS index {:#x} is out of range (at most 0x7f)",
+                s.index
+            ));
+        }
         self.ram =
             s.ram.as_slice().try_into().map_err(|_| {
                 format!("RTC: {} bytes of CMOS RAM saved, 128 expected", s.ram.len())
@@ -185,6 +193,30 @@ mod tests {
                 ram: vec![0; 3]
             })
             .is_err());
+    }
+
+    /// A saved index past the CMOS RAM is refused, so a guest access through it cannot index
+    /// out of bounds.
+    #[test]
+    fn out_of_range_saved_index_is_refused() {
+        let mut good = Rtc::with_clock(Box::new(|| 0));
+        good.write(0, &[0x7f]);
+        let mut s = good.save_state();
+        let mut b = Rtc::with_clock(Box::new(|| 0));
+        b.restore_state(&s).unwrap();
+        for index in [0x80, 0xc5, 0xff] {
+            s.index = index;
+            let mut b = Rtc::with_clock(Box::new(|| 0));
+            let e = b.restore_state(&s).unwrap_err();
+            assert!(
+                e.contains("CMOS index") && e.contains("out of range"),
+                "{e}"
+            );
+            // The RTC keeps a valid state; guest accesses work.
+            b.write(1, &[0x12]);
+            let mut v = [0u8];
+            b.read(1, &mut v);
+        }
     }
 
     #[test]

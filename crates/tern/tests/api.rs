@@ -560,7 +560,14 @@ fn field_value(rng: &mut Rng, field: &str) -> String {
             r#"[{"tap": "auto", "mac": "zz:zz"}]"#,
             r#"[{"tap": 5}]"#,
         ],
-        "shutdown_timeout" => &["0", "20", "-1", "18446744073709551616"],
+        "shutdown_timeout" => &[
+            "0",
+            "20",
+            "86401",
+            "-1",
+            "18446744073709551615",
+            "18446744073709551616",
+        ],
         _ => &["1"],
     };
     match rng.below(10) {
@@ -1023,4 +1030,58 @@ fn vm_flags_without_a_kernel_are_refused_rather_than_dropped() {
         r.stderr
     );
     assert!(!sock.exists(), "the socket was left behind");
+}
+
+/// A shutdown timeout past one day is refused through the API (it used to be accepted, and
+/// SIGTERM then overflowed the power-button deadline and killed tern); the longest one
+/// allowed works.
+#[test]
+fn shutdown_timeout_is_bounded_through_the_api() {
+    if !require_kvm("shutdown_timeout_is_bounded_through_the_api") {
+        return;
+    }
+    let dir = Scratch::new("timeout-bound");
+    let sock = dir.path("api.sock");
+    let serial = dir.path("serial.txt");
+    let vm = Tern::run(&["--api-socket", s(&sock)]).ready(&sock);
+    let cfg = |timeout: u64| {
+        serde_json::json!({
+            "kernel": s(&probe()),
+            "cmdline": "probe.run=count probe.count_ms=60000",
+            "memory": 64,
+            "serial": format!("file:{}", s(&serial)),
+            "shutdown_timeout": timeout,
+        })
+        .to_string()
+    };
+    for t in [u64::MAX, 86_401] {
+        let (st, body) = call(&sock, "PUT", "/v1/vm", Some(&cfg(t))).unwrap();
+        assert_eq!(st, 400, "{body}");
+        assert_eq!(
+            error_of(&body),
+            format!("invalid shutdown_timeout '{t}': must be at most 86400 seconds (one day)")
+        );
+    }
+    let (st, body) = call(&sock, "PUT", "/v1/vm", Some(&cfg(86_400))).unwrap();
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = call(&sock, "PUT", "/v1/vm/boot", None).unwrap();
+    assert_eq!(st, 204, "{body}");
+    wait_until("a tick", Duration::from_secs(20), || {
+        !ticks(&serial).is_empty()
+    });
+    let pid = vm.child.as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: signals to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let run = vm.wait(Duration::from_secs(10));
+    assert!(
+        run.code == Some(0)
+            && run.stderr.contains("the guest has 86400 s to power off")
+            && run.stderr.contains("stopped by signal 15"),
+        "exit {:?}: {}",
+        run.code,
+        run.stderr
+    );
 }

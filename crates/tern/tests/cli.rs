@@ -307,6 +307,24 @@ fn bad_input_gets_one_clear_line() {
         "cannot read initrd",
     );
     one_line_error(&tern_run(&[], T), "missing kernel");
+    // Over 64 KiB with a multi-byte character across byte 32 (its excerpt once panicked).
+    let long = format!("{}é{}", "a".repeat(31), "b".repeat(70_000));
+    one_line_error(
+        &tern_run(&["--kernel", s(&k), "--cmdline", &long], T),
+        "invalid cmdline 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...': is 70033 bytes",
+    );
+    one_line_error(
+        &tern_run(
+            &[
+                "--kernel",
+                s(&k),
+                "--shutdown-timeout",
+                "18446744073709551615",
+            ],
+            T,
+        ),
+        "invalid shutdown_timeout '18446744073709551615': must be at most 86400 seconds",
+    );
     let cfg = std::env::temp_dir().join(format!("tern-bad-{}.toml", std::process::id()));
     std::fs::write(&cfg, "kernel = \"/k\"\nvcpus = 2\n").unwrap();
     one_line_error(&tern_run(&["--config", s(&cfg)], T), "vcpus");

@@ -689,6 +689,18 @@ fn default_shutdown_timeout() -> u64 {
     20
 }
 
+/// Longest `shutdown_timeout` accepted: one day, in seconds.
+pub const MAX_SHUTDOWN_TIMEOUT: u64 = 24 * 60 * 60;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
@@ -753,7 +765,7 @@ impl VmConfig {
         if cmd.len() > arch::layout::CMDLINE_MAX_SIZE {
             return Err(invalid(
                 "cmdline",
-                format!("{}...", &cmd[..32]),
+                format!("{}...", head(cmd, 32)),
                 format!(
                     "is {} bytes; at most {} are allowed",
                     cmd.len(),
@@ -766,6 +778,13 @@ impl VmConfig {
                 "console",
                 "stdio",
                 "the serial port already uses stdio; give one of them --serial none or a file",
+            ));
+        }
+        if self.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
+            return Err(invalid(
+                "shutdown_timeout",
+                self.shutdown_timeout,
+                format!("must be at most {MAX_SHUTDOWN_TIMEOUT} seconds (one day)"),
             ));
         }
         for d in &self.disks {
@@ -894,6 +913,56 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    /// An over-long command line is refused with a short excerpt of it, even when a
+    /// multi-byte character straddles the excerpt's end.
+    #[test]
+    fn long_cmdline_with_multibyte_characters() {
+        for pad in 0..4 {
+            let cmd = format!("{}{}", "a".repeat(30 + pad), "é€😀".repeat(20_000));
+            let e = VmConfig {
+                cmdline: Some(cmd.clone()),
+                ..valid()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("invalid cmdline 'aaaa"), "{e}");
+            assert!(e.contains(&format!("is {} bytes", cmd.len())), "{e}");
+        }
+        assert_eq!(head("aé", 2), "a");
+        assert_eq!(head("aé", 3), "aé");
+        assert_eq!(head("ab", 32), "ab");
+    }
+
+    /// A shutdown timeout is bounded (one day), so the deadline it sets cannot overflow.
+    #[test]
+    fn shutdown_timeout_is_bounded() {
+        let ok = VmConfig {
+            shutdown_timeout: MAX_SHUTDOWN_TIMEOUT,
+            ..valid()
+        };
+        assert!(ok.validate().is_ok());
+        for t in [MAX_SHUTDOWN_TIMEOUT + 1, u64::MAX] {
+            let e = VmConfig {
+                shutdown_timeout: t,
+                ..valid()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert_eq!(
+                e,
+                format!("invalid shutdown_timeout '{t}': must be at most 86400 seconds (one day)")
+            );
+        }
+        let c = VmConfig::from_file_text(
+            "vm.json",
+            r#"{"kernel": "/k", "shutdown_timeout": 18446744073709551615}"#,
+        )
+        .unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

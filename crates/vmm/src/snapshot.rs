@@ -36,6 +36,20 @@ use crate::VmConfig;
 pub const FORMAT_VERSION: u32 = 2;
 const STATE_FILE: &str = "state.json";
 const MEMORY_FILE: &str = "memory.bin";
+/// Largest `state.json` read: far above what 254 vCPUs and every device need.
+pub const MAX_STATE_SIZE: u64 = 16 << 20;
+
+/// Creates `path` for writing, readable and writable by its owner only (mode 0600 whatever
+/// the umask): snapshot files hold the guest's memory and registers.
+fn create_private(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
 
 /// One vCPU's KVM state.
 #[derive(Serialize, Deserialize)]
@@ -467,8 +481,7 @@ pub fn write(
         let memory: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         let mut h = FNV_INIT;
         let path = tmp.join(MEMORY_FILE);
-        let f = std::fs::File::create(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let f = create_private(&path)?;
         let werr = |e: std::io::Error| format!("writing {}: {e}", path.display());
         let (parent_snap, dirty_fnv) = match content {
             MemoryContent::Full => {
@@ -506,8 +519,7 @@ pub fn write(
                 }
                 let words: Vec<u8> = dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
                 let dpath = tmp.join(DIRTY_FILE);
-                let mut d = std::fs::File::create(&dpath)
-                    .map_err(|e| format!("cannot create {}: {e}", dpath.display()))?;
+                let mut d = create_private(&dpath)?;
                 d.write_all(&words)
                     .and_then(|()| d.sync_all())
                     .map_err(|e| format!("writing {}: {e}", dpath.display()))?;
@@ -534,11 +546,14 @@ pub fn write(
         snap.state_fnv = fnv(FNV_INIT, &unsigned);
         let json = serde_json::to_vec(&snap).map_err(|e| e.to_string())?;
         let path = tmp.join(STATE_FILE);
-        let mut f = std::fs::File::create(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut f = create_private(&path)?;
         f.write_all(&json)
             .and_then(|()| f.sync_all())
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        // The directory's entries must be on disk before the rename makes it the snapshot.
+        std::fs::File::open(&tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, dir)
             .map_err(|e| format!("cannot move the snapshot to {}: {e}", dir.display()))?;
         // Make the rename itself durable.
@@ -637,6 +652,14 @@ impl RestoreOptions {
             }
             c.console = Some(con.clone());
         }
+        // The configuration inside a snapshot is checked as any other, once the options
+        // are applied (for `tern run --restore` and `PUT /v1/vm/restore` alike).
+        c.validate().map_err(|e| {
+            format!(
+                "{}: the snapshot's configuration is invalid: {e}",
+                self.dir.join(STATE_FILE).display()
+            )
+        })?;
         Ok(crate::Restore {
             dir: self.dir.clone(),
             snapshot: snap,
@@ -683,8 +706,19 @@ fn remove_stale_temporaries(parent: &Path, name: &str) {
 
 /// Reads and checks `dir/state.json`.
 pub fn read(dir: &Path) -> Result<Snapshot, String> {
+    use std::io::Read;
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut text = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_STATE_SIZE + 1).read_to_end(&mut text))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_STATE_SIZE {
+        return Err(format!(
+            "{} is larger than {} MiB: not a tern snapshot's state",
+            path.display(),
+            MAX_STATE_SIZE >> 20
+        ));
+    }
     let mut snap: Snapshot = serde_json::from_slice(&text)
         .map_err(|e| format!("{} is not a tern snapshot: {e}", path.display()))?;
     if snap.version != FORMAT_VERSION {
@@ -801,27 +835,43 @@ impl Snapshot {
         let mut layers: Vec<(&Path, &Snapshot)> = layers.collect();
         layers.reverse();
         let (base_dir, base) = layers[0];
+        let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
+        let mut mapped = Vec::new();
         if lazy {
             base.map_memory(base_dir, mem)?;
+            mapped.push((base_dir.join(MEMORY_FILE), total));
         } else {
             base.load_memory(base_dir, mem)?;
         }
         for (d, s) in &layers[1..] {
-            s.apply_diff(d, mem, lazy)?;
+            if s.apply_diff(d, mem, lazy)? {
+                mapped.push((d.join(MEMORY_FILE), total));
+            }
+        }
+        if !mapped.is_empty() {
+            guard_mapped_memory(mapped, mem);
         }
         Ok(())
     }
 
-    /// Puts a diff snapshot's pages over `mem`.
-    fn apply_diff(&self, dir: &Path, mem: &GuestMemoryMmap, lazy: bool) -> Result<(), String> {
+    /// Puts a diff snapshot's pages over `mem`; true when they are mapped from its memory file
+    /// (rather than read).
+    fn apply_diff(&self, dir: &Path, mem: &GuestMemoryMmap, lazy: bool) -> Result<bool, String> {
         use std::os::unix::fs::FileExt;
         let (f, path) = self.open_memory(dir, mem)?;
         let total: u64 = self.memory.iter().map(|(_, l)| l).sum();
         let pages = total.div_ceil(PAGE);
         let dpath = dir.join(DIRTY_FILE);
-        let words =
-            std::fs::read(&dpath).map_err(|e| format!("cannot read {}: {e}", dpath.display()))?;
-        if words.len() as u64 != pages.div_ceil(64) * 8 || fnv(FNV_INIT, &words) != self.dirty_fnv {
+        let want = pages.div_ceil(64) * 8;
+        // Its length is known: no more than that is read.
+        let mut words = Vec::new();
+        std::fs::File::open(&dpath)
+            .and_then(|f| {
+                use std::io::Read;
+                f.take(want + 1).read_to_end(&mut words)
+            })
+            .map_err(|e| format!("cannot read {}: {e}", dpath.display()))?;
+        if words.len() as u64 != want || fnv(FNV_INIT, &words) != self.dirty_fnv {
             return Err(format!("{} is corrupted or truncated", dpath.display()));
         }
         let bits: Vec<u64> = words
@@ -853,7 +903,7 @@ impl Snapshot {
                 path.display()
             ));
         }
-        Ok(())
+        Ok(map)
     }
 
     /// Opens `dir/memory.bin` once `mem` has the snapshot's layout and the file the length of
@@ -943,6 +993,116 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+/// The memory files a lazily restored VM's RAM is mapped from, with the length each had.
+static MAPPED_FILES: std::sync::Mutex<Vec<(PathBuf, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Host address ranges (start, length) of the guest RAM mapped from memory files, for the
+/// SIGBUS handler (a length of 0 ends the list).
+static MAPPED_RANGES: [(AtomicUsize, AtomicUsize); 4] = [
+    (AtomicUsize::new(0), AtomicUsize::new(0)),
+    (AtomicUsize::new(0), AtomicUsize::new(0)),
+    (AtomicUsize::new(0), AtomicUsize::new(0)),
+    (AtomicUsize::new(0), AtomicUsize::new(0)),
+];
+
+/// The line the SIGBUS handler writes (a leaked buffer, so the handler only reads memory).
+static SIGBUS_MESSAGE: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static SIGBUS_MESSAGE_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Exit status after a lost memory file (tern's status for VMM errors).
+const EXIT_MEMORY_LOST: libc::c_int = 1;
+
+/// `si_code` of a SIGBUS for an access to a mapped page past the end of its file.
+const BUS_ADRERR: libc::c_int = 2;
+
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+/// What tern says when the memory files under a lazily restored VM lost pages it maps.
+fn lost_memory_message(files: &[(PathBuf, u64)]) -> String {
+    let names: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
+    format!(
+        "guest memory mapped from {} cannot be read any more: the file was truncated or shrunk under the lazily restored VM; stopping it",
+        names.join(", ")
+    )
+}
+
+/// Reached when a thread touches a page of a mapped memory file that no longer exists (the
+/// file was truncated under the VM): host code (devices, snapshots) gets SIGBUS there. Writes
+/// one line and ends tern; a SIGBUS anywhere else gets the default action.
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo; for SIGBUS its fault
+    // address is set.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    let ours = code == BUS_ADRERR
+        && MAPPED_RANGES.iter().any(|(s, l)| {
+            let (s, l) = (s.load(Ordering::Acquire), l.load(Ordering::Acquire));
+            l != 0 && addr >= s && addr - s < l
+        });
+    let msg = SIGBUS_MESSAGE.load(Ordering::Acquire);
+    if ours && !msg.is_null() {
+        crate::terminal::restore_from_signal_handler();
+        // SAFETY: `msg` points to a leaked buffer of SIGBUS_MESSAGE_LEN bytes that is never
+        // freed; write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(2, msg.cast(), SIGBUS_MESSAGE_LEN.load(Ordering::Acquire));
+            libc::_exit(EXIT_MEMORY_LOST);
+        }
+    }
+    // Not a page of a memory file: back to the default action, which the faulting access
+    // meets when it runs again.
+    // SAFETY: signal(2) is async-signal-safe and only changes this signal's disposition.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+/// Records that `mem` is mapped from `files` and installs the SIGBUS handler that reports a
+/// truncated memory file in one line instead of tern dying silently.
+fn guard_mapped_memory(files: Vec<(PathBuf, u64)>, mem: &GuestMemoryMmap) {
+    let line = format!("tern: {}\n", lost_memory_message(&files));
+    let buf: &'static mut [u8] = Box::leak(line.into_bytes().into_boxed_slice());
+    SIGBUS_MESSAGE_LEN.store(buf.len(), Ordering::Release);
+    SIGBUS_MESSAGE.store(buf.as_mut_ptr(), Ordering::Release);
+    for (slot, r) in MAPPED_RANGES.iter().zip(
+        mem.iter()
+            .map(|r| (r.as_ptr() as usize, r.len() as usize))
+            .chain(std::iter::repeat((0, 0))),
+    ) {
+        slot.1.store(0, Ordering::Release);
+        slot.0.store(r.0, Ordering::Release);
+        slot.1.store(r.1, Ordering::Release);
+    }
+    *MAPPED_FILES.lock().unwrap_or_else(|p| p.into_inner()) = files;
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler has the SA_SIGINFO signature and
+        // only calls async-signal-safe functions.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus
+                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+                tracing::warn!(
+                    "cannot install the SIGBUS handler: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+/// For a lazily restored VM: one line naming the memory files when one of them is now
+/// shorter than when it was mapped (the guest then lost memory, and may have crashed for
+/// it), else None.
+pub fn mapped_memory_lost() -> Option<String> {
+    let files = MAPPED_FILES.lock().unwrap_or_else(|p| p.into_inner());
+    let lost = files
+        .iter()
+        .any(|(p, len)| std::fs::metadata(p).is_ok_and(|m| m.len() < *len));
+    lost.then(|| lost_memory_message(&files))
 }
 
 /// [`fnv`] over `n` zero bytes (n a multiple of 8, or the tail of a call): every step XORs
@@ -1064,6 +1224,55 @@ mod tests {
             edx: regs[3],
             ..Default::default()
         }
+    }
+
+    /// A `state.json` past [`MAX_STATE_SIZE`] is refused before it is read whole.
+    #[test]
+    fn oversized_state_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tern-state-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = std::fs::File::create(dir.join(STATE_FILE)).unwrap();
+        // Sparse; one byte over the limit.
+        f.set_len(MAX_STATE_SIZE + 1).unwrap();
+        let e = read(&dir).err().unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "{} is larger than 16 MiB: not a tern snapshot's state",
+                dir.join(STATE_FILE).display()
+            )
+        );
+        f.set_len(MAX_STATE_SIZE).unwrap();
+        let e = read(&dir).err().unwrap();
+        assert!(e.contains("is not a tern snapshot"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The SIGBUS message and the check after a lazily restored VM's crash name the memory
+    /// files, and only a file that shrank counts as lost.
+    #[test]
+    fn lost_memory_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("tern-lost-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(MEMORY_FILE);
+        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let m = lost_memory_message(&[(p.clone(), 8192)]);
+        assert!(
+            m.starts_with(&format!("guest memory mapped from {} ", p.display())),
+            "{m}"
+        );
+        assert!(!m.contains('\n'));
+        *MAPPED_FILES.lock().unwrap() = vec![(p.clone(), 8192)];
+        assert_eq!(mapped_memory_lost(), None);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert_eq!(mapped_memory_lost(), Some(m));
+        MAPPED_FILES.lock().unwrap().clear();
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -1,6 +1,25 @@
 //! Raw mode for the controlling terminal while the guest owns it, restored on drop.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+
+/// The terminal in raw mode and its saved mode (a leaked copy), for a signal handler that
+/// ends tern at once: [`restore_from_signal_handler`].
+static RAW_FD: AtomicI32 = AtomicI32::new(-1);
+static RAW_SAVED: AtomicPtr<libc::termios> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Puts the terminal tern set to raw mode back as it was; async-signal-safe (only atomic
+/// loads and tcsetattr), for a handler about to `_exit`.
+pub fn restore_from_signal_handler() {
+    let (fd, saved) = (
+        RAW_FD.load(Ordering::Acquire),
+        RAW_SAVED.load(Ordering::Acquire),
+    );
+    if fd >= 0 && !saved.is_null() {
+        // SAFETY: `saved` points to a leaked, never freed termios read from `fd`.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, saved) };
+    }
+}
 
 /// Puts a TTY in raw mode and restores the saved mode when dropped.
 pub struct RawTerminal {
@@ -32,12 +51,17 @@ impl RawTerminal {
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return None;
         }
+        if RAW_SAVED.load(Ordering::Acquire).is_null() {
+            RAW_SAVED.store(Box::into_raw(Box::new(saved)), Ordering::Release);
+        }
+        RAW_FD.store(fd, Ordering::Release);
         Some(RawTerminal { fd, saved })
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
+        RAW_FD.store(-1, Ordering::Release);
         // SAFETY: restores the termios saved from the same descriptor.
         unsafe {
             libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved);

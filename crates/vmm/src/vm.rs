@@ -77,16 +77,20 @@ pub enum VmmError {
 }
 
 /// Where a character device's output goes: stdout, a file opened for appending, or nowhere.
+/// A file tern creates is readable by its owner only (mode 0600: guest output may hold
+/// secrets); an existing file keeps its mode.
 pub(crate) fn open_char_sink(
     backend: &CharBackend,
     what: &'static str,
 ) -> Result<Option<Box<dyn std::io::Write + Send>>, VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
     Ok(match backend {
         CharBackend::Stdio => Some(Box::new(std::io::stdout())),
         CharBackend::File(p) => Some(Box::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(p)
                 .map_err(|err| VmmError::File {
                     what,
@@ -389,7 +393,18 @@ pub fn run(
             Some(c) => StdinTarget::Console(c.clone()),
             None => StdinTarget::Serial(vm.serial.clone()),
         });
-        let exit = vm.run(&signals, &stdin_quit, api.as_ref(), &config)?;
+        let mut exit = vm.run(&signals, &stdin_quit, api.as_ref(), &config)?;
+        if restoring.as_ref().is_some_and(|r| r.lazy) {
+            // A guest that lost the memory file under it fails in ways of its own (a triple
+            // fault, KVM_RUN failing with EFAULT): name the real cause.
+            if let (
+                VmExit::TripleFault { .. } | VmExit::InternalError { .. } | VmExit::Error(_),
+                Some(lost),
+            ) = (&exit, crate::snapshot::mapped_memory_lost())
+            {
+                exit = VmExit::Error(lost);
+            }
+        }
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
             tracing::info!("guest rebooted; restarting the VM");
@@ -1085,7 +1100,15 @@ impl Vm {
     fn press_power_button(&self, deadline: &mut Option<Instant>) {
         let _ = self.power_button.write(1);
         if deadline.is_none() {
-            *deadline = Some(Instant::now() + self.shutdown_timeout);
+            // Validation bounds the timeout; past the clock's range, wait the longest allowed.
+            let now = Instant::now();
+            *deadline = Some(
+                now.checked_add(self.shutdown_timeout)
+                    .or_else(|| {
+                        now.checked_add(Duration::from_secs(crate::config::MAX_SHUTDOWN_TIMEOUT))
+                    })
+                    .unwrap_or(now),
+            );
         }
     }
 

@@ -211,10 +211,35 @@ pub(crate) fn features_acceptable(
     true
 }
 
+/// Checks a snapshot's accepted features against what the device offers here (`offered`):
+/// once FEATURES_OK is set they must have passed [`features_acceptable`], so anything else
+/// was not written by a tern driving this device and is refused.
+pub(crate) fn check_restored_features(
+    device_type: u32,
+    driver: u64,
+    unknown: bool,
+    offered: u64,
+) -> Result<(), String> {
+    let extra = driver & !offered;
+    if extra != 0 || unknown {
+        return Err(format!(
+            "virtio device type {device_type}: the snapshot's accepted features {driver:#x} include bits {extra:#x}{} the device does not offer (it offers {offered:#x})",
+            if unknown { " and bits above 63" } else { "" }
+        ));
+    }
+    if driver & (1 << VIRTIO_F_VERSION_1) == 0 {
+        return Err(format!(
+            "virtio device type {device_type}: the snapshot's accepted features {driver:#x} lack VERSION_1"
+        ));
+    }
+    Ok(())
+}
+
 /// The end of a transport's restore, once its registers hold the saved state: the device
-/// learns the accepted features (`features_ok`) and, when the driver had started it (`live`),
-/// is activated on its saved queues, each of which is then looked at once as if notified (a
-/// notification the driver sent while the device was pausing died with the old process).
+/// learns the accepted features (`features_ok`; they must be a subset of `offered`) and, when
+/// the driver had started it (`live`), is activated on its saved queues, each of which is then
+/// looked at once as if notified (a notification the driver sent while the device was pausing
+/// died with the old process).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn restart_restored(
     device: &mut dyn VirtioDevice,
@@ -222,12 +247,23 @@ pub(crate) fn restart_restored(
     interrupt: Arc<dyn Interrupt>,
     regs: &[QueueRegs],
     notify: &[EventFd],
-    driver_features: u64,
+    (driver_features, driver_features_unknown, offered): (u64, bool, u64),
     features_ok: bool,
     live: bool,
 ) -> Result<(), String> {
     if features_ok {
+        check_restored_features(
+            device.device_type(),
+            driver_features,
+            driver_features_unknown,
+            offered,
+        )?;
         device.ack_features(driver_features);
+    } else if live {
+        return Err(format!(
+            "virtio device type {}: the snapshot has the driver started without accepted features",
+            device.device_type()
+        ));
     }
     if !live {
         return Ok(());

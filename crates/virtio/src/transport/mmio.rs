@@ -160,13 +160,14 @@ impl super::PauseDevice for MmioTransport {
         self.interrupt
             .generation
             .store(s.config_generation, Ordering::SeqCst);
+        let offered = self.device.features();
         restart_restored(
             self.device.as_mut(),
             &self.mem,
             self.interrupt.clone(),
             &self.queues,
             &self.notify,
-            self.driver_features,
+            (self.driver_features, self.driver_features_unknown, offered),
             self.status & FEATURES_OK != 0,
             self.status & DRIVER_OK != 0 && !self.needs_reset,
         )
@@ -583,6 +584,46 @@ mod tests {
         d.write(0x24, 0);
         d.write(0x20, 0);
         assert!(d.t.driver_features & (1 << 5) != 0);
+    }
+
+    /// A snapshot's accepted features are checked against what the device offers: a value the
+    /// transport would have refused from the driver is refused from a snapshot too.
+    #[test]
+    fn restored_features_must_be_offered() {
+        use crate::transport::PauseDevice;
+        let (mut d, _) = fake(false);
+        assert!(d.negotiate(VERSION_1 | 1 << 5));
+        let good = d.t.save_state();
+        let (mut fresh, rec) = fake(false);
+        fresh.t.restore_state(&good).unwrap();
+        assert_eq!(rec.lock().unwrap().acked, Some(VERSION_1 | 1 << 5));
+        type Edit = fn(&mut TransportState);
+        let cases: [(&str, Edit); 4] = [
+            ("bit 6, not offered", |s| s.driver_features |= 1 << 6),
+            ("bit 63, not offered", |s| s.driver_features |= 1 << 63),
+            ("a bit above 63", |s| s.driver_features_unknown = true),
+            ("no VERSION_1", |s| s.driver_features &= !VERSION_1),
+        ];
+        for (what, edit) in cases {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            let (mut fresh, rec) = fake(false);
+            let e = fresh.t.restore_state(&bad).unwrap_err();
+            assert!(
+                e.starts_with("virtio device type 42: the snapshot's accepted features"),
+                "{what}: {e}"
+            );
+            assert_eq!(rec.lock().unwrap().acked, None, "{what}");
+        }
+        // Not yet accepted (no FEATURES_OK): the driver's choice is checked when it sets it.
+        let mut pending = good.clone();
+        pending.status &= !FEATURES_OK;
+        pending.driver_features |= 1 << 6;
+        let (mut fresh, rec) = fake(false);
+        fresh.t.restore_state(&pending).unwrap();
+        assert_eq!(rec.lock().unwrap().acked, None);
+        fresh.add_status(FEATURES_OK);
+        assert_eq!(fresh.read(REG_STATUS) & FEATURES_OK, 0);
     }
 
     #[test]

@@ -391,13 +391,14 @@ impl super::PauseDevice for VirtioPciDevice {
         self.interrupt
             .generation
             .store(s.config_generation as u8, Ordering::SeqCst);
+        let offered = self.offered_features();
         restart_restored(
             self.device.as_mut(),
             &self.mem,
             self.interrupt.clone(),
             &self.queues,
             &self.notify,
-            self.driver_features,
+            (self.driver_features, self.driver_features_unknown, offered),
             self.status & FEATURES_OK as u8 != 0,
             self.status & DRIVER_OK as u8 != 0 && !self.needs_reset,
         )
