@@ -1041,6 +1041,8 @@ fn snapshot_files_and_logs_are_private() {
         let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", f.display());
     }
+    let mode = std::fs::metadata(&snap).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the snapshot directory has mode {mode:o}");
 }
 
 /// A snapshot whose state.json was crafted (its checksum recomputed) is refused in one line

@@ -476,7 +476,10 @@ pub fn write(
     ));
     remove_stale_temporaries(parent, &name.to_string_lossy());
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    // Owner-only, like the files in it, whatever the umask.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     let res = (|| {
         let memory: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         let mut h = FNV_INIT;
