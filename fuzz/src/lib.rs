@@ -153,7 +153,7 @@ impl Driver {
         while fds.iter().any(|&fd| readable(fd))
             && self.t.status() & 0x40 == 0
             && self.t.status() & 4 != 0
-            && start.elapsed() < Duration::from_secs(2)
+            && start.elapsed() < Duration::from_millis(100)
         {
             std::thread::yield_now();
         }
