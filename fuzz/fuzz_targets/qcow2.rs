@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((disk, _)) = opened {
         let size = disk.size();
         let mut buf = vec![0u8; 4096];
-        for offset in [0, 512, 65536, size.saturating_sub(4096), size / 2 & !511] {
+        for offset in [0, 512, 65536, size.saturating_sub(4096), (size / 2) & !511] {
             if offset.saturating_add(4096) > size {
                 continue;
             }
