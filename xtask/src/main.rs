@@ -7,6 +7,7 @@
 //! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
+//! cargo xtask fuzz [--target NAME] [--seconds N] [--runs N]
 //! ```
 //! See shared/design/TESTING.md for why the rig exists and what it measures.
 
@@ -22,6 +23,7 @@ mod bench_snapshot;
 mod ci;
 mod cpio;
 mod debs;
+mod fuzz;
 mod images;
 mod modules;
 mod rig;
@@ -144,6 +146,19 @@ enum Cmd {
     },
     /// Extract the ELF vmlinux from a bzImage.
     ExtractVmlinux { bzimage: PathBuf, output: PathBuf },
+    /// Build the fuzz targets (fuzz/), replay their regression inputs, then fuzz each for a
+    /// bounded time; a crash or hang fails, naming the target and the input.
+    Fuzz {
+        /// Only this target (default: all).
+        #[arg(long)]
+        target: Option<String>,
+        /// Fuzzing time per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop a target after this many runs, if sooner.
+        #[arg(long)]
+        runs: Option<u64>,
+    },
     /// (inside L1) Run the scenarios in SPEC and report on the console.
     #[command(hide = true)]
     RigAgent { spec: String },
@@ -202,6 +217,15 @@ fn run(command: Cmd) -> Result<()> {
             };
             rig::bench(&opts, runs, kernel, cpus, guest_decompress)
         }
+        Cmd::Fuzz {
+            target,
+            seconds,
+            runs,
+        } => fuzz::run(&fuzz::FuzzOptions {
+            target,
+            seconds,
+            runs,
+        }),
         Cmd::Shell { tern } => rig::shell(&tern.unwrap_or_else(rig::default_tern)),
         Cmd::ExtractVmlinux { bzimage, output } => {
             let image = std::fs::read(&bzimage)

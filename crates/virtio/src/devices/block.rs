@@ -399,7 +399,8 @@ impl Drop for BlkWorker {
 
 impl BlkWorker {
     /// Takes requests off the available ring until it is empty, the rate limiter says wait, or
-    /// a queue's worth was taken (then the queue event is re-raised so a reset is not starved).
+    /// a queue's worth of work was done (then the queue event is re-raised so a reset is not
+    /// starved).
     fn process(&mut self, used: &mut u32) -> Result<(), Malformed> {
         // While the worker drains the ring the driver need not notify it
         // (VRING_USED_F_NO_NOTIFY): each notification is a VM exit. Notifications are enabled
@@ -418,12 +419,28 @@ impl BlkWorker {
                 .queue
                 .enable_notification(&self.ctx.mem)
                 .map_err(|e| Malformed::Queue(self.index, e))?;
-            if !more {
+            // Each re-check costs budget like a request: a ring that always says "more" but
+            // holds nothing (a used ring laid over the available ring rewrites its index each
+            // time notifications are switched) must not keep the worker from its events.
+            if !more || self.spend(&mut taken) {
                 break;
             }
         }
         self.engine.commit();
         Ok(())
+    }
+
+    /// Counts one unit of work; once a queue's worth was done, hands what was taken to the
+    /// kernel, re-raises the queue event (the worker comes back after a chance to see a reset
+    /// or a pause) and returns true.
+    fn spend(&mut self, taken: &mut u16) -> bool {
+        *taken += 1;
+        if *taken < QUEUE_SIZE {
+            return false;
+        }
+        self.engine.commit();
+        let _ = self.event.write(1);
+        true
     }
 
     /// Takes requests until the ring is empty (true), or the rate limiter or the per-wakeup
@@ -441,6 +458,9 @@ impl BlkWorker {
                 self.ctx
                     .add_used(&mut self.queue, self.index, req.head, 0)?;
                 *used += 1;
+                if self.spend(taken) {
+                    return Ok(false);
+                }
                 continue;
             };
             let status = GuestAddress(last.addr.0 + u64::from(last.len) - 1);
@@ -501,12 +521,7 @@ impl BlkWorker {
                     self.zeroing.push_back(req.head);
                 }
             }
-            *taken += 1;
-            if *taken == QUEUE_SIZE {
-                // Hand what was taken to the kernel, and come back after the worker had a
-                // chance to see a reset.
-                self.engine.commit();
-                let _ = self.event.write(1);
+            if self.spend(taken) {
                 return Ok(false);
             }
         }
@@ -841,6 +856,7 @@ fn overlaps(ranges: &mut [(u64, u64, bool)]) -> bool {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::time::Duration;
 
     use block::DiskOptions;
     use vm_memory::Bytes;
@@ -1432,5 +1448,52 @@ mod tests {
         let mut v = vec![0; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
+    }
+
+    /// A used ring laid two bytes into the available ring: each time the worker turns
+    /// notifications on or off it rewrites the available index, so the ring looks non-empty
+    /// when it checks and empty when it pops. The worker must still come back to its events
+    /// (a pause returns) instead of spinning forever. Found by the virtio_blk fuzz target.
+    #[test]
+    fn a_used_ring_over_the_available_ring_does_not_hold_the_worker() {
+        let path = image("overlap", 64 << 10);
+        let disk = Disk::open(&DiskOptions {
+            path: path.clone(),
+            ..DiskOptions::default()
+        })
+        .unwrap()
+        .0;
+        let dev = Block::new(
+            Arc::new(disk),
+            BlockOptions {
+                serial: String::new(),
+                queues: 1,
+                engine: EngineKind::Sync,
+                iops: 0,
+                bandwidth: 0,
+            },
+        );
+        let mut d = Driver::new(Box::new(dev));
+        let mut q = VirtQueue::new(0x1000);
+        // The used ring's flags are the available ring's index (rings need 2- and 4-byte
+        // alignment).
+        q.avail += 2;
+        q.used = q.avail + 2;
+        assert_eq!(d.start(&[&q]), 0xf);
+        // One chain (descriptor 0: empty, so no status byte) made available.
+        q.set_desc(&d.mem, 0, 0, 0, 0, 0);
+        q.publish(&d.mem, 0);
+        d.notify(0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use crate::transport::PauseDevice;
+            std::thread::sleep(Duration::from_millis(50));
+            d.t.pause_device();
+            let _ = tx.send(());
+            d
+        });
+        let paused = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        std::fs::remove_file(path).ok();
+        assert!(paused, "the worker never came back to its events");
     }
 }

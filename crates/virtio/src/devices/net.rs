@@ -498,6 +498,10 @@ impl PairWorker {
             if !more {
                 return Ok(());
             }
+            // Each re-check costs budget like a frame: a ring that always says "more" but holds
+            // nothing (a used ring laid over the available ring rewrites its index each time
+            // notifications are switched) must not keep the worker from its events.
+            budget = budget.saturating_sub(1);
         }
     }
 
@@ -1106,5 +1110,47 @@ mod tests {
         assert_eq!(r.counters.tx_dropped.load(Ordering::Relaxed), before + 1);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(r.d.read(REG_STATUS) & NEEDS_RESET, 0);
+    }
+    /// As virtio-blk's test of the same name (the virtio_blk fuzz target found that loop; the
+    /// transmit queue had the same one): a used ring two bytes into the available ring makes
+    /// the ring say "more" at every re-check and hold nothing at every pop; the worker still
+    /// comes back to its events (a pause returns).
+    #[test]
+    fn a_used_ring_over_the_available_ring_does_not_hold_the_worker() {
+        let Some(mut wire) = wire("tnoverlap0") else {
+            return;
+        };
+        let dev = Net::new(
+            wire.taps.take().unwrap(),
+            NetOptions {
+                mac: MAC,
+                mtu: 1500,
+                offload: false,
+                rx: Limits::default(),
+                tx: Limits::default(),
+            },
+        );
+        let mut d = Driver::new(Box::new(dev));
+        assert!(d.negotiate(FEATURES));
+        let rx = VirtQueue::new(0x1000);
+        let mut tx = VirtQueue::new(0x2000);
+        tx.avail += 2;
+        tx.used = tx.avail + 2;
+        d.setup_queue(0, &rx);
+        d.setup_queue(1, &tx);
+        d.add_status(DRIVER_OK);
+        tx.set_desc(&d.mem, 0, 0, 0, 0, 0);
+        tx.publish(&d.mem, 0);
+        d.notify(1);
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use crate::transport::PauseDevice;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            d.t.pause_device();
+            let _ = done.send(());
+            d
+        });
+        let paused = wait.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
+        assert!(paused, "the worker never came back to its events");
     }
 }

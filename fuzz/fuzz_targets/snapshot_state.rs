@@ -1,0 +1,64 @@
+//! `state.json` restore: the bytes, given a valid checksum when they parse as a snapshot at
+//! all (so the checks past it are reached), read as `tern --restore` reads them, then the
+//! checks a restore makes before any KVM call: the config's validation, CPU features, and the
+//! saved UART, RTC and virtio transport states put into fresh devices (virtio-mmio and
+//! virtio-pci, each device type).
+#![no_main]
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use devices::serial::{SerialDevice, SerialOut};
+use devices::EventFdTrigger;
+use libfuzzer_sys::fuzz_target;
+use tern_fuzz::{guest_mem, some_device, NoMsi};
+use virtio::transport::mmio::MmioTransport;
+use virtio::transport::pci::VirtioPciDevice;
+use virtio::transport::PauseDevice;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+fuzz_target!(|data: &[u8]| {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| tern_fuzz::scratch_dir("snapshot"));
+    let signed = vmm::snapshot::fuzzing::sign(data);
+    std::fs::write(dir.join("state.json"), signed.as_deref().unwrap_or(data)).unwrap();
+    let snap = match vmm::snapshot::read(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            assert!(
+                signed.is_none() || !e.contains("checksum"),
+                "a snapshot with a valid checksum was refused: {e}"
+            );
+            return;
+        }
+    };
+    let _ = snap.config.validate();
+    let _ = vmm::snapshot::check_cpu_features(snap.cpuid(), snap.cpuid());
+    let _ = (
+        snap.vm(),
+        snap.vcpus().len(),
+        snap.parent(),
+        snap.state_fnv(),
+    );
+    let irq = EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut serial = SerialDevice::new(irq, SerialOut::new(None, Arc::new(AtomicBool::new(false))));
+    let _ = serial.restore_state(snap.serial());
+    if let Some(r) = snap.rtc() {
+        let _ = devices::rtc::Rtc::new().restore_state(r);
+    }
+    for state in snap.devices().iter().take(4) {
+        for which in 0..3 {
+            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut t = MmioTransport::new(guest_mem(), some_device(which), irq).unwrap();
+            if t.restore_state(state).is_ok() {
+                t.pause_device();
+                let _ = t.save_state();
+            }
+            let mut p =
+                VirtioPciDevice::new(guest_mem(), some_device(which), Arc::new(NoMsi)).unwrap();
+            if p.restore_state(state).is_ok() {
+                p.pause_device();
+                let _ = p.save_state();
+            }
+        }
+    }
+});
