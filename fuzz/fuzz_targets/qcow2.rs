@@ -1,4 +1,4 @@
-//! qcow2 opening: the bytes as an image file opened with format=qcow2 (header, L1/L2 and
+//! qcow2 opening: the bytes as an image file probed as qcow2 (header, L1/L2 and
 //! refcount tables, extensions), then a few sectors read from it, as virtio-blk would.
 #![no_main]
 use block::{Disk, DiskOptions, ImageFormat, IoSlice};
