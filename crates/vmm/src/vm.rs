@@ -607,7 +607,6 @@ struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     rtc: Arc<Mutex<Rtc>>,
     ctl: Arc<VmControl>,
-    reset_evt: EventFd,
     power_button: EventFd,
     /// Raises `\_SB_.GED1`: the VM generation ID changed.
     vmgenid_evt: EventFd,
@@ -939,13 +938,12 @@ impl Vm {
             .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
         vm.register_irqfd(&vmgenid_evt, ACPI_VMGENID_GSI)
             .map_err(kvm_err("register VM generation ID irqfd"))?;
-        let reset_evt = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
-        let i8042 = I8042::new(EventFdTrigger(
-            reset_evt
-                .try_clone()
-                .map_err(|e| VmmError::Setup(e.to_string()))?,
-        ));
+        // The devices that end the VM (reset, power off, debug exit) record the reason on the
+        // vCPU thread that wrote to them, before it could run on: that vCPU sees the VM
+        // stopping and does not re-enter KVM_RUN, and the first reason recorded wins (a guest
+        // that resets and then triple-faults has reset).
+        let ctl1 = ctl.clone();
+        let i8042 = I8042::new(Box::new(move || ctl1.request_exit(VmExit::Reset)));
         let ctl2 = ctl.clone();
         let debug_exit = DebugExit::new(Box::new(move |s| ctl2.request_exit(VmExit::DebugExit(s))));
 
@@ -1064,7 +1062,6 @@ impl Vm {
             _mem: mem,
             serial,
             ctl,
-            reset_evt,
             power_button,
             vmgenid_evt,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
@@ -1452,14 +1449,12 @@ impl Vm {
         }
 
         const EXIT: u64 = 1;
-        const RESET: u64 = 2;
         const SIGNAL: u64 = 3;
         const QUIT: u64 = 4;
         const API: u64 = 5;
         let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
         let mut fds = vec![
             (self.ctl.exit_evt.as_raw_fd(), EXIT),
-            (self.reset_evt.as_raw_fd(), RESET),
             (signals.as_raw_fd(), SIGNAL),
             (stdin_quit.as_raw_fd(), QUIT),
         ];
@@ -1489,15 +1484,6 @@ impl Vm {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    RESET => {
-                        let _ = self.reset_evt.read();
-                        let reason = if self.panic_seen.load(Ordering::SeqCst) {
-                            VmExit::GuestPanic
-                        } else {
-                            VmExit::Reset
-                        };
-                        self.ctl.request_exit(reason);
-                    }
                     SIGNAL => {
                         let signo = read_signal(signals);
                         if signo == libc::SIGTERM && button_deadline.is_none() {
