@@ -142,6 +142,25 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     })
 }
 
+/// What the user calls each device [`create`] makes, in the same order: for messages about
+/// one of them.
+pub fn device_names(config: &VmConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    if config.rng {
+        names.push("virtio-rng".to_string());
+    }
+    if config.console.is_some() {
+        names.push("virtio-console".to_string());
+    }
+    for (i, d) in config.disks.iter().enumerate() {
+        names.push(format!("virtio-blk disk {i} ({})", d.path.display()));
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        names.push(format!("virtio-net {i} (TAP {})", n.tap));
+    }
+    names
+}
+
 /// Opens disk `i` and wraps it in a virtio-blk device.
 fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
     let opts = DiskOptions {

@@ -243,8 +243,8 @@ impl VirtioDevice for Block {
         self.broken.store(false, Ordering::SeqCst);
     }
 
-    fn pause(&mut self) {
-        self.workers.iter().for_each(|w| w.pause());
+    fn pause(&mut self, deadline: std::time::Instant) -> bool {
+        super::common::pause_all(&self.workers, deadline)
     }
 
     fn resume(&mut self) {

@@ -301,9 +301,9 @@ impl VirtioDevice for Net {
         self.broken.store(false, Ordering::SeqCst);
     }
 
-    fn pause(&mut self) {
-        self.pairs.iter().for_each(|w| w.pause());
-        self.ctrl.iter().for_each(|w| w.pause());
+    fn pause(&mut self, deadline: std::time::Instant) -> bool {
+        let pairs = super::common::pause_all(&self.pairs, deadline);
+        super::common::pause_all(&self.ctrl, deadline) && pairs
     }
 
     fn resume(&mut self) {
