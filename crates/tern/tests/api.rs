@@ -268,6 +268,104 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert!(!text.contains("probe: count ok"), "{text}");
 }
 
+/// `call`, but failing the test instead of waiting when tern does not answer in `limit`.
+fn call_within(sock: &Path, method: &str, path: &str, limit: Duration) -> (u16, String) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (sock, method, route) = (sock.to_path_buf(), method.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(call(&sock, &method, &route, None));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r.unwrap_or_else(|e| panic!("{path}: {e}")),
+        Err(_) => panic!("tern did not answer {path} within {limit:?}"),
+    }
+}
+
+#[test]
+fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
+    if !require_kvm("a_serial_stdout_nobody_reads_does_not_stall_the_guest") {
+        return;
+    }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = Scratch::new("serial-stall");
+    let sock = dir.path("api.sock");
+    // tern's stdout: a pipe that is full before tern starts, and that nobody reads for now.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-int array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut filler = 0usize;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor we own.
+        let fl = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+        let mut w = std::fs::File::from(wr.try_clone().unwrap());
+        while let Ok(n) = w.write(&[b'.'; 4096]) {
+            filler += n;
+        }
+        // SAFETY: as above; tern gets a blocking pipe, as a shell gives it.
+        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl) };
+    }
+    let kernel = probe();
+    let mut child = Command::new(tern())
+        .args([
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "64M",
+            "--serial",
+            "stdio",
+            "--cmdline",
+            "probe.run=count probe.count_ms=4000",
+            "--api-socket",
+            s(&sock),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start tern");
+    let err = drain(child.stderr.take().unwrap());
+    let vm = Tern {
+        child: Some(child),
+        // Its stdout is the pipe, read below.
+        out: Some(std::thread::spawn(Vec::new)),
+        err: Some(err),
+        start: Instant::now(),
+    }
+    .ready(&sock);
+    // The guest prints a line at once and a tick every 100 ms: none of it can be written.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (st, body) = call_within(&sock, "GET", "/v1/vm", Duration::from_secs(5));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["state"], "running", "{body}");
+    // ... and the guest runs on: its vCPU keeps exiting to write its ticks.
+    let pio = || {
+        let (_, body) = call_within(&sock, "GET", "/v1/vm/counters", Duration::from_secs(5));
+        json(&body)["vcpus"][0]["pio_exits"].as_u64().unwrap()
+    };
+    let a = pio();
+    std::thread::sleep(Duration::from_millis(500));
+    let b = pio();
+    assert!(b > a, "the guest stopped: {a} then {b} port exits");
+    // Reading the pipe now gets the guest's output, whole.
+    let reader = drain(std::fs::File::from(rd));
+    let r = vm.wait(Duration::from_secs(30));
+    let out = reader.join().unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = String::from_utf8_lossy(&out[filler..]).into_owned();
+    assert!(text.starts_with("probe: hello ok"), "{text}");
+    assert!(
+        text.contains("probe: count ok") && text.contains("probe: done status=0"),
+        "{text}\n{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn shutdown_presses_the_power_button_and_times_out() {
     if !require_kvm("shutdown_presses_the_power_button_and_times_out") {

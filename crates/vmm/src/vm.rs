@@ -1590,10 +1590,20 @@ impl Vm {
                 let _ = h.join();
             }
         }
-        self.serial
+        // The guest's last output, written while the sink takes it (not held up by a reader
+        // that stopped reading).
+        let out = self
+            .serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .flush();
+            .output();
+        out.drain(Duration::from_secs(1));
+        if out.dropped() > 0 {
+            eprintln!(
+                "tern: {} bytes of serial output were dropped: nobody read it fast enough",
+                out.dropped()
+            );
+        }
         let mut exit = self
             .ctl
             .take_exit()
