@@ -281,34 +281,38 @@ fn call_within(sock: &Path, method: &str, path: &str, limit: Duration) -> (u16, 
     }
 }
 
-#[test]
-fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
-    if !require_kvm("a_serial_stdout_nobody_reads_does_not_stall_the_guest") {
-        return;
-    }
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let dir = Scratch::new("serial-stall");
-    let sock = dir.path("api.sock");
-    // tern's stdout: a pipe that is full before tern starts, and that nobody reads for now.
+/// A pipe whose buffer is already full (read end, write end, bytes in it): a stdout nobody
+/// reads.
+fn full_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd, usize) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-int array it is given.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: both descriptors are fresh and owned by nothing else.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let mut filler = 0usize;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fcntl on a descriptor we own.
-        let fl = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
-        let mut w = std::fs::File::from(wr.try_clone().unwrap());
-        while let Ok(n) = w.write(&[b'.'; 4096]) {
-            filler += n;
-        }
-        // SAFETY: as above; tern gets a blocking pipe, as a shell gives it.
-        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl) };
+    // SAFETY: fcntl on a descriptor we own.
+    let fl = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+    let mut w = std::fs::File::from(wr.try_clone().unwrap());
+    while let Ok(n) = w.write(&[b'.'; 4096]) {
+        filler += n;
     }
+    // SAFETY: as above; tern gets a blocking pipe, as a shell gives it.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl) };
+    (rd, wr, filler)
+}
+
+#[test]
+fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
+    if !require_kvm("a_serial_stdout_nobody_reads_does_not_stall_the_guest") {
+        return;
+    }
+    let dir = Scratch::new("serial-stall");
+    let sock = dir.path("api.sock");
+    // tern's stdout: a pipe that is full before tern starts, and that nobody reads for now.
+    let (rd, wr, filler) = full_pipe();
     let kernel = probe();
     let mut child = Command::new(tern())
         .args([
@@ -364,6 +368,85 @@ fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
         "{text}\n{}",
         r.stderr
     );
+}
+
+/// A device that cannot finish its I/O (the virtio-console writing to a stdout nobody reads)
+/// fails a pause after the deadline, by name, with the VM running on and the API served; once
+/// the device can go on, a pause works again.
+#[test]
+fn a_device_that_cannot_stop_fails_the_pause_and_the_vm_runs_on() {
+    if !require_kvm("a_device_that_cannot_stop_fails_the_pause_and_the_vm_runs_on") {
+        return;
+    }
+    let dir = Scratch::new("pause-stuck");
+    let sock = dir.path("api.sock");
+    let serial = dir.path("serial.log");
+    let backend = format!("file:{}", s(&serial));
+    let (rd, wr, _) = full_pipe();
+    let kernel = probe();
+    let mut child = Command::new(tern())
+        .args([
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "64M",
+            "--serial",
+            &backend,
+            "--console",
+            "stdio",
+            "--cmdline",
+            "probe.run=vcons,count probe.count_ms=20000 probe.virtio_timeout_ms=60000",
+            "--api-socket",
+            s(&sock),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start tern");
+    let err = drain(child.stderr.take().unwrap());
+    let _vm = Tern {
+        child: Some(child),
+        out: Some(std::thread::spawn(Vec::new)),
+        err: Some(err),
+        start: Instant::now(),
+    }
+    .ready(&sock);
+    // `vcons` sends its console line and waits for the device, stuck in its write.
+    wait_until("the probe", Duration::from_secs(20), || {
+        std::fs::read_to_string(&serial).is_ok_and(|t| t.contains("probe: hello ok"))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let t0 = Instant::now();
+    let (st, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    assert_eq!(st, 500, "{body}");
+    assert!(
+        error_of(&body).contains("virtio-console did not finish its in-flight I/O and stop")
+            && error_of(&body).contains("the VM keeps running"),
+        "{body}"
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
+    let (st, body) = call_within(&sock, "GET", "/v1/vm", Duration::from_secs(5));
+    assert_eq!(st, 200);
+    assert_eq!(json(&body)["state"], "running", "{body}");
+    // Once the console's output is read, the device and the guest go on, and a pause works.
+    let _reader = drain(std::fs::File::from(rd));
+    wait_until(
+        "ticks after the failed pause",
+        Duration::from_secs(20),
+        || ticks(&serial).len() >= 2,
+    );
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.contains("probe: vcons ok"), "{text}");
+    let (st, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = call_within(&sock, "PUT", "/v1/vm/resume", Duration::from_secs(5));
+    assert_eq!(st, 204, "{body}");
+    let n = ticks(&serial).len();
+    wait_until("ticks after the resume", Duration::from_secs(10), || {
+        ticks(&serial).len() >= n + 2
+    });
 }
 
 #[test]
