@@ -93,15 +93,135 @@ impl Queue {
     }
 }
 
-/// Buffered guest console output. Bytes go to a bounded buffer that a thread of its own
-/// writes to the sink, so a sink that blocks (a pipe nobody reads) never blocks the vCPU
-/// writing to the UART, nor anything waiting for the UART's lock. The thread writes at each
-/// newline, when 4 KiB are waiting, and whenever [`SerialDevice::flush`] is called (tern's
-/// event loop does so periodically). When [`OUTPUT_BUFFER`] bytes are waiting, the oldest are
-/// dropped and counted ([`SerialOutput::dropped`]): the newest output (a panic, a prompt) is
-/// what a reader that comes back needs.
+/// A sink written by a thread of its own, from a bounded buffer: writing to it never blocks,
+/// so a sink that does (a pipe nobody reads) never blocks a vCPU or a device worker. The
+/// thread writes at each newline, when 4 KiB are waiting, and on [`flush`](Write::flush).
+/// When [`OUTPUT_BUFFER`] bytes are waiting, the oldest are dropped and counted
+/// ([`OutputHandle::dropped`]): the newest output (a panic, a prompt) is what a reader that
+/// comes back needs. A sink that fails is dropped, and the output with it.
+pub struct BufferedSink {
+    queue: Arc<Queue>,
+    what: &'static str,
+}
+
+impl BufferedSink {
+    /// Starts the thread writing `what`'s output to `sink`; None (and an error logged) if it
+    /// cannot start.
+    pub fn new(sink: Box<dyn Write + Send>, what: &'static str) -> Option<Self> {
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
+        match std::thread::Builder::new()
+            .name("tern-output".into())
+            .spawn(move || q.writer(sink))
+        {
+            Ok(_) => Some(BufferedSink { queue, what }),
+            Err(e) => {
+                tracing::error!("{what}: cannot start the output thread, output is discarded: {e}");
+                None
+            }
+        }
+    }
+
+    /// A handle on this output, to wait for it to be written.
+    pub fn output(&self) -> OutputHandle {
+        OutputHandle(Some(self.queue.clone()), self.what)
+    }
+}
+
+impl Drop for BufferedSink {
+    fn drop(&mut self) {
+        let mut p = self.queue.lock();
+        p.closed = true;
+        p.kick = true;
+        self.queue.cv.notify_all();
+    }
+}
+
+impl Write for BufferedSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let q = &self.queue;
+        let mut p = q.lock();
+        if p.dead {
+            return Ok(data.len());
+        }
+        p.bytes.extend(data);
+        let over = p.bytes.len().saturating_sub(OUTPUT_BUFFER);
+        if over > 0 {
+            if p.dropped == 0 {
+                tracing::warn!(
+                    "{}: the guest's output is not being read; dropping the oldest (more than {} KiB waiting)",
+                    self.what,
+                    OUTPUT_BUFFER >> 10
+                );
+            }
+            p.bytes.drain(..over);
+            p.dropped += over as u64;
+        }
+        if data.contains(&b'\n') || p.bytes.len() >= FLUSH_AT {
+            p.kick = true;
+            q.cv.notify_all();
+        }
+        Ok(data.len())
+    }
+
+    /// Has the thread write what is buffered; does not wait for it.
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.queue.lock().kick = true;
+        self.queue.cv.notify_all();
+        Ok(())
+    }
+}
+
+/// A handle on a [`BufferedSink`]'s output, usable without the device that writes to it.
+#[derive(Clone)]
+pub struct OutputHandle(Option<Arc<Queue>>, &'static str);
+
+impl OutputHandle {
+    /// Has everything buffered written, waiting as long as the sink takes it: returns once
+    /// all is written, or when nothing could be written for `idle` (a sink nobody reads).
+    pub fn drain(&self, idle: Duration) {
+        let Some(q) = &self.0 else { return };
+        let mut p = q.lock();
+        p.kick = true;
+        q.cv.notify_all();
+        let mut left = p.bytes.len();
+        let mut since = Instant::now();
+        while (!p.bytes.is_empty() || p.writing) && !p.dead {
+            if p.bytes.len() < left {
+                left = p.bytes.len();
+                since = Instant::now();
+            }
+            let wait = idle.saturating_sub(since.elapsed());
+            if wait.is_zero() {
+                tracing::warn!(
+                    "{}: {} bytes of guest output could not be written (nobody reads it)",
+                    self.1,
+                    p.bytes.len()
+                );
+                return;
+            }
+            p =
+                q.cv.wait_timeout(p, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Bytes of output dropped so far because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.0.as_ref().map_or(0, |q| q.lock().dropped)
+    }
+
+    /// Whose output this is (`serial`, `virtio-console`).
+    pub fn what(&self) -> &'static str {
+        self.1
+    }
+}
+
+/// Guest console output of the UART, through a [`BufferedSink`] (tern's event loop flushes it
+/// periodically), watched for the Linux panic banner.
 pub struct SerialOut {
-    queue: Option<Arc<Queue>>,
+    sink: Option<BufferedSink>,
     line: Vec<u8>,
     panic_seen: Arc<AtomicBool>,
 }
@@ -110,24 +230,8 @@ impl SerialOut {
     /// Output to `sink` (`None` discards it). `panic_seen` is set when a line carries the
     /// Linux panic banner.
     pub fn new(sink: Option<Box<dyn Write + Send>>, panic_seen: Arc<AtomicBool>) -> Self {
-        let queue = sink.and_then(|sink| {
-            let q = Arc::new(Queue::default());
-            let q2 = q.clone();
-            match std::thread::Builder::new()
-                .name("tern-serial-out".into())
-                .spawn(move || q2.writer(sink))
-            {
-                Ok(_) => Some(q),
-                Err(e) => {
-                    tracing::error!(
-                        "serial: cannot start the output thread, output is discarded: {e}"
-                    );
-                    None
-                }
-            }
-        });
         SerialOut {
-            queue,
+            sink: sink.and_then(|s| BufferedSink::new(s, "serial")),
             line: Vec::new(),
             panic_seen,
         }
@@ -148,26 +252,17 @@ impl SerialOut {
         }
     }
 
-    fn kick(&self) {
-        if let Some(q) = &self.queue {
-            q.lock().kick = true;
-            q.cv.notify_all();
+    fn kick(&mut self) {
+        if let Some(s) = &mut self.sink {
+            let _ = s.flush();
         }
     }
 
     /// A handle on this output, to wait for it outside the UART's lock.
-    pub fn output(&self) -> SerialOutput {
-        SerialOutput(self.queue.clone())
-    }
-}
-
-impl Drop for SerialOut {
-    fn drop(&mut self) {
-        if let Some(q) = &self.queue {
-            let mut p = q.lock();
-            p.closed = true;
-            p.kick = true;
-            q.cv.notify_all();
+    pub fn output(&self) -> OutputHandle {
+        match &self.sink {
+            Some(s) => s.output(),
+            None => OutputHandle(None, "serial"),
         }
     }
 }
@@ -177,27 +272,8 @@ impl Write for SerialOut {
         for &b in data {
             self.watch(b);
         }
-        if let Some(q) = &self.queue {
-            let mut p = q.lock();
-            if p.dead {
-                return Ok(data.len());
-            }
-            p.bytes.extend(data);
-            let over = p.bytes.len().saturating_sub(OUTPUT_BUFFER);
-            if over > 0 {
-                if p.dropped == 0 {
-                    tracing::warn!(
-                        "serial: the guest's output is not being read; dropping the oldest (more than {} KiB waiting)",
-                        OUTPUT_BUFFER >> 10
-                    );
-                }
-                p.bytes.drain(..over);
-                p.dropped += over as u64;
-            }
-            if data.contains(&b'\n') || p.bytes.len() >= FLUSH_AT {
-                p.kick = true;
-                q.cv.notify_all();
-            }
+        if let Some(s) = &mut self.sink {
+            s.write_all(data)?;
         }
         Ok(data.len())
     }
@@ -206,46 +282,6 @@ impl Write for SerialOut {
     /// [`SerialDevice::flush`] flushes for real.
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-/// A handle on a UART's output, usable without the UART's lock.
-#[derive(Clone)]
-pub struct SerialOutput(Option<Arc<Queue>>);
-
-impl SerialOutput {
-    /// Has everything buffered written, waiting as long as the sink takes it: returns once
-    /// all is written, or when nothing could be written for `idle` (a sink nobody reads).
-    pub fn drain(&self, idle: Duration) {
-        let Some(q) = &self.0 else { return };
-        let mut p = q.lock();
-        p.kick = true;
-        q.cv.notify_all();
-        let mut left = p.bytes.len();
-        let mut since = Instant::now();
-        while (!p.bytes.is_empty() || p.writing) && !p.dead {
-            if p.bytes.len() < left {
-                left = p.bytes.len();
-                since = Instant::now();
-            }
-            let wait = idle.saturating_sub(since.elapsed());
-            if wait.is_zero() {
-                tracing::warn!(
-                    "serial: {} bytes of guest output could not be written (nobody reads it)",
-                    p.bytes.len()
-                );
-                return;
-            }
-            p =
-                q.cv.wait_timeout(p, wait)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-        }
-    }
-
-    /// Bytes of output dropped so far because the buffer was full.
-    pub fn dropped(&self) -> u64 {
-        self.0.as_ref().map_or(0, |q| q.lock().dropped)
     }
 }
 
@@ -278,7 +314,7 @@ impl SerialDevice {
     }
 
     /// A handle on the output, to wait for it to be written without holding this device.
-    pub fn output(&self) -> SerialOutput {
+    pub fn output(&self) -> OutputHandle {
         self.serial.writer().output()
     }
 

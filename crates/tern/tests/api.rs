@@ -370,19 +370,20 @@ fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
     );
 }
 
-/// A device that cannot finish its I/O (the virtio-console writing to a stdout nobody reads)
-/// fails a pause after the deadline, by name, with the VM running on and the API served; once
-/// the device can go on, a pause works again.
+/// The virtio-console writing to a stdout nobody reads: its worker must not block on it, or
+/// the guest's driver (which resets the device when its line is not taken in time) and any
+/// pause would wait for it for good. The guest runs on, pauses and resumes, and reading the
+/// pipe then gets its line.
 #[test]
-fn a_device_that_cannot_stop_fails_the_pause_and_the_vm_runs_on() {
-    if !require_kvm("a_device_that_cannot_stop_fails_the_pause_and_the_vm_runs_on") {
+fn a_console_stdout_nobody_reads_does_not_stall_the_guest() {
+    if !require_kvm("a_console_stdout_nobody_reads_does_not_stall_the_guest") {
         return;
     }
-    let dir = Scratch::new("pause-stuck");
+    let dir = Scratch::new("console-stall");
     let sock = dir.path("api.sock");
     let serial = dir.path("serial.log");
     let backend = format!("file:{}", s(&serial));
-    let (rd, wr, _) = full_pipe();
+    let (rd, wr, filler) = full_pipe();
     let kernel = probe();
     let mut child = Command::new(tern())
         .args([
@@ -396,7 +397,7 @@ fn a_device_that_cannot_stop_fails_the_pause_and_the_vm_runs_on() {
             "--console",
             "stdio",
             "--cmdline",
-            "probe.run=vcons,count probe.count_ms=20000 probe.virtio_timeout_ms=60000",
+            "probe.run=vcons,count probe.count_ms=3000",
             "--api-socket",
             s(&sock),
         ])
@@ -406,47 +407,30 @@ fn a_device_that_cannot_stop_fails_the_pause_and_the_vm_runs_on() {
         .spawn()
         .expect("cannot start tern");
     let err = drain(child.stderr.take().unwrap());
-    let _vm = Tern {
+    let vm = Tern {
         child: Some(child),
         out: Some(std::thread::spawn(Vec::new)),
         err: Some(err),
         start: Instant::now(),
     }
     .ready(&sock);
-    // `vcons` sends its console line and waits for the device, stuck in its write.
-    wait_until("the probe", Duration::from_secs(20), || {
-        std::fs::read_to_string(&serial).is_ok_and(|t| t.contains("probe: hello ok"))
+    wait_until("2 ticks after vcons", Duration::from_secs(20), || {
+        ticks(&serial).len() >= 2
     });
-    std::thread::sleep(Duration::from_millis(1000));
-    let t0 = Instant::now();
-    let (st, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
-    assert_eq!(st, 500, "{body}");
-    assert!(
-        error_of(&body).contains("virtio-console did not finish its in-flight I/O and stop")
-            && error_of(&body).contains("the VM keeps running"),
-        "{body}"
-    );
-    assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
-    let (st, body) = call_within(&sock, "GET", "/v1/vm", Duration::from_secs(5));
-    assert_eq!(st, 200);
-    assert_eq!(json(&body)["state"], "running", "{body}");
-    // Once the console's output is read, the device and the guest go on, and a pause works.
-    let _reader = drain(std::fs::File::from(rd));
-    wait_until(
-        "ticks after the failed pause",
-        Duration::from_secs(20),
-        || ticks(&serial).len() >= 2,
-    );
-    let text = std::fs::read_to_string(&serial).unwrap();
-    assert!(text.contains("probe: vcons ok"), "{text}");
     let (st, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
     assert_eq!(st, 204, "{body}");
     let (st, body) = call_within(&sock, "PUT", "/v1/vm/resume", Duration::from_secs(5));
     assert_eq!(st, 204, "{body}");
-    let n = ticks(&serial).len();
-    wait_until("ticks after the resume", Duration::from_secs(10), || {
-        ticks(&serial).len() >= n + 2
-    });
+    let reader = drain(std::fs::File::from(rd));
+    let r = vm.wait(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        text.contains("probe: vcons ok") && text.contains("probe: count ok"),
+        "{text}"
+    );
+    let out = reader.join().unwrap();
+    assert_eq!(&out[filler..], b"probe: hvc0 hello\n");
 }
 
 #[test]

@@ -657,6 +657,7 @@ struct Vm {
     shutdown_timeout: Duration,
     panic_seen: Arc<AtomicBool>,
     console_input: Option<virtio::devices::ConsoleInput>,
+    console_output: Option<devices::serial::OutputHandle>,
     _intx: Option<crate::virtio_devices::IntxResampler>,
     vcpus: Vec<Vcpu>,
     device_stats: Vec<crate::virtio_devices::DeviceStats>,
@@ -1022,6 +1023,7 @@ impl Vm {
             .map_err(bus_err)?;
         let mut mmio = Bus::new();
         let console_input = virtio.console_input;
+        let console_output = virtio.console_output;
         let device_stats = virtio.stats;
         let mut intx = None;
         let mut pausers = Vec::new();
@@ -1113,6 +1115,7 @@ impl Vm {
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
             panic_seen,
             console_input,
+            console_output,
             _intx: intx,
             vcpus,
             device_stats,
@@ -1592,17 +1595,20 @@ impl Vm {
         }
         // The guest's last output, written while the sink takes it (not held up by a reader
         // that stopped reading).
-        let out = self
+        let serial = self
             .serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .output();
-        out.drain(Duration::from_secs(1));
-        if out.dropped() > 0 {
-            eprintln!(
-                "tern: {} bytes of serial output were dropped: nobody read it fast enough",
-                out.dropped()
-            );
+        for out in std::iter::once(serial).chain(self.console_output.clone()) {
+            out.drain(Duration::from_secs(1));
+            if out.dropped() > 0 {
+                eprintln!(
+                    "tern: {} bytes of {} output were dropped: nobody read it fast enough",
+                    out.dropped(),
+                    out.what()
+                );
+            }
         }
         let mut exit = self
             .ctl
