@@ -433,6 +433,118 @@ fn a_console_stdout_nobody_reads_does_not_stall_the_guest() {
     assert_eq!(&out[filler..], b"probe: hvc0 hello\n");
 }
 
+/// A disk whose I/O hangs (its worker thread stopped under ptrace, as a thread stuck in a
+/// hung NFS or a dead device would be): a pause fails after the deadline naming the disk, the
+/// API is served and the VM runs on; once the disk's thread goes on, the guest does too and a
+/// pause works.
+#[test]
+fn a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on() {
+    if !require_kvm("a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on") {
+        return;
+    }
+    let dir = Scratch::new("pause-hung-disk");
+    let sock = dir.path("api.sock");
+    let serial = dir.path("serial.log");
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", s(&disk));
+    let backend = format!("file:{}", s(&serial));
+    let kernel = probe();
+    let vm = Tern::run(&[
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64M",
+        "--serial",
+        &backend,
+        "--disk",
+        &disk_arg,
+        "--cmdline",
+        "probe.run=count probe.count_blk=1 probe.count_ms=8000 probe.virtio_timeout_ms=60000",
+        "--api-socket",
+        s(&sock),
+    ])
+    .ready(&sock);
+    let blk_ticks = || {
+        std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .matches("probe: count blk tick=")
+            .count()
+    };
+    wait_until("disk I/O", Duration::from_secs(20), || blk_ticks() >= 2);
+    // Stop the disk's worker thread.
+    let pid = vm.child.as_ref().unwrap().id();
+    let tid: i32 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "virtio-blk-q0")
+        })
+        .expect("no virtio-blk-q0 thread")
+        .file_name()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: ptrace on a thread of our own child; no memory is passed.
+    let seized = unsafe {
+        libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) == 0
+            && libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) == 0
+    };
+    if !seized {
+        let e = std::io::Error::last_os_error();
+        assert!(!in_ci(), "cannot ptrace tern's disk thread: {e}");
+        eprintln!("\n*** SKIPPED a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on: cannot ptrace ({e}) ***\n");
+        return;
+    }
+    /// Lets the thread go on when dropped, also when the test fails (a thread left stopped
+    /// would keep tern from being reaped).
+    struct Detach(i32);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            // SAFETY: ptrace on the thread this test stopped; no memory is passed.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0usize, 0usize) };
+        }
+    }
+    let stopped = Detach(tid);
+    let mut st = 0;
+    // SAFETY: waits for the stop of the thread just interrupted.
+    assert_eq!(unsafe { libc::waitpid(tid, &mut st, libc::__WALL) }, tid);
+    let t0 = Instant::now();
+    let (code, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    let took = t0.elapsed();
+    let (state_code, state) = call_within(&sock, "GET", "/v1/vm", Duration::from_secs(5));
+    drop(stopped);
+    assert_eq!(code, 500, "{body}");
+    let want = format!(
+        "cannot pause: virtio-blk disk 0 ({}) did not finish its in-flight I/O and stop within 5.0 s; the VM keeps running",
+        disk.display()
+    );
+    assert_eq!(error_of(&body), want);
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert_eq!(state_code, 200);
+    assert_eq!(json(&state)["state"], "running", "{state}");
+    // The disk goes on, the guest with it, and a pause works.
+    let n = blk_ticks();
+    wait_until(
+        "disk I/O after the failed pause",
+        Duration::from_secs(20),
+        || blk_ticks() >= n + 2,
+    );
+    let (code, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = call_within(&sock, "PUT", "/v1/vm/resume", Duration::from_secs(5));
+    assert_eq!(code, 204, "{body}");
+    let r = vm.wait(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.contains("probe: count ok"), "{text}");
+}
+
 #[test]
 fn shutdown_presses_the_power_button_and_times_out() {
     if !require_kvm("shutdown_presses_the_power_button_and_times_out") {
