@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::{BusDevice, EventFdTrigger};
+use crate::BusDevice;
 
 /// PIO base of the i8042 controller (data port 0x60, command port 0x64).
 pub const I8042_BASE: u64 = 0x60;
@@ -22,7 +22,7 @@ pub const DEBUG_PORT: u64 = 0x440;
 /// Why in-tree: `vm-superio`'s i8042 implements only the reset command and reads back 0, which
 /// makes Linux wait for its controller probe to time out on every boot.
 pub struct I8042 {
-    reset: EventFdTrigger,
+    reset: Box<dyn FnMut() + Send>,
     ctr: u8,
     out: std::collections::VecDeque<u8>,
     pending: Option<u8>,
@@ -36,8 +36,11 @@ const I8042_STATUS_CMD: u8 = 1 << 3;
 const I8042_DEFAULT_CTR: u8 = 0x45;
 
 impl I8042 {
-    /// A controller that signals `reset` when the guest pulses the reset line.
-    pub fn new(reset: EventFdTrigger) -> Self {
+    /// A controller calling `reset` when the guest pulses the reset line. It is called on the
+    /// vCPU thread during the guest's port write, so the VMM can record the reset before that
+    /// vCPU runs another instruction (a guest that resets and then faults must be seen to
+    /// reset).
+    pub fn new(reset: Box<dyn FnMut() + Send>) -> Self {
         I8042 {
             reset,
             ctr: I8042_DEFAULT_CTR,
@@ -54,9 +57,7 @@ impl I8042 {
     }
 
     fn pulse_reset(&mut self) {
-        if let Err(e) = vm_superio::Trigger::trigger(&self.reset) {
-            ratelimit::warn_limited!("i8042: cannot signal reset: {e}");
-        }
+        (self.reset)();
     }
 
     fn command(&mut self, cmd: u8) {
@@ -203,17 +204,20 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
-    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn i8042_reset_pulse_signals() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(EventFdTrigger(evt.try_clone().unwrap()));
+        let resets = Arc::new(AtomicU32::new(0));
+        let r = resets.clone();
+        let mut dev = I8042::new(Box::new(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        }));
+        let taken = |n: &AtomicU32| n.swap(0, Ordering::SeqCst);
         dev.write(4, &[0xfe]);
-        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(taken(&resets), 1);
         // Ordinary commands do not reset; they answer through the output buffer.
         dev.write(4, &[0x20]);
-        assert!(evt.read().is_err());
+        assert_eq!(taken(&resets), 0);
         let mut b = [0u8];
         dev.read(4, &mut b);
         assert_eq!(b[0] & I8042_STATUS_OBF, I8042_STATUS_OBF);
@@ -236,7 +240,7 @@ mod tests {
         assert_eq!(b[0] & I8042_STATUS_OBF, 0);
         dev.write(4, &[0xd1]);
         dev.write(0, &[0x00]);
-        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(taken(&resets), 1);
         dev.write(0, &[]);
     }
 

@@ -1,8 +1,10 @@
 //! The COM1 8250 UART (`vm-superio`), with buffered output to stdout, a file or nowhere.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
@@ -21,12 +23,205 @@ pub const LINUX_PANIC_BANNER: &str = "Kernel panic - not syncing";
 
 const FLUSH_AT: usize = 4096;
 const LINE_KEEP: usize = 512;
+/// Guest output waiting for the writer thread, at most; past it the oldest bytes are dropped.
+pub const OUTPUT_BUFFER: usize = 256 << 10;
+/// What the writer thread writes at a time.
+const WRITE_CHUNK: usize = 4096;
 
-/// Buffered guest console output. Output is flushed at each newline, when the buffer fills,
-/// and whenever [`SerialDevice::flush`] is called (tern's event loop does so periodically).
+/// Output on its way from the UART to the sink.
+#[derive(Default)]
+struct Pending {
+    bytes: VecDeque<u8>,
+    /// The writer should write what is buffered (a newline, a full chunk, or a flush).
+    kick: bool,
+    /// The writer holds bytes it took and has not written yet.
+    writing: bool,
+    /// The sink failed: output is discarded from now on.
+    dead: bool,
+    /// The UART is gone: the writer ends once it wrote everything.
+    closed: bool,
+    /// Bytes dropped because the buffer was full (the oldest ones).
+    dropped: u64,
+}
+
+/// The queue between the UART (on vCPU threads) and the thread writing to the sink.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    cv: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writer(&self, mut sink: Box<dyn Write + Send>) {
+        let mut chunk = Vec::with_capacity(WRITE_CHUNK);
+        loop {
+            let mut p = self.lock();
+            p.writing = false;
+            self.cv.notify_all();
+            // Wait for output to write (kicked), or for the end (closed, all written).
+            loop {
+                if p.closed || (p.kick && !p.bytes.is_empty()) {
+                    break;
+                }
+                if p.bytes.is_empty() {
+                    p.kick = false;
+                }
+                p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.bytes.is_empty() {
+                return;
+            }
+            let n = p.bytes.len().min(WRITE_CHUNK);
+            chunk.clear();
+            chunk.extend(p.bytes.drain(..n));
+            p.writing = true;
+            drop(p);
+            // A closed stdout or a full disk must not stop the guest: drop the output.
+            if sink.write_all(&chunk).and_then(|_| sink.flush()).is_err() {
+                let mut p = self.lock();
+                p.dead = true;
+                p.bytes.clear();
+                p.writing = false;
+                self.cv.notify_all();
+                return;
+            }
+        }
+    }
+}
+
+/// A sink written by a thread of its own, from a bounded buffer: writing to it never blocks,
+/// so a sink that does (a pipe nobody reads) never blocks a vCPU or a device worker. The
+/// thread writes at each newline, when 4 KiB are waiting, and on [`flush`](Write::flush).
+/// When [`OUTPUT_BUFFER`] bytes are waiting, the oldest are dropped and counted
+/// ([`OutputHandle::dropped`]): the newest output (a panic, a prompt) is what a reader that
+/// comes back needs. A sink that fails is dropped, and the output with it.
+pub struct BufferedSink {
+    queue: Arc<Queue>,
+    what: &'static str,
+}
+
+impl BufferedSink {
+    /// Starts the thread writing `what`'s output to `sink`; None (and an error logged) if it
+    /// cannot start.
+    pub fn new(sink: Box<dyn Write + Send>, what: &'static str) -> Option<Self> {
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
+        match std::thread::Builder::new()
+            .name("tern-output".into())
+            .spawn(move || q.writer(sink))
+        {
+            Ok(_) => Some(BufferedSink { queue, what }),
+            Err(e) => {
+                tracing::error!("{what}: cannot start the output thread, output is discarded: {e}");
+                None
+            }
+        }
+    }
+
+    /// A handle on this output, to wait for it to be written.
+    pub fn output(&self) -> OutputHandle {
+        OutputHandle(Some(self.queue.clone()), self.what)
+    }
+}
+
+impl Drop for BufferedSink {
+    fn drop(&mut self) {
+        let mut p = self.queue.lock();
+        p.closed = true;
+        p.kick = true;
+        self.queue.cv.notify_all();
+    }
+}
+
+impl Write for BufferedSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let q = &self.queue;
+        let mut p = q.lock();
+        if p.dead {
+            return Ok(data.len());
+        }
+        p.bytes.extend(data);
+        let over = p.bytes.len().saturating_sub(OUTPUT_BUFFER);
+        if over > 0 {
+            if p.dropped == 0 {
+                tracing::warn!(
+                    "{}: the guest's output is not being read; dropping the oldest (more than {} KiB waiting)",
+                    self.what,
+                    OUTPUT_BUFFER >> 10
+                );
+            }
+            p.bytes.drain(..over);
+            p.dropped += over as u64;
+        }
+        if data.contains(&b'\n') || p.bytes.len() >= FLUSH_AT {
+            p.kick = true;
+            q.cv.notify_all();
+        }
+        Ok(data.len())
+    }
+
+    /// Has the thread write what is buffered; does not wait for it.
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.queue.lock().kick = true;
+        self.queue.cv.notify_all();
+        Ok(())
+    }
+}
+
+/// A handle on a [`BufferedSink`]'s output, usable without the device that writes to it.
+#[derive(Clone)]
+pub struct OutputHandle(Option<Arc<Queue>>, &'static str);
+
+impl OutputHandle {
+    /// Has everything buffered written, waiting as long as the sink takes it: returns once
+    /// all is written, or when nothing could be written for `idle` (a sink nobody reads).
+    pub fn drain(&self, idle: Duration) {
+        let Some(q) = &self.0 else { return };
+        let mut p = q.lock();
+        p.kick = true;
+        q.cv.notify_all();
+        let mut left = p.bytes.len();
+        let mut since = Instant::now();
+        while (!p.bytes.is_empty() || p.writing) && !p.dead {
+            if p.bytes.len() < left {
+                left = p.bytes.len();
+                since = Instant::now();
+            }
+            let wait = idle.saturating_sub(since.elapsed());
+            if wait.is_zero() {
+                tracing::warn!(
+                    "{}: {} bytes of guest output could not be written (nobody reads it)",
+                    self.1,
+                    p.bytes.len()
+                );
+                return;
+            }
+            p =
+                q.cv.wait_timeout(p, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Bytes of output dropped so far because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.0.as_ref().map_or(0, |q| q.lock().dropped)
+    }
+
+    /// Whose output this is (`serial`, `virtio-console`).
+    pub fn what(&self) -> &'static str {
+        self.1
+    }
+}
+
+/// Guest console output of the UART, through a [`BufferedSink`] (tern's event loop flushes it
+/// periodically), watched for the Linux panic banner.
 pub struct SerialOut {
-    sink: Option<Box<dyn Write + Send>>,
-    buf: Vec<u8>,
+    sink: Option<BufferedSink>,
     line: Vec<u8>,
     panic_seen: Arc<AtomicBool>,
 }
@@ -36,8 +231,7 @@ impl SerialOut {
     /// Linux panic banner.
     pub fn new(sink: Option<Box<dyn Write + Send>>, panic_seen: Arc<AtomicBool>) -> Self {
         SerialOut {
-            sink,
-            buf: Vec::with_capacity(FLUSH_AT),
+            sink: sink.and_then(|s| BufferedSink::new(s, "serial")),
             line: Vec::new(),
             panic_seen,
         }
@@ -58,14 +252,18 @@ impl SerialOut {
         }
     }
 
-    fn flush_buf(&mut self) {
-        if let Some(s) = self.sink.as_mut() {
-            // A closed stdout or a full disk must not stop the guest: drop the output.
-            if s.write_all(&self.buf).and_then(|_| s.flush()).is_err() {
-                self.sink = None;
-            }
+    fn kick(&mut self) {
+        if let Some(s) = &mut self.sink {
+            let _ = s.flush();
         }
-        self.buf.clear();
+    }
+
+    /// A handle on this output, to wait for it outside the UART's lock.
+    pub fn output(&self) -> OutputHandle {
+        match &self.sink {
+            Some(s) => s.output(),
+            None => OutputHandle(None, "serial"),
+        }
     }
 }
 
@@ -74,11 +272,8 @@ impl Write for SerialOut {
         for &b in data {
             self.watch(b);
         }
-        if self.sink.is_some() {
-            self.buf.extend_from_slice(data);
-            if data.contains(&b'\n') || self.buf.len() >= FLUSH_AT {
-                self.flush_buf();
-            }
+        if let Some(s) = &mut self.sink {
+            s.write_all(data)?;
         }
         Ok(data.len())
     }
@@ -113,9 +308,14 @@ impl SerialDevice {
         self.serial.enqueue_raw_bytes(&input[..take]).unwrap_or(0)
     }
 
-    /// Flushes buffered output.
+    /// Has buffered output written (by the output thread; this does not wait for it).
     pub fn flush(&mut self) {
-        self.serial.writer_mut().flush_buf();
+        self.serial.writer_mut().kick();
+    }
+
+    /// A handle on the output, to wait for it to be written without holding this device.
+    pub fn output(&self) -> OutputHandle {
+        self.serial.writer().output()
     }
 
     /// The UART's registers and receive FIFO, for a snapshot.
@@ -226,17 +426,101 @@ mod tests {
         for b in b"hi" {
             dev.write(0, &[*b]);
         }
+        std::thread::sleep(Duration::from_millis(50));
         assert!(sink.0.lock().unwrap().is_empty());
         dev.write(0, b"\n");
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        assert!(wait_for(|| &*sink.0.lock().unwrap() == b"hi\n"));
         dev.write(0, b"x");
         dev.flush();
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi\nx");
+        assert!(wait_for(|| &*sink.0.lock().unwrap() == b"hi\nx"));
         assert!(!panic.load(Ordering::SeqCst));
         for b in b"[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n" {
             dev.write(0, &[*b]);
         }
         assert!(panic.load(Ordering::SeqCst));
+    }
+
+    fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+        let t0 = Instant::now();
+        while !f() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// A sink that takes nothing until opened: a pipe nobody reads.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        got: Shared,
+    }
+    impl Write for Gate {
+        fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
+            let (m, cv) = &*self.open;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.got.write(d)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_sink_that_blocks_never_blocks_the_guest() {
+        let sink = Gate::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(evt),
+            SerialOut::new(
+                Some(Box::new(sink.clone())),
+                Arc::new(AtomicBool::new(false)),
+            ),
+        )));
+        // A "vCPU" writes 1 MiB of lines while nobody reads: it must finish, and the lock must
+        // stay free for others (the event loop's periodic flush).
+        let d = dev.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..(1 << 20) / 16 {
+                for b in format!("line {i:010}\n").bytes() {
+                    d.lock().unwrap().write(0, &[b]);
+                }
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("a guest writing to the UART blocked on its sink");
+        dev.lock().unwrap().flush();
+        let out = dev.lock().unwrap().output();
+        // Nothing can be written: the drain gives up after its idle time.
+        let t0 = Instant::now();
+        out.drain(Duration::from_millis(100));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // The newest output was kept, the oldest dropped and counted.
+        let dropped = out.dropped();
+        assert!(
+            dropped >= (1 << 20) - (OUTPUT_BUFFER + WRITE_CHUNK) as u64,
+            "{dropped}"
+        );
+        {
+            let (m, cv) = &*sink.open;
+            *m.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        out.drain(Duration::from_secs(10));
+        let got = sink.got.0.lock().unwrap().clone();
+        assert_eq!(got.len() as u64 + dropped, 1 << 20);
+        assert!(
+            got.ends_with(b"line 0000065535\n"),
+            "{:?}",
+            &got[got.len() - 16..]
+        );
     }
 
     #[test]

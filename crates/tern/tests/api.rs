@@ -268,6 +268,283 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert!(!text.contains("probe: count ok"), "{text}");
 }
 
+/// `call`, but failing the test instead of waiting when tern does not answer in `limit`.
+fn call_within(sock: &Path, method: &str, path: &str, limit: Duration) -> (u16, String) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (sock, method, route) = (sock.to_path_buf(), method.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(call(&sock, &method, &route, None));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r.unwrap_or_else(|e| panic!("{path}: {e}")),
+        Err(_) => panic!("tern did not answer {path} within {limit:?}"),
+    }
+}
+
+/// A pipe whose buffer is already full (read end, write end, bytes in it): a stdout nobody
+/// reads.
+fn full_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd, usize) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-int array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut filler = 0usize;
+    // SAFETY: fcntl on a descriptor we own.
+    let fl = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+    let mut w = std::fs::File::from(wr.try_clone().unwrap());
+    while let Ok(n) = w.write(&[b'.'; 4096]) {
+        filler += n;
+    }
+    // SAFETY: as above; tern gets a blocking pipe, as a shell gives it.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl) };
+    (rd, wr, filler)
+}
+
+#[test]
+fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
+    if !require_kvm("a_serial_stdout_nobody_reads_does_not_stall_the_guest") {
+        return;
+    }
+    let dir = Scratch::new("serial-stall");
+    let sock = dir.path("api.sock");
+    // tern's stdout: a pipe that is full before tern starts, and that nobody reads for now.
+    let (rd, wr, filler) = full_pipe();
+    let kernel = probe();
+    let mut child = Command::new(tern())
+        .args([
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "64M",
+            "--serial",
+            "stdio",
+            "--cmdline",
+            "probe.run=count probe.count_ms=4000",
+            "--api-socket",
+            s(&sock),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start tern");
+    let err = drain(child.stderr.take().unwrap());
+    let vm = Tern {
+        child: Some(child),
+        // Its stdout is the pipe, read below.
+        out: Some(std::thread::spawn(Vec::new)),
+        err: Some(err),
+        start: Instant::now(),
+    }
+    .ready(&sock);
+    // The guest prints a line at once and a tick every 100 ms: none of it can be written.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (st, body) = call_within(&sock, "GET", "/v1/vm", Duration::from_secs(5));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["state"], "running", "{body}");
+    // ... and the guest runs on: its vCPU keeps exiting to write its ticks.
+    let pio = || {
+        let (_, body) = call_within(&sock, "GET", "/v1/vm/counters", Duration::from_secs(5));
+        json(&body)["vcpus"][0]["pio_exits"].as_u64().unwrap()
+    };
+    let a = pio();
+    std::thread::sleep(Duration::from_millis(500));
+    let b = pio();
+    assert!(b > a, "the guest stopped: {a} then {b} port exits");
+    // Reading the pipe now gets the guest's output, whole.
+    let reader = drain(std::fs::File::from(rd));
+    let r = vm.wait(Duration::from_secs(30));
+    let out = reader.join().unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = String::from_utf8_lossy(&out[filler..]).into_owned();
+    assert!(text.starts_with("probe: hello ok"), "{text}");
+    assert!(
+        text.contains("probe: count ok") && text.contains("probe: done status=0"),
+        "{text}\n{}",
+        r.stderr
+    );
+}
+
+/// The virtio-console writing to a stdout nobody reads: its worker must not block on it, or
+/// the guest's driver (which resets the device when its line is not taken in time) and any
+/// pause would wait for it for good. The guest runs on, pauses and resumes, and reading the
+/// pipe then gets its line.
+#[test]
+fn a_console_stdout_nobody_reads_does_not_stall_the_guest() {
+    if !require_kvm("a_console_stdout_nobody_reads_does_not_stall_the_guest") {
+        return;
+    }
+    let dir = Scratch::new("console-stall");
+    let sock = dir.path("api.sock");
+    let serial = dir.path("serial.log");
+    let backend = format!("file:{}", s(&serial));
+    let (rd, wr, filler) = full_pipe();
+    let kernel = probe();
+    let mut child = Command::new(tern())
+        .args([
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "64M",
+            "--serial",
+            &backend,
+            "--console",
+            "stdio",
+            "--cmdline",
+            "probe.run=vcons,count probe.count_ms=3000",
+            "--api-socket",
+            s(&sock),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start tern");
+    let err = drain(child.stderr.take().unwrap());
+    let vm = Tern {
+        child: Some(child),
+        out: Some(std::thread::spawn(Vec::new)),
+        err: Some(err),
+        start: Instant::now(),
+    }
+    .ready(&sock);
+    wait_until("2 ticks after vcons", Duration::from_secs(20), || {
+        ticks(&serial).len() >= 2
+    });
+    let (st, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = call_within(&sock, "PUT", "/v1/vm/resume", Duration::from_secs(5));
+    assert_eq!(st, 204, "{body}");
+    let reader = drain(std::fs::File::from(rd));
+    let r = vm.wait(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        text.contains("probe: vcons ok") && text.contains("probe: count ok"),
+        "{text}"
+    );
+    let out = reader.join().unwrap();
+    assert_eq!(&out[filler..], b"probe: hvc0 hello\n");
+}
+
+/// A disk whose I/O hangs (its worker thread stopped under ptrace, as a thread stuck in a
+/// hung NFS or a dead device would be): a pause fails after the deadline naming the disk, the
+/// API is served and the VM runs on; once the disk's thread goes on, the guest does too and a
+/// pause works.
+#[test]
+fn a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on() {
+    if !require_kvm("a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on") {
+        return;
+    }
+    let dir = Scratch::new("pause-hung-disk");
+    let sock = dir.path("api.sock");
+    let serial = dir.path("serial.log");
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", s(&disk));
+    let backend = format!("file:{}", s(&serial));
+    let kernel = probe();
+    let vm = Tern::run(&[
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64M",
+        "--serial",
+        &backend,
+        "--disk",
+        &disk_arg,
+        "--cmdline",
+        "probe.run=count probe.count_blk=1 probe.count_ms=8000 probe.virtio_timeout_ms=60000",
+        "--api-socket",
+        s(&sock),
+    ])
+    .ready(&sock);
+    let blk_ticks = || {
+        std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .matches("probe: count blk tick=")
+            .count()
+    };
+    wait_until("disk I/O", Duration::from_secs(20), || blk_ticks() >= 2);
+    // Stop the disk's worker thread.
+    let pid = vm.child.as_ref().unwrap().id();
+    let tid: i32 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "virtio-blk-q0")
+        })
+        .expect("no virtio-blk-q0 thread")
+        .file_name()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: ptrace on a thread of our own child; no memory is passed.
+    let seized = unsafe {
+        libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) == 0
+            && libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) == 0
+    };
+    if !seized {
+        let e = std::io::Error::last_os_error();
+        assert!(!in_ci(), "cannot ptrace tern's disk thread: {e}");
+        eprintln!("\n*** SKIPPED a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on: cannot ptrace ({e}) ***\n");
+        return;
+    }
+    /// Lets the thread go on when dropped, also when the test fails (a thread left stopped
+    /// would keep tern from being reaped).
+    struct Detach(i32);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            // SAFETY: ptrace on the thread this test stopped; no memory is passed.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0usize, 0usize) };
+        }
+    }
+    let stopped = Detach(tid);
+    let mut st = 0;
+    // SAFETY: waits for the stop of the thread just interrupted.
+    assert_eq!(unsafe { libc::waitpid(tid, &mut st, libc::__WALL) }, tid);
+    let t0 = Instant::now();
+    let (code, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    let took = t0.elapsed();
+    let (state_code, state) = call_within(&sock, "GET", "/v1/vm", Duration::from_secs(5));
+    drop(stopped);
+    assert_eq!(code, 500, "{body}");
+    let want = format!(
+        "cannot pause: virtio-blk disk 0 ({}) did not finish its in-flight I/O and stop within 5.0 s; the VM keeps running",
+        disk.display()
+    );
+    assert_eq!(error_of(&body), want);
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert_eq!(state_code, 200);
+    assert_eq!(json(&state)["state"], "running", "{state}");
+    // The disk goes on, the guest with it, and a pause works.
+    let n = blk_ticks();
+    wait_until(
+        "disk I/O after the failed pause",
+        Duration::from_secs(20),
+        || blk_ticks() >= n + 2,
+    );
+    let (code, body) = call_within(&sock, "PUT", "/v1/vm/pause", Duration::from_secs(20));
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = call_within(&sock, "PUT", "/v1/vm/resume", Duration::from_secs(5));
+    assert_eq!(code, 204, "{body}");
+    let r = vm.wait(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.contains("probe: count ok"), "{text}");
+}
+
 #[test]
 fn shutdown_presses_the_power_button_and_times_out() {
     if !require_kvm("shutdown_presses_the_power_button_and_times_out") {

@@ -173,21 +173,60 @@ fn guest_reset_exits_zero_and_restart_reboots() {
     assert!(r.stdout.matches("boot\n").count() >= 3, "{}", r.stdout);
 }
 
+/// Guest code starting with `prefix` (at 1 MiB) and then triple-faulting (PVH, 32-bit): load
+/// an IDT with limit 0, then raise an exception: #UD -> #DF -> triple fault. The empty IDT
+/// descriptor lives in the code itself (6 zero bytes after the jump).
+fn then_triple_fault(prefix: Vec<u8>) -> Vec<u8> {
+    let mut code = prefix;
+    // lidt [abs 0x100000 + offset]: 0f 01 1d <disp32> in 32-bit mode.
+    let idt_at = 0x10_0000u32 + code.len() as u32 + 3 + 4 + 2 + 2;
+    code.extend_from_slice(&[0x0f, 0x01, 0x1d]);
+    code.extend_from_slice(&idt_at.to_le_bytes());
+    code.extend_from_slice(&[0x0f, 0x0b]); // ud2
+    code.extend_from_slice(&[0xeb, 0xfe]); // (not reached)
+    code.extend_from_slice(&[0u8; 6]);
+    code
+}
+
+#[test]
+fn a_reset_followed_by_a_triple_fault_is_a_reset() {
+    if !require_kvm("a_reset_followed_by_a_triple_fault_is_a_reset") {
+        return;
+    }
+    // As Linux's emergency restart does: pulse the i8042 reset line, then fall through to a
+    // triple fault. The reset came first, so this is a reboot, never a crash.
+    let mut code = print(b"boot\n");
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    let k = tiny_guest("reset-tf.elf", &then_triple_fault(code));
+    for i in 0..20 {
+        let r = tern_run(&["--kernel", s(&k), "--memory", "32M"], T);
+        assert_eq!(r.code, Some(0), "run {i}: {}", r.stderr);
+        assert_eq!(r.stdout, "boot\n", "run {i}");
+        assert!(!r.stderr.contains("triple fault"), "run {i}: {}", r.stderr);
+    }
+    // With --on-reboot restart it reboots again and again until stopped.
+    let r = tern_run(
+        &[
+            "--kernel",
+            s(&k),
+            "--memory",
+            "32M",
+            "--on-reboot",
+            "restart",
+        ],
+        Duration::from_secs(3),
+    );
+    assert!(r.timed_out, "tern ended ({:?}): {}", r.code, r.stderr);
+    assert!(r.stdout.matches("boot\n").count() >= 3, "{}", r.stdout);
+    assert!(!r.stderr.contains("triple fault"), "{}", r.stderr);
+}
+
 #[test]
 fn triple_fault_is_a_clear_nonzero_exit() {
     if !require_kvm("triple_fault_is_a_clear_nonzero_exit") {
         return;
     }
-    // Load an IDT with limit 0, then raise an exception: #UD -> #DF -> triple fault.
-    // The empty IDT descriptor lives in the code itself (6 zero bytes after the jump).
-    // lidt [abs 0x100000 + offset]: 0f 01 1d <disp32> in 32-bit mode.
-    let mut code = vec![0x0f, 0x01, 0x1d];
-    let idt_at = 0x10_0000u32 + 3 + 4 + 2 + 2;
-    code.extend_from_slice(&idt_at.to_le_bytes());
-    code.extend_from_slice(&[0x0f, 0x0b]); // ud2
-    code.extend_from_slice(&[0xeb, 0xfe]); // (not reached)
-    code.extend_from_slice(&[0u8; 6]);
-    let k = tiny_guest("tf.elf", &code);
+    let k = tiny_guest("tf.elf", &then_triple_fault(Vec::new()));
     let r = tern_run(&["--kernel", s(&k), "--memory", "32M"], T);
     assert_eq!(r.code, Some(3), "stderr: {}", r.stderr);
     assert!(

@@ -72,8 +72,12 @@ pub trait VirtioDevice: Send {
     /// Stops the device (worker thread joined, queues dropped) for a driver reset.
     fn reset(&mut self);
     /// Stops the device's workers between requests, once in-flight I/O has completed: while
-    /// paused the device does not touch guest memory or raise interrupts.
-    fn pause(&mut self) {}
+    /// paused the device does not touch guest memory or raise interrupts. Returns false if
+    /// they were not all stopped by `deadline` (I/O that hangs): the caller then resumes the
+    /// device, which goes on as if never paused.
+    fn pause(&mut self, _deadline: std::time::Instant) -> bool {
+        true
+    }
     /// Lets the device's workers go on after [`pause`](Self::pause).
     fn resume(&mut self) {}
     /// Whether the device found the driver's input malformed and needs a reset.

@@ -35,6 +35,8 @@ pub struct VirtioDevices {
     pub devices: Vec<Box<dyn VirtioDevice>>,
     /// Where the virtio-console takes its input, when it reads stdin.
     pub console_input: Option<ConsoleInput>,
+    /// The virtio-console's output, to wait for at the VM's end.
+    pub console_output: Option<devices::serial::OutputHandle>,
     /// I/O counters of the disks and interfaces, for the API.
     pub stats: Vec<DeviceStats>,
 }
@@ -102,12 +104,18 @@ pub type DevicePauser = Arc<Mutex<dyn PauseDevice>>;
 pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut console_input = None;
+    let mut console_output = None;
     let mut stats = Vec::new();
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
     if let Some(backend) = &config.console {
-        let sink = crate::vm::open_char_sink(backend, "console output file")?;
+        // Written by a thread of its own: a sink that blocks (a stdout nobody reads) must not
+        // block the device's worker, nor a vCPU resetting the device and waiting for it.
+        let sink = crate::vm::open_char_sink(backend, "console output file")?
+            .and_then(|s| devices::serial::BufferedSink::new(s, "virtio-console"));
+        console_output = sink.as_ref().map(|s| s.output());
+        let sink = sink.map(|s| Box::new(s) as Box<dyn std::io::Write + Send>);
         let console = Console::new(sink).map_err(|e| setup(format!("virtio-console: {e}")))?;
         if *backend == CharBackend::Stdio {
             console_input = Some(console.input_handle());
@@ -138,6 +146,7 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     Ok(VirtioDevices {
         devices,
         console_input,
+        console_output,
         stats,
     })
 }
@@ -169,6 +178,25 @@ pub fn probe_disk_formats(config: &mut VmConfig) {
             );
         }
     }
+}
+
+/// What the user calls each device [`create`] makes, in the same order: for messages about
+/// one of them.
+pub fn device_names(config: &VmConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    if config.rng {
+        names.push("virtio-rng".to_string());
+    }
+    if config.console.is_some() {
+        names.push("virtio-console".to_string());
+    }
+    for (i, d) in config.disks.iter().enumerate() {
+        names.push(format!("virtio-blk disk {i} ({})", d.path.display()));
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        names.push(format!("virtio-net {i} (TAP {})", n.tap));
+    }
+    names
 }
 
 /// Opens disk `i` and wraps it in a virtio-blk device.

@@ -153,11 +153,18 @@ pub struct Restore {
     pub lazy: bool,
 }
 
+/// How long the VM's devices get to finish their in-flight I/O and stop, once its vCPUs are
+/// parked, before a pause gives up (and the VM runs on).
+pub const DEVICE_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Pause bookkeeping: whether vCPUs should park, and how many have.
 #[derive(Default)]
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// The device workers are paused (by a pause, or by a paused restore before any vCPU
+    /// ran): a resume must resume them, however many vCPUs it finds parked.
+    devices_paused: bool,
     /// Bumped to ask parked vCPUs for their state (snapshots).
     save_generation: u64,
     /// MSRs to save.
@@ -350,9 +357,6 @@ pub fn run(
                     if r.lazy { "lazy" } else { "eager" },
                     t0.elapsed().as_secs_f64() * 1e3
                 );
-                if r.paused {
-                    vm.ctl.pause_state().requested = true;
-                }
             }
             Ok(vm)
         });
@@ -510,6 +514,46 @@ fn wait_for_boot(
     }
 }
 
+/// Pauses every device (`names[i]` is device `i`'s) against one deadline. If one does not
+/// stop in time, resumes them all and names those that did not stop.
+fn pause_devices(
+    pausers: &[crate::virtio_devices::DevicePauser],
+    names: &[String],
+    deadline: Instant,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let stuck: Vec<String> = pausers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            !p.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pause_device(deadline)
+        })
+        .map(|(i, _)| {
+            names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("virtio device {i}"))
+        })
+        .collect();
+    if stuck.is_empty() {
+        return Ok(());
+    }
+    resume_devices(pausers);
+    Err(format!(
+        "{} did not finish its in-flight I/O and stop within {:.1} s",
+        stuck.join(", "),
+        deadline.saturating_duration_since(started).as_secs_f64()
+    ))
+}
+
+fn resume_devices(pausers: &[crate::virtio_devices::DevicePauser]) {
+    pausers
+        .iter()
+        .for_each(|p| p.lock().unwrap_or_else(|e| e.into_inner()).resume_device());
+}
+
 /// Reads one signal number from the signalfd.
 fn read_signal(signals: &File) -> i32 {
     let mut info = [0u8; 128];
@@ -623,17 +667,19 @@ struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     rtc: Arc<Mutex<Rtc>>,
     ctl: Arc<VmControl>,
-    reset_evt: EventFd,
     power_button: EventFd,
     /// Raises `\_SB_.GED1`: the VM generation ID changed.
     vmgenid_evt: EventFd,
     shutdown_timeout: Duration,
     panic_seen: Arc<AtomicBool>,
     console_input: Option<virtio::devices::ConsoleInput>,
+    console_output: Option<devices::serial::OutputHandle>,
     _intx: Option<crate::virtio_devices::IntxResampler>,
     vcpus: Vec<Vcpu>,
     device_stats: Vec<crate::virtio_devices::DeviceStats>,
     pausers: Vec<crate::virtio_devices::DevicePauser>,
+    /// What the user calls each of `pausers`' devices.
+    device_names: Vec<String>,
     started: Instant,
     /// Guest memory devices wrote, when the VM tracks dirty pages.
     dirty: Option<Arc<virtio::dirty::DirtyPages>>,
@@ -955,13 +1001,12 @@ impl Vm {
             .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
         vm.register_irqfd(&vmgenid_evt, ACPI_VMGENID_GSI)
             .map_err(kvm_err("register VM generation ID irqfd"))?;
-        let reset_evt = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
-        let i8042 = I8042::new(EventFdTrigger(
-            reset_evt
-                .try_clone()
-                .map_err(|e| VmmError::Setup(e.to_string()))?,
-        ));
+        // The devices that end the VM (reset, power off, debug exit) record the reason on the
+        // vCPU thread that wrote to them, before it could run on: that vCPU sees the VM
+        // stopping and does not re-enter KVM_RUN, and the first reason recorded wins (a guest
+        // that resets and then triple-faults has reset).
+        let ctl1 = ctl.clone();
+        let i8042 = I8042::new(Box::new(move || ctl1.request_exit(VmExit::Reset)));
         let ctl2 = ctl.clone();
         let debug_exit = DebugExit::new(Box::new(move |s| ctl2.request_exit(VmExit::DebugExit(s))));
 
@@ -994,6 +1039,7 @@ impl Vm {
             .map_err(bus_err)?;
         let mut mmio = Bus::new();
         let console_input = virtio.console_input;
+        let console_output = virtio.console_output;
         let device_stats = virtio.stats;
         let mut intx = None;
         let mut pausers = Vec::new();
@@ -1080,16 +1126,17 @@ impl Vm {
             _mem: mem,
             serial,
             ctl,
-            reset_evt,
             power_button,
             vmgenid_evt,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
             panic_seen,
             console_input,
+            console_output,
             _intx: intx,
             vcpus,
             device_stats,
             pausers,
+            device_names: crate::virtio_devices::device_names(config),
             started: Instant::now(),
             dirty,
             dirty_carry: Mutex::new(Vec::new()),
@@ -1128,22 +1175,31 @@ impl Vm {
         })
     }
 
-    /// Parks every vCPU outside `KVM_RUN`, then every device worker (after its in-flight I/O);
-    /// false if the vCPUs did not all stop within 5 s.
-    fn pause_vcpus(&self, handles: &[JoinHandle<()>]) -> bool {
+    /// Parks every vCPU outside `KVM_RUN`, then every device worker (after its in-flight I/O).
+    /// Fails, with the VM running on as before, if the vCPUs did not all stop within 5 s or a
+    /// device within [`DEVICE_PAUSE_TIMEOUT`] more: the main loop is held up no longer than
+    /// that, however long a device's I/O hangs.
+    fn pause_vcpus(&self, handles: &[JoinHandle<()>]) -> Result<(), String> {
         self.ctl.pause_state().requested = true;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if self.ctl.pause_state().parked == handles.len() {
                 // vCPUs first: none is inside a device's registers while devices pause.
-                self.pausers
-                    .iter()
-                    .for_each(|p| p.lock().unwrap_or_else(|e| e.into_inner()).pause_device());
-                return true;
+                let paused = pause_devices(
+                    &self.pausers,
+                    &self.device_names,
+                    Instant::now() + DEVICE_PAUSE_TIMEOUT,
+                );
+                if paused.is_err() {
+                    self.resume_vcpus();
+                } else {
+                    self.ctl.pause_state().devices_paused = true;
+                }
+                return paused;
             }
             if Instant::now() >= deadline {
                 self.resume_vcpus();
-                return false;
+                return Err("the vCPUs did not stop within 5 s".into());
             }
             for h in handles {
                 let _ = h.kill(kick_signal());
@@ -1157,11 +1213,10 @@ impl Vm {
         }
     }
 
+    /// Resumes what a pause (or a paused restore) stopped: the device workers, then the vCPUs.
     fn resume_vcpus(&self) {
-        if self.ctl.pause_state().parked > 0 {
-            self.pausers
-                .iter()
-                .for_each(|p| p.lock().unwrap_or_else(|e| e.into_inner()).resume_device());
+        if std::mem::take(&mut self.ctl.pause_state().devices_paused) {
+            resume_devices(&self.pausers);
         }
         self.ctl.pause_state().requested = false;
         self.ctl.pause_cv.notify_all();
@@ -1355,12 +1410,20 @@ impl Vm {
                 .map_err(e)?;
         }
         for (i, (p, s)) in self.pausers.iter().zip(snap.devices()).enumerate() {
-            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-            p.restore_state(s)
+            p.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(s)
                 .map_err(|m| e(format!("virtio device {i}: {m}")))?;
-            if paused {
-                p.pause_device();
-            }
+        }
+        if paused {
+            self.ctl.pause_state().requested = true;
+            pause_devices(
+                &self.pausers,
+                &self.device_names,
+                Instant::now() + DEVICE_PAUSE_TIMEOUT,
+            )
+            .map_err(e)?;
+            self.ctl.pause_state().devices_paused = true;
         }
         // A restored VM is a clone: it gets a generation ID of its own.
         self.new_generation()
@@ -1395,16 +1458,10 @@ impl Vm {
             Action::Configure(_) => Reply::conflict("configure", state),
             Action::Boot => Reply::conflict("boot", state),
             Action::Pause if paused => Reply::conflict("pause", "paused already"),
-            Action::Pause => {
-                if self.pause_vcpus(handles) {
-                    Reply::done()
-                } else {
-                    Reply::error(
-                        500,
-                        "the vCPUs did not stop within 5 s; the VM keeps running",
-                    )
-                }
-            }
+            Action::Pause => match self.pause_vcpus(handles) {
+                Ok(()) => Reply::done(),
+                Err(e) => Reply::error(500, format!("cannot pause: {e}; the VM keeps running")),
+            },
             Action::Resume if !paused => Reply::conflict("resume", "running"),
             Action::Resume => {
                 self.resume_vcpus();
@@ -1476,14 +1533,12 @@ impl Vm {
         }
 
         const EXIT: u64 = 1;
-        const RESET: u64 = 2;
         const SIGNAL: u64 = 3;
         const QUIT: u64 = 4;
         const API: u64 = 5;
         let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
         let mut fds = vec![
             (self.ctl.exit_evt.as_raw_fd(), EXIT),
-            (self.reset_evt.as_raw_fd(), RESET),
             (signals.as_raw_fd(), SIGNAL),
             (stdin_quit.as_raw_fd(), QUIT),
         ];
@@ -1513,15 +1568,6 @@ impl Vm {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    RESET => {
-                        let _ = self.reset_evt.read();
-                        let reason = if self.panic_seen.load(Ordering::SeqCst) {
-                            VmExit::GuestPanic
-                        } else {
-                            VmExit::Reset
-                        };
-                        self.ctl.request_exit(reason);
-                    }
                     SIGNAL => {
                         let signo = read_signal(signals);
                         if signo == libc::SIGTERM && button_deadline.is_none() {
@@ -1571,10 +1617,23 @@ impl Vm {
                 let _ = h.join();
             }
         }
-        self.serial
+        // The guest's last output, written while the sink takes it (not held up by a reader
+        // that stopped reading).
+        let serial = self
+            .serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .flush();
+            .output();
+        for out in std::iter::once(serial).chain(self.console_output.clone()) {
+            out.drain(Duration::from_secs(1));
+            if out.dropped() > 0 {
+                eprintln!(
+                    "tern: {} bytes of {} output were dropped: nobody read it fast enough",
+                    out.dropped(),
+                    out.what()
+                );
+            }
+        }
         let mut exit = self
             .ctl
             .take_exit()
@@ -1583,5 +1642,69 @@ impl Vm {
             exit = VmExit::GuestPanic;
         }
         Ok(exit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use virtio::transport::{PauseDevice, TransportState};
+
+    /// A device whose pause succeeds, or whose I/O hangs past any deadline.
+    struct FakeDevice {
+        hangs: bool,
+        resumed: Arc<AtomicU32>,
+    }
+
+    impl PauseDevice for FakeDevice {
+        fn pause_device(&mut self, deadline: Instant) -> bool {
+            if self.hangs {
+                std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            }
+            !self.hangs
+        }
+        fn resume_device(&mut self) {
+            self.resumed.fetch_add(1, Ordering::SeqCst);
+        }
+        fn save_state(&self) -> TransportState {
+            unreachable!("the pause tests take no snapshot")
+        }
+        fn restore_state(&mut self, _: &TransportState) -> Result<(), String> {
+            Err("the pause tests restore nothing".into())
+        }
+    }
+
+    #[test]
+    fn a_device_that_does_not_stop_fails_the_pause_by_name_and_everything_resumes() {
+        let resumed = Arc::new(AtomicU32::new(0));
+        let dev = |hangs| -> crate::virtio_devices::DevicePauser {
+            Arc::new(Mutex::new(FakeDevice {
+                hangs,
+                resumed: resumed.clone(),
+            }))
+        };
+        let names: Vec<String> = [
+            "virtio-rng",
+            "virtio-blk disk 0 (/hung.img)",
+            "virtio-console",
+        ]
+        .map(String::from)
+        .to_vec();
+        let t0 = Instant::now();
+        let e = pause_devices(
+            &[dev(false), dev(true), dev(false)],
+            &names,
+            t0 + Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(
+            e,
+            "virtio-blk disk 0 (/hung.img) did not finish its in-flight I/O and stop within 0.2 s"
+        );
+        // Those that stopped go on too: the VM stays as it was.
+        assert_eq!(resumed.load(Ordering::SeqCst), 3);
+        assert_eq!(pause_devices(&[dev(false)], &names, Instant::now()), Ok(()));
     }
 }

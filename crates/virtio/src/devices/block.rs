@@ -261,8 +261,8 @@ impl VirtioDevice for Block {
         self.broken.store(false, Ordering::SeqCst);
     }
 
-    fn pause(&mut self) {
-        self.workers.iter().for_each(|w| w.pause());
+    fn pause(&mut self, deadline: std::time::Instant) -> bool {
+        super::common::pause_all(&self.workers, deadline)
     }
 
     fn resume(&mut self) {
@@ -1488,11 +1488,12 @@ mod tests {
         std::thread::spawn(move || {
             use crate::transport::PauseDevice;
             std::thread::sleep(Duration::from_millis(50));
-            d.t.pause_device();
-            let _ = tx.send(());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            let stopped = d.t.pause_device(deadline);
+            let _ = tx.send(stopped);
             d
         });
-        let paused = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        let paused = rx.recv_timeout(Duration::from_secs(5)) == Ok(true);
         std::fs::remove_file(path).ok();
         assert!(paused, "the worker never came back to its events");
     }

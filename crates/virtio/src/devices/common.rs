@@ -398,21 +398,28 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Stops the worker between two events, after its handler quiesced (in-flight I/O
-    /// finished and answered); returns once it is parked (or gone).
-    pub fn pause(&self) {
+    /// finished and answered); returns true once it is parked (or gone), false if it was not
+    /// by `deadline` (its I/O hangs, say). The pause stays requested then: the worker parks
+    /// when it gets there, unless [`resume`](Self::resume) was called meanwhile.
+    pub fn pause(&self, deadline: Instant) -> bool {
         if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
-            return;
+            return true;
         }
         self.want(Want::Pause);
         let mut s = self.ctl.lock();
         while !s.1 && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
             s = self
                 .ctl
                 .cv
-                .wait_timeout(s, std::time::Duration::from_millis(10))
+                .wait_timeout(s, left.min(Duration::from_millis(10)))
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+        true
     }
 
     /// Lets a paused worker go on.
@@ -439,6 +446,20 @@ impl<H: Handler> Drop for Worker<H> {
     fn drop(&mut self) {
         self.join();
     }
+}
+
+/// Pauses every worker of `workers` against one `deadline` (see [`Worker::pause`]); true if
+/// all of them parked.
+pub(crate) fn pause_all<'a, H: Handler>(
+    workers: impl IntoIterator<Item = &'a Worker<H>>,
+    deadline: Instant,
+) -> bool {
+    // Every worker is asked, even after one failed: the caller resumes them all.
+    let mut all = true;
+    for w in workers {
+        all &= w.pause(deadline);
+    }
+    all
 }
 
 /// Handles the owner's wish; false when the worker is to stop.
@@ -660,14 +681,80 @@ mod tests {
             seen: seen.clone(),
         };
         let w = Worker::spawn("test", handler).unwrap();
-        w.pause();
+        assert!(w.pause(far()));
         evt.write(1).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(seen.lock().unwrap().is_empty(), "handled while paused");
         w.resume();
         assert!(wait_for(|| seen.lock().unwrap().len() == 1));
         // Stopping a paused worker works too.
-        w.pause();
+        assert!(w.pause(far()));
         assert!(w.stop().is_some());
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    /// A handler whose in-flight work hangs until the test lets it finish.
+    struct Stuck {
+        evt: EventFd,
+        release: Arc<(Mutex<bool>, Condvar)>,
+        seen: Arc<Mutex<Vec<usize>>>,
+    }
+    impl Handler for Stuck {
+        fn fds(&self) -> Vec<RawFd> {
+            vec![self.evt.as_raw_fd()]
+        }
+        fn quiesce(&mut self) {
+            let (m, cv) = &*self.release;
+            let mut go = m.lock().unwrap();
+            while !*go {
+                go = cv.wait(go).unwrap();
+            }
+        }
+        fn handle(&mut self, token: usize) -> bool {
+            drain(&self.evt);
+            self.seen.lock().unwrap().push(token);
+            true
+        }
+    }
+
+    #[test]
+    fn a_worker_whose_io_hangs_fails_to_pause_by_the_deadline_and_resumes() {
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let handler = Stuck {
+            evt: evt.try_clone().unwrap(),
+            release: release.clone(),
+            seen: seen.clone(),
+        };
+        let w = Arc::new(Worker::spawn("test", handler).unwrap());
+        // The pause gives up at its deadline (the caller's thread is not held hostage).
+        let w2 = w.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let ok = w2.pause(Instant::now() + Duration::from_millis(200));
+            let _ = tx.send((ok, t0.elapsed()));
+        });
+        let (ok, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("Worker::pause waited past its deadline");
+        assert!(!ok, "a worker stuck in its I/O reported paused");
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        // Resumed meanwhile: once its I/O finishes the worker runs on instead of parking.
+        w.resume();
+        {
+            let (m, cv) = &*release;
+            *m.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        evt.write(1).unwrap();
+        assert!(wait_for(|| seen.lock().unwrap().len() == 1));
+        // And a later pause works.
+        assert!(w.pause(far()));
+        assert!(pause_all([&*w], far()));
     }
 }

@@ -301,9 +301,9 @@ impl VirtioDevice for Net {
         self.broken.store(false, Ordering::SeqCst);
     }
 
-    fn pause(&mut self) {
-        self.pairs.iter().for_each(|w| w.pause());
-        self.ctrl.iter().for_each(|w| w.pause());
+    fn pause(&mut self, deadline: std::time::Instant) -> bool {
+        let pairs = super::common::pause_all(&self.pairs, deadline);
+        super::common::pause_all(&self.ctrl, deadline) && pairs
     }
 
     fn resume(&mut self) {
@@ -1146,11 +1146,12 @@ mod tests {
         std::thread::spawn(move || {
             use crate::transport::PauseDevice;
             std::thread::sleep(std::time::Duration::from_millis(50));
-            d.t.pause_device();
-            let _ = done.send(());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            let stopped = d.t.pause_device(deadline);
+            let _ = done.send(stopped);
             d
         });
-        let paused = wait.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
+        let paused = wait.recv_timeout(std::time::Duration::from_secs(5)) == Ok(true);
         assert!(paused, "the worker never came back to its events");
     }
 }

@@ -96,8 +96,8 @@ impl VirtioDevice for Rng {
         self.broken.store(false, Ordering::SeqCst);
     }
 
-    fn pause(&mut self) {
-        self.worker.iter().for_each(|w| w.pause());
+    fn pause(&mut self, deadline: std::time::Instant) -> bool {
+        super::common::pause_all(&self.worker, deadline)
     }
 
     fn resume(&mut self) {

@@ -112,8 +112,8 @@ pub struct MmioTransport {
 }
 
 impl super::PauseDevice for MmioTransport {
-    fn pause_device(&mut self) {
-        self.device.pause();
+    fn pause_device(&mut self, deadline: std::time::Instant) -> bool {
+        self.device.pause(deadline)
     }
 
     fn resume_device(&mut self) {

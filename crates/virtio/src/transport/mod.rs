@@ -7,8 +7,9 @@ pub mod pci;
 
 /// What the VMM does to the device behind a transport while the VM is paused.
 pub trait PauseDevice: Send {
-    /// Pauses the device (see [`VirtioDevice::pause`](crate::VirtioDevice::pause)).
-    fn pause_device(&mut self);
+    /// Pauses the device (see [`VirtioDevice::pause`](crate::VirtioDevice::pause)); false if
+    /// it did not stop by `deadline`.
+    fn pause_device(&mut self, deadline: std::time::Instant) -> bool;
     /// Resumes the device.
     fn resume_device(&mut self);
     /// The transport's state, for a snapshot; the device must be paused.

@@ -285,8 +285,8 @@ fn align_up(v: u64, a: u64) -> u64 {
 }
 
 impl super::PauseDevice for VirtioPciDevice {
-    fn pause_device(&mut self) {
-        self.device.pause();
+    fn pause_device(&mut self, deadline: std::time::Instant) -> bool {
+        self.device.pause(deadline)
     }
 
     fn resume_device(&mut self) {
