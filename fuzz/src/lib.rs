@@ -157,7 +157,11 @@ impl Driver {
         {
             std::thread::yield_now();
         }
-        self.t.pause_device();
+        // A device that does not stop is a hang the guest caused: report it as a crash.
+        assert!(
+            self.t.pause_device(Instant::now() + Duration::from_secs(5)),
+            "the device did not stop within 5 s of a pause"
+        );
     }
 }
 
@@ -180,8 +184,7 @@ pub fn raw_disk() -> std::sync::Arc<block::Disk> {
         let (disk, _) = block::Disk::open(&block::DiskOptions {
             path: path.clone(),
             format: Some(block::ImageFormat::Raw),
-            read_only: false,
-            direct: false,
+            ..block::DiskOptions::default()
         })
         .unwrap();
         let _ = std::fs::remove_file(&path);
