@@ -50,15 +50,19 @@ fuzz_target!(|data: &[u8]| {
             let irq = EventFd::new(EFD_NONBLOCK).unwrap();
             let mut t = MmioTransport::new(guest_mem(), some_device(which), irq).unwrap();
             if t.restore_state(state).is_ok() {
-                t.pause_device();
+                assert!(t.pause_device(deadline()), "a restored device did not pause");
                 let _ = t.save_state();
             }
             let mut p =
                 VirtioPciDevice::new(guest_mem(), some_device(which), Arc::new(NoMsi)).unwrap();
             if p.restore_state(state).is_ok() {
-                p.pause_device();
+                assert!(p.pause_device(deadline()), "a restored device did not pause");
                 let _ = p.save_state();
             }
         }
     }
 });
+
+fn deadline() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(5)
+}
