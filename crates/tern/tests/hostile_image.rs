@@ -17,19 +17,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (qemu-utils) is required");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// A FIFO standing for a host file no guest may reach, and a thread that notices whenever
 /// somebody opens it for reading.
 struct Tripwire {

@@ -98,19 +98,6 @@ fn assert_ok(r: &Run) {
     );
 }
 
-fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (qemu-utils) is required");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// Runs `vblk` on a fresh raw disk with `opts` and checks the report and the file.
 fn integrity(transport: &str, opts: &str, extra: &[&str]) {
     let mut tmp = Scratch::new();

@@ -447,21 +447,17 @@ fn a_restored_disk_keeps_the_format_probed_at_boot() {
     let secret = dir.path("secret");
     std::fs::write(&secret, vec![0x77u8; 1 << 20]).unwrap();
     let header = dir.path("header.qcow2");
-    let o = Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&secret),
-            "-F",
-            "raw",
-            s(&header),
-        ])
-        .output()
-        .expect("qemu-img (qemu-utils) is required");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&secret),
+        "-F",
+        "raw",
+        s(&header),
+    ]);
     let header = std::fs::read(&header).unwrap();
     let mut img = std::fs::read(&disk).unwrap();
     img[..header.len()].copy_from_slice(&header);

@@ -342,3 +342,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs `qemu-img args`, failing the test (with its output) unless it succeeds.
+pub fn qemu_img(args: &[&str]) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (qemu-utils) is required");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
