@@ -590,4 +590,20 @@ mod tests {
             std::fs::remove_file(p).ok();
         }
     }
+
+    #[test]
+    fn a_header_imago_would_panic_on_is_refused() {
+        // Found by the qcow2 fuzz target: a feature name table of 49 bytes.
+        let bytes =
+            include_bytes!("../../../fuzz/regressions/qcow2/feature-name-table-of-49-bytes");
+        let img = tmp("ft49.qcow2");
+        std::fs::write(&img, bytes).unwrap();
+        for format in [None, Some(ImageFormat::Qcow2)] {
+            let e = Disk::open(&opts(&img, format, true))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("feature name table is 49 bytes"), "{e}");
+        }
+        std::fs::remove_file(img).ok();
+    }
 }

@@ -1,7 +1,9 @@
 //! qcow2 images through the `imago` crate (its synchronous build): reads and writes, backing
 //! chains and external data files as far as [`Qcow2Trust`] allows them, discard and
 //! write-zeroes. tern opens every file of the chain itself (imago's implicit opening is
-//! gated shut), so an image header can never make tern open a file the user did not allow. Guest data go through a
+//! gated shut), so an image header can never make tern open a file the user did not allow.
+//! One header check is written here by hand: imago 0.2 panics on a malformed feature name
+//! table, and a panic aborts tern, so such headers are refused before imago sees them. Guest data go through a
 //! host bounce buffer, as imago takes Rust slices.
 
 use std::fs::File;
@@ -102,6 +104,52 @@ fn open_file(
     .map_err(open_err)
 }
 
+/// Refuses qcow2 headers that imago 0.2 cannot parse without panicking (a panic aborts tern):
+/// a feature name table (header extension `0x6803f857`) whose length is not a whole number of
+/// its 48-byte entries makes imago index past a short last entry. Walks the v3 header
+/// extensions as imago does; anything else wrong is left for imago to report.
+fn check_header_extensions(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    // Reads as much of `len` bytes from 0 as the file has; the rest reads as zeroes.
+    let read = |len: usize| -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match file.read_at(&mut buf[done..], done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(buf)
+    };
+    let head = read(104)?;
+    let cluster_bits = be32(&head, 20);
+    if be32(&head, 4) != 3 || !(9..=21).contains(&cluster_bits) {
+        return Ok(());
+    }
+    let cluster = read(1 << cluster_bits)?;
+    let mut at = be32(&head, 100) as usize;
+    while at >= 104 && at + 8 <= cluster.len() {
+        let (magic, len) = (be32(&cluster, at), be32(&cluster, at + 4) as usize);
+        if magic == 0 {
+            break;
+        }
+        if magic == FEATURE_NAME_TABLE && len % 48 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "not a usable qcow2 image: its feature name table is {len} bytes, not a \
+                     whole number of 48-byte entries"
+                ),
+            ));
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    Ok(())
+}
+
 /// Opens one qcow2 layer at `path` and, as `trust` allows, what its header names: the external
 /// data file, and the backing image (recursively, read-only).
 fn open_layer(
@@ -128,6 +176,8 @@ fn open_layer(
     }
     chain.seen.push(canonical);
     let file = open_file(path, writable, direct, chain)?;
+    check_header_extensions(chain.locks.last().expect("open_file keeps a lock"))
+        .map_err(open_err)?;
     let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(|e| {
         open_err(io::Error::new(
             e.kind(),
