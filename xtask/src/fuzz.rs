@@ -120,7 +120,6 @@ fn run_fuzzer(bin: &Path, args: &[String], log: &Path) -> Result<(bool, Stats)> 
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", bin.display()))?;
-    let pid = child.id();
     let mut out =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut stats = Stats::default();
@@ -152,16 +151,32 @@ fn run_fuzzer(bin: &Path, args: &[String], log: &Path) -> Result<(bool, Stats)> 
         }
     }
     let ok = child.wait()?.success();
-    // Scratch files the targets keep on /dev/shm or in the temporary directory, per process.
+    remove_stale_scratch();
+    Ok((ok, stats))
+}
+
+/// Removes the scratch directories (`tern-fuzz-WHAT-PID`, on /dev/shm or in the temporary
+/// directory) of target processes that are gone: a target keeps its files for its whole life
+/// and cannot remove them when it crashes.
+fn remove_stale_scratch() {
     for base in [PathBuf::from("/dev/shm"), std::env::temp_dir()] {
         for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("tern-fuzz-") && name.ends_with(&format!("-{pid}")) {
+            let Some(pid) = name
+                .strip_prefix("tern-fuzz-")
+                .and_then(|rest| rest.rsplit('-').next())
+                .and_then(|p| p.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: signal 0 only checks whether the process exists.
+            let gone = unsafe { libc::kill(pid, 0) } != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            if gone {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
-    Ok((ok, stats))
 }
 
 fn tail(log: &Path, lines: usize) -> String {

@@ -1111,6 +1111,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(r.d.read(REG_STATUS) & NEEDS_RESET, 0);
     }
+
     /// As virtio-blk's test of the same name (the virtio_blk fuzz target found that loop; the
     /// transmit queue had the same one): a used ring two bytes into the available ring makes
     /// the ring say "more" at every re-check and hold nothing at every pop; the worker still
