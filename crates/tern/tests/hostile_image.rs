@@ -267,3 +267,31 @@ fn a_guest_cannot_turn_its_raw_disk_into_a_qcow2_image() {
     assert!(r.stderr.contains("names a backing file"), "{}", r.stderr);
     assert!(!wire.tripped(), "tern opened the host file the guest named");
 }
+
+#[test]
+fn a_qcow2_header_the_parser_would_panic_on_is_one_line() {
+    if !require_kvm("a_qcow2_header_the_parser_would_panic_on_is_one_line") {
+        return;
+    }
+    // Found by the qcow2 fuzz target: a feature name table of 49 bytes.
+    let tmp = Scratch::new("hostile-ft49");
+    let img = tmp.path("ft49.qcow2");
+    std::fs::write(
+        &img,
+        include_bytes!("../../../fuzz/regressions/qcow2/feature-name-table-of-49-bytes"),
+    )
+    .unwrap();
+    for disk in [
+        format!("path={}", s(&img)),
+        format!("path={},format=qcow2", s(&img)),
+    ] {
+        let r = probe_disk("vblk", "", &disk, &[]);
+        assert_eq!(r.code, Some(1), "{disk}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{disk}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("feature name table is 49 bytes"),
+            "{}",
+            r.stderr
+        );
+    }
+}
