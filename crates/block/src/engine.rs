@@ -436,16 +436,21 @@ mod tests {
         std::fs::remove_file(p).ok();
     }
 
-    fn many_requests(kind: EngineKind, direct: bool) {
-        let (d, p) = disk(&format!("many-{kind}-{direct}"), direct);
-        let mut e = Engine::new(d, 64, kind);
-        let mut bufs: Vec<crate::iov::AlignedBuf> = (0..48)
+    /// `n` aligned 4 KiB buffers, buffer `i` filled with the byte `i`.
+    fn numbered_pages(n: usize) -> Vec<crate::iov::AlignedBuf> {
+        (0..n)
             .map(|i| {
                 let mut b = crate::iov::AlignedBuf::new(4096).unwrap();
                 b.as_mut_slice().fill(i as u8);
                 b
             })
-            .collect();
+            .collect()
+    }
+
+    fn many_requests(kind: EngineKind, direct: bool) {
+        let (d, p) = disk(&format!("many-{kind}-{direct}"), direct);
+        let mut e = Engine::new(d, 64, kind);
+        let mut bufs = numbered_pages(48);
         for (i, b) in bufs.iter().enumerate() {
             let iov = vec![IoSlice::from_ref(b.as_slice())];
             // SAFETY: `bufs` outlives the drain below.
@@ -499,13 +504,7 @@ mod tests {
             return;
         };
         assert!(cap <= 16, "completion queue of {cap}");
-        let bufs: Vec<crate::iov::AlignedBuf> = (0..200)
-            .map(|i| {
-                let mut b = crate::iov::AlignedBuf::new(4096).unwrap();
-                b.as_mut_slice().fill(i as u8);
-                b
-            })
-            .collect();
+        let bufs = numbered_pages(200);
         for (i, b) in bufs.iter().enumerate() {
             let iov = vec![IoSlice::from_ref(b.as_slice())];
             // SAFETY: `bufs` outlives the drain below.
