@@ -15,6 +15,13 @@ for ko in $(cat /lib/modules/l1/load-order); do
     insmod "$ko" || echo "@@RIG-L1-WARN insmod $ko failed"
 done
 [ -c /dev/kvm ] || echo "@@RIG-L1-WARN /dev/kvm missing"
+# The Debian guest's disk, when the host attached it (xtask/src/debian.rs).
+if grep -q ' rig.debian=1' /proc/cmdline; then
+    i=0
+    while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p /rig/debian
+    mount -t ext4 -o ro /dev/vda /rig/debian || echo "@@RIG-L1-WARN cannot mount the Debian disk"
+fi
 dmesg | grep -iE 'nested|svm|kvm' | sed 's/^/[l1-dmesg] /'
 
 case " $(cat /proc/cmdline) " in

@@ -31,6 +31,9 @@ const LOG_CAP: usize = 8 << 20;
 /// Raw bytes per `@@RIG-LOG` line (76 base64 characters).
 const LOG_CHUNK: usize = 57;
 
+/// How often the agent tells the host it is alive (the host's `L1_SILENCE` is much longer).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Writes one framed line to stdout in a single `write`.
 fn frame(kind: &str, body: &str) {
     let line = format!("{FRAME}{kind} {body}\n");
@@ -46,6 +49,12 @@ pub fn main(spec_path: &str) -> Result<()> {
     )
     .with_context(|| format!("cannot parse {spec_path}"))?;
     frame("AGENT-START", &spec.runs.len().to_string());
+    // A sign of life every few seconds: the host takes a long silence for a frozen L1.
+    std::thread::spawn(|| loop {
+        std::thread::sleep(HEARTBEAT);
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        frame("HB", uptime.split_whitespace().next().unwrap_or("?"));
+    });
     let kvm = std::path::Path::new("/dev/kvm").exists();
     for run in &spec.runs {
         frame("START", &run.name);

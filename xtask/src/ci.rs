@@ -10,9 +10,12 @@ use crate::util::{apt_install, workspace_root};
 
 /// Debian packages the tests need on the host (e2fsprogs: `mkfs.ext4 -d` builds the virtio-blk
 /// disk image, and its `debugfs`/`e2fsck` and qemu-utils' `qemu-img` check disks inside L1;
-/// iproute2's `ip` builds the network scenarios' bridge and TAPs inside L1).
+/// iproute2's `ip` builds the network scenarios' bridge and TAPs inside L1; seabios is the PC
+/// BIOS of the QEMU peer's `-M pc` Debian boots; mmdebstrap builds the Debian guest).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    "seabios",
+    "mmdebstrap",
     "busybox-static",
     "e2fsprogs",
     "qemu-utils",
@@ -181,14 +184,17 @@ pub fn test(skip_rig: bool) -> Result<()> {
     let mut rig_ok = true;
     if !skip_rig {
         step("Linux guests in the nested rig");
-        let opts = crate::rig::RigOptions {
-            tern: tern.clone(),
-            keep_logs: None,
-        };
-        let (p, f) = crate::rig::rig_counts(&opts, "core", None)?;
-        passed += p;
+        let opts = crate::rig::RigOptions::new(tern.clone(), None);
+        let run = crate::rig::rig_run(&opts, "core", None)?;
+        let f = run.results.iter().filter(|r| !r.pass).count() as u64;
+        passed += run.results.len() as u64 - f;
         failed += f;
         rig_ok = f == 0;
+        println!("rig: {}", run.freeze_summary());
+        if run.tern_froze_more() {
+            println!("rig: FAIL: L1 froze more often during tern runs than during QEMU runs");
+            rig_ok = false;
+        }
     }
     println!("\ntests: {passed} passed, {failed} failed");
     if !ok || !fuzz_ok || !rig_ok || failed > 0 {
@@ -239,9 +245,5 @@ pub fn demo() -> Result<()> {
     );
     println!("boot on it. Booting the same Debian guest with tern inside the nested rig instead");
     println!("(QEMU emulating an AMD-V machine with kvm-amd); the guest's console follows.\n");
-    let opts = crate::rig::RigOptions {
-        tern,
-        keep_logs: None,
-    };
-    crate::rig::demo(&opts)
+    crate::rig::demo(&crate::rig::RigOptions::new(tern, None))
 }

@@ -46,6 +46,11 @@ const L1_MODULES: &[&str] = &[
     "llc",
     "stp",
     "bridge",
+    // The Debian guest's disk (a read-only virtio disk holding an ext4 file system).
+    "virtio_pci",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
 ];
 
 /// Cloud-kernel modules shipped in the guest initramfs: every module under these paths, plus
@@ -512,9 +517,13 @@ pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) ->
         .map(|p| p.join("share/qemu"))
         .filter(|p| p.is_dir())
         .unwrap_or_else(|| PathBuf::from("/usr/share/qemu"));
+    // Debian's QEMU also looks in /usr/share/seabios (package seabios) for the PC BIOS.
     for fw in QEMU_FIRMWARE {
-        let host = qemu_data.join(fw);
-        if host.is_file() {
+        let host = [qemu_data.as_path(), Path::new("/usr/share/seabios")]
+            .iter()
+            .map(|d| d.join(fw))
+            .find(|p| p.is_file());
+        if let Some(host) = host {
             a.file(&format!("{}/{fw}", l1::QEMU_DATA), &host)?;
         }
     }

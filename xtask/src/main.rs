@@ -22,6 +22,7 @@ mod bench_probe;
 mod bench_snapshot;
 mod ci;
 mod cpio;
+mod debian;
 mod debs;
 mod fuzz;
 mod images;
@@ -109,7 +110,8 @@ enum Cmd {
         /// tern binary [default: target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
-        /// Scenario group: core, block, block-qemu, net, net-qemu, compare, debug, qemu-extra, all.
+        /// Scenario group: core, block, block-qemu, net, net-qemu, debian, compare, debug, qemu-extra,
+        /// all.
         #[arg(long, default_value = "core")]
         group: String,
         /// Only scenarios whose name contains this.
@@ -121,6 +123,12 @@ enum Cmd {
         /// List scenarios and exit.
         #[arg(long)]
         list: bool,
+        /// Run each selected scenario N times (interleaved), e.g. to count L1 freezes.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// At most N runs per L1 boot; a fresh L1 runs the next ones.
+        #[arg(long)]
+        per_l1: Option<usize>,
     },
     /// Paired tern/QEMU boots of the same guest in one rig run; prints medians and ratios.
     BenchBoot {
@@ -188,14 +196,17 @@ fn run(command: Cmd) -> Result<()> {
             filter,
             keep_logs,
             list,
+            repeat,
+            per_l1,
         } => {
             if list {
                 rig::list(&group, filter.as_deref());
                 return Ok(());
             }
             let opts = rig::RigOptions {
-                tern: tern.unwrap_or_else(rig::default_tern),
-                keep_logs,
+                repeat,
+                per_l1,
+                ..rig::RigOptions::new(tern.unwrap_or_else(rig::default_tern), keep_logs)
             };
             rig::rig(&opts, &group, filter.as_deref())
         }
@@ -207,10 +218,7 @@ fn run(command: Cmd) -> Result<()> {
             guest_decompress,
             keep_logs,
         } => {
-            let opts = rig::RigOptions {
-                tern: tern.unwrap_or_else(rig::default_tern),
-                keep_logs,
-            };
+            let opts = rig::RigOptions::new(tern.unwrap_or_else(rig::default_tern), keep_logs);
             let kernel = match kernel {
                 KernelArg::Bzimage => scenarios::KernelForm::BzImage,
                 KernelArg::Vmlinux => scenarios::KernelForm::Vmlinux,

@@ -4,8 +4,9 @@
 //! docs in shared/design/TESTING.md §2), parses the agent's framed results from L1's console,
 //! writes logs to `build/rig/`, prints a table.
 
+use crate::debian;
 use crate::images::{self, l1, Images};
-use crate::scenarios::{self, KernelForm, Scenario};
+use crate::scenarios::{self, KernelForm, Scenario, Vmm};
 use crate::spec::{AgentSpec, RunResult, RunSpec, FRAME};
 use crate::util::{build_dir, human_bytes, workspace_root};
 use anyhow::{bail, Context, Result};
@@ -44,6 +45,86 @@ fn rig_dir() -> PathBuf {
 pub struct RigOptions {
     pub tern: PathBuf,
     pub keep_logs: Option<PathBuf>,
+    /// Run each selected scenario this many times (interleaved: all of them once, then again).
+    pub repeat: usize,
+    /// At most this many runs per L1 boot (a fresh L1 for the next ones); all in one if None.
+    pub per_l1: Option<usize>,
+}
+
+impl RigOptions {
+    pub fn new(tern: PathBuf, keep_logs: Option<PathBuf>) -> RigOptions {
+        RigOptions {
+            tern,
+            keep_logs,
+            repeat: 1,
+            per_l1: None,
+        }
+    }
+}
+
+/// One L1 freeze: L1 stopped answering (no console line, not even the agent's heartbeat) and
+/// was killed.
+#[derive(Debug, Clone)]
+pub struct Freeze {
+    /// The run L1 was busy with (or `(between runs)`).
+    pub run: String,
+    /// The VMM of that run, if it was one.
+    pub vmm: Option<Vmm>,
+    /// Which L1 boot of this rig run (1-based), and how many runs that L1 had finished before.
+    pub l1_boot: usize,
+    pub runs_before: usize,
+    /// Seconds into the run when L1 was last heard from.
+    pub last_heard_secs: f64,
+    /// CPU seconds the L0 emulator used while L1 was silent (near 0: L1 waits for something
+    /// that never comes; about the silence: it spins).
+    pub l0_cpu_secs: Option<f64>,
+    /// The L0 monitor's view of L1 at that moment (registers, local APIC), if it answered.
+    pub diagnostics: Option<PathBuf>,
+}
+
+/// What a rig run produced.
+pub struct RigRun {
+    pub results: Vec<RunResult>,
+    pub freezes: Vec<Freeze>,
+    /// How many runs each VMM made (each run is one or more guest boots).
+    pub runs_by_vmm: BTreeMap<&'static str, usize>,
+}
+
+impl RigRun {
+    /// Freezes during runs of `vmm`.
+    pub fn freezes_of(&self, vmm: Vmm) -> usize {
+        self.freezes.iter().filter(|f| f.vmm == Some(vmm)).count()
+    }
+
+    /// One line for CI: how many times L1 froze, and under which VMM.
+    pub fn freeze_summary(&self) -> String {
+        let runs = |k: &str| self.runs_by_vmm.get(k).copied().unwrap_or(0);
+        format!(
+            "L1 froze {} time(s): {} during tern runs ({} runs), {} during QEMU runs ({} runs){}",
+            self.freezes.len(),
+            self.freezes_of(Vmm::Tern),
+            runs("tern"),
+            self.freezes_of(Vmm::Qemu),
+            runs("qemu"),
+            match self.freezes.iter().filter(|f| f.vmm.is_none()).count() {
+                0 => String::new(),
+                n => format!(", {n} between runs"),
+            }
+        )
+    }
+
+    /// True if L1 froze during tern runs more often, per run, than during QEMU runs (with no
+    /// QEMU run at all, any tern freeze counts).
+    pub fn tern_froze_more(&self) -> bool {
+        let t = self.freezes_of(Vmm::Tern) as f64;
+        if t == 0.0 {
+            return false;
+        }
+        let q = self.freezes_of(Vmm::Qemu) as f64;
+        let tr = self.runs_by_vmm.get("tern").copied().unwrap_or(0).max(1) as f64;
+        let qr = self.runs_by_vmm.get("qemu").copied().unwrap_or(0) as f64;
+        qr == 0.0 || t / tr > q / qr
+    }
 }
 
 /// One planned run: its spec for the agent and where it came from.
@@ -54,9 +135,10 @@ struct Planned {
 
 /// Substitutes the L1 paths and the scenario's parameters into its argv template.
 fn resolve_argv(s: &Scenario) -> Vec<String> {
-    let kernel = match s.kernel {
-        KernelForm::BzImage => l1::BZIMAGE,
-        KernelForm::Vmlinux => l1::VMLINUX,
+    let (kernel, initrd) = match s.kernel {
+        _ if s.debian => (debian::in_l1::KERNEL, debian::in_l1::INITRD),
+        KernelForm::BzImage => (l1::BZIMAGE, l1::INITRD),
+        KernelForm::Vmlinux => (l1::VMLINUX, l1::INITRD),
     };
     let cmdline = s.cmdline();
     let vars = [
@@ -66,7 +148,7 @@ fn resolve_argv(s: &Scenario) -> Vec<String> {
         ("{kernel}", kernel.to_string()),
         ("{bzimage}", l1::BZIMAGE.to_string()),
         ("{vmlinux}", l1::VMLINUX.to_string()),
-        ("{initrd}", l1::INITRD.to_string()),
+        ("{initrd}", initrd.to_string()),
         ("{cmdline}", cmdline),
         ("{cpus}", s.cpus.to_string()),
         ("{memory_mib}", s.memory_mib.to_string()),
@@ -91,7 +173,8 @@ fn plan(s: &Scenario, name: String) -> Planned {
             marker: s.marker.to_string(),
             guest_mem_bytes: u64::from(s.memory_mib) << 20,
             expect: s.expect.clone(),
-            stream: false,
+            // Streamed so that what the guest printed survives an L1 freeze.
+            stream: s.debian,
             sigterm_after: s.sigterm_after.map(str::to_string),
             measure_memory: s.l1_script.is_none(),
         },
@@ -128,17 +211,23 @@ pub fn list(group: &str, filter: Option<&str>) {
 
 /// `cargo xtask rig`: fails if any selected scenario fails.
 pub fn rig(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<()> {
-    let (passed, failed) = rig_counts(opts, group, filter)?;
+    let run = rig_run(opts, group, filter)?;
+    let failed = run.results.iter().filter(|r| !r.pass).count();
+    let passed = run.results.len() - failed;
+    println!("{}", run.freeze_summary());
     if failed > 0 {
-        bail!("{failed} of {} scenarios failed", passed + failed);
+        bail!("{failed} of {} runs failed", passed + failed);
     }
-    println!("all {passed} scenarios passed");
+    if run.tern_froze_more() {
+        bail!("L1 froze more often during tern runs than during QEMU runs");
+    }
+    println!("all {passed} runs passed");
     Ok(())
 }
 
-/// Runs the selected scenarios and returns (passed, failed) counts; errors only when the rig
-/// itself cannot run (no scenario selected, images cannot be built, L1 cannot start).
-pub fn rig_counts(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<(u64, u64)> {
+/// Runs the selected scenarios (each `opts.repeat` times, interleaved); errors only when the
+/// rig itself cannot run (no scenario selected, images cannot be built, L1 cannot start).
+pub fn rig_run(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<RigRun> {
     let selected: Vec<Scenario> = scenarios::all()
         .into_iter()
         .filter(|s| s.in_group(group) && filter.is_none_or(|f| s.name.contains(f)))
@@ -149,13 +238,19 @@ pub fn rig_counts(opts: &RigOptions, group: &str, filter: Option<&str>) -> Resul
             filter.unwrap_or("(none)")
         );
     }
-    let planned: Vec<Planned> = selected
-        .iter()
-        .map(|s| plan(s, s.name.to_string()))
-        .collect();
-    let results = run_planned(opts, planned, false)?;
-    let failed = results.iter().filter(|r| !r.pass).count() as u64;
-    Ok((results.len() as u64 - failed, failed))
+    let repeat = opts.repeat.max(1);
+    let mut planned = Vec::new();
+    for i in 1..=repeat {
+        for s in &selected {
+            let name = if repeat == 1 {
+                s.name.to_string()
+            } else {
+                format!("{}#{i}", s.name)
+            };
+            planned.push(plan(s, name));
+        }
+    }
+    run_planned(opts, planned, false)
 }
 
 /// `cargo xtask demo` on an emulation-backed host: boots the Debian guest with tern inside the
@@ -163,7 +258,7 @@ pub fn rig_counts(opts: &RigOptions, group: &str, filter: Option<&str>) -> Resul
 #[allow(dead_code)]
 pub fn demo(opts: &RigOptions) -> Result<()> {
     let s = scenarios::demo();
-    let results = run_planned(opts, vec![plan(&s, s.name.to_string())], true)?;
+    let results = run_planned(opts, vec![plan(&s, s.name.to_string())], true)?.results;
     if results.iter().any(|r| !r.pass) {
         bail!("the demo guest did not boot cleanly (see the table above)");
     }
@@ -185,7 +280,7 @@ pub fn bench(
             planned.push(plan(s, format!("{}#{i}", s.name)));
         }
     }
-    let results = run_planned(opts, planned, false)?;
+    let results = run_planned(opts, planned, false)?.results;
     type Stats = (Option<f64>, Option<f64>, Option<f64>, Option<f64>, usize);
     let stats = |prefix: &str| -> Stats {
         let ok: Vec<&RunResult> = results
@@ -280,6 +375,8 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// Events parsed from L1's console.
 enum Event {
     L1Init(String),
+    /// The agent's periodic sign of life.
+    Heartbeat,
     AgentStart,
     Start(String),
     Log(String, Vec<u8>),
@@ -302,6 +399,7 @@ fn parse_line(line: &str) -> Option<Event> {
         "L1-WARN" => Event::Warn(body.to_string()),
         "L1-AGENT-EXIT" => Event::AgentExit(body.to_string()),
         "AGENT-START" => Event::AgentStart,
+        "HB" => Event::Heartbeat,
         "START" => Event::Start(body.to_string()),
         "DONE" => Event::Done,
         "LOG" => {
@@ -337,7 +435,7 @@ fn sanitize(name: &str) -> String {
 
 /// Builds images, runs the planned scenarios in one L1 boot, reports. With `live`, the agent
 /// streams each VMM's output as it comes and it is echoed here (for demos; it perturbs timing).
-fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<Vec<RunResult>> {
+fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<RigRun> {
     let tern = opts.tern.is_file().then_some(opts.tern.as_path());
     if tern.is_none() && planned.iter().any(|p| p.scenario.needs_tern()) {
         eprintln!(
@@ -350,9 +448,25 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
     // Logs of an earlier run would be mistaken for this one's.
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "log" || e == "json") {
+        if path
+            .extension()
+            .is_some_and(|e| e == "log" || e == "json" || e == "txt")
+        {
             let _ = std::fs::remove_file(&path);
         }
+    }
+    let debian_disk = if planned.iter().any(|p| p.scenario.debian) {
+        Some(debian::build()?)
+    } else {
+        None
+    };
+    let vmm_of: BTreeMap<String, Vmm> = planned
+        .iter()
+        .map(|p| (p.spec.name.clone(), p.scenario.vmm))
+        .collect();
+    let mut runs_by_vmm: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for p in &planned {
+        *runs_by_vmm.entry(vmm_key(p.scenario.vmm)).or_default() += 1;
     }
 
     // Runs that cannot start are failed here, without booting L1 for them.
@@ -371,18 +485,19 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
             );
         } else {
             let mut spec = p.spec.clone();
-            spec.stream = live;
+            spec.stream |= live;
             to_run.push(spec);
         }
     }
     let mut logs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut notes: Vec<String> = Vec::new();
-    // L1 (nested SVM under TCG) occasionally freezes for good mid-run. A frozen L1 is killed
-    // and a fresh one runs the scenarios that have no result yet; a scenario during which L1
-    // froze twice fails.
+    let mut freezes: Vec<Freeze> = Vec::new();
+    // L1 (nested SVM under TCG) may freeze for good mid-run. A frozen L1 is killed and a fresh
+    // one runs the runs that have no result yet; a run during which L1 froze twice fails.
     let mut stalls: BTreeMap<String, u32> = BTreeMap::new();
-    for _boot in 0..4 {
-        let remaining: Vec<RunSpec> = to_run
+    let mut l1_boot = 0;
+    loop {
+        let mut remaining: Vec<RunSpec> = to_run
             .iter()
             .filter(|r| !results.contains_key(&r.name))
             .cloned()
@@ -390,6 +505,11 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
         if remaining.is_empty() {
             break;
         }
+        if let Some(n) = opts.per_l1 {
+            remaining.truncate(n.max(1));
+        }
+        l1_boot += 1;
+        let before = results.len();
         let imgs = images::build()?;
         let spec = AgentSpec {
             runs: remaining.clone(),
@@ -403,10 +523,14 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
             .map(|r| (r.name.clone(), r.timeout_secs))
             .collect();
         let outcome = run_l1(
-            &imgs,
-            &initrd,
-            Duration::from_secs(budget),
-            &timeouts,
+            &L1Boot {
+                imgs: &imgs,
+                initrd: &initrd,
+                debian_disk: debian_disk.as_deref(),
+                budget: Duration::from_secs(budget),
+                timeouts: &timeouts,
+                number: l1_boot,
+            },
             &mut L1Sink {
                 results: &mut results,
                 logs: &mut logs,
@@ -415,25 +539,41 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
             },
         )?;
         match outcome {
-            Some(name) => {
-                let n = stalls.entry(name.clone()).or_default();
-                *n += 1;
-                logs.remove(&name);
-                if *n >= 2 {
-                    results.insert(
-                        name.clone(),
-                        RunResult {
-                            name: name.clone(),
-                            error: Some("L1 froze twice while running this scenario".into()),
-                            reasons: vec!["L1 froze twice while running this scenario".into()],
-                            ..Default::default()
-                        },
-                    );
+            Some(mut freeze) => {
+                freeze.vmm = vmm_of.get(&freeze.run).copied();
+                let name = freeze.run.clone();
+                eprintln!(
+                    "[rig] L1 froze during {name} (L1 boot {l1_boot}, after {} finished run(s) in it); booting a fresh L1 for what is left",
+                    freeze.runs_before
+                );
+                if let Some(log) = logs.remove(&name) {
+                    let path = dir.join(format!("{}.froze-{l1_boot}.log", sanitize(&name)));
+                    std::fs::write(&path, &log)?;
                 }
-                eprintln!("[rig] L1 froze during {name}; booting a fresh L1 for what is left");
-                notes.push(format!("L1 froze during {name} and was replaced"));
+                freezes.push(freeze);
+                if vmm_of.contains_key(&name) {
+                    let n = stalls.entry(name.clone()).or_default();
+                    *n += 1;
+                    if *n >= 2 {
+                        results.insert(
+                            name.clone(),
+                            RunResult {
+                                name: name.clone(),
+                                error: Some("L1 froze twice while running this".into()),
+                                reasons: vec!["L1 froze twice while running this".into()],
+                                ..Default::default()
+                            },
+                        );
+                    }
+                }
+                if freezes.len() > to_run.len() + 2 {
+                    notes.push("L1 froze more often than there are runs; giving up".into());
+                    break;
+                }
             }
-            None => break,
+            // An L1 that ran but gave no new result will not do better next time.
+            None if results.len() == before => break,
+            None => {}
         }
     }
 
@@ -483,8 +623,34 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<V
     for note in &notes {
         println!("note: {note}");
     }
+    for f in &freezes {
+        println!(
+            "L1 FROZE during {} ({}), L1 boot {} after {} finished run(s) in it, last heard {:.0}s into the run, L0 CPU while silent: {}{}",
+            f.run,
+            f.vmm.map_or("no VMM", vmm_key),
+            f.l1_boot,
+            f.runs_before,
+            f.last_heard_secs,
+            f.l0_cpu_secs
+                .map_or("unknown".to_string(), |c| format!("{c:.1}s")),
+            f.diagnostics
+                .as_ref()
+                .map_or(String::new(), |p| format!(", monitor dump {}", p.display()))
+        );
+    }
     println!("logs: {}", dir.display());
-    Ok(ordered)
+    Ok(RigRun {
+        results: ordered,
+        freezes,
+        runs_by_vmm,
+    })
+}
+
+fn vmm_key(vmm: Vmm) -> &'static str {
+    match vmm {
+        Vmm::Tern => "tern",
+        Vmm::Qemu => "qemu",
+    }
 }
 
 fn print_table(results: &[RunResult]) {
@@ -519,18 +685,64 @@ fn print_table(results: &[RunResult]) {
     }
 }
 
-/// The L1 QEMU command line.
-fn l1_command(imgs: &Images, initrd: &Path, extra_cmdline: &str) -> Command {
-    let mut cmd = Command::new(&imgs.qemu);
+/// The L0 emulator that runs L1: `TERN_RIG_L0_QEMU` if set (to try another QEMU build),
+/// otherwise the host's `qemu-system-x86_64` (the same binary L1 runs as the QEMU peer).
+fn l0_qemu(imgs: &Images) -> PathBuf {
+    match std::env::var_os("TERN_RIG_L0_QEMU") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => imgs.qemu.clone(),
+    }
+}
+
+/// An environment override of the rig's L1 set-up, or `default`.
+fn rig_env(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// L1's CPU model: an EPYC with AMD-V and nested paging. `TERN_RIG_L1_CPU` overrides it.
+const L1_CPU: &str = "EPYC,+svm,+npt";
+
+/// The L1 QEMU command line. `TERN_RIG_L1_APPEND` adds to L1's kernel command line (e.g.
+/// `kvm_amd.vgif=0`) and `TERN_RIG_L0_ARGS` (split at spaces) to the emulator's arguments.
+fn l1_command(
+    imgs: &Images,
+    initrd: &Path,
+    extra_cmdline: &str,
+    debian_disk: Option<&Path>,
+    monitor: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new(l0_qemu(imgs));
     cmd.args(L1_MACHINE)
-        .args(["-accel", "tcg", "-cpu", "EPYC,+svm,+npt", "-smp", "1", "-m"])
+        .args(["-accel", "tcg", "-cpu"])
+        .arg(rig_env("TERN_RIG_L1_CPU", L1_CPU))
+        .args(["-smp", "1", "-m"])
         .arg(L1_MEMORY_MIB.to_string())
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(&imgs.l1_kernel)
         .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(format!("{L1_CMDLINE} {extra_cmdline}").trim());
+        .arg(initrd);
+    let mut cmdline = format!("{L1_CMDLINE} {}", rig_env("TERN_RIG_L1_APPEND", ""));
+    if let Some(disk) = debian_disk {
+        let mut drive = std::ffi::OsString::from("file=");
+        drive.push(disk);
+        drive.push(",format=raw,if=virtio,readonly=on");
+        cmd.arg("-drive").arg(drive);
+        cmdline.push_str(" rig.debian=1");
+    }
+    if let Some(sock) = monitor {
+        let mut spec = std::ffi::OsString::from("unix:");
+        spec.push(sock);
+        spec.push(",server=on,wait=off");
+        cmd.arg("-monitor").arg(spec);
+    }
+    cmd.args(rig_env("TERN_RIG_L0_ARGS", "").split_whitespace());
+    cmdline.push(' ');
+    cmdline.push_str(extra_cmdline);
+    cmd.arg("-append")
+        .arg(cmdline.split_whitespace().collect::<Vec<_>>().join(" "));
     cmd
 }
 
@@ -543,20 +755,25 @@ struct L1Sink<'a> {
     live: bool,
 }
 
+/// One L1 boot's inputs.
+struct L1Boot<'a> {
+    imgs: &'a Images,
+    initrd: &'a Path,
+    debian_disk: Option<&'a Path>,
+    budget: Duration,
+    timeouts: &'a BTreeMap<String, u64>,
+    /// Which L1 boot of the rig run this is (1-based).
+    number: usize,
+}
+
 /// Boots L1 with the agent and collects results and logs; boots it a second time if the first
 /// boot never reaches /init (a rare early-boot hang under TCG).
-/// Returns the scenario during which L1 froze, if it did.
-fn run_l1(
-    imgs: &Images,
-    initrd: &Path,
-    budget: Duration,
-    timeouts: &BTreeMap<String, u64>,
-    sink: &mut L1Sink,
-) -> Result<Option<String>> {
+/// Returns the freeze, if L1 froze.
+fn run_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<Option<Freeze>> {
     for attempt in 1..=2 {
-        match boot_l1(imgs, initrd, budget, timeouts, sink)? {
+        match boot_l1(boot, sink)? {
             L1Outcome::Ran => return Ok(None),
-            L1Outcome::Froze(name) => return Ok(Some(name)),
+            L1Outcome::Froze(f) => return Ok(Some(*f)),
             L1Outcome::NoInit if attempt == 1 => {
                 eprintln!(
                     "[rig] L1 did not reach /init within {}s; booting it again",
@@ -578,30 +795,77 @@ enum L1Outcome {
     Ran,
     /// L1 was killed for not reaching /init in time.
     NoInit,
-    /// L1 stopped responding while running this scenario (well past its timeout) and was
-    /// killed.
-    Froze(String),
+    /// L1 stopped responding and was killed.
+    Froze(Box<Freeze>),
 }
 
-/// How long past a scenario's own timeout L1 may stay silent before it counts as frozen.
+/// How long past a run's own timeout L1 may go on without reporting it before it counts as
+/// frozen (the agent kills a run at its timeout and reports).
 const L1_FREEZE_GRACE: Duration = Duration::from_secs(45);
+/// The agent prints a heartbeat every few seconds (`agent.rs`); an L1 silent this long has
+/// frozen.
+const L1_SILENCE: Duration = Duration::from_secs(45);
 
-fn boot_l1(
-    imgs: &Images,
-    initrd: &Path,
-    budget: Duration,
-    timeouts: &BTreeMap<String, u64>,
-    sink: &mut L1Sink,
-) -> Result<L1Outcome> {
-    let console_path = rig_dir().join("l1-console.log");
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf(3) only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// Asks the L0 emulator's monitor what L1's CPU is doing; returns the transcript.
+fn monitor_dump(sock: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    stream
+        .write_all(b"info status\ninfo registers\ninfo lapic\ninfo pic\ninfo irq\n")
+        .ok()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !out.is_empty() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
+    let console_path = rig_dir().join(format!("l1-console-{}.txt", boot.number));
     let mut console = std::fs::File::create(&console_path)?;
-    let mut cmd = l1_command(imgs, initrd, "");
+    let monitor = rig_dir().join("l1-monitor.sock");
+    let _ = std::fs::remove_file(&monitor);
+    let mut cmd = l1_command(boot.imgs, boot.initrd, "", boot.debian_disk, Some(&monitor));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    eprintln!("[rig] booting L1 (QEMU TCG, budget {}s)", budget.as_secs());
+    eprintln!(
+        "[rig] booting L1 #{} (QEMU TCG, budget {}s)",
+        boot.number,
+        boot.budget.as_secs()
+    );
     let start = Instant::now();
     let mut child = cmd.spawn().context("cannot start L1 QEMU")?;
+    let pid = child.id();
     let stdout = child.stdout.take().context("no L1 stdout")?;
     let stderr = child.stderr.take().context("no L1 stderr")?;
     let (tx, rx) = mpsc::channel::<(Option<Event>, String)>();
@@ -633,11 +897,15 @@ fn boot_l1(
         }
     });
 
-    let deadline = start + budget;
+    let deadline = start + boot.budget;
     let mut init_reached = false;
+    let mut agent_started = false;
     let mut done = false;
+    let mut finished_runs = 0;
     let mut current: Option<(String, Instant)> = None;
-    let mut froze: Option<String> = None;
+    let mut last_heard = Instant::now();
+    let mut cpu_at_last_heard = cpu_secs(pid);
+    let mut froze: Option<Freeze> = None;
     loop {
         let now = Instant::now();
         let limit = if init_reached {
@@ -645,13 +913,40 @@ fn boot_l1(
         } else {
             deadline.min(start + L1_INIT_TIMEOUT)
         };
-        // The agent kills a scenario at its timeout and reports; silence well past that means
-        // L1 itself is stuck.
-        let freeze_at = current.as_ref().map(|(name, at)| {
-            *at + Duration::from_secs(timeouts.get(name).copied().unwrap_or(120)) + L1_FREEZE_GRACE
+        // The agent kills a run at its timeout and reports; silence well past that, or no
+        // heartbeat for L1_SILENCE, means L1 itself is stuck.
+        let overdue_at = current.as_ref().map(|(name, at)| {
+            *at + Duration::from_secs(boot.timeouts.get(name).copied().unwrap_or(120))
+                + L1_FREEZE_GRACE
         });
+        let silent_at = (agent_started && !done).then_some(last_heard + L1_SILENCE);
+        let freeze_at = match (overdue_at, silent_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if freeze_at.is_some_and(|f| now >= f) {
-            froze = current.as_ref().map(|(n, _)| n.clone());
+            let cpu = match (cpu_secs(pid), cpu_at_last_heard) {
+                (Some(now), Some(then)) => Some(now - then),
+                _ => None,
+            };
+            let diagnostics = monitor_dump(&monitor).map(|text| {
+                let path = rig_dir().join(format!("freeze-l1-{}-monitor.txt", boot.number));
+                let _ = std::fs::write(&path, text);
+                path
+            });
+            froze = Some(Freeze {
+                run: current
+                    .as_ref()
+                    .map_or("(between runs)".to_string(), |(n, _)| n.clone()),
+                vmm: None,
+                l1_boot: boot.number,
+                runs_before: finished_runs,
+                last_heard_secs: current.as_ref().map_or(0.0, |(_, at)| {
+                    last_heard.saturating_duration_since(*at).as_secs_f64()
+                }),
+                l0_cpu_secs: cpu,
+                diagnostics,
+            });
             break;
         }
         let limit = freeze_at.map_or(limit, |f| f.min(limit));
@@ -659,7 +954,7 @@ fn boot_l1(
             if init_reached {
                 sink.notes.push(format!(
                     "L1 hit the overall timeout ({}s) and was killed",
-                    budget.as_secs()
+                    boot.budget.as_secs()
                 ));
             }
             break;
@@ -667,17 +962,25 @@ fn boot_l1(
         let Ok((event, line)) = rx.recv_timeout(limit - now) else {
             continue;
         };
+        if event.is_some() {
+            last_heard = Instant::now();
+            cpu_at_last_heard = cpu_secs(pid);
+        }
         let t = start.elapsed().as_secs_f64();
-        if !matches!(event, Some(Event::Log(..))) {
+        if !matches!(event, Some(Event::Log(..) | Event::Heartbeat)) {
             let _ = writeln!(console, "{line}");
         }
         match event {
             Some(Event::Eof) => break,
+            Some(Event::Heartbeat) => {}
             Some(Event::L1Init(info)) => {
                 init_reached = true;
                 eprintln!("[rig] {t:6.1}s L1 init reached ({info})");
             }
-            Some(Event::AgentStart) => eprintln!("[rig] {t:6.1}s agent started"),
+            Some(Event::AgentStart) => {
+                agent_started = true;
+                eprintln!("[rig] {t:6.1}s agent started");
+            }
             Some(Event::Warn(w)) => {
                 eprintln!("[rig] {t:6.1}s L1 warning: {w}");
                 sink.notes.push(format!("L1: {w}"));
@@ -695,6 +998,7 @@ fn boot_l1(
                 sink.logs.entry(name).or_default().extend(bytes);
             }
             Some(Event::Result(r)) => {
+                finished_runs += 1;
                 let took = current
                     .take()
                     .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
@@ -739,6 +1043,7 @@ fn boot_l1(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = std::fs::remove_file(&monitor);
     // Drain whatever is left (console lines after the loop ended).
     while let Ok((_, line)) = rx.try_recv() {
         let _ = writeln!(console, "{line}");
@@ -751,8 +1056,8 @@ fn boot_l1(
     if !init_reached {
         return Ok(L1Outcome::NoInit);
     }
-    if let Some(name) = froze {
-        return Ok(L1Outcome::Froze(name));
+    if let Some(f) = froze {
+        return Ok(L1Outcome::Froze(Box::new(f)));
     }
     if !done {
         sink.notes.push(format!(
@@ -771,7 +1076,7 @@ pub fn shell(tern: &Path) -> Result<()> {
     let spec_json = serde_json::to_string_pretty(&AgentSpec { runs: Vec::new() })?;
     let initrd = images::build_l1_initrd(&imgs, tern, &spec_json)?;
     eprintln!("[rig] booting L1 with a shell (Ctrl-A X quits QEMU)");
-    let status = l1_command(&imgs, &initrd, "rig.l1=shell")
+    let status = l1_command(&imgs, &initrd, "rig.l1=shell", None, None)
         .status()
         .context("cannot start L1 QEMU")?;
     if !status.success() {

@@ -64,6 +64,9 @@ pub struct Scenario {
     /// as its arguments, instead of the VMM itself (the script starts the VMM, maybe several
     /// times, and checks what it left behind).
     pub l1_script: Option<&'static [&'static str]>,
+    /// Boots the real Debian system ([`crate::debian`]) instead of the rig's initramfs guest:
+    /// `{kernel}`, `{initrd}` and `{cmdline}` are Debian's, and L1 gets the Debian disk.
+    pub debian: bool,
     pub expect: Expect,
 }
 
@@ -80,6 +83,9 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noa
 impl Scenario {
     /// The guest kernel command line.
     pub fn cmdline(&self) -> String {
+        if self.debian {
+            return DEBIAN_CMDLINE.to_string();
+        }
         let mut cmdline = format!("{} rig.action={}", self.base_cmdline, self.action);
         if !self.extra_cmdline.is_empty() {
             cmdline.push(' ');
@@ -287,6 +293,7 @@ const DEFAULT: Scenario = Scenario {
     sigterm_after: None,
     qemu_machine: "microvm",
     l1_script: None,
+    debian: false,
     expect: Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
@@ -294,6 +301,47 @@ const DEFAULT: Scenario = Scenario {
         forbid: Vec::new(),
     },
 };
+
+/// The Debian guest's command line: what Debian's GRUB would pass (`ro quiet`, root checked
+/// and remounted by the system itself) plus the serial console.
+pub const DEBIAN_CMDLINE: &str = "root=/dev/vda ro console=ttyS0 quiet";
+
+/// The real-distribution boots (group `debian`): Debian bookworm with systemd and udev from a
+/// qcow2 overlay, Debian's own kernel and initramfs, 1 vCPU, 1 GiB, a virtio-rng — the same
+/// guest under tern and under QEMU (`-M pc`). `xtask/l1/scenarios/debian.sh` makes each boot's
+/// overlay and adds the disk. A pass is systemd reporting `running` and a clean power-off.
+pub fn debian_scenarios() -> Vec<Scenario> {
+    let base = Scenario {
+        groups: &["debian", "core"],
+        memory_mib: 1024,
+        timeout_secs: 300,
+        marker: crate::debian::STATE_MARKER,
+        qemu_machine: "pc",
+        l1_script: Some(&["debian.sh"]),
+        debian: true,
+        expect: Expect {
+            exit: ExitExpect::Code(0),
+            marker_required: true,
+            require: strings(&["RIG-DEBIAN-STATE=running", "TERN-DEBIAN-OK"]),
+            forbid: strings(&["Kernel panic", "TERN-DEBIAN-FAIL"]),
+        },
+        ..DEFAULT
+    };
+    vec![
+        Scenario {
+            name: "tern-debian",
+            vmm: Vmm::Tern,
+            extra_args: &["--rng"],
+            ..base.clone()
+        },
+        Scenario {
+            name: "qemu-debian",
+            vmm: Vmm::Qemu,
+            extra_args: &["-nic", "none", "-vga", "none", "-device", "virtio-rng-pci"],
+            ..base
+        },
+    ]
+}
 
 /// What a virtio-blk case of `xtask/l1/scenarios/blk.sh` must report: every named check passed
 /// (`TERN-BLK-PASS <case>/<check>:`), none failed, the script's final `TERN-BLK-OK <case>`, and
@@ -918,6 +966,8 @@ pub fn all() -> Vec<Scenario> {
     // --- the virtio-net scenarios with QEMU as L2 (group "net-qemu"): validate the guest and
     // L1 scripts and the L1 network setup; not in core ---
     .chain(net_scenarios(Vmm::Qemu))
+    // --- the real Debian system under both VMMs (groups "debian" and "core") ---
+    .chain(debian_scenarios())
     .collect()
 }
 

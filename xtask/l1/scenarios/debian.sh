@@ -1,0 +1,40 @@
+#!/bin/sh
+# L1 side of the real-distribution scenarios (xtask/src/scenarios.rs, group "debian"). Runs
+# inside L1, started by the rig agent as
+#
+#     sh /rig/l1/debian.sh -- VMM-ARGV...
+#
+# VMM-ARGV boots Debian's kernel and initramfs (xtask/src/debian.rs); this script gives the
+# boot its own qcow2 overlay on the pristine Debian root (read-only, on the disk L1 mounted at
+# /rig/debian), appends it as the guest's /dev/vda (tern: --disk; QEMU: -drive if=virtio), runs
+# the VMM and removes the overlay. It prints "TERN-DEBIAN-OK" when the VMM exited 0 and
+# "TERN-DEBIAN-FAIL why" otherwise; the guest's own "RIG-DEBIAN-STATE=..." line says how far
+# systemd got.
+set -u
+export PATH=/usr/bin:/bin:/usr/sbin:/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+
+[ "${1:-}" = "--" ] && shift
+[ $# -gt 0 ] || { echo "TERN-DEBIAN-FAIL no VMM command line"; exit 1; }
+BASE=/rig/debian/debian.qcow2
+[ -f "$BASE" ] || { echo "TERN-DEBIAN-FAIL $BASE missing (L1 has no Debian disk)"; exit 1; }
+
+overlay=/tmp/debian-overlay-$$.qcow2
+if ! out=$(qemu-img create -q -f qcow2 -F qcow2 -b "$BASE" "$overlay" 2>&1); then
+    echo "TERN-DEBIAN-FAIL cannot create the overlay: $out"
+    exit 1
+fi
+case "$(basename "$1")" in
+    tern*) set -- "$@" --disk "path=$overlay,format=qcow2" ;;
+    qemu-system-*) set -- "$@" -drive "file=$overlay,format=qcow2,if=virtio" ;;
+    *) echo "TERN-DEBIAN-FAIL unknown VMM $1"; rm -f "$overlay"; exit 1 ;;
+esac
+"$@" </dev/null
+rc=$?
+rm -f "$overlay"
+if [ "$rc" = 0 ]; then
+    echo "TERN-DEBIAN-OK"
+else
+    echo "TERN-DEBIAN-FAIL the VMM exited with status $rc"
+fi
+exit "$rc"
