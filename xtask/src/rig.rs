@@ -78,7 +78,8 @@ pub struct Freeze {
     /// CPU seconds the L0 emulator used while L1 was silent (near 0: L1 waits for something
     /// that never comes; about the silence: it spins).
     pub l0_cpu_secs: Option<f64>,
-    /// The L0 monitor's view of L1 at that moment (registers, local APIC), if it answered.
+    /// The L0 monitor's view of L1 at that moment (registers, local APIC) and the emulator's
+    /// thread backtraces, if they could be had.
     pub diagnostics: Option<PathBuf>,
 }
 
@@ -635,7 +636,7 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
                 .map_or("unknown".to_string(), |c| format!("{c:.1}s")),
             f.diagnostics
                 .as_ref()
-                .map_or(String::new(), |p| format!(", monitor dump {}", p.display()))
+                .map_or(String::new(), |p| format!(", diagnostics {}", p.display()))
         );
     }
     println!("logs: {}", dir.display());
@@ -849,6 +850,31 @@ fn monitor_dump(sock: &Path) -> Option<String> {
     Some(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// What the L0 emulator was doing when L1 froze: its monitor's view of L1's CPU and, if gdb is
+/// installed, the emulator's threads (a vCPU thread waiting on its condition variable means L1
+/// halted and no interrupt woke it; one waiting on a lock means the emulator deadlocked).
+fn freeze_diagnostics(monitor: &Path, pid: u32) -> Option<String> {
+    let mut text = String::new();
+    if let Some(m) = monitor_dump(monitor) {
+        text.push_str("== L0 monitor\n");
+        text.push_str(&m);
+        text.push('\n');
+    }
+    if let Some(gdb) = crate::util::which("gdb") {
+        let out = Command::new(gdb)
+            .args(["-batch", "-nx", "-p"])
+            .arg(pid.to_string())
+            .args(["-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(out) = out {
+            text.push_str("== L0 threads (gdb)\n");
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    (!text.is_empty()).then_some(text)
+}
+
 fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
     let console_path = rig_dir().join(format!("l1-console-{}.txt", boot.number));
     let mut console = std::fs::File::create(&console_path)?;
@@ -929,8 +955,8 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
                 (Some(now), Some(then)) => Some(now - then),
                 _ => None,
             };
-            let diagnostics = monitor_dump(&monitor).map(|text| {
-                let path = rig_dir().join(format!("freeze-l1-{}-monitor.txt", boot.number));
+            let diagnostics = freeze_diagnostics(&monitor, pid).map(|text| {
+                let path = rig_dir().join(format!("freeze-l1-{}.txt", boot.number));
                 let _ = std::fs::write(&path, text);
                 path
             });

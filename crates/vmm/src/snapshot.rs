@@ -201,6 +201,11 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
 
 /// The CPUID feature registers a snapshot's vCPUs may rely on: (leaf, subleaf, register
 /// name, register index: eax 0, ebx 1, ecx 2, edx 3).
+/// Bits KVM sets in a running vCPU's CPUID from the guest's own control registers, not from
+/// what the CPU has: OSXSAVE (leaf 1 ecx bit 27, CR4.OSXSAVE) and OSPKE (leaf 7.0 ecx bit 4,
+/// CR4.PKE). A snapshot of any guest that enabled XSAVE carries them; the host's set never does.
+const GUEST_SET_BITS: &[(u32, u32, usize, u32)] = &[(0x1, 0, 2, 1 << 27), (0x7, 0, 2, 1 << 4)];
+
 const FEATURE_REGS: &[(u32, u32, &str, usize)] = &[
     (0x1, 0, "ecx", 2),
     (0x1, 0, "edx", 3),
@@ -231,7 +236,12 @@ pub fn check_cpu_features(
     let missing: Vec<String> = FEATURE_REGS
         .iter()
         .filter_map(|&(leaf, sub, name, r)| {
-            let m = reg(saved, leaf, sub, r) & !reg(host, leaf, sub, r);
+            let guest_set: u32 = GUEST_SET_BITS
+                .iter()
+                .filter(|g| (g.0, g.1, g.2) == (leaf, sub, r))
+                .map(|g| g.3)
+                .sum();
+            let m = reg(saved, leaf, sub, r) & !reg(host, leaf, sub, r) & !guest_set;
             (m != 0).then(|| format!("CPUID {leaf:#x}.{sub} {name} bits {m:#x}"))
         })
         .collect();
@@ -1337,5 +1347,12 @@ mod tests {
         // A leaf the host does not have at all.
         let e = check_cpu_features(&[leaf(0x8000_0001, 0, [0, 0, 0x20, 0])], &host).unwrap_err();
         assert!(e.contains("CPUID 0x80000001.0 ecx bits 0x20"), "{e}");
+        // OSXSAVE and OSPKE come from the guest's CR4 (KVM sets them in a running vCPU's
+        // CPUID), never from the host's set: a guest that enabled XSAVE restores.
+        let xsave_guest = vec![
+            leaf(0x1, 0, [0, 0, 1 | 1 << 27, 0x0f]),
+            leaf(0x7, 0, [0, 0b0001, 1 << 4, 0]),
+        ];
+        assert!(check_cpu_features(&xsave_guest, &host).is_ok());
     }
 }
