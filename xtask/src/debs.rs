@@ -203,3 +203,95 @@ impl Unpacked {
         Ok((release, vmlinuz, modules))
     }
 }
+
+/// Debian's backports suite for this release, where the rig's L0 emulator comes from.
+const BACKPORTS_LINE: &str = "deb http://deb.debian.org/debian bookworm-backports main";
+
+/// apt options that make apt see only bookworm-backports, through lists kept under
+/// `build/debs/backports-apt/` (the host's own apt configuration is not touched).
+fn backports_apt(cmd: &mut Command) -> Result<&mut Command> {
+    let dir = crate::util::build_dir().join("debs/backports-apt");
+    std::fs::create_dir_all(dir.join("lists/partial"))?;
+    let list = dir.join("sources.list");
+    if std::fs::read_to_string(&list).ok().as_deref() != Some(&format!("{BACKPORTS_LINE}\n")) {
+        std::fs::write(&list, format!("{BACKPORTS_LINE}\n"))?;
+    }
+    Ok(cmd
+        .arg("-o")
+        .arg(format!("Dir::Etc::sourcelist={}", list.display()))
+        .args(["-o", "Dir::Etc::sourceparts=-", "-o"])
+        .arg(format!("Dir::State::Lists={}", dir.join("lists").display())))
+}
+
+/// Downloads and unpacks `packages` at the version bookworm-backports has for the first of
+/// them, all into one tree (`build/debs/<tree>/`); returns its root. The package lists are
+/// refreshed once a day.
+pub fn fetch_backports(tree: &str, packages: &[&str]) -> Result<PathBuf> {
+    ensure_tool("apt-get", "apt")?;
+    let debs = crate::util::build_dir().join("debs");
+    let lists = debs.join("backports-apt/lists");
+    let fresh = std::fs::read_dir(&lists)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+                .max()
+        })
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() < 86_400);
+    let madison = |update: bool| -> Result<String> {
+        if update {
+            eprintln!("[xtask] reading bookworm-backports' package list");
+            run_capture(backports_apt(&mut Command::new("apt-get"))?.args(["update", "-q"]))
+                .context("apt-get update for bookworm-backports failed")?;
+        }
+        run_capture(backports_apt(&mut Command::new("apt-cache"))?.args(["madison", packages[0]]))
+    };
+    let pick = |out: &str| {
+        out.lines()
+            .filter(|l| l.contains("bookworm-backports"))
+            .filter_map(|l| l.split('|').nth(1).map(|v| v.trim().to_string()))
+            .next()
+    };
+    let version = match madison(!fresh).ok().as_deref().and_then(pick) {
+        Some(v) => v,
+        None => madison(true)
+            .ok()
+            .as_deref()
+            .and_then(pick)
+            .with_context(|| format!("bookworm-backports has no {}", packages[0]))?,
+    };
+    let root = debs.join(tree);
+    let marker = root.join(".unpacked-from");
+    let want = format!("{} {version}", packages.join(" "));
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
+        return Ok(root);
+    }
+    let tmp = debs.join(format!(".download-{tree}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    eprintln!(
+        "[xtask] downloading {} {version} from bookworm-backports",
+        packages.join(", ")
+    );
+    let specs: Vec<String> = packages.iter().map(|p| format!("{p}={version}")).collect();
+    run_capture(
+        backports_apt(&mut Command::new("apt-get"))?
+            .args(["download", "-q"])
+            .args(&specs)
+            .current_dir(&tmp),
+    )
+    .with_context(|| format!("apt-get download {} failed", specs.join(" ")))?;
+    ensure_tool("dpkg-deb", "dpkg")?;
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|x| x == "deb") {
+            run_status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::write(&marker, &want)?;
+    Ok(root)
+}

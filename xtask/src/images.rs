@@ -131,7 +131,30 @@ pub struct Images {
     /// ext4 image with busybox + guest init + scenario scripts (virtio-blk root disk).
     pub blk_root: PathBuf,
     pub busybox: PathBuf,
+    /// The host's QEMU: the peer VMM that L1 runs as L2's VMM.
     pub qemu: PathBuf,
+    /// The L0 emulator that runs L1, and its firmware directory (see [`l0_emulator`]).
+    pub l0_qemu: PathBuf,
+    pub l0_data: PathBuf,
+}
+
+/// QEMU 10 from bookworm-backports, unpacked under `build/debs/qemu-l0/` (the host's QEMU is
+/// left as it is), is the L0 emulator. Bookworm's own QEMU 7.2 freezes L1 for good every few
+/// dozen nested boots: its TCG leaves a deliverable interrupt pending in L1's local APIC while
+/// L1 halts or L2 runs on (see shared/design/TESTING.md).
+pub fn l0_emulator() -> Result<(PathBuf, PathBuf)> {
+    let root = debs::fetch_backports(
+        "qemu-l0",
+        &["qemu-system-x86", "qemu-system-data", "qemu-system-common"],
+    )?;
+    let qemu = root.join("usr/bin/qemu-system-x86_64");
+    run_capture(Command::new(&qemu).arg("--version")).with_context(|| {
+        format!(
+            "the L0 emulator {} does not run (its libraries are those of bookworm's qemu-system-x86)",
+            qemu.display()
+        )
+    })?;
+    Ok((qemu, root.join("usr/share/qemu")))
 }
 
 fn images_dir() -> PathBuf {
@@ -171,6 +194,7 @@ pub fn build() -> Result<Images> {
         bail!("busybox-static has no /bin/busybox");
     }
     let qemu = ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+    let (l0_qemu, l0_data) = l0_emulator()?;
 
     let (l1_release, l1_vmlinuz, l1_modules) = l1_pkg.kernel()?;
     let (guest_release, guest_vmlinuz, guest_modules) = guest_pkg.kernel()?;
@@ -228,6 +252,8 @@ pub fn build() -> Result<Images> {
         blk_root,
         busybox,
         qemu,
+        l0_qemu,
+        l0_data,
     })
 }
 

@@ -686,12 +686,16 @@ fn print_table(results: &[RunResult]) {
     }
 }
 
-/// The L0 emulator that runs L1: `TERN_RIG_L0_QEMU` if set (to try another QEMU build),
-/// otherwise the host's `qemu-system-x86_64` (the same binary L1 runs as the QEMU peer).
-fn l0_qemu(imgs: &Images) -> PathBuf {
+/// The L0 emulator that runs L1 and its firmware search path: `TERN_RIG_L0_QEMU` if set (to
+/// try another QEMU build; give its `-L` in `TERN_RIG_L0_ARGS`), otherwise QEMU from
+/// bookworm-backports ([`images::l0_emulator`]).
+fn l0_qemu(imgs: &Images) -> (PathBuf, Vec<PathBuf>) {
     match std::env::var_os("TERN_RIG_L0_QEMU") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => imgs.qemu.clone(),
+        Some(p) if !p.is_empty() => (PathBuf::from(p), Vec::new()),
+        _ => (
+            imgs.l0_qemu.clone(),
+            vec![imgs.l0_data.clone(), PathBuf::from("/usr/share/seabios")],
+        ),
     }
 }
 
@@ -715,7 +719,11 @@ fn l1_command(
     debian_disk: Option<&Path>,
     monitor: Option<&Path>,
 ) -> Command {
-    let mut cmd = Command::new(l0_qemu(imgs));
+    let (qemu, data) = l0_qemu(imgs);
+    let mut cmd = Command::new(qemu);
+    for dir in data {
+        cmd.arg("-L").arg(dir);
+    }
     cmd.args(L1_MACHINE)
         .args(["-accel", "tcg", "-cpu"])
         .arg(rig_env("TERN_RIG_L1_CPU", L1_CPU))
@@ -1114,6 +1122,7 @@ pub fn shell(tern: &Path) -> Result<()> {
 /// Prints what `cargo xtask images` built.
 pub fn print_images(imgs: &Images, l1_initrd: &Path) {
     let size = |p: &Path| std::fs::metadata(p).map_or("?".to_string(), |m| human_bytes(m.len()));
+    println!("L0 emulator   {}", imgs.l0_qemu.display());
     println!(
         "L1 kernel     {} ({}, {})",
         imgs.l1_kernel.display(),
