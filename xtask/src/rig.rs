@@ -1166,6 +1166,63 @@ pub fn default_spec_json() -> Result<String> {
 mod tests {
     use super::*;
 
+    fn freeze(vmm: Option<Vmm>) -> Freeze {
+        Freeze {
+            run: "r".into(),
+            vmm,
+            l1_boot: 1,
+            runs_before: 0,
+            last_heard_secs: 0.0,
+            l0_cpu_secs: None,
+            diagnostics: None,
+        }
+    }
+
+    fn rig_run(freezes: Vec<Freeze>, tern_runs: usize, qemu_runs: usize) -> RigRun {
+        RigRun {
+            results: Vec::new(),
+            freezes,
+            runs_by_vmm: [("tern", tern_runs), ("qemu", qemu_runs)]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tern_freezes_are_judged_per_run_against_qemu_freezes() {
+        // No freeze, or only QEMU's: fine.
+        assert!(!rig_run(vec![], 20, 4).tern_froze_more());
+        assert!(!rig_run(vec![freeze(Some(Vmm::Qemu))], 20, 4).tern_froze_more());
+        // A tern freeze with none under QEMU fails, however few QEMU runs there were.
+        assert!(rig_run(vec![freeze(Some(Vmm::Tern))], 20, 4).tern_froze_more());
+        assert!(rig_run(vec![freeze(Some(Vmm::Tern))], 20, 0).tern_froze_more());
+        // 2 in 20 tern runs is a lower rate than 1 in 4 QEMU runs; 2 in 4 is not.
+        let two_tern = || {
+            vec![
+                freeze(Some(Vmm::Tern)),
+                freeze(Some(Vmm::Tern)),
+                freeze(Some(Vmm::Qemu)),
+            ]
+        };
+        assert!(!rig_run(two_tern(), 20, 4).tern_froze_more());
+        assert!(rig_run(two_tern(), 4, 4).tern_froze_more());
+        // A freeze between runs belongs to neither VMM, and the summary says so.
+        let between = rig_run(vec![freeze(None), freeze(Some(Vmm::Qemu))], 3, 2);
+        assert!(!between.tern_froze_more());
+        assert_eq!(
+            between.freeze_summary(),
+            "L1 froze 2 time(s): 0 during tern runs (3 runs), 1 during QEMU runs (2 runs), 1 between runs"
+        );
+    }
+
+    #[test]
+    fn heartbeats_parse() {
+        assert!(matches!(
+            parse_line("@@RIG-HB 123.45"),
+            Some(Event::Heartbeat)
+        ));
+    }
+
     #[test]
     fn frames_parse() {
         let r = RunResult {
