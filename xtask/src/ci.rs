@@ -11,9 +11,11 @@ use crate::util::{apt_install, workspace_root};
 /// Debian packages the tests need on the host (e2fsprogs: `mkfs.ext4 -d` builds the virtio-blk
 /// disk image, and its `debugfs`/`e2fsck` and qemu-utils' `qemu-img` check disks inside L1;
 /// iproute2's `ip` builds the network scenarios' bridge and TAPs inside L1; seabios is the PC
-/// BIOS of the QEMU peer's `-M pc` Debian boots; mmdebstrap builds the Debian guest).
+/// BIOS of the QEMU peer's `-M pc` Debian boots; mmdebstrap builds the Debian guest; gdb takes
+/// the L0 emulator's thread backtraces when L1 freezes).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    "gdb",
     "seabios",
     "mmdebstrap",
     "busybox-static",
