@@ -133,14 +133,8 @@ pub fn build() -> Result<PathBuf> {
     std::fs::copy(&initrd, outer.join("initrd.img"))?;
 
     let root_img = work.join("root.ext4");
-    run_capture(
-        Command::new(&mkfs)
-            .args(["-q", "-F", "-t", "ext4", "-L", "debian-root", "-d"])
-            .arg(&root)
-            .arg(&root_img)
-            .arg(format!("{ROOT_FS_MIB}M")),
-    )
-    .context("mkfs.ext4 -d of the Debian tree failed")?;
+    mkfs_ext4(&mkfs, "debian-root", &root, &root_img, ROOT_FS_MIB)
+        .context("mkfs.ext4 -d of the Debian tree failed")?;
     let _ = std::fs::remove_dir_all(&root);
     run_capture(
         Command::new(&qemu_img)
@@ -159,14 +153,8 @@ pub fn build() -> Result<PathBuf> {
     let disk_mib = (content >> 20) + ((content >> 20) / 8).max(64);
     let partial = disk.with_extension("partial");
     let _ = std::fs::remove_file(&partial);
-    run_capture(
-        Command::new(&mkfs)
-            .args(["-q", "-F", "-t", "ext4", "-L", "rig-debian", "-d"])
-            .arg(&outer)
-            .arg(&partial)
-            .arg(format!("{disk_mib}M")),
-    )
-    .context("mkfs.ext4 -d of the rig's Debian disk failed")?;
+    mkfs_ext4(&mkfs, "rig-debian", &outer, &partial, disk_mib)
+        .context("mkfs.ext4 -d of the rig's Debian disk failed")?;
     std::fs::rename(&partial, &disk)?;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!(
@@ -179,6 +167,18 @@ pub fn build() -> Result<PathBuf> {
     );
     stamp.commit()?;
     Ok(disk)
+}
+
+/// `mkfs.ext4 -d TREE`: an ext4 file system of `mib` MiB labelled `label` holding `tree`.
+fn mkfs_ext4(mkfs: &Path, label: &str, tree: &Path, image: &Path, mib: u64) -> Result<()> {
+    run_capture(
+        Command::new(mkfs)
+            .args(["-q", "-F", "-t", "ext4", "-L", label, "-d"])
+            .arg(tree)
+            .arg(image)
+            .arg(format!("{mib}M")),
+    )?;
+    Ok(())
 }
 
 /// The rig's additions to the Debian tree: the report unit, a host name, an fstab.

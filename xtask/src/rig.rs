@@ -497,6 +497,12 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
     // one runs the runs that have no result yet; a run during which L1 froze twice fails.
     let mut stalls: BTreeMap<String, u32> = BTreeMap::new();
     let mut l1_boot = 0;
+    // Built once for every L1 boot (not at all if no run can start).
+    let imgs = if to_run.is_empty() {
+        None
+    } else {
+        Some(images::build()?)
+    };
     loop {
         let mut remaining: Vec<RunSpec> = to_run
             .iter()
@@ -511,13 +517,15 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
         }
         l1_boot += 1;
         let before = results.len();
-        let imgs = images::build()?;
+        let Some(imgs) = &imgs else {
+            break;
+        };
         let spec = AgentSpec {
             runs: remaining.clone(),
         };
         let spec_json = serde_json::to_string_pretty(&spec)?;
         std::fs::write(dir.join("scenarios.json"), &spec_json)?;
-        let initrd = images::build_l1_initrd(&imgs, tern, &spec_json)?;
+        let initrd = images::build_l1_initrd(imgs, tern, &spec_json)?;
         let budget = L1_OVERHEAD_SECS + remaining.iter().map(|r| r.timeout_secs + 5).sum::<u64>();
         let timeouts: BTreeMap<String, u64> = remaining
             .iter()
@@ -525,7 +533,7 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
             .collect();
         let outcome = run_l1(
             &L1Boot {
-                imgs: &imgs,
+                imgs,
                 initrd: &initrd,
                 debian_disk: debian_disk.as_deref(),
                 budget: Duration::from_secs(budget),
