@@ -1346,3 +1346,72 @@ fn a_truncated_memory_file_leaves_the_terminal_as_it_was() {
     assert_eq!(status.code(), Some(1), "{status}");
     assert!(canonical(&slave), "tern left the terminal in raw mode");
 }
+
+/// A snapshot written by the last tern that wrote snapshot format 2 (commit 7190234; see the
+/// README inside `tests/fixtures/snapshot-format2.tar.gz`) still restores, with both memory
+/// modes, and its guest runs on: its counter resumes at the next tick, the memory it filled,
+/// the sectors it wrote and the pages only its disk wrote are intact, and it gets a new VM
+/// generation ID.
+#[test]
+fn a_format_2_snapshot_still_restores_and_runs_on() {
+    if !require_kvm("a_format_2_snapshot_still_restores_and_runs_on") {
+        return;
+    }
+    let dir = Scratch::new("format2");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-format2.tar.gz");
+    let out = Command::new("tar")
+        .args(["-xzf", s(&fixture), "-C", s(&dir.path(""))])
+        .output()
+        .expect("run tar");
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = dir.path("snapshot-format2");
+    let snap = root.join("snap");
+    let before = ticks(&root.join("serial-before.log"));
+    let last = *before.last().expect("ticks before the snapshot");
+    for mode in ["eager", "lazy"] {
+        let disk = dir.path(&format!("disk-{mode}.raw"));
+        std::fs::copy(root.join("disk.raw"), &disk).unwrap();
+        let remap = format!("/tmp/fx/disk.raw={}", s(&disk));
+        let serial = dir.path(&format!("serial-{mode}.log"));
+        let backend = format!("file:{}", s(&serial));
+        let console = format!("file:{}", s(&dir.path(&format!("console-{mode}.log"))));
+        let r = run_with_timeout(
+            &tern(),
+            &[
+                "run",
+                "--restore",
+                s(&snap),
+                "--restore-mode",
+                mode,
+                "--disk-remap",
+                &remap,
+                "--serial",
+                &backend,
+                "--console",
+                &console,
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code, Some(0), "restore ({mode}): {}", r.stderr);
+        let t = ticks(&serial);
+        assert_eq!(
+            t.first().map(|t| t.0),
+            Some(last.0 + 1),
+            "({mode}) the counter did not resume at the next tick: {t:?}"
+        );
+        let text = std::fs::read_to_string(&serial).unwrap();
+        let ok = text
+            .lines()
+            .find(|l| l.starts_with("probe: count ok"))
+            .unwrap_or_else(|| panic!("({mode}) no final line: {text}"));
+        for want in ["mem=ok", "devlog=ok", "gen_changes=1"] {
+            assert!(ok.contains(want), "({mode}) {want} missing: {ok}");
+        }
+        assert!(text.contains("probe: done status=0"), "({mode}) {text}");
+    }
+}
