@@ -1,8 +1,9 @@
 //! `state.json` restore: the bytes, given a valid checksum when they parse as a snapshot at
-//! all (so the checks past it are reached), read as `tern --restore` reads them, then the
-//! checks a restore makes before any KVM call: the config's validation, CPU features, and the
-//! saved UART, RTC and virtio transport states put into fresh devices (virtio-mmio and
-//! virtio-pci, each device type).
+//! all (so the checks past it are reached), read as `tern --restore` reads them (format 3, or
+//! format 2 turned into sections), then the checks a restore makes before any KVM call: the
+//! config's validation, each vCPU's CPU features, and every section put into a fresh component
+//! of its kind: the UART, the RTC, and virtio transports (virtio-mmio and virtio-pci, each
+//! device type).
 #![no_main]
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -10,10 +11,11 @@ use std::sync::Arc;
 use devices::serial::{SerialDevice, SerialOut};
 use devices::EventFdTrigger;
 use libfuzzer_sys::fuzz_target;
+use lifecycle::Component;
 use tern_fuzz::{guest_mem, some_device, NoMsi};
 use virtio::transport::mmio::MmioTransport;
 use virtio::transport::pci::VirtioPciDevice;
-use virtio::transport::PauseDevice;
+use virtio::transport::{PauseDevice, TransportState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fuzz_target!(|data: &[u8]| {
@@ -32,33 +34,47 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let _ = snap.config.validate();
-    let _ = vmm::snapshot::check_cpu_features(snap.cpuid(), snap.cpuid());
-    let _ = (
-        snap.vm(),
-        snap.vcpus().len(),
-        snap.parent(),
-        snap.state_fnv(),
-    );
+    let _ = (snap.parent(), snap.state_fnv());
     let irq = EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
     let mut serial = SerialDevice::new(irq, SerialOut::new(None, Arc::new(AtomicBool::new(false))));
-    let _ = serial.restore_state(snap.serial());
-    if let Some(r) = snap.rtc() {
-        let _ = devices::rtc::Rtc::new().restore_state(r);
-    }
-    for state in snap.devices().iter().take(4) {
-        for which in 0..3 {
-            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-            let mut t = MmioTransport::new(guest_mem(), some_device(which), irq).unwrap();
-            if t.restore_state(state).is_ok() {
-                assert!(t.pause_device(deadline()), "a restored device did not pause");
-                let _ = t.save_state();
+    let mut virtio_sections = 0;
+    for section in snap.sections() {
+        match section.id.as_str() {
+            "com1" => {
+                let _ = serial.restore(section);
             }
-            let mut p =
-                VirtioPciDevice::new(guest_mem(), some_device(which), Arc::new(NoMsi)).unwrap();
-            if p.restore_state(state).is_ok() {
-                assert!(p.pause_device(deadline()), "a restored device did not pause");
-                let _ = p.save_state();
+            "rtc" => {
+                let _ = devices::rtc::Rtc::new().restore(section);
             }
+            "kvm-vm" => {
+                let _ = section.parse::<vmm::snapshot::VmState>(&[1]);
+            }
+            id if id.starts_with("vcpu") => {
+                if let Ok(v) = section.parse::<vmm::snapshot::VcpuState>(&[1]) {
+                    let _ = vmm::snapshot::check_cpu_features(v.cpuid(), v.cpuid());
+                }
+            }
+            _ if virtio_sections < 4 => {
+                virtio_sections += 1;
+                let Ok(state) = section.parse::<TransportState>(&[1]) else {
+                    continue;
+                };
+                for which in 0..3 {
+                    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+                    let mut t = MmioTransport::new(guest_mem(), some_device(which), irq).unwrap();
+                    if t.restore_state(&state).is_ok() {
+                        assert!(t.pause_device(deadline()), "a restored device did not pause");
+                        let _ = t.save_state();
+                    }
+                    let mut p = VirtioPciDevice::new(guest_mem(), some_device(which), Arc::new(NoMsi))
+                        .unwrap();
+                    if p.restore_state(&state).is_ok() {
+                        assert!(p.pause_device(deadline()), "a restored device did not pause");
+                        let _ = p.save_state();
+                    }
+                }
+            }
+            _ => {}
         }
     }
 });

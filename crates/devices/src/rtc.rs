@@ -88,7 +88,7 @@ impl Rtc {
     }
 
     /// The index register and CMOS RAM, for a snapshot (the time itself follows the host).
-    pub fn save_state(&self) -> RtcState {
+    fn save_state(&self) -> RtcState {
         RtcState {
             index: self.index,
             ram: self.ram.to_vec(),
@@ -96,7 +96,7 @@ impl Rtc {
     }
 
     /// Puts saved CMOS RAM and index back.
-    pub fn restore_state(&mut self, s: &RtcState) -> Result<(), String> {
+    fn restore_state(&mut self, s: &RtcState) -> Result<(), String> {
         // The guest's index port keeps 7 bits (bit 7 is the NMI mask); a larger index would
         // address past the CMOS RAM.
         if s.index > 0x7f {
@@ -138,6 +138,16 @@ impl Rtc {
 impl Default for Rtc {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl lifecycle::Component for Rtc {
+    fn save(&mut self, id: &str) -> Result<Option<lifecycle::Section>, String> {
+        lifecycle::Section::new(id, 1, &self.save_state()).map(Some)
+    }
+
+    fn restore(&mut self, section: &lifecycle::Section) -> Result<(), String> {
+        self.restore_state(&section.parse(&[1])?)
     }
 }
 

@@ -319,7 +319,7 @@ impl SerialDevice {
     }
 
     /// The UART's registers and receive FIFO, for a snapshot.
-    pub fn save_state(&self) -> SerialState {
+    fn save_state(&self) -> SerialState {
         let s = self.serial.state();
         SerialState {
             registers: [
@@ -338,7 +338,7 @@ impl SerialDevice {
     }
 
     /// Puts saved registers and FIFO back; the interrupt line and the output stay.
-    pub fn restore_state(&mut self, s: &SerialState) -> Result<(), String> {
+    fn restore_state(&mut self, s: &SerialState) -> Result<(), String> {
         let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
             s.registers;
         let state = vm_superio::serial::SerialState {
@@ -378,6 +378,19 @@ impl SerialDevice {
 pub struct SerialState {
     registers: [u8; 9],
     fifo: Vec<u8>,
+}
+
+/// Layout versions of [`SerialState`] this tern reads (and the one it writes, last).
+const SERIAL_STATE_VERSIONS: &[u32] = &[1];
+
+impl lifecycle::Component for SerialDevice {
+    fn save(&mut self, id: &str) -> Result<Option<lifecycle::Section>, String> {
+        lifecycle::Section::new(id, 1, &self.save_state()).map(Some)
+    }
+
+    fn restore(&mut self, section: &lifecycle::Section) -> Result<(), String> {
+        self.restore_state(&section.parse(SERIAL_STATE_VERSIONS)?)
+    }
 }
 
 impl BusDevice for SerialDevice {

@@ -277,7 +277,7 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             // SIGINT/SIGTERM belong to the VMM's signalfd; blocked before any thread starts (or
             // the API socket appears), so a signal never finds them at their default action.
-            if let Err(e) = vmm::vm::block_stop_signals_in_this_thread() {
+            if let Err(e) = vmm::signals::block_stop_signals_in_this_thread() {
                 eprintln!("tern: cannot block SIGINT/SIGTERM: {e}");
                 return ExitCode::from(EXIT_VMM_ERROR);
             }

@@ -324,8 +324,8 @@ fn damaged_snapshots_are_refused() {
     assert!(e.contains("state.json is corrupted"), "{e}");
     std::fs::write(&state, &good_state[..good_state.len() / 3]).unwrap();
     assert!(restore("truncated state").contains("is not a tern snapshot"));
-    std::fs::write(&state, text.replacen("\"version\":2", "\"version\":99", 1)).unwrap();
-    assert!(restore("other version").contains("this tern reads format 2"));
+    std::fs::write(&state, text.replacen("\"version\":3", "\"version\":99", 1)).unwrap();
+    assert!(restore("other version").contains("this tern reads format 3"));
     std::fs::remove_file(&state).unwrap();
     assert!(restore("missing state").contains("cannot read"));
 }
@@ -1151,7 +1151,11 @@ fn crafted_snapshots_are_refused() {
         "include bits 0x4000000000000 the device does not offer",
     );
 
-    let rtc = resign(&edit_number(&good, "\"rtc\":{\"index\":", |_| 0xff));
+    let rtc = resign(&edit_number(
+        &good,
+        "\"id\":\"rtc\",\"version\":1,\"state\":{\"index\":",
+        |_| 0xff,
+    ));
     std::fs::write(&state, &rtc).unwrap();
     restore("RTC index", "RTC: saved CMOS index 0xff is out of range");
 

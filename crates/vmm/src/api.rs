@@ -208,7 +208,7 @@ impl ApiServer {
             .name("tern-api".into())
             .spawn(move || {
                 // SIGINT/SIGTERM belong to the VMM's signalfd, whichever thread started first.
-                if let Err(e) = crate::vm::block_stop_signals_in_this_thread() {
+                if let Err(e) = crate::signals::block_stop_signals_in_this_thread() {
                     tracing::warn!("API thread: cannot block SIGINT/SIGTERM: {e}");
                 }
                 runtime.block_on(async move {

@@ -12,7 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::vm::{VmControl, VmExit};
+use crate::control::{VmControl, VmExit};
 use devices::Bus;
 
 /// Signal used to kick vCPU threads out of `KVM_RUN`.

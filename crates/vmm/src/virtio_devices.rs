@@ -22,8 +22,8 @@ use virtio::transport::PauseDevice;
 use virtio::VirtioDevice;
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
+use crate::error::VmmError;
 use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
-use crate::vm::VmmError;
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
 use devices::pci::{MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
 use virtio::transport::pci::{IntxLine, VirtioPciDevice};
@@ -112,7 +112,7 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
     if let Some(backend) = &config.console {
         // Written by a thread of its own: a sink that blocks (a stdout nobody reads) must not
         // block the device's worker, nor a vCPU resetting the device and waiting for it.
-        let sink = crate::vm::open_char_sink(backend, "console output file")?
+        let sink = crate::console::open_char_sink(backend, "console output file")?
             .and_then(|s| devices::serial::BufferedSink::new(s, "virtio-console"));
         console_output = sink.as_ref().map(|s| s.output());
         let sink = sink.map(|s| Box::new(s) as Box<dyn std::io::Write + Send>);
@@ -197,6 +197,73 @@ pub fn device_names(config: &VmConfig) -> Vec<String> {
         names.push(format!("virtio-net {i} (TAP {})", n.tap));
     }
     names
+}
+
+/// The component id of each device [`create`] makes, in the same order: the key of its state
+/// in a snapshot.
+pub fn device_ids(config: &VmConfig) -> Vec<String> {
+    let mut ids = Vec::new();
+    if config.rng {
+        ids.push("virtio-rng".to_string());
+    }
+    if config.console.is_some() {
+        ids.push("virtio-console".to_string());
+    }
+    ids.extend((0..config.disks.len()).map(|i| format!("disk{i}")));
+    ids.extend((0..config.nets.len()).map(|i| format!("net{i}")));
+    ids
+}
+
+/// A virtio device's transport as a component of the VM: pausing it pauses the device (its
+/// in-flight I/O finishes first), its state is the transport's (the driver's configuration,
+/// MSI-X, and where each queue stopped), and it writes the used rings on its own.
+pub struct VirtioComponent(pub DevicePauser);
+
+impl lifecycle::Component for VirtioComponent {
+    fn pause(&mut self, deadline: std::time::Instant) -> Result<(), String> {
+        if self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pause_device(deadline)
+        {
+            Ok(())
+        } else {
+            Err("did not finish its in-flight I/O and stop".into())
+        }
+    }
+
+    fn resume(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume_device();
+    }
+
+    fn save(&mut self, id: &str) -> Result<Option<lifecycle::Section>, String> {
+        let state = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save_state();
+        lifecycle::Section::new(id, 1, &state).map(Some)
+    }
+
+    fn restore(&mut self, section: &lifecycle::Section) -> Result<(), String> {
+        let state: virtio::transport::TransportState = section.parse(&[1])?;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(&state)
+    }
+
+    fn written_memory(&mut self) -> Vec<(u64, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save_state()
+            .used_rings()
+    }
 }
 
 /// Opens disk `i` and wraps it in a virtio-blk device.

@@ -1,0 +1,356 @@
+//! Building a VM from a validated [`VmConfig`]: the KVM VM, guest memory and its slots, the
+//! kernel and boot tables (unless the VM is restored), the legacy platform, the virtio devices
+//! on their transport, the vCPUs, and the components in their walk order.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use lifecycle::threads::{spawn, Role};
+
+use arch::layout::*;
+use arch::GuestMemoryMmap;
+
+use crate::components::{Components, Phase};
+use crate::config::{BootProtocol, Decompress, Transport, VmConfig};
+use crate::control::VmControl;
+use crate::error::{kvm_err, VmmError};
+use crate::memory::GuestRam;
+use crate::platform::Platform;
+use crate::snapshot::kvm::KvmVm;
+use crate::vcpus::{BootCpu, Vcpus};
+use crate::vm::Vm;
+
+/// A KVM VM with what every tern VM has whatever its configuration: TSS and identity map
+/// addresses, the in-kernel irqchip and (when `has_pit`) the PIT. An API-only tern makes one
+/// while it waits, so a boot or restore request does not pay for it.
+pub struct VmShell {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    has_pit: bool,
+}
+
+impl VmShell {
+    /// Opens `/dev/kvm`, checks what tern needs and creates the VM (with its PIT when
+    /// `with_pit`: creating it starts a kernel thread, which a cold start overlaps with other
+    /// work instead).
+    pub fn create(with_pit: bool) -> Result<VmShell, VmmError> {
+        let kvm = Kvm::new().map_err(|e| {
+            VmmError::Kvm(format!(
+                "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
+            ))
+        })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT2"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::Kvm(format!("KVM lacks {name} support")));
+            }
+        }
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create in-kernel irqchip"))?;
+        if with_pit {
+            create_pit(&vm)?;
+        }
+        Ok(VmShell {
+            kvm,
+            vm,
+            has_pit: with_pit,
+        })
+    }
+}
+
+fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create PIT"))
+}
+
+/// The kernel a configuration boots.
+fn kernel_path(config: &VmConfig) -> Result<&std::path::Path, VmmError> {
+    Ok(config
+        .kernel
+        .as_deref()
+        .ok_or(crate::config::ConfigError::Missing(
+            "kernel (--kernel PATH)",
+        ))?)
+}
+
+/// Writes the ACPI tables, the kernel, initrd, command line, boot structures and MP table
+/// into guest memory.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    acpi_platform: &arch::acpi::AcpiPlatform,
+    kernel_bytes: Vec<u8>,
+    mut initrd: Option<(File, u64)>,
+    linux: bool,
+) -> Result<arch::boot::BootInfo, VmmError> {
+    let mem_size = config.memory.0;
+    let kernel_path = kernel_path(config)?;
+    let protocol = match config.boot_protocol {
+        BootProtocol::Auto => arch::boot::BootProtocol::Auto,
+        BootProtocol::Pvh => arch::boot::BootProtocol::Pvh,
+        BootProtocol::Linux => arch::boot::BootProtocol::Linux,
+    };
+    let bzimage_entry = match config.decompress {
+        Decompress::Host => arch::boot::BzImageEntry::Host,
+        Decompress::Guest => arch::boot::BzImageEntry::Guest,
+    };
+    let rsdp =
+        arch::acpi::setup_acpi(mem, acpi_platform).map_err(|e| VmmError::Setup(e.to_string()))?;
+    crate::vmgenid::write_new(mem).map_err(VmmError::Setup)?;
+    let boot = arch::boot::load_kernel(
+        mem,
+        arch::boot::KernelSpec {
+            kernel: &kernel_bytes,
+            initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
+            cmdline: config.effective_cmdline(),
+            mem_size,
+            protocol,
+            bzimage_entry,
+            rsdp: Some(rsdp),
+        },
+    )
+    .map_err(|err| VmmError::Boot {
+        path: kernel_path.display().to_string(),
+        err,
+    })?;
+    drop(kernel_bytes);
+    if linux {
+        if let Some(why) = crate::host::emulation_backed_kvm() {
+            eprintln!(
+                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
+                );
+        }
+    }
+    tracing::info!("kernel loaded: {}; entry {:#x}", boot.how, boot.entry);
+    arch::mptable::setup_mptable(mem, config.cpus).map_err(|e| VmmError::Setup(e.to_string()))?;
+
+    Ok(boot)
+}
+
+/// Builds the VM `config` describes. For a restore (`restoring`), guest memory and vCPU state
+/// come from the snapshot afterwards, so the kernel, initrd and boot tables are not loaded (the
+/// files need not exist any more). `shell` is a KVM VM made ahead, if any.
+pub fn build(
+    config: &VmConfig,
+    start: Instant,
+    restoring: bool,
+    shell: Option<VmShell>,
+) -> Result<Vm, VmmError> {
+    let kernel = if restoring {
+        None
+    } else {
+        let kernel_path = kernel_path(config)?;
+        Some(std::fs::read(kernel_path).map_err(|err| VmmError::File {
+            what: "kernel",
+            path: kernel_path.display().to_string(),
+            err,
+        })?)
+    };
+    let initrd = match &config.initrd {
+        Some(_) if restoring => None,
+        Some(p) => {
+            let file_err = |err| VmmError::File {
+                what: "initrd",
+                path: p.display().to_string(),
+                err,
+            };
+            let f = File::open(p).map_err(file_err)?;
+            let len = f.metadata().map_err(file_err)?.len();
+            Some((f, len))
+        }
+        None => None,
+    };
+    let linux = kernel.as_deref().is_some_and(arch::boot::is_linux);
+    let shell = match shell {
+        Some(s) => s,
+        None => VmShell::create(false)?,
+    };
+    let VmShell { kvm, vm, has_pit } = shell;
+    let max_vcpus = kvm.get_max_vcpus();
+    if config.cpus as usize > max_vcpus {
+        return Err(VmmError::Kvm(format!(
+            "{} vCPUs requested but this host's KVM allows at most {max_vcpus}",
+            config.cpus
+        )));
+    }
+    let mem = crate::memory::allocate(config.memory.0)?;
+    // Registering guest memory and creating the PIT (which starts a kernel thread) are among
+    // the slowest KVM calls on some hosts; they run on their own thread while this one loads
+    // the kernel and sets up devices and vCPUs, and are joined before the VM can run.
+    let slots = crate::memory::slots(&mem, config.track_dirty_pages);
+    let vm_for_slots = vm.clone();
+    let register_memory = spawn(Role::Vmm, "memslots", move || -> Result<(), VmmError> {
+        if !has_pit {
+            create_pit(&vm_for_slots)?;
+        }
+        // SAFETY: each slot is a live mapping owned by `mem`, which `build` keeps until this
+        // thread is joined, and which the returned `Vm` then keeps for as long as the VM fd
+        // exists.
+        unsafe { crate::memory::register(&vm_for_slots, slots) }
+    })
+    .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
+    // `mem` (and so the mapping) stays alive here until the thread is joined, whether or not
+    // the rest of the build succeeds; clones share the same mapping.
+    let parts = Parts {
+        kvm,
+        vm,
+        mem: mem.clone(),
+        kernel,
+        initrd,
+        linux,
+    };
+    let result = build_rest(config, start, parts);
+    let registered = register_memory
+        .join()
+        .unwrap_or_else(|_| Err(VmmError::Setup("guest memory registration panicked".into())));
+    drop(mem);
+    let vm = result?;
+    registered?;
+    if config.track_dirty_pages {
+        vm.ram.start_dirty_log(true)?;
+    }
+    Ok(vm)
+}
+
+/// What [`build`] hands on to [`build_rest`].
+struct Parts {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    kernel: Option<Vec<u8>>,
+    initrd: Option<(File, u64)>,
+    linux: bool,
+}
+
+fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmError> {
+    let Parts {
+        kvm,
+        vm,
+        mem,
+        kernel,
+        initrd,
+        linux,
+    } = p;
+    let virtio = crate::virtio_devices::create(config)?;
+    let mut acpi_platform = arch::acpi::AcpiPlatform {
+        num_cpus: config.cpus as u8,
+        ..Default::default()
+    };
+    match config.transport {
+        Transport::Mmio => {
+            acpi_platform.virtio_mmio = (0..virtio.devices.len())
+                .map(crate::virtio_devices::mmio_slot)
+                .collect();
+        }
+        Transport::Pci => {
+            acpi_platform.pci = Some(arch::acpi::PciAcpi {
+                ecam_base: PCI_ECAM_START,
+                last_bus: (PCI_ECAM_BUSES - 1) as u8,
+                mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+            });
+        }
+    }
+    // A restored VM gets its memory and registers from the snapshot.
+    let boot = match kernel {
+        Some(k) => Some(load_guest(config, &mem, &acpi_platform, k, initrd, linux)?),
+        None => None,
+    };
+
+    let ctl = Arc::new(VmControl::new()?);
+    let Platform {
+        serial,
+        rtc,
+        power_button,
+        vmgenid_evt,
+        panic_seen,
+        mut pio,
+        mut mmio,
+    } = Platform::create(config, &vm, &ctl, start)?;
+    let mut intx = None;
+    let mut pausers = Vec::new();
+    match config.transport {
+        Transport::Mmio => {
+            crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices, &mut pausers)?
+        }
+        Transport::Pci => {
+            let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
+            intx = Some(crate::virtio_devices::attach_pci(
+                &vm,
+                &mem,
+                &routing,
+                &mut pio,
+                &mut mmio,
+                virtio.devices,
+                &mut pausers,
+            )?);
+        }
+    }
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let vcpus = Vcpus::create(
+        &kvm,
+        &vm,
+        config.cpus as u8,
+        boot.as_ref().map(|boot| BootCpu { mem: &mem, boot }),
+        (&pio, &mmio),
+        &ctl,
+    )?;
+
+    // The walk order: the KVM VM's irqchip before the vCPUs' LAPICs, the vCPUs before the
+    // devices (see `components`).
+    let mut components = Components::default();
+    components.register(
+        "kvm-vm",
+        "the KVM VM (irqchip, PIT, clock)",
+        Phase::Platform,
+        Arc::new(Mutex::new(KvmVm(vm.clone()))),
+    );
+    vcpus.register(&mut components);
+    components.register("com1", "the COM1 UART", Phase::Device, serial.clone());
+    components.register("rtc", "the CMOS RTC", Phase::Device, rtc);
+    // Format-2 snapshots from before the RTC's RAM was saved have no state for it.
+    components.optional_in_old_snapshots();
+    let ids = crate::virtio_devices::device_ids(config);
+    let names = crate::virtio_devices::device_names(config);
+    for ((id, name), p) in ids.iter().zip(&names).zip(pausers) {
+        components.register(
+            id,
+            name,
+            Phase::Device,
+            Arc::new(Mutex::new(crate::virtio_devices::VirtioComponent(p))),
+        );
+    }
+
+    Ok(Vm {
+        ram: GuestRam::new(mem, vm),
+        ctl,
+        vcpus,
+        components,
+        serial,
+        power_button,
+        vmgenid_evt,
+        shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
+        panic_seen,
+        console_input: virtio.console_input,
+        console_output: virtio.console_output,
+        _intx: intx,
+        device_stats: virtio.stats,
+        started: Instant::now(),
+        last_snapshot: Mutex::new(None),
+    })
+}

@@ -1,0 +1,154 @@
+//! Every component a VM registers round-trips its state: saved from one freshly built VM,
+//! restored into another built from the same configuration, and saved again, it is the same.
+//! The walk covers whatever is registered, so a new component is tested by being registered.
+
+use std::time::Instant;
+
+use lifecycle::Section;
+use serde_json::Value;
+
+use crate::builder::build;
+use crate::config::VmConfig;
+
+/// A VM configuration with every kind of device tern has (a TAP only when this process may
+/// create one), on `transport`.
+fn config(dir: &std::path::Path, transport: &str, with_net: bool) -> VmConfig {
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut text = format!(
+        "kernel = \"/unused\"\ncpus = 2\nmemory = \"64M\"\nserial = \"none\"\nrng = true\nconsole = \"none\"\ntransport = \"{transport}\"\n[[disks]]\npath = \"{}\"\nformat = \"raw\"\n",
+        disk.display()
+    );
+    if with_net {
+        text.push_str("[[nets]]\ntap = \"auto\"\n");
+    }
+    let c = VmConfig::from_file_text("roundtrip.toml", &text).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+/// Whether this process can use `/dev/kvm`: false after a loud skip, a failure under CI.
+fn have_kvm(test: &str) -> bool {
+    match kvm_ioctls::Kvm::new() {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("{test}: /dev/kvm is required under CI=true but cannot be opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}) ***\n");
+            false
+        }
+    }
+}
+
+/// A section with what legitimately changes between two saves of the same state taken a
+/// moment apart zeroed: the KVM clock, and each vCPU's time-stamp counter.
+fn without_time(s: &Section) -> Section {
+    let mut s = s.clone();
+    if s.id == "kvm-vm" {
+        s.state["clock"] = Value::Null;
+        // Each PIT channel's count_load_time (bytes 16..24 of its 24) is a host time.
+        if let Some(pit) = s.state["pit"].as_array_mut() {
+            for c in 0..3 {
+                for b in pit.iter_mut().skip(c * 24 + 16).take(8) {
+                    *b = Value::from(0);
+                }
+            }
+        }
+    }
+    if s.id.starts_with("vcpu") {
+        if let Some(msrs) = s.state["msrs"].as_array_mut() {
+            // A `kvm_msr_entry` is saved as its 16 bytes: index (4), reserved (4), data (8).
+            // IA32_TSC (0x10) is a time.
+            msrs.retain(|m| {
+                let b: Vec<u64> = m.as_array().map_or(Vec::new(), |a| {
+                    a.iter().take(4).filter_map(Value::as_u64).collect()
+                });
+                let index = b.iter().rev().fold(0u64, |acc, x| acc << 8 | x);
+                index != 0x10
+            });
+        }
+    }
+    s
+}
+
+/// Where two JSON values first differ (a path like `/msrs/3/data`), if they do.
+fn first_difference(a: &Value, b: &Value, at: String) -> Option<String> {
+    match (a, b) {
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (x, y))| first_difference(x, y, format!("{at}/{i}"))),
+        (Value::Object(x), Value::Object(y)) if x.len() == y.len() => {
+            x.iter().find_map(|(k, v)| match y.get(k) {
+                Some(w) => first_difference(v, w, format!("{at}/{k}")),
+                None => Some(format!("{at}/{k}")),
+            })
+        }
+        _ if a == b => None,
+        _ => Some(format!("{at}: {a} then {b}")),
+    }
+}
+
+fn round_trip(transport: &str) {
+    let test = format!("every_component_round_trips_its_state ({transport})");
+    if !have_kvm(&test) {
+        return;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("tern-roundtrip-{transport}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("\n*** {test}: not root, so no TAP: virtio-net is left out ***\n");
+    }
+    let c = config(&dir, transport, root);
+    let a = build(&c, Instant::now(), true, None).unwrap();
+    let saved = a.components.save().unwrap();
+    let ids: Vec<&str> = saved.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        a.components.ids(),
+        "every registered component has a state"
+    );
+    let mut want = vec![
+        "kvm-vm",
+        "vcpu0",
+        "vcpu1",
+        "com1",
+        "rtc",
+        "virtio-rng",
+        "virtio-console",
+        "disk0",
+    ];
+    if root {
+        want.push("net0");
+    }
+    assert_eq!(ids, want);
+    drop(a);
+
+    let b = build(&c, Instant::now(), true, None).unwrap();
+    b.components.restore(&saved).unwrap();
+    let again = b.components.save().unwrap();
+    assert_eq!(again.len(), saved.len());
+    for (x, y) in saved.iter().zip(&again) {
+        let (x, y) = (without_time(x), without_time(y));
+        assert_eq!((&x.id, x.version), (&y.id, y.version));
+        if let Some(at) = first_difference(&x.state, &y.state, String::new()) {
+            panic!("{} changed on its way through a snapshot, at {at}", x.id);
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn every_component_round_trips_its_state_on_pci() {
+    round_trip("pci");
+}
+
+#[test]
+fn every_component_round_trips_its_state_on_mmio() {
+    round_trip("mmio");
+}

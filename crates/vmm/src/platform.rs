@@ -1,0 +1,113 @@
+//! The legacy platform every tern VM has: COM1, the CMOS RTC, the i8042 (for its reset line),
+//! the ACPI PM registers and power button, the VM generation ID's notification, and tern's
+//! debug ports; placed on the port I/O bus, their interrupts as irqfds.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use arch::layout::*;
+use devices::acpi::{AcpiPm, PmRequest};
+use devices::legacy::{
+    DebugExit, DebugPort, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
+};
+use devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
+use devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use devices::{Bus, EventFdTrigger};
+
+use crate::config::VmConfig;
+use crate::console::open_char_sink;
+use crate::control::{VmControl, VmExit};
+use crate::error::{kvm_err, setup, VmmError};
+
+/// The legacy devices, and the buses they are on.
+pub struct Platform {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The CMOS RTC.
+    pub rtc: Arc<Mutex<Rtc>>,
+    /// Raises the ACPI power button (GED).
+    pub power_button: EventFd,
+    /// Raises `\_SB_.GED1`: the VM generation ID changed.
+    pub vmgenid_evt: EventFd,
+    /// Set when the guest's console showed a kernel panic.
+    pub panic_seen: Arc<AtomicBool>,
+    /// The port I/O bus.
+    pub pio: Bus,
+    /// The MMIO bus (empty here; the virtio transports add to it).
+    pub mmio: Bus,
+}
+
+fn irqfd(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
+    let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&e, gsi).map_err(kvm_err(what))?;
+    Ok(e)
+}
+
+impl Platform {
+    /// Creates the legacy devices.
+    pub fn create(
+        config: &VmConfig,
+        vm: &VmFd,
+        ctl: &Arc<VmControl>,
+        start: Instant,
+    ) -> Result<Platform, VmmError> {
+        let panic_seen = Arc::new(AtomicBool::new(false));
+        let sink = open_char_sink(&config.serial, "serial output file")?;
+        let serial_irq = irqfd(vm, COM1_IRQ, "register serial irqfd")?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(serial_irq),
+            SerialOut::new(sink, panic_seen.clone()),
+        )));
+        let power_button = irqfd(vm, ACPI_GED_GSI, "register power button irqfd")?;
+        let vmgenid_evt = irqfd(vm, ACPI_VMGENID_GSI, "register VM generation ID irqfd")?;
+        // The devices that end the VM (reset, power off, debug exit) record the reason on the
+        // vCPU thread that wrote to them, before it could run on: that vCPU sees the VM
+        // stopping and does not re-enter KVM_RUN, and the first reason recorded wins (a guest
+        // that resets and then triple-faults has reset).
+        let c = ctl.clone();
+        let i8042 = I8042::new(Box::new(move || c.request_exit(VmExit::Reset)));
+        let c = ctl.clone();
+        let debug_exit = DebugExit::new(Box::new(move |s| c.request_exit(VmExit::DebugExit(s))));
+        let c = ctl.clone();
+        let acpi_pm = AcpiPm::new(
+            arch::acpi::S5_SLEEP_TYPE,
+            ACPI_RESET_VALUE,
+            Box::new(move |r| {
+                c.request_exit(match r {
+                    PmRequest::PowerOff => VmExit::PowerOff,
+                    PmRequest::Reset => VmExit::Reset,
+                })
+            }),
+        );
+        let rtc = Arc::new(Mutex::new(Rtc::new()));
+
+        let mut pio = Bus::new();
+        let bus_err = |e: devices::BusError| setup(e);
+        pio.insert(Arc::new(Mutex::new(acpi_pm)), ACPI_SLEEP_CONTROL_PORT, 3)
+            .map_err(bus_err)?;
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(debug_exit)), DEBUG_EXIT_PORT, 4)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(DebugPort::new(start))), DEBUG_PORT, 1)
+            .map_err(bus_err)?;
+        pio.insert(rtc.clone(), RTC_BASE, RTC_LEN)
+            .map_err(bus_err)?;
+
+        Ok(Platform {
+            serial,
+            rtc,
+            power_button,
+            vmgenid_evt,
+            panic_seen,
+            pio,
+            mmio: Bus::new(),
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! A tern process's one VM from start to end: waiting for a configuration through the API when
+//! none was given, building the VM (or restoring it from a snapshot), running it, and building
+//! it afresh when the guest reboots and the configuration says to restart.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use lifecycle::threads::{spawn, Role};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{Action, ApiServer, Reply, Request as ApiRequest};
+use crate::builder::{build, VmShell};
+use crate::config::{CharBackend, OnReboot, VmConfig};
+use crate::console::{spawn_stdin_thread, StdinTarget};
+use crate::control::VmExit;
+use crate::error::VmmError;
+use crate::signals::{block_stop_signals, read_signal};
+use crate::snapshot::Restore;
+use crate::terminal::RawTerminal;
+use crate::vcpu::install_kick_handler;
+
+/// Runs the VM described by `config` until it ends (rebuilding it on reboot when configured
+/// so). `start` is when tern started, for boot-time measurements.
+///
+/// With an API server, `config` may be `None`: tern then waits for `PUT /v1/vm` and
+/// `PUT /v1/vm/boot`, and serves the API for the VM's whole life.
+pub fn run(
+    config: Option<VmConfig>,
+    api: Option<ApiServer>,
+    mut restore: Option<Restore>,
+    start: Instant,
+) -> Result<VmExit, VmmError> {
+    install_kick_handler()
+        .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
+    let signals = block_stop_signals()?;
+    let mut shell = None;
+    let (mut config, mut boot_req) = match config {
+        Some(c) => {
+            c.validate()?;
+            (c, None)
+        }
+        None => {
+            let Some(api) = &api else {
+                return Err(crate::config::ConfigError::Missing("kernel (--kernel PATH)").into());
+            };
+            // The KVM VM is made while tern waits (a failure here is met again, and reported,
+            // when the VM is built for real).
+            shell = spawn(Role::Vmm, "prepare", || VmShell::create(true)).ok();
+            match wait_for_boot(api, &signals, None)? {
+                Ok(b) => {
+                    restore = b.restore;
+                    (b.config, Some(b.req))
+                }
+                Err(exit) => return Ok(exit),
+            }
+        }
+    };
+    let stdin_target: Arc<Mutex<Option<StdinTarget>>> = Arc::new(Mutex::new(None));
+    let stdin_quit =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+    let mut raw_terminal = None;
+    let mut stdin_thread = false;
+    loop {
+        // The guest owns the terminal when the serial port or the virtio-console uses stdio
+        // (raw mode only when stdin is a terminal). Decided per configuration: one set through
+        // the API may replace one that failed to boot.
+        if config.serial == CharBackend::Stdio || config.console == Some(CharBackend::Stdio) {
+            if raw_terminal.is_none() {
+                raw_terminal = RawTerminal::enable(0);
+            }
+            if !stdin_thread {
+                spawn_stdin_thread(
+                    stdin_target.clone(),
+                    stdin_quit
+                        .try_clone()
+                        .map_err(|e| VmmError::Setup(e.to_string()))?,
+                );
+                stdin_thread = true;
+            }
+        }
+        // Only the first VM may come from a snapshot; a reboot starts the guest afresh.
+        let restoring = restore.take();
+        let t0 = Instant::now();
+        let shell = shell
+            .take()
+            .and_then(|h| h.join().ok())
+            .and_then(Result::ok);
+        crate::virtio_devices::probe_disk_formats(&mut config);
+        let built = build(&config, start, restoring.is_some(), shell).and_then(|mut vm| {
+            if let Some(r) = &restoring {
+                vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
+                tracing::info!(
+                    "restored {} ({}) in {:.1} ms",
+                    r.dir.display(),
+                    if r.lazy { "lazy" } else { "eager" },
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            Ok(vm)
+        });
+        let vm = match built {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A boot or restore requested through the API fails back to the caller, and
+                // tern waits for a better request.
+                let (Some(req), Some(a)) = (boot_req.take(), &api) else {
+                    return Err(e);
+                };
+                let what = if restoring.is_some() {
+                    "restore"
+                } else {
+                    "boot"
+                };
+                req.reply(Reply::error(400, format!("cannot {what}: {e}")));
+                let keep = if restoring.is_some() {
+                    None
+                } else {
+                    Some(config)
+                };
+                match wait_for_boot(a, &signals, keep)? {
+                    Ok(b) => {
+                        config = b.config;
+                        boot_req = Some(b.req);
+                        restore = b.restore;
+                        continue;
+                    }
+                    Err(exit) => return Ok(exit),
+                }
+            }
+        };
+        if let Some(req) = boot_req.take() {
+            req.reply(Reply::done());
+        }
+        *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &vm.console_input {
+            Some(c) => StdinTarget::Console(c.clone()),
+            None => StdinTarget::Serial(vm.serial.clone()),
+        });
+        let mut exit = vm.run(&signals, &stdin_quit, api.as_ref(), &config)?;
+        if restoring.as_ref().is_some_and(|r| r.lazy) {
+            // A guest that lost the memory file under it fails in ways of its own (a triple
+            // fault, KVM_RUN failing with EFAULT): name the real cause.
+            if let (
+                VmExit::TripleFault { .. } | VmExit::InternalError { .. } | VmExit::Error(_),
+                Some(lost),
+            ) = (&exit, crate::snapshot::mapped_memory_lost())
+            {
+                exit = VmExit::Error(lost);
+            }
+        }
+        *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
+            tracing::info!("guest rebooted; restarting the VM");
+            continue;
+        }
+        return Ok(exit);
+    }
+}
+
+/// What the API asked for before any VM existed.
+struct BootRequest {
+    config: VmConfig,
+    /// Answered once the VM is built (and restored).
+    req: ApiRequest,
+    /// A snapshot to bring back instead of booting.
+    restore: Option<Restore>,
+}
+
+/// Serves the API before boot (states `created` and `configured`) until a boot request comes
+/// with a valid configuration, or a restore request with a readable snapshot; returns it, or
+/// how tern was stopped meanwhile.
+fn wait_for_boot(
+    api: &ApiServer,
+    signals: &File,
+    mut config: Option<VmConfig>,
+) -> Result<Result<BootRequest, VmExit>, VmmError> {
+    const API: u64 = 1;
+    const SIGNAL: u64 = 2;
+    let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
+    for (fd, token) in [(api.event_fd(), API), (signals.as_raw_fd(), SIGNAL)] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
+    }
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(VmmError::Setup(format!("epoll: {e}"))),
+        };
+        for ev in &events[..n] {
+            if ev.data() == SIGNAL {
+                return Ok(Err(VmExit::Signal(read_signal(signals))));
+            }
+        }
+        for req in api.take() {
+            let state = if config.is_some() {
+                "configured"
+            } else {
+                "created"
+            };
+            match req.action {
+                Action::Info => {
+                    let r = Reply::ok(serde_json::json!({ "state": state, "config": config }));
+                    req.reply(r);
+                }
+                Action::Configure(ref c) => match c.validate() {
+                    Ok(()) => {
+                        config = Some((**c).clone());
+                        req.reply(Reply::done());
+                    }
+                    Err(e) => req.reply(Reply::error(400, e.to_string())),
+                },
+                Action::Restore(ref opts) => match opts.open() {
+                    Ok(r) => {
+                        return Ok(Ok(BootRequest {
+                            config: r.snapshot.config.clone(),
+                            req,
+                            restore: Some(r),
+                        }))
+                    }
+                    Err(e) => req.reply(Reply::error(400, format!("cannot restore: {e}"))),
+                },
+                Action::Boot => match config.take() {
+                    Some(c) => {
+                        return Ok(Ok(BootRequest {
+                            config: c,
+                            req,
+                            restore: None,
+                        }))
+                    }
+                    None => req.reply(Reply::error(
+                        409,
+                        "cannot boot: the VM is not configured (PUT /v1/vm first)",
+                    )),
+                },
+                Action::Shutdown { .. } => {
+                    req.reply(Reply::accepted());
+                    return Ok(Err(VmExit::ApiStop));
+                }
+                Action::Pause => req.reply(Reply::conflict("pause", state)),
+                Action::Resume => req.reply(Reply::conflict("resume", state)),
+                Action::Reboot => req.reply(Reply::conflict("reboot", state)),
+                Action::Counters => req.reply(Reply::conflict("read counters", state)),
+                Action::Snapshot { .. } => req.reply(Reply::conflict("snapshot", state)),
+            }
+        }
+    }
+}

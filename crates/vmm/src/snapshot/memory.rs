@@ -1,0 +1,381 @@
+//! Guest memory in a snapshot's memory file: written whole (pages of zeroes left as holes) or
+//! as a diff (only the pages a bitmap marks), read back eagerly with its checksum, or mapped
+//! copy-on-write for a lazy restore; and the FNV-1a checksum all of it uses.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use arch::GuestMemoryMmap;
+
+/// FNV-1a over 64-bit little-endian words (then the remaining bytes): a checksum that keeps
+/// up with reading memory, for detecting damage (not tampering by someone who recomputes it).
+pub(crate) fn fnv(h: u64, data: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut words = data.chunks_exact(8);
+    let mut h = words.by_ref().fold(h, |h, w| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        (h ^ u64::from_le_bytes(b)).wrapping_mul(PRIME)
+    });
+    for &b in words.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    h
+}
+
+pub(crate) const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// [`fnv`] over `n` zero bytes (n a multiple of 8, or the tail of a call): every step XORs
+/// zero and multiplies by the prime, so it is `h * prime^steps`.
+fn fnv_zeroes(h: u64, n: u64) -> u64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let (mut steps, mut base, mut acc) = (n / 8 + n % 8, PRIME, 1u64);
+    while steps > 0 {
+        if steps & 1 == 1 {
+            acc = acc.wrapping_mul(base);
+        }
+        base = base.wrapping_mul(base);
+        steps >>= 1;
+    }
+    h.wrapping_mul(acc)
+}
+
+pub(crate) const PAGE: u64 = virtio::dirty::PAGE_SIZE;
+
+/// Byte ranges (start, length) of `data` made of whole pages that are not all zeroes (the
+/// last page may be partial).
+#[cfg(test)]
+fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    scan_pages(FNV_INIT, data).1
+}
+
+/// Whether `b` is all zeroes (8 bytes at a time, which the compiler vectorizes).
+fn is_zero(b: &[u8]) -> bool {
+    let words = b.chunks_exact(8);
+    let tail = words.remainder().iter().fold(0u8, |a, &x| a | x);
+    words.fold(0u64, |a, w| {
+        a | u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8]))
+    }) == 0
+        && tail == 0
+}
+
+/// One pass over `data`: its [`fnv`] continued from `h`, and the byte ranges (start, length)
+/// of its pages that are not all zeroes (the last page may be partial). A zero page costs one
+/// multiplication in the checksum instead of 512.
+fn scan_pages(mut h: u64, data: &[u8]) -> (u64, Vec<(usize, usize)>) {
+    let zero_page = fnv_zeroes(1, PAGE);
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in data.chunks(PAGE as usize).enumerate() {
+        if is_zero(page) {
+            h = if page.len() as u64 == PAGE {
+                h.wrapping_mul(zero_page)
+            } else {
+                fnv_zeroes(h, page.len() as u64)
+            };
+            continue;
+        }
+        h = fnv(h, page);
+        let start = i * PAGE as usize;
+        match runs.last_mut() {
+            Some((s0, l)) if *s0 + *l == start => *l += page.len(),
+            _ => runs.push((start, page.len())),
+        }
+    }
+    (h, runs)
+}
+
+/// Runs of set bits in `bits` (over `pages` pages), as (first page, count).
+fn page_runs(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for p in 0..pages {
+        let set = bits
+            .get((p / 64) as usize)
+            .is_some_and(|w| w & (1 << (p % 64)) != 0);
+        match (set, start) {
+            (true, None) => start = Some(p),
+            (false, Some(s0)) => {
+                runs.push((s0, p - s0));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s0) = start {
+        runs.push((s0, pages - s0));
+    }
+    runs
+}
+
+/// Splits page runs at region boundaries: (host pointer, file offset, bytes) for each piece.
+fn run_pieces(mem: &GuestMemoryMmap, runs: &[(u64, u64)]) -> Vec<(*mut u8, u64, u64)> {
+    let regions: Vec<(u64, u64, *mut u8)> = {
+        let mut off = 0;
+        mem.iter()
+            .map(|r| {
+                let e = (off, r.len(), r.as_ptr());
+                off += r.len();
+                e
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for &(p, n) in runs {
+        let (mut lo, hi) = (p * PAGE, (p + n) * PAGE);
+        for &(off, len, ptr) in &regions {
+            if lo >= hi {
+                break;
+            }
+            let end = (off + len).min(hi);
+            if lo >= off && lo < end {
+                // SAFETY: lo - off < len: the pointer stays inside the region's mapping.
+                out.push((unsafe { ptr.add((lo - off) as usize) }, lo, end - lo));
+                lo = end;
+            }
+        }
+    }
+    out
+}
+
+/// Maps `len` bytes of `f` from `off` copy-on-write (`MAP_PRIVATE|MAP_FIXED`) at `ptr`: pages
+/// load from the file on first touch, and writes never reach it.
+///
+/// # Safety
+/// `[ptr, ptr + len)` lies inside one live mapping of guest memory that nothing reads or
+/// writes meanwhile; its pages are replaced.
+unsafe fn map_over(ptr: *mut u8, len: u64, f: &File, off: u64, path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the caller guarantees the range is guest memory tern owns and nothing uses.
+    let p = unsafe {
+        libc::mmap(
+            ptr.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            f.as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED || p.cast::<u8>() != ptr {
+        return Err(format!(
+            "cannot map {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// (guest address, length) of each region of `mem`, in order: a snapshot's memory layout.
+pub(crate) fn layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// Writes all of `mem` into `f` (`path`, for messages), region after region; pages of zeroes
+/// are left as holes (most of a guest's memory usually is, and a hole reads back as zeroes,
+/// eagerly or mapped). Returns the checksum of all of it.
+pub(crate) fn write_full(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    let werr = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let total: u64 = layout(mem).iter().map(|(_, l)| l).sum();
+    f.set_len(total).map_err(werr)?;
+    let mut h = FNV_INIT;
+    let mut off = 0u64;
+    for r in mem.iter() {
+        // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`; the VM is
+        // paused, so nothing writes it while it is read.
+        let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
+        let (next, runs) = scan_pages(h, bytes);
+        h = next;
+        for (start, len) in runs {
+            f.write_all_at(&bytes[start..start + len], off + start as u64)
+                .map_err(werr)?;
+        }
+        off += r.len();
+    }
+    Ok(h)
+}
+
+/// Writes the pages `dirty` marks (one bit per page of the regions end to end) into `f` at
+/// their places; the rest of the file is a hole. Returns the checksum of those pages in order.
+pub(crate) fn write_diff(
+    f: &File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    dirty: &[u64],
+) -> Result<u64, String> {
+    let werr = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let total: u64 = layout(mem).iter().map(|(_, l)| l).sum();
+    f.set_len(total).map_err(werr)?;
+    let mut h = FNV_INIT;
+    for (ptr, off, len) in run_pieces(mem, &page_runs(dirty, total.div_ceil(PAGE))) {
+        // SAFETY: `run_pieces` keeps each piece inside one live region of `mem`; the VM is
+        // paused.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
+        h = fnv(h, bytes);
+        f.write_all_at(bytes, off).map_err(werr)?;
+    }
+    Ok(h)
+}
+
+/// Opens the memory file `path` once `mem` has the snapshot's `layout` and the file the
+/// length of that memory (holes included).
+pub(crate) fn open(
+    path: &Path,
+    layout_saved: &[(u64, u64)],
+    mem: &GuestMemoryMmap,
+) -> Result<File, String> {
+    let here = layout(mem);
+    if here != layout_saved {
+        return Err(format!(
+            "the snapshot's memory layout {layout_saved:?} does not match the VM's {here:?}"
+        ));
+    }
+    let f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let total: u64 = layout_saved.iter().map(|(_, l)| l).sum();
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if len != total {
+        return Err(format!(
+            "{} has {len} bytes, the VM's memory {total}: it is truncated or not this snapshot's",
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// Maps the memory file copy-on-write over `mem`'s regions (`MAP_PRIVATE|MAP_FIXED` at the
+/// same host addresses, which KVM's memslots keep pointing at): pages load on first touch, so
+/// restoring costs the same for any guest size. The checksum is not checked (that would read
+/// every page).
+pub(crate) fn map(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<(), String> {
+    let mut offset = 0u64;
+    for r in mem.iter() {
+        // SAFETY: the range is exactly a live mapping owned by `mem` (it stays owned and is
+        // unmapped by it later), and no vCPU runs yet.
+        unsafe { map_over(r.as_ptr(), r.len(), f, offset, path) }?;
+        offset += r.len();
+    }
+    Ok(())
+}
+
+/// Reads the memory file into `mem` (eagerly); returns the checksum of what it read.
+pub(crate) fn load(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    use std::os::fd::AsRawFd;
+    // Only the file's data is read: its holes are pages of zeroes, which the freshly built
+    // VM's memory already is (they still count in the checksum).
+    let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+        u64::try_from(r).ok()
+    };
+    let mut h = FNV_INIT;
+    let mut base = 0u64;
+    for r in mem.iter() {
+        // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`; no vCPU runs
+        // yet, and nothing else holds a reference into it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) };
+        let end = r.len();
+        let mut pos = 0u64;
+        while pos < end {
+            // Where data starts (a filesystem without holes says: here).
+            let data = seek(base + pos, libc::SEEK_DATA)
+                .map_or(end, |d| d.saturating_sub(base).min(end))
+                .max(pos);
+            h = fnv_zeroes(h, data - pos);
+            pos = data;
+            if pos >= end {
+                break;
+            }
+            let hole = seek(base + pos, libc::SEEK_HOLE)
+                .map_or(end, |d| d.saturating_sub(base).min(end))
+                .max(pos + 1);
+            let chunk = &mut bytes[pos as usize..hole as usize];
+            f.read_exact_at(chunk, base + pos)
+                .map_err(|e| format!("{} is truncated or unreadable: {e}", path.display()))?;
+            h = fnv(h, chunk);
+            pos = hole;
+        }
+        base += end;
+    }
+    Ok(h)
+}
+
+/// Reads a diff snapshot's bitmap (`dirty.bin`, one bit per page over `pages` pages) and
+/// checks it against its checksum.
+pub(crate) fn read_bitmap(path: &Path, pages: u64, want_fnv: u64) -> Result<Vec<u64>, String> {
+    use std::io::Read;
+    let want = pages.div_ceil(64) * 8;
+    // Its length is known: no more than that is read.
+    let mut words = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(want + 1).read_to_end(&mut words))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if words.len() as u64 != want || fnv(FNV_INIT, &words) != want_fnv {
+        return Err(format!("{} is corrupted or truncated", path.display()));
+    }
+    Ok(words
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
+}
+
+/// Puts the pages `bits` marks from the memory file over `mem`: mapped when `lazy` (and they
+/// are not too scattered), else read. Returns whether they were mapped, and the checksum of
+/// what was read (meaningless when mapped).
+pub(crate) fn apply_diff(
+    f: &File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    bits: &[u64],
+    lazy: bool,
+) -> Result<(bool, u64), String> {
+    let total: u64 = layout(mem).iter().map(|(_, l)| l).sum();
+    let pieces = run_pieces(mem, &page_runs(bits, total.div_ceil(PAGE)));
+    // Each mapped piece is a mapping of its own; past a few thousand, reading is cheaper
+    // than the mappings (and the process's mapping limit is far away).
+    let map = lazy && pieces.len() <= 4096;
+    let mut h = FNV_INIT;
+    for (ptr, off, n) in pieces {
+        if map {
+            // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`); no vCPU
+            // runs yet.
+            unsafe { map_over(ptr, n, f, off, path) }?;
+        } else {
+            // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`); no vCPU
+            // runs yet and nothing else references these bytes while they are read.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n as usize) };
+            f.read_exact_at(bytes, off)
+                .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+            h = fnv(h, bytes);
+        }
+    }
+    Ok((map, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_zeroes_without_reading_them() {
+        for n in [0u64, 8, 4096, 3 * 4096 + 8, 1 << 20] {
+            let zeroes = vec![0u8; n as usize];
+            assert_eq!(fnv_zeroes(12345, n), fnv(12345, &zeroes), "{n} bytes");
+        }
+        assert_eq!(fnv_zeroes(7, 13), fnv(7, &[0u8; 13]));
+    }
+
+    #[test]
+    fn zero_pages_are_skipped() {
+        let mut d = vec![0u8; 5 * 4096 + 100];
+        d[4096 + 7] = 1; // page 1
+        d[2 * 4096] = 2; // page 2
+        d[5 * 4096 + 99] = 3; // the partial last page
+        assert_eq!(nonzero_runs(&d), vec![(4096, 2 * 4096), (5 * 4096, 100)]);
+        assert!(nonzero_runs(&[0u8; 8192]).is_empty());
+        // The checksum of the scan is the plain one.
+        assert_eq!(scan_pages(99, &d).0, fnv(99, &d));
+    }
+}
