@@ -310,7 +310,7 @@ fn main() -> ExitCode {
                         );
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
-                    match restore_options(dir, &args).and_then(|o| o.open()) {
+                    match restore_options(dir, &args).and_then(|o| vmm::snapshot::open(&o)) {
                         Ok(r) => Some(r),
                         Err(e) => {
                             eprintln!("tern: {e}");

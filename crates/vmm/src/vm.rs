@@ -477,7 +477,7 @@ fn wait_for_boot(
                     }
                     Err(e) => req.reply(Reply::error(400, e.to_string())),
                 },
-                Action::Restore(ref opts) => match opts.open() {
+                Action::Restore(ref opts) => match crate::snapshot::open(opts) {
                     Ok(r) => {
                         return Ok(Ok(BootRequest {
                             config: r.snapshot.config.clone(),
