@@ -1,8 +1,11 @@
 //! tern's control API as data, for the VMM that serves it and for every client: the VM
-//! configuration ([`config::VmConfig`]) and the restore request ([`restore::RestoreOptions`]).
-//! Nothing here knows KVM or the server.
+//! configuration ([`config::VmConfig`]), the restore request ([`restore::RestoreOptions`]) and
+//! the answers ([`VmInfo`], [`Counters`], [`ErrorBody`]). Nothing here knows KVM or the
+//! server.
 
 pub mod config;
+pub mod responses;
 pub mod restore;
 
 pub use config::VmConfig;
+pub use responses::{Counters, DeviceCounters, ErrorBody, VcpuCounters, VmInfo, VmState};

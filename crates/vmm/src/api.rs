@@ -17,13 +17,14 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use ::api::ErrorBody;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -86,16 +87,19 @@ pub enum Action {
 pub struct Reply {
     /// HTTP status.
     pub status: u16,
-    /// JSON body, if any.
+    /// The body (one of the `api` crate's answer types), serialized to JSON, if any.
     pub body: Option<Value>,
 }
 
 impl Reply {
     /// 200 with `body`.
-    pub fn ok(body: Value) -> Self {
-        Reply {
-            status: 200,
-            body: Some(body),
+    pub fn ok(body: &impl Serialize) -> Self {
+        match serde_json::to_value(body) {
+            Ok(v) => Reply {
+                status: 200,
+                body: Some(v),
+            },
+            Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
         }
     }
 
@@ -115,16 +119,17 @@ impl Reply {
         }
     }
 
-    /// An error with its message.
+    /// An error with its message, as an [`ErrorBody`].
     pub fn error(status: u16, msg: impl Into<String>) -> Self {
+        let body = ErrorBody { error: msg.into() };
         Reply {
             status,
-            body: Some(json!({ "error": msg.into() })),
+            body: serde_json::to_value(body).ok(),
         }
     }
 
     /// 409: the request does not fit the VM's state.
-    pub fn conflict(action: &str, state: &str) -> Self {
+    pub fn conflict(action: &str, state: impl std::fmt::Display) -> Self {
         Self::error(409, format!("cannot {action}: the VM is {state}"))
     }
 }
@@ -312,7 +317,7 @@ async fn ask(State(s): State<Shared>, action: Action) -> Response {
 }
 
 async fn ping() -> Response {
-    reply(Reply::ok(json!({ "tern": env!("CARGO_PKG_VERSION") })))
+    reply(Reply::ok(&json!({ "tern": env!("CARGO_PKG_VERSION") })))
 }
 
 async fn info(s: State<Shared>) -> Response {
