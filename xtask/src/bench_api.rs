@@ -22,13 +22,22 @@ const IDLE: Duration = Duration::from_secs(10);
 /// How long a request may take to be answered.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One request without a body; the status.
-fn http(sock: &Path, method: &str, path: &str) -> Result<u16> {
-    crate::api_client::http(sock, method, path, None, ANSWER_TIMEOUT).map(|(st, _)| st)
+fn client(sock: &Path) -> api::client::Client {
+    api::client::Client::new(sock).with_timeout(Some(ANSWER_TIMEOUT))
 }
 
+/// One request without a body; the status.
+fn http(sock: &Path, method: &str, path: &str) -> Result<u16> {
+    let (st, _) = client(sock)
+        .call(method, path, None)
+        .with_context(|| format!("{method} {path}"))?;
+    Ok(st)
+}
+
+/// One request without a body whose status must be one of `ok`; the status.
 fn expect(sock: &Path, method: &str, path: &str, ok: &[u16]) -> Result<u16> {
-    crate::api_client::expect(sock, method, path, None, ok, ANSWER_TIMEOUT)
+    let (st, _) = client(sock).expect(method, path, None, ok)?;
+    Ok(st)
 }
 
 /// A tern process, killed when dropped.

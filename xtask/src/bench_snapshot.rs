@@ -225,14 +225,23 @@ impl Drop for Proc {
 // ---------------------------------------------------------------------------------------------
 // tern's API.
 
+fn client(sock: &Path) -> api::client::Client {
+    api::client::Client::new(sock).with_timeout(Some(STEP_TIMEOUT))
+}
+
 /// One request to tern's API, with this benchmark's step timeout.
 fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
-    crate::api_client::http(sock, method, path, body, STEP_TIMEOUT)
+    let body = body.map(Value::to_string);
+    client(sock)
+        .call(method, path, body.as_deref())
+        .with_context(|| format!("{method} {path}"))
 }
 
 /// A request that must answer `want`.
 fn api(sock: &Path, method: &str, path: &str, body: Option<&Value>, want: u16) -> Result<()> {
-    crate::api_client::expect(sock, method, path, body, &[want], STEP_TIMEOUT).map(|_| ())
+    let body = body.map(Value::to_string);
+    client(sock).expect(method, path, body.as_deref(), &[want])?;
+    Ok(())
 }
 
 /// Starts `tern run ARGS --api-socket SOCK` and waits until the API answers.

@@ -14,7 +14,6 @@
 use arch::bzimage;
 
 mod agent;
-mod api_client;
 mod bench_api;
 mod bench_blk;
 mod bench_net;

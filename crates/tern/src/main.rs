@@ -310,7 +310,7 @@ fn main() -> ExitCode {
                         );
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
-                    match restore_options(dir, &args).and_then(|o| o.open()) {
+                    match restore_options(dir, &args).and_then(|o| vmm::snapshot::open(&o)) {
                         Ok(r) => Some(r),
                         Err(e) => {
                             eprintln!("tern: {e}");
@@ -362,8 +362,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Info(c) => client(&c, "GET", "/v1/vm", show_info),
-        Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| "paused".into()),
-        Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| "resumed".into()),
+        Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| Ok("paused".into())),
+        Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| Ok("resumed".into())),
         Command::Shutdown { client: c, force } => {
             let path = if force {
                 "/v1/vm/shutdown?force=true"
@@ -375,9 +375,14 @@ fn main() -> ExitCode {
             } else {
                 "pressed the power button"
             };
-            client(&c, "PUT", path, move |_| done.into())
+            client(&c, "PUT", path, move |_| Ok(done.into()))
         }
-        Command::Reboot(c) => client(&c, "PUT", "/v1/vm/reboot", |_| "resetting the VM".into()),
+        Command::Reboot(c) => client(
+            &c,
+            "PUT",
+            "/v1/vm/reboot",
+            |_| Ok("resetting the VM".into()),
+        ),
         Command::Counters(c) => client(&c, "GET", "/v1/vm/counters", show_counters),
         Command::Snapshot(SnapshotCmd::Create {
             client: c,
@@ -389,19 +394,19 @@ fn main() -> ExitCode {
             let body = serde_json::json!({ "dir": dir, "diff": diff }).to_string();
             let shown = format!("snapshot written to {}", dir.display());
             client_with(&c, "PUT", "/v1/vm/snapshot", Some(&body), move |_| {
-                shown.clone()
+                Ok(shown.clone())
             })
         }
     }
 }
 
-/// Runs one API call and prints its outcome: `show` of the JSON body (or the JSON itself with
-/// --json) on success, the server's error message otherwise.
+/// Runs one API call and prints its outcome: `show` of the answer's body (or the body itself
+/// with --json) on success, the server's error message otherwise.
 fn client(
     args: &ClientArgs,
     method: &str,
     path: &str,
-    show: impl Fn(&serde_json::Value) -> String,
+    show: impl Fn(&str) -> Result<String, String>,
 ) -> ExitCode {
     client_with(args, method, path, None, show)
 }
@@ -412,9 +417,9 @@ fn client_with(
     method: &str,
     path: &str,
     request: Option<&str>,
-    show: impl Fn(&serde_json::Value) -> String,
+    show: impl Fn(&str) -> Result<String, String>,
 ) -> ExitCode {
-    let (status, body) = match vmm::api::call(&args.api_socket, method, path, request) {
+    let (status, body) = match api::client::call(&args.api_socket, method, path, request) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(
@@ -424,45 +429,57 @@ fn client_with(
             return ExitCode::from(EXIT_VMM_ERROR);
         }
     };
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
     if !(200..300).contains(&status) {
-        let msg = json["error"].as_str().unwrap_or(body.trim());
+        let msg = api::client::error_message(&body);
         eprintln!("tern: {msg} (HTTP {status})");
         return ExitCode::from(EXIT_VMM_ERROR);
     }
     if args.json {
         println!("{}", if body.is_empty() { "{}" } else { body.trim() });
-    } else {
-        println!("{}", show(&json));
+        return ExitCode::SUCCESS;
     }
-    ExitCode::SUCCESS
+    match show(&body) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "tern: {method} {path}: unexpected answer ({e}): {}",
+                body.trim()
+            );
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
 }
 
-fn show_info(v: &serde_json::Value) -> String {
-    let mut s = format!("state: {}", v["state"].as_str().unwrap_or("?"));
-    if let Some(n) = v["vcpus"].as_u64() {
+fn show_info(body: &str) -> Result<String, String> {
+    let v: api::VmInfo = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    let mut s = format!("state: {}", v.state);
+    if let Some(n) = v.vcpus {
         s.push_str(&format!("\nvcpus: {n}"));
     }
-    if let Some(m) = v["memory_bytes"].as_u64() {
+    if let Some(m) = v.memory_bytes {
         s.push_str(&format!("\nmemory: {} MiB", m >> 20));
     }
-    if let Some(u) = v["uptime_ms"].as_u64() {
+    if let Some(u) = v.uptime_ms {
         s.push_str(&format!("\nuptime: {}.{:03} s", u / 1000, u % 1000));
     }
-    if let Some(k) = v["config"]["kernel"].as_str() {
-        s.push_str(&format!("\nkernel: {k}"));
+    if let Some(k) = v.config.as_ref().and_then(|c| c.kernel.as_ref()) {
+        s.push_str(&format!("\nkernel: {}", k.display()));
     }
-    if let Some(g) = v["generation_id"].as_str() {
+    if let Some(g) = &v.generation_id {
         s.push_str(&format!("\ngeneration id: {g}"));
     }
-    if let Some(t) = v["taps"].as_array().filter(|t| !t.is_empty()) {
-        let names: Vec<&str> = t.iter().filter_map(|x| x.as_str()).collect();
-        s.push_str(&format!("\ntaps: {}", names.join(", ")));
+    if let Some(t) = v.taps.filter(|t| !t.is_empty()) {
+        s.push_str(&format!("\ntaps: {}", t.join(", ")));
     }
-    s
+    Ok(s)
 }
 
-fn show_counters(v: &serde_json::Value) -> String {
+/// The counters, device fields by name (any device type a newer tern reports included).
+fn show_counters(body: &str) -> Result<String, String> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
     let mut lines = Vec::new();
     for c in v["vcpus"].as_array().into_iter().flatten() {
         lines.push(format!(
@@ -485,7 +502,7 @@ fn show_counters(v: &serde_json::Value) -> String {
             fields.join(" ")
         ));
     }
-    lines.join("\n")
+    Ok(lines.join("\n"))
 }
 
 fn exit_code(exit: &VmExit) -> ExitCode {
@@ -538,7 +555,7 @@ fn exit_code(exit: &VmExit) -> ExitCode {
 fn restore_options(
     dir: &std::path::Path,
     args: &RunArgs,
-) -> Result<vmm::snapshot::RestoreOptions, String> {
+) -> Result<api::restore::RestoreOptions, String> {
     fn pairs(flag: &str, v: &[String]) -> Result<Vec<(String, String)>, String> {
         v.iter()
             .map(|p| match p.split_once('=') {
@@ -547,11 +564,11 @@ fn restore_options(
             })
             .collect()
     }
-    Ok(vmm::snapshot::RestoreOptions {
+    Ok(api::restore::RestoreOptions {
         dir: dir.to_path_buf(),
         mode: match args.restore_mode.as_deref() {
-            Some("eager") => vmm::snapshot::RestoreMode::Eager,
-            _ => vmm::snapshot::RestoreMode::Lazy,
+            Some("eager") => api::restore::RestoreMode::Eager,
+            _ => api::restore::RestoreMode::Lazy,
         },
         paused: args.paused,
         disk_remap: pairs("--disk-remap", &args.disk_remap)?

@@ -15,9 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use api::client::{call, Client};
 use common::*;
 use serde_json::Value;
-use vmm::api::{call, MAX_BODY, ROUTES};
+use vmm::api::{MAX_BODY, ROUTES};
 
 /// A `tern run` in the background, killed (SIGKILL) when dropped.
 struct Tern {
@@ -270,15 +271,10 @@ fn pause_stops_the_guest_and_resume_continues_it() {
 
 /// `call`, but failing the test instead of waiting when tern does not answer in `limit`.
 fn call_within(sock: &Path, method: &str, path: &str, limit: Duration) -> (u16, String) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (sock, method, route) = (sock.to_path_buf(), method.to_string(), path.to_string());
-    std::thread::spawn(move || {
-        let _ = tx.send(call(&sock, &method, &route, None));
-    });
-    match rx.recv_timeout(limit) {
-        Ok(r) => r.unwrap_or_else(|e| panic!("{path}: {e}")),
-        Err(_) => panic!("tern did not answer {path} within {limit:?}"),
-    }
+    Client::new(sock)
+        .with_timeout(Some(limit))
+        .call(method, path, None)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// A pipe whose buffer is already full (read end, write end, bytes in it): a stdout nobody
@@ -349,8 +345,8 @@ fn a_serial_stdout_nobody_reads_does_not_stall_the_guest() {
     assert_eq!(json(&body)["state"], "running", "{body}");
     // ... and the guest runs on: its vCPU keeps exiting to write its ticks.
     let pio = || {
-        let (_, body) = call_within(&sock, "GET", "/v1/vm/counters", Duration::from_secs(5));
-        json(&body)["vcpus"][0]["pio_exits"].as_u64().unwrap()
+        let client = Client::new(&sock).with_timeout(Some(Duration::from_secs(5)));
+        client.counters().unwrap().vcpus[0].pio_exits
     };
     let a = pio();
     std::thread::sleep(Duration::from_millis(500));

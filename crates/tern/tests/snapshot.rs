@@ -221,7 +221,7 @@ fn a_resume_right_after_a_paused_restore_resumes_the_devices() {
     if !require_kvm("a_resume_right_after_a_paused_restore_resumes_the_devices") {
         return;
     }
-    use vmm::api::call;
+    use api::client::call;
     let dir = Scratch::new("paused-resume");
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -492,7 +492,7 @@ fn restore_through_the_api_of_an_empty_tern() {
     if !require_kvm("restore_through_the_api_of_an_empty_tern") {
         return;
     }
-    use vmm::api::call;
+    use api::client::call;
     let dir = Scratch::new("api-restore");
     let snap = dir.path("snap");
     let last = counting_vm_snapshot(&dir, "1", &snap);
@@ -643,7 +643,7 @@ fn each_restore_gets_a_new_generation_id() {
     if !require_kvm("each_restore_gets_a_new_generation_id") {
         return;
     }
-    use vmm::api::call;
+    use api::client::call;
     let dir = Scratch::new("vmgenid");
     let snap = dir.path("snap");
     let last = counting_vm_snapshot_with(&dir, "1", &snap, &[], "probe.count_gen=1");
@@ -989,7 +989,7 @@ fn a_clone_gets_its_own_tap() {
         args.extend_from_slice(&["--api-socket", s(&sock)]);
         let _vm = spawn(&args);
         wait_socket(&sock);
-        let (st, body) = vmm::api::call(&sock, "GET", "/v1/vm", None).unwrap();
+        let (st, body) = api::client::call(&sock, "GET", "/v1/vm", None).unwrap();
         assert_eq!(st, 200, "{body}");
         body
     };
@@ -1098,7 +1098,7 @@ fn crafted_snapshots_are_refused() {
     if !require_kvm("crafted_snapshots_are_refused") {
         return;
     }
-    use vmm::api::call;
+    use api::client::call;
     let dir = Scratch::new("crafted");
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -1195,7 +1195,7 @@ fn a_memory_file_truncated_under_a_lazy_restore_is_named() {
     if !require_kvm("a_memory_file_truncated_under_a_lazy_restore_is_named") {
         return;
     }
-    use vmm::api::call;
+    use api::client::call;
     let dir = Scratch::new("truncated");
     let good = dir.path("good");
     counting_vm_snapshot_with(&dir, "1", &good, &[], "probe.count_mem_mb=16");
@@ -1266,8 +1266,8 @@ fn a_truncated_memory_file_leaves_the_terminal_as_it_was() {
     if !require_kvm("a_truncated_memory_file_leaves_the_terminal_as_it_was") {
         return;
     }
+    use api::client::call;
     use std::os::fd::{FromRawFd, OwnedFd};
-    use vmm::api::call;
     let dir = Scratch::new("truncated-tty");
     let snap = dir.path("snap");
     counting_vm_snapshot(&dir, "1", &snap);

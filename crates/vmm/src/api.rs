@@ -10,20 +10,25 @@
 //! to follow as `PUT /v1/vm/migrate`, `PUT /v1/vm/resize` and
 //! `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document `docs/api/openapi.json` describes
 //! every route; a test checks it against [`ROUTES`].
+//!
+//! The bodies are the `api` crate's types: [`VmConfig`] for `PUT /v1/vm`, its
+//! `RestoreOptions` for `PUT /v1/vm/restore`, its `VmInfo`, `Counters` and `ErrorBody` in the
+//! answers. The client (`tern info` and friends, the benchmarks, the tests) is `api::client`;
+//! this module is only the server.
 
-use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use ::api::ErrorBody;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -86,16 +91,19 @@ pub enum Action {
 pub struct Reply {
     /// HTTP status.
     pub status: u16,
-    /// JSON body, if any.
+    /// The body (one of the `api` crate's answer types), serialized to JSON, if any.
     pub body: Option<Value>,
 }
 
 impl Reply {
     /// 200 with `body`.
-    pub fn ok(body: Value) -> Self {
-        Reply {
-            status: 200,
-            body: Some(body),
+    pub fn ok(body: &impl Serialize) -> Self {
+        match serde_json::to_value(body) {
+            Ok(v) => Reply {
+                status: 200,
+                body: Some(v),
+            },
+            Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
         }
     }
 
@@ -115,16 +123,17 @@ impl Reply {
         }
     }
 
-    /// An error with its message.
+    /// An error with its message, as an [`ErrorBody`].
     pub fn error(status: u16, msg: impl Into<String>) -> Self {
+        let body = ErrorBody { error: msg.into() };
         Reply {
             status,
-            body: Some(json!({ "error": msg.into() })),
+            body: serde_json::to_value(body).ok(),
         }
     }
 
     /// 409: the request does not fit the VM's state.
-    pub fn conflict(action: &str, state: &str) -> Self {
+    pub fn conflict(action: &str, state: impl std::fmt::Display) -> Self {
         Self::error(409, format!("cannot {action}: the VM is {state}"))
     }
 }
@@ -312,7 +321,7 @@ async fn ask(State(s): State<Shared>, action: Action) -> Response {
 }
 
 async fn ping() -> Response {
-    reply(Reply::ok(json!({ "tern": env!("CARGO_PKG_VERSION") })))
+    reply(Reply::ok(&json!({ "tern": env!("CARGO_PKG_VERSION") })))
 }
 
 async fn info(s: State<Shared>) -> Response {
@@ -384,81 +393,6 @@ async fn shutdown(s: State<Shared>, q: Result<Query<ShutdownQuery>, QueryRejecti
     }
 }
 
-/// A minimal HTTP/1.1 client for the API socket (what `tern info` and friends use): one
-/// request per connection. Returns the status and the body.
-pub fn call(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    let body = body.unwrap_or("");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: tern\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())?;
-    let mut resp = Vec::new();
-    if let Err(e) = s.read_to_end(&mut resp) {
-        // A server that did not read the whole body may reset the connection after its
-        // complete answer; keep the answer then.
-        if resp.is_empty() {
-            return Err(e);
-        }
-    }
-    // Parsed as bytes: chunk sizes count bytes, and a chunk may end inside a character.
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP response");
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = String::from_utf8_lossy(&resp[..split]);
-    let rest = &resp[split + 4..];
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_vec()
-    };
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Decodes a chunked body (sizes in bytes); stops at the last chunk or at anything malformed.
-fn dechunk(mut s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
-        let size = String::from_utf8_lossy(&s[..eol]);
-        // Chunk extensions (";name=value") follow the size.
-        let size = size.split(';').next().unwrap_or("").trim();
-        let Ok(n) = usize::from_str_radix(size, 16) else {
-            break;
-        };
-        let rest = &s[eol + 2..];
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.extend_from_slice(&rest[..n]);
-        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
-
 /// Entry points for tern's fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
@@ -473,11 +407,6 @@ pub mod fuzzing {
             tx,
             evt: std::sync::Arc::new(evt),
         })
-    }
-
-    /// The CLI client's chunked-body decoder.
-    pub fn dechunk(s: &[u8]) -> Vec<u8> {
-        super::dechunk(s)
     }
 }
 
@@ -503,70 +432,6 @@ mod tests {
             .collect();
         served.sort();
         assert_eq!(documented, served);
-    }
-
-    #[test]
-    fn chunked_bodies_are_decoded() {
-        assert_eq!(
-            dechunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            b"hello world"
-        );
-        // A chunk boundary inside a multi-byte character ('é' is bytes 10..12): sizes count
-        // bytes.
-        let text = "{\"error\":\"é€😀\"}";
-        assert!(!text.is_char_boundary(11));
-        let b = text.as_bytes();
-        let mut wire = format!("{:x}\r\n", 11).into_bytes();
-        wire.extend_from_slice(&b[..11]);
-        wire.extend_from_slice(format!("\r\n{:x}\r\n", b.len() - 11).as_bytes());
-        wire.extend_from_slice(&b[11..]);
-        wire.extend_from_slice(b"\r\n0\r\n\r\n");
-        assert_eq!(dechunk(&wire), b);
-        // Sizes past the data, garbage and overflowing sizes end the body without a panic.
-        for bad in [
-            &b"ffff\r\nabc"[..],
-            b"zz\r\nabc\r\n",
-            b"ffffffffffffffffffff\r\nabc",
-            b"\r\n",
-            b"",
-        ] {
-            let _ = dechunk(bad);
-        }
-    }
-
-    /// `call` decodes a chunked answer whose chunk sizes split a multi-byte character (the
-    /// server's chunks count bytes).
-    #[test]
-    fn client_decodes_chunks_that_split_characters() {
-        use std::io::{Read, Write};
-        let dir = std::env::temp_dir().join(format!("tern-api-chunk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("api.sock");
-        let _ = std::fs::remove_file(&p);
-        let l = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        let text = "{\"error\":\"snapshot é€😀 refused\"}";
-        let server = std::thread::spawn(move || {
-            let (mut c, _) = l.accept().unwrap();
-            let mut req = [0u8; 1024];
-            let _ = c.read(&mut req);
-            let b = text.as_bytes();
-            // Split inside '€' (bytes 22..25).
-            let cut = 23;
-            assert!(!text.is_char_boundary(cut));
-            let mut wire =
-                b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-            wire.extend_from_slice(format!("{cut:x}\r\n").as_bytes());
-            wire.extend_from_slice(&b[..cut]);
-            wire.extend_from_slice(format!("\r\n{:x}\r\n", b.len() - cut).as_bytes());
-            wire.extend_from_slice(&b[cut..]);
-            wire.extend_from_slice(b"\r\n0\r\n\r\n");
-            c.write_all(&wire).unwrap();
-        });
-        let (status, body) = call(&p, "GET", "/v1/vm", None).unwrap();
-        server.join().unwrap();
-        assert_eq!(status, 400);
-        assert_eq!(body, text);
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! One VM's life in tern: configuration, building the VM, its components, vCPU threads and the
-//! event loop. `docs/architecture.md` walks through the crates and this one's modules.
+//! One VM's life in tern: building the VM from its configuration, its components, vCPU threads
+//! and the event loop. The configuration itself lives in the `api` crate (re-exported here as
+//! [`config`]). `docs/architecture.md` walks through the crates and this one's modules.
 
 pub mod api;
 pub mod builder;
 #[cfg(test)]
 mod component_tests;
 pub mod components;
-pub mod config;
 pub mod console;
 pub mod control;
 pub mod error;
@@ -24,8 +24,14 @@ pub mod virtio_devices;
 pub mod vm;
 pub mod vmgenid;
 
+pub use ::api::config;
 pub use config::VmConfig;
 pub use control::VmExit;
 pub use error::VmmError;
 pub use runner::run;
 pub use snapshot::Restore;
+
+// The configuration checks its limits without the memory layout; they must agree.
+const _: () = assert!(config::MIN_MEMORY == arch::layout::MIN_MEMORY);
+const _: () = assert!(config::MAX_MEMORY == arch::layout::MAX_MEMORY);
+const _: () = assert!(config::CMDLINE_MAX_SIZE == arch::layout::CMDLINE_MAX_SIZE);

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ::api::{VmInfo, VmState};
 use lifecycle::threads::{spawn, Role};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -202,13 +203,13 @@ fn wait_for_boot(
         }
         for req in api.take() {
             let state = if config.is_some() {
-                "configured"
+                VmState::Configured
             } else {
-                "created"
+                VmState::Created
             };
             match req.action {
                 Action::Info => {
-                    let r = Reply::ok(serde_json::json!({ "state": state, "config": config }));
+                    let r = Reply::ok(&VmInfo::new(state, config.clone()));
                     req.reply(r);
                 }
                 Action::Configure(ref c) => match c.validate() {
@@ -218,7 +219,7 @@ fn wait_for_boot(
                     }
                     Err(e) => req.reply(Reply::error(400, e.to_string())),
                 },
-                Action::Restore(ref opts) => match opts.open() {
+                Action::Restore(ref opts) => match crate::snapshot::open(opts) {
                     Ok(r) => {
                         return Ok(Ok(BootRequest {
                             config: r.snapshot.config.clone(),

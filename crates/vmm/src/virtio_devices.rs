@@ -61,34 +61,32 @@ pub enum DeviceStats {
 }
 
 impl DeviceStats {
-    /// The counters as JSON.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The counters as the API reports them.
+    pub fn counters(&self) -> ::api::DeviceCounters {
         use std::sync::atomic::Ordering::Relaxed;
         match self {
-            DeviceStats::Block { path, counters: c } => serde_json::json!({
-                "type": "block",
-                "path": path,
-                "read_ops": c.read_ops.load(Relaxed),
-                "read_bytes": c.read_bytes.load(Relaxed),
-                "write_ops": c.write_ops.load(Relaxed),
-                "write_bytes": c.write_bytes.load(Relaxed),
-                "flush_ops": c.flush_ops.load(Relaxed),
-                "discard_ops": c.discard_ops.load(Relaxed),
-                "errors": c.errors.load(Relaxed),
-                "throttled": c.throttled.load(Relaxed),
-            }),
-            DeviceStats::Net { tap, counters: c } => serde_json::json!({
-                "type": "net",
-                "tap": tap,
-                "rx_frames": c.rx_frames.load(Relaxed),
-                "rx_bytes": c.rx_bytes.load(Relaxed),
-                "rx_dropped": c.rx_dropped.load(Relaxed),
-                "tx_frames": c.tx_frames.load(Relaxed),
-                "tx_bytes": c.tx_bytes.load(Relaxed),
-                "tx_dropped": c.tx_dropped.load(Relaxed),
-                "link_down": c.link_down.load(Relaxed),
-                "throttled": c.throttled.load(Relaxed),
-            }),
+            DeviceStats::Block { path, counters: c } => ::api::DeviceCounters::Block {
+                path: path.clone(),
+                read_ops: c.read_ops.load(Relaxed),
+                read_bytes: c.read_bytes.load(Relaxed),
+                write_ops: c.write_ops.load(Relaxed),
+                write_bytes: c.write_bytes.load(Relaxed),
+                flush_ops: c.flush_ops.load(Relaxed),
+                discard_ops: c.discard_ops.load(Relaxed),
+                errors: c.errors.load(Relaxed),
+                throttled: c.throttled.load(Relaxed),
+            },
+            DeviceStats::Net { tap, counters: c } => ::api::DeviceCounters::Net {
+                tap: tap.clone(),
+                rx_frames: c.rx_frames.load(Relaxed),
+                rx_bytes: c.rx_bytes.load(Relaxed),
+                rx_dropped: c.rx_dropped.load(Relaxed),
+                tx_frames: c.tx_frames.load(Relaxed),
+                tx_bytes: c.tx_bytes.load(Relaxed),
+                tx_dropped: c.tx_dropped.load(Relaxed),
+                link_down: c.link_down.load(Relaxed),
+                throttled: c.throttled.load(Relaxed),
+            },
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use ::api::{Counters, VcpuCounters, VmInfo, VmState};
 use devices::serial::SerialDevice;
 
 use crate::api::{Action, ApiServer, Reply};
@@ -172,22 +173,32 @@ impl Vm {
         button_deadline: &mut Option<Instant>,
     ) -> Reply {
         let paused = self.components.paused();
-        let state = if paused { "paused" } else { "running" };
+        let state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         match action {
-            Action::Info => Reply::ok(serde_json::json!({
-                "state": state,
-                "config": config,
-                "vcpus": config.cpus,
-                "memory_bytes": config.memory.0,
-                "uptime_ms": self.started.elapsed().as_millis() as u64,
-                "generation_id": crate::vmgenid::read(self.ram.mem())
+            Action::Info => Reply::ok(&VmInfo {
+                vcpus: Some(config.cpus),
+                memory_bytes: Some(config.memory.0),
+                uptime_ms: Some(self.started.elapsed().as_millis() as u64),
+                generation_id: crate::vmgenid::read(self.ram.mem())
                     .ok()
                     .map(|id| crate::vmgenid::hex(&id)),
-                "taps": self.device_stats.iter().filter_map(|d| match d {
-                    crate::virtio_devices::DeviceStats::Net { tap, .. } => Some(tap.clone()),
-                    _ => None,
-                }).collect::<Vec<_>>(),
-            })),
+                taps: Some(
+                    self.device_stats
+                        .iter()
+                        .filter_map(|d| match d {
+                            crate::virtio_devices::DeviceStats::Net { tap, .. } => {
+                                Some(tap.clone())
+                            }
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                ..VmInfo::new(state, Some(config.clone()))
+            }),
             Action::Configure(_) => Reply::conflict("configure", state),
             Action::Boot => Reply::conflict("boot", state),
             Action::Pause if paused => Reply::conflict("pause", "paused already"),
@@ -231,17 +242,15 @@ impl Vm {
                 let vcpus: Vec<_> = exit_counters
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| {
-                        serde_json::json!({
-                            "vcpu": i,
-                            "pio_exits": c.pio.load(Ordering::Relaxed),
-                            "mmio_exits": c.mmio.load(Ordering::Relaxed),
-                            "other_exits": c.other.load(Ordering::Relaxed),
-                        })
+                    .map(|(i, c)| VcpuCounters {
+                        vcpu: i as u32,
+                        pio_exits: c.pio.load(Ordering::Relaxed),
+                        mmio_exits: c.mmio.load(Ordering::Relaxed),
+                        other_exits: c.other.load(Ordering::Relaxed),
                     })
                     .collect();
-                let devices: Vec<_> = self.device_stats.iter().map(|d| d.to_json()).collect();
-                Reply::ok(serde_json::json!({ "vcpus": vcpus, "devices": devices }))
+                let devices: Vec<_> = self.device_stats.iter().map(|d| d.counters()).collect();
+                Reply::ok(&Counters { vcpus, devices })
             }
         }
     }

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use arch::GuestMemoryMmap;
 
 use crate::VmConfig;
+pub use ::api::restore::{RestoreMode, RestoreOptions};
 use memory::{fnv, FNV_INIT, PAGE};
 
 pub use kvm::{check_cpu_features, VcpuState, VmState};
@@ -268,105 +269,62 @@ pub fn write(
     res
 }
 
-/// How a snapshot is brought back (`tern run --restore` flags, or the body of
-/// `PUT /v1/vm/restore`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreOptions {
-    /// The snapshot directory.
-    pub dir: PathBuf,
-    /// `lazy` (the default) maps the memory file copy-on-write; `eager` reads it and checks
-    /// its checksum.
-    #[serde(default)]
-    pub mode: RestoreMode,
-    /// Stay paused after restoring.
-    #[serde(default)]
-    pub paused: bool,
-    /// Disk images to open instead of the ones the snapshot names (old path → new path): a
-    /// clone needs its own copy or overlay of every writable disk.
-    #[serde(default)]
-    pub disk_remap: std::collections::BTreeMap<PathBuf, PathBuf>,
-    /// TAPs to use instead of the ones the snapshot names (old name → new name).
-    #[serde(default)]
-    pub tap_remap: std::collections::BTreeMap<String, String>,
-    /// Where the serial port writes, instead of the snapshot's setting.
-    #[serde(default)]
-    pub serial: Option<crate::config::CharBackend>,
-    /// Where the virtio-console writes, instead of the snapshot's setting (only for a VM that
-    /// has one).
-    #[serde(default)]
-    pub console: Option<crate::config::CharBackend>,
-}
-
-/// How guest memory comes back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RestoreMode {
-    /// Map the memory file copy-on-write: pages load on first touch.
-    #[default]
-    Lazy,
-    /// Read the whole file and check its checksum.
-    Eager,
-}
-
-impl RestoreOptions {
-    /// Reads and checks the snapshot and applies the options to its configuration.
-    pub fn open(&self) -> Result<Restore, String> {
-        let mut snap = read(&self.dir)?;
-        let c = &mut snap.config;
-        for (old, new) in &self.disk_remap {
-            let i = c.disks.iter().position(|d| &d.path == old).ok_or_else(|| {
-                format!(
-                    "disk remap: the snapshot has no disk {} (it has: {})",
-                    old.display(),
-                    list(c.disks.iter().map(|d| d.path.display().to_string()))
-                )
-            })?;
-            c.disks[i].path = new.clone();
-            // Another file: its format is probed afresh (a stated format still holds).
-            c.disks[i].probed_format = None;
-        }
-        for (old, new) in &self.tap_remap {
-            let (i, n) = c
-                .nets
-                .iter()
-                .enumerate()
-                .find(|(_, n)| &n.tap == old)
-                .ok_or_else(|| {
-                    format!(
-                        "TAP remap: the snapshot has no TAP {old} (it has: {})",
-                        list(c.nets.iter().map(|n| n.tap.clone()))
-                    )
-                })?;
-            // The guest keeps the MAC it has; only the host side moves.
-            let mac = n.effective_mac(i);
-            c.nets[i].mac = Some(mac);
-            c.nets[i].tap = new.clone();
-        }
-        if let Some(s) = &self.serial {
-            c.serial = s.clone();
-        }
-        if let Some(con) = &self.console {
-            if c.console.is_none() {
-                return Err("the snapshot's VM has no virtio-console to redirect".into());
-            }
-            c.console = Some(con.clone());
-        }
-        // The configuration inside a snapshot is checked as any other, once the options
-        // are applied (for `tern run --restore` and `PUT /v1/vm/restore` alike).
-        c.validate().map_err(|e| {
+/// Reads and checks the snapshot `opts` name and applies them to its configuration.
+pub fn open(opts: &RestoreOptions) -> Result<Restore, String> {
+    let mut snap = read(&opts.dir)?;
+    let c = &mut snap.config;
+    for (old, new) in &opts.disk_remap {
+        let i = c.disks.iter().position(|d| &d.path == old).ok_or_else(|| {
             format!(
-                "{}: the snapshot's configuration is invalid: {e}",
-                self.dir.join(STATE_FILE).display()
+                "disk remap: the snapshot has no disk {} (it has: {})",
+                old.display(),
+                list(c.disks.iter().map(|d| d.path.display().to_string()))
             )
         })?;
-        Ok(Restore {
-            dir: self.dir.clone(),
-            snapshot: snap,
-            paused: self.paused,
-            lazy: self.mode == RestoreMode::Lazy,
-        })
+        c.disks[i].path = new.clone();
+        // Another file: its format is probed afresh (a stated format still holds).
+        c.disks[i].probed_format = None;
     }
+    for (old, new) in &opts.tap_remap {
+        let (i, n) = c
+            .nets
+            .iter()
+            .enumerate()
+            .find(|(_, n)| &n.tap == old)
+            .ok_or_else(|| {
+                format!(
+                    "TAP remap: the snapshot has no TAP {old} (it has: {})",
+                    list(c.nets.iter().map(|n| n.tap.clone()))
+                )
+            })?;
+        // The guest keeps the MAC it has; only the host side moves.
+        let mac = n.effective_mac(i);
+        c.nets[i].mac = Some(mac);
+        c.nets[i].tap = new.clone();
+    }
+    if let Some(s) = &opts.serial {
+        c.serial = s.clone();
+    }
+    if let Some(con) = &opts.console {
+        if c.console.is_none() {
+            return Err("the snapshot's VM has no virtio-console to redirect".into());
+        }
+        c.console = Some(con.clone());
+    }
+    // The configuration inside a snapshot is checked as any other, once the options
+    // are applied (for `tern run --restore` and `PUT /v1/vm/restore` alike).
+    c.validate().map_err(|e| {
+        format!(
+            "{}: the snapshot's configuration is invalid: {e}",
+            opts.dir.join(STATE_FILE).display()
+        )
+    })?;
+    Ok(Restore {
+        dir: opts.dir.clone(),
+        snapshot: snap,
+        paused: opts.paused,
+        lazy: opts.mode == RestoreMode::Lazy,
+    })
 }
 
 fn list(items: impl Iterator<Item = String>) -> String {

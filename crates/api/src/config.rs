@@ -1,5 +1,5 @@
 //! `VmConfig`: the one description of a VM, produced by CLI flags, a config file (TOML or
-//! JSON) or, later, the API; validated once, here.
+//! JSON) or the API (`PUT /v1/vm`); validated once, here.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -11,6 +11,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// second after a panic, a quiet i8042.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Smallest guest RAM tern accepts (the VMM checks that its memory layout agrees).
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest RAM tern accepts, 1 TiB (the VMM checks that its memory layout agrees).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Longest kernel command line tern accepts, in bytes without the NUL (the VMM checks that its
+/// memory layout agrees).
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 
 /// Configuration errors; each names the field and the value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -752,24 +760,24 @@ impl VmConfig {
             return Err(invalid("cpus", self.cpus, "must be between 1 and 254"));
         }
         let m = self.memory.0;
-        if m < arch::layout::MIN_MEMORY {
+        if m < MIN_MEMORY {
             return Err(invalid("memory", self.memory, "must be at least 16M"));
         }
-        if m > arch::layout::MAX_MEMORY {
+        if m > MAX_MEMORY {
             return Err(invalid("memory", self.memory, "must be at most 1T"));
         }
         if !m.is_multiple_of(4096) {
             return Err(invalid("memory", self.memory, "must be a multiple of 4K"));
         }
         let cmd = self.effective_cmdline();
-        if cmd.len() > arch::layout::CMDLINE_MAX_SIZE {
+        if cmd.len() > CMDLINE_MAX_SIZE {
             return Err(invalid(
                 "cmdline",
                 format!("{}...", head(cmd, 32)),
                 format!(
                     "is {} bytes; at most {} are allowed",
                     cmd.len(),
-                    arch::layout::CMDLINE_MAX_SIZE
+                    CMDLINE_MAX_SIZE
                 ),
             ));
         }

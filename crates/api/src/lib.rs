@@ -1,0 +1,12 @@
+//! tern's control API as data, for the VMM that serves it and for every client: the VM
+//! configuration ([`config::VmConfig`]), the restore request ([`restore::RestoreOptions`]) and
+//! the answers ([`VmInfo`], [`Counters`], [`ErrorBody`]); and the one client of the API's
+//! Unix socket ([`client`]). Nothing here knows KVM or the server.
+
+pub mod client;
+pub mod config;
+pub mod responses;
+pub mod restore;
+
+pub use config::VmConfig;
+pub use responses::{Counters, DeviceCounters, ErrorBody, VcpuCounters, VmInfo, VmState};
