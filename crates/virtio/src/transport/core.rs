@@ -9,8 +9,10 @@
 //! delivers interrupts its own way (the `I` of [`VirtioCore<I>`]); it takes no state-machine
 //! decision of its own.
 //!
-//! Failure sets DEVICE_NEEDS_RESET; only a reset (status 0) clears it. The two transports
-//! still differ in what else a failure does (`pci_failure`).
+//! Failure follows the virtio 1.2 spec, section 2.1.2: a device that needs a reset sets
+//! DEVICE_NEEDS_RESET and, if DRIVER_OK is set, sends a configuration change notification.
+//! Only a reset (status 0) clears it. See [`VirtioCore::set_status`] for what a failed
+//! activation leaves in the status.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -78,10 +80,6 @@ pub(crate) struct VirtioCore<I: TransportInterrupt> {
     needs_reset: bool,
     /// Feature bits the transport does not implement: never offered, whatever the device says.
     hidden_features: u64,
-    /// The failure path as virtio-pci had it: a failed activation clears DRIVER_OK, and every
-    /// failure raises a configuration interrupt; virtio-mmio's did neither. Kept as the two
-    /// transports had it until the two are made one.
-    pci_failure: bool,
 }
 
 impl<I: TransportInterrupt> VirtioCore<I> {
@@ -92,7 +90,6 @@ impl<I: TransportInterrupt> VirtioCore<I> {
         device: Box<dyn VirtioDevice>,
         interrupt: Arc<I>,
         hidden_features: u64,
-        pci_failure: bool,
     ) -> std::io::Result<Self> {
         let maxes = device.queue_max_sizes();
         let notify = maxes
@@ -115,7 +112,6 @@ impl<I: TransportInterrupt> VirtioCore<I> {
             status: 0,
             needs_reset: false,
             hidden_features,
-            pci_failure,
         })
     }
 
@@ -249,6 +245,16 @@ impl<I: TransportInterrupt> VirtioCore<I> {
     }
 
     /// The driver writes `val` to the device status.
+    ///
+    /// A failed activation (queues the device cannot use, a device that refuses to start)
+    /// leaves DRIVER_OK set, with DEVICE_NEEDS_RESET and a configuration change
+    /// notification. DRIVER_OK is the driver's bit: it wrote it, and from then on may use the
+    /// queues; the spec gives the device one way to report trouble in that state,
+    /// DEVICE_NEEDS_RESET plus the notification it requires when DRIVER_OK is set (section
+    /// 2.1.2), and no way to take DRIVER_OK back. Clearing it would show the driver a status
+    /// it never wrote and would fall outside that rule. tern's own idea of a running device
+    /// ([`live`](Self::live): snapshots, frozen queue registers, restore) already excludes
+    /// a device that needs a reset.
     pub fn set_status(&mut self, val: u32) {
         let (mut val, new) = match status_write(self.status, val, self.needs_reset) {
             StatusWrite::Reset => return self.reset(),
@@ -274,9 +280,7 @@ impl<I: TransportInterrupt> VirtioCore<I> {
         self.status = val;
         if new & DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                if self.pci_failure {
-                    self.status &= !DRIVER_OK;
-                }
+                // DRIVER_OK stays set (see above); `fail` notifies the driver.
                 self.fail(&format!("activation failed: {e}"));
             }
         }
@@ -304,8 +308,9 @@ impl<I: TransportInterrupt> VirtioCore<I> {
         self.interrupt.reset();
     }
 
-    /// The device needs a reset: DEVICE_NEEDS_RESET (and, on virtio-pci, a configuration
-    /// change notification).
+    /// The device needs a reset: DEVICE_NEEDS_RESET, and a configuration change notification
+    /// if DRIVER_OK is set (virtio 1.2, section 2.1.2). Before DRIVER_OK the driver is still
+    /// setting the device up and reads the status back at its next step.
     fn fail(&mut self, why: &str) {
         ratelimit::warn_limited!(
             "{} (type {}): {why}; device needs a reset",
@@ -313,7 +318,7 @@ impl<I: TransportInterrupt> VirtioCore<I> {
             self.device.device_type()
         );
         self.needs_reset = true;
-        if self.pci_failure {
+        if self.status & DRIVER_OK != 0 {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
                 ratelimit::warn_limited!(
                     "{}: cannot signal the configuration change: {e}",

@@ -11,10 +11,11 @@
 //! [`MmioTransport::queue_notify_eventfds`]) so a notification never exits to userspace; a
 //! notification that does reach [`BusDevice::write`] signals the same eventfd.
 //!
-//! Everything the driver writes is hostile: an invalid status transition, DRIVER_OK with queues
-//! that are not ready, have a bad size or lie outside guest memory, or a device that fails to
-//! activate sets DEVICE_NEEDS_RESET; only a reset (writing 0 to Status) clears it. Every queue
-//! the device has must be configured and ready at DRIVER_OK.
+//! Everything the driver writes is hostile, and judged by the shared `VirtioCore`: an
+//! invalid status transition, DRIVER_OK with queues that are not ready, have a bad size or lie
+//! outside guest memory, or a device that fails to activate sets DEVICE_NEEDS_RESET (with a
+//! configuration change notification if DRIVER_OK is set); only a reset (writing 0 to Status)
+//! clears it. Every queue the device has must be configured and ready at DRIVER_OK.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -94,7 +95,7 @@ impl TransportInterrupt for MmioInterrupt {
 }
 
 /// A virtio device behind a virtio-mmio register window: the register layout over the
-/// [`VirtioCore`], which takes every state-machine decision.
+/// `VirtioCore`, which takes every state-machine decision.
 pub struct MmioTransport {
     core: VirtioCore<MmioInterrupt>,
 }
@@ -136,7 +137,7 @@ impl MmioTransport {
             irq,
         });
         Ok(MmioTransport {
-            core: VirtioCore::new("virtio-mmio", mem, device, interrupt, 0, false)?,
+            core: VirtioCore::new("virtio-mmio", mem, device, interrupt, 0)?,
         })
     }
 
@@ -602,6 +603,43 @@ mod tests {
         assert_ne!(d.start(&[&q0, &q1]) & NEEDS_RESET, 0);
         d.write(REG_STATUS, 0);
         assert_eq!(d.read(REG_STATUS), 0);
+    }
+
+    /// A device that fails to activate at DRIVER_OK: the status reads back what the driver
+    /// wrote plus DEVICE_NEEDS_RESET, and the driver gets a configuration change notification
+    /// (virtio 1.2, 2.1.2), as on virtio-pci. A failure before DRIVER_OK notifies nobody.
+    #[test]
+    fn failed_activation_needs_reset_and_notifies() {
+        let (mut d, rec) = fake(true);
+        let (q0, q1) = queues();
+        assert!(d.negotiate(VERSION_1));
+        d.setup_queue(0, &q0);
+        d.setup_queue(1, &q1);
+        let gen = d.read(0xfc);
+        assert!(d.irq.read().is_err());
+        d.add_status(DRIVER_OK);
+        assert_eq!(d.read(REG_STATUS), 1 | 2 | 8 | DRIVER_OK | NEEDS_RESET);
+        assert!(rec.lock().unwrap().interrupt.is_none());
+        // The configuration change: InterruptStatus, the generation and the irq show it.
+        assert_eq!(d.read(REG_ISR), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(d.read(0xfc), gen + 1);
+        assert_eq!(d.irq.read().unwrap(), 1);
+        // Nothing but a reset helps; a repeated write is ignored and raises nothing.
+        d.add_status(DRIVER_OK);
+        assert!(d.irq.read().is_err());
+        d.write(0x30, 0);
+        d.write(0x44, 0);
+        assert_eq!(d.read(0x44), 1);
+        d.write(REG_STATUS, 0);
+        assert_eq!(d.read(REG_STATUS), 0);
+        assert_eq!(d.read(REG_ISR), 0);
+
+        // Before DRIVER_OK: DEVICE_NEEDS_RESET only.
+        let (mut d, _) = fake(false);
+        d.write(REG_STATUS, 2);
+        assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        assert_eq!(d.read(REG_ISR), 0);
+        assert!(d.irq.read().is_err());
     }
 
     /// A virtio-mmio device's state as the tern before the shared transport core wrote it

@@ -2,7 +2,7 @@
 //!
 //! Split by what varies:
 //!
-//! - [`core`] (`VirtioCore`) owns the device and the virtio 1.x state machine, whatever the
+//! - `core` (`VirtioCore`) owns the device and the virtio 1.x state machine, whatever the
 //!   register layout: device status, feature selects and the driver's features, queue select
 //!   and the per-queue registers, the queue notification eventfds, the interrupt status and
 //!   configuration generation, activation at DRIVER_OK, reset, failure (DEVICE_NEEDS_RESET

@@ -27,12 +27,13 @@
 //! without datamatch and for any length (drivers write the queue index as 16 bits); a
 //! notification that reaches [`PciDevice::bar_write`] signals the same eventfd.
 //!
-//! Hostile input follows the virtio-mmio rules: an invalid status transition, DRIVER_OK without
-//! accepted features, a queue that is not enabled, has a bad size or lies outside guest memory
-//! at DRIVER_OK, or a device that fails to activate sets DEVICE_NEEDS_RESET (and raises a
-//! configuration interrupt); only a reset (writing 0 to device_status) clears it. Every queue
-//! the device has must be enabled at DRIVER_OK. Accesses of any width and offset are accepted
-//! and never panic; reads of unbacked offsets return zeros.
+//! Hostile input is judged by the shared `VirtioCore`, as on virtio-mmio: an invalid status
+//! transition, DRIVER_OK without accepted features, a queue that is not enabled, has a bad
+//! size or lies outside guest memory at DRIVER_OK, or a device that fails to activate sets
+//! DEVICE_NEEDS_RESET (with a configuration change notification if DRIVER_OK is set); only a
+//! reset (writing 0 to device_status) clears it. Every queue the device has must be enabled at
+//! DRIVER_OK. Accesses of any width and offset are accepted and never panic; reads of unbacked
+//! offsets return zeros.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -276,7 +277,7 @@ fn class_code(device_type: u32) -> u32 {
 }
 
 /// A virtio device behind the modern virtio-pci transport: configuration space, BAR 0's
-/// layout and interrupt delivery over the [`VirtioCore`], which takes every state-machine
+/// layout and interrupt delivery over the `VirtioCore`, which takes every state-machine
 /// decision.
 pub struct VirtioPciDevice {
     config: PciConfiguration,
@@ -503,7 +504,6 @@ impl VirtioPciDevice {
             device,
             interrupt.clone(),
             UNSUPPORTED_FEATURES,
-            true,
         )
         .map_err(VirtioPciError::EventFd)?;
         Ok(VirtioPciDevice {
@@ -1368,7 +1368,8 @@ mod tests {
             drv.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
             let s = drv.status();
             assert_ne!(s & NEEDS_RESET as u8, 0, "{what}: status {s:#x}");
-            assert_eq!(s & DRIVER_OK as u8, 0, "{what}");
+            // DRIVER_OK stays set: the driver wrote it (see `VirtioCore::set_status`).
+            assert_ne!(s & DRIVER_OK as u8, 0, "{what}");
             assert!(lock(&drv.rec).queues.is_empty(), "{what}");
             // Only a reset clears it.
             drv.set_status(ACKNOWLEDGE);
@@ -1389,8 +1390,9 @@ mod tests {
         drv.set_status(ACKNOWLEDGE | DRIVER | DRIVER_OK);
         assert_ne!(drv.status() & NEEDS_RESET as u8, 0);
         assert!(lock(&drv.rec).interrupt.is_none());
-        // The driver was told through the config vector.
-        assert_eq!(drv.msi.take(), vec![(0, None)]);
+        // DRIVER_OK never became set, so there is no configuration change notification: the
+        // driver finds DEVICE_NEEDS_RESET when it reads the status back.
+        assert!(drv.msi.take().is_empty());
 
         // Skipping a step, clearing a bit, unknown bits.
         for seq in [
@@ -1419,6 +1421,44 @@ mod tests {
         drv.setup_queue(1, &q1, 8);
         drv.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         assert_ne!(drv.status() & NEEDS_RESET as u8, 0);
+    }
+
+    /// A device that fails to activate at DRIVER_OK: the status reads back what the driver
+    /// wrote plus DEVICE_NEEDS_RESET, and the driver gets a configuration change notification
+    /// (virtio 1.2, 2.1.2), as on virtio-mmio.
+    #[test]
+    fn failed_activation_needs_reset_and_notifies() {
+        use crate::transport::PauseDevice;
+        let mem = mem();
+        let q0 = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let q1 = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 8);
+        let mut drv = driver(true);
+        let msix = drv.caps().msix.unwrap();
+        drv.enable_msix(msix);
+        drv.program_vector(0);
+        assert!(drv.negotiate(VERSION_1));
+        drv.setup_queue(0, &q0, 16);
+        drv.setup_queue(1, &q1, 8);
+        drv.wr(CONFIG_MSIX_VECTOR, 2, 0);
+        drv.msi.take();
+        let gen = drv.rd(CONFIG_GENERATION, 1);
+        let started = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+        drv.set_status(started);
+        assert_eq!(u32::from(drv.status()), started | NEEDS_RESET);
+        assert!(lock(&drv.rec).queues.is_empty());
+        // The configuration change: its vector fired, the ISR and generation show it.
+        assert_eq!(drv.msi.take(), vec![(0, None)]);
+        assert_eq!(drv.rd(CONFIG_GENERATION, 1), gen + 1);
+        assert_eq!(drv.rd(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+        // Nothing but a reset helps; a repeated write is ignored and raises nothing.
+        drv.set_status(started);
+        assert!(drv.msi.take().is_empty());
+        drv.wr(QUEUE_SELECT, 2, 0);
+        assert_eq!(drv.rd(QUEUE_ENABLE, 2), 1);
+        // Not a running device for a snapshot.
+        assert!(drv.d.save_state().used_rings().is_empty());
+        drv.set_status(0);
+        assert_eq!(drv.status(), 0);
     }
 
     /// A virtio-pci device's state as the tern before the shared transport core wrote it
