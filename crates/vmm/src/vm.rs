@@ -1043,10 +1043,12 @@ impl Vm {
         let device_stats = virtio.stats;
         let mut intx = None;
         let mut pausers = Vec::new();
+        // Guest memory as the devices share it (and the log of what they write).
+        let guest_memory = virtio::VmMemory::new(mem.clone());
         match config.transport {
             Transport::Mmio => crate::virtio_devices::attach_mmio(
                 &vm,
-                &mem,
+                &guest_memory,
                 &mut mmio,
                 virtio.devices,
                 &mut pausers,
@@ -1055,7 +1057,7 @@ impl Vm {
                 let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
                 intx = Some(crate::virtio_devices::attach_pci(
                     &vm,
-                    &mem,
+                    &guest_memory,
                     &routing,
                     &mut pio,
                     &mut mmio,

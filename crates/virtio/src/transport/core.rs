@@ -29,7 +29,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::state::{QueueRegs, TransportState};
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+use crate::{GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice, VmMemory};
 
 /// What the driver reads of the interrupt side through either transport: virtio-mmio's
 /// InterruptStatus or virtio-pci's ISR, and the configuration generation. It lives in the
@@ -64,7 +64,9 @@ pub(crate) trait TransportInterrupt: Interrupt + 'static {
 pub(crate) struct VirtioCore<I: TransportInterrupt> {
     /// "virtio-mmio" or "virtio-pci", for messages.
     transport: &'static str,
-    mem: GuestMemoryMmap,
+    /// The VM's memory: queues are validated against its current view at activation, and the
+    /// device gets a clone.
+    mem: VmMemory,
     device: Box<dyn VirtioDevice>,
     interrupt: Arc<I>,
     /// One per queue, for the transport's life (registered as KVM ioeventfds).
@@ -86,7 +88,7 @@ impl<I: TransportInterrupt> VirtioCore<I> {
     /// Wraps `device`, signalling through `interrupt`; `hidden_features` are never offered.
     pub fn new(
         transport: &'static str,
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         device: Box<dyn VirtioDevice>,
         interrupt: Arc<I>,
         hidden_features: u64,
@@ -347,6 +349,7 @@ impl<I: TransportInterrupt> VirtioCore<I> {
         let maxes = self.device.queue_max_sizes().to_vec();
         let min_queues = self.device.min_queues();
         let mut queues = Vec::with_capacity(maxes.len());
+        let mem = self.mem.memory();
         for (i, ((r, max), n)) in self.queues.iter().zip(maxes).zip(&self.notify).enumerate() {
             if !r.ready && i >= min_queues {
                 // A driver may use only the first queues of a multiqueue device (Linux uses
@@ -354,7 +357,7 @@ impl<I: TransportInterrupt> VirtioCore<I> {
                 break;
             }
             let queue =
-                build_queue(r, max, event_idx, &self.mem).map_err(|e| format!("queue {i}: {e}"))?;
+                build_queue(r, max, event_idx, &mem).map_err(|e| format!("queue {i}: {e}"))?;
             let event = n.try_clone().map_err(|e| e.to_string())?;
             queues.push(QueueEvent { queue, event });
         }
@@ -369,14 +372,14 @@ impl<I: TransportInterrupt> VirtioCore<I> {
     /// paused device stopped), the interrupt status and generation.
     pub fn save(&self) -> TransportState {
         let live = self.live();
+        let mem = self.mem.memory();
         let queues = self
             .queues
             .iter()
             .map(|r| {
                 let mut r = *r;
                 if live && r.ready {
-                    r.next = self
-                        .mem
+                    r.next = mem
                         .read_obj::<u16>(GuestAddress(r.device.wrapping_add(2)))
                         .unwrap_or(0);
                 }

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::core::{InterruptState, TransportInterrupt, VirtioCore};
 use super::state::TransportState;
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
+use crate::{Interrupt, InterruptKind, VirtioDevice, VmMemory};
 
 /// Size of the register window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -128,7 +128,7 @@ impl super::PauseDevice for MmioTransport {
 impl MmioTransport {
     /// Wraps `device`, signalling the guest through `irq` (an irqfd).
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         device: Box<dyn VirtioDevice>,
         irq: EventFd,
     ) -> std::io::Result<Self> {
@@ -307,7 +307,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap,
+            _mem: VmMemory,
             interrupt: Arc<dyn Interrupt>,
             queues: Vec<QueueEvent>,
         ) -> Result<(), ActivateError> {

@@ -52,7 +52,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::core::{InterruptState, TransportInterrupt, VirtioCore};
 use super::state::{PciState, QueueRegs, TransportState};
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
+use crate::{Interrupt, InterruptKind, VirtioDevice, VmMemory};
 
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -407,7 +407,7 @@ impl VirtioPciDevice {
 
     /// Wraps `device`; its MSI-X vectors are delivered through `msi`.
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         device: Box<dyn VirtioDevice>,
         msi: Arc<dyn MsiRouting>,
     ) -> Result<Self, VirtioPciError> {
@@ -824,7 +824,7 @@ impl PciDevice for VirtioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::QueueEvent;
+    use crate::{GuestMemoryMmap, QueueEvent};
     use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
@@ -889,7 +889,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap,
+            _mem: VmMemory,
             interrupt: Arc<dyn Interrupt>,
             queues: Vec<QueueEvent>,
         ) -> Result<(), ActivateError> {
@@ -974,7 +974,8 @@ mod tests {
             rec: rec.clone(),
             fail_activate,
         };
-        let mut d = VirtioPciDevice::new(mem.clone(), Box::new(dev), msi.clone()).unwrap();
+        let mut d =
+            VirtioPciDevice::new(VmMemory::new(mem.clone()), Box::new(dev), msi.clone()).unwrap();
         d.set_bar_address(0, BAR_BASE);
         Driver { d, rec, msi, mem }
     }
@@ -1635,7 +1636,7 @@ mod tests {
             fail_activate: false,
         };
         let vpci = Arc::new(Mutex::new(
-            VirtioPciDevice::new(mem(), Box::new(dev), msi).unwrap(),
+            VirtioPciDevice::new(VmMemory::new(mem()), Box::new(dev), msi).unwrap(),
         ));
         let mut root = PciRoot::new(&PciWindows {
             mmio32: 0xc000_0000..0xe000_0000,

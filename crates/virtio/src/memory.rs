@@ -1,0 +1,96 @@
+//! A VM's guest memory as its transports and devices share it.
+//!
+//! One [`VmMemory`] per VM, cloned into every transport and handed to every device at
+//! activation: clones share the same memory map. The memory map is a
+//! [`GuestMemoryAtomic`]: a region added later ([`VmMemory::add_region`]) is seen by every
+//! device from its next request on, when it takes the current view ([`VmMemory::memory`]).
+//!
+//! Regions are only ever added, never removed: a device with I/O in flight (io_uring, `writev`
+//! from a tap) holds raw pointers into the view it validated them against, and a later view
+//! still holds, and so keeps mapped, every region of an earlier one.
+
+use std::sync::Arc;
+
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+
+use crate::GuestMemoryMmap;
+
+/// One guest memory region, as [`VmMemory::add_region`] takes it.
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<()>;
+
+/// A VM's guest memory: the shared memory map. Cheap to clone; clones share it.
+#[derive(Clone, Debug)]
+pub struct VmMemory {
+    map: GuestMemoryAtomic<GuestMemoryMmap>,
+}
+
+/// A view of guest memory: the regions as they were when it was taken. Dereferences to
+/// [`GuestMemoryMmap`]; holding it keeps those regions mapped.
+pub type MemoryView = GuestMemoryLoadGuard<GuestMemoryMmap>;
+
+impl VmMemory {
+    /// A VM's memory over the regions of `mem` (the same mappings).
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        VmMemory {
+            map: GuestMemoryAtomic::new(mem),
+        }
+    }
+
+    /// The current view of guest memory. Cheap (no lock); a device takes it per request.
+    pub fn memory(&self) -> MemoryView {
+        self.map.memory()
+    }
+
+    /// Adds `region` to the VM's memory: every holder of this `VmMemory` sees it in the
+    /// views it takes from now on. Fails if it overlaps a region already there.
+    pub fn add_region(&self, region: GuestRegionMmap) -> Result<(), String> {
+        let guard = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self
+            .map
+            .memory()
+            .insert_region(Arc::new(region))
+            .map_err(|e| format!("cannot add a guest memory region: {e}"))?;
+        guard.replace(map);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    use super::*;
+
+    #[test]
+    fn regions_added_later_are_seen_by_every_clone() {
+        let mem =
+            VmMemory::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let device = mem.clone();
+        let old = device.memory();
+        assert!(device
+            .memory()
+            .write_obj(1u8, GuestAddress(0x20000))
+            .is_err());
+        let region = GuestRegionMmap::from_range(GuestAddress(0x20000), 0x1000, None).unwrap();
+        mem.add_region(region).unwrap();
+        device
+            .memory()
+            .write_obj(7u8, GuestAddress(0x20000))
+            .unwrap();
+        assert_eq!(
+            mem.memory().read_obj::<u8>(GuestAddress(0x20000)).unwrap(),
+            7
+        );
+        // A view taken before keeps its regions, and shares their contents.
+        assert!(old.read_obj::<u8>(GuestAddress(0x20000)).is_err());
+        old.write_obj(3u8, GuestAddress(0x10)).unwrap();
+        assert_eq!(
+            device.memory().read_obj::<u8>(GuestAddress(0x10)).unwrap(),
+            3
+        );
+        // Overlaps are refused.
+        let clash = GuestRegionMmap::from_range(GuestAddress(0x8000), 0x10000, None).unwrap();
+        assert!(mem.add_region(clash).is_err());
+        assert_eq!(mem.memory().num_regions(), 2);
+    }
+}
