@@ -63,7 +63,7 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device: from now on it serves `queues` on its own thread and signals the
     /// guest through `interrupt`. `mem` is the VM's memory: the device takes its current view
-    /// per request.
+    /// per request and marks what it writes in its dirty log.
     fn activate(
         &mut self,
         mem: VmMemory,

@@ -9,7 +9,8 @@
 //! device runs its own worker thread from then on: the vCPU thread never runs device code.
 //!
 //! Guest memory is one [`VmMemory`] per VM, shared by its transports and devices: each device
-//! takes the current view per request, so a region added later is seen everywhere.
+//! takes the current view per request, so a region added later is seen everywhere, and marks
+//! what it writes in the VM's dirty log (for diff snapshots).
 //!
 //! Guest memory and every descriptor are hostile input: a device that finds a malformed chain
 //! marks itself broken (DEVICE_NEEDS_RESET) rather than panicking or looping.

@@ -682,7 +682,7 @@ struct Vm {
     device_names: Vec<String>,
     started: Instant,
     /// Guest memory devices wrote, when the VM tracks dirty pages.
-    dirty: Option<Arc<virtio::dirty::DirtyPages>>,
+    dirty: Option<virtio::dirty::DirtyLog>,
     /// Pages written before a snapshot that failed: still dirty for the next one.
     dirty_carry: Mutex<Vec<u64>>,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.
@@ -1114,13 +1114,9 @@ impl Vm {
             });
         }
 
-        let dirty = if config.track_dirty_pages {
-            let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-            virtio::dirty::install(Arc::new(virtio::dirty::DirtyPages::new(&layout)));
-            virtio::dirty::tracker().cloned()
-        } else {
-            None
-        };
+        let dirty = config
+            .track_dirty_pages
+            .then(|| guest_memory.start_dirty_log());
         Ok(Vm {
             rtc,
             _kvm: kvm,
@@ -1166,10 +1162,12 @@ impl Vm {
     fn new_generation(&self) -> Result<(), VmmError> {
         crate::vmgenid::write_new(&self._mem).map_err(VmmError::Setup)?;
         // tern's own write: a diff snapshot must carry it too.
-        virtio::dirty::mark(
-            arch::layout::VMGENID_ADDR,
-            arch::layout::VMGENID_SIZE as u64,
-        );
+        if let Some(d) = &self.dirty {
+            d.mark(
+                arch::layout::VMGENID_ADDR,
+                arch::layout::VMGENID_SIZE as u64,
+            );
+        }
         self.vmgenid_evt.write(1).map_err(|e| {
             VmmError::Setup(format!(
                 "cannot signal the new VM generation ID to the guest: {e}"
@@ -1318,11 +1316,13 @@ impl Vm {
         }
     }
 
-    /// The pages written since the last snapshot (by vCPUs: KVM's dirty log; by devices: the
-    /// tracker; and any carried over from a failed snapshot), one bit per page of the regions
+    /// The pages written since the last snapshot (by vCPUs: KVM's dirty log; by devices: their
+    /// dirty log; and any carried over from a failed snapshot), one bit per page of the regions
     /// end to end; clears them.
-    fn take_dirty(&self, devices: &virtio::dirty::DirtyPages) -> Result<Vec<u64>, String> {
-        let mut bits = devices.take();
+    fn take_dirty(&self, devices: &virtio::dirty::DirtyLog) -> Result<Vec<u64>, String> {
+        let mut bits = devices
+            .take()
+            .ok_or_else(|| "the devices' dirty log is off".to_string())?;
         let carry =
             std::mem::take(&mut *self.dirty_carry.lock().unwrap_or_else(|p| p.into_inner()));
         for (w, c) in bits.iter_mut().zip(carry) {

@@ -210,7 +210,7 @@ impl Ctx {
                 });
             }
             if writable {
-                crate::dirty::mark(d.addr().0, u64::from(d.len()));
+                self.space.dirty().mark(d.addr().0, u64::from(d.len()));
             }
             bufs.push(Buf {
                 addr: d.addr(),

@@ -241,9 +241,10 @@ mod tests {
         assert_eq!(d.read(REG_STATUS) & NEEDS_RESET, 0);
     }
 
-    /// Guest memory added while the device runs is usable by its next request.
+    /// Guest memory added while the device runs is usable by its next request, and what the
+    /// device writes is marked in the VM's dirty log once it is on.
     #[test]
-    fn sees_memory_added_later() {
+    fn sees_memory_added_later_and_marks_it_dirty() {
         let (mut d, mut q) = rng();
         let extra = crate::memory::GuestRegionMmap::from_range(
             GuestAddress(MEM_SIZE + 0x10_0000),
@@ -252,6 +253,7 @@ mod tests {
         )
         .unwrap();
         d.vm_mem.add_region(extra).unwrap();
+        let log = d.vm_mem.start_dirty_log();
         let at = MEM_SIZE + 0x10_1000;
         let h = q.add_chain(&d.mem, &[(at, 64, true)]);
         d.notify(0);
@@ -264,6 +266,11 @@ mod tests {
             .read_slice(&mut v, GuestAddress(at))
             .unwrap();
         assert!(v.iter().any(|&x| x != 0), "not filled");
+        // Page 1 of the added region: after the first region's pages.
+        let bit = (MEM_SIZE / crate::dirty::PAGE_SIZE + 1) as usize;
+        let bits = log.take().unwrap();
+        assert_ne!(bits[bit / 64] & 1 << (bit % 64), 0);
+        assert_eq!(bits.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
     }
 
     #[test]
