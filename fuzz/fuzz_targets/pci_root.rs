@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use devices::pci::{PciConfigIo, PciConfigMmio, PciDevice, PciRoot, PciWindows};
 use devices::BusDevice;
 use libfuzzer_sys::fuzz_target;
-use tern_fuzz::{access, guest_mem, some_device, Input, NoMsi};
+use tern_fuzz::{access, some_device, vm_mem, Input, NoMsi};
 use virtio::transport::pci::VirtioPciDevice;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     .unwrap();
     let first = input.u8();
     for which in [first, first.wrapping_add(1)] {
-        let t = VirtioPciDevice::new(guest_mem(), some_device(which), Arc::new(NoMsi)).unwrap();
+        let t = VirtioPciDevice::new(vm_mem(), some_device(which), Arc::new(NoMsi)).unwrap();
         let dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(t));
         root.attach(dev).unwrap();
     }

@@ -12,7 +12,7 @@ use devices::serial::{SerialDevice, SerialOut};
 use devices::EventFdTrigger;
 use libfuzzer_sys::fuzz_target;
 use lifecycle::Component;
-use tern_fuzz::{guest_mem, some_device, NoMsi};
+use tern_fuzz::{some_device, vm_mem, NoMsi};
 use virtio::transport::mmio::MmioTransport;
 use virtio::transport::pci::VirtioPciDevice;
 use virtio::transport::{PauseDevice, TransportState};
@@ -61,12 +61,12 @@ fuzz_target!(|data: &[u8]| {
                 };
                 for which in 0..3 {
                     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-                    let mut t = MmioTransport::new(guest_mem(), some_device(which), irq).unwrap();
+                    let mut t = MmioTransport::new(vm_mem(), some_device(which), irq).unwrap();
                     if t.restore_state(&state).is_ok() {
                         assert!(t.pause_device(deadline()), "a restored device did not pause");
                         let _ = t.save_state();
                     }
-                    let mut p = VirtioPciDevice::new(guest_mem(), some_device(which), Arc::new(NoMsi))
+                    let mut p = VirtioPciDevice::new(vm_mem(), some_device(which), Arc::new(NoMsi))
                         .unwrap();
                     if p.restore_state(&state).is_ok() {
                         assert!(p.pause_device(deadline()), "a restored device did not pause");

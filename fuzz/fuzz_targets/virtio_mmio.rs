@@ -3,7 +3,7 @@
 #![no_main]
 use devices::BusDevice;
 use libfuzzer_sys::fuzz_target;
-use tern_fuzz::{access, guest_mem, some_device, Input};
+use tern_fuzz::{access, some_device, vm_mem, Input};
 use virtio::transport::mmio::MmioTransport;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let device = some_device(input.u8());
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut t = MmioTransport::new(guest_mem(), device, irq).unwrap();
+    let mut t = MmioTransport::new(vm_mem(), device, irq).unwrap();
     let mut steps = 0;
     while !input.is_empty() && steps < 512 {
         steps += 1;

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use devices::pci::PciDevice;
 use libfuzzer_sys::fuzz_target;
-use tern_fuzz::{access, guest_mem, some_device, Input, NoMsi};
+use tern_fuzz::{access, some_device, vm_mem, Input, NoMsi};
 use virtio::transport::pci::VirtioPciDevice;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let device = some_device(input.u8());
-    let mut t = VirtioPciDevice::new(guest_mem(), device, Arc::new(NoMsi)).unwrap();
+    let mut t = VirtioPciDevice::new(vm_mem(), device, Arc::new(NoMsi)).unwrap();
     let mut steps = 0;
     while !input.is_empty() && steps < 512 {
         steps += 1;

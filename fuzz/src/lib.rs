@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use devices::BusDevice;
 use virtio::transport::mmio::MmioTransport;
 use virtio::transport::PauseDevice;
-use virtio::{GuestMemoryMmap, VirtioDevice};
+use virtio::{GuestMemoryMmap, VirtioDevice, VmMemory};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -59,6 +59,11 @@ pub fn guest_mem() -> GuestMemoryMmap {
         .clone()
 }
 
+/// [`guest_mem`] as a VM's shared memory handle, for a transport.
+pub fn vm_mem() -> VmMemory {
+    VmMemory::new(guest_mem())
+}
+
 /// A guest driver of one device behind virtio-mmio.
 pub struct Driver {
     pub t: MmioTransport,
@@ -74,7 +79,7 @@ impl Driver {
             .unwrap();
         let queues = device.queue_max_sizes().len();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(mem.clone(), device, irq).unwrap();
+        let t = MmioTransport::new(VmMemory::new(mem.clone()), device, irq).unwrap();
         Driver { t, mem, queues }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::GuestMemoryMmap;
+use crate::VmMemory;
 
 /// What an interrupt is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,10 +62,11 @@ pub trait VirtioDevice: Send {
     /// Writes device-specific configuration space at `offset`.
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device: from now on it serves `queues` on its own thread and signals the
-    /// guest through `interrupt`.
+    /// guest through `interrupt`. `mem` is the VM's memory: the device takes its current view
+    /// per request and marks what it writes in its dirty log.
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<QueueEvent>,
     ) -> Result<(), ActivateError>;

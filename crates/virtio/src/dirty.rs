@@ -3,15 +3,18 @@
 //! KVM's dirty log sees what vCPUs write; devices write guest memory from their own threads
 //! (disk reads, received frames, console input, used-ring updates), often through raw
 //! pointers handed to the kernel (io_uring, `readv`). Every device-writable buffer goes through
-//! [`Ctx`](crate::devices) validation, which marks it here before the device touches it (a
-//! buffer marked and then not written costs a page in the next diff, never a lost write). The
-//! used rings are marked by the VMM from the transports' state when it takes a snapshot.
+//! [`Ctx`](crate::devices) validation, which marks it in the VM's [`DirtyLog`] before the
+//! device touches it (a buffer marked and then not written costs a page in the next diff,
+//! never a lost write). The used rings are marked by the VMM from the transports' state when
+//! it takes a snapshot.
 //!
-//! One tracker per process: tern runs one VM per process, and the VMM installs the tracker
-//! when the VM tracks dirty pages; without one, marking costs one atomic load.
+//! One log per VM, part of its [`VmMemory`](crate::VmMemory): devices mark through the handle
+//! they were given. The VMM switches it on (with a clean bitmap over the regions of the
+//! moment), reads and clears it, and may switch it off; while it is off, marking costs one
+//! atomic load.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// Page granularity of the tracking.
 pub const PAGE_SIZE: u64 = 4096;
@@ -70,22 +73,66 @@ impl DirtyPages {
     }
 }
 
-static TRACKER: OnceLock<Arc<DirtyPages>> = OnceLock::new();
+/// A VM's log of the guest memory its devices write: on or off, cheap to clone (clones share
+/// it).
+#[derive(Clone, Debug, Default)]
+pub struct DirtyLog(Arc<Log>);
 
-/// Installs the process's tracker (once; later calls are ignored and return false).
-pub fn install(t: Arc<DirtyPages>) -> bool {
-    TRACKER.set(t).is_ok()
+#[derive(Debug, Default)]
+struct Log {
+    /// Whether `pages` is there: the one thing marking looks at while the log is off.
+    on: AtomicBool,
+    pages: RwLock<Option<DirtyPages>>,
 }
 
-/// The installed tracker.
-pub fn tracker() -> Option<&'static Arc<DirtyPages>> {
-    TRACKER.get()
+impl DirtyLog {
+    /// A log that is off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Switches the log on with a clean bitmap over the RAM regions `(guest address,
+    /// length)`, in order (see [`DirtyPages::new`]); a bitmap it had is dropped.
+    pub fn start(&self, regions: &[(u64, u64)]) {
+        let mut pages = self.0.pages.write().unwrap_or_else(|p| p.into_inner());
+        *pages = Some(DirtyPages::new(regions));
+        self.0.on.store(true, Ordering::Release);
+    }
+
+    /// Switches the log off and drops its bitmap.
+    pub fn stop(&self) {
+        let mut pages = self.0.pages.write().unwrap_or_else(|p| p.into_inner());
+        self.0.on.store(false, Ordering::Release);
+        *pages = None;
+    }
+
+    /// Whether the log is on.
+    pub fn is_on(&self) -> bool {
+        self.0.on.load(Ordering::Acquire)
+    }
+
+    /// Marks `[addr, addr + len)` (guest physical) written, when the log is on.
+    pub fn mark(&self, addr: u64, len: u64) {
+        if !self.0.on.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(p) = &*self.0.pages.read().unwrap_or_else(|p| p.into_inner()) {
+            p.mark(addr, len);
+        }
+    }
+
+    /// The bitmap (see [`DirtyPages::take`]), cleared; None while the log is off.
+    pub fn take(&self) -> Option<Vec<u64>> {
+        let pages = self.0.pages.read().unwrap_or_else(|p| p.into_inner());
+        pages.as_ref().map(DirtyPages::take)
+    }
 }
 
-/// Marks `[addr, addr + len)` written, when a tracker is installed.
-pub fn mark(addr: u64, len: u64) {
-    if let Some(t) = TRACKER.get() {
-        t.mark(addr, len);
+impl std::fmt::Debug for DirtyPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyPages")
+            .field("regions", &self.regions)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,5 +149,26 @@ mod tests {
         d.mark((1 << 32) + PAGE_SIZE, 0); // empty: nothing
         assert_eq!(d.take(), vec![0b1011]);
         assert_eq!(d.take(), vec![0]);
+    }
+
+    #[test]
+    fn log_on_off() {
+        let log = DirtyLog::new();
+        let other = log.clone();
+        other.mark(0, 1);
+        assert!(!log.is_on());
+        assert_eq!(log.take(), None);
+        log.start(&[(0, 2 * PAGE_SIZE)]);
+        assert!(other.is_on());
+        other.mark(PAGE_SIZE, 1);
+        assert_eq!(log.take(), Some(vec![0b10]));
+        assert_eq!(log.take(), Some(vec![0]));
+        other.mark(0, 1);
+        // Starting again begins with a clean bitmap.
+        log.start(&[(0, 2 * PAGE_SIZE)]);
+        assert_eq!(log.take(), Some(vec![0]));
+        log.stop();
+        other.mark(0, 1);
+        assert_eq!(log.take(), None);
     }
 }

@@ -8,18 +8,24 @@
 //! queue's notification address, plus an [`Interrupt`] to signal the guest (an irqfd). The
 //! device runs its own worker thread from then on: the vCPU thread never runs device code.
 //!
+//! Guest memory is one [`VmMemory`] per VM, shared by its transports and devices: each device
+//! takes the current view per request, so a region added later is seen everywhere, and marks
+//! what it writes in the VM's dirty log (for diff snapshots).
+//!
 //! Guest memory and every descriptor are hostile input: a device that finds a malformed chain
 //! marks itself broken (DEVICE_NEEDS_RESET) rather than panicking or looping.
 
 pub mod device;
 pub mod devices;
 pub mod dirty;
+pub mod memory;
 pub mod transport;
 
 #[cfg(test)]
 mod testing;
 
 pub use device::{ActivateError, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+pub use memory::VmMemory;
 
 /// The guest memory type devices access.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::transport::mmio::MmioTransport;
-use crate::{GuestMemoryMmap, VirtioDevice};
+use crate::{GuestMemoryMmap, VirtioDevice, VmMemory};
 
 /// Guest memory size for tests.
 pub const MEM_SIZE: u64 = 0x40_0000;
@@ -139,7 +139,10 @@ impl VirtQueue {
 /// The driver side of a virtio-mmio device.
 pub struct Driver {
     pub t: MmioTransport,
+    /// Guest memory as it was at creation (the same mappings as `vm_mem`).
     pub mem: GuestMemoryMmap,
+    /// The VM's memory the transport and device share.
+    pub vm_mem: VmMemory,
     pub irq: EventFd,
 }
 
@@ -147,8 +150,14 @@ impl Driver {
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = mem();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(mem.clone(), device, irq.try_clone().unwrap()).unwrap();
-        Driver { t, mem, irq }
+        let vm_mem = VmMemory::new(mem.clone());
+        let t = MmioTransport::new(vm_mem.clone(), device, irq.try_clone().unwrap()).unwrap();
+        Driver {
+            t,
+            mem,
+            vm_mem,
+            irq,
+        }
     }
 
     pub fn read(&mut self, offset: u64) -> u32 {

@@ -282,17 +282,23 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
         mut pio,
         mut mmio,
     } = Platform::create(config, &vm, &ctl, start)?;
+    // Guest memory as its owner keeps it, and as the devices share it.
+    let ram = GuestRam::new(mem.clone(), vm.clone());
     let mut intx = None;
     let mut pausers = Vec::new();
     match config.transport {
-        Transport::Mmio => {
-            crate::virtio_devices::attach_mmio(&vm, &mem, &mut mmio, virtio.devices, &mut pausers)?
-        }
+        Transport::Mmio => crate::virtio_devices::attach_mmio(
+            &vm,
+            ram.shared(),
+            &mut mmio,
+            virtio.devices,
+            &mut pausers,
+        )?,
         Transport::Pci => {
             let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
             intx = Some(crate::virtio_devices::attach_pci(
                 &vm,
-                &mem,
+                ram.shared(),
                 &routing,
                 &mut pio,
                 &mut mmio,
@@ -337,7 +343,7 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
     }
 
     Ok(Vm {
-        ram: GuestRam::new(mem, vm),
+        ram,
         ctl,
         vcpus,
         components,

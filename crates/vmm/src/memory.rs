@@ -9,6 +9,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use arch::GuestMemoryMmap;
+use virtio::VmMemory;
 
 use crate::error::{kvm_err, VmmError};
 
@@ -71,9 +72,9 @@ pub unsafe fn register(vm: &VmFd, slots: Vec<kvm_userspace_memory_region>) -> Re
 /// A VM's guest memory and its dirty log.
 pub struct GuestRam {
     mem: GuestMemoryMmap,
+    /// The same memory as the devices share it, with the log of what they write.
+    shared: VmMemory,
     vm: Arc<VmFd>,
-    /// Pages devices wrote, while the dirty log is on.
-    devices: Mutex<Option<Arc<virtio::dirty::DirtyPages>>>,
     /// Pages written before a snapshot that failed: still dirty for the next one.
     carry: Mutex<Vec<u64>>,
 }
@@ -82,9 +83,9 @@ impl GuestRam {
     /// `mem`, registered with `vm` already (dirty log off).
     pub fn new(mem: GuestMemoryMmap, vm: Arc<VmFd>) -> GuestRam {
         GuestRam {
+            shared: VmMemory::new(mem.clone()),
             mem,
             vm,
-            devices: Mutex::new(None),
             carry: Mutex::new(Vec::new()),
         }
     }
@@ -94,12 +95,14 @@ impl GuestRam {
         &self.mem
     }
 
+    /// The memory as devices share it.
+    pub fn shared(&self) -> &VmMemory {
+        &self.shared
+    }
+
     /// Whether the dirty log is on.
     pub fn logging(&self) -> bool {
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.shared.dirty().is_on()
     }
 
     /// Starts logging written pages from now on: KVM's log on every slot (`registered`: the
@@ -109,36 +112,22 @@ impl GuestRam {
             // SAFETY: the same live mappings as registered at build, which `self.mem` keeps.
             unsafe { register(&self.vm, slots(&self.mem, true)) }?;
         }
-        let layout: Vec<(u64, u64)> = self
-            .mem
-            .iter()
-            .map(|r| (r.start_addr().0, r.len()))
-            .collect();
-        virtio::dirty::install(Arc::new(virtio::dirty::DirtyPages::new(&layout)));
-        *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = virtio::dirty::tracker().cloned();
+        self.shared.start_dirty_log();
         Ok(())
     }
 
     /// Marks `[addr, addr + len)` written by tern itself (while logging).
     pub fn mark(&self, addr: u64, len: u64) {
-        if let Some(d) = &*self.devices.lock().unwrap_or_else(|p| p.into_inner()) {
-            d.mark(addr, len);
-        }
+        self.shared.dirty().mark(addr, len);
     }
 
-    /// The pages written since the last call (by vCPUs: KVM's dirty log; by devices: the
-    /// tracker; and any carried over from a failed snapshot), one bit per page of the regions
-    /// end to end; clears them. None when the log is off.
+    /// The pages written since the last call (by vCPUs: KVM's dirty log; by devices: their
+    /// log; and any carried over from a failed snapshot), one bit per page of the regions end
+    /// to end; clears them. None when the log is off.
     pub fn take_dirty(&self) -> Result<Option<Vec<u64>>, String> {
-        let Some(devices) = self
-            .devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
+        let Some(mut bits) = self.shared.dirty().take() else {
             return Ok(None);
         };
-        let mut bits = devices.take();
         let carry = std::mem::take(&mut *self.carry.lock().unwrap_or_else(|p| p.into_inner()));
         for (w, c) in bits.iter_mut().zip(carry) {
             *w |= c;

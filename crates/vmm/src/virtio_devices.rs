@@ -9,7 +9,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use arch::acpi::VirtioMmioAcpi;
 use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use arch::GuestMemoryMmap;
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use devices::Bus;
 use net::Tap;
@@ -19,7 +18,7 @@ use virtio::devices::{
 };
 use virtio::transport::mmio::MmioTransport;
 use virtio::transport::PauseDevice;
-use virtio::VirtioDevice;
+use virtio::{VirtioDevice, VmMemory};
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
 use crate::error::VmmError;
@@ -339,7 +338,7 @@ pub fn mmio_slot(i: usize) -> VirtioMmioAcpi {
 /// Attaches each device through virtio-mmio at [`mmio_slot`]`(i)`.
 pub fn attach_mmio(
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &VmMemory,
     bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
     pausers: &mut Vec<DevicePauser>,
@@ -479,7 +478,7 @@ impl Drop for IntxResampler {
 /// become ioeventfds.
 pub fn attach_pci(
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &VmMemory,
     routing: &Arc<GsiRouting>,
     pio: &mut Bus,
     mmio: &mut Bus,

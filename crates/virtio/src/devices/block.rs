@@ -45,7 +45,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::common::{
     drain, shared_limiter, Buf, Ctx, Handler, Malformed, Request, SharedLimiter, Throttle, Worker,
 };
-use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
+use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 
 /// Size of each request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -204,7 +204,7 @@ impl VirtioDevice for Block {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<QueueEvent>,
     ) -> Result<(), ActivateError> {
@@ -228,13 +228,13 @@ impl VirtioDevice for Block {
                 engine.kind()
             );
             let handler = BlkWorker {
-                ctx: Ctx {
-                    mem: mem.clone(),
-                    interrupt: interrupt.clone(),
-                    broken: self.broken.clone(),
-                    name: "blk",
-                    max_chain: MAX_CHAIN,
-                },
+                ctx: Ctx::new(
+                    mem.clone(),
+                    interrupt.clone(),
+                    self.broken.clone(),
+                    "blk",
+                    MAX_CHAIN,
+                ),
                 queue: q.queue,
                 index,
                 event: q.event,
@@ -491,9 +491,10 @@ impl BlkWorker {
                         bytes,
                     });
                     // SAFETY: `iov` points into guest memory (checked by `parse`), which
-                    // `self.ctx.mem` keeps mapped as long as the worker lives; the worker's
-                    // `Drop` drains the engine, which returns only once no request is in
-                    // flight, before `self.ctx.mem` is dropped.
+                    // `self.ctx.mem` keeps mapped as long as the worker lives (a later view
+                    // the worker takes still holds every region: a `VmMemory` never drops
+                    // one); the worker's `Drop` drains the engine, which returns only once no
+                    // request is in flight, before `self.ctx.mem` is dropped.
                     unsafe { self.engine.submit(op, iov, offset, u64::from(req.head)) };
                 }
                 Action::Zero {
@@ -1329,13 +1330,13 @@ mod tests {
             ..DiskOptions::default()
         };
         let disk = Arc::new(Disk::open(&opts).unwrap().0);
-        let ctx = Ctx {
-            mem: mem(),
-            interrupt: Arc::new(NoIrq),
-            broken: Arc::default(),
-            name: "blk",
-            max_chain: MAX_CHAIN,
-        };
+        let ctx = Ctx::new(
+            VmMemory::new(mem()),
+            Arc::new(NoIrq),
+            Arc::default(),
+            "blk",
+            MAX_CHAIN,
+        );
         let vq = VirtQueue::new(0x1000);
         let mut queue = Queue::new(QUEUE_SIZE).unwrap();
         queue.set_size(vq.size);

@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions}
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind};
+use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VmMemory};
 
 /// The most bytes one descriptor chain may describe. Anything larger is not a request any
 /// driver of these devices makes (Linux stays below 64 KiB) and is rejected as malformed, which
@@ -81,6 +81,12 @@ impl Request {
 
 /// What a device's worker holds besides its queues.
 pub(crate) struct Ctx {
+    /// The VM's memory, of which `mem` is the view the worker uses; [`pop`](Self::pop) takes
+    /// the current one per request.
+    space: VmMemory,
+    /// The view `mem` was cloned from (identifies it).
+    view: Arc<GuestMemoryMmap>,
+    /// Guest memory as the worker uses it now: a clone of `view` (same regions).
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<dyn Interrupt>,
     pub broken: Arc<AtomicBool>,
@@ -90,6 +96,37 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// A worker's context over the VM's memory `space`, starting from its current view.
+    pub fn new(
+        space: VmMemory,
+        interrupt: Arc<dyn Interrupt>,
+        broken: Arc<AtomicBool>,
+        name: &'static str,
+        max_chain: u64,
+    ) -> Self {
+        let view = space.memory().into_inner();
+        Ctx {
+            mem: (*view).clone(),
+            view,
+            space,
+            interrupt,
+            broken,
+            name,
+            max_chain,
+        }
+    }
+
+    /// Takes the VM's current memory view, if it changed (a region was added): cheap when it
+    /// did not. Regions are never removed, so buffers checked against the old view (I/O in
+    /// flight) stay mapped in the new one.
+    fn refresh(&mut self) {
+        let now = self.space.memory();
+        if !std::ptr::eq(&*now, Arc::as_ptr(&self.view)) {
+            self.mem = (*now).clone();
+            self.view = now.into_inner();
+        }
+    }
+
     /// Marks the device broken and tells the driver (a config interrupt); returns false so
     /// handlers can `return ctx.fail(e)` to stop their worker.
     pub fn fail(&self, e: Malformed) -> bool {
@@ -105,7 +142,7 @@ impl Ctx {
     }
 
     /// Pops and validates the next available chain of queue `index`.
-    pub fn pop(&self, q: &mut Queue, index: u16) -> Result<Option<Request>, Malformed> {
+    pub fn pop(&mut self, q: &mut Queue, index: u16) -> Result<Option<Request>, Malformed> {
         match self.pop_checked(q, index)? {
             None => Ok(None),
             Some(Ok(r)) => Ok(Some(r)),
@@ -118,10 +155,11 @@ impl Ctx {
     /// (virtio-net drops such frames). A bad available ring is still an error.
     #[allow(clippy::type_complexity)]
     pub fn pop_checked(
-        &self,
+        &mut self,
         q: &mut Queue,
         index: u16,
     ) -> Result<Option<Result<Request, (u16, Malformed)>>, Malformed> {
+        self.refresh();
         let size = q.size();
         let chain = q
             .iter(&self.mem)
@@ -172,7 +210,7 @@ impl Ctx {
                 });
             }
             if writable {
-                crate::dirty::mark(d.addr().0, u64::from(d.len()));
+                self.space.dirty().mark(d.addr().0, u64::from(d.len()));
             }
             bufs.push(Buf {
                 addr: d.addr(),
@@ -521,13 +559,13 @@ mod tests {
 
     fn rig() -> (Ctx, Arc<Rec>, VirtQueue, Queue) {
         let rec = Arc::new(Rec::default());
-        let ctx = Ctx {
-            mem: mem(),
-            interrupt: rec.clone(),
-            broken: Arc::new(AtomicBool::new(false)),
-            name: "test",
-            max_chain: MAX_CHAIN_BYTES,
-        };
+        let ctx = Ctx::new(
+            VmMemory::new(mem()),
+            rec.clone(),
+            Arc::new(AtomicBool::new(false)),
+            "test",
+            MAX_CHAIN_BYTES,
+        );
         let vq = VirtQueue::new(0x1000);
         let mut q = Queue::new(256).unwrap();
         q.set_size(vq.size);
@@ -542,7 +580,7 @@ mod tests {
 
     #[test]
     fn valid_chain() {
-        let (ctx, _, mut vq, mut q) = rig();
+        let (mut ctx, _, mut vq, mut q) = rig();
         assert!(ctx.pop(&mut q, 0).unwrap().is_none());
         let h = vq.add_chain(
             &ctx.mem,
@@ -623,7 +661,7 @@ mod tests {
             ),
         ];
         for (what, setup, check) in cases {
-            let (ctx, rec, mut vq, mut q) = rig();
+            let (mut ctx, rec, mut vq, mut q) = rig();
             setup(&ctx.mem, &mut vq);
             let e = ctx.pop(&mut q, 0).unwrap_err();
             assert!(check(&e), "{what}: {e}");

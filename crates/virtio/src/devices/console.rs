@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::common::{drain, Ctx, Handler, Malformed, Request, Worker, CHUNK, MAX_CHAIN_BYTES};
-use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
+use crate::{ActivateError, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -136,7 +136,7 @@ impl VirtioDevice for Console {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<QueueEvent>,
     ) -> Result<(), ActivateError> {
@@ -144,13 +144,13 @@ impl VirtioDevice for Console {
         let [rx, tx] = <[QueueEvent; 2]>::try_from(queues)
             .map_err(|q| ActivateError::BadQueue(format!("2 queues expected, got {}", q.len())))?;
         let handler = ConsoleWorker {
-            ctx: Ctx {
+            ctx: Ctx::new(
                 mem,
                 interrupt,
-                broken: self.broken.clone(),
-                name: "console",
-                max_chain: MAX_CHAIN_BYTES,
-            },
+                self.broken.clone(),
+                "console",
+                MAX_CHAIN_BYTES,
+            ),
             rx: rx.queue,
             rx_event: rx.event,
             tx: tx.queue,

@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::common::{
     drain, shared_limiter, Ctx, Handler, Malformed, Request, SharedLimiter, Throttle, Worker,
 };
-use crate::{ActivateError, GuestMemoryMmap, Interrupt, InterruptKind, QueueEvent, VirtioDevice};
+use crate::{ActivateError, Interrupt, InterruptKind, QueueEvent, VirtioDevice, VmMemory};
 
 /// Size of every queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -203,7 +203,7 @@ impl VirtioDevice for Net {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<QueueEvent>,
     ) -> Result<(), ActivateError> {
@@ -238,12 +238,14 @@ impl VirtioDevice for Net {
                 ratelimit::warn_limited!("virtio-net: {e}");
             }
         }
-        let ctx = || Ctx {
-            mem: mem.clone(),
-            interrupt: interrupt.clone(),
-            broken: self.broken.clone(),
-            name: "net",
-            max_chain: MAX_CHAIN,
+        let ctx = || {
+            Ctx::new(
+                mem.clone(),
+                interrupt.clone(),
+                self.broken.clone(),
+                "net",
+                MAX_CHAIN,
+            )
         };
         let mut queues = queues.into_iter();
         for (i, tap) in self.taps.iter().take(pairs).enumerate() {
@@ -558,7 +560,8 @@ impl PairWorker {
             return Err(());
         };
         // SAFETY: every iovec was checked to lie inside guest memory, which `self.ctx.mem`
-        // keeps mapped; the kernel only reads from it.
+        // keeps mapped (regions are never dropped from a `VmMemory`); the kernel only reads
+        // from it.
         match unsafe { tap.writev(&iov) } {
             Ok(_) => {
                 self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{drain, Ctx, Handler, Malformed, Request, Worker, CHUNK, MAX_CHAIN_BYTES};
-use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice};
+use crate::{ActivateError, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -67,7 +67,7 @@ impl VirtioDevice for Rng {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<QueueEvent>,
     ) -> Result<(), ActivateError> {
@@ -75,13 +75,7 @@ impl VirtioDevice for Rng {
         let [q] = <[QueueEvent; 1]>::try_from(queues)
             .map_err(|q| ActivateError::BadQueue(format!("1 queue expected, got {}", q.len())))?;
         let handler = RngWorker {
-            ctx: Ctx {
-                mem,
-                interrupt,
-                broken: self.broken.clone(),
-                name: "rng",
-                max_chain: MAX_CHAIN_BYTES,
-            },
+            ctx: Ctx::new(mem, interrupt, self.broken.clone(), "rng", MAX_CHAIN_BYTES),
             queue: q.queue,
             event: q.event,
         };
@@ -245,6 +239,38 @@ mod tests {
         d.write(REG_ACK, 1);
         assert_eq!(d.read(REG_ISR), 0);
         assert_eq!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+    }
+
+    /// Guest memory added while the device runs is usable by its next request, and what the
+    /// device writes is marked in the VM's dirty log once it is on.
+    #[test]
+    fn sees_memory_added_later_and_marks_it_dirty() {
+        let (mut d, mut q) = rng();
+        let extra = crate::memory::GuestRegionMmap::from_range(
+            GuestAddress(MEM_SIZE + 0x10_0000),
+            0x2000,
+            None,
+        )
+        .unwrap();
+        d.vm_mem.add_region(extra).unwrap();
+        let log = d.vm_mem.start_dirty_log();
+        let at = MEM_SIZE + 0x10_1000;
+        let h = q.add_chain(&d.mem, &[(at, 64, true)]);
+        d.notify(0);
+        assert!(wait_for(|| q.used_idx(&d.mem) == 1));
+        assert_eq!(q.used_elem(&d.mem, 0), (h.into(), 64));
+        assert_eq!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        let mut v = [0u8; 64];
+        d.vm_mem
+            .memory()
+            .read_slice(&mut v, GuestAddress(at))
+            .unwrap();
+        assert!(v.iter().any(|&x| x != 0), "not filled");
+        // Page 1 of the added region: after the first region's pages.
+        let bit = (MEM_SIZE / crate::dirty::PAGE_SIZE + 1) as usize;
+        let bits = log.take().unwrap();
+        assert_ne!(bits[bit / 64] & 1 << (bit % 64), 0);
+        assert_eq!(bits.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
     }
 
     #[test]

@@ -11,28 +11,22 @@
 //! [`MmioTransport::queue_notify_eventfds`]) so a notification never exits to userspace; a
 //! notification that does reach [`BusDevice::write`] signals the same eventfd.
 //!
-//! Everything the driver writes is hostile: an invalid status transition, DRIVER_OK with queues
-//! that are not ready, have a bad size or lie outside guest memory, or a device that fails to
-//! activate sets DEVICE_NEEDS_RESET; only a reset (writing 0 to Status) clears it. Every queue
-//! the device has must be configured and ready at DRIVER_OK.
+//! Everything the driver writes is hostile, and judged by the shared `VirtioCore`: an
+//! invalid status transition, DRIVER_OK with queues that are not ready, have a bad size or lie
+//! outside guest memory, or a device that fails to activate sets DEVICE_NEEDS_RESET (with a
+//! configuration change notification if DRIVER_OK is set); only a reset (writing 0 to Status)
+//! clears it. Every queue the device has must be configured and ready at DRIVER_OK.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use devices::BusDevice;
-use virtio_bindings::bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER as DRIVER, VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED as FAILED, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
-    VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
-};
 use virtio_bindings::bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::common::{
-    activate, check_state, features_acceptable, restart_restored, save_queues, status_write,
-    QueueRegs, StatusWrite, TransportState,
-};
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
+use super::core::{InterruptState, TransportInterrupt, VirtioCore};
+use super::state::TransportState;
+use crate::{Interrupt, InterruptKind, VirtioDevice, VmMemory};
 
 /// Size of the register window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -73,137 +67,77 @@ const SHM_LEN_LOW: u64 = 0x0b0;
 const SHM_BASE_HIGH: u64 = 0x0bc;
 const CONFIG_GENERATION: u64 = 0x0fc;
 
-/// InterruptStatus, ConfigGeneration and the irq line, shared with the device's worker.
+/// InterruptStatus and ConfigGeneration (in the core's [`InterruptState`]) and the irq line,
+/// shared with the device's worker.
 struct MmioInterrupt {
-    status: AtomicU32,
-    generation: AtomicU32,
+    state: InterruptState,
     irq: EventFd,
 }
 
 impl Interrupt for MmioInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
-        let bit = match kind {
-            InterruptKind::Queue(_) => VIRTIO_MMIO_INT_VRING,
-            InterruptKind::Config => {
-                self.generation.fetch_add(1, Ordering::SeqCst);
-                VIRTIO_MMIO_INT_CONFIG
+        match kind {
+            InterruptKind::Queue(_) => {
+                self.state
+                    .status
+                    .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
             }
-        };
-        self.status.fetch_or(bit, Ordering::SeqCst);
+            InterruptKind::Config => self.state.config_changed(VIRTIO_MMIO_INT_CONFIG),
+        }
         self.irq.write(1)
     }
 }
 
-/// A virtio device behind a virtio-mmio register window.
+impl TransportInterrupt for MmioInterrupt {
+    fn state(&self) -> &InterruptState {
+        &self.state
+    }
+}
+
+/// A virtio device behind a virtio-mmio register window: the register layout over the
+/// `VirtioCore`, which takes every state-machine decision.
 pub struct MmioTransport {
-    mem: GuestMemoryMmap,
-    device: Box<dyn VirtioDevice>,
-    interrupt: Arc<MmioInterrupt>,
-    notify: Vec<EventFd>,
-    queues: Vec<QueueRegs>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    /// The driver set a feature bit above 63, none of which is offered.
-    driver_features_unknown: bool,
-    status: u32,
-    needs_reset: bool,
+    core: VirtioCore<MmioInterrupt>,
 }
 
 impl super::PauseDevice for MmioTransport {
     fn pause_device(&mut self, deadline: std::time::Instant) -> bool {
-        self.device.pause(deadline)
+        self.core.device_mut().pause(deadline)
     }
 
     fn resume_device(&mut self) {
-        self.device.resume();
+        self.core.device_mut().resume();
     }
 
     fn save_state(&self) -> TransportState {
-        let live = self.status & DRIVER_OK != 0 && !self.needs_reset;
-        TransportState {
-            device_type: self.device.device_type(),
-            status: self.status,
-            needs_reset: self.needs_reset,
-            driver_features: self.driver_features,
-            driver_features_unknown: self.driver_features_unknown,
-            queue_select: self.queue_sel,
-            device_features_select: self.device_features_sel,
-            driver_features_select: self.driver_features_sel,
-            queues: save_queues(&self.queues, live, &self.mem),
-            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
-            config_generation: self.interrupt.generation.load(Ordering::SeqCst),
-            pci: None,
-        }
+        self.core.save()
     }
 
     fn restore_state(&mut self, s: &TransportState) -> Result<(), String> {
-        check_state(s, self.device.device_type(), self.device.queue_max_sizes())?;
+        self.core.check_state(s)?;
         if s.pci.is_some() {
             return Err(
                 "the snapshot has a virtio-pci device where a virtio-mmio one is configured".into(),
             );
         }
-        self.reset();
-        self.queue_sel = s.queue_select;
-        self.device_features_sel = s.device_features_select;
-        self.driver_features_sel = s.driver_features_select;
-        self.driver_features = s.driver_features;
-        self.driver_features_unknown = s.driver_features_unknown;
-        self.queues.clone_from(&s.queues);
-        self.status = s.status;
-        self.needs_reset = s.needs_reset;
-        self.interrupt
-            .status
-            .store(s.interrupt_status, Ordering::SeqCst);
-        self.interrupt
-            .generation
-            .store(s.config_generation, Ordering::SeqCst);
-        let offered = self.device.features();
-        restart_restored(
-            self.device.as_mut(),
-            &self.mem,
-            self.interrupt.clone(),
-            &self.queues,
-            &self.notify,
-            (self.driver_features, self.driver_features_unknown, offered),
-            self.status & FEATURES_OK != 0,
-            self.status & DRIVER_OK != 0 && !self.needs_reset,
-        )
+        self.core.restore_registers(s)?;
+        self.core.restart()
     }
 }
 
 impl MmioTransport {
     /// Wraps `device`, signalling the guest through `irq` (an irqfd).
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         device: Box<dyn VirtioDevice>,
         irq: EventFd,
     ) -> std::io::Result<Self> {
-        let maxes = device.queue_max_sizes();
-        let notify = maxes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<_>>()?;
-        let queues = maxes.iter().map(|&m| QueueRegs::new(m)).collect();
+        let interrupt = Arc::new(MmioInterrupt {
+            state: InterruptState::default(),
+            irq,
+        });
         Ok(MmioTransport {
-            mem,
-            device,
-            interrupt: Arc::new(MmioInterrupt {
-                status: AtomicU32::new(0),
-                generation: AtomicU32::new(0),
-                irq,
-            }),
-            notify,
-            queues,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            driver_features_unknown: false,
-            status: 0,
-            needs_reset: false,
+            core: VirtioCore::new("virtio-mmio", mem, device, interrupt, 0)?,
         })
     }
 
@@ -212,176 +146,72 @@ impl MmioTransport {
     /// 32-bit value written. They stay the same for the transport's life, across resets.
     pub fn queue_notify_eventfds(&self) -> Vec<(u64, u32, &EventFd)> {
         (0u32..)
-            .zip(&self.notify)
+            .zip(self.core.notify_events())
             .map(|(i, e)| (QUEUE_NOTIFY_OFFSET, i, e))
             .collect()
     }
 
     /// The virtio device type, e.g. for naming the device.
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
+        self.core.device().device_type()
     }
 
     /// The Status register as the driver reads it.
     pub fn status(&self) -> u32 {
-        let broken = self.needs_reset || self.device.broken();
-        self.status | if broken { NEEDS_RESET } else { 0 }
-    }
-
-    fn reset(&mut self) {
-        self.device.reset();
-        for (regs, &max) in self.queues.iter_mut().zip(self.device.queue_max_sizes()) {
-            *regs = QueueRegs::new(max);
-        }
-        for e in &self.notify {
-            // Drop notifications that were never served; WouldBlock means there were none.
-            let _ = e.read();
-        }
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.driver_features_unknown = false;
-        self.status = 0;
-        self.needs_reset = false;
-        self.interrupt.status.store(0, Ordering::SeqCst);
-    }
-
-    fn fail(&mut self, why: &str) {
-        ratelimit::warn_limited!(
-            "virtio-mmio (type {}): {why}; device needs a reset",
-            self.device.device_type()
-        );
-        self.needs_reset = true;
-    }
-
-    fn set_status(&mut self, val: u32) {
-        let blocked = self.needs_reset;
-        let (mut val, new) = match status_write(self.status, val & 0xff, blocked) {
-            StatusWrite::Reset => return self.reset(),
-            StatusWrite::Failed => {
-                // The driver gave up on the device; it will reset it before trying again.
-                self.status |= FAILED;
-                return;
-            }
-            StatusWrite::Ignored => return,
-            StatusWrite::Invalid(val) => {
-                let old = self.status;
-                return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"));
-            }
-            StatusWrite::Step { val, new } => (val, new),
-        };
-        if new & FEATURES_OK != 0 && !self.accept_features() {
-            // The driver reads Status back and finds FEATURES_OK missing.
-            val &= !FEATURES_OK;
-            if val & DRIVER_OK != 0 {
-                return self.fail("DRIVER_OK without accepted features");
-            }
-        }
-        self.status = val;
-        if new & DRIVER_OK != 0 {
-            if let Err(e) = self.activate() {
-                self.fail(&format!("activation failed: {e}"));
-            }
-        }
-    }
-
-    fn accept_features(&mut self) -> bool {
-        let f = self.driver_features;
-        if !features_acceptable(
-            "virtio-mmio",
-            f,
-            self.driver_features_unknown,
-            self.device.features(),
-        ) {
-            return false;
-        }
-        self.device.ack_features(f);
-        true
-    }
-
-    fn activate(&mut self) -> Result<(), String> {
-        activate(
-            self.device.as_mut(),
-            &self.mem,
-            self.interrupt.clone(),
-            &self.queues,
-            &self.notify,
-            self.driver_features,
-        )
-    }
-
-    /// The selected queue, if it exists and may still be configured.
-    fn queue_mut(&mut self) -> Option<&mut QueueRegs> {
-        if self.status & DRIVER_OK != 0 || self.needs_reset {
-            return None;
-        }
-        self.queues.get_mut(self.queue_sel as usize)
+        self.core.status()
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
-        let sel = self.queues.get(self.queue_sel as usize);
+        let core = &self.core;
+        let irq = core.interrupt().state();
         match offset {
             MAGIC_VALUE => MAGIC,
             VERSION_REG => VERSION,
-            DEVICE_ID => self.device.device_type(),
+            DEVICE_ID => core.device().device_type(),
             VENDOR_ID_REG => VENDOR_ID,
-            DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
-                _ => 0,
-            },
-            QUEUE_NUM_MAX => {
-                let max = self.device.queue_max_sizes();
-                max.get(self.queue_sel as usize).map_or(0, |&m| m.into())
-            }
-            QUEUE_READY => sel.map_or(0, |q| q.ready.into()),
-            INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
-            STATUS => self.status(),
+            DEVICE_FEATURES => core.device_features_word(),
+            QUEUE_NUM_MAX => core.queue_max().into(),
+            QUEUE_READY => core.selected_queue().map_or(0, |q| q.ready.into()),
+            INTERRUPT_STATUS => irq.status.load(Ordering::SeqCst),
+            STATUS => core.status(),
             // No shared memory regions: their length reads as -1.
             SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
-            CONFIG_GENERATION => self.interrupt.generation.load(Ordering::SeqCst),
+            CONFIG_GENERATION => irq.generation.load(Ordering::SeqCst),
             _ => 0,
         }
     }
 
     fn write_reg(&mut self, offset: u64, val: u32) {
-        let configuring = self.status & DRIVER != 0 && self.status & FEATURES_OK == 0;
         let lo = |old: u64| (old & !0xffff_ffff) | u64::from(val);
         let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(val) << 32);
+        let core = &mut self.core;
         match offset {
-            DEVICE_FEATURES_SEL => self.device_features_sel = val,
-            DRIVER_FEATURES if configuring => match self.driver_features_sel {
-                0 => self.driver_features = lo(self.driver_features),
-                1 => self.driver_features = hi(self.driver_features),
-                _ => self.driver_features_unknown |= val != 0,
-            },
-            DRIVER_FEATURES_SEL => self.driver_features_sel = val,
-            QUEUE_SEL => self.queue_sel = val,
+            DEVICE_FEATURES_SEL => core.set_device_features_select(val),
+            DRIVER_FEATURES => core.write_driver_features(val),
+            DRIVER_FEATURES_SEL => core.set_driver_features_select(val),
+            QUEUE_SEL => core.set_queue_select(val),
             QUEUE_NUM => {
-                if let Some(q) = self.queue_mut() {
+                if let Some(q) = core.selected_queue_mut() {
                     q.size = val;
                 }
             }
             QUEUE_READY => {
-                if let Some(q) = self.queue_mut() {
+                if let Some(q) = core.selected_queue_mut() {
                     q.ready = val == 1;
                 }
             }
-            QUEUE_NOTIFY_OFFSET => {
-                if let Some(e) = self.notify.get(val as usize) {
-                    if let Err(e) = e.write(1) {
-                        ratelimit::warn_limited!("virtio-mmio: cannot signal queue {val}: {e}");
-                    }
-                }
-            }
+            QUEUE_NOTIFY_OFFSET => core.notify(val.into()),
             INTERRUPT_ACK => {
-                self.interrupt.status.fetch_and(!val, Ordering::SeqCst);
+                let irq = core.interrupt().state();
+                irq.status.fetch_and(!val, Ordering::SeqCst);
             }
-            STATUS => self.set_status(val),
+            // Status is 8 bits wide in a 32-bit register.
+            STATUS => core.set_status(val & 0xff),
             QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
             | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
-                let Some(q) = self.queue_mut() else { return };
+                let Some(q) = core.selected_queue_mut() else {
+                    return;
+                };
                 let reg = match offset & !0xf {
                     QUEUE_DESC_LOW => &mut q.desc,
                     QUEUE_DRIVER_LOW => &mut q.driver,
@@ -401,7 +231,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
-            return self.device.read_config(offset - CONFIG_OFFSET, data);
+            return self.core.device().read_config(offset - CONFIG_OFFSET, data);
         }
         match data.len() {
             4 if offset & 3 == 0 => data.copy_from_slice(&self.read_reg(offset).to_le_bytes()),
@@ -411,7 +241,10 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_OFFSET {
-            return self.device.write_config(offset - CONFIG_OFFSET, data);
+            return self
+                .core
+                .device_mut()
+                .write_config(offset - CONFIG_OFFSET, data);
         }
         if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset & 3) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
@@ -474,7 +307,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap,
+            _mem: VmMemory,
             interrupt: Arc<dyn Interrupt>,
             queues: Vec<QueueEvent>,
         ) -> Result<(), ActivateError> {
@@ -583,7 +416,7 @@ mod tests {
         // Features are frozen after FEATURES_OK.
         d.write(0x24, 0);
         d.write(0x20, 0);
-        assert!(d.t.driver_features & (1 << 5) != 0);
+        assert!(d.t.core.driver_features() & (1 << 5) != 0);
     }
 
     /// A snapshot's accepted features are checked against what the device offers: a value the
@@ -716,7 +549,7 @@ mod tests {
         d.write(0x30, 0);
         assert_eq!(d.read(0x44), 0);
         assert!(d.t.queue_notify_eventfds()[0].2.read().is_err());
-        assert_eq!(d.t.driver_features, 0);
+        assert_eq!(d.t.core.driver_features(), 0);
         // And it can be brought up again.
         assert_eq!(d.start(&[&q0, &q1]) & NEEDS_RESET, 0);
     }
@@ -770,6 +603,84 @@ mod tests {
         assert_ne!(d.start(&[&q0, &q1]) & NEEDS_RESET, 0);
         d.write(REG_STATUS, 0);
         assert_eq!(d.read(REG_STATUS), 0);
+    }
+
+    /// A device that fails to activate at DRIVER_OK: the status reads back what the driver
+    /// wrote plus DEVICE_NEEDS_RESET, and the driver gets a configuration change notification
+    /// (virtio 1.2, 2.1.2), as on virtio-pci. A failure before DRIVER_OK notifies nobody.
+    #[test]
+    fn failed_activation_needs_reset_and_notifies() {
+        let (mut d, rec) = fake(true);
+        let (q0, q1) = queues();
+        assert!(d.negotiate(VERSION_1));
+        d.setup_queue(0, &q0);
+        d.setup_queue(1, &q1);
+        let gen = d.read(0xfc);
+        assert!(d.irq.read().is_err());
+        d.add_status(DRIVER_OK);
+        assert_eq!(d.read(REG_STATUS), 1 | 2 | 8 | DRIVER_OK | NEEDS_RESET);
+        assert!(rec.lock().unwrap().interrupt.is_none());
+        // The configuration change: InterruptStatus, the generation and the irq show it.
+        assert_eq!(d.read(REG_ISR), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(d.read(0xfc), gen + 1);
+        assert_eq!(d.irq.read().unwrap(), 1);
+        // Nothing but a reset helps; a repeated write is ignored and raises nothing.
+        d.add_status(DRIVER_OK);
+        assert!(d.irq.read().is_err());
+        d.write(0x30, 0);
+        d.write(0x44, 0);
+        assert_eq!(d.read(0x44), 1);
+        d.write(REG_STATUS, 0);
+        assert_eq!(d.read(REG_STATUS), 0);
+        assert_eq!(d.read(REG_ISR), 0);
+
+        // Before DRIVER_OK: DEVICE_NEEDS_RESET only.
+        let (mut d, _) = fake(false);
+        d.write(REG_STATUS, 2);
+        assert_ne!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+        assert_eq!(d.read(REG_ISR), 0);
+        assert!(d.irq.read().is_err());
+    }
+
+    /// A virtio-mmio device's state as the tern before the shared transport core wrote it
+    /// (snapshot format 2): queue 0 stopped at 3, queue 1 at 5, a queue and a configuration
+    /// interrupt pending, queue 1 selected.
+    const SAVED_BY_FORMAT_2: &str = r#"{"device_type":42,"status":15,"needs_reset":false,"driver_features":4294967296,"driver_features_unknown":false,"queue_select":1,"device_features_select":0,"driver_features_select":1,"queues":[{"size":16,"ready":true,"desc":4096,"driver":4352,"device":4392,"next":3},{"size":16,"ready":true,"desc":8192,"driver":8448,"device":8488,"next":5}],"interrupt_status":3,"config_generation":1,"pci":null}"#;
+
+    /// A snapshot written before the transports shared their core still restores, and saves
+    /// back unchanged.
+    #[test]
+    fn restores_format_2_state() {
+        use crate::transport::PauseDevice;
+        use vm_memory::{Bytes, GuestAddress};
+        let s: TransportState = serde_json::from_str(SAVED_BY_FORMAT_2).unwrap();
+        let (mut d, rec) = fake(false);
+        let (q0, q1) = queues();
+        // Guest memory holds the snapshot's contents: where each used ring stopped.
+        d.mem.write_obj(3u16, GuestAddress(q0.used + 2)).unwrap();
+        d.mem.write_obj(5u16, GuestAddress(q1.used + 2)).unwrap();
+        d.t.restore_state(&s).unwrap();
+        assert_eq!(d.read(REG_STATUS), 0xf);
+        assert_eq!(d.read(REG_ISR), 3);
+        assert_eq!(d.read(0xfc), 1);
+        assert_eq!(d.read(0x44), 1, "queue 1 selected and ready");
+        {
+            let r = rec.lock().unwrap();
+            assert_eq!(r.acked, Some(VERSION_1));
+            assert_eq!(
+                r.queues,
+                vec![
+                    (16, q0.desc, q0.avail, q0.used),
+                    (16, q1.desc, q1.avail, q1.used)
+                ]
+            );
+            // Each queue is looked at once, as if notified.
+            assert!(r.events.iter().all(|e| e.read().unwrap() == 1));
+        }
+        assert_eq!(
+            serde_json::to_string(&d.t.save_state()).unwrap(),
+            SAVED_BY_FORMAT_2
+        );
     }
 
     #[test]

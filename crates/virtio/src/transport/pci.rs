@@ -27,14 +27,15 @@
 //! without datamatch and for any length (drivers write the queue index as 16 bits); a
 //! notification that reaches [`PciDevice::bar_write`] signals the same eventfd.
 //!
-//! Hostile input follows the virtio-mmio rules: an invalid status transition, DRIVER_OK without
-//! accepted features, a queue that is not enabled, has a bad size or lies outside guest memory
-//! at DRIVER_OK, or a device that fails to activate sets DEVICE_NEEDS_RESET (and raises a
-//! configuration interrupt); only a reset (writing 0 to device_status) clears it. Every queue
-//! the device has must be enabled at DRIVER_OK. Accesses of any width and offset are accepted
-//! and never panic; reads of unbacked offsets return zeros.
+//! Hostile input is judged by the shared `VirtioCore`, as on virtio-mmio: an invalid status
+//! transition, DRIVER_OK without accepted features, a queue that is not enabled, has a bad
+//! size or lies outside guest memory at DRIVER_OK, or a device that fails to activate sets
+//! DEVICE_NEEDS_RESET (with a configuration change notification if DRIVER_OK is set); only a
+//! reset (writing 0 to device_status) clears it. Every queue the device has must be enabled at
+//! DRIVER_OK. Accesses of any width and offset are accepted and never panic; reads of unbacked
+//! offsets return zeros.
 
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::config::{PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR};
@@ -43,19 +44,15 @@ use devices::pci::{
     PciDevice, PciHeader,
 };
 use virtio_bindings::bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER as DRIVER, VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED as FAILED, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
-    VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET, VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA,
-    VIRTIO_F_NOTIF_CONFIG_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
+    VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_NOTIF_CONFIG_DATA,
+    VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
 };
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::common::{
-    activate, check_state, features_acceptable, restart_restored, save_queues, status_write,
-    QueueRegs, StatusWrite, TransportState,
-};
-use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VirtioDevice};
+use super::core::{InterruptState, TransportInterrupt, VirtioCore};
+use super::state::{PciState, QueueRegs, TransportState};
+use crate::{Interrupt, InterruptKind, VirtioDevice, VmMemory};
 
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -203,23 +200,42 @@ pub trait IntxLine: Send + Sync {
     fn assert(&self) -> std::io::Result<()>;
 }
 
-/// Interrupt state shared with the device's worker: ISR, configuration generation, vector
-/// mapping and the MSI-X state. Never locks the transport.
+/// Interrupt state shared with the device's worker: ISR and configuration generation (the
+/// core's [`InterruptState`]), vector mapping and the MSI-X state. Never locks the transport.
 struct PciInterrupt {
     msix: Mutex<MsixState>,
     intx: std::sync::OnceLock<Arc<dyn IntxLine>>,
-    isr: AtomicU8,
-    generation: AtomicU8,
+    state: InterruptState,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
+}
+
+impl PciInterrupt {
+    /// The ISR as the driver reads it (8 bits).
+    fn isr(&self) -> u8 {
+        self.state.status.load(Ordering::SeqCst) as u8
+    }
+}
+
+impl TransportInterrupt for PciInterrupt {
+    fn state(&self) -> &InterruptState {
+        &self.state
+    }
+
+    fn reset(&self) {
+        for v in &self.queue_vectors {
+            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        }
+        self.config_vector
+            .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+    }
 }
 
 impl Interrupt for PciInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
         let vector = match kind {
             InterruptKind::Config => {
-                self.generation.fetch_add(1, Ordering::SeqCst);
-                self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+                self.state.config_changed(ISR_CONFIG.into());
                 self.config_vector.load(Ordering::SeqCst)
             }
             InterruptKind::Queue(q) => self
@@ -234,7 +250,9 @@ impl Interrupt for PciInterrupt {
         if !msix.enabled() {
             // Without MSI-X: set the ISR bit and raise INTx (when the VMM wired it).
             if matches!(kind, InterruptKind::Queue(_)) {
-                self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+                self.state
+                    .status
+                    .fetch_or(ISR_QUEUE.into(), Ordering::SeqCst);
             }
             return match self.intx.get() {
                 Some(line) => line.assert(),
@@ -258,26 +276,18 @@ fn class_code(device_type: u32) -> u32 {
     }
 }
 
-/// A virtio device behind the modern virtio-pci transport.
+/// A virtio device behind the modern virtio-pci transport: configuration space, BAR 0's
+/// layout and interrupt delivery over the `VirtioCore`, which takes every state-machine
+/// decision.
 pub struct VirtioPciDevice {
     config: PciConfiguration,
     msix_cap: u16,
     pci_cfg_cap: u16,
     msix_pba_offset: u64,
     bar_size: u64,
-    mem: GuestMemoryMmap,
-    device: Box<dyn VirtioDevice>,
+    core: VirtioCore<PciInterrupt>,
+    /// The core's interrupt object (the same `Arc`), for MSI-X and the vectors.
     interrupt: Arc<PciInterrupt>,
-    notify: Vec<EventFd>,
-    queues: Vec<QueueRegs>,
-    queue_select: u16,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    /// The driver set a feature bit above 63, none of which is offered.
-    driver_features_unknown: bool,
-    status: u8,
-    needs_reset: bool,
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -286,15 +296,14 @@ fn align_up(v: u64, a: u64) -> u64 {
 
 impl super::PauseDevice for VirtioPciDevice {
     fn pause_device(&mut self, deadline: std::time::Instant) -> bool {
-        self.device.pause(deadline)
+        self.core.device_mut().pause(deadline)
     }
 
     fn resume_device(&mut self) {
-        self.device.resume();
+        self.core.device_mut().resume();
     }
 
     fn save_state(&self) -> TransportState {
-        let live = self.status & DRIVER_OK as u8 != 0 && !self.needs_reset;
         let mut config = vec![0u8; CONFIG_SPACE_SAVED];
         self.config.read(0, &mut config);
         let msix = lock(&self.interrupt.msix);
@@ -302,42 +311,33 @@ impl super::PauseDevice for VirtioPciDevice {
         msix.table_read(0, &mut msix_table);
         let msix_pending = msix.pending_bits();
         drop(msix);
-        TransportState {
-            device_type: self.device.device_type(),
-            status: self.status.into(),
-            needs_reset: self.needs_reset,
-            driver_features: self.driver_features,
-            driver_features_unknown: self.driver_features_unknown,
-            queue_select: self.queue_select.into(),
-            device_features_select: self.device_feature_select,
-            driver_features_select: self.driver_feature_select,
-            queues: save_queues(&self.queues, live, &self.mem),
-            interrupt_status: self.interrupt.isr.load(Ordering::SeqCst).into(),
-            config_generation: self.interrupt.generation.load(Ordering::SeqCst).into(),
-            pci: Some(PciState {
-                config,
-                msix_table,
-                msix_pending,
-                config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
-                queue_vectors: self
-                    .interrupt
-                    .queue_vectors
-                    .iter()
-                    .map(|v| v.load(Ordering::SeqCst))
-                    .collect(),
-            }),
-        }
+        let mut s = self.core.save();
+        // config_generation is an 8-bit register here.
+        s.config_generation &= 0xff;
+        s.pci = Some(PciState {
+            config,
+            msix_table,
+            msix_pending,
+            config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
+            queue_vectors: self
+                .interrupt
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+        });
+        s
     }
 
     fn restore_state(&mut self, s: &TransportState) -> Result<(), String> {
-        check_state(s, self.device.device_type(), self.device.queue_max_sizes())?;
+        self.core.check_state(s)?;
         let Some(p) = &s.pci else {
             return Err(
                 "the snapshot has a virtio-mmio device where a virtio-pci one is configured".into(),
             );
         };
         if p.config.len() != CONFIG_SPACE_SAVED
-            || p.queue_vectors.len() != self.queues.len()
+            || p.queue_vectors.len() != self.core.num_queues()
             || p.msix_table.len() as u64 != lock(&self.interrupt.msix).table_size()
         {
             return Err(format!(
@@ -345,7 +345,14 @@ impl super::PauseDevice for VirtioPciDevice {
                 s.device_type
             ));
         }
-        self.reset();
+        // Resets the device (and with it the vector mapping), then loads the shared registers.
+        self.core.restore_registers(s)?;
+        // The registers that are narrower here than in the saved state.
+        let sel = self.core.queue_select() as u16;
+        self.core.set_queue_select(sel.into());
+        let irq = &self.interrupt.state;
+        irq.status.fetch_and(0xff, Ordering::SeqCst);
+        irq.generation.fetch_and(0xff, Ordering::SeqCst);
         // The MSI-X table first, then configuration space (whose message control enables
         // MSI-X and so routes every unmasked vector). Configuration space goes back through
         // the guest's own write path, a dword at a time, so read-only bits stay as this tern
@@ -377,49 +384,13 @@ impl super::PauseDevice for VirtioPciDevice {
         for (q, &v) in self.interrupt.queue_vectors.iter().zip(&p.queue_vectors) {
             q.store(vector(v), Ordering::SeqCst);
         }
-        self.queue_select = s.queue_select as u16;
-        self.device_feature_select = s.device_features_select;
-        self.driver_feature_select = s.driver_features_select;
-        self.driver_features = s.driver_features;
-        self.driver_features_unknown = s.driver_features_unknown;
-        self.queues.clone_from(&s.queues);
-        self.status = s.status as u8;
-        self.needs_reset = s.needs_reset;
-        self.interrupt
-            .isr
-            .store(s.interrupt_status as u8, Ordering::SeqCst);
-        self.interrupt
-            .generation
-            .store(s.config_generation as u8, Ordering::SeqCst);
-        let offered = self.offered_features();
-        restart_restored(
-            self.device.as_mut(),
-            &self.mem,
-            self.interrupt.clone(),
-            &self.queues,
-            &self.notify,
-            (self.driver_features, self.driver_features_unknown, offered),
-            self.status & FEATURES_OK as u8 != 0,
-            self.status & DRIVER_OK as u8 != 0 && !self.needs_reset,
-        )
+        self.core.restart()
     }
 }
 
 /// How much of configuration space a snapshot keeps: the header and the capabilities, which
 /// all live in the first 256 bytes.
 const CONFIG_SPACE_SAVED: usize = 256;
-
-/// The virtio-pci part of a [`TransportState`].
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub(crate) struct PciState {
-    config: Vec<u8>,
-    msix_table: Vec<u8>,
-    /// Vectors raised while masked, not yet delivered.
-    #[serde(default)]
-    msix_pending: Vec<u64>,
-    config_vector: u16,
-    queue_vectors: Vec<u16>,
-}
 
 impl VirtioPciDevice {
     /// Wires the legacy interrupt line used when the driver leaves MSI-X disabled (once).
@@ -431,12 +402,12 @@ impl VirtioPciDevice {
     /// the VMM's resample handling. Safe to call from any thread.
     pub fn intx_pending(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
         let i = self.interrupt.clone();
-        Arc::new(move || i.isr.load(Ordering::SeqCst) != 0 && !lock(&i.msix).enabled())
+        Arc::new(move || i.isr() != 0 && !lock(&i.msix).enabled())
     }
 
     /// Wraps `device`; its MSI-X vectors are delivered through `msi`.
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: VmMemory,
         device: Box<dyn VirtioDevice>,
         msi: Arc<dyn MsiRouting>,
     ) -> Result<Self, VirtioPciError> {
@@ -517,45 +488,38 @@ impl VirtioPciDevice {
         );
         let msix_cap = config.add_capability(PCI_CAP_ID_MSIX, &body, &wmask)?;
 
-        let notify = maxes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<_>>()
-            .map_err(VirtioPciError::EventFd)?;
+        let interrupt = Arc::new(PciInterrupt {
+            msix: Mutex::new(msix),
+            intx: std::sync::OnceLock::new(),
+            state: InterruptState::default(),
+            config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            queue_vectors: maxes
+                .iter()
+                .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                .collect(),
+        });
+        let core = VirtioCore::new(
+            "virtio-pci",
+            mem,
+            device,
+            interrupt.clone(),
+            UNSUPPORTED_FEATURES,
+        )
+        .map_err(VirtioPciError::EventFd)?;
         Ok(VirtioPciDevice {
             config,
             msix_cap,
             pci_cfg_cap,
             msix_pba_offset,
             bar_size,
-            mem,
-            interrupt: Arc::new(PciInterrupt {
-                msix: Mutex::new(msix),
-                intx: std::sync::OnceLock::new(),
-                isr: AtomicU8::new(0),
-                generation: AtomicU8::new(0),
-                config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
-                queue_vectors: maxes
-                    .iter()
-                    .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
-                    .collect(),
-            }),
-            queues: maxes.iter().map(|&m| QueueRegs::new(m)).collect(),
-            notify,
-            device,
-            queue_select: 0,
-            device_feature_select: 0,
-            driver_feature_select: 0,
-            driver_features: 0,
-            driver_features_unknown: false,
-            status: 0,
-            needs_reset: false,
+            core,
+            interrupt,
         })
     }
 
     /// The virtio device type.
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
+        self.core.device().device_type()
     }
 
     /// Size of BAR 0.
@@ -568,7 +532,8 @@ impl VirtioPciDevice {
     /// eventfds stay the same for the transport's life, across resets.
     pub fn queue_notify_events(&self) -> std::io::Result<Vec<QueueNotify>> {
         let base = self.config.bar(VIRTIO_BAR).map_or(0, |b| b.addr);
-        self.notify
+        self.core
+            .notify_events()
             .iter()
             .enumerate()
             .map(|(i, e)| {
@@ -583,120 +548,19 @@ impl VirtioPciDevice {
 
     /// device_status as the driver reads it.
     pub fn status(&self) -> u8 {
-        let broken = self.needs_reset || self.device.broken();
-        self.status | if broken { NEEDS_RESET as u8 } else { 0 }
+        // The core's status is 8 bits wide.
+        self.core.status() as u8
     }
 
     fn num_vectors(&self) -> u16 {
         lock(&self.interrupt.msix).num_vectors()
     }
 
-    fn reset(&mut self) {
-        self.device.reset();
-        for (regs, &max) in self.queues.iter_mut().zip(self.device.queue_max_sizes()) {
-            *regs = QueueRegs::new(max);
-        }
-        for e in &self.notify {
-            // Drop notifications that were never served; WouldBlock means there were none.
-            let _ = e.read();
-        }
-        for v in &self.interrupt.queue_vectors {
-            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
-        }
-        self.interrupt
-            .config_vector
-            .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
-        self.interrupt.isr.store(0, Ordering::SeqCst);
-        self.queue_select = 0;
-        self.device_feature_select = 0;
-        self.driver_feature_select = 0;
-        self.driver_features = 0;
-        self.driver_features_unknown = false;
-        self.status = 0;
-        self.needs_reset = false;
-    }
-
-    fn fail(&mut self, why: &str) {
-        ratelimit::warn_limited!(
-            "virtio-pci (type {}): {why}; device needs a reset",
-            self.device.device_type()
-        );
-        self.needs_reset = true;
-        // Tell the driver, as the spec asks of a device entering DEVICE_NEEDS_RESET.
-        if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-            ratelimit::warn_limited!("virtio-pci: cannot signal the configuration change: {e}");
-        }
-    }
-
-    fn offered_features(&self) -> u64 {
-        self.device.features() & !UNSUPPORTED_FEATURES
-    }
-
-    fn set_status(&mut self, val: u8) {
-        let (old, blocked) = (u32::from(self.status), self.needs_reset);
-        // Steps only carry the four known status bits, so they fit the 8-bit register.
-        let (mut val, new) = match status_write(old, val.into(), blocked) {
-            StatusWrite::Reset => return self.reset(),
-            StatusWrite::Failed => {
-                // The driver gave up on the device; it will reset it before trying again.
-                self.status |= FAILED as u8;
-                return;
-            }
-            StatusWrite::Ignored => return,
-            StatusWrite::Invalid(val) => {
-                return self.fail(&format!("invalid status transition {old:#x} -> {val:#x}"))
-            }
-            StatusWrite::Step { val, new } => (val as u8, new as u8),
-        };
-        if new & FEATURES_OK as u8 != 0 && !self.accept_features() {
-            // The driver reads device_status back and finds FEATURES_OK missing.
-            val &= !(FEATURES_OK as u8);
-            if val & DRIVER_OK as u8 != 0 {
-                return self.fail("DRIVER_OK without accepted features");
-            }
-        }
-        self.status = val;
-        if new & DRIVER_OK as u8 != 0 {
-            if let Err(e) = self.activate() {
-                self.status &= !(DRIVER_OK as u8);
-                self.fail(&format!("activation failed: {e}"));
-            }
-        }
-    }
-
-    fn accept_features(&mut self) -> bool {
-        let f = self.driver_features;
-        if !features_acceptable(
-            "virtio-pci",
-            f,
-            self.driver_features_unknown,
-            self.offered_features(),
-        ) {
-            return false;
-        }
-        self.device.ack_features(f);
-        true
-    }
-
-    fn activate(&mut self) -> Result<(), String> {
-        activate(
-            self.device.as_mut(),
-            &self.mem,
-            self.interrupt.clone(),
-            &self.queues,
-            &self.notify,
-            self.driver_features,
-        )
-    }
-
-    /// The selected queue, if it exists and may still be configured.
+    /// The selected queue, if it exists and may still be configured: besides the core's rule
+    /// (not after DRIVER_OK or DEVICE_NEEDS_RESET), a queue is set up before it is enabled,
+    /// and its registers stay as they were at queue_enable.
     fn queue_mut(&mut self) -> Option<&mut QueueRegs> {
-        if self.status & DRIVER_OK as u8 != 0 || self.needs_reset {
-            return None;
-        }
-        self.queues
-            .get_mut(usize::from(self.queue_select))
-            .filter(|q| !q.ready)
+        self.core.selected_queue_mut().filter(|q| !q.ready)
     }
 
     /// A validated MSI-X vector: in range, or NO_VECTOR (which the driver reads back to learn
@@ -711,25 +575,22 @@ impl VirtioPciDevice {
 
     /// The value of the common configuration field at `off`.
     fn common_field(&self, off: u64) -> u64 {
-        let sel = self.queues.get(usize::from(self.queue_select));
-        let qsel = usize::from(self.queue_select);
+        let core = &self.core;
+        let sel = core.selected_queue();
+        let qsel = core.queue_select() as usize;
         let half = |v: u64, hi: bool| if hi { v >> 32 } else { v & 0xffff_ffff };
         match off {
-            DEVICE_FEATURE_SELECT => self.device_feature_select.into(),
-            DEVICE_FEATURE => match self.device_feature_select {
-                0 | 1 => half(self.offered_features(), self.device_feature_select == 1),
-                _ => 0,
-            },
-            DRIVER_FEATURE_SELECT => self.driver_feature_select.into(),
-            DRIVER_FEATURE => match self.driver_feature_select {
-                0 | 1 => half(self.driver_features, self.driver_feature_select == 1),
-                _ => 0,
-            },
+            DEVICE_FEATURE_SELECT => core.device_features_select().into(),
+            DEVICE_FEATURE => core.device_features_word().into(),
+            DRIVER_FEATURE_SELECT => core.driver_features_select().into(),
+            DRIVER_FEATURE => core.driver_features_word().into(),
             CONFIG_MSIX_VECTOR => self.interrupt.config_vector.load(Ordering::SeqCst).into(),
-            NUM_QUEUES => self.queues.len() as u64,
+            NUM_QUEUES => core.num_queues() as u64,
             DEVICE_STATUS => self.status().into(),
-            CONFIG_GENERATION => self.interrupt.generation.load(Ordering::SeqCst).into(),
-            QUEUE_SELECT => self.queue_select.into(),
+            CONFIG_GENERATION => {
+                (self.interrupt.state.generation.load(Ordering::SeqCst) as u8).into()
+            }
+            QUEUE_SELECT => core.queue_select().into(),
             QUEUE_SIZE => sel.map_or(0, |q| q.size.into()),
             QUEUE_MSIX_VECTOR => self
                 .interrupt
@@ -751,30 +612,22 @@ impl VirtioPciDevice {
     }
 
     fn set_common_field(&mut self, off: u64, val: u64) {
-        let configuring = self.status & DRIVER as u8 != 0 && self.status & FEATURES_OK as u8 == 0;
         let lo = |old: u64| (old & !0xffff_ffff) | (val & 0xffff_ffff);
         let hi = |old: u64| (old & 0xffff_ffff) | (val << 32);
         match off {
-            DEVICE_FEATURE_SELECT => self.device_feature_select = val as u32,
-            DRIVER_FEATURE_SELECT => self.driver_feature_select = val as u32,
-            DRIVER_FEATURE if configuring => match self.driver_feature_select {
-                0 => self.driver_features = lo(self.driver_features),
-                1 => self.driver_features = hi(self.driver_features),
-                _ => self.driver_features_unknown |= val != 0,
-            },
+            DEVICE_FEATURE_SELECT => self.core.set_device_features_select(val as u32),
+            DRIVER_FEATURE_SELECT => self.core.set_driver_features_select(val as u32),
+            DRIVER_FEATURE => self.core.write_driver_features(val as u32),
             CONFIG_MSIX_VECTOR => {
                 let v = self.vector(val as u16);
                 self.interrupt.config_vector.store(v, Ordering::SeqCst);
             }
-            DEVICE_STATUS => self.set_status(val as u8),
-            QUEUE_SELECT => self.queue_select = val as u16,
+            DEVICE_STATUS => self.core.set_status(u32::from(val as u8)),
+            QUEUE_SELECT => self.core.set_queue_select(u32::from(val as u16)),
             QUEUE_MSIX_VECTOR => {
                 let v = self.vector(val as u16);
-                if let Some(q) = self
-                    .interrupt
-                    .queue_vectors
-                    .get(usize::from(self.queue_select))
-                {
+                let sel = self.core.queue_select() as usize;
+                if let Some(q) = self.interrupt.queue_vectors.get(sel) {
                     q.store(v, Ordering::SeqCst);
                 }
             }
@@ -799,7 +652,7 @@ impl VirtioPciDevice {
                 };
                 *reg = if off & 0x4 == 0 { lo(*reg) } else { hi(*reg) };
             }
-            // Read-only fields, and writes while not configuring.
+            // Read-only fields.
             _ => {}
         }
     }
@@ -883,7 +736,7 @@ impl VirtioPciDevice {
         let Some(end) = offset.checked_add(len as u64) else {
             return Region::None;
         };
-        let notify_len = self.queues.len() as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+        let notify_len = self.core.num_queues() as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
         let within = |base: u64, size: u64| offset >= base && end <= base + size;
         if within(COMMON_CFG_OFFSET, COMMON_CFG_LEN) {
             Region::Common(offset - COMMON_CFG_OFFSET)
@@ -941,8 +794,8 @@ impl PciDevice for VirtioPciDevice {
         }
         match self.region(offset, data.len()) {
             Region::Common(o) => self.common_read(o, data),
-            Region::Isr => data[0] = self.interrupt.isr.swap(0, Ordering::SeqCst),
-            Region::Device(o) => self.device.read_config(o, data),
+            Region::Isr => data[0] = self.interrupt.state.status.swap(0, Ordering::SeqCst) as u8,
+            Region::Device(o) => self.core.device().read_config(o, data),
             Region::MsixTable(o) => lock(&self.interrupt.msix).table_read(o, data),
             Region::MsixPba(o) => lock(&self.interrupt.msix).pba_read(o, data),
             Region::Notify(_) | Region::None => {}
@@ -955,16 +808,10 @@ impl PciDevice for VirtioPciDevice {
         }
         match self.region(offset, data.len()) {
             Region::Common(o) => self.common_write(o, data),
-            Region::Device(o) => self.device.write_config(o, data),
+            Region::Device(o) => self.core.device_mut().write_config(o, data),
             Region::Notify(o) => {
-                let q = o / u64::from(NOTIFY_OFF_MULTIPLIER);
-                if o % u64::from(NOTIFY_OFF_MULTIPLIER) != 0 {
-                    return;
-                }
-                if let Some(e) = self.notify.get(q as usize) {
-                    if let Err(e) = e.write(1) {
-                        ratelimit::warn_limited!("virtio-pci: cannot signal queue {q}: {e}");
-                    }
+                if o % u64::from(NOTIFY_OFF_MULTIPLIER) == 0 {
+                    self.core.notify(o / u64::from(NOTIFY_OFF_MULTIPLIER));
                 }
             }
             Region::MsixTable(o) => lock(&self.interrupt.msix).table_write(o, data),
@@ -977,9 +824,13 @@ impl PciDevice for VirtioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::QueueEvent;
-    use virtio_bindings::bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE;
+    use crate::{GuestMemoryMmap, QueueEvent};
     use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+        VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
+        VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+    };
     use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
     use devices::pci::config::{PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST};
@@ -1038,7 +889,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap,
+            _mem: VmMemory,
             interrupt: Arc<dyn Interrupt>,
             queues: Vec<QueueEvent>,
         ) -> Result<(), ActivateError> {
@@ -1123,7 +974,8 @@ mod tests {
             rec: rec.clone(),
             fail_activate,
         };
-        let mut d = VirtioPciDevice::new(mem.clone(), Box::new(dev), msi.clone()).unwrap();
+        let mut d =
+            VirtioPciDevice::new(VmMemory::new(mem.clone()), Box::new(dev), msi.clone()).unwrap();
         d.set_bar_address(0, BAR_BASE);
         Driver { d, rec, msi, mem }
     }
@@ -1517,7 +1369,8 @@ mod tests {
             drv.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
             let s = drv.status();
             assert_ne!(s & NEEDS_RESET as u8, 0, "{what}: status {s:#x}");
-            assert_eq!(s & DRIVER_OK as u8, 0, "{what}");
+            // DRIVER_OK stays set: the driver wrote it (see `VirtioCore::set_status`).
+            assert_ne!(s & DRIVER_OK as u8, 0, "{what}");
             assert!(lock(&drv.rec).queues.is_empty(), "{what}");
             // Only a reset clears it.
             drv.set_status(ACKNOWLEDGE);
@@ -1538,8 +1391,9 @@ mod tests {
         drv.set_status(ACKNOWLEDGE | DRIVER | DRIVER_OK);
         assert_ne!(drv.status() & NEEDS_RESET as u8, 0);
         assert!(lock(&drv.rec).interrupt.is_none());
-        // The driver was told through the config vector.
-        assert_eq!(drv.msi.take(), vec![(0, None)]);
+        // DRIVER_OK never became set, so there is no configuration change notification: the
+        // driver finds DEVICE_NEEDS_RESET when it reads the status back.
+        assert!(drv.msi.take().is_empty());
 
         // Skipping a step, clearing a bit, unknown bits.
         for seq in [
@@ -1568,6 +1422,91 @@ mod tests {
         drv.setup_queue(1, &q1, 8);
         drv.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         assert_ne!(drv.status() & NEEDS_RESET as u8, 0);
+    }
+
+    /// A device that fails to activate at DRIVER_OK: the status reads back what the driver
+    /// wrote plus DEVICE_NEEDS_RESET, and the driver gets a configuration change notification
+    /// (virtio 1.2, 2.1.2), as on virtio-mmio.
+    #[test]
+    fn failed_activation_needs_reset_and_notifies() {
+        use crate::transport::PauseDevice;
+        let mem = mem();
+        let q0 = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let q1 = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 8);
+        let mut drv = driver(true);
+        let msix = drv.caps().msix.unwrap();
+        drv.enable_msix(msix);
+        drv.program_vector(0);
+        assert!(drv.negotiate(VERSION_1));
+        drv.setup_queue(0, &q0, 16);
+        drv.setup_queue(1, &q1, 8);
+        drv.wr(CONFIG_MSIX_VECTOR, 2, 0);
+        drv.msi.take();
+        let gen = drv.rd(CONFIG_GENERATION, 1);
+        let started = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+        drv.set_status(started);
+        assert_eq!(u32::from(drv.status()), started | NEEDS_RESET);
+        assert!(lock(&drv.rec).queues.is_empty());
+        // The configuration change: its vector fired, the ISR and generation show it.
+        assert_eq!(drv.msi.take(), vec![(0, None)]);
+        assert_eq!(drv.rd(CONFIG_GENERATION, 1), gen + 1);
+        assert_eq!(drv.rd(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+        // Nothing but a reset helps; a repeated write is ignored and raises nothing.
+        drv.set_status(started);
+        assert!(drv.msi.take().is_empty());
+        drv.wr(QUEUE_SELECT, 2, 0);
+        assert_eq!(drv.rd(QUEUE_ENABLE, 2), 1);
+        // Not a running device for a snapshot.
+        assert!(drv.d.save_state().used_rings().is_empty());
+        drv.set_status(0);
+        assert_eq!(drv.status(), 0);
+    }
+
+    /// A virtio-pci device's state as the tern before the shared transport core wrote it
+    /// (snapshot format 2): MSI-X on with vectors 0 (config), 1 and 2 (queues), vector 1
+    /// masked and pending, queue 0 stopped at 7, a configuration interrupt in the ISR, queue
+    /// 1 selected.
+    const SAVED_BY_FORMAT_2: &str = r#"{"device_type":4,"status":15,"needs_reset":false,"driver_features":4831838208,"driver_features_unknown":false,"queue_select":1,"device_features_select":0,"driver_features_select":1,"queues":[{"size":16,"ready":true,"desc":65536,"driver":65792,"device":65812,"next":7},{"size":8,"ready":true,"desc":131072,"driver":131200,"device":131212,"next":0}],"interrupt_status":2,"config_generation":1,"pci":{"config":[244,26,68,16,0,0,16,0,1,0,0,255,0,0,0,0,4,0,0,192,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,244,26,64,0,0,0,0,0,64,0,0,0,0,0,0,0,0,1,0,0,9,80,16,1,0,0,0,0,0,0,0,0,56,0,0,0,9,100,20,2,0,0,0,0,0,48,0,0,8,0,0,0,4,0,0,0,9,116,16,3,0,0,0,0,0,16,0,0,1,0,0,0,9,132,16,4,0,0,0,0,0,32,0,0,0,16,0,0,9,152,20,5,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,17,0,2,128,0,64,0,0,0,80,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"msix_table":[0,0,224,254,0,0,0,0,64,0,0,0,0,0,0,0,0,0,224,254,0,0,0,0,65,0,0,0,1,0,0,0,0,0,224,254,0,0,0,0,66,0,0,0,0,0,0,0],"msix_pending":[2],"config_vector":0,"queue_vectors":[1,2]}}"#;
+
+    /// A snapshot written before the transports shared their core still restores, and saves
+    /// back unchanged.
+    #[test]
+    fn restores_format_2_state() {
+        use crate::transport::PauseDevice;
+        use vm_memory::Bytes;
+        let s: TransportState = serde_json::from_str(SAVED_BY_FORMAT_2).unwrap();
+        let mut drv = driver(false);
+        // Guest memory holds the snapshot's contents: where queue 0's used ring stopped.
+        let (used0, used1) = (0x1_0114u64, 0x2_008cu64);
+        drv.mem.write_obj(7u16, GuestAddress(used0 + 2)).unwrap();
+        drv.d.restore_state(&s).unwrap();
+        assert_eq!(drv.status(), 0xf);
+        assert_eq!(drv.rd(QUEUE_SELECT, 2), 1);
+        assert_eq!(drv.rd(QUEUE_MSIX_VECTOR, 2), 2);
+        assert_eq!(drv.rd(CONFIG_MSIX_VECTOR, 2), 0);
+        assert_eq!(drv.rd(CONFIG_GENERATION, 1), 1);
+        assert_eq!(drv.rd(drv.d.msix_pba_offset, 8), 0b10);
+        {
+            let r = lock(&drv.rec);
+            assert_eq!(r.acked, Some(VERSION_1 | EVENT_IDX));
+            assert_eq!(
+                r.queues
+                    .iter()
+                    .map(|q| (q.0, q.1, q.4, q.5))
+                    .collect::<Vec<_>>(),
+                vec![(true, 16, used0, true), (true, 8, used1, true)]
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&drv.d.save_state()).unwrap(),
+            SAVED_BY_FORMAT_2
+        );
+        // The ISR still holds the configuration change (read-to-clear).
+        assert_eq!(drv.rd(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+        // The masked vector fires once unmasked.
+        drv.msi.take();
+        drv.wr(MSIX_TABLE_OFFSET + 16 + 12, 4, 0);
+        assert_eq!(drv.msi.take().last(), Some(&(1, None)));
     }
 
     #[test]
@@ -1697,7 +1636,7 @@ mod tests {
             fail_activate: false,
         };
         let vpci = Arc::new(Mutex::new(
-            VirtioPciDevice::new(mem(), Box::new(dev), msi).unwrap(),
+            VirtioPciDevice::new(VmMemory::new(mem()), Box::new(dev), msi).unwrap(),
         ));
         let mut root = PciRoot::new(&PciWindows {
             mmio32: 0xc000_0000..0xe000_0000,
