@@ -110,10 +110,9 @@ impl BufferedSink {
     pub fn new(sink: Box<dyn Write + Send>, what: &'static str) -> Option<Self> {
         let queue = Arc::new(Queue::default());
         let q = queue.clone();
-        match std::thread::Builder::new()
-            .name("tern-output".into())
-            .spawn(move || q.writer(sink))
-        {
+        match lifecycle::threads::spawn(lifecycle::threads::Role::Io, "tern-output", move || {
+            q.writer(sink)
+        }) {
             Ok(_) => Some(BufferedSink { queue, what }),
             Err(e) => {
                 tracing::error!("{what}: cannot start the output thread, output is discarded: {e}");

@@ -12,6 +12,7 @@
 //! interface; it plays the part Cloud Hypervisor's `vm-migration` and crosvm's `Suspendable`
 //! play in theirs.
 
+pub mod event_loop;
 pub mod threads;
 
 use std::time::Instant;

@@ -46,17 +46,16 @@ pub fn set_policy(policy: Policy) -> Result<(), &'static str> {
         .map_err(|_| "a thread policy is set already")
 }
 
-/// Starts `f` on a thread named `tern-{name}` (as `ps -L` and `/proc/PID/task` show it; the
+/// Starts `f` on a thread named `name` (as `ps -L` and `/proc/PID/task/*/comm` show it; the
 /// kernel keeps 15 bytes of a name) in `role`.
 pub fn spawn<F, T>(role: Role, name: &str, f: F) -> std::io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let thread_name = format!("tern-{name}");
-    let label = thread_name.clone();
+    let label = name.to_string();
     std::thread::Builder::new()
-        .name(thread_name)
+        .name(name.to_string())
         .spawn(move || {
             if let Some(p) = POLICY.get() {
                 p(role, &label);
@@ -80,7 +79,7 @@ mod tests {
         }))
         .unwrap();
         assert!(set_policy(Box::new(|_, _| {})).is_err());
-        let name = spawn(Role::DeviceWorker, "test", || {
+        let name = spawn(Role::DeviceWorker, "tern-test", || {
             (
                 SEEN.load(Ordering::SeqCst),
                 std::thread::current().name().map(String::from),

@@ -213,9 +213,8 @@ impl ApiServer {
             .build()
             .map_err(|e| format!("cannot start the API runtime: {e}"))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("tern-api".into())
-            .spawn(move || {
+        let thread =
+            lifecycle::threads::spawn(lifecycle::threads::Role::Api, "tern-api", move || {
                 // SIGINT/SIGTERM belong to the VMM's signalfd, whichever thread started first.
                 if let Err(e) = crate::signals::block_stop_signals_in_this_thread() {
                     tracing::warn!("API thread: cannot block SIGINT/SIGTERM: {e}");

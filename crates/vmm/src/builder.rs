@@ -195,15 +195,19 @@ pub fn build(
     // the kernel and sets up devices and vCPUs, and are joined before the VM can run.
     let slots = crate::memory::slots(&mem, config.track_dirty_pages);
     let vm_for_slots = vm.clone();
-    let register_memory = spawn(Role::Vmm, "memslots", move || -> Result<(), VmmError> {
-        if !has_pit {
-            create_pit(&vm_for_slots)?;
-        }
-        // SAFETY: each slot is a live mapping owned by `mem`, which `build` keeps until this
-        // thread is joined, and which the returned `Vm` then keeps for as long as the VM fd
-        // exists.
-        unsafe { crate::memory::register(&vm_for_slots, slots) }
-    })
+    let register_memory = spawn(
+        Role::Vmm,
+        "tern-memslots",
+        move || -> Result<(), VmmError> {
+            if !has_pit {
+                create_pit(&vm_for_slots)?;
+            }
+            // SAFETY: each slot is a live mapping owned by `mem`, which `build` keeps until this
+            // thread is joined, and which the returned `Vm` then keeps for as long as the VM fd
+            // exists.
+            unsafe { crate::memory::register(&vm_for_slots, slots) }
+        },
+    )
     .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
     // `mem` (and so the mapping) stays alive here until the thread is joined, whether or not
     // the rest of the build succeeds; clones share the same mapping.

@@ -152,3 +152,28 @@ fn every_component_round_trips_its_state_on_pci() {
 fn every_component_round_trips_its_state_on_mmio() {
     round_trip("mmio");
 }
+
+/// The dirty log goes on and off at runtime: a write tern makes while it is on is in the next
+/// take, and off there is nothing to take.
+#[test]
+fn the_dirty_log_switches_on_and_off_at_runtime() {
+    if !have_kvm("the_dirty_log_switches_on_and_off_at_runtime") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tern-dirty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vm = build(&config(&dir, "pci", false), Instant::now(), true, None).unwrap();
+    assert!(!vm.ram.logging());
+    assert_eq!(vm.ram.take_dirty().unwrap(), None);
+    vm.ram.start_dirty_log(false).unwrap();
+    assert!(vm.ram.logging());
+    let clean = vm.ram.take_dirty().unwrap().unwrap();
+    assert!(clean.iter().all(|w| *w == 0), "a fresh log is clean");
+    vm.ram.mark(5 * 4096, 1);
+    let bits = vm.ram.take_dirty().unwrap().unwrap();
+    assert_eq!(bits[0], 1 << 5);
+    vm.ram.stop_dirty_log().unwrap();
+    assert!(!vm.ram.logging());
+    assert_eq!(vm.ram.take_dirty().unwrap(), None);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -51,7 +51,7 @@ pub enum StdinTarget {
 /// own. Ctrl-A x quits tern (as in QEMU, by writing `quit`); Ctrl-A Ctrl-A sends a literal
 /// Ctrl-A.
 pub fn spawn_stdin_thread(target: Arc<Mutex<Option<StdinTarget>>>, quit: EventFd) {
-    let _ = spawn(Role::Io, "stdin", move || {
+    let _ = spawn(Role::Io, "tern-stdin", move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 256];
         let mut escape = false;

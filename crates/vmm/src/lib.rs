@@ -12,6 +12,8 @@ pub mod control;
 pub mod error;
 pub mod host;
 pub mod interrupts;
+#[cfg(test)]
+mod layout_tests;
 pub mod memory;
 pub mod platform;
 pub mod runner;

@@ -116,6 +116,13 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Stops logging written pages: KVM's log off on every slot, the device bitmap dropped.
+    pub fn stop_dirty_log(&self) -> Result<(), VmmError> {
+        self.shared.dirty().stop();
+        // SAFETY: the same live mappings as registered at build, which `self.mem` keeps.
+        unsafe { register(&self.vm, slots(&self.mem, false)) }
+    }
+
     /// Marks `[addr, addr + len)` written by tern itself (while logging).
     pub fn mark(&self, addr: u64, len: u64) {
         self.shared.dirty().mark(addr, len);

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ::api::{VmInfo, VmState};
+use lifecycle::event_loop::EventLoop;
 use lifecycle::threads::{spawn, Role};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Action, ApiServer, Reply, Request as ApiRequest};
@@ -49,7 +49,7 @@ pub fn run(
             };
             // The KVM VM is made while tern waits (a failure here is met again, and reported,
             // when the VM is built for real).
-            shell = spawn(Role::Vmm, "prepare", || VmShell::create(true)).ok();
+            shell = spawn(Role::Vmm, "tern-prepare", || VmShell::create(true)).ok();
             match wait_for_boot(api, &signals, None)? {
                 Ok(b) => {
                     restore = b.restore;
@@ -179,27 +179,13 @@ fn wait_for_boot(
 ) -> Result<Result<BootRequest, VmExit>, VmmError> {
     const API: u64 = 1;
     const SIGNAL: u64 = 2;
-    let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
-    for (fd, token) in [(api.event_fd(), API), (signals.as_raw_fd(), SIGNAL)] {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
-    }
-    let mut events = vec![EpollEvent::default(); 4];
+    let epoll_err = |e: std::io::Error| VmmError::Setup(format!("epoll: {e}"));
+    let mut events = EventLoop::new().map_err(epoll_err)?;
+    events.add(api.event_fd(), API).map_err(epoll_err)?;
+    events.add(signals.as_raw_fd(), SIGNAL).map_err(epoll_err)?;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(VmmError::Setup(format!("epoll: {e}"))),
-        };
-        for ev in &events[..n] {
-            if ev.data() == SIGNAL {
-                return Ok(Err(VmExit::Signal(read_signal(signals))));
-            }
+        if events.wait(None).map_err(epoll_err)?.contains(SIGNAL) {
+            return Ok(Err(VmExit::Signal(read_signal(signals))));
         }
         for req in api.take() {
             let state = if config.is_some() {

@@ -44,8 +44,10 @@ impl VcpuComponent {
 
     fn start(&mut self) -> Result<(), VmmError> {
         if let Some(v) = self.vcpu.take() {
-            let t = spawn(Role::Vcpu, &format!("vcpu{}", self.id), move || v.run())
-                .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
+            let t = spawn(Role::Vcpu, &format!("tern-vcpu{}", self.id), move || {
+                v.run()
+            })
+            .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
             self.thread = Some(t);
         }
         Ok(())

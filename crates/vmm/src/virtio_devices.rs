@@ -25,8 +25,8 @@ use crate::error::VmmError;
 use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
 use devices::pci::{MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
+use lifecycle::event_loop::EventLoop;
 use virtio::transport::pci::{IntxLine, VirtioPciDevice};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// The virtio devices a config asks for, not yet attached.
 pub struct VirtioDevices {
@@ -416,36 +416,23 @@ impl IntxResampler {
         let stop2 = stop
             .try_clone()
             .map_err(|e| setup(format!("eventfd: {e}")))?;
-        let epoll = Epoll::new().map_err(|e| setup(format!("epoll: {e}")))?;
         use std::os::fd::AsRawFd;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, u64::MAX),
-            )
-            .map_err(|e| setup(format!("epoll: {e}")))?;
+        let epoll_err = |e: std::io::Error| setup(format!("epoll: {e}"));
+        let mut events = EventLoop::new().map_err(epoll_err)?;
+        events.add(stop.as_raw_fd(), u64::MAX).map_err(epoll_err)?;
         for (i, (resample, _, _)) in lines.iter().enumerate() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    resample.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, i as u64),
-                )
-                .map_err(|e| setup(format!("epoll: {e}")))?;
+            events
+                .add(resample.as_raw_fd(), i as u64)
+                .map_err(epoll_err)?;
         }
-        let thread = std::thread::Builder::new()
-            .name("tern-intx".into())
-            .spawn(move || {
-                let mut events = vec![EpollEvent::default(); 8];
+        let thread =
+            lifecycle::threads::spawn(lifecycle::threads::Role::Vmm, "tern-intx", move || {
                 loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
+                    let Ok(ready) = events.wait(None) else {
+                        return;
                     };
-                    for ev in &events[..n] {
-                        let Some((resample, line, pending)) = lines.get(ev.data() as usize) else {
+                    for token in ready.iter() {
+                        let Some((resample, line, pending)) = lines.get(token as usize) else {
                             return; // the stop event
                         };
                         let _ = resample.read();

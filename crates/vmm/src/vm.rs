@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use lifecycle::event_loop::EventLoop;
 use vmm_sys_util::eventfd::EventFd;
 
 use ::api::{Counters, VcpuCounters, VmInfo, VmState};
@@ -22,7 +22,7 @@ use crate::memory::GuestRam;
 use crate::vcpu::ExitCounters;
 use crate::vcpus::Vcpus;
 
-/// A built VM (see [`crate::builder`]).
+/// A built VM (the `builder` module makes one).
 pub struct Vm {
     pub(crate) ram: GuestRam,
     pub(crate) ctl: Arc<VmControl>,
@@ -271,38 +271,31 @@ impl Vm {
         const SIGNAL: u64 = 3;
         const QUIT: u64 = 4;
         const API: u64 = 5;
-        let epoll = Epoll::new().map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
-        let mut fds = vec![
-            (self.ctl.exit_evt.as_raw_fd(), EXIT),
-            (signals.as_raw_fd(), SIGNAL),
-            (stdin_quit.as_raw_fd(), QUIT),
-        ];
+        let epoll_err = |e: std::io::Error| VmmError::Setup(format!("epoll: {e}"));
+        let mut events = EventLoop::new().map_err(epoll_err)?;
+        events
+            .add(self.ctl.exit_evt.as_raw_fd(), EXIT)
+            .map_err(epoll_err)?;
+        events.add(signals.as_raw_fd(), SIGNAL).map_err(epoll_err)?;
+        events
+            .add(stdin_quit.as_raw_fd(), QUIT)
+            .map_err(epoll_err)?;
         if let Some(a) = api {
-            fds.push((a.event_fd(), API));
+            events.add(a.event_fd(), API).map_err(epoll_err)?;
         }
-        for (fd, token) in fds {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(|e| VmmError::Setup(format!("epoll: {e}")))?;
-        }
-        let mut events = vec![EpollEvent::default(); 8];
         let mut button_deadline: Option<Instant> = None;
         while !self.ctl.stopping() {
             if button_deadline.is_some_and(|d| Instant::now() >= d) {
                 self.ctl
                     .request_exit(VmExit::ShutdownTimeout(self.shutdown_timeout.as_secs()));
             }
-            let n = match epoll.wait(50, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-                Err(e) => return Err(VmmError::Setup(format!("epoll: {e}"))),
-            };
-            for ev in &events[..n] {
-                match ev.data() {
+            let ready: Vec<u64> = events
+                .wait(Some(Duration::from_millis(50)))
+                .map_err(epoll_err)?
+                .iter()
+                .collect();
+            for token in ready {
+                match token {
                     SIGNAL => {
                         let signo = crate::signals::read_signal(signals);
                         if signo == libc::SIGTERM && button_deadline.is_none() {

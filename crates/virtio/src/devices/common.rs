@@ -12,10 +12,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use vmm_sys_util::timerfd::TimerFd;
 
+use lifecycle::event_loop::EventLoop;
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{GuestMemoryMmap, Interrupt, InterruptKind, VmMemory};
@@ -399,28 +399,21 @@ pub(crate) struct Worker<H: Handler> {
 impl<H: Handler> Worker<H> {
     /// Starts thread `name` serving `handler`.
     pub fn spawn(name: &str, handler: H) -> io::Result<Self> {
-        let epoll = Epoll::new()?;
+        let events = EventLoop::new()?;
         let ctl = Arc::new(Control {
             state: Mutex::new((Want::Run, false)),
             cv: Condvar::new(),
             evt: EventFd::new(EFD_NONBLOCK)?,
         });
         for (i, fd) in handler.fds().into_iter().enumerate() {
-            let mut events = EventSet::IN;
-            if handler.edge_triggered(i) {
-                events |= EventSet::EDGE_TRIGGERED;
-            }
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, i as u64))?;
+            events.add_with(fd, i as u64, handler.edge_triggered(i))?;
         }
-        epoll.ctl(
-            ControlOperation::Add,
-            ctl.evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, CTL_TOKEN),
-        )?;
+        events.add(ctl.evt.as_raw_fd(), CTL_TOKEN)?;
         let thread_ctl = ctl.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || run(epoll, thread_ctl, handler))?;
+        let thread =
+            lifecycle::threads::spawn(lifecycle::threads::Role::DeviceWorker, name, move || {
+                run(events, thread_ctl, handler)
+            })?;
         Ok(Worker {
             ctl,
             thread: Some(thread),
@@ -518,23 +511,21 @@ fn obey<H: Handler>(ctl: &Control, handler: &mut H) -> bool {
     s.0 != Want::Stop
 }
 
-fn run<H: Handler>(epoll: Epoll, ctl: Arc<Control>, mut handler: H) -> H {
-    let mut events = [EpollEvent::default(); 8];
+fn run<H: Handler>(mut events: EventLoop, ctl: Arc<Control>, mut handler: H) -> H {
     loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        let ready = match events.wait(None) {
+            Ok(r) => r,
             Err(e) => {
                 tracing::error!("virtio worker: epoll failed: {e}");
                 return handler;
             }
         };
         // The owner's wish first: a paused worker handles nothing else.
-        if events[..n].iter().any(|e| e.data() == CTL_TOKEN) && !obey(&ctl, &mut handler) {
+        if ready.contains(CTL_TOKEN) && !obey(&ctl, &mut handler) {
             return handler;
         }
-        for ev in events[..n].iter().filter(|e| e.data() != CTL_TOKEN) {
-            if !handler.handle(ev.data() as usize) {
+        for token in ready.iter().filter(|&t| t != CTL_TOKEN) {
+            if !handler.handle(token as usize) {
                 return handler;
             }
         }
