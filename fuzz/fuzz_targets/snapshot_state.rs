@@ -63,13 +63,19 @@ fuzz_target!(|data: &[u8]| {
                     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
                     let mut t = MmioTransport::new(vm_mem(), some_device(which), irq).unwrap();
                     if t.restore_state(&state).is_ok() {
-                        assert!(t.pause_device(deadline()), "a restored device did not pause");
+                        assert!(
+                            t.pause_device(deadline()),
+                            "a restored device did not pause"
+                        );
                         let _ = t.save_state();
                     }
                     let mut p = VirtioPciDevice::new(vm_mem(), some_device(which), Arc::new(NoMsi))
                         .unwrap();
                     if p.restore_state(&state).is_ok() {
-                        assert!(p.pause_device(deadline()), "a restored device did not pause");
+                        assert!(
+                            p.pause_device(deadline()),
+                            "a restored device did not pause"
+                        );
                         let _ = p.save_state();
                     }
                 }
