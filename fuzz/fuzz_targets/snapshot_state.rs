@@ -15,7 +15,7 @@ use lifecycle::Component;
 use tern_fuzz::{some_device, vm_mem, NoMsi};
 use virtio::transport::mmio::MmioTransport;
 use virtio::transport::pci::VirtioPciDevice;
-use virtio::transport::{PauseDevice, TransportState};
+use virtio::transport::PauseDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fuzz_target!(|data: &[u8]| {
@@ -56,27 +56,24 @@ fuzz_target!(|data: &[u8]| {
             }
             _ if virtio_sections < 4 => {
                 virtio_sections += 1;
-                let Ok(state) = section.parse::<TransportState>(&[1]) else {
-                    continue;
-                };
                 for which in 0..3 {
                     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
                     let mut t = MmioTransport::new(vm_mem(), some_device(which), irq).unwrap();
-                    if t.restore_state(&state).is_ok() {
+                    if t.restore(section).is_ok() {
                         assert!(
                             t.pause_device(deadline()),
                             "a restored device did not pause"
                         );
-                        let _ = t.save_state();
+                        let _ = t.save("fuzz");
                     }
                     let mut p = VirtioPciDevice::new(vm_mem(), some_device(which), Arc::new(NoMsi))
                         .unwrap();
-                    if p.restore_state(&state).is_ok() {
+                    if p.restore(section).is_ok() {
                         assert!(
                             p.pause_device(deadline()),
                             "a restored device did not pause"
                         );
-                        let _ = p.save_state();
+                        let _ = p.save("fuzz");
                     }
                 }
             }

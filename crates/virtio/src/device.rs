@@ -85,4 +85,15 @@ pub trait VirtioDevice: Send {
     fn broken(&self) -> bool {
         false
     }
+    /// The back-end's own state worth keeping in a snapshot (beyond what the transport keeps
+    /// and the configuration reopens), if any; the device is paused.
+    fn save_backend(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Puts back what [`save_backend`](Self::save_backend) returned, before the transport
+    /// restarts the device (possibly hostile: check it).
+    fn restore_backend(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
 }

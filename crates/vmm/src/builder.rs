@@ -289,14 +289,14 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
     // Guest memory as its owner keeps it, and as the devices share it.
     let ram = GuestRam::new(mem.clone(), vm.clone());
     let mut intx = None;
-    let mut pausers = Vec::new();
+    let mut attached = Vec::new();
     match config.transport {
         Transport::Mmio => crate::virtio_devices::attach_mmio(
             &vm,
             ram.shared(),
             &mut mmio,
             virtio.devices,
-            &mut pausers,
+            &mut attached,
         )?,
         Transport::Pci => {
             let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
@@ -307,7 +307,7 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
                 &mut pio,
                 &mut mmio,
                 virtio.devices,
-                &mut pausers,
+                &mut attached,
             )?);
         }
     }
@@ -337,13 +337,8 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
     components.optional_in_old_snapshots();
     let ids = crate::virtio_devices::device_ids(config);
     let names = crate::virtio_devices::device_names(config);
-    for ((id, name), p) in ids.iter().zip(&names).zip(pausers) {
-        components.register(
-            id,
-            name,
-            Phase::Device,
-            Arc::new(Mutex::new(crate::virtio_devices::VirtioComponent(p))),
-        );
+    for ((id, name), p) in ids.iter().zip(&names).zip(attached) {
+        components.register(id, name, Phase::Device, p);
     }
 
     Ok(Vm {

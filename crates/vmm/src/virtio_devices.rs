@@ -17,7 +17,6 @@ use virtio::devices::{
     NetOptions, Rng,
 };
 use virtio::transport::mmio::MmioTransport;
-use virtio::transport::PauseDevice;
 use virtio::{VirtioDevice, VmMemory};
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
@@ -94,8 +93,9 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
 
-/// An attached device's transport, for pausing and resuming the device.
-pub type DevicePauser = Arc<Mutex<dyn PauseDevice>>;
+/// An attached device's transport: the device as a component of the VM (see
+/// `virtio::transport::component`).
+pub type DeviceComponent = crate::components::Shared;
 
 /// Creates the devices `config` asks for.
 pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
@@ -211,58 +211,6 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
     ids
 }
 
-/// A virtio device's transport as a component of the VM: pausing it pauses the device (its
-/// in-flight I/O finishes first), its state is the transport's (the driver's configuration,
-/// MSI-X, and where each queue stopped), and it writes the used rings on its own.
-pub struct VirtioComponent(pub DevicePauser);
-
-impl lifecycle::Component for VirtioComponent {
-    fn pause(&mut self, deadline: std::time::Instant) -> Result<(), String> {
-        if self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pause_device(deadline)
-        {
-            Ok(())
-        } else {
-            Err("did not finish its in-flight I/O and stop".into())
-        }
-    }
-
-    fn resume(&mut self) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .resume_device();
-    }
-
-    fn save(&mut self, id: &str) -> Result<Option<lifecycle::Section>, String> {
-        let state = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save_state();
-        lifecycle::Section::new(id, 1, &state).map(Some)
-    }
-
-    fn restore(&mut self, section: &lifecycle::Section) -> Result<(), String> {
-        let state: virtio::transport::TransportState = section.parse(&[1])?;
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .restore_state(&state)
-    }
-
-    fn written_memory(&mut self) -> Vec<(u64, u64)> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save_state()
-            .used_rings()
-    }
-}
-
 /// Opens disk `i` and wraps it in a virtio-blk device.
 fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
     let opts = DiskOptions {
@@ -341,7 +289,7 @@ pub fn attach_mmio(
     mem: &VmMemory,
     bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-    pausers: &mut Vec<DevicePauser>,
+    attached: &mut Vec<DeviceComponent>,
 ) -> Result<(), VmmError> {
     for (i, dev) in devices.into_iter().enumerate() {
         let slot = mmio_slot(i);
@@ -355,7 +303,7 @@ pub fn attach_mmio(
                 .map_err(|e| setup(format!("virtio-mmio ioeventfd: {e}")))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        pausers.push(transport.clone());
+        attached.push(transport.clone());
         bus.insert(transport, slot.base, slot.size).map_err(setup)?;
     }
     Ok(())
@@ -470,7 +418,7 @@ pub fn attach_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-    pausers: &mut Vec<DevicePauser>,
+    attached: &mut Vec<DeviceComponent>,
 ) -> Result<IntxResampler, VmmError> {
     let mut intx_lines = Vec::new();
     let windows = PciWindows {
@@ -518,7 +466,7 @@ pub fn attach_pci(
             VirtioPciDevice::new(mem.clone(), dev, msi)
                 .map_err(|e| setup(format!("virtio-pci: {e}")))?,
         ));
-        pausers.push(vpci.clone());
+        attached.push(vpci.clone());
         let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
         let bdf = r
             .attach(vpci.clone())

@@ -123,7 +123,17 @@ impl super::PauseDevice for MmioTransport {
         self.core.restore_registers(s)?;
         self.core.restart()
     }
+
+    fn device(&self) -> &dyn VirtioDevice {
+        self.core.device()
+    }
+
+    fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.core.device_mut()
+    }
 }
+
+super::transport_component!(MmioTransport);
 
 impl MmioTransport {
     /// Wraps `device`, signalling the guest through `irq` (an irqfd).

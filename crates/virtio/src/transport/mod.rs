@@ -16,14 +16,10 @@
 //!   [`TransportState`].
 //! - `state` holds the snapshot record both save into: data only, no module imports it back.
 
-mod core;
-pub mod mmio;
-pub mod pci;
-mod state;
-
 pub use state::TransportState;
 
-/// What the VMM does to the device behind a transport while the VM is paused.
+/// What the VMM does to the device behind a transport while the VM is paused. Each transport
+/// is also a [`lifecycle::Component`] built on it (see [`component`]).
 pub trait PauseDevice: Send {
     /// Pauses the device (see [`VirtioDevice::pause`](crate::VirtioDevice::pause)); false if
     /// it did not stop by `deadline`.
@@ -36,4 +32,98 @@ pub trait PauseDevice: Send {
     /// vCPU runs), activating the device where the driver had: its queues go on from where
     /// they stopped. Guest memory must hold the snapshot's contents already.
     fn restore_state(&mut self, state: &TransportState) -> Result<(), String>;
+    /// The device behind the transport.
+    fn device(&self) -> &dyn crate::VirtioDevice;
+    /// The device behind the transport, to change.
+    fn device_mut(&mut self) -> &mut dyn crate::VirtioDevice;
 }
+
+/// A virtio device as a component of its VM: the transport and the device back-end together.
+pub mod component {
+    use std::time::Instant;
+
+    use lifecycle::Section;
+    use serde::{Deserialize, Serialize};
+
+    use super::{PauseDevice, TransportState};
+
+    /// Layout 2 of a virtio component's state: the transport's, and the back-end's own.
+    /// Layout 1 (snapshot format 2) was the transport's state alone.
+    #[derive(Serialize, Deserialize)]
+    struct State {
+        transport: TransportState,
+        #[serde(default)]
+        device: Option<serde_json::Value>,
+    }
+
+    /// [`lifecycle::Component::pause`] for a transport.
+    pub fn pause(t: &mut dyn PauseDevice, deadline: Instant) -> Result<(), String> {
+        if t.pause_device(deadline) {
+            Ok(())
+        } else {
+            Err("did not finish its in-flight I/O and stop".into())
+        }
+    }
+
+    /// [`lifecycle::Component::save`] for a transport.
+    pub fn save(t: &dyn PauseDevice, id: &str) -> Result<Option<Section>, String> {
+        let state = State {
+            transport: t.save_state(),
+            device: t.device().save_backend(),
+        };
+        Section::new(id, 2, &state).map(Some)
+    }
+
+    /// [`lifecycle::Component::restore`] for a transport: the back-end first, then the
+    /// transport, which restarts the device where the driver had it.
+    pub fn restore(t: &mut dyn PauseDevice, section: &Section) -> Result<(), String> {
+        let state = if section.version == 1 {
+            State {
+                transport: section.parse(&[1])?,
+                device: None,
+            }
+        } else {
+            section.parse(&[2])?
+        };
+        if let Some(d) = &state.device {
+            t.device_mut().restore_backend(d)?;
+        }
+        t.restore_state(&state.transport)
+    }
+
+    /// [`lifecycle::Component::written_memory`] for a transport: the used rings of the
+    /// queues it serves (the device writes them through the memory API, not through buffers
+    /// the driver gave).
+    pub fn written_memory(t: &dyn PauseDevice) -> Vec<(u64, u64)> {
+        t.save_state().used_rings()
+    }
+}
+
+/// Makes a transport type a [`lifecycle::Component`] through [`component`].
+macro_rules! transport_component {
+    ($t:ty) => {
+        impl lifecycle::Component for $t {
+            fn pause(&mut self, deadline: std::time::Instant) -> Result<(), String> {
+                $crate::transport::component::pause(self, deadline)
+            }
+            fn resume(&mut self) {
+                $crate::transport::PauseDevice::resume_device(self);
+            }
+            fn save(&mut self, id: &str) -> Result<Option<lifecycle::Section>, String> {
+                $crate::transport::component::save(self, id)
+            }
+            fn restore(&mut self, section: &lifecycle::Section) -> Result<(), String> {
+                $crate::transport::component::restore(self, section)
+            }
+            fn written_memory(&mut self) -> Vec<(u64, u64)> {
+                $crate::transport::component::written_memory(self)
+            }
+        }
+    };
+}
+pub(crate) use transport_component;
+
+mod core;
+pub mod mmio;
+pub mod pci;
+mod state;

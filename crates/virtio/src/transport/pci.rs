@@ -386,7 +386,17 @@ impl super::PauseDevice for VirtioPciDevice {
         }
         self.core.restart()
     }
+
+    fn device(&self) -> &dyn VirtioDevice {
+        self.core.device()
+    }
+
+    fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.core.device_mut()
+    }
 }
+
+super::transport_component!(VirtioPciDevice);
 
 /// How much of configuration space a snapshot keeps: the header and the capabilities, which
 /// all live in the first 256 bytes.
