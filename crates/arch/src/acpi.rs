@@ -1,6 +1,7 @@
 //! ACPI tables (built with the `acpi_tables` crate): RSDP, XSDT, a hardware-reduced FADT with
 //! sleep-control, sleep-status and reset registers, a MADT listing every vCPU and the IOAPIC,
-//! and a DSDT carrying the `_S5_` sleep type so guests can power off.
+//! an MCFG for PCI, and a DSDT: the `_S5_` sleep type so guests can power off, then whatever
+//! the VM's devices say about themselves (each device renders its own AML).
 //!
 //! Hardware-reduced ACPI (as Firecracker and Cloud Hypervisor use) needs no PM1 event/control
 //! blocks, no SCI and no PM timer: power-off and reset are single port writes that tern turns
@@ -28,8 +29,6 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 pub const SLEEP_ENABLE: u8 = 1 << 5;
 
 const OEM_ID: [u8; 6] = *b"TERNVM";
-const COM1_PORT: u16 = 0x3f8;
-const COM1_GSI: u32 = 4;
 const OEM_TABLE_ID: [u8; 8] = *b"TERNVM01";
 const OEM_REVISION: u32 = 1;
 /// IA-PC boot architecture flags: no VGA (bit 2). (No 8042 bit: the i8042 is only there for
@@ -59,17 +58,6 @@ fn io_reg(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
-/// A virtio-mmio device as ACPI describes it (`LNRO0005`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioMmioAcpi {
-    /// Register window base.
-    pub base: u64,
-    /// Register window size.
-    pub size: u64,
-    /// Its interrupt (edge-triggered, active high).
-    pub gsi: u32,
-}
-
 /// The PCI root bridge as ACPI describes it (`PNP0A08` in the DSDT, the ECAM in the MCFG).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PciAcpi {
@@ -81,45 +69,16 @@ pub struct PciAcpi {
     pub mmio32: (u64, u64),
 }
 
-/// What the ACPI tables describe besides CPUs and the fixed legacy devices.
+/// What the ACPI tables describe besides the fixed hardware-reduced registers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AcpiPlatform {
     /// Number of vCPUs.
     pub num_cpus: u8,
-    /// virtio-mmio devices.
-    pub virtio_mmio: Vec<VirtioMmioAcpi>,
-    /// The PCI root bridge, when the VM has PCI.
+    /// The PCI root bridge's ECAM (for the MCFG), when the VM has PCI.
     pub pci: Option<PciAcpi>,
-}
-
-/// The VM generation ID device and its notifier, appended to `dsdt`.
-///
-/// `\_SB_.VGEN` (`_HID "VMGENCTR"`, `_CID "VM_Gen_Counter"`) has a method `ADDR` returning
-/// `Package { low 32 bits, high 32 bits }` of [`VMGENID_ADDR`], where the 16-byte ID lives.
-/// When tern changes the ID it raises [`ACPI_VMGENID_GSI`], the interrupt of a second generic
-/// event device, `\_SB_.GED1`, whose `_EVT` does `Notify (\_SB_.VGEN, 0x80)`; the guest then
-/// reads the new ID. (The power button keeps `\_SB_.GED_` and its own interrupt to itself.)
-fn vmgenid_aml(dsdt: &mut dyn AmlSink) {
-    let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
-    let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
-    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
-    let lo = (VMGENID_ADDR & 0xffff_ffff) as u32;
-    let hi = (VMGENID_ADDR >> 32) as u32;
-    let addr_pkg = aml::Package::new(vec![&lo, &hi]);
-    let ret = aml::Return::new(&addr_pkg);
-    let addr = aml::Method::new("ADDR".into(), 0, false, vec![&ret]);
-    let vgen = aml::Device::new("_SB_.VGEN".into(), vec![&hid, &cid, &ddn, &addr]);
-    vgen.to_aml_bytes(dsdt);
-
-    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
-    let ged_uid = aml::Name::new("_UID".into(), &aml::ONE);
-    let ged_irq = aml::Interrupt::new(true, true, false, false, ACPI_VMGENID_GSI);
-    let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq]));
-    let vgen_path: aml::Path = "\\_SB_.VGEN".into();
-    let notify = aml::Notify::new(&vgen_path, &0x80u8);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
-    let ged = aml::Device::new("_SB_.GED1".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
-    ged.to_aml_bytes(dsdt);
+    /// The devices' own descriptions, in DSDT order: each device renders itself (its
+    /// `acpi_tables::Aml`), and the DSDT is `_S5_` followed by these bytes.
+    pub devices: Vec<u8>,
 }
 
 /// One table (or the RSDP) and where it goes in guest memory.
@@ -137,103 +96,8 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
     s5.to_aml_bytes(&mut dsdt);
-    // COM1, so the guest routes its IRQ through the IOAPIC: with hardware-reduced ACPI Linux
-    // has no legacy PIC and maps ISA IRQs only for devices ACPI describes.
-    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
-    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
-    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_GSI);
-    let com1_crs = aml::Name::new(
-        "_CRS".into(),
-        &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
-    );
-    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
-    com1.to_aml_bytes(&mut dsdt);
-    // The CMOS RTC at 0x70, IRQ 8.
-    let rtc_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
-    let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
-    let rtc_irq = aml::Interrupt::new(true, true, false, false, 8);
-    let rtc_crs = aml::Name::new(
-        "_CRS".into(),
-        &aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]),
-    );
-    let rtc = aml::Device::new("_SB_.RTC_".into(), vec![&rtc_hid, &rtc_crs]);
-    rtc.to_aml_bytes(&mut dsdt);
-    // The power button: a generic event device (hardware-reduced ACPI has no fixed-feature
-    // button) whose interrupt makes the guest evaluate _EVT, which notifies PWRB (0x80: the
-    // button was pressed).
-    let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
-    let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let pwrb = aml::Device::new("_SB_.PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
-    pwrb.to_aml_bytes(&mut dsdt);
-    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
-    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let ged_irq = aml::Interrupt::new(true, true, false, false, ACPI_GED_GSI);
-    let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq]));
-    let pwrb_path: aml::Path = "\\_SB_.PWRB".into();
-    let notify = aml::Notify::new(&pwrb_path, &0x80u8);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
-    let ged = aml::Device::new("_SB_.GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
-    ged.to_aml_bytes(&mut dsdt);
-    vmgenid_aml(&mut dsdt);
-    for (i, d) in platform.virtio_mmio.iter().enumerate() {
-        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
-        let uid_v = i as u32;
-        let uid = aml::Name::new("_UID".into(), &uid_v);
-        let mem = aml::Memory32Fixed::new(true, d.base as u32, d.size as u32);
-        let irq = aml::Interrupt::new(true, true, false, false, d.gsi);
-        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq]));
-        let dev = aml::Device::new(
-            format!("_SB_.V{i:03X}").as_str().into(),
-            vec![&hid, &uid, &crs],
-        );
-        dev.to_aml_bytes(&mut dsdt);
-    }
-    if let Some(pci) = &platform.pci {
-        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
-        let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
-        let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
-        let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
-        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
-        let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
-        let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.last_bus));
-        let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
-        let io_lo = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
-        let io_hi = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
-        let mem32 = aml::AddressSpace::new_memory(
-            aml::AddressSpaceCacheable::NotCacheable,
-            true,
-            pci.mmio32.0 as u32,
-            (pci.mmio32.1 - 1) as u32,
-            None,
-        );
-        let crs = aml::Name::new(
-            "_CRS".into(),
-            &aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_lo, &io_hi, &mem32]),
-        );
-        // _PRT: INTA# of each slot goes straight to a GSI (no link devices); level-triggered,
-        // active-low, as PCI interrupts are.
-        let prt_rows: Vec<(u32, u32)> = (1..32u8)
-            .map(|slot| {
-                (
-                    (u32::from(slot) << 16) | 0xffff,
-                    crate::layout::pci_intx_gsi(slot),
-                )
-            })
-            .collect();
-        let zero: u8 = 0;
-        let prt_pkgs: Vec<aml::Package> = prt_rows
-            .iter()
-            .map(|(adr, gsi)| aml::Package::new(vec![adr, &zero, &zero, gsi]))
-            .collect();
-        let prt_refs: Vec<&dyn Aml> = prt_pkgs.iter().map(|p| p as &dyn Aml).collect();
-        let prt = aml::Name::new("_PRT".into(), &aml::Package::new(prt_refs));
-        let dev = aml::Device::new(
-            "_SB_.PCI0".into(),
-            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
-        );
-        dev.to_aml_bytes(&mut dsdt);
-    }
+    // Then every device's own description.
+    dsdt.vec(&platform.devices);
     let dsdt_bytes = bytes(&dsdt);
     let dsdt_addr = next;
     next = align(next + dsdt_bytes.len() as u64);
@@ -329,11 +193,8 @@ mod tests {
         for n in [1u8, 2, 254] {
             let platform = AcpiPlatform {
                 num_cpus: n,
-                virtio_mmio: vec![VirtioMmioAcpi {
-                    base: 0xfeb0_0000,
-                    size: 0x1000,
-                    gsi: 16,
-                }],
+                // One device's description: `Name (TDEV, Zero)`.
+                devices: vec![0x08, b'T', b'D', b'E', b'V', 0x00],
                 pci: Some(PciAcpi {
                     ecam_base: 0xe000_0000,
                     last_bus: 0,
@@ -379,32 +240,10 @@ mod tests {
             }
             assert_eq!((cpus, ioapics), (n, 1));
             assert_eq!(madt[40] & 1, 1, "PCAT_COMPAT");
-            // The DSDT carries _S5_.
+            // The DSDT carries _S5_, then the devices' descriptions as they gave them.
             let (_, dsdt) = find(b"DSDT");
             assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
-            assert!(dsdt.windows(4).any(|w| w == b"COM1"));
-            assert!(dsdt.windows(4).any(|w| w == b"RTC_"));
-            assert!(dsdt.windows(4).any(|w| w == b"GED_"));
-            assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
-            assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
-            // The VM generation ID device, its ADDR method (a package of the address's
-            // low and high dwords) and the GED that notifies it.
-            assert!(dsdt.windows(4).any(|w| w == b"VGEN"));
-            assert!(dsdt.windows(4).any(|w| w == b"ADDR"));
-            assert!(dsdt.windows(9).any(|w| w == b"VMGENCTR\0"));
-            assert!(dsdt.windows(15).any(|w| w == b"VM_Gen_Counter\0"));
-            assert!(dsdt.windows(4).any(|w| w == b"GED1"));
-            let mut addr_pkg = vec![0xa4, 0x12, 0x08, 0x02, 0x0c];
-            addr_pkg.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
-            addr_pkg.push(0x00);
-            assert!(
-                dsdt.windows(addr_pkg.len()).any(|w| w == addr_pkg),
-                "ADDR returns Package {{ {VMGENID_ADDR:#x}, 0 }}"
-            );
-            assert!(dsdt.windows(4).any(|w| w == b"V000"));
-            assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
-            assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
-            assert!(dsdt.windows(4).any(|w| w == b"_PRT"));
+            assert!(dsdt.ends_with(&[0x08, b'T', b'D', b'E', b'V', 0x00]));
             let (_, mcfg) = find(b"MCFG");
             assert_eq!(sum(&mcfg), 0);
             assert_eq!(

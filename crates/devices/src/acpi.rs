@@ -56,6 +56,31 @@ impl BusDevice for AcpiPm {
     }
 }
 
+/// The power button as the DSDT describes it: `\_SB_.PWRB` (`PNP0C0C`) and a generic event
+/// device, `\_SB_.GED_` (hardware-reduced ACPI has no fixed-feature button), whose interrupt
+/// `gsi` makes the guest evaluate `_EVT`, which notifies PWRB (0x80: the button was pressed).
+pub struct PowerButton {
+    /// The GED's interrupt.
+    pub gsi: u32,
+}
+
+impl acpi_tables::Aml for PowerButton {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        use acpi_tables::aml;
+        let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+        let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        aml::Device::new("_SB_.PWRB".into(), vec![&pwrb_hid, &pwrb_uid]).to_aml_bytes(sink);
+        let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        let irq = aml::Interrupt::new(true, true, false, false, self.gsi);
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+        let pwrb: aml::Path = "\\_SB_.PWRB".into();
+        let notify = aml::Notify::new(&pwrb, &0x80u8);
+        let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+        aml::Device::new("_SB_.GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(sink);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,6 +176,18 @@ impl BusDevice for Rtc {
     }
 }
 
+/// The CMOS RTC in the DSDT (`\_SB_.RTC_`, `PNP0B00`): its two ports and IRQ 8.
+impl acpi_tables::Aml for Rtc {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        use acpi_tables::aml;
+        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+        let io = aml::IO::new(RTC_BASE as u16, RTC_BASE as u16, 1, RTC_LEN as u8);
+        let irq = aml::Interrupt::new(true, true, false, false, 8);
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
+        aml::Device::new("_SB_.RTC_".into(), vec![&hid, &crs]).to_aml_bytes(sink);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

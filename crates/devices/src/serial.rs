@@ -408,6 +408,21 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// COM1 in the DSDT (`\_SB_.COM1`, `PNP0501`), so the guest routes its interrupt through the
+/// IOAPIC: with hardware-reduced ACPI, Linux has no legacy PIC and maps ISA interrupts only
+/// for devices ACPI describes.
+impl acpi_tables::Aml for SerialDevice {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        use acpi_tables::aml;
+        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        let io = aml::IO::new(COM1_BASE as u16, COM1_BASE as u16, 1, COM1_LEN as u8);
+        let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
+        aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

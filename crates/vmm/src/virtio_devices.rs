@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use arch::acpi::VirtioMmioAcpi;
 use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use devices::Bus;
@@ -16,7 +15,7 @@ use virtio::devices::{
     Block, BlockCounters, BlockOptions, Console, ConsoleInput, Limits, Net, NetCounters,
     NetOptions, Rng,
 };
-use virtio::transport::mmio::MmioTransport;
+use virtio::transport::mmio::{MmioSlot, MmioTransport};
 use virtio::{VirtioDevice, VmMemory};
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
@@ -275,8 +274,9 @@ fn open_net(i: usize, n: &NetConfig) -> Result<Net, VmmError> {
 }
 
 /// Where the `i`-th virtio-mmio device lives.
-pub fn mmio_slot(i: usize) -> VirtioMmioAcpi {
-    VirtioMmioAcpi {
+pub fn mmio_slot(i: usize) -> MmioSlot {
+    MmioSlot {
+        index: i as u32,
         base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
         size: VIRTIO_MMIO_SIZE,
         gsi: VIRTIO_MMIO_FIRST_GSI + i as u32,

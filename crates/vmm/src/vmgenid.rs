@@ -4,7 +4,7 @@
 //! it again: VMs restored from the same snapshot never share an ID, so a guest can tell it is a
 //! clone (and, for one, reseed its random number generator).
 
-use arch::layout::{VMGENID_ADDR, VMGENID_SIZE};
+use arch::layout::{ACPI_VMGENID_GSI, VMGENID_ADDR, VMGENID_SIZE};
 use arch::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -51,6 +51,39 @@ pub fn read(mem: &GuestMemoryMmap) -> Result<GenerationId, String> {
 /// The ID as 32 lowercase hex digits, bytes in memory order.
 pub fn hex(id: &GenerationId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The VM generation ID device and its notifier, as the DSDT describes them.
+///
+/// `\_SB_.VGEN` (`_HID "VMGENCTR"`, `_CID "VM_Gen_Counter"`) has a method `ADDR` returning
+/// `Package { low 32 bits, high 32 bits }` of [`VMGENID_ADDR`], where the 16-byte ID lives.
+/// When tern changes the ID it raises [`ACPI_VMGENID_GSI`], the interrupt of a second generic
+/// event device, `\_SB_.GED1`, whose `_EVT` does `Notify (\_SB_.VGEN, 0x80)`; the guest then
+/// reads the new ID. (The power button keeps `\_SB_.GED_` and its own interrupt to itself.)
+pub struct VmGenIdAcpi;
+
+impl acpi_tables::Aml for VmGenIdAcpi {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        use acpi_tables::aml;
+        let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+        let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+        let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+        let lo = (VMGENID_ADDR & 0xffff_ffff) as u32;
+        let hi = (VMGENID_ADDR >> 32) as u32;
+        let addr_pkg = aml::Package::new(vec![&lo, &hi]);
+        let ret = aml::Return::new(&addr_pkg);
+        let addr = aml::Method::new("ADDR".into(), 0, false, vec![&ret]);
+        aml::Device::new("_SB_.VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(sink);
+        let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+        let ged_uid = aml::Name::new("_UID".into(), &aml::ONE);
+        let ged_irq = aml::Interrupt::new(true, true, false, false, ACPI_VMGENID_GSI);
+        let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq]));
+        let vgen: aml::Path = "\\_SB_.VGEN".into();
+        let notify = aml::Notify::new(&vgen, &0x80u8);
+        let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+        aml::Device::new("_SB_.GED1".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt])
+            .to_aml_bytes(sink);
+    }
 }
 
 #[cfg(test)]

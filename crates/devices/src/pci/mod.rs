@@ -126,3 +126,59 @@ pub trait PciDevice: Send {
     /// A guest write inside BAR `bar`.
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
 }
+/// The PCI host bridge as the DSDT describes it: `\_SB_.PCI0` (`PNP0A08`, compatible with
+/// `PNP0A03`) with its bus range, the configuration ports, the I/O ranges around them and the
+/// 32-bit memory window for BARs, and a `_PRT` sending each slot's INTA# straight to a GSI
+/// (no link devices; level-triggered, active-low, as PCI interrupts are).
+pub struct HostBridgeAcpi {
+    /// Last bus number.
+    pub last_bus: u8,
+    /// The 32-bit MMIO window: start and end (exclusive).
+    pub mmio32: (u64, u64),
+    /// (slot, GSI) of each slot's INTA#.
+    pub intx: Vec<(u8, u32)>,
+}
+
+impl acpi_tables::Aml for HostBridgeAcpi {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        use acpi_tables::{aml, Aml};
+        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+        let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+        let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+        let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+        let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(self.last_bus));
+        let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+        let io_lo = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+        let io_hi = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+        let mem32 = aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            self.mmio32.0 as u32,
+            (self.mmio32.1 - 1) as u32,
+            None,
+        );
+        let crs = aml::Name::new(
+            "_CRS".into(),
+            &aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_lo, &io_hi, &mem32]),
+        );
+        let rows: Vec<(u32, u32)> = self
+            .intx
+            .iter()
+            .map(|&(slot, gsi)| ((u32::from(slot) << 16) | 0xffff, gsi))
+            .collect();
+        let zero: u8 = 0;
+        let pkgs: Vec<aml::Package> = rows
+            .iter()
+            .map(|(adr, gsi)| aml::Package::new(vec![adr, &zero, &zero, gsi]))
+            .collect();
+        let refs: Vec<&dyn Aml> = pkgs.iter().map(|p| p as &dyn Aml).collect();
+        let prt = aml::Name::new("_PRT".into(), &aml::Package::new(refs));
+        aml::Device::new(
+            "_SB_.PCI0".into(),
+            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
+        )
+        .to_aml_bytes(sink);
+    }
+}

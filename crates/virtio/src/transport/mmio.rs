@@ -262,6 +262,33 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// Where a virtio-mmio device sits, and how the DSDT describes it: `\_SB_.Vnnn`
+/// (`LNRO0005`) with its register window and its interrupt (edge-triggered, active high).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Its index among the VM's virtio-mmio devices (the `nnn` of its name, and its `_UID`).
+    pub index: u32,
+    /// Register window base.
+    pub base: u64,
+    /// Register window size.
+    pub size: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+}
+
+impl acpi_tables::Aml for MmioSlot {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        use acpi_tables::aml;
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid = aml::Name::new("_UID".into(), &self.index);
+        let mem = aml::Memory32Fixed::new(true, self.base as u32, self.size as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, self.gsi);
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq]));
+        let name = format!("_SB_.V{:03X}", self.index);
+        aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
