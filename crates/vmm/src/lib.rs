@@ -19,6 +19,7 @@ pub mod platform;
 pub mod runner;
 pub mod signals;
 pub mod snapshot;
+pub mod states;
 pub mod terminal;
 pub mod vcpu;
 pub mod vcpus;

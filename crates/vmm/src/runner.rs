@@ -193,6 +193,10 @@ fn wait_for_boot(
             } else {
                 VmState::Created
             };
+            if let Err(r) = crate::states::check(state, &req.action) {
+                req.reply(r);
+                continue;
+            }
             match req.action {
                 Action::Info => {
                     let r = Reply::ok(&VmInfo::new(state, config.clone()));
@@ -215,28 +219,21 @@ fn wait_for_boot(
                     }
                     Err(e) => req.reply(Reply::error(400, format!("cannot restore: {e}"))),
                 },
-                Action::Boot => match config.take() {
-                    Some(c) => {
+                Action::Boot => {
+                    if let Some(c) = config.take() {
                         return Ok(Ok(BootRequest {
                             config: c,
                             req,
                             restore: None,
-                        }))
+                        }));
                     }
-                    None => req.reply(Reply::error(
-                        409,
-                        "cannot boot: the VM is not configured (PUT /v1/vm first)",
-                    )),
-                },
+                    req.reply(crate::states::not_handled(state));
+                }
                 Action::Shutdown { .. } => {
                     req.reply(Reply::accepted());
                     return Ok(Err(VmExit::ApiStop));
                 }
-                Action::Pause => req.reply(Reply::conflict("pause", state)),
-                Action::Resume => req.reply(Reply::conflict("resume", state)),
-                Action::Reboot => req.reply(Reply::conflict("reboot", state)),
-                Action::Counters => req.reply(Reply::conflict("read counters", state)),
-                Action::Snapshot { .. } => req.reply(Reply::conflict("snapshot", state)),
+                _ => req.reply(crate::states::not_handled(state)),
             }
         }
     }

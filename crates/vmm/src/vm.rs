@@ -178,6 +178,9 @@ impl Vm {
         } else {
             VmState::Running
         };
+        if let Err(r) = crate::states::check(state, action) {
+            return r;
+        }
         match action {
             Action::Info => Reply::ok(&VmInfo {
                 vcpus: Some(config.cpus),
@@ -199,14 +202,10 @@ impl Vm {
                 ),
                 ..VmInfo::new(state, Some(config.clone()))
             }),
-            Action::Configure(_) => Reply::conflict("configure", state),
-            Action::Boot => Reply::conflict("boot", state),
-            Action::Pause if paused => Reply::conflict("pause", "paused already"),
             Action::Pause => match self.components.pause() {
                 Ok(()) => Reply::done(),
                 Err(e) => Reply::error(500, format!("cannot pause: {e}; the VM keeps running")),
             },
-            Action::Resume if !paused => Reply::conflict("resume", "running"),
             Action::Resume => {
                 self.components.resume();
                 Reply::done()
@@ -215,10 +214,6 @@ impl Vm {
                 self.ctl.request_exit(VmExit::ApiStop);
                 Reply::accepted()
             }
-            Action::Shutdown { force: false } if paused => Reply::error(
-                409,
-                "cannot press the power button of a paused VM: resume it first, or use ?force=true",
-            ),
             Action::Shutdown { force: false } => {
                 self.press_power_button(button_deadline);
                 Reply::accepted()
@@ -226,13 +221,6 @@ impl Vm {
             Action::Reboot => {
                 self.ctl.request_exit(VmExit::Reset);
                 Reply::accepted()
-            }
-            Action::Restore(_) => Reply::error(
-                409,
-                "cannot restore: a VM exists already (restore into a tern started with only --api-socket)",
-            ),
-            Action::Snapshot { .. } if !paused => {
-                Reply::conflict("snapshot", "running (pause it first)")
             }
             Action::Snapshot { dir, diff } => match self.snapshot(dir, config, *diff) {
                 Ok(()) => Reply::done(),
@@ -252,6 +240,7 @@ impl Vm {
                 let devices: Vec<_> = self.device_stats.iter().map(|d| d.counters()).collect();
                 Reply::ok(&Counters { vcpus, devices })
             }
+            _ => crate::states::not_handled(state),
         }
     }
 
