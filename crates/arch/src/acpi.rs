@@ -3,7 +3,7 @@
 //! an MCFG for PCI, and a DSDT: the `_S5_` sleep type so guests can power off, then whatever
 //! the VM's devices say about themselves (each device renders its own AML).
 //!
-//! Hardware-reduced ACPI (as Firecracker and Cloud Hypervisor use) needs no PM1 event/control
+//! Hardware-reduced ACPI needs no PM1 event/control
 //! blocks, no SCI and no PM timer: power-off and reset are single port writes that tern turns
 //! into VM exits. Guests without MP-table support (e.g. Debian's cloud kernel has
 //! `CONFIG_X86_MPPARSE` off) find their CPUs through the MADT.
@@ -58,15 +58,14 @@ fn io_reg(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
-/// The PCI root bridge as ACPI describes it (`PNP0A08` in the DSDT, the ECAM in the MCFG).
+/// The PCI root bridge's ECAM, as the MCFG describes it (the bridge describes itself in the
+/// DSDT: `devices::pci::HostBridgeAcpi`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PciAcpi {
     /// ECAM base.
     pub ecam_base: u64,
     /// Last bus number the ECAM covers.
     pub last_bus: u8,
-    /// 32-bit MMIO window for BARs: start and end (exclusive).
-    pub mmio32: (u64, u64),
 }
 
 /// What the ACPI tables describe besides the fixed hardware-reduced registers.
@@ -198,7 +197,6 @@ mod tests {
                 pci: Some(PciAcpi {
                     ecam_base: 0xe000_0000,
                     last_bus: 0,
-                    mmio32: (0xc000_0000, 0xe000_0000),
                 }),
             };
             let (pieces, rsdp_addr) = build(&platform).unwrap();

@@ -1,5 +1,6 @@
 //! x86_64 machine description for tern: guest memory layout, e820, kernel loading (Linux
-//! 64-bit boot protocol and PVH), boot vCPU state, CPUID and the MP table.
+//! 64-bit boot protocol and PVH), boot vCPU state, CPUID, the MP table and the ACPI tables
+//! (the DSDT's device descriptions come from the devices themselves).
 
 pub mod acpi;
 pub mod boot;

@@ -1,6 +1,7 @@
-//! Devices of a tern VM that live on the port-I/O and MMIO buses: the 8250 UART, the i8042
-//! reset line, the debug-exit and boot-timer ports, and the bus that dispatches guest accesses
-//! to them.
+//! Devices of a tern VM that live on the port-I/O and MMIO buses: the 8250 UART, the CMOS RTC,
+//! the ACPI PM registers and power button, the i8042 reset line, the debug-exit and boot-timer
+//! ports, the PCI root complex, and the bus that dispatches guest accesses to them. Stateful
+//! ones are `lifecycle::Component`s; each describes itself to ACPI (`acpi_tables::Aml`).
 
 pub mod acpi;
 pub mod bus;

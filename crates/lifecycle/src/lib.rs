@@ -8,9 +8,9 @@
 //! save each component's section, restore each from the section with its id. A snapshot is
 //! the sections plus guest memory; a live migration will send the same sections.
 //!
-//! This crate is the contract only: no KVM, no devices. Hand-written because it is tern's own
-//! interface; it plays the part Cloud Hypervisor's `vm-migration` and crosvm's `Suspendable`
-//! play in theirs.
+//! This crate is the contract only (plus where every thread starts, [`threads`], and the event
+//! loop they wait in, [`event_loop`]): no KVM, no devices. Hand-written because it is tern's
+//! own interface between its VMM and its devices; no crate defines one.
 
 pub mod event_loop;
 pub mod threads;

@@ -91,7 +91,8 @@ pub trait VirtioDevice: Send {
         None
     }
     /// Puts back what [`save_backend`](Self::save_backend) returned, before the transport
-    /// restarts the device (possibly hostile: check it).
+    /// restores its registers and restarts the device (possibly hostile: check it). The
+    /// transport resets the device on the way: [`reset`](Self::reset) must keep back-end state.
     fn restore_backend(&mut self, state: &serde_json::Value) -> Result<(), String> {
         let _ = state;
         Ok(())

@@ -1,6 +1,6 @@
 //! virtio for tern: the device-side core shared by all devices (feature negotiation, status,
 //! queues from the `virtio-queue` crate), the virtio-mmio and virtio-pci transports, and the
-//! devices (rng, console, and later blk, net, vsock, balloon).
+//! devices (rng, console, blk, net).
 //!
 //! Shape: a transport owns a `Box<dyn VirtioDevice>` and implements the register interface the
 //! guest sees (a [`::devices::BusDevice`]). When the driver sets DRIVER_OK, the transport hands

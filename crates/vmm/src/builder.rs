@@ -257,16 +257,16 @@ fn acpi_platform(
         Transport::Mmio => (0..virtio_count)
             .for_each(|i| crate::virtio_devices::mmio_slot(i).to_aml_bytes(&mut dsdt)),
         Transport::Pci => {
+            let last_bus = (PCI_ECAM_BUSES - 1) as u8;
             devices::pci::HostBridgeAcpi {
-                last_bus: (PCI_ECAM_BUSES - 1) as u8,
+                last_bus,
                 mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
                 intx: (1..32u8).map(|slot| (slot, pci_intx_gsi(slot))).collect(),
             }
             .to_aml_bytes(&mut dsdt);
             pci = Some(arch::acpi::PciAcpi {
                 ecam_base: PCI_ECAM_START,
-                last_bus: (PCI_ECAM_BUSES - 1) as u8,
-                mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
+                last_bus,
             });
         }
     }

@@ -176,12 +176,6 @@ impl Components {
         Ok(())
     }
 
-    /// Marks the VM paused after a restore that stays paused: pauses every component (the
-    /// vCPUs park before they first run).
-    pub fn pause_restored(&self) -> Result<(), String> {
-        self.pause()
-    }
-
     /// Guest memory the components wrote on their own since last asked (the VM is paused).
     pub fn written_memory(&self) -> Vec<(u64, u64)> {
         self.entries

@@ -1,6 +1,6 @@
 //! Guest memory as its owner keeps it: the RAM regions and their KVM slots, and the dirty log
-//! (pages vCPUs wrote, from KVM; pages devices wrote, from the device tracker), which can be
-//! switched on at any time, read and cleared.
+//! (pages vCPUs wrote, from KVM; pages devices wrote, from the VM's `virtio::dirty::DirtyLog`),
+//! which can be switched on and off at any time, read and cleared.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,8 +21,7 @@ pub fn allocate(size: u64) -> Result<GuestMemoryMmap, VmmError> {
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|e| VmmError::Memory(size >> 20, e.to_string()))?;
-    // Transparent huge pages for guest RAM where the host offers them on request (as QEMU and
-    // Cloud Hypervisor do): fewer TLB misses for the guest, and O_DIRECT disk I/O into guest
+    // Transparent huge pages for guest RAM where the host offers them on request: fewer TLB misses for the guest, and O_DIRECT disk I/O into guest
     // memory pins 2 MiB pages instead of 4 KiB ones.
     for region in mem.iter() {
         // SAFETY: advice on a mapping we own, over exactly its extent; it changes no contents.

@@ -4,8 +4,8 @@
 //! Written in-tree for the same reason as virtio-mmio: no maintained crate models transports.
 //!
 //! Identity: vendor 0x1af4, device 0x1040 + device type, subsystem vendor 0x1af4, subsystem
-//! 0x0040, revision 1, a class per device type. No INTx (interrupt pin 0): interrupts are MSI-X
-//! only, with `num_queues + 1` vectors. A queue or the configuration mapped to
+//! 0x0040, revision 1, a class per device type. Interrupts are MSI-X, with `num_queues + 1`
+//! vectors, or INTA# (interrupt pin 1) for a driver that leaves MSI-X off. A queue or the configuration mapped to
 //! [`VIRTIO_MSI_NO_VECTOR`], or any interrupt while the driver has MSI-X disabled, raises
 //! nothing (the ISR bits are still set, so a polling driver sees them).
 //!

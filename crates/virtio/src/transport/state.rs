@@ -4,8 +4,10 @@
 //! [`VirtioCore`](super::core::VirtioCore) saves and restores for both transports; its `pci`
 //! field is virtio-pci's extension ([`PciState`]), which only `pci.rs` fills in and reads.
 //!
-//! The serde shape is part of the snapshot format (format 2): field names and nesting must not
-//! change, or snapshots written by an earlier tern no longer restore.
+//! The serde shape is part of the snapshot format: it is the whole of a virtio component's
+//! section in layout 1 (snapshot format 2) and its `transport` field in layout 2 (format 3).
+//! Field names and nesting must not change, or snapshots written by an earlier tern no longer
+//! restore.
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK;
