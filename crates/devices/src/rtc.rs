@@ -177,7 +177,9 @@ impl BusDevice for Rtc {
 }
 
 /// The CMOS RTC in the DSDT (`\_SB_.RTC_`, `PNP0B00`): its two ports and IRQ 8.
-impl acpi_tables::Aml for Rtc {
+pub struct RtcAcpi;
+
+impl acpi_tables::Aml for RtcAcpi {
     fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
         use acpi_tables::aml;
         let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));

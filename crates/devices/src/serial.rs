@@ -411,7 +411,9 @@ impl BusDevice for SerialDevice {
 /// COM1 in the DSDT (`\_SB_.COM1`, `PNP0501`), so the guest routes its interrupt through the
 /// IOAPIC: with hardware-reduced ACPI, Linux has no legacy PIC and maps ISA interrupts only
 /// for devices ACPI describes.
-impl acpi_tables::Aml for SerialDevice {
+pub struct SerialAcpi;
+
+impl acpi_tables::Aml for SerialAcpi {
     fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
         use acpi_tables::aml;
         let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));

@@ -6,7 +6,6 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use acpi_tables::Aml;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use lifecycle::threads::{spawn, Role};
@@ -17,6 +16,7 @@ use arch::GuestMemoryMmap;
 use crate::components::{Components, Phase};
 use crate::config::{BootProtocol, Decompress, Transport, VmConfig};
 use crate::control::VmControl;
+use crate::device_manager::DeviceManager;
 use crate::error::{kvm_err, VmmError};
 use crate::memory::GuestRam;
 use crate::platform::Platform;
@@ -233,50 +233,6 @@ pub fn build(
     Ok(vm)
 }
 
-/// What the ACPI tables describe: the vCPUs, the PCI ECAM, and each device's own description
-/// in DSDT order (COM1, the RTC, the power button, the VM generation ID, then the virtio-mmio
-/// devices or the PCI host bridge).
-fn acpi_platform(
-    config: &VmConfig,
-    virtio_count: usize,
-    serial: &Mutex<devices::serial::SerialDevice>,
-    rtc: &Mutex<devices::rtc::Rtc>,
-) -> arch::acpi::AcpiPlatform {
-    let mut dsdt: Vec<u8> = Vec::new();
-    serial
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .to_aml_bytes(&mut dsdt);
-    rtc.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .to_aml_bytes(&mut dsdt);
-    devices::acpi::PowerButton { gsi: ACPI_GED_GSI }.to_aml_bytes(&mut dsdt);
-    crate::vmgenid::VmGenIdAcpi.to_aml_bytes(&mut dsdt);
-    let mut pci = None;
-    match config.transport {
-        Transport::Mmio => (0..virtio_count)
-            .for_each(|i| crate::virtio_devices::mmio_slot(i).to_aml_bytes(&mut dsdt)),
-        Transport::Pci => {
-            let last_bus = (PCI_ECAM_BUSES - 1) as u8;
-            devices::pci::HostBridgeAcpi {
-                last_bus,
-                mmio32: (PCI_MMIO32_START, PCI_MMIO32_END),
-                intx: (1..32u8).map(|slot| (slot, pci_intx_gsi(slot))).collect(),
-            }
-            .to_aml_bytes(&mut dsdt);
-            pci = Some(arch::acpi::PciAcpi {
-                ecam_base: PCI_ECAM_START,
-                last_bus,
-            });
-        }
-    }
-    arch::acpi::AcpiPlatform {
-        num_cpus: config.cpus as u8,
-        pci,
-        devices: dsdt,
-    }
-}
-
 /// What [`build`] hands on to [`build_rest`].
 struct Parts {
     kvm: Kvm,
@@ -297,52 +253,56 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
         linux,
     } = p;
     let virtio = crate::virtio_devices::create(config)?;
-    let virtio_count = virtio.devices.len();
     let ctl = Arc::new(VmControl::new()?);
+    let mut dm = DeviceManager::default();
     let Platform {
         serial,
-        rtc,
         power_button,
         vmgenid_evt,
         panic_seen,
-        mut pio,
-        mut mmio,
-    } = Platform::create(config, &vm, &ctl, start)?;
+    } = Platform::create(config, &vm, &ctl, start, &mut dm)?;
     // Guest memory as its owner keeps it, and as the devices share it.
     let ram = GuestRam::new(mem.clone(), vm.clone());
+    let ids: Vec<(String, String)> = crate::virtio_devices::device_ids(config)
+        .into_iter()
+        .zip(crate::virtio_devices::device_names(config))
+        .collect();
     let mut intx = None;
-    let mut attached = Vec::new();
+    let mut pci = None;
     match config.transport {
-        Transport::Mmio => crate::virtio_devices::attach_mmio(
-            &vm,
-            ram.shared(),
-            &mut mmio,
-            virtio.devices,
-            &mut attached,
-        )?,
+        Transport::Mmio => {
+            crate::virtio_devices::attach_mmio(&vm, ram.shared(), &mut dm, virtio.devices, &ids)?
+        }
         Transport::Pci => {
             let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
             intx = Some(crate::virtio_devices::attach_pci(
                 &vm,
                 ram.shared(),
                 &routing,
-                &mut pio,
-                &mut mmio,
+                &mut dm,
                 virtio.devices,
-                &mut attached,
+                &ids,
             )?);
+            pci = Some(arch::acpi::PciAcpi {
+                ecam_base: PCI_ECAM_START,
+                last_bus: (PCI_ECAM_BUSES - 1) as u8,
+            });
         }
     }
 
     // A restored VM gets its memory (ACPI tables included) and registers from the snapshot.
     let boot = match kernel {
         Some(k) => {
-            let acpi = acpi_platform(config, virtio_count, &serial, &rtc);
+            let acpi = arch::acpi::AcpiPlatform {
+                num_cpus: config.cpus as u8,
+                pci,
+                devices: dm.dsdt(),
+            };
             Some(load_guest(config, &mem, &acpi, k, initrd, linux)?)
         }
         None => None,
     };
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let (pio, mmio) = dm.buses();
     let vcpus = Vcpus::create(
         &kvm,
         &vm,
@@ -353,7 +313,7 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
     )?;
 
     // The walk order: the KVM VM's irqchip before the vCPUs' LAPICs, the vCPUs before the
-    // devices (see `components`).
+    // devices (see `components`), and the devices in the order they were described.
     let mut components = Components::default();
     components.register(
         "kvm-vm",
@@ -362,21 +322,14 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
         Arc::new(Mutex::new(KvmVm(vm.clone()))),
     );
     vcpus.register(&mut components);
-    components.register("com1", "the COM1 UART", Phase::Device, serial.clone());
-    components.register("rtc", "the CMOS RTC", Phase::Device, rtc);
-    // Format-2 snapshots from before the RTC's RAM was saved have no state for it.
-    components.optional_in_old_snapshots();
-    let ids = crate::virtio_devices::device_ids(config);
-    let names = crate::virtio_devices::device_names(config);
-    for ((id, name), p) in ids.iter().zip(&names).zip(attached) {
-        components.register(id, name, Phase::Device, p);
-    }
+    dm.register(&mut components);
 
     Ok(Vm {
         ram,
         ctl,
         vcpus,
         components,
+        devices: dm,
         serial,
         power_button,
         vmgenid_evt,
@@ -389,65 +342,4 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
         started: Instant::now(),
         last_snapshot: Mutex::new(None),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn has(dsdt: &[u8], what: &[u8]) -> bool {
-        dsdt.windows(what.len()).any(|w| w == what)
-    }
-
-    /// The DSDT is made of the devices' own descriptions: COM1, the RTC, the power button and
-    /// its GED, the VM generation ID and its GED, then the virtio-mmio devices or the PCI host
-    /// bridge.
-    #[test]
-    fn every_device_describes_itself_in_the_dsdt() {
-        let serial = Mutex::new(devices::serial::SerialDevice::new(
-            devices::EventFdTrigger(vmm_sys_util::eventfd::EventFd::new(0).unwrap()),
-            devices::serial::SerialOut::new(None, Default::default()),
-        ));
-        let rtc = Mutex::new(devices::rtc::Rtc::new());
-        for transport in [Transport::Pci, Transport::Mmio] {
-            let config = VmConfig {
-                transport,
-                ..VmConfig::default()
-            };
-            let p = acpi_platform(&config, 2, &serial, &rtc);
-            let d = &p.devices;
-            for name in [
-                &b"COM1"[..],
-                b"RTC_",
-                b"PWRB",
-                b"GED_",
-                b"_EVT",
-                b"VGEN",
-                b"ADDR",
-                b"GED1",
-            ] {
-                assert!(
-                    has(d, name),
-                    "{transport:?}: no {}",
-                    String::from_utf8_lossy(name)
-                );
-            }
-            assert!(has(d, b"VMGENCTR\0") && has(d, b"VM_Gen_Counter\0"));
-            // ADDR returns Package { the ID's address, 0 }.
-            let mut addr_pkg = vec![0xa4, 0x12, 0x08, 0x02, 0x0c];
-            addr_pkg.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
-            addr_pkg.push(0x00);
-            assert!(
-                has(d, &addr_pkg),
-                "ADDR returns Package {{ {VMGENID_ADDR:#x}, 0 }}"
-            );
-            let mmio = transport == Transport::Mmio;
-            assert_eq!(
-                has(d, b"V000") && has(d, b"V001") && has(d, b"LNRO0005"),
-                mmio
-            );
-            assert_eq!(has(d, b"PCI0") && has(d, b"_PRT"), !mmio);
-            assert_eq!(p.pci.is_some(), !mmio);
-        }
-    }
 }

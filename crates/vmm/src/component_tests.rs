@@ -177,3 +177,78 @@ fn the_dirty_log_switches_on_and_off_at_runtime() {
     assert_eq!(vm.ram.take_dirty().unwrap(), None);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn has(dsdt: &[u8], what: &[u8]) -> bool {
+    dsdt.windows(what.len()).any(|w| w == what)
+}
+
+/// Every device is owned by the device manager under its id, with the ranges it answers on;
+/// the DSDT is made of the devices' own descriptions: COM1, the RTC, the power button and its
+/// GED, the VM generation ID and its GED, then the virtio-mmio devices or the PCI host bridge.
+#[test]
+fn devices_have_owners_ranges_and_describe_themselves() {
+    if !have_kvm("devices_have_owners_ranges_and_describe_themselves") {
+        return;
+    }
+    use crate::device_manager::Range;
+    let dir = std::env::temp_dir().join(format!("tern-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for transport in ["pci", "mmio"] {
+        let vm = build(&config(&dir, transport, false), Instant::now(), true, None).unwrap();
+        let dm = vm.devices();
+        let ids: Vec<&str> = dm.entries().iter().map(|e| e.id.as_str()).collect();
+        let mut want = vec![
+            "com1",
+            "rtc",
+            "acpi-pm",
+            "vmgenid",
+            "i8042",
+            "debug-exit",
+            "debug-port",
+        ];
+        if transport == "pci" {
+            want.push("pci-root");
+        }
+        want.extend(["virtio-rng", "virtio-console", "disk0"]);
+        assert_eq!(ids, want, "{transport}");
+        assert_eq!(
+            dm.get("com1").unwrap().ranges,
+            vec![Range::Pio {
+                base: 0x3f8,
+                len: 8
+            }]
+        );
+        let disk = &dm.get("disk0").unwrap().ranges;
+        assert!(!disk.is_empty() && disk.iter().all(|r| matches!(r, Range::Mmio { .. })));
+        let d = dm.dsdt();
+        for name in [
+            &b"COM1"[..],
+            b"RTC_",
+            b"PWRB",
+            b"GED_",
+            b"_EVT",
+            b"VGEN",
+            b"ADDR",
+            b"GED1",
+        ] {
+            assert!(
+                has(&d, name),
+                "{transport}: no {}",
+                String::from_utf8_lossy(name)
+            );
+        }
+        assert!(has(&d, b"VMGENCTR\0") && has(&d, b"VM_Gen_Counter\0"));
+        // ADDR returns Package { the ID's address, 0 }.
+        let mut addr_pkg = vec![0xa4, 0x12, 0x08, 0x02, 0x0c];
+        addr_pkg.extend_from_slice(&(arch::layout::VMGENID_ADDR as u32).to_le_bytes());
+        addr_pkg.push(0x00);
+        assert!(has(&d, &addr_pkg));
+        let mmio = transport == "mmio";
+        assert_eq!(
+            has(&d, b"V000") && has(&d, b"V002") && has(&d, b"LNRO0005"),
+            mmio
+        );
+        assert_eq!(has(&d, b"PCI0") && has(&d, b"_PRT"), !mmio);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

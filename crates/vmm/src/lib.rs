@@ -9,6 +9,7 @@ mod component_tests;
 pub mod components;
 pub mod console;
 pub mod control;
+pub mod device_manager;
 pub mod error;
 pub mod host;
 pub mod interrupts;

@@ -10,35 +10,30 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use arch::layout::*;
-use devices::acpi::{AcpiPm, PmRequest};
+use devices::acpi::{AcpiPm, PmRequest, PowerButton};
 use devices::legacy::{
     DebugExit, DebugPort, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
 };
-use devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
-use devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
-use devices::{Bus, EventFdTrigger};
+use devices::rtc::{Rtc, RtcAcpi, RTC_BASE, RTC_LEN};
+use devices::serial::{SerialAcpi, SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use devices::EventFdTrigger;
 
 use crate::config::VmConfig;
 use crate::console::open_char_sink;
 use crate::control::{VmControl, VmExit};
+use crate::device_manager::DeviceManager;
 use crate::error::{kvm_err, setup, VmmError};
 
-/// The legacy devices, and the buses they are on.
+/// What the VMM keeps a hand on of the legacy devices (the device manager has them all).
 pub struct Platform {
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// The CMOS RTC.
-    pub rtc: Arc<Mutex<Rtc>>,
     /// Raises the ACPI power button (GED).
     pub power_button: EventFd,
     /// Raises `\_SB_.GED1`: the VM generation ID changed.
     pub vmgenid_evt: EventFd,
     /// Set when the guest's console showed a kernel panic.
     pub panic_seen: Arc<AtomicBool>,
-    /// The port I/O bus.
-    pub pio: Bus,
-    /// The MMIO bus (empty here; the virtio transports add to it).
-    pub mmio: Bus,
 }
 
 fn irqfd(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
@@ -48,12 +43,13 @@ fn irqfd(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
 }
 
 impl Platform {
-    /// Creates the legacy devices.
+    /// Creates the legacy devices, each described in `dm` under its id.
     pub fn create(
         config: &VmConfig,
         vm: &VmFd,
         ctl: &Arc<VmControl>,
         start: Instant,
+        dm: &mut DeviceManager,
     ) -> Result<Platform, VmmError> {
         let panic_seen = Arc::new(AtomicBool::new(false));
         let sink = open_char_sink(&config.serial, "serial output file")?;
@@ -85,29 +81,42 @@ impl Platform {
         );
         let rtc = Arc::new(Mutex::new(Rtc::new()));
 
-        let mut pio = Bus::new();
-        let bus_err = |e: devices::BusError| setup(e);
-        pio.insert(Arc::new(Mutex::new(acpi_pm)), ACPI_SLEEP_CONTROL_PORT, 3)
-            .map_err(bus_err)?;
-        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
-            .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)
-            .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(debug_exit)), DEBUG_EXIT_PORT, 4)
-            .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(DebugPort::new(start))), DEBUG_PORT, 1)
-            .map_err(bus_err)?;
-        pio.insert(rtc.clone(), RTC_BASE, RTC_LEN)
-            .map_err(bus_err)?;
+        // Described in DSDT order; stateful ones in snapshot walk order.
+        let com1 = dm.describe("com1", "the COM1 UART");
+        com1.component = Some(serial.clone());
+        com1.acpi = Some(Box::new(SerialAcpi));
+        let cmos = dm.describe("rtc", "the CMOS RTC");
+        cmos.component = Some(rtc.clone());
+        // Format-2 snapshots from before the RTC's RAM was saved have no state for it.
+        cmos.optional_in_old_snapshots = true;
+        cmos.acpi = Some(Box::new(RtcAcpi));
+        dm.describe("acpi-pm", "the ACPI PM registers and power button")
+            .acpi = Some(Box::new(PowerButton { gsi: ACPI_GED_GSI }));
+        dm.describe("vmgenid", "the VM generation ID").acpi =
+            Some(Box::new(crate::vmgenid::VmGenIdAcpi));
+        dm.add_pio(
+            "acpi-pm",
+            Arc::new(Mutex::new(acpi_pm)),
+            ACPI_SLEEP_CONTROL_PORT,
+            3,
+        )?;
+        dm.add_pio("com1", serial.clone(), COM1_BASE, COM1_LEN)?;
+        dm.add_pio("i8042", Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
+        dm.add_pio(
+            "debug-exit",
+            Arc::new(Mutex::new(debug_exit)),
+            DEBUG_EXIT_PORT,
+            4,
+        )?;
+        let timer = Arc::new(Mutex::new(DebugPort::new(start)));
+        dm.add_pio("debug-port", timer, DEBUG_PORT, 1)?;
+        dm.add_pio("rtc", rtc, RTC_BASE, RTC_LEN)?;
 
         Ok(Platform {
             serial,
-            rtc,
             power_button,
             vmgenid_evt,
             panic_seen,
-            pio,
-            mmio: Bus::new(),
         })
     }
 }

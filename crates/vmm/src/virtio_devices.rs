@@ -9,7 +9,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
-use devices::Bus;
 use net::Tap;
 use virtio::devices::{
     Block, BlockCounters, BlockOptions, Console, ConsoleInput, Limits, Net, NetCounters,
@@ -19,10 +18,11 @@ use virtio::transport::mmio::{MmioSlot, MmioTransport};
 use virtio::{VirtioDevice, VmMemory};
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
+use crate::device_manager::DeviceManager;
 use crate::error::VmmError;
 use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
-use devices::pci::{MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
+use devices::pci::{HostBridgeAcpi, MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
 use lifecycle::event_loop::EventLoop;
 use virtio::transport::pci::{IntxLine, VirtioPciDevice};
 
@@ -91,10 +91,6 @@ impl DeviceStats {
 fn setup(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
-
-/// An attached device's transport: the device as a component of the VM (see
-/// `virtio::transport::component`).
-pub type DeviceComponent = crate::components::Shared;
 
 /// Creates the devices `config` asks for.
 pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
@@ -283,15 +279,16 @@ pub fn mmio_slot(i: usize) -> MmioSlot {
     }
 }
 
-/// Attaches each device through virtio-mmio at [`mmio_slot`]`(i)`.
+/// Attaches each device through virtio-mmio at [`mmio_slot`]`(i)`, as device `ids[i]` (id,
+/// name) of `dm`: its register window, its state and its DSDT entry.
 pub fn attach_mmio(
     vm: &VmFd,
     mem: &VmMemory,
-    bus: &mut Bus,
+    dm: &mut DeviceManager,
     devices: Vec<Box<dyn VirtioDevice>>,
-    attached: &mut Vec<DeviceComponent>,
+    ids: &[(String, String)],
 ) -> Result<(), VmmError> {
-    for (i, dev) in devices.into_iter().enumerate() {
+    for ((i, dev), (id, name)) in devices.into_iter().enumerate().zip(ids) {
         let slot = mmio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
         vm.register_irqfd(&irq, slot.gsi)
@@ -303,8 +300,10 @@ pub fn attach_mmio(
                 .map_err(|e| setup(format!("virtio-mmio ioeventfd: {e}")))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        attached.push(transport.clone());
-        bus.insert(transport, slot.base, slot.size).map_err(setup)?;
+        let entry = dm.describe(id, name);
+        entry.component = Some(transport.clone());
+        entry.acpi = Some(Box::new(slot));
+        dm.add_mmio(id, transport, slot.base, slot.size)?;
     }
     Ok(())
 }
@@ -415,10 +414,9 @@ pub fn attach_pci(
     vm: &VmFd,
     mem: &VmMemory,
     routing: &Arc<GsiRouting>,
-    pio: &mut Bus,
-    mmio: &mut Bus,
+    dm: &mut DeviceManager,
     devices: Vec<Box<dyn VirtioDevice>>,
-    attached: &mut Vec<DeviceComponent>,
+    ids: &[(String, String)],
 ) -> Result<IntxResampler, VmmError> {
     let mut intx_lines = Vec::new();
     let windows = PciWindows {
@@ -440,19 +438,27 @@ pub fn attach_pci(
                 r.new_addr
             )
         }));
-    pio.insert(
+    const ROOT: &str = "pci-root";
+    dm.describe(ROOT, "the PCI root complex").acpi = Some(Box::new(HostBridgeAcpi {
+        last_bus: (arch::layout::PCI_ECAM_BUSES - 1) as u8,
+        mmio32: (arch::layout::PCI_MMIO32_START, arch::layout::PCI_MMIO32_END),
+        intx: (1..32u8)
+            .map(|slot| (slot, arch::layout::pci_intx_gsi(slot)))
+            .collect(),
+    }));
+    dm.add_pio(
+        ROOT,
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
         PCI_CONFIG_IO_BASE,
         PCI_CONFIG_IO_LEN,
-    )
-    .map_err(setup)?;
-    mmio.insert(
+    )?;
+    dm.add_mmio(
+        ROOT,
         Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
         arch::layout::PCI_ECAM_START,
         ECAM_BUS_SIZE,
-    )
-    .map_err(setup)?;
-    for dev in devices {
+    )?;
+    for (dev, (id, name)) in devices.into_iter().zip(ids) {
         let nvec = dev.queue_max_sizes().len() + 1;
         let vectors = (0..nvec)
             .map(|_| routing.allocate())
@@ -466,7 +472,7 @@ pub fn attach_pci(
             VirtioPciDevice::new(mem.clone(), dev, msi)
                 .map_err(|e| setup(format!("virtio-pci: {e}")))?,
         ));
-        attached.push(vpci.clone());
+        dm.describe(id, name).component = Some(vpci.clone());
         let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
         let bdf = r
             .attach(vpci.clone())
@@ -480,7 +486,7 @@ pub fn attach_pci(
             .map_err(|e| setup(format!("INTx irqfd on GSI {gsi}: {e}")))?;
         let line = Arc::new(KvmIntx { irqfd });
         for (bar, busdev) in r.bar_bus_devices(bdf) {
-            mmio.insert(busdev, bar.addr, bar.size).map_err(setup)?;
+            dm.add_mmio(id, busdev, bar.addr, bar.size)?;
         }
         drop(r);
         {

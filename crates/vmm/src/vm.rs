@@ -29,6 +29,8 @@ pub struct Vm {
     pub(crate) vcpus: Vcpus,
     /// Everything stateful, in walk order.
     pub(crate) components: Components,
+    /// The devices: ids, bus ranges, states, ACPI descriptions.
+    pub(crate) devices: crate::device_manager::DeviceManager,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) power_button: EventFd,
     /// Raises `\_SB_.GED1`: the VM generation ID changed.
@@ -45,6 +47,11 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The VM's devices.
+    pub fn devices(&self) -> &crate::device_manager::DeviceManager {
+        &self.devices
+    }
+
     fn press_power_button(&self, deadline: &mut Option<Instant>) {
         let _ = self.power_button.write(1);
         if deadline.is_none() {
