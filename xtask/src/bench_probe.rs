@@ -2,6 +2,8 @@
 //! /dev/kvm, same binary, same run, interleaved. Reports medians and tern/QEMU ratios for:
 //! process start to the guest's first serial line, the `exits` scenario's per-exit costs,
 //! the whole wall time of a 20,000-port-write guest, and peak RSS for a 64 MiB guest.
+//! `--baseline PATH` adds an earlier tern binary to the same runs, with `baseline` and
+//! `tern/baseline` columns.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -188,31 +190,72 @@ fn qemu_args(probe: &str, w: &Workload) -> Vec<String> {
     a
 }
 
-/// Runs the benchmark; `runs` samples of each workload per VMM, interleaved.
-pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+/// The tern binaries of a benchmark with their names in its report: `tern`, then `baseline`
+/// (an earlier tern binary) if given.
+pub(crate) fn terns<'a>(
+    tern: &'a Path,
+    baseline: Option<&'a Path>,
+) -> Vec<(&'static str, &'a Path)> {
+    std::iter::once(("tern", tern))
+        .chain(baseline.map(|b| ("baseline", b)))
+        .collect()
+}
+
+/// The order in which run number `run` starts `n` tern binaries: rotated from run to run, so
+/// that no binary always goes first (with one binary, always just it).
+pub(crate) fn tern_order(n: usize, run: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (i + run) % n)
+}
+
+/// Runs the benchmark; `runs` samples of each workload per VMM, interleaved. With a
+/// `baseline` (an earlier tern binary), it runs in the same runs as `tern` and QEMU and gets
+/// its own columns.
+pub fn run(
+    tern: &Path,
+    baseline: Option<&Path>,
+    probe: &Path,
+    qemu: &Path,
+    runs: usize,
+) -> Result<()> {
     let p = probe.display().to_string();
-    // results[vmm][workload] = samples; vmm 0 = tern, 1 = QEMU.
-    let mut results: Vec<Vec<Vec<Sample>>> = (0..2)
+    let terns = terns(tern, baseline);
+    // results[vmm][workload] = samples; vmm 0.. = the tern binaries, then QEMU.
+    let q = terns.len();
+    let mut results: Vec<Vec<Vec<Sample>>> = (0..=q)
         .map(|_| (0..WORKLOADS.len()).map(|_| Vec::new()).collect())
         .collect();
-    for _ in 0..runs {
+    for run in 0..runs {
         for (w, wl) in WORKLOADS.iter().enumerate() {
-            let s =
-                sample(tern, &tern_args(&p, wl)).with_context(|| format!("tern {}", wl.cmdline))?;
-            results[0][w].push(s);
+            for t in tern_order(q, run) {
+                let (name, program) = terns[t];
+                let s = sample(program, &tern_args(&p, wl))
+                    .with_context(|| format!("{name} {}", wl.cmdline))?;
+                results[t][w].push(s);
+            }
             let s =
                 sample(qemu, &qemu_args(&p, wl)).with_context(|| format!("qemu {}", wl.cmdline))?;
-            results[1][w].push(s);
+            results[q][w].push(s);
         }
     }
     let m = |v: usize, w: usize, f: &dyn Fn(&Sample) -> f64| {
         median(results[v][w].iter().map(f).collect())
     };
     println!("probe guest on the host /dev/kvm: tern vs QEMU 7.2 (microvm; pc for virtio-pci), {runs} interleaved runs each, medians");
-    println!(
+    if let Some(b) = baseline {
+        println!(
+            "tern {}; baseline {} (an earlier tern, same runs, the two alternating which goes first)",
+            tern.display(),
+            b.display()
+        );
+    }
+    print!(
         "{:<44} {:>12} {:>12} {:>12}",
         "metric", "tern", "qemu", "tern/qemu"
     );
+    if baseline.is_some() {
+        print!(" {:>12} {:>14}", "baseline", "tern/baseline");
+    }
+    println!();
     let rows: Vec<(&str, usize, Metric)> = vec![
         (
             "start -> first guest line, ms (hello)",
@@ -268,8 +311,28 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     ];
     for (name, w, f) in rows {
         let t = m(0, w, &*f);
-        let q = m(1, w, &*f);
-        println!("{name:<44} {t:>12.2} {q:>12.2} {:>12.3}", t / q);
+        let qv = m(q, w, &*f);
+        print!("{name:<44} {t:>12.2} {qv:>12.2} {:>12.3}", t / qv);
+        if baseline.is_some() {
+            let b = m(1, w, &*f);
+            print!(" {b:>12.2} {:>14.3}", t / b);
+        }
+        println!();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tern_order_alternates() {
+        let order = |n, run| tern_order(n, run).collect::<Vec<_>>();
+        assert_eq!(order(1, 0), [0]);
+        assert_eq!(order(1, 1), [0]);
+        assert_eq!(order(2, 0), [0, 1]);
+        assert_eq!(order(2, 1), [1, 0]);
+        assert_eq!(order(2, 2), [0, 1]);
+    }
 }

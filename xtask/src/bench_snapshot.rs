@@ -14,6 +14,10 @@
 //!   `migrate-incoming` + `cont` (the analogue of the API restore) and `-incoming exec:` from
 //!   process start.
 //!
+//! With `--baseline PATH`, an earlier tern binary goes through the same tern steps in the same
+//! runs (the two alternating which goes first), reported in `baseline` and `tern/baseline`
+//! columns.
+//!
 //! Every restore is checked: the first tick after it must continue the counter where the
 //! snapshot left it. All files live in one directory under /var/tmp, removed at the end and on
 //! errors (stale ones from killed runs are removed at the start).
@@ -28,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench_probe::median;
+use crate::bench_probe::{median, tern_order, terns};
 
 /// The guest's tick period: the "first tick" latencies include up to this much guest time (the
 /// rest of the tick period the snapshot was taken in).
@@ -404,27 +408,40 @@ fn shell_safe(p: &Path) -> Result<&str> {
 // ---------------------------------------------------------------------------------------------
 // Measurements.
 
-/// One run's numbers for one guest size; NaN where a number does not exist.
+/// One tern binary's numbers in one run for one guest size; NaN where a number does not exist.
 #[derive(Default, Clone)]
-struct RunResult {
-    tern_create_s: f64,
-    tern_apparent: f64,
-    tern_du: f64,
-    tern_api_lazy_reply: f64,
-    tern_api_lazy_tick: f64,
-    tern_api_eager_reply: f64,
-    tern_api_eager_tick: f64,
-    tern_cold_lazy_tick: f64,
-    tern_cold_eager_tick: f64,
+struct TernResult {
+    create_s: f64,
+    apparent: f64,
+    du: f64,
+    api_lazy_reply: f64,
+    api_lazy_tick: f64,
+    api_eager_reply: f64,
+    api_eager_tick: f64,
+    cold_lazy_tick: f64,
+    cold_eager_tick: f64,
     clone_rate: f64,
     clone_all_ticked: f64,
-    qemu_create_s: f64,
-    qemu_apparent: f64,
-    qemu_du: f64,
-    qemu_api_reply: f64,
-    qemu_api_tick: f64,
-    qemu_cold_running: f64,
-    qemu_cold_tick: f64,
+}
+
+/// QEMU's numbers in one run for one guest size.
+#[derive(Default, Clone)]
+struct QemuResult {
+    create_s: f64,
+    apparent: f64,
+    du: f64,
+    api_reply: f64,
+    api_tick: f64,
+    cold_running: f64,
+    cold_tick: f64,
+}
+
+/// One run's numbers for one guest size: each tern binary's (in [`Ctx::terns`] order) and
+/// QEMU's.
+#[derive(Clone)]
+struct RunResult {
+    terns: Vec<TernResult>,
+    qemu: QemuResult,
 }
 
 /// Apparent size and allocated size (`du`) of a file or of the files in a directory, MiB.
@@ -444,7 +461,8 @@ fn sizes_mib(p: &Path) -> Result<(f64, f64)> {
 }
 
 struct Ctx<'a> {
-    tern: &'a Path,
+    /// The tern binaries with their names: the one measured, then the baseline if any.
+    terns: Vec<(&'static str, &'a Path)>,
     qemu: &'a Path,
     probe: String,
     clones: usize,
@@ -468,7 +486,13 @@ fn wait_first_tick(p: &mut Proc, log: &Path) -> Result<u64> {
 
 impl Ctx<'_> {
     /// Boots tern, snapshots it into `dir/tern-snap`; the last tick before the snapshot.
-    fn tern_create(&self, dir: &Path, size_mib: u64, r: &mut RunResult) -> Result<u64> {
+    fn tern_create(
+        &self,
+        tern: &Path,
+        dir: &Path,
+        size_mib: u64,
+        r: &mut TernResult,
+    ) -> Result<u64> {
         let sock = dir.join("boot.sock");
         let log = dir.join("tern-boot.log");
         let args: Vec<String> = vec![
@@ -483,25 +507,31 @@ impl Ctx<'_> {
             "--cmdline".into(),
             cmdline(size_mib),
         ];
-        let mut vm = tern_start(self.tern, &args, &sock, &dir.join("tern-boot.err"))?;
+        let mut vm = tern_start(tern, &args, &sock, &dir.join("tern-boot.err"))?;
         wait_booted(&mut vm, &log)?;
         let snap = dir.join("tern-snap");
         let body = json!({ "dir": path_str(&snap)? });
         let t0 = Instant::now();
         api(&sock, "PUT", "/v1/vm/pause", None, 204)?;
         api(&sock, "PUT", "/v1/vm/snapshot", Some(&body), 204)?;
-        r.tern_create_s = t0.elapsed().as_secs_f64();
+        r.create_s = t0.elapsed().as_secs_f64();
         let last = ticks(&log).last().copied().unwrap_or(0);
         tern_stop(vm, &sock);
-        (r.tern_apparent, r.tern_du) = sizes_mib(&snap)?;
+        (r.apparent, r.du) = sizes_mib(&snap)?;
         Ok(last)
     }
 
     /// An empty tern, then `PUT /v1/vm/restore`: (request → 204, request → first tick) in ms.
-    fn tern_api_restore(&self, dir: &Path, mode: &str, last: u64) -> Result<(f64, f64)> {
+    fn tern_api_restore(
+        &self,
+        tern: &Path,
+        dir: &Path,
+        mode: &str,
+        last: u64,
+    ) -> Result<(f64, f64)> {
         let sock = dir.join(format!("api-{mode}.sock"));
         let log = dir.join(format!("tern-api-{mode}.log"));
-        let mut vm = tern_start(self.tern, &[], &sock, &dir.join("tern-api.err"))?;
+        let mut vm = tern_start(tern, &[], &sock, &dir.join("tern-api.err"))?;
         let body = json!({
             "dir": path_str(&dir.join("tern-snap"))?,
             "mode": mode,
@@ -518,7 +548,7 @@ impl Ctx<'_> {
     }
 
     /// `tern run --restore`: process start → first tick, ms.
-    fn tern_cold_restore(&self, dir: &Path, mode: &str, last: u64) -> Result<f64> {
+    fn tern_cold_restore(&self, tern: &Path, dir: &Path, mode: &str, last: u64) -> Result<f64> {
         let log = dir.join(format!("tern-cold-{mode}.log"));
         let args: Vec<String> = vec![
             "run".into(),
@@ -530,7 +560,7 @@ impl Ctx<'_> {
             format!("file:{}", path_str(&log)?),
         ];
         let t0 = Instant::now();
-        let mut vm = Proc::spawn(self.tern, &args, "tern", &dir.join("tern-cold.err"))?;
+        let mut vm = Proc::spawn(tern, &args, "tern", &dir.join("tern-cold.err"))?;
         let first = wait_first_tick(&mut vm, &log)?;
         let tick = t0.elapsed();
         check_continues(&format!("tern --restore ({mode})"), first, last)?;
@@ -539,12 +569,12 @@ impl Ctx<'_> {
 
     /// `clones` empty terns restore the snapshot lazily at once: (restores per second from the
     /// first request to the last 204, ms from the first request until every clone ticked).
-    fn tern_clones(&self, dir: &Path, last: u64) -> Result<(f64, f64)> {
+    fn tern_clones(&self, tern: &Path, dir: &Path, last: u64) -> Result<(f64, f64)> {
         let n = self.clones;
         let mut vms = Vec::with_capacity(n);
         for i in 0..n {
             let sock = dir.join(format!("clone{i}.sock"));
-            let p = tern_start(self.tern, &[], &sock, &dir.join(format!("clone{i}.err")))?;
+            let p = tern_start(tern, &[], &sock, &dir.join(format!("clone{i}.err")))?;
             vms.push((p, sock, dir.join(format!("clone{i}.log"))));
         }
         let snap = path_str(&dir.join("tern-snap"))?.to_string();
@@ -585,7 +615,7 @@ impl Ctx<'_> {
     }
 
     /// Boots QEMU and migrates it to `dir/qemu.mig`; the last tick before the `stop`.
-    fn qemu_create(&self, dir: &Path, size_mib: u64, r: &mut RunResult) -> Result<u64> {
+    fn qemu_create(&self, dir: &Path, size_mib: u64, r: &mut QemuResult) -> Result<u64> {
         let log = dir.join("qemu-boot.log");
         let qsock = dir.join("qemu-boot.qmp");
         let args = qemu_args(&self.probe, size_mib, &log, &qsock)?;
@@ -630,10 +660,10 @@ impl Ctx<'_> {
         vm.wait_for("the migration file", STEP_TIMEOUT, || {
             file.exists().then_some(())
         })?;
-        r.qemu_create_s = t0.elapsed().as_secs_f64();
+        r.create_s = t0.elapsed().as_secs_f64();
         let last = ticks(&log).last().copied().unwrap_or(0);
         drop(vm);
-        (r.qemu_apparent, r.qemu_du) = sizes_mib(&file)?;
+        (r.apparent, r.du) = sizes_mib(&file)?;
         Ok(last)
     }
 
@@ -677,11 +707,13 @@ impl Ctx<'_> {
         Ok((ms(running), ms(tick)))
     }
 
-    /// Run number `run` for one guest size, in `dir` (emptied by the caller).
-    fn run_once(&self, dir: &Path, size_mib: u64, run: usize) -> Result<RunResult> {
-        let mut r = RunResult::default();
+    /// One tern binary's steps of run number `run`, in `dir` (created here and removed at the
+    /// end, with the snapshot, to free its space for the next binary and QEMU).
+    fn tern_run(&self, tern: &Path, dir: &Path, size_mib: u64, run: usize) -> Result<TernResult> {
+        std::fs::create_dir_all(dir)?;
+        let mut r = TernResult::default();
         let last = self
-            .tern_create(dir, size_mib, &mut r)
+            .tern_create(tern, dir, size_mib, &mut r)
             .context("tern snapshot")?;
         // The first restore after the snapshot was written finds the host busiest (dirty page
         // cache, fragmented memory): alternate which mode goes first.
@@ -692,42 +724,55 @@ impl Ctx<'_> {
         };
         for mode in modes {
             let api = self
-                .tern_api_restore(dir, mode, last)
+                .tern_api_restore(tern, dir, mode, last)
                 .with_context(|| format!("tern API restore, {mode}"))?;
             if mode == "lazy" {
-                (r.tern_api_lazy_reply, r.tern_api_lazy_tick) = api;
+                (r.api_lazy_reply, r.api_lazy_tick) = api;
             } else {
-                (r.tern_api_eager_reply, r.tern_api_eager_tick) = api;
+                (r.api_eager_reply, r.api_eager_tick) = api;
             }
         }
         for mode in modes {
             let cold = self
-                .tern_cold_restore(dir, mode, last)
+                .tern_cold_restore(tern, dir, mode, last)
                 .with_context(|| format!("tern --restore, {mode}"))?;
             if mode == "lazy" {
-                r.tern_cold_lazy_tick = cold;
+                r.cold_lazy_tick = cold;
             } else {
-                r.tern_cold_eager_tick = cold;
+                r.cold_eager_tick = cold;
             }
         }
         if self.clones > 0 {
             (r.clone_rate, r.clone_all_ticked) =
-                self.tern_clones(dir, last).context("tern clones")?;
+                self.tern_clones(tern, dir, last).context("tern clones")?;
         } else {
             (r.clone_rate, r.clone_all_ticked) = (f64::NAN, f64::NAN);
         }
-        // The tern snapshot is not needed any more: free its space before QEMU writes.
-        std::fs::remove_dir_all(dir.join("tern-snap"))?;
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        Ok(r)
+    }
+
+    /// Run number `run` for one guest size, in `dir` (emptied by the caller): every tern
+    /// binary (each in a subdirectory named after it), then QEMU.
+    fn run_once(&self, dir: &Path, size_mib: u64, run: usize) -> Result<RunResult> {
+        let mut terns = vec![TernResult::default(); self.terns.len()];
+        for t in tern_order(self.terns.len(), run) {
+            let (name, tern) = self.terns[t];
+            terns[t] = self
+                .tern_run(tern, &dir.join(name), size_mib, run)
+                .with_context(|| format!("{name} {}", tern.display()))?;
+        }
+        let mut qemu = QemuResult::default();
         let last = self
-            .qemu_create(dir, size_mib, &mut r)
+            .qemu_create(dir, size_mib, &mut qemu)
             .context("QEMU migrate to file")?;
-        (r.qemu_api_reply, r.qemu_api_tick) = self
+        (qemu.api_reply, qemu.api_tick) = self
             .qemu_api_restore(dir, size_mib, last)
             .context("QEMU migrate-incoming")?;
-        (r.qemu_cold_running, r.qemu_cold_tick) = self
+        (qemu.cold_running, qemu.cold_tick) = self
             .qemu_cold_restore(dir, size_mib, last)
             .context("QEMU -incoming")?;
-        Ok(r)
+        Ok(RunResult { terns, qemu })
     }
 }
 
@@ -787,8 +832,8 @@ fn space_needed(size_mib: u64) -> u64 {
 
 struct Row {
     name: &'static str,
-    tern: fn(&RunResult) -> f64,
-    qemu: Option<fn(&RunResult) -> f64>,
+    tern: fn(&TernResult) -> f64,
+    qemu: Option<fn(&QemuResult) -> f64>,
     precision: usize,
 }
 
@@ -796,62 +841,62 @@ fn rows(clones: usize) -> Vec<Row> {
     let mut v = vec![
         Row {
             name: "create: pause + snapshot to file, s",
-            tern: |r| r.tern_create_s,
-            qemu: Some(|r| r.qemu_create_s),
+            tern: |r| r.create_s,
+            qemu: Some(|r| r.create_s),
             precision: 3,
         },
         Row {
             name: "snapshot size, MiB (apparent)",
-            tern: |r| r.tern_apparent,
-            qemu: Some(|r| r.qemu_apparent),
+            tern: |r| r.apparent,
+            qemu: Some(|r| r.apparent),
             precision: 1,
         },
         Row {
             name: "snapshot size, MiB (on disk, du)",
-            tern: |r| r.tern_du,
-            qemu: Some(|r| r.qemu_du),
+            tern: |r| r.du,
+            qemu: Some(|r| r.du),
             precision: 1,
         },
         Row {
             name: "API restore lazy: request -> running, ms",
-            tern: |r| r.tern_api_lazy_reply,
-            qemu: Some(|r| r.qemu_api_reply),
+            tern: |r| r.api_lazy_reply,
+            qemu: Some(|r| r.api_reply),
             precision: 1,
         },
         Row {
             name: "API restore lazy: request -> first tick, ms",
-            tern: |r| r.tern_api_lazy_tick,
-            qemu: Some(|r| r.qemu_api_tick),
+            tern: |r| r.api_lazy_tick,
+            qemu: Some(|r| r.api_tick),
             precision: 1,
         },
         Row {
             name: "API restore eager: request -> running, ms",
-            tern: |r| r.tern_api_eager_reply,
-            qemu: Some(|r| r.qemu_api_reply),
+            tern: |r| r.api_eager_reply,
+            qemu: Some(|r| r.api_reply),
             precision: 1,
         },
         Row {
             name: "API restore eager: request -> first tick, ms",
-            tern: |r| r.tern_api_eager_tick,
-            qemu: Some(|r| r.qemu_api_tick),
+            tern: |r| r.api_eager_tick,
+            qemu: Some(|r| r.api_tick),
             precision: 1,
         },
         Row {
             name: "CLI restore lazy: start -> first tick, ms",
-            tern: |r| r.tern_cold_lazy_tick,
-            qemu: Some(|r| r.qemu_cold_tick),
+            tern: |r| r.cold_lazy_tick,
+            qemu: Some(|r| r.cold_tick),
             precision: 1,
         },
         Row {
             name: "CLI restore eager: start -> first tick, ms",
-            tern: |r| r.tern_cold_eager_tick,
-            qemu: Some(|r| r.qemu_cold_tick),
+            tern: |r| r.cold_eager_tick,
+            qemu: Some(|r| r.cold_tick),
             precision: 1,
         },
         Row {
             name: "CLI restore: start -> running (QEMU), ms",
             tern: |_| f64::NAN,
-            qemu: Some(|r| r.qemu_cold_running),
+            qemu: Some(|r| r.cold_running),
             precision: 1,
         },
     ];
@@ -917,36 +962,56 @@ fn print_header(o: &Options) {
     }
 }
 
-fn print_size(o: &Options, size_mib: u64, results: &[RunResult]) {
+/// The table for one guest size; `baseline`: whether `results` hold a baseline tern's numbers
+/// (second) to report in extra columns.
+fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool) {
     println!(
         "\n== {size_mib} MiB guest, {} MiB pattern ==",
         pattern_mib(size_mib)
     );
-    println!(
+    print!(
         "{:<46} {:>10} {:>10} {:>10}",
         "metric", "tern", "qemu", "tern/qemu"
     );
+    if baseline {
+        print!(" {:>10} {:>14}", "baseline", "tern/baseline");
+    }
+    println!();
     for row in rows(o.clones) {
         let name = if row.name.starts_with("clones") {
             format!("{} ({})", row.name, o.clones)
         } else {
             row.name.to_string()
         };
-        let t = median(results.iter().map(row.tern).collect());
-        let q = row
-            .qemu
-            .map_or(f64::NAN, |f| median(results.iter().map(f).collect()));
-        println!(
+        let tern_median =
+            |i: usize| median(results.iter().map(|r| (row.tern)(&r.terns[i])).collect());
+        let t = tern_median(0);
+        let q = row.qemu.map_or(f64::NAN, |f| {
+            median(results.iter().map(|r| f(&r.qemu)).collect())
+        });
+        print!(
             "{name:<46} {:>10} {:>10} {:>10}",
             cell(t, row.precision),
             cell(q, row.precision),
             cell(t / q, 3)
         );
+        if baseline {
+            let b = tern_median(1);
+            print!(" {:>10} {:>14}", cell(b, row.precision), cell(t / b, 3));
+        }
+        println!();
     }
 }
 
-/// Runs the benchmark.
-pub fn run(tern: &Path, probe: &Path, qemu: &Path, o: &Options) -> Result<()> {
+/// Runs the benchmark; with a `baseline` (an earlier tern binary), it goes through the same
+/// steps as `tern` in the same runs and gets its own columns.
+pub fn run(
+    tern: &Path,
+    baseline: Option<&Path>,
+    probe: &Path,
+    qemu: &Path,
+    o: &Options,
+) -> Result<()> {
     if o.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -976,13 +1041,20 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, o: &Options) -> Result<()> {
     std::fs::create_dir_all(&scratch.0)
         .with_context(|| format!("cannot create {}", scratch.0.display()))?;
     let ctx = Ctx {
-        tern,
+        terns: terns(tern, baseline),
         qemu,
         probe: path_str(probe)?.to_string(),
         clones: o.clones,
     };
     print_header(o);
     println!("tern {}", tern.display());
+    if let Some(b) = baseline {
+        println!(
+            "baseline {} (an earlier tern: the same steps in the same runs, tern and baseline \
+             alternating which goes first)",
+            b.display()
+        );
+    }
     println!("qemu {}", qemu.display());
     let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); o.sizes_mib.len()];
     for run in 0..o.runs {
@@ -1003,7 +1075,7 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, o: &Options) -> Result<()> {
         }
     }
     for (i, &size) in o.sizes_mib.iter().enumerate() {
-        print_size(o, size, &results[i]);
+        print_size(o, size, &results[i], baseline.is_some());
     }
     Ok(())
 }

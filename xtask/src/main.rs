@@ -3,7 +3,9 @@
 //! ```text
 //! cargo xtask images                 build kernels + initramfs images into build/images/
 //! cargo xtask rig [--group core] [--filter S] [--tern PATH] [--keep-logs DIR] [--list]
+//! cargo xtask bench-probe [--runs N] [--tern PATH] [--baseline PATH]
 //! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [--tern PATH]
+//!                            [--baseline PATH]
 //! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
@@ -66,6 +68,13 @@ enum Cmd {
     Demo,
     /// tern vs QEMU on the probe guest on the host /dev/kvm; medians and ratios.
     BenchProbe {
+        /// tern binary to measure [default: build target/release/tern].
+        #[arg(long)]
+        tern: Option<PathBuf>,
+        /// An earlier tern binary to run in the same runs (extra columns `baseline` and
+        /// `tern/baseline`).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         /// Interleaved runs per VMM and workload.
         #[arg(long, default_value_t = 10)]
         runs: usize,
@@ -93,6 +102,10 @@ enum Cmd {
         /// tern binary to measure [default: build target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
+        /// An earlier tern binary to run in the same runs (extra columns `baseline` and
+        /// `tern/baseline`).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         /// Interleaved runs per guest size.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -256,11 +269,19 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::RigAgent { spec } => agent::main(&spec),
         Cmd::Test { no_rig } => ci::test(no_rig),
         Cmd::Demo => ci::demo(),
-        Cmd::BenchProbe { runs } => {
-            let tern = ci::build_tern()?;
+        Cmd::BenchProbe {
+            tern,
+            baseline,
+            runs,
+        } => {
+            check_baseline(baseline.as_deref())?;
+            let tern = match tern {
+                Some(t) => t,
+                None => ci::build_tern()?,
+            };
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_probe::run(&tern, &probe, &qemu, runs)
+            bench_probe::run(&tern, baseline.as_deref(), &probe, &qemu, runs)
         }
         Cmd::BenchBlk { runs } => {
             let tern = ci::build_tern()?;
@@ -284,6 +305,7 @@ fn run(command: Cmd) -> Result<()> {
         }
         Cmd::BenchSnapshot {
             tern,
+            baseline,
             runs,
             sizes,
             clones,
@@ -293,6 +315,7 @@ fn run(command: Cmd) -> Result<()> {
                 "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86); \
                  bench-snapshot compares tern with it",
             )?;
+            check_baseline(baseline.as_deref())?;
             let tern = match tern {
                 Some(t) => t,
                 None => ci::build_tern()?,
@@ -303,7 +326,15 @@ fn run(command: Cmd) -> Result<()> {
                 runs,
                 clones,
             };
-            bench_snapshot::run(&tern, &probe, &qemu, &opts)
+            bench_snapshot::run(&tern, baseline.as_deref(), &probe, &qemu, &opts)
         }
+    }
+}
+
+/// Fails before any build if a `--baseline` binary was given but does not exist.
+fn check_baseline(baseline: Option<&std::path::Path>) -> Result<()> {
+    match baseline {
+        Some(b) if !b.is_file() => anyhow::bail!("baseline binary {} does not exist", b.display()),
+        _ => Ok(()),
     }
 }
