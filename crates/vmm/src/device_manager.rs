@@ -82,9 +82,7 @@ impl DeviceManager {
         base: u64,
         len: u64,
     ) -> Result<(), VmmError> {
-        self.pio.insert(dev, base, len).map_err(setup)?;
-        self.describe(id, id).ranges.push(Range::Pio { base, len });
-        Ok(())
+        self.add(id, dev, Range::Pio { base, len })
     }
 
     /// Puts device `id`'s `dev` on the MMIO bus at `[base, base + len)`.
@@ -95,8 +93,21 @@ impl DeviceManager {
         base: u64,
         len: u64,
     ) -> Result<(), VmmError> {
-        self.mmio.insert(dev, base, len).map_err(setup)?;
-        self.describe(id, id).ranges.push(Range::Mmio { base, len });
+        self.add(id, dev, Range::Mmio { base, len })
+    }
+
+    fn add(
+        &mut self,
+        id: &str,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        range: Range,
+    ) -> Result<(), VmmError> {
+        let (bus, base, len) = match range {
+            Range::Pio { base, len } => (&mut self.pio, base, len),
+            Range::Mmio { base, len } => (&mut self.mmio, base, len),
+        };
+        bus.insert(dev, base, len).map_err(setup)?;
+        self.describe(id, id).ranges.push(range);
         Ok(())
     }
 
