@@ -2,8 +2,8 @@
 //! all (so the checks past it are reached), read as `tern --restore` reads them (format 3, or
 //! format 2 turned into sections), then the checks a restore makes before any KVM call: the
 //! config's validation, each vCPU's CPU features, and every section put into a fresh component
-//! of its kind: the UART, the RTC, and virtio transports (virtio-mmio and virtio-pci, each
-//! device type).
+//! of its kind: the UART, the RTC, the PCI root complex, and virtio transports (virtio-mmio
+//! and virtio-pci, each device type).
 #![no_main]
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -45,6 +45,16 @@ fuzz_target!(|data: &[u8]| {
             }
             "rtc" => {
                 let _ = devices::rtc::Rtc::new().restore(section);
+            }
+            "pci-root" => {
+                let windows = devices::pci::PciWindows {
+                    mmio32: 0xc000_0000..0xe000_0000,
+                    mmio64: None,
+                    io: None,
+                };
+                let root = devices::pci::PciRoot::new(&windows).unwrap();
+                let _ = devices::pci::PciConfigIo::new(Arc::new(std::sync::Mutex::new(root)))
+                    .restore(section);
             }
             "kvm-vm" => {
                 let _ = section.parse::<vmm::snapshot::VmState>(&[1]);

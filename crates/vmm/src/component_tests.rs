@@ -113,16 +113,11 @@ fn round_trip(transport: &str) {
         a.components.ids(),
         "every registered component has a state"
     );
-    let mut want = vec![
-        "kvm-vm",
-        "vcpu0",
-        "vcpu1",
-        "com1",
-        "rtc",
-        "virtio-rng",
-        "virtio-console",
-        "disk0",
-    ];
+    let mut want = vec!["kvm-vm", "vcpu0", "vcpu1", "com1", "rtc"];
+    if transport == "pci" {
+        want.push("pci-root");
+    }
+    want.extend(["virtio-rng", "virtio-console", "disk0"]);
     if root {
         want.push("net0");
     }

@@ -446,12 +446,12 @@ pub fn attach_pci(
             .map(|slot| (slot, arch::layout::pci_intx_gsi(slot)))
             .collect(),
     }));
-    dm.add_pio(
-        ROOT,
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-        PCI_CONFIG_IO_BASE,
-        PCI_CONFIG_IO_LEN,
-    )?;
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+    let entry = dm.describe(ROOT, "the PCI root complex");
+    entry.component = Some(config_io.clone());
+    // Format-2 snapshots from before the root's state was saved have none.
+    entry.optional_in_old_snapshots = true;
+    dm.add_pio(ROOT, config_io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN)?;
     dm.add_mmio(
         ROOT,
         Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),

@@ -417,6 +417,49 @@ impl BusDevice for PciConfigIo {
     }
 }
 
+/// What a snapshot keeps of the root complex: the configuration-address latch (a guest may be
+/// paused between writing 0xcf8 and reading 0xcfc) and the host bridge's standard header
+/// (its command register and the like; the functions keep their own).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RootState {
+    address: u32,
+    host_bridge: Vec<u8>,
+}
+
+/// Bytes of the host bridge's configuration space a snapshot keeps: the standard header.
+const HOST_BRIDGE_SAVED: usize = 64;
+
+/// The root complex as a component of the VM, held by its port pair (which owns the latch).
+impl lifecycle::Component for PciConfigIo {
+    fn save(&mut self, id: &str) -> Result<Option<lifecycle::Section>, String> {
+        let mut host_bridge = vec![0u8; HOST_BRIDGE_SAVED];
+        lock(&self.root).host_bridge.read(0, &mut host_bridge);
+        let state = RootState {
+            address: self.address,
+            host_bridge,
+        };
+        lifecycle::Section::new(id, 1, &state).map(Some)
+    }
+
+    fn restore(&mut self, section: &lifecycle::Section) -> Result<(), String> {
+        let s: RootState = section.parse(&[1])?;
+        if s.host_bridge.len() != HOST_BRIDGE_SAVED {
+            return Err(format!(
+                "{} bytes of host bridge configuration saved, {HOST_BRIDGE_SAVED} expected",
+                s.host_bridge.len()
+            ));
+        }
+        // Through the guest's own write path, a dword at a time: read-only bits stay as this
+        // tern builds them.
+        let mut root = lock(&self.root);
+        for (reg, dword) in s.host_bridge.chunks_exact(4).enumerate() {
+            let _ = root.host_bridge.write((reg * 4) as u16, dword);
+        }
+        self.address = s.address & CONFIG_ADDRESS_MASK;
+        Ok(())
+    }
+}
+
 /// ECAM (memory-mapped configuration): a [`BusDevice`] for an MMIO window where offset
 /// `bus << 20 | device << 15 | function << 12 | reg` reaches that function's 4 KiB space.
 /// Insert it with length `ECAM_BUS_SIZE * buses`; only bus 0 is populated.
@@ -534,6 +577,36 @@ mod tests {
         fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
             self.writes.push((bar, offset, data.to_vec()));
         }
+    }
+
+    /// The configuration-address latch and the host bridge's header survive a snapshot;
+    /// a header of the wrong size is refused.
+    #[test]
+    fn the_root_complex_round_trips_its_state() {
+        use lifecycle::Component;
+        let fresh = || {
+            let root = Arc::new(Mutex::new(PciRoot::new(&windows()).unwrap()));
+            PciConfigIo::new(root)
+        };
+        let mut a = fresh();
+        // Host bridge command register (offset 4): memory and bus-master enable.
+        a.write(0, &(CONFIG_ADDRESS_ENABLE | 4).to_le_bytes());
+        a.write(4, &[0x06, 0x00]);
+        a.write(0, &(CONFIG_ADDRESS_ENABLE | 0x10).to_le_bytes());
+        let saved = a.save("pci-root").unwrap().unwrap();
+        let mut b = fresh();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.save("pci-root").unwrap(), Some(saved.clone()));
+        let mut latch = [0u8; 4];
+        b.read(0, &mut latch);
+        assert_eq!(u32::from_le_bytes(latch), CONFIG_ADDRESS_ENABLE | 0x10);
+        b.write(0, &(CONFIG_ADDRESS_ENABLE | 4).to_le_bytes());
+        let mut cmd = [0u8; 2];
+        b.read(4, &mut cmd);
+        assert_eq!(cmd, [0x06, 0x00]);
+        let mut bad = saved;
+        bad.state["host_bridge"] = serde_json::json!([0, 1, 2]);
+        assert!(fresh().restore(&bad).unwrap_err().contains("3 bytes"));
     }
 
     fn windows() -> PciWindows {
