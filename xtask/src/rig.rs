@@ -114,19 +114,28 @@ impl RigRun {
         )
     }
 
-    /// True if L1 froze during tern runs more often, per run, than during QEMU runs (with no
-    /// QEMU run at all, any tern freeze counts).
+    /// True if L1 froze during tern runs at least [`FREEZES_TO_FAIL`] times and more often,
+    /// per run, than during QEMU runs (with no QEMU run at all, any rate counts as more).
+    ///
+    /// One freeze alone is not evidence against tern: the L0 emulator itself loses L1's timer
+    /// interrupt now and then (see xtask/README.md, "L1 freezes"), about once in 265 runs with
+    /// QEMU 10, so a CI rig pass of 24 tern runs meets one about one time in eleven. Two in one
+    /// pass would happen by that chance about once in 250 passes.
     pub fn tern_froze_more(&self) -> bool {
-        let t = self.freezes_of(Vmm::Tern) as f64;
-        if t == 0.0 {
+        let t = self.freezes_of(Vmm::Tern);
+        if t < FREEZES_TO_FAIL {
             return false;
         }
         let q = self.freezes_of(Vmm::Qemu) as f64;
         let tr = self.runs_by_vmm.get("tern").copied().unwrap_or(0).max(1) as f64;
         let qr = self.runs_by_vmm.get("qemu").copied().unwrap_or(0) as f64;
-        qr == 0.0 || t / tr > q / qr
+        qr == 0.0 || t as f64 / tr > q / qr
     }
 }
+
+/// Freezes during tern runs, in one rig run, from which tern is suspected (with a higher rate
+/// than QEMU's).
+pub const FREEZES_TO_FAIL: usize = 2;
 
 /// One planned run: its spec for the agent and where it came from.
 struct Planned {
@@ -220,7 +229,7 @@ pub fn rig(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<()> {
         bail!("{failed} of {} runs failed", passed + failed);
     }
     if run.tern_froze_more() {
-        bail!("L1 froze more often during tern runs than during QEMU runs");
+        bail!("L1 froze at least twice during tern runs, more often per run than during QEMU runs");
     }
     println!("all {passed} runs passed");
     Ok(())
@@ -1201,9 +1210,13 @@ mod tests {
         // No freeze, or only QEMU's: fine.
         assert!(!rig_run(vec![], 20, 4).tern_froze_more());
         assert!(!rig_run(vec![freeze(Some(Vmm::Qemu))], 20, 4).tern_froze_more());
-        // A tern freeze with none under QEMU fails, however few QEMU runs there were.
-        assert!(rig_run(vec![freeze(Some(Vmm::Tern))], 20, 4).tern_froze_more());
-        assert!(rig_run(vec![freeze(Some(Vmm::Tern))], 20, 0).tern_froze_more());
+        // One tern freeze is the L0 emulator's base rate: fine, however few QEMU runs.
+        assert!(!rig_run(vec![freeze(Some(Vmm::Tern))], 20, 4).tern_froze_more());
+        assert!(!rig_run(vec![freeze(Some(Vmm::Tern))], 20, 0).tern_froze_more());
+        // Two with none under QEMU fail.
+        let two = || vec![freeze(Some(Vmm::Tern)), freeze(Some(Vmm::Tern))];
+        assert!(rig_run(two(), 20, 4).tern_froze_more());
+        assert!(rig_run(two(), 20, 0).tern_froze_more());
         // 2 in 20 tern runs is a lower rate than 1 in 4 QEMU runs; 2 in 4 is not.
         let two_tern = || {
             vec![
