@@ -27,18 +27,26 @@ fn config(dir: &std::path::Path, transport: &str, with_net: bool) -> VmConfig {
     c
 }
 
-/// Whether this process can use `/dev/kvm`: false after a loud skip, a failure under CI.
-fn have_kvm(test: &str) -> bool {
+/// KVM, or None after a loud skip (a failure under CI=true): for every test of this crate
+/// that needs `/dev/kvm`.
+pub(crate) fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
     match kvm_ioctls::Kvm::new() {
-        Ok(_) => true,
+        Ok(k) => Some(k),
         Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
             panic!("{test}: /dev/kvm is required under CI=true but cannot be opened: {e}")
         }
         Err(e) => {
-            eprintln!("\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}) ***\n");
-            false
+            eprintln!(
+                "\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}); this test needs KVM ***\n"
+            );
+            None
         }
     }
+}
+
+/// Whether this process can use `/dev/kvm` (see [`kvm_or_skip`]).
+fn have_kvm(test: &str) -> bool {
+    kvm_or_skip(test).is_some()
 }
 
 /// A section with what legitimately changes between two saves of the same state taken a

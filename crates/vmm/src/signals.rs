@@ -16,20 +16,27 @@ pub fn read_signal(signals: &File) -> i32 {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and threads it starts later), so only the
-/// VMM's signalfd sees them.
-pub fn block_stop_signals_in_this_thread() -> std::io::Result<()> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset before use.
+/// The set of stop signals: SIGINT and SIGTERM.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before sigaddset adds to it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        // pthread_sigmask returns its error number (errno is left alone).
-        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if r != 0 {
-            return Err(std::io::Error::from_raw_os_error(r));
-        }
+        set
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and threads it starts later), so only the
+/// VMM's signalfd sees them.
+pub fn block_stop_signals_in_this_thread() -> std::io::Result<()> {
+    let set = stop_signals();
+    // SAFETY: blocks signals in this thread's mask; `set` is an initialised sigset.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // pthread_sigmask returns its error number (errno is left alone).
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
     }
     Ok(())
 }
@@ -37,23 +44,17 @@ pub fn block_stop_signals_in_this_thread() -> std::io::Result<()> {
 /// Blocks SIGINT/SIGTERM in the calling thread (inherited by threads spawned later) and
 /// returns a signalfd the main thread reads them from.
 pub fn block_stop_signals() -> Result<File, VmmError> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset before use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(VmmError::Setup("cannot block SIGINT/SIGTERM".into()));
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
-        if fd < 0 {
-            return Err(VmmError::Setup(format!(
-                "signalfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: `fd` is a fresh descriptor we own.
-        Ok(<File as std::os::fd::FromRawFd>::from_raw_fd(fd))
+    block_stop_signals_in_this_thread()
+        .map_err(|e| VmmError::Setup(format!("cannot block SIGINT/SIGTERM: {e}")))?;
+    let set = stop_signals();
+    // SAFETY: creates a new descriptor for an initialised sigset; no memory is shared.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmmError::Setup(format!(
+            "signalfd: {}",
+            std::io::Error::last_os_error()
+        )));
     }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }

@@ -285,12 +285,10 @@ impl Vm {
                 self.ctl
                     .request_exit(VmExit::ShutdownTimeout(self.shutdown_timeout.as_secs()));
             }
-            let ready: Vec<u64> = events
+            let ready = events
                 .wait(Some(Duration::from_millis(50)))
-                .map_err(epoll_err)?
-                .iter()
-                .collect();
-            for token in ready {
+                .map_err(epoll_err)?;
+            for token in ready.iter() {
                 match token {
                     SIGNAL => {
                         let signo = crate::signals::read_signal(signals);

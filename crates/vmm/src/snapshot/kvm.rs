@@ -233,20 +233,6 @@ mod tests {
     const APIC_LVTT: usize = 0x320;
     const LVTT_TSC_DEADLINE: u32 = 2 << 17;
 
-    /// KVM, or None after a loud skip (a failure under CI=true).
-    fn kvm(test: &str) -> Option<Kvm> {
-        match Kvm::new() {
-            Ok(k) => Some(k),
-            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
-                panic!("{test}: /dev/kvm is required under CI=true but cannot be opened: {e}")
-            }
-            Err(e) => {
-                eprintln!("\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}); this test needs KVM ***\n");
-                None
-            }
-        }
-    }
-
     /// A VM with an in-kernel irqchip and one vCPU with KVM's supported CPUID (which offers
     /// the TSC-deadline timer).
     fn vm_and_vcpu(kvm: &Kvm) -> (VmFd, VcpuFd) {
@@ -273,7 +259,9 @@ mod tests {
     /// a lost deadline leaves a Linux guest waiting for a timer interrupt forever).
     #[test]
     fn restore_keeps_an_armed_tsc_deadline_timer() {
-        let Some(kvm) = kvm("restore_keeps_an_armed_tsc_deadline_timer") else {
+        let Some(kvm) =
+            crate::component_tests::kvm_or_skip("restore_keeps_an_armed_tsc_deadline_timer")
+        else {
             return;
         };
         let (_vm, a) = vm_and_vcpu(&kvm);
