@@ -165,6 +165,11 @@ struct RunArgs {
     /// can write only what changed since the previous snapshot.
     #[arg(long)]
     track_dirty_pages: bool,
+    /// System-call filters on every thread of tern, each allowing what its role needs: on (a
+    /// call outside the list ends tern with a line naming the thread and call), log (the
+    /// kernel logs such calls and lets them through) or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    seccomp: sandbox::seccomp::Mode,
 }
 
 impl RunArgs {
@@ -269,6 +274,24 @@ fn init_logging(level: Option<&str>) {
         .init();
 }
 
+/// Applies the seccomp filters (before any thread of tern starts). With `TERN_SECCOMP_REPORT`
+/// set to a file, violation lines are appended to it too (the test suite counts them there).
+fn confine(mode: sandbox::seccomp::Mode) -> anyhow::Result<()> {
+    let report = match std::env::var_os("TERN_SECCOMP_REPORT") {
+        Some(p) if !p.is_empty() => Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&p)
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot open TERN_SECCOMP_REPORT {}: {e}", p.display())
+                })?,
+        ),
+        _ => None,
+    };
+    sandbox::seccomp::install(mode, report).map_err(|e| anyhow::anyhow!("seccomp: {e}"))
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -279,6 +302,10 @@ fn main() -> ExitCode {
             // the API socket appears), so a signal never finds them at their default action.
             if let Err(e) = vmm::signals::block_stop_signals_in_this_thread() {
                 eprintln!("tern: cannot block SIGINT/SIGTERM: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+            if let Err(e) = confine(args.seccomp) {
+                eprintln!("tern: {e}");
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
             let api = match &args.api_socket {

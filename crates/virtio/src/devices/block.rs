@@ -247,8 +247,10 @@ impl VirtioDevice for Block {
                 done: Vec::new(),
             };
             let name = format!("virtio-blk-q{index}");
-            self.workers
-                .push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
+            self.workers.push(
+                Worker::spawn(lifecycle::threads::Device::Block, &name, handler)
+                    .map_err(ActivateError::Worker)?,
+            );
         }
         Ok(())
     }

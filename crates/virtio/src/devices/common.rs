@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::timerfd::TimerFd;
 
 use lifecycle::event_loop::EventLoop;
+pub use lifecycle::threads::Device;
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
@@ -397,8 +398,9 @@ pub(crate) struct Worker<H: Handler> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// Starts thread `name` serving `handler`.
-    pub fn spawn(name: &str, handler: H) -> io::Result<Self> {
+    /// Starts thread `name` serving `handler` for a device of kind `kind` (which decides what
+    /// the thread may do).
+    pub fn spawn(kind: Device, name: &str, handler: H) -> io::Result<Self> {
         let events = EventLoop::new()?;
         let ctl = Arc::new(Control {
             state: Mutex::new((Want::Run, false)),
@@ -410,10 +412,11 @@ impl<H: Handler> Worker<H> {
         }
         events.add(ctl.evt.as_raw_fd(), CTL_TOKEN)?;
         let thread_ctl = ctl.clone();
-        let thread =
-            lifecycle::threads::spawn(lifecycle::threads::Role::DeviceWorker, name, move || {
-                run(events, thread_ctl, handler)
-            })?;
+        let thread = lifecycle::threads::spawn(
+            lifecycle::threads::Role::DeviceWorker(kind),
+            name,
+            move || run(events, thread_ctl, handler),
+        )?;
         Ok(Worker {
             ctl,
             thread: Some(thread),
@@ -685,7 +688,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         };
-        let w = Worker::spawn("test", handler).unwrap();
+        let w = Worker::spawn(Device::Rng, "test", handler).unwrap();
         evt.write(1).unwrap();
         assert!(wait_for(|| seen.lock().unwrap().len() == 1));
         assert!(w.stop().is_some());
@@ -694,7 +697,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         };
-        let w = Worker::spawn("test", handler).unwrap();
+        let w = Worker::spawn(Device::Rng, "test", handler).unwrap();
         evt.write(1).unwrap();
         assert!(wait_for(|| seen.lock().unwrap().len() == 2));
         // The handler stopped the thread; stopping it again returns at once.
@@ -709,7 +712,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         };
-        let w = Worker::spawn("test", handler).unwrap();
+        let w = Worker::spawn(Device::Rng, "test", handler).unwrap();
         assert!(w.pause(far()));
         evt.write(1).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -759,7 +762,7 @@ mod tests {
             release: release.clone(),
             seen: seen.clone(),
         };
-        let w = Arc::new(Worker::spawn("test", handler).unwrap());
+        let w = Arc::new(Worker::spawn(Device::Rng, "test", handler).unwrap());
         // The pause gives up at its deadline (the caller's thread is not held hostage).
         let w2 = w.clone();
         let (tx, rx) = std::sync::mpsc::channel();

@@ -158,7 +158,11 @@ impl VirtioDevice for Console {
             input: self.input.clone(),
             output: self.output.take(),
         };
-        match Worker::spawn("virtio-console", handler) {
+        match Worker::spawn(
+            lifecycle::threads::Device::Console,
+            "virtio-console",
+            handler,
+        ) {
             Ok(w) => {
                 self.worker = Some(w);
                 Ok(())

@@ -274,8 +274,10 @@ impl VirtioDevice for Net {
                 counters: self.counters.clone(),
             };
             let name = format!("virtio-net-q{i}");
-            self.pairs
-                .push(Worker::spawn(&name, w).map_err(ActivateError::Worker)?);
+            self.pairs.push(
+                Worker::spawn(lifecycle::threads::Device::Net, &name, w)
+                    .map_err(ActivateError::Worker)?,
+            );
         }
         if ctrl {
             // The control queue comes after the pairs the driver uses (index 2 without MQ).
@@ -287,8 +289,10 @@ impl VirtioDevice for Net {
                     event: q.event,
                     pairs: self.taps.len() as u16,
                 };
-                self.ctrl =
-                    Some(Worker::spawn("virtio-net-ctrl", w).map_err(ActivateError::Worker)?);
+                self.ctrl = Some(
+                    Worker::spawn(lifecycle::threads::Device::Net, "virtio-net-ctrl", w)
+                        .map_err(ActivateError::Worker)?,
+                );
             }
         }
         // A device restored with its link down (its TAP had gone when the snapshot was taken)

@@ -79,7 +79,10 @@ impl VirtioDevice for Rng {
             queue: q.queue,
             event: q.event,
         };
-        self.worker = Some(Worker::spawn("virtio-rng", handler).map_err(ActivateError::Worker)?);
+        self.worker = Some(
+            Worker::spawn(lifecycle::threads::Device::Rng, "virtio-rng", handler)
+                .map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
 

@@ -1,0 +1,396 @@
+//! What each thread of tern may ask of the kernel: the allow-lists, as data, in one place.
+//!
+//! A thread gets [`COMMON`] plus its role's list. Calls are named as the kernel's system call
+//! table names them; a call with conditions is allowed only when one of its rules matches
+//! (conditions compare whole 64-bit arguments). Everything else stops tern (see
+//! [`crate::seccomp`]); the calls [`refused`] names fail with an error instead.
+//!
+//! How the lists were made: every thread of tern ran the whole test suite (probe guests and
+//! Linux guests, snapshots, disks, network) under `strace -ff`, with each thread's calls
+//! grouped by the name it gives itself; the lists hold what those runs used, plus what the
+//! same code reaches on paths the tests make rare (errors, aborts). Review them when a thread
+//! gains work: the suite runs with the filters on and fails on any violation.
+
+use lifecycle::threads::{Device, Role};
+
+/// A condition on argument `.0` (counted from 0) of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg {
+    /// The argument equals the value.
+    Eq(u8, u64),
+    /// The argument, masked with `.1`, equals `.2`.
+    MaskedEq(u8, u64, u64),
+}
+
+/// One allowed call: always (no conditions) or when all of `when` hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// The call's name.
+    pub syscall: &'static str,
+    /// The conditions, all of which must hold (none: always allowed).
+    pub when: &'static [Arg],
+}
+
+const fn any(syscall: &'static str) -> Rule {
+    Rule { syscall, when: &[] }
+}
+
+const fn when(syscall: &'static str, when: &'static [Arg]) -> Rule {
+    Rule { syscall, when }
+}
+
+const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+/// `ioctl` requests of KVM (type byte `KVMIO`, 0xAE) on KVM's descriptors.
+const KVM_IOCTLS: &[Arg] = &[Arg::MaskedEq(1, 0xff00, 0xae00)];
+
+/// Calls every thread makes: memory for its allocator (never executable), its stack and exit,
+/// locks, time, random keys for hash maps, reading and writing the descriptors it was handed,
+/// waiting on its event loop, and `abort`.
+pub const COMMON: &[Rule] = &[
+    any("read"),
+    any("readv"),
+    any("write"),
+    any("writev"),
+    any("close"),
+    any("futex"),
+    any("exit"),
+    any("exit_group"),
+    any("rt_sigreturn"),
+    any("rt_sigprocmask"),
+    any("sigaltstack"),
+    any("munmap"),
+    any("brk"),
+    any("mremap"),
+    when("mmap", &[Arg::MaskedEq(2, PROT_EXEC, 0)]),
+    when("mprotect", &[Arg::MaskedEq(2, PROT_EXEC, 0)]),
+    when("madvise", &[Arg::Eq(2, libc::MADV_DONTNEED as u64)]),
+    any("gettid"),
+    any("getpid"),
+    any("sched_getaffinity"),
+    any("sched_yield"),
+    any("clock_gettime"),
+    any("clock_nanosleep"),
+    any("nanosleep"),
+    any("getrandom"),
+    any("epoll_wait"),
+    any("epoll_pwait"),
+    when("fcntl", &[Arg::Eq(1, libc::F_GETFD as u64)]),
+    when("fcntl", &[Arg::Eq(1, libc::F_SETFD as u64)]),
+    when("fcntl", &[Arg::Eq(1, libc::F_GETFL as u64)]),
+    when("fcntl", &[Arg::Eq(1, libc::F_SETFL as u64)]),
+    when("fcntl", &[Arg::Eq(1, libc::F_DUPFD_CLOEXEC as u64)]),
+    // `abort` (a panic in a release build) raises SIGABRT at its own thread.
+    when("tgkill", &[Arg::Eq(2, libc::SIGABRT as u64)]),
+    // Allowed here only to be refused (see `refused`).
+    any("openat"),
+    any("open"),
+    any("clone3"),
+    any("clone"),
+];
+
+/// Calls that fail with an error instead of stopping tern, `(name, errno)`, for threads of
+/// `role` (stacked on the role's own filter, which allows them, since of two filters the kernel
+/// takes the stricter answer, and a stop is stricter than an error):
+/// - new threads (`clone3`, `clone`), except on the spawner: a thread that tries gets `EPERM`.
+///   A stop would be no clearer: glibc blocks every signal around `clone3`, so the kernel
+///   would kill tern with `SIGSYS` before the handler could name the call.
+/// - opening files (`openat`, `open`), except on the VMM's own threads: glibc's allocator
+///   opens `/proc/sys/vm/overcommit_memory` from whichever thread first gives memory of a heap
+///   back, and copes with `EACCES`.
+pub fn refused(role: Role) -> Vec<(&'static str, i32)> {
+    let mut calls = Vec::new();
+    if role != Role::Spawner {
+        calls.extend([("clone3", libc::EPERM), ("clone", libc::EPERM)]);
+    }
+    if !matches!(role, Role::Vmm | Role::Spawner) {
+        calls.extend([("openat", libc::EACCES), ("open", libc::EACCES)]);
+    }
+    calls
+}
+
+/// Waking another thread or the main loop, and the event loop's own set-up.
+const EVENTS: &[Rule] = &[
+    any("epoll_create1"),
+    any("epoll_ctl"),
+    any("eventfd2"),
+    any("timerfd_create"),
+    any("timerfd_settime"),
+    any("timerfd_gettime"),
+];
+
+/// A vCPU: `KVM_RUN` and the register and state ioctls, the device registers it exits to,
+/// and activating a device when the guest's driver starts it (which builds the device's event
+/// loop, its eventfds and timers, and a disk's io_uring; the worker thread itself comes from
+/// the spawner).
+const VCPU: &[Rule] = &[
+    when("ioctl", KVM_IOCTLS),
+    any("io_uring_setup"),
+    any("io_uring_register"),
+    any("io_uring_enter"),
+    // The TAP device is told its offloads and header size when the driver starts a NIC.
+    when("ioctl", &[Arg::Eq(1, libc::TUNSETOFFLOAD)]),
+    when("ioctl", &[Arg::Eq(1, libc::TUNSETVNETHDRSZ)]),
+    any("pread64"),
+    any("pwrite64"),
+];
+
+/// A disk's worker: its image through io_uring or plain calls, flushes, discard.
+const BLOCK: &[Rule] = &[
+    any("io_uring_enter"),
+    any("io_uring_register"),
+    any("pread64"),
+    any("pwrite64"),
+    any("preadv"),
+    any("pwritev"),
+    any("preadv2"),
+    any("pwritev2"),
+    any("fsync"),
+    any("fdatasync"),
+    any("fallocate"),
+    any("lseek"),
+    any("ftruncate"),
+    any("fstat"),
+    any("newfstatat"),
+    any("statx"),
+];
+
+/// A NIC's worker: its TAP device.
+const NET: &[Rule] = &[];
+
+/// The entropy device's worker.
+const RNG: &[Rule] = &[];
+
+/// The console's worker: its character device.
+const CONSOLE: &[Rule] = &[any("poll"), any("ppoll")];
+
+/// The API thread: an HTTP server on a Unix socket (tokio on one thread).
+const API: &[Rule] = &[
+    any("accept4"),
+    any("recvfrom"),
+    any("sendto"),
+    any("recvmsg"),
+    any("sendmsg"),
+    any("shutdown"),
+    any("getsockopt"),
+    any("setsockopt"),
+    when("ioctl", &[Arg::Eq(1, libc::FIONBIO)]),
+    any("getsockname"),
+    any("getpeername"),
+];
+
+/// Terminal input and buffered character output.
+const IO: &[Rule] = &[any("poll"), any("ppoll")];
+
+/// The spawner: new threads (`clone3` and `clone`, in [`COMMON`] and refused to every other
+/// role), their stacks and names, and their filters. It
+/// also gets every other role's calls, since each thread starts under its filter.
+const SPAWNER: &[Rule] = &[
+    any("set_robust_list"),
+    any("rseq"),
+    when("prctl", &[Arg::Eq(0, libc::PR_SET_NAME as u64)]),
+    when("prctl", &[Arg::Eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)]),
+    any("seccomp"),
+];
+
+/// The VMM's own threads (the main loop, preparing a VM, registering memory, the INTx
+/// resampler): building and rebuilding the VM (files, `/dev/kvm`, TAP devices, guest memory),
+/// the API's requests (snapshots), signals. Everything a VMM does, but never a new program, a
+/// process, a mount, a module, another process's memory or privileges.
+const VMM: &[Rule] = &[
+    // KVM, TAP set-up, block device sizes, the terminal.
+    any("ioctl"),
+    any("openat"),
+    any("open"),
+    any("creat"),
+    any("mkdirat"),
+    any("mkdir"),
+    any("unlinkat"),
+    any("unlink"),
+    any("renameat"),
+    any("renameat2"),
+    any("rename"),
+    any("linkat"),
+    any("symlinkat"),
+    any("readlinkat"),
+    any("readlink"),
+    any("fchmod"),
+    any("fchmodat"),
+    any("chmod"),
+    any("fchown"),
+    any("umask"),
+    any("access"),
+    any("faccessat"),
+    any("faccessat2"),
+    any("newfstatat"),
+    any("fstat"),
+    any("stat"),
+    any("lstat"),
+    any("statx"),
+    any("statfs"),
+    any("fstatfs"),
+    any("getdents64"),
+    any("getcwd"),
+    any("lseek"),
+    any("pread64"),
+    any("pwrite64"),
+    any("preadv"),
+    any("pwritev"),
+    any("preadv2"),
+    any("pwritev2"),
+    any("sendfile"),
+    any("copy_file_range"),
+    any("fsync"),
+    any("fdatasync"),
+    any("sync_file_range"),
+    any("fallocate"),
+    any("ftruncate"),
+    any("flock"),
+    any("dup"),
+    any("dup2"),
+    any("dup3"),
+    any("pipe2"),
+    any("fcntl"),
+    any("poll"),
+    any("ppoll"),
+    any("memfd_create"),
+    any("mincore"),
+    any("madvise"),
+    any("mlock"),
+    any("munlock"),
+    any("io_uring_setup"),
+    any("io_uring_register"),
+    any("io_uring_enter"),
+    any("userfaultfd"),
+    any("signalfd4"),
+    any("rt_sigaction"),
+    any("rt_sigtimedwait"),
+    any("rt_sigpending"),
+    // Kicking vCPUs out of KVM_RUN.
+    any("tgkill"),
+    // Whether the process that left a snapshot's temporary files behind still runs.
+    when("kill", &[Arg::Eq(1, 0)]),
+    when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
+    any("socketpair"),
+    any("bind"),
+    any("listen"),
+    any("connect"),
+    any("accept4"),
+    any("recvfrom"),
+    any("sendto"),
+    any("recvmsg"),
+    any("sendmsg"),
+    any("shutdown"),
+    any("getsockopt"),
+    any("setsockopt"),
+    any("getsockname"),
+    any("prlimit64"),
+    any("getrlimit"),
+    any("getuid"),
+    any("geteuid"),
+    any("getgid"),
+    any("getegid"),
+    any("sched_setaffinity"),
+    any("uname"),
+    any("sysinfo"),
+];
+
+/// The rules of `role`: [`COMMON`] and its own (the spawner's own only; see
+/// [`crate::seccomp::role_rules`]).
+pub fn rules(role: Role) -> Vec<Rule> {
+    let own: &[&[Rule]] = match role {
+        Role::Vmm => &[VMM, EVENTS],
+        Role::Vcpu => &[VCPU, EVENTS],
+        Role::DeviceWorker(Device::Block) => &[BLOCK, EVENTS],
+        Role::DeviceWorker(Device::Net) => &[NET, EVENTS],
+        Role::DeviceWorker(Device::Rng) => &[RNG, EVENTS],
+        Role::DeviceWorker(Device::Console) => &[CONSOLE, EVENTS],
+        Role::Api => &[API, EVENTS],
+        Role::Io => &[IO],
+        Role::Spawner => &[SPAWNER],
+    };
+    COMMON
+        .iter()
+        .chain(own.iter().flat_map(|l| l.iter()))
+        .copied()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seccomp::{number, role_rules, ROLES};
+
+    /// Calls no thread of tern may make: new programs and processes, debugging other
+    /// processes or reading their memory, mounts and namespaces, identities, kernel modules
+    /// and images, eBPF, keys, the clock, the machine.
+    const NEVER: &[&str] = &[
+        "execve",
+        "execveat",
+        "fork",
+        "vfork",
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "mount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "setns",
+        "unshare",
+        "setuid",
+        "setgid",
+        "setreuid",
+        "setresuid",
+        "capset",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "kexec_load",
+        "kexec_file_load",
+        "bpf",
+        "perf_event_open",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "personality",
+        "reboot",
+        "swapon",
+        "settimeofday",
+        "clock_settime",
+    ];
+
+    #[test]
+    fn every_call_named_exists_and_no_role_may_make_the_dangerous_ones() {
+        for &role in ROLES {
+            for r in role_rules(role) {
+                assert!(
+                    number(r.syscall).is_some(),
+                    "{}: {}",
+                    role.name(),
+                    r.syscall
+                );
+                assert!(
+                    !NEVER.contains(&r.syscall),
+                    "{} may call {}",
+                    role.name(),
+                    r.syscall
+                );
+            }
+            for (n, _) in refused(role) {
+                assert!(number(n).is_some(), "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_spawner_starts_threads_and_only_vmm_threads_open_files() {
+        for &role in ROLES {
+            let names: Vec<&str> = refused(role).iter().map(|c| c.0).collect();
+            assert_eq!(names.contains(&"clone3"), role != Role::Spawner);
+            assert_eq!(
+                names.contains(&"openat"),
+                !matches!(role, Role::Vmm | Role::Spawner)
+            );
+        }
+    }
+}
