@@ -156,10 +156,41 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
         .canonicalize()
         .with_context(|| format!("--chroot-base {}", args.chroot_base.display()))?;
     let mut jail = tree::Tree::create(&base, &args.id, args.uid, args.gid)?;
-    if let Err(e) = jail.populate(&plan) {
-        jail.remove();
-        return Err(e);
+    // Until the jail's mounts exist, a failure removes what was built, so that the id can be
+    // used again.
+    let prepared = prepare(&args, &mut jail, &plan, &cgroups, version, &limits, netns);
+    let (cwd, devnull) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            jail.remove();
+            return Err(e);
+        }
+    };
+    let pid_dir = jail.jail_dir_fd()?;
+    jail.mount_and_pivot(&cwd)?;
+
+    let exec = sys::Exec::new(&jail.tern_path, &args.command, args.uid, args.gid)?;
+    if args.no_new_pid_ns && !args.daemonize {
+        // tern becomes this process.
+        sys::write_pid_file(&pid_dir, std::process::id() as i32)?;
+        drop(pid_dir);
+        return Err(exec.run());
     }
+    sys::fork_and_exec(exec, pid_dir, devnull, args.daemonize)
+}
+
+/// Fills the jail, applies cgroups and rlimits, joins the network namespace and enters the new
+/// namespaces: returns the directory tern starts in and, for a daemon, /dev/null.
+fn prepare(
+    args: &JailArgs,
+    jail: &mut tree::Tree,
+    plan: &Plan,
+    cgroups: &[cgroup::Setting],
+    version: cgroup::Version,
+    limits: &[(sys::Resource, u64)],
+    netns: Option<std::os::fd::OwnedFd>,
+) -> Result<(PathBuf, Option<std::os::fd::OwnedFd>)> {
+    jail.populate(plan)?;
     let cwd = if plan.relative {
         let cwd = std::env::current_dir().context("the current directory")?;
         jail.mkdirs(&cwd)?;
@@ -167,33 +198,21 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
     } else {
         PathBuf::from("/")
     };
-
-    cgroup::apply(&cgroups, version, &args.id)?;
-    for (resource, value) in &limits {
+    cgroup::apply(cgroups, version, &args.id)?;
+    for (resource, value) in limits {
         sys::set_rlimit(*resource, *value)?;
     }
     if let Some(fd) = &netns {
         sys::join_netns(fd, args.netns.as_deref().unwrap_or(Path::new("")))?;
     }
-    let new_pid_ns = !args.no_new_pid_ns;
-    sys::unshare_namespaces(new_pid_ns)?;
+    sys::unshare_namespaces(!args.no_new_pid_ns)?;
     sys::set_hostname(&args.id)?;
     let devnull = if args.daemonize {
         Some(sys::open_dev_null()?)
     } else {
         None
     };
-    let pid_dir = jail.jail_dir_fd()?;
-    jail.mount_and_pivot(&cwd)?;
-
-    let exec = sys::Exec::new(&jail.tern_path, &args.command, args.uid, args.gid)?;
-    if !new_pid_ns && !args.daemonize {
-        // tern becomes this process.
-        sys::write_pid_file(&pid_dir, std::process::id() as i32)?;
-        drop(pid_dir);
-        return Err(exec.run());
-    }
-    sys::fork_and_exec(exec, pid_dir, devnull, args.daemonize)
+    Ok((cwd, devnull))
 }
 
 /// An id is 1 to 64 ASCII letters, digits and '-' (it becomes a directory and cgroup name).

@@ -60,7 +60,11 @@ pub struct Need {
 
 /// A bind mount to make inside the jail's mount namespace.
 struct Bind {
-    source: OwnedFd,
+    /// The host path (resolved), opened again in the new mount namespace: the kernel binds
+    /// only from mounts of the caller's namespace.
+    source: PathBuf,
+    /// The inode checked when linking, which the path must still lead to.
+    inode: (u64, u64),
     target: PathBuf,
     readonly: bool,
 }
@@ -250,8 +254,10 @@ impl Tree {
             .mode(0o600)
             .open(&target)
             .with_context(|| format!("cannot create {}", target.display()))?;
+        let source = std::fs::canonicalize(&abs).with_context(|| format!("{what} {shown}"))?;
         self.binds.push(Bind {
-            source: fd,
+            source,
+            inode: (st.st_dev, st.st_ino),
             target,
             readonly: matches!(need.access, Access::Read | Access::Exec),
         });
@@ -286,7 +292,16 @@ impl Tree {
         sys::make_mounts_private()?;
         sys::bind_self(&self.root)?;
         for b in &self.binds {
-            sys::bind_fd(&b.source, &b.target, b.readonly)
+            let fd =
+                sys::open_path(&b.source).with_context(|| format!("{}", b.source.display()))?;
+            let st = sys::fstat(&fd)?;
+            if (st.st_dev, st.st_ino) != b.inode {
+                bail!(
+                    "{} was replaced while the jail was built",
+                    b.source.display()
+                );
+            }
+            sys::bind_fd(&fd, &b.target, b.readonly)
                 .with_context(|| format!("bind mount onto {}", b.target.display()))?;
         }
         sys::pivot_into(&self.root, cwd)
