@@ -283,6 +283,7 @@ fn plan(command: &[String]) -> Result<Plan> {
     if let Some(c) = &args.config {
         plan.add(c, Access::Read, "the config file");
     }
+    let restoring = args.restore.is_some();
     let config = if let Some(dir) = &args.restore {
         let opts = super::restore_options(dir, &args).map_err(|e| anyhow!(e))?;
         let restore = vmm::snapshot::open(&opts).map_err(|e| anyhow!(e))?;
@@ -294,7 +295,7 @@ fn plan(command: &[String]) -> Result<Plan> {
         Some((*args).clone().into_config()?)
     };
     if let Some(c) = config {
-        config_files(&mut plan, &c)?;
+        config_files(&mut plan, &c, restoring)?;
     }
     Ok(plan)
 }
@@ -326,14 +327,14 @@ fn snapshot_files(plan: &mut Plan, dir: &Path, snap: &vmm::snapshot::Snapshot) -
     Ok(())
 }
 
-/// The files a VM configuration names.
-fn config_files(plan: &mut Plan, c: &api::config::VmConfig) -> Result<()> {
+/// The files a VM configuration names. A restored VM reads its kernel and initrd only if the
+/// guest reboots with `--on-reboot restart`: then they go in when they still exist.
+fn config_files(plan: &mut Plan, c: &api::config::VmConfig, restoring: bool) -> Result<()> {
     use api::config::{CharBackend, DiskFormat};
-    if let Some(k) = &c.kernel {
-        plan.add(k, Access::Read, "the kernel");
-    }
-    if let Some(i) = &c.initrd {
-        plan.add(i, Access::Read, "the initrd");
+    for (what, path) in [("the kernel", &c.kernel), ("the initrd", &c.initrd)] {
+        if let Some(p) = path.as_ref().filter(|p| !restoring || p.exists()) {
+            plan.add(p, Access::Read, what);
+        }
     }
     for (i, d) in c.disks.iter().enumerate() {
         let access = if d.readonly {

@@ -588,3 +588,80 @@ fn bad_arguments_get_one_line_errors() {
         Err(e) => eprintln!("note: cannot run tern as uid {UID} here ({e}); not tried"),
     }
 }
+
+#[test]
+fn a_snapshot_restores_in_a_jail() {
+    let test = "a_snapshot_restores_in_a_jail";
+    if !require_root(test) || !require_kvm(test) {
+        return;
+    }
+    let dir = Scratch::new("jail-restore");
+    let base = dir.path("base");
+    std::fs::create_dir(&base).unwrap();
+    // A counting VM, paused after its first ticks and snapshotted (unjailed).
+    let sock = dir.path("a.sock");
+    let log = dir.path("a.log");
+    let kernel = probe();
+    let vm = Command::new(tern())
+        .args(["run", "--kernel", s(&kernel), "--memory", "64M"])
+        .args(["--cmdline", "probe.run=count probe.count_ms=3000"])
+        .args(["--serial", &format!("file:{}", s(&log))])
+        .args(["--api-socket", s(&sock)])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the first ticks", Duration::from_secs(20), || {
+        ticks(&log).len() >= 3
+    });
+    let api = |args: &[&str]| {
+        let o = Command::new(tern()).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    api(&["pause", "--api-socket", s(&sock)]);
+    let before = ticks(&log).last().unwrap().0;
+    let snap = dir.path("snap");
+    api(&[
+        "snapshot",
+        "create",
+        "--api-socket",
+        s(&sock),
+        "--dir",
+        s(&snap),
+    ]);
+    api(&["shutdown", "--force", "--api-socket", s(&sock)]);
+    finish(vm, Duration::from_secs(20));
+    // Snapshot files are owner-only: as root's they stay out of the jail.
+    let id = format!("restore-{}", std::process::id());
+    let restored = dir.path("restored.log");
+    let args = [
+        "--restore",
+        s(&snap),
+        "--serial",
+        &format!("file:{}", s(&restored)),
+    ];
+    let o = output(jail_cmd(&base, &id, &[], &args));
+    refused(&o, &["snapshot file state.json", "may not read it"]);
+    // Given to the jail user, they restore, and the count goes on to its end.
+    for e in std::fs::read_dir(&snap).unwrap() {
+        std::os::unix::fs::chown(e.unwrap().path(), Some(UID), Some(GID)).unwrap();
+    }
+    let child = jail_cmd(&base, &id, &[], &args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = finish(child, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "stderr: {err}");
+    let text = std::fs::read_to_string(&restored).unwrap();
+    assert!(text.contains("probe: done status=0"), "{text}");
+    let after = ticks(&restored);
+    assert!(
+        after.first().is_some_and(|t| t.0 > before),
+        "{before} then {text}"
+    );
+}
