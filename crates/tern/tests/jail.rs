@@ -352,9 +352,28 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     let _ = std::fs::remove_file(&shm);
 }
 
+/// A network namespace made with `ip netns add`, deleted when dropped.
+struct NetNs(String);
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs `ip args`, failing the test unless it succeeds.
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("ip(8)");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
-fn a_jailed_tern_joins_a_cgroup_v2_where_one_is_mounted() {
-    let test = "a_jailed_tern_joins_a_cgroup_v2_where_one_is_mounted";
+fn a_jailed_tern_joins_a_cgroup_v2_and_a_network_namespace_with_its_tap() {
+    let test = "a_jailed_tern_joins_a_cgroup_v2_and_a_network_namespace_with_its_tap";
     if !require_root(test) || !require_kvm(test) {
         return;
     }
@@ -362,23 +381,44 @@ fn a_jailed_tern_joins_a_cgroup_v2_where_one_is_mounted() {
         .unwrap()
         .lines()
         .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"));
-    if !mounted {
+    let have_ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted || !have_ip {
+        let why = format!("cgroup2 mounted: {mounted}, ip(8): {have_ip}");
         if in_ci() {
-            panic!("{test}: no cgroup2 hierarchy mounted under CI=true");
+            panic!("{test}: needs a cgroup2 hierarchy and iproute2 under CI=true ({why})");
         }
-        eprintln!("\n*** SKIPPED {test}: no cgroup2 hierarchy is mounted ***\n");
+        eprintln!("\n*** SKIPPED {test}: needs a cgroup2 hierarchy and iproute2 ({why}) ***\n");
         return;
     }
     let dir = Scratch::new("jail-v2");
     let base = dir.path("base");
     std::fs::create_dir(&base).unwrap();
     let id = format!("v2-{}", std::process::id());
+    // A namespace with a persistent TAP the jail user may attach to (the jailed tern cannot
+    // create one: it has no CAP_NET_ADMIN).
+    let ns = NetNs(format!("ternjail{}", std::process::id()));
+    ip(&["netns", "add", &ns.0]);
+    let uid = UID.to_string();
+    ip(&[
+        "-n", &ns.0, "tuntap", "add", "dev", "tapj0", "mode", "tap", "user", &uid,
+    ]);
+    let ns_path = format!("/var/run/netns/{}", ns.0);
     let kernel = probe();
     // A core file every v2 cgroup has, whatever controllers are enabled.
     let mut cmd = jail_cmd(
         &base,
         &id,
-        &["--cgroup-version", "2", "--cgroup", "cgroup.max.depth=0"],
+        &[
+            "--cgroup-version",
+            "2",
+            "--cgroup",
+            "cgroup.max.depth=0",
+            "--netns",
+            &ns_path,
+        ],
         &[
             "--kernel",
             s(&kernel),
@@ -388,6 +428,8 @@ fn a_jailed_tern_joins_a_cgroup_v2_where_one_is_mounted() {
             "probe.run=count probe.count_ms=1500",
             "--serial",
             "none",
+            "--net",
+            "tap=tapj0",
         ],
     );
     let mut child = cmd
@@ -400,6 +442,12 @@ fn a_jailed_tern_joins_a_cgroup_v2_where_one_is_mounted() {
     assert!(cg.ends_with(format!("tern/{id}")), "{}", cg.display());
     let depth = std::fs::read_to_string(cg.join("cgroup.max.depth")).unwrap();
     assert_eq!(depth.trim(), "0");
+    // In the namespace, with /dev/net/tun for its TAP.
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
+    let named = std::fs::metadata(&ns_path).unwrap();
+    assert_eq!(theirs.ino(), named.ino(), "network namespace");
+    let tun = std::fs::metadata(format!("/proc/{pid}/root/dev/net/tun")).unwrap();
+    assert_eq!((tun.uid(), tun.gid()), (UID, GID));
     let (code, err) = finish(child, Duration::from_secs(60));
     assert_eq!(code, Some(0), "stderr: {err}");
     remove_cgroup(&cg);

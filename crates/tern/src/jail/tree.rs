@@ -400,8 +400,10 @@ fn elf_interpreter(exe: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     };
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        let Some(kind) = bytes.get(ph..ph + 4) else {
+        let Some(ph) = i.checked_mul(phentsize).and_then(|o| o.checked_add(phoff)) else {
+            break;
+        };
+        let Some(kind) = bytes.get(ph..ph.saturating_add(4)) else {
             break;
         };
         if kind != [3, 0, 0, 0] {
@@ -410,8 +412,9 @@ fn elf_interpreter(exe: &Path) -> Result<Option<PathBuf>> {
         let (Some(off), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
             break;
         };
-        let name = bytes
-            .get(off..off + size)
+        let name = off
+            .checked_add(size)
+            .and_then(|end| bytes.get(off..end))
             .ok_or_else(|| anyhow!("{}: bad PT_INTERP", exe.display()))?;
         let name = name.strip_suffix(&[0]).unwrap_or(name);
         return Ok(Some(PathBuf::from(OsStr::from_bytes(name))));
