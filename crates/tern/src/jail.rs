@@ -114,6 +114,9 @@ impl Plan {
 fn jail(args: JailArgs) -> Result<ExitCode> {
     // Nothing the caller left open may reach the jail.
     sys::close_inherited_fds()?;
+    // The jail's directories are 0755 whatever the caller's umask.
+    // SAFETY: umask only sets this process's file creation mask.
+    unsafe { libc::umask(0o022) };
     check_id(&args.id)?;
     if args.uid == 0 || args.gid == 0 {
         bail!("--uid and --gid must not be 0: the jail runs tern unprivileged");

@@ -622,6 +622,21 @@ fn bad_arguments_get_one_line_errors() {
     ]);
     info.args(["--", "info"]);
     refused(&output(info), &["-- run ARGS"]);
+    // A base others could swap directories in, or a `tern` directory that is not root's.
+    let open = dir.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused(
+        &output(jail_cmd(&open, "ok", &[], &run)),
+        &["writable by everyone"],
+    );
+    let theirs = dir.path("theirs");
+    std::fs::create_dir_all(theirs.join("tern")).unwrap();
+    std::os::unix::fs::chown(theirs.join("tern"), Some(UID), Some(GID)).unwrap();
+    refused(
+        &output(jail_cmd(&theirs, "ok", &[], &run)),
+        &["must be root's"],
+    );
     // A jail that is there already (running, or left over).
     let busy = base.join("tern/busy/root");
     std::fs::create_dir_all(&busy).unwrap();

@@ -87,6 +87,15 @@ impl Tree {
     /// Creates `base/tern/id/root`, refusing one that exists and is not empty (a running
     /// jail with this id, or a leftover to remove first).
     pub fn create(base: &Path, id: &str, uid: u32, gid: u32) -> Result<Tree> {
+        // Nobody but root may rename or replace what the jail is built in: a directory
+        // another user can write could be swapped for a symlink half-way.
+        let m = std::fs::metadata(base)?;
+        if m.mode() & 0o002 != 0 && m.mode() & libc::S_ISVTX == 0 {
+            bail!(
+                "--chroot-base {}: writable by everyone (and not sticky)",
+                base.display()
+            );
+        }
         let dir = base.join("tern").join(id);
         let root = dir.join("root");
         for d in [base.join("tern"), dir.clone(), root.clone()] {
@@ -98,6 +107,15 @@ impl Tree {
             let m = std::fs::symlink_metadata(&d)?;
             if !m.is_dir() {
                 bail!("{} is not a directory (a symlink?)", d.display());
+            }
+            if m.uid() != 0 || m.mode() & 0o022 != 0 {
+                bail!(
+                    "{} must be root's and writable by root alone (it is {}:{}, mode {:o})",
+                    d.display(),
+                    m.uid(),
+                    m.gid(),
+                    m.mode() & 0o7777
+                );
             }
         }
         if std::fs::read_dir(&root)?.next().is_some() {
