@@ -387,6 +387,28 @@ mod tests {
     }
 
     #[test]
+    fn a_new_pid_namespace_is_the_default_and_the_last_flag_wins() {
+        let parse = |flags: &[&str]| {
+            let mut a = vec!["tern", "jail", "--id", "a", "--uid", "1", "--gid", "1"];
+            a.extend_from_slice(&["--chroot-base", "/srv"]);
+            a.extend_from_slice(flags);
+            a.extend_from_slice(&["--", "run", "--kernel", "/k"]);
+            match super::super::Cli::try_parse_from(a).unwrap().cmd {
+                super::super::Command::Jail(j) => {
+                    assert_eq!(j.command, ["run", "--kernel", "/k"]);
+                    !j.no_new_pid_ns
+                }
+                _ => unreachable!(),
+            }
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--new-pid-ns"]));
+        assert!(!parse(&["--no-new-pid-ns"]));
+        assert!(parse(&["--no-new-pid-ns", "--new-pid-ns"]));
+        assert!(!parse(&["--new-pid-ns", "--no-new-pid-ns"]));
+    }
+
+    #[test]
     fn limits() {
         let l = resource_limits(&["fsize=10".into(), "no-file=64".into()]).unwrap();
         assert_eq!(

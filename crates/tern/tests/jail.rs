@@ -463,20 +463,22 @@ fn a_daemonized_jail_detaches_and_can_stay_in_the_host_pid_namespace() {
     let base = dir.path("base");
     std::fs::create_dir(&base).unwrap();
     let id = format!("daemon-{}", std::process::id());
+    // The kernel by a relative path: tern starts in the same directory inside the jail.
     let kernel = probe();
-    let cmd = jail_cmd(
+    let mut cmd = jail_cmd(
         &base,
         &id,
         &["--daemonize", "--no-new-pid-ns"],
         &[
             "--kernel",
-            s(&kernel),
+            kernel.file_name().unwrap().to_str().unwrap(),
             "--memory",
             "64M",
             "--cmdline",
             "probe.run=count probe.count_ms=1500",
         ],
     );
+    cmd.current_dir(kernel.parent().unwrap());
     // tern jail returns at once, tern goes on.
     let o = output(cmd);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -500,6 +502,9 @@ fn a_daemonized_jail_detaches_and_can_stay_in_the_host_pid_namespace() {
         use std::os::unix::fs::FileTypeExt;
         assert!(m.file_type().is_char_device() && m.rdev() == libc::makedev(1, 3));
     }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    let rel = kernel.parent().unwrap().strip_prefix("/").unwrap();
+    assert!(cwd.ends_with(rel), "{cwd:?}");
     wait_until("the daemon to exit", Duration::from_secs(30), || {
         !Path::new(&format!("/proc/{pid}")).exists()
     });
