@@ -154,6 +154,15 @@ fn tree(dir: &Path, at: &Path, out: &mut BTreeSet<PathBuf>) {
     }
 }
 
+/// A file removed when dropped (the test's disk outside its scratch directory).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Removes a VM's cgroup `tern/ID`, and `tern` if no other VM uses it.
 fn remove_cgroup(leaf: &Path) {
     let _ = std::fs::remove_dir(leaf);
@@ -194,7 +203,11 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     std::os::unix::fs::chown(&disk, Some(UID), Some(GID)).unwrap();
-    let shm = PathBuf::from(format!("/dev/shm/tern-jail-{}.raw", std::process::id()));
+    let shm_file = RemoveOnDrop(PathBuf::from(format!(
+        "/dev/shm/tern-jail-{}.raw",
+        std::process::id()
+    )));
+    let shm = shm_file.0.clone();
     std::fs::write(&shm, vec![0u8; 1 << 20]).unwrap();
     std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o644)).unwrap();
     let serial = dir.path("serial.log");
@@ -349,7 +362,6 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     assert!(ticks(&serial).len() >= 10, "{text}");
 
     remove_cgroup(&cg);
-    let _ = std::fs::remove_file(&shm);
 }
 
 /// A network namespace made with `ip netns add`, deleted when dropped.
