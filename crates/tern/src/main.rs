@@ -1,5 +1,7 @@
 //! `tern`: a KVM virtual machine monitor.
 
+mod jail;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -52,6 +54,8 @@ enum Command {
     /// Snapshots of a running tern's VM.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Run `tern run ARGS…` confined: chroot, namespaces, cgroups, an unprivileged user.
+    Jail(Box<jail::JailArgs>),
 }
 
 #[derive(Subcommand)]
@@ -388,6 +392,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Jail(args) => jail::main(*args),
         Command::Info(c) => client(&c, "GET", "/v1/vm", show_info),
         Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| Ok("paused".into())),
         Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| Ok("resumed".into())),
