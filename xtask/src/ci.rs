@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{apt_install, workspace_root};
+use crate::util::{apt_install, build_dir, workspace_root};
 
 /// Debian packages the tests need on the host (e2fsprogs: `mkfs.ext4 -d` builds the virtio-blk
 /// disk image, and its `debugfs`/`e2fsck` and qemu-utils' `qemu-img` check disks inside L1;
@@ -31,11 +31,36 @@ const FUZZ_SECONDS: u64 = 5;
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
+    if in_ci() {
+        // A clean clone builds once: incremental state would only take disk.
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     c
 }
 
 fn step(name: &str) {
-    println!("\n==> {name}");
+    println!("\n==> {name}{}", free_space());
+}
+
+/// Free space where the build goes, as `(N GiB free)`: a CI machine with a small disk fails
+/// with "No space left on device" somewhere inside cargo, and this line says why.
+fn free_space() -> String {
+    let Ok(path) = std::ffi::CString::new(workspace_root().as_os_str().as_encoded_bytes()) else {
+        return String::new();
+    };
+    // SAFETY: statvfs only writes the zeroed struct it is given; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return String::new();
+    }
+    let free = st.f_bavail as f64 * st.f_frsize as f64 / f64::from(1u32 << 30);
+    format!(" ({free:.1} GiB free)")
+}
+
+/// Whether this is a CI run (`CI=true`).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 fn ensure_packages() -> Result<()> {
@@ -133,7 +158,7 @@ fn cargo_test(
 /// `cargo xtask test`: packages, formatting and lints, unit and end-to-end tests on /dev/kvm,
 /// and the Linux-guest scenarios in the nested rig.
 pub fn test(skip_rig: bool) -> Result<()> {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let ci = in_ci();
     step("packages");
     ensure_packages()?;
     if ci
@@ -167,12 +192,25 @@ pub fn test(skip_rig: bool) -> Result<()> {
 
     let (mut passed, mut failed) = (0u64, 0u64);
     step("unit and end-to-end tests (host /dev/kvm)");
+    // Every tern the tests start runs with its seccomp filters on (the default) and copies
+    // each violation line here.
+    std::fs::create_dir_all(build_dir())?;
+    let violations_file = build_dir().join("seccomp-violations.log");
+    let _ = std::fs::remove_file(&violations_file);
     let ok = cargo_test(
         &["test", "--workspace", "--no-fail-fast"],
-        &[("TERN_PROBE", &probe)],
+        &[
+            ("TERN_PROBE", &probe),
+            ("TERN_SECCOMP_REPORT", &violations_file),
+        ],
         &mut passed,
         &mut failed,
     )?;
+    let mut violations: Vec<String> = std::fs::read_to_string(&violations_file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| format!("host tests: {l}"))
+        .collect();
 
     step("fuzz targets (regression inputs, then a few seconds each)");
     let fuzz_ok = crate::fuzz::run(&crate::fuzz::FuzzOptions {
@@ -182,6 +220,10 @@ pub fn test(skip_rig: bool) -> Result<()> {
     })
     .map_err(|e| println!("{e:#}"))
     .is_ok();
+    if ci {
+        // The instrumented build is not reused by a clean clone; its disk goes back now.
+        let _ = std::fs::remove_dir_all(build_dir().join("fuzz-target"));
+    }
 
     let mut rig_ok = true;
     if !skip_rig {
@@ -193,13 +235,18 @@ pub fn test(skip_rig: bool) -> Result<()> {
         failed += f;
         rig_ok = f == 0;
         println!("rig: {}", run.freeze_summary());
+        violations.extend(run.seccomp_violations.iter().cloned());
         if run.tern_froze_more() {
             println!("rig: FAIL: L1 froze at least twice during tern runs, more often per run than during QEMU runs");
             rig_ok = false;
         }
     }
-    println!("\ntests: {passed} passed, {failed} failed");
-    if !ok || !fuzz_ok || !rig_ok || failed > 0 {
+    for v in &violations {
+        println!("{v}");
+    }
+    println!("seccomp violations: {}", violations.len());
+    println!("\ntests: {passed} passed, {failed} failed{}", free_space());
+    if !ok || !fuzz_ok || !rig_ok || failed > 0 || !violations.is_empty() {
         bail!("some tests failed");
     }
     Ok(())

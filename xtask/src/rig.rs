@@ -89,6 +89,8 @@ pub struct RigRun {
     pub freezes: Vec<Freeze>,
     /// How many runs each VMM made (each run is one or more guest boots).
     pub runs_by_vmm: BTreeMap<&'static str, usize>,
+    /// Lines in the runs' output where tern's seccomp filter stopped a call.
+    pub seccomp_violations: Vec<String>,
 }
 
 impl RigRun {
@@ -597,6 +599,7 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
 
     // Reports, in plan order.
     let mut ordered = Vec::new();
+    let mut seccomp_violations = Vec::new();
     for p in &planned {
         let name = &p.spec.name;
         let mut r = results.remove(name).unwrap_or_else(|| RunResult {
@@ -607,6 +610,12 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
             ..Default::default()
         });
         let log = logs.remove(name).unwrap_or_default();
+        seccomp_violations.extend(
+            String::from_utf8_lossy(&log)
+                .lines()
+                .filter(|l| l.contains(SECCOMP_LINE))
+                .map(|l| format!("{name}: {}", l.trim())),
+        );
         if r.log_len > 0 && (log.len() != r.log_len || crate::util::fnv(&log) != r.log_fnv) {
             notes.push(format!(
                 "{name}: log damaged in transfer ({} of {} bytes received)",
@@ -661,8 +670,12 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
         results: ordered,
         freezes,
         runs_by_vmm,
+        seccomp_violations,
     })
 }
+
+/// How a line tern writes when its seccomp filter stops a call begins.
+pub const SECCOMP_LINE: &str = "tern: seccomp: ";
 
 fn vmm_key(vmm: Vmm) -> &'static str {
     match vmm {
@@ -1199,6 +1212,7 @@ mod tests {
         RigRun {
             results: Vec::new(),
             freezes,
+            seccomp_violations: Vec::new(),
             runs_by_vmm: [("tern", tern_runs), ("qemu", qemu_runs)]
                 .into_iter()
                 .collect(),
