@@ -64,20 +64,33 @@ fn in_ci() -> bool {
 }
 
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-                .unwrap_or(false)
-        })
-        .collect();
-    if !missing.is_empty() {
-        println!("installing Debian packages: {}", missing.join(" "));
-        apt_install(&missing)?;
+    let missing = || -> Vec<&str> {
+        PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| {
+                !Command::new("dpkg-query")
+                    .args(["-W", "-f=${Status}", p])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                    .unwrap_or(false)
+            })
+            .collect()
+    };
+    // Twice: installing one package can remove another (Debian's qemu-system-x86 removes a
+    // qemu-utils of another QEMU version that a machine came with), which the second round
+    // puts back at the matching version.
+    for _ in 0..2 {
+        let m = missing();
+        if m.is_empty() {
+            return Ok(());
+        }
+        println!("installing Debian packages: {}", m.join(" "));
+        apt_install(&m)?;
+    }
+    let m = missing();
+    if !m.is_empty() {
+        bail!("Debian packages still missing after installing them: {}", m.join(" "));
     }
     Ok(())
 }
