@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use engine::{Completion, Engine, EngineKind, IoOp};
 pub use iov::IoSlice;
-pub use qcow2::{Qcow2Disk, Qcow2Trust};
+pub use qcow2::{named_backing_files, Qcow2Disk, Qcow2Trust};
 pub use raw::RawDisk;
 
 /// Image formats tern knows.
@@ -605,5 +605,33 @@ mod tests {
             assert!(e.contains("feature name table is 49 bytes"), "{e}");
         }
         std::fs::remove_file(img).ok();
+    }
+
+    #[test]
+    fn the_backing_files_a_header_names_are_listed_down_the_chain() {
+        let dir = std::env::temp_dir().join(format!("tern-block-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let header = |name: &[u8]| {
+            let mut h = vec![0u8; 512];
+            h[..4].copy_from_slice(b"QFI\xfb");
+            h[7] = 3;
+            h[8..16].copy_from_slice(&200u64.to_be_bytes());
+            h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            h[200..200 + name.len()].copy_from_slice(name);
+            h
+        };
+        let (top, mid) = (dir.join("top.qcow2"), dir.join("mid.qcow2"));
+        std::fs::write(&top, header(b"mid.qcow2")).unwrap();
+        std::fs::write(&mid, header(b"/nonexistent/base.raw")).unwrap();
+        assert_eq!(
+            named_backing_files(&top).unwrap(),
+            vec![mid.clone(), PathBuf::from("/nonexistent/base.raw")]
+        );
+        // A loop is refused, and a file that is not qcow2 names nothing.
+        std::fs::write(&mid, header(b"top.qcow2")).unwrap();
+        assert!(named_backing_files(&top).is_err());
+        std::fs::write(&top, [0u8; 512]).unwrap();
+        assert!(named_backing_files(&top).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -77,6 +77,52 @@ fn resolve(image: &Path, named: &str) -> PathBuf {
     }
 }
 
+/// The backing files a qcow2 image's headers name, image by image down the chain (resolved as
+/// tern resolves them; at most [`MAX_CHAIN`] deep), read from the headers alone. For whoever
+/// must know in advance which files a disk may open (a jail, a Landlock ruleset); the disk
+/// itself opens its chain through imago. A file that is not qcow2 names none.
+pub fn named_backing_files(image: &Path) -> io::Result<Vec<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut chain = Vec::new();
+    let mut current = image.to_path_buf();
+    loop {
+        let mut f = File::open(&current)?;
+        let mut h = [0u8; 20];
+        if f.read_exact(&mut h).is_err() || h[..4] != *b"QFI\xfb" {
+            return Ok(chain);
+        }
+        let offset = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let size = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        if offset == 0 || size == 0 {
+            return Ok(chain);
+        }
+        if size > 1023 {
+            return Err(refused(format!(
+                "{}: the backing file name is longer than 1023 bytes",
+                current.display()
+            )));
+        }
+        let mut name = vec![0u8; size];
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(&mut name)?;
+        let named = String::from_utf8(name).map_err(|_| {
+            refused(format!(
+                "{}: the backing file name is not UTF-8",
+                current.display()
+            ))
+        })?;
+        let next = resolve(&current, &named);
+        if chain.len() >= MAX_CHAIN || chain.contains(&next) || next == image {
+            return Err(refused(format!(
+                "{}: the backing chain loops or is longer than {MAX_CHAIN} images",
+                image.display()
+            )));
+        }
+        chain.push(next.clone());
+        current = next;
+    }
+}
+
 fn refused(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, msg)
 }

@@ -351,13 +351,10 @@ fn config_files(plan: &mut Plan, c: &api::config::VmConfig, restoring: bool) -> 
         }
         // tern follows a qcow2 backing chain only when the format was stated.
         if d.format == Some(DiskFormat::Qcow2) {
-            let mut image = d.path.clone();
-            for _ in 0..16 {
-                let Some(backing) = tree::qcow2_backing(&image)? else {
-                    break;
-                };
+            let chain = block::named_backing_files(&d.path)
+                .with_context(|| format!("disk {}", d.path.display()))?;
+            for backing in chain {
                 plan.add(&backing, Access::Read, format!("disk {i}'s backing file"));
-                image = backing;
             }
         }
     }

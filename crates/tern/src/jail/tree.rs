@@ -440,34 +440,6 @@ fn elf_interpreter(exe: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// The backing file a qcow2 image's header names (relative names from the image's
-/// directory, as tern resolves them), or None for another format or no backing file.
-pub fn qcow2_backing(image: &Path) -> Result<Option<PathBuf>> {
-    let ctx = || format!("disk {}", image.display());
-    let mut f = File::open(image).with_context(ctx)?;
-    let mut h = [0u8; 20];
-    if f.read_exact(&mut h).is_err() || h[..4] != *b"QFI\xfb" {
-        return Ok(None);
-    }
-    let offset = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
-    let size = u32::from_be_bytes(h[16..20].try_into().unwrap_or_default()) as usize;
-    if offset == 0 || size == 0 {
-        return Ok(None);
-    }
-    if size > 1023 {
-        bail!("{}: the backing file name is longer than 1023 bytes", ctx());
-    }
-    let mut name = vec![0u8; size];
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).with_context(ctx)?;
-    f.read_exact(&mut name).with_context(ctx)?;
-    let p = PathBuf::from(OsStr::from_bytes(&name));
-    if p.is_absolute() {
-        return Ok(Some(p));
-    }
-    let dir = image.parent().unwrap_or(Path::new(""));
-    Ok(Some(dir.join(p)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,24 +465,6 @@ mod tests {
         assert!(!may(&stat(u, 0, 0o066), u, g, Access::Read));
         assert!(may(&stat(0, 0, 0o755), u, g, Access::Exec));
         assert!(!may(&stat(0, 0, 0o644), u, g, Access::Exec));
-    }
-
-    #[test]
-    fn a_qcow2_header_names_its_backing_file() {
-        let dir = std::env::temp_dir().join(format!("tern-jail-qcow2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let img = dir.join("top.qcow2");
-        let mut h = vec![0u8; 512];
-        h[..4].copy_from_slice(b"QFI\xfb");
-        h[7] = 3;
-        h[8..16].copy_from_slice(&200u64.to_be_bytes());
-        h[16..20].copy_from_slice(&8u32.to_be_bytes());
-        h[200..208].copy_from_slice(b"base.raw");
-        std::fs::write(&img, &h).unwrap();
-        assert_eq!(qcow2_backing(&img).unwrap(), Some(dir.join("base.raw")));
-        std::fs::write(&img, [0u8; 512]).unwrap();
-        assert_eq!(qcow2_backing(&img).unwrap(), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
