@@ -90,7 +90,10 @@ fn ensure_packages() -> Result<()> {
     }
     let m = missing();
     if !m.is_empty() {
-        bail!("Debian packages still missing after installing them: {}", m.join(" "));
+        bail!(
+            "Debian packages still missing after installing them: {}",
+            m.join(" ")
+        );
     }
     Ok(())
 }

@@ -86,7 +86,12 @@ pub fn named_backing_files(image: &Path) -> io::Result<Vec<PathBuf>> {
     let mut chain = Vec::new();
     let mut current = image.to_path_buf();
     loop {
-        let mut f = File::open(&current)?;
+        let mut f = match File::open(&current) {
+            Ok(f) => f,
+            // A missing backing file is the disk's error to report when it opens.
+            Err(e) if current != image && e.kind() == io::ErrorKind::NotFound => return Ok(chain),
+            Err(e) => return Err(e),
+        };
         let mut h = [0u8; 20];
         if f.read_exact(&mut h).is_err() || h[..4] != *b"QFI\xfb" {
             return Ok(chain);
