@@ -70,6 +70,10 @@ pub struct JailArgs {
     /// Run tern in the host's PID namespace (tern replaces `tern jail` unless --daemonize).
     #[arg(long)]
     no_new_pid_ns: bool,
+    /// Do not add --landlock to the run arguments (jailed, tern runs with Landlock unless
+    /// told not to).
+    #[arg(long)]
+    no_landlock: bool,
     /// `run` and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "run ARGS")]
     command: Vec<String>,
@@ -172,7 +176,7 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
     let pid_dir = jail.jail_dir_fd()?;
     jail.mount_and_pivot(&cwd)?;
 
-    let exec = sys::Exec::new(&jail.tern_path, &args.command, args.uid, args.gid)?;
+    let exec = sys::Exec::new(&jail.tern_path, &run_command(&args), args.uid, args.gid)?;
     if args.no_new_pid_ns && !args.daemonize {
         // tern becomes this process.
         sys::write_pid_file(&pid_dir, std::process::id() as i32)?;
@@ -251,6 +255,16 @@ fn resource_limits(specs: &[String]) -> Result<Vec<(sys::Resource, u64)>> {
         out.push((sys::Resource::NoFile, DEFAULT_NO_FILE));
     }
     Ok(out)
+}
+
+/// The `run ARGS` tern is started with: as given, plus `--landlock` unless it is there
+/// already or `--no-landlock` was given.
+fn run_command(args: &JailArgs) -> Vec<String> {
+    let mut command = args.command.clone();
+    if !args.no_landlock && !command.iter().any(|a| a == "--landlock") {
+        command.insert(1, "--landlock".to_string());
+    }
+    command
 }
 
 /// What the `run ARGS` need, read with tern's own parser: the same arguments `tern run`

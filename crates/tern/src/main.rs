@@ -174,6 +174,16 @@ struct RunArgs {
     /// kernel logs such calls and lets them through) or off.
     #[arg(long, value_name = "MODE", default_value = "on")]
     seccomp: sandbox::seccomp::Mode,
+    /// Landlock: once set up, tern reaches only the files its configuration names (kernel,
+    /// initrd, disks and their backing files, serial and console files, a snapshot it restores),
+    /// /dev/kvm, /dev/net/tun and the --allow-path directories; anything else (a snapshot
+    /// written elsewhere, a disk sent through the API) is refused as outside the sandbox.
+    #[arg(long)]
+    landlock: bool,
+    /// With --landlock: a directory tern may also use, read-write, or read-only with :ro
+    /// (repeatable), e.g. where snapshots go.
+    #[arg(long, value_name = "DIR[:ro]")]
+    allow_path: Vec<String>,
 }
 
 impl RunArgs {
@@ -278,6 +288,62 @@ fn init_logging(level: Option<&str>) {
         .init();
 }
 
+/// Closes the Landlock sandbox around what `config` names (or, for a VM still to be configured
+/// through the API, only around /dev/kvm, /dev/net/tun and the allowed directories), the
+/// snapshot being restored, and the `--allow-path` directories. Files the serial port or
+/// console will append to are made now, empty, as making files is not allowed later.
+fn landlock_sandbox(
+    config: Option<&VmConfig>,
+    restore_dir: Option<&std::path::Path>,
+    allow_path: &[String],
+    api_configured: bool,
+) -> anyhow::Result<()> {
+    use sandbox::landlock::{restrict, Allowed, Outcome};
+    let mut allowed = vec![Allowed::write(vmm::confinement::KVM)];
+    if api_configured {
+        allowed.push(Allowed::write(vmm::confinement::TUN));
+    }
+    if let Some(c) = config {
+        for p in [Some(&c.serial), c.console.as_ref()].into_iter().flatten() {
+            if let CharBackend::File(p) = p {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(p)
+                    .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?;
+            }
+        }
+        allowed.extend(vmm::confinement::config_paths(c));
+    }
+    allowed.extend(restore_dir.map(Allowed::read));
+    for a in allow_path {
+        let (dir, write) = match a.strip_suffix(":ro") {
+            Some(d) => (d, false),
+            None => (a.as_str(), true),
+        };
+        let meta =
+            std::fs::metadata(dir).map_err(|e| anyhow::anyhow!("--allow-path {dir}: {e}"))?;
+        if !meta.is_dir() {
+            anyhow::bail!("--allow-path {dir}: not a directory");
+        }
+        allowed.push(Allowed {
+            path: dir.into(),
+            write,
+        });
+    }
+    match restrict(&allowed).map_err(|e| anyhow::anyhow!("{e}"))? {
+        Outcome::Enforced => {}
+        Outcome::Partial => tracing::warn!(
+            "--landlock: this kernel's Landlock is older than tern's; some file rights are not \
+             restricted"
+        ),
+        Outcome::Unavailable => tracing::warn!(
+            "--landlock: this kernel has no Landlock (or it is off); tern runs without it"
+        ),
+    }
+    Ok(())
+}
+
 /// Applies the seccomp filters (before any thread of tern starts). With `TERN_SECCOMP_REPORT`
 /// set to a file, violation lines are appended to it too (the test suite counts them there).
 fn confine(mode: sandbox::seccomp::Mode) -> anyhow::Result<()> {
@@ -308,20 +374,16 @@ fn main() -> ExitCode {
                 eprintln!("tern: cannot block SIGINT/SIGTERM: {e}");
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
-            if let Err(e) = confine(args.seccomp) {
-                eprintln!("tern: {e}");
-                return ExitCode::from(EXIT_VMM_ERROR);
+            let (seccomp, landlock, allow_path, api_socket) = (
+                args.seccomp,
+                args.landlock,
+                args.allow_path.clone(),
+                args.api_socket.clone(),
+            );
+            if !landlock && !allow_path.is_empty() {
+                eprintln!("tern: --allow-path goes with --landlock");
+                return ExitCode::from(EXIT_USAGE);
             }
-            let api = match &args.api_socket {
-                Some(p) => match vmm::api::ApiServer::start(p) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        eprintln!("tern: {e}");
-                        return ExitCode::from(EXIT_VMM_ERROR);
-                    }
-                },
-                None => None,
-            };
             let restore = match &args.restore {
                 Some(dir) => {
                     // Where the serial port and console write, and which disks and TAPs it
@@ -383,6 +445,42 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
                 }
+            };
+            // The API socket is made before the sandbox closes (making files is not allowed
+            // after), and served after it (every thread starts confined).
+            let socket = match &api_socket {
+                Some(p) => match vmm::api::ApiServer::bind(p) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        eprintln!("tern: {e}");
+                        return ExitCode::from(EXIT_VMM_ERROR);
+                    }
+                },
+                None => None,
+            };
+            if landlock {
+                let dir = restore.as_ref().map(|r| r.dir.as_path());
+                if let Err(e) = landlock_sandbox(
+                    config.as_ref(),
+                    dir,
+                    &allow_path,
+                    api_socket.is_some() && config.is_none(),
+                ) {
+                    eprintln!("tern: {e}");
+                    return ExitCode::from(EXIT_VMM_ERROR);
+                }
+            }
+            if let Err(e) = confine(seccomp) {
+                eprintln!("tern: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+            let api = match socket.map(vmm::api::ApiServer::serve) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    eprintln!("tern: {e}");
+                    return ExitCode::from(EXIT_VMM_ERROR);
+                }
+                None => None,
             };
             match vmm::run(config, api, restore, start) {
                 Ok(exit) => exit_code(&exit),

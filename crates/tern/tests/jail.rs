@@ -253,6 +253,14 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     assert_eq!(status(pid, "Gid"), format!("{GID} {GID} {GID} {GID}"));
     assert_eq!(status(pid, "Groups"), "");
     assert_eq!(status(pid, "NoNewPrivs"), "1");
+    // Every thread has its seccomp filter, and tern was told to close Landlock around itself.
+    assert_eq!(status(pid, "Seccomp"), "2");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.split(|b| *b == 0).any(|a| a == b"--landlock"),
+        "{:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
     assert_eq!(status(pid, "CapEff"), "0000000000000000");
     assert_eq!(status(pid, "CapPrm"), "0000000000000000");
     // PID 1 of its own PID namespace; its own mount, IPC and UTS namespaces.

@@ -130,3 +130,130 @@ fn seccomp_off_leaves_threads_unfiltered_and_a_wrong_mode_is_refused() {
         r.stderr
     );
 }
+
+/// `GET /ping` answers (the API is being served).
+fn api_ready(sock: &std::path::Path) -> bool {
+    matches!(api::client::call(sock, "GET", "/ping", None), Ok((200, _)))
+}
+
+#[test]
+fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_inside() {
+    if !require_kvm("landlock_refuses_a_snapshot_outside_the_allowed_directories") {
+        return;
+    }
+    let dir = Scratch::new("landlock-snapshot");
+    let allowed = dir.path("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let (serial, disk, sock) = (
+        dir.path("serial.txt"),
+        dir.path("disk.raw"),
+        dir.path("api.sock"),
+    );
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let probe = probe();
+    let child = Command::new(tern())
+        .args(["run", "--landlock", "--allow-path", s(&allowed)])
+        .args(["--kernel", s(&probe), "--memory", "64M"])
+        .args(["--cmdline", "probe.run=vblk,count probe.count_ms=30000"])
+        .args(["--serial", &format!("file:{}", s(&serial))])
+        .args(["--disk", &format!("path={}", s(&disk))])
+        .args(["--api-socket", s(&sock)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    wait_until("the API", Duration::from_secs(10), || api_ready(&sock));
+    // The disk named in the configuration works under the sandbox.
+    wait_until("the guest's first tick", Duration::from_secs(30), || {
+        !ticks(&serial).is_empty()
+    });
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.contains("probe: vblk ok"), "{text}");
+
+    let client = |args: &[&str]| run_with_timeout(&tern(), args, Duration::from_secs(30));
+    let r = client(&["pause", "--api-socket", s(&sock)]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let outside = dir.path("outside-snap");
+    let r = client(&[
+        "snapshot",
+        "create",
+        "--api-socket",
+        s(&sock),
+        "--dir",
+        s(&outside),
+    ]);
+    assert_ne!(r.code, Some(0), "{}", r.stdout);
+    assert!(
+        r.stderr.contains(&format!(
+            "{} is outside tern's sandbox (--landlock)",
+            s(&outside)
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(!outside.exists());
+    let inside = allowed.join("snap");
+    let r = client(&[
+        "snapshot",
+        "create",
+        "--api-socket",
+        s(&sock),
+        "--dir",
+        s(&inside),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(inside.join("state.json").exists());
+}
+
+#[test]
+fn landlock_refuses_an_api_configured_path_outside_the_sandbox() {
+    if !require_kvm("landlock_refuses_an_api_configured_path_outside_the_sandbox") {
+        return;
+    }
+    let dir = Scratch::new("landlock-api");
+    let allowed = dir.path("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let sock = dir.path("api.sock");
+    let probe = probe();
+    let probe_dir = probe.parent().unwrap().to_path_buf();
+    let child = Command::new(tern())
+        .args(["run", "--landlock", "--api-socket", s(&sock)])
+        .args(["--allow-path", s(&allowed)])
+        .args(["--allow-path", &format!("{}:ro", s(&probe_dir))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    wait_until("the API", Duration::from_secs(10), || api_ready(&sock));
+    let config = |serial: &std::path::Path| {
+        format!(
+            r#"{{"kernel": "{}", "cmdline": "probe.run=hello", "memory": 64, "serial": "file:{}"}}"#,
+            s(&probe),
+            s(serial)
+        )
+    };
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        api::client::call(&sock, method, path, body).unwrap()
+    };
+    let outside = dir.path("serial.txt");
+    assert_eq!(call("PUT", "/v1/vm", Some(&config(&outside))).0, 204);
+    let (st, body) = call("PUT", "/v1/vm/boot", None);
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        body.contains(&format!("{} is outside tern's sandbox", s(&outside))),
+        "{body}"
+    );
+    assert!(!outside.exists());
+    let inside = allowed.join("serial.txt");
+    assert_eq!(call("PUT", "/v1/vm", Some(&config(&inside))).0, 204);
+    let (st, body) = call("PUT", "/v1/vm/boot", None);
+    assert_eq!(st, 204, "{body}");
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&inside).unwrap();
+    assert!(text.contains("probe: hello ok"), "{text}");
+}

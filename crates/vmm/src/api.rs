@@ -198,10 +198,30 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
     Ok(l)
 }
 
+/// An API socket made but not served yet (see [`ApiServer::bind`]).
+pub struct BoundSocket {
+    path: std::path::PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
 impl ApiServer {
     /// Starts serving on `path`.
     pub fn start(path: &Path) -> Result<Self, String> {
-        let listener = bind(path)?;
+        Self::serve(Self::bind(path)?)
+    }
+
+    /// Makes the socket at `path` (replacing a stale one) without serving it yet: a sandbox
+    /// that forbids making files can close in between.
+    pub fn bind(path: &Path) -> Result<BoundSocket, String> {
+        Ok(BoundSocket {
+            path: path.to_path_buf(),
+            listener: bind(path)?,
+        })
+    }
+
+    /// Serves a socket [`bind`](Self::bind) made, on the API thread.
+    pub fn serve(socket: BoundSocket) -> Result<Self, String> {
+        let BoundSocket { path, listener } = socket;
         let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         let (tx, rx) = mpsc::channel();
         let shared = Shared {
@@ -239,7 +259,7 @@ impl ApiServer {
             })
             .map_err(|e| format!("cannot start the API thread: {e}"))?;
         Ok(ApiServer {
-            path: path.to_path_buf(),
+            path,
             rx,
             evt,
             stop: Some(stop_tx),

@@ -7,6 +7,7 @@ pub mod builder;
 #[cfg(test)]
 mod component_tests;
 pub mod components;
+pub mod confinement;
 pub mod console;
 pub mod control;
 pub mod device_manager;

@@ -90,18 +90,20 @@ pub fn run(
             .and_then(|h| h.join().ok())
             .and_then(Result::ok);
         crate::virtio_devices::probe_disk_formats(&mut config);
-        let built = build(&config, start, restoring.is_some(), shell).and_then(|mut vm| {
-            if let Some(r) = &restoring {
-                vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
-                tracing::info!(
-                    "restored {} ({}) in {:.1} ms",
-                    r.dir.display(),
-                    if r.lazy { "lazy" } else { "eager" },
-                    t0.elapsed().as_secs_f64() * 1e3
-                );
-            }
-            Ok(vm)
-        });
+        let built = crate::confinement::check_config(&config)
+            .and_then(|()| build(&config, start, restoring.is_some(), shell))
+            .and_then(|mut vm| {
+                if let Some(r) = &restoring {
+                    vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
+                    tracing::info!(
+                        "restored {} ({}) in {:.1} ms",
+                        r.dir.display(),
+                        if r.lazy { "lazy" } else { "eager" },
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                Ok(vm)
+            });
         let vm = match built {
             Ok(vm) => vm,
             Err(e) => {

@@ -90,6 +90,7 @@ impl Vm {
         config: &VmConfig,
         diff: bool,
     ) -> Result<(), (u16, String)> {
+        sandbox::landlock::check(dir, true).map_err(|e| (400, e))?;
         if dir.exists() {
             return Err((400, format!("{} already exists", dir.display())));
         }

@@ -271,6 +271,7 @@ pub fn write(
 
 /// Reads and checks the snapshot `opts` name and applies them to its configuration.
 pub fn open(opts: &RestoreOptions) -> Result<Restore, String> {
+    sandbox::landlock::check(&opts.dir, false)?;
     let mut snap = read(&opts.dir)?;
     let c = &mut snap.config;
     for (old, new) in &opts.disk_remap {
