@@ -1,5 +1,6 @@
 //! qcow2 opening: the bytes as an image file probed as qcow2 (header, L1/L2 and
-//! refcount tables, extensions), then a few sectors read from it, as virtio-blk would.
+//! refcount tables, extensions), then a few sectors read from it, as virtio-blk would; and the
+//! backing chain its header names, as the jail and Landlock read it.
 #![no_main]
 use block::{Disk, DiskOptions, ImageFormat, IoSlice};
 use libfuzzer_sys::fuzz_target;
@@ -10,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         .get_or_init(|| tern_fuzz::scratch_dir("qcow2"))
         .join("image.qcow2");
     std::fs::write(&path, data).unwrap();
+    let _ = block::named_backing_files(&path);
     // As a guest-written header is opened: qcow2 by an earlier probe, so whatever the header
     // names is refused rather than opened (the fuzzer must not make it open host files).
     let opened = Disk::open(&DiskOptions {

@@ -83,10 +83,17 @@ fn resolve(image: &Path, named: &str) -> PathBuf {
 /// itself opens its chain through imago. A file that is not qcow2 names none.
 pub fn named_backing_files(image: &Path) -> io::Result<Vec<PathBuf>> {
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
     let mut chain = Vec::new();
     let mut current = image.to_path_buf();
     loop {
-        let mut f = match File::open(&current) {
+        // Non-blocking: a FIFO named as a backing file must not hang the caller.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&current);
+        let mut f = match opened {
+            Ok(f) if !f.metadata()?.is_file() => return Ok(chain),
             Ok(f) => f,
             // A missing backing file is the disk's error to report when it opens.
             Err(e) if current != image && e.kind() == io::ErrorKind::NotFound => return Ok(chain),
