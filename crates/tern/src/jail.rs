@@ -319,19 +319,9 @@ fn plan(command: &[String]) -> Result<Plan> {
 
 /// The files of a snapshot and of the snapshots it is a diff over.
 fn snapshot_files(plan: &mut Plan, dir: &Path, snap: &vmm::snapshot::Snapshot) -> Result<()> {
-    let mut dirs = vec![dir.to_path_buf()];
-    let mut next = snap.parent().map(|p| p.dir.clone());
-    while let Some(d) = next {
-        if dirs.len() > 64 {
-            bail!(
-                "--restore {}: the chain of diff snapshots is too long",
-                dir.display()
-            );
-        }
-        let parent = vmm::snapshot::read(&d).map_err(|e| anyhow!(e))?;
-        next = parent.parent().map(|p| p.dir.clone());
-        dirs.push(d);
-    }
+    let dirs = snap
+        .chain_dirs(dir)
+        .map_err(|e| anyhow!("--restore {}: {e}", dir.display()))?;
     for d in dirs {
         for name in ["state.json", "memory.bin", "dirty.bin"] {
             let f = d.join(name);

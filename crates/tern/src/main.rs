@@ -290,11 +290,11 @@ fn init_logging(level: Option<&str>) {
 
 /// Closes the Landlock sandbox around what `config` names (or, for a VM still to be configured
 /// through the API, only around /dev/kvm, /dev/net/tun and the allowed directories), the
-/// snapshot being restored, and the `--allow-path` directories. Files the serial port or
+/// snapshot being restored (and those it is a diff over), and the `--allow-path` directories. Files the serial port or
 /// console will append to are made now, empty, as making files is not allowed later.
 fn landlock_sandbox(
     config: Option<&VmConfig>,
-    restore_dir: Option<&std::path::Path>,
+    snapshot_dirs: &[std::path::PathBuf],
     allow_path: &[String],
     api_configured: bool,
 ) -> anyhow::Result<()> {
@@ -315,7 +315,7 @@ fn landlock_sandbox(
         }
         allowed.extend(vmm::confinement::config_paths(c));
     }
-    allowed.extend(restore_dir.map(Allowed::read));
+    allowed.extend(snapshot_dirs.iter().map(Allowed::read));
     for a in allow_path {
         let (dir, write) = match a.strip_suffix(":ro") {
             Some(d) => (d, false),
@@ -459,10 +459,17 @@ fn main() -> ExitCode {
                 None => None,
             };
             if landlock {
-                let dir = restore.as_ref().map(|r| r.dir.as_path());
+                let dirs = match restore.as_ref().map(|r| r.snapshot.chain_dirs(&r.dir)) {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        eprintln!("tern: {e}");
+                        return ExitCode::from(EXIT_VMM_ERROR);
+                    }
+                    None => Vec::new(),
+                };
                 if let Err(e) = landlock_sandbox(
                     config.as_ref(),
-                    dir,
+                    &dirs,
                     &allow_path,
                     api_socket.is_some() && config.is_none(),
                 ) {

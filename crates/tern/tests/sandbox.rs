@@ -163,7 +163,7 @@ fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_ins
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let _child = Killed(child);
+    let child = Killed(child);
     wait_until("the API", Duration::from_secs(10), || api_ready(&sock));
     // The disk named in the configuration works under the sandbox.
     wait_until("the guest's first tick", Duration::from_secs(30), || {
@@ -205,6 +205,23 @@ fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_ins
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(inside.join("state.json").exists());
+
+    // The snapshot restores under the sandbox too (its directory, the disk and the serial file
+    // it names are reached; lazily restored memory is mapped from the snapshot's file).
+    drop(child);
+    let before = ticks(&serial).len();
+    let restored = Command::new(tern())
+        .args(["run", "--landlock", "--restore", s(&inside)])
+        .args(["--serial", &format!("file:{}", s(&serial))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _restored = Killed(restored);
+    wait_until("ticks after the restore", Duration::from_secs(30), || {
+        ticks(&serial).len() >= before + 2
+    });
 }
 
 #[test]

@@ -454,6 +454,24 @@ impl Snapshot {
         self.parent.as_ref()
     }
 
+    /// The directories restoring this snapshot (read from `dir`) reads: `dir`, then those of
+    /// the snapshots it is a diff over, newest first (at most 64 in all).
+    pub fn chain_dirs(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+        let mut dirs = vec![dir.to_path_buf()];
+        let mut next = self.parent().map(|p| p.dir.clone());
+        while let Some(d) = next {
+            if dirs.len() >= 64 {
+                return Err(format!(
+                    "snapshot {}: the chain of diff snapshots is longer than 64",
+                    dir.display()
+                ));
+            }
+            next = read(&d)?.parent().map(|p| p.dir.clone());
+            dirs.push(d);
+        }
+        Ok(dirs)
+    }
+
     /// Its state checksum (what a diff snapshot built on it records).
     pub fn state_fnv(&self) -> u64 {
         self.state_fnv
