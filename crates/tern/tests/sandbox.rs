@@ -77,8 +77,8 @@ fn every_thread_of_a_running_tern_is_filtered() {
     let child = Killed(child);
     // Device workers live while the guest's driver uses the device: look at the threads
     // again and again until the counter (after the device scenarios) starts.
-    // The filters are on before the API socket appears.
-    wait_until("the API socket", Duration::from_secs(10), || sock.exists());
+    // The filters are on before the API is served (its socket is made a little earlier).
+    wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
     wait_until("the guest's first tick", Duration::from_secs(60), || {
         for (comm, seccomp, nnp) in threads(child.0.id()) {
@@ -116,7 +116,7 @@ fn seccomp_off_leaves_threads_unfiltered_and_a_wrong_mode_is_refused() {
         .spawn()
         .unwrap();
     let child = Killed(child);
-    wait_until("the API socket", Duration::from_secs(10), || sock.exists());
+    wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     for (comm, seccomp, _) in threads(child.0.id()) {
         assert_eq!(seccomp, "0", "thread {comm} is filtered with --seccomp off");
     }
@@ -164,9 +164,9 @@ fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_ins
         .spawn()
         .unwrap();
     let child = Killed(child);
-    wait_until("the API", Duration::from_secs(10), || api_ready(&sock));
+    wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     // The disk named in the configuration works under the sandbox.
-    wait_until("the guest's first tick", Duration::from_secs(30), || {
+    wait_until("the guest's first tick", Duration::from_secs(60), || {
         !ticks(&serial).is_empty()
     });
     let text = std::fs::read_to_string(&serial).unwrap();
@@ -219,7 +219,7 @@ fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_ins
         .spawn()
         .unwrap();
     let _restored = Killed(restored);
-    wait_until("ticks after the restore", Duration::from_secs(30), || {
+    wait_until("ticks after the restore", Duration::from_secs(60), || {
         ticks(&serial).len() >= before + 2
     });
 }
@@ -245,7 +245,7 @@ fn landlock_refuses_an_api_configured_path_outside_the_sandbox() {
         .spawn()
         .unwrap();
     let mut child = Killed(child);
-    wait_until("the API", Duration::from_secs(10), || api_ready(&sock));
+    wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     let config = |serial: &std::path::Path| {
         format!(
             r#"{{"kernel": "{}", "cmdline": "probe.run=hello", "memory": 64, "serial": "file:{}"}}"#,
