@@ -197,8 +197,10 @@ const SPAWNER: &[Rule] = &[
 /// the API's requests (snapshots), signals. Everything a VMM does, but never a new program, a
 /// process, a mount, a module, another process's memory or privileges.
 const VMM: &[Rule] = &[
-    // KVM, TAP set-up, block device sizes, the terminal.
-    any("ioctl"),
+    when("ioctl", KVM_IOCTLS),
+    // Type 'T' (0x54): TAP set-up (TUNSETIFF, TUNSETOFFLOAD, …), the terminal (TCGETS,
+    // TCSETS), FIONBIO.
+    when("ioctl", &[Arg::MaskedEq(1, 0xff00, 0x5400)]),
     any("openat"),
     any("open"),
     any("creat"),

@@ -344,22 +344,18 @@ fn landlock_sandbox(
     Ok(())
 }
 
-/// Applies the seccomp filters (before any thread of tern starts). With `TERN_SECCOMP_REPORT`
-/// set to a file, violation lines are appended to it too (the test suite counts them there).
-fn confine(mode: sandbox::seccomp::Mode) -> anyhow::Result<()> {
-    let report = match std::env::var_os("TERN_SECCOMP_REPORT") {
-        Some(p) if !p.is_empty() => Some(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&p)
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot open TERN_SECCOMP_REPORT {}: {e}", p.display())
-                })?,
-        ),
-        _ => None,
-    };
-    sandbox::seccomp::install(mode, report).map_err(|e| anyhow::anyhow!("seccomp: {e}"))
+/// Where seccomp violation lines are also appended: `TERN_SECCOMP_REPORT`, when set (the test
+/// suite counts them there). Opened before any sandbox closes.
+fn seccomp_report() -> anyhow::Result<Option<std::fs::File>> {
+    match std::env::var_os("TERN_SECCOMP_REPORT") {
+        Some(p) if !p.is_empty() => std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&p)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("cannot open TERN_SECCOMP_REPORT {}: {e}", p.display())),
+        _ => Ok(None),
+    }
 }
 
 fn main() -> ExitCode {
@@ -384,6 +380,13 @@ fn main() -> ExitCode {
                 eprintln!("tern: --allow-path goes with --landlock");
                 return ExitCode::from(EXIT_USAGE);
             }
+            let report = match seccomp_report() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("tern: {e}");
+                    return ExitCode::from(EXIT_VMM_ERROR);
+                }
+            };
             let restore = match &args.restore {
                 Some(dir) => {
                     // Where the serial port and console write, and which disks and TAPs it
@@ -477,8 +480,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_VMM_ERROR);
                 }
             }
-            if let Err(e) = confine(seccomp) {
-                eprintln!("tern: {e}");
+            if let Err(e) = sandbox::seccomp::install(seccomp, report) {
+                eprintln!("tern: seccomp: {e}");
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
             let api = match socket.map(vmm::api::ApiServer::serve) {
