@@ -163,8 +163,8 @@ const RNG: &[Rule] = &[];
 /// The console's worker: its character device.
 const CONSOLE: &[Rule] = &[any("poll"), any("ppoll")];
 
-/// The API thread: an HTTP server on a Unix socket (tokio on one thread).
-const API: &[Rule] = &[
+/// Serving connections on a socket that is already listening.
+const CONNECTIONS: &[Rule] = &[
     any("accept4"),
     any("recvfrom"),
     any("sendto"),
@@ -173,10 +173,13 @@ const API: &[Rule] = &[
     any("shutdown"),
     any("getsockopt"),
     any("setsockopt"),
-    when("ioctl", &[Arg::Eq(1, libc::FIONBIO)]),
     any("getsockname"),
     any("getpeername"),
 ];
+
+/// The API thread: an HTTP server on a Unix socket (tokio on one thread), with
+/// [`CONNECTIONS`].
+const API: &[Rule] = &[when("ioctl", &[Arg::Eq(1, libc::FIONBIO)])];
 
 /// Terminal input and buffered character output.
 const IO: &[Rule] = &[any("poll"), any("ppoll")];
@@ -271,20 +274,12 @@ const VMM: &[Rule] = &[
     any("tgkill"),
     // Whether the process that left a snapshot's temporary files behind still runs.
     when("kill", &[Arg::Eq(1, 0)]),
+    // Unix sockets only (the API socket, checking a stale one), with CONNECTIONS.
     when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
     any("socketpair"),
     any("bind"),
     any("listen"),
     any("connect"),
-    any("accept4"),
-    any("recvfrom"),
-    any("sendto"),
-    any("recvmsg"),
-    any("sendmsg"),
-    any("shutdown"),
-    any("getsockopt"),
-    any("setsockopt"),
-    any("getsockname"),
     any("prlimit64"),
     any("getrlimit"),
     any("getuid"),
@@ -300,13 +295,13 @@ const VMM: &[Rule] = &[
 /// [`crate::seccomp::role_rules`]).
 pub fn rules(role: Role) -> Vec<Rule> {
     let own: &[&[Rule]] = match role {
-        Role::Vmm => &[VMM, EVENTS],
+        Role::Vmm => &[VMM, CONNECTIONS, EVENTS],
         Role::Vcpu => &[VCPU, EVENTS],
         Role::DeviceWorker(Device::Block) => &[BLOCK, EVENTS],
         Role::DeviceWorker(Device::Net) => &[NET, EVENTS],
         Role::DeviceWorker(Device::Rng) => &[RNG, EVENTS],
         Role::DeviceWorker(Device::Console) => &[CONSOLE, EVENTS],
-        Role::Api => &[API, EVENTS],
+        Role::Api => &[API, CONNECTIONS, EVENTS],
         Role::Io => &[IO],
         Role::Spawner => &[SPAWNER],
     };

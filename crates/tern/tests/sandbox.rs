@@ -14,6 +14,20 @@ use common::*;
 /// Kills the child when dropped.
 struct Killed(Child);
 
+/// Starts `tern run ARGS` in the background, its output discarded.
+fn start(args: &[&str]) -> Killed {
+    Killed(
+        Command::new(tern())
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start tern"),
+    )
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -58,23 +72,24 @@ fn every_thread_of_a_running_tern_is_filtered() {
     );
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
     let probe = probe();
-    let child = Command::new(tern())
-        .args(["run", "--kernel", s(&probe), "--memory", "64M", "--rng"])
-        .args([
-            "--cmdline",
-            "probe.run=vrng,vblkbench,count probe.vrng_bytes=1048576 probe.vblk_ms=1500 \
+    let child = start(&[
+        "--kernel",
+        s(&probe),
+        "--memory",
+        "64M",
+        "--rng",
+        "--cmdline",
+        "probe.run=vrng,vblkbench,count probe.vrng_bytes=1048576 probe.vblk_ms=1500 \
              probe.count_ms=30000",
-        ])
-        .args(["--console", &format!("file:{}", s(&console))])
-        .args(["--serial", &format!("file:{}", s(&serial))])
-        .args(["--disk", &format!("path={}", s(&disk))])
-        .args(["--api-socket", s(&sock)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
+        "--console",
+        &format!("file:{}", s(&console)),
+        "--serial",
+        &format!("file:{}", s(&serial)),
+        "--disk",
+        &format!("path={}", s(&disk)),
+        "--api-socket",
+        s(&sock),
+    ]);
     // Device workers live while the guest's driver uses the device: look at the threads
     // again and again until the counter (after the device scenarios) starts.
     // The filters are on before the API is served (its socket is made a little earlier).
@@ -108,14 +123,7 @@ fn every_thread_of_a_running_tern_is_filtered() {
 fn seccomp_off_leaves_threads_unfiltered_and_a_wrong_mode_is_refused() {
     let dir = Scratch::new("sandbox-off");
     let sock = dir.path("api.sock");
-    let child = Command::new(tern())
-        .args(["run", "--seccomp", "off", "--api-socket", s(&sock)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
+    let child = start(&["--seccomp", "off", "--api-socket", s(&sock)]);
     wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     for (comm, seccomp, _) in threads(child.0.id()) {
         assert_eq!(seccomp, "0", "thread {comm} is filtered with --seccomp off");
@@ -151,19 +159,23 @@ fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_ins
     );
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let probe = probe();
-    let child = Command::new(tern())
-        .args(["run", "--landlock", "--allow-path", s(&allowed)])
-        .args(["--kernel", s(&probe), "--memory", "64M"])
-        .args(["--cmdline", "probe.run=vblk,count probe.count_ms=30000"])
-        .args(["--serial", &format!("file:{}", s(&serial))])
-        .args(["--disk", &format!("path={}", s(&disk))])
-        .args(["--api-socket", s(&sock)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
+    let child = start(&[
+        "--landlock",
+        "--allow-path",
+        s(&allowed),
+        "--kernel",
+        s(&probe),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "probe.run=vblk,count probe.count_ms=30000",
+        "--serial",
+        &format!("file:{}", s(&serial)),
+        "--disk",
+        &format!("path={}", s(&disk)),
+        "--api-socket",
+        s(&sock),
+    ]);
     wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     // The disk named in the configuration works under the sandbox.
     wait_until("the guest's first tick", Duration::from_secs(60), || {
@@ -210,15 +222,13 @@ fn landlock_refuses_a_snapshot_outside_the_allowed_directories_and_takes_one_ins
     // it names are reached; lazily restored memory is mapped from the snapshot's file).
     drop(child);
     let before = ticks(&serial).len();
-    let restored = Command::new(tern())
-        .args(["run", "--landlock", "--restore", s(&inside)])
-        .args(["--serial", &format!("file:{}", s(&serial))])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _restored = Killed(restored);
+    let _restored = start(&[
+        "--landlock",
+        "--restore",
+        s(&inside),
+        "--serial",
+        &format!("file:{}", s(&serial)),
+    ]);
     wait_until("ticks after the restore", Duration::from_secs(60), || {
         ticks(&serial).len() >= before + 2
     });
@@ -235,16 +245,15 @@ fn landlock_refuses_an_api_configured_path_outside_the_sandbox() {
     let sock = dir.path("api.sock");
     let probe = probe();
     let probe_dir = probe.parent().unwrap().to_path_buf();
-    let child = Command::new(tern())
-        .args(["run", "--landlock", "--api-socket", s(&sock)])
-        .args(["--allow-path", s(&allowed)])
-        .args(["--allow-path", &format!("{}:ro", s(&probe_dir))])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = Killed(child);
+    let mut child = start(&[
+        "--landlock",
+        "--api-socket",
+        s(&sock),
+        "--allow-path",
+        s(&allowed),
+        "--allow-path",
+        &format!("{}:ro", s(&probe_dir)),
+    ]);
     wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     let config = |serial: &std::path::Path| {
         format!(
