@@ -134,10 +134,8 @@ const VCPU: &[Rule] = &[
     any("pwrite64"),
 ];
 
-/// A disk's worker: its image through io_uring or plain calls, flushes, discard.
-const BLOCK: &[Rule] = &[
-    any("io_uring_enter"),
-    any("io_uring_register"),
+/// Reading, writing and flushing open files at positions, and looking at them.
+const FILE_IO: &[Rule] = &[
     any("pread64"),
     any("pwrite64"),
     any("preadv"),
@@ -153,6 +151,9 @@ const BLOCK: &[Rule] = &[
     any("newfstatat"),
     any("statx"),
 ];
+
+/// A disk's worker: its image through io_uring or [`FILE_IO`], flushes, discard.
+const BLOCK: &[Rule] = &[any("io_uring_enter"), any("io_uring_register")];
 
 /// A NIC's worker: its TAP device.
 const NET: &[Rule] = &[];
@@ -226,29 +227,15 @@ const VMM: &[Rule] = &[
     any("access"),
     any("faccessat"),
     any("faccessat2"),
-    any("newfstatat"),
-    any("fstat"),
     any("stat"),
     any("lstat"),
-    any("statx"),
     any("statfs"),
     any("fstatfs"),
     any("getdents64"),
     any("getcwd"),
-    any("lseek"),
-    any("pread64"),
-    any("pwrite64"),
-    any("preadv"),
-    any("pwritev"),
-    any("preadv2"),
-    any("pwritev2"),
     any("sendfile"),
     any("copy_file_range"),
-    any("fsync"),
-    any("fdatasync"),
     any("sync_file_range"),
-    any("fallocate"),
-    any("ftruncate"),
     any("flock"),
     any("dup"),
     any("dup2"),
@@ -295,9 +282,9 @@ const VMM: &[Rule] = &[
 /// [`crate::seccomp::role_rules`]).
 pub fn rules(role: Role) -> Vec<Rule> {
     let own: &[&[Rule]] = match role {
-        Role::Vmm => &[VMM, CONNECTIONS, EVENTS],
+        Role::Vmm => &[VMM, FILE_IO, CONNECTIONS, EVENTS],
         Role::Vcpu => &[VCPU, EVENTS],
-        Role::DeviceWorker(Device::Block) => &[BLOCK, EVENTS],
+        Role::DeviceWorker(Device::Block) => &[BLOCK, FILE_IO, EVENTS],
         Role::DeviceWorker(Device::Net) => &[NET, EVENTS],
         Role::DeviceWorker(Device::Rng) => &[RNG, EVENTS],
         Role::DeviceWorker(Device::Console) => &[CONSOLE, EVENTS],
