@@ -421,6 +421,47 @@ mod tests {
     }
 
     #[test]
+    fn tern_is_told_the_vcpu_cgroup_descriptors_and_landlock() {
+        let cli = super::super::Cli::try_parse_from([
+            "tern",
+            "jail",
+            "--id",
+            "a",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+            "--chroot-base",
+            "/srv",
+            "--",
+            "run",
+            "--kernel",
+            "/k",
+        ])
+        .unwrap();
+        let super::super::Command::Jail(j) = cli.cmd else {
+            unreachable!()
+        };
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let n = fd.as_raw_fd();
+        let want = [
+            "run",
+            &format!("--vcpu-cgroup-fd={n}"),
+            "--landlock",
+            "--kernel",
+            "/k",
+        ];
+        assert_eq!(run_command(&j, &[fd]), want);
+        // And tern's parser takes what the jailer writes.
+        let run = std::iter::once("tern").chain(want.iter().copied());
+        let super::super::Command::Run(r) = super::super::Cli::try_parse_from(run).unwrap().cmd
+        else {
+            unreachable!()
+        };
+        assert_eq!(r.vcpu_cgroup_fd, [n]);
+    }
+
+    #[test]
     fn limits() {
         let l = resource_limits(&["fsize=10".into(), "no-file=64".into()]).unwrap();
         assert_eq!(
