@@ -176,10 +176,17 @@ pub fn apply(settings: &[Setting], version: Version, id: &str) -> Result<Vec<Own
                 inherit(&tern, &leaf, f)?;
             }
         }
-        if g.of(true).next().is_some() {
-            threads.push(vcpus(g, &leaf)?);
+        // vcpus is made before tern/ID's values are written (cgroup.max.depth=0, say, would
+        // forbid it) and given its own after them (v1 refuses a parent a CPU quota or cpuset
+        // smaller than its child's).
+        let vcpus = g.of(true).next().is_some();
+        if vcpus {
+            make_vcpus(g, &leaf)?;
         }
         write_settings(&leaf, g.of(false))?;
+        if vcpus {
+            threads.push(fill_vcpus(g, &leaf)?);
+        }
         leaves.push(leaf);
     }
     let pid = std::process::id().to_string();
@@ -202,9 +209,8 @@ fn not_threaded(s: &Setting) -> String {
     )
 }
 
-/// Makes `leaf/vcpus` (in v2 a threaded cgroup, with the controllers enabled for it), writes
-/// the `--vcpu-cgroup` settings and opens its thread list for tern.
-fn vcpus(g: &Group, leaf: &Path) -> Result<OwnedFd> {
+/// Makes `leaf/vcpus`: in v2 a threaded cgroup, with its controllers enabled for it.
+fn make_vcpus(g: &Group, leaf: &Path) -> Result<()> {
     let dir = leaf.join("vcpus");
     mkdir(&dir)?;
     if g.v2 {
@@ -215,7 +221,14 @@ fn vcpus(g: &Group, leaf: &Path) -> Result<OwnedFd> {
         for c in Group::controllers(g.of(true)) {
             enable(leaf, c)?;
         }
-    } else if g.of(true).any(|s| s.controller == "cpuset") {
+    }
+    Ok(())
+}
+
+/// Writes the `--vcpu-cgroup` settings to `leaf/vcpus` and opens its thread list for tern.
+fn fill_vcpus(g: &Group, leaf: &Path) -> Result<OwnedFd> {
+    let dir = leaf.join("vcpus");
+    if !g.v2 && g.of(true).any(|s| s.controller == "cpuset") {
         for f in ["cpuset.cpus", "cpuset.mems"] {
             inherit(leaf, &dir, f)?;
         }

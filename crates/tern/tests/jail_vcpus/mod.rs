@@ -38,22 +38,35 @@ fn threads(pid: u32) -> Vec<(u32, String)> {
     out
 }
 
-/// Boots a 2-vCPU probe jailed with `flags` (which place the vCPU threads) and checks that
-/// while it runs, the cgroup `tern/ID/vcpus` that `pick` chooses from /proc/PID/cgroup lists
-/// in `list` every `tern-vcpuN` thread and no other thread of tern's, and that each (file,
-/// value) of `reads` reads back.
-fn vcpu_threads_are_placed(
-    test: &str,
-    flags: &[&str],
-    pick: impl Fn(&str) -> bool,
-    list: &str,
-    reads: &[(&str, &str)],
-) {
+/// A hierarchy the vCPU threads are placed in: the /proc/PID/cgroup line `pick` chooses, the
+/// thread list of its `vcpus` cgroup, and (file, value) pairs that must read back in
+/// `tern/ID/vcpus` and in `tern/ID`.
+struct Place<'a> {
+    pick: fn(&str) -> bool,
+    list: &'a str,
+    vcpus: &'a [(&'a str, &'a str)],
+    vm: &'a [(&'a str, &'a str)],
+}
+
+/// Whether /proc/PID/cgroup's controller list `c` has `name`.
+fn has(c: &str, name: &str) -> bool {
+    c.split(',').any(|c| c == name)
+}
+
+/// The name of a vCPU thread: tern-vcpuN.
+fn is_vcpu(name: &str) -> bool {
+    name.strip_prefix("tern-vcpu")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Boots a 2-vCPU probe jailed with `flags` (which place the vCPU threads) and checks, while
+/// it runs, each of `places`: its `tern/ID/vcpus` lists every `tern-vcpuN` thread and no other
+/// thread of tern's, and the values read back.
+fn vcpu_threads_are_placed(test: &str, version: u8, flags: &[&str], places: &[Place]) {
     let dir = Scratch::new(test);
     let base = dir.path("base");
     std::fs::create_dir(&base).unwrap();
     let serial = dir.path("serial.log");
-    let version = if list == "tasks" { 1 } else { 2 };
     let id = format!("vcpus-v{version}-{}", std::process::id());
     let kernel = probe();
     let mut child = jail_cmd(
@@ -81,56 +94,60 @@ fn vcpu_threads_are_placed(
     wait_until("the guest's first tick", Duration::from_secs(20), || {
         !ticks(&serial).is_empty()
     });
-    let vm = cgroup_dir(pid, &pick).expect("the VM's cgroup");
-    assert!(vm.ends_with(format!("tern/{id}")), "{}", vm.display());
-    let vcpus = vm.join("vcpus");
-    let listed = || -> BTreeSet<u32> {
-        std::fs::read_to_string(vcpus.join(list))
-            .unwrap()
-            .lines()
-            .map(|l| l.trim().parse().unwrap())
-            .collect()
-    };
-    let is_vcpu = |name: &str| {
-        name.strip_prefix("tern-vcpu")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    };
     let want: BTreeSet<u32> = threads(pid)
         .iter()
         .filter(|(_, n)| is_vcpu(n))
         .map(|(t, _)| *t)
         .collect();
     assert_eq!(want.len(), 2, "{:?}", threads(pid));
-    // Each vCPU thread moves itself as it starts: give the second a moment.
-    wait_until("the vCPU threads in vcpus", Duration::from_secs(10), || {
-        want.is_subset(&listed())
-    });
-    let got = listed();
-    for (tid, name) in threads(pid) {
-        // KVM's own worker threads (e.g. kvm-nx-lpage-recovery) follow the vCPU that starts
-        // them; tern's threads are named tern*.
-        if name.starts_with("tern") && !is_vcpu(&name) {
-            assert!(
-                !got.contains(&tid),
-                "{name} ({tid}) is in {}",
-                vcpus.display()
-            );
-        }
-    }
     assert!(threads(pid).iter().any(|(_, n)| n == "tern-spawner"));
-    for (file, value) in reads {
-        let read = std::fs::read_to_string(vcpus.join(file)).unwrap();
-        assert_eq!(read.trim(), *value, "{file}");
+    let mut made = Vec::new();
+    for place in places {
+        let vm = cgroup_dir(pid, place.pick).expect("the VM's cgroup");
+        assert!(vm.ends_with(format!("tern/{id}")), "{}", vm.display());
+        let vcpus = vm.join("vcpus");
+        let listed = || -> BTreeSet<u32> {
+            std::fs::read_to_string(vcpus.join(place.list))
+                .unwrap()
+                .lines()
+                .map(|l| l.trim().parse().unwrap())
+                .collect()
+        };
+        // Each vCPU thread moves itself as it starts: give the second a moment.
+        wait_until("the vCPU threads in vcpus", Duration::from_secs(10), || {
+            want.is_subset(&listed())
+        });
+        let got = listed();
+        for (tid, name) in threads(pid) {
+            // KVM's own worker threads (e.g. kvm-nx-lpage-recovery) follow the vCPU that
+            // starts them; tern's threads are named tern*.
+            if name.starts_with("tern") && !is_vcpu(&name) {
+                assert!(!got.contains(&tid), "{name} ({tid}) in {}", vcpus.display());
+            }
+        }
+        for (d, reads) in [(&vcpus, place.vcpus), (&vm, place.vm)] {
+            for (file, value) in reads {
+                let read = std::fs::read_to_string(d.join(file)).unwrap();
+                assert_eq!(read.trim(), *value, "{}", d.join(file).display());
+            }
+        }
+        made.push(vm);
     }
-    // And tern was told where, with a descriptor the jailer opened.
+    // tern was told where, with descriptors the jailer opened.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(args.contains("--vcpu-cgroup-fd="), "{args}");
+    assert_eq!(
+        args.matches("--vcpu-cgroup-fd=").count(),
+        places.len(),
+        "{args}"
+    );
     let (code, err) = finish(child, Duration::from_secs(60));
     assert_eq!(code, Some(0), "stderr: {err}");
     assert!(!err.contains("stays out of its cgroup"), "{err}");
-    let _ = std::fs::remove_dir(&vcpus);
-    remove_cgroup(&vm);
+    for vm in made {
+        let _ = std::fs::remove_dir(vm.join("vcpus"));
+        remove_cgroup(&vm);
+    }
 }
 
 #[test]
@@ -139,21 +156,60 @@ fn vcpu_threads_run_in_a_cgroup_v1_of_their_own() {
     if !require_root(test) || !require_kvm(test) {
         return;
     }
-    let v1_cpu = |fs: &str, o: &str| fs == "cgroup" && o.split(',').any(|c| c == "cpu");
-    if mounted(v1_cpu).is_none() {
-        return skip(test, "a cgroup v1 hierarchy with the cpu controller");
-    }
+    let v1 = |name: &'static str| mounted(move |fs, o| fs == "cgroup" && has(o, name));
+    let (Some(_), Some(cpuset)) = (v1("cpu"), v1("cpuset")) else {
+        return skip(
+            test,
+            "cgroup v1 hierarchies with the cpu and cpuset controllers",
+        );
+    };
+    // The first CPU the VM's cpuset will have (its parent's, the jailer's, which is ours).
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own
+        .lines()
+        .find_map(|l| l.split_once(":cpuset:").map(|(_, p)| p.to_string()))
+        .unwrap();
+    let cpus = std::fs::read_to_string(
+        cpuset
+            .join(path.trim_start_matches('/'))
+            .join("cpuset.cpus"),
+    );
+    let cpus = cpus.unwrap();
+    let first: String = cpus
+        .trim()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let pin = format!("cpuset.cpus={first}");
+    // A quota for the VM and a smaller one for its vCPUs (v1 refuses a child a quota above its
+    // parent's: the jailer writes the VM's first), and the vCPUs on one CPU.
     vcpu_threads_are_placed(
         test,
+        1,
         &[
             "--cgroup-version",
             "1",
-            "--vcpu-cgroup",
+            "--cgroup",
             "cpu.cfs_quota_us=50000",
+            "--vcpu-cgroup",
+            "cpu.cfs_quota_us=40000",
+            "--vcpu-cgroup",
+            &pin,
         ],
-        |c| c.split(',').any(|c| c == "cpu"),
-        "tasks",
-        &[("cpu.cfs_quota_us", "50000")],
+        &[
+            Place {
+                pick: |c| has(c, "cpu"),
+                list: "tasks",
+                vcpus: &[("cpu.cfs_quota_us", "40000")],
+                vm: &[("cpu.cfs_quota_us", "50000")],
+            },
+            Place {
+                pick: |c| has(c, "cpuset"),
+                list: "tasks",
+                vcpus: &[("cpuset.cpus", &first)],
+                vm: &[("cpuset.cpus", cpus.trim())],
+            },
+        ],
     );
 }
 
@@ -178,10 +234,14 @@ fn vcpu_threads_run_in_a_threaded_cgroup_v2_of_their_own() {
     };
     vcpu_threads_are_placed(
         test,
+        2,
         &["--cgroup-version", "2", "--vcpu-cgroup", flag],
-        str::is_empty,
-        "cgroup.threads",
-        &[("cgroup.type", "threaded"), (file, value)],
+        &[Place {
+            pick: str::is_empty,
+            list: "cgroup.threads",
+            vcpus: &[("cgroup.type", "threaded"), (file, value)],
+            vm: &[("cgroup.type", "domain threaded")],
+        }],
     );
 }
 
