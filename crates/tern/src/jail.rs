@@ -6,10 +6,11 @@
 //! to learn which host files the VM needs, builds `DIR/tern/ID/root` holding only those files
 //! at the same absolute paths (hard links, or read-only-where-possible bind mounts across file
 //! systems), the device nodes and tern itself with its shared libraries ([`tree`]), places the
-//! process in `tern/ID` cgroups ([`cgroup`]), sets rlimits, joins `--netns`, enters new mount,
-//! IPC, UTS and (by default) PID namespaces, `pivot_root`s into the jail, sets
-//! `PR_SET_NO_NEW_PRIVS`, drops supplementary groups, becomes `--uid`:`--gid` and execs tern
-//! with `run ARGS…` and an empty environment ([`sys`]).
+//! process in `tern/ID` cgroups and opens the thread lists of `tern/ID/vcpus` for tern's vCPU
+//! threads ([`cgroup`]), sets rlimits, joins `--netns`, enters new mount, IPC, UTS and (by
+//! default) PID namespaces, `pivot_root`s into the jail, sets `PR_SET_NO_NEW_PRIVS`, drops
+//! supplementary groups, becomes `--uid`:`--gid` and execs tern with `run ARGS…` (and
+//! `--vcpu-cgroup-fd N` for those thread lists) and an empty environment ([`sys`]).
 //!
 //! Hand-written on libc rather than a container runtime crate: the jailer is a few dozen
 //! system calls in a fixed order, each of which has to be checked and explained, and it has to
@@ -60,8 +61,8 @@ pub struct JailArgs {
     /// pids files only).
     #[arg(long, value_name = "FILE=VALUE")]
     vcpu_cgroup: Vec<String>,
-    /// Which cgroup hierarchy the --cgroup and --vcpu-cgroup files are in: 1, 2, or auto (v2 where the
-    /// controller is enabled there, else v1).
+    /// Which cgroup hierarchy the --cgroup and --vcpu-cgroup files are in: 1, 2, or auto (v2
+    /// where the controller is enabled there, else v1).
     #[arg(long, value_name = "VERSION", default_value = "auto", value_parser = ["1", "2", "auto"])]
     cgroup_version: String,
     /// An rlimit for tern (repeatable): no-file=N (default 2048) or fsize=BYTES.
