@@ -6,10 +6,11 @@
 //! to learn which host files the VM needs, builds `DIR/tern/ID/root` holding only those files
 //! at the same absolute paths (hard links, or read-only-where-possible bind mounts across file
 //! systems), the device nodes and tern itself with its shared libraries ([`tree`]), places the
-//! process in `tern/ID` cgroups ([`cgroup`]), sets rlimits, joins `--netns`, enters new mount,
-//! IPC, UTS and (by default) PID namespaces, `pivot_root`s into the jail, sets
-//! `PR_SET_NO_NEW_PRIVS`, drops supplementary groups, becomes `--uid`:`--gid` and execs tern
-//! with `run ARGS…` and an empty environment ([`sys`]).
+//! process in `tern/ID` cgroups and opens the thread lists of `tern/ID/vcpus` for tern's vCPU
+//! threads ([`cgroup`]), sets rlimits, joins `--netns`, enters new mount, IPC, UTS and (by
+//! default) PID namespaces, `pivot_root`s into the jail, sets `PR_SET_NO_NEW_PRIVS`, drops
+//! supplementary groups, becomes `--uid`:`--gid` and execs tern with `run ARGS…` (and
+//! `--vcpu-cgroup-fd N` for those thread lists) and an empty environment ([`sys`]).
 //!
 //! Hand-written on libc rather than a container runtime crate: the jailer is a few dozen
 //! system calls in a fixed order, each of which has to be checked and explained, and it has to
@@ -19,6 +20,7 @@ mod cgroup;
 mod sys;
 mod tree;
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -53,8 +55,14 @@ pub struct JailArgs {
     /// (v2) or cpu.cfs_quota_us=50000 (v1). The controller is FILE's prefix.
     #[arg(long, value_name = "FILE=VALUE")]
     cgroup: Vec<String>,
-    /// Which cgroup hierarchy the --cgroup files are in: 1, 2, or auto (v2 where the
-    /// controller is enabled there, else v1).
+    /// Write VALUE to FILE of the cgroup tern/ID/vcpus (repeatable), which tern's vCPU threads
+    /// join (its other threads stay in tern/ID), e.g. cpu.cfs_quota_us=50000 (v1) or
+    /// cpu.max=50000 100000 (v2, where tern/ID/vcpus is threaded: cpu, cpuset, perf_event and
+    /// pids files only).
+    #[arg(long, value_name = "FILE=VALUE")]
+    vcpu_cgroup: Vec<String>,
+    /// Which cgroup hierarchy the --cgroup and --vcpu-cgroup files are in: 1, 2, or auto (v2
+    /// where the controller is enabled there, else v1).
     #[arg(long, value_name = "VERSION", default_value = "auto", value_parser = ["1", "2", "auto"])]
     cgroup_version: String,
     /// An rlimit for tern (repeatable): no-file=N (default 2048) or fsize=BYTES.
@@ -141,10 +149,9 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("tern jail must run as root (it creates namespaces, device nodes and cgroups)");
     }
-    let cgroups = args
-        .cgroup
-        .iter()
-        .map(|s| cgroup::Setting::parse(s))
+    let cgroups = (args.cgroup.iter().map(|s| (s, false)))
+        .chain(args.vcpu_cgroup.iter().map(|s| (s, true)))
+        .map(|(s, vcpu)| cgroup::Setting::parse(s, vcpu))
         .collect::<Result<Vec<_>>>()?;
     let version = match args.cgroup_version.as_str() {
         "1" => cgroup::Version::V1,
@@ -166,7 +173,7 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
     // Until the jail's mounts exist, a failure removes what was built, so that the id can be
     // used again.
     let prepared = prepare(&args, &mut jail, &plan, &cgroups, version, &limits, netns);
-    let (cwd, devnull) = match prepared {
+    let (cwd, devnull, vcpu_fds) = match prepared {
         Ok(p) => p,
         Err(e) => {
             jail.remove();
@@ -176,7 +183,8 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
     let pid_dir = jail.jail_dir_fd()?;
     jail.mount_and_pivot(&cwd)?;
 
-    let exec = sys::Exec::new(&jail.tern_path, &run_command(&args), args.uid, args.gid)?;
+    let command = run_command(&args, &vcpu_fds);
+    let exec = sys::Exec::new(&jail.tern_path, &command, args.uid, args.gid)?;
     if args.no_new_pid_ns && !args.daemonize {
         // tern becomes this process.
         sys::write_pid_file(&pid_dir, std::process::id() as i32)?;
@@ -187,7 +195,8 @@ fn jail(args: JailArgs) -> Result<ExitCode> {
 }
 
 /// Fills the jail, applies cgroups and rlimits, joins the network namespace and enters the new
-/// namespaces: returns the directory tern starts in and, for a daemon, /dev/null.
+/// namespaces: returns the directory tern starts in, for a daemon /dev/null, and the thread
+/// lists of the vCPU cgroups (inherited by tern).
 fn prepare(
     args: &JailArgs,
     jail: &mut tree::Tree,
@@ -195,8 +204,8 @@ fn prepare(
     cgroups: &[cgroup::Setting],
     version: cgroup::Version,
     limits: &[(sys::Resource, u64)],
-    netns: Option<std::os::fd::OwnedFd>,
-) -> Result<(PathBuf, Option<std::os::fd::OwnedFd>)> {
+    netns: Option<OwnedFd>,
+) -> Result<(PathBuf, Option<OwnedFd>, Vec<OwnedFd>)> {
     jail.populate(plan)?;
     let cwd = if plan.relative {
         let cwd = std::env::current_dir().context("the current directory")?;
@@ -205,7 +214,7 @@ fn prepare(
     } else {
         PathBuf::from("/")
     };
-    cgroup::apply(cgroups, version, &args.id)?;
+    let vcpu_fds = cgroup::apply(cgroups, version, &args.id)?;
     for (resource, value) in limits {
         sys::set_rlimit(*resource, *value)?;
     }
@@ -219,7 +228,7 @@ fn prepare(
     } else {
         None
     };
-    Ok((cwd, devnull))
+    Ok((cwd, devnull, vcpu_fds))
 }
 
 /// An id is 1 to 64 ASCII letters, digits and '-' (it becomes a directory and cgroup name).
@@ -258,11 +267,14 @@ fn resource_limits(specs: &[String]) -> Result<Vec<(sys::Resource, u64)>> {
 }
 
 /// The `run ARGS` tern is started with: as given, plus `--landlock` unless it is there
-/// already or `--no-landlock` was given.
-fn run_command(args: &JailArgs) -> Vec<String> {
+/// already or `--no-landlock` was given, and `--vcpu-cgroup-fd N` for each of `vcpu_fds`.
+fn run_command(args: &JailArgs, vcpu_fds: &[OwnedFd]) -> Vec<String> {
     let mut command = args.command.clone();
     if !args.no_landlock && !command.iter().any(|a| a == "--landlock") {
         command.insert(1, "--landlock".to_string());
+    }
+    for fd in vcpu_fds {
+        command.insert(1, format!("--vcpu-cgroup-fd={}", fd.as_raw_fd()));
     }
     command
 }
@@ -407,6 +419,47 @@ mod tests {
         assert!(!parse(&["--no-new-pid-ns"]));
         assert!(parse(&["--no-new-pid-ns", "--new-pid-ns"]));
         assert!(!parse(&["--new-pid-ns", "--no-new-pid-ns"]));
+    }
+
+    #[test]
+    fn tern_is_told_the_vcpu_cgroup_descriptors_and_landlock() {
+        let cli = super::super::Cli::try_parse_from([
+            "tern",
+            "jail",
+            "--id",
+            "a",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+            "--chroot-base",
+            "/srv",
+            "--",
+            "run",
+            "--kernel",
+            "/k",
+        ])
+        .unwrap();
+        let super::super::Command::Jail(j) = cli.cmd else {
+            unreachable!()
+        };
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let n = fd.as_raw_fd();
+        let want = [
+            "run",
+            &format!("--vcpu-cgroup-fd={n}"),
+            "--landlock",
+            "--kernel",
+            "/k",
+        ];
+        assert_eq!(run_command(&j, &[fd]), want);
+        // And tern's parser takes what the jailer writes.
+        let run = std::iter::once("tern").chain(want.iter().copied());
+        let super::super::Command::Run(r) = super::super::Cli::try_parse_from(run).unwrap().cmd
+        else {
+            unreachable!()
+        };
+        assert_eq!(r.vcpu_cgroup_fd, [n]);
     }
 
     #[test]

@@ -184,6 +184,10 @@ struct RunArgs {
     /// (repeatable), e.g. where snapshots go.
     #[arg(long, value_name = "DIR[:ro]")]
     allow_path: Vec<String>,
+    /// An open cgroup thread list (v1 tasks, v2 cgroup.threads) each vCPU thread writes its id
+    /// to (repeatable); tern jail --vcpu-cgroup passes it.
+    #[arg(long, value_name = "FD")]
+    vcpu_cgroup_fd: Vec<i32>,
 }
 
 impl RunArgs {
@@ -387,6 +391,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_VMM_ERROR);
                 }
             };
+            if let Err(e) = vmm::vcpu_cgroups::set(&args.vcpu_cgroup_fd) {
+                eprintln!("tern: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             let restore = match &args.restore {
                 Some(dir) => {
                     // Where the serial port and console write, and which disks and TAPs it

@@ -374,6 +374,16 @@ fn bad_input_gets_one_clear_line() {
     assert!(r.stderr.contains("--memory"), "{}", r.stderr);
     let r = tern_run(&["--kernel", s(&k), "--serial", "tcp:1"], T);
     assert_eq!(r.code, Some(2));
+    // A vCPU cgroup descriptor (tern jail passes them) that is not open: one line, status 2.
+    let r = tern_run(&["--kernel", s(&k), "--vcpu-cgroup-fd", "99"], T);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("tern: --vcpu-cgroup-fd 99: not an open descriptor"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

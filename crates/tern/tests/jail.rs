@@ -4,6 +4,7 @@
 //! one line.
 
 mod common;
+mod jail_vcpus;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

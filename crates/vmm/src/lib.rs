@@ -24,6 +24,7 @@ pub mod snapshot;
 pub mod states;
 pub mod terminal;
 pub mod vcpu;
+pub mod vcpu_cgroups;
 pub mod vcpus;
 pub mod virtio_devices;
 pub mod vm;

@@ -45,6 +45,7 @@ impl VcpuComponent {
     fn start(&mut self) -> Result<(), VmmError> {
         if let Some(v) = self.vcpu.take() {
             let t = spawn(Role::Vcpu, &format!("tern-vcpu{}", self.id), move || {
+                crate::vcpu_cgroups::join();
                 v.run()
             })
             .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
