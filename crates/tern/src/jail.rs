@@ -7,7 +7,8 @@
 //! at the same absolute paths (hard links, or read-only-where-possible bind mounts across file
 //! systems), the device nodes and tern itself with its shared libraries ([`tree`]), places the
 //! process in `tern/ID` cgroups ([`cgroup`]), sets rlimits, joins `--netns`, enters new mount,
-//! IPC, UTS and (by default) PID namespaces, `pivot_root`s into the jail, sets
+//! IPC, UTS and (by default) PID namespaces, `pivot_root`s into the jail (where the root is
+//! the initramfs: moves the jail onto `/` and `chroot`s, see [`sys::pivot_into`]), sets
 //! `PR_SET_NO_NEW_PRIVS`, drops supplementary groups, becomes `--uid`:`--gid` and execs tern
 //! with `run ARGS…` and an empty environment ([`sys`]).
 //!
