@@ -161,6 +161,7 @@ expect exit "tern jail's exit status (tern's)" "$rc" "0"
 if grep -q TERN-GUEST-INIT-REACHED "$OUT" && grep -q TERN-GUEST-UPTIME= "$OUT"; then
     pass guest "the guest reached its init and powered off"
 else
-    fail guest "no TERN-GUEST-INIT-REACHED / TERN-GUEST-UPTIME= in tern's output"
+    # (Not naming the markers here: the rig would find them in this line.)
+    fail guest "the guest's init-reached and uptime lines are missing from tern's output"
 fi
 finish
