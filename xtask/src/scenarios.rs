@@ -343,6 +343,42 @@ pub fn debian_scenarios() -> Vec<Scenario> {
     ]
 }
 
+/// The checks `xtask/l1/scenarios/jail.sh` reports (`TERN-JAIL-PASS <check>:`), listed so a
+/// script that silently skips one fails.
+const JAIL_CHECKS: &[&str] = &[
+    "started",
+    "uid",
+    "gid",
+    "groups",
+    "no-new-privs",
+    "caps",
+    "comm",
+    "root",
+    "root-content",
+    "cgroup",
+    "cgroup-procs",
+    "memory-max",
+    "pids-max",
+    "threads",
+    "pids-current",
+    "exit",
+    "guest",
+];
+
+/// The jailed boot: every check of `jail.sh` passed, none failed, its final `TERN-JAIL-OK`,
+/// and the guest booted and powered off as in [`boots_and_powers_off`].
+fn jail_checks_pass() -> Expect {
+    let mut e = boots_and_powers_off(1);
+    e.require.extend(
+        JAIL_CHECKS
+            .iter()
+            .map(|c| format!("TERN-JAIL-PASS {c}:"))
+            .chain(["TERN-JAIL-OK".to_string()]),
+    );
+    e.forbid.push("TERN-JAIL-FAIL".to_string());
+    e
+}
+
 /// What a virtio-blk case of `xtask/l1/scenarios/blk.sh` must report: every named check passed
 /// (`TERN-BLK-PASS <case>/<check>:`), none failed, the script's final `TERN-BLK-OK <case>`, and
 /// a clean guest. The checks are listed here so a script that silently skips one fails.
@@ -715,6 +751,16 @@ pub fn all() -> Vec<Scenario> {
                 ]),
                 forbid: strings(&["Kernel panic", "TERN-GUEST-ERROR", "did not power off"]),
             },
+            ..DEFAULT
+        },
+        // The jailer: `xtask/l1/scenarios/jail.sh` boots this guest under `tern jail` (an
+        // unprivileged uid/gid, a chroot, a cgroup with limits) and reads all of that back
+        // while tern runs.
+        Scenario {
+            name: "tern-jail",
+            l1_script: Some(&["jail.sh"]),
+            timeout_secs: 150,
+            expect: jail_checks_pass(),
             ..DEFAULT
         },
         // The control API: tern's client verbs pause, resume and inspect the VM, and
@@ -1108,6 +1154,37 @@ mod tests {
         assert!(script.contains("rig.action=script:snapshot-workload"));
         let guest = include_str!("../guest/scenarios/snapshot-workload.sh");
         assert!(guest.contains("TERN-SNAP-PROGRESS") && guest.contains("TERN-SNAP-DONE"));
+    }
+
+    #[test]
+    fn jail_scenario_lists_every_check_its_script_reports() {
+        let all = all();
+        let s = all.iter().find(|s| s.name == "tern-jail").unwrap();
+        assert!(s.in_group("core"));
+        assert_eq!(
+            s.argv_template()[..5],
+            ["/bin/sh", "/rig/l1/jail.sh", "--", "{tern}", "run"]
+        );
+        assert_eq!(s.action, "poweroff");
+        assert_eq!(s.cpus, 1);
+        let script = include_str!("../l1/scenarios/jail.sh");
+        for check in JAIL_CHECKS {
+            // Reported by `expect ID ...`, `pass ID ...` or `fail ID ...`.
+            let found = ["expect", "pass", "fail"]
+                .iter()
+                .any(|f| script.contains(&format!("{f} {check} ")));
+            assert!(found, "jail.sh never reports {check}");
+        }
+        for r in [
+            "TERN-JAIL-PASS exit:",
+            "TERN-JAIL-PASS guest:",
+            "TERN-JAIL-OK",
+        ] {
+            assert!(s.expect.require.contains(&r.to_string()), "{r}");
+        }
+        assert!(s.expect.forbid.contains(&"TERN-JAIL-FAIL".to_string()));
+        // The script runs tern under tern jail as the unprivileged 10123 with cgroup limits.
+        assert!(script.contains("\"$tern\" jail --id") && script.contains("JUID=10123"));
     }
 
     #[test]

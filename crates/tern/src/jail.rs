@@ -8,9 +8,11 @@
 //! systems), the device nodes and tern itself with its shared libraries ([`tree`]), places the
 //! process in `tern/ID` cgroups and opens the thread lists of `tern/ID/vcpus` for tern's vCPU
 //! threads ([`cgroup`]), sets rlimits, joins `--netns`, enters new mount, IPC, UTS and (by
-//! default) PID namespaces, `pivot_root`s into the jail, sets `PR_SET_NO_NEW_PRIVS`, drops
-//! supplementary groups, becomes `--uid`:`--gid` and execs tern with `run ARGS…` (and
-//! `--vcpu-cgroup-fd N` for those thread lists) and an empty environment ([`sys`]).
+//! default) PID namespaces, `pivot_root`s into the jail (where the root is the initramfs:
+//! moves the jail onto `/` and `chroot`s, see [`sys::pivot_into`]), sets
+//! `PR_SET_NO_NEW_PRIVS`, drops supplementary groups, becomes `--uid`:`--gid` and execs tern
+//! with `run ARGS…` (and `--vcpu-cgroup-fd N` for those thread lists) and an empty environment
+//! ([`sys`]).
 //!
 //! Hand-written on libc rather than a container runtime crate: the jailer is a few dozen
 //! system calls in a fixed order, each of which has to be checked and explained, and it has to

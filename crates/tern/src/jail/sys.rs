@@ -4,8 +4,8 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{Error, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -250,15 +250,115 @@ pub fn bind_fd(fd: &OwnedFd, target: &Path, readonly: bool) -> Result<()> {
 }
 
 /// `pivot_root` into `root`, detaching the old root, then `chdir(cwd)`.
+///
+/// `pivot_root` refuses (EINVAL) when the current root is the initramfs (`rootfs`), which can
+/// be neither unmounted nor pivoted away: a system running from its initramfs, like the nested
+/// rig's L1. Only then, and only when "/" really is `rootfs`, the jail does what container
+/// runtimes do for that case ([`move_root`]).
 pub fn pivot_into(root: &Path, cwd: &Path) -> Result<()> {
     std::env::set_current_dir(root).with_context(|| format!("chdir {}", root.display()))?;
     // SAFETY: pivot_root(".", ".") stacks the old root on the new one (both NUL-terminated).
     let r = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
-    check(r, || "pivot_root".into())?;
-    // SAFETY: detaches the old root, now mounted on top of "/".
-    let r = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-    check(r.into(), || "unmounting the old root".into())?;
+    if r == -1 {
+        let e = Error::last_os_error();
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
+        if e.raw_os_error() != Some(libc::EINVAL) || !root_is_rootfs(&mountinfo) {
+            bail!("pivot_root: {e}");
+        }
+        move_root(root, &mountinfo)?;
+    } else {
+        // SAFETY: detaches the old root, now mounted on top of "/".
+        let r = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+        check(r.into(), || "unmounting the old root".into())?;
+    }
     std::env::set_current_dir(cwd).with_context(|| format!("chdir {} in the jail", cwd.display()))
+}
+
+/// The fallback for a `rootfs` root (the current directory is `root`, the jail's own bind
+/// mount, in this process's private mount namespace), as container runtimes do it:
+/// `mount(root, "/", MS_MOVE); chroot("."); chdir("/")`. Between the move and the `chroot`,
+/// every other mount of the namespace (the host's /proc, /sys, /dev, the file system the jail
+/// is on, …) is detached: paths still resolve from the old root then, as a mount stacked on
+/// the root directory is not entered until the process `chroot`s into it.
+///
+/// Unlike `pivot_root`, this leaves the initramfs itself below the jail in the mount
+/// namespace, reachable only by escaping the `chroot`. That takes `CAP_SYS_CHROOT` (or a new
+/// user namespace to get one), and the process that runs in the jail has neither: tern runs as
+/// the non-root `--uid`:`--gid` with no capabilities, `PR_SET_NO_NEW_PRIVS` set and (by
+/// default) seccomp filters that refuse `chroot`, `unshare`, `setns` and `mount`.
+fn move_root(root: &Path, mountinfo: &str) -> Result<()> {
+    let detach = mounts_to_detach(mountinfo, root);
+    mount(Some(root), Path::new("/"), libc::MS_MOVE)
+        .context("moving the jail onto / (the root is the initramfs: no pivot_root)")?;
+    for m in detach {
+        let c = cstr(&m)?;
+        // SAFETY: a NUL-terminated path; detaches a mount of this private namespace only.
+        let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let e = Error::last_os_error();
+        // EINVAL/ENOENT: hidden under a later mount (and so below the chroot as well).
+        if r != 0 && !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) {
+            bail!("detaching {} from the jail's namespace: {e}", m.display());
+        }
+    }
+    // SAFETY: NUL-terminated path; makes the current directory (the moved jail) the root.
+    let r = unsafe { libc::chroot(c".".as_ptr()) };
+    check(r.into(), || "chroot into the jail".into())?;
+    std::env::set_current_dir("/").context("chdir / in the jail")
+}
+
+/// The fields of one `/proc/self/mountinfo` line this module uses: mount point and type.
+fn mountinfo_entries(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
+    mountinfo.lines().filter_map(|line| {
+        let mut fields = line.split(' ');
+        let point = fields.nth(4)?;
+        // After the optional fields, "-", then the file system type.
+        let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
+        Some((PathBuf::from(unescape_octal(point)), fstype))
+    })
+}
+
+/// Undoes the kernel's `\ooo` escapes (space, tab, newline, backslash) in a mountinfo path.
+fn unescape_octal(s: &str) -> std::ffi::OsString {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+/// Whether the topmost mount on "/" is the initramfs (`rootfs`), which `pivot_root` refuses.
+fn root_is_rootfs(mountinfo: &str) -> bool {
+    mountinfo_entries(mountinfo)
+        .filter(|(p, _)| p == Path::new("/"))
+        .last()
+        .is_some_and(|(_, t)| t == "rootfs")
+}
+
+/// The mounts to detach once the jail's mount (`root`, with what is under it) moved onto "/":
+/// all others but "/", the file system the jail is on included, deepest first (so none is gone
+/// with its parent already); a path with several mounts stacked on it comes once per mount.
+fn mounts_to_detach(mountinfo: &str, root: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = mountinfo_entries(mountinfo)
+        .map(|(p, _)| p)
+        .filter(|p| p != Path::new("/") && !p.starts_with(root))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
 }
 
 /// Writes `pid` to `tern.pid` in `dir` (the jail's directory, outside its root).
@@ -422,5 +522,62 @@ pub fn fork_and_exec(
             // SAFETY: signals tern, our child.
             unsafe { libc::kill(pid, sig) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nested rig's L1 (running from its initramfs), in the jail's mount namespace after
+    /// the jail's root (on a tmpfs) was bound onto itself and a file of the initramfs bound in.
+    const L1: &str = "\
+1 1 0:2 / / rw shared:1 - rootfs rootfs rw,size=1523588k
+22 1 0:20 / /proc rw,relatime - proc proc rw
+23 1 0:21 / /sys rw,relatime - sysfs sysfs rw
+24 1 0:5 / /dev rw,relatime - devtmpfs devtmpfs rw,size=1523596k,mode=755
+25 23 0:22 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+26 1 0:40 / /tmp/jail rw - tmpfs tmpfs rw
+27 26 0:40 /tern/vm/root /tmp/jail/tern/vm/root rw,nosuid - tmpfs tmpfs rw
+28 27 0:2 /rig/guest/k /tmp/jail/tern/vm/root/rig/guest/k ro,nosuid,nodev - rootfs rootfs rw
+29 1 0:30 / /mnt/a\\040b rw master:3 - tmpfs tmpfs rw
+30 1 0:31 / /mnt/a\\040b rw - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn a_root_on_the_initramfs_is_recognised() {
+        assert!(root_is_rootfs(L1));
+        let disk = "21 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    22 21 0:20 / /proc rw - proc proc rw\n";
+        assert!(!root_is_rootfs(disk));
+        // The topmost mount on "/" counts: a tmpfs over the initramfs is not rootfs.
+        let stacked = format!("{L1}30 1 0:40 / / rw - tmpfs tmpfs rw\n");
+        assert!(!root_is_rootfs(&stacked));
+        assert!(!root_is_rootfs(""));
+    }
+
+    #[test]
+    fn every_mount_outside_the_jail_is_detached_deepest_first() {
+        let got = mounts_to_detach(L1, Path::new("/tmp/jail/tern/vm/root"));
+        let want: Vec<PathBuf> = [
+            "/sys/fs/cgroup",
+            "/tmp/jail",
+            "/mnt/a b",
+            "/mnt/a b",
+            "/proc",
+            "/sys",
+            "/dev",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_octal("/a\\040b\\011c\\134d"), "/a b\tc\\d");
+        assert_eq!(unescape_octal("/a\\04"), "/a\\04");
+        assert_eq!(unescape_octal("/x\\"), "/x\\");
     }
 }

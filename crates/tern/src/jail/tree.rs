@@ -305,7 +305,8 @@ impl Tree {
     }
 
     /// Enters a new root: every mount private, the jail bound onto itself, the cross-file-system
-    /// files bound in, `pivot_root`, the old root detached, then `cwd`.
+    /// files bound in, `pivot_root`, the old root detached (on an initramfs root: the other
+    /// mounts detached, the jail moved onto `/` and `chroot`), then `cwd`.
     pub fn mount_and_pivot(&self, cwd: &Path) -> Result<()> {
         sys::make_mounts_private()?;
         sys::bind_self(&self.root)?;
