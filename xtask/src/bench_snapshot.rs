@@ -714,8 +714,8 @@ impl Ctx<'_> {
         Ok((ms(running), ms(tick)))
     }
 
-    /// One tern binary's steps of run number `run`, in `dir` (created here and removed at the
-    /// end, with the snapshot, to free its space for the next binary and QEMU).
+    /// One tern variant's steps of run number `run`, in `dir` (created here and removed at the
+    /// end, with the snapshot, to free its space for the next variant and QEMU).
     fn tern_run(&self, tern: &Tern, dir: &Path, size_mib: u64, run: usize) -> Result<TernResult> {
         std::fs::create_dir_all(dir)?;
         let mut r = TernResult::default();
@@ -760,7 +760,7 @@ impl Ctx<'_> {
     }
 
     /// Run number `run` for one guest size, in `dir` (emptied by the caller): every tern
-    /// binary (each in a subdirectory named after it), then QEMU.
+    /// variant (each in a subdirectory named after it), then QEMU.
     fn run_once(&self, dir: &Path, size_mib: u64, run: usize) -> Result<RunResult> {
         let terns = run_terns(self.terns, run, |t| {
             self.tern_run(t, &dir.join(t.name), size_mib, run)
