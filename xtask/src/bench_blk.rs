@@ -6,6 +6,9 @@
 //! virtio-mmio (QEMU microvm) and virtio-pci (QEMU pc), with the file in the host page cache
 //! (`cache=writeback`) and with `O_DIRECT` (`cache=none`). QEMU uses `aio=io_uring`. fio runs
 //! `psync` at depth 1 and `io_uring` at depth 32, on its own (non-huge-page) buffers.
+//!
+//! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
+//! (bench_terns.rs), with `baseline` and `tern/baseline` columns.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::bench_probe::{field, median, sample, Sample};
+use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
 /// The benchmark file: big enough that random reads are not all in the device's caches.
 const FILE_SIZE: u64 = 1 << 30;
@@ -176,8 +180,8 @@ fn fio(file: &Path, rw: &str, bs: &str, depth: u32, direct: bool) -> Result<(f64
     Ok((iops, mbps))
 }
 
-/// Runs the benchmark with `runs` boots per VMM and setup.
-pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+/// Runs the benchmark with `runs` boots per VMM (each tern variant and QEMU) and setup.
+pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     crate::util::ensure_tool("fio", "fio")?;
     let file = bench_file()?;
     let p = probe.display().to_string();
@@ -187,16 +191,28 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
         FILE_SIZE >> 20,
         file.display()
     );
+    if let Some(d) = describe(terns) {
+        println!("{d}");
+    }
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "workload", "tern", "qemu", "tern/qemu", "fio", "tern/fio"
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}{}",
+        "workload",
+        "tern",
+        "qemu",
+        "tern/qemu",
+        "fio",
+        "tern/fio",
+        baseline_heads(terns, 10)
     );
     for s in SETUPS {
         warm(&file)?;
-        let mut t: Vec<Sample> = Vec::new();
+        // t[run][variant]
+        let mut t: Vec<Vec<Sample>> = Vec::new();
         let mut q: Vec<Sample> = Vec::new();
-        for _ in 0..runs {
-            t.push(sample(tern, &tern_args(&p, &file, s, "", ""))?);
+        for run in 0..runs {
+            t.push(run_terns(terns, run, |v| {
+                sample(&v.program, &v.args(&tern_args(&p, &file, s, "", "")))
+            })?);
             q.push(sample(qemu, &qemu_args(&p, &file, s))?);
         }
         let rows = [
@@ -218,15 +234,17 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
         ];
         let cache = if s.direct { "cache=none" } else { "page cache" };
         for (name, key, rw, bs, depth) in rows {
-            let tm = median(t.iter().map(|x| field(x, key)).collect());
+            let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
+            let tm = tern_median(0);
             let qm = median(q.iter().map(|x| field(x, key)).collect());
             let (fi, fm) = fio(&file, rw, bs, depth, s.direct)?;
             let f = if key == "seq_mbps" { fm } else { fi };
             println!(
-                "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}",
+                "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}{}",
                 format!("{} {cache}: {name}", s.transport),
                 tm / qm,
-                tm / f
+                tm / f,
+                baseline_cells(terns, 10, 0, tern_median)
             );
         }
     }
@@ -239,7 +257,7 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
         (",iops=5000", "iops_qd32", 5000.0),
         (",bw=50M", "seq_mbps", 50.0 * 1048576.0 / 1e6),
     ] {
-        let x = sample(tern, &tern_args(&p, &file, s, limit, ""))?;
+        let x = sample(&terns[0].program, &tern_args(&p, &file, s, limit, ""))?;
         let got = field(&x, key);
         println!(
             "  {:<12} configured {cfg:>8.1} achieved {got:>8.1} ({:+.1}%)",

@@ -10,6 +10,9 @@
 //! Rows (guests/probe/README.md, `vnetbench`): `tx_pps` and `rx_pps`, 64-byte frames per
 //! second; `tso_tx_mbps` and `tso_rx_mbps`, TCP payload in 10^6 bytes per second of 64 KiB TSO
 //! frames.
+//!
+//! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
+//! (bench_terns.rs), with `baseline` and `tern/baseline` columns.
 
 use std::path::Path;
 
@@ -17,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use netpeer::{NetNs, Peer};
 
 use crate::bench_probe::{field, median, sample, Sample};
+use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
 /// Milliseconds each `vnetbench` test runs per boot.
 const TEST_MS: u64 = 2000;
@@ -126,8 +130,8 @@ fn boot(program: &Path, args: &[String], keys: &[&str]) -> Result<Sample> {
     Ok(s)
 }
 
-/// Runs the benchmark with `runs` boots per VMM and transport.
-pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+/// Runs the benchmark with `runs` boots per VMM (each tern variant and QEMU) and transport.
+pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
         bail!("bench-net needs root and /dev/net/tun (network namespaces, TAP devices)");
@@ -140,24 +144,40 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
          TAP in a fresh network namespace per boot with the host peer; tern vs QEMU (vhost=off), \
          {runs} interleaved boots each, medians"
     );
+    if let Some(d) = describe(terns) {
+        println!("{d}");
+    }
     println!(
-        "{:<30} {:>10} {:>10} {:>10}",
-        "workload", "tern", "qemu", "tern/qemu"
+        "{:<30} {:>10} {:>10} {:>10}{}",
+        "workload",
+        "tern",
+        "qemu",
+        "tern/qemu",
+        baseline_heads(terns, 10)
     );
     for transport in ["mmio", "pci"] {
-        let mut t: Vec<Sample> = Vec::new();
+        // t[run][variant]
+        let mut t: Vec<Vec<Sample>> = Vec::new();
         let mut q: Vec<Sample> = Vec::new();
-        for _ in 0..runs {
-            t.push(boot(tern, &tern_args(&p, transport, "", ""), &keys)?);
+        for run in 0..runs {
+            t.push(run_terns(terns, run, |v| {
+                boot(
+                    &v.program,
+                    &v.args(&tern_args(&p, transport, "", "")),
+                    &keys,
+                )
+            })?);
             q.push(boot(qemu, &qemu_args(&p, transport), &keys)?);
         }
         for (key, name) in ROWS {
-            let tm = median(t.iter().map(|x| field(x, key)).collect());
+            let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
+            let tm = tern_median(0);
             let qm = median(q.iter().map(|x| field(x, key)).collect());
             println!(
-                "{:<30} {tm:>10.0} {qm:>10.0} {:>10.2}",
+                "{:<30} {tm:>10.0} {qm:>10.0} {:>10.2}{}",
                 format!("{transport}: {name}"),
-                tm / qm
+                tm / qm,
+                baseline_cells(terns, 10, 0, tern_median)
             );
         }
     }
@@ -169,7 +189,7 @@ pub fn run(tern: &Path, probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
         (",tx_bw=50M", "tso", "tso_tx_mbps", 50.0 * 1048576.0 / 1e6),
     ] {
         let args = tern_args(&p, "pci", limit, &format!("probe.vnet_bench={test}"));
-        let x = boot(tern, &args, &[key])?;
+        let x = boot(&terns[0].program, &args, &[key])?;
         let got = field(&x, key);
         println!(
             "  {:<12} configured {cfg:>8.1} achieved {got:>8.1} ({:+.1}%)",

@@ -2,8 +2,9 @@
 //! /dev/kvm, same binary, same run, interleaved. Reports medians and tern/QEMU ratios for:
 //! process start to the guest's first serial line, the `exits` scenario's per-exit costs,
 //! the whole wall time of a 20,000-port-write guest, and peak RSS for a 64 MiB guest.
-//! `--baseline PATH` adds an earlier tern binary to the same runs, with `baseline` and
-//! `tern/baseline` columns.
+//! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern (an earlier binary, or
+//! this one with other `tern run` arguments) to the same runs, with `baseline` and
+//! `tern/baseline` columns (bench_terns.rs).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -11,6 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
 pub(crate) struct Sample {
     first_line_ms: f64,
@@ -190,46 +193,21 @@ fn qemu_args(probe: &str, w: &Workload) -> Vec<String> {
     a
 }
 
-/// The tern binaries of a benchmark with their names in its report: `tern`, then `baseline`
-/// (an earlier tern binary) if given.
-pub(crate) fn terns<'a>(
-    tern: &'a Path,
-    baseline: Option<&'a Path>,
-) -> Vec<(&'static str, &'a Path)> {
-    std::iter::once(("tern", tern))
-        .chain(baseline.map(|b| ("baseline", b)))
-        .collect()
-}
-
-/// The order in which run number `run` starts `n` tern binaries: rotated from run to run, so
-/// that no binary always goes first (with one binary, always just it).
-pub(crate) fn tern_order(n: usize, run: usize) -> impl Iterator<Item = usize> {
-    (0..n).map(move |i| (i + run) % n)
-}
-
-/// Runs the benchmark; `runs` samples of each workload per VMM, interleaved. With a
-/// `baseline` (an earlier tern binary), it runs in the same runs as `tern` and QEMU and gets
-/// its own columns.
-pub fn run(
-    tern: &Path,
-    baseline: Option<&Path>,
-    probe: &Path,
-    qemu: &Path,
-    runs: usize,
-) -> Result<()> {
+/// Runs the benchmark; `runs` samples of each workload per VMM, interleaved. With a baseline
+/// among `terns`, it runs in the same runs as `tern` and QEMU and gets its own columns.
+pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     let p = probe.display().to_string();
-    let terns = terns(tern, baseline);
-    // results[vmm][workload] = samples; vmm 0.. = the tern binaries, then QEMU.
+    // results[vmm][workload] = samples; vmm 0.. = the tern variants, then QEMU.
     let q = terns.len();
     let mut results: Vec<Vec<Vec<Sample>>> = (0..=q)
         .map(|_| (0..WORKLOADS.len()).map(|_| Vec::new()).collect())
         .collect();
     for run in 0..runs {
         for (w, wl) in WORKLOADS.iter().enumerate() {
-            for t in tern_order(q, run) {
-                let (name, program) = terns[t];
-                let s = sample(program, &tern_args(&p, wl))
-                    .with_context(|| format!("{name} {}", wl.cmdline))?;
+            let samples = run_terns(terns, run, |t| {
+                sample(&t.program, &t.args(&tern_args(&p, wl))).context(wl.cmdline)
+            })?;
+            for (t, s) in samples.into_iter().enumerate() {
                 results[t][w].push(s);
             }
             let s =
@@ -241,21 +219,17 @@ pub fn run(
         median(results[v][w].iter().map(f).collect())
     };
     println!("probe guest on the host /dev/kvm: tern vs QEMU 7.2 (microvm; pc for virtio-pci), {runs} interleaved runs each, medians");
-    if let Some(b) = baseline {
-        println!(
-            "tern {}; baseline {} (an earlier tern, same runs, the two alternating which goes first)",
-            tern.display(),
-            b.display()
-        );
+    if let Some(d) = describe(terns) {
+        println!("{d}");
     }
-    print!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        "metric", "tern", "qemu", "tern/qemu"
+    println!(
+        "{:<44} {:>12} {:>12} {:>12}{}",
+        "metric",
+        "tern",
+        "qemu",
+        "tern/qemu",
+        baseline_heads(terns, 12)
     );
-    if baseline.is_some() {
-        print!(" {:>12} {:>14}", "baseline", "tern/baseline");
-    }
-    println!();
     let rows: Vec<(&str, usize, Metric)> = vec![
         (
             "start -> first guest line, ms (hello)",
@@ -312,27 +286,11 @@ pub fn run(
     for (name, w, f) in rows {
         let t = m(0, w, &*f);
         let qv = m(q, w, &*f);
-        print!("{name:<44} {t:>12.2} {qv:>12.2} {:>12.3}", t / qv);
-        if baseline.is_some() {
-            let b = m(1, w, &*f);
-            print!(" {b:>12.2} {:>14.3}", t / b);
-        }
-        println!();
+        println!(
+            "{name:<44} {t:>12.2} {qv:>12.2} {:>12.3}{}",
+            t / qv,
+            baseline_cells(terns, 12, 2, |i| m(i, w, &*f))
+        );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tern_order_alternates() {
-        let order = |n, run| tern_order(n, run).collect::<Vec<_>>();
-        assert_eq!(order(1, 0), [0]);
-        assert_eq!(order(1, 1), [0]);
-        assert_eq!(order(2, 0), [0, 1]);
-        assert_eq!(order(2, 1), [1, 0]);
-        assert_eq!(order(2, 2), [0, 1]);
-    }
 }

@@ -14,7 +14,8 @@
 //!   `migrate-incoming` + `cont` (the analogue of the API restore) and `-incoming exec:` from
 //!   process start.
 //!
-//! With `--baseline PATH`, an earlier tern binary goes through the same tern steps in the same
+//! With `--baseline PATH` and/or `--baseline-args "ARGS"`, a baseline tern (an earlier binary,
+//! or this one with other `tern run` arguments) goes through the same tern steps in the same
 //! runs (the two alternating which goes first), reported in `baseline` and `tern/baseline`
 //! columns.
 //!
@@ -32,7 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench_probe::{median, tern_order, terns};
+use crate::bench_probe::median;
+use crate::bench_terns::{describe, has_baseline, run_terns, Tern};
 
 /// The guest's tick period: the "first tick" latencies include up to this much guest time (the
 /// rest of the tick period the snapshot was taken in).
@@ -249,12 +251,12 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<&Value>, want: u16) -
 }
 
 /// Starts `tern run ARGS --api-socket SOCK` and waits until the API answers.
-fn tern_start(tern: &Path, args: &[String], sock: &Path, stderr: &Path) -> Result<Proc> {
+fn tern_start(tern: &Tern, args: &[String], sock: &Path, stderr: &Path) -> Result<Proc> {
     let mut a = vec!["run".to_string()];
     a.extend_from_slice(args);
     a.push("--api-socket".into());
     a.push(path_str(sock)?.into());
-    let mut p = Proc::spawn(tern, &a, "tern", stderr)?;
+    let mut p = Proc::spawn(&tern.program, &tern.args(&a), "tern", stderr)?;
     p.wait_for("tern's API socket", Duration::from_secs(30), || {
         http(sock, "GET", "/ping", None)
             .ok()
@@ -436,7 +438,7 @@ struct QemuResult {
     cold_tick: f64,
 }
 
-/// One run's numbers for one guest size: each tern binary's (in [`Ctx::terns`] order) and
+/// One run's numbers for one guest size: each tern variant's (in [`Ctx::terns`] order) and
 /// QEMU's.
 #[derive(Clone)]
 struct RunResult {
@@ -461,8 +463,8 @@ fn sizes_mib(p: &Path) -> Result<(f64, f64)> {
 }
 
 struct Ctx<'a> {
-    /// The tern binaries with their names: the one measured, then the baseline if any.
-    terns: Vec<(&'static str, &'a Path)>,
+    /// The tern variants: the one measured, then the baseline if any.
+    terns: &'a [Tern],
     qemu: &'a Path,
     probe: String,
     clones: usize,
@@ -488,7 +490,7 @@ impl Ctx<'_> {
     /// Boots tern, snapshots it into `dir/tern-snap`; the last tick before the snapshot.
     fn tern_create(
         &self,
-        tern: &Path,
+        tern: &Tern,
         dir: &Path,
         size_mib: u64,
         r: &mut TernResult,
@@ -524,7 +526,7 @@ impl Ctx<'_> {
     /// An empty tern, then `PUT /v1/vm/restore`: (request → 204, request → first tick) in ms.
     fn tern_api_restore(
         &self,
-        tern: &Path,
+        tern: &Tern,
         dir: &Path,
         mode: &str,
         last: u64,
@@ -548,7 +550,7 @@ impl Ctx<'_> {
     }
 
     /// `tern run --restore`: process start → first tick, ms.
-    fn tern_cold_restore(&self, tern: &Path, dir: &Path, mode: &str, last: u64) -> Result<f64> {
+    fn tern_cold_restore(&self, tern: &Tern, dir: &Path, mode: &str, last: u64) -> Result<f64> {
         let log = dir.join(format!("tern-cold-{mode}.log"));
         let args: Vec<String> = vec![
             "run".into(),
@@ -560,7 +562,12 @@ impl Ctx<'_> {
             format!("file:{}", path_str(&log)?),
         ];
         let t0 = Instant::now();
-        let mut vm = Proc::spawn(tern, &args, "tern", &dir.join("tern-cold.err"))?;
+        let mut vm = Proc::spawn(
+            &tern.program,
+            &tern.args(&args),
+            "tern",
+            &dir.join("tern-cold.err"),
+        )?;
         let first = wait_first_tick(&mut vm, &log)?;
         let tick = t0.elapsed();
         check_continues(&format!("tern --restore ({mode})"), first, last)?;
@@ -569,7 +576,7 @@ impl Ctx<'_> {
 
     /// `clones` empty terns restore the snapshot lazily at once: (restores per second from the
     /// first request to the last 204, ms from the first request until every clone ticked).
-    fn tern_clones(&self, tern: &Path, dir: &Path, last: u64) -> Result<(f64, f64)> {
+    fn tern_clones(&self, tern: &Tern, dir: &Path, last: u64) -> Result<(f64, f64)> {
         let n = self.clones;
         let mut vms = Vec::with_capacity(n);
         for i in 0..n {
@@ -707,9 +714,9 @@ impl Ctx<'_> {
         Ok((ms(running), ms(tick)))
     }
 
-    /// One tern binary's steps of run number `run`, in `dir` (created here and removed at the
-    /// end, with the snapshot, to free its space for the next binary and QEMU).
-    fn tern_run(&self, tern: &Path, dir: &Path, size_mib: u64, run: usize) -> Result<TernResult> {
+    /// One tern variant's steps of run number `run`, in `dir` (created here and removed at the
+    /// end, with the snapshot, to free its space for the next variant and QEMU).
+    fn tern_run(&self, tern: &Tern, dir: &Path, size_mib: u64, run: usize) -> Result<TernResult> {
         std::fs::create_dir_all(dir)?;
         let mut r = TernResult::default();
         let last = self
@@ -753,15 +760,11 @@ impl Ctx<'_> {
     }
 
     /// Run number `run` for one guest size, in `dir` (emptied by the caller): every tern
-    /// binary (each in a subdirectory named after it), then QEMU.
+    /// variant (each in a subdirectory named after it), then QEMU.
     fn run_once(&self, dir: &Path, size_mib: u64, run: usize) -> Result<RunResult> {
-        let mut terns = vec![TernResult::default(); self.terns.len()];
-        for t in tern_order(self.terns.len(), run) {
-            let (name, tern) = self.terns[t];
-            terns[t] = self
-                .tern_run(tern, &dir.join(name), size_mib, run)
-                .with_context(|| format!("{name} {}", tern.display()))?;
-        }
+        let terns = run_terns(self.terns, run, |t| {
+            self.tern_run(t, &dir.join(t.name), size_mib, run)
+        })?;
         let mut qemu = QemuResult::default();
         let last = self
             .qemu_create(dir, size_mib, &mut qemu)
@@ -1003,23 +1006,17 @@ fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool)
     }
 }
 
-/// Runs the benchmark; with a `baseline` (an earlier tern binary), it goes through the same
-/// steps as `tern` in the same runs and gets its own columns.
-pub fn run(
-    tern: &Path,
-    baseline: Option<&Path>,
-    probe: &Path,
-    qemu: &Path,
-    o: &Options,
-) -> Result<()> {
+/// Runs the benchmark; with a baseline among `terns`, it goes through the same steps as `tern`
+/// in the same runs and gets its own columns.
+pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, o: &Options) -> Result<()> {
     if o.runs == 0 {
         bail!("--runs must be at least 1");
     }
     if o.sizes_mib.is_empty() {
         bail!("no guest sizes given");
     }
-    if !tern.is_file() {
-        bail!("tern binary {} does not exist", tern.display());
+    if let Some(t) = terns.iter().find(|t| !t.program.is_file()) {
+        bail!("tern binary {} does not exist", t.program.display());
     }
     std::fs::OpenOptions::new()
         .read(true)
@@ -1041,19 +1038,15 @@ pub fn run(
     std::fs::create_dir_all(&scratch.0)
         .with_context(|| format!("cannot create {}", scratch.0.display()))?;
     let ctx = Ctx {
-        terns: terns(tern, baseline),
+        terns,
         qemu,
         probe: path_str(probe)?.to_string(),
         clones: o.clones,
     };
     print_header(o);
-    println!("tern {}", tern.display());
-    if let Some(b) = baseline {
-        println!(
-            "baseline {} (an earlier tern: the same steps in the same runs, tern and baseline \
-             alternating which goes first)",
-            b.display()
-        );
+    match describe(terns) {
+        Some(d) => println!("{d}"),
+        None => println!("tern {}", terns[0].program.display()),
     }
     println!("qemu {}", qemu.display());
     let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); o.sizes_mib.len()];
@@ -1075,7 +1068,7 @@ pub fn run(
         }
     }
     for (i, &size) in o.sizes_mib.iter().enumerate() {
-        print_size(o, size, &results[i], baseline.is_some());
+        print_size(o, size, &results[i], has_baseline(terns));
     }
     Ok(())
 }

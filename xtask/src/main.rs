@@ -3,14 +3,16 @@
 //! ```text
 //! cargo xtask images                 build kernels + initramfs images into build/images/
 //! cargo xtask rig [--group core] [--filter S] [--tern PATH] [--keep-logs DIR] [--list]
-//! cargo xtask bench-probe [--runs N] [--tern PATH] [--baseline PATH]
-//! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [--tern PATH]
-//!                            [--baseline PATH]
+//! cargo xtask bench-probe [--runs N] [TERNS]
+//! cargo xtask bench-blk [--runs N] [TERNS]
+//! cargo xtask bench-net [--runs N] [TERNS]
+//! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [TERNS]
 //! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
 //! cargo xtask fuzz [--target NAME] [--seconds N] [--runs N]
 //! ```
+//! TERNS: [--tern PATH] [--baseline PATH] [--baseline-args "ARGS"] (bench_terns.rs).
 //! See shared/design/TESTING.md for why the rig exists and what it measures.
 
 use arch::bzimage;
@@ -21,6 +23,7 @@ mod bench_blk;
 mod bench_net;
 mod bench_probe;
 mod bench_snapshot;
+mod bench_terns;
 mod ci;
 mod cpio;
 mod debian;
@@ -68,25 +71,24 @@ enum Cmd {
     Demo,
     /// tern vs QEMU on the probe guest on the host /dev/kvm; medians and ratios.
     BenchProbe {
-        /// tern binary to measure [default: build target/release/tern].
-        #[arg(long)]
-        tern: Option<PathBuf>,
-        /// An earlier tern binary to run in the same runs (extra columns `baseline` and
-        /// `tern/baseline`).
-        #[arg(long)]
-        baseline: Option<PathBuf>,
+        #[command(flatten)]
+        terns: bench_terns::TernOpts,
         /// Interleaved runs per VMM and workload.
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
     /// virtio-blk throughput, tern vs QEMU on the probe guest, with fio on the host file.
     BenchBlk {
+        #[command(flatten)]
+        terns: bench_terns::TernOpts,
         /// Interleaved boots per VMM and setup.
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
     /// virtio-net packet rate and TSO throughput, tern vs QEMU on the probe guest (needs root).
     BenchNet {
+        #[command(flatten)]
+        terns: bench_terns::TernOpts,
         /// Interleaved boots per VMM and transport.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -99,13 +101,8 @@ enum Cmd {
     },
     /// Snapshot, restore and clone times, tern vs QEMU (migrate to file / -incoming).
     BenchSnapshot {
-        /// tern binary to measure [default: build target/release/tern].
-        #[arg(long)]
-        tern: Option<PathBuf>,
-        /// An earlier tern binary to run in the same runs (extra columns `baseline` and
-        /// `tern/baseline`).
-        #[arg(long)]
-        baseline: Option<PathBuf>,
+        #[command(flatten)]
+        terns: bench_terns::TernOpts,
         /// Interleaved runs per guest size.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -269,31 +266,23 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::RigAgent { spec } => agent::main(&spec),
         Cmd::Test { no_rig } => ci::test(no_rig),
         Cmd::Demo => ci::demo(),
-        Cmd::BenchProbe {
-            tern,
-            baseline,
-            runs,
-        } => {
-            check_baseline(baseline.as_deref())?;
-            let tern = match tern {
-                Some(t) => t,
-                None => ci::build_tern()?,
-            };
+        Cmd::BenchProbe { terns, runs } => {
+            let terns = terns.terns()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_probe::run(&tern, baseline.as_deref(), &probe, &qemu, runs)
+            bench_probe::run(&terns, &probe, &qemu, runs)
         }
-        Cmd::BenchBlk { runs } => {
-            let tern = ci::build_tern()?;
+        Cmd::BenchBlk { terns, runs } => {
+            let terns = terns.terns()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_blk::run(&tern, &probe, &qemu, runs)
+            bench_blk::run(&terns, &probe, &qemu, runs)
         }
-        Cmd::BenchNet { runs } => {
-            let tern = ci::build_tern()?;
+        Cmd::BenchNet { terns, runs } => {
+            let terns = terns.terns()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_net::run(&tern, &probe, &qemu, runs)
+            bench_net::run(&terns, &probe, &qemu, runs)
         }
         Cmd::BenchApi { tern } => {
             let tern = match tern {
@@ -304,8 +293,7 @@ fn run(command: Cmd) -> Result<()> {
             bench_api::run(&tern, &probe)
         }
         Cmd::BenchSnapshot {
-            tern,
-            baseline,
+            terns,
             runs,
             sizes,
             clones,
@@ -315,26 +303,14 @@ fn run(command: Cmd) -> Result<()> {
                 "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86); \
                  bench-snapshot compares tern with it",
             )?;
-            check_baseline(baseline.as_deref())?;
-            let tern = match tern {
-                Some(t) => t,
-                None => ci::build_tern()?,
-            };
+            let terns = terns.terns()?;
             let probe = ci::build_probe()?;
             let opts = bench_snapshot::Options {
                 sizes_mib: sizes,
                 runs,
                 clones,
             };
-            bench_snapshot::run(&tern, baseline.as_deref(), &probe, &qemu, &opts)
+            bench_snapshot::run(&terns, &probe, &qemu, &opts)
         }
-    }
-}
-
-/// Fails before any build if a `--baseline` binary was given but does not exist.
-fn check_baseline(baseline: Option<&std::path::Path>) -> Result<()> {
-    match baseline {
-        Some(b) if !b.is_file() => anyhow::bail!("baseline binary {} does not exist", b.display()),
-        _ => Ok(()),
     }
 }
