@@ -163,6 +163,11 @@ pub fn restrict(allowed: &[Allowed]) -> Result<Outcome, String> {
     })
 }
 
+/// Whether [`restrict`] has run (in this process, tern is confined to its allowed paths).
+pub fn active() -> bool {
+    ALLOWED.get().is_some()
+}
+
 /// Whether the sandbox lets tern reach `path` (to change it, with `write`): `Ok` when there is
 /// no sandbox or a rule covers it, else one line naming the path and how to allow it.
 pub fn check(path: &Path, write: bool) -> Result<(), String> {

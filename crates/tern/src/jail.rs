@@ -351,38 +351,15 @@ fn snapshot_files(plan: &mut Plan, dir: &Path, snap: &vmm::snapshot::Snapshot) -
 /// The files a VM configuration names. A restored VM reads its kernel and initrd only if the
 /// guest reboots with `--on-reboot restart`: then they go in when they still exist.
 fn config_files(plan: &mut Plan, c: &api::config::VmConfig, restoring: bool) -> Result<()> {
-    use api::config::{CharBackend, DiskFormat};
-    for (what, path) in [("the kernel", &c.kernel), ("the initrd", &c.initrd)] {
-        if let Some(p) = path.as_ref().filter(|p| !restoring || p.exists()) {
-            plan.add(p, Access::Read, what);
-        }
-    }
-    for (i, d) in c.disks.iter().enumerate() {
-        let access = if d.readonly {
-            Access::Read
-        } else {
-            Access::ReadWrite
+    use vmm::confinement::Use;
+    for n in vmm::confinement::named_files(c).map_err(|e| anyhow!(e))? {
+        let access = match n.usage {
+            Use::Boot if restoring && !n.path.exists() => continue,
+            Use::Boot | Use::Read => Access::Read,
+            Use::ReadWrite => Access::ReadWrite,
+            Use::Output => Access::Create,
         };
-        plan.add(&d.path, access, format!("disk {i}"));
-        if let Some(f) = &d.data_file {
-            plan.add(f, access, format!("disk {i}'s data file"));
-        }
-        // tern follows a qcow2 backing chain only when the format was stated.
-        if d.format == Some(DiskFormat::Qcow2) {
-            let chain = block::named_backing_files(&d.path)
-                .with_context(|| format!("disk {}", d.path.display()))?;
-            for backing in chain {
-                plan.add(&backing, Access::Read, format!("disk {i}'s backing file"));
-            }
-        }
-    }
-    for (what, backend) in [
-        ("the serial port's file", Some(&c.serial)),
-        ("the console's file", c.console.as_ref()),
-    ] {
-        if let Some(CharBackend::File(p)) = backend {
-            plan.add(p, Access::Create, what);
-        }
+        plan.add(&n.path, access, n.what);
     }
     plan.tun = !c.nets.is_empty();
     Ok(())

@@ -317,7 +317,7 @@ fn landlock_sandbox(
                     .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?;
             }
         }
-        allowed.extend(vmm::confinement::config_paths(c));
+        allowed.extend(vmm::confinement::config_paths(c).map_err(|e| anyhow::anyhow!(e))?);
     }
     allowed.extend(snapshot_dirs.iter().map(Allowed::read));
     for a in allow_path {
