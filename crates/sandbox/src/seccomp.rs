@@ -98,7 +98,12 @@ fn condition(a: &Arg) -> Result<SeccompCondition, String> {
 /// Compiles `rules` into a filter whose mismatch action `mode` decides.
 pub fn compile(rules: &[Rule], mode: Mode) -> Result<BpfProgram, String> {
     let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-    for r in rules {
+    for (i, r) in rules.iter().enumerate() {
+        // Lists overlap (every role has the common list; the spawner has them all): a rule
+        // already compiled would only lengthen the filter.
+        if rules[..i].contains(r) {
+            continue;
+        }
         let nr = number(r.syscall)
             .ok_or_else(|| format!("allow-list names an unknown system call {:?}", r.syscall))?;
         let entry = map.entry(nr).or_insert_with(|| Some(Vec::new()));
