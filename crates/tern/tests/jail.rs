@@ -32,6 +32,14 @@ fn require_root(test: &str) -> bool {
     false
 }
 
+/// A scratch directory named after `name`, and in it the empty chroot base `base`.
+fn scratch_and_base(name: &str) -> (Scratch, PathBuf) {
+    let dir = Scratch::new(name);
+    let base = dir.path("base");
+    std::fs::create_dir(&base).unwrap();
+    (dir, base)
+}
+
 /// `tern jail` with the ids above, `base`, `id` and `extra` flags, then `-- run ARGS`.
 fn jail_cmd(base: &Path, id: &str, extra: &[&str], run: &[&str]) -> Command {
     let mut c = Command::new(tern());
@@ -193,9 +201,7 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     if !require_root(test) || !require_kvm(test) {
         return;
     }
-    let dir = Scratch::new("jail-boot");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (dir, base) = scratch_and_base("jail-boot");
     // The kernel through a symlink: the jail gets the target itself at the link's path.
     let kernel = dir.path("kernel-link");
     std::os::unix::fs::symlink(probe(), &kernel).unwrap();
@@ -414,9 +420,7 @@ fn a_jailed_tern_joins_a_cgroup_v2_and_a_network_namespace_with_its_tap() {
         eprintln!("\n*** SKIPPED {test}: needs a cgroup2 hierarchy and iproute2 ({why}) ***\n");
         return;
     }
-    let dir = Scratch::new("jail-v2");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (_dir, base) = scratch_and_base("jail-v2");
     let id = format!("v2-{}", std::process::id());
     // A namespace with a persistent TAP the jail user may attach to (the jailed tern cannot
     // create one: it has no CAP_NET_ADMIN).
@@ -480,9 +484,7 @@ fn a_daemonized_jail_detaches_and_can_stay_in_the_host_pid_namespace() {
     if !require_root(test) || !require_kvm(test) {
         return;
     }
-    let dir = Scratch::new("jail-daemon");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (_dir, base) = scratch_and_base("jail-daemon");
     let id = format!("daemon-{}", std::process::id());
     // The kernel by a relative path: tern starts in the same directory inside the jail.
     let kernel = probe();
@@ -537,9 +539,7 @@ fn paths_that_would_reach_outside_the_jail_are_refused() {
     if !require_root(test) {
         return;
     }
-    let dir = Scratch::new("jail-escape");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (dir, base) = scratch_and_base("jail-escape");
     let id = format!("esc-{}", std::process::id());
     let root = base.join("tern").join(&id).join("root");
     // A symlink to a file the jail user may not read: refused after resolving it.
@@ -596,9 +596,7 @@ fn bad_arguments_get_one_line_errors() {
     if !require_root(test) {
         return;
     }
-    let dir = Scratch::new("jail-args");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (dir, base) = scratch_and_base("jail-args");
     let k = probe();
     let run = ["--kernel", s(&k)];
     for bad in ["a/b", "", "..", "white space", &"x".repeat(65)] {
@@ -684,9 +682,7 @@ fn a_snapshot_restores_in_a_jail() {
     if !require_root(test) || !require_kvm(test) {
         return;
     }
-    let dir = Scratch::new("jail-restore");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (dir, base) = scratch_and_base("jail-restore");
     // A counting VM, paused after its first ticks and snapshotted (unjailed).
     let sock = dir.path("a.sock");
     let log = dir.path("a.log");

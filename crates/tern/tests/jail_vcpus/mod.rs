@@ -63,9 +63,7 @@ fn is_vcpu(name: &str) -> bool {
 /// it runs, each of `places`: its `tern/ID/vcpus` lists every `tern-vcpuN` thread and no other
 /// thread of tern's, and the values read back.
 fn vcpu_threads_are_placed(test: &str, version: u8, flags: &[&str], places: &[Place]) {
-    let dir = Scratch::new(test);
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (dir, base) = scratch_and_base(test);
     let serial = dir.path("serial.log");
     let id = format!("vcpus-v{version}-{}", std::process::id());
     let kernel = probe();
@@ -251,9 +249,7 @@ fn bad_vcpu_cgroup_settings_get_one_line_errors() {
     if !require_root(test) {
         return;
     }
-    let dir = Scratch::new("jail-vcpucg-args");
-    let base = dir.path("base");
-    std::fs::create_dir(&base).unwrap();
+    let (_dir, base) = scratch_and_base("jail-vcpucg-args");
     let k = probe();
     let run = ["--kernel", s(&k)];
     let bad = |flags: &[&str], want: &[&str]| {
