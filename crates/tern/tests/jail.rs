@@ -141,13 +141,8 @@ fn wait_for_tern(jail: &Path, child: &mut Child) -> u32 {
 
 /// `/proc/PID/status` field `key`.
 fn status(pid: u32, key: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+    status_field(&format!("/proc/{pid}/status"), key)
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Every non-directory under `dir`, as absolute paths of the jail.

@@ -35,27 +35,17 @@ impl Drop for Killed {
     }
 }
 
-/// `comm` → (`Seccomp`, `NoNewPrivs`) of every thread of `pid`.
-fn threads(pid: u32) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = e.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        out.push((
-            comm.trim().to_string(),
-            field("Seccomp:"),
-            field("NoNewPrivs:"),
-        ));
-    }
-    out
+/// (`comm`, `Seccomp`, `NoNewPrivs`) of every thread of `pid` (one that ends meanwhile is
+/// left out).
+fn filters(pid: u32) -> Vec<(String, String, String)> {
+    threads(pid)
+        .into_iter()
+        .filter_map(|(tid, comm)| {
+            let status = format!("/proc/{pid}/task/{tid}/status");
+            let seccomp = status_field(&status, "Seccomp")?;
+            Some((comm, seccomp, status_field(&status, "NoNewPrivs")?))
+        })
+        .collect()
 }
 
 #[test]
@@ -96,10 +86,7 @@ fn every_thread_of_a_running_tern_is_filtered() {
     wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
     let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
     wait_until("the guest's first tick", Duration::from_secs(60), || {
-        for (comm, seccomp, nnp) in threads(child.0.id()) {
-            if comm.is_empty() {
-                continue; // gone between listing and reading
-            }
+        for (comm, seccomp, nnp) in filters(child.0.id()) {
             assert_eq!(seccomp, "2", "thread {comm} has no seccomp filter");
             assert_eq!(nnp, "1", "thread {comm} lacks no_new_privs");
             *by_name.entry(comm).or_default() += 1;
@@ -125,7 +112,7 @@ fn seccomp_off_leaves_threads_unfiltered_and_a_wrong_mode_is_refused() {
     let sock = dir.path("api.sock");
     let child = start(&["--seccomp", "off", "--api-socket", s(&sock)]);
     wait_until("the API", Duration::from_secs(60), || api_ready(&sock));
-    for (comm, seccomp, _) in threads(child.0.id()) {
+    for (comm, seccomp, _) in filters(child.0.id()) {
         assert_eq!(seccomp, "0", "thread {comm} is filtered with --seccomp off");
     }
 

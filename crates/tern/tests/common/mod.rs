@@ -356,3 +356,28 @@ pub fn qemu_img(args: &[&str]) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The threads of process `pid`, as (thread id, name); a thread that ends meanwhile is left
+/// out.
+pub fn threads(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let tid = e.file_name().to_str().unwrap().parse().unwrap();
+        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm")) {
+            out.push((tid, comm.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Field `key` (`Uid`, `Seccomp`, …) of a `/proc` status file (`/proc/PID/status`,
+/// `/proc/PID/task/TID/status`), its words joined by one space; `None` if the file or the
+/// field is not there.
+pub fn status_field(path: &str, key: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let v = s.lines().find_map(|l| l.strip_prefix(&format!("{key}:")))?;
+    Some(v.split_whitespace().collect::<Vec<_>>().join(" "))
+}

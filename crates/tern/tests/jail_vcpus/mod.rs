@@ -23,21 +23,6 @@ fn skip(test: &str, what: &str) {
     eprintln!("\n*** SKIPPED {test}: needs {what} ***\n");
 }
 
-/// The threads of `pid` as (tid, name).
-fn threads(pid: u32) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let tid = e.file_name().to_str().unwrap().parse().unwrap();
-        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm")) {
-            out.push((tid, comm.trim().to_string()));
-        }
-    }
-    out
-}
-
 /// A hierarchy the vCPU threads are placed in: the /proc/PID/cgroup line `pick` chooses, the
 /// thread list of its `vcpus` cgroup, and (file, value) pairs that must read back in
 /// `tern/ID/vcpus` and in `tern/ID`.
