@@ -339,7 +339,7 @@ fn on_off(field: &'static str, v: &str) -> Result<bool, ConfigError> {
 }
 
 /// A byte rate: a number with an optional K, M or G (binary) suffix and an optional `/s`.
-fn byte_rate(field: &'static str, v: &str) -> Result<u64, ConfigError> {
+pub(crate) fn byte_rate(field: &'static str, v: &str) -> Result<u64, ConfigError> {
     let t = v.strip_suffix("/s").unwrap_or(v);
     let (num, shift) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 10),

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod config;
+pub mod migrate;
 pub mod responses;
 pub mod restore;
 

@@ -107,6 +107,46 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
     Ok(())
 }
 
+/// One file's image lock, held through a descriptor that shares the disk's open file (so
+/// releasing it releases the disk's lock): a migrating VM's source gives its locks up at the
+/// switch-over and its destination takes them.
+#[derive(Debug)]
+pub struct ImageLock {
+    file: File,
+    path: PathBuf,
+    shared: bool,
+}
+
+impl ImageLock {
+    /// `file`'s lock (`shared`: the shared lock of a file only read).
+    fn of(file: &File, path: &Path, shared: bool) -> Result<ImageLock, BlockError> {
+        Ok(ImageLock {
+            file: file.try_clone().map_err(|err| BlockError::Open {
+                path: path.to_path_buf(),
+                err,
+            })?,
+            path: path.to_path_buf(),
+            shared,
+        })
+    }
+
+    /// Takes the lock (fails at once, naming the file, when another process holds it).
+    pub fn acquire(&self) -> Result<(), BlockError> {
+        lock(&self.file, &self.path, self.shared)
+    }
+
+    /// Gives the lock up.
+    pub fn release(&self) {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// The locked file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// Fails unless `[offset, offset + len)` lies within a disk of `size` bytes.
 fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
     match offset.checked_add(len) {
@@ -169,6 +209,20 @@ impl Disk {
     /// Opens and locks an image. Returns a warning to show the user when the image does not
     /// look like the format it is opened as (the stated or earlier probed format is used).
     pub fn open(opts: &DiskOptions) -> Result<(Disk, Option<String>), BlockError> {
+        Self::open_locking(opts, true)
+    }
+
+    /// Opens an image as [`open`](Self::open) does, without taking its locks: a VM migrating
+    /// in, whose source still holds them, takes them with [`locks`](Self::locks) at the
+    /// switch-over.
+    pub fn open_unlocked(opts: &DiskOptions) -> Result<(Disk, Option<String>), BlockError> {
+        Self::open_locking(opts, false)
+    }
+
+    fn open_locking(
+        opts: &DiskOptions,
+        take_locks: bool,
+    ) -> Result<(Disk, Option<String>), BlockError> {
         let path = opts.path.as_path();
         let detected = probe_format(path)?;
         let mut warning = None;
@@ -199,16 +253,37 @@ impl Disk {
             });
         }
         let disk = match format {
-            ImageFormat::Raw => Disk::Raw(RawDisk::open_with(path, opts.read_only, opts.direct)?),
+            ImageFormat::Raw => Disk::Raw(RawDisk::open_locking(
+                path,
+                opts.read_only,
+                opts.direct,
+                take_locks,
+            )?),
             ImageFormat::Qcow2 => {
                 let trust = Qcow2Trust {
                     backing: opts.format.is_some(),
                     data_file: opts.data_file.clone(),
                 };
-                Disk::Qcow2(Qcow2Disk::open(path, opts.read_only, opts.direct, &trust)?)
+                Disk::Qcow2(Qcow2Disk::open_locking(
+                    path,
+                    opts.read_only,
+                    opts.direct,
+                    &trust,
+                    take_locks,
+                )?)
             }
         };
         Ok((disk, warning))
+    }
+
+    /// The locks of every file of the image (one for a raw image; the image, its data file
+    /// and its backing chain for qcow2), each on a descriptor of its own sharing the open
+    /// file: released and taken again when the VM moves to another tern.
+    pub fn locks(&self) -> Result<Vec<ImageLock>, BlockError> {
+        match self {
+            Disk::Raw(d) => d.locks(),
+            Disk::Qcow2(d) => d.locks(),
+        }
     }
 
     /// The image format.

@@ -26,7 +26,7 @@ pub struct Qcow2Disk {
     // takes `&mut`).
     access: RwLock<FormatAccess<ImagoFile>>,
     /// Locks on every file of the chain (the image, its data file, its backing images).
-    _locks: Vec<File>,
+    locks: Vec<(File, PathBuf, bool)>,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -63,8 +63,11 @@ const MAX_CHAIN: usize = 16;
 /// Opened layers' lock descriptors and the canonical paths of the chain so far.
 #[derive(Default)]
 struct Chain {
-    locks: Vec<File>,
+    /// Each file's lock descriptor, path, and whether its lock is shared.
+    locks: Vec<(File, PathBuf, bool)>,
     seen: Vec<PathBuf>,
+    /// Take the locks now (not for a VM migrating in: at its switch-over).
+    take: bool,
 }
 
 /// An image path from a header, relative to the directory of the image naming it.
@@ -151,8 +154,10 @@ fn open_file(
         err,
     };
     let lock_file = File::open(path).map_err(open_err)?;
-    lock(&lock_file, path, !writable)?;
-    chain.locks.push(lock_file);
+    if chain.take {
+        lock(&lock_file, path, !writable)?;
+    }
+    chain.locks.push((lock_file, path.to_path_buf(), !writable));
     ImagoFile::open(
         StorageOpenOptions::new()
             .filename(path)
@@ -234,7 +239,7 @@ fn open_layer(
     }
     chain.seen.push(canonical);
     let file = open_file(path, writable, direct, chain)?;
-    check_header_extensions(chain.locks.last().expect("open_file keeps a lock"))
+    check_header_extensions(&chain.locks.last().expect("open_file keeps a lock").0)
         .map_err(open_err)?;
     let mut image = Qcow2::<ImagoFile>::open_image(file, writable).map_err(|e| {
         open_err(io::Error::new(
@@ -332,17 +337,39 @@ impl Qcow2Disk {
         direct: bool,
         trust: &Qcow2Trust,
     ) -> Result<Self, BlockError> {
-        let mut chain = Chain::default();
+        Self::open_locking(path, read_only, direct, trust, true)
+    }
+
+    /// [`open`](Self::open), taking the locks only when `take_locks`.
+    pub fn open_locking(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        trust: &Qcow2Trust,
+        take_locks: bool,
+    ) -> Result<Self, BlockError> {
+        let mut chain = Chain {
+            take: take_locks,
+            ..Chain::default()
+        };
         let image = open_layer(path, !read_only, direct, trust, &mut chain)?;
         let access = FormatAccess::new(image);
         let size = access.size();
         Ok(Qcow2Disk {
             access: RwLock::new(access),
-            _locks: chain.locks,
+            locks: chain.locks,
             path: path.to_path_buf(),
             size,
             read_only,
         })
+    }
+
+    /// The locks of every file of its chain (see [`crate::ImageLock`]).
+    pub fn locks(&self) -> Result<Vec<crate::ImageLock>, BlockError> {
+        self.locks
+            .iter()
+            .map(|(f, p, shared)| crate::ImageLock::of(f, p, *shared))
+            .collect()
     }
 
     /// Virtual disk size in bytes.

@@ -29,6 +29,16 @@ impl RawDisk {
     /// Opens `path`, with `O_DIRECT` when `direct`, taking a `flock`: exclusive when writable,
     /// shared when read-only, so two VMs cannot both write one image.
     pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self, BlockError> {
+        Self::open_locking(path, read_only, direct, true)
+    }
+
+    /// [`open_with`](Self::open_with), taking the lock only when `take_lock`.
+    pub fn open_locking(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        take_lock: bool,
+    ) -> Result<Self, BlockError> {
         let open_err = |err| BlockError::Open {
             path: path.to_path_buf(),
             err,
@@ -39,7 +49,9 @@ impl RawDisk {
             .custom_flags(if direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(open_err)?;
-        lock(&file, path, read_only)?;
+        if take_lock {
+            lock(&file, path, read_only)?;
+        }
         let size = file.metadata().map_err(open_err)?.len();
         Ok(RawDisk {
             file,
@@ -48,6 +60,15 @@ impl RawDisk {
             read_only,
             direct,
         })
+    }
+
+    /// Its image lock (see [`crate::ImageLock`]).
+    pub fn locks(&self) -> Result<Vec<crate::ImageLock>, BlockError> {
+        Ok(vec![crate::ImageLock::of(
+            &self.file,
+            &self.path,
+            self.read_only,
+        )?])
     }
 
     /// Disk size in bytes.

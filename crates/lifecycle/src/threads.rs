@@ -29,6 +29,9 @@ pub enum Role {
     Io,
     /// Creates every other thread once a policy is set, and does nothing else.
     Spawner,
+    /// Sends a live migration: reads guest memory and the dirty log, stops and saves the VM,
+    /// and writes to a TCP or Unix connection.
+    Migration,
 }
 
 /// The kind of device a [`Role::DeviceWorker`] serves.
@@ -57,6 +60,7 @@ impl Role {
             Role::Vmm => "vmm",
             Role::Io => "io",
             Role::Spawner => "spawner",
+            Role::Migration => "migration",
         }
     }
 }

@@ -196,6 +196,21 @@ const SPAWNER: &[Rule] = &[
     any("seccomp"),
 ];
 
+/// A migration's sending thread (and its vCPU throttle): KVM's dirty log and the state
+/// ioctls of the VM (saving it at the switch-over), kicking vCPUs out of `KVM_RUN`, and one
+/// connection to the destination, TCP or Unix, with [`CONNECTIONS`].
+const MIGRATION: &[Rule] = &[
+    when("ioctl", KVM_IOCTLS),
+    any("tgkill"),
+    when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
+    when("socket", &[Arg::Eq(0, libc::AF_INET as u64)]),
+    when("socket", &[Arg::Eq(0, libc::AF_INET6 as u64)]),
+    any("connect"),
+    any("poll"),
+    any("ppoll"),
+    any("flock"),
+];
+
 /// The VMM's own threads (the main loop, preparing a VM, registering memory, the INTx
 /// resampler): building and rebuilding the VM (files, `/dev/kvm`, TAP devices, guest memory),
 /// the API's requests (snapshots), signals. Everything a VMM does, but never a new program, a
@@ -261,8 +276,11 @@ const VMM: &[Rule] = &[
     any("tgkill"),
     // Whether the process that left a snapshot's temporary files behind still runs.
     when("kill", &[Arg::Eq(1, 0)]),
-    // Unix sockets only (the API socket, checking a stale one), with CONNECTIONS.
+    // Unix sockets (the API socket, checking a stale one) and, for a migration's destination,
+    // TCP, with CONNECTIONS.
     when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
+    when("socket", &[Arg::Eq(0, libc::AF_INET as u64)]),
+    when("socket", &[Arg::Eq(0, libc::AF_INET6 as u64)]),
     any("socketpair"),
     any("bind"),
     any("listen"),
@@ -291,6 +309,7 @@ pub fn rules(role: Role) -> Vec<Rule> {
         Role::Api => &[API, CONNECTIONS, EVENTS],
         Role::Io => &[IO],
         Role::Spawner => &[SPAWNER],
+        Role::Migration => &[MIGRATION, CONNECTIONS, EVENTS],
     };
     COMMON
         .iter()

@@ -55,6 +55,7 @@ pub const ROLES: &[Role] = &[
     Role::DeviceWorker(Device::Console),
     Role::Api,
     Role::Io,
+    Role::Migration,
     Role::Spawner,
 ];
 

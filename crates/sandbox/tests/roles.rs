@@ -18,11 +18,11 @@ fn role_named(name: &str) -> Role {
         .unwrap_or_else(|| panic!("no role {name}"))
 }
 
-/// A call no thread of tern makes: an IPv4 socket.
+/// A call no thread of tern makes: a packet socket.
 fn forbidden_call() -> i64 {
     // SAFETY: socket(2) with constant arguments; the descriptor, if any, is leaked on purpose
     // (the process ends right after).
-    i64::from(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) })
+    i64::from(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) })
 }
 
 /// Runs in the child: confine, then make the forbidden call in a thread of `role`.

@@ -1,6 +1,7 @@
 //! `tern`: a KVM virtual machine monitor.
 
 mod jail;
+mod migrate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,9 +16,9 @@ use vmm::{VmConfig, VmExit};
 /// Exit status when the guest crashed (triple fault, KVM internal error, kernel panic).
 const EXIT_GUEST_CRASH: u8 = 3;
 /// Exit status for VMM errors (bad config, missing files, KVM failures).
-const EXIT_VMM_ERROR: u8 = 1;
+pub(crate) const EXIT_VMM_ERROR: u8 = 1;
 /// Exit status for command-line misuse (as clap's own errors).
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "tern: a KVM virtual machine monitor")]
@@ -56,6 +57,9 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Run `tern run ARGS…` confined: chroot, namespaces, cgroups, an unprivileged user.
     Jail(Box<jail::JailArgs>),
+    /// Move the running VM to another tern (`tern run --incoming URL`) while it runs, and
+    /// follow the migration to its end; or show or cancel one.
+    Migrate(Box<migrate::MigrateArgs>),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +99,11 @@ struct RunArgs {
     /// Bring back the VM saved in this snapshot directory instead of booting one.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// Wait for a VM migrating in from another tern (`tern migrate --to URL` there) on
+    /// tcp:HOST:PORT or unix:PATH, instead of booting one; --disk-remap, --tap-remap,
+    /// --serial and --console change the host side on the way in.
+    #[arg(long, value_name = "URL", conflicts_with = "restore")]
+    incoming: Option<api::migrate::MigrationUrl>,
     /// With --restore: stay paused (resume through the API).
     #[arg(long)]
     paused: bool,
@@ -395,6 +404,46 @@ fn main() -> ExitCode {
                 eprintln!("tern: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
+            let incoming = match &args.incoming {
+                Some(url) => {
+                    let others = RunArgs {
+                        serial: None,
+                        console: None,
+                        ..(*args).clone()
+                    };
+                    if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
+                    {
+                        eprintln!(
+                            "tern: --incoming takes the VM's settings from its source; only \
+                             --serial, --console, --disk-remap, --tap-remap and --api-socket \
+                             may be given with it"
+                        );
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                    let opts = match restore_options(std::path::Path::new(""), &args) {
+                        Ok(o) => api::migrate::ReceiveOptions {
+                            url: url.clone(),
+                            disk_remap: o.disk_remap,
+                            tap_remap: o.tap_remap,
+                            serial: o.serial,
+                            console: o.console,
+                        },
+                        Err(e) => {
+                            eprintln!("tern: {e}");
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    };
+                    // Listening starts before the sandbox closes.
+                    match vmm::migration::Listener::bind(url) {
+                        Ok(listener) => Some(vmm::migration::receive::Incoming { listener, opts }),
+                        Err(e) => {
+                            eprintln!("tern: {e}");
+                            return ExitCode::from(EXIT_VMM_ERROR);
+                        }
+                    }
+                }
+                None => None,
+            };
             let restore = match &args.restore {
                 Some(dir) => {
                     // Where the serial port and console write, and which disks and TAPs it
@@ -425,8 +474,8 @@ fn main() -> ExitCode {
                 None => {
                     if args.paused
                         || args.restore_mode.is_some()
-                        || !args.disk_remap.is_empty()
-                        || !args.tap_remap.is_empty()
+                        || (incoming.is_none()
+                            && (!args.disk_remap.is_empty() || !args.tap_remap.is_empty()))
                     {
                         eprintln!(
                             "tern: --paused, --restore-mode, --disk-remap and --tap-remap go \
@@ -439,6 +488,8 @@ fn main() -> ExitCode {
             };
             let config = if let Some(r) = &restore {
                 Some(r.snapshot.config.clone())
+            } else if incoming.is_some() {
+                None
             } else if args.api_only() {
                 if args.vm_flags_given() {
                     eprintln!(
@@ -482,7 +533,7 @@ fn main() -> ExitCode {
                     config.as_ref(),
                     &dirs,
                     &allow_path,
-                    api_socket.is_some() && config.is_none(),
+                    (api_socket.is_some() || incoming.is_some()) && config.is_none(),
                 ) {
                     eprintln!("tern: {e}");
                     return ExitCode::from(EXIT_VMM_ERROR);
@@ -500,7 +551,7 @@ fn main() -> ExitCode {
                 }
                 None => None,
             };
-            match vmm::run(config, api, restore, start) {
+            match vmm::run(config, api, restore, incoming, start) {
                 Ok(exit) => exit_code(&exit),
                 Err(e) => {
                     eprintln!("tern: {e}");
@@ -509,6 +560,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Jail(args) => jail::main(*args),
+        Command::Migrate(args) => migrate::main(*args),
         Command::Info(c) => client(&c, "GET", "/v1/vm", show_info),
         Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| Ok("paused".into())),
         Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| Ok("resumed".into())),
@@ -666,6 +718,13 @@ fn exit_code(exit: &VmExit) -> ExitCode {
             ExitCode::SUCCESS
         }
         VmExit::UserQuit => ExitCode::SUCCESS,
+        VmExit::Migrated { url, downtime_us } => {
+            eprintln!(
+                "tern: the VM migrated to {url} (downtime {:.1} ms) and runs there",
+                *downtime_us as f64 / 1e3
+            );
+            ExitCode::SUCCESS
+        }
         VmExit::ApiStop => {
             eprintln!("tern: stopped through the API");
             ExitCode::SUCCESS

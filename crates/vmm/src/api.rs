@@ -6,9 +6,10 @@
 //!
 //! URL space (versioned under `/v1`, resources under `/v1/vm`): `GET /ping`, `GET|PUT /v1/vm`,
 //! `PUT /v1/vm/{boot,pause,resume,shutdown,reboot}`, `GET /v1/vm/counters`,
-//! `PUT /v1/vm/snapshot` and `PUT /v1/vm/restore`. Migration, resizing and hotplug are meant
-//! to follow as `PUT /v1/vm/migrate`, `PUT /v1/vm/resize` and
-//! `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document `docs/api/openapi.json` describes
+//! `PUT /v1/vm/snapshot`, `PUT /v1/vm/restore`, and live migration: `PUT /v1/vm/migrate/send`
+//! (202; it runs in the background), `GET /v1/vm/migrate` (its status), `DELETE /v1/vm/migrate`
+//! (cancel) and `PUT /v1/vm/migrate/receive` (an empty tern waits for one). Resizing and
+//! hotplug are meant to follow as `PUT /v1/vm/resize` and `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document `docs/api/openapi.json` describes
 //! every route; a test checks it against [`ROUTES`].
 //!
 //! The bodies are the `api` crate's types: [`VmConfig`] for `PUT /v1/vm`, its
@@ -48,6 +49,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vm/counters"),
     ("PUT", "/v1/vm/snapshot"),
     ("PUT", "/v1/vm/restore"),
+    ("GET", "/v1/vm/migrate"),
+    ("DELETE", "/v1/vm/migrate"),
+    ("PUT", "/v1/vm/migrate/send"),
+    ("PUT", "/v1/vm/migrate/receive"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -84,6 +89,14 @@ pub enum Action {
     },
     /// Bring back a snapshot (tern must be empty: no VM booted).
     Restore(Box<crate::snapshot::RestoreOptions>),
+    /// Start migrating the VM to another tern (answered at once; it runs in the background).
+    MigrateSend(Box<::api::migrate::SendOptions>),
+    /// The last outgoing migration's status.
+    MigrateStatus,
+    /// Cancel the outgoing migration.
+    MigrateCancel,
+    /// Wait for a migrating VM (tern must be empty: no VM booted).
+    MigrateReceive(Box<::api::migrate::ReceiveOptions>),
 }
 
 /// The VMM's answer.
@@ -311,6 +324,12 @@ fn router(shared: Shared) -> Router {
         .route("/v1/vm/counters", get(|s| ask(s, Action::Counters)))
         .route("/v1/vm/snapshot", put(snapshot))
         .route("/v1/vm/restore", put(restore))
+        .route(
+            "/v1/vm/migrate",
+            get(|s| ask(s, Action::MigrateStatus)).delete(|s| ask(s, Action::MigrateCancel)),
+        )
+        .route("/v1/vm/migrate/send", put(migrate_send))
+        .route("/v1/vm/migrate/receive", put(migrate_receive))
         .fallback(|| async { reply(Reply::error(404, "no such route")) })
         .method_not_allowed_fallback(|| async {
             reply(Reply::error(405, "method not allowed on this route"))
@@ -394,6 +413,26 @@ async fn restore(
 ) -> Response {
     match body {
         Ok(Json(b)) => ask(s, Action::Restore(Box::new(b))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn migrate_send(
+    s: State<Shared>,
+    body: Result<Json<::api::migrate::SendOptions>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => ask(s, Action::MigrateSend(Box::new(b))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn migrate_receive(
+    s: State<Shared>,
+    body: Result<Json<::api::migrate::ReceiveOptions>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => ask(s, Action::MigrateReceive(Box::new(b))).await,
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

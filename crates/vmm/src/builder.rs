@@ -144,15 +144,28 @@ fn load_guest(
     Ok(boot)
 }
 
-/// Builds the VM `config` describes. For a restore (`restoring`), guest memory and vCPU state
-/// come from the snapshot afterwards, so the kernel, initrd and boot tables are not loaded (the
-/// files need not exist any more). `shell` is a KVM VM made ahead, if any.
+/// Where a VM's memory and state come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A fresh boot: the kernel is loaded.
+    Boot,
+    /// A snapshot, restored afterwards.
+    Snapshot,
+    /// A migration: memory and state arrive afterwards, and the disks are locked only at the
+    /// switch-over (the source holds them until then).
+    Migration,
+}
+
+/// Builds the VM `config` describes. For a restore or a migration (`origin`), guest memory and
+/// vCPU state come afterwards, so the kernel, initrd and boot tables are not loaded (the files
+/// need not exist any more). `shell` is a KVM VM made ahead, if any.
 pub fn build(
     config: &VmConfig,
     start: Instant,
-    restoring: bool,
+    origin: Origin,
     shell: Option<VmShell>,
 ) -> Result<Vm, VmmError> {
+    let restoring = origin != Origin::Boot;
     let kernel = if restoring {
         None
     } else {
@@ -220,7 +233,7 @@ pub fn build(
         initrd,
         linux,
     };
-    let result = build_rest(config, start, parts);
+    let result = build_rest(config, start, parts, origin != Origin::Migration);
     let registered = register_memory
         .join()
         .unwrap_or_else(|_| Err(VmmError::Setup("guest memory registration panicked".into())));
@@ -243,7 +256,12 @@ struct Parts {
     linux: bool,
 }
 
-fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmError> {
+fn build_rest(
+    config: &VmConfig,
+    start: Instant,
+    p: Parts,
+    lock_disks: bool,
+) -> Result<Vm, VmmError> {
     let Parts {
         kvm,
         vm,
@@ -252,7 +270,7 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
         initrd,
         linux,
     } = p;
-    let virtio = crate::virtio_devices::create(config)?;
+    let virtio = crate::virtio_devices::create(config, lock_disks)?;
     let ctl = Arc::new(VmControl::new()?);
     let mut dm = DeviceManager::default();
     let Platform {
@@ -325,11 +343,14 @@ fn build_rest(config: &VmConfig, start: Instant, p: Parts) -> Result<Vm, VmmErro
     dm.register(&mut components);
 
     Ok(Vm {
-        ram,
+        ram: Arc::new(ram),
         ctl,
         vcpus,
-        components,
+        components: Arc::new(components),
         devices: dm,
+        disk_locks: Arc::new(virtio.locks),
+        migration: Mutex::new(None),
+        migration_status: Arc::default(),
         serial,
         power_button,
         vmgenid_evt,

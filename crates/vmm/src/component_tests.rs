@@ -7,7 +7,7 @@ use std::time::Instant;
 use lifecycle::Section;
 use serde_json::Value;
 
-use crate::builder::build;
+use crate::builder::{build, Origin};
 use crate::config::VmConfig;
 
 /// A VM configuration with every kind of device tern has (a TAP only when this process may
@@ -113,7 +113,7 @@ fn round_trip(transport: &str) {
         eprintln!("\n*** {test}: not root, so no TAP: virtio-net is left out ***\n");
     }
     let c = config(&dir, transport, root);
-    let a = build(&c, Instant::now(), true, None).unwrap();
+    let a = build(&c, Instant::now(), Origin::Snapshot, None).unwrap();
     let saved = a.components.save().unwrap();
     let ids: Vec<&str> = saved.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(
@@ -132,7 +132,7 @@ fn round_trip(transport: &str) {
     assert_eq!(ids, want);
     drop(a);
 
-    let b = build(&c, Instant::now(), true, None).unwrap();
+    let b = build(&c, Instant::now(), Origin::Snapshot, None).unwrap();
     b.components.restore(&saved).unwrap();
     let again = b.components.save().unwrap();
     assert_eq!(again.len(), saved.len());
@@ -165,7 +165,13 @@ fn the_dirty_log_switches_on_and_off_at_runtime() {
     }
     let dir = std::env::temp_dir().join(format!("tern-dirty-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let vm = build(&config(&dir, "pci", false), Instant::now(), true, None).unwrap();
+    let vm = build(
+        &config(&dir, "pci", false),
+        Instant::now(),
+        Origin::Snapshot,
+        None,
+    )
+    .unwrap();
     assert!(!vm.ram.logging());
     assert_eq!(vm.ram.take_dirty().unwrap(), None);
     vm.ram.start_dirty_log(false).unwrap();
@@ -197,7 +203,13 @@ fn devices_have_owners_ranges_and_describe_themselves() {
     let dir = std::env::temp_dir().join(format!("tern-devices-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for transport in ["pci", "mmio"] {
-        let vm = build(&config(&dir, transport, false), Instant::now(), true, None).unwrap();
+        let vm = build(
+            &config(&dir, transport, false),
+            Instant::now(),
+            Origin::Snapshot,
+            None,
+        )
+        .unwrap();
         let dm = vm.devices();
         let ids: Vec<&str> = dm.entries().iter().map(|e| e.id.as_str()).collect();
         let mut want = vec![

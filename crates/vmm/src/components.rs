@@ -129,6 +129,22 @@ impl Components {
         *paused = 0;
     }
 
+    /// Parks every vCPU for a moment without pausing the VM (a migration slowing a guest
+    /// that writes memory faster than it can be sent); [`unpark_cpus`](Self::unpark_cpus)
+    /// lets them go. Not while the VM is paused, nor mixed with [`pause`](Self::pause).
+    pub fn park_cpus(&self, deadline: Instant) {
+        for e in self.entries.iter().filter(|e| e.phase == Phase::Cpu) {
+            let _ = lock(&e.component).pause(deadline);
+        }
+    }
+
+    /// Lets the vCPUs [`park_cpus`](Self::park_cpus) parked run again.
+    pub fn unpark_cpus(&self) {
+        for e in self.entries.iter().filter(|e| e.phase == Phase::Cpu) {
+            lock(&e.component).resume();
+        }
+    }
+
     /// Every component's section, in walk order (the VM must be paused).
     pub fn save(&self) -> Result<Vec<Section>, String> {
         let mut out = Vec::with_capacity(self.entries.len());

@@ -46,6 +46,13 @@ pub enum VmExit {
     UserQuit,
     /// Stopped through the API (`PUT /v1/vm/shutdown?force=true`).
     ApiStop,
+    /// The VM migrated to another tern, which runs it now.
+    Migrated {
+        /// Where.
+        url: String,
+        /// How long it stood still, in microseconds.
+        downtime_us: u64,
+    },
     /// A VMM error while running.
     Error(String),
 }

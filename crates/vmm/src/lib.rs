@@ -17,6 +17,7 @@ pub mod interrupts;
 #[cfg(test)]
 mod layout_tests;
 pub mod memory;
+pub mod migration;
 pub mod platform;
 pub mod runner;
 pub mod signals;

@@ -13,15 +13,17 @@ use lifecycle::threads::{spawn, Role};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Action, ApiServer, Reply, Request as ApiRequest};
-use crate::builder::{build, VmShell};
+use crate::builder::{build, Origin, VmShell};
 use crate::config::{CharBackend, OnReboot, VmConfig};
 use crate::console::{spawn_stdin_thread, StdinTarget};
 use crate::control::VmExit;
 use crate::error::VmmError;
+use crate::migration::receive::{receive, Incoming, Received};
 use crate::signals::{block_stop_signals, read_signal};
 use crate::snapshot::Restore;
 use crate::terminal::RawTerminal;
 use crate::vcpu::install_kick_handler;
+use crate::vm::Vm;
 
 /// Runs the VM described by `config` until it ends (rebuilding it on reboot when configured
 /// so). `start` is when tern started, for boot-time measurements.
@@ -32,33 +34,74 @@ pub fn run(
     config: Option<VmConfig>,
     api: Option<ApiServer>,
     mut restore: Option<Restore>,
+    mut incoming: Option<Incoming>,
     start: Instant,
 ) -> Result<VmExit, VmmError> {
     install_kick_handler()
         .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
     let signals = block_stop_signals()?;
     let mut shell = None;
-    let (mut config, mut boot_req) = match config {
-        Some(c) => {
-            c.validate()?;
-            (c, None)
-        }
-        None => {
-            let Some(api) = &api else {
-                return Err(crate::config::ConfigError::Missing("kernel (--kernel PATH)").into());
-            };
-            // The KVM VM is made while tern waits (a failure here is met again, and reported,
-            // when the VM is built for real).
+    let mut config = config;
+    let mut received = None;
+    if config.is_none() && incoming.is_none() {
+        if let Some(a) = &api {
             shell = spawn(Role::Vmm, "tern-prepare", || VmShell::create(true)).ok();
-            match wait_for_boot(api, &signals, None)? {
+            match wait_for_boot(a, &signals, None)? {
+                Ok(b) if b.incoming.is_some() => {
+                    b.req.reply(Reply::accepted());
+                    incoming = b.incoming;
+                    // The shell made while waiting is not used: the VM is built when its
+                    // source describes it.
+                    shell = None;
+                }
                 Ok(b) => {
                     restore = b.restore;
-                    (b.config, Some(b.req))
+                    config = Some(b.config);
+                    return run_loop(
+                        config,
+                        api,
+                        restore,
+                        None,
+                        Some(b.req),
+                        shell,
+                        signals,
+                        start,
+                    );
                 }
                 Err(exit) => return Ok(exit),
             }
         }
+    }
+    if let Some(inc) = incoming.take() {
+        match receive(&inc, &signals, |c| build_incoming(c, start)) {
+            Ok(Some(r)) => {
+                config = Some(r.config.clone());
+                received = Some(r);
+            }
+            Ok(None) => return Ok(VmExit::Signal(read_signal(&signals))),
+            Err(e) => return Ok(VmExit::Error(e)),
+        }
+    }
+    run_loop(config, api, restore, received, None, shell, signals, start)
+}
+
+/// [`run`] once the first VM's origin is known.
+#[allow(clippy::too_many_arguments)]
+fn run_loop(
+    config: Option<VmConfig>,
+    api: Option<ApiServer>,
+    mut restore: Option<Restore>,
+    mut received: Option<Received<Vm>>,
+    mut boot_req: Option<ApiRequest>,
+    shell: Option<std::thread::JoinHandle<Result<VmShell, VmmError>>>,
+    signals: File,
+    start: Instant,
+) -> Result<VmExit, VmmError> {
+    let mut shell = shell;
+    let Some(mut config) = config else {
+        return Err(crate::config::ConfigError::Missing("kernel (--kernel PATH)").into());
     };
+    config.validate()?;
     let stdin_target: Arc<Mutex<Option<StdinTarget>>> = Arc::new(Mutex::new(None));
     let stdin_quit =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
@@ -89,21 +132,34 @@ pub fn run(
             .take()
             .and_then(|h| h.join().ok())
             .and_then(Result::ok);
-        crate::virtio_devices::probe_disk_formats(&mut config);
-        let built = crate::confinement::check_config(&config)
-            .and_then(|()| build(&config, start, restoring.is_some(), shell))
-            .and_then(|mut vm| {
-                if let Some(r) = &restoring {
-                    vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
-                    tracing::info!(
-                        "restored {} ({}) in {:.1} ms",
-                        r.dir.display(),
-                        if r.lazy { "lazy" } else { "eager" },
-                        t0.elapsed().as_secs_f64() * 1e3
-                    );
-                }
-                Ok(vm)
-            });
+        let mut handover = None;
+        let built = if let Some(r) = received.take() {
+            handover = Some(r.handover);
+            Ok(r.vm)
+        } else {
+            crate::virtio_devices::probe_disk_formats(&mut config);
+            crate::confinement::check_config(&config)
+                .and_then(|()| {
+                    let origin = if restoring.is_some() {
+                        Origin::Snapshot
+                    } else {
+                        Origin::Boot
+                    };
+                    build(&config, start, origin, shell)
+                })
+                .and_then(|mut vm| {
+                    if let Some(r) = &restoring {
+                        vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
+                        tracing::info!(
+                            "restored {} ({}) in {:.1} ms",
+                            r.dir.display(),
+                            if r.lazy { "lazy" } else { "eager" },
+                            t0.elapsed().as_secs_f64() * 1e3
+                        );
+                    }
+                    Ok(vm)
+                })
+        };
         let vm = match built {
             Ok(vm) => vm,
             Err(e) => {
@@ -124,6 +180,19 @@ pub fn run(
                     Some(config)
                 };
                 match wait_for_boot(a, &signals, keep)? {
+                    Ok(b) if b.incoming.is_some() => {
+                        b.req.reply(Reply::accepted());
+                        let inc = b.incoming.as_ref().expect("checked");
+                        match receive(inc, &signals, |c| build_incoming(c, start)) {
+                            Ok(Some(r)) => {
+                                config = r.config.clone();
+                                received = Some(r);
+                                continue;
+                            }
+                            Ok(None) => return Ok(VmExit::Signal(read_signal(&signals))),
+                            Err(e) => return Ok(VmExit::Error(e)),
+                        }
+                    }
                     Ok(b) => {
                         config = b.config;
                         boot_req = Some(b.req);
@@ -141,6 +210,14 @@ pub fn run(
             Some(c) => StdinTarget::Console(c.clone()),
             None => StdinTarget::Serial(vm.serial.clone()),
         });
+        if let Some(h) = handover.take() {
+            // The VM is this tern's: the source exits when it hears so.
+            h.running();
+            tracing::info!(
+                "migration: the VM runs here, {:.1} ms after tern started",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
         let mut exit = vm.run(&signals, &stdin_quit, api.as_ref(), &config)?;
         if restoring.as_ref().is_some_and(|r| r.lazy) {
             // A guest that lost the memory file under it fails in ways of its own (a triple
@@ -162,6 +239,12 @@ pub fn run(
     }
 }
 
+/// Builds the VM a migration's source describes (its disks are locked at the switch-over).
+fn build_incoming(config: &VmConfig, start: Instant) -> Result<Vm, String> {
+    crate::confinement::check_config(config).map_err(|e| e.to_string())?;
+    build(config, start, Origin::Migration, None).map_err(|e| e.to_string())
+}
+
 /// What the API asked for before any VM existed.
 struct BootRequest {
     config: VmConfig,
@@ -169,6 +252,8 @@ struct BootRequest {
     req: ApiRequest,
     /// A snapshot to bring back instead of booting.
     restore: Option<Restore>,
+    /// A migration to wait for instead of booting.
+    incoming: Option<Incoming>,
 }
 
 /// Serves the API before boot (states `created` and `configured`) until a boot request comes
@@ -217,6 +302,7 @@ fn wait_for_boot(
                             config: r.snapshot.config.clone(),
                             req,
                             restore: Some(r),
+                            incoming: None,
                         }))
                     }
                     Err(e) => req.reply(Reply::error(400, format!("cannot restore: {e}"))),
@@ -227,6 +313,7 @@ fn wait_for_boot(
                             config: c,
                             req,
                             restore: None,
+                            incoming: None,
                         }));
                     }
                     req.reply(crate::states::not_handled(state));
@@ -234,6 +321,23 @@ fn wait_for_boot(
                 Action::Shutdown { .. } => {
                     req.reply(Reply::accepted());
                     return Ok(Err(VmExit::ApiStop));
+                }
+                Action::MigrateStatus => {
+                    req.reply(Reply::ok(&::api::migrate::MigrationStatus::default()))
+                }
+                Action::MigrateReceive(ref opts) => {
+                    match crate::migration::Listener::bind(&opts.url) {
+                        Ok(listener) => {
+                            let opts = (**opts).clone();
+                            return Ok(Ok(BootRequest {
+                                config: config.unwrap_or_default(),
+                                req,
+                                restore: None,
+                                incoming: Some(Incoming { listener, opts }),
+                            }));
+                        }
+                        Err(e) => req.reply(Reply::error(400, e)),
+                    }
                 }
                 _ => req.reply(crate::states::not_handled(state)),
             }

@@ -45,6 +45,16 @@ pub fn check(state: VmState, action: &Action) -> Result<(), Reply> {
             Err(Reply::conflict("snapshot", "running (pause it first)"))
         }
         Action::Snapshot { .. } => refuse("snapshot"),
+        Action::MigrateSend(_) if booted => Ok(()),
+        Action::MigrateSend(_) => refuse("migrate"),
+        Action::MigrateStatus => Ok(()),
+        Action::MigrateCancel if booted => Ok(()),
+        Action::MigrateCancel => Err(Reply::error(409, "no migration is in progress")),
+        Action::MigrateReceive(_) if booted => Err(Reply::error(
+            409,
+            "cannot receive a migration: a VM exists already (receive into a tern started with only --api-socket)",
+        )),
+        Action::MigrateReceive(_) => Ok(()),
     }
 }
 
@@ -75,6 +85,17 @@ mod tests {
             dir: "/s".into(),
             diff: false,
         };
+        let url = || "unix:/m".parse::<::api::migrate::MigrationUrl>().unwrap();
+        let send = move || Action::MigrateSend(Box::new(::api::migrate::SendOptions::to(url())));
+        let receive = move || {
+            Action::MigrateReceive(Box::new(::api::migrate::ReceiveOptions {
+                url: url(),
+                disk_remap: Default::default(),
+                tap_remap: Default::default(),
+                serial: None,
+                console: None,
+            }))
+        };
         // created, configured, running, paused
         type Row = (Box<dyn Fn() -> Action>, [u16; 4]);
         let rows: Vec<Row> = vec![
@@ -90,6 +111,10 @@ mod tests {
             (Box::new(|| Action::Reboot), [409, 409, 0, 0]),
             (Box::new(|| Action::Counters), [409, 409, 0, 0]),
             (Box::new(snap), [409, 409, 409, 0]),
+            (Box::new(send), [409, 409, 0, 0]),
+            (Box::new(|| Action::MigrateStatus), [0, 0, 0, 0]),
+            (Box::new(|| Action::MigrateCancel), [409, 409, 0, 0]),
+            (Box::new(receive), [0, 0, 409, 409]),
         ];
         for (action, want) in rows {
             for (state, want) in [Created, Configured, Running, Paused].into_iter().zip(want) {

@@ -107,6 +107,8 @@ pub struct BootCpu<'a> {
 /// The VM's vCPUs.
 pub struct Vcpus {
     list: Vec<Arc<Mutex<VcpuComponent>>>,
+    /// vCPU 0's CPUID as tern set it: the features the guest may use.
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 impl Vcpus {
@@ -131,6 +133,7 @@ impl Vcpus {
                 .to_vec(),
         );
         let mut list = Vec::with_capacity(count.into());
+        let mut cpuid0 = Vec::new();
         for id in 0..count {
             let fd = vm
                 .create_vcpu(u64::from(id))
@@ -143,6 +146,9 @@ impl Vcpus {
                     tsc_deadline,
                 },
             );
+            if id == 0 {
+                cpuid0 = entries.clone();
+            }
             let cpuid = CpuId::from_entries(&entries)
                 .map_err(|e| VmmError::Setup(format!("CPUID: {e:?}")))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
@@ -177,7 +183,10 @@ impl Vcpus {
                 counters,
             })));
         }
-        Ok(Vcpus { list })
+        Ok(Vcpus {
+            list,
+            cpuid: cpuid0,
+        })
     }
 
     /// Registers each vCPU as component `vcpuN`.
@@ -196,6 +205,11 @@ impl Vcpus {
     /// Each vCPU's exit counters, by id.
     pub fn counters(&self) -> Vec<Arc<ExitCounters>> {
         self.list.iter().map(|v| lock(v).counters.clone()).collect()
+    }
+
+    /// vCPU 0's CPUID as tern set it.
+    pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        &self.cpuid
     }
 
     /// How many there are.

@@ -36,6 +36,8 @@ pub struct VirtioDevices {
     pub console_output: Option<devices::serial::OutputHandle>,
     /// I/O counters of the disks and interfaces, for the API.
     pub stats: Vec<DeviceStats>,
+    /// The disks' image locks.
+    pub locks: Vec<block::ImageLock>,
 }
 
 /// A device's counters, as the API reports them.
@@ -92,8 +94,10 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
 
-/// Creates the devices `config` asks for.
-pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
+/// Creates the devices `config` asks for; the disks' images are locked when `lock_disks` (a VM
+/// migrating in takes its locks at the switch-over).
+pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmError> {
+    let mut locks = Vec::new();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut console_input = None;
     let mut console_output = None;
@@ -115,7 +119,8 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
         devices.push(Box::new(console));
     }
     for (i, d) in config.disks.iter().enumerate() {
-        let blk = open_disk(i, d)?;
+        let (blk, l) = open_disk(i, d, lock_disks)?;
+        locks.extend(l);
         stats.push(DeviceStats::Block {
             path: d.path.display().to_string(),
             counters: blk.counters(),
@@ -140,6 +145,7 @@ pub fn create(config: &VmConfig) -> Result<VirtioDevices, VmmError> {
         console_input,
         console_output,
         stats,
+        locks,
     })
 }
 
@@ -207,7 +213,11 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
 }
 
 /// Opens disk `i` and wraps it in a virtio-blk device.
-fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
+fn open_disk(
+    i: usize,
+    d: &DiskConfig,
+    lock: bool,
+) -> Result<(Block, Vec<block::ImageLock>), VmmError> {
     let opts = DiskOptions {
         path: d.path.clone(),
         format: d.format.map(image_format),
@@ -216,7 +226,13 @@ fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
         read_only: d.readonly,
         direct: d.cache == DiskCache::None,
     };
-    let (disk, warning) = Disk::open(&opts).map_err(setup)?;
+    let (disk, warning) = if lock {
+        Disk::open(&opts)
+    } else {
+        Disk::open_unlocked(&opts)
+    }
+    .map_err(setup)?;
+    let locks = disk.locks().map_err(setup)?;
     if let Some(w) = warning {
         eprintln!("tern: warning: {w}");
     }
@@ -231,7 +247,7 @@ fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
         DiskIo::Sync => EngineKind::Sync,
     };
     let serial = d.serial.clone().unwrap_or_else(|| format!("tern-disk{i}"));
-    Ok(Block::new(
+    let blk = Block::new(
         Arc::new(disk),
         BlockOptions {
             serial,
@@ -240,7 +256,8 @@ fn open_disk(i: usize, d: &DiskConfig) -> Result<Block, VmmError> {
             iops: d.iops,
             bandwidth: d.bw,
         },
-    ))
+    );
+    Ok((blk, locks))
 }
 
 /// Opens (or creates) the TAP of interface `i` and wraps it in a virtio-net device.

@@ -22,13 +22,17 @@ use crate::memory::GuestRam;
 use crate::vcpu::ExitCounters;
 use crate::vcpus::Vcpus;
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A built VM (the `builder` module makes one).
 pub struct Vm {
-    pub(crate) ram: GuestRam,
+    pub(crate) ram: Arc<GuestRam>,
     pub(crate) ctl: Arc<VmControl>,
     pub(crate) vcpus: Vcpus,
     /// Everything stateful, in walk order.
-    pub(crate) components: Components,
+    pub(crate) components: Arc<Components>,
     /// The devices: ids, bus ranges, states, ACPI descriptions.
     pub(crate) devices: crate::device_manager::DeviceManager,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
@@ -44,6 +48,38 @@ pub struct Vm {
     pub(crate) started: Instant,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.
     pub(crate) last_snapshot: Mutex<Option<crate::snapshot::Parent>>,
+    /// The disks' image locks (handed over by a migration).
+    pub(crate) disk_locks: Arc<Vec<block::ImageLock>>,
+    /// The outgoing migration, while one runs (and after, for its status).
+    pub(crate) migration: Mutex<Option<crate::migration::Outgoing>>,
+    /// The last outgoing migration's status.
+    pub(crate) migration_status: Arc<Mutex<::api::migrate::MigrationStatus>>,
+}
+
+impl crate::migration::receive::Arrival for Vm {
+    fn memory(&self) -> &arch::GuestMemoryMmap {
+        self.ram.mem()
+    }
+
+    fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        self.vcpus.cpuid()
+    }
+
+    fn restore_state(&self, sections: &[lifecycle::Section], paused: bool) -> Result<(), String> {
+        self.components.restore(sections)?;
+        if paused {
+            self.components.pause()?;
+        }
+        Ok(())
+    }
+
+    fn lock_disks(&self) -> Result<(), String> {
+        for l in self.disk_locks.iter() {
+            l.acquire()
+                .map_err(|e| format!("cannot lock the disk: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 impl Vm {
@@ -81,6 +117,43 @@ impl Vm {
                 "cannot signal the new VM generation ID to the guest: {e}"
             ))
         })
+    }
+
+    /// Whether an outgoing migration runs.
+    fn migrating(&self) -> bool {
+        lock(&self.migration).as_ref().is_some_and(|m| m.active())
+    }
+
+    /// Starts migrating the VM as `opts` says (`PUT /v1/vm/migrate/send`): 202, and the
+    /// migration goes on in the background.
+    fn start_migration(&self, opts: &::api::migrate::SendOptions, config: &VmConfig) -> Reply {
+        use crate::migration::{send::VmParts, Outgoing};
+        if let Err(e) = opts.validate() {
+            return Reply::error(400, format!("cannot migrate: {e}"));
+        }
+        let mut m = lock(&self.migration);
+        if m.as_ref().is_some_and(|m| m.active()) {
+            return Reply::error(409, "cannot migrate: a migration is in progress already");
+        }
+        let target = match crate::migration::Target::resolve(&opts.url) {
+            Ok(t) => t,
+            Err(e) => return Reply::error(400, format!("cannot migrate: {e}")),
+        };
+        let parts = VmParts {
+            ram: self.ram.clone(),
+            components: self.components.clone(),
+            ctl: self.ctl.clone(),
+            config: config.clone(),
+            cpuid: self.vcpus.cpuid().to_vec(),
+            locks: self.disk_locks.clone(),
+        };
+        match Outgoing::start(parts, opts.clone(), target, self.migration_status.clone()) {
+            Ok(o) => {
+                *m = Some(o);
+                Reply::accepted()
+            }
+            Err(e) => Reply::error(500, format!("cannot migrate: {e}")),
+        }
     }
 
     /// Writes a snapshot of the paused VM to `dir`.
@@ -189,6 +262,17 @@ impl Vm {
         if let Err(r) = crate::states::check(state, action) {
             return r;
         }
+        if self.migrating()
+            && matches!(
+                action,
+                Action::Pause | Action::Resume | Action::Snapshot { .. } | Action::Reboot
+            )
+        {
+            return Reply::error(
+                409,
+                "a migration is in progress (GET /v1/vm/migrate shows it; DELETE /v1/vm/migrate cancels it)",
+            );
+        }
         match action {
             Action::Info => Reply::ok(&VmInfo {
                 vcpus: Some(config.cpus),
@@ -233,6 +317,21 @@ impl Vm {
             Action::Snapshot { dir, diff } => match self.snapshot(dir, config, *diff) {
                 Ok(()) => Reply::done(),
                 Err((status, e)) => Reply::error(status, format!("cannot snapshot: {e}")),
+            },
+            Action::MigrateSend(opts) => self.start_migration(opts, config),
+            Action::MigrateStatus => {
+                if let Some(m) = lock(&self.migration).as_ref() {
+                    m.status_read();
+                }
+                Reply::ok(&*lock(&self.migration_status))
+            }
+            Action::MigrateCancel => match lock(&self.migration).as_ref() {
+                Some(m) if m.cancel() => Reply::accepted(),
+                Some(m) if m.active() => Reply::error(
+                    409,
+                    "the migration is handing the VM over to the destination; it cannot be cancelled now",
+                ),
+                _ => Reply::error(409, "no migration is in progress"),
             },
             Action::Counters => {
                 let vcpus: Vec<_> = exit_counters

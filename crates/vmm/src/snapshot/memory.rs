@@ -170,7 +170,7 @@ unsafe fn map_over(ptr: *mut u8, len: u64, f: &File, off: u64, path: &Path) -> R
 }
 
 /// (guest address, length) of each region of `mem`, in order: a snapshot's memory layout.
-pub(crate) fn layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+pub fn layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
 }
 

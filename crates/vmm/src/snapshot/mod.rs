@@ -23,6 +23,7 @@
 pub mod kvm;
 pub mod lost;
 pub mod memory;
+mod remap;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ use memory::{fnv, FNV_INIT, PAGE};
 
 pub use kvm::{check_cpu_features, VcpuState, VmState};
 pub use lost::mapped_memory_lost;
+pub use remap::apply_host_side;
 
 /// Version of the snapshot format this tern writes and reads.
 pub const FORMAT_VERSION: u32 = 3;
@@ -274,44 +276,14 @@ pub fn open(opts: &RestoreOptions) -> Result<Restore, String> {
     sandbox::landlock::check(&opts.dir, false)?;
     let mut snap = read(&opts.dir)?;
     let c = &mut snap.config;
-    for (old, new) in &opts.disk_remap {
-        let i = c.disks.iter().position(|d| &d.path == old).ok_or_else(|| {
-            format!(
-                "disk remap: the snapshot has no disk {} (it has: {})",
-                old.display(),
-                list(c.disks.iter().map(|d| d.path.display().to_string()))
-            )
-        })?;
-        c.disks[i].path = new.clone();
-        // Another file: its format is probed afresh (a stated format still holds).
-        c.disks[i].probed_format = None;
-    }
-    for (old, new) in &opts.tap_remap {
-        let (i, n) = c
-            .nets
-            .iter()
-            .enumerate()
-            .find(|(_, n)| &n.tap == old)
-            .ok_or_else(|| {
-                format!(
-                    "TAP remap: the snapshot has no TAP {old} (it has: {})",
-                    list(c.nets.iter().map(|n| n.tap.clone()))
-                )
-            })?;
-        // The guest keeps the MAC it has; only the host side moves.
-        let mac = n.effective_mac(i);
-        c.nets[i].mac = Some(mac);
-        c.nets[i].tap = new.clone();
-    }
-    if let Some(s) = &opts.serial {
-        c.serial = s.clone();
-    }
-    if let Some(con) = &opts.console {
-        if c.console.is_none() {
-            return Err("the snapshot's VM has no virtio-console to redirect".into());
-        }
-        c.console = Some(con.clone());
-    }
+    apply_host_side(
+        c,
+        "the snapshot",
+        &opts.disk_remap,
+        &opts.tap_remap,
+        opts.serial.as_ref(),
+        opts.console.as_ref(),
+    )?;
     // The configuration inside a snapshot is checked as any other, once the options
     // are applied (for `tern run --restore` and `PUT /v1/vm/restore` alike).
     c.validate().map_err(|e| {
@@ -326,15 +298,6 @@ pub fn open(opts: &RestoreOptions) -> Result<Restore, String> {
         paused: opts.paused,
         lazy: opts.mode == RestoreMode::Lazy,
     })
-}
-
-fn list(items: impl Iterator<Item = String>) -> String {
-    let v: Vec<String> = items.collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
-    }
 }
 
 /// Removes the temporary directories (`.NAME.tmp-PID`) of snapshots to `NAME` whose tern
