@@ -201,6 +201,8 @@ const SPAWNER: &[Rule] = &[
 /// connection to the destination, TCP or Unix, with [`CONNECTIONS`].
 const MIGRATION: &[Rule] = &[
     when("ioctl", KVM_IOCTLS),
+    // Connecting with a timeout switches the socket to non-blocking and back.
+    when("ioctl", &[Arg::Eq(1, libc::FIONBIO)]),
     any("tgkill"),
     when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
     when("socket", &[Arg::Eq(0, libc::AF_INET as u64)]),

@@ -15,6 +15,10 @@
 //!   sector into the tick's slot of a 64-page device log that only the device writes, and
 //!   checks every slot at the end (`devlog=ok`): memory only a device wrote must survive a
 //!   snapshot too. Request failures fail the scenario.
+//! - `probe.count_dirty_mb=N`: keeps writing N MiB of RAM while it counts, one page after
+//!   the other (a word naming the page and the pass over the region), and checks at the end
+//!   that every page holds the last word written to it (`dirty_mb=N dirty=ok`): a live
+//!   migration must send pages again as the guest rewrites them.
 //! - `probe.count_gen=1`: reads the 16-byte VM generation ID at [`VMGENID_ADDR`] at the start
 //!   and at every tick, and prints `probe: count generation=<32 hex digits>` (bytes in memory
 //!   order) at the start and whenever it changed (`gen_changes=K`). tern gives a VM restored
@@ -63,6 +67,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     let mem_mb = ctx.param("count_mem_mb", 0)?;
     let use_blk = ctx.param("count_blk", 0)? != 0;
     let use_gen = ctx.param("count_gen", 0)? != 0;
+    let dirty_mb = ctx.param("count_dirty_mb", 0)?;
     if tick_ns == 0 {
         fail!("probe.count_tick_ms must be positive");
     }
@@ -106,6 +111,21 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         };
         disk = Some((b, buf, devlog));
     }
+    // Memory rewritten all the time: page `i` holds `pass << 32 | i`.
+    let dirty = if dirty_mb > 0 {
+        let pages = (dirty_mb << 20) / 4096;
+        let Some(base) = ctx.phys.alloc(pages * 4096, 4096) else {
+            fail!("no memory for probe.count_dirty_mb={dirty_mb}");
+        };
+        for i in 0..pages {
+            // SAFETY: [base, base + pages * 4096) is RAM of ours that nothing else uses.
+            unsafe { core::ptr::write_volatile((base + i * 4096) as *mut u64, i) };
+        }
+        Some((base, pages))
+    } else {
+        None
+    };
+    let (mut dirty_pass, mut dirty_next) = (1u64, 0u64);
     let mut gen = None;
     if use_gen {
         let g = generation();
@@ -122,6 +142,18 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         // Work between clock reads, so the counter runs mostly in ring 3 arithmetic.
         for _ in 0..1000 {
             value = core::hint::black_box(value + 1);
+        }
+        if let Some((base, pages)) = dirty {
+            for _ in 0..16 {
+                let a = base + dirty_next * 4096;
+                // SAFETY: as above.
+                unsafe { core::ptr::write_volatile(a as *mut u64, dirty_pass << 32 | dirty_next) };
+                dirty_next += 1;
+                if dirty_next == pages {
+                    dirty_next = 0;
+                    dirty_pass += 1;
+                }
+            }
         }
         let now = clock::now_ns();
         if now >= next {
@@ -175,6 +207,18 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
         }
         r.kv("mem_mb", mem_mb);
         r.kv("mem", "ok");
+    }
+    if let Some((base, pages)) = dirty {
+        for i in 0..pages {
+            let pass = if i < dirty_next { dirty_pass } else { dirty_pass - 1 };
+            // SAFETY: as above.
+            let w = unsafe { core::ptr::read_volatile((base + i * 4096) as *const u64) };
+            if w != pass << 32 | i {
+                fail!("rewritten page {i} holds {w:#x}, not pass {pass}");
+            }
+        }
+        r.kv("dirty_mb", dirty_mb);
+        r.kv("dirty", "ok");
     }
     if let Some((_, _, devlog)) = disk {
         for t in ticks.saturating_sub(DEVLOG - 1).max(1)..=ticks {

@@ -1,0 +1,466 @@
+//! Live migration on the host's `/dev/kvm`, between two tern processes: the probe's counter
+//! (`count`) with a memory pattern, memory it keeps rewriting, and virtio-blk I/O at every
+//! tick, moved over Unix sockets and TCP while it runs. The counter must go on at the next
+//! tick on the destination, memory and disk must hold what the guest wrote, and every failure
+//! (the destination or the source killed mid-copy, a guest that dirties memory faster than the
+//! link allows, a destination that refuses the VM) must leave exactly one VM running, or none
+//! when the source died.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A tern process killed when dropped.
+struct Tern(Child);
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Tern {
+    /// Waits for it to exit; its status and standard error.
+    fn finish(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.0.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return (st.code(), err);
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "tern did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+fn spawn(args: &[&str]) -> Tern {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    Tern(
+        Command::new(tern())
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tern"),
+    )
+}
+
+/// A source running the counter with `params`, its serial port in `serial` and its API on
+/// `sock`; waits for its first ticks.
+fn source(sock: &Path, serial: &Path, memory: &str, params: &str, extra: &[&str]) -> Tern {
+    let backend = format!("file:{}", s(serial));
+    let cmdline = format!("probe.run=count {params}");
+    let kernel = probe();
+    let mut args = vec![
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        memory,
+        "--serial",
+        &backend,
+        "--cmdline",
+        &cmdline,
+        "--api-socket",
+        s(sock),
+    ];
+    args.extend_from_slice(extra);
+    let t = spawn(&args);
+    wait_until("3 ticks", Duration::from_secs(20), || {
+        ticks(serial).len() >= 3
+    });
+    t
+}
+
+/// A destination waiting on `url`, its serial port in `serial`.
+fn destination(url: &str, serial: &Path, extra: &[&str]) -> Tern {
+    let backend = format!("file:{}", s(serial));
+    let mut args = vec!["--incoming", url, "--serial", &backend];
+    args.extend_from_slice(extra);
+    let t = spawn(&args);
+    if let Some(p) = url.strip_prefix("unix:") {
+        wait_until("the migration socket", Duration::from_secs(10), || {
+            Path::new(p).exists()
+        });
+    } else if let Some(port) = url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+        // Listening, as the kernel sees it (connecting would start a migration).
+        let want = format!(":{port:04X} 00000000:0000 0A");
+        wait_until("the migration listener", Duration::from_secs(10), || {
+            std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&want))
+        });
+    }
+    t
+}
+
+fn migrate(sock: &Path, args: &[&str]) -> Run {
+    let mut a = vec!["migrate", "--api-socket", s(sock)];
+    a.extend_from_slice(args);
+    run_with_timeout(&tern(), &a, Duration::from_secs(60))
+}
+
+/// Every complete tick line of the source's serial output followed by the destination's (the
+/// migration may split a line between the two files).
+fn all_ticks(a: &Path, b: &Path) -> Vec<(u64, u64)> {
+    let dir = a.parent().unwrap();
+    let joined = dir.join(format!(
+        "{}+{}",
+        a.file_name().unwrap().to_string_lossy(),
+        b.file_name().unwrap().to_string_lossy()
+    ));
+    let mut text = std::fs::read(a).unwrap_or_default();
+    text.extend(std::fs::read(b).unwrap_or_default());
+    std::fs::write(&joined, text).unwrap();
+    ticks(&joined)
+}
+
+/// The ticks are 1, 2, 3… with no gap and no repeat, and the value only grows.
+fn assert_counter_continues(t: &[(u64, u64)]) {
+    assert!(!t.is_empty());
+    for (i, w) in t.windows(2).enumerate() {
+        assert_eq!(w[1].0, w[0].0 + 1, "ticks not consecutive at {i}: {t:?}");
+        assert!(w[1].1 > w[0].1, "the value went back at tick {}", w[1].0);
+    }
+    assert_eq!(t[0].0, 1);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_counting_guest_moves_over_a_unix_socket_and_goes_on_at_the_next_tick() {
+    if !require_kvm("a_counting_guest_moves_over_a_unix_socket_and_goes_on_at_the_next_tick") {
+        return;
+    }
+    let dir = Scratch::new("mig-unix");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let mut dst = destination(&url, &b, &[]);
+    let src = source(
+        &sock,
+        &a,
+        "128M",
+        "probe.count_ms=4000 probe.count_mem_mb=32 probe.count_gen=1",
+        &[],
+    );
+    let gen_before = lines_after(&a, "probe: count generation=");
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .starts_with(&format!("migrated to {url}: downtime ")),
+        "{}",
+        r.stdout
+    );
+    // The source exits 0 once the destination runs the VM.
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "source: {err}");
+    assert!(err.contains("the VM migrated to"), "{err}");
+    assert!(dst.running(), "the destination is not running the VM");
+    let (code, err) = dst.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "destination: {err}");
+    let t = all_ticks(&a, &b);
+    assert_counter_continues(&t);
+    let text = std::fs::read_to_string(&b).unwrap();
+    assert!(
+        text.contains("mem=ok") && text.contains("gen_changes=0"),
+        "memory or the generation ID did not survive: {text}"
+    );
+    // The same VM, not a clone: its generation ID did not change.
+    assert_eq!(gen_before.len(), 1);
+}
+
+/// Over TCP, with a disk written at every tick and memory rewritten all the time: the disk
+/// lock moves with the VM (both terns name the same image), and the image ends up holding
+/// what the guest's log says it wrote last to each sector.
+#[test]
+fn a_guest_writing_its_disk_and_memory_moves_over_tcp() {
+    if !require_kvm("a_guest_writing_its_disk_and_memory_moves_over_tcp") {
+        return;
+    }
+    let dir = Scratch::new("mig-tcp");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk_arg = format!("path={},format=raw", s(&disk));
+    let url = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = destination(&url, &b, &[]);
+    let src = source(
+        &sock,
+        &a,
+        "128M",
+        "probe.count_ms=5000 probe.count_blk=1 probe.count_dirty_mb=16",
+        &["--disk", &disk_arg],
+    );
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "source: {err}");
+    assert!(dst.running());
+    let (code, err) = dst.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "destination: {err}");
+    assert_counter_continues(&all_ticks(&a, &b));
+    let text = std::fs::read_to_string(&b).unwrap();
+    assert!(
+        text.contains("dirty=ok") && text.contains("devlog=ok"),
+        "rewritten memory or the device's log did not survive: {text}"
+    );
+    // What the guest wrote last to each sector is on the image.
+    let mut log = std::fs::read_to_string(&a).unwrap();
+    log.push_str(&text);
+    let mut last = [0u64; 64];
+    for l in log.lines() {
+        if let Some(rest) = l.strip_prefix("probe: count blk tick=") {
+            let t: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+            last[(t % 64) as usize] = last[(t % 64) as usize].max(t);
+        }
+    }
+    let img = std::fs::read(&disk).unwrap();
+    let mut checked = 0;
+    for (sector, &t) in last.iter().enumerate().filter(|(_, t)| **t > 0) {
+        let head = &img[sector * 512..sector * 512 + 16];
+        let mut want = (sector as u64).to_le_bytes().to_vec();
+        want.extend_from_slice(&t.to_le_bytes());
+        assert_eq!(head, &want[..], "sector {sector} does not hold tick {t}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} sectors written");
+}
+
+/// A guest that dirties memory faster than a bandwidth-limited link carries it does not
+/// converge: at the timeout the migration is cancelled, the VM runs on at the source, the
+/// destination discards what it got and says why, and a second migration (no limit) succeeds.
+#[test]
+fn a_migration_that_does_not_converge_is_cancelled_and_a_second_one_succeeds() {
+    if !require_kvm("a_migration_that_does_not_converge_is_cancelled_and_a_second_one_succeeds") {
+        return;
+    }
+    let dir = Scratch::new("mig-cancel");
+    let (sock, a, b, c) = (
+        dir.path("a.sock"),
+        dir.path("a.log"),
+        dir.path("b.log"),
+        dir.path("c.log"),
+    );
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let dst = destination(&url, &b, &[]);
+    let mut src = source(
+        &sock,
+        &a,
+        "128M",
+        "probe.count_ms=9000 probe.count_dirty_mb=32",
+        &[],
+    );
+    let r = migrate(
+        &sock,
+        &[
+            "--to",
+            &url,
+            "--max-bandwidth",
+            "16M",
+            "--downtime-ms",
+            "5",
+            "--timeout-s",
+            "3",
+            "--on-timeout",
+            "cancel",
+        ],
+    );
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("did not converge within 3 s")
+            && r.stderr.contains("the VM keeps running on the source"),
+        "{}",
+        r.stderr
+    );
+    let (code, err) = dst.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the source cancelled it") && err.contains("no VM runs here"),
+        "{err}"
+    );
+    // Still counting at the source.
+    let n = ticks(&a).len();
+    wait_until("more ticks at the source", Duration::from_secs(5), || {
+        ticks(&a).len() > n + 2
+    });
+    assert!(src.running());
+    let st = migrate(&sock, &["--status", "--json"]);
+    assert!(st.stdout.contains("\"state\":\"failed\""), "{}", st.stdout);
+
+    let mut dst2 = destination(&url, &c, &[]);
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(dst2.running());
+    let (code, err) = dst2.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert_counter_continues(&all_ticks(&a, &c));
+    assert!(std::fs::read_to_string(&c).unwrap().contains("dirty=ok"));
+}
+
+/// The destination killed while memory is being copied: the source keeps running and a second
+/// migration, to a new destination, succeeds.
+#[test]
+fn the_destination_killed_mid_copy_leaves_the_vm_running_at_the_source() {
+    if !require_kvm("the_destination_killed_mid_copy_leaves_the_vm_running_at_the_source") {
+        return;
+    }
+    let dir = Scratch::new("mig-kill-dst");
+    let (sock, a, b, c) = (
+        dir.path("a.sock"),
+        dir.path("a.log"),
+        dir.path("b.log"),
+        dir.path("c.log"),
+    );
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let mut dst = destination(&url, &b, &[]);
+    let mut src = source(
+        &sock,
+        &a,
+        "128M",
+        "probe.count_ms=8000 probe.count_mem_mb=64",
+        &[],
+    );
+    // 64 MiB at 8 MiB/s: the copy takes about 8 s; the destination dies during it.
+    let start = run_with_timeout(
+        &tern(),
+        &[
+            "migrate",
+            "--api-socket",
+            s(&sock),
+            "--to",
+            &url,
+            "--max-bandwidth",
+            "8M",
+            "--detach",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(start.code, Some(0), "{}", start.stderr);
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = dst.0.kill();
+    let _ = dst.0.wait();
+    wait_until("the migration to fail", Duration::from_secs(40), || {
+        migrate(&sock, &["--status", "--json"])
+            .stdout
+            .contains("\"state\":\"failed\"")
+    });
+    assert!(src.running(), "the source stopped");
+    let n = ticks(&a).len();
+    wait_until("more ticks at the source", Duration::from_secs(5), || {
+        ticks(&a).len() > n + 2
+    });
+    let mut dst2 = destination(&url, &c, &[]);
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(dst2.running());
+    let (code, err) = dst2.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert_counter_continues(&all_ticks(&a, &c));
+    assert!(std::fs::read_to_string(&c).unwrap().contains("mem=ok"));
+}
+
+/// The source killed while memory is being copied: the destination exits with one line
+/// saying so, and runs nothing.
+#[test]
+fn the_source_killed_mid_copy_leaves_no_vm_at_the_destination() {
+    if !require_kvm("the_source_killed_mid_copy_leaves_no_vm_at_the_destination") {
+        return;
+    }
+    let dir = Scratch::new("mig-kill-src");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let dst = destination(&url, &b, &[]);
+    let mut src = source(
+        &sock,
+        &a,
+        "128M",
+        "probe.count_ms=8000 probe.count_mem_mb=64",
+        &[],
+    );
+    let start = migrate(&sock, &["--to", &url, "--max-bandwidth", "8M", "--detach"]);
+    assert_eq!(start.code, Some(0), "{}", start.stderr);
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = src.0.kill();
+    let _ = src.0.wait();
+    let (code, err) = dst.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("tern: migration: the source went away mid-migration")
+            && last.ends_with("no VM runs here"),
+        "{err}"
+    );
+    assert!(!b.exists() || !std::fs::read_to_string(&b).unwrap().contains("probe:"));
+}
+
+/// A destination that cannot take the VM says why before any memory moves; the source keeps
+/// running it. Nothing listening is a clear error too.
+#[test]
+fn a_refused_or_unreachable_destination_leaves_the_vm_running() {
+    if !require_kvm("a_refused_or_unreachable_destination_leaves_the_vm_running") {
+        return;
+    }
+    let dir = Scratch::new("mig-refuse");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let mut src = source(&sock, &a, "64M", "probe.count_ms=6000", &[]);
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("cannot connect to"), "{}", r.stderr);
+    // A TAP remap for a TAP the VM does not have: refused, named.
+    let dst = destination(&url, &b, &["--tap-remap", "tap-x=tap-y"]);
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("the destination refused the VM: migration refused: TAP remap: the migrating VM has no TAP tap-x"),
+        "{}",
+        r.stderr
+    );
+    let (code, err) = dst.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("TAP remap"), "{err}");
+    assert!(src.running());
+    // Bad requests: 400s naming the field.
+    let r = migrate(&sock, &["--to", &url, "--downtime-ms", "0"]);
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("downtime_ms 0"), "{}", r.stderr);
+    let r = migrate(&sock, &["--to", "ftp://x"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let r = migrate(&sock, &["--cancel"]);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("no migration is in progress"),
+        "{}",
+        r.stderr
+    );
+}
