@@ -188,6 +188,43 @@ impl Tap {
     }
 }
 
+/// A RARP announcement of `mac` (reverse request, "who has this address", sent from it to
+/// everyone), padded to Ethernet's 60-byte minimum: what a VMM sends for a guest that just
+/// moved, so bridges and switches learn the port its MAC is behind now.
+pub fn rarp_announcement(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(&mac); // sender hardware address; sender IP 0
+    f[32..38].copy_from_slice(&mac); // target hardware address; target IP 0
+    f
+}
+
+impl Tap {
+    /// Sends `frame` out of the TAP, as if the guest had (behind a zero vnet header).
+    pub fn inject(&self, frame: &[u8]) -> io::Result<()> {
+        let hdr = [0u8; VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs describe live local buffers for their lengths.
+        unsafe { self.writev(&iov) }.map(|_| ())
+    }
+}
+
 /// Whether an I/O error means the TAP device is gone (deleted by an administrator).
 pub fn is_gone(e: &io::Error) -> bool {
     matches!(

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 mod peer;
 
-pub use peer::{Peer, PeerStats, PEER_MAC};
+pub use peer::{capture, Peer, PeerStats, PEER_MAC};
 
 /// Runs `ip args`, failing with its output if it exits non-zero.
 fn ip(args: &[&str]) -> io::Result<()> {

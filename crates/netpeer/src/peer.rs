@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::NetNs;
 
@@ -472,4 +473,29 @@ fn fold(mut s: u32) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     s as u16
+}
+
+/// Captures, for `duration`, the frames of `ethertype` that arrive on `tap` in namespace `ns`
+/// (frames a VMM writes into the TAP), on a thread of its own (which enters the namespace).
+pub fn capture(
+    ns: &NetNs,
+    tap: &str,
+    ethertype: u16,
+    duration: Duration,
+) -> std::thread::JoinHandle<io::Result<Vec<Vec<u8>>>> {
+    let (path, tap) = (ns.path(), tap.to_string());
+    std::thread::spawn(move || {
+        let s = PeerSocket::open(&path, &tap)?;
+        let deadline = Instant::now() + duration;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            if let Some(n) = s.recv(&mut buf, false)? {
+                if n >= 14 && buf[12..14] == ethertype.to_be_bytes() {
+                    frames.push(buf[..n].to_vec());
+                }
+            }
+        }
+        Ok(frames)
+    })
 }

@@ -464,3 +464,78 @@ fn a_refused_or_unreachable_destination_leaves_the_vm_running() {
         r.stderr
     );
 }
+
+/// After the switch-over the destination announces the guest's MAC on its TAP (a gratuitous
+/// RARP from that MAC), so that a bridge or switch learns at once where the guest is now.
+#[test]
+fn the_destination_announces_the_guest_on_its_tap() {
+    if !require_kvm("the_destination_announces_the_guest_on_its_tap")
+        || !require_netns("the_destination_announces_the_guest_on_its_tap")
+    {
+        return;
+    }
+    let ns = netpeer::NetNs::new().expect("network namespace");
+    ns.exec(&["ip", "tuntap", "add", "dev", "tap1", "mode", "tap"])
+        .unwrap();
+    ns.exec(&["ip", "link", "set", "tap1", "up"]).unwrap();
+    let dir = Scratch::new("mig-announce");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let in_ns = |args: Vec<String>| {
+        let mut a = vec!["run".to_string()];
+        a.extend(args);
+        Tern(
+            Command::new("ip")
+                .args(ns.exec_args(s(&tern()), &a))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start tern"),
+        )
+    };
+    let owned = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let dst = in_ns(owned(&[
+        "--incoming",
+        &url,
+        "--tap-remap",
+        "tap0=tap1",
+        "--serial",
+        &format!("file:{}", s(&b)),
+    ]));
+    let kernel = probe();
+    let src = in_ns(owned(&[
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64M",
+        "--net",
+        "tap=tap0,mac=52:54:00:ab:cd:ef",
+        "--serial",
+        &format!("file:{}", s(&a)),
+        "--cmdline",
+        "probe.run=count probe.count_ms=4000",
+        "--api-socket",
+        s(&sock),
+    ]));
+    wait_until("3 ticks", Duration::from_secs(20), || ticks(&a).len() >= 3);
+    let capture = netpeer::capture(&ns, "tap1", 0x8035, Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(200));
+    let r = migrate(&sock, &["--to", &url]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let frames = capture.join().unwrap().expect("capture on tap1");
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+    let rarp: Vec<&Vec<u8>> = frames
+        .iter()
+        .filter(|f| f[6..12] == mac && f[..6] == [0xff; 6] && f.len() >= 42 && f[22..28] == mac)
+        .collect();
+    assert!(
+        !rarp.is_empty(),
+        "no RARP announcement from the guest's MAC on tap1: {frames:?}"
+    );
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = dst.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert_counter_continues(&all_ticks(&a, &b));
+}

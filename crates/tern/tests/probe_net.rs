@@ -32,26 +32,6 @@ fn num(fields: &HashMap<String, String>, key: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
 }
 
-/// Whether this process may create network namespaces and TAP devices; otherwise fails under
-/// CI=true and skips loudly elsewhere.
-pub fn require_netns(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ip = Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if root && ip && Path::new("/dev/net/tun").exists() {
-        return true;
-    }
-    let why = format!("root: {root}, ip(8): {ip}, /dev/net/tun present");
-    if in_ci() {
-        panic!("{test}: needs root, iproute2 and /dev/net/tun under CI=true ({why})");
-    }
-    eprintln!("\n*** SKIPPED {test}: needs root, iproute2 and /dev/net/tun ({why}) ***\n");
-    false
-}
-
 /// A fresh namespace with the peer running on its TAP.
 fn ns_with_peer() -> (NetNs, Peer) {
     let ns = NetNs::new().expect("network namespace");

@@ -349,6 +349,7 @@ fn build_rest(
         components: Arc::new(components),
         devices: dm,
         disk_locks: Arc::new(virtio.locks),
+        announcers: virtio.announcers,
         migration: Mutex::new(None),
         migration_status: Arc::default(),
         serial,

@@ -213,6 +213,7 @@ fn run_loop(
         if let Some(h) = handover.take() {
             // The VM is this tern's: the source exits when it hears so.
             h.running();
+            vm.announce();
             tracing::info!(
                 "migration: the VM runs here, {:.1} ms after tern started",
                 start.elapsed().as_secs_f64() * 1e3

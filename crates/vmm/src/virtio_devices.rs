@@ -38,6 +38,8 @@ pub struct VirtioDevices {
     pub stats: Vec<DeviceStats>,
     /// The disks' image locks.
     pub locks: Vec<block::ImageLock>,
+    /// Each NIC's TAP and guest MAC, to announce the guest after a migration.
+    pub announcers: Vec<(Arc<Tap>, [u8; 6])>,
 }
 
 /// A device's counters, as the API reports them.
@@ -98,6 +100,7 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
 /// migrating in takes its locks at the switch-over).
 pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmError> {
     let mut locks = Vec::new();
+    let mut announcers = Vec::new();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut console_input = None;
     let mut console_output = None;
@@ -129,6 +132,7 @@ pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmE
     }
     for (i, n) in config.nets.iter().enumerate() {
         let net = open_net(i, n)?;
+        announcers.extend(net.announcer());
         stats.push(DeviceStats::Net {
             tap: net.tap_name().to_string(),
             counters: net.counters(),
@@ -146,6 +150,7 @@ pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmE
         console_output,
         stats,
         locks,
+        announcers,
     })
 }
 

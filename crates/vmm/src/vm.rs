@@ -48,6 +48,8 @@ pub struct Vm {
     pub(crate) started: Instant,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.
     pub(crate) last_snapshot: Mutex<Option<crate::snapshot::Parent>>,
+    /// Each NIC's TAP and guest MAC (announced after a migration).
+    pub(crate) announcers: Vec<(Arc<net::Tap>, [u8; 6])>,
     /// The disks' image locks (handed over by a migration).
     pub(crate) disk_locks: Arc<Vec<block::ImageLock>>,
     /// The outgoing migration, while one runs (and after, for its status).
@@ -117,6 +119,30 @@ impl Vm {
                 "cannot signal the new VM generation ID to the guest: {e}"
             ))
         })
+    }
+
+    /// Announces the guest's MACs on their TAPs (a gratuitous RARP each, three times over
+    /// 300 ms, from a thread of its own), so that bridges and switches learn where the guest
+    /// is now: after it migrated here.
+    pub fn announce(&self) {
+        if self.announcers.is_empty() {
+            return;
+        }
+        let list = self.announcers.clone();
+        let sent =
+            lifecycle::threads::spawn(lifecycle::threads::Role::Io, "tern-announce", move || {
+                for wait in [0, 100, 200] {
+                    std::thread::sleep(Duration::from_millis(wait));
+                    for (tap, mac) in &list {
+                        if let Err(e) = tap.inject(&net::rarp_announcement(*mac)) {
+                            tracing::warn!("cannot announce the guest on TAP {}: {e}", tap.name());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = sent {
+            tracing::warn!("cannot announce the guest's MACs: {e}");
+        }
     }
 
     /// Whether an outgoing migration runs.

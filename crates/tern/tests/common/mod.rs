@@ -381,3 +381,24 @@ pub fn status_field(path: &str, key: &str) -> Option<String> {
     let v = s.lines().find_map(|l| l.strip_prefix(&format!("{key}:")))?;
     Some(v.split_whitespace().collect::<Vec<_>>().join(" "))
 }
+
+/// Whether this process may create network namespaces and TAP devices; otherwise fails under
+/// CI=true and skips loudly elsewhere.
+#[allow(dead_code)]
+pub fn require_netns(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && ip && Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    let why = format!("root: {root}, ip(8): {ip}, /dev/net/tun present");
+    if in_ci() {
+        panic!("{test}: needs root, iproute2 and /dev/net/tun under CI=true ({why})");
+    }
+    eprintln!("\n*** SKIPPED {test}: needs root, iproute2 and /dev/net/tun ({why}) ***\n");
+    false
+}

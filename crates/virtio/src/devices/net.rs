@@ -129,6 +129,11 @@ impl Net {
         self.counters.clone()
     }
 
+    /// What announces the guest's MAC on the device's TAP (after a migration).
+    pub fn announcer(&self) -> Option<(Arc<Tap>, [u8; 6])> {
+        self.taps.first().map(|t| (t.clone(), self.opts.mac))
+    }
+
     /// The TAP's interface name.
     pub fn tap_name(&self) -> &str {
         self.taps.first().map_or("", |t| t.name())
