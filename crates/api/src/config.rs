@@ -691,6 +691,11 @@ pub struct VmConfig {
     /// snapshot can hold only what changed since the previous one (a diff snapshot).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Back guest memory with a shared memory file (memfd) instead of private anonymous
+    /// memory, so that a local migration (`tern migrate --local`) hands the memory itself to
+    /// the new tern instead of copying it.
+    #[serde(default)]
+    pub memory_shared: bool,
 }
 
 fn default_shutdown_timeout() -> u64 {
@@ -728,6 +733,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             shutdown_timeout: default_shutdown_timeout(),
             track_dirty_pages: false,
+            memory_shared: false,
         }
     }
 }

@@ -128,6 +128,10 @@ pub struct SendOptions {
     /// Slow down the vCPUs of a guest that writes memory faster than it can be sent.
     #[serde(default)]
     pub auto_converge: bool,
+    /// A local migration (a live upgrade to a new tern on this host, over `unix:`): guest
+    /// memory, shared (`memory_shared`), is handed over as a file descriptor, not copied.
+    #[serde(default)]
+    pub local: bool,
 }
 
 impl SendOptions {
@@ -140,6 +144,7 @@ impl SendOptions {
             on_timeout: OnTimeout::Cancel,
             max_bandwidth: 0,
             auto_converge: false,
+            local: false,
         }
     }
 
@@ -149,6 +154,12 @@ impl SendOptions {
             return Err(format!(
                 "downtime_ms {} is out of range: 1 to 60000",
                 self.downtime_ms
+            ));
+        }
+        if self.local && !matches!(self.url, MigrationUrl::Unix(_)) {
+            return Err(format!(
+                "a local migration hands memory over a Unix socket: {} is not unix:PATH",
+                self.url
             ));
         }
         if self.timeout_s == 0 || self.timeout_s > 7 * 24 * 3600 {

@@ -178,6 +178,10 @@ struct RunArgs {
     /// can write only what changed since the previous snapshot.
     #[arg(long)]
     track_dirty_pages: bool,
+    /// Back guest memory with a shared memory file, so that `tern migrate --local` can hand
+    /// it to a new tern (a live upgrade) instead of copying it.
+    #[arg(long)]
+    memory_shared: bool,
     /// System-call filters on every thread of tern, each allowing what its role needs: on (a
     /// call outside the list ends tern with a line naming the thread and call), log (the
     /// kernel logs such calls and lets them through) or off.
@@ -222,6 +226,7 @@ impl RunArgs {
             || !self.net.is_empty()
             || self.shutdown_timeout.is_some()
             || self.track_dirty_pages
+            || self.memory_shared
     }
 
     fn into_config(self) -> anyhow::Result<VmConfig> {
@@ -280,6 +285,9 @@ impl RunArgs {
         }
         if self.track_dirty_pages {
             c.track_dirty_pages = true;
+        }
+        if self.memory_shared {
+            c.memory_shared = true;
         }
         c.validate()?;
         Ok(c)

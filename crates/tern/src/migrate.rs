@@ -36,6 +36,10 @@ pub struct MigrateArgs {
     /// Slow down the vCPUs of a guest that writes memory faster than it can be sent.
     #[arg(long)]
     auto_converge: bool,
+    /// A live upgrade on this host: hand guest memory (`tern run --memory-shared`) to the new
+    /// tern over the unix: socket instead of copying it.
+    #[arg(long)]
+    local: bool,
     /// Start it and return at once (follow it with `tern migrate --status`).
     #[arg(long)]
     detach: bool,
@@ -92,6 +96,7 @@ pub fn main(a: MigrateArgs) -> ExitCode {
         opts.max_bandwidth = v;
     }
     opts.auto_converge = a.auto_converge;
+    opts.local = a.local;
     if let Err(e) = opts.validate() {
         eprintln!("tern: {e}");
         return ExitCode::from(EXIT_USAGE);

@@ -539,3 +539,52 @@ fn the_destination_announces_the_guest_on_its_tap() {
     assert_eq!(code, Some(0), "{err}");
     assert_counter_continues(&all_ticks(&a, &b));
 }
+
+/// A live upgrade on one host: guest memory (shared) is handed to the new tern as a file
+/// descriptor, so nothing of it is copied whatever the guest's size; a VM without shared
+/// memory cannot go that way, and the VM runs on.
+#[test]
+fn a_local_migration_hands_shared_memory_over_without_copying_it() {
+    if !require_kvm("a_local_migration_hands_shared_memory_over_without_copying_it") {
+        return;
+    }
+    let dir = Scratch::new("mig-local");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    // Private memory: refused, the VM keeps running.
+    let plain = dir.path("plain.sock");
+    let plain_log = dir.path("plain.log");
+    let mut src = source(&plain, &plain_log, "64M", "probe.count_ms=3000", &[]);
+    let dst = destination(&url, &b, &[]);
+    let r = migrate(&plain, &["--to", &url, "--local"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stderr.contains("needs shared memory"), "{}", r.stderr);
+    assert!(src.running());
+    let (code, _) = dst.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1));
+    let r = migrate(&plain, &["--to", "tcp:127.0.0.1:1", "--local"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    drop(src);
+
+    let mut dst = destination(&url, &b, &[]);
+    let src = source(
+        &sock,
+        &a,
+        "1G",
+        "probe.count_ms=4000 probe.count_mem_mb=64",
+        &["--memory-shared"],
+    );
+    let r = migrate(&sock, &["--to", &url, "--local", "--json"]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(st["state"], "completed");
+    assert_eq!(st["pages_sent"], 0, "{st}");
+    assert!(st["bytes_sent"].as_u64().unwrap() < 4096, "{st}");
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(dst.running());
+    let (code, err) = dst.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert_counter_continues(&all_ticks(&a, &b));
+    assert!(std::fs::read_to_string(&b).unwrap().contains("mem=ok"));
+}

@@ -165,6 +165,17 @@ pub fn build(
     origin: Origin,
     shell: Option<VmShell>,
 ) -> Result<Vm, VmmError> {
+    build_on(config, start, origin, shell, None)
+}
+
+/// [`build`], on the shared guest memory `memory` a local migration handed over (when given).
+pub fn build_on(
+    config: &VmConfig,
+    start: Instant,
+    origin: Origin,
+    shell: Option<VmShell>,
+    memory: Option<File>,
+) -> Result<Vm, VmmError> {
     let restoring = origin != Origin::Boot;
     let kernel = if restoring {
         None
@@ -203,7 +214,12 @@ pub fn build(
             config.cpus
         )));
     }
-    let mem = crate::memory::allocate(config.memory.0)?;
+    let (mem, backing) = if config.memory_shared || memory.is_some() {
+        let (m, f) = crate::memory::allocate_shared(config.memory.0, memory)?;
+        (m, Some(f))
+    } else {
+        (crate::memory::allocate(config.memory.0)?, None)
+    };
     // Registering guest memory and creating the PIT (which starts a kernel thread) are among
     // the slowest KVM calls on some hosts; they run on their own thread while this one loads
     // the kernel and sets up devices and vCPUs, and are joined before the VM can run.
@@ -229,6 +245,7 @@ pub fn build(
         kvm,
         vm,
         mem: mem.clone(),
+        backing,
         kernel,
         initrd,
         linux,
@@ -251,6 +268,7 @@ struct Parts {
     kvm: Kvm,
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    backing: Option<File>,
     kernel: Option<Vec<u8>>,
     initrd: Option<(File, u64)>,
     linux: bool,
@@ -266,6 +284,7 @@ fn build_rest(
         kvm,
         vm,
         mem,
+        backing,
         kernel,
         initrd,
         linux,
@@ -280,7 +299,7 @@ fn build_rest(
         panic_seen,
     } = Platform::create(config, &vm, &ctl, start, &mut dm)?;
     // Guest memory as its owner keeps it, and as the devices share it.
-    let ram = GuestRam::new(mem.clone(), vm.clone());
+    let ram = GuestRam::new(mem.clone(), vm.clone(), backing);
     let ids: Vec<(String, String)> = crate::virtio_devices::device_ids(config)
         .into_iter()
         .zip(crate::virtio_devices::device_names(config))

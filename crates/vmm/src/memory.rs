@@ -42,6 +42,55 @@ pub fn allocate(size: u64) -> Result<GuestMemoryMmap, VmmError> {
     Ok(mem)
 }
 
+/// Allocates `size` bytes of guest RAM in tern's layout, backed by one shared memory file
+/// (regions at their offsets in it, end to end): what a local migration hands over. With
+/// `file`, maps that one (received from the tern the VM comes from) instead of making one.
+pub fn allocate_shared(
+    size: u64,
+    file: Option<std::fs::File>,
+) -> Result<(GuestMemoryMmap, std::fs::File), VmmError> {
+    use vm_memory::FileOffset;
+    let err = |e: String| VmmError::Memory(size >> 20, e);
+    let file = match file {
+        Some(f) => {
+            let len = f.metadata().map_err(|e| err(e.to_string()))?.len();
+            if len != size {
+                return Err(err(format!(
+                    "the shared memory handed over holds {len} bytes, not {size}"
+                )));
+            }
+            f
+        }
+        None => {
+            // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned below.
+            let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(err(format!(
+                    "memfd_create: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            f.set_len(size).map_err(|e| err(e.to_string()))?;
+            f
+        }
+    };
+    let mut offset = 0u64;
+    let mut ranges = Vec::new();
+    for (a, s) in arch::memory::ram_regions(size) {
+        let f = file.try_clone().map_err(|e| err(e.to_string()))?;
+        ranges.push((
+            GuestAddress(a),
+            s as usize,
+            Some(FileOffset::new(f, offset)),
+        ));
+        offset += s;
+    }
+    let mem = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|e| err(e.to_string()))?;
+    Ok((mem, file))
+}
+
 /// The KVM memory slots of `mem`: slot `i` is region `i`, logging dirty pages when `log`.
 pub fn slots(mem: &GuestMemoryMmap, log: bool) -> Vec<kvm_userspace_memory_region> {
     mem.iter()
@@ -76,17 +125,25 @@ pub struct GuestRam {
     vm: Arc<VmFd>,
     /// Pages written before a snapshot that failed: still dirty for the next one.
     carry: Mutex<Vec<u64>>,
+    /// The shared memory file behind `mem`, when it has one.
+    backing: Option<std::fs::File>,
 }
 
 impl GuestRam {
     /// `mem`, registered with `vm` already (dirty log off).
-    pub fn new(mem: GuestMemoryMmap, vm: Arc<VmFd>) -> GuestRam {
+    pub fn new(mem: GuestMemoryMmap, vm: Arc<VmFd>, backing: Option<std::fs::File>) -> GuestRam {
         GuestRam {
             shared: VmMemory::new(mem.clone()),
             mem,
             vm,
             carry: Mutex::new(Vec::new()),
+            backing,
         }
+    }
+
+    /// The shared memory file behind guest memory (`memory_shared`), if any.
+    pub fn backing(&self) -> Option<&std::fs::File> {
+        self.backing.as_ref()
     }
 
     /// The memory.

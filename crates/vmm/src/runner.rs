@@ -73,7 +73,7 @@ pub fn run(
         }
     }
     if let Some(inc) = incoming.take() {
-        match receive(&inc, &signals, |c| build_incoming(c, start)) {
+        match receive(&inc, &signals, |c, m| build_incoming(c, m, start)) {
             Ok(Some(r)) => {
                 config = Some(r.config.clone());
                 received = Some(r);
@@ -149,7 +149,10 @@ fn run_loop(
                 })
                 .and_then(|mut vm| {
                     if let Some(r) = &restoring {
-                        vm.restore(&r.dir, &r.snapshot, r.lazy, r.paused)?;
+                        // Shared guest memory must hold the guest's pages (a local migration hands
+                        // it over): such a VM is restored eagerly.
+                        let lazy = r.lazy && !config.memory_shared;
+                        vm.restore(&r.dir, &r.snapshot, lazy, r.paused)?;
                         tracing::info!(
                             "restored {} ({}) in {:.1} ms",
                             r.dir.display(),
@@ -183,7 +186,7 @@ fn run_loop(
                     Ok(b) if b.incoming.is_some() => {
                         b.req.reply(Reply::accepted());
                         let inc = b.incoming.as_ref().expect("checked");
-                        match receive(inc, &signals, |c| build_incoming(c, start)) {
+                        match receive(inc, &signals, |c, m| build_incoming(c, m, start)) {
                             Ok(Some(r)) => {
                                 config = r.config.clone();
                                 received = Some(r);
@@ -241,9 +244,10 @@ fn run_loop(
 }
 
 /// Builds the VM a migration's source describes (its disks are locked at the switch-over).
-fn build_incoming(config: &VmConfig, start: Instant) -> Result<Vm, String> {
+fn build_incoming(config: &VmConfig, memory: Option<File>, start: Instant) -> Result<Vm, String> {
     crate::confinement::check_config(config).map_err(|e| e.to_string())?;
-    build(config, start, Origin::Migration, None).map_err(|e| e.to_string())
+    crate::builder::build_on(config, start, Origin::Migration, None, memory)
+        .map_err(|e| e.to_string())
 }
 
 /// What the API asked for before any VM existed.

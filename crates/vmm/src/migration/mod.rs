@@ -109,6 +109,49 @@ impl Stream {
     }
 }
 
+/// A connection that can carry a file descriptor with a message (a Unix socket can).
+pub trait Conn: Read + Write {
+    /// Receives up to `buf.len()` bytes and the descriptor sent with them, if any.
+    fn recv_fd(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Option<std::fs::File>)>;
+}
+
+impl Stream {
+    /// Sends `buf` with the descriptor `fd` attached (Unix sockets only).
+    pub fn send_fd(&mut self, buf: &[u8], fd: &impl AsRawFd) -> std::io::Result<()> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        match self {
+            Stream::Unix(s) => {
+                let n = s
+                    .send_with_fd(buf, fd.as_raw_fd())
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                if n != buf.len() {
+                    return Err(std::io::Error::other(
+                        "short write of a descriptor's message",
+                    ));
+                }
+                Ok(())
+            }
+            Stream::Tcp(_) => Err(std::io::Error::other(
+                "file descriptors travel only over unix: sockets",
+            )),
+        }
+    }
+}
+
+impl Conn for Stream {
+    fn recv_fd(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Option<std::fs::File>)> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        match self {
+            Stream::Unix(s) => s
+                .recv_with_fd(buf)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno())),
+            Stream::Tcp(_) => Err(std::io::Error::other(
+                "file descriptors travel only over unix: sockets",
+            )),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {

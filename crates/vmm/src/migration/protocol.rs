@@ -18,6 +18,7 @@
 //! | `Running` | destination → source | none: the VM runs on the destination |
 //! | `Failed` | destination → source | UTF-8 reason (the destination discards the VM) |
 //! | `Cancel` | source → destination | UTF-8 reason (the source keeps the VM) |
+//! | `Memory` | source → destination | JSON [`SharedMemory`], the shared memory file's descriptor attached (`unix:` only) |
 //!
 //! Hand-written: it is tern's own wire format; it carries the same sections as a snapshot.
 //! Everything read is bounded and checked (a hostile peer gets a one-line error, never a
@@ -72,13 +73,16 @@ pub enum Kind {
     Failed = 10,
     /// The source gave up.
     Cancel = 11,
+    /// Guest memory itself (a local migration): JSON [`SharedMemory`], with the shared
+    /// memory file's descriptor attached.
+    Memory = 12,
 }
 
 impl Kind {
     fn from_byte(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, Accept, Refuse, Pages, Zeroes, State, Ready, Go, Running, Failed, Cancel,
+            Hello, Accept, Refuse, Pages, Zeroes, State, Ready, Go, Running, Failed, Cancel, Memory,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -88,6 +92,7 @@ impl Kind {
     fn max_len(self) -> u32 {
         match self {
             Kind::Hello | Kind::State => MAX_JSON,
+            Kind::Memory => MAX_TEXT,
             Kind::Refuse | Kind::Failed | Kind::Cancel => MAX_TEXT,
             Kind::Pages => RUN_HEADER + MAX_PAGES * PAGE as u32,
             Kind::Zeroes => RUN_HEADER,
@@ -108,6 +113,18 @@ pub struct Hello {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// (guest address, length) of each RAM region.
     pub memory: Vec<(u64, u64)>,
+    /// A local migration: guest memory follows as a file descriptor (a `Memory` message)
+    /// instead of as pages.
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// What a `Memory` message says about the descriptor it carries.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedMemory {
+    /// Bytes of guest RAM in the file (its regions end to end).
+    pub size: u64,
 }
 
 /// What the source sends once the VM is stopped.

@@ -19,7 +19,7 @@ use kvm_bindings::kvm_cpuid_entry2;
 use lifecycle::Section;
 
 use super::protocol::{self, FinalState, Hello, Kind, MAX_PAGES, PAGE, RUN_HEADER};
-use super::{Listener, ReceiveOptions, Stream};
+use super::{Conn, Listener, ReceiveOptions, Stream};
 use crate::VmConfig;
 
 /// What the destination needs of the VM it builds for the source's description.
@@ -76,6 +76,39 @@ struct Patient<'a, S> {
     last: Instant,
 }
 
+impl<S: Conn> Patient<'_, S> {
+    /// Receives exactly `len` bytes sent with a descriptor, and the descriptor.
+    fn recv_fd(&mut self, len: usize) -> std::io::Result<(Vec<u8>, Option<File>)> {
+        let mut buf = vec![0u8; len];
+        loop {
+            match self.conn.recv_fd(&mut buf) {
+                Ok((n, fd)) if n == len => return Ok((buf, fd)),
+                Ok((0, _)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok((n, _)) => {
+                    return Err(std::io::Error::other(format!(
+                        "a descriptor came with {n} bytes, not {len}"
+                    )))
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.signals.is_some_and(signalled) {
+                        return Err(std::io::Error::other("tern was told to stop"));
+                    }
+                    if self.last.elapsed() >= SILENCE {
+                        return Err(std::io::Error::other("the source went silent"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 impl<S: Read> Read for Patient<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
@@ -124,7 +157,7 @@ fn signalled(signals: &File) -> bool {
 pub fn receive<V: Arrival>(
     incoming: &Incoming,
     signals: &File,
-    build: impl FnOnce(&VmConfig) -> Result<V, String>,
+    build: impl FnOnce(&VmConfig, Option<File>) -> Result<V, String>,
 ) -> Result<Option<Received<V>>, String> {
     eprintln!(
         "tern: waiting for a migrating VM on {}",
@@ -167,11 +200,11 @@ fn lost(e: std::io::Error) -> Fail {
     )
 }
 
-fn take<V: Arrival, S: Read + std::io::Write>(
+fn take<V: Arrival, S: Conn>(
     conn: &mut S,
     opts: &ReceiveOptions,
     signals: Option<&File>,
-    build: impl FnOnce(&VmConfig) -> Result<V, String>,
+    build: impl FnOnce(&VmConfig, Option<File>) -> Result<V, String>,
 ) -> Result<(V, VmConfig), Fail> {
     let refuse = |why: String| (Some(Kind::Refuse), format!("migration refused: {why}"));
     let mut r = Patient {
@@ -201,7 +234,32 @@ fn take<V: Arrival, S: Read + std::io::Write>(
     config
         .validate()
         .map_err(|e| refuse(format!("its configuration is invalid here: {e}")))?;
-    let vm = build(&config).map_err(|e| refuse(format!("cannot build the VM here: {e}")))?;
+    // A local migration: guest memory itself comes next, as a descriptor.
+    let memory = if hello.local {
+        let h = protocol::read_header(&mut r)
+            .map_err(lost)?
+            .map_err(refuse)?;
+        if h.kind != Kind::Memory {
+            return Err(refuse(format!("expected Memory, got {:?}", h.kind)));
+        }
+        let (payload, fd) = r.recv_fd(h.len as usize).map_err(lost)?;
+        let shared: protocol::SharedMemory =
+            protocol::parse_json(h.kind, &payload).map_err(refuse)?;
+        let Some(fd) = fd else {
+            return Err(refuse("the Memory message carried no descriptor".into()));
+        };
+        if shared.size != config.memory.0 {
+            return Err(refuse(format!(
+                "the shared memory holds {} bytes; the VM has {}",
+                shared.size, config.memory.0
+            )));
+        }
+        Some(fd)
+    } else {
+        None
+    };
+    let vm =
+        build(&config, memory).map_err(|e| refuse(format!("cannot build the VM here: {e}")))?;
     crate::snapshot::check_cpu_features(&hello.cpuid, vm.cpuid())
         .map_err(|e| refuse(e.replace("the snapshot was taken", "the VM runs")))?;
     let memory = crate::snapshot::memory::layout(vm.memory());
@@ -328,6 +386,12 @@ pub mod fuzzing {
         }
     }
 
+    impl Conn for Pipe<'_> {
+        fn recv_fd(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Option<File>)> {
+            self.0.read(buf).map(|n| (n, None))
+        }
+    }
+
     impl std::io::Write for Pipe<'_> {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             Ok(buf.len())
@@ -355,6 +419,7 @@ pub mod fuzzing {
             config,
             cpuid: Vec::new(),
             memory,
+            local: false,
         };
         let _ = protocol::write_json(&mut b, Kind::Hello, &hello);
         let mut page = protocol::run_header(0x10_0000, 1).to_vec();
@@ -379,7 +444,7 @@ pub mod fuzzing {
             serial: None,
             console: None,
         };
-        let build = |c: &VmConfig| {
+        let build = |c: &VmConfig, _: Option<File>| {
             if c.memory.0 > 16 << 20 {
                 return Err("too large for the fuzzer".to_string());
             }

@@ -163,8 +163,29 @@ impl Sender<'_> {
             config: p.config.clone(),
             cpuid: p.cpuid.clone(),
             memory: crate::snapshot::memory::layout(p.ram.mem()),
+            local: self.opts.local,
         };
         protocol::write_json(conn, Kind::Hello, &hello).map_err(&sending)?;
+        if self.opts.local {
+            // The memory itself: nothing is copied, and nothing is logged.
+            let Some(file) = p.ram.backing() else {
+                return Err(Failure::Kept(
+                    "a local migration hands guest memory over, which needs shared memory \
+                     (tern run --memory-shared)"
+                        .into(),
+                ));
+            };
+            let size: u64 = crate::snapshot::memory::layout(p.ram.mem())
+                .iter()
+                .map(|r| r.1)
+                .sum();
+            let payload = serde_json::to_vec(&protocol::SharedMemory { size })
+                .map_err(|e| Failure::Kept(e.to_string()))?;
+            protocol::write_header(conn, Kind::Memory, payload.len() as u32)
+                .and_then(|()| conn.send_fd(&payload, file))
+                .map_err(&sending)?;
+            self.bytes += 8 + payload.len() as u64;
+        }
         match reply(conn)? {
             (Kind::Accept, _) => {}
             (Kind::Refuse, why) => {
@@ -177,6 +198,10 @@ impl Sender<'_> {
                     "the destination answered {k:?} to Hello"
                 )))
             }
+        }
+        if self.opts.local {
+            self.set(|s| s.iteration = 0);
+            return self.switch_over(conn);
         }
 
         // From here on every write to guest memory is logged.
