@@ -588,3 +588,103 @@ fn a_local_migration_hands_shared_memory_over_without_copying_it() {
     assert_counter_continues(&all_ticks(&a, &b));
     assert!(std::fs::read_to_string(&b).unwrap().contains("mem=ok"));
 }
+
+/// The same through the REST API: an empty tern told to receive (`PUT
+/// /v1/vm/migrate/receive`), the send answered 202 and followed with `GET /v1/vm/migrate`,
+/// requests that would disturb it refused with 409 while it runs, and `DELETE` cancelling it.
+#[test]
+fn a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled() {
+    if !require_kvm("a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled")
+    {
+        return;
+    }
+    use api::client::Client;
+    let dir = Scratch::new("mig-api");
+    let (sock, a) = (dir.path("a.sock"), dir.path("a.log"));
+    let m = dir.path("m.sock");
+    let url = format!("unix:{}", s(&m));
+    let empty = |name: &str| {
+        let d = dir.path(name);
+        let t = spawn(&["--api-socket", s(&d)]);
+        wait_until("the API socket", Duration::from_secs(10), || d.exists());
+        (t, Client::new(d))
+    };
+    let (d1, dc) = empty("d1.sock");
+    let none: serde_json::Value = dc.get("/v1/vm/migrate").unwrap();
+    assert_eq!(none["state"], "none");
+    let body = format!(
+        r#"{{"url":"{url}","serial":"file:{}"}}"#,
+        s(&dir.path("b.log"))
+    );
+    let (st, _) = dc
+        .call("PUT", "/v1/vm/migrate/receive", Some(&body))
+        .unwrap();
+    assert_eq!(st, 202);
+    wait_until("the migration socket", Duration::from_secs(10), || {
+        m.exists()
+    });
+
+    let mut src = source(
+        &sock,
+        &a,
+        "256M",
+        "probe.count_ms=12000 probe.count_mem_mb=128",
+        &[],
+    );
+    let sc = Client::new(&sock);
+    let (st, b) = sc
+        .call("PUT", "/v1/vm/migrate/send", Some(r#"{"url":"ftp:x"}"#))
+        .unwrap();
+    assert_eq!(st, 400, "{b}");
+    let send = format!(r#"{{"url":"{url}","max_bandwidth":8388608}}"#);
+    let (st, b) = sc.call("PUT", "/v1/vm/migrate/send", Some(&send)).unwrap();
+    assert_eq!(st, 202, "{b}");
+    wait_until("pages on their way", Duration::from_secs(10), || {
+        let s: serde_json::Value = sc.get("/v1/vm/migrate").unwrap();
+        s["state"] == "active" && s["bytes_sent"].as_u64().unwrap() > 0
+    });
+    let (st, b) = sc.call("PUT", "/v1/vm/pause", None).unwrap();
+    assert_eq!(st, 409, "{b}");
+    assert!(b.contains("a migration is in progress"), "{b}");
+    let (st, b) = sc.call("PUT", "/v1/vm/migrate/send", Some(&send)).unwrap();
+    assert_eq!(st, 409, "{b}");
+    let (st, b) = sc.call("DELETE", "/v1/vm/migrate", None).unwrap();
+    assert_eq!(st, 202, "{b}");
+    wait_until("the cancel", Duration::from_secs(10), || {
+        let s: serde_json::Value = sc.get("/v1/vm/migrate").unwrap();
+        s["state"] == "cancelled"
+    });
+    let (code, err) = d1.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("the source cancelled it"), "{err}");
+    assert!(src.running());
+
+    // Again, to completion.
+    let (d2, dc) = empty("d2.sock");
+    let body = format!(
+        r#"{{"url":"{url}","serial":"file:{}"}}"#,
+        s(&dir.path("c.log"))
+    );
+    let (st, _) = dc
+        .call("PUT", "/v1/vm/migrate/receive", Some(&body))
+        .unwrap();
+    assert_eq!(st, 202);
+    wait_until("the migration socket", Duration::from_secs(10), || {
+        m.exists()
+    });
+    let (st, b) = sc
+        .call(
+            "PUT",
+            "/v1/vm/migrate/send",
+            Some(&format!(r#"{{"url":"{url}"}}"#)),
+        )
+        .unwrap();
+    assert_eq!(st, 202, "{b}");
+    let (code, err) = src.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    let info = dc.info().unwrap();
+    assert_eq!(info.state.as_str(), "running");
+    let (code, err) = d2.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert_counter_continues(&all_ticks(&a, &dir.path("c.log")));
+}
