@@ -191,7 +191,7 @@ fn a_counting_guest_moves_over_a_unix_socket_and_goes_on_at_the_next_tick() {
     assert_eq!(gen_before.len(), 1);
 }
 
-/// Over TCP, with a disk written at every tick and memory rewritten all the time: the disk
+/// Over TCP, two vCPUs, a disk written at every tick and memory rewritten all the time: the disk
 /// lock moves with the VM (both terns name the same image), and the image ends up holding
 /// what the guest's log says it wrote last to each sector.
 #[test]
@@ -214,7 +214,7 @@ fn a_guest_writing_its_disk_and_memory_moves_over_tcp() {
         &a,
         "128M",
         "probe.count_ms=5000 probe.count_blk=1 probe.count_dirty_mb=16",
-        &["--disk", &disk_arg],
+        &["--disk", &disk_arg, "--cpus", "2"],
     );
     let r = migrate(&sock, &["--to", &url]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
