@@ -688,3 +688,62 @@ fn a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled(
     assert_eq!(code, Some(0), "{err}");
     assert_counter_continues(&all_ticks(&a, &dir.path("c.log")));
 }
+
+/// Auto-converge parks the vCPUs of a guest that writes memory faster than the link carries
+/// it for a growing share of the time: the counter's rate drops while the migration runs
+/// (here it still cannot converge, its rewritten region being larger than the link carries
+/// within the downtime limit, and is cancelled at the timeout; the guest then runs at full
+/// speed again).
+#[test]
+fn auto_converge_slows_a_guest_that_dirties_memory_too_fast() {
+    if !require_kvm("auto_converge_slows_a_guest_that_dirties_memory_too_fast") {
+        return;
+    }
+    let dir = Scratch::new("mig-converge");
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let dst = destination(&url, &b, &[]);
+    let mut src = source(
+        &sock,
+        &a,
+        "128M",
+        "probe.count_ms=12000 probe.count_dirty_mb=32",
+        &[],
+    );
+    let rate = |from: usize, to: usize| {
+        let t = ticks(&a);
+        (t[to].1 - t[from].1) as f64 / (to - from) as f64
+    };
+    wait_until("10 ticks", Duration::from_secs(10), || {
+        ticks(&a).len() >= 10
+    });
+    let before = rate(3, 9);
+    let n0 = ticks(&a).len();
+    let r = migrate(
+        &sock,
+        &[
+            "--to",
+            &url,
+            "--max-bandwidth",
+            "16M",
+            "--timeout-s",
+            "5",
+            "--auto-converge",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(st["throttle_percent"].as_u64().unwrap() >= 30, "{st}");
+    let n1 = ticks(&a).len();
+    // The last ticks of the migration, when the throttle was highest.
+    let during = rate(n1 - 8, n1 - 2);
+    assert!(
+        during < before * 0.8,
+        "the counter ran at {during:.0}/tick during the migration, {before:.0}/tick before"
+    );
+    assert!(n1 > n0 + 10, "the guest stopped ticking");
+    let (code, _) = dst.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1));
+    assert!(src.running());
+}
