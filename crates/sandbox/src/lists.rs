@@ -211,6 +211,8 @@ const MIGRATION: &[Rule] = &[
     any("poll"),
     any("ppoll"),
     any("flock"),
+    // Finding the data in shared guest memory's file (SEEK_DATA, SEEK_HOLE).
+    any("lseek"),
 ];
 
 /// The VMM's own threads (the main loop, preparing a VM, registering memory, the INTx
