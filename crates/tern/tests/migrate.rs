@@ -140,6 +140,29 @@ fn assert_counter_continues(t: &[(u64, u64)]) {
     assert_eq!(t[0].0, 1);
 }
 
+/// The end of a migration that went through: the source exits 0 once the destination runs
+/// the VM, the destination runs it to its end (exit 0), and the counter went on across (`a`,
+/// the source's serial output, then `b`, the destination's). The destination's output.
+fn handed_over(src: Tern, mut dst: Tern, a: &Path, b: &Path) -> String {
+    let (code, err) = src.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "source: {err}");
+    assert!(err.contains("the VM migrated to"), "{err}");
+    assert!(dst.running(), "the destination is not running the VM");
+    let (code, err) = dst.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "destination: {err}");
+    assert_counter_continues(&all_ticks(a, b));
+    std::fs::read_to_string(b).unwrap()
+}
+
+/// The source still counts: its migration failed and left it running.
+fn still_running_at(src: &mut Tern, a: &Path) {
+    assert!(src.running(), "the source stopped");
+    let n = ticks(a).len();
+    wait_until("more ticks at the source", Duration::from_secs(5), || {
+        ticks(a).len() > n + 2
+    });
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -156,7 +179,7 @@ fn a_counting_guest_moves_over_a_unix_socket_and_goes_on_at_the_next_tick() {
     let dir = Scratch::new("mig-unix");
     let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
     let url = format!("unix:{}", s(&dir.path("m.sock")));
-    let mut dst = destination(&url, &b, &[]);
+    let dst = destination(&url, &b, &[]);
     let src = source(
         &sock,
         &a,
@@ -174,15 +197,7 @@ fn a_counting_guest_moves_over_a_unix_socket_and_goes_on_at_the_next_tick() {
         r.stdout
     );
     // The source exits 0 once the destination runs the VM.
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "source: {err}");
-    assert!(err.contains("the VM migrated to"), "{err}");
-    assert!(dst.running(), "the destination is not running the VM");
-    let (code, err) = dst.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "destination: {err}");
-    let t = all_ticks(&a, &b);
-    assert_counter_continues(&t);
-    let text = std::fs::read_to_string(&b).unwrap();
+    let text = handed_over(src, dst, &a, &b);
     assert!(
         text.contains("mem=ok") && text.contains("gen_changes=0"),
         "memory or the generation ID did not survive: {text}"
@@ -208,7 +223,7 @@ fn a_guest_writing_its_disk_and_memory_moves_over_tcp() {
         .unwrap();
     let disk_arg = format!("path={},format=raw", s(&disk));
     let url = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = destination(&url, &b, &[]);
+    let dst = destination(&url, &b, &[]);
     let src = source(
         &sock,
         &a,
@@ -218,13 +233,7 @@ fn a_guest_writing_its_disk_and_memory_moves_over_tcp() {
     );
     let r = migrate(&sock, &["--to", &url]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "source: {err}");
-    assert!(dst.running());
-    let (code, err) = dst.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "destination: {err}");
-    assert_counter_continues(&all_ticks(&a, &b));
-    let text = std::fs::read_to_string(&b).unwrap();
+    let text = handed_over(src, dst, &a, &b);
     assert!(
         text.contains("dirty=ok") && text.contains("devlog=ok"),
         "rewritten memory or the device's log did not survive: {text}"
@@ -303,25 +312,14 @@ fn a_migration_that_does_not_converge_is_cancelled_and_a_second_one_succeeds() {
         err.contains("the source cancelled it") && err.contains("no VM runs here"),
         "{err}"
     );
-    // Still counting at the source.
-    let n = ticks(&a).len();
-    wait_until("more ticks at the source", Duration::from_secs(5), || {
-        ticks(&a).len() > n + 2
-    });
-    assert!(src.running());
+    still_running_at(&mut src, &a);
     let st = migrate(&sock, &["--status", "--json"]);
     assert!(st.stdout.contains("\"state\":\"failed\""), "{}", st.stdout);
 
-    let mut dst2 = destination(&url, &c, &[]);
+    let dst2 = destination(&url, &c, &[]);
     let r = migrate(&sock, &["--to", &url]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{err}");
-    assert!(dst2.running());
-    let (code, err) = dst2.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    assert_counter_continues(&all_ticks(&a, &c));
-    assert!(std::fs::read_to_string(&c).unwrap().contains("dirty=ok"));
+    assert!(handed_over(src, dst2, &a, &c).contains("dirty=ok"));
 }
 
 /// The destination killed while memory is being copied: the source keeps running and a second
@@ -371,21 +369,11 @@ fn the_destination_killed_mid_copy_leaves_the_vm_running_at_the_source() {
             .stdout
             .contains("\"state\":\"failed\"")
     });
-    assert!(src.running(), "the source stopped");
-    let n = ticks(&a).len();
-    wait_until("more ticks at the source", Duration::from_secs(5), || {
-        ticks(&a).len() > n + 2
-    });
-    let mut dst2 = destination(&url, &c, &[]);
+    still_running_at(&mut src, &a);
+    let dst2 = destination(&url, &c, &[]);
     let r = migrate(&sock, &["--to", &url]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{err}");
-    assert!(dst2.running());
-    let (code, err) = dst2.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    assert_counter_continues(&all_ticks(&a, &c));
-    assert!(std::fs::read_to_string(&c).unwrap().contains("mem=ok"));
+    assert!(handed_over(src, dst2, &a, &c).contains("mem=ok"));
 }
 
 /// The source killed while memory is being copied: the destination exits with one line
@@ -533,11 +521,7 @@ fn the_destination_announces_the_guest_on_its_tap() {
         !rarp.is_empty(),
         "no RARP announcement from the guest's MAC on tap1: {frames:?}"
     );
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{err}");
-    let (code, err) = dst.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    assert_counter_continues(&all_ticks(&a, &b));
+    handed_over(src, dst, &a, &b);
 }
 
 /// A live upgrade on one host: guest memory (shared) is handed to the new tern as a file
@@ -566,7 +550,7 @@ fn a_local_migration_hands_shared_memory_over_without_copying_it() {
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     drop(src);
 
-    let mut dst = destination(&url, &b, &[]);
+    let dst = destination(&url, &b, &[]);
     let src = source(
         &sock,
         &a,
@@ -580,13 +564,7 @@ fn a_local_migration_hands_shared_memory_over_without_copying_it() {
     assert_eq!(st["state"], "completed");
     assert_eq!(st["pages_sent"], 0, "{st}");
     assert!(st["bytes_sent"].as_u64().unwrap() < 4096, "{st}");
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{err}");
-    assert!(dst.running());
-    let (code, err) = dst.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    assert_counter_continues(&all_ticks(&a, &b));
-    assert!(std::fs::read_to_string(&b).unwrap().contains("mem=ok"));
+    assert!(handed_over(src, dst, &a, &b).contains("mem=ok"));
 }
 
 /// The same through the REST API: an empty tern told to receive (`PUT
@@ -690,62 +668,56 @@ fn a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled(
 }
 
 /// Auto-converge parks the vCPUs of a guest that writes memory faster than the link carries
-/// it for a growing share of the time: the counter's rate drops while the migration runs
-/// (here it still cannot converge, its rewritten region being larger than the link carries
-/// within the downtime limit, and is cancelled at the timeout; the guest then runs at full
-/// speed again).
+/// it for a growing share of every 100 ms: a migration that cannot converge without it (and
+/// is cancelled at its timeout) completes with it, and the memory the guest kept rewriting
+/// arrives intact.
 #[test]
-fn auto_converge_slows_a_guest_that_dirties_memory_too_fast() {
-    if !require_kvm("auto_converge_slows_a_guest_that_dirties_memory_too_fast") {
+fn auto_converge_lets_a_guest_that_dirties_memory_too_fast_move() {
+    if !require_kvm("auto_converge_lets_a_guest_that_dirties_memory_too_fast_move") {
         return;
     }
     let dir = Scratch::new("mig-converge");
-    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let (sock, a, b, c) = (
+        dir.path("a.sock"),
+        dir.path("a.log"),
+        dir.path("b.log"),
+        dir.path("c.log"),
+    );
     let url = format!("unix:{}", s(&dir.path("m.sock")));
-    let dst = destination(&url, &b, &[]);
     let mut src = source(
         &sock,
         &a,
         "128M",
-        "probe.count_ms=12000 probe.count_dirty_mb=32",
+        "probe.count_ms=16000 probe.count_dirty_mb=8",
         &[],
     );
-    let rate = |from: usize, to: usize| {
-        let t = ticks(&a);
-        (t[to].1 - t[from].1) as f64 / (to - from) as f64
-    };
-    wait_until("10 ticks", Duration::from_secs(10), || {
-        ticks(&a).len() >= 10
-    });
-    let before = rate(3, 9);
-    let n0 = ticks(&a).len();
-    let r = migrate(
-        &sock,
-        &[
-            "--to",
-            &url,
-            "--max-bandwidth",
-            "16M",
-            "--timeout-s",
-            "5",
-            "--auto-converge",
-            "--json",
-        ],
-    );
+    let slow = [
+        "--to",
+        &url,
+        "--max-bandwidth",
+        "16M",
+        "--downtime-ms",
+        "5",
+        "--timeout-s",
+        "5",
+        "--json",
+    ];
+    let dst = destination(&url, &b, &[]);
+    let r = migrate(&sock, &slow);
     assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
-    let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
-    assert!(st["throttle_percent"].as_u64().unwrap() >= 30, "{st}");
-    let n1 = ticks(&a).len();
-    // The last ticks of the migration, when the throttle was highest.
-    let during = rate(n1 - 8, n1 - 2);
-    assert!(
-        during < before * 0.8,
-        "the counter ran at {during:.0}/tick during the migration, {before:.0}/tick before"
-    );
-    assert!(n1 > n0 + 10, "the guest stopped ticking");
+    assert!(r.stdout.contains("did not converge"), "{}", r.stdout);
     let (code, _) = dst.finish(Duration::from_secs(10));
     assert_eq!(code, Some(1));
-    assert!(src.running());
+    still_running_at(&mut src, &a);
+
+    let dst = destination(&url, &c, &[]);
+    let mut with = slow.to_vec();
+    with.push("--auto-converge");
+    let r = migrate(&sock, &with);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(st["throttle_percent"].as_u64().unwrap() > 0, "{st}");
+    assert!(handed_over(src, dst, &a, &c).contains("dirty=ok"));
 }
 
 /// Shared guest memory migrated by copy (TCP): only the parts of its file that hold data are
@@ -758,7 +730,7 @@ fn shared_memory_migrates_by_copy_reading_only_its_data() {
     let dir = Scratch::new("mig-shared-tcp");
     let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
     let url = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = destination(&url, &b, &[]);
+    let dst = destination(&url, &b, &[]);
     let src = source(
         &sock,
         &a,
@@ -773,11 +745,5 @@ fn shared_memory_migrates_by_copy_reading_only_its_data() {
     // 64 MiB of pattern and the guest's own pages, far from 1 GiB's 262144 pages.
     assert!(read < 65536, "{read} pages read: {st}");
     assert!(st["pages_sent"].as_u64().unwrap() >= 16384, "{st}");
-    let (code, err) = src.finish(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{err}");
-    assert!(dst.running());
-    let (code, err) = dst.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    assert_counter_continues(&all_ticks(&a, &b));
-    assert!(std::fs::read_to_string(&b).unwrap().contains("mem=ok"));
+    assert!(handed_over(src, dst, &a, &b).contains("mem=ok"));
 }
