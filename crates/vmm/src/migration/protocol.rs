@@ -247,7 +247,9 @@ pub fn parse_run(
             "malformed {kind:?} message ({pages} pages at {addr:#x})"
         ));
     }
-    let body = u64::from(len - RUN_HEADER);
+    let Some(body) = len.checked_sub(RUN_HEADER).map(u64::from) else {
+        return Err(format!("{kind:?} message of {len} bytes is shorter than its header"));
+    };
     let want = if kind == Kind::Pages {
         u64::from(pages) * PAGE
     } else {
@@ -378,8 +380,10 @@ mod tests {
             parse_run(Kind::Zeroes, &run_header(0x9_f000, 1), 16, &mem).unwrap(),
             (0x9_f000, 1)
         );
-        // Across the hole, past the end, unaligned, empty, too long, wrong length.
+        // Across the hole, past the end, unaligned, empty, too long, wrong length, shorter
+        // than the run's header.
         for (addr, n, len) in [
+            (0x10_0000, 1, 8),
             (0x9_f000, 2, 16 + 8192),
             (0x1f_f000, 2, 16 + 8192),
             (0x10_0001, 1, 16 + 4096),

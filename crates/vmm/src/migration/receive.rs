@@ -287,6 +287,12 @@ fn take<V: Arrival, S: Conn>(
             .map_err(failed)?;
         match h.kind {
             Kind::Pages | Kind::Zeroes => {
+                if h.len < RUN_HEADER {
+                    return Err(failed(format!(
+                        "{:?} message of {} bytes is shorter than its header",
+                        h.kind, h.len
+                    )));
+                }
                 let mut head = [0u8; RUN_HEADER as usize];
                 r.read_exact(&mut head).map_err(lost)?;
                 let (addr, pages) =
