@@ -747,3 +747,126 @@ fn shared_memory_migrates_by_copy_reading_only_its_data() {
     assert!(st["pages_sent"].as_u64().unwrap() >= 16384, "{st}");
     assert!(handed_over(src, dst, &a, &b).contains("mem=ok"));
 }
+
+/// A destination played by the test itself, speaking the protocol's framing
+/// (crates/vmm/src/migration/protocol.rs): it takes the VM, then does `at_state` once the
+/// source sent its final state.
+fn fake_destination(
+    path: &Path,
+    at_state: impl FnOnce(&mut std::os::unix::net::UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut pre = [0u8; 12];
+        c.read_exact(&mut pre).unwrap();
+        assert_eq!(&pre[..8], b"TERNMIG\n");
+        loop {
+            let mut h = [0u8; 8];
+            c.read_exact(&mut h).unwrap();
+            let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+            let mut payload = vec![0u8; len];
+            c.read_exact(&mut payload).unwrap();
+            match h[0] {
+                // Hello: take it.
+                1 => c.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).unwrap(),
+                // State: the hand-over starts.
+                6 => break,
+                _ => {}
+            }
+        }
+        at_state(&mut c);
+    })
+}
+
+/// Every point of the hand-over where the destination can fail: after the final state (it
+/// hangs up), after Go (it says it could not start the VM: the source takes its disk back and
+/// resumes), and after Go without a word (the source cannot know whether the VM runs there,
+/// so it stops without resuming it, exit status 1).
+#[test]
+fn a_destination_failing_during_the_hand_over_leaves_exactly_one_vm_or_none() {
+    if !require_kvm("a_destination_failing_during_the_hand_over_leaves_exactly_one_vm_or_none") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = Scratch::new("mig-handover");
+    let (sock, a) = (dir.path("a.sock"), dir.path("a.log"));
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk_arg = format!("path={},format=raw", s(&disk));
+    let mut src = source(
+        &sock,
+        &a,
+        "64M",
+        "probe.count_ms=20000 probe.count_blk=1",
+        &["--disk", &disk_arg],
+    );
+    let locked = || {
+        // flock(1): fails at once while the source holds the image's lock.
+        !Command::new("flock")
+            .args(["-n", "-x", s(&disk), "true"])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(locked());
+    // 1. Hangs up after the state.
+    let m1 = dir.path("m1.sock");
+    let f = fake_destination(&m1, |c| drop(c.shutdown(std::net::Shutdown::Both)));
+    let r = migrate(&sock, &["--to", &format!("unix:{}", s(&m1))]);
+    f.join().unwrap();
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("the destination closed the connection"),
+        "{}",
+        r.stderr
+    );
+    still_running_at(&mut src, &a);
+    assert!(locked());
+    // 2. Ready, Go, then Failed: the source resumes with its disk locked again.
+    let m2 = dir.path("m2.sock");
+    let f = fake_destination(&m2, |c| {
+        c.write_all(&[7, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        let mut go = [0u8; 8];
+        c.read_exact(&mut go).unwrap();
+        assert_eq!(go[0], 8, "expected Go");
+        let why = b"cannot lock the disk";
+        c.write_all(&[10, 0, 0, 0, why.len() as u8, 0, 0, 0])
+            .unwrap();
+        c.write_all(why).unwrap();
+    });
+    let r = migrate(&sock, &["--to", &format!("unix:{}", s(&m2))]);
+    f.join().unwrap();
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("the destination could not start the VM: cannot lock the disk"),
+        "{}",
+        r.stderr
+    );
+    still_running_at(&mut src, &a);
+    assert!(locked(), "the source did not take its disk's lock back");
+    // 3. Ready, Go, then silence: the source stops without running the VM again.
+    let m3 = dir.path("m3.sock");
+    let f = fake_destination(&m3, |c| {
+        c.write_all(&[7, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        let mut go = [0u8; 8];
+        c.read_exact(&mut go).unwrap();
+        assert_eq!(go[0], 8, "expected Go");
+    });
+    let r = migrate(&sock, &["--to", &format!("unix:{}", s(&m3))]);
+    f.join().unwrap();
+    assert_ne!(r.code, Some(0), "{}", r.stdout);
+    let (code, err) = src.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("it may run there, so this tern stops without running it again"),
+        "{err}"
+    );
+    // Nothing runs the guest: its disk is free.
+    assert!(!locked());
+}

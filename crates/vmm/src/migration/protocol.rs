@@ -248,7 +248,9 @@ pub fn parse_run(
         ));
     }
     let Some(body) = len.checked_sub(RUN_HEADER).map(u64::from) else {
-        return Err(format!("{kind:?} message of {len} bytes is shorter than its header"));
+        return Err(format!(
+            "{kind:?} message of {len} bytes is shorter than its header"
+        ));
     };
     let want = if kind == Kind::Pages {
         u64::from(pages) * PAGE
