@@ -870,3 +870,66 @@ fn a_destination_failing_during_the_hand_over_leaves_exactly_one_vm_or_none() {
     // Nothing runs the guest: its disk is free.
     assert!(!locked());
 }
+
+/// A source (played by the test) whose VM uses CPU features this host lacks, or that speaks
+/// another protocol version, is refused before any memory moves, with the reason sent back
+/// and printed.
+#[test]
+fn a_destination_refuses_a_vm_its_cpu_cannot_run_and_another_protocol_version() {
+    if !require_kvm("a_destination_refuses_a_vm_its_cpu_cannot_run_and_another_protocol_version") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = Scratch::new("mig-cpu");
+    let talk = |m: &Path, version: u32, hello: Option<&serde_json::Value>| -> (u8, String) {
+        let mut c = std::os::unix::net::UnixStream::connect(m).unwrap();
+        let mut pre = b"TERNMIG\n".to_vec();
+        pre.extend_from_slice(&version.to_le_bytes());
+        c.write_all(&pre).unwrap();
+        if let Some(h) = hello {
+            let text = serde_json::to_vec(h).unwrap();
+            c.write_all(&[1, 0, 0, 0]).unwrap();
+            c.write_all(&(text.len() as u32).to_le_bytes()).unwrap();
+            c.write_all(&text).unwrap();
+        }
+        let mut h = [0u8; 8];
+        c.read_exact(&mut h).unwrap();
+        let mut why = vec![0u8; u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize];
+        c.read_exact(&mut why).unwrap();
+        (h[0], String::from_utf8_lossy(&why).into_owned())
+    };
+    // CPUID leaf 1 with every feature bit set: no host has them all.
+    let mut entry = vec![1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    entry.extend([0xff; 8]);
+    entry.extend([0u8; 12]);
+    let config = api::VmConfig {
+        kernel: Some("/nonexistent/vmlinux".into()),
+        memory: api::config::MemSize(64 << 20),
+        ..api::VmConfig::default()
+    };
+    let hello = serde_json::json!({
+        "tern": "test",
+        "config": config,
+        "cpuid": [entry],
+        "memory": [[0, 64u64 << 20]],
+    });
+    for (name, version, hello, want) in [
+        ("cpu", 1, Some(&hello), "features this host lacks"),
+        (
+            "version",
+            9,
+            None,
+            "protocol version 9; this tern speaks version 1",
+        ),
+    ] {
+        let m = dir.path(&format!("{name}.sock"));
+        let url = format!("unix:{}", s(&m));
+        let dst = destination(&url, &dir.path(&format!("{name}.log")), &[]);
+        let (kind, why) = talk(&m, version, hello);
+        assert_eq!(kind, 3, "not a Refuse: {why}");
+        assert!(why.contains(want), "{why}");
+        let (code, err) = dst.finish(Duration::from_secs(10));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+}

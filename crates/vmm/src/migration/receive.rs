@@ -260,8 +260,12 @@ fn take<V: Arrival, S: Conn>(
     };
     let vm =
         build(&config, memory).map_err(|e| refuse(format!("cannot build the VM here: {e}")))?;
-    crate::snapshot::check_cpu_features(&hello.cpuid, vm.cpuid())
-        .map_err(|e| refuse(e.replace("the snapshot was taken", "the VM runs")))?;
+    crate::snapshot::check_cpu_features(&hello.cpuid, vm.cpuid()).map_err(|e| {
+        refuse(
+            e.replace("the snapshot was taken", "the VM runs")
+                .replace("restore it on", "migrate it to"),
+        )
+    })?;
     let memory = crate::snapshot::memory::layout(vm.memory());
     if hello.memory != memory {
         return Err(refuse(format!(
