@@ -624,6 +624,12 @@ fn a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled(
     let (st, b) = sc.call("PUT", "/v1/vm/pause", None).unwrap();
     assert_eq!(st, 409, "{b}");
     assert!(b.contains("a migration is in progress"), "{b}");
+    // The destination answers too while the VM arrives.
+    let arriving: serde_json::Value = dc.get("/v1/vm/migrate").unwrap();
+    assert_eq!(arriving["state"], "active", "{arriving}");
+    assert_eq!(dc.info().unwrap().state.as_str(), "created");
+    let (st, b) = dc.call("PUT", "/v1/vm/boot", None).unwrap();
+    assert_eq!(st, 409, "{b}");
     let (st, b) = sc.call("PUT", "/v1/vm/migrate/send", Some(&send)).unwrap();
     assert_eq!(st, 409, "{b}");
     let (st, b) = sc.call("DELETE", "/v1/vm/migrate", None).unwrap();

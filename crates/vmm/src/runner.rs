@@ -73,13 +73,12 @@ pub fn run(
         }
     }
     if let Some(inc) = incoming.take() {
-        match receive(&inc, &signals, |c, m| build_incoming(c, m, start)) {
-            Ok(Some(r)) => {
+        match receive_vm(inc, api.as_ref(), &signals, start)? {
+            Ok(r) => {
                 config = Some(r.config.clone());
                 received = Some(r);
             }
-            Ok(None) => return Ok(VmExit::Signal(read_signal(&signals))),
-            Err(e) => return Ok(VmExit::Error(e)),
+            Err(exit) => return Ok(exit),
         }
     }
     run_loop(config, api, restore, received, None, shell, signals, start)
@@ -183,17 +182,19 @@ fn run_loop(
                     Some(config)
                 };
                 match wait_for_boot(a, &signals, keep)? {
-                    Ok(b) if b.incoming.is_some() => {
-                        b.req.reply(Reply::accepted());
-                        let inc = b.incoming.as_ref().expect("checked");
-                        match receive(inc, &signals, |c, m| build_incoming(c, m, start)) {
-                            Ok(Some(r)) => {
+                    Ok(BootRequest {
+                        req,
+                        incoming: Some(inc),
+                        ..
+                    }) => {
+                        req.reply(Reply::accepted());
+                        match receive_vm(inc, Some(a), &signals, start)? {
+                            Ok(r) => {
                                 config = r.config.clone();
                                 received = Some(r);
                                 continue;
                             }
-                            Ok(None) => return Ok(VmExit::Signal(read_signal(&signals))),
-                            Err(e) => return Ok(VmExit::Error(e)),
+                            Err(exit) => return Ok(exit),
                         }
                     }
                     Ok(b) => {
@@ -241,6 +242,89 @@ fn run_loop(
         }
         return Ok(exit);
     }
+}
+
+/// Waits for a VM migrating in on `inc` and receives it; how tern was stopped meanwhile
+/// otherwise (a stop signal, a failed migration, `PUT /v1/vm/shutdown`). With an API server,
+/// the migration arrives on a thread of its own while this one answers the API (the VM is
+/// `created` until it runs; `GET /v1/vm/migrate` says a migration is arriving).
+fn receive_vm(
+    inc: Incoming,
+    api: Option<&ApiServer>,
+    signals: &File,
+    start: Instant,
+) -> Result<Result<Received<Vm>, VmExit>, VmmError> {
+    use std::os::fd::AsFd;
+    let build = move |c: &VmConfig, m| build_incoming(c, m, start);
+    let Some(api) = api else {
+        return Ok(match receive(&inc, signals.as_fd(), build) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(VmExit::Signal(read_signal(signals))),
+            Err(e) => Err(VmExit::Error(e)),
+        });
+    };
+    let setup = |e: std::io::Error| VmmError::Setup(format!("receiving a migration: {e}"));
+    let (stop_rx, mut stop_tx) = std::io::pipe().map_err(setup)?;
+    let done = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
+    let done_tx = done.try_clone().map_err(setup)?;
+    let url = inc.listener.local();
+    let thread = spawn(Role::Vmm, "tern-receive", move || {
+        let r = receive(&inc, stop_rx.as_fd(), build);
+        let _ = done_tx.write(1);
+        r
+    })
+    .map_err(setup)?;
+    let status = ::api::migrate::MigrationStatus {
+        state: ::api::migrate::MigrationState::Active,
+        url: Some(url),
+        ..Default::default()
+    };
+    const API: u64 = 1;
+    const SIGNAL: u64 = 2;
+    const DONE: u64 = 3;
+    let epoll_err = |e: std::io::Error| VmmError::Setup(format!("epoll: {e}"));
+    let mut events = EventLoop::new().map_err(epoll_err)?;
+    events.add(api.event_fd(), API).map_err(epoll_err)?;
+    events.add(signals.as_raw_fd(), SIGNAL).map_err(epoll_err)?;
+    events.add(done.as_raw_fd(), DONE).map_err(epoll_err)?;
+    let mut stopped = None;
+    loop {
+        let ready = events.wait(None).map_err(epoll_err)?;
+        if ready.contains(SIGNAL) && stopped.is_none() {
+            stopped = Some(VmExit::Signal(read_signal(signals)));
+            let _ = std::io::Write::write_all(&mut stop_tx, b"x");
+        }
+        for req in api.take() {
+            let reply = match req.action {
+                Action::Info => Reply::ok(&VmInfo::new(VmState::Created, None)),
+                Action::MigrateStatus => Reply::ok(&status),
+                Action::Shutdown { .. } => {
+                    if stopped.is_none() {
+                        stopped = Some(VmExit::ApiStop);
+                        let _ = std::io::Write::write_all(&mut stop_tx, b"x");
+                    }
+                    Reply::accepted()
+                }
+                _ => Reply::error(
+                    409,
+                    "a VM is migrating in: wait until it runs (GET /v1/vm/migrate)",
+                ),
+            };
+            req.reply(reply);
+        }
+        if ready.contains(DONE) {
+            break;
+        }
+    }
+    let got = thread
+        .join()
+        .unwrap_or_else(|_| Err("the thread receiving the migration panicked".into()));
+    Ok(match (got, stopped) {
+        (_, Some(exit)) => Err(exit),
+        (Ok(Some(r)), None) => Ok(r),
+        (Ok(None), None) => Err(VmExit::ApiStop),
+        (Err(e), None) => Err(VmExit::Error(e)),
+    })
 }
 
 /// Builds the VM a migration's source describes (its disks are locked at the switch-over).

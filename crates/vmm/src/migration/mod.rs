@@ -233,8 +233,8 @@ impl Listener {
         }
     }
 
-    /// Waits for the source, or for a stop signal on `signals` (then None).
-    pub fn accept(&self, signals: &std::fs::File) -> Result<Option<Stream>, String> {
+    /// Waits for the source, or for `stop` to become readable (then None).
+    pub fn accept(&self, stop: BorrowedFd<'_>) -> Result<Option<Stream>, String> {
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -243,7 +243,7 @@ impl Listener {
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: signals.as_raw_fd(),
+                    fd: stop.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -72,7 +72,7 @@ impl Handover {
 /// source went silent.
 struct Patient<'a, S> {
     conn: &'a mut S,
-    signals: Option<&'a File>,
+    signals: Option<BorrowedFd<'a>>,
     last: Instant,
 }
 
@@ -95,7 +95,7 @@ impl<S: Conn> Patient<'_, S> {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if self.signals.is_some_and(signalled) {
+                    if self.signals.is_some_and(stopped) {
                         return Err(std::io::Error::other("tern was told to stop"));
                     }
                     if self.last.elapsed() >= SILENCE {
@@ -123,7 +123,7 @@ impl<S: Read> Read for Patient<'_, S> {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if self.signals.is_some_and(signalled) {
+                    if self.signals.is_some_and(stopped) {
                         return Err(std::io::Error::other("tern was told to stop"));
                     }
                     if self.last.elapsed() >= SILENCE {
@@ -140,10 +140,11 @@ impl<S: Read> Read for Patient<'_, S> {
     }
 }
 
-/// Whether a stop signal is pending on the signalfd (it is left there for the caller).
-fn signalled(signals: &File) -> bool {
+/// Whether `stop` is readable: a stop signal is pending on the signalfd (left there for the
+/// caller), or whoever waits for the VM wrote to it.
+fn stopped(stop: BorrowedFd<'_>) -> bool {
     let mut fd = libc::pollfd {
-        fd: signals.as_raw_fd(),
+        fd: stop.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
@@ -153,22 +154,22 @@ fn signalled(signals: &File) -> bool {
 
 /// Waits for a source on `incoming` and receives its VM, built here by `build` from the
 /// configuration the source sends (with the host side changed as `incoming` says). None when
-/// a stop signal came first.
+/// `stop` became readable first (a stop signal, or the API's shutdown).
 pub fn receive<V: Arrival>(
     incoming: &Incoming,
-    signals: &File,
+    stop: BorrowedFd<'_>,
     build: impl FnOnce(&VmConfig, Option<File>) -> Result<V, String>,
 ) -> Result<Option<Received<V>>, String> {
     eprintln!(
         "tern: waiting for a migrating VM on {}",
         incoming.listener.local()
     );
-    let Some(mut conn) = incoming.listener.accept(signals)? else {
+    let Some(mut conn) = incoming.listener.accept(stop)? else {
         return Ok(None);
     };
     conn.set_timeouts(Some(Duration::from_secs(1)))
         .map_err(|e| format!("migration connection: {e}"))?;
-    let got = take(&mut conn, &incoming.opts, Some(signals), build);
+    let got = take(&mut conn, &incoming.opts, Some(stop), build);
     match got {
         Ok((vm, config)) => Ok(Some(Received {
             vm,
@@ -203,7 +204,7 @@ fn lost(e: std::io::Error) -> Fail {
 fn take<V: Arrival, S: Conn>(
     conn: &mut S,
     opts: &ReceiveOptions,
-    signals: Option<&File>,
+    signals: Option<BorrowedFd<'_>>,
     build: impl FnOnce(&VmConfig, Option<File>) -> Result<V, String>,
 ) -> Result<(V, VmConfig), Fail> {
     let refuse = |why: String| (Some(Kind::Refuse), format!("migration refused: {why}"));
