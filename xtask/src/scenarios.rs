@@ -1199,6 +1199,7 @@ mod tests {
         let script = [
             include_str!("../l1/scenarios/snapshot-net.sh"),
             include_str!("../l1/scenarios/snapshot-lib.sh"),
+            include_str!("../l1/scenarios/snapnet-lib.sh"),
         ]
         .concat();
         let mut checks = 0;
