@@ -119,8 +119,8 @@ enum Cmd {
         /// tern binary [default: target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
-        /// Scenario group: core, block, block-qemu, net, net-qemu, debian, compare, debug, qemu-extra,
-        /// all.
+        /// Scenario group: core, block, block-qemu, net, net-qemu, snapshot, migrate, debian, compare,
+        /// debug, qemu-extra, all.
         #[arg(long, default_value = "core")]
         group: String,
         /// Only scenarios whose name contains this.

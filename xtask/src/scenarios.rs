@@ -419,6 +419,28 @@ fn snapshot_checks_pass(case: &str, checks: &[&str]) -> Expect {
     }
 }
 
+/// What `xtask/l1/scenarios/migrate-net.sh` must report passed (`TERN-MIG-PASS migrate/<check>:`)
+/// for `tern-migrate-net`. Listed here so a script that silently skips one fails.
+const MIGRATE_NET_CHECKS: &[&str] = &[
+    "setup",
+    "boot",
+    "device",
+    "disk",
+    "ping-before",
+    "incoming",
+    "migrate",
+    "source-exit",
+    "dest-exit",
+    "destination",
+    "sequence",
+    "ping-after",
+    "transfer",
+    "sha256",
+    "fsck",
+    "records",
+    "done",
+];
+
 /// The virtio-blk scenarios (`xtask/l1/scenarios/blk.sh` cases) for one VMM. The guest has PCI
 /// (virtio-blk on tern's default virtio-pci transport; QEMU: microvm with PCIe).
 fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
@@ -869,6 +891,42 @@ pub fn all() -> Vec<Scenario> {
             ),
             ..DEFAULT
         },
+        // Live migration under network traffic and disk writes: a guest on a TAP in an L1
+        // bridge pings L1, sends paced deterministic data to a listener in L1 over one TCP
+        // connection and appends synced records to an ext4 file system on a virtio-blk disk; L1
+        // live-migrates it part-way to a second tern (`tern run --incoming unix:...`, the TAP
+        // remapped to a second one on the bridge); the source must exit, the pings must be
+        // answered again, the transfer must complete byte-exact over the same connection, and
+        // the disk must check clean with every record (`xtask/l1/scenarios/migrate-net.sh`).
+        Scenario {
+            name: "tern-migrate-net",
+            groups: &["core", "migrate"],
+            base_cmdline: PCI_CMDLINE,
+            // migrate-net.sh sets rig.action and the guest's rig.net.* parameters.
+            l1_script: Some(&["migrate-net.sh", "migrate"]),
+            // migrate-net.sh gives the source 120 s to boot, tern migrate 150 s and the
+            // destination 120 s.
+            timeout_secs: 420,
+            expect: {
+                let mut require: Vec<String> = MIGRATE_NET_CHECKS
+                    .iter()
+                    .map(|c| format!("TERN-MIG-PASS migrate/{c}:"))
+                    .collect();
+                require.push("TERN-MIG-OK migrate ".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&[
+                        "TERN-MIG-FAIL",
+                        "TERN-SNAP-STALL",
+                        "TERN-GUEST-ERROR",
+                        "Kernel panic",
+                    ]),
+                }
+            },
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",
@@ -1199,6 +1257,7 @@ mod tests {
         let script = [
             include_str!("../l1/scenarios/snapshot-net.sh"),
             include_str!("../l1/scenarios/snapshot-lib.sh"),
+            include_str!("../l1/scenarios/snapnet-lib.sh"),
         ]
         .concat();
         let mut checks = 0;
@@ -1228,6 +1287,94 @@ mod tests {
         ] {
             assert!(guest.contains(line) && script.contains(line), "{line}");
         }
+    }
+
+    #[test]
+    fn migrate_net_scenario_lists_every_check_its_script_reports() {
+        let all = all();
+        let s = all.iter().find(|s| s.name == "tern-migrate-net").unwrap();
+        assert!(s.in_group("core") && s.in_group("migrate"));
+        assert_eq!(
+            s.argv_template()[..5],
+            [
+                "/bin/sh",
+                "/rig/l1/migrate-net.sh",
+                "migrate",
+                "--",
+                "{tern}"
+            ]
+        );
+        // The script and the libraries it sources.
+        let script = [
+            include_str!("../l1/scenarios/migrate-net.sh"),
+            include_str!("../l1/scenarios/snapshot-lib.sh"),
+            include_str!("../l1/scenarios/snapnet-lib.sh"),
+        ]
+        .concat();
+        let mut checks = 0;
+        for req in &s.expect.require {
+            let Some(check) = req
+                .strip_prefix("TERN-MIG-PASS migrate/")
+                .map(|c| c.trim_end_matches(':'))
+            else {
+                continue;
+            };
+            checks += 1;
+            assert!(
+                script.contains(&format!("pass {check} ")),
+                "migrate-net.sh never reports {check}"
+            );
+        }
+        assert_eq!(checks, MIGRATE_NET_CHECKS.len());
+        // Every check the script (not its libraries' other users) reports is required.
+        let own = include_str!("../l1/scenarios/migrate-net.sh");
+        for line in own.lines() {
+            let Some(rest) = line.trim_start().strip_prefix("pass ") else {
+                continue;
+            };
+            let check = rest.split(' ').next().unwrap();
+            assert!(
+                MIGRATE_NET_CHECKS.contains(&check),
+                "migrate-net.sh reports {check}, which the scenario does not require"
+            );
+        }
+        assert!(s
+            .expect
+            .require
+            .contains(&"TERN-MIG-OK migrate ".to_string()));
+        assert!(s.expect.forbid.contains(&"TERN-MIG-FAIL".to_string()));
+        // It drives a migration: a destination with the TAP remapped, then tern migrate.
+        for part in [
+            "run --incoming \"$URL\" --tap-remap tap0=tap1",
+            "\"$tern\" migrate --api-socket \"$SOCK\" --to \"$URL\"",
+            "TAPS=\"tap0 tap1\"",
+            "e2fsck -f -n",
+        ] {
+            assert!(script.contains(part), "{part}");
+        }
+        // The guest action it sets exists and prints what the script looks for.
+        assert!(script.contains("rig.action=script:migrate-net-workload"));
+        let guest = [
+            include_str!("../guest/scenarios/migrate-net-workload.sh"),
+            include_str!("../guest/scenarios/snapshot-net-workload.sh"),
+        ]
+        .concat();
+        for line in [
+            "TERN-SNAPNET-PROGRESS",
+            "TERN-SNAPNET-SENT",
+            "TERN-SNAPNET-PING",
+            "TERN-SNAPNET-DONE",
+            "TERN-MIGNET-DISK=mounted",
+            "TERN-MIGNET-RECORDS",
+            "TERN-MIGNET-UNMOUNTED",
+        ] {
+            assert!(guest.contains(line) && script.contains(line), "{line}");
+        }
+        // Both sides write the same records.
+        assert!(
+            guest.contains("tern-migrate-record-%06d")
+                && script.contains("tern-migrate-record-%06d")
+        );
     }
 
     #[test]

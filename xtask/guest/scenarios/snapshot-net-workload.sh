@@ -17,6 +17,9 @@
 #   TERN-SNAPNET-PING=replies:R last-seq:S sent:S'
 #   TERN-SNAPNET-DONE
 #   TERN-SNAP-STALL ...                    when no chunk went out for ~16 s (fails the scenario)
+#
+# With SNAPNET_AS_LIBRARY set, sourcing this file only defines the functions (the tern-migrate-net
+# workload, migrate-net-workload.sh, runs the same transfer and redefines snapnet_after_chunk).
 . /scenarios/net-lib.sh
 
 # snapnet_stalled N: what the guest's network looks like when the transfer made no progress for
@@ -52,6 +55,10 @@ snapnet_watchdog() {
 
 snapnet_replies() { grep -c 'bytes from' /tmp/ping.log; }
 
+# snapnet_after_chunk N: run after chunk N went to nc and its progress line was printed (in the
+# sending subshell: stdout is nc's stdin, the console is fd 3). Nothing here.
+snapnet_after_chunk() { :; }
+
 snapnet_workload() {
     local host port chunks bytes pause i rc ping_pid
     host=$(net_param host) || { net_fail "no rig.net.host="; return 1; }
@@ -76,6 +83,7 @@ snapnet_workload() {
             cat /tmp/block
             echo "TERN-SNAPNET-PROGRESS $i pings:$(snapnet_replies) up:$(net_now)" >&3
             echo $i > /tmp/snapnet-progress
+            snapnet_after_chunk $i
             sleep "$pause"
             i=$((i + 1))
         done
@@ -93,4 +101,4 @@ snapnet_workload() {
     echo "TERN-SNAPNET-DONE"
 }
 
-net_setup && snapnet_workload
+[ -n "${SNAPNET_AS_LIBRARY:-}" ] || { net_setup && snapnet_workload; }

@@ -1,25 +1,28 @@
-# What the L1 sides of the snapshot scenarios (snapshot.sh, snapshot-net.sh) share: check
-# reporting, timing, and the pause → snapshot → SIGKILL → snapshot-files steps. Sourced by
-# them (it is /rig/l1/snapshot-lib.sh in L1) after they set case_, tern, W, SOCK and SNAP, and
-# define finish_extra (their own clean-up, run by finish).
+# What the L1 sides of the snapshot and migration scenarios (snapshot.sh, snapshot-net.sh,
+# migrate-net.sh) share: check reporting, timing, and the pause → snapshot → SIGKILL →
+# snapshot-files steps. Sourced by them (it is /rig/l1/snapshot-lib.sh in L1) after they set
+# case_, tern, W, SOCK and SNAP, and define finish_extra (their own clean-up, run by finish).
+# Report lines start with $TAG (TERN-SNAP unless the script sets another, e.g. TERN-MIG):
+# "$TAG-PASS CASE/CHECK: ...", "$TAG-FAIL ...", "$TAG-INFO ...", "$TAG-LOG ...", "$TAG-OK CASE".
 
+TAG=${TAG:-TERN-SNAP}
 failed=0
 checks=0
 pass() {
     checks=$((checks + 1))
-    echo "TERN-SNAP-PASS $case_/$1: $2"
+    echo "$TAG-PASS $case_/$1: $2"
 }
 fail() {
     checks=$((checks + 1))
     failed=1
-    echo "TERN-SNAP-FAIL $case_/$1: $2"
+    echo "$TAG-FAIL $case_/$1: $2"
 }
-info() { echo "TERN-SNAP-INFO $case_: $*"; }
+info() { echo "$TAG-INFO $case_: $*"; }
 # show NAME FILE: a log of this script's, passed through for the rig (and for a reader).
 show() {
-    echo "TERN-SNAP-LOG $case_/$1:"
+    echo "$TAG-LOG $case_/$1:"
     [ -f "$2" ] && tr -d '\r' < "$2"
-    echo "TERN-SNAP-LOG-END $case_/$1"
+    echo "$TAG-LOG-END $case_/$1"
 }
 # finish: kills what is left, cleans up and reports the verdict.
 finish() {
@@ -29,10 +32,10 @@ finish() {
     cd /
     umount "$W" 2>/dev/null
     if [ "$failed" = 0 ] && [ "$checks" -gt 0 ]; then
-        echo "TERN-SNAP-OK $case_ ($checks checks)"
+        echo "$TAG-OK $case_ ($checks checks)"
         exit 0
     fi
-    echo "TERN-SNAP-FAILED $case_"
+    echo "$TAG-FAILED $case_"
     exit 1
 }
 now() { cut -d' ' -f1 /proc/uptime; }

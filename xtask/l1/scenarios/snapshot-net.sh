@@ -30,19 +30,6 @@ shift
 [ $# -gt 0 ] || { echo "TERN-SNAP-FAIL $case_/args: no tern command line"; exit 1; }
 tern=$1
 
-# iproute2's ip (busybox's cannot create bridges or TAPs), copied into L1 by `cargo xtask images`.
-IP=/usr/sbin/ip
-BRIDGE=br0
-TAP=tap0
-HOST_IP=10.77.0.1
-GUEST_IP=10.77.0.21
-GUEST_MAC=52:54:00:77:00:21
-PORT=5002
-# The transfer (both sides generate the same stream, see the guest script): chunks, block size
-# and the guest's pause after each chunk.
-SNET_CHUNKS=64
-SNET_CHUNK_BYTES=262144
-SNET_PAUSE=0.2
 # Snapshot once the guest printed this many progress lines.
 SNAP_AT=12
 # Seconds the first boot may take to reach SNAP_AT, and the restored guest to finish.
@@ -54,85 +41,19 @@ PINGS_AFTER=5
 W=/tmp/snapshot-$case_
 SOCK=$W/api.sock
 SNAP=$W/snap
+TAP=tap0
+TAPS=$TAP
 mkdir -p "$W"
 mount -t tmpfs -o size=400m tmpfs "$W" || { echo "TERN-SNAP-FAIL $case_/setup: cannot mount a tmpfs on $W"; exit 1; }
 
-teardown() {
-    $IP link del "$TAP" 2>/dev/null
-    $IP link del "$BRIDGE" 2>/dev/null
-}
-# L1's network, the listener: this script's own clean-up.
-finish_extra() {
-    [ -n "${nc_pid:-}" ] && kill "$nc_pid" 2>/dev/null
-    teardown
-}
 . /rig/l1/snapshot-lib.sh
-size() { stat -c %s "$1" 2>/dev/null || echo 0; }
-# progress FILE: the chunk numbers of the guest's progress lines, one per line, in order.
-progress() { tr -d '\r' < "$1" | sed -n 's/^TERN-SNAPNET-PROGRESS \([0-9][0-9]*\) .*/\1/p'; }
-# progress_pings FILE N: the ping reply count on progress line N.
-progress_pings() { tr -d '\r' < "$1" | sed -n "s/^TERN-SNAPNET-PROGRESS $2 pings:\([0-9]*\) .*/\1/p" | head -n 1; }
-# seen LOG N: the console log has progress line N.
-seen() { progress "$1" 2>/dev/null | grep -q -x "$2"; }
-# fact FILE KEY: the rest of the first "KEY=" line in a console log.
-fact() { tr -d '\r' < "$1" 2>/dev/null | sed -n "s/^$2=//p" | head -n 1; }
-# field LINE NAME: NAME's value in a "k1:v1 k2:v2 ..." line.
-field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2[:=]//p" | head -n 1; }
-# l1_echos: ICMP echo requests L1 has received so far.
-l1_echos() { awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; h = 1 } else print $c }' /proc/net/snmp; }
-# established: L1's TCP connection on PORT is (still) established (busybox nc listens on the
-# IPv6 wildcard address, so the connection is in tcp6 as ::ffff:10.77.0.1).
-established() { awk -v p=":$(printf %04X $PORT)" '$2 ~ p "$" && $4 == "01" { f = 1 } END { exit !f }' /proc/net/tcp /proc/net/tcp6; }
-# expected_stream: the bytes the guest sends (see the guest script).
-expected_stream() {
-    local i
-    awk -v n=$((SNET_CHUNK_BYTES / 20 + 1)) 'BEGIN { for (i = 0; i < n; i++) printf "tern-snapnet-%06d\n", i }' |
-        head -c "$SNET_CHUNK_BYTES" > "$W/block"
-    i=1
-    while [ $i -le $SNET_CHUNKS ]; do
-        printf 'tern-snapnet-chunk-%06d\n' $i
-        cat "$W/block"
-        i=$((i + 1))
-    done
-}
-# counters SOCK WHAT: tern's counters and the TAP's (for a stuck or failed run).
-counters() {
-    "$tern" counters --api-socket "$1" 2>&1 | sed "s/^/TERN-SNAP-INFO $case_ counters $2: /"
-    $IP -s link show "$TAP" 2>&1 | sed "s/^/TERN-SNAP-INFO $case_ $TAP $2: /"
-}
+. /rig/l1/snapnet-lib.sh
 
 case "$(basename "$tern")" in
     tern*) ;;
     *) fail args "snapshot-net.sh drives tern, not $tern"; finish ;;
 esac
-[ -c /dev/net/tun ] || { fail setup "/dev/net/tun missing in L1 (tun.ko not loaded?)"; finish; }
-[ -x "$IP" ] || { fail setup "$IP (iproute2) missing from L1"; finish; }
-teardown
-if ! out=$(
-    {
-        $IP link add name "$BRIDGE" type bridge forward_delay 0 &&
-            $IP addr add "$HOST_IP/24" dev "$BRIDGE" &&
-            $IP link set "$BRIDGE" up &&
-            $IP tuntap add dev "$TAP" mode tap &&
-            $IP link set "$TAP" master "$BRIDGE" &&
-            $IP link set "$TAP" up
-    } 2>&1
-); then
-    fail setup "building the network failed: $(echo "$out" | tail -n 3 | tr '\n' '|')"
-    finish
-fi
-# The listener: one connection, what it receives to $W/recv. Its stdin must never reach EOF
-# (busybox nc would half-close the connection): a FIFO opened read-write.
-mkfifo "$W/idle"
-nc -l -p "$PORT" <>"$W/idle" >"$W/recv" 2>"$W/nc.err" &
-nc_pid=$!
-sleep 0.5
-if kill -0 "$nc_pid" 2>/dev/null; then
-    pass setup "bridge $BRIDGE ($HOST_IP/24) with persistent TAP $TAP, nc listening on port $PORT"
-else
-    fail setup "nc -l -p $PORT exited at once: $(head -c 200 "$W/nc.err")"
-    finish
-fi
+net_l1_setup
 
 # The first run: the scenario's argv with the guest action and its parameters, the serial port
 # to a file, the NIC and the API socket.
@@ -140,7 +61,7 @@ memory=
 set_next=
 for a in "$@"; do
     case "$set_next" in
-        --cmdline) a="$a rig.action=script:snapshot-net-workload rig.net.ip=$GUEST_IP/24 rig.net.host=$HOST_IP rig.net.port=$PORT rig.net.chunks=$SNET_CHUNKS rig.net.chunk-bytes=$SNET_CHUNK_BYTES rig.net.pause=$SNET_PAUSE" ;;
+        --cmdline) a="$a rig.action=script:snapshot-net-workload $SNET_CMDLINE" ;;
         --serial) a="file:$W/serial-1.log" ;;
         --memory) memory=$a ;;
     esac
@@ -185,12 +106,7 @@ if [ -z "$reached" ]; then
     finish
 fi
 pass boot "first run: the guest booted, brought up its virtio-net and sent $SNAP_AT chunks in $(since "$start")s"
-dev=$(fact "$W/serial-1.log" TERN-GUEST-NET-DEV)
-if [ "$(field "$dev" mac)" = "$GUEST_MAC" ] && [ "$(field "$dev" carrier)" = 1 ]; then
-    pass device "the guest's $(echo "$dev" | cut -d' ' -f1) is virtio_net with MAC $GUEST_MAC, carrier 1"
-else
-    fail device "the guest reports '$dev', expected MAC $GUEST_MAC and carrier 1"
-fi
+check_device "$W/serial-1.log"
 
 # Pause, snapshot, kill.
 pause_vm
@@ -198,7 +114,7 @@ at=$(progress "$W/serial-1.log" | tail -n 1)
 at=${at:-0}
 pings_at=$(progress_pings "$W/serial-1.log" "$at")
 got_at=$(size "$W/recv")
-total=$((SNET_CHUNKS * (26 + SNET_CHUNK_BYTES)))
+total=$SNET_TOTAL
 if [ "${pings_at:-0}" -gt 0 ]; then
     pass ping-before "the guest had $pings_at ping replies from L1 by progress line $at"
 else
@@ -270,7 +186,7 @@ echos_after=$(l1_echos)
 info "restore: first progress line $([ -n "$t_resumed" ] && between "$t" "$t_resumed" || echo never)s, first new data in L1 $([ -n "$t_data" ] && between "$t" "$t_data" || echo never)s after the restored tern started; $(between "$t_first" "$t_at")s for chunks 1..$SNAP_AT before the snapshot"
 show serial-2 "$W/serial-2.log"
 show tern-2 "$W/tern-2.err"
-info "$TAP: $(cd /sys/class/net/$TAP/statistics && for c in rx_packets rx_bytes tx_packets tx_bytes rx_dropped tx_dropped; do printf '%s=%s ' $c "$(cat $c)"; done)"
+info "$TAP: $(tap_stats "$TAP")"
 info "guest: $(fact "$W/serial-2.log" TERN-GUEST-NET-STATS)"
 
 # The restored guest went on from the snapshot: no new boot, first progress line right after the
@@ -283,14 +199,7 @@ elif [ -n "$first" ] && [ "$first" -gt "$at" ] && [ "$first" -le $((at + 2)) ]; 
 else
     fail resumed "the restored run's first progress line is '${first:-none}', expected $((at + 1)) (the snapshot was taken after $at)"
 fi
-cat "$W/serial-1.log" "$W/serial-2.log" > "$W/joined"
-got=$(progress "$W/joined" | tr '\n' ' ')
-want=$(seq 1 "$SNET_CHUNKS" | tr '\n' ' ')
-if [ "$got" = "$want" ]; then
-    pass sequence "progress 1..$SNET_CHUNKS, each once, in order, across the snapshot"
-else
-    fail sequence "progress lines across both runs are '$got', expected 1..$SNET_CHUNKS"
-fi
+check_sequence "$W/serial-1.log" "$W/serial-2.log" snapshot
 
 # Pings after the restore: the guest's reply count grew by PINGS_AFTER or more after its second
 # progress line of the restored run (certainly computed after the restore), and L1 received
@@ -308,29 +217,7 @@ fi
 
 # The transfer: L1's listener saw the connection close after all the data, and it is exactly
 # the stream generated here.
-sent=$(fact "$W/serial-2.log" TERN-SNAPNET-SENT)
-got_end=$(size "$W/recv")
-if kill -0 "$nc_pid" 2>/dev/null; then
-    nc_state="still running"
-    kill "$nc_pid" 2>/dev/null
-else
-    nc_state="exited"
-fi
-wait "$nc_pid" 2>/dev/null
-nc_pid=
-if [ "$nc_state" = exited ] && [ "$(field "$sent" rc)" = 0 ] && [ "$got_end" = "$total" ]; then
-    pass transfer "L1 received all $total bytes ($got_before before the restore) and the connection closed; the guest's nc exited 0"
-else
-    fail transfer "L1 received $got_end of $total bytes ($got_before before the restore), its listener $nc_state; the guest: '${sent:-no TERN-SNAPNET-SENT line}'"
-fi
-want_sum=$(expected_stream | sha256sum | cut -d' ' -f1)
-got_sum=$(sha256sum "$W/recv" | cut -d' ' -f1)
-if [ "$got_sum" = "$want_sum" ]; then
-    pass sha256 "what L1 received has the expected sha256 $want_sum"
-else
-    expected_stream > "$W/want"
-    fail sha256 "L1 received sha256 $got_sum, expected $want_sum; first difference: $(cmp "$W/want" "$W/recv" 2>&1 | head -n 1)"
-fi
+check_transfer "$W/serial-2.log" "$got_before" restore
 if grep -q '^TERN-SNAPNET-DONE' "$W/serial-2.log" && grep -q TERN-GUEST-POWEROFF "$W/serial-2.log"; then
     pass done "the restored guest reported its transfer done and powered off"
 else
