@@ -41,7 +41,13 @@ impl Outgoing {
         let thread = spawn(Role::Migration, "tern-migrate", move || {
             run(&parts, &opts, &target, &st, &c, &s)
         })
-        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        .map_err(|e| {
+            let e = format!("cannot start the migration thread: {e}");
+            let mut s = lock(&status);
+            s.state = MigrationState::Failed;
+            s.error = Some(e.clone());
+            e
+        })?;
         Ok(Outgoing {
             status,
             cancel,

@@ -77,6 +77,10 @@ pub(super) fn run(
         buf: vec![0u8; (MAX_PAGES as u64 * PAGE) as usize],
     };
     let result = s.migrate(target);
+    if let Err(Failure::Kept(_)) = &result {
+        // Before the failure shows: a new migration may start as soon as it does.
+        s.give_back_dirty_log();
+    }
     let mut st = lock(status);
     st.total_ms = t0.elapsed().as_millis() as u64;
     match result {
@@ -106,7 +110,6 @@ pub(super) fn run(
             };
             st.error = Some(format!("{e}; the VM keeps running on the source"));
             drop(st);
-            s.give_back_dirty_log();
             tracing::warn!("migration: {e}; the VM keeps running here");
         }
         Err(Failure::Unknown(e)) => {
@@ -148,6 +151,7 @@ impl Sender<'_> {
         let res = self.transfer(&mut conn);
         if let Err(Failure::Kept(why)) = &res {
             // Tell the destination to discard what it has (it may be gone already).
+            let why: String = why.chars().take(512).collect();
             let _ = protocol::write_msg(&mut conn, Kind::Cancel, why.as_bytes());
         }
         conn.shutdown();
