@@ -91,6 +91,40 @@ pub fn allocate_shared(
     Ok((mem, file))
 }
 
+/// The parts of `[offset, offset + len)` of `file` that hold data, as (offset from `offset`,
+/// length) in whole pages (`SEEK_DATA`/`SEEK_HOLE`); None when the file system cannot tell.
+pub fn data_extents(file: &std::fs::File, offset: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENXIO) => Some(out),
+                _ => None,
+            };
+        }
+        let data = (data as u64).min(end);
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let hole = (hole as u64).min(end);
+        let start = data / virtio::dirty::PAGE_SIZE * virtio::dirty::PAGE_SIZE;
+        let stop = hole.div_ceil(virtio::dirty::PAGE_SIZE) * virtio::dirty::PAGE_SIZE;
+        out.push((start - offset, stop.min(end) - start));
+        at = hole;
+    }
+    Some(out)
+}
+
 /// The KVM memory slots of `mem`: slot `i` is region `i`, logging dirty pages when `log`.
 pub fn slots(mem: &GuestMemoryMmap, log: bool) -> Vec<kvm_userspace_memory_region> {
     mem.iter()

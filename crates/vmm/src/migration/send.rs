@@ -388,7 +388,7 @@ impl Sender<'_> {
         let mut out = Vec::new();
         let mut offset = 0u64;
         for (addr, len) in regions {
-            match data_extents(file, offset, len) {
+            match crate::memory::data_extents(file, offset, len) {
                 Some(extents) => out.extend(extents.into_iter().map(|(o, l)| (addr + o, l))),
                 None => out.push((addr, len)),
             }
@@ -583,38 +583,4 @@ fn reply(conn: &mut Stream) -> Result<(Kind, String), Failure> {
     let mut b = vec![0u8; h.len as usize];
     conn.read_exact(&mut b).map_err(lost)?;
     Ok((h.kind, protocol::parse_text(&b)))
-}
-
-/// The parts of `[offset, offset + len)` of `file` that hold data, as (offset from `offset`,
-/// length) in whole pages (`SEEK_DATA`/`SEEK_HOLE`); None when the file system cannot tell.
-fn data_extents(file: &std::fs::File, offset: u64, len: u64) -> Option<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let end = offset + len;
-    let mut out = Vec::new();
-    let mut at = offset;
-    while at < end {
-        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            return match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::ENXIO) => Some(out),
-                _ => None,
-            };
-        }
-        let data = (data as u64).min(end);
-        if data >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return None;
-        }
-        let hole = (hole as u64).min(end);
-        let start = data / PAGE * PAGE;
-        let stop = hole.div_ceil(PAGE) * PAGE;
-        out.push((start - offset, stop.min(end) - start));
-        at = hole;
-    }
-    Some(out)
 }
