@@ -227,7 +227,11 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     }
     if let Some((base, pages)) = dirty {
         for i in 0..pages {
-            let pass = if i < dirty_next { dirty_pass } else { dirty_pass - 1 };
+            let pass = if i < dirty_next {
+                dirty_pass
+            } else {
+                dirty_pass - 1
+            };
             // SAFETY: as above.
             let w = unsafe { core::ptr::read_volatile((base + i * 4096) as *const u64) };
             if w != pass << 32 | i {
