@@ -852,7 +852,7 @@ fn print_case(c: &Case, results: &[RunResult], baseline: bool) {
 fn print_summary(cases: &[Case], results: &[Vec<RunResult>]) {
     println!("\n== summary: medians, tern / qemu (ratio) ==");
     println!(
-        "{:<34} {:>22} {:>24} {:>20} {:>20}",
+        "{:<38} {:>20} {:>18} {:>20} {:>18}",
         "case", "total ms", "sent MiB", "guest downtime ms", "VMM downtime ms"
     );
     for (c, rs) in cases.iter().zip(results) {
@@ -868,7 +868,7 @@ fn print_summary(cases: &[Case], results: &[Vec<RunResult>]) {
             format!("{} / {} ({})", cell(t, p), cell(q, p), cell(t / q, 2))
         };
         println!(
-            "{:<34} {:>22} {:>24} {:>20} {:>20}",
+            "{:<38} {:>20} {:>18} {:>20} {:>18}",
             c.label(),
             col(|s| s.total_ms, 0),
             col(|s| s.sent_mib, 0),
