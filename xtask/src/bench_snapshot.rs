@@ -50,9 +50,9 @@ const SCRATCH_PARENT: &str = "/var/tmp";
 const SCRATCH_PREFIX: &str = "tern-bench-snapshot-";
 /// QEMU's migration bandwidth cap, raised from its 128 MiB/s default so the file write is not
 /// throttled (bytes per second).
-const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
+pub(crate) const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
 /// The QEMU machine: no firmware, no PCI, like tern.
-const QEMU_MACHINE: &str = "microvm";
+pub(crate) const QEMU_MACHINE: &str = "microvm";
 
 /// What to measure.
 pub struct Options {
@@ -96,11 +96,11 @@ fn cmdline(size_mib: u64) -> String {
     )
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn path_str(p: &Path) -> Result<&str> {
+pub(crate) fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
@@ -109,7 +109,7 @@ fn path_str(p: &Path) -> Result<&str> {
 // Serial logs.
 
 /// Tick numbers of the complete `probe: count tick=K ...` lines of a serial log.
-fn ticks_in(text: &str) -> Vec<u64> {
+pub(crate) fn ticks_in(text: &str) -> Vec<u64> {
     let complete = match text.rfind('\n') {
         Some(i) => &text[..i],
         None => "",
@@ -132,7 +132,7 @@ fn first_tick(log: &Path) -> Option<u64> {
 }
 
 /// The last lines of a log, for error messages.
-fn tail(log: &Path) -> String {
+pub(crate) fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(3)..].join(" | ")
@@ -155,14 +155,19 @@ fn check_continues(what: &str, first: u64, last: u64) -> Result<()> {
 // Processes.
 
 /// A VMM process, killed when dropped.
-struct Proc {
-    child: Child,
-    name: &'static str,
+pub(crate) struct Proc {
+    pub child: Child,
+    pub name: &'static str,
     stderr: PathBuf,
 }
 
 impl Proc {
-    fn spawn(program: &Path, args: &[String], name: &'static str, stderr: &Path) -> Result<Proc> {
+    pub fn spawn(
+        program: &Path,
+        args: &[String],
+        name: &'static str,
+        stderr: &Path,
+    ) -> Result<Proc> {
         let err = std::fs::File::create(stderr)
             .with_context(|| format!("cannot create {}", stderr.display()))?;
         let child = Command::new(program)
@@ -180,7 +185,7 @@ impl Proc {
     }
 
     /// Fails if the process has exited, with its stderr.
-    fn check_alive(&mut self) -> Result<()> {
+    pub fn check_alive(&mut self) -> Result<()> {
         if let Some(st) = self.child.try_wait()? {
             let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
             let err = err
@@ -196,7 +201,7 @@ impl Proc {
 
     /// Polls `f` every millisecond until it returns `Some`, failing if the process exits or
     /// `timeout` passes.
-    fn wait_for<T>(
+    pub fn wait_for<T>(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -236,7 +241,12 @@ fn client(sock: &Path) -> api::client::Client {
 }
 
 /// One request to tern's API, with this benchmark's step timeout.
-fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
+pub(crate) fn http(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String)> {
     let body = body.map(Value::to_string);
     client(sock)
         .call(method, path, body.as_deref())
@@ -244,14 +254,20 @@ fn http(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(
 }
 
 /// A request that must answer `want`.
-fn api(sock: &Path, method: &str, path: &str, body: Option<&Value>, want: u16) -> Result<()> {
+pub(crate) fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    want: u16,
+) -> Result<()> {
     let body = body.map(Value::to_string);
     client(sock).expect(method, path, body.as_deref(), &[want])?;
     Ok(())
 }
 
 /// Starts `tern run ARGS --api-socket SOCK` and waits until the API answers.
-fn tern_start(tern: &Tern, args: &[String], sock: &Path, stderr: &Path) -> Result<Proc> {
+pub(crate) fn tern_start(tern: &Tern, args: &[String], sock: &Path, stderr: &Path) -> Result<Proc> {
     let mut a = vec!["run".to_string()];
     a.extend_from_slice(args);
     a.push("--api-socket".into());
@@ -266,7 +282,7 @@ fn tern_start(tern: &Tern, args: &[String], sock: &Path, stderr: &Path) -> Resul
 }
 
 /// Stops a tern through its API (kills it if that does not work).
-fn tern_stop(mut p: Proc, sock: &Path) {
+pub(crate) fn tern_stop(mut p: Proc, sock: &Path) {
     let _ = http(sock, "PUT", "/v1/vm/shutdown?force=true", None);
     let t0 = Instant::now();
     while matches!(p.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(5) {
@@ -279,14 +295,14 @@ fn tern_stop(mut p: Proc, sock: &Path) {
 // QMP.
 
 /// A QMP connection.
-struct Qmp {
+pub(crate) struct Qmp {
     w: UnixStream,
     r: BufReader<UnixStream>,
 }
 
 impl Qmp {
     /// Connects (retrying while QEMU starts) and negotiates capabilities.
-    fn connect(p: &mut Proc, sock: &Path) -> Result<Qmp> {
+    pub fn connect(p: &mut Proc, sock: &Path) -> Result<Qmp> {
         let s = p.wait_for("QEMU's QMP socket", Duration::from_secs(30), || {
             UnixStream::connect(sock).ok()
         })?;
@@ -312,7 +328,7 @@ impl Qmp {
     }
 
     /// Runs a command; its `return` value (events in between are skipped).
-    fn cmd(&mut self, name: &str, args: Option<Value>) -> Result<Value> {
+    pub fn cmd(&mut self, name: &str, args: Option<Value>) -> Result<Value> {
         let mut c = json!({ "execute": name });
         if let Some(a) = args {
             c["arguments"] = a;
@@ -363,7 +379,15 @@ impl Qmp {
     }
 }
 
-fn qemu_args(probe: &str, size_mib: u64, serial: &Path, qmp: &Path) -> Result<Vec<String>> {
+/// QEMU's command line for the probe with `cmdline`, a `size_mib` guest, its serial port in
+/// the file `serial` and QMP on the socket `qmp`.
+pub(crate) fn qemu_args(
+    probe: &str,
+    size_mib: u64,
+    cmdline: &str,
+    serial: &Path,
+    qmp: &Path,
+) -> Result<Vec<String>> {
     let mut a: Vec<String> = [
         "-accel",
         "kvm",
@@ -387,7 +411,7 @@ fn qemu_args(probe: &str, size_mib: u64, serial: &Path, qmp: &Path) -> Result<Ve
     a.push("-m".into());
     a.push(size_mib.to_string());
     a.push("-append".into());
-    a.push(cmdline(size_mib));
+    a.push(cmdline.into());
     a.push("-serial".into());
     a.push(format!("file:{}", path_str(serial)?));
     a.push("-qmp".into());
@@ -625,7 +649,7 @@ impl Ctx<'_> {
     fn qemu_create(&self, dir: &Path, size_mib: u64, r: &mut QemuResult) -> Result<u64> {
         let log = dir.join("qemu-boot.log");
         let qsock = dir.join("qemu-boot.qmp");
-        let args = qemu_args(&self.probe, size_mib, &log, &qsock)?;
+        let args = qemu_args(&self.probe, size_mib, &cmdline(size_mib), &log, &qsock)?;
         let mut vm = Proc::spawn(self.qemu, &args, "QEMU", &dir.join("qemu-boot.err"))?;
         let mut q = Qmp::connect(&mut vm, &qsock)?;
         q.cmd(
@@ -679,7 +703,7 @@ impl Ctx<'_> {
     fn qemu_api_restore(&self, dir: &Path, size_mib: u64, last: u64) -> Result<(f64, f64)> {
         let log = dir.join("qemu-api.log");
         let qsock = dir.join("qemu-api.qmp");
-        let mut args = qemu_args(&self.probe, size_mib, &log, &qsock)?;
+        let mut args = qemu_args(&self.probe, size_mib, &cmdline(size_mib), &log, &qsock)?;
         args.extend(["-incoming".into(), "defer".into()]);
         let mut vm = Proc::spawn(self.qemu, &args, "QEMU", &dir.join("qemu-api.err"))?;
         let mut q = Qmp::connect(&mut vm, &qsock)?;
@@ -698,7 +722,7 @@ impl Ctx<'_> {
     fn qemu_cold_restore(&self, dir: &Path, size_mib: u64, last: u64) -> Result<(f64, f64)> {
         let log = dir.join("qemu-cold.log");
         let qsock = dir.join("qemu-cold.qmp");
-        let mut args = qemu_args(&self.probe, size_mib, &log, &qsock)?;
+        let mut args = qemu_args(&self.probe, size_mib, &cmdline(size_mib), &log, &qsock)?;
         args.extend([
             "-incoming".into(),
             format!("exec:cat {}", shell_safe(&dir.join("qemu.mig"))?),
@@ -783,7 +807,7 @@ impl Ctx<'_> {
 // Scratch space.
 
 /// The scratch directory, removed with everything in it when dropped.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -791,14 +815,15 @@ impl Drop for Scratch {
     }
 }
 
-/// Removes scratch directories of earlier runs whose process is gone (killed runs).
-fn remove_stale_scratch() {
-    let Ok(entries) = std::fs::read_dir(SCRATCH_PARENT) else {
+/// Removes the scratch directories `parent/prefixPID` of earlier runs whose process is gone
+/// (killed runs).
+pub(crate) fn remove_stale_scratch(parent: &str, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(SCRATCH_PREFIX) else {
+        let Some(pid) = name.strip_prefix(prefix) else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
@@ -920,7 +945,7 @@ fn rows(clones: usize) -> Vec<Row> {
     v
 }
 
-fn cell(x: f64, precision: usize) -> String {
+pub(crate) fn cell(x: f64, precision: usize) -> String {
     if x.is_nan() {
         "-".into()
     } else {
@@ -1023,7 +1048,7 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, o: &Options) -> Result<()>
         .write(true)
         .open("/dev/kvm")
         .context("cannot open /dev/kvm (this benchmark needs KVM)")?;
-    remove_stale_scratch();
+    remove_stale_scratch(SCRATCH_PARENT, SCRATCH_PREFIX);
     let max = o.sizes_mib.iter().copied().max().unwrap_or(0);
     let free = free_bytes(Path::new(SCRATCH_PARENT))?;
     if free < space_needed(max) {

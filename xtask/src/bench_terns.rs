@@ -2,7 +2,7 @@
 //! `--baseline PATH` and/or `--baseline-args "ARGS"`, a baseline in the same runs (an earlier
 //! tern binary, or the same binary with other `tern run` arguments, e.g. `--seccomp off`),
 //! reported in `baseline` and `tern/baseline` columns. Shared by bench-probe, bench-snapshot,
-//! bench-blk and bench-net.
+//! bench-blk, bench-net and bench-migrate.
 
 use std::path::{Path, PathBuf};
 

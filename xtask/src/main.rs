@@ -7,6 +7,8 @@
 //! cargo xtask bench-blk [--runs N] [TERNS]
 //! cargo xtask bench-net [--runs N] [TERNS]
 //! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [TERNS]
+//! cargo xtask bench-migrate [--runs N] [--sizes 256M,1G] [--dirty 0,10,100] [--transports unix,tcp]
+//!                           [--qemu PATH] [TERNS]
 //! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
@@ -20,6 +22,7 @@ use arch::bzimage;
 mod agent;
 mod bench_api;
 mod bench_blk;
+mod bench_migrate;
 mod bench_net;
 mod bench_probe;
 mod bench_snapshot;
@@ -113,6 +116,28 @@ enum Cmd {
         /// Clones restored at once from one snapshot (0: skip).
         #[arg(long, default_value_t = 8)]
         clones: usize,
+    },
+    /// Live migration, tern vs QEMU on the probe guest (same host): total time, bytes sent,
+    /// downtime as the guest sees it and as each VMM reports it.
+    BenchMigrate {
+        #[command(flatten)]
+        terns: bench_terns::TernOpts,
+        /// Interleaved runs per size, dirty rate and transport.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Guest sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "256M,1G",
+              value_parser = bench_snapshot::parse_size_mib)]
+        sizes: Vec<u64>,
+        /// Guest dirty rates in MiB/s, comma-separated (0: no memory rewritten).
+        #[arg(long, value_delimiter = ',', default_value = "0,10,100")]
+        dirty: Vec<u64>,
+        /// Migration transports, comma-separated.
+        #[arg(long, value_delimiter = ',', value_enum, default_value = "unix,tcp")]
+        transports: Vec<bench_migrate::Transport>,
+        /// QEMU binary [default: qemu-system-x86_64 on PATH].
+        #[arg(long)]
+        qemu: Option<PathBuf>,
     },
     /// Run Linux-guest scenarios in the nested rig (L1 = QEMU TCG with AMD-V).
     Rig {
@@ -311,6 +336,33 @@ fn run(command: Cmd) -> Result<()> {
                 clones,
             };
             bench_snapshot::run(&terns, &probe, &qemu, &opts)
+        }
+        Cmd::BenchMigrate {
+            terns,
+            runs,
+            sizes,
+            dirty,
+            transports,
+            qemu,
+        } => {
+            // Checked before the builds: this benchmark installs nothing.
+            let qemu = match qemu {
+                Some(q) if q.is_file() => q,
+                Some(q) => anyhow::bail!("QEMU binary {} does not exist", q.display()),
+                None => util::which("qemu-system-x86_64").context(
+                    "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86); \
+                     bench-migrate compares tern with it",
+                )?,
+            };
+            let terns = terns.terns()?;
+            let probe = ci::build_probe()?;
+            let opts = bench_migrate::Options {
+                sizes_mib: sizes,
+                dirty,
+                transports,
+                runs,
+            };
+            bench_migrate::run(&terns, &probe, &qemu, &opts)
         }
     }
 }

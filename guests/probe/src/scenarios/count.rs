@@ -18,7 +18,13 @@
 //! - `probe.count_dirty_mb=N`: keeps writing N MiB of RAM while it counts, one page after
 //!   the other (a word naming the page and the pass over the region), and checks at the end
 //!   that every page holds the last word written to it (`dirty_mb=N dirty=ok`): a live
-//!   migration must send pages again as the guest rewrites them.
+//!   migration must send pages again as the guest rewrites them. It writes as fast as it
+//!   can (16 pages between two clock reads) unless
+//! - `probe.count_dirty_rate_mb=R` (with `count_dirty_mb`): paces those writes to R MiB/s of
+//!   distinct pages (R × 256 page writes per second of the probe's clock since counting
+//!   began; behind schedule it catches up at most 16 pages between clock reads). The host
+//!   benchmarks live migration against a known dirty rate this way. `dirty_writes=K` at the
+//!   end counts the page writes in either mode.
 //! - `probe.count_gen=1`: reads the 16-byte VM generation ID at [`VMGENID_ADDR`] at the start
 //!   and at every tick, and prints `probe: count generation=<32 hex digits>` (bytes in memory
 //!   order) at the start and whenever it changed (`gen_changes=K`). tern gives a VM restored
@@ -68,6 +74,8 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     let use_blk = ctx.param("count_blk", 0)? != 0;
     let use_gen = ctx.param("count_gen", 0)? != 0;
     let dirty_mb = ctx.param("count_dirty_mb", 0)?;
+    // Page writes per second (0: as fast as it goes).
+    let dirty_pps = ctx.param("count_dirty_rate_mb", 0)?.saturating_mul(256);
     if tick_ns == 0 {
         fail!("probe.count_tick_ms must be positive");
     }
@@ -125,7 +133,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     } else {
         None
     };
-    let (mut dirty_pass, mut dirty_next) = (1u64, 0u64);
+    let (mut dirty_pass, mut dirty_next, mut dirty_writes) = (1u64, 0u64, 0u64);
     let mut gen = None;
     if use_gen {
         let g = generation();
@@ -138,13 +146,22 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     let mut value: u64 = 0;
     let mut ticks: u64 = 0;
     let mut blk_ok: u64 = 0;
+    // The last clock reading, for the dirty rate.
+    let mut now = start;
     loop {
         // Work between clock reads, so the counter runs mostly in ring 3 arithmetic.
         for _ in 0..1000 {
             value = core::hint::black_box(value + 1);
         }
         if let Some((base, pages)) = dirty {
-            for _ in 0..16 {
+            let batch = if dirty_pps == 0 {
+                16
+            } else {
+                let due = ((now - start) / 1000).saturating_mul(dirty_pps) / 1_000_000;
+                due.saturating_sub(dirty_writes).min(16)
+            };
+            dirty_writes += batch;
+            for _ in 0..batch {
                 let a = base + dirty_next * 4096;
                 // SAFETY: as above.
                 unsafe { core::ptr::write_volatile(a as *mut u64, dirty_pass << 32 | dirty_next) };
@@ -155,7 +172,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
                 }
             }
         }
-        let now = clock::now_ns();
+        now = clock::now_ns();
         if now >= next {
             ticks += 1;
             crate::println!("probe: count tick={ticks} value={value}");
@@ -210,7 +227,11 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
     }
     if let Some((base, pages)) = dirty {
         for i in 0..pages {
-            let pass = if i < dirty_next { dirty_pass } else { dirty_pass - 1 };
+            let pass = if i < dirty_next {
+                dirty_pass
+            } else {
+                dirty_pass - 1
+            };
             // SAFETY: as above.
             let w = unsafe { core::ptr::read_volatile((base + i * 4096) as *const u64) };
             if w != pass << 32 | i {
@@ -218,6 +239,7 @@ fn run(ctx: &mut Ctx<'_>, r: &mut Report) -> Result<(), Fail> {
             }
         }
         r.kv("dirty_mb", dirty_mb);
+        r.kv("dirty_writes", dirty_writes);
         r.kv("dirty", "ok");
     }
     if let Some((_, _, devlog)) = disk {
