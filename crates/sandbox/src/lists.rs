@@ -211,8 +211,10 @@ const MIGRATION: &[Rule] = &[
     any("poll"),
     any("ppoll"),
     any("flock"),
-    // Finding the data in shared guest memory's file (SEEK_DATA, SEEK_HOLE).
+    // Finding the data in shared guest memory's file (SEEK_DATA, SEEK_HOLE), and the pages
+    // of private guest memory the host gave it (/proc/self/pagemap).
     any("lseek"),
+    any("pread64"),
 ];
 
 /// The VMM's own threads (the main loop, preparing a VM, registering memory, the INTx

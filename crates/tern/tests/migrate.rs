@@ -188,14 +188,16 @@ fn a_counting_guest_moves_over_a_unix_socket_and_goes_on_at_the_next_tick() {
         &[],
     );
     let gen_before = lines_after(&a, "probe: count generation=");
-    let r = migrate(&sock, &["--to", &url]);
+    let r = migrate(&sock, &["--to", &url, "--json"]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stdout
-            .starts_with(&format!("migrated to {url}: downtime ")),
-        "{}",
-        r.stdout
-    );
+    let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(st["downtime_ms"].as_f64().unwrap() > 0.0, "{st}");
+    // Memory the guest never touched is neither read nor sent: 128 MiB is 32768 pages, the
+    // pattern 8192.
+    let read = st["pages_sent"].as_u64().unwrap() + st["zero_pages"].as_u64().unwrap();
+    assert!(st["pages_sent"].as_u64().unwrap() >= 8192, "{st}");
+    assert!(read < 16384, "{read} pages read: {st}");
     // The source exits 0 once the destination runs the VM.
     let text = handed_over(src, dst, &a, &b);
     assert!(
@@ -233,6 +235,12 @@ fn a_guest_writing_its_disk_and_memory_moves_over_tcp() {
     );
     let r = migrate(&sock, &["--to", &url]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .starts_with(&format!("migrated to {url}: downtime ")),
+        "{}",
+        r.stdout
+    );
     let text = handed_over(src, dst, &a, &b);
     assert!(
         text.contains("dirty=ok") && text.contains("devlog=ok"),
@@ -940,4 +948,55 @@ fn a_destination_refuses_a_vm_its_cpu_cannot_run_and_another_protocol_version() 
         assert_eq!(code, Some(1), "{err}");
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// A VM restored lazily from a snapshot (its memory a copy-on-write mapping of the snapshot's
+/// file, most pages not yet read) migrates with all of its memory: pages the host has not
+/// faulted in hold the file's contents there, not zeroes, and are sent.
+#[test]
+fn a_lazily_restored_vm_migrates_with_its_memory() {
+    if !require_kvm("a_lazily_restored_vm_migrates_with_its_memory") {
+        return;
+    }
+    let dir = Scratch::new("mig-lazy");
+    let (s0, a0) = (dir.path("s0.sock"), dir.path("a0.log"));
+    let snap = dir.path("snap");
+    let first = source(
+        &s0,
+        &a0,
+        "128M",
+        "probe.count_ms=6000 probe.count_mem_mb=32",
+        &[],
+    );
+    for cmd in [vec!["pause"], vec!["snapshot", "create", "--dir", s(&snap)]] {
+        let mut args = cmd.clone();
+        args.extend(["--api-socket", s(&s0)]);
+        let r = run_with_timeout(&tern(), &args, Duration::from_secs(20));
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+    }
+    drop(first);
+    // The restored VM's serial output goes on in the same file.
+    let (sock, a, b) = (dir.path("a.sock"), a0.clone(), dir.path("b.log"));
+    let src = spawn(&[
+        "--restore",
+        s(&snap),
+        "--restore-mode",
+        "lazy",
+        "--serial",
+        &format!("file:{}", s(&a)),
+        "--api-socket",
+        s(&sock),
+    ]);
+    let before = ticks(&a).len();
+    wait_until("ticks after the restore", Duration::from_secs(20), || {
+        ticks(&a).len() >= before + 2
+    });
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let dst = destination(&url, &b, &[]);
+    let r = migrate(&sock, &["--to", &url, "--json"]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(st["pages_sent"].as_u64().unwrap() >= 8192, "{st}");
+    let text = handed_over(src, dst, &a, &b);
+    assert!(text.contains("mem=ok"), "{text}");
 }

@@ -125,6 +125,38 @@ pub fn data_extents(file: &std::fs::File, offset: u64, len: u64) -> Option<Vec<(
     Some(out)
 }
 
+/// The pages of `[host, host + len)` of this process's memory that the host gave it (present
+/// or swapped out, per `pagemap`, `/proc/self/pagemap`), as runs of (offset from `host`,
+/// length); None when `pagemap` cannot be read.
+pub fn present_extents(pagemap: &std::fs::File, host: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = virtio::dirty::PAGE_SIZE;
+    // Entries read at a time (8 bytes each: bit 63 present, bit 62 swapped).
+    const CHUNK: u64 = 4096;
+    let pages = len / PAGE;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; (CHUNK * 8) as usize];
+    let mut p = 0;
+    while p < pages {
+        let n = (pages - p).min(CHUNK);
+        let bytes = &mut buf[..(n * 8) as usize];
+        pagemap.read_exact_at(bytes, (host / PAGE + p) * 8).ok()?;
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            if e & (3 << 62) == 0 {
+                continue;
+            }
+            let off = (p + i as u64) * PAGE;
+            match out.last_mut() {
+                Some((start, l)) if *start + *l == off => *l += PAGE,
+                _ => out.push((off, PAGE)),
+            }
+        }
+        p += n;
+    }
+    Some(out)
+}
+
 /// The KVM memory slots of `mem`: slot `i` is region `i`, logging dirty pages when `log`.
 pub fn slots(mem: &GuestMemoryMmap, log: bool) -> Vec<kvm_userspace_memory_region> {
     mem.iter()
@@ -161,6 +193,9 @@ pub struct GuestRam {
     carry: Mutex<Vec<u64>>,
     /// The shared memory file behind `mem`, when it has one.
     backing: Option<std::fs::File>,
+    /// A snapshot's memory file is mapped over guest memory (lazy restore): pages not yet
+    /// faulted in hold the file's contents, not zeroes.
+    file_mapped: std::sync::atomic::AtomicBool,
 }
 
 impl GuestRam {
@@ -172,7 +207,40 @@ impl GuestRam {
             vm,
             carry: Mutex::new(Vec::new()),
             backing,
+            file_mapped: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Notes that a snapshot's memory file is mapped over guest memory (a lazy restore).
+    pub fn set_file_mapped(&self) {
+        self.file_mapped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Which parts of guest memory may hold anything but zeroes, as (guest address, length)
+    /// in whole pages: for shared memory, the parts of its file that hold data; for private
+    /// anonymous memory, the pages the host ever gave it (present or swapped out, per
+    /// `pagemap`, this process's `/proc/self/pagemap`); all of it otherwise (a lazily
+    /// restored snapshot's mapping, or when the kernel cannot tell). The rest reads as zeroes
+    /// and need not be read (reading it would fault it in).
+    pub fn extents_with_data(&self, pagemap: Option<&std::fs::File>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut offset = 0u64;
+        let file_mapped = self.file_mapped.load(std::sync::atomic::Ordering::SeqCst);
+        for r in self.mem.iter() {
+            let (addr, len) = (r.start_addr().0, r.len());
+            let found = match (&self.backing, pagemap) {
+                (Some(f), _) => data_extents(f, offset, len),
+                (None, Some(pm)) if !file_mapped => present_extents(pm, r.as_ptr() as u64, len),
+                _ => None,
+            };
+            match found {
+                Some(e) => out.extend(e.into_iter().map(|(o, l)| (addr + o, l))),
+                None => out.push((addr, len)),
+            }
+            offset += len;
+        }
+        out
     }
 
     /// The shared memory file behind guest memory (`memory_shared`), if any.

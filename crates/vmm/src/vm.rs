@@ -172,6 +172,7 @@ impl Vm {
             config: config.clone(),
             cpuid: self.vcpus.cpuid().to_vec(),
             locks: self.disk_locks.clone(),
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
         };
         match Outgoing::start(parts, opts.clone(), target, self.migration_status.clone()) {
             Ok(o) => {
@@ -257,6 +258,9 @@ impl Vm {
     ) -> Result<(), VmmError> {
         let e = |m: String| VmmError::Setup(format!("restoring {}: {m}", dir.display()));
         snap.restore_memory(dir, self.ram.mem(), lazy).map_err(e)?;
+        if lazy {
+            self.ram.set_file_mapped();
+        }
         self.components.restore(snap.sections()).map_err(e)?;
         *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(crate::snapshot::Parent {

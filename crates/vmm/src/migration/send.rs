@@ -41,6 +41,9 @@ pub struct VmParts {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// The disks' image locks, handed over at the switch-over.
     pub locks: Arc<Vec<block::ImageLock>>,
+    /// `/proc/self/pagemap`, to skip guest memory the host never gave the guest (opened by
+    /// the VMM's thread: the migration thread may not open files).
+    pub pagemap: Option<std::fs::File>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -377,24 +380,10 @@ impl Sender<'_> {
         }
     }
 
-    /// What the first round reads: all of guest RAM, but for shared memory only the parts
-    /// of its file that hold data (reading a hole of shared memory would allocate it, and
-    /// it reads as zeroes anyway).
+    /// What the first round reads: the parts of guest RAM that may hold anything but zeroes
+    /// (see [`GuestRam::extents_with_data`]); the destination's memory starts zeroed.
     fn first_round_extents(&self) -> Vec<(u64, u64)> {
-        let regions = crate::snapshot::memory::layout(self.p.ram.mem());
-        let Some(file) = self.p.ram.backing() else {
-            return regions;
-        };
-        let mut out = Vec::new();
-        let mut offset = 0u64;
-        for (addr, len) in regions {
-            match crate::memory::data_extents(file, offset, len) {
-                Some(extents) => out.extend(extents.into_iter().map(|(o, l)| (addr + o, l))),
-                None => out.push((addr, len)),
-            }
-            offset += len;
-        }
-        out
+        self.p.ram.extents_with_data(self.p.pagemap.as_ref())
     }
 
     fn check_cancel(&self) -> Result<(), Failure> {
