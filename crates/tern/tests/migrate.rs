@@ -154,6 +154,15 @@ fn handed_over(src: Tern, mut dst: Tern, a: &Path, b: &Path) -> String {
     std::fs::read_to_string(b).unwrap()
 }
 
+/// Migrates `src` (API `sock`, serial `a`) to a new destination on `url` (serial `c`), which
+/// must go through; the destination's serial output.
+fn migrate_again(sock: &Path, url: &str, src: Tern, a: &Path, c: &Path) -> String {
+    let dst = destination(url, c, &[]);
+    let r = migrate(sock, &["--to", url]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    handed_over(src, dst, a, c)
+}
+
 /// The source still counts: its migration failed and left it running.
 fn still_running_at(src: &mut Tern, a: &Path) {
     assert!(src.running(), "the source stopped");
@@ -324,10 +333,7 @@ fn a_migration_that_does_not_converge_is_cancelled_and_a_second_one_succeeds() {
     let st = migrate(&sock, &["--status", "--json"]);
     assert!(st.stdout.contains("\"state\":\"failed\""), "{}", st.stdout);
 
-    let dst2 = destination(&url, &c, &[]);
-    let r = migrate(&sock, &["--to", &url]);
-    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    assert!(handed_over(src, dst2, &a, &c).contains("dirty=ok"));
+    assert!(migrate_again(&sock, &url, src, &a, &c).contains("dirty=ok"));
 }
 
 /// The destination killed while memory is being copied: the source keeps running and a second
@@ -378,10 +384,7 @@ fn the_destination_killed_mid_copy_leaves_the_vm_running_at_the_source() {
             .contains("\"state\":\"failed\"")
     });
     still_running_at(&mut src, &a);
-    let dst2 = destination(&url, &c, &[]);
-    let r = migrate(&sock, &["--to", &url]);
-    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
-    assert!(handed_over(src, dst2, &a, &c).contains("mem=ok"));
+    assert!(migrate_again(&sock, &url, src, &a, &c).contains("mem=ok"));
 }
 
 /// The source killed while memory is being copied: the destination exits with one line
