@@ -475,21 +475,26 @@ fn fold(mut s: u32) -> u16 {
     s as u16
 }
 
-/// Captures, for `duration`, the frames of `ethertype` that arrive on `tap` in namespace `ns`
-/// (frames a VMM writes into the TAP), on a thread of its own (which enters the namespace).
+/// Captures the frames of `ethertype` that arrive on `tap` in namespace `ns` (frames a VMM
+/// writes into the TAP), until `count` came or `duration` passed, on a thread of its own
+/// (which enters the namespace). Returns once the capture listens.
 pub fn capture(
     ns: &NetNs,
     tap: &str,
     ethertype: u16,
+    count: usize,
     duration: Duration,
 ) -> std::thread::JoinHandle<io::Result<Vec<Vec<u8>>>> {
     let (path, tap) = (ns.path(), tap.to_string());
-    std::thread::spawn(move || {
-        let s = PeerSocket::open(&path, &tap)?;
+    let (ready_tx, ready) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let s = PeerSocket::open(&path, &tap);
+        let _ = ready_tx.send(());
+        let s = s?;
         let deadline = Instant::now() + duration;
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 65536];
-        while Instant::now() < deadline {
+        while Instant::now() < deadline && frames.len() < count {
             if let Some(n) = s.recv(&mut buf, false)? {
                 if n >= 14 && buf[12..14] == ethertype.to_be_bytes() {
                     frames.push(buf[..n].to_vec());
@@ -497,5 +502,7 @@ pub fn capture(
             }
         }
         Ok(frames)
-    })
+    });
+    let _ = ready.recv();
+    t
 }

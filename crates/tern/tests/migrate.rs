@@ -518,8 +518,7 @@ fn the_destination_announces_the_guest_on_its_tap() {
         s(&sock),
     ]));
     wait_until("3 ticks", Duration::from_secs(20), || ticks(&a).len() >= 3);
-    let capture = netpeer::capture(&ns, "tap1", 0x8035, Duration::from_secs(3));
-    std::thread::sleep(Duration::from_millis(200));
+    let capture = netpeer::capture(&ns, "tap1", 0x8035, 1, Duration::from_secs(30));
     let r = migrate(&sock, &["--to", &url]);
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
     let frames = capture.join().unwrap().expect("capture on tap1");
