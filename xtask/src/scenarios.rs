@@ -898,9 +898,12 @@ pub fn all() -> Vec<Scenario> {
         // remapped to a second one on the bridge); the source must exit, the pings must be
         // answered again, the transfer must complete byte-exact over the same connection, and
         // the disk must check clean with every record (`xtask/l1/scenarios/migrate-net.sh`).
+        // Not in `core` (which CI runs): L0's lost LAPIC timer (TESTING.md) froze L1 in 3 of
+        // 6 attempts of this scenario on 2026-12-02 (2 of them while the host was loaded),
+        // against about 1 in 25 for the other tern scenarios; `--group migrate` runs it.
         Scenario {
             name: "tern-migrate-net",
-            groups: &["core", "migrate"],
+            groups: &["migrate"],
             base_cmdline: PCI_CMDLINE,
             // migrate-net.sh sets rig.action and the guest's rig.net.* parameters.
             l1_script: Some(&["migrate-net.sh", "migrate"]),
@@ -1293,7 +1296,7 @@ mod tests {
     fn migrate_net_scenario_lists_every_check_its_script_reports() {
         let all = all();
         let s = all.iter().find(|s| s.name == "tern-migrate-net").unwrap();
-        assert!(s.in_group("core") && s.in_group("migrate"));
+        assert!(s.in_group("migrate") && !s.in_group("core"));
         assert_eq!(
             s.argv_template()[..5],
             [
