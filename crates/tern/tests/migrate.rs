@@ -789,6 +789,8 @@ fn fake_destination(
             match h[0] {
                 // Hello: take it.
                 1 => c.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).unwrap(),
+                // Sync: everything so far is in.
+                13 => c.write_all(&[14, 0, 0, 0, 0, 0, 0, 0]).unwrap(),
                 // State: the hand-over starts.
                 6 => break,
                 _ => {}

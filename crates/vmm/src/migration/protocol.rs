@@ -18,6 +18,8 @@
 //! | `Running` | destination → source | none: the VM runs on the destination |
 //! | `Failed` | destination → source | UTF-8 reason (the destination discards the VM) |
 //! | `Cancel` | source → destination | UTF-8 reason (the source keeps the VM) |
+//! | `Sync` | source → destination | none: answer once everything before it is in memory |
+//! | `Synced` | destination → source | none: the answer (socket buffers hold nothing more) |
 //! | `Memory` | source → destination | JSON [`SharedMemory`], the shared memory file's descriptor attached (`unix:` only) |
 //!
 //! Hand-written: it is tern's own wire format; it carries the same sections as a snapshot.
@@ -76,13 +78,18 @@ pub enum Kind {
     /// Guest memory itself (a local migration): JSON [`SharedMemory`], with the shared
     /// memory file's descriptor attached.
     Memory = 12,
+    /// Answer once everything before this is in guest memory.
+    Sync = 13,
+    /// Everything before the `Sync` is in guest memory.
+    Synced = 14,
 }
 
 impl Kind {
     fn from_byte(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, Accept, Refuse, Pages, Zeroes, State, Ready, Go, Running, Failed, Cancel, Memory,
+            Hello, Accept, Refuse, Pages, Zeroes, State, Ready, Go, Running, Failed, Cancel,
+            Memory, Sync, Synced,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -96,7 +103,7 @@ impl Kind {
             Kind::Refuse | Kind::Failed | Kind::Cancel => MAX_TEXT,
             Kind::Pages => RUN_HEADER + MAX_PAGES * PAGE as u32,
             Kind::Zeroes => RUN_HEADER,
-            Kind::Accept | Kind::Ready | Kind::Go | Kind::Running => 0,
+            Kind::Accept | Kind::Ready | Kind::Go | Kind::Running | Kind::Sync | Kind::Synced => 0,
         }
     }
 }

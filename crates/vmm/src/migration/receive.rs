@@ -313,6 +313,10 @@ fn take<V: Arrival, S: Conn>(
                     .write_slice(src, GuestAddress(addr))
                     .map_err(|e| failed(format!("writing guest memory at {addr:#x}: {e}")))?;
             }
+            Kind::Sync => {
+                // Everything before it is in guest memory: say so.
+                protocol::write_msg(r.conn, Kind::Synced, &[]).map_err(lost)?;
+            }
             Kind::State => {
                 let p = protocol::read_payload(&mut r, &h).map_err(lost)?;
                 break protocol::parse_json(h.kind, &p).map_err(failed)?;
@@ -412,8 +416,8 @@ pub mod fuzzing {
         }
     }
 
-    /// A well-formed stream: a 16 MiB VM's Hello, a page, a page of zeroes, an empty state
-    /// and Go.
+    /// A well-formed stream: a 16 MiB VM's Hello, a page, two pages of zeroes, a Sync, an
+    /// empty state and Go.
     pub fn sample_stream() -> Vec<u8> {
         let mut b = Vec::new();
         protocol::write_preamble(&mut b).unwrap_or_default();
@@ -437,6 +441,7 @@ pub mod fuzzing {
         page.extend_from_slice(&[0x5a; PAGE as usize]);
         let _ = protocol::write_msg(&mut b, Kind::Pages, &page);
         let _ = protocol::write_msg(&mut b, Kind::Zeroes, &protocol::run_header(0x20_0000, 2));
+        let _ = protocol::write_msg(&mut b, Kind::Sync, &[]);
         let state = FinalState {
             components: Vec::new(),
             paused: false,

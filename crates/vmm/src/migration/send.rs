@@ -235,6 +235,7 @@ impl Sender<'_> {
             }
         }
 
+        self.sync(conn)?;
         // Throttling for auto-converge, on a thread of its own.
         let throttle = Arc::new(AtomicU32::new(0));
         let throttler = Throttler::start(self.p.components.clone(), throttle.clone());
@@ -291,7 +292,7 @@ impl Sender<'_> {
             round_start = Instant::now();
             round_bytes = self.bytes;
             self.set(|s| s.iteration += 1);
-            if let Err(e) = self.send_bits(conn, &bits) {
+            if let Err(e) = self.send_bits(conn, &bits).and_then(|()| self.sync(conn)) {
                 break Err(e);
             }
         };
@@ -384,6 +385,20 @@ impl Sender<'_> {
     /// (see [`GuestRam::extents_with_data`]); the destination's memory starts zeroed.
     fn first_round_extents(&self) -> Vec<(u64, u64)> {
         self.p.ram.extents_with_data(self.p.pagemap.as_ref())
+    }
+
+    /// Waits until the destination has everything sent so far in guest memory: the socket
+    /// buffers (megabytes over TCP) must not hold pages when the VM stops, or they would add
+    /// to the downtime, and a round's bandwidth is what reached the destination.
+    fn sync(&mut self, conn: &mut Stream) -> Result<(), Failure> {
+        protocol::write_msg(conn, Kind::Sync, &[]).map_err(io("sending to the destination"))?;
+        self.bytes += 8;
+        match reply(conn)? {
+            (Kind::Synced, _) => Ok(()),
+            (k, _) => Err(Failure::Kept(format!(
+                "the destination answered {k:?} to Sync"
+            ))),
+        }
     }
 
     fn check_cancel(&self) -> Result<(), Failure> {
@@ -562,7 +577,7 @@ fn reply(conn: &mut Stream) -> Result<(Kind, String), Failure> {
         .map_err(|e| Failure::Kept(format!("the destination sent {e}")))?;
     if !matches!(
         h.kind,
-        Kind::Accept | Kind::Refuse | Kind::Ready | Kind::Running | Kind::Failed
+        Kind::Accept | Kind::Refuse | Kind::Ready | Kind::Running | Kind::Failed | Kind::Synced
     ) {
         return Err(Failure::Kept(format!(
             "the destination sent a {:?} message",
