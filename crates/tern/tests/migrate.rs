@@ -573,7 +573,8 @@ fn a_local_migration_hands_shared_memory_over_without_copying_it() {
     let st: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     assert_eq!(st["state"], "completed");
     assert_eq!(st["pages_sent"], 0, "{st}");
-    assert!(st["bytes_sent"].as_u64().unwrap() < 4096, "{st}");
+    // The description and state, no memory.
+    assert!(st["bytes_sent"].as_u64().unwrap() < 256 << 10, "{st}");
     assert!(handed_over(src, dst, &a, &b).contains("mem=ok"));
 }
 

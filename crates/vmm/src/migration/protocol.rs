@@ -191,10 +191,11 @@ pub fn write_msg(w: &mut impl Write, kind: Kind, payload: &[u8]) -> std::io::Res
     w.write_all(payload)
 }
 
-/// Writes a message with a JSON payload.
-pub fn write_json(w: &mut impl Write, kind: Kind, v: &impl Serialize) -> std::io::Result<()> {
+/// Writes a message with a JSON payload; the bytes written, header included.
+pub fn write_json(w: &mut impl Write, kind: Kind, v: &impl Serialize) -> std::io::Result<u64> {
     let text = serde_json::to_vec(v).map_err(std::io::Error::other)?;
-    write_msg(w, kind, &text)
+    write_msg(w, kind, &text)?;
+    Ok(8 + text.len() as u64)
 }
 
 /// The header of a run of pages: its guest address and page count.

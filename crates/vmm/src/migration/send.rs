@@ -89,6 +89,7 @@ pub(super) fn run(
     match result {
         Ok(downtime) => {
             st.state = MigrationState::Completed;
+            st.bytes_sent = s.bytes;
             st.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
             st.bytes_remaining = 0;
             let url = st.url.clone().unwrap_or_default();
@@ -172,7 +173,7 @@ impl Sender<'_> {
             memory: crate::snapshot::memory::layout(p.ram.mem()),
             local: self.opts.local,
         };
-        protocol::write_json(conn, Kind::Hello, &hello).map_err(&sending)?;
+        self.bytes += protocol::write_json(conn, Kind::Hello, &hello).map_err(&sending)?;
         if self.opts.local {
             // The memory itself: nothing is copied, and nothing is logged.
             let Some(file) = p.ram.backing() else {
@@ -329,7 +330,7 @@ impl Sender<'_> {
             components,
             paused: was_paused,
         };
-        protocol::write_json(conn, Kind::State, &state)
+        self.bytes += protocol::write_json(conn, Kind::State, &state)
             .map_err(io("sending the VM's state"))
             .map_err(resume)?;
         match reply(conn).map_err(resume)? {
@@ -354,6 +355,7 @@ impl Sender<'_> {
             // write of 8 bytes on a healthy socket writes none.
             return Err(Failure::Unknown(format!("sending Go: {e}")));
         }
+        self.bytes += 8;
         match reply(conn) {
             Ok((Kind::Running, _)) => Ok(stopped.elapsed()),
             Ok((Kind::Failed, why)) => {
