@@ -91,6 +91,10 @@ fn source(sock: &Path, serial: &Path, memory: &str, params: &str, extra: &[&str]
 
 /// A destination waiting on `url`, its serial port in `serial`.
 fn destination(url: &str, serial: &Path, extra: &[&str]) -> Tern {
+    if let Some(p) = url.strip_prefix("unix:") {
+        // A killed destination leaves its socket behind: it must not pass for the new one's.
+        let _ = std::fs::remove_file(p);
+    }
     let backend = format!("file:{}", s(serial));
     let mut args = vec!["--incoming", url, "--serial", &backend];
     args.extend_from_slice(extra);
