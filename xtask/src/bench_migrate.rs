@@ -560,6 +560,9 @@ impl Ctx<'_> {
             url.clone(),
             "--serial".into(),
             format!("file:{}", path_str(&f.dst_log)?),
+            // The source names the probe; the destination accepts its directory.
+            "--accept-dir".into(),
+            path_str(Path::new(&self.probe).parent().unwrap_or(Path::new("/")))?.into(),
         ];
         let mut dst = Proc::spawn(
             &tern.program,

@@ -196,6 +196,16 @@ pub struct ReceiveOptions {
     /// Where the virtio-console writes, instead of the source's setting.
     #[serde(default)]
     pub console: Option<CharBackend>,
+    /// Directories this host lets the source's VM use files from as the source names them
+    /// (kernel, initrd, disk images with their data and backing files, serial and console
+    /// files). A file the source names outside them, and not replaced by a remap or by
+    /// `serial`/`console` here, is refused: the source does not choose this host's files.
+    #[serde(default)]
+    pub accept_dirs: Vec<PathBuf>,
+    /// TAP names this host lets the source's VM use as the source names them (exact names,
+    /// or a prefix ending in `*`); any other TAP needs a `tap_remap` entry.
+    #[serde(default)]
+    pub accept_taps: Vec<String>,
 }
 
 /// Where a migration is.

@@ -120,6 +120,15 @@ struct RunArgs {
     /// its MAC address.
     #[arg(long, value_name = "OLD=NEW")]
     tap_remap: Vec<String>,
+    /// With --incoming: let the migrating VM use files the source names (kernel, initrd,
+    /// disks, serial and console files) inside DIR (repeatable). Any other file it names is
+    /// refused unless --disk-remap, --serial or --console names one here instead.
+    #[arg(long, value_name = "DIR")]
+    accept_dir: Vec<PathBuf>,
+    /// With --incoming: let the migrating VM use the TAP the source names if it is NAME, or
+    /// starts with PREFIX (repeatable); any other TAP needs --tap-remap.
+    #[arg(long, value_name = "NAME|PREFIX*")]
+    accept_tap: Vec<String>,
     /// Config file (TOML, or JSON when it starts with '{'); flags override its settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -401,6 +410,13 @@ fn main() -> ExitCode {
                 eprintln!("tern: --allow-path goes with --landlock");
                 return ExitCode::from(EXIT_USAGE);
             }
+            // What a migrating VM may use here, it may reach under Landlock too.
+            let mut allow_path = allow_path;
+            allow_path.extend(
+                args.accept_dir
+                    .iter()
+                    .map(|d| d.to_string_lossy().into_owned()),
+            );
             let report = match seccomp_report() {
                 Ok(r) => r,
                 Err(e) => {
@@ -423,8 +439,8 @@ fn main() -> ExitCode {
                     {
                         eprintln!(
                             "tern: --incoming takes the VM's settings from its source; only \
-                             --serial, --console, --disk-remap, --tap-remap and --api-socket \
-                             may be given with it"
+                             --serial, --console, --disk-remap, --tap-remap, --accept-dir, \
+                             --accept-tap and --api-socket may be given with it"
                         );
                         return ExitCode::from(EXIT_USAGE);
                     }
@@ -435,6 +451,8 @@ fn main() -> ExitCode {
                             tap_remap: o.tap_remap,
                             serial: o.serial,
                             console: o.console,
+                            accept_dirs: args.accept_dir.clone(),
+                            accept_taps: args.accept_tap.clone(),
                         },
                         Err(e) => {
                             eprintln!("tern: {e}");
@@ -450,7 +468,13 @@ fn main() -> ExitCode {
                         }
                     }
                 }
-                None => None,
+                None => {
+                    if !args.accept_dir.is_empty() || !args.accept_tap.is_empty() {
+                        eprintln!("tern: --accept-dir and --accept-tap go with --incoming URL");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                    None
+                }
             };
             let restore = match &args.restore {
                 Some(dir) => {

@@ -89,16 +89,32 @@ fn source(sock: &Path, serial: &Path, memory: &str, params: &str, extra: &[&str]
     t
 }
 
-/// A destination waiting on `url`, its serial port in `serial`.
+/// A destination waiting on `url`, its serial port in `serial`, accepting the files the
+/// source names in the probe's directory and `serial`'s (the test's scratch directory).
 fn destination(url: &str, serial: &Path, extra: &[&str]) -> Tern {
+    let backend = format!("file:{}", s(serial));
+    let kernel = probe();
+    let mut args = vec![
+        "--serial",
+        &backend,
+        "--accept-dir",
+        s(kernel.parent().unwrap()),
+        "--accept-dir",
+        s(serial.parent().unwrap()),
+    ];
+    args.extend_from_slice(extra);
+    listening(url, &args)
+}
+
+/// `tern run --incoming url` with `args`, once it listens.
+fn listening(url: &str, args: &[&str]) -> Tern {
     if let Some(p) = url.strip_prefix("unix:") {
         // A killed destination leaves its socket behind: it must not pass for the new one's.
         let _ = std::fs::remove_file(p);
     }
-    let backend = format!("file:{}", s(serial));
-    let mut args = vec!["--incoming", url, "--serial", &backend];
-    args.extend_from_slice(extra);
-    let t = spawn(&args);
+    let mut a = vec!["--incoming", url];
+    a.extend_from_slice(args);
+    let t = spawn(&a);
     if let Some(p) = url.strip_prefix("unix:") {
         wait_until("the migration socket", Duration::from_secs(10), || {
             Path::new(p).exists()
@@ -453,6 +469,30 @@ fn a_refused_or_unreachable_destination_leaves_the_vm_running() {
     assert_eq!(code, Some(1));
     assert!(err.contains("TAP remap"), "{err}");
     assert!(src.running());
+    // The source does not choose this host's files: a destination that accepts none refuses
+    // the kernel the source names, and one accepting only the kernel's directory refuses the
+    // source's serial log elsewhere. The VM runs on at the source.
+    let kernel = probe();
+    let log = format!("file:{}", s(&b));
+    for (args, refused) in [
+        (vec!["--serial", log.as_str()], "the kernel"),
+        (
+            vec!["--accept-dir", s(kernel.parent().unwrap())],
+            "the serial port's file",
+        ),
+    ] {
+        let dst = listening(&url, &args);
+        let r = migrate(&sock, &["--to", &url]);
+        assert_eq!(r.code, Some(1), "{}", r.stdout);
+        let want = format!("migration refused: the source names {refused} ");
+        assert!(r.stderr.contains(&want), "{want}: {}", r.stderr);
+        assert!(r.stderr.contains("--accept-dir DIR"), "{}", r.stderr);
+        let (code, err) = dst.finish(Duration::from_secs(10));
+        assert_eq!(code, Some(1));
+        assert!(err.contains(&want), "{err}");
+        assert!(src.running());
+    }
+    assert!(!b.exists(), "a refused destination wrote the serial file");
     // Bad requests: 400s naming the field.
     let r = migrate(&sock, &["--to", &url, "--downtime-ms", "0"]);
     assert_eq!(r.code, Some(2));
@@ -498,6 +538,7 @@ fn the_destination_announces_the_guest_on_its_tap() {
         )
     };
     let owned = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let kernel = probe();
     let dst = in_ns(owned(&[
         "--incoming",
         &url,
@@ -505,8 +546,9 @@ fn the_destination_announces_the_guest_on_its_tap() {
         "tap0=tap1",
         "--serial",
         &format!("file:{}", s(&b)),
+        "--accept-dir",
+        s(kernel.parent().unwrap()),
     ]));
-    let kernel = probe();
     let src = in_ns(owned(&[
         "--kernel",
         s(&kernel),
@@ -606,8 +648,9 @@ fn a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled(
     let none: serde_json::Value = dc.get("/v1/vm/migrate").unwrap();
     assert_eq!(none["state"], "none");
     let body = format!(
-        r#"{{"url":"{url}","serial":"file:{}"}}"#,
-        s(&dir.path("b.log"))
+        r#"{{"url":"{url}","serial":"file:{}","accept_dirs":["{}"]}}"#,
+        s(&dir.path("b.log")),
+        s(probe().parent().unwrap())
     );
     let (st, _) = dc
         .call("PUT", "/v1/vm/migrate/receive", Some(&body))
@@ -661,8 +704,9 @@ fn a_migration_driven_through_the_api_reports_its_progress_and_can_be_cancelled(
     // Again, to completion.
     let (d2, dc) = empty("d2.sock");
     let body = format!(
-        r#"{{"url":"{url}","serial":"file:{}"}}"#,
-        s(&dir.path("c.log"))
+        r#"{{"url":"{url}","serial":"file:{}","accept_dirs":["{}"]}}"#,
+        s(&dir.path("c.log")),
+        s(probe().parent().unwrap())
     );
     let (st, _) = dc
         .call("PUT", "/v1/vm/migrate/receive", Some(&body))
@@ -928,7 +972,8 @@ fn a_destination_refuses_a_vm_its_cpu_cannot_run_and_another_protocol_version() 
     entry.extend([0xff; 8]);
     entry.extend([0u8; 12]);
     let config = api::VmConfig {
-        kernel: Some("/nonexistent/vmlinux".into()),
+        // Never opened (the VM is refused first), but accepted: in the scratch directory.
+        kernel: Some(dir.path("vmlinux")),
         memory: api::config::MemSize(64 << 20),
         ..api::VmConfig::default()
     };

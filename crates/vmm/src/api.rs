@@ -18,7 +18,6 @@
 //! this module is only the server.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -181,36 +180,6 @@ struct Shared {
     evt: std::sync::Arc<EventFd>,
 }
 
-/// Binds `path` with mode 0600. A leftover socket from a tern that is gone is replaced; one a
-/// live process answers on, or a file that is not a socket, is refused.
-fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
-    let show = path.display();
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(format!("API socket {show} exists and is not a socket"));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "API socket {show} is in use by a running process (another tern?)"
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove the stale API socket {show}: {e}"))?;
-    }
-    // Created 0600 from the start: no window in which others could connect.
-    // SAFETY: umask only changes this process's file-creation mask; restored right after.
-    let old = unsafe { libc::umask(0o177) };
-    let l = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let l = l.map_err(|e| format!("cannot create the API socket {show}: {e}"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot set the API socket's permissions: {e}"))?;
-    l.set_nonblocking(true)
-        .map_err(|e| format!("API socket: {e}"))?;
-    Ok(l)
-}
-
 /// An API socket made but not served yet (see [`ApiServer::bind`]).
 pub struct BoundSocket {
     path: std::path::PathBuf,
@@ -228,7 +197,7 @@ impl ApiServer {
     pub fn bind(path: &Path) -> Result<BoundSocket, String> {
         Ok(BoundSocket {
             path: path.to_path_buf(),
-            listener: bind(path)?,
+            listener: crate::unix_socket::listen(path, "API socket")?,
         })
     }
 
@@ -490,25 +459,5 @@ mod tests {
             .collect();
         served.sort();
         assert_eq!(documented, served);
-    }
-
-    #[test]
-    fn a_live_socket_is_refused_and_a_stale_one_replaced() {
-        let dir = std::env::temp_dir().join(format!("tern-api-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("api.sock");
-        let live = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        let e = bind(&p).unwrap_err();
-        assert!(e.contains("in use by a running process"), "{e}");
-        drop(live); // leaves the file behind, like a killed tern
-        let l = bind(&p).unwrap();
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        drop(l);
-        std::fs::remove_file(&p).unwrap();
-        std::fs::write(&p, b"not a socket").unwrap();
-        assert!(bind(&p).unwrap_err().contains("is not a socket"));
-        assert_eq!(std::fs::read(&p).unwrap(), b"not a socket");
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -24,6 +24,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod states;
 pub mod terminal;
+pub mod unix_socket;
 pub mod vcpu;
 pub mod vcpu_cgroups;
 pub mod vcpus;

@@ -94,6 +94,8 @@ mod tests {
                 tap_remap: Default::default(),
                 serial: None,
                 console: None,
+                accept_dirs: Vec::new(),
+                accept_taps: Vec::new(),
             }))
         };
         // created, configured, running, paused

@@ -92,11 +92,15 @@ net_l1_setup
 
 # The source: the scenario's argv with the guest action and its parameters, the serial port to
 # a file, the NIC on tap0, the data disk and the API socket.
+# The destination accepts the files the source names where they are: the data disk in $W,
+# the kernel and initrd where the argv has them.
+accept="--accept-dir $W"
 set_next=
 for a in "$@"; do
     case "$set_next" in
         --cmdline) a="$a rig.action=script:migrate-net-workload $SNET_CMDLINE" ;;
         --serial) a="file:$W/serial-1.log" ;;
+        --kernel | --initrd) accept="$accept --accept-dir $(dirname "$a")" ;;
     esac
     set -- "$@" "$a"
     set_next=$a
@@ -155,8 +159,9 @@ ping -i 0.2 "$GUEST_IP" > "$W/l1-ping.log" 2>&1 &
 ping_pid=$!
 
 # The destination: waits on URL, the guest's TAP moves to tap1.
+# shellcheck disable=SC2086 # $accept is a list of flags; the directories have no spaces
 set -- "$tern" run --incoming "$URL" --tap-remap tap0=tap1 --serial "file:$W/serial-2.log" \
-    --api-socket "$SOCK2"
+    $accept --api-socket "$SOCK2"
 echo "$TAG-RUN $case_/destination: $*"
 "$@" > "$W/tern-2.err" 2>&1 &
 pid2=$!

@@ -13,6 +13,7 @@
 //!
 //! The wire format is [`protocol`]; this module holds the transports.
 
+mod accept;
 mod outgoing;
 pub mod protocol;
 pub mod receive;
@@ -199,24 +200,11 @@ impl Listener {
                 .map(Listener::Tcp)
                 .map_err(|e| format!("cannot listen on {url}: {e}")),
             MigrationUrl::Unix(p) => {
-                if let Ok(m) = std::fs::symlink_metadata(p) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if !m.file_type().is_socket() {
-                        return Err(format!(
-                            "cannot listen on {url}: the path exists and is not a socket"
-                        ));
-                    }
-                    if UnixStream::connect(p).is_ok() {
-                        return Err(format!(
-                            "cannot listen on {url}: a process listens there already"
-                        ));
-                    }
-                    let _ = std::fs::remove_file(p);
-                }
-                let l =
-                    UnixListener::bind(p).map_err(|e| format!("cannot listen on {url}: {e}"))?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+                let l = crate::unix_socket::listen(p, "migration socket")
+                    .map_err(|e| format!("cannot listen on {url}: {e}"))?;
+                // Accepting blocks (with a stop descriptor polled beside it).
+                l.set_nonblocking(false)
+                    .map_err(|e| format!("cannot listen on {url}: {e}"))?;
                 Ok(Listener::Unix(l, p.clone()))
             }
         }

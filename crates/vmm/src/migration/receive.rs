@@ -232,6 +232,7 @@ fn take<V: Arrival, S: Conn>(
         opts.console.as_ref(),
     )
     .map_err(refuse)?;
+    super::accept::check(&config, opts).map_err(refuse)?;
     config
         .validate()
         .map_err(|e| refuse(format!("its configuration is invalid here: {e}")))?;
@@ -422,7 +423,7 @@ pub mod fuzzing {
         let mut b = Vec::new();
         protocol::write_preamble(&mut b).unwrap_or_default();
         let mut config = VmConfig {
-            kernel: Some("/vmlinux".into()),
+            kernel: Some("/tmp/vmlinux".into()),
             ..VmConfig::default()
         };
         config.memory = crate::config::MemSize(16 << 20);
@@ -459,6 +460,9 @@ pub mod fuzzing {
             tap_remap: Default::default(),
             serial: None,
             console: None,
+            // The sample names its kernel in /tmp; nothing is opened here.
+            accept_dirs: vec!["/tmp".into()],
+            accept_taps: vec!["*".into()],
         };
         let build = |c: &VmConfig, _: Option<File>| {
             if c.memory.0 > 16 << 20 {
