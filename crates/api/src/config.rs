@@ -696,6 +696,9 @@ pub struct VmConfig {
     /// the new tern instead of copying it.
     #[serde(default)]
     pub memory_shared: bool,
+    /// A virtio-balloon device, through which the host asks the guest for memory back.
+    #[serde(default)]
+    pub balloon: Option<crate::balloon::BalloonConfig>,
 }
 
 fn default_shutdown_timeout() -> u64 {
@@ -734,6 +737,7 @@ impl Default for VmConfig {
             shutdown_timeout: default_shutdown_timeout(),
             track_dirty_pages: false,
             memory_shared: false,
+            balloon: None,
         }
     }
 }

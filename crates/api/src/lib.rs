@@ -3,6 +3,7 @@
 //! the answers ([`VmInfo`], [`Counters`], [`ErrorBody`]); and the one client of the API's
 //! Unix socket ([`client`]). Nothing here knows KVM or the server.
 
+pub mod balloon;
 pub mod client;
 pub mod config;
 pub mod migrate;

@@ -45,6 +45,8 @@ pub enum Device {
     Rng,
     /// A console: reads and writes its character device.
     Console,
+    /// A memory balloon: frees the guest memory its driver gives back.
+    Balloon,
 }
 
 impl Role {
@@ -56,6 +58,7 @@ impl Role {
             Role::DeviceWorker(Device::Net) => "device-net",
             Role::DeviceWorker(Device::Rng) => "device-rng",
             Role::DeviceWorker(Device::Console) => "device-console",
+            Role::DeviceWorker(Device::Balloon) => "device-balloon",
             Role::Api => "api",
             Role::Vmm => "vmm",
             Role::Io => "io",

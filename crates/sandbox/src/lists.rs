@@ -161,6 +161,12 @@ const NET: &[Rule] = &[];
 /// The entropy device's worker.
 const RNG: &[Rule] = &[];
 
+/// The balloon's worker: freeing guest memory. Private anonymous memory goes with
+/// `MADV_DONTNEED` (in [`COMMON`]), shared memory with `MADV_REMOVE`, and a lazily restored
+/// snapshot's copy-on-write file mapping by mapping fresh anonymous memory over the range
+/// (`mmap` with `MAP_FIXED`, in [`COMMON`]).
+const BALLOON: &[Rule] = &[when("madvise", &[Arg::Eq(2, libc::MADV_REMOVE as u64)])];
+
 /// The console's worker: its character device.
 const CONSOLE: &[Rule] = &[any("poll"), any("ppoll")];
 
@@ -312,6 +318,7 @@ pub fn rules(role: Role) -> Vec<Rule> {
         Role::DeviceWorker(Device::Net) => &[NET, EVENTS],
         Role::DeviceWorker(Device::Rng) => &[RNG, EVENTS],
         Role::DeviceWorker(Device::Console) => &[CONSOLE, EVENTS],
+        Role::DeviceWorker(Device::Balloon) => &[BALLOON, EVENTS],
         Role::Api => &[API, CONNECTIONS, EVENTS],
         Role::Io => &[IO],
         Role::Spawner => &[SPAWNER],

@@ -53,6 +53,7 @@ pub const ROLES: &[Role] = &[
     Role::DeviceWorker(Device::Net),
     Role::DeviceWorker(Device::Rng),
     Role::DeviceWorker(Device::Console),
+    Role::DeviceWorker(Device::Balloon),
     Role::Api,
     Role::Io,
     Role::Migration,

@@ -1,5 +1,6 @@
 //! `tern`: a KVM virtual machine monitor.
 
+mod balloon;
 mod jail;
 mod migrate;
 
@@ -60,6 +61,9 @@ enum Command {
     /// Move the running VM to another tern (`tern run --incoming URL`) while it runs, and
     /// follow the migration to its end; or show or cancel one.
     Migrate(Box<migrate::MigrateArgs>),
+    /// Set the size of a running VM's memory balloon (the guest gives that much memory back
+    /// to the host), or show it and the guest's memory statistics.
+    Balloon(balloon::BalloonArgs),
 }
 
 #[derive(Subcommand)]
@@ -191,6 +195,10 @@ struct RunArgs {
     /// it to a new tern (a live upgrade) instead of copying it.
     #[arg(long)]
     memory_shared: bool,
+    /// A memory balloon (virtio-balloon), sized at run time with `tern balloon --size`:
+    /// [deflate_on_oom=on][,free_page_reporting=on][,stats_s=N].
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<api::balloon::BalloonConfig>,
     /// System-call filters on every thread of tern, each allowing what its role needs: on (a
     /// call outside the list ends tern with a line naming the thread and call), log (the
     /// kernel logs such calls and lets them through) or off.
@@ -236,6 +244,7 @@ impl RunArgs {
             || self.shutdown_timeout.is_some()
             || self.track_dirty_pages
             || self.memory_shared
+            || self.balloon.is_some()
     }
 
     fn into_config(self) -> anyhow::Result<VmConfig> {
@@ -297,6 +306,9 @@ impl RunArgs {
         }
         if self.memory_shared {
             c.memory_shared = true;
+        }
+        if let Some(b) = self.balloon {
+            c.balloon = Some(b);
         }
         c.validate()?;
         Ok(c)
@@ -593,6 +605,7 @@ fn main() -> ExitCode {
         }
         Command::Jail(args) => jail::main(*args),
         Command::Migrate(args) => migrate::main(*args),
+        Command::Balloon(args) => balloon::main(args),
         Command::Info(c) => client(&c, "GET", "/v1/vm", show_info),
         Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| Ok("paused".into())),
         Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| Ok("resumed".into())),

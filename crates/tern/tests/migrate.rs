@@ -9,59 +9,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
-
-/// A tern process killed when dropped.
-struct Tern(Child);
-
-impl Drop for Tern {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Tern {
-    /// Waits for it to exit; its status and standard error.
-    fn finish(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.0.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                return (st.code(), err);
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "tern did not exit within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.0.try_wait().unwrap().is_none()
-    }
-}
-
-fn spawn(args: &[&str]) -> Tern {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    Tern(
-        Command::new(tern())
-            .args(&a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tern"),
-    )
-}
 
 /// A source running the counter with `params`, its serial port in `serial` and its API on
 /// `sock`; waits for its first ticks.

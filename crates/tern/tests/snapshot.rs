@@ -10,30 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A tern process killed when dropped.
-struct Tern(Child);
-
-impl Drop for Tern {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Tern {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    Tern(
-        Command::new(tern())
-            .args(&a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tern"),
-    )
-}
-
 fn client(args: &[&str]) -> Run {
     run_with_timeout(&tern(), args, Duration::from_secs(20))
 }

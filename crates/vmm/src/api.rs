@@ -52,6 +52,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/vm/migrate"),
     ("PUT", "/v1/vm/migrate/send"),
     ("PUT", "/v1/vm/migrate/receive"),
+    ("GET", "/v1/vm/balloon"),
+    ("PUT", "/v1/vm/balloon"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -96,6 +98,10 @@ pub enum Action {
     MigrateCancel,
     /// Wait for a migrating VM (tern must be empty: no VM booted).
     MigrateReceive(Box<::api::migrate::ReceiveOptions>),
+    /// The balloon's size, figures and the guest's statistics.
+    BalloonInfo,
+    /// Set the balloon's target size.
+    BalloonSet(::api::balloon::BalloonRequest),
 }
 
 /// The VMM's answer.
@@ -299,6 +305,10 @@ fn router(shared: Shared) -> Router {
         )
         .route("/v1/vm/migrate/send", put(migrate_send))
         .route("/v1/vm/migrate/receive", put(migrate_receive))
+        .route(
+            "/v1/vm/balloon",
+            get(|s| ask(s, Action::BalloonInfo)).put(balloon_set),
+        )
         .fallback(|| async { reply(Reply::error(404, "no such route")) })
         .method_not_allowed_fallback(|| async {
             reply(Reply::error(405, "method not allowed on this route"))
@@ -402,6 +412,16 @@ async fn migrate_receive(
 ) -> Response {
     match body {
         Ok(Json(b)) => ask(s, Action::MigrateReceive(Box::new(b))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn balloon_set(
+    s: State<Shared>,
+    body: Result<Json<::api::balloon::BalloonRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => ask(s, Action::BalloonSet(b)).await,
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

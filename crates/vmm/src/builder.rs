@@ -289,7 +289,9 @@ fn build_rest(
         initrd,
         linux,
     } = p;
-    let virtio = crate::virtio_devices::create(config, lock_disks)?;
+    // Guest memory as its owner keeps it, and as the devices share it.
+    let ram = Arc::new(GuestRam::new(mem.clone(), vm.clone(), backing));
+    let virtio = crate::virtio_devices::create(config, lock_disks, &ram)?;
     let ctl = Arc::new(VmControl::new()?);
     let mut dm = DeviceManager::default();
     let Platform {
@@ -298,8 +300,6 @@ fn build_rest(
         vmgenid_evt,
         panic_seen,
     } = Platform::create(config, &vm, &ctl, start, &mut dm)?;
-    // Guest memory as its owner keeps it, and as the devices share it.
-    let ram = GuestRam::new(mem.clone(), vm.clone(), backing);
     let ids: Vec<(String, String)> = crate::virtio_devices::device_ids(config)
         .into_iter()
         .zip(crate::virtio_devices::device_names(config))
@@ -362,7 +362,8 @@ fn build_rest(
     dm.register(&mut components);
 
     Ok(Vm {
-        ram: Arc::new(ram),
+        ram,
+        balloon: virtio.balloon,
         ctl,
         vcpus,
         components: Arc::new(components),

@@ -3,6 +3,7 @@
 //! [`config`]). `docs/architecture.md` walks through the crates and this one's modules.
 
 pub mod api;
+pub mod balloon;
 pub mod builder;
 #[cfg(test)]
 mod component_tests;

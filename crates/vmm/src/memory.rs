@@ -325,3 +325,57 @@ impl GuestRam {
         *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = bits;
     }
 }
+
+/// Frees guest memory the guest gave back (a balloon): the way depends on what backs it, and
+/// the range reads as zeroes afterwards in every case.
+impl virtio::devices::Discard for GuestRam {
+    fn discard(&self, addr: u64, len: u64) -> std::io::Result<()> {
+        let region = self
+            .mem
+            .iter()
+            .find(|r| {
+                let start = r.start_addr().0;
+                addr >= start && addr.checked_add(len).is_some_and(|e| e <= start + r.len())
+            })
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{addr:#x}+{len:#x} is not within one RAM region"))
+            })?;
+        let host = region.as_ptr() as usize + (addr - region.start_addr().0) as usize;
+        let ptr = host as *mut libc::c_void;
+        let len = len as usize;
+        let file_mapped = self.file_mapped.load(std::sync::atomic::Ordering::SeqCst);
+        let ok = if file_mapped {
+            // A snapshot's file mapped copy-on-write: MADV_DONTNEED would bring the file's
+            // pages back, not zeroes. Fresh anonymous memory goes over the range instead.
+            // SAFETY: [ptr, ptr + len) lies in one region of guest memory, which tern keeps
+            // mapped for the VM's life; replacing its pages is what the guest asked for (it
+            // gave them up), and KVM follows the new mapping through its MMU notifier.
+            let p = unsafe {
+                libc::mmap(
+                    ptr,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            p == ptr
+        } else {
+            // Shared memory (a memfd): MADV_REMOVE frees the file's pages too. Private
+            // anonymous memory: MADV_DONTNEED.
+            let advice = if self.backing.is_some() {
+                libc::MADV_REMOVE
+            } else {
+                libc::MADV_DONTNEED
+            };
+            // SAFETY: as above; the advice only drops the range's pages.
+            unsafe { libc::madvise(ptr, len, advice) == 0 }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}

@@ -55,6 +55,8 @@ pub fn check(state: VmState, action: &Action) -> Result<(), Reply> {
             "cannot receive a migration: a VM exists already (receive into a tern started with only --api-socket)",
         )),
         Action::MigrateReceive(_) => Ok(()),
+        Action::BalloonInfo | Action::BalloonSet(_) if booted => Ok(()),
+        Action::BalloonInfo | Action::BalloonSet(_) => refuse("use the balloon"),
     }
 }
 
@@ -117,6 +119,7 @@ mod tests {
             (Box::new(|| Action::MigrateStatus), [0, 0, 0, 0]),
             (Box::new(|| Action::MigrateCancel), [409, 409, 0, 0]),
             (Box::new(receive), [0, 0, 409, 409]),
+            (Box::new(|| Action::BalloonInfo), [409, 409, 0, 0]),
         ];
         for (action, want) in rows {
             for (state, want) in [Created, Configured, Running, Paused].into_iter().zip(want) {

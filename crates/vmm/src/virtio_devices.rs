@@ -11,8 +11,8 @@ use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIR
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use net::Tap;
 use virtio::devices::{
-    Block, BlockCounters, BlockOptions, Console, ConsoleInput, Limits, Net, NetCounters,
-    NetOptions, Rng,
+    Balloon, BalloonHandle, BalloonOptions, Block, BlockCounters, BlockOptions, Console,
+    ConsoleInput, Limits, Net, NetCounters, NetOptions, Rng,
 };
 use virtio::transport::mmio::{MmioSlot, MmioTransport};
 use virtio::{VirtioDevice, VmMemory};
@@ -40,6 +40,8 @@ pub struct VirtioDevices {
     pub locks: Vec<block::ImageLock>,
     /// Each NIC's TAP and guest MAC, to announce the guest after a migration.
     pub announcers: Vec<(Arc<Tap>, [u8; 6])>,
+    /// The balloon's handle, when the VM has one.
+    pub balloon: Option<BalloonHandle>,
 }
 
 /// A device's counters, as the API reports them.
@@ -98,7 +100,11 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
 
 /// Creates the devices `config` asks for; the disks' images are locked when `lock_disks` (a VM
 /// migrating in takes its locks at the switch-over).
-pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmError> {
+pub fn create(
+    config: &VmConfig,
+    lock_disks: bool,
+    ram: &Arc<crate::memory::GuestRam>,
+) -> Result<VirtioDevices, VmmError> {
     let mut locks = Vec::new();
     let mut announcers = Vec::new();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -139,6 +145,18 @@ pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmE
         });
         devices.push(Box::new(net));
     }
+    let mut balloon = None;
+    if let Some(b) = &config.balloon {
+        let opts = BalloonOptions {
+            deflate_on_oom: b.deflate_on_oom,
+            free_page_reporting: b.free_page_reporting,
+            stats_interval: std::time::Duration::from_secs(b.stats_s.into()),
+        };
+        let dev = Balloon::new(opts, config.memory.0, ram.clone())
+            .map_err(|e| setup(format!("virtio-balloon: {e}")))?;
+        balloon = Some(dev.handle());
+        devices.push(Box::new(dev));
+    }
     if devices.len() as u64 > VIRTIO_MMIO_MAX {
         return Err(setup(format!(
             "at most {VIRTIO_MMIO_MAX} virtio devices are supported"
@@ -151,6 +169,7 @@ pub fn create(config: &VmConfig, lock_disks: bool) -> Result<VirtioDevices, VmmE
         stats,
         locks,
         announcers,
+        balloon,
     })
 }
 
@@ -199,6 +218,9 @@ pub fn device_names(config: &VmConfig) -> Vec<String> {
     for (i, n) in config.nets.iter().enumerate() {
         names.push(format!("virtio-net {i} (TAP {})", n.tap));
     }
+    if config.balloon.is_some() {
+        names.push("virtio-balloon".to_string());
+    }
     names
 }
 
@@ -214,6 +236,9 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
     }
     ids.extend((0..config.disks.len()).map(|i| format!("disk{i}")));
     ids.extend((0..config.nets.len()).map(|i| format!("net{i}")));
+    if config.balloon.is_some() {
+        ids.push("virtio-balloon".to_string());
+    }
     ids
 }
 

@@ -56,6 +56,8 @@ pub struct Vm {
     pub(crate) migration: Mutex<Option<crate::migration::Outgoing>>,
     /// The last outgoing migration's status.
     pub(crate) migration_status: Arc<Mutex<::api::migrate::MigrationStatus>>,
+    /// The memory balloon, when the VM has one.
+    pub(crate) balloon: Option<virtio::devices::BalloonHandle>,
 }
 
 impl crate::migration::receive::Arrival for Vm {
@@ -295,7 +297,11 @@ impl Vm {
         if self.migrating()
             && matches!(
                 action,
-                Action::Pause | Action::Resume | Action::Snapshot { .. } | Action::Reboot
+                Action::Pause
+                    | Action::Resume
+                    | Action::Snapshot { .. }
+                    | Action::Reboot
+                    | Action::BalloonSet(_)
             )
         {
             return Reply::error(
@@ -377,6 +383,14 @@ impl Vm {
                 let devices: Vec<_> = self.device_stats.iter().map(|d| d.counters()).collect();
                 Reply::ok(&Counters { vcpus, devices })
             }
+            Action::BalloonInfo => match &self.balloon {
+                Some(b) => Reply::ok(&crate::balloon::info(b, config)),
+                None => crate::balloon::none(),
+            },
+            Action::BalloonSet(r) => match &self.balloon {
+                Some(b) => crate::balloon::set(b, r),
+                None => crate::balloon::none(),
+            },
             _ => crate::states::not_handled(state),
         }
     }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -401,4 +401,54 @@ pub fn require_netns(test: &str) -> bool {
     }
     eprintln!("\n*** SKIPPED {test}: needs root, iproute2 and /dev/net/tun ({why}) ***\n");
     false
+}
+
+/// A `tern run` process, killed when dropped.
+pub struct Tern(pub Child);
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Tern {
+    /// Waits for it to exit; its status and standard error.
+    pub fn finish(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.0.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return (st.code(), err);
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "tern did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+/// `tern run ARGS`, its standard error piped.
+pub fn spawn(args: &[&str]) -> Tern {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    Tern(
+        Command::new(tern())
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tern"),
+    )
 }

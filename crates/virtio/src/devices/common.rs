@@ -225,6 +225,12 @@ impl Ctx {
         Ok(Request { head, bufs })
     }
 
+    /// Marks guest memory the device changed other than by writing a buffer (which
+    /// validation marks) in the VM's dirty log.
+    pub fn mark_dirty(&self, addr: u64, len: u64) {
+        self.space.dirty().mark(addr, len);
+    }
+
     /// Returns chain `head` to the driver with `len` bytes written.
     pub fn add_used(
         &self,

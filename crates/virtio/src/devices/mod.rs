@@ -10,12 +10,14 @@
 //! Each device processes at most a queue's worth of chains per wakeup, so a guest refilling a
 //! queue as fast as it is served cannot starve a reset.
 
+pub mod balloon;
 pub mod block;
 mod common;
 pub mod console;
 pub mod net;
 pub mod rng;
 
+pub use balloon::{Balloon, BalloonHandle, BalloonOptions, BalloonStatus, Discard};
 pub use block::{Block, BlockCounters, BlockOptions};
 pub use console::{Console, ConsoleInput, ConsoleOutput};
 pub use net::{Limits, Net, NetCounters, NetOptions};

@@ -21,6 +21,7 @@ mod hello;
 mod mem;
 mod smp;
 mod timer;
+mod vballoon;
 mod vblk;
 mod vblkbench;
 mod vblkcopy;
@@ -58,6 +59,7 @@ pub static SCENARIOS: &[Scenario] = &[
     vnethostile::SCENARIO,
     vnetbench::SCENARIO,
     count::SCENARIO,
+    vballoon::SCENARIO,
 ];
 
 pub struct Ctx<'a> {

@@ -10,7 +10,7 @@
 use core::fmt;
 
 use super::clock;
-use super::io::{mmio_read16, mmio_read32, mmio_read8, pause};
+use super::io::{mmio_read16, mmio_read32, mmio_read8, mmio_write32, pause};
 use super::pci::Bdf;
 use super::phys::PhysAlloc;
 
@@ -261,6 +261,14 @@ impl Device {
         let a = self.config_addr(off, 4)?;
         // SAFETY: as for `config8`.
         Ok(unsafe { mmio_read32(a) })
+    }
+
+    /// Writes a 32-bit field (aligned) of the device-specific configuration.
+    pub fn set_config32(&self, off: u64, value: u32) -> Result<(), &'static str> {
+        let a = self.config_addr(off, 4)?;
+        // SAFETY: `a` lies in the device's mapped configuration space.
+        unsafe { mmio_write32(a, value) };
+        Ok(())
     }
 
     /// 64-bit field of the device-specific configuration: two 32-bit reads,

@@ -1,0 +1,274 @@
+//! The memory balloon on the host's `/dev/kvm`, driven by the probe's own virtio-balloon
+//! driver (`probe.run=vballoon`): inflating gives the guest's pages back to the host (tern's
+//! resident memory drops), deflating gives them to the guest again as zeroes, free page
+//! reports free memory too, statistics arrive, and the balloon's size survives a snapshot and
+//! a restore, after which freeing lazily restored memory still gives zeroes. Private and
+//! shared guest memory, PCI and MMIO.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use api::client::Client;
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// tern's resident memory, in bytes.
+fn rss(t: &Tern) -> u64 {
+    let kb = status_field(&format!("/proc/{}/status", t.0.id()), "VmRSS")
+        .and_then(|v| v.trim_end_matches(" kB").parse::<u64>().ok())
+        .expect("VmRSS");
+    kb << 10
+}
+
+/// The probe's `vballoon` lines so far.
+fn said(serial: &Path) -> Vec<String> {
+    lines_after(serial, "probe: vballoon ")
+}
+
+fn wait_said(serial: &Path, what: &str, secs: u64) {
+    wait_until(what, Duration::from_secs(secs), || {
+        said(serial)
+            .iter()
+            .any(|l| l == what || l.starts_with(&format!("{what} ")))
+    });
+}
+
+fn balloon(c: &Client) -> serde_json::Value {
+    c.get("/v1/vm/balloon").unwrap()
+}
+
+fn set(c: &Client, size: &str) -> (u16, String) {
+    c.call(
+        "PUT",
+        "/v1/vm/balloon",
+        Some(&format!(r#"{{"size":"{size}"}}"#)),
+    )
+    .unwrap()
+}
+
+/// A 256 MiB guest filling 128 MiB, with `extra` flags; its API client and serial file.
+fn guest(dir: &Scratch, extra: &[&str], report: bool) -> (Tern, Client, std::path::PathBuf) {
+    let (sock, serial) = (dir.path("api.sock"), dir.path("serial.log"));
+    let kernel = probe();
+    let backend = format!("file:{}", s(&serial));
+    let mut cmdline =
+        "probe.run=vballoon probe.balloon_fill_mb=128 probe.balloon_ms=60000".to_string();
+    if report {
+        cmdline.push_str(" probe.balloon_report_mb=32 probe.balloon_report_ms=1500");
+    }
+    let mut args = vec![
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "256M",
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(&sock),
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    let t = spawn(&args);
+    wait_said(&serial, "ready", 20);
+    (t, Client::new(&sock), serial)
+}
+
+/// Inflate to 96 MiB, (report 32 MiB free,) deflate to 0: tern's resident memory follows.
+fn takes_memory_back_and_gives_it_again(name: &str, extra: &[&str]) {
+    let dir = Scratch::new(name);
+    let mut args = vec!["--balloon", "free_page_reporting=on,stats_s=1"];
+    args.extend_from_slice(extra);
+    let (t, c, serial) = guest(&dir, &args, true);
+    let full = rss(&t);
+    assert!(
+        full > 128 * MIB,
+        "the guest's 128 MiB are not resident: {full}"
+    );
+    let (st, b) = set(&c, "96M");
+    assert_eq!(st, 204, "{b}");
+    wait_said(&serial, "held=24576 zero=ok", 20);
+    wait_until("the balloon's actual size", Duration::from_secs(5), || {
+        balloon(&c)["actual_bytes"] == 96 * MIB
+    });
+    let ballooned = rss(&t);
+    assert!(
+        ballooned + 80 * MIB < full,
+        "inflating 96 MiB took tern's RSS from {} to {} MiB only",
+        full / MIB,
+        ballooned / MIB
+    );
+    // Free page reporting: 32 MiB more.
+    wait_said(&serial, "reported_mb=32 zero=ok", 20);
+    wait_until("the report", Duration::from_secs(5), || {
+        balloon(&c)["reported_bytes"] == 32 * MIB
+    });
+    let reported = rss(&t);
+    assert!(
+        reported + 24 * MIB < ballooned,
+        "reporting 32 MiB free took tern's RSS from {} to {} MiB only",
+        ballooned / MIB,
+        reported / MIB
+    );
+    // Statistics: what the probe sends, refreshed every second.
+    let b = balloon(&c);
+    assert_eq!(b["driver"]["stats"], true, "{b}");
+    assert_eq!(b["driver"]["free_page_reporting"], true, "{b}");
+    assert_eq!(b["stats"]["values"]["total_memory"], 0x1234_5000u64, "{b}");
+    let sent = |b: &serde_json::Value| b["stats"]["values"]["minor_faults"].as_u64().unwrap();
+    let first = sent(&b);
+    wait_until("fresh statistics", Duration::from_secs(5), || {
+        sent(&balloon(&c)) > first
+    });
+    // Bad requests change nothing.
+    let (st, e) = set(&c, "1G");
+    assert_eq!(st, 400);
+    assert!(
+        e.contains("larger than the guest's memory (256 MiB)"),
+        "{e}"
+    );
+    let (st, e) = c
+        .call("PUT", "/v1/vm/balloon", Some(r#"{"size":"lots"}"#))
+        .unwrap();
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(balloon(&c)["target_bytes"], 96 * MIB);
+    // All back: the guest finds zeroes and fills them again.
+    let (st, b) = set(&c, "0");
+    assert_eq!(st, 204, "{b}");
+    wait_said(&serial, "held=0 zero=ok", 20);
+    wait_until("the guest's memory back", Duration::from_secs(10), || {
+        rss(&t) > reported + 80 * MIB
+    });
+    let b = balloon(&c);
+    assert_eq!(b["deflated_bytes"], 96 * MIB, "{b}");
+    assert_eq!(b["invalid_pages"], 0, "{b}");
+}
+
+#[test]
+fn a_balloon_takes_private_memory_back_and_gives_it_again_over_pci() {
+    if !require_kvm("a_balloon_takes_private_memory_back_and_gives_it_again_over_pci") {
+        return;
+    }
+    takes_memory_back_and_gives_it_again("balloon-private", &[]);
+}
+
+#[test]
+fn a_balloon_takes_shared_memory_back_and_gives_it_again_over_mmio() {
+    if !require_kvm("a_balloon_takes_shared_memory_back_and_gives_it_again_over_mmio") {
+        return;
+    }
+    takes_memory_back_and_gives_it_again(
+        "balloon-shared",
+        &["--memory-shared", "--transport", "mmio"],
+    );
+}
+
+/// A ballooned VM snapshotted and restored (lazily: its memory is the snapshot file, mapped
+/// copy-on-write) keeps its balloon; inflating further frees that mapping's pages, and what
+/// the guest takes back reads as zeroes, not the file's contents.
+#[test]
+fn a_ballooned_vm_keeps_its_balloon_across_a_snapshot_and_frees_restored_memory() {
+    if !require_kvm("a_ballooned_vm_keeps_its_balloon_across_a_snapshot_and_frees_restored_memory")
+    {
+        return;
+    }
+    let dir = Scratch::new("balloon-snap");
+    let (t, c, serial) = guest(&dir, &["--balloon", ""], false);
+    assert_eq!(set(&c, "64M").0, 204);
+    wait_said(&serial, "held=16384 zero=ok", 20);
+    wait_until("the balloon's actual size", Duration::from_secs(5), || {
+        balloon(&c)["actual_bytes"] == 64 * MIB
+    });
+    assert_eq!(c.call("PUT", "/v1/vm/pause", None).unwrap().0, 204);
+    let snap = dir.path("snap");
+    let body = format!(r#"{{"dir":"{}"}}"#, s(&snap));
+    let (st, b) = c.call("PUT", "/v1/vm/snapshot", Some(&body)).unwrap();
+    assert_eq!(st, 204, "{b}");
+    drop(t);
+
+    let (sock, serial2) = (dir.path("api2.sock"), dir.path("serial2.log"));
+    let backend = format!("file:{}", s(&serial2));
+    let _r = spawn(&[
+        "--restore",
+        s(&snap),
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(&sock),
+    ]);
+    wait_until("the restored API", Duration::from_secs(20), || {
+        sock.exists()
+    });
+    let c = Client::new(&sock);
+    wait_until("the restored VM", Duration::from_secs(20), || {
+        c.info().is_ok_and(|i| i.state.as_str() == "running")
+    });
+    let b = balloon(&c);
+    assert_eq!(
+        (b["target_bytes"].as_u64(), b["actual_bytes"].as_u64()),
+        (Some(64 * MIB), Some(64 * MIB)),
+        "{b}"
+    );
+    assert_eq!(
+        c.info().unwrap().config.unwrap().balloon,
+        Some(Default::default())
+    );
+    // Further, from the file-mapped memory, then all back: zeroes each time.
+    assert_eq!(set(&c, "96M").0, 204);
+    wait_said(&serial2, "held=24576 zero=ok", 20);
+    assert_eq!(set(&c, "0").0, 204);
+    wait_said(&serial2, "held=0 zero=ok", 20);
+    assert!(!said(&serial2).iter().any(|l| l.contains("zero=bad")));
+}
+
+/// A VM without a balloon says so; before boot the balloon is not there to use.
+#[test]
+fn balloon_requests_without_a_balloon_are_refused_by_name() {
+    if !require_kvm("balloon_requests_without_a_balloon_are_refused_by_name") {
+        return;
+    }
+    let dir = Scratch::new("balloon-none");
+    let sock = dir.path("api.sock");
+    let kernel = probe();
+    let _t = spawn(&[
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64M",
+        "--serial",
+        "none",
+        "--api-socket",
+        s(&sock),
+        "--cmdline",
+        "probe.run=count probe.count_ms=20000",
+    ]);
+    wait_until("the API", Duration::from_secs(20), || sock.exists());
+    let c = Client::new(&sock);
+    let (st, e) = c.call("GET", "/v1/vm/balloon", None).unwrap();
+    assert_eq!(st, 400);
+    assert!(
+        e.contains("the VM has no balloon (start it with --balloon"),
+        "{e}"
+    );
+    let r = run_with_timeout(
+        &tern(),
+        &["balloon", "--api-socket", s(&sock), "--size", "8M"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("the VM has no balloon"), "{}", r.stderr);
+    // A bad --balloon setting is one line naming it.
+    let r = tern_run(
+        &["--kernel", s(&kernel), "--balloon", "stats_s=often"],
+        Duration::from_secs(10),
+    );
+    assert_ne!(r.code, Some(0));
+    assert!(
+        r.stderr.contains("invalid balloon stats_s 'often'"),
+        "{}",
+        r.stderr
+    );
+}
