@@ -441,6 +441,21 @@ const MIGRATE_NET_CHECKS: &[&str] = &[
     "done",
 ];
 
+/// Every check `xtask/l1/scenarios/balloon.sh` reports for the balloon scenario.
+const BALLOON_CHECKS: &[&str] = &[
+    "ready",
+    "size",
+    "memtotal",
+    "rss",
+    "stats",
+    "deflate",
+    "inflate-exit",
+    "filled",
+    "report",
+    "reported",
+    "report-exit",
+];
+
 /// The virtio-blk scenarios (`xtask/l1/scenarios/blk.sh` cases) for one VMM. The guest has PCI
 /// (virtio-blk on tern's default virtio-pci transport; QEMU: microvm with PCIe).
 fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
@@ -930,6 +945,36 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // The memory balloon under the Debian kernel's own virtio_balloon driver: L1 sets a
+        // 256 MiB balloon on a 1 GiB guest whose free memory is resident (MemTotal must drop
+        // by exactly that, tern's RSS by 200 MiB or more), reads the guest's statistics and
+        // empties it again; then a second guest with free page reporting frees 300 MiB it
+        // wrote and removed, and tern's RSS must drop by 200 MiB within 5 s
+        // (`xtask/l1/scenarios/balloon.sh`).
+        Scenario {
+            name: "tern-balloon",
+            groups: &["core", "resources"],
+            base_cmdline: PCI_CMDLINE,
+            memory_mib: 1024,
+            action: "script:balloon",
+            l1_script: Some(&["balloon.sh", "balloon"]),
+            // Two boots, each given 150 s to reach its part and 120 s to power off after.
+            timeout_secs: 600,
+            expect: {
+                let mut require: Vec<String> = BALLOON_CHECKS
+                    .iter()
+                    .map(|c| format!("TERN-BALLOON-PASS balloon/{c}:"))
+                    .collect();
+                require.push("TERN-BALLOON-OK balloon".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-BALLOON-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",
@@ -1289,6 +1334,40 @@ mod tests {
             "TERN-SNAPNET-DONE",
         ] {
             assert!(guest.contains(line) && script.contains(line), "{line}");
+        }
+    }
+
+    #[test]
+    fn balloon_scenario_requires_every_check_its_script_reports() {
+        let all = all();
+        let s = all.iter().find(|s| s.name == "tern-balloon").unwrap();
+        assert!(s.in_group("core") && s.memory_mib == 1024);
+        let script = include_str!("../l1/scenarios/balloon.sh");
+        for check in BALLOON_CHECKS {
+            let reported = match check.strip_suffix("-exit") {
+                Some(part) => script.contains(&format!("finish {part} ")),
+                None => script.contains(&format!("pass {check} ")),
+            };
+            assert!(reported, "balloon.sh never reports {check}");
+            assert!(s
+                .expect
+                .require
+                .contains(&format!("TERN-BALLOON-PASS balloon/{check}:")));
+        }
+        for line in script.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix("pass ") {
+                let check = rest.split(' ').next().unwrap();
+                assert!(
+                    check.starts_with('"') || BALLOON_CHECKS.contains(&check),
+                    "balloon.sh reports {check}, which the scenario does not require"
+                );
+            }
+        }
+        let guest = include_str!("../guest/scenarios/balloon.sh");
+        for part in ["rig.balloon=inflate", "rig.balloon=report"] {
+            let name = part.trim_start_matches("rig.balloon=");
+            assert!(script.contains(&format!("boot {name} ")), "{part}");
+            assert!(guest.contains(&format!("    {name})")), "{part}");
         }
     }
 

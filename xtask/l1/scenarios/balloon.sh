@@ -1,0 +1,179 @@
+#!/bin/sh
+# L1 side of the balloon scenario (xtask/src/scenarios.rs, "tern-balloon"). Started by the rig
+# agent as
+#
+#     sh /rig/l1/balloon.sh CASE -- TERN-ARGV...
+#
+# Boots TERN-ARGV (1 GiB; its guest runs guest/scenarios/balloon.sh) twice, with --api-socket:
+# 1. `--balloon stats_s=1`, rig.balloon=inflate: once the guest made its free memory resident
+#    on the host and said READY, `tern balloon --size 256M`; the guest's MemTotal must drop by
+#    exactly 256 MiB and tern's RSS (VmRSS, read here) by at least 200 MiB; `tern balloon
+#    --stats` must show the guest's statistics; `tern balloon --size 0` gives it all back
+#    (MemTotal returns). Also the balloon's inflate rate as L1 sees it (request to INFLATED).
+# 2. `--balloon free_page_reporting=on`, rig.balloon=report: the guest writes 300 MiB to a
+#    tmpfs and removes it; without any balloon size set, tern's RSS must drop by at least
+#    200 MiB within 5 s of the removal.
+# Both guests power off and tern exits 0.
+#
+# Output: "TERN-BALLOON-PASS CASE/CHECK: what" per passed check, "TERN-BALLOON-FAIL
+# CASE/CHECK: why" per failed one, the VMs' output, and "TERN-BALLOON-OK CASE" when every check
+# passed.
+
+set -u
+export PATH=/usr/bin:/bin:/usr/sbin:/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+
+TAG=TERN-BALLOON
+case_=${1:?usage: balloon.sh CASE -- TERN-ARGV...}
+shift
+[ "${1:-}" = "--" ] && shift
+[ $# -gt 0 ] || { echo "$TAG-FAIL $case_/args: no tern command line"; exit 1; }
+tern=$1
+W=/tmp/balloon-$case_
+SOCK=$W/api.sock
+mkdir -p "$W"
+
+failed=0
+pass() { echo "$TAG-PASS $case_/$1: $2"; }
+fail() { failed=1; echo "$TAG-FAIL $case_/$1: $2"; }
+# Milliseconds of L1's uptime.
+now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null; }
+# wait_for FILE PATTERN SECONDS
+wait_for() {
+    n=0
+    while ! grep -q -E "$2" "$1" 2>/dev/null; do
+        n=$((n + 1))
+        [ $n -gt $(($3 * 5)) ] && return 1
+        sleep 0.2
+    done
+}
+# boot PART BALLOON-OPTS OUT: tern with the argv, rig.balloon=PART on its command line.
+boot() {
+    part=$1 opts=$2 out=$3
+    shift 3
+    set_next=
+    for a in "$@"; do
+        [ "$set_next" = --cmdline ] && a="$a rig.balloon=$part"
+        set -- "$@" "$a"
+        set_next=$a
+    done
+    shift $(($# / 2))
+    rm -f "$SOCK"
+    echo "$TAG-RUN $case_/$part: $* --balloon $opts --api-socket $SOCK"
+    "$@" --balloon "$opts" --api-socket "$SOCK" > "$out" 2>&1 &
+    pid=$!
+}
+# finish PART OUT: tern must exit 0 after its guest powered off.
+finish() {
+    n=0
+    while kill -0 "$pid" 2>/dev/null; do
+        n=$((n + 1))
+        if [ $n -gt 600 ]; then
+            fail "$1-exit" "tern still running 120 s after the guest's part"
+            kill -9 "$pid"
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$pid"
+    rc=$?
+    cat "$2"
+    if [ "$rc" = 0 ]; then
+        pass "$1-exit" "the guest powered off and tern exited 0"
+    else
+        fail "$1-exit" "tern exited with status $rc"
+    fi
+}
+
+# 1. Inflate and deflate.
+OUT1=$W/inflate.out
+boot inflate stats_s=1 "$OUT1" "$@"
+if wait_for "$OUT1" TERN-GUEST-BALLOON-READY 150; then
+    t0=$(sed -n 's/.*TERN-GUEST-BALLOON-READY memtotal_kb=\([0-9]*\).*/\1/p' "$OUT1")
+    sleep 1
+    r0=$(rss_kb "$pid")
+    pass ready "the guest's free memory is resident: tern's RSS ${r0} kB, guest MemTotal ${t0} kB"
+    start=$(now_ms)
+    if out=$("$tern" balloon --api-socket "$SOCK" --size 256M 2>&1); then
+        pass size "tern balloon --size 256M: $out"
+    else
+        fail size "tern balloon --size 256M said: $(echo "$out" | tr '\n' '|')"
+    fi
+    if wait_for "$OUT1" TERN-GUEST-BALLOON-INFLATED 150; then
+        ms=$(($(now_ms) - start))
+        t1=$(sed -n 's/.*TERN-GUEST-BALLOON-INFLATED memtotal_kb=\([0-9]*\).*/\1/p' "$OUT1")
+        if [ $((t0 - t1)) = 262144 ]; then
+            pass memtotal "the guest's MemTotal dropped by exactly 256 MiB ($t0 -> $t1 kB) in $ms ms (L1's clock: $((256 * 1000 / (ms + 1))) MiB/s)"
+        else
+            fail memtotal "the guest's MemTotal went from $t0 to $t1 kB, not 262144 kB less"
+        fi
+        sleep 1
+        r1=$(rss_kb "$pid")
+        if [ $((r0 - r1)) -ge 204800 ]; then
+            pass rss "tern's RSS dropped by $(((r0 - r1) / 1024)) MiB ($r0 -> $r1 kB)"
+        else
+            fail rss "tern's RSS dropped by $(((r0 - r1) / 1024)) MiB only ($r0 -> $r1 kB)"
+        fi
+    else
+        fail memtotal "the guest did not see its MemTotal drop within 150 s"
+    fi
+    if out=$("$tern" balloon --api-socket "$SOCK" --stats 2>&1) \
+        && echo "$out" | grep -q '^balloon: 256 MiB of 256 MiB target' \
+        && echo "$out" | grep -q 'total_memory: ' && echo "$out" | grep -q 'available_memory: '; then
+        pass stats "tern balloon --stats: $(echo "$out" | tr '\n' '|')"
+    else
+        fail stats "tern balloon --stats said: $(echo "$out" | tr '\n' '|')"
+    fi
+    "$tern" balloon --api-socket "$SOCK" --size 0 > /dev/null 2>&1
+    if wait_for "$OUT1" TERN-GUEST-BALLOON-DEFLATED 150; then
+        pass deflate "tern balloon --size 0: the guest's MemTotal came back"
+    else
+        fail deflate "the guest's MemTotal did not come back within 150 s"
+    fi
+else
+    fail ready "the guest did not say READY within 150 s"
+    kill -9 "$pid" 2>/dev/null
+fi
+finish inflate "$OUT1"
+
+# 2. Free page reporting.
+OUT2=$W/report.out
+boot report free_page_reporting=on "$OUT2" "$@"
+if wait_for "$OUT2" TERN-GUEST-BALLOON-FILLED 150; then
+    sleep 2
+    r0=$(rss_kb "$pid")
+    pass filled "the guest wrote 300 MiB to a tmpfs: tern's RSS ${r0} kB"
+    if wait_for "$OUT2" TERN-GUEST-BALLOON-FREED 30; then
+        start=$(now_ms)
+        best=$r0
+        while [ $(($(now_ms) - start)) -lt 5000 ]; do
+            r=$(rss_kb "$pid")
+            [ "${r:-$best}" -lt "$best" ] && best=$r
+            [ $((r0 - best)) -ge 204800 ] && break
+            sleep 0.2
+        done
+        ms=$(($(now_ms) - start))
+        if [ $((r0 - best)) -ge 204800 ]; then
+            pass report "tern's RSS dropped by $(((r0 - best) / 1024)) MiB $ms ms after the guest removed the file"
+        else
+            fail report "tern's RSS dropped by $(((r0 - best) / 1024)) MiB only within 5 s of the removal"
+        fi
+        out=$("$tern" balloon --api-socket "$SOCK" 2>&1)
+        echo "$out" | grep -q 'reported free' && pass reported "tern balloon: $(echo "$out" | tr '\n' '|')" \
+            || fail reported "tern balloon said: $(echo "$out" | tr '\n' '|')"
+    else
+        fail report "the guest did not say FREED"
+    fi
+else
+    fail filled "the guest did not say FILLED within 150 s"
+    kill -9 "$pid" 2>/dev/null
+fi
+finish report "$OUT2"
+
+if [ "$failed" = 0 ]; then
+    echo "$TAG-OK $case_"
+    exit 0
+fi
+echo "$TAG-FAILED $case_"
+exit 1
