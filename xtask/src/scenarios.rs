@@ -975,6 +975,34 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // The same under QEMU (virtio-balloon-pci, its monitor's `balloon` command), for the
+        // inflate rate and RSS returned side by side: `cargo xtask rig --group resources`.
+        Scenario {
+            name: "qemu-balloon",
+            groups: &["resources"],
+            vmm: Vmm::Qemu,
+            qemu_machine: "microvm,pcie=on",
+            base_cmdline: PCI_CMDLINE,
+            memory_mib: 1024,
+            action: "script:balloon",
+            l1_script: Some(&["balloon.sh", "qemu"]),
+            timeout_secs: 600,
+            expect: {
+                let mut require: Vec<String> = BALLOON_CHECKS
+                    .iter()
+                    .filter(|c| !["stats", "reported"].contains(c))
+                    .map(|c| format!("TERN-BALLOON-PASS qemu/{c}:"))
+                    .collect();
+                require.push("TERN-BALLOON-OK qemu".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-BALLOON-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",

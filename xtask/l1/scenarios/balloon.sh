@@ -15,6 +15,10 @@
 #    200 MiB within 5 s of the removal.
 # Both guests power off and tern exits 0.
 #
+# CASE qemu: the same with QEMU as the VMM (TERN-ARGV is QEMU's argv): a virtio-balloon-pci
+# device, driven through QEMU's human monitor on a pipe (`balloon 768` for a 256 MiB balloon);
+# no statistics checks. The two cases in one rig run compare inflate rates and RSS returned.
+#
 # Output: "TERN-BALLOON-PASS CASE/CHECK: what" per passed check, "TERN-BALLOON-FAIL
 # CASE/CHECK: why" per failed one, the VMs' output, and "TERN-BALLOON-OK CASE" when every check
 # passed.
@@ -48,21 +52,40 @@ wait_for() {
         sleep 0.2
     done
 }
-# boot PART BALLOON-OPTS OUT: tern with the argv, rig.balloon=PART on its command line.
+# boot PART BALLOON-OPTS OUT: the VMM with the argv, rig.balloon=PART on its command line, a
+# balloon with BALLOON-OPTS (tern's --balloon, or QEMU's device properties) and its control
+# (tern's API socket, or QEMU's monitor on the pipe $W/mon.in / $W/mon.out).
 boot() {
     part=$1 opts=$2 out=$3
     shift 3
     set_next=
     for a in "$@"; do
-        [ "$set_next" = --cmdline ] && a="$a rig.balloon=$part"
+        case "$set_next" in --cmdline | -append) a="$a rig.balloon=$part" ;; esac
         set -- "$@" "$a"
         set_next=$a
     done
     shift $(($# / 2))
-    rm -f "$SOCK"
-    echo "$TAG-RUN $case_/$part: $* --balloon $opts --api-socket $SOCK"
-    "$@" --balloon "$opts" --api-socket "$SOCK" > "$out" 2>&1 &
+    rm -f "$SOCK" "$W/mon.in" "$W/mon.out"
+    if [ "$case_" = qemu ]; then
+        mkfifo "$W/mon.in" "$W/mon.out"
+        set -- "$@" -device "virtio-balloon-pci$opts" -chardev "pipe,id=mon,path=$W/mon" \
+            -mon chardev=mon,mode=readline
+    else
+        set -- "$@" --balloon "$opts" --api-socket "$SOCK"
+    fi
+    echo "$TAG-RUN $case_/$part: $*"
+    "$@" > "$out" 2>&1 &
     pid=$!
+    # QEMU's monitor output must be read, or QEMU blocks writing it.
+    [ "$case_" = qemu ] && cat "$W/mon.out" > "$W/mon-$part.log" &
+}
+# size MiB: set the balloon to MiB (tern balloon --size; QEMU: guest memory 1024 - MiB).
+size() {
+    if [ "$case_" = qemu ]; then
+        echo "balloon $((1024 - $1))" > "$W/mon.in" && echo "balloon $((1024 - $1)) sent to QEMU's monitor"
+    else
+        "$tern" balloon --api-socket "$SOCK" --size "$1M" 2>&1
+    fi
 }
 # finish PART OUT: tern must exit 0 after its guest powered off.
 finish() {
@@ -70,7 +93,7 @@ finish() {
     while kill -0 "$pid" 2>/dev/null; do
         n=$((n + 1))
         if [ $n -gt 600 ]; then
-            fail "$1-exit" "tern still running 120 s after the guest's part"
+            fail "$1-exit" "the VMM still running 120 s after the guest's part"
             kill -9 "$pid"
             break
         fi
@@ -80,25 +103,26 @@ finish() {
     rc=$?
     cat "$2"
     if [ "$rc" = 0 ]; then
-        pass "$1-exit" "the guest powered off and tern exited 0"
+        pass "$1-exit" "the guest powered off and the VMM exited 0"
     else
-        fail "$1-exit" "tern exited with status $rc"
+        fail "$1-exit" "the VMM exited with status $rc"
     fi
 }
 
 # 1. Inflate and deflate.
 OUT1=$W/inflate.out
-boot inflate stats_s=1 "$OUT1" "$@"
+if [ "$case_" = qemu ]; then o1= o2=,free-page-reporting=on; else o1=stats_s=1 o2=free_page_reporting=on; fi
+boot inflate "$o1" "$OUT1" "$@"
 if wait_for "$OUT1" TERN-GUEST-BALLOON-READY 150; then
     t0=$(sed -n 's/.*TERN-GUEST-BALLOON-READY memtotal_kb=\([0-9]*\).*/\1/p' "$OUT1")
     sleep 1
     r0=$(rss_kb "$pid")
-    pass ready "the guest's free memory is resident: tern's RSS ${r0} kB, guest MemTotal ${t0} kB"
+    pass ready "the guest's free memory is resident: the VMM's RSS ${r0} kB, guest MemTotal ${t0} kB"
     start=$(now_ms)
-    if out=$("$tern" balloon --api-socket "$SOCK" --size 256M 2>&1); then
-        pass size "tern balloon --size 256M: $out"
+    if out=$(size 256); then
+        pass size "a 256 MiB balloon: $out"
     else
-        fail size "tern balloon --size 256M said: $(echo "$out" | tr '\n' '|')"
+        fail size "a 256 MiB balloon: $(echo "$out" | tr '\n' '|')"
     fi
     if wait_for "$OUT1" TERN-GUEST-BALLOON-INFLATED 150; then
         ms=$(($(now_ms) - start))
@@ -111,23 +135,25 @@ if wait_for "$OUT1" TERN-GUEST-BALLOON-READY 150; then
         sleep 1
         r1=$(rss_kb "$pid")
         if [ $((r0 - r1)) -ge 204800 ]; then
-            pass rss "tern's RSS dropped by $(((r0 - r1) / 1024)) MiB ($r0 -> $r1 kB)"
+            pass rss "the VMM's RSS dropped by $(((r0 - r1) / 1024)) MiB ($r0 -> $r1 kB)"
         else
-            fail rss "tern's RSS dropped by $(((r0 - r1) / 1024)) MiB only ($r0 -> $r1 kB)"
+            fail rss "the VMM's RSS dropped by $(((r0 - r1) / 1024)) MiB only ($r0 -> $r1 kB)"
         fi
     else
         fail memtotal "the guest did not see its MemTotal drop within 150 s"
     fi
-    if out=$("$tern" balloon --api-socket "$SOCK" --stats 2>&1) \
+    if [ "$case_" = qemu ]; then
+        :
+    elif out=$("$tern" balloon --api-socket "$SOCK" --stats 2>&1) \
         && echo "$out" | grep -q '^balloon: 256 MiB of 256 MiB target' \
         && echo "$out" | grep -q 'total_memory: ' && echo "$out" | grep -q 'available_memory: '; then
         pass stats "tern balloon --stats: $(echo "$out" | tr '\n' '|')"
     else
         fail stats "tern balloon --stats said: $(echo "$out" | tr '\n' '|')"
     fi
-    "$tern" balloon --api-socket "$SOCK" --size 0 > /dev/null 2>&1
+    size 0 > /dev/null
     if wait_for "$OUT1" TERN-GUEST-BALLOON-DEFLATED 150; then
-        pass deflate "tern balloon --size 0: the guest's MemTotal came back"
+        pass deflate "an empty balloon: the guest's MemTotal came back"
     else
         fail deflate "the guest's MemTotal did not come back within 150 s"
     fi
@@ -139,11 +165,11 @@ finish inflate "$OUT1"
 
 # 2. Free page reporting.
 OUT2=$W/report.out
-boot report free_page_reporting=on "$OUT2" "$@"
+boot report "$o2" "$OUT2" "$@"
 if wait_for "$OUT2" TERN-GUEST-BALLOON-FILLED 150; then
     sleep 2
     r0=$(rss_kb "$pid")
-    pass filled "the guest wrote 300 MiB to a tmpfs: tern's RSS ${r0} kB"
+    pass filled "the guest wrote 300 MiB to a tmpfs: the VMM's RSS ${r0} kB"
     if wait_for "$OUT2" TERN-GUEST-BALLOON-FREED 30; then
         start=$(now_ms)
         best=$r0
@@ -155,13 +181,15 @@ if wait_for "$OUT2" TERN-GUEST-BALLOON-FILLED 150; then
         done
         ms=$(($(now_ms) - start))
         if [ $((r0 - best)) -ge 204800 ]; then
-            pass report "tern's RSS dropped by $(((r0 - best) / 1024)) MiB $ms ms after the guest removed the file"
+            pass report "the VMM's RSS dropped by $(((r0 - best) / 1024)) MiB $ms ms after the guest removed the file"
         else
-            fail report "tern's RSS dropped by $(((r0 - best) / 1024)) MiB only within 5 s of the removal"
+            fail report "the VMM's RSS dropped by $(((r0 - best) / 1024)) MiB only within 5 s of the removal"
         fi
-        out=$("$tern" balloon --api-socket "$SOCK" 2>&1)
-        echo "$out" | grep -q 'reported free' && pass reported "tern balloon: $(echo "$out" | tr '\n' '|')" \
-            || fail reported "tern balloon said: $(echo "$out" | tr '\n' '|')"
+        if [ "$case_" != qemu ]; then
+            out=$("$tern" balloon --api-socket "$SOCK" 2>&1)
+            echo "$out" | grep -q 'reported free' && pass reported "tern balloon: $(echo "$out" | tr '\n' '|')" \
+                || fail reported "tern balloon said: $(echo "$out" | tr '\n' '|')"
+        fi
     else
         fail report "the guest did not say FREED"
     fi
