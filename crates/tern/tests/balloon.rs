@@ -272,3 +272,95 @@ fn balloon_requests_without_a_balloon_are_refused_by_name() {
         r.stderr
     );
 }
+
+/// A ballooned VM migrates with its balloon: the destination knows its size, the guest goes on
+/// taking pages back there (as zeroes), and setting the size while the migration runs is a
+/// 409 (the migration is cancelled and done again at full speed).
+#[test]
+fn a_ballooned_vm_migrates_with_its_balloon() {
+    if !require_kvm("a_ballooned_vm_migrates_with_its_balloon") {
+        return;
+    }
+    let dir = Scratch::new("balloon-mig");
+    let (t, c, serial) = guest(&dir, &["--balloon", ""], false);
+    assert_eq!(set(&c, "64M").0, 204);
+    wait_said(&serial, "held=16384 zero=ok", 20);
+    wait_until("the balloon's actual size", Duration::from_secs(5), || {
+        balloon(&c)["actual_bytes"] == 64 * MIB
+    });
+    let m = dir.path("m.sock");
+    let url = format!("unix:{}", s(&m));
+    let (dsock, serial2) = (dir.path("dst.sock"), dir.path("serial2.log"));
+    let backend = format!("file:{}", s(&serial2));
+    let kernel = probe();
+    let dst = spawn(&[
+        "--incoming",
+        &url,
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(&dsock),
+        "--accept-dir",
+        s(kernel.parent().unwrap()),
+        "--accept-dir",
+        s(&dir.0),
+    ]);
+    wait_until("the migration socket", Duration::from_secs(10), || {
+        m.exists()
+    });
+    // Slowly first: the balloon cannot change meanwhile.
+    let slow = format!(r#"{{"url":"{url}","max_bandwidth":4194304}}"#);
+    let (st, b) = c.call("PUT", "/v1/vm/migrate/send", Some(&slow)).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let (st, b) = set(&c, "32M");
+    assert_eq!(st, 409, "{b}");
+    assert!(b.contains("a migration is in progress"), "{b}");
+    assert_eq!(c.call("DELETE", "/v1/vm/migrate", None).unwrap().0, 202);
+    let mut dst = dst;
+    let (code, _) = {
+        wait_until("the cancel", Duration::from_secs(10), || !dst.running());
+        dst.finish(Duration::from_secs(5))
+    };
+    assert_eq!(code, Some(1));
+    // Again, at full speed, to a new destination.
+    let _ = std::fs::remove_file(&m);
+    let dst = spawn(&[
+        "--incoming",
+        &url,
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(&dsock),
+        "--accept-dir",
+        s(kernel.parent().unwrap()),
+        "--accept-dir",
+        s(&dir.0),
+    ]);
+    wait_until("the migration socket", Duration::from_secs(10), || {
+        m.exists()
+    });
+    let r = run_with_timeout(
+        &tern(),
+        &[
+            "migrate",
+            "--api-socket",
+            s(&dir.path("api.sock")),
+            "--to",
+            &url,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let (code, err) = t.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{err}");
+    let dc = Client::new(&dsock);
+    let b = balloon(&dc);
+    assert_eq!(
+        (b["target_bytes"].as_u64(), b["actual_bytes"].as_u64()),
+        (Some(64 * MIB), Some(64 * MIB)),
+        "{b}"
+    );
+    assert_eq!(set(&dc, "0").0, 204);
+    wait_said(&serial2, "held=0 zero=ok", 20);
+    drop(dst);
+}
