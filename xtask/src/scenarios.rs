@@ -456,6 +456,11 @@ const BALLOON_CHECKS: &[&str] = &[
     "report-exit",
 ];
 
+/// Every check `xtask/l1/scenarios/cpuhotplug.sh` reports.
+const CPU_HOTPLUG_CHECKS: &[&str] = &[
+    "ready", "refuse-0", "refuse-5", "grow", "shrink", "regrow", "exit",
+];
+
 /// The virtio-blk scenarios (`xtask/l1/scenarios/blk.sh` cases) for one VMM. The guest has PCI
 /// (virtio-blk on tern's default virtio-pci transport; QEMU: microvm with PCIe).
 fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
@@ -975,6 +980,33 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // vCPU hotplug under the Debian kernel: L1 resizes a 1-vCPU guest (max 4) to 4, 2 and
+        // 4 vCPUs with `tern resize`; the guest onlines added vCPUs, its kernel offlines and
+        // ejects removed ones, and it runs a task on every online CPU after each change
+        // (`xtask/l1/scenarios/cpuhotplug.sh`).
+        Scenario {
+            name: "tern-cpu-hotplug",
+            groups: &["core", "resources"],
+            base_cmdline: PCI_CMDLINE,
+            action: "script:cpuhotplug",
+            l1_script: Some(&["cpuhotplug.sh", "cpuhotplug"]),
+            timeout_secs: 600,
+            expect: {
+                let mut require: Vec<String> = CPU_HOTPLUG_CHECKS
+                    .iter()
+                    .map(|c| format!("TERN-CPUHP-PASS cpuhotplug/{c}:"))
+                    .collect();
+                require.push("TERN-CPUHP-OK cpuhotplug".to_string());
+                require.push("TERN-GUEST-CPUS-DONE".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-CPUHP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
         // The same under QEMU (virtio-balloon-pci, its monitor's `balloon` command), for the
         // inflate rate and RSS returned side by side: `cargo xtask rig --group resources`.
         Scenario {
@@ -1397,6 +1429,25 @@ mod tests {
             assert!(script.contains(&format!("boot {name} ")), "{part}");
             assert!(guest.contains(&format!("    {name})")), "{part}");
         }
+    }
+
+    #[test]
+    fn cpu_hotplug_scenario_requires_every_check_its_script_reports() {
+        let all = all();
+        let s = all.iter().find(|s| s.name == "tern-cpu-hotplug").unwrap();
+        assert!(s.in_group("resources") && s.in_group("core") && s.cpus == 1);
+        let script = include_str!("../l1/scenarios/cpuhotplug.sh");
+        for check in CPU_HOTPLUG_CHECKS {
+            let reported = match check.strip_prefix("refuse-") {
+                Some(n) => script.contains("for bad in 0 5") && "05".contains(n),
+                None => {
+                    script.contains(&format!("pass {check} "))
+                        || script.contains(&format!("step {check} "))
+                }
+            };
+            assert!(reported, "cpuhotplug.sh never reports {check}");
+        }
+        assert!(script.contains("--max-cpus 4"));
     }
 
     #[test]

@@ -654,6 +654,10 @@ pub struct VmConfig {
     /// Number of vCPUs, 1..=254.
     #[serde(default = "default_cpus")]
     pub cpus: u32,
+    /// Most vCPUs the VM may have through CPU hotplug (`tern resize --cpus`), cpus..=254; the
+    /// same as `cpus` when absent (no hotplug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
     /// Guest RAM.
     #[serde(default = "default_memory")]
     pub memory: MemSize,
@@ -724,6 +728,7 @@ impl Default for VmConfig {
             initrd: None,
             cmdline: None,
             cpus: default_cpus(),
+            max_cpus: None,
             memory: default_memory(),
             serial: CharBackend::default(),
             boot_protocol: BootProtocol::default(),
@@ -756,6 +761,11 @@ impl VmConfig {
         }
     }
 
+    /// Most vCPUs the VM may have (`max_cpus`, or `cpus` without hotplug).
+    pub fn effective_max_cpus(&self) -> u32 {
+        self.max_cpus.unwrap_or(self.cpus).max(self.cpus)
+    }
+
     /// The command line the guest gets.
     pub fn effective_cmdline(&self) -> &str {
         self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
@@ -768,6 +778,15 @@ impl VmConfig {
         }
         if !(1..=254).contains(&self.cpus) {
             return Err(invalid("cpus", self.cpus, "must be between 1 and 254"));
+        }
+        if let Some(m) = self.max_cpus {
+            if !(self.cpus..=254).contains(&m) {
+                return Err(invalid(
+                    "max_cpus",
+                    m,
+                    format!("must be between cpus ({}) and 254", self.cpus),
+                ));
+            }
         }
         let m = self.memory.0;
         if m < MIN_MEMORY {

@@ -51,9 +51,17 @@ pub struct VmInfo {
     pub state: VmState,
     /// The configuration: `null` until one is given.
     pub config: Option<VmConfig>,
-    /// Number of vCPUs.
+    /// Number of vCPUs the guest has now (present; with CPU hotplug, those added and not yet
+    /// removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// The number of vCPUs last asked for (`PUT /v1/vm/resize`); the guest may still be adding
+    /// or removing some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus_requested: Option<u32>,
+    /// Most vCPUs the VM may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus_max: Option<u32>,
     /// Guest RAM in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
@@ -76,6 +84,8 @@ impl VmInfo {
             state,
             config,
             vcpus: None,
+            vcpus_requested: None,
+            vcpus_max: None,
             memory_bytes: None,
             uptime_ms: None,
             generation_id: None,

@@ -71,8 +71,11 @@ pub struct PciAcpi {
 /// What the ACPI tables describe besides the fixed hardware-reduced registers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AcpiPlatform {
-    /// Number of vCPUs.
+    /// Number of vCPUs at boot.
     pub num_cpus: u8,
+    /// Most vCPUs (CPU hotplug); those beyond `num_cpus` are listed disabled but online
+    /// capable. Below `num_cpus` (0 too) means `num_cpus`.
+    pub max_cpus: u8,
     /// The PCI root bridge's ECAM (for the MCFG), when the VM has PCI.
     pub pci: Option<PciAcpi>,
     /// The devices' own descriptions, in DSDT order: each device renders itself (its
@@ -124,10 +127,17 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
         OEM_REVISION,
         LocalInterruptController::Address(APIC_START as u32),
     );
-    for cpu in 0..num_cpus {
-        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
+    // Every possible vCPU: those not there at boot can be plugged in later (CPU hotplug).
+    let max_cpus = platform.max_cpus.max(num_cpus);
+    for cpu in 0..max_cpus {
+        let status = if cpu < num_cpus {
+            EnabledStatus::Enabled
+        } else {
+            EnabledStatus::DisabledOnlineCapable
+        };
+        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, status));
     }
-    madt.add_structure(IoApic::new(num_cpus, IOAPIC_START as u32, 0));
+    madt.add_structure(IoApic::new(max_cpus, IOAPIC_START as u32, 0));
     let mut madt_bytes = bytes(&madt);
     // MADT flags (offset 40): PCAT_COMPAT, the machine has dual 8259s (KVM's in-kernel PIC).
     // Without it Linux assumes no legacy IRQs and leaves ISA IRQs such as COM1's unrouted.
@@ -188,10 +198,40 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_that_may_be_plugged_in_later_are_listed_online_capable() {
+        let platform = AcpiPlatform {
+            num_cpus: 2,
+            max_cpus: 4,
+            ..Default::default()
+        };
+        let (pieces, _) = build(&platform).unwrap();
+        let madt = &pieces
+            .iter()
+            .find(|(_, d)| d.starts_with(b"APIC"))
+            .unwrap()
+            .1;
+        let mut off = 44;
+        let mut flags = Vec::new();
+        let mut ioapic_id = None;
+        while off < madt.len() {
+            match madt[off] {
+                0 => flags.push(madt[off + 4]),
+                1 => ioapic_id = Some(madt[off + 2]),
+                _ => {}
+            }
+            off += madt[off + 1] as usize;
+        }
+        // Enabled, enabled, online capable, online capable; the IOAPIC's id after them all.
+        assert_eq!(flags, vec![1, 1, 2, 2]);
+        assert_eq!(ioapic_id, Some(4));
+    }
+
+    #[test]
     fn tables_are_well_formed() {
         for n in [1u8, 2, 254] {
             let platform = AcpiPlatform {
                 num_cpus: n,
+                max_cpus: n,
                 // One device's description: `Name (TDEV, Zero)`.
                 devices: vec![0x08, b'T', b'D', b'E', b'V', 0x00],
                 pci: Some(PciAcpi {

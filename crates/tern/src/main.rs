@@ -64,6 +64,14 @@ enum Command {
     /// Set the size of a running VM's memory balloon (the guest gives that much memory back
     /// to the host), or show it and the guest's memory statistics.
     Balloon(balloon::BalloonArgs),
+    /// Change a running VM's number of vCPUs (CPU hotplug, up to its --max-cpus).
+    Resize {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The number of vCPUs the guest should have.
+        #[arg(long, value_name = "N")]
+        cpus: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +156,10 @@ struct RunArgs {
     /// Number of vCPUs (1-254) [default: 1].
     #[arg(long, value_name = "N")]
     cpus: Option<u32>,
+    /// Most vCPUs the VM may grow to while it runs (`tern resize --cpus`), up to 254
+    /// [default: --cpus, no CPU hotplug].
+    #[arg(long, value_name = "N")]
+    max_cpus: Option<u32>,
     /// Guest memory, e.g. 512M, 2G (a plain number means MiB) [default: 512M].
     #[arg(long, value_name = "SIZE")]
     memory: Option<MemSize>,
@@ -231,6 +243,7 @@ impl RunArgs {
         self.initrd.is_some()
             || self.cmdline.is_some()
             || self.cpus.is_some()
+            || self.max_cpus.is_some()
             || self.memory.is_some()
             || self.serial.is_some()
             || self.boot_protocol.is_some()
@@ -267,6 +280,9 @@ impl RunArgs {
         }
         if let Some(v) = self.cpus {
             c.cpus = v;
+        }
+        if let Some(v) = self.max_cpus {
+            c.max_cpus = Some(v);
         }
         if let Some(v) = self.memory {
             c.memory = v;
@@ -404,6 +420,13 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
+    if !matches!(cli.cmd, Command::Run(_) | Command::Jail(_)) {
+        // A client whose output goes to a pipe closed early (`tern info | head -1`) ends
+        // quietly, as other Unix tools do, instead of failing to print. The VMM itself keeps
+        // SIGPIPE ignored: a peer closing a socket must not end it.
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.cmd {
         Command::Run(args) => {
             // SIGINT/SIGTERM belong to the VMM's signalfd; blocked before any thread starts (or
@@ -606,6 +629,14 @@ fn main() -> ExitCode {
         Command::Jail(args) => jail::main(*args),
         Command::Migrate(args) => migrate::main(*args),
         Command::Balloon(args) => balloon::main(args),
+        Command::Resize { client: c, cpus } => {
+            let body = serde_json::json!({ "cpus": cpus }).to_string();
+            client_with(&c, "PUT", "/v1/vm/resize", Some(&body), move |_| {
+                Ok(format!(
+                    "asked for {cpus} vCPUs (the guest adds or removes them; tern info shows them)"
+                ))
+            })
+        }
         Command::Info(c) => client(&c, "GET", "/v1/vm", show_info),
         Command::Pause(c) => client(&c, "PUT", "/v1/vm/pause", |_| Ok("paused".into())),
         Command::Resume(c) => client(&c, "PUT", "/v1/vm/resume", |_| Ok("resumed".into())),
@@ -703,6 +734,12 @@ fn show_info(body: &str) -> Result<String, String> {
     let mut s = format!("state: {}", v.state);
     if let Some(n) = v.vcpus {
         s.push_str(&format!("\nvcpus: {n}"));
+        match (v.vcpus_requested, v.vcpus_max) {
+            (Some(r), Some(m)) if m > n || r != n => {
+                s.push_str(&format!(" (asked for {r}, at most {m})"))
+            }
+            _ => {}
+        }
     }
     if let Some(m) = v.memory_bytes {
         s.push_str(&format!("\nmemory: {} MiB", m >> 20));

@@ -54,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vm/migrate/receive"),
     ("GET", "/v1/vm/balloon"),
     ("PUT", "/v1/vm/balloon"),
+    ("PUT", "/v1/vm/resize"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -102,6 +103,8 @@ pub enum Action {
     BalloonInfo,
     /// Set the balloon's target size.
     BalloonSet(::api::balloon::BalloonRequest),
+    /// Change the number of vCPUs.
+    Resize(::api::resize::ResizeRequest),
 }
 
 /// The VMM's answer.
@@ -305,6 +308,7 @@ fn router(shared: Shared) -> Router {
         )
         .route("/v1/vm/migrate/send", put(migrate_send))
         .route("/v1/vm/migrate/receive", put(migrate_receive))
+        .route("/v1/vm/resize", put(resize))
         .route(
             "/v1/vm/balloon",
             get(|s| ask(s, Action::BalloonInfo)).put(balloon_set),
@@ -412,6 +416,16 @@ async fn migrate_receive(
 ) -> Response {
     match body {
         Ok(Json(b)) => ask(s, Action::MigrateReceive(Box::new(b))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn resize(
+    s: State<Shared>,
+    body: Result<Json<::api::resize::ResizeRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => ask(s, Action::Resize(b)).await,
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

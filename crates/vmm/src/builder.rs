@@ -300,6 +300,7 @@ fn build_rest(
         vmgenid_evt,
         panic_seen,
     } = Platform::create(config, &vm, &ctl, start, &mut dm)?;
+    let cpu_hotplug = crate::cpu_hotplug::attach(config, &vm, &ctl, &mut dm)?;
     let ids: Vec<(String, String)> = crate::virtio_devices::device_ids(config)
         .into_iter()
         .zip(crate::virtio_devices::device_names(config))
@@ -332,6 +333,7 @@ fn build_rest(
         Some(k) => {
             let acpi = arch::acpi::AcpiPlatform {
                 num_cpus: config.cpus as u8,
+                max_cpus: config.effective_max_cpus() as u8,
                 pci,
                 devices: dm.dsdt(),
             };
@@ -344,6 +346,7 @@ fn build_rest(
         &kvm,
         &vm,
         config.cpus as u8,
+        config.effective_max_cpus() as u8,
         boot.as_ref().map(|boot| BootCpu { mem: &mem, boot }),
         (&pio, &mmio),
         &ctl,
@@ -364,6 +367,7 @@ fn build_rest(
     Ok(Vm {
         ram,
         balloon: virtio.balloon,
+        cpu_hotplug,
         ctl,
         vcpus,
         components: Arc::new(components),

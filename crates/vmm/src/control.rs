@@ -61,6 +61,8 @@ pub enum VmExit {
 #[derive(Default)]
 struct Parking {
     requested: BTreeSet<u8>,
+    /// vCPUs not plugged in (CPU hotplug): parked until plugged, whatever else is asked.
+    unplugged: BTreeSet<u8>,
     parked: BTreeSet<u8>,
     /// A vCPU asked for its state, with the MSRs to save.
     save: Option<(u8, std::sync::Arc<Vec<u32>>)>,
@@ -122,12 +124,13 @@ impl VmControl {
     /// saving its state when asked.
     pub fn park_if_paused(&self, id: u8, fd: &kvm_ioctls::VcpuFd) {
         let mut s = self.parking();
-        if !s.requested.contains(&id) {
+        let held = |s: &Parking| s.requested.contains(&id) || s.unplugged.contains(&id);
+        if !held(&s) {
             return;
         }
         s.parked.insert(id);
         self.parking_cv.notify_all();
-        while s.requested.contains(&id) && !self.stopping() {
+        while held(&s) && !self.stopping() {
             if let Some((_, msrs)) = s.save.take_if(|(who, _)| *who == id) {
                 s.saved = Some(save_vcpu(fd, &msrs));
                 self.parking_cv.notify_all();
@@ -141,6 +144,23 @@ impl VmControl {
     /// Asks vCPU `id` to park (it does at its next exit from `KVM_RUN`, or before its first).
     pub fn request_park(&self, id: u8) {
         self.parking().requested.insert(id);
+    }
+
+    /// Plugs vCPU `id` in (it runs unless asked to park) or pulls it out (it parks at its next
+    /// exit from `KVM_RUN`, or before its first, until plugged in again).
+    pub fn set_plugged(&self, id: u8, plugged: bool) {
+        let mut s = self.parking();
+        if plugged {
+            s.unplugged.remove(&id);
+        } else {
+            s.unplugged.insert(id);
+        }
+        self.parking_cv.notify_all();
+    }
+
+    /// The vCPUs not plugged in.
+    pub fn unplugged(&self) -> Vec<u8> {
+        self.parking().unplugged.iter().copied().collect()
     }
 
     /// Lets vCPU `id` run again.

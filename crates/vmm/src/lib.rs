@@ -11,6 +11,7 @@ pub mod components;
 pub mod confinement;
 pub mod console;
 pub mod control;
+pub mod cpu_hotplug;
 pub mod device_manager;
 pub mod error;
 pub mod host;

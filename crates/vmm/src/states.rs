@@ -57,6 +57,8 @@ pub fn check(state: VmState, action: &Action) -> Result<(), Reply> {
         Action::MigrateReceive(_) => Ok(()),
         Action::BalloonInfo | Action::BalloonSet(_) if booted => Ok(()),
         Action::BalloonInfo | Action::BalloonSet(_) => refuse("use the balloon"),
+        Action::Resize(_) if booted => Ok(()),
+        Action::Resize(_) => refuse("resize"),
     }
 }
 
@@ -120,6 +122,10 @@ mod tests {
             (Box::new(|| Action::MigrateCancel), [409, 409, 0, 0]),
             (Box::new(receive), [0, 0, 409, 409]),
             (Box::new(|| Action::BalloonInfo), [409, 409, 0, 0]),
+            (
+                Box::new(|| Action::Resize(Default::default())),
+                [409, 409, 0, 0],
+            ),
         ];
         for (action, want) in rows {
             for (state, want) in [Created, Configured, Running, Paused].into_iter().zip(want) {

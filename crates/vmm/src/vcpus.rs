@@ -112,12 +112,16 @@ pub struct Vcpus {
 }
 
 impl Vcpus {
-    /// Creates `count` vCPUs with tern's CPUID, boot MSRs and LAPIC set-up; vCPU 0 gets the
-    /// boot registers when `boot` is given (a restore brings its own).
+    /// Creates `max` vCPUs with tern's CPUID, boot MSRs and LAPIC set-up, the first `count`
+    /// plugged in and the rest parked until CPU hotplug plugs them in (KVM cannot destroy a
+    /// vCPU: one removed is parked, and plugged in again later); vCPU 0 gets the boot
+    /// registers when `boot` is given (a restore brings its own).
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         kvm: &Kvm,
         vm: &VmFd,
         count: u8,
+        max: u8,
         boot: Option<BootCpu<'_>>,
         (pio, mmio): (&Arc<Bus>, &Arc<Bus>),
         ctl: &Arc<VmControl>,
@@ -132,9 +136,12 @@ impl Vcpus {
                 .as_slice()
                 .to_vec(),
         );
-        let mut list = Vec::with_capacity(count.into());
+        let mut list = Vec::with_capacity(max.into());
         let mut cpuid0 = Vec::new();
-        for id in 0..count {
+        for id in 0..max {
+            if id >= count {
+                ctl.set_plugged(id, false);
+            }
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create vCPU"))?;
@@ -142,7 +149,7 @@ impl Vcpus {
                 supported.as_slice(),
                 arch::cpuid::CpuidOptions {
                     id,
-                    count,
+                    count: max,
                     tsc_deadline,
                 },
             );
@@ -212,7 +219,7 @@ impl Vcpus {
         &self.cpuid
     }
 
-    /// How many there are.
+    /// How many there are (plugged in or not).
     pub fn count(&self) -> usize {
         self.list.len()
     }

@@ -58,6 +58,8 @@ pub struct Vm {
     pub(crate) migration_status: Arc<Mutex<::api::migrate::MigrationStatus>>,
     /// The memory balloon, when the VM has one.
     pub(crate) balloon: Option<virtio::devices::BalloonHandle>,
+    /// The CPU hotplug controller, when `max_cpus` exceeds `cpus`.
+    pub(crate) cpu_hotplug: Option<Arc<crate::cpu_hotplug::CpuHotplug>>,
 }
 
 impl crate::migration::receive::Arrival for Vm {
@@ -87,6 +89,38 @@ impl crate::migration::receive::Arrival for Vm {
 }
 
 impl Vm {
+    /// (present, last asked for, most) vCPUs.
+    fn vcpu_counts(&self, config: &VmConfig) -> (u32, u32, u32) {
+        match &self.cpu_hotplug {
+            Some(hp) => hp.counts(),
+            None => (config.cpus, config.cpus, config.cpus),
+        }
+    }
+
+    /// `PUT /v1/vm/resize`.
+    fn resize(&self, r: &::api::resize::ResizeRequest, config: &VmConfig) -> Reply {
+        let Some(n) = r.cpus else {
+            return Reply::error(400, "nothing to resize: give cpus");
+        };
+        let Some(hp) = &self.cpu_hotplug else {
+            return Reply::error(
+                400,
+                format!(
+                    "invalid cpus {n}: the VM has no CPU hotplug (its max_cpus is its {} cpus; start it with --max-cpus N)",
+                    config.cpus
+                ),
+            );
+        };
+        match hp.resize(n) {
+            Ok(()) => {
+                tracing::info!("resize: {n} vCPUs asked for");
+                Reply::done()
+            }
+            Err(e) if e.starts_with("invalid") => Reply::error(400, e),
+            Err(e) => Reply::error(500, format!("cannot resize: {e}")),
+        }
+    }
+
     /// The VM's devices.
     pub fn devices(&self) -> &crate::device_manager::DeviceManager {
         &self.devices
@@ -302,6 +336,7 @@ impl Vm {
                     | Action::Snapshot { .. }
                     | Action::Reboot
                     | Action::BalloonSet(_)
+                    | Action::Resize(_)
             )
         {
             return Reply::error(
@@ -311,7 +346,9 @@ impl Vm {
         }
         match action {
             Action::Info => Reply::ok(&VmInfo {
-                vcpus: Some(config.cpus),
+                vcpus: Some(self.vcpu_counts(config).0),
+                vcpus_requested: Some(self.vcpu_counts(config).1),
+                vcpus_max: Some(self.vcpu_counts(config).2),
                 memory_bytes: Some(config.memory.0),
                 uptime_ms: Some(self.started.elapsed().as_millis() as u64),
                 generation_id: crate::vmgenid::read(self.ram.mem())
@@ -387,6 +424,7 @@ impl Vm {
                 Some(b) => Reply::ok(&crate::balloon::info(b, config)),
                 None => crate::balloon::none(),
             },
+            Action::Resize(r) => self.resize(r, config),
             Action::BalloonSet(r) => match &self.balloon {
                 Some(b) => crate::balloon::set(b, r),
                 None => crate::balloon::none(),

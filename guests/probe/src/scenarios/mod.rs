@@ -15,6 +15,7 @@ use crate::rt::phys::PhysAlloc;
 use crate::rt::smp::Topology;
 
 mod count;
+mod cpueject;
 mod cpuid;
 mod exits;
 mod hello;
@@ -60,6 +61,7 @@ pub static SCENARIOS: &[Scenario] = &[
     vnetbench::SCENARIO,
     count::SCENARIO,
     vballoon::SCENARIO,
+    cpueject::SCENARIO,
 ];
 
 pub struct Ctx<'a> {

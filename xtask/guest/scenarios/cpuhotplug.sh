@@ -1,0 +1,57 @@
+# vCPU hotplug under the Debian kernel, driven from L1 (xtask/l1/scenarios/cpuhotplug.sh):
+# L1 resizes the VM 1 -> 4 -> 2 -> 4 vCPUs. The kernel adds the vCPUs tern plugs in (ACPI
+# device check) and offlines and ejects those it is asked to remove (ACPI eject request) by
+# itself; this script onlines added ones (as udev would), and whenever the set of online
+# CPUs changes it says so and runs a task pinned to each online CPU, which must report that it
+# ran there. It powers off once it has seen 4, 2 and 4 CPUs in that order.
+cpus_online() { cat /sys/devices/system/cpu/online; }
+online_count() {
+    n=0
+    for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        if [ ! -f "$c/online" ] || [ "$(cat "$c/online")" = 1 ]; then n=$((n + 1)); fi
+    done
+    echo $n
+}
+# work_on_each: runs a task pinned to each online CPU; each must report (field 39 of its
+# /proc/self/stat) that it ran there.
+work_on_each() {
+    ok=""
+    for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        id=${c##*cpu}
+        if [ -f "$c/online" ] && [ "$(cat "$c/online")" != 1 ]; then continue; fi
+        ran=$(taskset -c "$id" awk '{ print $39 }' /proc/self/stat 2>&1)
+        if [ "$ran" = "$id" ]; then
+            ok="$ok $id"
+        else
+            echo "TERN-GUEST-ERROR: a task pinned to CPU $id ran on '$ran'"
+        fi
+    done
+    echo "TERN-GUEST-CPUS-WORKED$ok"
+}
+seen=""
+last=""
+echo "TERN-GUEST-CPUS-READY online=$(cpus_online) count=$(online_count)"
+n=0
+while [ $n -lt 1200 ]; do
+    for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        [ -f "$c/online" ] && [ "$(cat "$c/online")" = 0 ] && echo 1 > "$c/online" 2>/dev/null
+    done
+    count=$(online_count)
+    if [ "$count" != "$last" ]; then
+        last=$count
+        echo "TERN-GUEST-CPUS online=$(cpus_online) count=$count"
+        work_on_each
+        seen="$seen $count"
+        case "$seen" in *" 4 2 4") break ;; esac
+    fi
+    n=$((n + 1))
+    sleep 0.2
+done
+case "$seen" in
+    *" 4 2 4")
+        echo "TERN-GUEST-CPUS-DONE seen:$seen"
+        # L1 reads tern's view of the last step before the guest powers off.
+        sleep 5
+        ;;
+    *) echo "TERN-GUEST-ERROR: CPU counts seen:$seen, not ... 4 2 4, within 240 s" ;;
+esac
