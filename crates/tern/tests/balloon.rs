@@ -189,23 +189,8 @@ fn a_ballooned_vm_keeps_its_balloon_across_a_snapshot_and_frees_restored_memory(
     assert_eq!(st, 204, "{b}");
     drop(t);
 
-    let (sock, serial2) = (dir.path("api2.sock"), dir.path("serial2.log"));
-    let backend = format!("file:{}", s(&serial2));
-    let _r = spawn(&[
-        "--restore",
-        s(&snap),
-        "--serial",
-        &backend,
-        "--api-socket",
-        s(&sock),
-    ]);
-    wait_until("the restored API", Duration::from_secs(20), || {
-        sock.exists()
-    });
-    let c = Client::new(&sock);
-    wait_until("the restored VM", Duration::from_secs(20), || {
-        c.info().is_ok_and(|i| i.state.as_str() == "running")
-    });
+    let serial2 = dir.path("serial2.log");
+    let (_r, c) = restored(&snap, &dir.path("api2.sock"), &serial2);
     let b = balloon(&c);
     assert_eq!(
         (b["target_bytes"].as_u64(), b["actual_bytes"].as_u64()),
@@ -293,21 +278,26 @@ fn a_ballooned_vm_migrates_with_its_balloon() {
     let (dsock, serial2) = (dir.path("dst.sock"), dir.path("serial2.log"));
     let backend = format!("file:{}", s(&serial2));
     let kernel = probe();
-    let dst = spawn(&[
-        "--incoming",
-        &url,
-        "--serial",
-        &backend,
-        "--api-socket",
-        s(&dsock),
-        "--accept-dir",
-        s(kernel.parent().unwrap()),
-        "--accept-dir",
-        s(&dir.0),
-    ]);
-    wait_until("the migration socket", Duration::from_secs(10), || {
-        m.exists()
-    });
+    let destination = || {
+        let _ = std::fs::remove_file(&m);
+        let t = spawn(&[
+            "--incoming",
+            &url,
+            "--serial",
+            &backend,
+            "--api-socket",
+            s(&dsock),
+            "--accept-dir",
+            s(kernel.parent().unwrap()),
+            "--accept-dir",
+            s(&dir.0),
+        ]);
+        wait_until("the migration socket", Duration::from_secs(10), || {
+            m.exists()
+        });
+        t
+    };
+    let dst = destination();
     // Slowly first: the balloon cannot change meanwhile.
     let slow = format!(r#"{{"url":"{url}","max_bandwidth":4194304}}"#);
     let (st, b) = c.call("PUT", "/v1/vm/migrate/send", Some(&slow)).unwrap();
@@ -323,22 +313,7 @@ fn a_ballooned_vm_migrates_with_its_balloon() {
     };
     assert_eq!(code, Some(1));
     // Again, at full speed, to a new destination.
-    let _ = std::fs::remove_file(&m);
-    let dst = spawn(&[
-        "--incoming",
-        &url,
-        "--serial",
-        &backend,
-        "--api-socket",
-        s(&dsock),
-        "--accept-dir",
-        s(kernel.parent().unwrap()),
-        "--accept-dir",
-        s(&dir.0),
-    ]);
-    wait_until("the migration socket", Duration::from_secs(10), || {
-        m.exists()
-    });
+    let dst = destination();
     let r = run_with_timeout(
         &tern(),
         &[

@@ -111,23 +111,8 @@ fn resize_adds_vcpus_up_to_the_maximum_and_refuses_the_rest() {
         .unwrap();
     assert_eq!(st, 204, "{b}");
     drop(t);
-    let (sock2, serial2) = (dir.path("api2.sock"), dir.path("serial2.log"));
-    let backend2 = format!("file:{}", s(&serial2));
-    let _r = spawn(&[
-        "--restore",
-        s(&snap),
-        "--serial",
-        &backend2,
-        "--api-socket",
-        s(&sock2),
-    ]);
-    wait_until("the restored API", Duration::from_secs(20), || {
-        sock2.exists()
-    });
-    let c2 = Client::new(&sock2);
-    wait_until("the restored VM", Duration::from_secs(20), || {
-        c2.info().is_ok_and(|i| i.state.as_str() == "running")
-    });
+    let serial2 = dir.path("serial2.log");
+    let (_r, c2) = restored(&snap, &dir.path("api2.sock"), &serial2);
     let i = info(&c2);
     assert_eq!((i.vcpus, i.vcpus_max), (Some(4), Some(4)));
     wait_until("ticks after the restore", Duration::from_secs(20), || {

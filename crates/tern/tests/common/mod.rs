@@ -452,3 +452,25 @@ pub fn spawn(args: &[&str]) -> Tern {
             .expect("start tern"),
     )
 }
+
+/// Restores the snapshot in `snap` in a new tern with its API on `sock` and its serial port in
+/// `serial`; returns it once its VM runs, with a client for its API.
+pub fn restored(snap: &Path, sock: &Path, serial: &Path) -> (Tern, api::client::Client) {
+    let backend = format!("file:{}", s(serial));
+    let t = spawn(&[
+        "--restore",
+        s(snap),
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(sock),
+    ]);
+    wait_until("the restored API", Duration::from_secs(20), || {
+        sock.exists()
+    });
+    let c = api::client::Client::new(sock);
+    wait_until("the restored VM", Duration::from_secs(20), || {
+        c.info().is_ok_and(|i| i.state.as_str() == "running")
+    });
+    (t, c)
+}
