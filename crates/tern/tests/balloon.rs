@@ -217,21 +217,8 @@ fn balloon_requests_without_a_balloon_are_refused_by_name() {
     }
     let dir = Scratch::new("balloon-none");
     let sock = dir.path("api.sock");
+    let (_t, c) = counting_vm(&sock);
     let kernel = probe();
-    let _t = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--memory",
-        "64M",
-        "--serial",
-        "none",
-        "--api-socket",
-        s(&sock),
-        "--cmdline",
-        "probe.run=count probe.count_ms=20000",
-    ]);
-    wait_until("the API", Duration::from_secs(20), || sock.exists());
-    let c = Client::new(&sock);
     let (st, e) = c.call("GET", "/v1/vm/balloon", None).unwrap();
     assert_eq!(st, 400);
     assert!(

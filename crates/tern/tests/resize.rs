@@ -128,24 +128,8 @@ fn resize_without_max_cpus_is_refused_by_name() {
     }
     let dir = Scratch::new("resize-none");
     let sock = dir.path("api.sock");
+    let (_t, c) = counting_vm(&sock);
     let kernel = probe();
-    let _t = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--memory",
-        "64M",
-        "--serial",
-        "none",
-        "--api-socket",
-        s(&sock),
-        "--cmdline",
-        "probe.run=count probe.count_ms=20000",
-    ]);
-    wait_until("the API", Duration::from_secs(20), || sock.exists());
-    let c = Client::new(&sock);
-    wait_until("the VM", Duration::from_secs(20), || {
-        c.info().is_ok_and(|i| i.state.as_str() == "running")
-    });
     let (st, e) = resize(&c, r#"{"cpus":2}"#);
     assert_eq!(st, 400);
     assert!(e.contains("start it with --max-cpus N"), "{e}");

@@ -345,10 +345,12 @@ impl Vm {
             );
         }
         match action {
-            Action::Info => Reply::ok(&VmInfo {
-                vcpus: Some(self.vcpu_counts(config).0),
-                vcpus_requested: Some(self.vcpu_counts(config).1),
-                vcpus_max: Some(self.vcpu_counts(config).2),
+            Action::Info => {
+                let (present, requested, max) = self.vcpu_counts(config);
+                Reply::ok(&VmInfo {
+                vcpus: Some(present),
+                vcpus_requested: Some(requested),
+                vcpus_max: Some(max),
                 memory_bytes: Some(config.memory.0),
                 uptime_ms: Some(self.started.elapsed().as_millis() as u64),
                 generation_id: crate::vmgenid::read(self.ram.mem())
@@ -366,7 +368,8 @@ impl Vm {
                         .collect(),
                 ),
                 ..VmInfo::new(state, Some(config.clone()))
-            }),
+            })
+            }
             Action::Pause => match self.components.pause() {
                 Ok(()) => Reply::done(),
                 Err(e) => Reply::error(500, format!("cannot pause: {e}; the VM keeps running")),

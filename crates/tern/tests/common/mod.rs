@@ -474,3 +474,27 @@ pub fn restored(snap: &Path, sock: &Path, serial: &Path) -> (Tern, api::client::
     });
     (t, c)
 }
+
+/// A 64 MiB probe guest counting for 20 s with its API on `sock` and no serial output; returns
+/// it once its VM runs, with a client for its API.
+pub fn counting_vm(sock: &Path) -> (Tern, api::client::Client) {
+    let kernel = probe();
+    let t = spawn(&[
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64M",
+        "--serial",
+        "none",
+        "--api-socket",
+        s(sock),
+        "--cmdline",
+        "probe.run=count probe.count_ms=20000",
+    ]);
+    wait_until("the API", Duration::from_secs(20), || sock.exists());
+    let c = api::client::Client::new(sock);
+    wait_until("the VM", Duration::from_secs(20), || {
+        c.info().is_ok_and(|i| i.state.as_str() == "running")
+    });
+    (t, c)
+}
