@@ -36,6 +36,34 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Alignment of the hotpluggable memory region's start: 1 GiB, a multiple of every memory
+/// block size Linux picks for guests below 64 GiB (128 MiB up to 2 GiB), so the guest can
+/// use the region from its first byte.
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// The region `(guest address, size)` where `hotplug` bytes of hotpluggable memory (a
+/// virtio-mem device's) live for a guest with `mem_size` bytes of boot RAM: above 4 GiB and
+/// above all boot RAM, at a [`HOTPLUG_ALIGN`] boundary; None without hotpluggable memory.
+/// It is not in the e820 map: the guest learns of it from the device.
+pub fn hotplug_region(mem_size: u64, hotplug: u64) -> Option<(u64, u64)> {
+    if hotplug == 0 {
+        return None;
+    }
+    let ram_end = ram_regions(mem_size)
+        .last()
+        .map_or(0, |&(a, s)| a + s)
+        .max(RAM_64BIT_START);
+    Some((ram_end.next_multiple_of(HOTPLUG_ALIGN), hotplug))
+}
+
+/// Every region of guest memory: the RAM regions ([`ram_regions`]), then the hotpluggable
+/// region ([`hotplug_region`]) if there is one.
+pub fn guest_regions(mem_size: u64, hotplug: u64) -> Vec<(u64, u64)> {
+    let mut v = ram_regions(mem_size);
+    v.extend(hotplug_region(mem_size, hotplug));
+    v
+}
+
 /// The highest usable address below the MMIO hole, plus one.
 pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_HOLE_START)
@@ -141,6 +169,30 @@ mod tests {
                 .any(|&(a, s)| a <= id.0 && id.1 <= a + s));
             for e in e820_map(size).iter().filter(|e| e.kind == E820Type::Ram) {
                 assert!(id.1 <= e.addr || id.0 >= e.addr + e.size, "{e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn hotplug_memory_lies_above_ram_and_4g_aligned_to_1g() {
+        assert_eq!(hotplug_region(1 << 30, 0), None);
+        assert_eq!(
+            hotplug_region(1 << 30, 512 << 20),
+            Some((4 << 30, 512 << 20))
+        );
+        // 4 GiB of RAM ends at 5 GiB; 4.5 GiB at 5.5 GiB, rounded up to 6 GiB.
+        assert_eq!(hotplug_region(4 << 30, 1 << 30), Some((5 << 30, 1 << 30)));
+        assert_eq!(hotplug_region(9 << 29, 1 << 30), Some((6 << 30, 1 << 30)));
+        for size in [MIN_MEMORY, 1 << 30, MMIO_HOLE_START, 4 << 30, 9 << 29] {
+            let regions = guest_regions(size, 256 << 20);
+            assert_eq!(regions.len(), ram_regions(size).len() + 1);
+            let (a, _) = *regions.last().unwrap();
+            for &(r, s) in &regions[..regions.len() - 1] {
+                assert!(r + s <= a);
+            }
+            // Not RAM the guest finds in its e820 map.
+            for e in e820_map(size) {
+                assert!(e.addr + e.size <= a, "{e:?}");
             }
         }
     }

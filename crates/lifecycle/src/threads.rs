@@ -47,6 +47,8 @@ pub enum Device {
     Console,
     /// A memory balloon: frees the guest memory its driver gives back.
     Balloon,
+    /// Hotpluggable memory (virtio-mem): frees the guest memory its driver unplugs.
+    Mem,
 }
 
 impl Role {
@@ -59,6 +61,7 @@ impl Role {
             Role::DeviceWorker(Device::Rng) => "device-rng",
             Role::DeviceWorker(Device::Console) => "device-console",
             Role::DeviceWorker(Device::Balloon) => "device-balloon",
+            Role::DeviceWorker(Device::Mem) => "device-mem",
             Role::Api => "api",
             Role::Vmm => "vmm",
             Role::Io => "io",

@@ -318,7 +318,8 @@ pub fn rules(role: Role) -> Vec<Rule> {
         Role::DeviceWorker(Device::Net) => &[NET, EVENTS],
         Role::DeviceWorker(Device::Rng) => &[RNG, EVENTS],
         Role::DeviceWorker(Device::Console) => &[CONSOLE, EVENTS],
-        Role::DeviceWorker(Device::Balloon) => &[BALLOON, EVENTS],
+        // virtio-mem frees unplugged memory the way the balloon frees what it is given.
+        Role::DeviceWorker(Device::Balloon | Device::Mem) => &[BALLOON, EVENTS],
         Role::Api => &[API, CONNECTIONS, EVENTS],
         Role::Io => &[IO],
         Role::Spawner => &[SPAWNER],

@@ -54,6 +54,7 @@ pub const ROLES: &[Role] = &[
     Role::DeviceWorker(Device::Rng),
     Role::DeviceWorker(Device::Console),
     Role::DeviceWorker(Device::Balloon),
+    Role::DeviceWorker(Device::Mem),
     Role::Api,
     Role::Io,
     Role::Migration,

@@ -229,3 +229,31 @@ impl Driver {
         false
     }
 }
+
+/// Frees for real (`MADV_DONTNEED` on the driver's guest memory, a private anonymous
+/// mapping) and records what it freed: the owner's side of the balloon and virtio-mem.
+#[derive(Default)]
+pub struct Freer {
+    pub mem: std::sync::OnceLock<GuestMemoryMmap>,
+    pub freed: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl crate::devices::Discard for Freer {
+    fn discard(&self, addr: u64, len: u64) -> std::io::Result<()> {
+        use vm_memory::GuestMemoryBackend;
+        let mem = self
+            .mem
+            .get()
+            .ok_or_else(|| std::io::Error::other("no memory"))?;
+        let host = mem
+            .get_host_address(GuestAddress(addr))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // SAFETY: [host, host + len) is the test's guest memory (the device checked the range
+        // lies in it); dropping its pages is what the device asks for.
+        if unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.freed.lock().unwrap().push((addr, len));
+        Ok(())
+    }
+}

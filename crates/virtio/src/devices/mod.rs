@@ -14,11 +14,13 @@ pub mod balloon;
 pub mod block;
 mod common;
 pub mod console;
+pub mod mem;
 pub mod net;
 pub mod rng;
 
 pub use balloon::{Balloon, BalloonHandle, BalloonOptions, BalloonStatus, Discard};
 pub use block::{Block, BlockCounters, BlockOptions};
 pub use console::{Console, ConsoleInput, ConsoleOutput};
+pub use mem::{MemHandle, MemOptions, MemStatus, VirtioMem};
 pub use net::{Limits, Net, NetCounters, NetOptions};
 pub use rng::Rng;

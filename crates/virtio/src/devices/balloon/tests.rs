@@ -2,9 +2,7 @@
 //! afterwards), statistics come and go back, free page reports free memory unless the guest
 //! poisons it, and hostile requests break the device or are skipped.
 
-use std::sync::{Mutex, OnceLock};
-
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::testing::*;
@@ -12,33 +10,6 @@ use crate::testing::*;
 const CONFIG: u64 = 0x100;
 const INFLATE_Q: u32 = 0;
 const DEFLATE_Q: u32 = 1;
-
-/// Frees for real (`MADV_DONTNEED` on the driver's guest memory, a private anonymous
-/// mapping) and records what it freed.
-#[derive(Default)]
-struct Freer {
-    mem: OnceLock<crate::GuestMemoryMmap>,
-    freed: Mutex<Vec<(u64, u64)>>,
-}
-
-impl Discard for Freer {
-    fn discard(&self, addr: u64, len: u64) -> io::Result<()> {
-        let mem = self
-            .mem
-            .get()
-            .ok_or_else(|| io::Error::other("no memory"))?;
-        let host = mem
-            .get_host_address(GuestAddress(addr))
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        // SAFETY: [host, host + len) is the test's guest memory (the device checked the range
-        // lies in it); dropping its pages is what a balloon does.
-        if unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.freed.lock().unwrap().push((addr, len));
-        Ok(())
-    }
-}
 
 struct Rig {
     d: Driver,
