@@ -461,6 +461,43 @@ const CPU_HOTPLUG_CHECKS: &[&str] = &[
     "ready", "refuse-0", "refuse-5", "grow", "shrink", "regrow", "exit",
 ];
 
+/// Every check `xtask/l1/scenarios/memhotplug.sh` reports in its tern case.
+const MEM_HOTPLUG_CHECKS: &[&str] = &[
+    "ready",
+    "refuse-max_memory",
+    "refuse-memory",
+    "refuse-block",
+    "grow",
+    "filled",
+    "shrink",
+    "regrow",
+    "snapshot",
+    "restored",
+    "after-restore",
+    "exit",
+];
+
+/// The checks of the memory hotplug scenario's QEMU case (no refusals, no snapshot).
+fn mem_hotplug_qemu_checks() -> impl Iterator<Item = &'static &'static str> {
+    MEM_HOTPLUG_CHECKS
+        .iter()
+        .filter(|c| !c.starts_with("refuse-") && !["snapshot", "restored"].contains(c))
+}
+
+/// What a memory hotplug scenario requires: every check of `checks` passed for `case`.
+fn mem_hotplug_expect<'a>(case: &str, checks: impl Iterator<Item = &'a &'a str>) -> Expect {
+    let mut require: Vec<String> = checks
+        .map(|c| format!("TERN-MEMHP-PASS {case}/{c}:"))
+        .collect();
+    require.push(format!("TERN-MEMHP-OK {case}"));
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require,
+        forbid: strings(&["TERN-MEMHP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+    }
+}
+
 /// The virtio-blk scenarios (`xtask/l1/scenarios/blk.sh` cases) for one VMM. The guest has PCI
 /// (virtio-blk on tern's default virtio-pci transport; QEMU: microvm with PCIe).
 fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
@@ -1035,6 +1072,38 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // Memory hotplug under the Debian kernel's own virtio_mem driver: a 512 MiB guest
+        // with --max-memory 1G grows to 1 GiB (MemTotal exactly 512 MiB more), fills it,
+        // shrinks back (MemTotal returns, tern's RSS drops by 400 MiB or more), grows to
+        // 768 MiB, is snapshotted and restored (its sizes kept) and grows again; bad sizes are
+        // refused (`xtask/l1/scenarios/memhotplug.sh`).
+        Scenario {
+            name: "tern-mem-hotplug",
+            groups: &["core", "resources"],
+            base_cmdline: PCI_CMDLINE,
+            memory_mib: 512,
+            action: "script:memhotplug",
+            l1_script: Some(&["memhotplug.sh", "tern"]),
+            timeout_secs: 900,
+            expect: mem_hotplug_expect("tern", MEM_HOTPLUG_CHECKS.iter()),
+            ..DEFAULT
+        },
+        // The same under QEMU (machine pc: microvm has no memory devices; a virtio-mem-pci
+        // device resized with qom-set on its monitor), for the time from request to the
+        // guest's new MemTotal and the RSS returned: `cargo xtask rig --group resources`.
+        Scenario {
+            name: "qemu-mem-hotplug",
+            groups: &["resources"],
+            vmm: Vmm::Qemu,
+            qemu_machine: "pc",
+            base_cmdline: PCI_CMDLINE,
+            memory_mib: 512,
+            action: "script:memhotplug",
+            l1_script: Some(&["memhotplug.sh", "qemu"]),
+            timeout_secs: 900,
+            expect: mem_hotplug_expect("qemu", mem_hotplug_qemu_checks()),
+            ..DEFAULT
+        },
         Scenario {
             name: "tern-virtio-pci-intx",
             action: "script:virtio",
@@ -1443,11 +1512,55 @@ mod tests {
                 None => {
                     script.contains(&format!("pass {check} "))
                         || script.contains(&format!("step {check} "))
+                        || script.contains(&format!("finish_vmm {check} "))
                 }
             };
             assert!(reported, "cpuhotplug.sh never reports {check}");
         }
         assert!(script.contains("--max-cpus 4"));
+    }
+
+    #[test]
+    fn mem_hotplug_scenarios_require_every_check_their_script_reports() {
+        let all = all();
+        let script = include_str!("../l1/scenarios/memhotplug.sh");
+        let guest = include_str!("../guest/scenarios/memhotplug.sh");
+        let tern = all.iter().find(|s| s.name == "tern-mem-hotplug").unwrap();
+        assert!(tern.in_group("core") && tern.memory_mib == 512);
+        assert!(script.contains("--max-memory 1G") && script.contains("maxmem=1024M"));
+        for check in MEM_HOTPLUG_CHECKS {
+            let reported = match check.strip_prefix("refuse-") {
+                Some(why) => script.contains(&format!(":{why}")),
+                None => {
+                    script.contains(&format!("pass {check} "))
+                        || script.contains(&format!("step {check} "))
+                        || script.contains(&format!("finish_vmm {check} "))
+                }
+            };
+            assert!(reported, "memhotplug.sh never reports {check}");
+            assert!(tern
+                .expect
+                .require
+                .contains(&format!("TERN-MEMHP-PASS tern/{check}:")));
+        }
+        for line in script.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix("step ") {
+                let mut w = rest.split(' ');
+                let (check, guest_line) = (w.next().unwrap(), w.nth(1).unwrap());
+                assert!(MEM_HOTPLUG_CHECKS.contains(&check), "{check}");
+                assert!(
+                    guest.contains(&format!("step {guest_line} ")),
+                    "{guest_line}"
+                );
+            }
+        }
+        let qemu = all.iter().find(|s| s.name == "qemu-mem-hotplug").unwrap();
+        assert!(!qemu.in_group("core") && qemu.argv_template().contains(&"pc".to_string()));
+        assert!(qemu
+            .expect
+            .require
+            .contains(&"TERN-MEMHP-PASS qemu/after-restore:".to_string()));
+        assert!(!qemu.expect.require.iter().any(|r| r.contains("refuse")));
     }
 
     #[test]

@@ -14,6 +14,14 @@ pub const DEFAULT_CMDLINE: &str =
 
 /// Smallest guest RAM tern accepts (the VMM checks that its memory layout agrees).
 pub const MIN_MEMORY: u64 = 16 << 20;
+/// The hotpluggable part of guest memory (`max_memory - memory`) is a multiple of this: Linux's
+/// memory block size, in which the guest adds memory.
+pub const HOTPLUG_MEMORY_ALIGN: u64 = 128 << 20;
+/// The block size of tern's virtio-mem device: memory is added and removed in steps of this.
+pub const HOTPLUG_BLOCK_SIZE: u64 = 2 << 20;
+/// Appended to the guest's command line when it has hotpluggable memory (see
+/// [`VmConfig::effective_cmdline`]).
+pub const MEMORY_HOTPLUG_CMDLINE: &str = "memhp_default_state=online_movable";
 /// Largest guest RAM tern accepts, 1 TiB (the VMM checks that its memory layout agrees).
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Longest kernel command line tern accepts, in bytes without the NUL (the VMM checks that its
@@ -658,9 +666,14 @@ pub struct VmConfig {
     /// same as `cpus` when absent (no hotplug).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cpus: Option<u32>,
-    /// Guest RAM.
+    /// Guest RAM at boot.
     #[serde(default = "default_memory")]
     pub memory: MemSize,
+    /// Most guest RAM the VM may have through memory hotplug (`tern resize --memory`): a
+    /// virtio-mem device of `max_memory - memory` bytes, which must be a multiple of
+    /// [`HOTPLUG_MEMORY_ALIGN`]; the same as `memory` when absent (no memory hotplug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<MemSize>,
     /// Serial port (COM1) backend.
     #[serde(default)]
     pub serial: CharBackend,
@@ -730,6 +743,7 @@ impl Default for VmConfig {
             cpus: default_cpus(),
             max_cpus: None,
             memory: default_memory(),
+            max_memory: None,
             serial: CharBackend::default(),
             boot_protocol: BootProtocol::default(),
             decompress: Decompress::default(),
@@ -766,9 +780,23 @@ impl VmConfig {
         self.max_cpus.unwrap_or(self.cpus).max(self.cpus)
     }
 
-    /// The command line the guest gets.
-    pub fn effective_cmdline(&self) -> &str {
-        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    /// Bytes of hotpluggable memory (`max_memory - memory`; zero without memory hotplug).
+    pub fn hotplug_memory(&self) -> u64 {
+        self.max_memory
+            .map_or(0, |m| m.0.saturating_sub(self.memory.0))
+    }
+
+    /// The command line the guest gets: `cmdline` or [`DEFAULT_CMDLINE`]; with hotpluggable
+    /// memory, [`MEMORY_HOTPLUG_CMDLINE`] appended unless the line sets
+    /// `memhp_default_state` itself, so that Linux onlines the memory virtio-mem adds as
+    /// movable (which it can take away again).
+    pub fn effective_cmdline(&self) -> std::borrow::Cow<'_, str> {
+        let base = self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+        if self.hotplug_memory() > 0 && !base.contains("memhp_default_state=") {
+            format!("{base} {MEMORY_HOTPLUG_CMDLINE}").into()
+        } else {
+            base.into()
+        }
     }
 
     /// Checks every field; the first problem found is returned.
@@ -798,11 +826,33 @@ impl VmConfig {
         if !m.is_multiple_of(4096) {
             return Err(invalid("memory", self.memory, "must be a multiple of 4K"));
         }
+        if let Some(max) = self.max_memory {
+            let extra = max.0.checked_sub(m).ok_or_else(|| {
+                invalid(
+                    "max_memory",
+                    max,
+                    format!("must be at least memory ({})", self.memory),
+                )
+            })?;
+            if max.0 > MAX_MEMORY {
+                return Err(invalid("max_memory", max, "must be at most 1T"));
+            }
+            if !extra.is_multiple_of(HOTPLUG_MEMORY_ALIGN) {
+                return Err(invalid(
+                    "max_memory",
+                    max,
+                    format!(
+                        "must exceed memory ({}) by a multiple of 128M (the hotpluggable part)",
+                        self.memory
+                    ),
+                ));
+            }
+        }
         let cmd = self.effective_cmdline();
         if cmd.len() > CMDLINE_MAX_SIZE {
             return Err(invalid(
                 "cmdline",
-                format!("{}...", head(cmd, 32)),
+                format!("{}...", head(&cmd, 32)),
                 format!(
                     "is {} bytes; at most {} are allowed",
                     cmd.len(),

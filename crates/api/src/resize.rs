@@ -11,4 +11,10 @@ pub struct ResizeRequest {
     /// ejects) them.
     #[serde(default)]
     pub cpus: Option<u32>,
+    /// The guest memory the guest should have in all: from the VM's `memory` up to its
+    /// `max_memory`, in steps of [`HOTPLUG_BLOCK_SIZE`](crate::config::HOTPLUG_BLOCK_SIZE).
+    /// The part above `memory` is plugged into and unplugged from the guest through its
+    /// virtio-mem device; the guest's driver does the work.
+    #[serde(default)]
+    pub memory: Option<crate::config::MemSize>,
 }

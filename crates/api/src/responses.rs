@@ -62,9 +62,17 @@ pub struct VmInfo {
     /// Most vCPUs the VM may have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus_max: Option<u32>,
-    /// Guest RAM in bytes.
+    /// Guest RAM in bytes the guest has now: its boot memory and the hotplugged memory its
+    /// driver plugged in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Guest RAM in bytes last asked for (`PUT /v1/vm/resize`); the guest may still be
+    /// plugging or unplugging memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_requested_bytes: Option<u64>,
+    /// Most guest RAM in bytes the VM may have (`max_memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_bytes: Option<u64>,
     /// Milliseconds since the VM was built (boot or restore).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_ms: Option<u64>,
@@ -87,6 +95,8 @@ impl VmInfo {
             vcpus_requested: None,
             vcpus_max: None,
             memory_bytes: None,
+            memory_requested_bytes: None,
+            memory_max_bytes: None,
             uptime_ms: None,
             generation_id: None,
             taps: None,

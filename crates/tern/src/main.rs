@@ -64,13 +64,18 @@ enum Command {
     /// Set the size of a running VM's memory balloon (the guest gives that much memory back
     /// to the host), or show it and the guest's memory statistics.
     Balloon(balloon::BalloonArgs),
-    /// Change a running VM's number of vCPUs (CPU hotplug, up to its --max-cpus).
+    /// Change a running VM's number of vCPUs (CPU hotplug, up to its --max-cpus) or its
+    /// memory (virtio-mem, up to its --max-memory).
     Resize {
         #[command(flatten)]
         client: ClientArgs,
         /// The number of vCPUs the guest should have.
-        #[arg(long, value_name = "N")]
-        cpus: u32,
+        #[arg(long, value_name = "N", required_unless_present = "memory")]
+        cpus: Option<u32>,
+        /// The memory the guest should have in all, e.g. 2G (from --memory up to
+        /// --max-memory, in steps of 2M).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<MemSize>,
     },
 }
 
@@ -163,6 +168,11 @@ struct RunArgs {
     /// Guest memory, e.g. 512M, 2G (a plain number means MiB) [default: 512M].
     #[arg(long, value_name = "SIZE")]
     memory: Option<MemSize>,
+    /// Most memory the VM may grow to while it runs (`tern resize --memory`): a virtio-mem
+    /// device of the difference, a multiple of 128M; the guest's kernel needs its virtio_mem
+    /// driver [default: --memory, no memory hotplug].
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<MemSize>,
     /// Serial console: stdio, file:PATH or none [default: stdio].
     #[arg(long, value_name = "BACKEND")]
     serial: Option<CharBackend>,
@@ -244,6 +254,7 @@ impl RunArgs {
             || self.cmdline.is_some()
             || self.cpus.is_some()
             || self.max_cpus.is_some()
+            || self.max_memory.is_some()
             || self.memory.is_some()
             || self.serial.is_some()
             || self.boot_protocol.is_some()
@@ -286,6 +297,9 @@ impl RunArgs {
         }
         if let Some(v) = self.memory {
             c.memory = v;
+        }
+        if let Some(v) = self.max_memory {
+            c.max_memory = Some(v);
         }
         if let Some(v) = self.serial {
             c.serial = v;
@@ -629,11 +643,19 @@ fn main() -> ExitCode {
         Command::Jail(args) => jail::main(*args),
         Command::Migrate(args) => migrate::main(*args),
         Command::Balloon(args) => balloon::main(args),
-        Command::Resize { client: c, cpus } => {
-            let body = serde_json::json!({ "cpus": cpus }).to_string();
+        Command::Resize {
+            client: c,
+            cpus,
+            memory,
+        } => {
+            let body = serde_json::to_string(&api::resize::ResizeRequest { cpus, memory })
+                .unwrap_or_default();
+            let mut what: Vec<String> = cpus.iter().map(|n| format!("{n} vCPUs")).collect();
+            what.extend(memory.map(|m| format!("{} MiB of memory", m.0 >> 20)));
             client_with(&c, "PUT", "/v1/vm/resize", Some(&body), move |_| {
                 Ok(format!(
-                    "asked for {cpus} vCPUs (the guest adds or removes them; tern info shows them)"
+                    "asked for {} (the guest adds or removes them; tern info shows them)",
+                    what.join(" and ")
                 ))
             })
         }
@@ -743,6 +765,14 @@ fn show_info(body: &str) -> Result<String, String> {
     }
     if let Some(m) = v.memory_bytes {
         s.push_str(&format!("\nmemory: {} MiB", m >> 20));
+        match (v.memory_requested_bytes, v.memory_max_bytes) {
+            (Some(r), Some(x)) if x > m || r != m => s.push_str(&format!(
+                " (asked for {} MiB, at most {} MiB)",
+                r >> 20,
+                x >> 20
+            )),
+            _ => {}
+        }
     }
     if let Some(u) = v.uptime_ms {
         s.push_str(&format!("\nuptime: {}.{:03} s", u / 1000, u % 1000));

@@ -15,14 +15,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// tern's resident memory, in bytes.
-fn rss(t: &Tern) -> u64 {
-    let kb = status_field(&format!("/proc/{}/status", t.0.id()), "VmRSS")
-        .and_then(|v| v.trim_end_matches(" kB").parse::<u64>().ok())
-        .expect("VmRSS");
-    kb << 10
-}
-
 /// The probe's `vballoon` lines so far.
 fn said(serial: &Path) -> Vec<String> {
     lines_after(serial, "probe: vballoon ")
@@ -83,7 +75,7 @@ fn takes_memory_back_and_gives_it_again(name: &str, extra: &[&str]) {
     let mut args = vec!["--balloon", "free_page_reporting=on,stats_s=1"];
     args.extend_from_slice(extra);
     let (t, c, serial) = guest(&dir, &args, true);
-    let full = rss(&t);
+    let full = t.rss();
     assert!(
         full > 128 * MIB,
         "the guest's 128 MiB are not resident: {full}"
@@ -94,7 +86,7 @@ fn takes_memory_back_and_gives_it_again(name: &str, extra: &[&str]) {
     wait_until("the balloon's actual size", Duration::from_secs(5), || {
         balloon(&c)["actual_bytes"] == 96 * MIB
     });
-    let ballooned = rss(&t);
+    let ballooned = t.rss();
     assert!(
         ballooned + 80 * MIB < full,
         "inflating 96 MiB took tern's RSS from {} to {} MiB only",
@@ -106,7 +98,7 @@ fn takes_memory_back_and_gives_it_again(name: &str, extra: &[&str]) {
     wait_until("the report", Duration::from_secs(5), || {
         balloon(&c)["reported_bytes"] == 32 * MIB
     });
-    let reported = rss(&t);
+    let reported = t.rss();
     assert!(
         reported + 24 * MIB < ballooned,
         "reporting 32 MiB free took tern's RSS from {} to {} MiB only",
@@ -140,7 +132,7 @@ fn takes_memory_back_and_gives_it_again(name: &str, extra: &[&str]) {
     assert_eq!(st, 204, "{b}");
     wait_said(&serial, "held=0 zero=ok", 20);
     wait_until("the guest's memory back", Duration::from_secs(10), || {
-        rss(&t) > reported + 80 * MIB
+        t.rss() > reported + 80 * MIB
     });
     let b = balloon(&c);
     assert_eq!(b["deflated_bytes"], 96 * MIB, "{b}");

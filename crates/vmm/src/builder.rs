@@ -119,7 +119,7 @@ fn load_guest(
         arch::boot::KernelSpec {
             kernel: &kernel_bytes,
             initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
-            cmdline: config.effective_cmdline(),
+            cmdline: &config.effective_cmdline(),
             mem_size,
             protocol,
             bzimage_entry,
@@ -215,10 +215,13 @@ pub fn build_on(
         )));
     }
     let (mem, backing) = if config.memory_shared || memory.is_some() {
-        let (m, f) = crate::memory::allocate_shared(config.memory.0, memory)?;
+        let (m, f) = crate::memory::allocate_shared(&crate::memory::layout(config), memory)?;
         (m, Some(f))
     } else {
-        (crate::memory::allocate(config.memory.0)?, None)
+        (
+            crate::memory::allocate(&crate::memory::layout(config))?,
+            None,
+        )
     };
     // Registering guest memory and creating the PIT (which starts a kernel thread) are among
     // the slowest KVM calls on some hosts; they run on their own thread while this one loads
@@ -367,6 +370,7 @@ fn build_rest(
     Ok(Vm {
         ram,
         balloon: virtio.balloon,
+        mem_hotplug: virtio.mem,
         cpu_hotplug,
         ctl,
         vcpus,

@@ -91,16 +91,24 @@ impl CpuHotplug {
         (present, g.state.requested, g.state.flags.len() as u32)
     }
 
-    /// Asks for `n` vCPUs: adds the missing ones at once (the guest onlines them), or asks the
-    /// guest to remove the highest ones (it offlines and ejects them).
-    pub fn resize(&self, n: u32) -> Result<(), String> {
-        let mut g = lock(&self.inner);
-        let max = g.state.flags.len() as u32;
+    /// Whether `n` vCPUs may be asked for: 1 up to `max_cpus`; the error starts with
+    /// "invalid".
+    pub fn check(&self, n: u32) -> Result<(), String> {
+        let max = lock(&self.inner).state.flags.len() as u32;
         if n == 0 || n > max {
             return Err(format!(
                 "invalid cpus {n}: must be between 1 and the VM's max_cpus ({max})"
             ));
         }
+        Ok(())
+    }
+
+    /// Asks for `n` vCPUs (see [`check`](Self::check)): adds the missing ones at once (the
+    /// guest onlines them), or asks the guest to remove the highest ones (it offlines and
+    /// ejects them).
+    pub fn resize(&self, n: u32) -> Result<(), String> {
+        self.check(n)?;
+        let mut g = lock(&self.inner);
         g.state.requested = n;
         let mut changed = false;
         for (i, f) in g.state.flags.iter_mut().enumerate() {

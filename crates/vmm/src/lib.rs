@@ -21,6 +21,7 @@ mod layout_tests;
 pub mod memory;
 pub mod migration;
 pub mod platform;
+pub mod resize;
 pub mod runner;
 pub mod signals;
 pub mod snapshot;

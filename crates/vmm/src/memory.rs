@@ -13,11 +13,19 @@ use virtio::VmMemory;
 
 use crate::error::{kvm_err, VmmError};
 
-/// Allocates `size` bytes of guest RAM in tern's layout (below and above the 32-bit hole).
-pub fn allocate(size: u64) -> Result<GuestMemoryMmap, VmmError> {
-    let ranges: Vec<(GuestAddress, usize)> = arch::memory::ram_regions(size)
-        .into_iter()
-        .map(|(a, s)| (GuestAddress(a), s as usize))
+/// The regions of guest memory `config` asks for, as (guest address, size): RAM below and
+/// above the 32-bit hole, then the hotpluggable region of its virtio-mem device, if any.
+pub fn layout(config: &crate::VmConfig) -> Vec<(u64, u64)> {
+    arch::memory::guest_regions(config.memory.0, config.hotplug_memory())
+}
+
+/// Allocates guest memory for `regions` (see [`layout`]) from private anonymous memory, which
+/// the host only backs as the guest touches it.
+pub fn allocate(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
+    let size: u64 = regions.iter().map(|r| r.1).sum();
+    let ranges: Vec<(GuestAddress, usize)> = regions
+        .iter()
+        .map(|&(a, s)| (GuestAddress(a), s as usize))
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|e| VmmError::Memory(size >> 20, e.to_string()))?;
@@ -42,14 +50,15 @@ pub fn allocate(size: u64) -> Result<GuestMemoryMmap, VmmError> {
     Ok(mem)
 }
 
-/// Allocates `size` bytes of guest RAM in tern's layout, backed by one shared memory file
+/// Allocates guest memory for `regions` (see [`layout`]), backed by one shared memory file
 /// (regions at their offsets in it, end to end): what a local migration hands over. With
 /// `file`, maps that one (received from the tern the VM comes from) instead of making one.
 pub fn allocate_shared(
-    size: u64,
+    regions: &[(u64, u64)],
     file: Option<std::fs::File>,
 ) -> Result<(GuestMemoryMmap, std::fs::File), VmmError> {
     use vm_memory::FileOffset;
+    let size: u64 = regions.iter().map(|r| r.1).sum();
     let err = |e: String| VmmError::Memory(size >> 20, e);
     let file = match file {
         Some(f) => {
@@ -78,7 +87,7 @@ pub fn allocate_shared(
     };
     let mut offset = 0u64;
     let mut ranges = Vec::new();
-    for (a, s) in arch::memory::ram_regions(size) {
+    for &(a, s) in regions {
         let f = file.try_clone().map_err(|e| err(e.to_string()))?;
         ranges.push((
             GuestAddress(a),

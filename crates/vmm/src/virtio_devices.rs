@@ -12,7 +12,7 @@ use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use net::Tap;
 use virtio::devices::{
     Balloon, BalloonHandle, BalloonOptions, Block, BlockCounters, BlockOptions, Console,
-    ConsoleInput, Limits, Net, NetCounters, NetOptions, Rng,
+    ConsoleInput, Limits, MemHandle, MemOptions, Net, NetCounters, NetOptions, Rng, VirtioMem,
 };
 use virtio::transport::mmio::{MmioSlot, MmioTransport};
 use virtio::{VirtioDevice, VmMemory};
@@ -42,6 +42,8 @@ pub struct VirtioDevices {
     pub announcers: Vec<(Arc<Tap>, [u8; 6])>,
     /// The balloon's handle, when the VM has one.
     pub balloon: Option<BalloonHandle>,
+    /// The virtio-mem device's handle, when the VM has hotpluggable memory.
+    pub mem: Option<MemHandle>,
 }
 
 /// A device's counters, as the API reports them.
@@ -157,6 +159,19 @@ pub fn create(
         balloon = Some(dev.handle());
         devices.push(Box::new(dev));
     }
+    let mut mem = None;
+    let hotplug = arch::memory::hotplug_region(config.memory.0, config.hotplug_memory());
+    if let Some((addr, size)) = hotplug {
+        let opts = MemOptions {
+            addr,
+            size,
+            block_size: crate::config::HOTPLUG_BLOCK_SIZE,
+        };
+        let dev =
+            VirtioMem::new(opts, ram.clone()).map_err(|e| setup(format!("virtio-mem: {e}")))?;
+        mem = Some(dev.handle());
+        devices.push(Box::new(dev));
+    }
     if devices.len() as u64 > VIRTIO_MMIO_MAX {
         return Err(setup(format!(
             "at most {VIRTIO_MMIO_MAX} virtio devices are supported"
@@ -170,6 +185,7 @@ pub fn create(
         locks,
         announcers,
         balloon,
+        mem,
     })
 }
 
@@ -221,6 +237,12 @@ pub fn device_names(config: &VmConfig) -> Vec<String> {
     if config.balloon.is_some() {
         names.push("virtio-balloon".to_string());
     }
+    if config.hotplug_memory() > 0 {
+        names.push(format!(
+            "virtio-mem ({} MiB hotpluggable)",
+            config.hotplug_memory() >> 20
+        ));
+    }
     names
 }
 
@@ -238,6 +260,9 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
     ids.extend((0..config.nets.len()).map(|i| format!("net{i}")));
     if config.balloon.is_some() {
         ids.push("virtio-balloon".to_string());
+    }
+    if config.hotplug_memory() > 0 {
+        ids.push("virtio-mem".to_string());
     }
     ids
 }
@@ -326,6 +351,18 @@ pub fn mmio_slot(i: usize) -> MmioSlot {
     }
 }
 
+/// Every device has its id and name ([`device_ids`] and [`device_names`] follow [`create`]).
+fn check_ids(devices: &[Box<dyn VirtioDevice>], ids: &[(String, String)]) -> Result<(), VmmError> {
+    if devices.len() == ids.len() {
+        return Ok(());
+    }
+    Err(setup(format!(
+        "{} virtio devices but {} device ids (an internal error)",
+        devices.len(),
+        ids.len()
+    )))
+}
+
 /// Attaches each device through virtio-mmio at [`mmio_slot`]`(i)`, as device `ids[i]` (id,
 /// name) of `dm`: its register window, its state and its DSDT entry.
 pub fn attach_mmio(
@@ -335,6 +372,7 @@ pub fn attach_mmio(
     devices: Vec<Box<dyn VirtioDevice>>,
     ids: &[(String, String)],
 ) -> Result<(), VmmError> {
+    check_ids(&devices, ids)?;
     for ((i, dev), (id, name)) in devices.into_iter().enumerate().zip(ids) {
         let slot = mmio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
@@ -505,6 +543,7 @@ pub fn attach_pci(
         arch::layout::PCI_ECAM_START,
         ECAM_BUS_SIZE,
     )?;
+    check_ids(&devices, ids)?;
     for (dev, (id, name)) in devices.into_iter().zip(ids) {
         let nvec = dev.queue_max_sizes().len() + 1;
         let vectors = (0..nvec)

@@ -60,6 +60,8 @@ pub struct Vm {
     pub(crate) balloon: Option<virtio::devices::BalloonHandle>,
     /// The CPU hotplug controller, when `max_cpus` exceeds `cpus`.
     pub(crate) cpu_hotplug: Option<Arc<crate::cpu_hotplug::CpuHotplug>>,
+    /// The virtio-mem device, when `max_memory` exceeds `memory`.
+    pub(crate) mem_hotplug: Option<virtio::devices::MemHandle>,
 }
 
 impl crate::migration::receive::Arrival for Vm {
@@ -89,38 +91,6 @@ impl crate::migration::receive::Arrival for Vm {
 }
 
 impl Vm {
-    /// (present, last asked for, most) vCPUs.
-    fn vcpu_counts(&self, config: &VmConfig) -> (u32, u32, u32) {
-        match &self.cpu_hotplug {
-            Some(hp) => hp.counts(),
-            None => (config.cpus, config.cpus, config.cpus),
-        }
-    }
-
-    /// `PUT /v1/vm/resize`.
-    fn resize(&self, r: &::api::resize::ResizeRequest, config: &VmConfig) -> Reply {
-        let Some(n) = r.cpus else {
-            return Reply::error(400, "nothing to resize: give cpus");
-        };
-        let Some(hp) = &self.cpu_hotplug else {
-            return Reply::error(
-                400,
-                format!(
-                    "invalid cpus {n}: the VM has no CPU hotplug (its max_cpus is its {} cpus; start it with --max-cpus N)",
-                    config.cpus
-                ),
-            );
-        };
-        match hp.resize(n) {
-            Ok(()) => {
-                tracing::info!("resize: {n} vCPUs asked for");
-                Reply::done()
-            }
-            Err(e) if e.starts_with("invalid") => Reply::error(400, e),
-            Err(e) => Reply::error(500, format!("cannot resize: {e}")),
-        }
-    }
-
     /// The VM's devices.
     pub fn devices(&self) -> &crate::device_manager::DeviceManager {
         &self.devices
@@ -346,12 +316,17 @@ impl Vm {
         }
         match action {
             Action::Info => {
-                let (present, requested, max) = self.vcpu_counts(config);
+                let (present, requested, max) =
+                    crate::resize::vcpu_counts(self.cpu_hotplug.as_deref(), config);
+                let (mem_now, mem_requested, mem_max) =
+                    crate::resize::memory_sizes(self.mem_hotplug.as_ref(), config);
                 Reply::ok(&VmInfo {
                 vcpus: Some(present),
                 vcpus_requested: Some(requested),
                 vcpus_max: Some(max),
-                memory_bytes: Some(config.memory.0),
+                memory_bytes: Some(mem_now),
+                memory_requested_bytes: Some(mem_requested),
+                memory_max_bytes: Some(mem_max),
                 uptime_ms: Some(self.started.elapsed().as_millis() as u64),
                 generation_id: crate::vmgenid::read(self.ram.mem())
                     .ok()
@@ -427,7 +402,12 @@ impl Vm {
                 Some(b) => Reply::ok(&crate::balloon::info(b, config)),
                 None => crate::balloon::none(),
             },
-            Action::Resize(r) => self.resize(r, config),
+            Action::Resize(r) => crate::resize::resize(
+                self.cpu_hotplug.as_deref(),
+                self.mem_hotplug.as_ref(),
+                r,
+                config,
+            ),
             Action::BalloonSet(r) => match &self.balloon {
                 Some(b) => crate::balloon::set(b, r),
                 None => crate::balloon::none(),

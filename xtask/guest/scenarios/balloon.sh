@@ -6,16 +6,7 @@
 #   report:  writes 300 MiB to a tmpfs (FILLED), keeps it 4 s, removes it (FREED) and stays
 #            up 15 s while free page reporting hands it to the host.
 rig_modload virtio_pci virtio_balloon || echo "TERN-GUEST-ERROR: cannot load virtio_balloon"
-memtotal() { awk '/^MemTotal:/ { print $2 }' /proc/meminfo; }
-# wait_mem CMP KB SECS: until MemTotal CMP KB (-le or -ge), at most SECS seconds.
-wait_mem() {
-    n=0
-    while ! [ "$(memtotal)" "$1" "$2" ]; do
-        n=$((n + 1))
-        [ $n -gt $(($3 * 5)) ] && return 1
-        sleep 0.2
-    done
-}
+. /scenarios/mem-lib.sh
 part=$(sed -n 's/.*rig\.balloon=\([a-z]*\).*/\1/p' /proc/cmdline)
 mkdir -p /tmp/fill && mount -t tmpfs -o size=700m tmpfs /tmp/fill
 case "$part" in

@@ -37,21 +37,7 @@ W=/tmp/balloon-$case_
 SOCK=$W/api.sock
 mkdir -p "$W"
 
-failed=0
-pass() { echo "$TAG-PASS $case_/$1: $2"; }
-fail() { failed=1; echo "$TAG-FAIL $case_/$1: $2"; }
-# Milliseconds of L1's uptime.
-now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null; }
-# wait_for FILE PATTERN SECONDS
-wait_for() {
-    n=0
-    while ! grep -q -E "$2" "$1" 2>/dev/null; do
-        n=$((n + 1))
-        [ $n -gt $(($3 * 5)) ] && return 1
-        sleep 0.2
-    done
-}
+. /rig/l1/l1-lib.sh
 # boot PART BALLOON-OPTS OUT: the VMM with the argv, rig.balloon=PART on its command line, a
 # balloon with BALLOON-OPTS (tern's --balloon, or QEMU's device properties) and its control
 # (tern's API socket, or QEMU's monitor on the pipe $W/mon.in / $W/mon.out).
@@ -87,27 +73,8 @@ size() {
         "$tern" balloon --api-socket "$SOCK" --size "$1M" 2>&1
     fi
 }
-# finish PART OUT: tern must exit 0 after its guest powered off.
-finish() {
-    n=0
-    while kill -0 "$pid" 2>/dev/null; do
-        n=$((n + 1))
-        if [ $n -gt 600 ]; then
-            fail "$1-exit" "the VMM still running 120 s after the guest's part"
-            kill -9 "$pid"
-            break
-        fi
-        sleep 0.2
-    done
-    wait "$pid"
-    rc=$?
-    cat "$2"
-    if [ "$rc" = 0 ]; then
-        pass "$1-exit" "the guest powered off and the VMM exited 0"
-    else
-        fail "$1-exit" "the VMM exited with status $rc"
-    fi
-}
+# finish PART OUT: the VMM must exit 0 after its guest powered off.
+finish() { finish_vmm "$1-exit" "$pid" "$2"; }
 
 # 1. Inflate and deflate.
 OUT1=$W/inflate.out
@@ -199,9 +166,4 @@ else
 fi
 finish report "$OUT2"
 
-if [ "$failed" = 0 ]; then
-    echo "$TAG-OK $case_"
-    exit 0
-fi
-echo "$TAG-FAILED $case_"
-exit 1
+verdict

@@ -37,21 +37,10 @@ OUT=$W/vm.out
 mkdir -p "$W"
 rm -f "$SOCK"
 
-failed=0
-pass() { echo "$TAG-PASS $case_/$1: $2"; }
-fail() { failed=1; echo "$TAG-FAIL $case_/$1: $2"; }
-# Milliseconds of L1's uptime.
-now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
-# wait_for PATTERN SECONDS: until the VM's output matches. (Once a second: L1 is one emulated
-# CPU, and what runs in it competes with the guest's vCPUs.)
-wait_for() {
-    n=0
-    while ! grep -q -E "$1" "$OUT" 2>/dev/null; do
-        n=$((n + 1))
-        [ $n -gt "$2" ] && return 1
-        sleep 1
-    done
-}
+. /rig/l1/l1-lib.sh
+# The VM's output is looked at once a second: L1 is one emulated CPU, and what runs in it
+# competes with the guest's vCPUs.
+POLL_S=1
 # step CHECK N: resize to N vCPUs; the guest must say count=N and have worked on each, and
 # tern info must say N.
 step() {
@@ -86,7 +75,7 @@ step() {
 
 "$@" --max-cpus 4 --api-socket "$SOCK" > "$OUT" 2>&1 &
 pid=$!
-if wait_for TERN-GUEST-CPUS-READY 120; then
+if wait_for "$OUT" TERN-GUEST-CPUS-READY 120; then
     pass ready "the guest booted with $(grep -o 'online=[^ ]* count=[0-9]*' "$OUT" | head -n 1)"
     for bad in 0 5; do
         if out=$("$tern" resize --api-socket "$SOCK" --cpus "$bad" 2>&1); then
@@ -105,27 +94,5 @@ else
     kill -9 "$pid" 2>/dev/null
 fi
 
-n=0
-while kill -0 "$pid" 2>/dev/null; do
-    n=$((n + 1))
-    if [ $n -gt 600 ]; then
-        fail exit "tern still running 120 s after the last step"
-        kill -9 "$pid"
-        break
-    fi
-    sleep 0.2
-done
-wait "$pid"
-rc=$?
-cat "$OUT"
-if [ "$rc" = 0 ]; then
-    pass exit "the guest powered off and tern exited 0"
-else
-    fail exit "tern exited with status $rc"
-fi
-if [ "$failed" = 0 ]; then
-    echo "$TAG-OK $case_"
-    exit 0
-fi
-echo "$TAG-FAILED $case_"
-exit 1
+finish_vmm exit "$pid" "$OUT"
+verdict

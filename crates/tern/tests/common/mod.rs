@@ -436,6 +436,15 @@ impl Tern {
     pub fn running(&mut self) -> bool {
         self.0.try_wait().unwrap().is_none()
     }
+
+    /// Its resident memory, in bytes.
+    #[allow(dead_code)]
+    pub fn rss(&self) -> u64 {
+        let kb = status_field(&format!("/proc/{}/status", self.0.id()), "VmRSS")
+            .and_then(|v| v.trim_end_matches(" kB").parse::<u64>().ok())
+            .expect("VmRSS");
+        kb << 10
+    }
 }
 
 /// `tern run ARGS`, its standard error piped.

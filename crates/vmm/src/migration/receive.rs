@@ -250,10 +250,11 @@ fn take<V: Arrival, S: Conn>(
         let Some(fd) = fd else {
             return Err(refuse("the Memory message carried no descriptor".into()));
         };
-        if shared.size != config.memory.0 {
+        let size: u64 = crate::memory::layout(&config).iter().map(|r| r.1).sum();
+        if shared.size != size {
             return Err(refuse(format!(
-                "the shared memory holds {} bytes; the VM has {}",
-                shared.size, config.memory.0
+                "the shared memory holds {} bytes; the VM has {size}",
+                shared.size
             )));
         }
         Some(fd)
@@ -427,7 +428,7 @@ pub mod fuzzing {
             ..VmConfig::default()
         };
         config.memory = crate::config::MemSize(16 << 20);
-        let memory = crate::memory::allocate(16 << 20)
+        let memory = crate::memory::allocate(&crate::memory::layout(&config))
             .map(|m| crate::snapshot::memory::layout(&m))
             .unwrap_or_default();
         let hello = Hello {
@@ -465,10 +466,10 @@ pub mod fuzzing {
             accept_taps: vec!["*".into()],
         };
         let build = |c: &VmConfig, _: Option<File>| {
-            if c.memory.0 > 16 << 20 {
+            if c.memory.0.max(c.max_memory.map_or(0, |m| m.0)) > 16 << 20 {
                 return Err("too large for the fuzzer".to_string());
             }
-            crate::memory::allocate(c.memory.0)
+            crate::memory::allocate(&crate::memory::layout(c))
                 .map(Fake)
                 .map_err(|e| e.to_string())
         };

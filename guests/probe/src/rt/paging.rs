@@ -5,6 +5,8 @@
 //! PCI BARs. They usually lie in the last GiB below 4 GiB, which the boot map
 //! already maps uncached; anything else (a 64-bit BAR above 4 GiB, a window
 //! in a cached part of the first 3 GiB) gets 2 MiB uncached user pages.
+//! Also for RAM beyond the boot map (a virtio-mem device's region above
+//! 4 GiB), which gets 2 MiB cached (write-back) user pages.
 
 use super::phys::PhysAlloc;
 use super::sys;
@@ -19,6 +21,8 @@ const LARGE: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// A 2 MiB user page with PAT index 3 (PCD|PWT): uncached with the reset PAT.
 const UC_2M: u64 = PRESENT | WRITABLE | USER | WRITE_THROUGH | CACHE_DISABLE | LARGE;
+/// A 2 MiB user page, write-back.
+const WB_2M: u64 = PRESENT | WRITABLE | USER | LARGE;
 /// A table entry pointing at the next level.
 const TABLE: u64 = PRESENT | WRITABLE | USER;
 const PAGE_2M: u64 = 2 << 20;
@@ -31,6 +35,17 @@ const PHYS_LIMIT: u64 = 1 << 52;
 /// CPUs may keep a stale cached mapping of a remapped page until their next
 /// CR3 load (the APs only run scenario jobs, which touch no devices).
 pub fn map_uncached(pa: &mut PhysAlloc, base: u64, len: u64) -> Result<(), &'static str> {
+    map(pa, base, len, UC_2M)
+}
+
+/// Make `[base, base + len)` accessible to ring 3 as ordinary (write-back)
+/// memory, identity mapped in whole 2 MiB pages; otherwise as
+/// [`map_uncached`].
+pub fn map_cached(pa: &mut PhysAlloc, base: u64, len: u64) -> Result<(), &'static str> {
+    map(pa, base, len, WB_2M)
+}
+
+fn map(pa: &mut PhysAlloc, base: u64, len: u64, flags: u64) -> Result<(), &'static str> {
     if len == 0 {
         return Ok(());
     }
@@ -45,9 +60,10 @@ pub fn map_uncached(pa: &mut PhysAlloc, base: u64, len: u64) -> Result<(), &'sta
         let pdpt = next_table(pa, pml4, page >> 39)?;
         let pd = next_table(pa, pdpt, page >> 30)?;
         let entry = pd + ((page >> 21) & 511) * 8;
-        let want = page | UC_2M;
+        let want = page | flags;
         // SAFETY: `entry` is a slot of a live page directory, identity mapped;
-        // the new value maps device memory (or leaves the slot unchanged).
+        // the new value maps device memory or RAM the caller owns (or leaves
+        // the slot unchanged).
         unsafe {
             let e = entry as *mut u64;
             if e.read_volatile() != want {

@@ -30,6 +30,7 @@ mod vblkhostile;
 mod vcons;
 mod vhostile;
 mod virtio;
+mod vmem;
 mod vnet;
 mod vnetbench;
 mod vnethostile;
@@ -61,6 +62,7 @@ pub static SCENARIOS: &[Scenario] = &[
     vnetbench::SCENARIO,
     count::SCENARIO,
     vballoon::SCENARIO,
+    vmem::SCENARIO,
     cpueject::SCENARIO,
 ];
 

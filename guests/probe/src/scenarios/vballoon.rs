@@ -95,7 +95,12 @@ impl Driver<'_> {
         let entries = [(5u16, STATS_TOTAL), (4, held * PAGE), (3, self.stats_sent)];
         for (i, (tag, v)) in entries.iter().enumerate() {
             let at = self.stats_buf + i as u64 * 10;
-            for (j, b) in tag.to_le_bytes().iter().chain(v.to_le_bytes().iter()).enumerate() {
+            for (j, b) in tag
+                .to_le_bytes()
+                .iter()
+                .chain(v.to_le_bytes().iter())
+                .enumerate()
+            {
                 // SAFETY: `stats_buf` is a page of ours for exactly this.
                 unsafe { core::ptr::write_volatile((at + j as u64) as *mut u8, *b) };
             }
