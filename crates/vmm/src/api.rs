@@ -8,9 +8,10 @@
 //! `PUT /v1/vm/{boot,pause,resume,shutdown,reboot}`, `GET /v1/vm/counters`,
 //! `PUT /v1/vm/snapshot`, `PUT /v1/vm/restore`, and live migration: `PUT /v1/vm/migrate/send`
 //! (202; it runs in the background), `GET /v1/vm/migrate` (its status), `DELETE /v1/vm/migrate`
-//! (cancel) and `PUT /v1/vm/migrate/receive` (an empty tern waits for one). Resizing and
-//! hotplug are meant to follow as `PUT /v1/vm/resize` and `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document `docs/api/openapi.json` describes
-//! every route; a test checks it against [`ROUTES`].
+//! (cancel) and `PUT /v1/vm/migrate/receive` (an empty tern waits for one); the balloon
+//! (`GET|PUT /v1/vm/balloon`) and resizing (`PUT /v1/vm/resize`: vCPUs and memory). Device
+//! hotplug is meant to follow as `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document
+//! `docs/api/openapi.json` describes every route; a test checks it against [`ROUTES`].
 //!
 //! The bodies are the `api` crate's types: [`VmConfig`] for `PUT /v1/vm`, its
 //! `RestoreOptions` for `PUT /v1/vm/restore`, its `VmInfo`, `Counters` and `ErrorBody` in the
