@@ -43,18 +43,14 @@ fn sizes(c: &Client) -> (u64, u64, u64) {
     )
 }
 
-#[test]
-fn memory_is_plugged_up_to_the_maximum_given_back_when_unplugged_and_kept_across_a_restore() {
-    if !require_kvm(
-        "memory_is_plugged_up_to_the_maximum_given_back_when_unplugged_and_kept_across_a_restore",
-    ) {
-        return;
-    }
-    let dir = Scratch::new("memhp");
+/// A 64 MiB probe guest with 256 MiB of hotpluggable memory, its driver following the
+/// requested size for two minutes, its API on `dir`/api.sock; returns it once the driver
+/// started, with a client and its serial log.
+fn guest(dir: &Scratch, extra: &[&str]) -> (Tern, Client, std::path::PathBuf) {
     let (sock, serial) = (dir.path("api.sock"), dir.path("serial.log"));
     let kernel = probe();
     let backend = format!("file:{}", s(&serial));
-    let t = spawn(&[
+    let mut args = vec![
         "--kernel",
         s(&kernel),
         "--memory",
@@ -67,13 +63,41 @@ fn memory_is_plugged_up_to_the_maximum_given_back_when_unplugged_and_kept_across
         s(&sock),
         "--cmdline",
         "probe.run=vmem probe.vmem_ms=120000",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let t = spawn(&args);
     wait_until("the probe's driver", Duration::from_secs(20), || {
         lines_after(&serial, "probe: vmem ")
             .iter()
             .any(|l| l.starts_with("ready "))
     });
-    let c = Client::new(&sock);
+    (t, Client::new(&sock), serial)
+}
+
+#[test]
+fn memory_is_plugged_up_to_the_maximum_given_back_when_unplugged_and_kept_across_a_restore() {
+    if !require_kvm(
+        "memory_is_plugged_up_to_the_maximum_given_back_when_unplugged_and_kept_across_a_restore",
+    ) {
+        return;
+    }
+    plug_unplug_restore("memhp", &[]);
+}
+
+/// The same with guest memory in a shared memory file (`--memory-shared`), where unplugged
+/// memory is punched out of the file.
+#[test]
+fn shared_memory_is_plugged_and_given_back_too() {
+    if !require_kvm("shared_memory_is_plugged_and_given_back_too") {
+        return;
+    }
+    plug_unplug_restore("memhp-shared", &["--memory-shared"]);
+}
+
+fn plug_unplug_restore(name: &str, extra: &[&str]) {
+    let dir = Scratch::new(name);
+    let sock = dir.path("api.sock");
+    let (t, c, serial) = guest(&dir, extra);
     assert_eq!(sizes(&c), (64 * MIB, 64 * MIB, 320 * MIB));
     // Bad sizes change nothing, each refused with its reason.
     for (body, why) in [
@@ -204,4 +228,51 @@ fn memory_resize_without_max_memory_and_bad_maximums_are_refused_by_name() {
         assert_ne!(r.code, Some(0));
         assert!(r.stderr.contains(why), "{max}: {}", r.stderr);
     }
+}
+
+/// A VM with plugged memory migrates with it: a resize while the migration runs is a 409, and
+/// on the destination the sizes are the same and what the guest wrote in plugged memory is
+/// still there (the probe checks its pattern when it unplugs).
+#[test]
+fn a_vm_with_hotplugged_memory_migrates_with_it() {
+    if !require_kvm("a_vm_with_hotplugged_memory_migrates_with_it") {
+        return;
+    }
+    let dir = Scratch::new("memhp-mig");
+    let (t, c, _serial) = guest(&dir, &[]);
+    assert_eq!(resize(&c, r#"{"memory":"192M"}"#).0, 204);
+    wait_plugged(&dir.path("serial.log"), 128 * MIB);
+    let m = dir.path("m.sock");
+    let url = format!("unix:{}", s(&m));
+    let (dsock, serial2) = (dir.path("dst.sock"), dir.path("serial2.log"));
+    let backend = format!("file:{}", s(&serial2));
+    let kernel = probe();
+    let dst = spawn(&[
+        "--incoming",
+        &url,
+        "--serial",
+        &backend,
+        "--api-socket",
+        s(&dsock),
+        "--accept-dir",
+        s(kernel.parent().unwrap()),
+    ]);
+    wait_until("the migration socket", Duration::from_secs(10), || {
+        m.exists()
+    });
+    // At 32 MiB/s (128 MiB of plugged data to send): a resize cannot come in meanwhile.
+    let slow = format!(r#"{{"url":"{url}","max_bandwidth":33554432}}"#);
+    let (st, b) = c.call("PUT", "/v1/vm/migrate/send", Some(&slow)).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let (st, b) = resize(&c, r#"{"memory":"64M"}"#);
+    assert_eq!(st, 409, "{b}");
+    assert!(b.contains("a migration is in progress"), "{b}");
+    let (code, err) = t.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    let dc = Client::new(&dsock);
+    assert_eq!(sizes(&dc), (192 * MIB, 192 * MIB, 320 * MIB));
+    assert_eq!(resize(&dc, r#"{"memory":"64M"}"#).0, 204);
+    wait_plugged(&serial2, 0);
+    assert_eq!(sizes(&dc).0, 64 * MIB);
+    drop(dst);
 }
