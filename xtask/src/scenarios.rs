@@ -1044,6 +1044,35 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // vCPU hotplug under QEMU (machine pc, -smp 1,maxcpus=4, device_add/device_del on its
+        // monitor), for the time from the request to the guest's line side by side:
+        // `cargo xtask rig --group resources`.
+        Scenario {
+            name: "qemu-cpu-hotplug",
+            groups: &["resources"],
+            vmm: Vmm::Qemu,
+            qemu_machine: "pc",
+            base_cmdline: PCI_CMDLINE,
+            action: "script:cpuhotplug",
+            l1_script: Some(&["cpuhotplug.sh", "qemu"]),
+            timeout_secs: 600,
+            expect: {
+                let mut require: Vec<String> = CPU_HOTPLUG_CHECKS
+                    .iter()
+                    .filter(|c| !c.starts_with("refuse-"))
+                    .map(|c| format!("TERN-CPUHP-PASS qemu/{c}:"))
+                    .collect();
+                require.push("TERN-CPUHP-OK qemu".to_string());
+                require.push("TERN-GUEST-CPUS-DONE".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-CPUHP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
         // The same under QEMU (virtio-balloon-pci, its monitor's `balloon` command), for the
         // inflate rate and RSS returned side by side: `cargo xtask rig --group resources`.
         Scenario {

@@ -174,11 +174,8 @@ fn a_ballooned_vm_keeps_its_balloon_across_a_snapshot_and_frees_restored_memory(
     wait_until("the balloon's actual size", Duration::from_secs(5), || {
         balloon(&c)["actual_bytes"] == 64 * MIB
     });
-    assert_eq!(c.call("PUT", "/v1/vm/pause", None).unwrap().0, 204);
     let snap = dir.path("snap");
-    let body = format!(r#"{{"dir":"{}"}}"#, s(&snap));
-    let (st, b) = c.call("PUT", "/v1/vm/snapshot", Some(&body)).unwrap();
-    assert_eq!(st, 204, "{b}");
+    pause_and_snapshot(&c, &snap);
     drop(t);
 
     let serial2 = dir.path("serial2.log");

@@ -134,48 +134,25 @@ fn plug_unplug_restore(name: &str, extra: &[&str]) {
     assert_eq!(sizes(&c), (320 * MIB, 320 * MIB, 320 * MIB));
     let full = t.rss();
     assert!(full > before + 240 * MIB, "RSS {before} -> {full}");
-    let shown = run_with_timeout(
-        &tern(),
-        &["info", "--api-socket", s(&sock)],
-        Duration::from_secs(10),
-    );
-    assert!(
-        shown.stdout.contains("memory: 320 MiB\n"),
-        "{}",
-        shown.stdout
-    );
+    let shown = tern_info(&sock);
+    assert!(shown.contains("memory: 320 MiB\n"), "{shown}");
     // Back to the boot memory: the unplugged blocks leave tern.
     assert_eq!(resize(&c, r#"{"memory":"64M"}"#).0, 204);
     wait_plugged(&serial, 0);
     let back = t.rss();
     assert!(back + 240 * MIB < full, "RSS {full} -> {back}");
-    let shown = run_with_timeout(
-        &tern(),
-        &["info", "--api-socket", s(&sock)],
-        Duration::from_secs(10),
-    );
+    let shown = tern_info(&sock);
     assert!(
-        shown
-            .stdout
-            .contains("memory: 64 MiB (asked for 64 MiB, at most 320 MiB)"),
-        "{}",
-        shown.stdout
+        shown.contains("memory: 64 MiB (asked for 64 MiB, at most 320 MiB)"),
+        "{shown}"
     );
     // Plugged again: zeroes, not what the guest wrote there before.
     assert_eq!(resize(&c, r#"{"memory":"192M"}"#).0, 204);
     wait_plugged(&serial, 128 * MIB);
     // Across a snapshot and a restore: the sizes, and what the guest wrote in plugged memory
     // (the probe checks its pattern when it unplugs).
-    assert_eq!(c.call("PUT", "/v1/vm/pause", None).unwrap().0, 204);
     let snap = dir.path("snap");
-    let (st, b) = c
-        .call(
-            "PUT",
-            "/v1/vm/snapshot",
-            Some(&format!(r#"{{"dir":"{}"}}"#, s(&snap))),
-        )
-        .unwrap();
-    assert_eq!(st, 204, "{b}");
+    pause_and_snapshot(&c, &snap);
     drop(t);
     let serial2 = dir.path("serial2.log");
     let (r, c2) = restored(&snap, &dir.path("api2.sock"), &serial2);

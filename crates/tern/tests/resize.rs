@@ -83,16 +83,10 @@ fn resize_adds_vcpus_up_to_the_maximum_and_refuses_the_rest() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let i = info(&c);
     assert_eq!((i.vcpus, i.vcpus_requested), (Some(4), Some(4)));
-    let shown = run_with_timeout(
-        &tern(),
-        &["info", "--api-socket", s(&sock)],
-        Duration::from_secs(10),
-    );
+    let shown = tern_info(&sock);
     assert!(
-        shown.stdout.contains("vcpus: 4 (asked for 4, at most 4)")
-            || shown.stdout.contains("vcpus: 4\n"),
-        "{}",
-        shown.stdout
+        shown.contains("vcpus: 4 (asked for 4, at most 4)") || shown.contains("vcpus: 4\n"),
+        "{shown}"
     );
     // Down to 1: asked for, but the vCPUs stay until the guest ejects them (the probe does not).
     assert_eq!(resize(&c, r#"{"cpus":1}"#).0, 204);
@@ -100,16 +94,8 @@ fn resize_adds_vcpus_up_to_the_maximum_and_refuses_the_rest() {
     assert_eq!((i.vcpus, i.vcpus_requested), (Some(4), Some(1)));
     // Across a snapshot and a restore: four vCPUs present, the guest counting on.
     assert_eq!(resize(&c, r#"{"cpus":4}"#).0, 204);
-    assert_eq!(c.call("PUT", "/v1/vm/pause", None).unwrap().0, 204);
     let snap = dir.path("snap");
-    let (st, b) = c
-        .call(
-            "PUT",
-            "/v1/vm/snapshot",
-            Some(&format!(r#"{{"dir":"{}"}}"#, s(&snap))),
-        )
-        .unwrap();
-    assert_eq!(st, 204, "{b}");
+    pause_and_snapshot(&c, &snap);
     drop(t);
     let serial2 = dir.path("serial2.log");
     let (_r, c2) = restored(&snap, &dir.path("api2.sock"), &serial2);

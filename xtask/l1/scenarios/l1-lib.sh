@@ -12,15 +12,16 @@ now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null; }
 # oneline TEXT: TEXT with its lines joined by '|' (for one report line).
 oneline() { echo "$1" | tr -d '\r' | tr '\n' '|'; }
-# wait_for FILE PATTERN SECONDS: until FILE matches the extended regular expression, looking
-# every POLL_S seconds (default 0.2; L1 is one emulated CPU that the guest's vCPUs share, so a
-# script whose guest works hard looks less often).
+# wait_for FILE PATTERN SECONDS [PID]: until FILE matches the extended regular expression,
+# looking every POLL_S seconds (default 0.2; L1 is one emulated CPU that the guest's vCPUs
+# share, so a script whose guest works hard looks less often); fails at once if PID exits.
 wait_for() {
     _n=0
     _tries=$(awk -v s="$3" -v p="${POLL_S:-0.2}" 'BEGIN { printf "%d", s / p }')
     while ! grep -q -E "$2" "$1" 2>/dev/null; do
         _n=$((_n + 1))
         [ $_n -gt "$_tries" ] && return 1
+        [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null && return 1
         sleep "${POLL_S:-0.2}"
     done
 }

@@ -49,7 +49,8 @@ POLL_S=0.5
 if [ "$case_" = qemu ]; then
     # QEMU's -m is given again with maxmem (QEMU merges its -m options).
     mkfifo "$W/mon.in" "$W/mon.out"
-    set -- "$@" -m 512,maxmem=1024M -object memory-backend-ram,id=vmem0,size=512M \
+    # (-nic none: machine pc would add an e1000 whose ROM the rig does not carry.)
+    set -- "$@" -nic none -m 512,maxmem=1024M -object memory-backend-ram,id=vmem0,size=512M \
         -device virtio-mem-pci,id=vm0,memdev=vmem0,block-size=2M,requested-size=0 \
         -chardev "pipe,id=mon,path=$W/mon" -mon chardev=mon,mode=readline
 else
@@ -78,7 +79,7 @@ step() {
         fail "$1" "resize to $2 MiB said: $(oneline "$out")"
         return 1
     fi
-    if ! wait_for "$OUT" "TERN-GUEST-MEM-$3 " 150; then
+    if ! wait_for "$OUT" "TERN-GUEST-MEM-$3 " 150 "$pid"; then
         fail "$1" "the guest did not say $3 within 150 s of the resize to $2 MiB"
         return 1
     fi
@@ -91,8 +92,8 @@ echo "$TAG-RUN $case_: $*"
 "$@" > "$OUT" 2>&1 &
 pid=$!
 [ "$case_" = qemu ] && cat "$W/mon.out" > "$W/mon.log" &
-if ! wait_for "$OUT" TERN-GUEST-MEM-READY 150; then
-    fail ready "the guest did not load virtio_mem and say READY within 150 s"
+if ! wait_for "$OUT" TERN-GUEST-MEM-READY 150 "$pid"; then
+    fail ready "the guest did not load virtio_mem and say READY within 150 s (or the VMM exited)"
     kill -9 "$pid" 2>/dev/null
     finish_vmm exit "$pid" "$OUT"
     verdict

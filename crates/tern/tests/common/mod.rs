@@ -484,6 +484,28 @@ pub fn restored(snap: &Path, sock: &Path, serial: &Path) -> (Tern, api::client::
     (t, c)
 }
 
+/// Pauses the VM behind `c` and writes its snapshot to `snap`; both must succeed.
+#[allow(dead_code)]
+pub fn pause_and_snapshot(c: &api::client::Client, snap: &Path) {
+    let (st, b) = c.call("PUT", "/v1/vm/pause", None).unwrap();
+    assert_eq!(st, 204, "pause: {b}");
+    let body = format!(r#"{{"dir":"{}"}}"#, s(snap));
+    let (st, b) = c.call("PUT", "/v1/vm/snapshot", Some(&body)).unwrap();
+    assert_eq!(st, 204, "snapshot: {b}");
+}
+
+/// What `tern info` prints for the VM on `sock`.
+#[allow(dead_code)]
+pub fn tern_info(sock: &Path) -> String {
+    let r = run_with_timeout(
+        &tern(),
+        &["info", "--api-socket", s(sock)],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "tern info: {}", r.stderr);
+    r.stdout
+}
+
 /// A 64 MiB probe guest counting for 20 s with its API on `sock` and no serial output; returns
 /// it once its VM runs, with a client for its API.
 pub fn counting_vm(sock: &Path) -> (Tern, api::client::Client) {

@@ -282,6 +282,42 @@ impl Ctx {
     }
 }
 
+/// Copies `data.len()` bytes of a device's configuration space `config` from `offset`; bytes
+/// beyond its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// The transport's interrupt while a device is active, kept where the device's owner can
+/// raise a configuration change (a new balloon target, a new requested size).
+#[derive(Default)]
+pub(crate) struct ConfigIrq(Mutex<Option<Arc<dyn Interrupt>>>);
+
+impl ConfigIrq {
+    /// Keeps `irq` (on activation) or forgets it (`None`, on reset).
+    pub fn set(&self, irq: Option<Arc<dyn Interrupt>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = irq;
+    }
+
+    /// Tells the driver the configuration changed; nothing while the device is inactive (the
+    /// driver reads the configuration when it starts).
+    pub fn raise(&self) -> Result<(), String> {
+        let irq = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match irq {
+            Some(irq) => irq
+                .trigger(InterruptKind::Config)
+                .map_err(|e| format!("cannot tell the guest: {e}")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A rate limiter (ops/s and bytes/s) shared by the queues of a device; `None` when the
 /// device has no limits.
 pub(crate) type SharedLimiter = Option<Arc<Mutex<RateLimiter>>>;

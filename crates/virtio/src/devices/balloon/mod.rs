@@ -34,10 +34,10 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::common::{Ctx, Worker};
+use super::common::{read_config_bytes, ConfigIrq, Ctx, Worker};
 
 mod worker;
-use crate::{ActivateError, Interrupt, InterruptKind, QueueEvent, VirtioDevice, VmMemory};
+use crate::{ActivateError, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 use worker::{BalloonWorker, Role};
 
 /// virtio device type of the balloon.
@@ -142,7 +142,7 @@ struct Shared {
     invalid: AtomicU64,
     stats: Mutex<Option<GuestStats>>,
     /// The transport's interrupt while the device is active.
-    interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    interrupt: ConfigIrq,
     /// Asks the worker to fetch statistics now.
     refresh: EventFd,
 }
@@ -165,17 +165,7 @@ impl BalloonHandle {
             ));
         }
         self.shared.target.store(pages, Ordering::SeqCst);
-        let irq = self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(irq) = irq {
-            irq.trigger(InterruptKind::Config)
-                .map_err(|e| format!("cannot tell the guest: {e}"))?;
-        }
-        Ok(())
+        self.shared.interrupt.raise()
     }
 
     /// Asks the driver for fresh statistics (they arrive in [`status`](Self::status) later).
@@ -229,7 +219,7 @@ impl Balloon {
                 reported: AtomicU64::new(0),
                 invalid: AtomicU64::new(0),
                 stats: Mutex::new(None),
-                interrupt: Mutex::new(None),
+                interrupt: ConfigIrq::default(),
                 refresh: EventFd::new(EFD_NONBLOCK)?,
             }),
             discard,
@@ -262,11 +252,7 @@ impl Balloon {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        *self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.shared.interrupt.set(None);
     }
 
     fn acked(&self, bit: u32) -> bool {
@@ -308,14 +294,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| c.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -396,11 +375,7 @@ impl VirtioDevice for Balloon {
             shared: self.shared.clone(),
             discard: self.discard.clone(),
         };
-        *self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(interrupt);
+        self.shared.interrupt.set(Some(interrupt));
         self.worker = Some(
             Worker::spawn(
                 lifecycle::threads::Device::Balloon,

@@ -30,8 +30,8 @@ use std::time::Instant;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 use super::balloon::Discard;
-use super::common::{Ctx, Worker};
-use crate::{ActivateError, Interrupt, InterruptKind, QueueEvent, VirtioDevice, VmMemory};
+use super::common::{read_config_bytes, ConfigIrq, Ctx, Worker};
+use crate::{ActivateError, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 
 mod worker;
 use worker::MemWorker;
@@ -131,7 +131,7 @@ pub(super) struct Shared {
     pub(super) blocks: Mutex<Blocks>,
     features: AtomicU64,
     /// The transport's interrupt while the device is active.
-    interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    interrupt: ConfigIrq,
     /// Bytes unplugged (and freed on the host) in all.
     pub(super) freed: AtomicU64,
 }
@@ -167,17 +167,7 @@ impl MemHandle {
             ));
         }
         self.shared.lock().requested = bytes;
-        let irq = self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(irq) = irq {
-            irq.trigger(InterruptKind::Config)
-                .map_err(|e| format!("cannot tell the guest: {e}"))?;
-        }
-        Ok(())
+        self.shared.interrupt.raise()
     }
 
     /// The device's state now.
@@ -231,7 +221,7 @@ impl VirtioMem {
                 opts,
                 blocks: Mutex::new(Blocks::new(opts.blocks())),
                 features: AtomicU64::new(0),
-                interrupt: Mutex::new(None),
+                interrupt: ConfigIrq::default(),
                 freed: AtomicU64::new(0),
             }),
             discard,
@@ -271,11 +261,7 @@ impl VirtioMem {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        *self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.shared.interrupt.set(None);
     }
 }
 
@@ -299,14 +285,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| c.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -332,11 +311,7 @@ impl VirtioDevice for VirtioMem {
             shared: self.shared.clone(),
             discard: self.discard.clone(),
         };
-        *self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(interrupt);
+        self.shared.interrupt.set(Some(interrupt));
         self.worker = Some(
             Worker::spawn(lifecycle::threads::Device::Mem, "virtio-mem", handler)
                 .map_err(ActivateError::Worker)?,
