@@ -6,12 +6,16 @@
 #   FILLED         700 MiB written to a tmpfs (more than the boot memory holds), a sample read back
 #   FREED          the file removed (L1 then asks for 512 MiB)
 #   SHRUNK         MemTotal <= t0
-#   REGROWN        MemTotal >= t0 + 256 MiB (L1 asked for 768 MiB; it then snapshots the VM
-#                  and restores it in a new tern)
-#   AFTER-RESTORE  MemTotal >= t0 + 512 MiB (L1 asked the restored VM for 1 GiB)
+#   REGROWN        MemTotal >= t0 + 256 MiB (L1 asked for 768 MiB; it then sets a balloon,
+#                  snapshots the VM and restores it in a new tern)
+#   AFTER-RESTORE  MemTotal >= t0 + 512 MiB (L1 emptied the balloon and asked the restored VM
+#                  for 1 GiB)
 # (Under QEMU, L1 asks for 1 GiB again without a snapshot.)
-rig_modload virtio_pci virtio_mem || echo "TERN-GUEST-ERROR: cannot load virtio_mem"
+rig_modload virtio_pci virtio_mem virtio_balloon || echo "TERN-GUEST-ERROR: cannot load virtio_mem or virtio_balloon"
 . /scenarios/mem-lib.sh
+# MemTotal is looked at every 50 ms: the time from L1's request to the guest's line is what
+# the scenario measures.
+MEM_POLL_S=0.05
 t0=$(memtotal)
 # step NAME CMP KB: wait up to 150 s for MemTotal CMP KB, then say NAME (or an error).
 step() {

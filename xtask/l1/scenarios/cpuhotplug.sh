@@ -55,7 +55,7 @@ resize() {
         return
     fi
     while [ "$cur" -lt "$1" ]; do
-        echo "device_add host-x86_64-cpu,id=cpu$cur,socket-id=$cur,core-id=0,thread-id=0" > "$W/mon.in" || return 1
+        echo "device_add host-x86_64-cpu,id=cpu$cur,socket-id=0,core-id=$cur,thread-id=0" > "$W/mon.in" || return 1
         cur=$((cur + 1))
     done
     while [ "$cur" -gt "$1" ]; do
@@ -129,4 +129,8 @@ else
 fi
 
 finish_vmm exit "$pid" "$OUT"
+if [ "$case_" = qemu ]; then
+    echo "QEMU's monitor said:"
+    tr -d '\r' < "$W/mon.log" | grep -v '^$' | tail -n 20
+fi
 verdict

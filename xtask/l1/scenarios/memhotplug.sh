@@ -13,9 +13,10 @@
 #    a sample of it.
 # 3. shrink: once the guest removed the file, to 512 MiB; MemTotal must return and the VMM's
 #    RSS drop by at least 400 MiB.
-# 4. regrow: to 768 MiB. tern then snapshots the VM, is killed, and a new tern restores it:
-#    `tern info` must say 768 MiB of at most 1024 MiB, and a resize of the restored VM to
-#    1 GiB must reach the guest (after-restore). QEMU: the resize to 1 GiB without a snapshot.
+# 4. regrow: to 768 MiB. tern then sets a 64 MiB balloon (tern's VM has --balloon), snapshots
+#    the VM, is killed, and a new tern restores it: `tern info` must say 768 MiB of at most
+#    1024 MiB and `tern balloon` 64 MiB; with the balloon emptied, a resize of the restored VM
+#    to 1 GiB must reach the guest (after-restore). QEMU: the resize to 1 GiB, no snapshot.
 # The guest powers off and the VMM exits 0. Each step reports the time from the request to
 # the guest's line, on L1's clock.
 #
@@ -47,6 +48,15 @@ rm -rf "$SOCK" "$W/mon.in" "$W/mon.out" "$W/snap"
 POLL_S=0.5
 
 if [ "$case_" = qemu ]; then
+    # QEMU leaves the guest's command line alone: it gets what tern adds by itself, so that
+    # Linux onlines the memory virtio-mem adds.
+    next=
+    for a in "$@"; do
+        [ "$next" = -append ] && a="$a memhp_default_state=online_movable"
+        set -- "$@" "$a"
+        next=$a
+    done
+    shift $(($# / 2))
     # QEMU's -m is given again with maxmem (QEMU merges its -m options).
     mkfifo "$W/mon.in" "$W/mon.out"
     # (-nic none: machine pc would add an e1000 whose ROM the rig does not carry.)
@@ -54,7 +64,7 @@ if [ "$case_" = qemu ]; then
         -device virtio-mem-pci,id=vm0,memdev=vmem0,block-size=2M,requested-size=0 \
         -chardev "pipe,id=mon,path=$W/mon" -mon chardev=mon,mode=readline
 else
-    set -- "$@" --max-memory 1G --api-socket "$SOCK"
+    set -- "$@" --max-memory 1G --balloon "" --api-socket "$SOCK"
 fi
 # resize MiB: ask for MiB of memory in all (tern resize --memory; QEMU: the virtio-mem
 # device's requested size, MiB - 512).
@@ -79,7 +89,12 @@ step() {
         fail "$1" "resize to $2 MiB said: $(oneline "$out")"
         return 1
     fi
-    if ! wait_for "$OUT" "TERN-GUEST-MEM-$3 " 150 "$pid"; then
+    # The guest is idle while it waits: look every 0.1 s for a finer measure.
+    POLL_S=0.1
+    wait_for "$OUT" "TERN-GUEST-MEM-$3 " 150 "$pid"
+    _found=$?
+    POLL_S=0.5
+    if [ $_found != 0 ]; then
         fail "$1" "the guest did not say $3 within 150 s of the resize to $2 MiB"
         return 1
     fi
@@ -145,11 +160,25 @@ if [ "$case_" = qemu ]; then
     step after-restore 1024 AFTER-RESTORE \
         && pass after-restore "(no snapshot) MemTotal $got kB $ms ms after the request"
     finish_vmm exit "$pid" "$OUT"
+    echo "QEMU's monitor said:"
+    tr -d '\r' < "$W/mon.log"
     verdict
 fi
 
-# The tern case: snapshot, kill, restore in a new tern, resize the restored VM.
+# The tern case: a 64 MiB balloon, snapshot, kill, restore in a new tern (both sizes kept),
+# empty the balloon and resize the restored VM.
 if grep -q "TERN-GUEST-MEM-REGROWN" "$OUT"; then
+    out=$("$tern" balloon --api-socket "$SOCK" --size 64M 2>&1)
+    n=0
+    while ! "$tern" balloon --api-socket "$SOCK" 2>&1 | grep -q '^balloon: 64 MiB of 64 MiB target' && [ $n -lt 60 ]; do
+        n=$((n + 1))
+        sleep 1
+    done
+    if [ $n -lt 60 ]; then
+        pass balloon "a 64 MiB balloon in the resized guest: $(oneline "$out")"
+    else
+        fail balloon "the balloon did not reach 64 MiB within 60 s: $(oneline "$("$tern" balloon --api-socket "$SOCK" 2>&1)")"
+    fi
     if out=$("$tern" pause --api-socket "$SOCK" 2>&1 \
         && "$tern" snapshot create --dir "$W/snap" --api-socket "$SOCK" 2>&1); then
         pass snapshot "tern snapshot create: $(oneline "$out")"
@@ -166,11 +195,14 @@ if grep -q "TERN-GUEST-MEM-REGROWN" "$OUT"; then
     n=0
     while [ ! -S "$SOCK" ] && [ $n -lt 60 ]; do n=$((n + 1)); sleep 0.5; done
     info=$("$tern" info --api-socket "$SOCK" 2>&1 | grep '^memory:')
-    if echo "$info" | grep -q "^memory: 768 MiB (asked for 768 MiB, at most 1024 MiB)"; then
-        pass restored "the restored VM keeps its size: $info"
+    b=$("$tern" balloon --api-socket "$SOCK" 2>&1 | grep '^balloon:')
+    if echo "$info" | grep -q "^memory: 768 MiB (asked for 768 MiB, at most 1024 MiB)" \
+        && echo "$b" | grep -q '^balloon: 64 MiB of 64 MiB target'; then
+        pass restored "the restored VM keeps its sizes: $info; $b"
     else
-        fail restored "tern info of the restored VM: '$info' $(oneline "$(cat "$W/restored.err")")"
+        fail restored "the restored VM: '$info', '$b' $(oneline "$(cat "$W/restored.err")")"
     fi
+    "$tern" balloon --api-socket "$SOCK" --size 0 > /dev/null 2>&1
     step after-restore 1024 AFTER-RESTORE \
         && pass after-restore "the restored VM grew: MemTotal $got kB $ms ms after the request"
     finish_vmm exit "$pid" "$W/restored.err"
