@@ -482,9 +482,7 @@ const MEM_HOTPLUG_CHECKS: &[&str] = &[
 fn mem_hotplug_qemu_checks() -> impl Iterator<Item = &'static &'static str> {
     MEM_HOTPLUG_CHECKS
         .iter()
-        .filter(|c| {
-            !c.starts_with("refuse-") && !["balloon", "snapshot", "restored"].contains(c)
-        })
+        .filter(|c| !c.starts_with("refuse-") && !["balloon", "snapshot", "restored"].contains(c))
 }
 
 /// What a memory hotplug scenario requires: every check of `checks` passed for `case`.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub use engine::{Completion, Engine, EngineKind, IoOp};
 pub use iov::IoSlice;
 pub use qcow2::{named_backing_files, Qcow2Disk, Qcow2Trust};
-pub use raw::RawDisk;
+pub use raw::{BlockSizes, RawDisk};
 
 /// Image formats tern knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,6 +40,9 @@ pub enum BlockError {
     /// Another process holds the image.
     #[error("disk image {0} is in use by another process (it is locked)")]
     Locked(PathBuf),
+    /// The block device is mounted or opened exclusively by another program.
+    #[error("block device {0} is in use (mounted, or opened exclusively by another program)")]
+    DeviceBusy(PathBuf),
     /// An I/O request failed.
     #[error("I/O error on {path}: {err}")]
     Io {
@@ -253,12 +256,16 @@ impl Disk {
             });
         }
         let disk = match format {
-            ImageFormat::Raw => Disk::Raw(RawDisk::open_locking(
-                path,
-                opts.read_only,
-                opts.direct,
-                take_locks,
-            )?),
+            ImageFormat::Raw => {
+                let d = RawDisk::open_locking(path, opts.read_only, opts.direct, take_locks)?;
+                if d.forced_read_only() {
+                    warning = Some(format!(
+                        "disk {}: the block device is read-only; the guest gets it read-only",
+                        path.display()
+                    ));
+                }
+                Disk::Raw(d)
+            }
             ImageFormat::Qcow2 => {
                 let trust = Qcow2Trust {
                     backing: opts.format.is_some(),
@@ -283,6 +290,14 @@ impl Disk {
         match self {
             Disk::Raw(d) => d.locks(),
             Disk::Qcow2(d) => d.locks(),
+        }
+    }
+
+    /// The block sizes when the image is a raw host block device.
+    pub fn device_block_sizes(&self) -> Option<BlockSizes> {
+        match self {
+            Disk::Raw(d) => d.device(),
+            Disk::Qcow2(_) => None,
         }
     }
 

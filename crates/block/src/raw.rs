@@ -1,6 +1,18 @@
-//! Raw images: a plain file, read and written with positioned vectored I/O (`preadv`/`pwritev`),
-//! opened with `O_DIRECT` for `cache=none` (unaligned guest buffers then go through an aligned
-//! bounce buffer), discard and write-zeroes by punching holes.
+//! Raw images: a plain file or a host block device (an LVM volume, a loop, nbd or iSCSI
+//! device, a zvol), read and written with positioned vectored I/O (`preadv`/`pwritev`), opened
+//! with `O_DIRECT` for `cache=none` (unaligned guest buffers then go through an aligned bounce
+//! buffer).
+//!
+//! - A file: its size from its inode; discard and write-zeroes punch holes.
+//! - A block device: its size from the device (`BLKGETSIZE64`), its logical and physical block
+//!   sizes (`BLKSSZGET`, `BLKPBSZGET`) for the guest; discard is `BLKDISCARD` and
+//!   write-zeroes `BLKZEROOUT`; a device the kernel marks read-only (`BLKROGET`) is opened
+//!   read-only whatever was asked; a writable one is opened exclusively (`O_EXCL`: the kernel
+//!   refuses it while another program has it open exclusively or it is mounted) besides the
+//!   `flock` every image takes.
+//!
+//! The block-device ioctls are few and stable; no maintained crate wraps them, so their
+//! numbers are written here.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -10,6 +22,28 @@ use std::path::{Path, PathBuf};
 use crate::iov::{self, IoSlice};
 use crate::{lock, BlockError};
 
+/// `BLKGETSIZE64`: the device's size in bytes (`_IOR(0x12, 114, size_t)`).
+pub const BLKGETSIZE64: u64 = 0x8008_1272;
+/// `BLKSSZGET`: the logical block size.
+pub const BLKSSZGET: u64 = 0x1268;
+/// `BLKPBSZGET`: the physical block size.
+pub const BLKPBSZGET: u64 = 0x127b;
+/// `BLKROGET`: whether the device is read-only.
+pub const BLKROGET: u64 = 0x125e;
+/// `BLKDISCARD`: discard a byte range (`[start, len]`).
+pub const BLKDISCARD: u64 = 0x1277;
+/// `BLKZEROOUT`: zero a byte range (`[start, len]`).
+pub const BLKZEROOUT: u64 = 0x127f;
+
+/// A host block device's block sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// The smallest unit the device addresses (512 or 4096).
+    pub logical: u32,
+    /// The unit it writes internally (at least `logical`).
+    pub physical: u32,
+}
+
 /// A raw disk image, locked against other writers (and, when writable, other readers).
 #[derive(Debug)]
 pub struct RawDisk {
@@ -18,6 +52,22 @@ pub struct RawDisk {
     size: u64,
     read_only: bool,
     direct: bool,
+    /// The block sizes when the image is a host block device.
+    device: Option<BlockSizes>,
+    /// The device is read-only although a writable disk was asked for.
+    forced_read_only: bool,
+}
+
+/// `ioctl(fd, request, arg)` returning an integer through `arg`.
+fn ioctl_get<T: Default>(file: &File, request: u64) -> std::io::Result<T> {
+    let mut v = T::default();
+    // SAFETY: each request used with this writes exactly one `T` through its argument, which
+    // points at `v`; the descriptor is ours.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &mut v as *mut T) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 impl RawDisk {
@@ -39,27 +89,72 @@ impl RawDisk {
         direct: bool,
         take_lock: bool,
     ) -> Result<Self, BlockError> {
+        use std::os::unix::fs::FileTypeExt;
         let open_err = |err| BlockError::Open {
             path: path.to_path_buf(),
             err,
         };
+        let is_device = std::fs::metadata(path)
+            .map_err(open_err)?
+            .file_type()
+            .is_block_device();
+        // A device the kernel keeps read-only is opened read-only.
+        let forced_read_only = is_device
+            && !read_only
+            && File::open(path)
+                .and_then(|f| ioctl_get::<libc::c_int>(&f, BLKROGET))
+                .map_err(open_err)?
+                != 0;
+        let read_only = read_only || forced_read_only;
+        let mut flags = if direct { libc::O_DIRECT } else { 0 };
+        if is_device && !read_only && take_lock {
+            flags |= libc::O_EXCL;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
-            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .custom_flags(flags)
             .open(path)
-            .map_err(open_err)?;
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::EBUSY) if is_device => BlockError::DeviceBusy(path.to_path_buf()),
+                _ => open_err(err),
+            })?;
         if take_lock {
             lock(&file, path, read_only)?;
         }
-        let size = file.metadata().map_err(open_err)?.len();
+        let (size, device) = if is_device {
+            let size = ioctl_get::<u64>(&file, BLKGETSIZE64).map_err(open_err)?;
+            let logical = ioctl_get::<libc::c_int>(&file, BLKSSZGET).map_err(open_err)?;
+            let physical = ioctl_get::<libc::c_uint>(&file, BLKPBSZGET).map_err(open_err)?;
+            let logical = u32::try_from(logical).unwrap_or(512).max(512);
+            let sizes = BlockSizes {
+                logical,
+                physical: physical.max(logical),
+            };
+            (size, Some(sizes))
+        } else {
+            (file.metadata().map_err(open_err)?.len(), None)
+        };
         Ok(RawDisk {
             file,
             path: path.to_path_buf(),
             size,
             read_only,
             direct,
+            device,
+            forced_read_only,
         })
+    }
+
+    /// The block sizes when the image is a host block device.
+    pub fn device(&self) -> Option<BlockSizes> {
+        self.device
+    }
+
+    /// Whether the image is a block device the kernel keeps read-only, opened read-only
+    /// although a writable disk was asked for.
+    pub fn forced_read_only(&self) -> bool {
+        self.forced_read_only
     }
 
     /// Its image lock (see [`crate::ImageLock`]).
@@ -175,13 +270,21 @@ impl RawDisk {
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
-    /// Deallocates `[offset, offset + len)` (discard); reads return zeroes afterwards.
+    /// Deallocates `[offset, offset + len)` (discard): a file reads zeroes there afterwards;
+    /// a device reads whatever it keeps for discarded blocks.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.device.is_some() {
+            return self.range_ioctl(BLKDISCARD, offset, len);
+        }
         self.punch_hole(offset, len)
     }
 
-    /// Zeroes `[offset, offset + len)`, deallocating it where the file system can.
+    /// Zeroes `[offset, offset + len)`, deallocating it where the file system (or the device)
+    /// can.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.device.is_some() {
+            return self.range_ioctl(BLKZEROOUT, offset, len);
+        }
         match self.punch_hole(offset, len) {
             Err(BlockError::Io { err, .. }) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // No hole punching here: write zeroes.
@@ -197,6 +300,23 @@ impl RawDisk {
             }
             r => r,
         }
+    }
+
+    /// `BLKDISCARD` or `BLKZEROOUT` over a byte range of the device.
+    fn range_ioctl(&self, request: u64, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.writable()?;
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: both requests read a `[u64; 2]` (start, length) through the argument, which
+        // points at `range`; the descriptor is ours and the range lies within the device.
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), request as _, range.as_ptr()) };
+        if r < 0 {
+            return Err(self.io(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<(), BlockError> {

@@ -152,8 +152,19 @@ const FILE_IO: &[Rule] = &[
     any("statx"),
 ];
 
-/// A disk's worker: its image through io_uring or [`FILE_IO`], flushes, discard.
-const BLOCK: &[Rule] = &[any("io_uring_enter"), any("io_uring_register")];
+/// `BLKDISCARD` and `BLKZEROOUT` (`block::raw`): discard and write-zeroes on a host block
+/// device.
+const BLKDISCARD: u64 = 0x1277;
+const BLKZEROOUT: u64 = 0x127f;
+
+/// A disk's worker: its image through io_uring or [`FILE_IO`], flushes, discard (a host block
+/// device's through its ioctls).
+const BLOCK: &[Rule] = &[
+    any("io_uring_enter"),
+    any("io_uring_register"),
+    when("ioctl", &[Arg::Eq(1, BLKDISCARD)]),
+    when("ioctl", &[Arg::Eq(1, BLKZEROOUT)]),
+];
 
 /// A NIC's worker: its TAP device.
 const NET: &[Rule] = &[];
@@ -232,6 +243,9 @@ const VMM: &[Rule] = &[
     // Type 'T' (0x54): TAP set-up (TUNSETIFF, TUNSETOFFLOAD, …), the terminal (TCGETS,
     // TCSETS), FIONBIO.
     when("ioctl", &[Arg::MaskedEq(1, 0xff00, 0x5400)]),
+    // Type 0x12: a host block device's size, block sizes and read-only flag, read when a
+    // disk on it is opened (BLKGETSIZE64, BLKSSZGET, BLKPBSZGET, BLKROGET).
+    when("ioctl", &[Arg::MaskedEq(1, 0xff00, 0x1200)]),
     any("openat"),
     any("open"),
     any("creat"),

@@ -98,15 +98,68 @@ fn assert_ok(r: &Run) {
     );
 }
 
+/// A loop device over `file`, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    /// Attaches `file`; None (after failing under CI=true, or saying so loudly) when this
+    /// machine cannot (not root, no losetup or loop driver).
+    fn attach(test: &str, file: &Path) -> Option<Loop> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let out = root.then(|| {
+            std::process::Command::new("losetup")
+                .args(["--find", "--show", s(file)])
+                .output()
+        });
+        let why = match out {
+            Some(Ok(o)) if o.status.success() => {
+                return Some(Loop(String::from_utf8_lossy(&o.stdout).trim().to_string()))
+            }
+            None => "not root".to_string(),
+            Some(Ok(o)) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Some(Err(e)) => format!("losetup: {e}"),
+        };
+        assert!(
+            !in_ci(),
+            "{test}: cannot make a loop device under CI=true: {why}"
+        );
+        eprintln!("\n*** SKIPPED {test}: cannot make a loop device ({why}) ***\n");
+        None
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
 /// Runs `vblk` on a fresh raw disk with `opts` and checks the report and the file.
 fn integrity(transport: &str, opts: &str, extra: &[&str]) {
+    integrity_on(transport, opts, extra, false);
+}
+
+/// [`integrity`], with the disk given to tern as a loop device over the file when `on_loop`.
+fn integrity_on(transport: &str, opts: &str, extra: &[&str], on_loop: bool) {
     let mut tmp = Scratch::new();
     let img = tmp.raw(
         &format!("{transport}{}.raw", opts.replace([',', '='], "-")),
         DISK_SIZE,
         0xee,
     );
-    let disk = format!("path={},serial=probe-disk-1{opts}", s(&img));
+    let dev = if on_loop {
+        match Loop::attach("blk_integrity_on_a_loop_device", &img) {
+            Some(l) => Some(l),
+            None => return,
+        }
+    } else {
+        None
+    };
+    let path = dev.as_ref().map_or(s(&img), |l| l.0.as_str());
+    let disk = format!("path={path},serial=probe-disk-1{opts}");
     let mut flags = vec![
         "--memory",
         "128M",
@@ -154,6 +207,17 @@ fn blk_integrity_with_cache_none_and_synchronous_io() {
     }
     integrity("pci", ",cache=none,io=sync", &[]);
     integrity("mmio", ",cache=none", &[]);
+}
+
+/// A host block device (a loop device over the image) as the disk: its size from the
+/// device, discard and write-zeroes through its ioctls, with and without the page cache.
+#[test]
+fn blk_integrity_on_a_loop_device() {
+    if !require_kvm("blk_integrity_on_a_loop_device") {
+        return;
+    }
+    integrity_on("pci", ",format=raw", &[], true);
+    integrity_on("pci", ",format=raw,cache=none", &[], true);
 }
 
 #[test]

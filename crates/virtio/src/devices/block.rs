@@ -127,10 +127,26 @@ impl Block {
         put(&mut config, 0, &(disk.size() / SECTOR).to_le_bytes());
         put(&mut config, 12, &u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
         put(&mut config, 20, &(SECTOR as u32).to_le_bytes()); // blk_size
+        if let Some(bs) = disk.device_block_sizes() {
+            // A host block device: the guest addresses it in its logical blocks and learns
+            // its physical ones (topology: physical_block_exp, min_io_size in logical blocks).
+            let per = (bs.physical / bs.logical).max(1);
+            put(&mut config, 20, &bs.logical.to_le_bytes());
+            config[24] = per.trailing_zeros() as u8;
+            put(
+                &mut config,
+                26,
+                &(per.min(u32::from(u16::MAX)) as u16).to_le_bytes(),
+            );
+        }
         put(&mut config, 34, &opts.queues.to_le_bytes());
         put(&mut config, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(&mut config, 40, &1u32.to_le_bytes()); // max_discard_seg
-        put(&mut config, 44, &8u32.to_le_bytes()); // discard_sector_alignment: 4 KiB
+                                                   // discard_sector_alignment: 4 KiB, or the device's physical block if larger.
+        let align = disk
+            .device_block_sizes()
+            .map_or(8, |bs| (bs.physical / SECTOR as u32).max(8));
+        put(&mut config, 44, &align.to_le_bytes());
         put(&mut config, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(&mut config, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
@@ -179,6 +195,9 @@ impl VirtioDevice for Block {
         }
         if self.opts.queues > 1 {
             f |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        if self.disk.device_block_sizes().is_some() {
+            f |= 1 << VIRTIO_BLK_F_TOPOLOGY;
         }
         f
     }
