@@ -51,6 +51,8 @@ const L1_MODULES: &[&str] = &[
     "virtio_blk",
     "crc32c_generic",
     "ext4",
+    // Loop devices: a host block device for tern-blk-fstrim-loop.
+    "loop",
 ];
 
 /// Cloud-kernel modules shipped in the guest initramfs: every module under these paths, plus

@@ -516,7 +516,7 @@ fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
         qemu_machine: "microvm,pcie=on",
         ..DEFAULT
     };
-    vec![
+    let mut all = vec![
         Scenario {
             name: if tern {
                 "tern-blk-root"
@@ -596,9 +596,24 @@ fn blk_scenarios(vmm: Vmm) -> Vec<Scenario> {
             l1_script: Some(&["blk.sh", "fstrim"]),
             timeout_secs: 150,
             expect: blk_checks_pass("fstrim", &["fstrim", "shrink", "fsck", "basefile"]),
-            ..base
+            ..base.clone()
         },
-    ]
+    ];
+    if tern {
+        // The same on a host block device: a loop device in L1 over the image is the guest's
+        // root disk (size from the device, discard through BLKDISCARD reaching the file).
+        all.push(Scenario {
+            name: "tern-blk-fstrim-loop",
+            l1_script: Some(&["blk.sh", "fstrim-loop"]),
+            timeout_secs: 150,
+            expect: blk_checks_pass(
+                "fstrim-loop",
+                &["loop", "fstrim", "shrink", "fsck", "basefile"],
+            ),
+            ..base
+        });
+    }
+    all
 }
 
 /// What a virtio-net case of `xtask/l1/scenarios/net.sh` must report: every named check passed

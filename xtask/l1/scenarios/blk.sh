@@ -15,7 +15,7 @@
 # why" for one that failed, and "TERN-BLK-OK CASE" at the end when every check passed (exit 0;
 # otherwise exit 1). The guest's own output is passed through (TERN-GUEST-ERROR fails it too).
 #
-# CASEs: root, qcow2-overlay, readonly, fstrim (see each function below).
+# CASEs: root, qcow2-overlay, readonly, fstrim, fstrim-loop (see each function below).
 
 set -u
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin
@@ -273,8 +273,10 @@ case_readonly() {
 
 # --- fstrim: a fully allocated raw image; the guest fills and deletes a file and runs fstrim;
 # the image file's allocated blocks must shrink (discard -> hole punched), the file system must
-# stay intact. ---
+# stay intact. fstrim-loop: the same with the image behind a loop device, given to tern as a
+# host block device. ---
 case_fstrim() {
+    local dev=
     img=$W/trim.img
     # cat writes every byte, zeros included: the image is fully allocated on the tmpfs.
     cat "$BLK_ROOT" > "$img"
@@ -284,7 +286,15 @@ case_fstrim() {
         fail setup "the image is not fully allocated before the test ($before of $size_k KiB)"
         finish
     fi
-    boot trim script:blk-fstrim "" "path=$img,format=raw"
+    if [ "$case_" = fstrim-loop ]; then
+        # The guest's disk is a loop device over the image: a host block device.
+        dev=$(losetup -f) && losetup "$dev" "$img" || { fail loop "cannot attach $img to a loop device"; finish; }
+        pass loop "the image is attached to $dev ($(cat "/sys/block/${dev#/dev/}/size") sectors)"
+        boot trim script:blk-fstrim "" "path=$dev,format=raw"
+        losetup -d "$dev"
+    else
+        boot trim script:blk-fstrim "" "path=$img,format=raw"
+    fi
     guest_said trim fstrim "the guest's fstrim -v reported trimmed bytes" \
         'TERN-GUEST-BLK-FSTRIM-BYTES=[1-9]'
     after=$(alloc "$img")
@@ -304,7 +314,7 @@ case "$case_" in
     root) case_root ;;
     qcow2-overlay) case_qcow2_overlay ;;
     readonly) case_readonly ;;
-    fstrim) case_fstrim ;;
+    fstrim | fstrim-loop) case_fstrim ;;
     *) fail args "unknown case $case_" ;;
 esac
 finish

@@ -74,6 +74,8 @@ step() {
         fail "$check" "resize to $want vCPUs said: $out"
         return
     fi
+    # (resize ran in a subshell: the count it reached is set here.)
+    cur=$want
     n=0
     # (The guest's lines end in \r\n on the serial port.)
     while [ "$(grep -c 'TERN-GUEST-CPUS-WORKED' "$OUT")" -le "$lines" ] \
