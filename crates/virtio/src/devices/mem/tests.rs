@@ -219,6 +219,9 @@ fn the_state_a_snapshot_keeps_comes_back_and_a_foreign_one_is_refused() {
         ("requested_size", serde_json::json!(SIZE + BS)),
         ("plugged", serde_json::json!([[30, 3]])),
         ("plugged", serde_json::json!([[u64::MAX, 2]])),
+        ("plugged", serde_json::json!([[0, 4], [2, 4]])),
+        ("plugged", serde_json::json!([[0, 2], [2, 1]])),
+        ("plugged", serde_json::json!([[5, 0]])),
         ("plugged", serde_json::json!("all")),
     ] {
         let mut bad = state.clone();
