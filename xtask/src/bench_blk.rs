@@ -4,8 +4,10 @@
 //!
 //! Rows: 4 KiB random reads at queue depth 1 and 32 and 1 MiB sequential reads, over
 //! virtio-mmio (QEMU microvm) and virtio-pci (QEMU pc), with the file in the host page cache
-//! (`cache=writeback`) and with `O_DIRECT` (`cache=none`). QEMU uses `aio=io_uring`. fio runs
-//! `psync` at depth 1 and `io_uring` at depth 32, on its own (non-huge-page) buffers.
+//! (`cache=writeback`) and with `O_DIRECT` (`cache=none`), and over virtio-pci on a host block
+//! device (a loop device over the same file, `cache=none`; as root only, skipped otherwise).
+//! QEMU uses `aio=io_uring`. fio runs `psync` at depth 1 and `io_uring` at depth 32, on its
+//! own (non-huge-page) buffers, on the same file or device.
 //!
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
 //! (bench_terns.rs), with `baseline` and `tern/baseline` columns.
@@ -27,26 +29,73 @@ const WORKLOAD_MS: u64 = 2000;
 struct Setup {
     transport: &'static str,
     direct: bool,
+    /// The disk is a loop device over the file (a host block device).
+    device: bool,
 }
 
-const SETUPS: [Setup; 4] = [
+const SETUPS: [Setup; 5] = [
     Setup {
         transport: "mmio",
         direct: false,
+        device: false,
     },
     Setup {
         transport: "pci",
         direct: false,
+        device: false,
     },
     Setup {
         transport: "mmio",
         direct: true,
+        device: false,
     },
     Setup {
         transport: "pci",
         direct: true,
+        device: false,
+    },
+    Setup {
+        transport: "pci",
+        direct: true,
+        device: true,
     },
 ];
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    /// Attaches `file` (with direct I/O to it, as a block device for VMs is set up); None,
+    /// saying why, when this machine cannot.
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(LoopDevice(PathBuf::from(
+                String::from_utf8_lossy(&o.stdout).trim(),
+            ))),
+            Ok(o) => {
+                println!(
+                    "(block-device rows skipped: losetup: {})",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("(block-device rows skipped: losetup: {e})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
 
 fn cmdline(extra: &str) -> String {
     format!("probe.run=vblkbench probe.vblk_ms={WORKLOAD_MS} {extra}")
@@ -74,7 +123,7 @@ fn tern_args(probe: &str, file: &Path, s: Setup, disk_extra: &str, cmd_extra: &s
     a.push("--cmdline".into());
     a.push(cmdline(cmd_extra));
     a.push("--disk".into());
-    a.push(format!("path={},cache={cache}{disk_extra}", file.display()));
+    a.push(format!("path={},format=raw,cache={cache}{disk_extra}", file.display()));
     a
 }
 
@@ -204,7 +253,13 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
         "tern/fio",
         baseline_heads(terns, 10)
     );
+    let device = LoopDevice::attach(&file);
     for s in SETUPS {
+        let file = match (&device, s.device) {
+            (_, false) => file.clone(),
+            (Some(d), true) => d.0.clone(),
+            (None, true) => continue,
+        };
         warm(&file)?;
         // t[run][variant]
         let mut t: Vec<Vec<Sample>> = Vec::new();
@@ -232,7 +287,11 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
             ),
             ("1 MiB sequential read, MB/s", "seq_mbps", "read", "1M", 1),
         ];
-        let cache = if s.direct { "cache=none" } else { "page cache" };
+        let cache = match (s.direct, s.device) {
+            (_, true) => "block device, cache=none",
+            (true, false) => "cache=none",
+            (false, false) => "page cache",
+        };
         for (name, key, rw, bs, depth) in rows {
             let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
             let tm = tern_median(0);
