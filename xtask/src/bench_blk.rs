@@ -123,7 +123,10 @@ fn tern_args(probe: &str, file: &Path, s: Setup, disk_extra: &str, cmd_extra: &s
     a.push("--cmdline".into());
     a.push(cmdline(cmd_extra));
     a.push("--disk".into());
-    a.push(format!("path={},format=raw,cache={cache}{disk_extra}", file.display()));
+    a.push(format!(
+        "path={},format=raw,cache={cache}{disk_extra}",
+        file.display()
+    ));
     a
 }
 
