@@ -66,6 +66,14 @@ pub enum BlockError {
     /// A write to a read-only disk.
     #[error("{0} is read-only")]
     ReadOnly(PathBuf),
+    /// A resize that cannot be done.
+    #[error("cannot resize disk {path}: {why}")]
+    Resize {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -333,6 +341,43 @@ impl Disk {
         }
     }
 
+    /// Grows the disk to `new_size` bytes while it is in use: a file is extended (sparse), a
+    /// qcow2 image gets a larger virtual size (the new range reads as zeroes, whatever its
+    /// backing image holds there), and a block device, which tern cannot grow, must have been
+    /// grown on the host first (`lvextend`, `losetup -c`, …). The same size is a no-op;
+    /// shrinking is refused (the guest's data past the new end would be lost), as are read-only
+    /// disks and sizes that are not whole sectors (logical blocks on a block device).
+    pub fn grow(&self, new_size: u64) -> Result<(), BlockError> {
+        let refuse = |why: String| BlockError::Resize {
+            path: self.path().to_path_buf(),
+            why,
+        };
+        let size = self.size();
+        if new_size == size {
+            return Ok(());
+        }
+        if self.read_only() {
+            return Err(refuse("it is read-only".into()));
+        }
+        if new_size < size {
+            return Err(refuse(format!(
+                "{new_size} bytes is smaller than its {size} bytes, and shrinking a disk in use is not supported"
+            )));
+        }
+        let unit = self
+            .device_block_sizes()
+            .map_or(512, |b| u64::from(b.logical));
+        if new_size % unit != 0 {
+            return Err(refuse(format!(
+                "{new_size} bytes is not a multiple of its {unit}-byte blocks"
+            )));
+        }
+        match self {
+            Disk::Raw(d) => d.grow(new_size),
+            Disk::Qcow2(d) => d.grow(new_size),
+        }
+    }
+
     /// Reads into `iov` from `offset` on.
     ///
     /// # Safety
@@ -500,6 +545,92 @@ mod tests {
             .all(|&b| b == 0));
         assert_eq!(&flat_data[..1 << 20], &pattern[..1 << 20]);
         for p in [base, overlay, flat] {
+            std::fs::remove_file(p).ok();
+        }
+    }
+
+    fn read(d: &Disk, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let iov = [IoSlice::from_mut(&mut buf)];
+        // SAFETY: `buf` is live and exclusively borrowed through `iov` for the call.
+        unsafe { d.readv(&iov, offset).unwrap() };
+        buf
+    }
+
+    fn write(d: &Disk, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        let iov = [IoSlice::from_ref(data)];
+        // SAFETY: `data` is live for the call.
+        unsafe { d.writev(&iov, offset) }
+    }
+
+    #[test]
+    fn a_raw_file_grows_while_open_and_refuses_to_shrink() {
+        let p = tmp("grow.raw");
+        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        let (d, _) = Disk::open(&opts(&p, None, false)).unwrap();
+        assert!(write(&d, 1 << 20, &[1u8; 512]).is_err(), "past the end");
+        d.grow(3 << 20).unwrap();
+        assert_eq!(d.size(), 3 << 20);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 3 << 20);
+        assert_eq!(read(&d, (2 << 20) + 4096, 512), vec![0u8; 512]);
+        write(&d, (3 << 20) - 512, &[9u8; 512]).unwrap();
+        d.grow(3 << 20).expect("the same size is a no-op");
+        for (size, why) in [
+            (2 << 20, "shrinking"),
+            ((4 << 20) + 100, "multiple of its 512-byte blocks"),
+        ] {
+            let e = d.grow(size).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("grow.raw"), "{e}");
+        }
+        assert_eq!(d.size(), 3 << 20);
+        drop(d);
+        let (ro, _) = Disk::open(&opts(&p, None, true)).unwrap();
+        let e = ro.grow(4 << 20).unwrap_err().to_string();
+        assert!(e.contains("read-only"), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 3 << 20);
+        std::fs::remove_file(p).ok();
+    }
+
+    #[test]
+    fn a_qcow2_image_grows_and_its_longer_backing_does_not_show_through() {
+        let base = tmp("grow-base.raw");
+        let overlay = tmp("grow-overlay.qcow2");
+        std::fs::write(&base, vec![0x5au8; 4 << 20]).unwrap();
+        let Some(o) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+            "2M",
+        ]) else {
+            return;
+        };
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (d, _) = Disk::open(&opts(&overlay, Some(ImageFormat::Qcow2), false)).unwrap();
+        assert_eq!(d.size(), 2 << 20);
+        assert_eq!(read(&d, 0, 512), vec![0x5a; 512]);
+        d.grow(6 << 20).unwrap();
+        assert_eq!(d.size(), 6 << 20);
+        // The base's bytes past the old end stay hidden; the old range still shows them.
+        assert_eq!(read(&d, 3 << 20, 4096), vec![0u8; 4096]);
+        assert_eq!(read(&d, (2 << 20) - 512, 512), vec![0x5a; 512]);
+        write(&d, (6 << 20) - 4096, &[3u8; 4096]).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        let o = qemu_img(&["info", "--output=json", overlay.to_str().unwrap()]).unwrap();
+        let info = String::from_utf8_lossy(&o.stdout);
+        assert!(info.contains(&format!("\"virtual-size\": {}", 6 << 20)), "{info}");
+        let o = qemu_img(&["check", "-q", overlay.to_str().unwrap()]).unwrap();
+        assert!(o.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&o.stdout));
+        let (d, _) = Disk::open(&opts(&overlay, Some(ImageFormat::Qcow2), true)).unwrap();
+        assert_eq!(d.size(), 6 << 20);
+        assert_eq!(read(&d, (6 << 20) - 4096, 4096), vec![3u8; 4096]);
+        for p in [base, overlay] {
             std::fs::remove_file(p).ok();
         }
     }

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use imago::file::File as ImagoFile;
@@ -28,7 +29,8 @@ pub struct Qcow2Disk {
     /// Locks on every file of the chain (the image, its data file, its backing images).
     locks: Vec<(File, PathBuf, bool)>,
     path: PathBuf,
-    size: u64,
+    /// Grows while the disk is in use ([`grow`](Self::grow)).
+    size: AtomicU64,
     read_only: bool,
 }
 
@@ -36,7 +38,7 @@ impl std::fmt::Debug for Qcow2Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Disk")
             .field("path", &self.path)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .field("read_only", &self.read_only)
             .finish()
     }
@@ -359,7 +361,7 @@ impl Qcow2Disk {
             access: RwLock::new(access),
             locks: chain.locks,
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             read_only,
         })
     }
@@ -374,7 +376,19 @@ impl Qcow2Disk {
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// Grows the virtual size to `new_size` (larger than now: see
+    /// [`Disk::grow`](crate::Disk::grow)); the new range reads as zeroes even where a backing
+    /// image is longer. No request runs meanwhile (the access is taken exclusively).
+    pub fn grow(&self, new_size: u64) -> Result<(), BlockError> {
+        let a = self.access.write().unwrap_or_else(|p| p.into_inner());
+        a.resize_grow(new_size, imago::format::PreallocateMode::Zero)
+            .map_err(|e| self.io(e))?;
+        a.flush().map_err(|e| self.io(e))?;
+        self.size.store(new_size, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The image file.
@@ -398,7 +412,7 @@ impl Qcow2Disk {
         if self.read_only {
             return Err(BlockError::ReadOnly(self.path.clone()));
         }
-        crate::check_range(&self.path, offset, len, self.size)
+        crate::check_range(&self.path, offset, len, self.size())
     }
 
     fn read_access(&self) -> std::sync::RwLockReadGuard<'_, FormatAccess<ImagoFile>> {
@@ -411,7 +425,7 @@ impl Qcow2Disk {
     /// Every buffer must be valid for writes of its length for the duration of the call.
     pub unsafe fn readv(&self, iov: &[IoSlice], offset: u64) -> Result<(), BlockError> {
         let len = iov::total(iov);
-        crate::check_range(&self.path, offset, len, self.size)?;
+        crate::check_range(&self.path, offset, len, self.size())?;
         let mut bounce = vec![0u8; len as usize];
         self.read_access()
             .read(&mut bounce, offset)

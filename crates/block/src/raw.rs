@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::iov::{self, IoSlice};
 use crate::{lock, BlockError};
@@ -49,7 +50,8 @@ pub struct BlockSizes {
 pub struct RawDisk {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Grows while the disk is in use ([`grow`](Self::grow)).
+    size: AtomicU64,
     read_only: bool,
     direct: bool,
     /// The block sizes when the image is a host block device.
@@ -138,7 +140,7 @@ impl RawDisk {
         Ok(RawDisk {
             file,
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             read_only,
             direct,
             device,
@@ -168,7 +170,29 @@ impl RawDisk {
 
     /// Disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// Grows the disk to `new_size` (larger than now, whole blocks: see
+    /// [`Disk::grow`](crate::Disk::grow)): a file is extended first, so that no request the new
+    /// size admits finds it short; a block device must already be that large.
+    pub fn grow(&self, new_size: u64) -> Result<(), BlockError> {
+        let refuse = |why: String| BlockError::Resize {
+            path: self.path.clone(),
+            why,
+        };
+        if self.device.is_some() {
+            let now = ioctl_get::<u64>(&self.file, BLKGETSIZE64).map_err(|e| self.io(e))?;
+            if now < new_size {
+                return Err(refuse(format!(
+                    "the block device holds only {now} bytes; grow it on the host first"
+                )));
+            }
+        } else {
+            self.file.set_len(new_size).map_err(|e| self.io(e))?;
+        }
+        self.size.store(new_size, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The image file.
@@ -192,7 +216,7 @@ impl RawDisk {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        crate::check_range(&self.path, offset, len, self.size)
+        crate::check_range(&self.path, offset, len, self.size())
     }
 
     fn io(&self, err: std::io::Error) -> BlockError {

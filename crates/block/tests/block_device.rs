@@ -141,3 +141,44 @@ fn a_read_only_device_is_opened_read_only_with_a_warning() {
     let (d2, _) = Disk::open(&opts).unwrap();
     assert_eq!(d2.size(), 8 << 20);
 }
+
+#[test]
+fn a_block_device_grows_only_after_the_host_grew_it() {
+    let Some(l) = loop_device("grow", 32 << 20, 1 << 20, false) else {
+        return;
+    };
+    let opts = DiskOptions {
+        path: l.dev.clone(),
+        format: Some(ImageFormat::Raw),
+        ..DiskOptions::default()
+    };
+    let (d, _) = Disk::open(&opts).unwrap();
+    assert_eq!(d.size(), 32 << 20);
+    let e = d.grow(48 << 20).unwrap_err().to_string();
+    assert!(e.contains("grow it on the host first"), "{e}");
+    assert_eq!(d.size(), 32 << 20);
+    // The host grows it: the backing file, then the loop device's capacity.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&l.file)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let o = Command::new("losetup").arg("-c").arg(&l.dev).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.grow(48 << 20).unwrap();
+    assert_eq!(d.size(), 48 << 20);
+    let Disk::Raw(raw) = &d else {
+        panic!("a raw disk")
+    };
+    raw.write_at(b"past the old end", 40 << 20).unwrap();
+    raw.flush().unwrap();
+    let mut back = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&l.file).unwrap(),
+        &mut back,
+        40 << 20,
+    )
+    .unwrap();
+    assert_eq!(&back, b"past the old end");
+}

@@ -43,7 +43,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{
-    drain, shared_limiter, Buf, Ctx, Handler, Malformed, Request, SharedLimiter, Throttle, Worker,
+    drain, shared_limiter, Buf, ConfigIrq, Ctx, Handler, Malformed, Request, SharedLimiter,
+    Throttle, Worker,
 };
 use crate::{ActivateError, GuestMemoryMmap, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 
@@ -111,9 +112,42 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     acked: u64,
     limiter: SharedLimiter,
+    /// Raised when the disk grows.
+    interrupt: Arc<ConfigIrq>,
     counters: Arc<BlockCounters>,
     broken: Arc<AtomicBool>,
     workers: Vec<Worker<BlkWorker>>,
+}
+
+/// What the VMM changes on a disk while the guest runs: its rate limits and its size.
+#[derive(Clone)]
+pub struct BlockHandle {
+    disk: Arc<Disk>,
+    limiter: SharedLimiter,
+    interrupt: Arc<ConfigIrq>,
+}
+
+impl BlockHandle {
+    /// New limits, in operations/s and bytes/s (0 = unlimited), from the next request on.
+    pub fn set_limits(&self, iops: u64, bandwidth: u64) {
+        self.limiter.set(iops, bandwidth);
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    /// Grows the disk to `size` bytes (see [`Disk::grow`]) and tells the driver its capacity
+    /// changed (a configuration change interrupt, when the driver runs).
+    pub fn grow(&self, size: u64) -> Result<(), String> {
+        let before = self.disk.size();
+        self.disk.grow(size).map_err(|e| e.to_string())?;
+        if self.disk.size() != before {
+            self.interrupt.raise()?;
+        }
+        Ok(())
+    }
 }
 
 impl Block {
@@ -158,9 +192,19 @@ impl Block {
             config,
             acked: 0,
             limiter,
+            interrupt: Arc::default(),
             counters: Arc::default(),
             broken: Arc::default(),
             workers: Vec::new(),
+        }
+    }
+
+    /// What the VMM changes while the guest runs.
+    pub fn handle(&self) -> BlockHandle {
+        BlockHandle {
+            disk: self.disk.clone(),
+            limiter: self.limiter.clone(),
+            interrupt: self.interrupt.clone(),
         }
     }
 
@@ -212,8 +256,11 @@ impl VirtioDevice for Block {
             return;
         };
         if off < CONFIG_LEN {
+            let mut config = self.config;
+            // The capacity, in sectors, as the disk is now (it grows while in use).
+            config[..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
             let n = data.len().min(CONFIG_LEN - off);
-            data[..n].copy_from_slice(&self.config[off..off + n]);
+            data[..n].copy_from_slice(&config[off..off + n]);
         }
     }
 
@@ -235,6 +282,7 @@ impl VirtioDevice for Block {
                 queues.len()
             )));
         }
+        self.interrupt.set(Some(interrupt.clone()));
         let mut serial = [0u8; ID_LEN];
         let s = self.opts.serial.as_bytes();
         serial[..s.len().min(ID_LEN)].copy_from_slice(&s[..s.len().min(ID_LEN)]);
@@ -279,6 +327,7 @@ impl VirtioDevice for Block {
         for w in self.workers.drain(..) {
             w.stop();
         }
+        self.interrupt.set(None);
         self.broken.store(false, Ordering::SeqCst);
     }
 
@@ -892,6 +941,7 @@ mod tests {
         q: VirtQueue,
         path: PathBuf,
         counters: Arc<BlockCounters>,
+        handle: BlockHandle,
     }
 
     impl Drop for Rig {
@@ -938,6 +988,7 @@ mod tests {
             },
         );
         let counters = dev.counters();
+        let handle = dev.handle();
         let mut d = Driver::new(Box::new(dev));
         let q = VirtQueue::new(0x1000);
         assert_eq!(d.start(&[&q]), 0xf);
@@ -946,6 +997,7 @@ mod tests {
             q,
             path,
             counters,
+            handle,
         }
     }
 
@@ -1275,6 +1327,55 @@ mod tests {
         assert_eq!(r.counters.read_ops.load(Ordering::Relaxed), 3);
     }
 
+    #[test]
+    fn limits_change_while_the_device_runs() {
+        let mut r = rig("relimit", false, EngineKind::IoUring, false, 0);
+        for _ in 0..20 {
+            assert_eq!(r.send(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, OK);
+        }
+        assert_eq!(r.counters.throttled.load(Ordering::Relaxed), 0);
+        // 20 ops/s: a burst of 2, then about 50 ms each.
+        r.handle.set_limits(20, 0);
+        let start = std::time::Instant::now();
+        for _ in 0..6 {
+            assert_eq!(r.send(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, OK);
+        }
+        assert!(start.elapsed() >= std::time::Duration::from_millis(150));
+        assert!(r.counters.throttled.load(Ordering::Relaxed) >= 3);
+        r.handle.set_limits(0, 0);
+        let waits = r.counters.throttled.load(Ordering::Relaxed);
+        for _ in 0..20 {
+            assert_eq!(r.send(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, OK);
+        }
+        assert_eq!(r.counters.throttled.load(Ordering::Relaxed), waits);
+    }
+
+    #[test]
+    fn a_grown_disk_shows_its_new_capacity_with_a_config_interrupt() {
+        let mut r = rig("grow", false, EngineKind::IoUring, false, 0);
+        let capacity = |r: &mut Rig| u64::from(r.d.read(0x100)) | u64::from(r.d.read(0x104)) << 32;
+        assert_eq!(capacity(&mut r), 128);
+        let generation = r.d.read(0xfc);
+        // Past the end: refused.
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 200, &[(DATA, 512, true)]).0, IOERR);
+        let _ = r.d.irq.read();
+        let _ = r.d.read(REG_ISR);
+        r.handle.grow(256 << 10).unwrap();
+        assert_eq!(r.handle.size(), 256 << 10);
+        assert_eq!(capacity(&mut r), 512);
+        assert_ne!(r.d.read(0xfc), generation, "the config generation moves on");
+        assert!(r.d.irq.read().is_ok(), "no interrupt");
+        assert_ne!(r.d.read(REG_ISR) & 2, 0, "no config interrupt");
+        r.fill(DATA, 512, 0x77);
+        assert_eq!(r.send(VIRTIO_BLK_T_OUT, 500, &[(DATA, 512, false)]).0, OK);
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 200, &[(DATA, 512, true)]).0, OK);
+        assert_eq!(r.bytes(DATA, 512), vec![0u8; 512]);
+        // Shrinking is refused and changes nothing.
+        let e = r.handle.grow(64 << 10).unwrap_err();
+        assert!(e.contains("shrinking"), "{e}");
+        assert_eq!(capacity(&mut r), 512);
+    }
+
     /// A `virtio_blk_discard_write_zeroes` segment.
     fn zero_seg(sector: u64, n: u32, flags: u32) -> Vec<u8> {
         let mut v = sector.to_le_bytes().to_vec();
@@ -1377,7 +1478,7 @@ mod tests {
             index: 0,
             event: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
             engine: Engine::new(disk, u32::from(QUEUE_SIZE), EngineKind::Sync),
-            throttle: Throttle::new(None).unwrap(),
+            throttle: Throttle::new(shared_limiter(0, 0)).unwrap(),
             pending: (0..QUEUE_SIZE).map(|_| None).collect(),
             zeroing: VecDeque::new(),
             serial: [0; ID_LEN],

@@ -318,20 +318,40 @@ impl ConfigIrq {
     }
 }
 
-/// A rate limiter (ops/s and bytes/s) shared by the queues of a device; `None` when the
-/// device has no limits.
-pub(crate) type SharedLimiter = Option<Arc<Mutex<RateLimiter>>>;
+/// A device's rate limits (ops/s and bytes/s), shared by its queues and changeable while the
+/// device runs (`PATCH /v1/vm/disks/{id}`): a new limit takes effect at the next request; a
+/// queue already waiting for the old limit's timer waits that wait out.
+pub struct Limiter {
+    /// Whether any limit is set: the unlimited fast path takes no lock.
+    limited: AtomicBool,
+    buckets: Mutex<RateLimiter>,
+}
 
-/// A limiter for `ops` operations/s and `bytes` bytes/s (0 = unlimited), with the default
-/// bursts.
+impl Limiter {
+    /// A limiter for `ops` operations/s and `bytes` bytes/s (0 = unlimited), with the default
+    /// bursts.
+    pub fn new(ops: u64, bytes: u64) -> Self {
+        let l = Limiter {
+            limited: AtomicBool::new(false),
+            buckets: Mutex::new(RateLimiter::default()),
+        };
+        l.set(ops, bytes);
+        l
+    }
+
+    /// Replaces the limits (full buckets of the new size).
+    pub fn set(&self, ops: u64, bytes: u64) {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        *b = RateLimiter::new((ops, 0), (bytes, 0), Instant::now());
+        self.limited.store(b.is_limited(), Ordering::SeqCst);
+    }
+}
+
+pub(crate) type SharedLimiter = Arc<Limiter>;
+
+/// A limiter for `ops` operations/s and `bytes` bytes/s (0 = unlimited).
 pub(crate) fn shared_limiter(ops: u64, bytes: u64) -> SharedLimiter {
-    (ops > 0 || bytes > 0).then(|| {
-        Arc::new(Mutex::new(RateLimiter::new(
-            (ops, 0),
-            (bytes, 0),
-            Instant::now(),
-        )))
-    })
+    Arc::new(Limiter::new(ops, bytes))
 }
 
 /// One queue's side of a rate limiter: a timerfd to wait on when a request does not fit.
@@ -365,10 +385,10 @@ impl Throttle {
     /// Whether an operation of `bytes` may go now; if not, arms the timer for when it may,
     /// sets `waiting` and counts a wait in `waits`.
     pub fn admit(&mut self, bytes: u64, waits: &AtomicU64) -> bool {
-        let Some(l) = &self.limiter else {
+        if !self.limiter.limited.load(Ordering::Relaxed) {
             return true;
-        };
-        let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+        }
+        let mut l = self.limiter.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if l.try_admit(bytes, now) {
             return true;

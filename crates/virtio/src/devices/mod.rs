@@ -19,8 +19,8 @@ pub mod net;
 pub mod rng;
 
 pub use balloon::{Balloon, BalloonHandle, BalloonOptions, BalloonStatus, Discard};
-pub use block::{Block, BlockCounters, BlockOptions};
+pub use block::{Block, BlockCounters, BlockHandle, BlockOptions};
 pub use console::{Console, ConsoleInput, ConsoleOutput};
 pub use mem::{MemHandle, MemOptions, MemStatus, VirtioMem};
-pub use net::{Limits, Net, NetCounters, NetOptions};
+pub use net::{Limits, Net, NetCounters, NetHandle, NetOptions};
 pub use rng::Rng;

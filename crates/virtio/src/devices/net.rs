@@ -89,6 +89,20 @@ pub struct NetCounters {
     pub throttled: AtomicU64,
 }
 
+/// What the VMM changes on an interface while the guest runs: its rate limits.
+#[derive(Clone)]
+pub struct NetHandle {
+    limiters: [SharedLimiter; 2],
+}
+
+impl NetHandle {
+    /// New limits for what the guest receives and what it transmits, from the next frame on.
+    pub fn set_limits(&self, rx: Limits, tx: Limits) {
+        self.limiters[RX].set(rx.ops, rx.bytes);
+        self.limiters[TX].set(tx.ops, tx.bytes);
+    }
+}
+
 /// The virtio-net device.
 pub struct Net {
     taps: Vec<Arc<Tap>>,
@@ -121,6 +135,13 @@ impl Net {
             broken: Arc::default(),
             pairs: Vec::new(),
             ctrl: None,
+        }
+    }
+
+    /// What the VMM changes while the guest runs: the rate limits.
+    pub fn handle(&self) -> NetHandle {
+        NetHandle {
+            limiters: self.limiters.clone(),
         }
     }
 
