@@ -1,4 +1,5 @@
-//! API requests: a method, a route (one of the served ones, or any path), a query and a body
+//! API requests: a method, a route (one of the served ones, its `{id}` filled in, or any
+//! path), a query and a body
 //! through the API's router as the server runs it: each route's body and query parsing, and
 //! the answers to what does not fit.
 #![no_main]
@@ -19,9 +20,11 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, rest)) = data.split_first() else {
+    let [sel, pick, rest @ ..] = data else {
         return;
     };
+    let (sel, pick) = (*sel, usize::from(*pick));
+    const METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "PATCH"];
     // Route and query are the text before the first newline, when `sel` says so.
     let (path, body) = if sel & 0x80 != 0 {
         match rest.iter().position(|&b| b == b'\n') {
@@ -33,11 +36,13 @@ fuzz_target!(|data: &[u8]| {
         }
     } else {
         let routes = vmm::api::ROUTES;
-        let (_, p) = routes[usize::from(sel & 0x0f) % routes.len()];
+        let (_, p) = routes[pick % routes.len()];
         let q = if sel & 0x10 != 0 { "?force=true" } else { "" };
-        (format!("{p}{q}"), rest)
+        // A device route names a device.
+        let id = ["disk0", "net0", "nope", "..", "%7Bid%7D"][usize::from(sel & 0x07) % 5];
+        (format!("{}{q}", p.replace("{id}", id)), rest)
     };
-    let method = ["GET", "PUT", "POST", "DELETE", "PATCH"][usize::from((sel >> 5) & 3) % 5];
+    let method = METHODS[(pick / vmm::api::ROUTES.len() + usize::from(sel >> 5)) % 5];
     let mut req = Request::builder().method(method).uri(&path);
     if sel & 0x08 == 0 {
         req = req.header("content-type", "application/json");

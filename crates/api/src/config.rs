@@ -301,6 +301,10 @@ fn default_queues() -> u16 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
+    /// The disk's id, by which the API changes it (`PATCH /v1/vm/disks/{id}`) and snapshots
+    /// keep its state; `disk0`, `disk1`… by position when absent (see [`VmConfig::disk_ids`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// The image file.
     pub path: PathBuf,
     /// Its format as the user states it. Without it the format is probed (qcow2 magic), and a
@@ -364,11 +368,12 @@ pub(crate) fn byte_rate(field: &'static str, v: &str) -> Result<u64, ConfigError
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses `path=IMG[,format=raw|qcow2][,data_file=PATH][,readonly=on][,serial=ID]
+    /// Parses `path=IMG[,id=ID][,format=raw|qcow2][,data_file=PATH][,readonly=on][,serial=ID]
     /// [,cache=none|writeback][,queues=N][,iops=N][,bw=BYTES/s][,io=auto|io_uring|sync]`.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut path = None;
         let mut d = DiskConfig {
+            id: None,
             path: PathBuf::new(),
             format: None,
             probed_format: None,
@@ -387,6 +392,7 @@ impl FromStr for DiskConfig {
             };
             let kw = |field| move |why: String| invalid(field, v, why);
             match k {
+                "id" => d.id = Some(v.to_string()),
                 "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
                 "format" => d.format = Some(v.parse().map_err(kw("disk format"))?),
                 "data_file" if !v.is_empty() => d.data_file = Some(PathBuf::from(v)),
@@ -409,8 +415,8 @@ impl FromStr for DiskConfig {
                     return Err(invalid(
                         "disk",
                         item,
-                        "expected path, format, data_file, readonly, serial, cache, queues, iops, \
-                         bw or io",
+                        "expected id, path, format, data_file, readonly, serial, cache, queues, \
+                         iops, bw or io",
                     ))
                 }
             }
@@ -515,6 +521,11 @@ fn default_true() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// The interface's id, by which the API changes it (`PATCH /v1/vm/nets/{id}`) and
+    /// snapshots keep its state; `net0`, `net1`… by position when absent (see
+    /// [`VmConfig::net_ids`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// An existing TAP's name, or `auto` to create one for the VM's lifetime.
     pub tap: String,
     /// The guest's MAC; a locally administered one derived from the TAP name when absent.
@@ -546,10 +557,11 @@ pub struct NetConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// Parses `tap=NAME|auto[,mac=M][,queues=N][,mtu=N][,offload=on|off][,rx_bw=R][,tx_bw=R]
+    /// Parses `tap=NAME|auto[,id=ID][,mac=M][,queues=N][,mtu=N][,offload=on|off][,rx_bw=R][,tx_bw=R]
     /// [,rx_ops=N][,tx_ops=N]`.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut n = NetConfig {
+            id: None,
             tap: String::new(),
             mac: None,
             queues: default_queues(),
@@ -569,6 +581,7 @@ impl FromStr for NetConfig {
                     .map_err(|_| invalid(field, v, "expected a number"))
             };
             match k {
+                "id" => n.id = Some(v.to_string()),
                 "tap" if !v.is_empty() => n.tap = v.to_string(),
                 "mac" => n.mac = Some(v.parse().map_err(|why| invalid("net mac", v, why))?),
                 "queues" => {
@@ -586,13 +599,11 @@ impl FromStr for NetConfig {
                 "tx_bw" => n.tx_bw = byte_rate("net tx_bw", v)?,
                 "rx_ops" => n.rx_ops = number("net rx_ops")?,
                 "tx_ops" => n.tx_ops = number("net tx_ops")?,
-                _ => {
-                    return Err(invalid(
-                        "net",
-                        item,
-                        "expected tap, mac, queues, mtu, offload, rx_bw, tx_bw, rx_ops or tx_ops",
-                    ))
-                }
+                _ => return Err(invalid(
+                    "net",
+                    item,
+                    "expected id, tap, mac, queues, mtu, offload, rx_bw, tx_bw, rx_ops or tx_ops",
+                )),
             }
         }
         if n.tap.is_empty() {
@@ -722,6 +733,57 @@ fn default_shutdown_timeout() -> u64 {
     20
 }
 
+/// Ids of tern's own components, which a disk or interface cannot take (nor `vcpu` followed
+/// by a number).
+pub const RESERVED_IDS: &[&str] = &[
+    "kvm-vm",
+    "com1",
+    "rtc",
+    "acpi-pm",
+    "vmgenid",
+    "pci-root",
+    "cpu-hotplug",
+    "virtio-rng",
+    "virtio-console",
+    "virtio-balloon",
+    "virtio-mem",
+];
+
+/// Longest device id.
+pub const MAX_ID_LEN: usize = 32;
+
+/// A disk's or interface's own id: 1 to [`MAX_ID_LEN`] letters, digits, `-`, `_` and `.`,
+/// starting with a letter or digit, and none of tern's own ([`RESERVED_IDS`]).
+pub fn check_device_id(id: &str) -> Result<(), ConfigError> {
+    let ok_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if id.is_empty()
+        || id.len() > MAX_ID_LEN
+        || !ok_chars
+        || !id.as_bytes()[0].is_ascii_alphanumeric()
+    {
+        return Err(invalid(
+            "device id",
+            head(id, 64),
+            format!(
+                "must be 1 to {MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit"
+            ),
+        ));
+    }
+    let vcpu = id
+        .strip_prefix("vcpu")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if vcpu || RESERVED_IDS.contains(&id) {
+        return Err(invalid(
+            "device id",
+            id,
+            "is the id of one of tern's own devices",
+        ));
+    }
+    Ok(())
+}
+
 /// Longest `shutdown_timeout` accepted: one day, in seconds.
 pub const MAX_SHUTDOWN_TIMEOUT: u64 = 24 * 60 * 60;
 
@@ -772,6 +834,59 @@ impl VmConfig {
             serde_json::from_str(text).map_err(|e| file_err(e.to_string()))
         } else {
             toml::from_str(text).map_err(|e| file_err(e.message().to_string()))
+        }
+    }
+
+    /// Each disk's id, in order: its own, or `disk{n}` for the lowest `n` no device uses
+    /// (`disk0`, `disk1`… when no disk has its own).
+    pub fn disk_ids(&self) -> Vec<String> {
+        let (disks, _) = self.device_ids();
+        disks
+    }
+
+    /// Each interface's id, in order: its own, or `net{n}` for the lowest `n` no device uses.
+    pub fn net_ids(&self) -> Vec<String> {
+        let (_, nets) = self.device_ids();
+        nets
+    }
+
+    fn device_ids(&self) -> (Vec<String>, Vec<String>) {
+        let mut taken: std::collections::HashSet<String> = self
+            .disks
+            .iter()
+            .filter_map(|d| d.id.clone())
+            .chain(self.nets.iter().filter_map(|n| n.id.clone()))
+            .collect();
+        let mut fill = |given: Vec<Option<String>>, prefix: &str| {
+            let mut next = 0usize;
+            given
+                .into_iter()
+                .map(|id| {
+                    id.unwrap_or_else(|| loop {
+                        let id = format!("{prefix}{next}");
+                        next += 1;
+                        if taken.insert(id.clone()) {
+                            break id;
+                        }
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let disks = fill(self.disks.iter().map(|d| d.id.clone()).collect(), "disk");
+        let nets = fill(self.nets.iter().map(|n| n.id.clone()).collect(), "net");
+        (disks, nets)
+    }
+
+    /// Writes every disk's and interface's id into the configuration (those without one get
+    /// theirs from [`disk_ids`](Self::disk_ids) and [`net_ids`](Self::net_ids)), so that
+    /// `GET /v1/vm` shows them and they stay as they are when devices come and go.
+    pub fn assign_device_ids(&mut self) {
+        let (disks, nets) = self.device_ids();
+        for (d, id) in self.disks.iter_mut().zip(disks) {
+            d.id = Some(id);
+        }
+        for (n, id) in self.nets.iter_mut().zip(nets) {
+            n.id = Some(id);
         }
     }
 
@@ -880,6 +995,18 @@ impl VmConfig {
         for n in &self.nets {
             n.validate()?;
         }
+        let mut seen = std::collections::HashSet::new();
+        for id in self
+            .disks
+            .iter()
+            .filter_map(|d| d.id.as_deref())
+            .chain(self.nets.iter().filter_map(|n| n.id.as_deref()))
+        {
+            check_device_id(id)?;
+            if !seen.insert(id) {
+                return Err(invalid("device id", id, "is used by two devices"));
+            }
+        }
         if cmd.contains('\0') {
             return Err(invalid(
                 "cmdline",
@@ -894,6 +1021,44 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_ids_are_given_or_generated_and_checked() {
+        let mut c = VmConfig {
+            kernel: Some("k".into()),
+            disks: vec![
+                "path=a".parse().unwrap(),
+                "path=b,id=disk0".parse().unwrap(),
+                "path=c".parse().unwrap(),
+            ],
+            nets: vec![
+                "tap=t0".parse().unwrap(),
+                "tap=t1,id=uplink".parse().unwrap(),
+            ],
+            ..VmConfig::default()
+        };
+        assert_eq!(c.disk_ids(), ["disk1", "disk0", "disk2"]);
+        assert_eq!(c.net_ids(), ["net0", "uplink"]);
+        c.validate().unwrap();
+        c.assign_device_ids();
+        assert_eq!(c.disks[0].id.as_deref(), Some("disk1"));
+        assert_eq!(c.nets[0].id.as_deref(), Some("net0"));
+        assert_eq!(c.disk_ids(), ["disk1", "disk0", "disk2"]);
+        for (id, why) in [
+            ("uplink", "used by two devices"),
+            ("vcpu3", "tern's own"),
+            ("virtio-rng", "tern's own"),
+            ("", "1 to 32"),
+            ("-x", "starting with"),
+            ("a/b", "letters, digits"),
+            (&"x".repeat(33), "1 to 32"),
+        ] {
+            let mut bad = c.clone();
+            bad.disks[2].id = Some(id.to_string());
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{id}: {e}");
+        }
+    }
 
     #[test]
     fn memory_sizes() {

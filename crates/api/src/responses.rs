@@ -132,6 +132,9 @@ pub struct VcpuCounters {
 pub enum DeviceCounters {
     /// A virtio-blk disk.
     Block {
+        /// The disk's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
         /// The image, as configured.
         path: String,
         /// Read requests completed.
@@ -153,6 +156,9 @@ pub enum DeviceCounters {
     },
     /// A virtio-net interface.
     Net {
+        /// The interface's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
         /// The TAP.
         tap: String,
         /// Frames delivered to the guest.
@@ -239,7 +245,7 @@ mod tests {
                 r#"{{"state":"paused","config":{config},"vcpus":2,"memory_bytes":268435456,"uptime_ms":1234,"generation_id":"00112233445566778899aabbccddeeff","taps":["tap0"]}}"#
             )
         );
-        // What the server sends, byte for byte as before these types existed.
+        // What the server sends: as before these types existed, with the disk's id added.
         let config = as_served(info.config.as_ref().unwrap());
         assert_eq!(
             as_served(&info),
@@ -284,6 +290,7 @@ mod tests {
             }],
             devices: vec![
                 DeviceCounters::Block {
+                    id: Some("disk0".into()),
                     path: "/d.img".into(),
                     read_ops: 1,
                     read_bytes: 512,
@@ -295,6 +302,7 @@ mod tests {
                     throttled: 6,
                 },
                 DeviceCounters::Net {
+                    id: None,
                     tap: "tap0".into(),
                     rx_frames: 1,
                     rx_bytes: 60,
@@ -316,18 +324,20 @@ mod tests {
             serde_json::to_string(&c).unwrap(),
             concat!(
                 r#"{"vcpus":[{"vcpu":0,"pio_exits":1,"mmio_exits":2,"other_exits":3}],"devices":["#,
-                r#"{"type":"block","path":"/d.img","read_ops":1,"read_bytes":512,"write_ops":2,"#,
+                r#"{"type":"block","id":"disk0","path":"/d.img","read_ops":1,"read_bytes":512,"#,
+                r#""write_ops":2,"#,
                 r#""write_bytes":1024,"flush_ops":3,"discard_ops":4,"errors":5,"throttled":6},"#,
                 r#"{"type":"net","tap":"tap0","rx_frames":1,"rx_bytes":60,"rx_dropped":2,"#,
                 r#""tx_frames":3,"tx_bytes":180,"tx_dropped":4,"link_down":5,"throttled":6}]}"#
             )
         );
-        // What the server sends, byte for byte as before these types existed.
+        // What the server sends: as before these types existed, with the disk's id added.
         assert_eq!(
             as_served(&c),
             concat!(
                 r#"{"devices":["#,
-                r#"{"discard_ops":4,"errors":5,"flush_ops":3,"path":"/d.img","read_bytes":512,"#,
+                r#"{"discard_ops":4,"errors":5,"flush_ops":3,"id":"disk0","path":"/d.img","#,
+                r#""read_bytes":512,"#,
                 r#""read_ops":1,"throttled":6,"type":"block","write_bytes":1024,"write_ops":2},"#,
                 r#"{"link_down":5,"rx_bytes":60,"rx_dropped":2,"rx_frames":1,"tap":"tap0","#,
                 r#""throttled":6,"tx_bytes":180,"tx_dropped":4,"tx_frames":3,"type":"net"}],"#,

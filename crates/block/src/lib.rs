@@ -367,7 +367,7 @@ impl Disk {
         let unit = self
             .device_block_sizes()
             .map_or(512, |b| u64::from(b.logical));
-        if new_size % unit != 0 {
+        if !new_size.is_multiple_of(unit) {
             return Err(refuse(format!(
                 "{new_size} bytes is not a multiple of its {unit}-byte blocks"
             )));
@@ -624,9 +624,16 @@ mod tests {
         drop(d);
         let o = qemu_img(&["info", "--output=json", overlay.to_str().unwrap()]).unwrap();
         let info = String::from_utf8_lossy(&o.stdout);
-        assert!(info.contains(&format!("\"virtual-size\": {}", 6 << 20)), "{info}");
+        assert!(
+            info.contains(&format!("\"virtual-size\": {}", 6 << 20)),
+            "{info}"
+        );
         let o = qemu_img(&["check", "-q", overlay.to_str().unwrap()]).unwrap();
-        assert!(o.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            o.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         let (d, _) = Disk::open(&opts(&overlay, Some(ImageFormat::Qcow2), true)).unwrap();
         assert_eq!(d.size(), 6 << 20);
         assert_eq!(read(&d, (6 << 20) - 4096, 4096), vec![3u8; 4096]);

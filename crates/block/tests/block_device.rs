@@ -164,7 +164,11 @@ fn a_block_device_grows_only_after_the_host_grew_it() {
         .unwrap()
         .set_len(48 << 20)
         .unwrap();
-    let o = Command::new("losetup").arg("-c").arg(&l.dev).output().unwrap();
+    let o = Command::new("losetup")
+        .arg("-c")
+        .arg(&l.dev)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     d.grow(48 << 20).unwrap();
     assert_eq!(d.size(), 48 << 20);

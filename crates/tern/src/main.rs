@@ -1,6 +1,7 @@
 //! `tern`: a KVM virtual machine monitor.
 
 mod balloon;
+mod devices;
 mod jail;
 mod migrate;
 
@@ -77,6 +78,12 @@ enum Command {
         #[arg(long, value_name = "SIZE")]
         memory: Option<MemSize>,
     },
+    /// List a running VM's disks, or change one (rate limits, size).
+    #[command(subcommand)]
+    Disk(devices::DiskCmd),
+    /// List a running VM's network interfaces, or change one (rate limits).
+    #[command(subcommand)]
+    Net(devices::NetCmd),
 }
 
 #[derive(Subcommand)]
@@ -643,6 +650,8 @@ fn main() -> ExitCode {
         Command::Jail(args) => jail::main(*args),
         Command::Migrate(args) => migrate::main(*args),
         Command::Balloon(args) => balloon::main(args),
+        Command::Disk(cmd) => devices::disk(cmd),
+        Command::Net(cmd) => devices::net(cmd),
         Command::Resize {
             client: c,
             cpus,
@@ -804,10 +813,14 @@ fn show_counters(body: &str) -> Result<String, String> {
             .as_object()
             .into_iter()
             .flatten()
-            .filter(|(k, _)| !matches!(k.as_str(), "type" | "path" | "tap"))
+            .filter(|(k, _)| !matches!(k.as_str(), "type" | "id" | "path" | "tap"))
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
-        let name = d["path"].as_str().or(d["tap"].as_str()).unwrap_or("");
+        let what = d["path"].as_str().or(d["tap"].as_str()).unwrap_or("");
+        let name = match d["id"].as_str() {
+            Some(id) => format!("{id} ({what})"),
+            None => what.to_string(),
+        };
         lines.push(format!(
             "{} {name}: {}",
             d["type"].as_str().unwrap_or("?"),

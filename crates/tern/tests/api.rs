@@ -514,7 +514,7 @@ fn a_pause_fails_by_name_on_a_hung_disk_and_the_vm_runs_on() {
     drop(stopped);
     assert_eq!(code, 500, "{body}");
     let want = format!(
-        "cannot pause: virtio-blk disk 0 ({}) did not finish its in-flight I/O and stop within 5.0 s; the VM keeps running",
+        "cannot pause: virtio-blk disk0 ({}) did not finish its in-flight I/O and stop within 5.0 s; the VM keeps running",
         disk.display()
     );
     assert_eq!(error_of(&body), want);

@@ -9,8 +9,9 @@
 //! `PUT /v1/vm/snapshot`, `PUT /v1/vm/restore`, and live migration: `PUT /v1/vm/migrate/send`
 //! (202; it runs in the background), `GET /v1/vm/migrate` (its status), `DELETE /v1/vm/migrate`
 //! (cancel) and `PUT /v1/vm/migrate/receive` (an empty tern waits for one); the balloon
-//! (`GET|PUT /v1/vm/balloon`) and resizing (`PUT /v1/vm/resize`: vCPUs and memory). Device
-//! hotplug is meant to follow as `PUT|DELETE /v1/vm/devices/{id}`. The OpenAPI document
+//! (`GET|PUT /v1/vm/balloon`) and resizing (`PUT /v1/vm/resize`: vCPUs and memory), and
+//! changes to a running VM's disks and interfaces (`PATCH /v1/vm/disks/{id}`,
+//! `PATCH /v1/vm/nets/{id}`: rate limits, a disk's size). The OpenAPI document
 //! `docs/api/openapi.json` describes every route; a test checks it against [`ROUTES`].
 //!
 //! The bodies are the `api` crate's types: [`VmConfig`] for `PUT /v1/vm`, its
@@ -23,11 +24,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use ::api::ErrorBody;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, patch, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -56,6 +57,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vm/balloon"),
     ("PUT", "/v1/vm/balloon"),
     ("PUT", "/v1/vm/resize"),
+    ("PATCH", "/v1/vm/disks/{id}"),
+    ("PATCH", "/v1/vm/nets/{id}"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -106,6 +109,20 @@ pub enum Action {
     BalloonSet(::api::balloon::BalloonRequest),
     /// Change the number of vCPUs.
     Resize(::api::resize::ResizeRequest),
+    /// Change a disk's rate limits or size.
+    DiskUpdate {
+        /// The disk's id.
+        id: String,
+        /// What changes.
+        update: ::api::devices::DiskUpdate,
+    },
+    /// Change an interface's rate limits.
+    NetUpdate {
+        /// The interface's id.
+        id: String,
+        /// What changes.
+        update: ::api::devices::NetUpdate,
+    },
 }
 
 /// The VMM's answer.
@@ -310,6 +327,8 @@ fn router(shared: Shared) -> Router {
         .route("/v1/vm/migrate/send", put(migrate_send))
         .route("/v1/vm/migrate/receive", put(migrate_receive))
         .route("/v1/vm/resize", put(resize))
+        .route("/v1/vm/disks/{id}", patch(disk_update))
+        .route("/v1/vm/nets/{id}", patch(net_update))
         .route(
             "/v1/vm/balloon",
             get(|s| ask(s, Action::BalloonInfo)).put(balloon_set),
@@ -428,6 +447,30 @@ async fn resize(
     match body {
         Ok(Json(b)) => ask(s, Action::Resize(b)).await,
         Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn disk_update(
+    s: State<Shared>,
+    id: Result<UrlPath<String>, PathRejection>,
+    body: Result<Json<::api::devices::DiskUpdate>, JsonRejection>,
+) -> Response {
+    match (id, body) {
+        (Ok(UrlPath(id)), Ok(Json(update))) => ask(s, Action::DiskUpdate { id, update }).await,
+        (Err(e), _) => body_error(e.status(), e.body_text()),
+        (_, Err(e)) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn net_update(
+    s: State<Shared>,
+    id: Result<UrlPath<String>, PathRejection>,
+    body: Result<Json<::api::devices::NetUpdate>, JsonRejection>,
+) -> Response {
+    match (id, body) {
+        (Ok(UrlPath(id)), Ok(Json(update))) => ask(s, Action::NetUpdate { id, update }).await,
+        (Err(e), _) => body_error(e.status(), e.body_text()),
+        (_, Err(e)) => body_error(e.status(), e.body_text()),
     }
 }
 

@@ -316,7 +316,7 @@ fn build_rest(
         }
         Transport::Pci => {
             let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
-            intx = Some(crate::virtio_devices::attach_pci(
+            intx = Some(crate::virtio_pci::attach_pci(
                 &vm,
                 ram.shared(),
                 &routing,
@@ -371,6 +371,8 @@ fn build_rest(
         ram,
         balloon: virtio.balloon,
         mem_hotplug: virtio.mem,
+        disks: virtio.disks,
+        nets: virtio.nets,
         cpu_hotplug,
         ctl,
         vcpus,

@@ -13,6 +13,7 @@ pub mod console;
 pub mod control;
 pub mod cpu_hotplug;
 pub mod device_manager;
+pub mod device_updates;
 pub mod error;
 pub mod host;
 pub mod interrupts;
@@ -32,6 +33,7 @@ pub mod vcpu;
 pub mod vcpu_cgroups;
 pub mod vcpus;
 pub mod virtio_devices;
+pub mod virtio_pci;
 pub mod vm;
 pub mod vmgenid;
 

@@ -132,6 +132,8 @@ fn run_loop(
             .and_then(|h| h.join().ok())
             .and_then(Result::ok);
         let mut handover = None;
+        // Devices without ids get theirs now, for the API to show and name them by.
+        config.assign_device_ids();
         let built = if let Some(r) = received.take() {
             handover = Some(r.handover);
             Ok(r.vm)
@@ -223,7 +225,7 @@ fn run_loop(
                 start.elapsed().as_secs_f64() * 1e3
             );
         }
-        let mut exit = vm.run(&signals, &stdin_quit, api.as_ref(), &config)?;
+        let mut exit = vm.run(&signals, &stdin_quit, api.as_ref(), &mut config)?;
         if restoring.as_ref().is_some_and(|r| r.lazy) {
             // A guest that lost the memory file under it fails in ways of its own (a triple
             // fault, KVM_RUN failing with EFAULT): name the real cause.

@@ -59,6 +59,13 @@ pub fn check(state: VmState, action: &Action) -> Result<(), Reply> {
         Action::BalloonInfo | Action::BalloonSet(_) => refuse("use the balloon"),
         Action::Resize(_) if booted => Ok(()),
         Action::Resize(_) => refuse("resize"),
+        Action::DiskUpdate { .. } | Action::NetUpdate { .. } if booted => Ok(()),
+        Action::DiskUpdate { .. } | Action::NetUpdate { .. } => Err(Reply::error(
+            409,
+            format!(
+                "cannot change a device: the VM is {state} (before boot, change its configuration with PUT /v1/vm)"
+            ),
+        )),
     }
 }
 
@@ -124,6 +131,20 @@ mod tests {
             (Box::new(|| Action::BalloonInfo), [409, 409, 0, 0]),
             (
                 Box::new(|| Action::Resize(Default::default())),
+                [409, 409, 0, 0],
+            ),
+            (
+                Box::new(|| Action::DiskUpdate {
+                    id: "disk0".into(),
+                    update: Default::default(),
+                }),
+                [409, 409, 0, 0],
+            ),
+            (
+                Box::new(|| Action::NetUpdate {
+                    id: "net0".into(),
+                    update: Default::default(),
+                }),
                 [409, 409, 0, 0],
             ),
         ];

@@ -43,7 +43,7 @@ pub struct Vm {
     pub(crate) panic_seen: Arc<AtomicBool>,
     pub(crate) console_input: Option<virtio::devices::ConsoleInput>,
     pub(crate) console_output: Option<devices::serial::OutputHandle>,
-    pub(crate) _intx: Option<crate::virtio_devices::IntxResampler>,
+    pub(crate) _intx: Option<crate::virtio_pci::IntxResampler>,
     pub(crate) device_stats: Vec<crate::virtio_devices::DeviceStats>,
     pub(crate) started: Instant,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.
@@ -62,6 +62,10 @@ pub struct Vm {
     pub(crate) cpu_hotplug: Option<Arc<crate::cpu_hotplug::CpuHotplug>>,
     /// The virtio-mem device, when `max_memory` exceeds `memory`.
     pub(crate) mem_hotplug: Option<virtio::devices::MemHandle>,
+    /// Each disk's id and handle, in configuration order.
+    pub(crate) disks: Vec<(String, virtio::devices::BlockHandle)>,
+    /// Each interface's id and handle, in configuration order.
+    pub(crate) nets: Vec<(String, virtio::devices::NetHandle)>,
 }
 
 impl crate::migration::receive::Arrival for Vm {
@@ -286,7 +290,7 @@ impl Vm {
         &self,
         action: &Action,
         exit_counters: &[Arc<ExitCounters>],
-        config: &VmConfig,
+        config: &mut VmConfig,
         button_deadline: &mut Option<Instant>,
     ) -> Reply {
         let paused = self.components.paused();
@@ -307,6 +311,8 @@ impl Vm {
                     | Action::Reboot
                     | Action::BalloonSet(_)
                     | Action::Resize(_)
+                    | Action::DiskUpdate { .. }
+                    | Action::NetUpdate { .. }
             )
         {
             return Reply::error(
@@ -412,6 +418,12 @@ impl Vm {
                 Some(b) => crate::balloon::set(b, r),
                 None => crate::balloon::none(),
             },
+            Action::DiskUpdate { id, update } => {
+                crate::device_updates::update_disk(&self.disks, id, update, config)
+            }
+            Action::NetUpdate { id, update } => {
+                crate::device_updates::update_net(&self.nets, id, update, config)
+            }
             _ => crate::states::not_handled(state),
         }
     }
@@ -423,7 +435,7 @@ impl Vm {
         signals: &File,
         stdin_quit: &EventFd,
         api: Option<&ApiServer>,
-        config: &VmConfig,
+        config: &mut VmConfig,
     ) -> Result<VmExit, VmmError> {
         let exit_counters = self.vcpus.counters();
         self.vcpus.start()?;

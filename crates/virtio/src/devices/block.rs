@@ -139,12 +139,18 @@ impl BlockHandle {
     }
 
     /// Grows the disk to `size` bytes (see [`Disk::grow`]) and tells the driver its capacity
-    /// changed (a configuration change interrupt, when the driver runs).
-    pub fn grow(&self, size: u64) -> Result<(), String> {
+    /// changed (a configuration change interrupt, when the driver runs; one that is not
+    /// running reads the capacity when it starts).
+    pub fn grow(&self, size: u64) -> Result<(), block::BlockError> {
         let before = self.disk.size();
-        self.disk.grow(size).map_err(|e| e.to_string())?;
+        self.disk.grow(size)?;
         if self.disk.size() != before {
-            self.interrupt.raise()?;
+            if let Err(e) = self.interrupt.raise() {
+                tracing::warn!(
+                    "virtio-blk {}: grown to {size} bytes, but {e}",
+                    self.disk.path().display()
+                );
+            }
         }
         Ok(())
     }
@@ -1371,7 +1377,7 @@ mod tests {
         assert_eq!(r.send(VIRTIO_BLK_T_IN, 200, &[(DATA, 512, true)]).0, OK);
         assert_eq!(r.bytes(DATA, 512), vec![0u8; 512]);
         // Shrinking is refused and changes nothing.
-        let e = r.handle.grow(64 << 10).unwrap_err();
+        let e = r.handle.grow(64 << 10).unwrap_err().to_string();
         assert!(e.contains("shrinking"), "{e}");
         assert_eq!(capacity(&mut r), 512);
     }

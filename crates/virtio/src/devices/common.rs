@@ -388,7 +388,11 @@ impl Throttle {
         if !self.limiter.limited.load(Ordering::Relaxed) {
             return true;
         }
-        let mut l = self.limiter.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = self
+            .limiter
+            .buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if l.try_admit(bytes, now) {
             return true;
