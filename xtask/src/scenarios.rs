@@ -478,6 +478,20 @@ const MEM_HOTPLUG_CHECKS: &[&str] = &[
     "exit",
 ];
 
+/// Every check `xtask/l1/scenarios/diskupdate.sh` reports.
+const DISK_UPDATE_CHECKS: &[&str] = &[
+    "ready",
+    "refuse",
+    "list",
+    "grow",
+    "limited",
+    "bw",
+    "unlimited",
+    "exit",
+    "data-image",
+    "aux-image",
+];
+
 /// The checks of the memory hotplug scenario's QEMU case (no refusals, no snapshot).
 fn mem_hotplug_qemu_checks() -> impl Iterator<Item = &'static &'static str> {
     MEM_HOTPLUG_CHECKS
@@ -1133,6 +1147,33 @@ pub fn all() -> Vec<Scenario> {
             expect: mem_hotplug_expect("tern", MEM_HOTPLUG_CHECKS.iter()),
             ..DEFAULT
         },
+        // Disks changed while the Debian kernel's virtio_blk drives them: a raw and a qcow2
+        // image grown (the guest sees the new sizes and writes past the old end), a rate
+        // limit tightened, changed and lifted with the guest's direct reads measured under
+        // each, refusals (`xtask/l1/scenarios/diskupdate.sh`).
+        Scenario {
+            name: "tern-disk-update",
+            groups: &["core", "block"],
+            base_cmdline: PCI_CMDLINE,
+            action: "script:diskupdate",
+            l1_script: Some(&["diskupdate.sh", "tern"]),
+            timeout_secs: 400,
+            expect: {
+                let mut require: Vec<String> = DISK_UPDATE_CHECKS
+                    .iter()
+                    .map(|c| format!("TERN-DISKUP-PASS tern/{c}:"))
+                    .collect();
+                require.push("TERN-DISKUP-OK tern".to_string());
+                require.push("TERN-GUEST-DISKUP-DONE".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-DISKUP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
         // The same under QEMU (machine pc: microvm has no memory devices; a virtio-mem-pci
         // device resized with qom-set on its monitor), for the time from request to the
         // guest's new MemTotal and the RSS returned: `cargo xtask rig --group resources`.
@@ -1606,6 +1647,46 @@ mod tests {
             .require
             .contains(&"TERN-MEMHP-PASS qemu/after-restore:".to_string()));
         assert!(!qemu.expect.require.iter().any(|r| r.contains("refuse")));
+    }
+
+    #[test]
+    fn disk_update_scenario_requires_every_check_its_script_reports() {
+        let all = all();
+        let script = include_str!("../l1/scenarios/diskupdate.sh");
+        let guest = include_str!("../guest/scenarios/diskupdate.sh");
+        let s = all.iter().find(|s| s.name == "tern-disk-update").unwrap();
+        assert!(s.in_group("core"));
+        for check in DISK_UPDATE_CHECKS {
+            let reported = [
+                format!("pass {check} "),
+                format!("pass \"{check}\" "),
+                format!("step {check} "),
+                format!("finish_vmm {check} "),
+            ]
+            .iter()
+            .any(|p| script.contains(p.as_str()));
+            assert!(reported, "diskupdate.sh never reports {check}");
+            assert!(s
+                .expect
+                .require
+                .contains(&format!("TERN-DISKUP-PASS tern/{check}:")));
+        }
+        for line in script.lines() {
+            for (i, _) in line.match_indices("step ") {
+                let mut w = line[i + 5..].split(' ');
+                let (check, guest_line) = (
+                    w.next().unwrap(),
+                    w.next().unwrap_or("").trim_end_matches(';'),
+                );
+                if !DISK_UPDATE_CHECKS.contains(&check) {
+                    continue;
+                }
+                assert!(
+                    guest.contains(&format!("TERN-GUEST-DISKUP-{guest_line} ")),
+                    "{guest_line}"
+                );
+            }
+        }
     }
 
     #[test]
