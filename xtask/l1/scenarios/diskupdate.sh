@@ -78,7 +78,7 @@ if ! step ready READY; then
 fi
 pass ready "the guest sees both disks: $line"
 
-for bad in "data size=32M:shrinking" "nope iops=5:no disk \`nope\`" "aux size=1000:512-byte"; do
+for bad in "data size=32M:shrinking" "nope iops=5:no disk \`nope\`" "aux size=40000100:512-byte"; do
     args=${bad%%:*} why=${bad#*:}
     # (word splitting of args is meant: ID and KEY=VALUE.)
     # shellcheck disable=SC2086
