@@ -1,7 +1,12 @@
 //! Address-range dispatch of guest PIO/MMIO accesses to devices.
+//!
+//! A bus is fixed once the vCPUs run (they share it without a lock), except inside its
+//! *windows*: a window is a range handed to a bus of its own behind a read-write lock, where
+//! devices come, go and move while the guest runs (PCI BARs: the guest places them, and
+//! hotplugged functions bring theirs). Addresses inside a window stay absolute.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable through a bus.
 pub trait BusDevice: Send {
@@ -24,9 +29,14 @@ pub enum BusError {
     },
 }
 
+enum Target {
+    Device(Arc<Mutex<dyn BusDevice>>),
+    Window(Arc<RwLock<Bus>>),
+}
+
 struct Entry {
     len: u64,
-    dev: Arc<Mutex<dyn BusDevice>>,
+    target: Target,
 }
 
 /// A set of non-overlapping address ranges, each owned by a device.
@@ -48,6 +58,44 @@ impl Bus {
         base: u64,
         len: u64,
     ) -> Result<(), BusError> {
+        self.insert_target(Target::Device(dev), base, len)
+    }
+
+    /// Hands `[base, base + len)` to `window`, a bus whose devices may change while this one
+    /// is in use; accesses there go to `window` at their absolute address.
+    pub fn insert_window(
+        &mut self,
+        window: Arc<RwLock<Bus>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        self.insert_target(Target::Window(window), base, len)
+    }
+
+    /// Removes the device at `base` (exactly); returns it with its length.
+    pub fn remove(&mut self, base: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+        match self.ranges.get(&base) {
+            Some(Entry {
+                target: Target::Device(_),
+                ..
+            }) => {}
+            _ => return None,
+        }
+        match self.ranges.remove(&base) {
+            Some(Entry {
+                len,
+                target: Target::Device(d),
+            }) => Some((d, len)),
+            _ => None,
+        }
+    }
+
+    /// Whether `dev` answers at `base` (the same device, not an equal one).
+    pub fn holds_at(&self, base: u64, dev: &Arc<Mutex<dyn BusDevice>>) -> bool {
+        matches!(self.ranges.get(&base), Some(Entry { target: Target::Device(d), .. }) if Arc::ptr_eq(d, dev))
+    }
+
+    fn insert_target(&mut self, target: Target, base: u64, len: u64) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -57,23 +105,26 @@ impl Bus {
                 return Err(BusError::Overlap { base, len });
             }
         }
-        self.ranges.insert(base, Entry { len, dev });
+        self.ranges.insert(base, Entry { len, target });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
+    fn find(&self, addr: u64) -> Option<(u64, &Target)> {
         let (base, e) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < e.len).then_some((addr - base, &e.dev))
+        (addr - base < e.len).then_some((addr - base, &e.target))
     }
 
     /// Dispatches a read; returns false when no device claims `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some((off, dev)) => {
+            Some((off, Target::Device(dev))) => {
                 // A poisoned lock means a device panicked earlier; keep serving the guest.
                 let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
                 d.read(off, data);
                 true
+            }
+            Some((_, Target::Window(w))) => {
+                w.read().unwrap_or_else(|p| p.into_inner()).read(addr, data)
             }
             None => false,
         }
@@ -82,11 +133,15 @@ impl Bus {
     /// Dispatches a write; returns false when no device claims `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
-            Some((off, dev)) => {
+            Some((off, Target::Device(dev))) => {
                 let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
                 d.write(off, data);
                 true
             }
+            Some((_, Target::Window(w))) => w
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(addr, data),
             None => false,
         }
     }
@@ -105,6 +160,42 @@ mod tests {
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.0.push((offset, data.to_vec()));
         }
+    }
+
+    #[test]
+    fn a_window_dispatches_at_absolute_addresses_and_its_devices_move() {
+        let window = Arc::new(RwLock::new(Bus::new()));
+        let mut bus = Bus::new();
+        bus.insert_window(window.clone(), 0x1000, 0x1000).unwrap();
+        let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Rec::default()));
+        window
+            .write()
+            .unwrap()
+            .insert(dev.clone(), 0x1800, 0x10)
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x1804, &mut b));
+        assert_eq!(b[0], 4, "offset within the device");
+        assert!(
+            !bus.read(0x1810, &mut b),
+            "inside the window, outside any device"
+        );
+        // Moved while the outer bus stays as it is.
+        let (d, len) = window.write().unwrap().remove(0x1800).unwrap();
+        assert!(window.write().unwrap().remove(0x1800).is_none());
+        window.write().unwrap().insert(d, 0x1100, len).unwrap();
+        assert!(window.read().unwrap().holds_at(0x1100, &dev));
+        assert!(!bus.read(0x1804, &mut b));
+        assert!(bus.write(0x1102, &[9]));
+        assert!(bus.read(0x1102, &mut b));
+        assert!(
+            bus.insert(dev.clone(), 0x1f00, 0x10).is_err(),
+            "the window's range is taken"
+        );
+        assert!(
+            bus.remove(0x1000).is_none(),
+            "a window is not a device to remove"
+        );
     }
 
     #[test]

@@ -308,7 +308,7 @@ fn build_rest(
         .into_iter()
         .zip(crate::virtio_devices::device_names(config))
         .collect();
-    let mut intx = None;
+    let mut pci_bus = None;
     let mut pci = None;
     match config.transport {
         Transport::Mmio => {
@@ -316,7 +316,7 @@ fn build_rest(
         }
         Transport::Pci => {
             let routing = Arc::new(crate::interrupts::GsiRouting::new(vm.clone()));
-            intx = Some(crate::virtio_pci::attach_pci(
+            pci_bus = Some(crate::virtio_pci::attach_pci(
                 &vm,
                 ram.shared(),
                 &routing,
@@ -389,7 +389,7 @@ fn build_rest(
         panic_seen,
         console_input: virtio.console_input,
         console_output: virtio.console_output,
-        _intx: intx,
+        pci: pci_bus,
         device_stats: virtio.stats,
         started: Instant::now(),
         last_snapshot: Mutex::new(None),

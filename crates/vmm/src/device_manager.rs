@@ -96,6 +96,20 @@ impl DeviceManager {
         self.add(id, dev, Range::Mmio { base, len })
     }
 
+    /// Hands `[base, base + len)` of the MMIO bus to `window`, whose devices device `id` may
+    /// change while the guest runs (see [`devices::Bus::insert_window`]).
+    pub fn add_mmio_window(
+        &mut self,
+        id: &str,
+        window: Arc<std::sync::RwLock<Bus>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), VmmError> {
+        self.mmio.insert_window(window, base, len).map_err(setup)?;
+        self.describe(id, id).ranges.push(Range::Mmio { base, len });
+        Ok(())
+    }
+
     fn add(
         &mut self,
         id: &str,

@@ -94,6 +94,8 @@ fn msi_entry(gsi: u32, m: MsiMessage) -> kvm_irq_routing_entry {
 
 struct Inner {
     next_gsi: u32,
+    /// GSIs given back by removed devices, to reuse.
+    free: Vec<u32>,
     msi: BTreeMap<u32, MsiMessage>,
 }
 
@@ -118,6 +120,7 @@ impl GsiRouting {
             vm,
             inner: Mutex::new(Inner {
                 next_gsi: MSI_FIRST_GSI,
+                free: Vec::new(),
                 msi: BTreeMap::new(),
             }),
         }
@@ -128,17 +131,35 @@ impl GsiRouting {
     pub fn allocate(&self) -> Result<MsiVector, RoutingError> {
         let gsi = {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            if g.next_gsi >= MAX_GSI {
-                return Err(RoutingError::Exhausted);
+            match g.free.pop() {
+                Some(gsi) => gsi,
+                None if g.next_gsi >= MAX_GSI => return Err(RoutingError::Exhausted),
+                None => {
+                    g.next_gsi += 1;
+                    g.next_gsi - 1
+                }
             }
-            g.next_gsi += 1;
-            g.next_gsi - 1
         };
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(RoutingError::EventFd)?;
         self.vm
             .register_irqfd(&irqfd, gsi)
             .map_err(|e| RoutingError::Kvm("register irqfd", e))?;
         Ok(MsiVector { gsi, irqfd })
+    }
+
+    /// Gives back a vector of a removed device: its irqfd and route go, its GSI is reused.
+    pub fn release(&self, v: MsiVector) {
+        if let Err(e) = self.vm.unregister_irqfd(&v.irqfd, v.gsi) {
+            tracing::warn!("GSI {}: cannot unregister its irqfd: {e}", v.gsi);
+        }
+        if let Err(e) = self.set(v.gsi, None) {
+            tracing::warn!("GSI {}: cannot remove its route: {e}", v.gsi);
+        }
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free
+            .push(v.gsi);
     }
 
     /// Routes `gsi` to `msg`, or removes its route (masked or disabled vector).

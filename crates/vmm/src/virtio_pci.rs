@@ -3,9 +3,12 @@
 //! notifications become ioeventfds and whose MSI-X vectors become KVM GSIs with irqfds; INTx,
 //! for drivers without MSI-X, through resampling irqfds.
 
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use devices::pci::{BarKind, BarRelocation};
+use devices::{Bus, BusDevice};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
@@ -23,15 +26,27 @@ fn setup(e: impl std::fmt::Display) -> VmmError {
     VmmError::Setup(e.to_string())
 }
 
-/// One PCI function's MSI-X vectors, each a KVM GSI with an irqfd.
+/// One PCI function's MSI-X vectors, each a KVM GSI with an irqfd (none once the function
+/// is unplugged: they went back to the routing table).
 struct PciMsi {
     routing: Arc<GsiRouting>,
-    vectors: Vec<MsiVector>,
+    vectors: Mutex<Vec<MsiVector>>,
+}
+
+impl PciMsi {
+    /// Gives the vectors back (the function was unplugged); later triggers do nothing.
+    fn release(&self) {
+        let vectors = std::mem::take(&mut *lock(&self.vectors));
+        for v in vectors {
+            self.routing.release(v);
+        }
+    }
 }
 
 impl MsiRouting for PciMsi {
     fn update(&self, vector: u16, msg: Option<devices::pci::MsiMessage>) {
-        let Some(v) = self.vectors.get(usize::from(vector)) else {
+        let vectors = lock(&self.vectors);
+        let Some(v) = vectors.get(usize::from(vector)) else {
             return;
         };
         let msg = msg.map(|m| MsiMessage {
@@ -44,7 +59,7 @@ impl MsiRouting for PciMsi {
     }
 
     fn trigger(&self, vector: u16) -> std::io::Result<()> {
-        match self.vectors.get(usize::from(vector)) {
+        match lock(&self.vectors).get(usize::from(vector)) {
             Some(v) => v.irqfd.write(1),
             None => Ok(()),
         }
@@ -52,7 +67,7 @@ impl MsiRouting for PciMsi {
 }
 
 /// INTx through a KVM irqfd in resample mode.
-struct KvmIntx {
+pub(crate) struct KvmIntx {
     irqfd: EventFd,
 }
 
@@ -70,7 +85,7 @@ pub struct IntxResampler {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-type Pending = Arc<dyn Fn() -> bool + Send + Sync>;
+pub(crate) type Pending = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl IntxResampler {
     fn start(lines: Vec<(EventFd, Arc<KvmIntx>, Pending)>) -> Result<Self, VmmError> {
@@ -122,107 +137,376 @@ impl Drop for IntxResampler {
     }
 }
 
-/// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and attaches each
-/// device as a virtio-pci function with MSI-X; BARs go on the MMIO bus, queue notifications
-/// become ioeventfds.
-pub fn attach_pci(
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A BAR as the VMM keeps it: where it answers in the BAR window, and what answers.
+struct Bar {
+    index: u8,
+    addr: u64,
+    size: u64,
+    dev: Arc<Mutex<dyn BusDevice>>,
+}
+
+/// One virtio-pci function on the bus.
+struct Function {
+    id: String,
+    dev: Arc<Mutex<VirtioPciDevice>>,
+    msi: Arc<PciMsi>,
+    bars: Vec<Bar>,
+    /// Each queue notification register as registered with KVM: address and eventfd.
+    notifies: Vec<(u64, EventFd)>,
+}
+
+/// The functions by slot, shared with the BAR move handler.
+type Functions = Arc<Mutex<BTreeMap<u8, Function>>>;
+
+/// The VM's PCI bus while the guest runs: the root complex, the window of the MMIO bus where
+/// BARs answer (the 32-bit PCI window, a bus of its own so that BARs can move and come and
+/// go), each function's BARs, MSI-X vectors and queue notifications. Functions are plugged in
+/// at build and by hotplug ([`plug`](Self::plug)), and taken out by hot unplug
+/// ([`unplug`](Self::unplug)).
+///
+/// **BAR moves.** The guest may place BARs where it likes within the window; Linux does so for
+/// every hotplugged function. Each move is followed at once, on the vCPU thread that wrote the
+/// BAR: the BAR's range moves in the window, and the queue notification ioeventfds inside it
+/// are registered again at their new addresses (a notification written meanwhile still
+/// reaches the device through the BAR's MMIO handler).
+pub struct PciBus {
+    vm: Arc<VmFd>,
+    mem: VmMemory,
+    routing: Arc<GsiRouting>,
+    root: Arc<Mutex<PciRoot>>,
+    window: Arc<RwLock<Bus>>,
+    functions: Functions,
+    intx: Option<IntxResampler>,
+}
+
+/// What [`PciBus::plug`] returns: the function's slot and its transport (the component).
+pub struct Plugged {
+    /// The slot (device number on bus 0).
+    pub slot: u8,
+    /// The virtio-pci transport.
+    pub dev: Arc<Mutex<VirtioPciDevice>>,
+}
+
+impl PciBus {
+    /// The root complex (config through ports 0xcf8/0xcfc and ECAM) as device `pci-root` of
+    /// `dm`, with the BAR window on the MMIO bus; no functions yet.
+    fn new(
+        vm: &Arc<VmFd>,
+        mem: &VmMemory,
+        routing: &Arc<GsiRouting>,
+        dm: &mut DeviceManager,
+    ) -> Result<Self, VmmError> {
+        let windows = PciWindows {
+            mmio32: arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END,
+            mmio64: None,
+            io: None,
+        };
+        let root = Arc::new(Mutex::new(
+            PciRoot::new(&windows).map_err(|e| setup(format!("PCI: {e}")))?,
+        ));
+        let window = Arc::new(RwLock::new(Bus::new()));
+        let functions: Functions = Arc::default();
+        {
+            let (vm, window, functions) = (vm.clone(), window.clone(), functions.clone());
+            lock(&root).set_relocation_notifier(Box::new(move |r| {
+                follow_bar_move(&vm, &window, &functions, r)
+            }));
+        }
+        const ROOT: &str = "pci-root";
+        dm.describe(ROOT, "the PCI root complex").acpi = Some(Box::new(HostBridgeAcpi {
+            last_bus: (arch::layout::PCI_ECAM_BUSES - 1) as u8,
+            mmio32: (arch::layout::PCI_MMIO32_START, arch::layout::PCI_MMIO32_END),
+            intx: (1..32u8)
+                .map(|slot| (slot, arch::layout::pci_intx_gsi(slot)))
+                .collect(),
+        }));
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+        let entry = dm.describe(ROOT, "the PCI root complex");
+        entry.component = Some(config_io.clone());
+        // Format-2 snapshots from before the root's state was saved have none.
+        entry.optional_in_old_snapshots = true;
+        dm.add_pio(ROOT, config_io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN)?;
+        dm.add_mmio(
+            ROOT,
+            Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+            arch::layout::PCI_ECAM_START,
+            ECAM_BUS_SIZE,
+        )?;
+        dm.add_mmio_window(
+            ROOT,
+            window.clone(),
+            arch::layout::PCI_MMIO32_START,
+            arch::layout::PCI_MMIO32_END - arch::layout::PCI_MMIO32_START,
+        )?;
+        Ok(PciBus {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            routing: routing.clone(),
+            root,
+            window,
+            functions,
+            intx: None,
+        })
+    }
+
+    /// Plugs `dev` in as virtio-pci function `id` at `slot` (the first free one when None),
+    /// with MSI-X; its BARs answer in the window and its queue notifications are ioeventfds.
+    /// With `intx`, also its INTA# line (a resampling irqfd), returned for the resampler.
+    pub(crate) fn plug(
+        &self,
+        id: &str,
+        dev: Box<dyn VirtioDevice>,
+        slot: Option<u8>,
+        intx: bool,
+    ) -> Result<(Plugged, Option<IntxParts>), VmmError> {
+        let nvec = dev.queue_max_sizes().len() + 1;
+        let mut vectors = Vec::with_capacity(nvec);
+        for _ in 0..nvec {
+            match self.routing.allocate() {
+                Ok(v) => vectors.push(v),
+                Err(e) => {
+                    vectors.into_iter().for_each(|v| self.routing.release(v));
+                    return Err(setup(format!("MSI-X: {e}")));
+                }
+            }
+        }
+        let msi = Arc::new(PciMsi {
+            routing: self.routing.clone(),
+            vectors: Mutex::new(vectors),
+        });
+        let vpci = match VirtioPciDevice::new(self.mem.clone(), dev, msi.clone()) {
+            Ok(v) => Arc::new(Mutex::new(v)),
+            Err(e) => {
+                msi.release();
+                return Err(setup(format!("virtio-pci: {e}")));
+            }
+        };
+        let mut root = lock(&self.root);
+        let attached = match slot {
+            Some(s) => root.attach_at(s, vpci.clone()),
+            None => root.attach(vpci.clone()),
+        };
+        let bdf = match attached {
+            Ok(b) => b,
+            Err(e) => {
+                msi.release();
+                return Err(setup(format!("PCI: {e}")));
+            }
+        };
+        let mut f = Function {
+            id: id.to_string(),
+            dev: vpci.clone(),
+            msi,
+            bars: Vec::new(),
+            notifies: Vec::new(),
+        };
+        let result = self.wire(&root, bdf, &mut f, intx);
+        drop(root);
+        let parts = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.take_down(bdf.device, f);
+                return Err(e);
+            }
+        };
+        lock(&self.functions).insert(bdf.device, f);
+        Ok((
+            Plugged {
+                slot: bdf.device,
+                dev: vpci,
+            },
+            parts,
+        ))
+    }
+
+    /// BARs into the window, notifications as ioeventfds, INTx when asked for.
+    fn wire(
+        &self,
+        root: &PciRoot,
+        bdf: devices::pci::PciBdf,
+        f: &mut Function,
+        intx: bool,
+    ) -> Result<Option<IntxParts>, VmmError> {
+        for (bar, busdev) in root.bar_bus_devices(bdf) {
+            self.window
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(busdev.clone(), bar.addr, bar.size)
+                .map_err(setup)?;
+            f.bars.push(Bar {
+                index: bar.index,
+                addr: bar.addr,
+                size: bar.size,
+                dev: busdev,
+            });
+        }
+        let notifies = lock(&f.dev)
+            .queue_notify_events()
+            .map_err(|e| setup(format!("virtio-pci notify: {e}")))?;
+        for n in notifies {
+            self.vm
+                .register_ioevent(&n.event, &IoEventAddress::Mmio(n.addr), NoDatamatch)
+                .map_err(|e| setup(format!("virtio-pci ioeventfd: {e}")))?;
+            f.notifies.push((n.addr, n.event));
+        }
+        if !intx {
+            return Ok(None);
+        }
+        // INTA#, for drivers that do not enable MSI-X.
+        let gsi = arch::layout::pci_intx_gsi(bdf.device);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+        self.vm
+            .register_irqfd_with_resample(&irqfd, &resample, gsi)
+            .map_err(|e| setup(format!("INTx irqfd on GSI {gsi}: {e}")))?;
+        let line = Arc::new(KvmIntx { irqfd });
+        let d = lock(&f.dev);
+        d.set_intx(line.clone());
+        Ok(Some((resample, line, d.intx_pending())))
+    }
+
+    /// Undoes what [`plug`](Self::plug) did for `f` at `slot`.
+    fn take_down(&self, slot: u8, f: Function) {
+        {
+            let mut w = self.window.write().unwrap_or_else(|p| p.into_inner());
+            for b in &f.bars {
+                if w.holds_at(b.addr, &b.dev) {
+                    w.remove(b.addr);
+                }
+            }
+        }
+        for (addr, evt) in &f.notifies {
+            let _ = self
+                .vm
+                .unregister_ioevent(evt, &IoEventAddress::Mmio(*addr), NoDatamatch);
+        }
+        f.msi.release();
+        lock(&self.root).detach(slot);
+    }
+
+    /// Takes function `id` off the bus (after the guest ejected it): its slot, BAR space,
+    /// MSI-X vectors and ioeventfds are free again. Returns its transport, or None when there
+    /// is no such function.
+    pub fn unplug(&self, id: &str) -> Option<Arc<Mutex<VirtioPciDevice>>> {
+        let (slot, f) = {
+            let mut fns = lock(&self.functions);
+            let slot = *fns.iter().find(|(_, f)| f.id == id)?.0;
+            (slot, fns.remove(&slot)?)
+        };
+        let dev = f.dev.clone();
+        self.take_down(slot, f);
+        Some(dev)
+    }
+
+    /// The slot of function `id`.
+    pub fn slot_of(&self, id: &str) -> Option<u8> {
+        lock(&self.functions)
+            .iter()
+            .find(|(_, f)| f.id == id)
+            .map(|(s, _)| *s)
+    }
+
+    /// The id of the function at `slot`.
+    pub fn id_at(&self, slot: u8) -> Option<String> {
+        lock(&self.functions).get(&slot).map(|f| f.id.clone())
+    }
+}
+
+/// A function's INTA# pieces for the resampler: the resample eventfd, the line, and whether
+/// its interrupt is still pending.
+pub(crate) type IntxParts = (EventFd, Arc<KvmIntx>, Pending);
+
+/// Follows a guest's move of a memory BAR (see [`PciBus`]); runs on the vCPU thread that wrote
+/// the BAR, with the root locked.
+fn follow_bar_move(
     vm: &VmFd,
+    window: &RwLock<Bus>,
+    functions: &Mutex<BTreeMap<u8, Function>>,
+    r: &BarRelocation,
+) {
+    if r.kind == BarKind::Io || r.bdf.bus != 0 || r.bdf.function != 0 {
+        return;
+    }
+    let mut fns = lock(functions);
+    let Some(f) = fns.get_mut(&r.bdf.device) else {
+        return;
+    };
+    let Some(bar) = f.bars.iter_mut().find(|b| b.index == r.bar) else {
+        return;
+    };
+    let old = bar.addr;
+    {
+        let mut w = window.write().unwrap_or_else(|p| p.into_inner());
+        if w.holds_at(old, &bar.dev) {
+            w.remove(old);
+        }
+        match w.insert(bar.dev.clone(), r.new_addr, bar.size) {
+            Ok(()) => bar.addr = r.new_addr,
+            Err(e) => {
+                // Not reachable until the guest moves it somewhere free.
+                bar.addr = u64::MAX;
+                ratelimit::warn_limited!(
+                    "PCI device {:?}: BAR {} moved to {:#x}, where it cannot answer: {e}",
+                    r.bdf,
+                    r.bar,
+                    r.new_addr
+                );
+            }
+        }
+    }
+    let size = bar.size;
+    let new = bar.addr;
+    for (addr, evt) in f.notifies.iter_mut() {
+        if old == u64::MAX || !(old..old.saturating_add(size)).contains(addr) {
+            continue;
+        }
+        let _ = vm.unregister_ioevent(&*evt, &IoEventAddress::Mmio(*addr), NoDatamatch);
+        if new == u64::MAX {
+            *addr = u64::MAX;
+            continue;
+        }
+        let moved = *addr - old + new;
+        match vm.register_ioevent(&*evt, &IoEventAddress::Mmio(moved), NoDatamatch) {
+            Ok(()) => *addr = moved,
+            Err(e) => {
+                *addr = u64::MAX;
+                ratelimit::warn_limited!(
+                    "PCI device {:?}: queue notifications at {moved:#x} go through the BAR handler: {e}",
+                    r.bdf
+                );
+            }
+        }
+    }
+    tracing::debug!(
+        "PCI device {:?}: BAR {} moved from {old:#x} to {:#x}",
+        r.bdf,
+        r.bar,
+        r.new_addr
+    );
+}
+
+/// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and plugs each
+/// device in as a virtio-pci function with MSI-X and INTx, `ids[i]` (id, name) of `dm`.
+pub fn attach_pci(
+    vm: &Arc<VmFd>,
     mem: &VmMemory,
     routing: &Arc<GsiRouting>,
     dm: &mut DeviceManager,
     devices: Vec<Box<dyn VirtioDevice>>,
     ids: &[(String, String)],
-) -> Result<IntxResampler, VmmError> {
-    let mut intx_lines = Vec::new();
-    let windows = PciWindows {
-        mmio32: arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END,
-        mmio64: None,
-        io: None,
-    };
-    let root = Arc::new(Mutex::new(
-        PciRoot::new(&windows).map_err(|e| setup(format!("PCI: {e}")))?,
-    ));
-    root.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .set_relocation_notifier(Box::new(|r| {
-            ratelimit::warn_limited!(
-                "guest moved BAR {} of PCI device {:?} from {:#x} to {:#x}; tern does not follow BAR moves yet",
-                r.bar,
-                r.bdf,
-                r.old_addr,
-                r.new_addr
-            )
-        }));
-    const ROOT: &str = "pci-root";
-    dm.describe(ROOT, "the PCI root complex").acpi = Some(Box::new(HostBridgeAcpi {
-        last_bus: (arch::layout::PCI_ECAM_BUSES - 1) as u8,
-        mmio32: (arch::layout::PCI_MMIO32_START, arch::layout::PCI_MMIO32_END),
-        intx: (1..32u8)
-            .map(|slot| (slot, arch::layout::pci_intx_gsi(slot)))
-            .collect(),
-    }));
-    let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
-    let entry = dm.describe(ROOT, "the PCI root complex");
-    entry.component = Some(config_io.clone());
-    // Format-2 snapshots from before the root's state was saved have none.
-    entry.optional_in_old_snapshots = true;
-    dm.add_pio(ROOT, config_io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN)?;
-    dm.add_mmio(
-        ROOT,
-        Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
-        arch::layout::PCI_ECAM_START,
-        ECAM_BUS_SIZE,
-    )?;
+) -> Result<PciBus, VmmError> {
     check_ids(&devices, ids)?;
+    let mut bus = PciBus::new(vm, mem, routing, dm)?;
+    let mut intx_lines = Vec::new();
     for (dev, (id, name)) in devices.into_iter().zip(ids) {
-        let nvec = dev.queue_max_sizes().len() + 1;
-        let vectors = (0..nvec)
-            .map(|_| routing.allocate())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| setup(format!("MSI-X: {e}")))?;
-        let msi = Arc::new(PciMsi {
-            routing: routing.clone(),
-            vectors,
-        });
-        let vpci = Arc::new(Mutex::new(
-            VirtioPciDevice::new(mem.clone(), dev, msi)
-                .map_err(|e| setup(format!("virtio-pci: {e}")))?,
-        ));
-        dm.describe(id, name).component = Some(vpci.clone());
-        let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
-        let bdf = r
-            .attach(vpci.clone())
-            .map_err(|e| setup(format!("PCI: {e}")))?;
-        // INTA#, for drivers that do not enable MSI-X.
-        let gsi = arch::layout::pci_intx_gsi(bdf.device);
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
-        let resample =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
-        vm.register_irqfd_with_resample(&irqfd, &resample, gsi)
-            .map_err(|e| setup(format!("INTx irqfd on GSI {gsi}: {e}")))?;
-        let line = Arc::new(KvmIntx { irqfd });
-        for (bar, busdev) in r.bar_bus_devices(bdf) {
-            dm.add_mmio(id, busdev, bar.addr, bar.size)?;
-        }
-        drop(r);
-        {
-            let v = vpci.lock().unwrap_or_else(|p| p.into_inner());
-            v.set_intx(line.clone());
-            intx_lines.push((resample, line, v.intx_pending()));
-        }
-        let notifies = vpci
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue_notify_events()
-            .map_err(|e| setup(format!("virtio-pci notify: {e}")))?;
-        for n in notifies {
-            vm.register_ioevent(
-                &n.event,
-                &IoEventAddress::Mmio(n.addr),
-                kvm_ioctls::NoDatamatch,
-            )
-            .map_err(|e| setup(format!("virtio-pci ioeventfd: {e}")))?;
-        }
+        let (p, intx) = bus.plug(id, dev, None, true)?;
+        dm.describe(id, name).component = Some(p.dev);
+        intx_lines.extend(intx);
     }
-    IntxResampler::start(intx_lines)
+    bus.intx = Some(IntxResampler::start(intx_lines)?);
+    Ok(bus)
 }

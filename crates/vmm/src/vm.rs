@@ -43,7 +43,8 @@ pub struct Vm {
     pub(crate) panic_seen: Arc<AtomicBool>,
     pub(crate) console_input: Option<virtio::devices::ConsoleInput>,
     pub(crate) console_output: Option<devices::serial::OutputHandle>,
-    pub(crate) _intx: Option<crate::virtio_pci::IntxResampler>,
+    /// The PCI bus, with the VM's virtio-pci functions (PCI transport).
+    pub(crate) pci: Option<crate::virtio_pci::PciBus>,
     pub(crate) device_stats: Vec<crate::virtio_devices::DeviceStats>,
     pub(crate) started: Instant,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.

@@ -110,6 +110,8 @@ pub struct PciRoot {
     /// Undrained BAR moves, one per BAR at most (see [`Self::record`]).
     relocations: Vec<BarRelocation>,
     on_relocation: Option<RelocationNotifier>,
+    /// Where [`attach_at`](Self::attach_at) placed each slot's BARs, to give back on detach.
+    placed: Vec<Vec<(BarInfo, u64)>>,
 }
 
 impl PciRoot {
@@ -129,6 +131,7 @@ impl PciRoot {
             io: windows.io.as_ref().map(allocator).transpose()?,
             relocations: Vec::new(),
             on_relocation: None,
+            placed: (0..PCI_SLOTS).map(|_| Vec::new()).collect(),
         })
     }
 
@@ -176,12 +179,25 @@ impl PciRoot {
                     }
                 }
             }
-            for (bar, addr) in placed {
-                d.set_bar_address(bar.index, addr);
+            for (bar, addr) in &placed {
+                d.set_bar_address(bar.index, *addr);
             }
+            self.placed[s] = placed;
         }
         self.slots[s] = Some(dev);
         Ok(bdf)
+    }
+
+    /// Takes the device at `slot` off the bus (hot unplug): the slot and the space its BARs
+    /// were placed in are free again. Returns it.
+    pub fn detach(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        let s = usize::from(slot);
+        let dev = self.slots.get_mut(s)?.take()?;
+        for (bar, addr) in std::mem::take(&mut self.placed[s]) {
+            self.unplace(&bar, addr);
+        }
+        self.relocations.retain(|r| r.bdf.device != slot);
+        Some(dev)
     }
 
     fn allocator_for(&mut self, kind: BarKind) -> Option<&mut AddressAllocator> {
