@@ -12,7 +12,7 @@ use crate::config::VmConfig;
 
 /// A VM configuration with every kind of device tern has (a TAP only when this process may
 /// create one), on `transport`.
-fn config(dir: &std::path::Path, transport: &str, with_net: bool) -> VmConfig {
+pub(crate) fn config(dir: &std::path::Path, transport: &str, with_net: bool) -> VmConfig {
     let disk = dir.join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut text = format!(

@@ -31,6 +31,7 @@ pub enum Phase {
 /// A component handle as the registry keeps it.
 pub type Shared = Arc<Mutex<dyn Component>>;
 
+#[derive(Clone)]
 struct Entry {
     id: String,
     name: String,
@@ -44,7 +45,9 @@ struct Entry {
 /// The VM's components, in walk order.
 #[derive(Default)]
 pub struct Components {
-    entries: Vec<Entry>,
+    /// Registered at build; devices plugged in or out while the guest runs come and go
+    /// ([`add`](Self::add), [`remove`](Self::remove)). Each walk goes over a copy.
+    entries: std::sync::RwLock<Vec<Entry>>,
     /// How many entries (from the first) are paused.
     paused: Mutex<usize>,
 }
@@ -56,8 +59,9 @@ fn lock(c: &Shared) -> MutexGuard<'_, dyn Component + 'static> {
 impl Components {
     /// Adds `component` under `id` (unique; its section's key) and `name` (for messages).
     pub fn register(&mut self, id: &str, name: &str, phase: Phase, component: Shared) {
-        debug_assert!(self.entries.iter().all(|e| e.id != id), "duplicate id {id}");
-        self.entries.push(Entry {
+        let entries = self.entries.get_mut().unwrap_or_else(|p| p.into_inner());
+        debug_assert!(entries.iter().all(|e| e.id != id), "duplicate id {id}");
+        entries.push(Entry {
             id: id.to_string(),
             name: name.to_string(),
             phase,
@@ -68,20 +72,60 @@ impl Components {
 
     /// Marks the last registered component as one older snapshots may lack.
     pub fn optional_in_old_snapshots(&mut self) {
-        if let Some(e) = self.entries.last_mut() {
+        let entries = self.entries.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.last_mut() {
             e.optional = true;
         }
     }
 
+    /// A device plugged in while the guest runs (not while it is paused), last in the walk.
+    pub fn add(&self, id: &str, name: &str, component: Shared) -> Result<(), String> {
+        let paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if *paused > 0 {
+            return Err("the VM is paused".into());
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.iter().any(|e| e.id == id) {
+            return Err(format!("a component `{id}` exists already"));
+        }
+        entries.push(Entry {
+            id: id.to_string(),
+            name: name.to_string(),
+            phase: Phase::Device,
+            optional: false,
+            component,
+        });
+        Ok(())
+    }
+
+    /// A device plugged out: it leaves the walks (paused or not).
+    pub fn remove(&self, id: &str) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = entries.iter().position(|e| e.id == id) {
+            entries.remove(i);
+            if i < *paused {
+                *paused -= 1;
+            }
+        }
+    }
+
+    fn list(&self) -> Vec<Entry> {
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The registered ids, in walk order.
-    pub fn ids(&self) -> Vec<&str> {
-        self.entries.iter().map(|e| e.id.as_str()).collect()
+    pub fn ids(&self) -> Vec<String> {
+        self.list().into_iter().map(|e| e.id).collect()
     }
 
     /// Whether the VM is paused (every component).
     pub fn paused(&self) -> bool {
         let n = *self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        n > 0 && n == self.entries.len()
+        n > 0 && n == self.list().len()
     }
 
     /// Pauses every component in order; each phase has [`PHASE_TIMEOUT`] from its start. On a
@@ -95,7 +139,8 @@ impl Components {
         let mut phase = None;
         let mut deadline = Instant::now();
         let mut started = deadline;
-        for (i, e) in self.entries.iter().enumerate().skip(*paused) {
+        let entries = self.list();
+        for (i, e) in entries.iter().enumerate().skip(*paused) {
             if phase != Some(e.phase) {
                 phase = Some(e.phase);
                 started = Instant::now();
@@ -123,7 +168,8 @@ impl Components {
     /// Resumes what is paused, last first.
     pub fn resume(&self) {
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        for e in self.entries[..*paused].iter().rev() {
+        let entries = self.list();
+        for e in entries[..(*paused).min(entries.len())].iter().rev() {
             lock(&e.component).resume();
         }
         *paused = 0;
@@ -133,22 +179,23 @@ impl Components {
     /// that writes memory faster than it can be sent); [`unpark_cpus`](Self::unpark_cpus)
     /// lets them go. Not while the VM is paused, nor mixed with [`pause`](Self::pause).
     pub fn park_cpus(&self, deadline: Instant) {
-        for e in self.entries.iter().filter(|e| e.phase == Phase::Cpu) {
+        for e in self.list().iter().filter(|e| e.phase == Phase::Cpu) {
             let _ = lock(&e.component).pause(deadline);
         }
     }
 
     /// Lets the vCPUs [`park_cpus`](Self::park_cpus) parked run again.
     pub fn unpark_cpus(&self) {
-        for e in self.entries.iter().filter(|e| e.phase == Phase::Cpu) {
+        for e in self.list().iter().filter(|e| e.phase == Phase::Cpu) {
             lock(&e.component).resume();
         }
     }
 
     /// Every component's section, in walk order (the VM must be paused).
     pub fn save(&self) -> Result<Vec<Section>, String> {
-        let mut out = Vec::with_capacity(self.entries.len());
-        for e in &self.entries {
+        let entries = self.list();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in &entries {
             if let Some(s) = lock(&e.component)
                 .save(&e.id)
                 .map_err(|m| prefix(&e.name, m))?
@@ -162,8 +209,9 @@ impl Components {
     /// Puts each component's section back, in walk order; fails on a section no component
     /// has, or a component without its section (unless older snapshots may lack it).
     pub fn restore(&self, sections: &[Section]) -> Result<(), String> {
+        let entries = self.list();
         for s in sections {
-            if !self.entries.iter().any(|e| e.id == s.id) {
+            if !entries.iter().any(|e| e.id == s.id) {
                 return Err(format!(
                     "the snapshot has state for `{}`, which this VM does not have (it has: {})",
                     s.id,
@@ -171,7 +219,7 @@ impl Components {
                 ));
             }
         }
-        for e in &self.entries {
+        for e in &entries {
             let mut found = sections.iter().filter(|s| s.id == e.id);
             match (found.next(), found.next()) {
                 (Some(_), Some(_)) => {
@@ -194,7 +242,7 @@ impl Components {
 
     /// Guest memory the components wrote on their own since last asked (the VM is paused).
     pub fn written_memory(&self) -> Vec<(u64, u64)> {
-        self.entries
+        self.list()
             .iter()
             .flat_map(|e| lock(&e.component).written_memory())
             .collect()
@@ -333,5 +381,28 @@ mod tests {
         assert!(e.contains("no state for `z`"), "{e}");
         d.optional_in_old_snapshots();
         d.restore(&saved).unwrap();
+    }
+
+    #[test]
+    fn components_come_and_go_while_the_vm_runs_but_not_while_it_is_paused() {
+        let resumed = Arc::new(AtomicU32::new(0));
+        let mut c = Components::default();
+        c.register("a", "component a", Phase::Device, fake(false, &resumed, 1));
+        c.add("b", "component b", fake(false, &resumed, 2)).unwrap();
+        assert_eq!(c.ids(), ["a", "b"]);
+        let again = c.add("b", "again", fake(false, &resumed, 3)).unwrap_err();
+        assert!(again.contains("exists"), "{again}");
+        c.pause().unwrap();
+        let paused = c.add("x", "x", fake(false, &resumed, 4)).unwrap_err();
+        assert!(paused.contains("paused"), "{paused}");
+        // Removed while paused: the rest resumes, each once.
+        c.remove("b");
+        assert_eq!(c.ids(), ["a"]);
+        assert!(c.paused());
+        c.resume();
+        assert!(!c.paused());
+        assert_eq!(resumed.load(Ordering::SeqCst), 1);
+        c.remove("nope");
+        assert_eq!(c.ids(), ["a"]);
     }
 }

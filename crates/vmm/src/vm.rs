@@ -43,7 +43,9 @@ pub struct Vm {
     pub(crate) panic_seen: Arc<AtomicBool>,
     pub(crate) console_input: Option<virtio::devices::ConsoleInput>,
     pub(crate) console_output: Option<devices::serial::OutputHandle>,
-    /// The PCI bus, with the VM's virtio-pci functions (PCI transport).
+    /// The PCI bus, with the VM's virtio-pci functions (PCI transport). Held for its BAR
+    /// window and INTx resampler; device hotplug is to plug into it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) pci: Option<crate::virtio_pci::PciBus>,
     pub(crate) device_stats: Vec<crate::virtio_devices::DeviceStats>,
     pub(crate) started: Instant,

@@ -656,6 +656,31 @@ mod tests {
         u32::from_le_bytes(d)
     }
 
+    /// A detached device's slot and BAR space are taken by the next device, at the same
+    /// addresses; nothing answers at its slot meanwhile.
+    #[test]
+    fn a_detached_device_leaves_its_slot_and_bar_space_free() {
+        let (root, _) = root_with(3);
+        let mut r = root.lock().unwrap();
+        let before = r
+            .device(PciBdf::new(0, 2, 0))
+            .unwrap()
+            .lock()
+            .unwrap()
+            .bars();
+        assert!(r.detach(2).is_some());
+        assert!(r.detach(2).is_none());
+        assert!(r.device(PciBdf::new(0, 2, 0)).is_none());
+        let mut v = [0u8; 2];
+        r.config_read(PciBdf::new(0, 2, 0), 0, &mut v);
+        assert_eq!(v, [0xff, 0xff]);
+        let d = Arc::new(Mutex::new(Dummy::new(0x200)));
+        assert_eq!(r.attach(d.clone()).unwrap(), PciBdf::new(0, 2, 0));
+        let after = d.lock().unwrap().bars();
+        let addrs = |b: &[BarInfo]| b.iter().map(|b| (b.index, b.addr)).collect::<Vec<_>>();
+        assert_eq!(addrs(&after), addrs(&before));
+    }
+
     #[test]
     fn bar_placement() {
         let (root, devs) = root_with(2);
