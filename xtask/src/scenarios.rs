@@ -492,6 +492,20 @@ const DISK_UPDATE_CHECKS: &[&str] = &[
     "aux-image",
 ];
 
+/// Every check `xtask/l1/scenarios/hotplug.sh` reports.
+const HOTPLUG_CHECKS: &[&str] = &[
+    "ready",
+    "refuse",
+    "disk-add",
+    "disk-remove",
+    "disk-readd",
+    "net-add",
+    "net-ping",
+    "net-remove",
+    "restore",
+    "exit",
+];
+
 /// The checks of the memory hotplug scenario's QEMU case (no refusals, no snapshot).
 fn mem_hotplug_qemu_checks() -> impl Iterator<Item = &'static &'static str> {
     MEM_HOTPLUG_CHECKS
@@ -1147,6 +1161,34 @@ pub fn all() -> Vec<Scenario> {
             expect: mem_hotplug_expect("tern", MEM_HOTPLUG_CHECKS.iter()),
             ..DEFAULT
         },
+        // Disks and a NIC plugged in and out under the Debian kernel's own ACPI PCI hotplug
+        // (acpiphp): a disk appears, gets a file system and files, goes (the image is clean
+        // on L1), comes back with its files; a NIC appears and pings L1, goes; a VM with a
+        // hotplugged disk is snapshotted and restored, and takes another disk
+        // (`xtask/l1/scenarios/hotplug.sh`).
+        Scenario {
+            name: "tern-hotplug",
+            groups: &["core", "block"],
+            base_cmdline: PCI_CMDLINE,
+            action: "script:hotplug",
+            l1_script: Some(&["hotplug.sh", "tern"]),
+            timeout_secs: 600,
+            expect: {
+                let mut require: Vec<String> = HOTPLUG_CHECKS
+                    .iter()
+                    .map(|c| format!("TERN-HP-PASS tern/{c}:"))
+                    .collect();
+                require.push("TERN-HP-OK tern".to_string());
+                require.push("TERN-GUEST-HP-DONE".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-HP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
         // Disks changed while the Debian kernel's virtio_blk drives them: a raw and a qcow2
         // image grown (the guest sees the new sizes and writes past the old end), a rate
         // limit tightened, changed and lifted with the guest's direct reads measured under
@@ -1647,6 +1689,43 @@ mod tests {
             .require
             .contains(&"TERN-MEMHP-PASS qemu/after-restore:".to_string()));
         assert!(!qemu.expect.require.iter().any(|r| r.contains("refuse")));
+    }
+
+    #[test]
+    fn hotplug_scenario_requires_every_check_its_script_reports() {
+        let all = all();
+        let script = include_str!("../l1/scenarios/hotplug.sh");
+        let guest = include_str!("../guest/scenarios/hotplug.sh");
+        let s = all.iter().find(|s| s.name == "tern-hotplug").unwrap();
+        assert!(s.in_group("core"));
+        for check in HOTPLUG_CHECKS {
+            let reported = [
+                format!("pass {check} "),
+                format!("step {check} "),
+                format!("finish_vmm {check} "),
+            ]
+            .iter()
+            .any(|p| script.contains(p.as_str()));
+            assert!(reported, "hotplug.sh never reports {check}");
+            assert!(s
+                .expect
+                .require
+                .contains(&format!("TERN-HP-PASS tern/{check}:")));
+        }
+        for line in script.lines() {
+            for (i, _) in line.match_indices("step ") {
+                let mut w = line[i + 5..].split(' ');
+                let check = w.next().unwrap();
+                let guest_line = w.next().unwrap_or("").trim_end_matches(';');
+                if !HOTPLUG_CHECKS.contains(&check) {
+                    continue;
+                }
+                assert!(
+                    guest.contains(&format!("say {guest_line} ")),
+                    "{guest_line}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -427,7 +427,8 @@ impl FromStr for DiskConfig {
 }
 
 impl DiskConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let name = self.path.display();
         if self.data_file.is_some() && self.format != Some(DiskFormat::Qcow2) {
             return Err(invalid(
@@ -614,7 +615,8 @@ impl FromStr for NetConfig {
 }
 
 impl NetConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=8).contains(&self.queues) {
             return Err(invalid("net queues", self.queues, "must be 1 to 8"));
         }
@@ -727,6 +729,11 @@ pub struct VmConfig {
     /// A virtio-balloon device, through which the host asks the guest for memory back.
     #[serde(default)]
     pub balloon: Option<crate::balloon::BalloonConfig>,
+    /// Set by tern, not by users: the PCI slot of each virtio device by id, recorded when the
+    /// VM is built and as devices are plugged in and out, so that a snapshot or a migration
+    /// rebuilds every device where the guest knows it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pci_slots: std::collections::BTreeMap<String, u8>,
 }
 
 fn default_shutdown_timeout() -> u64 {
@@ -737,6 +744,7 @@ fn default_shutdown_timeout() -> u64 {
 /// by a number).
 pub const RESERVED_IDS: &[&str] = &[
     "kvm-vm",
+    "pci-hotplug",
     "com1",
     "rtc",
     "acpi-pm",
@@ -819,6 +827,7 @@ impl Default for VmConfig {
             track_dirty_pages: false,
             memory_shared: false,
             balloon: None,
+            pci_slots: Default::default(),
         }
     }
 }

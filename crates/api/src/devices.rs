@@ -1,11 +1,42 @@
-//! The bodies of `PATCH /v1/vm/disks/{id}` and `PATCH /v1/vm/nets/{id}` (`tern disk update`,
-//! `tern net update`): what changes on a disk or an interface while the guest runs.
+//! Devices while the guest runs: the bodies of `PATCH /v1/vm/disks/{id}` and
+//! `PATCH /v1/vm/nets/{id}` (`tern disk update`, `tern net update`), what changes on a disk or
+//! an interface; and what plugging one in answers.
 
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{byte_rate, ConfigError, MemSize};
+
+/// A kind of device that comes and goes while the guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A virtio-blk disk.
+    Disk,
+    /// A virtio-net interface.
+    Net,
+}
+
+impl DeviceKind {
+    /// What the user calls one.
+    pub fn noun(self) -> &'static str {
+        match self {
+            DeviceKind::Disk => "disk",
+            DeviceKind::Net => "interface",
+        }
+    }
+}
+
+/// What `PUT /v1/vm/disks` and `PUT /v1/vm/nets` answer: the new device's id and where the
+/// guest finds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluggedDevice {
+    /// The device's id.
+    pub id: String,
+    /// Its PCI address, `0000:00:SS.0`.
+    pub bdf: String,
+}
 
 /// What to change on a disk; absent fields stay as they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -78,10 +78,11 @@ enum Command {
         #[arg(long, value_name = "SIZE")]
         memory: Option<MemSize>,
     },
-    /// List a running VM's disks, or change one (rate limits, size).
+    /// List a running VM's disks, plug one in or out, or change one (rate limits, size).
     #[command(subcommand)]
     Disk(devices::DiskCmd),
-    /// List a running VM's network interfaces, or change one (rate limits).
+    /// List a running VM's network interfaces, plug one in or out, or change one (rate
+    /// limits).
     #[command(subcommand)]
     Net(devices::NetCmd),
 }

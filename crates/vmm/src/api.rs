@@ -11,7 +11,9 @@
 //! (cancel) and `PUT /v1/vm/migrate/receive` (an empty tern waits for one); the balloon
 //! (`GET|PUT /v1/vm/balloon`) and resizing (`PUT /v1/vm/resize`: vCPUs and memory), and
 //! changes to a running VM's disks and interfaces (`PATCH /v1/vm/disks/{id}`,
-//! `PATCH /v1/vm/nets/{id}`: rate limits, a disk's size). The OpenAPI document
+//! `PATCH /v1/vm/nets/{id}`: rate limits, a disk's size) and device hotplug
+//! (`PUT /v1/vm/disks`, `PUT /v1/vm/nets`, `DELETE /v1/vm/disks/{id}`,
+//! `DELETE /v1/vm/nets/{id}`). The OpenAPI document
 //! `docs/api/openapi.json` describes every route; a test checks it against [`ROUTES`].
 //!
 //! The bodies are the `api` crate's types: [`VmConfig`] for `PUT /v1/vm`, its
@@ -57,8 +59,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vm/balloon"),
     ("PUT", "/v1/vm/balloon"),
     ("PUT", "/v1/vm/resize"),
+    ("PUT", "/v1/vm/disks"),
     ("PATCH", "/v1/vm/disks/{id}"),
+    ("DELETE", "/v1/vm/disks/{id}"),
+    ("PUT", "/v1/vm/nets"),
     ("PATCH", "/v1/vm/nets/{id}"),
+    ("DELETE", "/v1/vm/nets/{id}"),
 ];
 
 /// Largest request body accepted (a VM config is well under it).
@@ -115,6 +121,17 @@ pub enum Action {
         id: String,
         /// What changes.
         update: ::api::devices::DiskUpdate,
+    },
+    /// Plug a disk in while the guest runs.
+    AddDisk(Box<crate::config::DiskConfig>),
+    /// Plug an interface in while the guest runs.
+    AddNet(Box<crate::config::NetConfig>),
+    /// Ask the guest to let go of a disk or an interface, which is then unplugged.
+    RemoveDevice {
+        /// `disk` or `net`.
+        kind: ::api::devices::DeviceKind,
+        /// Its id.
+        id: String,
     },
     /// Change an interface's rate limits.
     NetUpdate {
@@ -327,8 +344,10 @@ fn router(shared: Shared) -> Router {
         .route("/v1/vm/migrate/send", put(migrate_send))
         .route("/v1/vm/migrate/receive", put(migrate_receive))
         .route("/v1/vm/resize", put(resize))
-        .route("/v1/vm/disks/{id}", patch(disk_update))
-        .route("/v1/vm/nets/{id}", patch(net_update))
+        .route("/v1/vm/disks", put(disk_add))
+        .route("/v1/vm/disks/{id}", patch(disk_update).delete(disk_remove))
+        .route("/v1/vm/nets", put(net_add))
+        .route("/v1/vm/nets/{id}", patch(net_update).delete(net_remove))
         .route(
             "/v1/vm/balloon",
             get(|s| ask(s, Action::BalloonInfo)).put(balloon_set),
@@ -446,6 +465,46 @@ async fn resize(
 ) -> Response {
     match body {
         Ok(Json(b)) => ask(s, Action::Resize(b)).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn disk_add(
+    s: State<Shared>,
+    body: Result<Json<crate::config::DiskConfig>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(d)) => ask(s, Action::AddDisk(Box::new(d))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn net_add(
+    s: State<Shared>,
+    body: Result<Json<crate::config::NetConfig>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(n)) => ask(s, Action::AddNet(Box::new(n))).await,
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn disk_remove(s: State<Shared>, id: Result<UrlPath<String>, PathRejection>) -> Response {
+    match id {
+        Ok(UrlPath(id)) => {
+            let kind = ::api::devices::DeviceKind::Disk;
+            ask(s, Action::RemoveDevice { kind, id }).await
+        }
+        Err(e) => body_error(e.status(), e.body_text()),
+    }
+}
+
+async fn net_remove(s: State<Shared>, id: Result<UrlPath<String>, PathRejection>) -> Response {
+    match id {
+        Ok(UrlPath(id)) => {
+            let kind = ::api::devices::DeviceKind::Net;
+            ask(s, Action::RemoveDevice { kind, id }).await
+        }
         Err(e) => body_error(e.status(), e.body_text()),
     }
 }

@@ -309,6 +309,7 @@ fn build_rest(
         .zip(crate::virtio_devices::device_names(config))
         .collect();
     let mut pci_bus = None;
+    let mut pci_hotplug = None;
     let mut pci = None;
     match config.transport {
         Transport::Mmio => {
@@ -323,7 +324,9 @@ fn build_rest(
                 &mut dm,
                 virtio.devices,
                 &ids,
+                &config.pci_slots,
             )?);
+            pci_hotplug = Some(crate::pci_hotplug::attach(&vm, &mut dm)?);
             pci = Some(arch::acpi::PciAcpi {
                 ecam_base: PCI_ECAM_START,
                 last_bus: (PCI_ECAM_BUSES - 1) as u8,
@@ -371,15 +374,12 @@ fn build_rest(
         ram,
         balloon: virtio.balloon,
         mem_hotplug: virtio.mem,
-        disks: virtio.disks,
-        nets: virtio.nets,
         cpu_hotplug,
         ctl,
         vcpus,
         components: Arc::new(components),
         devices: dm,
-        disk_locks: Arc::new(virtio.locks),
-        announcers: virtio.announcers,
+        devs: Mutex::new(virtio.set),
         migration: Mutex::new(None),
         migration_status: Arc::default(),
         serial,
@@ -390,7 +390,7 @@ fn build_rest(
         console_input: virtio.console_input,
         console_output: virtio.console_output,
         pci: pci_bus,
-        device_stats: virtio.stats,
+        pci_hotplug,
         started: Instant::now(),
         last_snapshot: Mutex::new(None),
     })

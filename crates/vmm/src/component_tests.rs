@@ -129,6 +129,9 @@ fn round_trip(transport: &str) {
     if root {
         want.push("net0");
     }
+    if transport == "pci" {
+        want.push("pci-hotplug");
+    }
     assert_eq!(ids, want);
     drop(a);
 
@@ -225,6 +228,9 @@ fn devices_have_owners_ranges_and_describe_themselves() {
             want.push("pci-root");
         }
         want.extend(["virtio-rng", "virtio-console", "disk0"]);
+        if transport == "pci" {
+            want.push("pci-hotplug");
+        }
         assert_eq!(ids, want, "{transport}");
         assert_eq!(
             dm.get("com1").unwrap().ranges,

@@ -144,11 +144,12 @@ impl DeviceManager {
         out
     }
 
-    /// Registers every stateful device, in order.
-    pub fn register(&self, components: &mut Components) {
-        for e in &self.entries {
-            if let Some(c) = &e.component {
-                components.register(&e.id, &e.name, Phase::Device, c.clone());
+    /// Registers every stateful device, in order, handing it over to `components` (which
+    /// alone keeps it from then on: a device unplugged later is gone once it leaves them).
+    pub fn register(&mut self, components: &mut Components) {
+        for e in &mut self.entries {
+            if let Some(c) = e.component.take() {
+                components.register(&e.id, &e.name, Phase::Device, c);
                 if e.optional_in_old_snapshots {
                     components.optional_in_old_snapshots();
                 }

@@ -13,14 +13,18 @@ pub mod console;
 pub mod control;
 pub mod cpu_hotplug;
 pub mod device_manager;
+pub mod device_set;
 pub mod device_updates;
 pub mod error;
 pub mod host;
+pub mod hotplug;
 pub mod interrupts;
+pub mod intx;
 #[cfg(test)]
 mod layout_tests;
 pub mod memory;
 pub mod migration;
+pub mod pci_hotplug;
 pub mod platform;
 pub mod resize;
 pub mod runner;

@@ -59,8 +59,24 @@ pub fn check(state: VmState, action: &Action) -> Result<(), Reply> {
         Action::BalloonInfo | Action::BalloonSet(_) => refuse("use the balloon"),
         Action::Resize(_) if booted => Ok(()),
         Action::Resize(_) => refuse("resize"),
-        Action::DiskUpdate { .. } | Action::NetUpdate { .. } if booted => Ok(()),
-        Action::DiskUpdate { .. } | Action::NetUpdate { .. } => Err(Reply::error(
+        Action::AddDisk(_) | Action::AddNet(_) if state == Paused => Err(Reply::error(
+            409,
+            "cannot plug a device into a paused VM: resume it first",
+        )),
+        Action::DiskUpdate { .. }
+        | Action::NetUpdate { .. }
+        | Action::AddDisk(_)
+        | Action::AddNet(_)
+        | Action::RemoveDevice { .. }
+            if booted =>
+        {
+            Ok(())
+        }
+        Action::DiskUpdate { .. }
+        | Action::NetUpdate { .. }
+        | Action::AddDisk(_)
+        | Action::AddNet(_)
+        | Action::RemoveDevice { .. } => Err(Reply::error(
             409,
             format!(
                 "cannot change a device: the VM is {state} (before boot, change its configuration with PUT /v1/vm)"

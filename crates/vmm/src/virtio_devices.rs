@@ -11,15 +11,15 @@ use arch::layout::{VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE, VIR
 use block::{Disk, DiskOptions, EngineKind, ImageFormat};
 use net::Tap;
 use virtio::devices::{
-    Balloon, BalloonHandle, BalloonOptions, Block, BlockCounters, BlockHandle, BlockOptions,
-    Console, ConsoleInput, Limits, MemHandle, MemOptions, Net, NetCounters, NetHandle, NetOptions,
-    Rng, VirtioMem,
+    Balloon, BalloonHandle, BalloonOptions, Block, BlockOptions, Console, ConsoleInput, Limits,
+    MemHandle, MemOptions, Net, NetOptions, Rng, VirtioMem,
 };
 use virtio::transport::mmio::{MmioSlot, MmioTransport};
 use virtio::{VirtioDevice, VmMemory};
 
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
 use crate::device_manager::DeviceManager;
+pub use crate::device_set::{DeviceSet, DeviceStats};
 use crate::error::VmmError;
 
 /// The virtio devices a config asks for, not yet attached.
@@ -30,84 +30,12 @@ pub struct VirtioDevices {
     pub console_input: Option<ConsoleInput>,
     /// The virtio-console's output, to wait for at the VM's end.
     pub console_output: Option<devices::serial::OutputHandle>,
-    /// I/O counters of the disks and interfaces, for the API.
-    pub stats: Vec<DeviceStats>,
-    /// The disks' image locks.
-    pub locks: Vec<block::ImageLock>,
-    /// Each NIC's TAP and guest MAC, to announce the guest after a migration.
-    pub announcers: Vec<(Arc<Tap>, [u8; 6])>,
+    /// The disks and interfaces as the VMM keeps them.
+    pub set: DeviceSet,
     /// The balloon's handle, when the VM has one.
     pub balloon: Option<BalloonHandle>,
     /// The virtio-mem device's handle, when the VM has hotpluggable memory.
     pub mem: Option<MemHandle>,
-    /// Each disk's id and handle (limits and size change through it), in order.
-    pub disks: Vec<(String, BlockHandle)>,
-    /// Each interface's id and handle (limits change through it), in order.
-    pub nets: Vec<(String, NetHandle)>,
-}
-
-/// A device's counters, as the API reports them.
-#[derive(Clone)]
-pub enum DeviceStats {
-    /// A virtio-blk disk.
-    Block {
-        /// Its id.
-        id: String,
-        /// The image.
-        path: String,
-        /// Its counters.
-        counters: Arc<BlockCounters>,
-    },
-    /// A virtio-net interface.
-    Net {
-        /// Its id.
-        id: String,
-        /// The TAP.
-        tap: String,
-        /// Its counters.
-        counters: Arc<NetCounters>,
-    },
-}
-
-impl DeviceStats {
-    /// The counters as the API reports them.
-    pub fn counters(&self) -> ::api::DeviceCounters {
-        use std::sync::atomic::Ordering::Relaxed;
-        match self {
-            DeviceStats::Block {
-                id,
-                path,
-                counters: c,
-            } => ::api::DeviceCounters::Block {
-                id: Some(id.clone()),
-                path: path.clone(),
-                read_ops: c.read_ops.load(Relaxed),
-                read_bytes: c.read_bytes.load(Relaxed),
-                write_ops: c.write_ops.load(Relaxed),
-                write_bytes: c.write_bytes.load(Relaxed),
-                flush_ops: c.flush_ops.load(Relaxed),
-                discard_ops: c.discard_ops.load(Relaxed),
-                errors: c.errors.load(Relaxed),
-                throttled: c.throttled.load(Relaxed),
-            },
-            DeviceStats::Net {
-                id,
-                tap,
-                counters: c,
-            } => ::api::DeviceCounters::Net {
-                id: Some(id.clone()),
-                tap: tap.clone(),
-                rx_frames: c.rx_frames.load(Relaxed),
-                rx_bytes: c.rx_bytes.load(Relaxed),
-                rx_dropped: c.rx_dropped.load(Relaxed),
-                tx_frames: c.tx_frames.load(Relaxed),
-                tx_bytes: c.tx_bytes.load(Relaxed),
-                tx_dropped: c.tx_dropped.load(Relaxed),
-                link_down: c.link_down.load(Relaxed),
-                throttled: c.throttled.load(Relaxed),
-            },
-        }
-    }
 }
 
 fn setup(e: impl std::fmt::Display) -> VmmError {
@@ -121,12 +49,10 @@ pub fn create(
     lock_disks: bool,
     ram: &Arc<crate::memory::GuestRam>,
 ) -> Result<VirtioDevices, VmmError> {
-    let mut locks = Vec::new();
-    let mut announcers = Vec::new();
+    let mut set = DeviceSet::default();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut console_input = None;
     let mut console_output = None;
-    let mut stats = Vec::new();
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -143,29 +69,13 @@ pub fn create(
         }
         devices.push(Box::new(console));
     }
-    let mut disks = Vec::new();
     for ((i, d), id) in config.disks.iter().enumerate().zip(config.disk_ids()) {
-        let (blk, l) = open_disk(i, d, lock_disks)?;
-        locks.extend(l);
-        stats.push(DeviceStats::Block {
-            id: id.clone(),
-            path: d.path.display().to_string(),
-            counters: blk.counters(),
-        });
-        disks.push((id, blk.handle()));
-        devices.push(Box::new(blk));
+        let blk = open_disk(&format!("tern-disk{i}"), d, lock_disks)?;
+        devices.push(Box::new(set.add_disk(&id, d, blk)));
     }
-    let mut nets = Vec::new();
     for ((i, n), id) in config.nets.iter().enumerate().zip(config.net_ids()) {
         let net = open_net(i, n)?;
-        announcers.extend(net.announcer());
-        stats.push(DeviceStats::Net {
-            id: id.clone(),
-            tap: net.tap_name().to_string(),
-            counters: net.counters(),
-        });
-        nets.push((id, net.handle()));
-        devices.push(Box::new(net));
+        devices.push(Box::new(set.add_net(&id, net)));
     }
     let mut balloon = None;
     if let Some(b) = &config.balloon {
@@ -201,13 +111,9 @@ pub fn create(
         devices,
         console_input,
         console_output,
-        stats,
-        locks,
-        announcers,
+        set,
         balloon,
         mem,
-        disks,
-        nets,
     })
 }
 
@@ -289,9 +195,10 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
     ids
 }
 
-/// Opens disk `i` and wraps it in a virtio-blk device.
-fn open_disk(
-    i: usize,
+/// Opens disk `d` (its locks taken when `lock`) and wraps it in a virtio-blk device whose
+/// serial is `serial` unless `d` names one; returns it with the image's locks.
+pub(crate) fn open_disk(
+    serial: &str,
     d: &DiskConfig,
     lock: bool,
 ) -> Result<(Block, Vec<block::ImageLock>), VmmError> {
@@ -323,7 +230,7 @@ fn open_disk(
         DiskIo::Auto | DiskIo::IoUring => EngineKind::IoUring,
         DiskIo::Sync => EngineKind::Sync,
     };
-    let serial = d.serial.clone().unwrap_or_else(|| format!("tern-disk{i}"));
+    let serial = d.serial.clone().unwrap_or_else(|| serial.to_string());
     let blk = Block::new(
         Arc::new(disk),
         BlockOptions {
@@ -338,7 +245,7 @@ fn open_disk(
 }
 
 /// Opens (or creates) the TAP of interface `i` and wraps it in a virtio-net device.
-fn open_net(i: usize, n: &NetConfig) -> Result<Net, VmmError> {
+pub(crate) fn open_net(i: usize, n: &NetConfig) -> Result<Net, VmmError> {
     let name = if n.tap == "auto" { "tern%d" } else { &n.tap };
     let taps = Tap::open(name, usize::from(n.queues)).map_err(setup)?;
     if n.tap == "auto" {

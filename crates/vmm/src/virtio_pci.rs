@@ -13,8 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use devices::pci::root::{ECAM_BUS_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
 use devices::pci::{HostBridgeAcpi, MsiRouting, PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
-use lifecycle::event_loop::EventLoop;
-use virtio::transport::pci::{IntxLine, VirtioPciDevice};
+use virtio::transport::pci::VirtioPciDevice;
 use virtio::{VirtioDevice, VmMemory};
 
 use crate::device_manager::DeviceManager;
@@ -66,76 +65,7 @@ impl MsiRouting for PciMsi {
     }
 }
 
-/// INTx through a KVM irqfd in resample mode.
-pub(crate) struct KvmIntx {
-    irqfd: EventFd,
-}
-
-impl IntxLine for KvmIntx {
-    fn assert(&self) -> std::io::Result<()> {
-        self.irqfd.write(1)
-    }
-}
-
-/// Re-raises level-triggered INTx lines that are still pending when the guest acknowledges
-/// them (KVM signals the resample eventfd on EOI). One thread for all PCI functions; stopped
-/// and joined on drop.
-pub struct IntxResampler {
-    stop: EventFd,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-pub(crate) type Pending = Arc<dyn Fn() -> bool + Send + Sync>;
-
-impl IntxResampler {
-    fn start(lines: Vec<(EventFd, Arc<KvmIntx>, Pending)>) -> Result<Self, VmmError> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
-        let stop2 = stop
-            .try_clone()
-            .map_err(|e| setup(format!("eventfd: {e}")))?;
-        use std::os::fd::AsRawFd;
-        let epoll_err = |e: std::io::Error| setup(format!("epoll: {e}"));
-        let mut events = EventLoop::new().map_err(epoll_err)?;
-        events.add(stop.as_raw_fd(), u64::MAX).map_err(epoll_err)?;
-        for (i, (resample, _, _)) in lines.iter().enumerate() {
-            events
-                .add(resample.as_raw_fd(), i as u64)
-                .map_err(epoll_err)?;
-        }
-        let thread =
-            lifecycle::threads::spawn(lifecycle::threads::Role::Vmm, "tern-intx", move || {
-                loop {
-                    let Ok(ready) = events.wait(None) else {
-                        return;
-                    };
-                    for token in ready.iter() {
-                        let Some((resample, line, pending)) = lines.get(token as usize) else {
-                            return; // the stop event
-                        };
-                        let _ = resample.read();
-                        if pending() {
-                            let _ = line.assert();
-                        }
-                    }
-                }
-            })
-            .map_err(|e| setup(format!("cannot start the INTx thread: {e}")))?;
-        let _ = stop2;
-        Ok(IntxResampler {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for IntxResampler {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+use crate::intx::{IntxResampler, KvmIntx, Pending};
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -491,7 +421,9 @@ fn follow_bar_move(
 }
 
 /// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and plugs each
-/// device in as a virtio-pci function with MSI-X and INTx, `ids[i]` (id, name) of `dm`.
+/// device in as a virtio-pci function with MSI-X and INTx, `ids[i]` (id, name) of `dm`: at the
+/// slot `slots` records for its id (a VM rebuilt from a snapshot or a migration), the others
+/// in the first free slots, in order.
 pub fn attach_pci(
     vm: &Arc<VmFd>,
     mem: &VmMemory,
@@ -499,17 +431,37 @@ pub fn attach_pci(
     dm: &mut DeviceManager,
     devices: Vec<Box<dyn VirtioDevice>>,
     ids: &[(String, String)],
+    slots: &BTreeMap<String, u8>,
 ) -> Result<PciBus, VmmError> {
     check_ids(&devices, ids)?;
     let mut bus = PciBus::new(vm, mem, routing, dm)?;
     let mut intx_lines = Vec::new();
-    for (dev, (id, name)) in devices.into_iter().zip(ids) {
-        let (p, intx) = bus.plug(id, dev, None, true)?;
-        dm.describe(id, name).component = Some(p.dev);
+    let mut plugged: Vec<Option<Arc<Mutex<VirtioPciDevice>>>> = ids.iter().map(|_| None).collect();
+    let (hinted, rest): (Vec<_>, Vec<_>) = devices
+        .into_iter()
+        .zip(ids)
+        .enumerate()
+        .partition(|(_, (_, (id, _)))| slots.contains_key(id));
+    for (i, (dev, (id, _))) in hinted.into_iter().chain(rest) {
+        let (p, intx) = bus.plug(id, dev, slots.get(id).copied(), true)?;
+        plugged[i] = Some(p.dev);
         intx_lines.extend(intx);
+    }
+    for ((id, name), dev) in ids.iter().zip(plugged) {
+        dm.describe(id, name).component = dev.map(|d| d as crate::components::Shared);
     }
     bus.intx = Some(IntxResampler::start(intx_lines)?);
     Ok(bus)
+}
+
+impl PciBus {
+    /// Each function's slot, by id.
+    pub fn slots(&self) -> BTreeMap<String, u8> {
+        lock(&self.functions)
+            .iter()
+            .map(|(s, f)| (f.id.clone(), *s))
+            .collect()
+    }
 }
 
 #[cfg(test)]

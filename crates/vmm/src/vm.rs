@@ -43,18 +43,16 @@ pub struct Vm {
     pub(crate) panic_seen: Arc<AtomicBool>,
     pub(crate) console_input: Option<virtio::devices::ConsoleInput>,
     pub(crate) console_output: Option<devices::serial::OutputHandle>,
-    /// The PCI bus, with the VM's virtio-pci functions (PCI transport). Held for its BAR
-    /// window and INTx resampler; device hotplug is to plug into it.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The PCI bus, with the VM's virtio-pci functions (PCI transport).
     pub(crate) pci: Option<crate::virtio_pci::PciBus>,
-    pub(crate) device_stats: Vec<crate::virtio_devices::DeviceStats>,
+    /// The PCI hotplug controller (PCI transport).
+    pub(crate) pci_hotplug: Option<std::sync::Arc<crate::pci_hotplug::PciHotplug>>,
     pub(crate) started: Instant,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.
     pub(crate) last_snapshot: Mutex<Option<crate::snapshot::Parent>>,
-    /// Each NIC's TAP and guest MAC (announced after a migration).
-    pub(crate) announcers: Vec<(Arc<net::Tap>, [u8; 6])>,
-    /// The disks' image locks (handed over by a migration).
-    pub(crate) disk_locks: Arc<Vec<block::ImageLock>>,
+    /// The disks and interfaces: handles, counters, image locks (handed over by a
+    /// migration), TAPs to announce (after a migration). Changed by device hotplug.
+    pub(crate) devs: Mutex<crate::device_set::DeviceSet>,
     /// The outgoing migration, while one runs (and after, for its status).
     pub(crate) migration: Mutex<Option<crate::migration::Outgoing>>,
     /// The last outgoing migration's status.
@@ -65,10 +63,6 @@ pub struct Vm {
     pub(crate) cpu_hotplug: Option<Arc<crate::cpu_hotplug::CpuHotplug>>,
     /// The virtio-mem device, when `max_memory` exceeds `memory`.
     pub(crate) mem_hotplug: Option<virtio::devices::MemHandle>,
-    /// Each disk's id and handle, in configuration order.
-    pub(crate) disks: Vec<(String, virtio::devices::BlockHandle)>,
-    /// Each interface's id and handle, in configuration order.
-    pub(crate) nets: Vec<(String, virtio::devices::NetHandle)>,
 }
 
 impl crate::migration::receive::Arrival for Vm {
@@ -89,7 +83,7 @@ impl crate::migration::receive::Arrival for Vm {
     }
 
     fn lock_disks(&self) -> Result<(), String> {
-        for l in self.disk_locks.iter() {
+        for l in lock(&self.devs).all_locks() {
             l.acquire()
                 .map_err(|e| format!("cannot lock the disk: {e}"))?;
         }
@@ -138,10 +132,14 @@ impl Vm {
     /// 300 ms, from a thread of its own), so that bridges and switches learn where the guest
     /// is now: after it migrated here.
     pub fn announce(&self) {
-        if self.announcers.is_empty() {
+        let list: Vec<(Arc<net::Tap>, [u8; 6])> = lock(&self.devs)
+            .announcers
+            .iter()
+            .map(|(_, t, m)| (t.clone(), *m))
+            .collect();
+        if list.is_empty() {
             return;
         }
-        let list = self.announcers.clone();
         let sent =
             lifecycle::threads::spawn(lifecycle::threads::Role::Io, "tern-announce", move || {
                 for wait in [0, 100, 200] {
@@ -184,7 +182,7 @@ impl Vm {
             ctl: self.ctl.clone(),
             config: config.clone(),
             cpuid: self.vcpus.cpuid().to_vec(),
-            locks: self.disk_locks.clone(),
+            locks: lock(&self.devs).all_locks(),
             pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
         };
         match Outgoing::start(parts, opts.clone(), target, self.migration_status.clone()) {
@@ -316,6 +314,9 @@ impl Vm {
                     | Action::Resize(_)
                     | Action::DiskUpdate { .. }
                     | Action::NetUpdate { .. }
+                    | Action::AddDisk(_)
+                    | Action::AddNet(_)
+                    | Action::RemoveDevice { .. }
             )
         {
             return Reply::error(
@@ -341,7 +342,8 @@ impl Vm {
                     .ok()
                     .map(|id| crate::vmgenid::hex(&id)),
                 taps: Some(
-                    self.device_stats
+                    lock(&self.devs)
+                        .stats
                         .iter()
                         .filter_map(|d| match d {
                             crate::virtio_devices::DeviceStats::Net { tap, .. } => {
@@ -404,7 +406,11 @@ impl Vm {
                         other_exits: c.other.load(Ordering::Relaxed),
                     })
                     .collect();
-                let devices: Vec<_> = self.device_stats.iter().map(|d| d.counters()).collect();
+                let devices: Vec<_> = lock(&self.devs)
+                    .stats
+                    .iter()
+                    .map(|d| d.counters())
+                    .collect();
                 Reply::ok(&Counters { vcpus, devices })
             }
             Action::BalloonInfo => match &self.balloon {
@@ -422,10 +428,13 @@ impl Vm {
                 None => crate::balloon::none(),
             },
             Action::DiskUpdate { id, update } => {
-                crate::device_updates::update_disk(&self.disks, id, update, config)
+                crate::device_updates::update_disk(&lock(&self.devs).disks, id, update, config)
             }
+            Action::AddDisk(d) => self.add_disk(d, config),
+            Action::AddNet(n) => self.add_net(n, config),
+            Action::RemoveDevice { kind, id } => self.remove_device(*kind, id, config),
             Action::NetUpdate { id, update } => {
-                crate::device_updates::update_net(&self.nets, id, update, config)
+                crate::device_updates::update_net(&lock(&self.devs).nets, id, update, config)
             }
             _ => crate::states::not_handled(state),
         }
@@ -447,6 +456,7 @@ impl Vm {
         const SIGNAL: u64 = 3;
         const QUIT: u64 = 4;
         const API: u64 = 5;
+        const EJECTED: u64 = 6;
         let epoll_err = |e: std::io::Error| VmmError::Setup(format!("epoll: {e}"));
         let mut events = EventLoop::new().map_err(epoll_err)?;
         events
@@ -458,6 +468,13 @@ impl Vm {
             .map_err(epoll_err)?;
         if let Some(a) = api {
             events.add(a.event_fd(), API).map_err(epoll_err)?;
+        }
+        if let Some(hp) = &self.pci_hotplug {
+            events.add(hp.ejected_fd(), EJECTED).map_err(epoll_err)?;
+        }
+        // Where each PCI function sits, for snapshots and migrations to rebuild it there.
+        if let Some(p) = &self.pci {
+            config.pci_slots = p.slots();
         }
         let mut button_deadline: Option<Instant> = None;
         while !self.ctl.stopping() {
@@ -484,6 +501,7 @@ impl Vm {
                         }
                     }
                     QUIT => self.ctl.request_exit(VmExit::UserQuit),
+                    EJECTED => self.finish_unplugs(config),
                     API => {
                         for req in api.map(ApiServer::take).unwrap_or_default() {
                             let r = self.api_request(

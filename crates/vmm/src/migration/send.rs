@@ -40,7 +40,7 @@ pub struct VmParts {
     /// vCPU 0's CPUID.
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// The disks' image locks, handed over at the switch-over.
-    pub locks: Arc<Vec<block::ImageLock>>,
+    pub locks: Vec<Arc<block::ImageLock>>,
     /// `/proc/self/pagemap`, to skip guest memory the host never gave the guest (opened by
     /// the VMM's thread: the migration thread may not open files).
     pub pagemap: Option<std::fs::File>,
