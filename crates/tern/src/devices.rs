@@ -184,11 +184,16 @@ fn list_disks(body: &str) -> Result<String, String> {
 
 fn list_nets(body: &str) -> Result<String, String> {
     let c = config(body)?;
+    // The TAPs as opened (`auto` ones have their names now), in the same order.
+    let taps = serde_json::from_str::<api::VmInfo>(body)
+        .ok()
+        .and_then(|v| v.taps)
+        .filter(|t| t.len() == c.nets.len());
     let mut lines = vec!["ID\tTAP\tRX_BW\tTX_BW\tRX_OPS\tTX_OPS".to_string()];
-    for (n, id) in c.nets.iter().zip(c.net_ids()) {
+    for (i, (n, id)) in c.nets.iter().zip(c.net_ids()).enumerate() {
+        let tap = taps.as_ref().map_or(n.tap.as_str(), |t| t[i].as_str());
         lines.push(format!(
-            "{id}\t{}\t{}\t{}\t{}\t{}",
-            n.tap,
+            "{id}\t{tap}\t{}\t{}\t{}\t{}",
             limit(n.rx_bw, "B/s"),
             limit(n.tx_bw, "B/s"),
             limit(n.rx_ops, ""),
