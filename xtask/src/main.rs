@@ -144,7 +144,7 @@ enum Cmd {
         /// tern binary [default: target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
-        /// Scenario group: core, block, block-qemu, net, net-qemu, snapshot, migrate, debian, compare,
+        /// Scenario group: core, block, block-qemu, hotplug, net, net-qemu, snapshot, migrate, debian, compare,
         /// debug, qemu-extra, all.
         #[arg(long, default_value = "core")]
         group: String,

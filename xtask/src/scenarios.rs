@@ -1168,7 +1168,7 @@ pub fn all() -> Vec<Scenario> {
         // (`xtask/l1/scenarios/hotplug.sh`).
         Scenario {
             name: "tern-hotplug",
-            groups: &["core", "block"],
+            groups: &["core", "block", "hotplug"],
             base_cmdline: PCI_CMDLINE,
             action: "script:hotplug",
             l1_script: Some(&["hotplug.sh", "tern"]),
@@ -1179,6 +1179,35 @@ pub fn all() -> Vec<Scenario> {
                     .map(|c| format!("TERN-HP-PASS tern/{c}:"))
                     .collect();
                 require.push("TERN-HP-OK tern".to_string());
+                require.push("TERN-GUEST-HP-DONE".to_string());
+                Expect {
+                    exit: ExitExpect::Code(0),
+                    marker_required: true,
+                    require,
+                    forbid: strings(&["TERN-HP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+                }
+            },
+            ..DEFAULT
+        },
+        // The same under QEMU (machine pc: its PIIX4's ACPI PCI hotplug, driven through its
+        // monitor), for the time from each request to the guest's line side by side:
+        // `cargo xtask rig --group hotplug`.
+        Scenario {
+            name: "qemu-hotplug",
+            groups: &["block-qemu", "hotplug"],
+            vmm: Vmm::Qemu,
+            qemu_machine: "pc",
+            base_cmdline: PCI_CMDLINE,
+            action: "script:hotplug",
+            l1_script: Some(&["hotplug.sh", "qemu"]),
+            timeout_secs: 600,
+            expect: {
+                let mut require: Vec<String> = HOTPLUG_CHECKS
+                    .iter()
+                    .filter(|c| **c != "refuse")
+                    .map(|c| format!("TERN-HP-PASS qemu/{c}:"))
+                    .collect();
+                require.push("TERN-HP-OK qemu".to_string());
                 require.push("TERN-GUEST-HP-DONE".to_string());
                 Expect {
                     exit: ExitExpect::Code(0),

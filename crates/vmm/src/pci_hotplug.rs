@@ -66,7 +66,8 @@ pub struct PciHotplug {
 }
 
 impl PciHotplug {
-    fn new(ged: EventFd) -> Result<Self, VmmError> {
+    /// A controller raising `ged` (an irqfd on [`ACPI_PCI_HOTPLUG_GSI`]).
+    pub fn new(ged: EventFd) -> Result<Self, VmmError> {
         Ok(PciHotplug {
             inner: Mutex::new(Inner {
                 state: State::default(),

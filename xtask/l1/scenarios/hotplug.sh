@@ -1,8 +1,8 @@
 #!/bin/sh
-# L1 side of the device hotplug scenario (xtask/src/scenarios.rs, "tern-hotplug"). Started by
-# the rig agent as
+# L1 side of the device hotplug scenarios (xtask/src/scenarios.rs, "tern-hotplug" and
+# "qemu-hotplug"). Started by the rig agent as
 #
-#     sh /rig/l1/hotplug.sh tern -- TERN-ARGV...
+#     sh /rig/l1/hotplug.sh tern|qemu -- VMM-ARGV...
 #
 # Boots TERN-ARGV (no disk, no NIC; its guest runs guest/scenarios/hotplug.sh) and, while the
 # guest runs, through `tern disk|net add|remove`:
@@ -20,6 +20,12 @@
 #    the guest, which still reads its file on vda.
 # The guest powers off and tern exits 0.
 #
+# CASE qemu: the same with QEMU (VMM-ARGV is QEMU's argv, machine pc: ACPI PCI hotplug of
+# its PIIX4), driven through its human monitor on a pipe (drive_add + device_add
+# virtio-blk-pci, device_del; netdev_add tap + device_add virtio-net-pci); no refusals, and
+# instead of the snapshot the second disk is plugged into the running VM. The two cases in
+# one rig run compare the time from each request to the guest's line.
+#
 # Output: "TERN-HP-PASS tern/CHECK: what" per passed check, "TERN-HP-FAIL tern/CHECK: why" per
 # failed one, the VMs' output, and "TERN-HP-OK tern" when every check passed.
 
@@ -28,7 +34,7 @@ export PATH=/usr/bin:/bin:/usr/sbin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 
 TAG=TERN-HP
-case_=${1:?usage: hotplug.sh tern -- TERN-ARGV...}
+case_=${1:?usage: hotplug.sh tern|qemu -- VMM-ARGV...}
 shift
 [ "${1:-}" = "--" ] && shift
 [ $# -gt 0 ] || { echo "$TAG-FAIL $case_/args: no VMM command line"; exit 1; }
@@ -42,7 +48,46 @@ mount -t tmpfs -o size=200m tmpfs "$W" || { echo "$TAG-FAIL $case_/setup: cannot
 POLL_S=0.1
 truncate -s 64M "$W/hot.img"
 truncate -s 16M "$W/hot2.img"
-set -- "$@" --api-socket "$SOCK"
+if [ "$case_" = qemu ]; then
+    rm -f "$W/mon.in" "$W/mon.out"
+    mkfifo "$W/mon.in" "$W/mon.out"
+    # (-nic none: machine pc would add an e1000 whose ROM the rig does not carry.)
+    set -- "$@" -nic none -chardev "pipe,id=mon,path=$W/mon" -mon chardev=mon,mode=readline
+else
+    set -- "$@" --api-socket "$SOCK"
+fi
+# monitor COMMAND: to QEMU's monitor.
+monitor() { echo "$1" > "$W/mon.in" && echo "sent to QEMU's monitor: $1"; }
+# disk_add ID FILE, disk_remove ID, net_add ID TAP, net_remove ID: through tern or QEMU.
+disk_add() {
+    if [ "$case_" = qemu ]; then
+        monitor "drive_add 0 if=none,id=$1,file=$2,format=raw" && monitor "device_add virtio-blk-pci,drive=$1,id=dev-$1"
+    else
+        "$tern" disk add --api-socket "$SOCK" "path=$2,id=$1" 2>&1
+    fi
+}
+disk_remove() {
+    if [ "$case_" = qemu ]; then
+        monitor "device_del dev-$1"
+    else
+        "$tern" disk remove --api-socket "$SOCK" "$1" 2>&1
+    fi
+}
+net_add() {
+    if [ "$case_" = qemu ]; then
+        ip tuntap add dev "$2" mode tap && monitor "netdev_add tap,id=$1,ifname=$2,script=no,downscript=no" \
+            && monitor "device_add virtio-net-pci,netdev=$1,id=dev-$1"
+    else
+        "$tern" net add --api-socket "$SOCK" "tap=auto,id=$1" 2>&1
+    fi
+}
+net_remove() {
+    if [ "$case_" = qemu ]; then
+        monitor "device_del dev-$1"
+    else
+        "$tern" net remove --api-socket "$SOCK" "$1" 2>&1
+    fi
+}
 
 # step CHECK LINE: the guest must say TERN-GUEST-HP-LINE within 120 s of start; sets line, ms.
 step() {
@@ -66,6 +111,7 @@ gone() {
 echo "$TAG-RUN $case_: $*"
 "$@" > "$OUT" 2>&1 &
 pid=$!
+[ "$case_" = qemu ] && cat "$W/mon.out" > "$W/mon.log" &
 start=$(now_ms)
 if ! step ready READY; then
     kill -9 "$pid" 2>/dev/null
@@ -74,17 +120,20 @@ if ! step ready READY; then
 fi
 pass ready "the guest booted: $line"
 
-out=$("$tern" disk remove --api-socket "$SOCK" nope 2>&1)
-if echo "$out" | grep -q "no disk \`nope\`"; then
-    pass refuse "tern disk remove nope: $(oneline "$out")"
-else
-    fail refuse "tern disk remove nope said: $(oneline "$out")"
+if [ "$case_" = tern ]; then
+    out=$("$tern" disk remove --api-socket "$SOCK" nope 2>&1)
+    if echo "$out" | grep -q "no disk \`nope\`"; then
+        pass refuse "tern disk remove nope: $(oneline "$out")"
+    else
+        fail refuse "tern disk remove nope said: $(oneline "$out")"
+    fi
 fi
 
 start=$(now_ms)
-if out=$("$tern" disk add --api-socket "$SOCK" "path=$W/hot.img,id=hot" 2>&1) \
-    && step disk-add DISK-ADDED; then
-    pass disk-add "$ms ms from the request to the guest's line: $line; tern said: $(oneline "$out")"
+if out=$(disk_add hot "$W/hot.img") && step disk-add DISK-ADDED; then
+    pass disk-add "$ms ms from the request to the guest's line: $line; the VMM said: $(oneline "$out")"
+fi
+if [ "$case_" = tern ] && grep -q "TERN-GUEST-HP-DISK-ADDED" "$OUT"; then
     out=$("$tern" disk add --api-socket "$SOCK" "path=$W/hot2.img,id=hot" 2>&1)
     if echo "$out" | grep -q "has a device with that id"; then
         pass refuse "adding a second disk hot: $(oneline "$out")"
@@ -97,16 +146,19 @@ if out=$("$tern" disk add --api-socket "$SOCK" "path=$W/hot.img,id=hot" 2>&1) \
     else
         fail refuse "adding hot.img a second time said: $(oneline "$out")"
     fi
+fi
+if grep -q "TERN-GUEST-HP-DISK-ADDED" "$OUT"; then
     POLL_S=0.5
     step disk-add DISK-USED && sha=$(echo "$line" | sed -n 's/.*sha=\([0-9a-f]*\).*/\1/p')
     POLL_S=0.1
 else
-    fail disk-add "tern disk add said: $(oneline "$out")"
+    fail disk-add "the VMM said: $(oneline "$out")"
 fi
 
 start=$(now_ms)
-if out=$("$tern" disk remove --api-socket "$SOCK" hot 2>&1) && step disk-remove DISK-REMOVED; then
-    if gone disk hot; then
+if out=$(disk_remove hot) && step disk-remove DISK-REMOVED; then
+    # (QEMU: no list to look at; its drive goes with the device.)
+    if { [ "$case_" = qemu ] && sleep 1; } || gone disk hot; then
         fsck=$(e2fsck -fn "$W/hot.img" 2>&1)
         rc=$?
         text=$(debugfs -R "cat /file.txt" "$W/hot.img" 2>/dev/null)
@@ -121,20 +173,23 @@ if out=$("$tern" disk remove --api-socket "$SOCK" hot 2>&1) && step disk-remove 
         fail disk-remove "tern disk list still has hot 60 s after the guest let go of it"
     fi
 else
-    fail disk-remove "tern disk remove said: $(oneline "$out")"
+    fail disk-remove "the VMM said: $(oneline "$out")"
 fi
 
 start=$(now_ms)
-if out=$("$tern" disk add --api-socket "$SOCK" "path=$W/hot.img,id=hot" 2>&1) \
-    && step disk-readd DISK-READDED; then
+if out=$(disk_add hot "$W/hot.img") && step disk-readd DISK-READDED; then
     pass disk-readd "$ms ms: $line"
 else
-    fail disk-readd "tern disk add said: $(oneline "$out")"
+    fail disk-readd "the VMM said: $(oneline "$out")"
 fi
 
 start=$(now_ms)
-if out=$("$tern" net add --api-socket "$SOCK" "tap=auto,id=nic" 2>&1); then
-    tap=$("$tern" net list --api-socket "$SOCK" 2>&1 | awk '$1 == "nic" { print $2 }')
+if out=$(net_add nic qtap0); then
+    if [ "$case_" = qemu ]; then
+        tap=qtap0
+    else
+        tap=$("$tern" net list --api-socket "$SOCK" 2>&1 | awk '$1 == "nic" { print $2 }')
+    fi
     ip addr add 10.0.77.1/24 dev "$tap" 2>/dev/null
     ip link set "$tap" up
     if step net-add NET-ADDED; then
@@ -144,17 +199,31 @@ if out=$("$tern" net add --api-socket "$SOCK" "tap=auto,id=nic" 2>&1); then
     step net-ping NET-PING && pass net-ping "the guest pinged L1 through the new interface: $line"
     POLL_S=0.1
 else
-    fail net-add "tern net add said: $(oneline "$out")"
+    fail net-add "the VMM said: $(oneline "$out")"
 fi
 start=$(now_ms)
-if out=$("$tern" net remove --api-socket "$SOCK" nic 2>&1) && step net-remove NET-REMOVED; then
-    if gone net nic; then
+if out=$(net_remove nic) && step net-remove NET-REMOVED; then
+    if [ "$case_" = qemu ] || gone net nic; then
         pass net-remove "the guest lost its interface $ms ms after the request; tern dropped it"
     else
         fail net-remove "tern net list still has nic 60 s after the guest let go of it"
     fi
 else
-    fail net-remove "tern net remove said: $(oneline "$out")"
+    fail net-remove "the VMM said: $(oneline "$out")"
+fi
+
+if [ "$case_" = qemu ]; then
+    start=$(now_ms)
+    if out=$(disk_add hot2 "$W/hot2.img") && step restore AFTER-RESTORE; then
+        pass restore "(no snapshot) hot2 reached the guest $ms ms after the request: $line"
+    fi
+    wait_for "$OUT" "TERN-GUEST-HP-DONE" 60 "$pid"
+    finish_vmm exit "$pid" "$OUT"
+    echo "QEMU's monitor said:"
+    tr -d '\r' < "$W/mon.log"
+    cd /
+    umount "$W" 2>/dev/null
+    verdict
 fi
 
 # Snapshot with the hotplugged disk, restore in a new tern, plug a second disk in.
