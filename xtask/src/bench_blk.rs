@@ -5,7 +5,9 @@
 //! Rows: 4 KiB random reads at queue depth 1 and 32 and 1 MiB sequential reads, over
 //! virtio-mmio (QEMU microvm) and virtio-pci (QEMU pc), with the file in the host page cache
 //! (`cache=writeback`) and with `O_DIRECT` (`cache=none`), and over virtio-pci on a host block
-//! device (a loop device over the same file, `cache=none`; as root only, skipped otherwise).
+//! device (a loop device over the same file, `cache=none`; as root only, skipped otherwise),
+//! and over virtio-pci on a qcow2 image holding the same data (every cluster allocated,
+//! `qemu-img convert`), in the page cache and with `O_DIRECT`.
 //! QEMU uses `aio=io_uring`. fio runs `psync` at depth 1 and `io_uring` at depth 32, on its
 //! own (non-huge-page) buffers, on the same file or device.
 //!
@@ -31,33 +33,52 @@ struct Setup {
     direct: bool,
     /// The disk is a loop device over the file (a host block device).
     device: bool,
+    /// The disk is the qcow2 copy of the file.
+    qcow2: bool,
 }
 
-const SETUPS: [Setup; 5] = [
+const SETUPS: [Setup; 7] = [
     Setup {
         transport: "mmio",
         direct: false,
         device: false,
+        qcow2: false,
     },
     Setup {
         transport: "pci",
         direct: false,
         device: false,
+        qcow2: false,
     },
     Setup {
         transport: "mmio",
         direct: true,
         device: false,
+        qcow2: false,
     },
     Setup {
         transport: "pci",
         direct: true,
         device: false,
+        qcow2: false,
     },
     Setup {
         transport: "pci",
         direct: true,
         device: true,
+        qcow2: false,
+    },
+    Setup {
+        transport: "pci",
+        direct: false,
+        device: false,
+        qcow2: true,
+    },
+    Setup {
+        transport: "pci",
+        direct: true,
+        device: false,
+        qcow2: true,
     },
 ];
 
@@ -123,8 +144,9 @@ fn tern_args(probe: &str, file: &Path, s: Setup, disk_extra: &str, cmd_extra: &s
     a.push("--cmdline".into());
     a.push(cmdline(cmd_extra));
     a.push("--disk".into());
+    let format = if s.qcow2 { "qcow2" } else { "raw" };
     a.push(format!(
-        "path={},format=raw,cache={cache}{disk_extra}",
+        "path={},format={format},cache={cache}{disk_extra}",
         file.display()
     ));
     a
@@ -163,8 +185,9 @@ fn qemu_args(probe: &str, file: &Path, s: Setup) -> Vec<String> {
     ]);
     a.push(cmdline(""));
     a.push("-drive".into());
+    let format = if s.qcow2 { "qcow2" } else { "raw" };
     a.push(format!(
-        "if=none,id=d0,file={},format=raw,aio=io_uring,cache={cache}",
+        "if=none,id=d0,file={},format={format},aio=io_uring,cache={cache}",
         file.display()
     ));
     a.push("-device".into());
@@ -187,6 +210,31 @@ fn bench_file() -> Result<PathBuf> {
         std::io::Write::write_all(&mut f, &data)?;
     }
     f.sync_all()?;
+    Ok(p)
+}
+
+/// The qcow2 copy of `raw` (every cluster allocated: the data has no zero clusters), made
+/// with `qemu-img convert` unless it is there and newer.
+fn qcow2_file(raw: &Path) -> Result<PathBuf> {
+    let p = PathBuf::from("/var/tmp/tern-bench-blk.qcow2");
+    let newer = |a: &Path, b: &Path| -> Option<bool> {
+        Some(
+            std::fs::metadata(a).ok()?.modified().ok()?
+                >= std::fs::metadata(b).ok()?.modified().ok()?,
+        )
+    };
+    if newer(&p, raw) == Some(true) {
+        return Ok(p);
+    }
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(raw)
+        .arg(&p)
+        .output()
+        .context("cannot run qemu-img")?;
+    if !out.status.success() {
+        bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    }
     Ok(p)
 }
 
@@ -257,8 +305,11 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
         baseline_heads(terns, 10)
     );
     let device = LoopDevice::attach(&file);
+    let qcow2 = qcow2_file(&file)?;
     for s in SETUPS {
+        let raw = file.clone();
         let file = match (&device, s.device) {
+            _ if s.qcow2 => qcow2.clone(),
             (_, false) => file.clone(),
             (Some(d), true) => d.0.clone(),
             (None, true) => continue,
@@ -290,16 +341,20 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
             ),
             ("1 MiB sequential read, MB/s", "seq_mbps", "read", "1M", 1),
         ];
-        let cache = match (s.direct, s.device) {
-            (_, true) => "block device, cache=none",
-            (true, false) => "cache=none",
-            (false, false) => "page cache",
+        let cache = match (s.direct, s.device, s.qcow2) {
+            (true, _, true) => "qcow2, cache=none",
+            (false, _, true) => "qcow2, page cache",
+            (_, true, _) => "block device, cache=none",
+            (true, false, _) => "cache=none",
+            (false, false, _) => "page cache",
         };
         for (name, key, rw, bs, depth) in rows {
             let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
             let tm = tern_median(0);
             let qm = median(q.iter().map(|x| field(x, key)).collect());
-            let (fi, fm) = fio(&file, rw, bs, depth, s.direct)?;
+            // (qcow2 rows: fio on the raw file holding the same data.)
+            let fio_file = if s.qcow2 { &raw } else { &file };
+            let (fi, fm) = fio(fio_file, rw, bs, depth, s.direct)?;
             let f = if key == "seq_mbps" { fm } else { fi };
             println!(
                 "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}{}",
