@@ -163,6 +163,21 @@ mod tests {
                 }),
                 [409, 409, 0, 0],
             ),
+            (
+                Box::new(|| Action::AddDisk(Box::new("path=/d.img".parse().unwrap()))),
+                [409, 409, 0, 409],
+            ),
+            (
+                Box::new(|| Action::AddNet(Box::new("tap=auto".parse().unwrap()))),
+                [409, 409, 0, 409],
+            ),
+            (
+                Box::new(|| Action::RemoveDevice {
+                    kind: ::api::devices::DeviceKind::Disk,
+                    id: "disk0".into(),
+                }),
+                [409, 409, 0, 0],
+            ),
         ];
         for (action, want) in rows {
             for (state, want) in [Created, Configured, Running, Paused].into_iter().zip(want) {
