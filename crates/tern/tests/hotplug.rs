@@ -194,3 +194,86 @@ fn hotplug_needs_the_pci_transport() {
     assert!(got.contains("needs the PCI transport"), "{got}");
     assert!(c.info().unwrap().config.unwrap().disks.is_empty());
 }
+
+/// A disk plugged in moves with a migrating VM: the destination builds it at its slot and
+/// takes its lock at the switch-over.
+#[test]
+fn a_plugged_disk_migrates_with_the_vm() {
+    if !require_kvm("a_plugged_disk_migrates_with_the_vm") {
+        return;
+    }
+    let dir = Scratch::new("hotplug-mig");
+    let (sock, dsock) = (dir.path("a.sock"), dir.path("b.sock"));
+    let (a_log, b_log) = (dir.path("a.log"), dir.path("b.log"));
+    let img = dir.path("hot.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let kernel = probe();
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let b_backend = format!("file:{}", s(&b_log));
+    let _dst = spawn(&[
+        "--incoming",
+        &url,
+        "--serial",
+        &b_backend,
+        "--api-socket",
+        s(&dsock),
+        "--accept-dir",
+        s(kernel.parent().unwrap()),
+        "--accept-dir",
+        s(&dir.0),
+    ]);
+    wait_until("the migration socket", Duration::from_secs(10), || {
+        dir.path("m.sock").exists()
+    });
+    let a_backend = format!("file:{}", s(&a_log));
+    let src = spawn(&[
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64M",
+        "--serial",
+        &a_backend,
+        "--api-socket",
+        s(&sock),
+        "--cmdline",
+        "probe.run=count probe.count_ms=30000",
+    ]);
+    wait_until("the API", Duration::from_secs(20), || sock.exists());
+    let c = Client::new(&sock);
+    wait_until("the VM", Duration::from_secs(20), || {
+        c.info().is_ok_and(|i| i.state.as_str() == "running")
+    });
+    let (st, got) = call(
+        &c,
+        "PUT",
+        "/v1/vm/disks",
+        Some(&format!(r#"{{"path": "{}", "id": "hot"}}"#, s(&img))),
+    );
+    assert_eq!(st, 200, "{got}");
+    let slot = c.info().unwrap().config.unwrap().pci_slots["hot"];
+    let r = run_with_timeout(
+        &tern(),
+        &["migrate", "--api-socket", s(&sock), "--to", &url],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let (code, err) = src.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "source: {err}");
+    let d = Client::new(&dsock);
+    wait_until("the destination's VM", Duration::from_secs(20), || {
+        d.info().is_ok_and(|i| i.state.as_str() == "running")
+    });
+    let config = d.info().unwrap().config.unwrap();
+    assert_eq!(config.disks[0].id.as_deref(), Some("hot"));
+    assert_eq!(config.pci_slots.get("hot"), Some(&slot));
+    // The destination holds the image's lock now.
+    let other = Client::new(&dsock);
+    let (st, got) = call(
+        &other,
+        "PUT",
+        "/v1/vm/disks",
+        Some(&format!(r#"{{"path": "{}"}}"#, s(&img))),
+    );
+    assert_eq!(st, 400, "{got}");
+    assert!(got.contains("in use"), "{got}");
+}

@@ -76,7 +76,7 @@ disk_remove() {
 net_add() {
     if [ "$case_" = qemu ]; then
         /usr/sbin/ip tuntap add dev "$2" mode tap 2>&1 && monitor "netdev_add tap,id=$1,ifname=$2,script=no,downscript=no" \
-            && monitor "device_add virtio-net-pci,netdev=$1,id=dev-$1"
+            && monitor "device_add virtio-net-pci,netdev=$1,id=dev-$1,romfile="
     else
         "$tern" net add --api-socket "$SOCK" "tap=auto,id=$1" 2>&1
     fi
