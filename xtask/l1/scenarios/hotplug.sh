@@ -165,7 +165,7 @@ if out=$(disk_remove hot) && step disk-remove DISK-REMOVED; then
         host_sha=$(debugfs -R "cat /data" "$W/hot.img" 2>/dev/null | sha256sum | cut -d' ' -f1)
         if [ $rc = 0 ] && [ "$text" = "tern-hotplug: written by the guest on a hotplugged disk" ] \
             && [ "$host_sha" = "${sha:-}" ]; then
-            pass disk-remove "the guest lost vda $ms ms after the request; tern dropped the disk; the image is clean and holds the guest's files"
+            pass disk-remove "the guest lost vda $ms ms after the request; the VMM dropped the disk; the image is clean and holds the guest's files"
         else
             fail disk-remove "e2fsck rc $rc: $(oneline "$fsck"); file.txt '$text'; data sha256 $host_sha, the guest's ${sha:-?}"
         fi
@@ -204,7 +204,7 @@ fi
 start=$(now_ms)
 if out=$(net_remove nic) && step net-remove NET-REMOVED; then
     if [ "$case_" = qemu ] || gone net nic; then
-        pass net-remove "the guest lost its interface $ms ms after the request; tern dropped it"
+        pass net-remove "the guest lost its interface $ms ms after the request; the VMM dropped it"
     else
         fail net-remove "tern net list still has nic 60 s after the guest let go of it"
     fi
