@@ -85,8 +85,17 @@ struct Function {
     dev: Arc<Mutex<VirtioPciDevice>>,
     msi: Arc<PciMsi>,
     bars: Vec<Bar>,
-    /// Each queue notification register as registered with KVM: address and eventfd.
-    notifies: Vec<(u64, EventFd)>,
+    /// Each queue notification register.
+    notifies: Vec<Notify>,
+}
+
+/// A queue notification register: where it is in its BAR, and where it is registered with KVM
+/// as an ioeventfd (None while its BAR cannot answer).
+struct Notify {
+    bar: u8,
+    offset: u64,
+    addr: Option<u64>,
+    event: EventFd,
 }
 
 /// The functions by slot, shared with the BAR move handler.
@@ -278,10 +287,25 @@ impl PciBus {
             .queue_notify_events()
             .map_err(|e| setup(format!("virtio-pci notify: {e}")))?;
         for n in notifies {
+            let Some(bar) = f
+                .bars
+                .iter()
+                .find(|b| (b.addr..b.addr + b.size).contains(&n.addr))
+            else {
+                return Err(setup(format!(
+                    "virtio-pci: queue {} notifies outside its BARs",
+                    n.queue
+                )));
+            };
             self.vm
                 .register_ioevent(&n.event, &IoEventAddress::Mmio(n.addr), NoDatamatch)
                 .map_err(|e| setup(format!("virtio-pci ioeventfd: {e}")))?;
-            f.notifies.push((n.addr, n.event));
+            f.notifies.push(Notify {
+                bar: bar.index,
+                offset: n.addr - bar.addr,
+                addr: Some(n.addr),
+                event: n.event,
+            });
         }
         if !intx {
             return Ok(None);
@@ -310,10 +334,12 @@ impl PciBus {
                 }
             }
         }
-        for (addr, evt) in &f.notifies {
-            let _ = self
-                .vm
-                .unregister_ioevent(evt, &IoEventAddress::Mmio(*addr), NoDatamatch);
+        for n in &f.notifies {
+            if let Some(addr) = n.addr {
+                let _ =
+                    self.vm
+                        .unregister_ioevent(&n.event, &IoEventAddress::Mmio(addr), NoDatamatch);
+            }
         }
         f.msi.release();
         lock(&self.root).detach(slot);
@@ -375,7 +401,20 @@ fn follow_bar_move(
         if w.holds_at(old, &bar.dev) {
             w.remove(old);
         }
-        match w.insert(bar.dev.clone(), r.new_addr, bar.size) {
+        let window_range = arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END;
+        let inside = r
+            .new_addr
+            .checked_add(bar.size)
+            .is_some_and(|end| window_range.contains(&r.new_addr) && end <= window_range.end);
+        let placed = if inside {
+            w.insert(bar.dev.clone(), r.new_addr, bar.size)
+                .map_err(|e| e.to_string())
+        } else {
+            // Outside the window nothing routes to it, and its notifications must not take
+            // over addresses of other devices.
+            Err("outside the PCI window".to_string())
+        };
+        match placed {
             Ok(()) => bar.addr = r.new_addr,
             Err(e) => {
                 // Not reachable until the guest moves it somewhere free.
@@ -389,27 +428,21 @@ fn follow_bar_move(
             }
         }
     }
-    let size = bar.size;
-    let new = bar.addr;
-    for (addr, evt) in f.notifies.iter_mut() {
-        if old == u64::MAX || !(old..old.saturating_add(size)).contains(addr) {
-            continue;
+    let (index, new) = (bar.index, bar.addr);
+    for n in f.notifies.iter_mut().filter(|n| n.bar == index) {
+        if let Some(addr) = n.addr.take() {
+            let _ = vm.unregister_ioevent(&n.event, &IoEventAddress::Mmio(addr), NoDatamatch);
         }
-        let _ = vm.unregister_ioevent(&*evt, &IoEventAddress::Mmio(*addr), NoDatamatch);
         if new == u64::MAX {
-            *addr = u64::MAX;
             continue;
         }
-        let moved = *addr - old + new;
-        match vm.register_ioevent(&*evt, &IoEventAddress::Mmio(moved), NoDatamatch) {
-            Ok(()) => *addr = moved,
-            Err(e) => {
-                *addr = u64::MAX;
-                ratelimit::warn_limited!(
-                    "PCI device {:?}: queue notifications at {moved:#x} go through the BAR handler: {e}",
-                    r.bdf
-                );
-            }
+        let moved = new + n.offset;
+        match vm.register_ioevent(&n.event, &IoEventAddress::Mmio(moved), NoDatamatch) {
+            Ok(()) => n.addr = Some(moved),
+            Err(e) => ratelimit::warn_limited!(
+                "PCI device {:?}: queue notifications at {moved:#x} go through the BAR handler: {e}",
+                r.bdf
+            ),
         }
     }
     tracing::debug!(
@@ -465,86 +498,5 @@ impl PciBus {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Instant;
-
-    use devices::pci::PciBdf;
-
-    use crate::builder::{build, Origin};
-    use crate::component_tests::{config, kvm_or_skip};
-
-    /// A BAR the guest moves answers at its new address and no longer at the old one, and the
-    /// queue notification ioeventfds inside it move along (KVM refuses a second registration
-    /// of the same eventfd at the same address, and accepts one where it no longer is).
-    #[test]
-    fn a_moved_bar_answers_where_the_guest_put_it_with_its_ioeventfds() {
-        let test = "a_moved_bar_answers_where_the_guest_put_it_with_its_ioeventfds";
-        if kvm_or_skip(test).is_none() {
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("tern-barmove-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let vm = build(
-            &config(&dir, "pci", false),
-            Instant::now(),
-            Origin::Snapshot,
-            None,
-        )
-        .unwrap();
-        let bus = vm.pci.as_ref().expect("a PCI VM has its bus");
-        let slot = bus.slot_of("disk0").expect("disk0 is on the bus");
-        let bdf = PciBdf::new(0, slot, 0);
-        let (old, size, notifies) = {
-            let fns = super::lock(&bus.functions);
-            let f = &fns[&slot];
-            let b = f.bars.iter().find(|b| b.index == 0).expect("BAR 0");
-            let n: Vec<(u64, vmm_sys_util::eventfd::EventFd)> = f
-                .notifies
-                .iter()
-                .map(|(a, e)| (*a, e.try_clone().unwrap()))
-                .collect();
-            (b.addr, b.size, n)
-        };
-        assert!(!notifies.is_empty());
-        let read_at = |addr: u64| {
-            let mut b = [0u8; 4];
-            let hit = bus.window.read().unwrap().read(addr, &mut b);
-            (hit, u32::from_le_bytes(b))
-        };
-        // The common configuration's device_feature_select reads back what was written.
-        assert!(bus.window.read().unwrap().write(old, &7u32.to_le_bytes()));
-        assert_eq!(read_at(old), (true, 7));
-        // The guest moves BAR 0 (64-bit: low then high dword) to the top of the window.
-        let new = (arch::layout::PCI_MMIO32_END - size) & !(size - 1);
-        assert_ne!(new, old);
-        {
-            let mut root = super::lock(&bus.root);
-            root.config_write(bdf, 0x10, &(new as u32 | 0x4).to_le_bytes());
-            root.config_write(bdf, 0x14, &((new >> 32) as u32).to_le_bytes());
-        }
-        assert_eq!(
-            read_at(new),
-            (true, 7),
-            "the BAR answers at its new address"
-        );
-        assert!(!read_at(old).0, "nothing answers at the old one");
-        for (addr, evt) in &notifies {
-            let moved = addr - old + new;
-            let at = |a: u64| kvm_ioctls::IoEventAddress::Mmio(a);
-            assert!(
-                bus.vm
-                    .register_ioevent(evt, &at(moved), kvm_ioctls::NoDatamatch)
-                    .is_err(),
-                "the notification is registered at {moved:#x}"
-            );
-            bus.vm
-                .register_ioevent(evt, &at(*addr), kvm_ioctls::NoDatamatch)
-                .expect("the old address is free");
-            bus.vm
-                .unregister_ioevent(evt, &at(*addr), kvm_ioctls::NoDatamatch)
-                .unwrap();
-        }
-        drop(vm);
-        std::fs::remove_dir_all(&dir).ok();
-    }
-}
+#[path = "virtio_pci_tests.rs"]
+mod tests;
