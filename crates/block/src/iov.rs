@@ -104,6 +104,34 @@ pub unsafe fn gather(iov: &[IoSlice], mut out: &mut [u8]) {
     }
 }
 
+/// Fills the buffers of `iov` with zeroes.
+///
+/// # Safety
+/// Every buffer must be valid for writes of its length.
+pub unsafe fn zero(iov: &[IoSlice]) {
+    for s in iov {
+        // SAFETY: the caller guarantees `s` is writable for its length.
+        unsafe { std::ptr::write_bytes(s.ptr(), 0, s.len()) };
+    }
+}
+
+/// Takes the first `n` bytes of `iov` off its front, as buffers of their own (a buffer
+/// straddling the cut is split).
+pub fn split_front(iov: &mut Vec<IoSlice>, n: u64) -> Vec<IoSlice> {
+    let mut front = Vec::new();
+    let mut left = n as usize;
+    for s in iov.iter() {
+        if left == 0 {
+            break;
+        }
+        let take = s.len().min(left);
+        front.push(IoSlice::new(s.ptr(), take));
+        left -= take;
+    }
+    advance(iov, n as usize - left);
+    front
+}
+
 /// Drops the first `n` bytes from the front of `iov` (after a short transfer).
 fn advance(iov: &mut Vec<IoSlice>, mut n: usize) {
     let mut skip = 0;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use engine::{Completion, Engine, EngineKind, IoOp};
 pub use iov::IoSlice;
-pub use qcow2::{named_backing_files, Qcow2Disk, Qcow2Trust};
+pub use qcow2::{named_backing_files, Extent, Qcow2Disk, Qcow2Trust};
 pub use raw::{BlockSizes, RawDisk};
 
 /// Image formats tern knows.

@@ -3,19 +3,36 @@
 //! write-zeroes. tern opens every file of the chain itself (imago's implicit opening is
 //! gated shut), so an image header can never make tern open a file the user did not allow.
 //! One header check is written here by hand: imago 0.2 panics on a malformed feature name
-//! table, and a panic aborts tern, so such headers are refused before imago sees them. Guest data go through a
-//! host bounce buffer, as imago takes Rust slices.
+//! table, and a panic aborts tern, so such headers are refused before imago sees them.
+//!
+//! Two paths carry guest data:
+//! - **mapped** ([`Qcow2Disk::map`]): a read of allocated or unallocated clusters, or a write
+//!   into clusters this image already owns, is translated into host extents (imago's
+//!   `get_mapping`), which the I/O engine submits through io_uring straight from guest memory,
+//!   as it does for raw images;
+//! - **through imago**, synchronously and with a bounce buffer, for everything else: writes
+//!   that allocate (copy-on-write from a backing image included), compressed clusters, and
+//!   hosts without io_uring.
+//!
+//! Mapped I/O never touches metadata. What could move data under it — discard and
+//! write-zeroes, which free clusters for reuse — first waits for every mapped request of every
+//! queue to finish (new requests take the imago path meanwhile).
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
+use std::time::Duration;
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageOpenOptions,
+};
 
 use crate::iov::{self, IoSlice};
 use crate::{lock, BlockError};
@@ -28,10 +45,21 @@ pub struct Qcow2Disk {
     access: RwLock<FormatAccess<ImagoFile>>,
     /// Locks on every file of the chain (the image, its data file, its backing images).
     locks: Vec<(File, PathBuf, bool)>,
+    /// Every file of the chain as tern opened it (the open file imago uses too), by the path
+    /// imago knows it by: mapped I/O goes to these descriptors.
+    files: Vec<(PathBuf, File)>,
+    /// imago storage objects met in mappings (by address) and their descriptors.
+    fds: RwLock<Vec<(usize, RawFd)>>,
+    /// Mapped requests whose I/O has not finished, over all queues.
+    mapped: AtomicUsize,
+    /// Operations waiting for mapped I/O to end before they change mappings; while one
+    /// waits, [`map`](Self::map) declines.
+    quiescing: AtomicUsize,
     path: PathBuf,
     /// Grows while the disk is in use ([`grow`](Self::grow)).
     size: AtomicU64,
     read_only: bool,
+    direct: bool,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -67,6 +95,8 @@ const MAX_CHAIN: usize = 16;
 struct Chain {
     /// Each file's lock descriptor, path, and whether its lock is shared.
     locks: Vec<(File, PathBuf, bool)>,
+    /// Each file's I/O descriptor (sharing its open file with imago).
+    files: Vec<(PathBuf, File)>,
     seen: Vec<PathBuf>,
     /// Take the locks now (not for a VM migrating in: at its switch-over).
     take: bool,
@@ -160,13 +190,22 @@ fn open_file(
         lock(&lock_file, path, !writable)?;
     }
     chain.locks.push((lock_file, path.to_path_buf(), !writable));
-    ImagoFile::open(
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .map_err(open_err)?;
+    let imago_file = ImagoFile::from_open_file(
+        file.try_clone().map_err(open_err)?,
         StorageOpenOptions::new()
             .filename(path)
             .write(writable)
             .direct(direct),
     )
-    .map_err(open_err)
+    .map_err(open_err)?;
+    chain.files.push((path.to_path_buf(), file));
+    Ok(imago_file)
 }
 
 /// Refuses qcow2 headers that imago 0.2 cannot parse without panicking (a panic aborts tern):
@@ -360,9 +399,14 @@ impl Qcow2Disk {
         Ok(Qcow2Disk {
             access: RwLock::new(access),
             locks: chain.locks,
+            files: chain.files,
+            fds: RwLock::new(Vec::new()),
+            mapped: AtomicUsize::new(0),
+            quiescing: AtomicUsize::new(0),
             path: path.to_path_buf(),
             size: AtomicU64::new(size),
             read_only,
+            direct,
         })
     }
 
@@ -399,6 +443,11 @@ impl Qcow2Disk {
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether the files are open with `O_DIRECT`.
+    pub fn direct(&self) -> bool {
+        self.direct
     }
 
     fn io(&self, err: io::Error) -> BlockError {
@@ -460,18 +509,157 @@ impl Qcow2Disk {
         a.sync().map_err(|e| self.io(e))
     }
 
-    /// Discards a range: its clusters are freed (or made to read as zeroes).
+    /// Discards a range: its clusters are freed (or made to read as zeroes). Waits for mapped
+    /// I/O first (see [`quiesced`](Self::quiesced)).
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.writable(offset, len)?;
-        let mut a = self.access.write().unwrap_or_else(|p| p.into_inner());
-        a.discard_to_zero(offset, len).map_err(|e| self.io(e))
-    }
-
-    /// Zeroes a range (as zero clusters where it can).
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.writable(offset, len)?;
-        self.read_access()
-            .write_zeroes(offset, len)
+        self.quiesced(|a| a.discard_to_zero(offset, len))
             .map_err(|e| self.io(e))
     }
+
+    /// Zeroes a range (as zero clusters where it can, which frees them). Waits for mapped I/O
+    /// first (see [`quiesced`](Self::quiesced)).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.writable(offset, len)?;
+        self.quiesced(|a| a.write_zeroes(offset, len))
+            .map_err(|e| self.io(e))
+    }
+
+    /// Runs `op` with the image to itself once no mapped request is in flight: freed clusters
+    /// may be reused at once, and a mapped write still running into one would land in
+    /// whatever takes it next. The caller must not hold mapped requests of its own in flight
+    /// (the engine drains its own first), or this never returns.
+    fn quiesced<R>(&self, op: impl FnOnce(&mut FormatAccess<ImagoFile>) -> R) -> R {
+        self.quiescing.fetch_add(1, Ordering::SeqCst);
+        let r = loop {
+            while self.mapped.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            let mut a = self.access.write().unwrap_or_else(|p| p.into_inner());
+            // `map` counts its requests under the shared lock: none can start now.
+            if self.mapped.load(Ordering::SeqCst) == 0 {
+                break op(&mut a);
+            }
+        };
+        self.quiescing.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Maps `len` bytes at `offset` for a read (`write` false) or write to host extents, at
+    /// most `max` of them (adjacent ones merged), into `out`. True when the whole range
+    /// mapped: every byte is stored in a cluster (of this image, its data file or, for reads,
+    /// a backing image) or, for reads, reads as zeroes; a write needs clusters this image owns
+    /// and may overwrite. The request then counts as mapped until [`unmap`](Self::unmap) is
+    /// called for it. False, with nothing counted, sends the request through imago.
+    pub fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> bool {
+        out.clear();
+        if (write && self.read_only)
+            || crate::check_range(&self.path, offset, len, self.size()).is_err()
+        {
+            return false;
+        }
+        let a = self.read_access();
+        if self.quiescing.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let Ok((mapping, n)) = a.get_mapping(at, end - at) else {
+                return false;
+            };
+            let extent = match mapping {
+                _ if n == 0 => return false,
+                Mapping::Raw {
+                    storage,
+                    offset,
+                    writable,
+                    ..
+                } if writable || !write => match self.fd_of(storage) {
+                    Some(fd) => Extent::Data { fd, offset, len: n },
+                    None => return false,
+                },
+                Mapping::Zero { .. } if !write => Extent::Zero { len: n },
+                _ => return false,
+            };
+            let full = out.len() == max;
+            match (out.last_mut(), extent) {
+                (Some(Extent::Zero { len }), Extent::Zero { len: more }) => *len += more,
+                (
+                    Some(Extent::Data { fd, offset, len }),
+                    Extent::Data {
+                        fd: next_fd,
+                        offset: next,
+                        len: more,
+                    },
+                ) if *fd == next_fd && *offset + *len == next => *len += more,
+                _ if full => return false,
+                _ => out.push(extent),
+            }
+            at += n;
+        }
+        self.mapped.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Ends a request [`map`](Self::map) counted (its I/O is over, successful or not).
+    pub fn unmap(&self) {
+        self.mapped.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The descriptor of a file of the chain, by the imago storage object standing for it.
+    fn fd_of(&self, storage: &ImagoFile) -> Option<RawFd> {
+        let key = std::ptr::from_ref(storage) as usize;
+        let known = self.fds.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(_, fd)) = known.iter().find(|(k, _)| *k == key) {
+            return Some(fd);
+        }
+        drop(known);
+        let name = storage.get_filename()?;
+        let fd = self.files.iter().find(|(p, _)| *p == name)?.1.as_raw_fd();
+        self.fds
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key, fd));
+        Some(fd)
+    }
+}
+
+impl Extent {
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Data { len, .. } | Extent::Zero { len } => len,
+        }
+    }
+
+    /// Whether it covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A stretch of a mapped request ([`Qcow2Disk::map`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes at `offset` of the file open as `fd`.
+    Data {
+        /// The file (a descriptor the disk keeps open).
+        fd: RawFd,
+        /// Where in it.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// `len` bytes that read as zeroes.
+    Zero {
+        /// How many bytes.
+        len: u64,
+    },
 }

@@ -653,7 +653,6 @@ impl BlkWorker {
     /// answering those that are done; with work left over, re-raises the queue event so the
     /// next wake-up goes on.
     fn run_zeroing(&mut self, used: &mut u32, mut chunks: usize) -> Result<(), Malformed> {
-        let disk = self.engine.disk().clone();
         while let Some(&head) = self.zeroing.front() {
             let Some(Pending {
                 work: Work::Zero { discard, next, end },
@@ -671,11 +670,7 @@ impl BlkWorker {
                 let stop = (*next / ZERO_CHUNK + 1)
                     .saturating_mul(ZERO_CHUNK)
                     .min(*end);
-                res = if *discard {
-                    disk.discard(*next, stop - *next)
-                } else {
-                    disk.write_zeroes(*next, stop - *next)
-                };
+                res = self.engine.zero_range(*discard, *next, stop - *next);
                 *next = stop;
                 chunks -= 1;
             }
