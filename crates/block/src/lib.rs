@@ -97,25 +97,36 @@ impl std::fmt::Display for ImageFormat {
 }
 
 /// Takes the image lock on `file`: `flock`, exclusive when writable and shared when read-only.
+///
+/// A lock held elsewhere is tried again for a moment before it is reported: a lock this
+/// process has just given up (a disk closed, or removed and added again) lives on in any
+/// child being spawned meanwhile by another thread, until that child's `exec` closes its copy
+/// of the descriptor.
 fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
     let op = if read_only {
         libc::LOCK_SH
     } else {
         libc::LOCK_EX
     };
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+    let mut tries = 0;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
         let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            BlockError::Locked(path.to_path_buf())
-        } else {
-            BlockError::Open {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(BlockError::Open {
                 path: path.to_path_buf(),
                 err,
-            }
-        });
+            });
+        }
+        tries += 1;
+        if tries == 10 {
+            return Err(BlockError::Locked(path.to_path_buf()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
 }
 
 /// One file's image lock, held through a descriptor that shares the disk's open file (so
