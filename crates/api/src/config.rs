@@ -886,6 +886,16 @@ impl VmConfig {
         (disks, nets)
     }
 
+    /// The id a new disk or interface gets when it is given none: `{prefix}{n}` for the
+    /// lowest `n` no device uses.
+    pub fn free_device_id(&self, prefix: &str) -> String {
+        let (disks, nets) = self.device_ids();
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|c| !disks.contains(c) && !nets.contains(c))
+            .expect("there are ever more ids")
+    }
+
     /// Writes every disk's and interface's id into the configuration (those without one get
     /// theirs from [`disk_ids`](Self::disk_ids) and [`net_ids`](Self::net_ids)), so that
     /// `GET /v1/vm` shows them and they stay as they are when devices come and go.
@@ -1016,6 +1026,24 @@ impl VmConfig {
                 return Err(invalid("device id", id, "is used by two devices"));
             }
         }
+        // Set by tern (and read back from snapshots and migration streams).
+        let mut taken = std::collections::BTreeMap::new();
+        for (id, &slot) in &self.pci_slots {
+            if !(1..32).contains(&slot) {
+                return Err(invalid(
+                    "pci_slots",
+                    format!("{id}={slot}"),
+                    "PCI slots for devices are 1 to 31",
+                ));
+            }
+            if let Some(other) = taken.insert(slot, id) {
+                return Err(invalid(
+                    "pci_slots",
+                    format!("{id}={slot}"),
+                    format!("{other} is in that slot"),
+                ));
+            }
+        }
         if cmd.contains('\0') {
             return Err(invalid(
                 "cmdline",
@@ -1066,6 +1094,39 @@ mod tests {
             bad.disks[2].id = Some(id.to_string());
             let e = bad.validate().unwrap_err().to_string();
             assert!(e.contains(why), "{id}: {e}");
+        }
+    }
+
+    #[test]
+    fn free_ids_and_pci_slots() {
+        let mut c = VmConfig {
+            kernel: Some("k".into()),
+            disks: vec![
+                "path=a".parse().unwrap(),
+                "path=b,id=disk1".parse().unwrap(),
+            ],
+            nets: vec!["tap=t0,id=net0".parse().unwrap()],
+            ..VmConfig::default()
+        };
+        assert_eq!(c.free_device_id("disk"), "disk2");
+        assert_eq!(c.free_device_id("net"), "net1");
+        c.pci_slots = [("disk0".to_string(), 1), ("net0".to_string(), 31)].into();
+        c.validate().unwrap();
+        for (slots, why) in [
+            (
+                vec![("disk0", 0)],
+                "invalid pci_slots 'disk0=0': PCI slots for devices are 1 to 31",
+            ),
+            (vec![("disk0", 32)], "invalid pci_slots 'disk0=32'"),
+            (vec![("disk0", 255)], "invalid pci_slots 'disk0=255'"),
+            (
+                vec![("disk0", 3), ("net0", 3)],
+                "invalid pci_slots 'net0=3': disk0 is in that slot",
+            ),
+        ] {
+            c.pci_slots = slots.into_iter().map(|(i, s)| (i.to_string(), s)).collect();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(why), "{e}");
         }
     }
 

@@ -1140,6 +1140,37 @@ fn crafted_snapshots_are_refused() {
     std::fs::write(&state, &rtc).unwrap();
     restore("RTC index", "RTC: saved CMOS index 0xff is out of range");
 
+    // PCI slots out of range, or two devices in one slot.
+    let slots_at = good
+        .find("\"pci_slots\":{")
+        .expect("pci_slots in state.json");
+    let (head, tail) = good.split_at(slots_at);
+    let disk_slot = |v: u64| resign(&format!("{head}{}", edit_number(tail, "\"disk0\":", |_| v)));
+    std::fs::write(&state, disk_slot(0)).unwrap();
+    restore(
+        "PCI slot 0",
+        "state.json: the snapshot's configuration is invalid: invalid pci_slots 'disk0=0': PCI \
+         slots for devices are 1 to 31",
+    );
+    std::fs::write(&state, disk_slot(40)).unwrap();
+    restore("PCI slot 40", "invalid pci_slots 'disk0=40'");
+    let key = tail.find("\"disk0\":").expect("disk0's PCI slot") + "\"disk0\":".len();
+    let slot: u64 = tail[key..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a slot number");
+    let shared = tail.replacen(
+        "\"pci_slots\":{",
+        &format!("\"pci_slots\":{{\"aaa\":{slot},"),
+        1,
+    );
+    std::fs::write(&state, resign(&format!("{head}{shared}"))).unwrap();
+    restore(
+        "two devices in a PCI slot",
+        &format!("invalid pci_slots 'disk0={slot}': aaa is in that slot"),
+    );
+
     // Over 16 MiB: refused before it is read whole.
     std::fs::write(&state, &good).unwrap();
     let f = std::fs::File::options().write(true).open(&state).unwrap();

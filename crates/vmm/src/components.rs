@@ -8,9 +8,10 @@
 //! pauses, and devices last on restore, since their workers may raise interrupts at once.
 //! Resume walks backwards.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sync::lock;
 use lifecycle::{Component, Section};
 
 /// How long each phase of a pause may take: the vCPUs leaving guest mode, then the devices
@@ -50,10 +51,6 @@ pub struct Components {
     entries: std::sync::RwLock<Vec<Entry>>,
     /// How many entries (from the first) are paused.
     paused: Mutex<usize>,
-}
-
-fn lock(c: &Shared) -> MutexGuard<'_, dyn Component + 'static> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Components {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VmControl;
+use crate::sync::lock;
 
 /// First port of the controller.
 pub const CPU_HOTPLUG_PORT: u64 = 0x0cd8;
@@ -59,10 +60,6 @@ pub struct CpuHotplug {
     ctl: Arc<VmControl>,
     /// Raises `\_SB_.GED2`.
     irq: EventFd,
-}
-
-fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CpuHotplug {

@@ -11,8 +11,9 @@ use virtio::devices::{BlockHandle, Limits, NetHandle};
 use crate::api::Reply;
 use crate::VmConfig;
 
-fn unknown(what: &str, id: &str, ids: &[(String, impl Sized)]) -> Reply {
-    let known: Vec<&str> = ids.iter().map(|(i, _)| i.as_str()).collect();
+/// The 404 answer for a device id the VM does not have, listing the ids it has.
+pub fn unknown<'a>(what: &str, id: &str, ids: impl IntoIterator<Item = &'a str>) -> Reply {
+    let known: Vec<&str> = ids.into_iter().collect();
     let known = if known.is_empty() {
         "it has none".to_string()
     } else {
@@ -29,7 +30,7 @@ pub fn update_disk(
     config: &mut VmConfig,
 ) -> Reply {
     let Some(i) = disks.iter().position(|(d, _)| d == id) else {
-        return unknown("disk", id, disks);
+        return unknown("disk", id, disks.iter().map(|(i, _)| i.as_str()));
     };
     if *u == DiskUpdate::default() {
         return Reply::error(400, "nothing to change: give iops, bw or size");
@@ -70,7 +71,7 @@ pub fn update_net(
     config: &mut VmConfig,
 ) -> Reply {
     let Some(i) = nets.iter().position(|(n, _)| n == id) else {
-        return unknown("interface", id, nets);
+        return unknown("interface", id, nets.iter().map(|(i, _)| i.as_str()));
     };
     if *u == NetUpdate::default() {
         return Reply::error(

@@ -10,37 +10,29 @@
 
 use crate::api::Reply;
 use crate::config::{DiskConfig, NetConfig, VmConfig};
+use crate::sync::lock;
 use crate::vm::Vm;
 
 pub use ::api::devices::{DeviceKind as Kind, PluggedDevice};
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The id a new device gets: its own (checked), or `{prefix}{n}` for the lowest `n` free.
 fn new_id(given: Option<&str>, prefix: &str, config: &VmConfig) -> Result<String, Reply> {
-    let taken: Vec<String> = config
+    let Some(id) = given else {
+        return Ok(config.free_device_id(prefix));
+    };
+    crate::config::check_device_id(id).map_err(|e| Reply::error(400, e.to_string()))?;
+    if config
         .disk_ids()
-        .into_iter()
-        .chain(config.net_ids())
-        .collect();
-    match given {
-        Some(id) => {
-            crate::config::check_device_id(id).map_err(|e| Reply::error(400, e.to_string()))?;
-            if taken.iter().any(|t| t == id) {
-                return Err(Reply::error(
-                    400,
-                    format!("invalid device id '{id}': the VM has a device with that id"),
-                ));
-            }
-            Ok(id.to_string())
-        }
-        None => Ok((0..)
-            .map(|n| format!("{prefix}{n}"))
-            .find(|c| !taken.contains(c))
-            .unwrap_or_default()),
+        .iter()
+        .chain(&config.net_ids())
+        .any(|t| t == id)
+    {
+        return Err(Reply::error(
+            400,
+            format!("invalid device id '{id}': the VM has a device with that id"),
+        ));
     }
+    Ok(id.to_string())
 }
 
 impl Vm {
@@ -180,15 +172,7 @@ impl Vm {
             .then(|| bus.slot_of(id))
             .flatten();
         let Some(slot) = slot else {
-            let known = if ids.is_empty() {
-                "it has none".to_string()
-            } else {
-                format!("it has {}", ids.join(", "))
-            };
-            return Reply::error(
-                404,
-                format!("the VM has no {} `{id}` ({known})", kind.noun()),
-            );
+            return crate::device_updates::unknown(kind.noun(), id, ids.iter().map(String::as_str));
         };
         if !hp.removing(slot) {
             if let Err(e) = hp.remove(slot) {

@@ -7,11 +7,8 @@ use lifecycle::event_loop::EventLoop;
 use virtio::transport::pci::IntxLine;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::error::setup;
 use crate::error::VmmError;
-
-fn setup(e: impl std::fmt::Display) -> VmmError {
-    VmmError::Setup(e.to_string())
-}
 
 /// INTx through a KVM irqfd in resample mode.
 pub(crate) struct KvmIntx {

@@ -31,6 +31,7 @@ pub mod runner;
 pub mod signals;
 pub mod snapshot;
 pub mod states;
+pub mod sync;
 pub mod terminal;
 pub mod unix_socket;
 pub mod vcpu;

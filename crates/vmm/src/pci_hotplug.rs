@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{kvm_err, setup, VmmError};
+use crate::sync::lock;
 
 /// First port of the controller.
 pub const PCI_HOTPLUG_PORT: u64 = 0xae00;
@@ -50,10 +51,6 @@ struct Inner {
     state: State,
     /// Slots the guest ejected, for the VMM to take out.
     ejected: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The controller: the guest's view of slots coming and going, and the VMM's hand on them.

@@ -2,7 +2,7 @@
 //! the VM (pause parks it outside `KVM_RUN`; its state is saved on its own thread while parked,
 //! and restored before it first runs), started on threads of their own, and stopped.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use crate::components::{Components, Phase};
 use crate::control::VmControl;
 use crate::error::{kvm_err, VmmError};
 use crate::snapshot::kvm::{check_cpu_features, restore_vcpu, save_vcpu, VcpuState};
+use crate::sync::lock;
 use crate::vcpu::{kick_signal, set_boot_msrs, ExitCounters, Vcpu};
 use lifecycle::threads::{spawn, Role};
 
@@ -90,10 +91,6 @@ impl Component for VcpuComponent {
         check_cpu_features(&state.cpuid, host.as_slice())?;
         restore_vcpu(&v.fd, &state)
     }
-}
-
-fn lock(v: &Mutex<VcpuComponent>) -> MutexGuard<'_, VcpuComponent> {
-    v.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where vCPU 0 starts a freshly booted guest.

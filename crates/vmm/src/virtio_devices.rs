@@ -20,6 +20,7 @@ use virtio::{VirtioDevice, VmMemory};
 use crate::config::{CharBackend, DiskCache, DiskConfig, DiskFormat, DiskIo, NetConfig, VmConfig};
 use crate::device_manager::DeviceManager;
 pub use crate::device_set::{DeviceSet, DeviceStats};
+use crate::error::setup;
 use crate::error::VmmError;
 
 /// The virtio devices a config asks for, not yet attached.
@@ -36,10 +37,6 @@ pub struct VirtioDevices {
     pub balloon: Option<BalloonHandle>,
     /// The virtio-mem device's handle, when the VM has hotpluggable memory.
     pub mem: Option<MemHandle>,
-}
-
-fn setup(e: impl std::fmt::Display) -> VmmError {
-    VmmError::Setup(e.to_string())
 }
 
 /// Creates the devices `config` asks for; the disks' images are locked when `lock_disks` (a VM

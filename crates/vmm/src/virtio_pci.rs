@@ -21,10 +21,6 @@ use crate::error::VmmError;
 use crate::interrupts::{GsiRouting, MsiMessage, MsiVector};
 use crate::virtio_devices::check_ids;
 
-fn setup(e: impl std::fmt::Display) -> VmmError {
-    VmmError::Setup(e.to_string())
-}
-
 /// One PCI function's MSI-X vectors, each a KVM GSI with an irqfd (none once the function
 /// is unplugged: they went back to the routing table).
 struct PciMsi {
@@ -65,11 +61,9 @@ impl MsiRouting for PciMsi {
     }
 }
 
+use crate::error::setup;
 use crate::intx::{IntxResampler, KvmIntx, Pending};
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 /// A BAR as the VMM keeps it: where it answers in the BAR window, and what answers.
 struct Bar {

@@ -19,12 +19,9 @@ use crate::config::VmConfig;
 use crate::control::{VmControl, VmExit};
 use crate::error::VmmError;
 use crate::memory::GuestRam;
+use crate::sync::lock;
 use crate::vcpu::ExitCounters;
 use crate::vcpus::Vcpus;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A built VM (the `builder` module makes one).
 pub struct Vm {

@@ -7,8 +7,9 @@ use std::thread::JoinHandle;
 use lifecycle::threads::{spawn, Role};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::send::{lock, run, VmParts};
+use super::send::{run, VmParts};
 use super::{MigrationState, MigrationStatus, SendOptions, Target};
+use crate::sync::lock;
 
 /// A migration started from this tern: its status, and how to cancel it.
 pub struct Outgoing {

@@ -22,6 +22,7 @@ use super::{MigrationState, MigrationStatus, OnTimeout, SendOptions, Stream, Tar
 use crate::components::Components;
 use crate::control::{VmControl, VmExit};
 use crate::memory::GuestRam;
+use crate::sync::lock;
 use crate::VmConfig;
 
 /// How long connecting, and any one read or write on the connection, may take.
@@ -44,10 +45,6 @@ pub struct VmParts {
     /// `/proc/self/pagemap`, to skip guest memory the host never gave the guest (opened by
     /// the VMM's thread: the migration thread may not open files).
     pub pagemap: Option<std::fs::File>,
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How a migration ended for the source.
