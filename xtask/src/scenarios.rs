@@ -513,6 +513,22 @@ fn mem_hotplug_qemu_checks() -> impl Iterator<Item = &'static &'static str> {
         .filter(|c| !c.starts_with("refuse-") && !["balloon", "snapshot", "restored"].contains(c))
 }
 
+/// What the tern hotplug scenarios must print: every check passed, the guest done, exit 0.
+fn tern_hotplug_expect() -> Expect {
+    let mut require: Vec<String> = HOTPLUG_CHECKS
+        .iter()
+        .map(|c| format!("TERN-HP-PASS tern/{c}:"))
+        .collect();
+    require.push("TERN-HP-OK tern".to_string());
+    require.push("TERN-GUEST-HP-DONE".to_string());
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require,
+        forbid: strings(&["TERN-HP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+    }
+}
+
 /// What a memory hotplug scenario requires: every check of `checks` passed for `case`.
 fn mem_hotplug_expect<'a>(case: &str, checks: impl Iterator<Item = &'a &'a str>) -> Expect {
     let mut require: Vec<String> = checks
@@ -1173,20 +1189,21 @@ pub fn all() -> Vec<Scenario> {
             action: "script:hotplug",
             l1_script: Some(&["hotplug.sh", "tern"]),
             timeout_secs: 600,
-            expect: {
-                let mut require: Vec<String> = HOTPLUG_CHECKS
-                    .iter()
-                    .map(|c| format!("TERN-HP-PASS tern/{c}:"))
-                    .collect();
-                require.push("TERN-HP-OK tern".to_string());
-                require.push("TERN-GUEST-HP-DONE".to_string());
-                Expect {
-                    exit: ExitExpect::Code(0),
-                    marker_required: true,
-                    require,
-                    forbid: strings(&["TERN-HP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
-                }
-            },
+            expect: tern_hotplug_expect(),
+            ..DEFAULT
+        },
+        // tern-hotplug again with a guest that does not use MSI-X.
+        Scenario {
+            name: "tern-hotplug-intx",
+            groups: &["core", "hotplug"],
+            base_cmdline: PCI_CMDLINE,
+            // The guest may not use MSI-X: plugged devices must interrupt through their
+            // slot's INTx line (the guest's disk and ping checks need their interrupts).
+            extra_cmdline: "pci=nomsi",
+            action: "script:hotplug",
+            l1_script: Some(&["hotplug.sh", "tern"]),
+            timeout_secs: 600,
+            expect: tern_hotplug_expect(),
             ..DEFAULT
         },
         // The same under QEMU (machine pc: its PIIX4's ACPI PCI hotplug, driven through its

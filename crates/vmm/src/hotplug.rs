@@ -122,8 +122,8 @@ impl Vm {
         name: &str,
         dev: Box<dyn virtio::VirtioDevice>,
     ) -> Result<u8, Reply> {
-        let plugged = match bus.plug(id, dev, None, false) {
-            Ok((p, _)) => p,
+        let plugged = match bus.plug(id, dev, None) {
+            Ok(p) => p,
             Err(e) => {
                 lock(&self.devs).remove(id);
                 return Err(Reply::error(500, format!("cannot plug {id} in: {e}")));

@@ -62,7 +62,7 @@ impl MsiRouting for PciMsi {
 }
 
 use crate::error::setup;
-use crate::intx::{IntxResampler, KvmIntx, Pending};
+use crate::intx::{IntxParts, IntxResampler, KvmIntx};
 use crate::sync::lock;
 
 /// A BAR as the VMM keeps it: where it answers in the BAR window, and what answers.
@@ -81,6 +81,8 @@ struct Function {
     bars: Vec<Bar>,
     /// Each queue notification register.
     notifies: Vec<Notify>,
+    /// Its INTA#: the GSI, the line (a resampling irqfd) and its token in the resampler.
+    intx: Option<(u32, Arc<KvmIntx>, u64)>,
 }
 
 /// A queue notification register: where it is in its BAR, and where it is registered with KVM
@@ -113,7 +115,7 @@ pub struct PciBus {
     root: Arc<Mutex<PciRoot>>,
     window: Arc<RwLock<Bus>>,
     functions: Functions,
-    intx: Option<IntxResampler>,
+    intx: IntxResampler,
 }
 
 /// What [`PciBus::plug`] returns: the function's slot and its transport (the component).
@@ -182,20 +184,19 @@ impl PciBus {
             root,
             window,
             functions,
-            intx: None,
+            intx: IntxResampler::start()?,
         })
     }
 
     /// Plugs `dev` in as virtio-pci function `id` at `slot` (the first free one when None),
-    /// with MSI-X; its BARs answer in the window and its queue notifications are ioeventfds.
-    /// With `intx`, also its INTA# line (a resampling irqfd), returned for the resampler.
+    /// with MSI-X and INTA# (a resampling irqfd on the slot's GSI, for drivers that leave
+    /// MSI-X off); its BARs answer in the window and its queue notifications are ioeventfds.
     pub(crate) fn plug(
         &self,
         id: &str,
         dev: Box<dyn VirtioDevice>,
         slot: Option<u8>,
-        intx: bool,
-    ) -> Result<(Plugged, Option<IntxParts>), VmmError> {
+    ) -> Result<Plugged, VmmError> {
         let nvec = dev.queue_max_sizes().len() + 1;
         let mut vectors = Vec::with_capacity(nvec);
         for _ in 0..nvec {
@@ -236,34 +237,28 @@ impl PciBus {
             msi,
             bars: Vec::new(),
             notifies: Vec::new(),
+            intx: None,
         };
-        let result = self.wire(&root, bdf, &mut f, intx);
+        let result = self.wire(&root, bdf, &mut f);
         drop(root);
-        let parts = match result {
-            Ok(p) => p,
-            Err(e) => {
-                self.take_down(bdf.device, f);
-                return Err(e);
-            }
-        };
+        if let Err(e) = result {
+            self.take_down(bdf.device, f);
+            return Err(e);
+        }
         lock(&self.functions).insert(bdf.device, f);
-        Ok((
-            Plugged {
-                slot: bdf.device,
-                dev: vpci,
-            },
-            parts,
-        ))
+        Ok(Plugged {
+            slot: bdf.device,
+            dev: vpci,
+        })
     }
 
-    /// BARs into the window, notifications as ioeventfds, INTx when asked for.
+    /// BARs into the window, notifications as ioeventfds, INTA# through the resampler.
     fn wire(
         &self,
         root: &PciRoot,
         bdf: devices::pci::PciBdf,
         f: &mut Function,
-        intx: bool,
-    ) -> Result<Option<IntxParts>, VmmError> {
+    ) -> Result<(), VmmError> {
         for (bar, busdev) in root.bar_bus_devices(bdf) {
             self.window
                 .write()
@@ -301,9 +296,6 @@ impl PciBus {
                 event: n.event,
             });
         }
-        if !intx {
-            return Ok(None);
-        }
         // INTA#, for drivers that do not enable MSI-X.
         let gsi = arch::layout::pci_intx_gsi(bdf.device);
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
@@ -315,7 +307,13 @@ impl PciBus {
         let line = Arc::new(KvmIntx { irqfd });
         let d = lock(&f.dev);
         d.set_intx(line.clone());
-        Ok(Some((resample, line, d.intx_pending())))
+        let token = self.intx.add(IntxParts {
+            resample,
+            line: line.clone(),
+            pending: d.intx_pending(),
+        });
+        f.intx = Some((gsi, line, token));
+        Ok(())
     }
 
     /// Undoes what [`plug`](Self::plug) did for `f` at `slot`.
@@ -334,6 +332,10 @@ impl PciBus {
                     self.vm
                         .unregister_ioevent(&n.event, &IoEventAddress::Mmio(addr), NoDatamatch);
             }
+        }
+        if let Some((gsi, line, token)) = &f.intx {
+            self.intx.remove(*token);
+            let _ = self.vm.unregister_irqfd(&line.irqfd, *gsi);
         }
         f.msi.release();
         lock(&self.root).detach(slot);
@@ -366,10 +368,6 @@ impl PciBus {
         lock(&self.functions).get(&slot).map(|f| f.id.clone())
     }
 }
-
-/// A function's INTA# pieces for the resampler: the resample eventfd, the line, and whether
-/// its interrupt is still pending.
-pub(crate) type IntxParts = (EventFd, Arc<KvmIntx>, Pending);
 
 /// Follows a guest's move of a memory BAR (see [`PciBus`]); runs on the vCPU thread that wrote
 /// the BAR, with the root locked.
@@ -461,8 +459,7 @@ pub fn attach_pci(
     slots: &BTreeMap<String, u8>,
 ) -> Result<PciBus, VmmError> {
     check_ids(&devices, ids)?;
-    let mut bus = PciBus::new(vm, mem, routing, dm)?;
-    let mut intx_lines = Vec::new();
+    let bus = PciBus::new(vm, mem, routing, dm)?;
     let mut plugged: Vec<Option<Arc<Mutex<VirtioPciDevice>>>> = ids.iter().map(|_| None).collect();
     let (hinted, rest): (Vec<_>, Vec<_>) = devices
         .into_iter()
@@ -470,14 +467,11 @@ pub fn attach_pci(
         .enumerate()
         .partition(|(_, (_, (id, _)))| slots.contains_key(id));
     for (i, (dev, (id, _))) in hinted.into_iter().chain(rest) {
-        let (p, intx) = bus.plug(id, dev, slots.get(id).copied(), true)?;
-        plugged[i] = Some(p.dev);
-        intx_lines.extend(intx);
+        plugged[i] = Some(bus.plug(id, dev, slots.get(id).copied())?.dev);
     }
     for ((id, name), dev) in ids.iter().zip(plugged) {
         dm.describe(id, name).component = dev.map(|d| d as crate::components::Shared);
     }
-    bus.intx = Some(IntxResampler::start(intx_lines)?);
     Ok(bus)
 }
 
