@@ -27,26 +27,13 @@ fn disks_and_nics_are_plugged_in_refused_and_kept_by_a_snapshot() {
     let (a, b) = (dir.path("a.img"), dir.path("b.img"));
     std::fs::write(&a, vec![0u8; 4 << 20]).unwrap();
     std::fs::write(&b, vec![0u8; 4 << 20]).unwrap();
-    let kernel = probe();
     let backend = format!("file:{}", s(&serial));
-    let t = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--memory",
-        "64M",
-        "--serial",
+    let (t, c) = running_vm(
+        &sock,
         &backend,
-        "--api-socket",
-        s(&sock),
-        "--rng",
-        "--cmdline",
         "probe.run=count probe.count_ms=60000",
-    ]);
-    wait_until("the API", Duration::from_secs(20), || sock.exists());
-    let c = Client::new(&sock);
-    wait_until("the VM", Duration::from_secs(20), || {
-        c.info().is_ok_and(|i| i.state.as_str() == "running")
-    });
+        &["--rng"],
+    );
 
     // A disk without an id gets disk0, one with an id keeps it; both answer their address.
     let body = format!(r#"{{"path": "{}"}}"#, s(&a));
@@ -164,26 +151,12 @@ fn hotplug_needs_the_pci_transport() {
     let sock = dir.path("api.sock");
     let a = dir.path("a.img");
     std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
-    let kernel = probe();
-    let _t = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--memory",
-        "64M",
-        "--serial",
+    let (_t, c) = running_vm(
+        &sock,
         "none",
-        "--transport",
-        "mmio",
-        "--api-socket",
-        s(&sock),
-        "--cmdline",
         "probe.run=count probe.count_ms=20000",
-    ]);
-    wait_until("the API", Duration::from_secs(20), || sock.exists());
-    let c = Client::new(&sock);
-    wait_until("the VM", Duration::from_secs(20), || {
-        c.info().is_ok_and(|i| i.state.as_str() == "running")
-    });
+        &["--transport", "mmio"],
+    );
     let (st, got) = call(
         &c,
         "PUT",
@@ -226,23 +199,12 @@ fn a_plugged_disk_migrates_with_the_vm() {
         dir.path("m.sock").exists()
     });
     let a_backend = format!("file:{}", s(&a_log));
-    let src = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--memory",
-        "64M",
-        "--serial",
+    let (src, c) = running_vm(
+        &sock,
         &a_backend,
-        "--api-socket",
-        s(&sock),
-        "--cmdline",
         "probe.run=count probe.count_ms=30000",
-    ]);
-    wait_until("the API", Duration::from_secs(20), || sock.exists());
-    let c = Client::new(&sock);
-    wait_until("the VM", Duration::from_secs(20), || {
-        c.info().is_ok_and(|i| i.state.as_str() == "running")
-    });
+        &[],
+    );
     let (st, got) = call(
         &c,
         "PUT",

@@ -509,19 +509,32 @@ pub fn tern_info(sock: &Path) -> String {
 /// A 64 MiB probe guest counting for 20 s with its API on `sock` and no serial output; returns
 /// it once its VM runs, with a client for its API.
 pub fn counting_vm(sock: &Path) -> (Tern, api::client::Client) {
+    running_vm(sock, "none", "probe.run=count probe.count_ms=20000", &[])
+}
+
+/// A 64 MiB probe guest with its API on `sock`, serial backend `serial`, command line
+/// `cmdline` and `extra` arguments; returns it once its VM runs, with a client for its API.
+pub fn running_vm(
+    sock: &Path,
+    serial: &str,
+    cmdline: &str,
+    extra: &[&str],
+) -> (Tern, api::client::Client) {
     let kernel = probe();
-    let t = spawn(&[
+    let mut args = vec![
         "--kernel",
         s(&kernel),
         "--memory",
         "64M",
         "--serial",
-        "none",
+        serial,
         "--api-socket",
         s(sock),
         "--cmdline",
-        "probe.run=count probe.count_ms=20000",
-    ]);
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    let t = spawn(&args);
     wait_until("the API", Duration::from_secs(20), || sock.exists());
     let c = api::client::Client::new(sock);
     wait_until("the VM", Duration::from_secs(20), || {

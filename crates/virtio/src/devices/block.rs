@@ -412,6 +412,8 @@ const TOKEN_QUEUE: usize = 0;
 const TOKEN_TIMER: usize = 1;
 
 impl Handler for BlkWorker {
+    const POLLS: bool = true;
+
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.event.as_raw_fd(), self.throttle.fd()];
         fds.extend(self.engine.event_fd());
