@@ -513,20 +513,30 @@ fn mem_hotplug_qemu_checks() -> impl Iterator<Item = &'static &'static str> {
         .filter(|c| !c.starts_with("refuse-") && !["balloon", "snapshot", "restored"].contains(c))
 }
 
-/// What the tern hotplug scenarios must print: every check passed, the guest done, exit 0.
-fn tern_hotplug_expect() -> Expect {
-    let mut require: Vec<String> = HOTPLUG_CHECKS
+/// What an L1 script's scenario must print: `{tag}-PASS {case}/CHECK:` for each of `checks`,
+/// `{tag}-OK {case}` and the guest's `done` line, no `{tag}-FAIL`, and exit 0.
+fn checks_expect(tag: &str, case: &str, checks: &[&str], done: &str) -> Expect {
+    let mut require: Vec<String> = checks
         .iter()
-        .map(|c| format!("TERN-HP-PASS tern/{c}:"))
+        .map(|c| format!("{tag}-PASS {case}/{c}:"))
         .collect();
-    require.push("TERN-HP-OK tern".to_string());
-    require.push("TERN-GUEST-HP-DONE".to_string());
+    require.push(format!("{tag}-OK {case}"));
+    require.push(done.to_string());
     Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
         require,
-        forbid: strings(&["TERN-HP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
+        forbid: vec![
+            format!("{tag}-FAIL"),
+            "TERN-GUEST-ERROR".to_string(),
+            "Kernel panic".to_string(),
+        ],
     }
+}
+
+/// What the tern hotplug scenarios must print.
+fn tern_hotplug_expect() -> Expect {
+    checks_expect("TERN-HP", "tern", HOTPLUG_CHECKS, "TERN-GUEST-HP-DONE")
 }
 
 /// What a memory hotplug scenario requires: every check of `checks` passed for `case`.
@@ -1088,20 +1098,12 @@ pub fn all() -> Vec<Scenario> {
             action: "script:cpuhotplug",
             l1_script: Some(&["cpuhotplug.sh", "cpuhotplug"]),
             timeout_secs: 600,
-            expect: {
-                let mut require: Vec<String> = CPU_HOTPLUG_CHECKS
-                    .iter()
-                    .map(|c| format!("TERN-CPUHP-PASS cpuhotplug/{c}:"))
-                    .collect();
-                require.push("TERN-CPUHP-OK cpuhotplug".to_string());
-                require.push("TERN-GUEST-CPUS-DONE".to_string());
-                Expect {
-                    exit: ExitExpect::Code(0),
-                    marker_required: true,
-                    require,
-                    forbid: strings(&["TERN-CPUHP-FAIL", "TERN-GUEST-ERROR", "Kernel panic"]),
-                }
-            },
+            expect: checks_expect(
+                "TERN-CPUHP",
+                "cpuhotplug",
+                CPU_HOTPLUG_CHECKS,
+                "TERN-GUEST-CPUS-DONE",
+            ),
             ..DEFAULT
         },
         // vCPU hotplug under QEMU (machine pc, -smp 1,maxcpus=4, device_add/device_del on its
