@@ -7,12 +7,13 @@
 //!
 //! Two paths carry guest data:
 //! - **mapped** ([`Qcow2Disk::map`]): a read of allocated or unallocated clusters, or a write
-//!   into clusters this image already owns, is translated into host extents (imago's
-//!   `get_mapping`), which the I/O engine submits through io_uring straight from guest memory,
-//!   as it does for raw images;
-//! - **through imago**, synchronously and with a bounce buffer, for everything else: writes
-//!   that allocate (copy-on-write from a backing image included), compressed clusters, and
-//!   hosts without io_uring.
+//!   (clusters it lacks are allocated first, imago's `ensure_data_mapping`, copying the rest of
+//!   each from the backing image), is translated into host extents (imago's `get_mapping`),
+//!   which the I/O engine submits through io_uring straight from guest memory, as it does for
+//!   raw images;
+//! - **through imago**, synchronously and with a bounce buffer, for everything else: reads of
+//!   compressed clusters, requests that split into too many extents, and hosts without
+//!   io_uring.
 //!
 //! Mapped I/O never touches metadata. What could move data under it — discard and
 //! write-zeroes, which free clusters for reuse — first waits for every mapped request of every
@@ -548,8 +549,9 @@ impl Qcow2Disk {
     /// Maps `len` bytes at `offset` for a read (`write` false) or write to host extents, at
     /// most `max` of them (adjacent ones merged), into `out`. True when the whole range
     /// mapped: every byte is stored in a cluster (of this image, its data file or, for reads,
-    /// a backing image) or, for reads, reads as zeroes; a write needs clusters this image owns
-    /// and may overwrite. The request then counts as mapped until [`unmap`](Self::unmap) is
+    /// a backing image) or, for reads, reads as zeroes; a write gets clusters this image owns,
+    /// allocated here (synchronously, metadata in imago's cache until the next flush) where
+    /// it has none. The request then counts as mapped until [`unmap`](Self::unmap) is
     /// called for it. False, with nothing counted, sends the request through imago.
     pub fn map(
         &self,
@@ -571,7 +573,7 @@ impl Qcow2Disk {
         }
         let (mut at, end) = (offset, offset + len);
         while at < end {
-            let Ok((mapping, n)) = a.get_mapping(at, end - at) else {
+            let Ok((mapping, mut n)) = a.get_mapping(at, end - at) else {
                 return false;
             };
             let extent = match mapping {
@@ -586,6 +588,18 @@ impl Qcow2Disk {
                     None => return false,
                 },
                 Mapping::Zero { .. } if !write => Extent::Zero { len: n },
+                // A write where this image owns no cluster: allocate (imago copies what the
+                // rest of each cluster holds from the backing image), then write like any other.
+                _ if write => match a.ensure_data_mapping(at, end - at, true) {
+                    Ok((storage, offset, len)) if len > 0 => match self.fd_of(storage) {
+                        Some(fd) => {
+                            n = len;
+                            Extent::Data { fd, offset, len }
+                        }
+                        None => return false,
+                    },
+                    _ => return false,
+                },
                 _ => return false,
             };
             let full = out.len() == max;

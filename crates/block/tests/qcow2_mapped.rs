@@ -251,7 +251,7 @@ fn what_maps_and_what_goes_through_imago() {
         panic!("opened as qcow2");
     };
     let mut out = Vec::new();
-    // Nothing allocated: reads map to the backing file, writes do not map (they allocate).
+    // Nothing allocated: reads map to the backing file.
     assert!(q.map(0, 2 * PAGE, false, 16, &mut out));
     q.unmap();
     assert!(
@@ -262,16 +262,27 @@ fn what_maps_and_what_goes_through_imago() {
         Extent::Data { fd, .. } => fd,
         Extent::Zero { .. } => unreachable!(),
     };
-    assert!(!q.map(0, PAGE, true, 16, &mut out));
-    // A write allocates the first cluster; then writes to it map too, into the image itself.
-    let mut buf = AlignedBuf::new(PAGE as usize).unwrap();
-    // SAFETY: `buf` outlives the call.
-    unsafe { disk.writev(&[IoSlice::from_mut(buf.as_mut_slice())], 0) }.unwrap();
-    assert!(q.map(PAGE, PAGE, true, 16, &mut out));
+    // A write allocates the first cluster in the image itself (the rest of the cluster copied
+    // from the backing file); reads of it then map there too.
+    assert!(q.map(0, PAGE, true, 16, &mut out));
+    q.unmap();
+    let own_fd = match out[..] {
+        [Extent::Data { fd, len: PAGE, .. }] if fd != backing_fd => fd,
+        _ => panic!("{out:?}"),
+    };
+    assert!(q.map(PAGE, PAGE, false, 16, &mut out));
     q.unmap();
     assert!(
-        matches!(out[..], [Extent::Data { fd, .. }] if fd != backing_fd),
+        matches!(out[..], [Extent::Data { fd, .. }] if fd == own_fd),
         "{out:?}"
+    );
+    let mut buf = AlignedBuf::new(PAGE as usize).unwrap();
+    let iov = [IoSlice::from_mut(buf.as_mut_slice())];
+    // SAFETY: `buf` outlives the call.
+    unsafe { disk.readv(&iov, PAGE) }.unwrap();
+    assert!(
+        buf.as_slice().iter().all(|&b| b == 2),
+        "the rest of the cluster holds the backing file's data"
     );
     // Across the end of the allocated cluster: two extents, one per file.
     assert!(q.map(65536 - PAGE, 2 * PAGE, false, 16, &mut out));
