@@ -255,23 +255,19 @@ fn a_ballooned_vm_migrates_with_its_balloon() {
     let backend = format!("file:{}", s(&serial2));
     let kernel = probe();
     let destination = || {
-        let _ = std::fs::remove_file(&m);
-        let t = spawn(&[
-            "--incoming",
+        listening(
             &url,
-            "--serial",
-            &backend,
-            "--api-socket",
-            s(&dsock),
-            "--accept-dir",
-            s(kernel.parent().unwrap()),
-            "--accept-dir",
-            s(&dir.0),
-        ]);
-        wait_until("the migration socket", Duration::from_secs(10), || {
-            m.exists()
-        });
-        t
+            &[
+                "--serial",
+                &backend,
+                "--api-socket",
+                s(&dsock),
+                "--accept-dir",
+                s(kernel.parent().unwrap()),
+                "--accept-dir",
+                s(&dir.0),
+            ],
+        )
     };
     let dst = destination();
     // Slowly first: the balloon cannot change meanwhile.

@@ -183,21 +183,19 @@ fn a_plugged_disk_migrates_with_the_vm() {
     let kernel = probe();
     let url = format!("unix:{}", s(&dir.path("m.sock")));
     let b_backend = format!("file:{}", s(&b_log));
-    let _dst = spawn(&[
-        "--incoming",
+    let _dst = listening(
         &url,
-        "--serial",
-        &b_backend,
-        "--api-socket",
-        s(&dsock),
-        "--accept-dir",
-        s(kernel.parent().unwrap()),
-        "--accept-dir",
-        s(&dir.0),
-    ]);
-    wait_until("the migration socket", Duration::from_secs(10), || {
-        dir.path("m.sock").exists()
-    });
+        &[
+            "--serial",
+            &b_backend,
+            "--api-socket",
+            s(&dsock),
+            "--accept-dir",
+            s(kernel.parent().unwrap()),
+            "--accept-dir",
+            s(&dir.0),
+        ],
+    );
     let a_backend = format!("file:{}", s(&a_log));
     let (src, c) = running_vm(
         &sock,

@@ -224,19 +224,17 @@ fn a_vm_with_hotplugged_memory_migrates_with_it() {
     let (dsock, serial2) = (dir.path("dst.sock"), dir.path("serial2.log"));
     let backend = format!("file:{}", s(&serial2));
     let kernel = probe();
-    let dst = spawn(&[
-        "--incoming",
+    let dst = listening(
         &url,
-        "--serial",
-        &backend,
-        "--api-socket",
-        s(&dsock),
-        "--accept-dir",
-        s(kernel.parent().unwrap()),
-    ]);
-    wait_until("the migration socket", Duration::from_secs(10), || {
-        m.exists()
-    });
+        &[
+            "--serial",
+            &backend,
+            "--api-socket",
+            s(&dsock),
+            "--accept-dir",
+            s(kernel.parent().unwrap()),
+        ],
+    );
     // At 32 MiB/s (128 MiB of plugged data to send): a resize cannot come in meanwhile.
     let slow = format!(r#"{{"url":"{url}","max_bandwidth":33554432}}"#);
     let (st, b) = c.call("PUT", "/v1/vm/migrate/send", Some(&slow)).unwrap();

@@ -29,6 +29,24 @@ pub(crate) fn config(dir: &std::path::Path, transport: &str, with_net: bool) -> 
 
 /// KVM, or None after a loud skip (a failure under CI=true): for every test of this crate
 /// that needs `/dev/kvm`.
+/// A scratch directory named for `tag`, made if missing.
+pub(crate) fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A VM built from [`config`] (no NIC) in `dir` on `transport`, not started.
+pub(crate) fn built_vm(dir: &std::path::Path, transport: &str) -> crate::vm::Vm {
+    build(
+        &config(dir, transport, false),
+        Instant::now(),
+        Origin::Snapshot,
+        None,
+    )
+    .unwrap()
+}
+
 pub(crate) fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
     match kvm_ioctls::Kvm::new() {
         Ok(k) => Some(k),
@@ -166,15 +184,8 @@ fn the_dirty_log_switches_on_and_off_at_runtime() {
     if !have_kvm("the_dirty_log_switches_on_and_off_at_runtime") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("tern-dirty-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let vm = build(
-        &config(&dir, "pci", false),
-        Instant::now(),
-        Origin::Snapshot,
-        None,
-    )
-    .unwrap();
+    let dir = scratch_dir("dirty");
+    let vm = built_vm(&dir, "pci");
     assert!(!vm.ram.logging());
     assert_eq!(vm.ram.take_dirty().unwrap(), None);
     vm.ram.start_dirty_log(false).unwrap();
@@ -203,16 +214,9 @@ fn devices_have_owners_ranges_and_describe_themselves() {
         return;
     }
     use crate::device_manager::Range;
-    let dir = std::env::temp_dir().join(format!("tern-devices-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("devices");
     for transport in ["pci", "mmio"] {
-        let vm = build(
-            &config(&dir, transport, false),
-            Instant::now(),
-            Origin::Snapshot,
-            None,
-        )
-        .unwrap();
+        let vm = built_vm(&dir, transport);
         let dm = vm.devices();
         let ids: Vec<&str> = dm.entries().iter().map(|e| e.id.as_str()).collect();
         let mut want = vec![

@@ -1,11 +1,8 @@
 //! The BAR moves of `virtio_pci`, against real KVM.
 
-use std::time::Instant;
-
 use devices::pci::PciBdf;
 
-use crate::builder::{build, Origin};
-use crate::component_tests::{config, kvm_or_skip};
+use crate::component_tests::{built_vm, kvm_or_skip, scratch_dir};
 
 /// A BAR the guest moves answers at its new address and no longer at the old one, and the
 /// queue notification ioeventfds inside it move along (KVM refuses a second registration
@@ -16,15 +13,8 @@ fn a_moved_bar_answers_where_the_guest_put_it_with_its_ioeventfds() {
     if kvm_or_skip(test).is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("tern-barmove-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let vm = build(
-        &config(&dir, "pci", false),
-        Instant::now(),
-        Origin::Snapshot,
-        None,
-    )
-    .unwrap();
+    let dir = scratch_dir("barmove");
+    let vm = built_vm(&dir, "pci");
     let bus = vm.pci.as_ref().expect("a PCI VM has its bus");
     let slot = bus.slot_of("disk0").expect("disk0 is on the bus");
     let bdf = PciBdf::new(0, slot, 0);

@@ -542,3 +542,26 @@ pub fn running_vm(
     });
     (t, c)
 }
+
+/// `tern run --incoming url` with `args`, once it listens.
+pub fn listening(url: &str, args: &[&str]) -> Tern {
+    if let Some(p) = url.strip_prefix("unix:") {
+        // A killed destination leaves its socket behind: it must not pass for the new one's.
+        let _ = std::fs::remove_file(p);
+    }
+    let mut a = vec!["--incoming", url];
+    a.extend_from_slice(args);
+    let t = spawn(&a);
+    if let Some(p) = url.strip_prefix("unix:") {
+        wait_until("the migration socket", Duration::from_secs(10), || {
+            Path::new(p).exists()
+        });
+    } else if let Some(port) = url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+        // Listening, as the kernel sees it (connecting would start a migration).
+        let want = format!(":{port:04X} 00000000:0000 0A");
+        wait_until("the migration listener", Duration::from_secs(10), || {
+            std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&want))
+        });
+    }
+    t
+}
