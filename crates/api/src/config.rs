@@ -666,6 +666,10 @@ pub struct VmConfig {
     /// Kernel image: bzImage or ELF vmlinux.
     #[serde(default)]
     pub kernel: Option<PathBuf>,
+    /// Firmware that boots the OS from the VM's disks instead of a kernel (`bios`, `uefi` or
+    /// an image path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<crate::firmware::Firmware>,
     /// Initial ramdisk.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
@@ -808,6 +812,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             kernel: None,
+            firmware: None,
             initrd: None,
             cmdline: None,
             cpus: default_cpus(),
@@ -935,8 +940,39 @@ impl VmConfig {
 
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.kernel.is_none() {
-            return Err(ConfigError::Missing("kernel (--kernel PATH)"));
+        match (&self.kernel, &self.firmware) {
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "kernel (--kernel PATH) or firmware (--firmware bios|PATH)",
+                ))
+            }
+            (Some(_), Some(f)) => {
+                return Err(invalid(
+                    "firmware",
+                    f,
+                    "the firmware boots the OS from the VM's disks: give --kernel or --firmware, not both",
+                ))
+            }
+            (None, Some(f)) => {
+                if let Err(why) = f.image() {
+                    if *f == crate::firmware::Firmware::Uefi {
+                        return Err(invalid("firmware", f, why));
+                    }
+                }
+                for (given, field) in [
+                    (self.initrd.is_some(), "initrd"),
+                    (self.cmdline.is_some(), "cmdline"),
+                ] {
+                    if given {
+                        return Err(invalid(
+                            "firmware",
+                            f,
+                            format!("{field} is for a kernel tern boots; a firmware boot takes the bootloader's"),
+                        ));
+                    }
+                }
+            }
+            (Some(_), None) => {}
         }
         if !(1..=254).contains(&self.cpus) {
             return Err(invalid("cpus", self.cpus, "must be between 1 and 254"));
@@ -1184,7 +1220,9 @@ mod tests {
         assert!(valid().validate().is_ok());
         assert_eq!(
             VmConfig::default().validate(),
-            Err(ConfigError::Missing("kernel (--kernel PATH)"))
+            Err(ConfigError::Missing(
+                "kernel (--kernel PATH) or firmware (--firmware bios|PATH)"
+            ))
         );
         let e = VmConfig { cpus: 0, ..valid() }
             .validate()

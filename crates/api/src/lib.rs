@@ -7,6 +7,7 @@ pub mod balloon;
 pub mod client;
 pub mod config;
 pub mod devices;
+pub mod firmware;
 pub mod migrate;
 pub mod resize;
 pub mod responses;

@@ -116,7 +116,14 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     fadt.sleep_status_reg = io_reg(ACPI_SLEEP_STATUS_PORT);
     fadt.reset_reg = io_reg(ACPI_RESET_PORT);
     fadt.reset_value = ACPI_RESET_VALUE;
-    let fadt_bytes = bytes(&fadt.finalize());
+    let mut fadt_bytes = bytes(&fadt.finalize());
+    // The 32-bit DSDT field too (offset 40), with the same address: firmware such as SeaBIOS
+    // reads only that one. The crate sets only X_DSDT, so patch it and fix the checksum.
+    let dsdt32 = (dsdt_addr as u32).to_le_bytes();
+    for (i, b) in dsdt32.iter().enumerate() {
+        fadt_bytes[40 + i] = *b;
+        fadt_bytes[9] = fadt_bytes[9].wrapping_sub(*b);
+    }
     let fadt_addr = next;
     next = align(next + fadt_bytes.len() as u64);
 
@@ -293,6 +300,10 @@ mod tests {
             let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
             assert_ne!(flags & (1 << 20), 0);
             let sleep_ctl = u64::from_le_bytes(fadt[244 + 4..244 + 12].try_into().unwrap());
+            let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+            let dsdt32 = u32::from_le_bytes(fadt[40..44].try_into().unwrap());
+            assert_eq!(u64::from(dsdt32), x_dsdt);
+            assert_eq!(x_dsdt, find(b"DSDT").0);
             assert_eq!(sleep_ctl, ACPI_SLEEP_CONTROL_PORT);
         }
     }

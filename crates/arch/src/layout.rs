@@ -9,7 +9,8 @@
 //! 0x000e_0000  ACPI tables         0x000e_f000  VM generation ID (16 bytes)
 //! 0x000f_0000  MP table
 //! 0x0010_0000  kernel              ... RAM up to min(size, 3 GiB)
-//! 0xc000_0000  32-bit MMIO hole (PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
+//! 0xc000_0000  32-bit MMIO hole (PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB;
+//!              a firmware boot maps the firmware image at its top (at most 16 MiB)
 //! 0x1_0000_0000 the rest of RAM
 //! ```
 
@@ -53,10 +54,13 @@ pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.
 pub const APIC_START: u64 = 0xfee0_0000;
-/// Address KVM uses for the TSS (three pages, inside the MMIO hole).
-pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Address KVM uses for the TSS (three pages, inside the MMIO hole, below the 16 MiB under
+/// 4 GiB that firmware may take).
+pub const KVM_TSS_ADDRESS: u64 = 0xfeff_d000;
 /// Address KVM uses for the real-mode identity map page.
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
+/// Largest firmware image tern maps below 4 GiB.
+pub const FIRMWARE_MAX_SIZE: u64 = 16 << 20;
 /// Lowest guest RAM size tern accepts.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Largest guest RAM size tern accepts (1 TiB).
@@ -89,6 +93,21 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
 /// End (exclusive) of the 32-bit PCI MMIO window.
 pub const PCI_MMIO32_END: u64 = 0xe000_0000;
+/// The 32-bit PCI BAR window of a firmware boot: the top of the hole below the IOAPIC, where
+/// SeaBIOS places BARs (downwards from 0xfec0_0000, whatever the VMM's own placement). A
+/// firmware VM has PCI only, so the virtio-mmio range inside it is unused.
+pub const FIRMWARE_PCI_MMIO32_START: u64 = 0xf000_0000;
+
+/// The 32-bit PCI BAR window, `start..end`: tern's own for a kernel boot, the firmware's for a
+/// firmware boot.
+pub fn pci_mmio32(firmware: bool) -> std::ops::Range<u64> {
+    if firmware {
+        FIRMWARE_PCI_MMIO32_START..IOAPIC_START
+    } else {
+        PCI_MMIO32_START..PCI_MMIO32_END
+    }
+}
+
 /// PCIe enhanced configuration (ECAM) window: 1 MiB per bus.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 /// Buses the ECAM window covers (bus 0 only, for now).

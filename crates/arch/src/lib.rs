@@ -3,9 +3,11 @@
 //! (the DSDT's device descriptions come from the devices themselves).
 
 pub mod acpi;
+pub mod acpi_loader;
 pub mod boot;
 pub mod bzimage;
 pub mod cpuid;
+pub mod firmware;
 pub mod layout;
 pub mod memory;
 pub mod mptable;

@@ -144,6 +144,55 @@ impl BusDevice for DebugExit {
     }
 }
 
+/// The firmware's debug console (QEMU's `debugcon`): SeaBIOS and OVMF write their log here
+/// byte by byte once a read of the port returns [`FIRMWARE_LOG_MAGIC`].
+pub const FIRMWARE_LOG_PORT: u64 = 0x402;
+/// What a read of the firmware log port returns: it tells firmware the port is there.
+pub const FIRMWARE_LOG_MAGIC: u8 = 0xe9;
+/// Longest line the firmware log keeps; the rest of a longer line is dropped.
+const FIRMWARE_LOG_LINE: usize = 512;
+
+/// Collects the firmware's log into lines and hands each to a callback (which logs it and
+/// looks for messages that end the boot). A guest writing without end costs one bounded
+/// buffer.
+pub struct FirmwareLog {
+    line: Vec<u8>,
+    on_line: Box<dyn FnMut(&str) + Send>,
+}
+
+impl FirmwareLog {
+    /// A log calling `on_line` with each complete line, without its end.
+    pub fn new(on_line: Box<dyn FnMut(&str) + Send>) -> Self {
+        FirmwareLog {
+            line: Vec::new(),
+            on_line,
+        }
+    }
+}
+
+impl BusDevice for FirmwareLog {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(FIRMWARE_LOG_MAGIC);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        for &b in data {
+            match b {
+                b'\n' => {
+                    let text = String::from_utf8_lossy(&self.line).into_owned();
+                    let text = text.trim_end_matches('\r');
+                    if !text.is_empty() {
+                        (self.on_line)(text);
+                    }
+                    self.line.clear();
+                }
+                _ if self.line.len() < FIRMWARE_LOG_LINE => self.line.push(b),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// One milestone the guest reported.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Milestone {
@@ -267,5 +316,25 @@ mod tests {
             .windows(2)
             .all(|w| w[0].micros <= w[1].micros));
         assert_eq!(dev.milestones()[1].code, 1);
+    }
+
+    #[test]
+    fn firmware_log_lines() {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let l = lines.clone();
+        let mut log = FirmwareLog::new(Box::new(move |s| l.lock().unwrap().push(s.into())));
+        let mut b = [0u8];
+        log.read(0, &mut b);
+        assert_eq!(b[0], FIRMWARE_LOG_MAGIC);
+        for c in b"SeaBIOS\r\n\nNo bootable device.\n".iter() {
+            log.write(0, &[*c]);
+        }
+        log.write(0, &[b'x'; 2000]);
+        log.write(0, b"\n");
+        let got = lines.lock().unwrap().clone();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], "SeaBIOS");
+        assert_eq!(got[1], "No bootable device.");
+        assert_eq!(got[2].len(), FIRMWARE_LOG_LINE);
     }
 }

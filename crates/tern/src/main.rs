@@ -160,6 +160,10 @@ struct RunArgs {
     /// Kernel: a bzImage or an ELF vmlinux (PVH entry when the ELF has a PVH note).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Boot through firmware from the VM's disks instead of a kernel: bios (SeaBIOS) or the
+    /// path of a firmware image.
+    #[arg(long, value_name = "bios|PATH")]
+    firmware: Option<api::firmware::Firmware>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -253,12 +257,16 @@ struct RunArgs {
 impl RunArgs {
     /// Whether the VM is to be configured through the API (no kernel, no config file).
     fn api_only(&self) -> bool {
-        self.api_socket.is_some() && self.kernel.is_none() && self.config.is_none()
+        self.api_socket.is_some()
+            && self.kernel.is_none()
+            && self.firmware.is_none()
+            && self.config.is_none()
     }
 
     /// Whether any VM setting was given on the command line.
     fn vm_flags_given(&self) -> bool {
         self.initrd.is_some()
+            || self.firmware.is_some()
             || self.cmdline.is_some()
             || self.cpus.is_some()
             || self.max_cpus.is_some()
@@ -290,6 +298,9 @@ impl RunArgs {
         };
         if let Some(v) = self.kernel {
             c.kernel = Some(v);
+        }
+        if let Some(v) = self.firmware {
+            c.firmware = Some(v);
         }
         if let Some(v) = self.initrd {
             c.initrd = Some(v);

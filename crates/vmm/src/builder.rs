@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_pit_config;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use lifecycle::threads::{spawn, Role};
 
@@ -72,9 +72,11 @@ impl VmShell {
     }
 }
 
+/// The PIT, with KVM's own port 0x61 (speaker gate and timer 2 output): firmware calibrates
+/// its clock by polling timer 2 there.
 fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
     let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
+        flags: 0,
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("create PIT"))
@@ -177,7 +179,8 @@ pub fn build_on(
     memory: Option<File>,
 ) -> Result<Vm, VmmError> {
     let restoring = origin != Origin::Boot;
-    let kernel = if restoring {
+    let firmware = crate::firmware::read(config)?;
+    let kernel = if restoring || firmware.is_some() {
         None
     } else {
         let kernel_path = kernel_path(config)?;
@@ -207,6 +210,10 @@ pub fn build_on(
         None => VmShell::create(false)?,
     };
     let VmShell { kvm, vm, has_pit } = shell;
+    let rom = firmware
+        .as_ref()
+        .map(|f| crate::firmware::map_rom(&vm, f))
+        .transpose()?;
     let max_vcpus = kvm.get_max_vcpus();
     if config.cpus as usize > max_vcpus {
         return Err(VmmError::Kvm(format!(
@@ -252,6 +259,8 @@ pub fn build_on(
         kernel,
         initrd,
         linux,
+        firmware: firmware.map(|f| (f, !restoring)),
+        rom,
     };
     let result = build_rest(config, start, parts, origin != Origin::Migration);
     let registered = register_memory
@@ -275,6 +284,10 @@ struct Parts {
     kernel: Option<Vec<u8>>,
     initrd: Option<(File, u64)>,
     linux: bool,
+    /// The firmware image, and whether this is a fresh boot (its top is then copied below 1
+    /// MiB).
+    firmware: Option<(crate::firmware::FirmwareImage, bool)>,
+    rom: Option<crate::firmware::FirmwareRom>,
 }
 
 fn build_rest(
@@ -291,6 +304,8 @@ fn build_rest(
         kernel,
         initrd,
         linux,
+        firmware,
+        rom,
     } = p;
     // Guest memory as its owner keeps it, and as the devices share it.
     let ram = Arc::new(GuestRam::new(mem.clone(), vm.clone(), backing));
@@ -325,6 +340,7 @@ fn build_rest(
                 virtio.devices,
                 &ids,
                 &config.pci_slots,
+                arch::layout::pci_mmio32(config.firmware.is_some()),
             )?);
             pci_hotplug = Some(crate::pci_hotplug::attach(&vm, &mut dm)?);
             pci = Some(arch::acpi::PciAcpi {
@@ -334,17 +350,30 @@ fn build_rest(
         }
     }
 
+    let acpi = arch::acpi::AcpiPlatform {
+        num_cpus: config.cpus as u8,
+        max_cpus: config.effective_max_cpus() as u8,
+        pci,
+        devices: dm.dsdt(),
+    };
+    // A firmware reads the tables and the memory map through fw_cfg, and starts the vCPUs
+    // from their reset state.
+    if let Some((image, fresh)) = &firmware {
+        let slots = pci_bus.as_ref().map(|b| b.slots()).unwrap_or_default();
+        crate::firmware::attach(config, &mem, &acpi, &slots, &ctl, &mut dm)?;
+        if *fresh {
+            crate::firmware::copy_legacy_alias(&mem, image)?;
+            tracing::info!("firmware {} mapped", image.path.display());
+            if let Some(why) = crate::host::emulation_backed_kvm() {
+                eprintln!(
+                    "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code (firmware, bootloader and OS kernel) is emulated instruction by instruction, so an operating system will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
+                );
+            }
+        }
+    }
     // A restored VM gets its memory (ACPI tables included) and registers from the snapshot.
     let boot = match kernel {
-        Some(k) => {
-            let acpi = arch::acpi::AcpiPlatform {
-                num_cpus: config.cpus as u8,
-                max_cpus: config.effective_max_cpus() as u8,
-                pci,
-                devices: dm.dsdt(),
-            };
-            Some(load_guest(config, &mem, &acpi, k, initrd, linux)?)
-        }
+        Some(k) => Some(load_guest(config, &mem, &acpi, k, initrd, linux)?),
         None => None,
     };
     let (pio, mmio) = dm.buses();
@@ -393,5 +422,6 @@ fn build_rest(
         pci_hotplug,
         started: Instant::now(),
         last_snapshot: Mutex::new(None),
+        firmware_rom: rom,
     })
 }

@@ -39,7 +39,7 @@ pub struct Named {
     pub what: String,
 }
 
-/// Every file `c` names: the kernel and initrd, the disks with their data files and, when the
+/// Every file `c` names: the kernel and initrd or the firmware image, the disks with their data files and, when the
 /// format is stated, the backing files their qcow2 headers name, and the serial and console
 /// files. The one list of them, for the jail (which files go in) and Landlock (which files
 /// tern may reach). Fails when a stated qcow2 image's backing chain cannot be read.
@@ -52,6 +52,10 @@ pub fn named_files(c: &VmConfig) -> Result<Vec<Named>, String> {
     let mut out = Vec::new();
     for (what, path) in [("the kernel", &c.kernel), ("the initrd", &c.initrd)] {
         out.extend(path.iter().map(|p| named(p, Use::Boot, what.into())));
+    }
+    // The firmware image is mapped again when a restored VM is built.
+    if let Some(image) = c.firmware.as_ref().and_then(|f| f.image().ok()) {
+        out.push(named(&image, Use::Read, "the firmware".into()));
     }
     for (i, d) in c.disks.iter().enumerate() {
         let usage = if d.readonly {

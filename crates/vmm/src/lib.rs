@@ -16,6 +16,7 @@ pub mod device_manager;
 pub mod device_set;
 pub mod device_updates;
 pub mod error;
+pub mod firmware;
 pub mod host;
 pub mod hotplug;
 pub mod interrupts;

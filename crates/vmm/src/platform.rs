@@ -92,8 +92,11 @@ impl Platform {
         cmos.acpi = Some(Box::new(RtcAcpi));
         dm.describe("acpi-pm", "the ACPI PM registers and power button")
             .acpi = Some(Box::new(PowerButton { gsi: ACPI_GED_GSI }));
-        dm.describe("vmgenid", "the VM generation ID").acpi =
-            Some(Box::new(crate::vmgenid::VmGenIdAcpi));
+        // A firmware owns the page below 1 MiB the generation ID would take.
+        if config.firmware.is_none() {
+            dm.describe("vmgenid", "the VM generation ID").acpi =
+                Some(Box::new(crate::vmgenid::VmGenIdAcpi));
+        }
         dm.add_pio(
             "acpi-pm",
             Arc::new(Mutex::new(acpi_pm)),

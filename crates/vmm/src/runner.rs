@@ -98,7 +98,10 @@ fn run_loop(
 ) -> Result<VmExit, VmmError> {
     let mut shell = shell;
     let Some(mut config) = config else {
-        return Err(crate::config::ConfigError::Missing("kernel (--kernel PATH)").into());
+        return Err(crate::config::ConfigError::Missing(
+            "kernel (--kernel PATH) or firmware (--firmware bios|PATH)",
+        )
+        .into());
     };
     config.validate()?;
     let stdin_target: Arc<Mutex<Option<StdinTarget>>> = Arc::new(Mutex::new(None));

@@ -4,6 +4,7 @@
 //! for drivers without MSI-X, through resampling irqfds.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::pci::{BarKind, BarRelocation};
@@ -134,9 +135,10 @@ impl PciBus {
         mem: &VmMemory,
         routing: &Arc<GsiRouting>,
         dm: &mut DeviceManager,
+        mmio32: Range<u64>,
     ) -> Result<Self, VmmError> {
         let windows = PciWindows {
-            mmio32: arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END,
+            mmio32: mmio32.clone(),
             mmio64: None,
             io: None,
         };
@@ -147,14 +149,15 @@ impl PciBus {
         let functions: Functions = Arc::default();
         {
             let (vm, window, functions) = (vm.clone(), window.clone(), functions.clone());
+            let range = mmio32.clone();
             lock(&root).set_relocation_notifier(Box::new(move |r| {
-                follow_bar_move(&vm, &window, &functions, r)
+                follow_bar_move(&vm, (&window, &range), &functions, r)
             }));
         }
         const ROOT: &str = "pci-root";
         dm.describe(ROOT, "the PCI root complex").acpi = Some(Box::new(HostBridgeAcpi {
             last_bus: (arch::layout::PCI_ECAM_BUSES - 1) as u8,
-            mmio32: (arch::layout::PCI_MMIO32_START, arch::layout::PCI_MMIO32_END),
+            mmio32: (mmio32.start, mmio32.end),
             intx: (1..32u8)
                 .map(|slot| (slot, arch::layout::pci_intx_gsi(slot)))
                 .collect(),
@@ -174,8 +177,8 @@ impl PciBus {
         dm.add_mmio_window(
             ROOT,
             window.clone(),
-            arch::layout::PCI_MMIO32_START,
-            arch::layout::PCI_MMIO32_END - arch::layout::PCI_MMIO32_START,
+            mmio32.start,
+            mmio32.end - mmio32.start,
         )?;
         Ok(PciBus {
             vm: vm.clone(),
@@ -373,7 +376,7 @@ impl PciBus {
 /// the BAR, with the root locked.
 fn follow_bar_move(
     vm: &VmFd,
-    window: &RwLock<Bus>,
+    (window, window_range): (&RwLock<Bus>, &Range<u64>),
     functions: &Mutex<BTreeMap<u8, Function>>,
     r: &BarRelocation,
 ) {
@@ -393,7 +396,6 @@ fn follow_bar_move(
         if w.holds_at(old, &bar.dev) {
             w.remove(old);
         }
-        let window_range = arch::layout::PCI_MMIO32_START..arch::layout::PCI_MMIO32_END;
         let inside = r
             .new_addr
             .checked_add(bar.size)
@@ -448,7 +450,8 @@ fn follow_bar_move(
 /// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and plugs each
 /// device in as a virtio-pci function with MSI-X and INTx, `ids[i]` (id, name) of `dm`: at the
 /// slot `slots` records for its id (a VM rebuilt from a snapshot or a migration), the others
-/// in the first free slots, in order.
+/// in the first free slots, in order. BARs live in `mmio32`.
+#[allow(clippy::too_many_arguments)]
 pub fn attach_pci(
     vm: &Arc<VmFd>,
     mem: &VmMemory,
@@ -457,9 +460,10 @@ pub fn attach_pci(
     devices: Vec<Box<dyn VirtioDevice>>,
     ids: &[(String, String)],
     slots: &BTreeMap<String, u8>,
+    mmio32: Range<u64>,
 ) -> Result<PciBus, VmmError> {
     check_ids(&devices, ids)?;
-    let bus = PciBus::new(vm, mem, routing, dm)?;
+    let bus = PciBus::new(vm, mem, routing, dm, mmio32)?;
     let mut plugged: Vec<Option<Arc<Mutex<VirtioPciDevice>>>> = ids.iter().map(|_| None).collect();
     let (hinted, rest): (Vec<_>, Vec<_>) = devices
         .into_iter()
@@ -482,6 +486,35 @@ impl PciBus {
             .iter()
             .map(|(s, f)| (f.id.clone(), *s))
             .collect()
+    }
+
+    /// Before a restore: puts each function's BARs where the saved configuration space has
+    /// them (a guest or its firmware may have moved them), through the root as a guest's BAR
+    /// write would, so the window and the notification addresses follow. A section without a
+    /// readable configuration space is left to the function's own restore, which checks it.
+    pub fn place_bars_as_saved(&self, sections: &[lifecycle::Section]) {
+        for (id, slot) in self.slots() {
+            let Some(config) = sections.iter().find(|s| s.id == id).and_then(|s| {
+                let t = s.state.get("transport")?;
+                t.get("pci")?.get("config")?.as_array().cloned()
+            }) else {
+                continue;
+            };
+            let bdf = devices::pci::PciBdf::new(0, slot, 0);
+            // The six BAR registers.
+            for reg in (0x10u16..0x28).step_by(4) {
+                let saved: Option<Vec<u8>> = config
+                    .get(usize::from(reg)..usize::from(reg) + 4)
+                    .and_then(|b| b.iter().map(|v| v.as_u64()?.try_into().ok()).collect());
+                let Some(saved) = saved else { break };
+                let mut root = lock(&self.root);
+                let mut now = [0u8; 4];
+                root.config_read(bdf, reg, &mut now);
+                if now[..] != saved[..] {
+                    root.config_write(bdf, reg, &saved);
+                }
+            }
+        }
     }
 }
 

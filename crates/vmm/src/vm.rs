@@ -47,6 +47,9 @@ pub struct Vm {
     pub(crate) started: Instant,
     /// The snapshot this VM last wrote or was restored from: what a diff builds on.
     pub(crate) last_snapshot: Mutex<Option<crate::snapshot::Parent>>,
+    /// The firmware image mapped below 4 GiB, for a firmware boot (which has no VM generation
+    /// ID: the page it would use below 1 MiB belongs to the firmware).
+    pub(crate) firmware_rom: Option<crate::firmware::FirmwareRom>,
     /// The disks and interfaces: handles, counters, image locks (handed over by a
     /// migration), TAPs to announce (after a migration). Changed by device hotplug.
     pub(crate) devs: Mutex<crate::device_set::DeviceSet>,
@@ -72,6 +75,9 @@ impl crate::migration::receive::Arrival for Vm {
     }
 
     fn restore_state(&self, sections: &[lifecycle::Section], paused: bool) -> Result<(), String> {
+        if let Some(pci) = &self.pci {
+            pci.place_bars_as_saved(sections);
+        }
         self.components.restore(sections)?;
         if paused {
             self.components.pause()?;
@@ -112,6 +118,9 @@ impl Vm {
     /// Gives the VM a new generation ID and tells the guest (`Notify (\_SB_.VGEN, 0x80)`
     /// through `\_SB_.GED1`): after a restore, so every clone of a snapshot has its own.
     fn new_generation(&self) -> Result<(), VmmError> {
+        if self.firmware_rom.is_some() {
+            return Ok(());
+        }
         crate::vmgenid::write_new(self.ram.mem()).map_err(VmmError::Setup)?;
         // tern's own write: a diff snapshot must carry it too.
         self.ram.mark(
@@ -269,6 +278,9 @@ impl Vm {
         if lazy {
             self.ram.set_file_mapped();
         }
+        if let Some(pci) = &self.pci {
+            pci.place_bars_as_saved(snap.sections());
+        }
         self.components.restore(snap.sections()).map_err(e)?;
         *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(crate::snapshot::Parent {
@@ -337,6 +349,7 @@ impl Vm {
                 uptime_ms: Some(self.started.elapsed().as_millis() as u64),
                 generation_id: crate::vmgenid::read(self.ram.mem())
                     .ok()
+                    .filter(|_| self.firmware_rom.is_none())
                     .map(|id| crate::vmgenid::hex(&id)),
                 taps: Some(
                     lock(&self.devs)
