@@ -1,4 +1,5 @@
-//! Small legacy port devices: i8042 (reset line), debug-exit and the boot-timer debug port.
+//! Small legacy port devices: i8042 (reset line) with port B (0x61), debug-exit, the
+//! boot-timer debug port and the firmware's log port.
 
 use std::time::Instant;
 
@@ -23,6 +24,7 @@ pub const DEBUG_PORT: u64 = 0x440;
 /// makes Linux wait for its controller probe to time out on every boot.
 pub struct I8042 {
     reset: Box<dyn FnMut() + Send>,
+    port_b: Option<PortB>,
     ctr: u8,
     out: std::collections::VecDeque<u8>,
     pending: Option<u8>,
@@ -43,11 +45,18 @@ impl I8042 {
     pub fn new(reset: Box<dyn FnMut() + Send>) -> Self {
         I8042 {
             reset,
+            port_b: None,
             ctr: I8042_DEFAULT_CTR,
             out: Default::default(),
             pending: None,
             last_was_command: false,
         }
+    }
+
+    /// Serves port 0x61 (between the data and command ports) with `port_b`.
+    pub fn with_port_b(mut self, port_b: PortB) -> Self {
+        self.port_b = Some(port_b);
+        self
     }
 
     fn reply(&mut self, b: u8) {
@@ -90,6 +99,7 @@ impl BusDevice for I8042 {
         let Some(b) = data.first_mut() else { return };
         *b = match offset {
             0 => self.out.pop_front().unwrap_or(0),
+            1 => self.port_b.as_mut().map_or(0, PortB::read),
             4 => {
                 let mut st = I8042_STATUS_SYS;
                 if !self.out.is_empty() {
@@ -111,12 +121,52 @@ impl BusDevice for I8042 {
                 self.last_was_command = false;
                 self.data(v);
             }
+            1 => {
+                if let Some(p) = &mut self.port_b {
+                    p.bits = v & PORT_B_WRITABLE;
+                }
+            }
             4 => {
                 self.last_was_command = true;
                 self.command(v);
             }
             _ => {}
         }
+    }
+}
+
+/// Port 0x61, the PC's system control port B: the PIT's timer 2 gate and speaker data (bits 0
+/// and 1, kept as written), a toggle each read (bit 4, "refresh"), and timer 2's output (bit
+/// 5), which firmware and bootloaders poll to time their calibration loops.
+pub struct PortB {
+    bits: u8,
+    refresh: bool,
+    timer2_out: Box<dyn FnMut() -> bool + Send>,
+}
+
+/// The bits of port B a guest sets.
+const PORT_B_WRITABLE: u8 = 0x03;
+
+impl PortB {
+    /// Port B reading timer 2's output from `timer2_out`.
+    pub fn new(timer2_out: Box<dyn FnMut() -> bool + Send>) -> Self {
+        PortB {
+            bits: 0,
+            refresh: false,
+            timer2_out,
+        }
+    }
+
+    fn read(&mut self) -> u8 {
+        self.refresh = !self.refresh;
+        let mut v = self.bits;
+        if self.refresh {
+            v |= 1 << 4;
+        }
+        if (self.timer2_out)() {
+            v |= 1 << 5;
+        }
+        v
     }
 }
 
@@ -152,19 +202,22 @@ pub const FIRMWARE_LOG_MAGIC: u8 = 0xe9;
 /// Longest line the firmware log keeps; the rest of a longer line is dropped.
 const FIRMWARE_LOG_LINE: usize = 512;
 
-/// Collects the firmware's log into lines and hands each to a callback (which logs it and
-/// looks for messages that end the boot). A guest writing without end costs one bounded
-/// buffer.
+/// Collects the firmware's log into lines and hands each to a callback. A guest writing
+/// without end costs one bounded buffer.
 pub struct FirmwareLog {
     line: Vec<u8>,
+    announce: bool,
     on_line: Box<dyn FnMut(&str) + Send>,
 }
 
 impl FirmwareLog {
-    /// A log calling `on_line` with each complete line, without its end.
-    pub fn new(on_line: Box<dyn FnMut(&str) + Send>) -> Self {
+    /// A log calling `on_line` with each complete line, without its end. Unless `announce`,
+    /// the port reads as absent and firmware does not write its log at all (each byte is a
+    /// VM exit).
+    pub fn new(announce: bool, on_line: Box<dyn FnMut(&str) + Send>) -> Self {
         FirmwareLog {
             line: Vec::new(),
+            announce,
             on_line,
         }
     }
@@ -172,7 +225,11 @@ impl FirmwareLog {
 
 impl BusDevice for FirmwareLog {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(FIRMWARE_LOG_MAGIC);
+        data.fill(if self.announce {
+            FIRMWARE_LOG_MAGIC
+        } else {
+            0xff
+        });
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
@@ -322,7 +379,11 @@ mod tests {
     fn firmware_log_lines() {
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let l = lines.clone();
-        let mut log = FirmwareLog::new(Box::new(move |s| l.lock().unwrap().push(s.into())));
+        let mut log = FirmwareLog::new(true, Box::new(move |s| l.lock().unwrap().push(s.into())));
+        let mut quiet = FirmwareLog::new(false, Box::new(|_| {}));
+        let mut b = [0u8];
+        quiet.read(0, &mut b);
+        assert_eq!(b[0], 0xff);
         let mut b = [0u8];
         log.read(0, &mut b);
         assert_eq!(b[0], FIRMWARE_LOG_MAGIC);
@@ -336,5 +397,24 @@ mod tests {
         assert_eq!(got[0], "SeaBIOS");
         assert_eq!(got[1], "No bootable device.");
         assert_eq!(got[2].len(), FIRMWARE_LOG_LINE);
+    }
+
+    #[test]
+    fn port_b_shows_timer2_and_keeps_the_gate() {
+        let out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let o = out.clone();
+        let mut kbc = I8042::new(Box::new(|| {})).with_port_b(PortB::new(Box::new(move || {
+            o.load(std::sync::atomic::Ordering::SeqCst)
+        })));
+        kbc.write(1, &[0xff]);
+        let mut b = [0u8];
+        kbc.read(1, &mut b);
+        assert_eq!(b[0] & 0x23, 0x03);
+        out.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut c = [0u8];
+        kbc.read(1, &mut c);
+        assert_eq!(c[0] & 0x20, 0x20);
+        // The refresh bit toggles between reads.
+        assert_ne!(b[0] & 0x10, c[0] & 0x10);
     }
 }

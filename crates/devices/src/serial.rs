@@ -217,12 +217,17 @@ impl OutputHandle {
     }
 }
 
+/// What runs when a watched text appears.
+type Watcher = Box<dyn FnMut() + Send>;
+
 /// Guest console output of the UART, through a [`BufferedSink`] (tern's event loop flushes it
 /// periodically), watched for the Linux panic banner.
 pub struct SerialOut {
     sink: Option<BufferedSink>,
     line: Vec<u8>,
     panic_seen: Arc<AtomicBool>,
+    /// Texts that call their function as soon as the current line ends with them.
+    watches: Vec<(&'static [u8], Watcher)>,
 }
 
 impl SerialOut {
@@ -233,7 +238,14 @@ impl SerialOut {
             sink: sink.and_then(|s| BufferedSink::new(s, "serial")),
             line: Vec::new(),
             panic_seen,
+            watches: Vec::new(),
         }
+    }
+
+    /// Calls `f` each time the guest's output line reaches `text` (checked as it is written,
+    /// so a line the guest does not end yet counts too).
+    pub fn watch_for(&mut self, text: &'static str, f: Box<dyn FnMut() + Send>) {
+        self.watches.push((text.as_bytes(), f));
     }
 
     fn watch(&mut self, b: u8) {
@@ -248,6 +260,11 @@ impl SerialOut {
             self.line.clear();
         } else if self.line.len() < LINE_KEEP {
             self.line.push(b);
+            for (text, f) in &mut self.watches {
+                if self.line.ends_with(text) {
+                    f();
+                }
+            }
         }
     }
 
@@ -441,6 +458,29 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn watched_text_is_seen_before_its_line_ends() {
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        let mut out = SerialOut::new(None, Arc::new(AtomicBool::new(false)));
+        out.watch_for(
+            "No bootable device",
+            Box::new(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(EventFdTrigger(evt), out);
+        for b in b"Booting...\nNo bootable device.  Retrying" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        for b in b" in 60 seconds\nNo bootable" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_pit_config;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use lifecycle::threads::{spawn, Role};
 
@@ -72,11 +72,13 @@ impl VmShell {
     }
 }
 
-/// The PIT, with KVM's own port 0x61 (speaker gate and timer 2 output): firmware calibrates
-/// its clock by polling timer 2 there.
+/// The in-kernel PIT. Port 0x61 stays with tern ([`crate::platform`]), which reads timer 2's
+/// output from KVM's PIT state: a guest polling it then leaves to user space on every read, as
+/// under QEMU (in the nested rig, a guest spinning on an in-kernel port 0x61 with interrupts
+/// off froze the emulated L1).
 fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
     let pit = kvm_pit_config {
-        flags: 0,
+        flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("create PIT"))
@@ -360,7 +362,7 @@ fn build_rest(
     // from their reset state.
     if let Some((image, fresh)) = &firmware {
         let slots = pci_bus.as_ref().map(|b| b.slots()).unwrap_or_default();
-        crate::firmware::attach(config, &mem, &acpi, &slots, &ctl, &mut dm)?;
+        crate::firmware::attach(config, &mem, &acpi, &slots, &mut dm)?;
         if *fresh {
             crate::firmware::copy_legacy_alias(&mem, image)?;
             tracing::info!("firmware {} mapped", image.path.display());

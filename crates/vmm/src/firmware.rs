@@ -26,8 +26,20 @@ use crate::error::{kvm_err, setup, VmmError};
 
 /// KVM memory slot of the firmware image (RAM takes slots from 0, one per region).
 const ROM_SLOT: u32 = 100;
-/// What SeaBIOS logs when it has tried every boot device.
-const NO_BOOT_DEVICE: &str = "No bootable device";
+/// What SeaBIOS prints on its console (COM1) when it has tried every boot device.
+pub const NO_BOOT_DEVICE: &str = "No bootable device";
+
+/// Ends the VM with one line when the firmware says it found nothing to boot, instead of
+/// letting it retry for ever.
+pub fn no_boot_device(ctl: &Arc<VmControl>) -> Box<dyn FnMut() + Send> {
+    let c = ctl.clone();
+    Box::new(move || {
+        c.request_exit(VmExit::Error(
+            "the firmware found no bootable device: no disk of this VM has a bootloader it can start"
+                .into(),
+        ))
+    })
+}
 
 /// A firmware image as read and checked, and where it came from.
 pub struct FirmwareImage {
@@ -137,7 +149,6 @@ pub fn attach(
     mem: &GuestMemoryMmap,
     acpi: &arch::acpi::AcpiPlatform,
     slots: &BTreeMap<String, u8>,
-    ctl: &Arc<VmControl>,
     dm: &mut DeviceManager,
 ) -> Result<(), VmmError> {
     let cpus = config.cpus as u16;
@@ -172,16 +183,12 @@ pub fn attach(
         FW_CFG_PORT,
         FW_CFG_PORT_LEN,
     )?;
-    let c = ctl.clone();
-    let log = FirmwareLog::new(Box::new(move |line: &str| {
-        tracing::info!(target: "firmware", "{line}");
-        if line.contains(NO_BOOT_DEVICE) {
-            c.request_exit(VmExit::Error(
-                "the firmware found no bootable device: no disk of this VM has a bootloader it can start"
-                    .into(),
-            ));
-        }
-    }));
+    // The firmware's own log, when tern's `firmware` log target shows it.
+    let announce = tracing::enabled!(target: "firmware", tracing::Level::INFO);
+    let log = FirmwareLog::new(
+        announce,
+        Box::new(|line: &str| tracing::info!(target: "firmware", "{line}")),
+    );
     dm.add_pio(
         "firmware-log",
         Arc::new(Mutex::new(log)),

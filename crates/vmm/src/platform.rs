@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use arch::layout::*;
 use devices::acpi::{AcpiPm, PmRequest, PowerButton};
 use devices::legacy::{
-    DebugExit, DebugPort, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
+    DebugExit, DebugPort, PortB, DEBUG_EXIT_PORT, DEBUG_PORT, I8042, I8042_BASE, I8042_LEN,
 };
 use devices::rtc::{Rtc, RtcAcpi, RTC_BASE, RTC_LEN};
 use devices::serial::{SerialAcpi, SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
@@ -36,6 +36,39 @@ pub struct Platform {
     pub panic_seen: Arc<AtomicBool>,
 }
 
+/// The PIT's input clock.
+const PIT_HZ: u128 = 1_193_182;
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of KVM's PIT timestamps.
+fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes only to `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// A PIT channel's output at `now` (ns), from KVM's state of it: the time since its count was
+/// loaded in input clock ticks, against the count, per counting mode.
+fn timer2_out(ch: &kvm_bindings::kvm_pit_channel_state, now: i64) -> bool {
+    let count = if ch.count == 0 {
+        0x10000
+    } else {
+        u128::from(ch.count)
+    };
+    let elapsed = u128::try_from(now.saturating_sub(ch.count_load_time)).unwrap_or(0);
+    let d = elapsed * PIT_HZ / 1_000_000_000;
+    match ch.mode {
+        0 => d >= count,
+        1 => d < count,
+        2 | 6 => !d.is_multiple_of(count) || d == 0,
+        3 | 7 => d % count < count.div_ceil(2),
+        _ => d == count,
+    }
+}
+
 fn irqfd(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
     let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
     vm.register_irqfd(&e, gsi).map_err(kvm_err(what))?;
@@ -46,7 +79,7 @@ impl Platform {
     /// Creates the legacy devices, each described in `dm` under its id.
     pub fn create(
         config: &VmConfig,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         ctl: &Arc<VmControl>,
         start: Instant,
         dm: &mut DeviceManager,
@@ -54,9 +87,16 @@ impl Platform {
         let panic_seen = Arc::new(AtomicBool::new(false));
         let sink = open_char_sink(&config.serial, "serial output file")?;
         let serial_irq = irqfd(vm, COM1_IRQ, "register serial irqfd")?;
+        let mut out = SerialOut::new(sink, panic_seen.clone());
+        if config.firmware.is_some() {
+            out.watch_for(
+                crate::firmware::NO_BOOT_DEVICE,
+                crate::firmware::no_boot_device(ctl),
+            );
+        }
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             EventFdTrigger(serial_irq),
-            SerialOut::new(sink, panic_seen.clone()),
+            out,
         )));
         let power_button = irqfd(vm, ACPI_GED_GSI, "register power button irqfd")?;
         let vmgenid_evt = irqfd(vm, ACPI_VMGENID_GSI, "register VM generation ID irqfd")?;
@@ -65,7 +105,14 @@ impl Platform {
         // stopping and does not re-enter KVM_RUN, and the first reason recorded wins (a guest
         // that resets and then triple-faults has reset).
         let c = ctl.clone();
-        let i8042 = I8042::new(Box::new(move || c.request_exit(VmExit::Reset)));
+        let pit_vm = vm.clone();
+        let i8042 = I8042::new(Box::new(move || c.request_exit(VmExit::Reset))).with_port_b(
+            PortB::new(Box::new(move || {
+                pit_vm
+                    .get_pit2()
+                    .is_ok_and(|p| timer2_out(&p.channels[2], monotonic_ns()))
+            })),
+        );
         let c = ctl.clone();
         let debug_exit = DebugExit::new(Box::new(move |s| c.request_exit(VmExit::DebugExit(s))));
         let c = ctl.clone();
@@ -121,5 +168,31 @@ impl Platform {
             vmgenid_evt,
             panic_seen,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer2_output_follows_the_count() {
+        let ch = |mode, count| kvm_bindings::kvm_pit_channel_state {
+            mode,
+            count,
+            count_load_time: 1_000_000_000,
+            ..Default::default()
+        };
+        let at = |ticks: i64| 1_000_000_000 + ticks * 1_000_000_000 / 1_193_182 + 1;
+        // Mode 0 (interrupt on terminal count): low until the count has run out.
+        assert!(!timer2_out(&ch(0, 1000), at(999)));
+        assert!(timer2_out(&ch(0, 1000), at(1001)));
+        // Mode 3 (square wave): high for the first half of each period.
+        assert!(timer2_out(&ch(3, 1000), at(100)));
+        assert!(!timer2_out(&ch(3, 1000), at(700)));
+        assert!(timer2_out(&ch(3, 1000), at(1100)));
+        // A count of 0 means 65536; before the load time nothing has elapsed.
+        assert!(!timer2_out(&ch(0, 0), at(65000)));
+        assert!(!timer2_out(&ch(0, 10), 0));
     }
 }
