@@ -12,7 +12,10 @@ use crate::util::{apt_install, build_dir, workspace_root};
 /// disk image, and its `debugfs`/`e2fsck` and qemu-utils' `qemu-img` check disks inside L1;
 /// iproute2's `ip` builds the network scenarios' bridge and TAPs inside L1; seabios is the PC
 /// BIOS of the QEMU peer's `-M pc` Debian boots; mmdebstrap builds the Debian guest; gdb takes
-/// the L0 emulator's thread backtraces when L1 freezes).
+/// the L0 emulator's thread backtraces when L1 freezes; grub-common, grub-pc-bin,
+/// grub-efi-amd64-bin, fdisk's `sfdisk`, dosfstools and mtools build the firmware-bootable
+/// Debian disk — GRUB for BIOS and UEFI, its GPT and its FAT ESP without loop devices — and
+/// ovmf is the UEFI firmware that boots it).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gdb",
@@ -22,6 +25,13 @@ const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "qemu-utils",
     "iproute2",
+    "grub-common",
+    "grub-pc-bin",
+    "grub-efi-amd64-bin",
+    "fdisk",
+    "dosfstools",
+    "mtools",
+    "ovmf",
 ];
 
 /// Fuzzing time per target in `cargo xtask test`: with the instrumented build, the fuzz step

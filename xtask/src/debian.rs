@@ -6,7 +6,9 @@
 //! virtio disk and mounts at `/rig/debian`. It holds:
 //! - `debian.qcow2`: the root file system (ext4 on the whole disk, no partition table), which
 //!   each boot uses through its own qcow2 overlay so every boot starts from the same state;
-//! - `vmlinuz` and `initrd.img`: the kernel and initramfs from the root file system's `/boot`.
+//! - `vmlinuz` and `initrd.img`: the kernel and initramfs from the root file system's `/boot`;
+//! - `debian-fw.qcow2`: the same system as a whole disk that firmware boots (GPT, GRUB for BIOS
+//!   and UEFI, root by UUID), built by `debian_fw.rs`.
 //!
 //! The system gets one unit of the rig's own, `rig-report.service`: once systemd's startup has
 //! finished it prints `RIG-DEBIAN-STATE=<state of systemctl is-system-running>` (and the failed
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump to rebuild the image when the recipe changes.
-const RECIPE_VERSION: &str = "debian 1";
+const RECIPE_VERSION: &str = "debian 2";
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// Packages on top of `--variant=minbase`: init, device manager, the kernel and the tools that
@@ -34,6 +36,8 @@ const ROOT_FS_MIB: u64 = 2048;
 pub mod in_l1 {
     pub const KERNEL: &str = "/rig/debian/vmlinuz";
     pub const INITRD: &str = "/rig/debian/initrd.img";
+    /// The firmware-bootable disk (`debian_fw.rs`).
+    pub const FW_DISK: &str = "/rig/debian/debian-fw.qcow2";
 }
 
 /// The line the guest prints once systemd's startup has finished.
@@ -82,6 +86,7 @@ pub fn build() -> Result<PathBuf> {
         .str(REPORT_UNIT)
         .str(REPORT_SCRIPT)
         .bytes(&ROOT_FS_MIB.to_le_bytes());
+    crate::debian_fw::recipe(&mut fp);
     let stamp = Stamp::new(&disk, fp.hex());
     if stamp.fresh(&disk) {
         return Ok(disk);
@@ -133,8 +138,26 @@ pub fn build() -> Result<PathBuf> {
     std::fs::copy(&initrd, outer.join("initrd.img"))?;
 
     let root_img = work.join("root.ext4");
-    mkfs_ext4(&mkfs, "debian-root", &root, &root_img, ROOT_FS_MIB)
+    mkfs_ext4(&mkfs, "debian-root", &[], &root, &root_img, ROOT_FS_MIB)
         .context("mkfs.ext4 -d of the Debian tree failed")?;
+    let name = |p: &Path| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let fw = crate::debian_fw::Input {
+        root: &root,
+        kernel: &name(&kernel),
+        initrd: &name(&initrd),
+        root_mib: ROOT_FS_MIB,
+        mkfs_ext4: &mkfs,
+        qemu_img: &qemu_img,
+    };
+    let fw_started = std::time::Instant::now();
+    crate::debian_fw::build(&fw, &work, &outer.join("debian-fw.qcow2"))
+        .context("building the firmware-bootable Debian disk failed")?;
+    let fw_secs = fw_started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&root);
     run_capture(
         Command::new(&qemu_img)
@@ -153,7 +176,7 @@ pub fn build() -> Result<PathBuf> {
     let disk_mib = (content >> 20) + ((content >> 20) / 8).max(64);
     let partial = disk.with_extension("partial");
     let _ = std::fs::remove_file(&partial);
-    mkfs_ext4(&mkfs, "rig-debian", &outer, &partial, disk_mib)
+    mkfs_ext4(&mkfs, "rig-debian", &[], &outer, &partial, disk_mib)
         .context("mkfs.ext4 -d of the rig's Debian disk failed")?;
     std::fs::rename(&partial, &disk)?;
     let _ = std::fs::remove_dir_all(&work);
@@ -162,18 +185,32 @@ pub fn build() -> Result<PathBuf> {
         disk.display(),
         human_bytes(disk_mib << 20),
         started.elapsed().as_secs_f64(),
-        kernel.file_name().unwrap_or_default().to_string_lossy(),
-        initrd.file_name().unwrap_or_default().to_string_lossy(),
+        name(&kernel),
+        name(&initrd),
+    );
+    eprintln!(
+        "[xtask]   {} (built in {fw_secs:.0}s)",
+        crate::debian_fw::describe(ROOT_FS_MIB)
     );
     stamp.commit()?;
     Ok(disk)
 }
 
-/// `mkfs.ext4 -d TREE`: an ext4 file system of `mib` MiB labelled `label` holding `tree`.
-fn mkfs_ext4(mkfs: &Path, label: &str, tree: &Path, image: &Path, mib: u64) -> Result<()> {
+/// `mkfs.ext4 -d TREE`: an ext4 file system of `mib` MiB labelled `label` holding `tree`
+/// (`extra`: more options, such as `-U UUID`).
+pub fn mkfs_ext4(
+    mkfs: &Path,
+    label: &str,
+    extra: &[&str],
+    tree: &Path,
+    image: &Path,
+    mib: u64,
+) -> Result<()> {
     run_capture(
         Command::new(mkfs)
-            .args(["-q", "-F", "-t", "ext4", "-L", label, "-d"])
+            .args(["-q", "-F", "-t", "ext4", "-L", label])
+            .args(extra)
+            .arg("-d")
             .arg(tree)
             .arg(image)
             .arg(format!("{mib}M")),

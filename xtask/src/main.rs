@@ -30,6 +30,7 @@ mod bench_terns;
 mod ci;
 mod cpio;
 mod debian;
+mod debian_fw;
 mod debs;
 mod fuzz;
 mod images;
@@ -144,7 +145,7 @@ enum Cmd {
         /// tern binary [default: target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
-        /// Scenario group: core, block, block-qemu, hotplug, net, net-qemu, snapshot, migrate, debian, compare,
+        /// Scenario group: core, block, block-qemu, hotplug, net, net-qemu, snapshot, migrate, debian, firmware, compare,
         /// debug, qemu-extra, all.
         #[arg(long, default_value = "core")]
         group: String,
@@ -204,6 +205,10 @@ enum Cmd {
     /// (inside L1) Run the scenarios in SPEC and report on the console.
     #[command(hide = true)]
     RigAgent { spec: String },
+    /// Build (or find cached) the rig's Debian disk (build/images/debian-disk.ext4) and print
+    /// its path.
+    #[command(hide = true)]
+    DebianImage,
 }
 
 fn main() {
@@ -289,6 +294,10 @@ fn run(command: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::RigAgent { spec } => agent::main(&spec),
+        Cmd::DebianImage => {
+            println!("{}", debian::build()?.display());
+            Ok(())
+        }
         Cmd::Test { no_rig } => ci::test(no_rig),
         Cmd::Demo => ci::demo(),
         Cmd::BenchProbe { terns, runs } => {

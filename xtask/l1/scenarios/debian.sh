@@ -2,9 +2,10 @@
 # L1 side of the real-distribution scenarios (xtask/src/scenarios.rs, group "debian"). Runs
 # inside L1, started by the rig agent as
 #
-#     sh /rig/l1/debian.sh -- VMM-ARGV...
+#     sh /rig/l1/debian.sh [fw] -- VMM-ARGV...
 #
-# VMM-ARGV boots Debian's kernel and initramfs (xtask/src/debian.rs); this script gives the
+# VMM-ARGV boots Debian's kernel and initramfs (xtask/src/debian.rs), or with "fw" the
+# firmware that boots the partitioned Debian disk through GRUB; this script gives the
 # boot its own qcow2 overlay on the pristine Debian root (read-only, on the disk L1 mounted at
 # /rig/debian), appends it as the guest's /dev/vda (tern: --disk; QEMU: -drive if=virtio), runs
 # the VMM and removes the overlay. It prints "TERN-DEBIAN-OK" when the VMM exited 0 and
@@ -14,9 +15,14 @@ set -u
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 
+BASE=/rig/debian/debian.qcow2
+# "fw": the partitioned disk that boots through firmware and GRUB (xtask/src/debian_fw.rs).
+if [ "${1:-}" = "fw" ]; then
+    BASE=/rig/debian/debian-fw.qcow2
+    shift
+fi
 [ "${1:-}" = "--" ] && shift
 [ $# -gt 0 ] || { echo "TERN-DEBIAN-FAIL no VMM command line"; exit 1; }
-BASE=/rig/debian/debian.qcow2
 [ -f "$BASE" ] || { echo "TERN-DEBIAN-FAIL $BASE missing (L1 has no Debian disk)"; exit 1; }
 
 overlay=/tmp/debian-overlay-$$.qcow2
