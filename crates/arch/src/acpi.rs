@@ -81,6 +81,10 @@ pub struct AcpiPlatform {
     /// The devices' own descriptions, in DSDT order: each device renders itself (its
     /// `acpi_tables::Aml`), and the DSDT is `_S5_` followed by these bytes.
     pub devices: Vec<u8>,
+    /// Full ACPI with fixed-hardware PM1 blocks, a PM timer and a FACS (at
+    /// [`ACPI_PM1_BASE`]) instead of hardware-reduced ACPI: for firmware boots, where the OS must
+    /// take over the legacy PIC and PIT from the firmware, which it does only with full ACPI.
+    pub legacy_pm: bool,
 }
 
 /// One table (or the RSDP) and where it goes in guest memory.
@@ -93,6 +97,12 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
+    // The FACS (full ACPI only) first, 64-byte aligned as it must be.
+    let facs = platform.legacy_pm.then(|| {
+        let at = (next + 63) & !63;
+        next = align(at + acpi_tables::facs::FACS::len() as u64);
+        (at, bytes(&acpi_tables::facs::FACS::new()))
+    });
 
     // DSDT: the S5 sleep type.
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -107,13 +117,34 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     // FADT.
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
-        .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::ResetRegSup);
+    if let Some((facs_addr, _)) = &facs {
+        fadt = fadt.firmware_ctrl_64(*facs_addr);
+        fadt.sci_int = ACPI_SCI_IRQ.into();
+        let blk = |off: u64, len: u8| {
+            (
+                ((ACPI_PM1_BASE + off) as u32).into(),
+                GAS::new(
+                    AddressSpace::SystemIo,
+                    len * 8,
+                    0,
+                    AccessSize::Undefined,
+                    ACPI_PM1_BASE + off,
+                ),
+            )
+        };
+        (fadt.pm1a_evt_blk, fadt.x_pm1a_evt_blk) = blk(0, 4);
+        (fadt.pm1a_cnt_blk, fadt.x_pm1a_cnt_blk) = blk(4, 2);
+        (fadt.pm_tmr_blk, fadt.x_pm_tmr_blk) = blk(8, 4);
+        (fadt.pm1_evt_len, fadt.pm1_cnt_len, fadt.pm_tmr_len) = (4, 2, 4);
+    } else {
+        fadt = fadt.flag(Flags::HwReducedAcpi);
+        fadt.sleep_control_reg = io_reg(ACPI_SLEEP_CONTROL_PORT);
+        fadt.sleep_status_reg = io_reg(ACPI_SLEEP_STATUS_PORT);
+    }
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     fadt.century = RTC_CENTURY_REG;
-    fadt.sleep_control_reg = io_reg(ACPI_SLEEP_CONTROL_PORT);
-    fadt.sleep_status_reg = io_reg(ACPI_SLEEP_STATUS_PORT);
     fadt.reset_reg = io_reg(ACPI_RESET_PORT);
     fadt.reset_value = ACPI_RESET_VALUE;
     let mut fadt_bytes = bytes(&fadt.finalize());
@@ -175,13 +206,14 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
         return Err(AcpiError::TooBig(next - ACPI_START));
     }
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
-    let mut pieces = vec![
-        (rsdp_addr, rsdp),
+    let mut pieces = vec![(rsdp_addr, rsdp)];
+    pieces.extend(facs);
+    pieces.extend([
         (dsdt_addr, dsdt_bytes),
         (fadt_addr, fadt_bytes),
         (madt_addr, madt_bytes),
         (xsdt_addr, xsdt_bytes),
-    ];
+    ]);
     pieces.extend(pieces_extra);
     Ok((pieces, rsdp_addr))
 }
@@ -245,6 +277,7 @@ mod tests {
                     ecam_base: 0xe000_0000,
                     last_bus: 0,
                 }),
+                legacy_pm: false,
             };
             let (pieces, rsdp_addr) = build(&platform).unwrap();
             let find = |sig: &[u8]| {

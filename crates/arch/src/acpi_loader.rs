@@ -140,12 +140,15 @@ pub fn firmware_acpi(platform: &AcpiPlatform) -> Result<FirmwareAcpi, AcpiError>
                 ));
             }
         }
-        checksums.push(add_checksum(
-            TABLES_FILE,
-            (at + 9) as u32,
-            at as u32,
-            table_len as u32,
-        ));
+        // Every table but the FACS has a checksum.
+        if &d[0..4] != b"FACS" {
+            checksums.push(add_checksum(
+                TABLES_FILE,
+                (at + 9) as u32,
+                at as u32,
+                table_len as u32,
+            ));
+        }
     }
     // The RSDP: RSDT (32 bit) and XSDT (64 bit) addresses, and its two checksums.
     for (off, size) in [(16usize, 4usize), (24, 8)] {
@@ -159,7 +162,9 @@ pub fn firmware_acpi(platform: &AcpiPlatform) -> Result<FirmwareAcpi, AcpiError>
     }
 
     let mut loader = Vec::new();
-    loader.extend_from_slice(&allocate(TABLES_FILE, 16, ZONE_HIGH));
+    // A FACS must be 64-byte aligned; the tables keep their offsets from the first one.
+    let align = if base % 64 == 0 { 64 } else { 16 };
+    loader.extend_from_slice(&allocate(TABLES_FILE, align, ZONE_HIGH));
     loader.extend_from_slice(&allocate(RSDP_FILE, 16, ZONE_FSEG));
     for c in pointers.iter().chain(checksums.iter()) {
         loader.extend_from_slice(c);
@@ -244,6 +249,7 @@ mod tests {
                 last_bus: 0,
             }),
             devices: vec![0x08, b'T', b'D', b'E', b'V', 0x00],
+            legacy_pm: false,
         };
         let f = firmware_acpi(&platform).unwrap();
         assert_eq!(f.loader.len() % COMMAND_LEN, 0);
@@ -273,6 +279,7 @@ mod tests {
             max_cpus: 1,
             pci: None,
             devices: Vec::new(),
+            legacy_pm: false,
         };
         let f = firmware_acpi(&platform).unwrap();
         let at = 0x7ffe_0000u64;
@@ -301,5 +308,41 @@ mod tests {
             }
         }
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    /// With full ACPI (firmware boots): the FADT names the PM1 blocks and a 64-byte aligned
+    /// FACS that follows the tables wherever they go, and is not hardware-reduced.
+    #[test]
+    fn full_acpi_has_a_facs_and_pm1_blocks() {
+        let platform = AcpiPlatform {
+            num_cpus: 1,
+            max_cpus: 1,
+            pci: None,
+            devices: Vec::new(),
+            legacy_pm: true,
+        };
+        let f = firmware_acpi(&platform).unwrap();
+        for at in [0x7ffe_0000u64, 0x3fff_e040] {
+            let (tables, rsdp) = run(&f, at, 0xf5a30);
+            let table = |addr: u64| &tables[(addr - at) as usize..];
+            let xsdt = table(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+            let fadt = table(u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
+            assert_eq!(&fadt[0..4], b"FACP");
+            let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+            assert_eq!(flags & (1 << 20), 0, "not hardware-reduced");
+            assert_eq!(u16::from_le_bytes(fadt[46..48].try_into().unwrap()), 9);
+            assert_eq!(
+                u32::from_le_bytes(fadt[56..60].try_into().unwrap()),
+                0x600,
+                "PM1a_EVT_BLK"
+            );
+            assert_eq!(u32::from_le_bytes(fadt[64..68].try_into().unwrap()), 0x604);
+            assert_eq!(u32::from_le_bytes(fadt[76..80].try_into().unwrap()), 0x608);
+            let facs_addr = u64::from_le_bytes(fadt[132..140].try_into().unwrap());
+            assert_eq!(facs_addr % 64, 0);
+            let facs = table(facs_addr);
+            assert_eq!(&facs[0..4], b"FACS");
+            assert_eq!(u32::from_le_bytes(facs[4..8].try_into().unwrap()), 64);
+        }
     }
 }

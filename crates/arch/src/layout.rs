@@ -89,6 +89,11 @@ pub const ACPI_SLEEP_STATUS_PORT: u64 = 0x3c1;
 pub const ACPI_RESET_PORT: u64 = 0x3c2;
 /// Value written to the reset register to reset the machine.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// PIO base of the fixed-hardware ACPI registers of a firmware boot (PM1 event block, PM1
+/// control block at +4, PM timer at +8): `devices::acpi::Pm1Block`.
+pub const ACPI_PM1_BASE: u64 = 0x600;
+/// ISA interrupt of the ACPI SCI (declared for a firmware boot's full ACPI; never raised).
+pub const ACPI_SCI_IRQ: u16 = 9;
 /// 32-bit PCI MMIO window (BARs), the low part of the MMIO hole.
 pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
 /// End (exclusive) of the 32-bit PCI MMIO window.

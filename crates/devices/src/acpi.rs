@@ -1,5 +1,6 @@
-//! Hardware-reduced ACPI power management registers: sleep control (S5 = power off), sleep
-//! status, and the reset register.
+//! ACPI power management registers: the hardware-reduced ones every kernel boot has (sleep
+//! control with S5 = power off, sleep status, reset), and for firmware boots the fixed-hardware
+//! PM1 event and control blocks and the PM timer ([`Pm1Block`]).
 
 use crate::BusDevice;
 
@@ -56,6 +57,90 @@ impl BusDevice for AcpiPm {
     }
 }
 
+/// The fixed-hardware registers at [`Pm1Block`]'s ports: PM1 status (+0) and enable (+2),
+/// PM1 control (+4), PM timer (+8).
+pub const PM1_BLOCK_LEN: u64 = 12;
+/// PM1 control: SCI_EN (ACPI mode is always on: there is no SMI command port).
+const PM1_SCI_EN: u16 = 1;
+/// PM1 control: SLP_EN.
+const PM1_SLP_EN: u16 = 1 << 13;
+/// The PM timer's rate.
+const PM_TIMER_HZ: u128 = 3_579_545;
+
+/// The fixed-hardware ACPI PM1 registers and PM timer a firmware-booted VM has: an OS that
+/// finds full (not hardware-reduced) ACPI also takes over the legacy PIC and PIT the firmware
+/// used. Writing SLP_EN with the `_S5_` sleep type powers off. No fixed event is ever raised
+/// (the power button is the GED's), so the SCI stays quiet.
+pub struct Pm1Block {
+    s5_sleep_type: u8,
+    sts: u16,
+    en: u16,
+    cnt: u16,
+    start: std::time::Instant,
+    on_request: Box<dyn FnMut(PmRequest) + Send>,
+}
+
+impl Pm1Block {
+    /// Registers powering off on SLP_EN with `s5_sleep_type`.
+    pub fn new(s5_sleep_type: u8, on_request: Box<dyn FnMut(PmRequest) + Send>) -> Self {
+        Pm1Block {
+            s5_sleep_type,
+            sts: 0,
+            en: 0,
+            cnt: PM1_SCI_EN,
+            start: std::time::Instant::now(),
+            on_request,
+        }
+    }
+
+    fn image(&self) -> [u8; PM1_BLOCK_LEN as usize] {
+        let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        let tmr = (ticks as u32) & 0x00ff_ffff;
+        let mut b = [0u8; PM1_BLOCK_LEN as usize];
+        b[0..2].copy_from_slice(&self.sts.to_le_bytes());
+        b[2..4].copy_from_slice(&self.en.to_le_bytes());
+        b[4..6].copy_from_slice(&(self.cnt | PM1_SCI_EN).to_le_bytes());
+        b[8..12].copy_from_slice(&tmr.to_le_bytes());
+        b
+    }
+}
+
+impl BusDevice for Pm1Block {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let img = self.image();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| img.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut img = self.image();
+        let mut cleared = [0u8; 2];
+        for (i, &v) in data.iter().enumerate() {
+            let Some(o) = usize::try_from(offset).ok().map(|o| o + i) else {
+                return;
+            };
+            match o {
+                // Status bits are cleared by writing ones.
+                0 | 1 => cleared[o] = v,
+                2..=5 => img[o] = v,
+                _ => {}
+            }
+        }
+        self.sts &= !u16::from_le_bytes(cleared);
+        self.en = u16::from_le_bytes([img[2], img[3]]);
+        let cnt = u16::from_le_bytes([img[4], img[5]]);
+        self.cnt = cnt & !PM1_SLP_EN;
+        if cnt & PM1_SLP_EN != 0 && ((cnt >> 10) & 0x7) as u8 == self.s5_sleep_type {
+            (self.on_request)(PmRequest::PowerOff);
+        }
+    }
+}
+
 /// The power button as the DSDT describes it: `\_SB_.PWRB` (`PNP0C0C`) and a generic event
 /// device, `\_SB_.GED_` (hardware-reduced ACPI has no fixed-feature button), whose interrupt
 /// `gsi` makes the guest evaluate `_EVT`, which notifies PWRB (0x80: the button was pressed).
@@ -105,5 +190,30 @@ mod tests {
         let mut b = [0xffu8];
         pm.read(1, &mut b);
         assert_eq!(b[0], 0);
+    }
+
+    #[test]
+    fn pm1_block_powers_off_and_counts() {
+        let reqs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = reqs.clone();
+        let mut pm = Pm1Block::new(5, Box::new(move |q| r.lock().unwrap().push(q)));
+        let mut b = [0u8; 2];
+        pm.read(4, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & 1, 1, "SCI_EN");
+        let mut t1 = [0u8; 4];
+        pm.read(8, &mut t1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut t2 = [0u8; 4];
+        pm.read(8, &mut t2);
+        let d = u32::from_le_bytes(t2).wrapping_sub(u32::from_le_bytes(t1)) & 0xff_ffff;
+        assert!(d > 17_000, "{d} ticks in 5 ms");
+        // S3 does nothing; S5 with SLP_EN powers off.
+        pm.write(4, &((3u16 << 10) | PM1_SLP_EN).to_le_bytes());
+        assert!(reqs.lock().unwrap().is_empty());
+        pm.write(4, &((5u16 << 10) | PM1_SLP_EN).to_le_bytes());
+        assert_eq!(*reqs.lock().unwrap(), vec![PmRequest::PowerOff]);
+        pm.write(2, &0x0100u16.to_le_bytes());
+        pm.read(2, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x0100);
     }
 }

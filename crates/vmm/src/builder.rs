@@ -357,6 +357,7 @@ fn build_rest(
         max_cpus: config.effective_max_cpus() as u8,
         pci,
         devices: dm.dsdt(),
+        legacy_pm: firmware.is_some(),
     };
     // A firmware reads the tables and the memory map through fw_cfg, and starts the vCPUs
     // from their reset state.

@@ -150,6 +150,23 @@ impl Platform {
             ACPI_SLEEP_CONTROL_PORT,
             3,
         )?;
+        if config.firmware.is_some() {
+            let c = ctl.clone();
+            let pm1 = devices::acpi::Pm1Block::new(
+                arch::acpi::S5_SLEEP_TYPE,
+                Box::new(move |r| {
+                    if r == PmRequest::PowerOff {
+                        c.request_exit(VmExit::PowerOff)
+                    }
+                }),
+            );
+            dm.add_pio(
+                "acpi-pm1",
+                Arc::new(Mutex::new(pm1)),
+                ACPI_PM1_BASE,
+                devices::acpi::PM1_BLOCK_LEN,
+            )?;
+        }
         dm.add_pio("com1", serial.clone(), COM1_BASE, COM1_LEN)?;
         dm.add_pio("i8042", Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
         dm.add_pio(
