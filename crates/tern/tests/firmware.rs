@@ -14,7 +14,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{in_ci, require_kvm, run_with_timeout, s, spawn, tern, wait_until, Run, Scratch};
+use common::{
+    in_ci, listening, require_kvm, run_with_timeout, s, spawn, tern, wait_until, Run, Scratch,
+};
 
 /// The boot sector's code (82 bytes; GNU as, `.code16`, linked at 0x7c00):
 /// ```text
@@ -290,25 +292,22 @@ fn bad_firmware_gets_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A firmware-booted guest, paused in its bootloader's code between two timer interrupts,
-/// survives snapshot, kill and restore: it goes on ticking where it was (no second SeaBIOS
-/// banner, fewer than 12 ticks after the restore) and finishes.
-#[test]
-fn a_firmware_booted_guest_survives_snapshot_and_restore() {
-    if !require_seabios("a_firmware_booted_guest_survives_snapshot_and_restore") {
-        return;
-    }
-    let dir = Scratch::new("fw-snapshot");
+/// A 1 MiB disk whose boot sector is the ticker.
+fn ticker_disk(dir: &Scratch) -> PathBuf {
     let img = dir.path("ticker.raw");
     let mut d = vec![0u8; 1 << 20];
     d[..TICKER.len()].copy_from_slice(TICKER);
     d[510] = 0x55;
     d[511] = 0xaa;
     std::fs::write(&img, d).unwrap();
-    let (sock, serial, snap) = (dir.path("a.sock"), dir.path("a.log"), dir.path("snap"));
-    let disk = format!("path={}", s(&img));
-    let backend = format!("file:{}", s(&serial));
-    let mut vm = spawn(&[
+    img
+}
+
+/// The ticker booted by SeaBIOS from `img`, its console in `serial`, its API on `sock`.
+fn ticker(img: &Path, serial: &Path, sock: &Path) -> common::Tern {
+    let disk = format!("path={}", s(img));
+    let backend = format!("file:{}", s(serial));
+    spawn(&[
         "--firmware",
         "bios",
         "--memory",
@@ -318,8 +317,22 @@ fn a_firmware_booted_guest_survives_snapshot_and_restore() {
         "--serial",
         &backend,
         "--api-socket",
-        s(&sock),
-    ]);
+        s(sock),
+    ])
+}
+
+/// A firmware-booted guest, paused in its bootloader's code between two timer interrupts,
+/// survives snapshot, kill and restore: it goes on ticking where it was (no second SeaBIOS
+/// banner, fewer than 12 ticks after the restore) and finishes.
+#[test]
+fn a_firmware_booted_guest_survives_snapshot_and_restore() {
+    if !require_seabios("a_firmware_booted_guest_survives_snapshot_and_restore") {
+        return;
+    }
+    let dir = Scratch::new("fw-snapshot");
+    let img = ticker_disk(&dir);
+    let (sock, serial, snap) = (dir.path("a.sock"), dir.path("a.log"), dir.path("snap"));
+    let mut vm = ticker(&img, &serial, &sock);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let ticks = |p: &Path| read(p).matches('+').count();
     wait_until("3 ticks", T, || ticks(&serial) >= 3);
@@ -356,4 +369,41 @@ fn a_firmware_booted_guest_survives_snapshot_and_restore() {
         "{text}"
     );
     assert_eq!(ticks(&restored), 12 - before, "{text}");
+}
+
+/// The ticker, booted by SeaBIOS, migrates live to another tern and finishes there: the source
+/// exits 0, and the ticks of both add up to the 12 the guest prints in all (the destination
+/// maps its own SeaBIOS and puts the BARs where the firmware moved them).
+#[test]
+fn a_firmware_booted_guest_migrates() {
+    if !require_seabios("a_firmware_booted_guest_migrates") {
+        return;
+    }
+    let dir = Scratch::new("fw-migrate");
+    let img = ticker_disk(&dir);
+    let (sock, a, b) = (dir.path("a.sock"), dir.path("a.log"), dir.path("b.log"));
+    let url = format!("unix:{}", s(&dir.path("m.sock")));
+    let dst_serial = format!("file:{}", s(&b));
+    let mut dst = listening(&url, &["--serial", &dst_serial, "--accept-dir", s(&dir.0)]);
+    let src = ticker(&img, &a, &sock);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let ticks = |p: &Path| read(p).matches('+').count();
+    wait_until("2 ticks", T, || ticks(&a) >= 2);
+    let r = run_with_timeout(
+        &tern(),
+        &["migrate", "--api-socket", s(&sock), "--to", &url],
+        T,
+    );
+    assert_eq!(r.code, Some(0), "migrate: {}{}", r.stdout, r.stderr);
+    let (code, err) = src.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "source: {err}");
+    assert!(dst.running(), "the destination does not run the VM");
+    let (code, err) = dst.finish(T);
+    let there = read(&b);
+    assert_eq!(code, Some(0x21), "destination: {err}\n{there}");
+    assert!(
+        there.contains("TICKER-DONE") && !there.contains("SeaBIOS"),
+        "{there}"
+    );
+    assert_eq!(ticks(&a) + ticks(&b), 12, "{}\n---\n{there}", read(&a));
 }

@@ -53,6 +53,11 @@ pub fn check(config: &VmConfig, opts: &ReceiveOptions) -> Result<(), String> {
             file(what, p)?;
         }
     }
+    // A firmware image the source names by path is mapped into the guest: accepted like a
+    // kernel. `bios` is this host's own SeaBIOS.
+    if let Some(api::firmware::Firmware::Path(p)) = &config.firmware {
+        file("the firmware", p)?;
+    }
     for (i, d) in config.disks.iter().enumerate() {
         if !ours.contains(d.path.as_path()) {
             file(&format!("disk {i}"), &d.path)?;
@@ -220,6 +225,13 @@ mod tests {
         c4.kernel = None;
         c4.serial = CharBackend::File("/etc/passwd".into());
         check(&c4, &o).unwrap();
+        // A firmware image by path is a host file the guest would read; `bios` is this host's.
+        let mut c5 = c4.clone();
+        c5.firmware = Some(api::firmware::Firmware::Path("/etc/shadow".into()));
+        let e = check(&c5, &o).unwrap_err();
+        assert!(e.contains("the firmware") && e.contains("outside"), "{e}");
+        c5.firmware = Some(api::firmware::Firmware::Bios);
+        check(&c5, &o).unwrap();
         let _ = std::fs::remove_dir_all(&ok);
     }
 
