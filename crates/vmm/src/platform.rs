@@ -105,14 +105,17 @@ impl Platform {
         // stopping and does not re-enter KVM_RUN, and the first reason recorded wins (a guest
         // that resets and then triple-faults has reset).
         let c = ctl.clone();
-        let pit_vm = vm.clone();
-        let i8042 = I8042::new(Box::new(move || c.request_exit(VmExit::Reset))).with_port_b(
-            PortB::new(Box::new(move || {
+        let mut i8042 = I8042::new(Box::new(move || c.request_exit(VmExit::Reset)));
+        // Firmware and bootloaders time their calibration on port 0x61; a kernel boot leaves it
+        // reading 0, as before (Linux gets its clock rates from KVM).
+        if config.firmware.is_some() {
+            let pit_vm = vm.clone();
+            i8042 = i8042.with_port_b(PortB::new(Box::new(move || {
                 pit_vm
                     .get_pit2()
                     .is_ok_and(|p| timer2_out(&p.channels[2], monotonic_ns()))
-            })),
-        );
+            })));
+        }
         let c = ctl.clone();
         let debug_exit = DebugExit::new(Box::new(move |s| c.request_exit(VmExit::DebugExit(s))));
         let c = ctl.clone();
