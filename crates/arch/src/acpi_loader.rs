@@ -140,8 +140,11 @@ pub fn firmware_acpi(platform: &AcpiPlatform) -> Result<FirmwareAcpi, AcpiError>
                 ));
             }
         }
-        // Every table but the FACS has a checksum.
+        // Every table but the FACS has a checksum. Its byte starts at zero: OVMF stores the
+        // sum of the range, that byte included, where SeaBIOS subtracts it from the byte; only
+        // from zero do both get it right.
         if &d[0..4] != b"FACS" {
+            blob[at + 9] = 0;
             checksums.push(add_checksum(
                 TABLES_FILE,
                 (at + 9) as u32,
@@ -156,8 +159,10 @@ pub fn firmware_acpi(platform: &AcpiPlatform) -> Result<FirmwareAcpi, AcpiError>
             pointers.push(add_pointer(RSDP_FILE, TABLES_FILE, off as u32, size as u8));
         }
     }
+    rsdp[8] = 0;
     checksums.push(add_checksum(RSDP_FILE, 8, 0, RSDP_V1_LEN));
     if rsdp.len() >= 36 {
+        rsdp[32] = 0;
         checksums.push(add_checksum(RSDP_FILE, 32, 0, rsdp.len() as u32));
     }
 
@@ -181,8 +186,28 @@ mod tests {
     use super::*;
     use crate::acpi::PciAcpi;
 
-    /// Runs a loader script the way firmware does, placing each file at the address given.
+    /// How a firmware applies ADD_CHECKSUM: SeaBIOS subtracts the range's sum from the byte,
+    /// OVMF stores the checksum of the range, the byte included.
+    #[derive(Clone, Copy)]
+    enum Checksums {
+        SeaBios,
+        Ovmf,
+    }
+
+    /// Runs a loader script the way SeaBIOS and OVMF do, placing each file at the address given;
+    /// both must give the same bytes.
     fn run(f: &FirmwareAcpi, tables_at: u64, rsdp_at: u64) -> (Vec<u8>, Vec<u8>) {
+        let seabios = run_as(f, tables_at, rsdp_at, Checksums::SeaBios);
+        assert_eq!(seabios, run_as(f, tables_at, rsdp_at, Checksums::Ovmf));
+        seabios
+    }
+
+    fn run_as(
+        f: &FirmwareAcpi,
+        tables_at: u64,
+        rsdp_at: u64,
+        how: Checksums,
+    ) -> (Vec<u8>, Vec<u8>) {
         let mut tables = f.tables.clone();
         let mut rsdp = f.rsdp.clone();
         let addr = |n: &str| match n {
@@ -230,7 +255,10 @@ mod tests {
                     let sum = d[start..start + len]
                         .iter()
                         .fold(0u8, |a, x| a.wrapping_add(*x));
-                    d[off] = d[off].wrapping_sub(sum);
+                    d[off] = match how {
+                        Checksums::SeaBios => d[off].wrapping_sub(sum),
+                        Checksums::Ovmf => 0u8.wrapping_sub(sum),
+                    };
                 }
                 other => panic!("unknown command {other}"),
             }
@@ -249,7 +277,7 @@ mod tests {
                 last_bus: 0,
             }),
             devices: vec![0x08, b'T', b'D', b'E', b'V', 0x00],
-            legacy_pm: false,
+            legacy_pm: None,
         };
         let f = firmware_acpi(&platform).unwrap();
         assert_eq!(f.loader.len() % COMMAND_LEN, 0);
@@ -279,7 +307,7 @@ mod tests {
             max_cpus: 1,
             pci: None,
             devices: Vec::new(),
-            legacy_pm: false,
+            legacy_pm: None,
         };
         let f = firmware_acpi(&platform).unwrap();
         let at = 0x7ffe_0000u64;
@@ -319,7 +347,7 @@ mod tests {
             max_cpus: 1,
             pci: None,
             devices: Vec::new(),
-            legacy_pm: true,
+            legacy_pm: Some(crate::layout::ACPI_PM1_BASE),
         };
         let f = firmware_acpi(&platform).unwrap();
         for at in [0x7ffe_0000u64, 0x3fff_e040] {
