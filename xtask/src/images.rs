@@ -555,6 +555,13 @@ pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) ->
             a.file(&format!("{}/{fw}", l1::QEMU_DATA), &host)?;
         }
     }
+    // OVMF (package ovmf) where tern and the QEMU scenarios look for it.
+    for fw in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"] {
+        let host = Path::new("/usr/share/OVMF").join(fw);
+        if host.is_file() {
+            a.file(&format!("/usr/share/OVMF/{fw}"), &host)?;
+        }
+    }
     if let Some(tern) = tern {
         add_program(&mut a, l1::TERN, tern)?;
     }

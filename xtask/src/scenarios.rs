@@ -67,6 +67,9 @@ pub struct Scenario {
     /// Boots the real Debian system ([`crate::debian`]) instead of the rig's initramfs guest:
     /// `{kernel}`, `{initrd}` and `{cmdline}` are Debian's, and L1 gets the Debian disk.
     pub debian: bool,
+    /// Run in an L1 whose emulator counts instructions for time (`rig::L0_ICOUNT`): UEFI
+    /// guests, which abort the emulator otherwise.
+    pub l0_icount: bool,
     pub expect: Expect,
 }
 
@@ -297,6 +300,7 @@ const DEFAULT: Scenario = Scenario {
     qemu_machine: "microvm",
     l1_script: None,
     debian: false,
+    l0_icount: false,
     expect: Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
@@ -390,6 +394,114 @@ const QEMU_BIOS_ARGV: &[&str] = &[
     "virtio-rng-pci",
 ];
 
+/// tern with OVMF (`--firmware uefi`), its variables in memory; a guest reset restarts the VM
+/// (OVMF resets once on its first boot with a fresh variable store).
+const TERN_UEFI_ARGV: &[&str] = &[
+    "{tern}",
+    "run",
+    "--firmware",
+    "uefi",
+    "--on-reboot",
+    "restart",
+    "--cpus",
+    "{cpus}",
+    "--memory",
+    "{memory_mib}M",
+    "--serial",
+    "stdio",
+    "--rng",
+];
+
+/// tern with OVMF and a variable file of its own (made from the template), which `debian.sh`
+/// checks OVMF wrote to.
+const TERN_UEFI_VARS_ARGV: &[&str] = &[
+    "{tern}",
+    "run",
+    "--firmware",
+    "uefi",
+    "--uefi-vars",
+    "/tmp/tern-uefi-vars.fd",
+    "--on-reboot",
+    "restart",
+    "--cpus",
+    "{cpus}",
+    "--memory",
+    "{memory_mib}M",
+    "--serial",
+    "stdio",
+    "--rng",
+];
+
+/// QEMU `-M pc` with the same OVMF files as flash: the code read-only, the variables a
+/// throw-away copy of the template (`snapshot=on`). Resets are allowed (no `-no-reboot`): OVMF
+/// resets once on its first boot with a fresh variable store.
+const QEMU_UEFI_ARGV: &[&str] = &[
+    "{qemu}",
+    "-L",
+    "{qemu_data}",
+    "-accel",
+    "kvm",
+    "-M",
+    "pc",
+    "-cpu",
+    "host",
+    "-m",
+    "{memory_mib}",
+    "-smp",
+    "{cpus}",
+    "-nographic",
+    "-nic",
+    "none",
+    "-vga",
+    "none",
+    "-device",
+    "virtio-rng-pci",
+    "-drive",
+    "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "-drive",
+    "if=pflash,format=raw,unit=1,snapshot=on,file=/usr/share/OVMF/OVMF_VARS_4M.fd",
+];
+
+/// The UEFI boots (group `firmware`; `uefi` in the name): the same disk booted by OVMF from its
+/// EFI system partition (`EFI/BOOT/BOOTX64.EFI`, GRUB), under tern and QEMU, 1 and 2 vCPUs.
+fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
+    let uefi = Scenario {
+        groups: &["firmware", "uefi"],
+        l0_icount: true,
+        ..fw.clone()
+    };
+    let mut vars = uefi.clone();
+    vars.expect.require.push("TERN-UEFI-VARS-WRITTEN".into());
+    vec![
+        Scenario {
+            name: "tern-debian-uefi",
+            vmm: Vmm::Tern,
+            argv_override: Some(TERN_UEFI_VARS_ARGV),
+            ..vars
+        },
+        Scenario {
+            name: "tern-debian-uefi-smp",
+            vmm: Vmm::Tern,
+            cpus: 2,
+            argv_override: Some(TERN_UEFI_ARGV),
+            ..uefi.clone()
+        },
+        Scenario {
+            name: "qemu-debian-uefi",
+            vmm: Vmm::Qemu,
+            argv_override: Some(QEMU_UEFI_ARGV),
+            ..uefi.clone()
+        },
+        Scenario {
+            name: "qemu-debian-uefi-smp",
+            vmm: Vmm::Qemu,
+            cpus: 2,
+            argv_override: Some(QEMU_UEFI_ARGV),
+            ..uefi
+        },
+    ]
+}
+
 /// The firmware boots (groups `debian` and `firmware`): the partitioned Debian disk
 /// ([`crate::debian_fw`]) booted by SeaBIOS and GRUB from its master boot record, with Debian's
 /// kernel and initramfs as GRUB finds them, under tern and under QEMU, with 1 and 2 vCPUs.
@@ -426,9 +538,12 @@ fn debian_firmware_scenarios(base: &Scenario) -> Vec<Scenario> {
             vmm: Vmm::Qemu,
             cpus: 2,
             argv_override: Some(QEMU_BIOS_ARGV),
-            ..fw
+            ..fw.clone()
         },
     ]
+    .into_iter()
+    .chain(uefi_scenarios(&fw))
+    .collect()
 }
 
 /// The checks `xtask/l1/scenarios/jail.sh` reports (`TERN-JAIL-PASS <check>:`), listed so a

@@ -670,6 +670,11 @@ pub struct VmConfig {
     /// an image path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<crate::firmware::Firmware>,
+    /// The file holding this VM's UEFI variables (`uefi` firmware only): created from OVMF's
+    /// template when missing, then kept across boots. Without it, variables last as long as
+    /// the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uefi_vars: Option<PathBuf>,
     /// Initial ramdisk.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
@@ -813,6 +818,7 @@ impl Default for VmConfig {
         VmConfig {
             kernel: None,
             firmware: None,
+            uefi_vars: None,
             initrd: None,
             cmdline: None,
             cpus: default_cpus(),
@@ -943,7 +949,7 @@ impl VmConfig {
         match (&self.kernel, &self.firmware) {
             (None, None) => {
                 return Err(ConfigError::Missing(
-                    "kernel (--kernel PATH) or firmware (--firmware bios|PATH)",
+                    "kernel (--kernel PATH) or firmware (--firmware bios|uefi|PATH)",
                 ))
             }
             (Some(_), Some(f)) => {
@@ -959,6 +965,15 @@ impl VmConfig {
                         return Err(invalid("firmware", f, why));
                     }
                 }
+                if let Some(v) = &self.uefi_vars {
+                    if *f != crate::firmware::Firmware::Uefi {
+                        return Err(invalid(
+                            "uefi_vars",
+                            v.display(),
+                            "UEFI variables are for --firmware uefi",
+                        ));
+                    }
+                }
                 for (given, field) in [
                     (self.initrd.is_some(), "initrd"),
                     (self.cmdline.is_some(), "cmdline"),
@@ -972,7 +987,15 @@ impl VmConfig {
                     }
                 }
             }
-            (Some(_), None) => {}
+            (Some(_), None) => {
+                if let Some(v) = &self.uefi_vars {
+                    return Err(invalid(
+                        "uefi_vars",
+                        v.display(),
+                        "UEFI variables are for --firmware uefi",
+                    ));
+                }
+            }
         }
         if !(1..=254).contains(&self.cpus) {
             return Err(invalid("cpus", self.cpus, "must be between 1 and 254"));
@@ -1216,12 +1239,44 @@ mod tests {
     }
 
     #[test]
+    fn uefi_variables_go_with_uefi_only() {
+        let vars = Some(PathBuf::from("/vm/vars.fd"));
+        for (kernel, firmware) in [
+            (Some(PathBuf::from("/k")), None),
+            (None, Some(crate::firmware::Firmware::Bios)),
+        ] {
+            let e = VmConfig {
+                kernel,
+                firmware,
+                uefi_vars: vars.clone(),
+                ..VmConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert_eq!(
+                e,
+                "invalid uefi_vars '/vm/vars.fd': UEFI variables are for --firmware uefi"
+            );
+        }
+        let uefi = VmConfig {
+            firmware: Some(crate::firmware::Firmware::Uefi),
+            uefi_vars: vars,
+            ..VmConfig::default()
+        };
+        match crate::firmware::uefi_files() {
+            Ok(_) => assert_eq!(uefi.validate(), Ok(())),
+            Err(why) => assert!(uefi.validate().unwrap_err().to_string().contains(&why)),
+        }
+    }
+
+    #[test]
     fn validation_names_the_field() {
         assert!(valid().validate().is_ok());
         assert_eq!(
             VmConfig::default().validate(),
             Err(ConfigError::Missing(
-                "kernel (--kernel PATH) or firmware (--firmware bios|PATH)"
+                "kernel (--kernel PATH) or firmware (--firmware bios|uefi|PATH)"
             ))
         );
         let e = VmConfig { cpus: 0, ..valid() }

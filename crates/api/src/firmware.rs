@@ -15,21 +15,35 @@ pub const BIOS_PATHS: &[&str] = &[
     "/usr/share/qemu/bios-256k.bin",
 ];
 
+/// Where tern looks for OVMF (`uefi`): its code image, and the template of the variable store
+/// each VM gets a copy of. Debian's `ovmf` package (the 4 MiB flash layout, Secure Boot off),
+/// then QEMU's data directory.
+pub const UEFI_PATHS: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/qemu/OVMF_CODE_4M.fd",
+        "/usr/share/qemu/OVMF_VARS_4M.fd",
+    ),
+];
+
 /// The firmware of a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Firmware {
     /// SeaBIOS ([`BIOS_PATHS`]): PC BIOS boot from MBR or GPT disks.
     Bios,
-    /// UEFI.
+    /// UEFI: OVMF ([`UEFI_PATHS`]), with its variables in a flash.
     Uefi,
     /// A flat firmware image with an x86 reset vector, mapped so that it ends at 4 GiB.
     Path(PathBuf),
 }
 
 impl Firmware {
-    /// The image file to map: the first of [`BIOS_PATHS`] that exists for `bios`, the path
-    /// itself for a path. `None` for `uefi`, which has no single image.
+    /// The image file to map: the first of [`BIOS_PATHS`] that exists for `bios`, OVMF's code
+    /// for `uefi`, the path itself for a path.
     pub fn image(&self) -> Result<PathBuf, String> {
         match self {
             Firmware::Bios => BIOS_PATHS
@@ -43,10 +57,29 @@ impl Firmware {
                         BIOS_PATHS.join(" and ")
                     )
                 }),
-            Firmware::Uefi => Err("firmware 'uefi': UEFI boot is not available in this tern yet; use 'bios' or the path of a firmware image".into()),
+            Firmware::Uefi => uefi_files().map(|(code, _)| code),
             Firmware::Path(p) => Ok(p.clone()),
         }
     }
+}
+
+/// OVMF's code image and variable store template: the first pair of [`UEFI_PATHS`] where
+/// both exist.
+pub fn uefi_files() -> Result<(PathBuf, PathBuf), String> {
+    UEFI_PATHS
+        .iter()
+        .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
+        .find(|(c, v)| c.exists() && v.exists())
+        .ok_or_else(|| {
+            let looked: Vec<String> = UEFI_PATHS
+                .iter()
+                .map(|(c, v)| format!("{c} with {v}"))
+                .collect();
+            format!(
+                "firmware 'uefi': OVMF is not installed (looked for {}; Debian's package is 'ovmf')",
+                looked.join(", ")
+            )
+        })
 }
 
 impl fmt::Display for Firmware {
@@ -103,10 +136,10 @@ mod tests {
         assert_eq!(j, "\"bios\"");
         let f: Firmware = serde_json::from_str("\"./fw.bin\"").unwrap();
         assert_eq!(f, Firmware::Path("./fw.bin".into()));
-        assert!(Firmware::Uefi
-            .image()
-            .unwrap_err()
-            .contains("not available"));
+        match Firmware::Uefi.image() {
+            Ok(p) => assert!(p.ends_with("OVMF_CODE_4M.fd"), "{}", p.display()),
+            Err(e) => assert!(e.contains("'ovmf'"), "{e}"),
+        }
         assert_eq!(Firmware::Path("/a".into()).image(), Ok(PathBuf::from("/a")));
     }
 }

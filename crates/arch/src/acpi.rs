@@ -81,10 +81,11 @@ pub struct AcpiPlatform {
     /// The devices' own descriptions, in DSDT order: each device renders itself (its
     /// `acpi_tables::Aml`), and the DSDT is `_S5_` followed by these bytes.
     pub devices: Vec<u8>,
-    /// Full ACPI with fixed-hardware PM1 blocks, a PM timer and a FACS (at
-    /// [`ACPI_PM1_BASE`]) instead of hardware-reduced ACPI: for firmware boots, where the OS must
-    /// take over the legacy PIC and PIT from the firmware, which it does only with full ACPI.
-    pub legacy_pm: bool,
+    /// Full ACPI with fixed-hardware PM1 blocks and a PM timer at this port (e.g.
+    /// [`ACPI_PM1_BASE`]), and a FACS, instead of hardware-reduced ACPI: for firmware boots,
+    /// where the OS must take over the legacy PIC and PIT from the firmware, which it does only
+    /// with full ACPI.
+    pub legacy_pm: Option<u64>,
 }
 
 /// One table (or the RSDP) and where it goes in guest memory.
@@ -98,7 +99,7 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
     // The FACS (full ACPI only) first, 64-byte aligned as it must be.
-    let facs = platform.legacy_pm.then(|| {
+    let facs = platform.legacy_pm.map(|_| {
         let at = (next + 63) & !63;
         next = align(at + acpi_tables::facs::FACS::len() as u64);
         (at, bytes(&acpi_tables::facs::FACS::new()))
@@ -119,18 +120,18 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
         .dsdt_64(dsdt_addr)
         .flag(Flags::PwrButton)
         .flag(Flags::ResetRegSup);
-    if let Some((facs_addr, _)) = &facs {
+    if let (Some((facs_addr, _)), Some(pm1_base)) = (&facs, platform.legacy_pm) {
         fadt = fadt.firmware_ctrl_64(*facs_addr);
         fadt.sci_int = ACPI_SCI_IRQ.into();
         let blk = |off: u64, len: u8| {
             (
-                ((ACPI_PM1_BASE + off) as u32).into(),
+                ((pm1_base + off) as u32).into(),
                 GAS::new(
                     AddressSpace::SystemIo,
                     len * 8,
                     0,
                     AccessSize::Undefined,
-                    ACPI_PM1_BASE + off,
+                    pm1_base + off,
                 ),
             )
         };
@@ -277,7 +278,7 @@ mod tests {
                     ecam_base: 0xe000_0000,
                     last_bus: 0,
                 }),
-                legacy_pm: false,
+                legacy_pm: None,
             };
             let (pieces, rsdp_addr) = build(&platform).unwrap();
             let find = |sig: &[u8]| {

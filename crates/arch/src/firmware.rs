@@ -33,6 +33,9 @@ pub enum FirmwareError {
     /// The last 16 bytes hold no jump instruction.
     #[error("it has no x86 reset vector (no jump in its last 16 bytes)")]
     NoResetVector,
+    /// A UEFI variable store that is empty, not in 4 KiB blocks, or too large beside the code.
+    #[error("{0} bytes is not a UEFI variable store size (4 KiB blocks, code and variables 16 MiB at most)")]
+    VarsSize(u64),
 }
 
 /// Checks that `image` can be a flat x86 firmware image: its size, and a jump at its reset
@@ -54,6 +57,18 @@ pub fn check_image(image: &[u8]) -> Result<(), FirmwareError> {
 /// Guest address of an image of `len` bytes: it ends at 4 GiB.
 pub fn rom_base(len: u64) -> u64 {
     RAM_64BIT_START - len
+}
+
+/// Checks a UEFI variable store of `vars_len` bytes for a code image of `code_len` bytes, and
+/// returns its guest address: right below the code, as OVMF's flash layout has it.
+pub fn vars_base(code_len: u64, vars_len: u64) -> Result<u64, FirmwareError> {
+    if vars_len == 0
+        || !vars_len.is_multiple_of(4096)
+        || code_len.saturating_add(vars_len) > FIRMWARE_MAX_SIZE
+    {
+        return Err(FirmwareError::VarsSize(vars_len));
+    }
+    Ok(rom_base(code_len) - vars_len)
 }
 
 /// Where the copy of the image's top below 1 MiB goes, and which bytes of `image` it holds.
@@ -113,6 +128,25 @@ mod tests {
             Err(FirmwareError::Size((256 << 10) + 512))
         );
         assert!(check_image(&image(32 << 20)).is_err());
+    }
+
+    #[test]
+    fn the_uefi_64_bit_window_is_ovmfs() {
+        // OVMF with 40 physical address bits put its 64-bit BARs at 0xe0_0000_0000.
+        assert_eq!(uefi_pci_mmio64(40), 0xe0_0000_0000..0x100_0000_0000);
+        assert_eq!(uefi_pci_mmio64(48).end, 1 << 48);
+        assert_eq!(uefi_pci_mmio64(0), uefi_pci_mmio64(36));
+        assert_eq!(uefi_pci_mmio64(99), uefi_pci_mmio64(52));
+    }
+
+    #[test]
+    fn uefi_variables_sit_below_the_code() {
+        // OVMF's 4 MiB layout: 528 KiB of variables, then the code up to 4 GiB.
+        let (code, vars) = (0x37c000, 0x84000);
+        assert_eq!(vars_base(code, vars), Ok(0xffc0_0000));
+        for bad in [0, 4095, 13 << 20] {
+            assert_eq!(vars_base(code, bad), Err(FirmwareError::VarsSize(bad)));
+        }
     }
 
     #[test]

@@ -94,6 +94,16 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_PM1_BASE: u64 = 0x600;
 /// ISA interrupt of the ACPI SCI (declared for a firmware boot's full ACPI; never raised).
 pub const ACPI_SCI_IRQ: u16 = 9;
+/// The 64-bit PCI window of a UEFI-booted VM whose vCPUs have `phys_bits` physical address
+/// bits: the top eighth of the address space, where OVMF puts its 64-bit PCI aperture.
+pub fn uefi_pci_mmio64(phys_bits: u8) -> std::ops::Range<u64> {
+    let bits = u32::from(phys_bits.clamp(36, 52));
+    (1u64 << bits) - (1u64 << (bits - 3))..1u64 << bits
+}
+
+/// The PM1 blocks and PM timer of a UEFI-booted VM: where OVMF expects a PIIX4's (its
+/// shutdown writes there whatever the tables say).
+pub const UEFI_ACPI_PM1_BASE: u64 = 0xb000;
 /// 32-bit PCI MMIO window (BARs), the low part of the MMIO hole.
 pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
 /// End (exclusive) of the 32-bit PCI MMIO window.

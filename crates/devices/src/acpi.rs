@@ -69,7 +69,7 @@ const PM_TIMER_HZ: u128 = 3_579_545;
 
 /// The fixed-hardware ACPI PM1 registers and PM timer a firmware-booted VM has: an OS that
 /// finds full (not hardware-reduced) ACPI also takes over the legacy PIC and PIT the firmware
-/// used. Writing SLP_EN with the `_S5_` sleep type powers off. No fixed event is ever raised
+/// used. Writing SLP_EN with the `_S5_` sleep type (or 0, the PIIX4's) powers off. No fixed event is ever raised
 /// (the power button is the GED's), so the SCI stays quiet.
 pub struct Pm1Block {
     s5_sleep_type: u8,
@@ -107,6 +107,9 @@ impl Pm1Block {
 
 impl BusDevice for Pm1Block {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset < 8 {
+            tracing::debug!("ACPI PM1: read of {} bytes at +{offset}", data.len());
+        }
         let img = self.image();
         for (i, d) in data.iter_mut().enumerate() {
             *d = usize::try_from(offset)
@@ -118,6 +121,7 @@ impl BusDevice for Pm1Block {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!("ACPI PM1: write {data:02x?} at +{offset}");
         let mut img = self.image();
         let mut cleared = [0u8; 2];
         for (i, &v) in data.iter().enumerate() {
@@ -135,7 +139,9 @@ impl BusDevice for Pm1Block {
         self.en = u16::from_le_bytes([img[2], img[3]]);
         let cnt = u16::from_le_bytes([img[4], img[5]]);
         self.cnt = cnt & !PM1_SLP_EN;
-        if cnt & PM1_SLP_EN != 0 && ((cnt >> 10) & 0x7) as u8 == self.s5_sleep_type {
+        let typ = ((cnt >> 10) & 0x7) as u8;
+        // Type 0 is the PIIX4's S5, which OVMF's ResetSystem writes whatever `_S5_` says.
+        if cnt & PM1_SLP_EN != 0 && (typ == self.s5_sleep_type || typ == 0) {
             (self.on_request)(PmRequest::PowerOff);
         }
     }
@@ -212,6 +218,8 @@ mod tests {
         assert!(reqs.lock().unwrap().is_empty());
         pm.write(4, &((5u16 << 10) | PM1_SLP_EN).to_le_bytes());
         assert_eq!(*reqs.lock().unwrap(), vec![PmRequest::PowerOff]);
+        pm.write(4, &PM1_SLP_EN.to_le_bytes());
+        assert_eq!(reqs.lock().unwrap().len(), 2, "type 0 (OVMF's shutdown)");
         pm.write(2, &0x0100u16.to_le_bytes());
         pm.read(2, &mut b);
         assert_eq!(u16::from_le_bytes(b), 0x0100);

@@ -214,6 +214,7 @@ impl<M: GuestMemory> FwCfg<M> {
     }
 
     fn select(&mut self, key: u16) {
+        tracing::debug!("fw_cfg: item {key:#06x} selected");
         self.selected = key;
         self.offset = 0;
     }

@@ -5,6 +5,7 @@
 
 pub mod acpi;
 pub mod bus;
+pub mod flash;
 pub mod fw_cfg;
 pub mod legacy;
 pub mod pci;

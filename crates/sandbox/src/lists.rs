@@ -286,6 +286,8 @@ const VMM: &[Rule] = &[
     any("poll"),
     any("ppoll"),
     any("memfd_create"),
+    // The UEFI variable flash goes back to its file when its VM ends (`devices::flash`).
+    any("msync"),
     any("mincore"),
     any("madvise"),
     any("mlock"),

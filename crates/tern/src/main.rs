@@ -160,10 +160,14 @@ struct RunArgs {
     /// Kernel: a bzImage or an ELF vmlinux (PVH entry when the ELF has a PVH note).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Boot through firmware from the VM's disks instead of a kernel: bios (SeaBIOS) or the
-    /// path of a firmware image.
-    #[arg(long, value_name = "bios|PATH")]
+    /// Boot through firmware from the VM's disks instead of a kernel: bios (SeaBIOS), uefi
+    /// (OVMF) or the path of a firmware image.
+    #[arg(long, value_name = "bios|uefi|PATH")]
     firmware: Option<api::firmware::Firmware>,
+    /// With --firmware uefi: the file keeping this VM's UEFI variables across boots (created
+    /// from OVMF's template when missing).
+    #[arg(long, value_name = "PATH")]
+    uefi_vars: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -267,6 +271,7 @@ impl RunArgs {
     fn vm_flags_given(&self) -> bool {
         self.initrd.is_some()
             || self.firmware.is_some()
+            || self.uefi_vars.is_some()
             || self.cmdline.is_some()
             || self.cpus.is_some()
             || self.max_cpus.is_some()
@@ -301,6 +306,9 @@ impl RunArgs {
         }
         if let Some(v) = self.firmware {
             c.firmware = Some(v);
+        }
+        if let Some(v) = self.uefi_vars {
+            c.uefi_vars = Some(v);
         }
         if let Some(v) = self.initrd {
             c.initrd = Some(v);

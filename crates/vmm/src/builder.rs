@@ -342,7 +342,11 @@ fn build_rest(
                 virtio.devices,
                 &ids,
                 &config.pci_slots,
-                arch::layout::pci_mmio32(config.firmware.is_some()),
+                (
+                    arch::layout::pci_mmio32(config.firmware.is_some()),
+                    crate::firmware::is_uefi(config)
+                        .then(|| arch::layout::uefi_pci_mmio64(crate::host::phys_bits())),
+                ),
             )?);
             pci_hotplug = Some(crate::pci_hotplug::attach(&vm, &mut dm)?);
             pci = Some(arch::acpi::PciAcpi {
@@ -357,15 +361,26 @@ fn build_rest(
         max_cpus: config.effective_max_cpus() as u8,
         pci,
         devices: dm.dsdt(),
-        legacy_pm: firmware.is_some(),
+        legacy_pm: firmware
+            .is_some()
+            .then(|| crate::firmware::pm1_base(config)),
     };
+    if crate::firmware::is_uefi(config) {
+        if let Some(b) = &pci_bus {
+            b.set_pc_identity(arch::layout::UEFI_ACPI_PM1_BASE as u16);
+        }
+    }
     // A firmware reads the tables and the memory map through fw_cfg, and starts the vCPUs
     // from their reset state.
-    if let Some((image, fresh)) = &firmware {
+    if let Some((mut image, fresh)) = firmware {
         let slots = pci_bus.as_ref().map(|b| b.slots()).unwrap_or_default();
         crate::firmware::attach(config, &mem, &acpi, &slots, &mut dm)?;
-        if *fresh {
-            crate::firmware::copy_legacy_alias(&mem, image)?;
+        crate::firmware::attach_flash(&vm, &mut image, &mut dm)?;
+        if fresh {
+            // OVMF runs from its flash; SeaBIOS also from a copy below 1 MiB.
+            if !crate::firmware::is_uefi(config) {
+                crate::firmware::copy_legacy_alias(&mem, &image)?;
+            }
             tracing::info!("firmware {} mapped", image.path.display());
             if let Some(why) = crate::host::emulation_backed_kvm() {
                 eprintln!(

@@ -57,6 +57,19 @@ pub fn named_files(c: &VmConfig) -> Result<Vec<Named>, String> {
     if let Some(image) = c.firmware.as_ref().and_then(|f| f.image().ok()) {
         out.push(named(&image, Use::Read, "the firmware".into()));
     }
+    // UEFI: the variable store template, and the VM's own variable file (made if missing).
+    if c.firmware == Some(::api::firmware::Firmware::Uefi) {
+        if let Ok((_, template)) = ::api::firmware::uefi_files() {
+            out.push(named(
+                &template,
+                Use::Read,
+                "the UEFI variable template".into(),
+            ));
+        }
+        if let Some(v) = &c.uefi_vars {
+            out.push(named(v, Use::Output, "the UEFI variable file".into()));
+        }
+    }
     for (i, d) in c.disks.iter().enumerate() {
         let usage = if d.readonly {
             Use::Read

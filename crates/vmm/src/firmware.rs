@@ -4,6 +4,12 @@
 //! how tern notices "No bootable device." and stops with one line instead of a guest that
 //! retries for ever.
 //!
+//! UEFI (`--firmware uefi`) is OVMF as a PC runs it: its code read-only below 4 GiB, its
+//! variable store right below the code in a flash ([`devices::flash`]) backed by the VM's
+//! variable file (`--uefi-vars`) or a private copy of OVMF's template, and the PC chipset
+//! identity OVMF recognises (an i440FX host bridge and the PIIX4's power-management block at
+//! [`arch::layout::UEFI_ACPI_PM1_BASE`]).
+//!
 //! The vCPUs start in their reset state (real mode at 0xffff_fff0); tern loads no kernel and
 //! writes no boot tables.
 
@@ -11,6 +17,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use api::firmware::Firmware;
+use devices::flash::{FlashMemory, Pflash};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -26,8 +34,29 @@ use crate::error::{kvm_err, setup, VmmError};
 
 /// KVM memory slot of the firmware image (RAM takes slots from 0, one per region).
 const ROM_SLOT: u32 = 100;
-/// What SeaBIOS prints on its console (COM1) when it has tried every boot device.
-pub const NO_BOOT_DEVICE: &str = "No bootable device";
+/// KVM memory slot of the UEFI variable flash, while the guest may read it directly.
+const FLASH_SLOT: u32 = 101;
+/// What a firmware prints on its console (COM1) when it has tried every boot device: SeaBIOS,
+/// OVMF's boot manager, and OVMF's built-in shell, which it starts when no disk booted.
+pub const NO_BOOT_DEVICE: &[&str] = &[
+    "No bootable device",
+    "No bootable option or device was found",
+    "UEFI Interactive Shell",
+];
+
+/// Whether `config` boots through UEFI.
+pub fn is_uefi(config: &VmConfig) -> bool {
+    config.firmware == Some(Firmware::Uefi)
+}
+
+/// Where a firmware VM's ACPI PM1 blocks and PM timer are.
+pub fn pm1_base(config: &VmConfig) -> u64 {
+    if is_uefi(config) {
+        arch::layout::UEFI_ACPI_PM1_BASE
+    } else {
+        arch::layout::ACPI_PM1_BASE
+    }
+}
 
 /// Ends the VM with one line when the firmware says it found nothing to boot, instead of
 /// letting it retry for ever.
@@ -47,6 +76,8 @@ pub struct FirmwareImage {
     pub path: PathBuf,
     /// Its bytes.
     pub bytes: Vec<u8>,
+    /// UEFI: the variable store, until [`attach_flash`] hands it to the flash device.
+    pub vars: Option<FlashMemory>,
 }
 
 /// Reads and checks the image of `config`'s firmware, if it has one.
@@ -62,7 +93,152 @@ pub fn read(config: &VmConfig) -> Result<Option<FirmwareImage>, VmmError> {
     })?;
     arch::firmware::check_image(&bytes)
         .map_err(|e| VmmError::Setup(format!("firmware {}: {e}", path.display())))?;
-    Ok(Some(FirmwareImage { path, bytes }))
+    let vars = match fw {
+        Firmware::Uefi => Some(read_vars(config, bytes.len() as u64)?),
+        _ => None,
+    };
+    Ok(Some(FirmwareImage { path, bytes, vars }))
+}
+
+/// The UEFI variable store: the VM's variable file (made from OVMF's template if missing), or
+/// a private copy of the template.
+fn read_vars(config: &VmConfig, code_len: u64) -> Result<FlashMemory, VmmError> {
+    let (_, template_path) = api::firmware::uefi_files().map_err(VmmError::Setup)?;
+    let template = std::fs::read(&template_path).map_err(|err| VmmError::File {
+        what: "UEFI variable template",
+        path: template_path.display().to_string(),
+        err,
+    })?;
+    arch::firmware::vars_base(code_len, template.len() as u64).map_err(|e| {
+        setup(format!(
+            "UEFI variable template {}: {e}",
+            template_path.display()
+        ))
+    })?;
+    let Some(path) = &config.uefi_vars else {
+        return process_vars(&template)
+            .and_then(FlashMemory::shared)
+            .map_err(|e| setup(format!("cannot map the UEFI variables: {e}")));
+    };
+    let file_err = |err| VmmError::File {
+        what: "UEFI variable file",
+        path: path.display().to_string(),
+        err,
+    };
+    create_vars_file(path, &template).map_err(file_err)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(file_err)?;
+    let len = file.metadata().map_err(file_err)?.len();
+    if len != template.len() as u64 {
+        return Err(setup(format!(
+            "UEFI variable file {}: {len} bytes, but OVMF's variable store ({}) is {} bytes",
+            path.display(),
+            template_path.display(),
+            template.len()
+        )));
+    }
+    FlashMemory::shared(file).map_err(file_err)
+}
+
+/// Without a variable file, the variables live as long as this tern process: a guest reset
+/// that rebuilds the VM (`--on-reboot restart`) finds them as they were, as a PC's flash keeps
+/// its contents across resets. OVMF relies on that: on its first boot with a fresh store it
+/// records its memory settings and resets once. An anonymous file (memfd), made from the
+/// template the first time.
+fn process_vars(template: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    static VARS: Mutex<Option<std::fs::File>> = Mutex::new(None);
+    let mut vars = VARS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = vars
+        .as_ref()
+        .filter(|f| f.metadata().is_ok_and(|m| m.len() == template.len() as u64))
+    {
+        return f.try_clone();
+    }
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"tern-uefi-vars".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(template)?;
+    *vars = Some(f.try_clone()?);
+    Ok(f)
+}
+
+/// Makes `path` a copy of `template` (mode 0600) unless it exists: written beside it under
+/// another name, then linked into place, so that a VM never sees a half-written file and an
+/// existing file is never replaced.
+fn create_vars_file(path: &std::path::Path, template: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tern-new-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(template)?;
+        f.sync_all()?;
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// Maps the UEFI variable store of `image` below its code, for the guest to read directly,
+/// and puts the flash device that takes its writes on the MMIO bus (as device `uefi-vars`,
+/// whose saved state holds the variables).
+pub fn attach_flash(
+    vm: &Arc<VmFd>,
+    image: &mut FirmwareImage,
+    dm: &mut DeviceManager,
+) -> Result<(), VmmError> {
+    let Some(vars) = image.vars.take() else {
+        return Ok(());
+    };
+    let len = vars.len() as u64;
+    let base = arch::firmware::vars_base(image.bytes.len() as u64, len)
+        .map_err(|e| setup(format!("UEFI variables: {e}")))?;
+    let region = kvm_userspace_memory_region {
+        slot: FLASH_SLOT,
+        flags: KVM_MEM_READONLY,
+        guest_phys_addr: base,
+        memory_size: len,
+        userspace_addr: vars.host_address(),
+    };
+    // SAFETY: the mapping lives in the flash device, which the VM keeps as long as its fd.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map the UEFI variables"))?;
+    let v = vm.clone();
+    let set_direct = Box::new(move |direct: bool| {
+        let r = kvm_userspace_memory_region {
+            memory_size: if direct { len } else { 0 },
+            ..region
+        };
+        // SAFETY: as above; a size of 0 removes the slot.
+        if let Err(e) = unsafe { v.set_user_memory_region(r) } {
+            tracing::error!("cannot switch the UEFI variable flash (direct reads {direct}): {e}");
+        }
+    });
+    let flash = Arc::new(Mutex::new(Pflash::new(vars, set_direct)));
+    dm.add_mmio("uefi-vars", flash.clone(), base, len)?;
+    dm.describe("uefi-vars", "the UEFI variable flash")
+        .component = Some(flash);
+    Ok(())
 }
 
 /// The firmware image mapped into the guest, read-only: kept as long as the VM.
@@ -166,6 +342,8 @@ pub fn attach(
         // SeaBIOS would move 64-bit BARs above 4 GiB when the VM has RAM there; tern's BAR
         // window is below 4 GiB ([`arch::layout::pci_mmio32`]).
         ("opt/org.seabios/pci64", b"0".to_vec()),
+        // OVMF likewise: no 64-bit PCI aperture, so 64-bit BARs stay in the 32-bit window.
+        ("opt/ovmf/X-PciMmio64Mb", b"0".to_vec()),
     ];
     // 64-bit BARs go above the hotpluggable memory, not into it.
     if let Some((at, len)) = arch::memory::hotplug_region(config.memory.0, config.hotplug_memory())
@@ -205,7 +383,7 @@ mod tests {
     #[test]
     fn boot_order_follows_the_disks() {
         let mut c = VmConfig {
-            firmware: Some(api::firmware::Firmware::Bios),
+            firmware: Some(Firmware::Bios),
             ..VmConfig::default()
         };
         for p in ["/a.img", "/b.img"] {

@@ -16,3 +16,13 @@ pub fn emulation_backed_kvm() -> Option<String> {
     }
     None
 }
+
+/// The physical address bits this host's CPUs have (CPUID 0x8000_0008), which KVM passes on to
+/// the guest's vCPUs unchanged; 36 if the leaf is missing.
+pub fn phys_bits() -> u8 {
+    let max = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max < 0x8000_0008 {
+        return 36;
+    }
+    (std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8
+}

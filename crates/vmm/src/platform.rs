@@ -89,10 +89,9 @@ impl Platform {
         let serial_irq = irqfd(vm, COM1_IRQ, "register serial irqfd")?;
         let mut out = SerialOut::new(sink, panic_seen.clone());
         if config.firmware.is_some() {
-            out.watch_for(
-                crate::firmware::NO_BOOT_DEVICE,
-                crate::firmware::no_boot_device(ctl),
-            );
+            for text in crate::firmware::NO_BOOT_DEVICE {
+                out.watch_for(text, crate::firmware::no_boot_device(ctl));
+            }
         }
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             EventFdTrigger(serial_irq),
@@ -166,7 +165,7 @@ impl Platform {
             dm.add_pio(
                 "acpi-pm1",
                 Arc::new(Mutex::new(pm1)),
-                ACPI_PM1_BASE,
+                crate::firmware::pm1_base(config),
                 devices::acpi::PM1_BLOCK_LEN,
             )?;
         }

@@ -99,7 +99,7 @@ fn run_loop(
     let mut shell = shell;
     let Some(mut config) = config else {
         return Err(crate::config::ConfigError::Missing(
-            "kernel (--kernel PATH) or firmware (--firmware bios|PATH)",
+            "kernel (--kernel PATH) or firmware (--firmware bios|uefi|PATH)",
         )
         .into());
     };
@@ -244,6 +244,11 @@ fn run_loop(
         if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
             tracing::info!("guest rebooted; restarting the VM");
             continue;
+        }
+        if exit == VmExit::Reset && crate::firmware::is_uefi(&config) {
+            eprintln!(
+                "tern: the guest reset and tern exits (--on-reboot exit); OVMF resets once on its first boot with a fresh variable store, so UEFI VMs want --on-reboot restart"
+            );
         }
         return Ok(exit);
     }

@@ -136,7 +136,11 @@ impl PciBus {
         routing: &Arc<GsiRouting>,
         dm: &mut DeviceManager,
         mmio32: Range<u64>,
+        mmio64: Option<Range<u64>>,
     ) -> Result<Self, VmmError> {
+        // tern places every BAR in the 32-bit window; a 64-bit window is where the firmware
+        // may move them (it takes them out of the 32-bit window as it goes: were tern to start
+        // them where the firmware puts others, a BAR would land on another one's range).
         let windows = PciWindows {
             mmio32: mmio32.clone(),
             mmio64: None,
@@ -149,15 +153,18 @@ impl PciBus {
         let functions: Functions = Arc::default();
         {
             let (vm, window, functions) = (vm.clone(), window.clone(), functions.clone());
-            let range = mmio32.clone();
+            let ranges: Vec<Range<u64>> = std::iter::once(mmio32.clone())
+                .chain(mmio64.clone())
+                .collect();
             lock(&root).set_relocation_notifier(Box::new(move |r| {
-                follow_bar_move(&vm, (&window, &range), &functions, r)
+                follow_bar_move(&vm, (&window, &ranges), &functions, r)
             }));
         }
         const ROOT: &str = "pci-root";
         dm.describe(ROOT, "the PCI root complex").acpi = Some(Box::new(HostBridgeAcpi {
             last_bus: (arch::layout::PCI_ECAM_BUSES - 1) as u8,
             mmio32: (mmio32.start, mmio32.end),
+            mmio64: mmio64.as_ref().map(|r| (r.start, r.end)),
             intx: (1..32u8)
                 .map(|slot| (slot, arch::layout::pci_intx_gsi(slot)))
                 .collect(),
@@ -174,12 +181,10 @@ impl PciBus {
             arch::layout::PCI_ECAM_START,
             ECAM_BUS_SIZE,
         )?;
-        dm.add_mmio_window(
-            ROOT,
-            window.clone(),
-            mmio32.start,
-            mmio32.end - mmio32.start,
-        )?;
+        // One bus for both windows: its addresses are absolute.
+        for r in std::iter::once(&mmio32).chain(mmio64.as_ref()) {
+            dm.add_mmio_window(ROOT, window.clone(), r.start, r.end - r.start)?;
+        }
         Ok(PciBus {
             vm: vm.clone(),
             mem: mem.clone(),
@@ -376,7 +381,7 @@ impl PciBus {
 /// the BAR, with the root locked.
 fn follow_bar_move(
     vm: &VmFd,
-    (window, window_range): (&RwLock<Bus>, &Range<u64>),
+    (window, window_ranges): (&RwLock<Bus>, &[Range<u64>]),
     functions: &Mutex<BTreeMap<u8, Function>>,
     r: &BarRelocation,
 ) {
@@ -396,10 +401,11 @@ fn follow_bar_move(
         if w.holds_at(old, &bar.dev) {
             w.remove(old);
         }
-        let inside = r
-            .new_addr
-            .checked_add(bar.size)
-            .is_some_and(|end| window_range.contains(&r.new_addr) && end <= window_range.end);
+        let inside = r.new_addr.checked_add(bar.size).is_some_and(|end| {
+            window_ranges
+                .iter()
+                .any(|w| w.contains(&r.new_addr) && end <= w.end)
+        });
         let placed = if inside {
             w.insert(bar.dev.clone(), r.new_addr, bar.size)
                 .map_err(|e| e.to_string())
@@ -450,7 +456,7 @@ fn follow_bar_move(
 /// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and plugs each
 /// device in as a virtio-pci function with MSI-X and INTx, `ids[i]` (id, name) of `dm`: at the
 /// slot `slots` records for its id (a VM rebuilt from a snapshot or a migration), the others
-/// in the first free slots, in order. BARs live in `mmio32`.
+/// in the first free slots, in order. BARs live in `mmio32`, and 64-bit ones also in `mmio64`.
 #[allow(clippy::too_many_arguments)]
 pub fn attach_pci(
     vm: &Arc<VmFd>,
@@ -460,10 +466,10 @@ pub fn attach_pci(
     devices: Vec<Box<dyn VirtioDevice>>,
     ids: &[(String, String)],
     slots: &BTreeMap<String, u8>,
-    mmio32: Range<u64>,
+    (mmio32, mmio64): (Range<u64>, Option<Range<u64>>),
 ) -> Result<PciBus, VmmError> {
     check_ids(&devices, ids)?;
-    let bus = PciBus::new(vm, mem, routing, dm, mmio32)?;
+    let bus = PciBus::new(vm, mem, routing, dm, mmio32, mmio64)?;
     let mut plugged: Vec<Option<Arc<Mutex<VirtioPciDevice>>>> = ids.iter().map(|_| None).collect();
     let (hinted, rest): (Vec<_>, Vec<_>) = devices
         .into_iter()
@@ -480,6 +486,11 @@ pub fn attach_pci(
 }
 
 impl PciBus {
+    /// Gives the root the PC identity OVMF needs ([`PciRoot::set_pc_identity`]).
+    pub fn set_pc_identity(&self, pm_base: u16) {
+        lock(&self.root).set_pc_identity(pm_base);
+    }
+
     /// Each function's slot, by id.
     pub fn slots(&self) -> BTreeMap<String, u8> {
         lock(&self.functions)

@@ -38,6 +38,18 @@ esac
 "$@" </dev/null
 rc=$?
 rm -f "$overlay"
+# A VM given a UEFI variable file: OVMF must have written its boot entries there.
+case " $* " in
+    *" --uefi-vars "*)
+        vars=$(printf '%s\n' "$@" | sed -n '/^--uefi-vars$/{n;p}')
+        if [ -f "$vars" ] && ! cmp -s "$vars" /usr/share/OVMF/OVMF_VARS_4M.fd; then
+            echo "TERN-UEFI-VARS-WRITTEN $vars"
+        else
+            echo "TERN-DEBIAN-FAIL OVMF wrote nothing to $vars"
+        fi
+        rm -f "$vars"
+        ;;
+esac
 if [ "$rc" = 0 ]; then
     echo "TERN-DEBIAN-OK"
 else

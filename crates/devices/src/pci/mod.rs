@@ -135,6 +135,8 @@ pub struct HostBridgeAcpi {
     pub last_bus: u8,
     /// The 32-bit MMIO window: start and end (exclusive).
     pub mmio32: (u64, u64),
+    /// A window above 4 GiB, if any: start and end (exclusive).
+    pub mmio64: Option<(u64, u64)>,
     /// (slot, GSI) of each slot's INTA#.
     pub intx: Vec<(u8, u32)>,
 }
@@ -159,10 +161,20 @@ impl acpi_tables::Aml for HostBridgeAcpi {
             (self.mmio32.1 - 1) as u32,
             None,
         );
-        let crs = aml::Name::new(
-            "_CRS".into(),
-            &aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_lo, &io_hi, &mem32]),
-        );
+        let mem64 = self.mmio64.map(|(start, end)| {
+            aml::AddressSpace::new_memory(
+                aml::AddressSpaceCacheable::NotCacheable,
+                true,
+                start,
+                end - 1,
+                None,
+            )
+        });
+        let mut resources: Vec<&dyn Aml> = vec![&buses, &cfg_io, &io_lo, &io_hi, &mem32];
+        if let Some(m) = &mem64 {
+            resources.push(m);
+        }
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources));
         let rows: Vec<(u32, u32)> = self
             .intx
             .iter()

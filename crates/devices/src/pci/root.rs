@@ -29,6 +29,20 @@ pub const PCI_SLOTS: usize = 32;
 const HOST_BRIDGE_VENDOR: u16 = 0x8086;
 const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
 const HOST_BRIDGE_CLASS: u32 = 0x06_00_00;
+/// The i440FX host bridge's device ID, which a PC firmware (OVMF) recognises.
+const I440FX_DEVICE: u16 = 0x1237;
+/// Where the PIIX4 power-management function sits (00:01.3) and its identity.
+const PIIX4_PM_BDF: PciBdf = PciBdf {
+    bus: 0,
+    device: 1,
+    function: 3,
+};
+const PIIX4_PM_DEVICE: u16 = 0x7113;
+const PIIX4_PM_CLASS: u32 = 0x06_80_00;
+/// PIIX4 PM: the PM I/O base register (bit 0 reads as one: an I/O address).
+const PIIX4_PMBA: usize = 0x40;
+/// PIIX4 PM: miscellaneous power management, bit 0 = PM I/O space enabled.
+const PIIX4_PMREGMISC: usize = 0x80;
 
 /// Config address register: enable bit.
 const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
@@ -112,6 +126,8 @@ pub struct PciRoot {
     on_relocation: Option<RelocationNotifier>,
     /// Where [`attach_at`](Self::attach_at) placed each slot's BARs, to give back on detach.
     placed: Vec<Vec<(BarInfo, u64)>>,
+    /// The PIIX4 PM function's configuration space, on a PC-identity root.
+    piix4_pm: Option<Box<[u8; 256]>>,
 }
 
 impl PciRoot {
@@ -132,7 +148,29 @@ impl PciRoot {
             relocations: Vec::new(),
             on_relocation: None,
             placed: (0..PCI_SLOTS).map(|_| Vec::new()).collect(),
+            piix4_pm: None,
         })
+    }
+
+    /// Makes the root look like the PC chipset OVMF (the UEFI firmware of a PC) supports: the
+    /// host bridge reads as an i440FX, and 00:01.3 as the PIIX4 power-management function with
+    /// its PM I/O block already enabled at `pm_base` (read-only: firmware and OS take it as
+    /// found). Only OVMF reads that function; with no function 0 at 00:01, operating systems
+    /// never enumerate it.
+    pub fn set_pc_identity(&mut self, pm_base: u16) {
+        self.host_bridge = PciConfiguration::new(&PciHeader {
+            vendor_id: HOST_BRIDGE_VENDOR,
+            device_id: I440FX_DEVICE,
+            class_code: HOST_BRIDGE_CLASS,
+            ..Default::default()
+        });
+        let mut c = Box::new([0u8; 256]);
+        c[0..2].copy_from_slice(&HOST_BRIDGE_VENDOR.to_le_bytes());
+        c[2..4].copy_from_slice(&PIIX4_PM_DEVICE.to_le_bytes());
+        c[8..12].copy_from_slice(&(PIIX4_PM_CLASS << 8).to_le_bytes());
+        c[PIIX4_PMBA..PIIX4_PMBA + 4].copy_from_slice(&(u32::from(pm_base) | 1).to_le_bytes());
+        c[PIIX4_PMREGMISC] = 1;
+        self.piix4_pm = Some(c);
     }
 
     /// Attaches `dev` at the first free slot and places its BARs; returns its address.
@@ -276,6 +314,13 @@ impl PciRoot {
             match &dev {
                 Target::HostBridge => self.host_bridge.read(r, chunk),
                 Target::Device(d) => lock(d).config_read(r, chunk),
+                Target::Piix4Pm => {
+                    let c = self.piix4_pm.as_deref();
+                    let at = usize::from(r);
+                    for (i, b) in chunk.iter_mut().enumerate() {
+                        *b = c.and_then(|c| c.get(at + i)).copied().unwrap_or(0);
+                    }
+                }
                 Target::None => chunk.fill(0xff),
             }
         });
@@ -300,7 +345,7 @@ impl PciRoot {
                         moves.push(m);
                     }
                 }
-                Target::None => {}
+                Target::Piix4Pm | Target::None => {}
             }
         });
         for m in moves {
@@ -332,6 +377,9 @@ impl PciRoot {
     }
 
     fn target(&self, bdf: PciBdf) -> Target {
+        if bdf == PIIX4_PM_BDF && self.piix4_pm.is_some() {
+            return Target::Piix4Pm;
+        }
         if bdf.bus != 0 || bdf.function != 0 {
             return Target::None;
         }
@@ -349,6 +397,7 @@ enum Target {
     None,
     HostBridge,
     Device(Arc<Mutex<dyn PciDevice>>),
+    Piix4Pm,
 }
 
 /// Calls `f(reg, range_in_data)` for each piece of `[reg, reg + len)` that stays within one
@@ -654,6 +703,29 @@ mod tests {
         let mut d = [0u8; 4];
         io.read(offset, &mut d[..len]);
         u32::from_le_bytes(d)
+    }
+
+    /// A PC-identity root: an i440FX host bridge and a read-only PIIX4 PM function at 00:01.3
+    /// beside whatever device has slot 1; a plain root has neither.
+    #[test]
+    fn pc_identity() {
+        let (plain, _) = root_with(1);
+        let mut io = PciConfigIo::new(plain.clone());
+        cf8(&mut io, 0, 1, 3, 0);
+        assert_eq!(io_read(&mut io, 4, 4), 0xffff_ffff);
+        plain.lock().unwrap().set_pc_identity(0xb000);
+        cf8(&mut io, 0, 0, 0, 0);
+        assert_eq!(io_read(&mut io, 4, 4), 0x1237_8086);
+        cf8(&mut io, 0, 1, 3, 0);
+        assert_eq!(io_read(&mut io, 4, 4), 0x7113_8086);
+        cf8(&mut io, 0, 1, 3, 0x40);
+        io.write(4, &0x0600_0001u32.to_le_bytes());
+        assert_eq!(io_read(&mut io, 4, 4), 0xb001);
+        cf8(&mut io, 0, 1, 3, 0x80);
+        assert_eq!(io_read(&mut io, 4, 1), 1);
+        // Slot 1's own device is still function 0.
+        cf8(&mut io, 0, 1, 0, 0);
+        assert_eq!(io_read(&mut io, 4, 4), 0x0100_1234);
     }
 
     /// A detached device's slot and BAR space are taken by the next device, at the same

@@ -58,6 +58,10 @@ pub fn check(config: &VmConfig, opts: &ReceiveOptions) -> Result<(), String> {
     if let Some(api::firmware::Firmware::Path(p)) = &config.firmware {
         file("the firmware", p)?;
     }
+    // The source's UEFI variable file would be written here.
+    if let Some(p) = &config.uefi_vars {
+        file("the UEFI variable file", p)?;
+    }
     for (i, d) in config.disks.iter().enumerate() {
         if !ours.contains(d.path.as_path()) {
             file(&format!("disk {i}"), &d.path)?;
