@@ -461,6 +461,10 @@ fn a_uefi_variable_file_is_made_from_the_template() {
         std::fs::read_dir(&dir).unwrap().count() == 1,
         "temporary file left behind"
     );
+    // An empty file (as `tern jail` makes one) is filled from the template.
+    std::fs::write(&vars, b"").unwrap();
+    let _ = run_with_timeout(&tern(), &args, T);
+    assert_eq!(std::fs::read(&vars).unwrap(), made);
     // An existing file is kept as it is (its contents are the VM's variables).
     let mut mine = made.clone();
     mine[100] ^= 0xff;

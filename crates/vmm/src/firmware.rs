@@ -173,12 +173,20 @@ fn process_vars(template: &[u8]) -> std::io::Result<std::fs::File> {
 
 /// Makes `path` a copy of `template` (mode 0600) unless it exists: written beside it under
 /// another name, then linked into place, so that a VM never sees a half-written file and an
-/// existing file is never replaced.
+/// existing file is never replaced. An existing empty file (what `tern jail` makes for a file
+/// the VM creates, or `touch`) is filled in place.
 fn create_vars_file(path: &std::path::Path, template: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    if path.exists() {
-        return Ok(());
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > 0 => return Ok(()),
+        Ok(_) => {
+            let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+            f.write_all(template)?;
+            return f.sync_all();
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tern-new-{}", std::process::id()));

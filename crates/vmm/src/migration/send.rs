@@ -17,7 +17,7 @@ use kvm_bindings::kvm_cpuid_entry2;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, FinalState, Hello, Kind, MAX_PAGES, PAGE};
-use super::throttle::Throttler;
+use super::throttle::{Throttler, MAX_THROTTLE_PERCENT};
 use super::{MigrationState, MigrationStatus, OnTimeout, SendOptions, Stream, Target};
 use crate::components::Components;
 use crate::control::{VmControl, VmExit};
@@ -93,8 +93,9 @@ pub(super) fn run(
             let ms = downtime.as_secs_f64() * 1e3;
             drop(st);
             tracing::info!("migrated to {url}: downtime {ms:.1} ms");
-            // `tern migrate` polls for the outcome; give it a moment to read it.
-            let deadline = Instant::now() + Duration::from_millis(500);
+            // `tern migrate` polls for the outcome; give it a moment to read it (on a loaded
+            // host its next poll can come well over half a second later).
+            let deadline = Instant::now() + Duration::from_secs(3);
             while !seen.load(Ordering::SeqCst) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -283,7 +284,11 @@ impl Sender<'_> {
             }
             if self.opts.auto_converge && dirty_rate as f64 > bandwidth / 2.0 {
                 let now = throttle.load(Ordering::Relaxed);
-                let next = if now == 0 { 20 } else { (now + 10).min(90) };
+                let next = if now == 0 {
+                    20
+                } else {
+                    (now + 10).min(MAX_THROTTLE_PERCENT)
+                };
                 throttle.store(next, Ordering::Relaxed);
                 self.set(|s| s.throttle_percent = next);
             }

@@ -10,6 +10,10 @@ use lifecycle::threads::{spawn, Role};
 
 use crate::components::Components;
 
+/// The most of each 100 ms the vCPUs are parked (QEMU's `max-cpu-throttle` default): a guest
+/// that rewrites its hot memory within a few milliseconds still outpaces 90%.
+pub const MAX_THROTTLE_PERCENT: u32 = 99;
+
 /// Parks the vCPUs for `percent` of every 100 ms while the percentage is above zero.
 pub struct Throttler {
     stop: Arc<AtomicBool>,
@@ -22,7 +26,7 @@ impl Throttler {
         let s = stop.clone();
         let thread = spawn(Role::Migration, "tern-throttle", move || {
             while !s.load(Ordering::SeqCst) {
-                let pct = u64::from(percent.load(Ordering::Relaxed).min(90));
+                let pct = u64::from(percent.load(Ordering::Relaxed).min(MAX_THROTTLE_PERCENT));
                 if pct == 0 {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
