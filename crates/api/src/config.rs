@@ -965,15 +965,6 @@ impl VmConfig {
                         return Err(invalid("firmware", f, why));
                     }
                 }
-                if let Some(v) = &self.uefi_vars {
-                    if *f != crate::firmware::Firmware::Uefi {
-                        return Err(invalid(
-                            "uefi_vars",
-                            v.display(),
-                            "UEFI variables are for --firmware uefi",
-                        ));
-                    }
-                }
                 for (given, field) in [
                     (self.initrd.is_some(), "initrd"),
                     (self.cmdline.is_some(), "cmdline"),
@@ -987,14 +978,15 @@ impl VmConfig {
                     }
                 }
             }
-            (Some(_), None) => {
-                if let Some(v) = &self.uefi_vars {
-                    return Err(invalid(
-                        "uefi_vars",
-                        v.display(),
-                        "UEFI variables are for --firmware uefi",
-                    ));
-                }
+            (Some(_), None) => {}
+        }
+        if let Some(v) = &self.uefi_vars {
+            if self.firmware != Some(crate::firmware::Firmware::Uefi) {
+                return Err(invalid(
+                    "uefi_vars",
+                    v.display(),
+                    "UEFI variables are for --firmware uefi",
+                ));
             }
         }
         if !(1..=254).contains(&self.cpus) {

@@ -69,8 +69,8 @@ const PM_TIMER_HZ: u128 = 3_579_545;
 
 /// The fixed-hardware ACPI PM1 registers and PM timer a firmware-booted VM has: an OS that
 /// finds full (not hardware-reduced) ACPI also takes over the legacy PIC and PIT the firmware
-/// used. Writing SLP_EN with the `_S5_` sleep type (or 0, the PIIX4's) powers off. No fixed event is ever raised
-/// (the power button is the GED's), so the SCI stays quiet.
+/// used. Writing SLP_EN with the `_S5_` sleep type (or 0, the PIIX4's) powers off. No fixed
+/// event is ever raised (the power button is the GED's), so the SCI stays quiet.
 pub struct Pm1Block {
     s5_sleep_type: u8,
     sts: u16,

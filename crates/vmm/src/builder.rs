@@ -367,7 +367,7 @@ fn build_rest(
     };
     if crate::firmware::is_uefi(config) {
         if let Some(b) = &pci_bus {
-            b.set_pc_identity(arch::layout::UEFI_ACPI_PM1_BASE as u16);
+            b.set_pc_identity(crate::firmware::pm1_base(config) as u16);
         }
     }
     // A firmware reads the tables and the memory map through fw_cfg, and starts the vCPUs

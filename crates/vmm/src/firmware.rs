@@ -350,7 +350,9 @@ pub fn attach(
         // SeaBIOS would move 64-bit BARs above 4 GiB when the VM has RAM there; tern's BAR
         // window is below 4 GiB ([`arch::layout::pci_mmio32`]).
         ("opt/org.seabios/pci64", b"0".to_vec()),
-        // OVMF likewise: no 64-bit PCI aperture, so 64-bit BARs stay in the 32-bit window.
+        // OVMF likewise, where it honours it; Debian's OVMF ignores it and puts a 64-bit aperture
+        // at the top of the address space, which UEFI VMs route
+        // ([`arch::layout::uefi_pci_mmio64`]).
         ("opt/ovmf/X-PciMmio64Mb", b"0".to_vec()),
     ];
     // 64-bit BARs go above the hotpluggable memory, not into it.
