@@ -189,7 +189,6 @@ fn plan(s: &Scenario, name: String) -> Planned {
             stream: s.debian,
             sigterm_after: s.sigterm_after.map(str::to_string),
             measure_memory: s.l1_script.is_none(),
-            l0_icount: s.l0_icount,
         },
         scenario: s.clone(),
     }
@@ -524,9 +523,6 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
         if remaining.is_empty() {
             break;
         }
-        // Runs wanting the instruction-counting emulator get L1 boots of their own.
-        let icount = remaining[0].l0_icount;
-        remaining.retain(|r| r.l0_icount == icount);
         if let Some(n) = opts.per_l1 {
             remaining.truncate(n.max(1));
         }
@@ -554,7 +550,6 @@ fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<R
                 budget: Duration::from_secs(budget),
                 timeouts: &timeouts,
                 number: l1_boot,
-                icount,
             },
             &mut L1Sink {
                 results: &mut results,
@@ -742,18 +737,6 @@ fn rig_env(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-/// The emulator options of an L1 that runs UEFI guests: time counted in instructions (4 ns
-/// each, no sleeping when idle) instead of taken from the host clock. The emulator aborts
-/// (`tcg_handle_interrupt: assertion failed: (bql_locked())`, QEMU 7.2 and 10.0) when an L2
-/// guest writes CR8 while L1's KVM waits for an interrupt window: its CR8 helper raises the
-/// virtual interrupt without the global lock. OVMF writes CR8 on the way out of every
-/// interrupt, and with host-clock time its 100 Hz timer is often pending by then in an L2 this
-/// slow; with counted time the next tick comes 2.5 million L2 instructions later, well after
-/// the handler has finished. Such L1s still stall at times (L1 stuck at one kernel address
-/// with interrupts off; see shared/design/TESTING.md), which is why the UEFI scenarios are not
-/// in `core`.
-const L0_ICOUNT: &[&str] = &["-icount", "shift=2,sleep=off"];
-
 /// L1's CPU model: an EPYC with AMD-V and nested paging. `TERN_RIG_L1_CPU` overrides it.
 const L1_CPU: &str = "EPYC,+svm,+npt";
 
@@ -768,6 +751,7 @@ fn l1_command(
 ) -> Command {
     let (qemu, data) = l0_qemu(imgs);
     let mut cmd = Command::new(qemu);
+    cmd.env("LD_PRELOAD", &imgs.l0_preload);
     for dir in data {
         cmd.arg("-L").arg(dir);
     }
@@ -820,8 +804,6 @@ struct L1Boot<'a> {
     timeouts: &'a BTreeMap<String, u64>,
     /// Which L1 boot of the rig run this is (1-based).
     number: usize,
-    /// The emulator counts instructions for time ([`L0_ICOUNT`]).
-    icount: bool,
 }
 
 /// Boots L1 with the agent and collects results and logs; boots it a second time if the first
@@ -863,10 +845,6 @@ const L1_FREEZE_GRACE: Duration = Duration::from_secs(45);
 /// The agent prints a heartbeat every few seconds (`agent.rs`); an L1 silent this long has
 /// frozen.
 const L1_SILENCE: Duration = Duration::from_secs(45);
-/// The same for an L1 whose time is counted in instructions ([`L0_ICOUNT`]): its 5-second
-/// heartbeat takes a billion and a quarter instructions, over a minute of host time while L2
-/// runs firmware.
-const L1_SILENCE_ICOUNT: Duration = Duration::from_secs(240);
 
 /// CPU time (user + system) a process has used, from `/proc/PID/stat`.
 fn cpu_secs(pid: u32) -> Option<f64> {
@@ -942,9 +920,6 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
     let monitor = rig_dir().join("l1-monitor.sock");
     let _ = std::fs::remove_file(&monitor);
     let mut cmd = l1_command(boot.imgs, boot.initrd, "", boot.debian_disk, Some(&monitor));
-    if boot.icount {
-        cmd.args(L0_ICOUNT);
-    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1009,12 +984,7 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
             *at + Duration::from_secs(boot.timeouts.get(name).copied().unwrap_or(120))
                 + L1_FREEZE_GRACE
         });
-        let silence = if boot.icount {
-            L1_SILENCE_ICOUNT
-        } else {
-            L1_SILENCE
-        };
-        let silent_at = (agent_started && !done).then_some(last_heard + silence);
+        let silent_at = (agent_started && !done).then_some(last_heard + L1_SILENCE);
         let freeze_at = match (overdue_at, silent_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -67,9 +67,6 @@ pub struct Scenario {
     /// Boots the real Debian system ([`crate::debian`]) instead of the rig's initramfs guest:
     /// `{kernel}`, `{initrd}` and `{cmdline}` are Debian's, and L1 gets the Debian disk.
     pub debian: bool,
-    /// Run in an L1 whose emulator counts instructions for time (`rig::L0_ICOUNT`): UEFI
-    /// guests, which abort the emulator otherwise.
-    pub l0_icount: bool,
     pub expect: Expect,
 }
 
@@ -300,7 +297,6 @@ const DEFAULT: Scenario = Scenario {
     qemu_machine: "microvm",
     l1_script: None,
     debian: false,
-    l0_icount: false,
     expect: Expect {
         exit: ExitExpect::Code(0),
         marker_required: true,
@@ -462,16 +458,28 @@ const QEMU_UEFI_ARGV: &[&str] = &[
     "if=pflash,format=raw,unit=1,snapshot=on,file=/usr/share/OVMF/OVMF_VARS_4M.fd",
 ];
 
-/// The UEFI boots (group `firmware`; `uefi` in the name): the same disk booted by OVMF from its
-/// EFI system partition (`EFI/BOOT/BOOTX64.EFI`, GRUB), under tern and QEMU, 1 and 2 vCPUs.
+/// The UEFI boots (groups `firmware` and `uefi`): the same disk booted by OVMF from its EFI
+/// system partition (`EFI/BOOT/BOOTX64.EFI`, GRUB), under tern and QEMU, 1 and 2 vCPUs (QEMU's
+/// 2-vCPU reference is left out of `core` to keep the suite's time); a UEFI VM snapshotted
+/// while GRUB loads the kernel and restored; and a UEFI VM with a blank disk, which tern must
+/// end with one line.
 fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
     let uefi = Scenario {
-        groups: &["firmware", "uefi"],
-        l0_icount: true,
+        groups: &["debian", "core", "firmware", "uefi"],
         ..fw.clone()
     };
     let mut vars = uefi.clone();
     vars.expect.require.push("TERN-UEFI-VARS-WRITTEN".into());
+    let snapshot_checks = [
+        "boot",
+        "pause",
+        "snapshot",
+        "killed",
+        "snapshot-files",
+        "restore-exit",
+        "systemd",
+        "resumed",
+    ];
     vec![
         Scenario {
             name: "tern-debian-uefi",
@@ -494,9 +502,45 @@ fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
         },
         Scenario {
             name: "qemu-debian-uefi-smp",
+            groups: &["debian", "firmware", "uefi"],
             vmm: Vmm::Qemu,
             cpus: 2,
             argv_override: Some(QEMU_UEFI_ARGV),
+            ..uefi.clone()
+        },
+        Scenario {
+            name: "tern-debian-uefi-snapshot",
+            vmm: Vmm::Tern,
+            memory_mib: 512,
+            argv_override: Some(TERN_UEFI_ARGV),
+            l1_script: Some(&["fw-snapshot.sh"]),
+            // Two boots' worth: up to GRUB, then from GRUB to the power-off.
+            timeout_secs: 500,
+            expect: Expect {
+                exit: ExitExpect::Code(0),
+                marker_required: true,
+                require: snapshot_checks
+                    .iter()
+                    .map(|c| format!("TERN-FWSNAP-PASS fw/{c}:"))
+                    .chain(["TERN-FWSNAP-OK fw ".to_string()])
+                    .collect(),
+                forbid: strings(&["TERN-FWSNAP-FAIL", "Kernel panic"]),
+            },
+            ..uefi.clone()
+        },
+        Scenario {
+            name: "tern-uefi-no-boot",
+            vmm: Vmm::Tern,
+            memory_mib: 256,
+            argv_override: Some(TERN_UEFI_ARGV),
+            l1_script: Some(&["debian.sh", "blank"]),
+            timeout_secs: 240,
+            expect: Expect {
+                exit: ExitExpect::NonZero,
+                marker_required: false,
+                require: strings(&["the firmware found no bootable device"]),
+                forbid: strings(&["TERN-DEBIAN-OK", "panicked"]),
+            },
             ..uefi
         },
     ]

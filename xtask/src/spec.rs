@@ -41,10 +41,6 @@ pub struct RunSpec {
     /// that runs the VMM as a child (its own RSS would be taken for the VMM's).
     #[serde(default = "yes")]
     pub measure_memory: bool,
-    /// Run in an L1 whose emulator counts instructions for time (see
-    /// `scenarios::Scenario::l0_icount`); the host batches such runs into L1 boots of their own.
-    #[serde(default)]
-    pub l0_icount: bool,
 }
 
 fn yes() -> bool {

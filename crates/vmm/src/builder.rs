@@ -342,11 +342,13 @@ fn build_rest(
                 virtio.devices,
                 &ids,
                 &config.pci_slots,
-                (
-                    arch::layout::pci_mmio32(config.firmware.is_some()),
-                    crate::firmware::is_uefi(config)
+                crate::virtio_pci::PciLayout {
+                    mmio32: arch::layout::pci_mmio32(config.firmware.is_some()),
+                    mmio64: crate::firmware::is_uefi(config)
                         .then(|| arch::layout::uefi_pci_mmio64(crate::host::phys_bits())),
-                ),
+                    pc_identity: crate::firmware::is_uefi(config)
+                        .then(|| crate::firmware::pm1_base(config) as u16),
+                },
             )?);
             pci_hotplug = Some(crate::pci_hotplug::attach(&vm, &mut dm)?);
             pci = Some(arch::acpi::PciAcpi {
@@ -365,11 +367,6 @@ fn build_rest(
             .is_some()
             .then(|| crate::firmware::pm1_base(config)),
     };
-    if crate::firmware::is_uefi(config) {
-        if let Some(b) = &pci_bus {
-            b.set_pc_identity(crate::firmware::pm1_base(config) as u16);
-        }
-    }
     // A firmware reads the tables and the memory map through fw_cfg, and starts the vCPUs
     // from their reset state.
     if let Some((mut image, fresh)) = firmware {

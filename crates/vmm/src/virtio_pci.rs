@@ -127,6 +127,17 @@ pub struct Plugged {
     pub dev: Arc<Mutex<VirtioPciDevice>>,
 }
 
+/// Where a VM's PCI functions go.
+pub struct PciLayout {
+    /// The 32-bit BAR window.
+    pub mmio32: Range<u64>,
+    /// The window above 4 GiB the firmware may move 64-bit BARs to.
+    pub mmio64: Option<Range<u64>>,
+    /// For a UEFI VM: the PC chipset identity OVMF needs, with its PM block at this port
+    /// ([`PciRoot::set_pc_identity`]).
+    pub pc_identity: Option<u16>,
+}
+
 impl PciBus {
     /// The root complex (config through ports 0xcf8/0xcfc and ECAM) as device `pci-root` of
     /// `dm`, with the BAR window on the MMIO bus; no functions yet.
@@ -417,9 +428,13 @@ fn follow_bar_move(
         match placed {
             Ok(()) => bar.addr = r.new_addr,
             Err(e) => {
-                // Not reachable until the guest moves it somewhere free.
+                // Not reachable until the guest moves it somewhere free. Placing BARs, firmware
+                // passes through such addresses: 0 before it has placed one, and the new low
+                // half with the old high half while it rewrites a 64-bit BAR (OVMF does both
+                // for every device). Only an address outside the windows after the full move
+                // means trouble, and the guest's driver then fails on its own.
                 bar.addr = u64::MAX;
-                ratelimit::warn_limited!(
+                tracing::debug!(
                     "PCI device {:?}: BAR {} moved to {:#x}, where it cannot answer: {e}",
                     r.bdf,
                     r.bar,
@@ -456,7 +471,8 @@ fn follow_bar_move(
 /// Adds the PCI root complex (config through ports 0xcf8/0xcfc and ECAM) and plugs each
 /// device in as a virtio-pci function with MSI-X and INTx, `ids[i]` (id, name) of `dm`: at the
 /// slot `slots` records for its id (a VM rebuilt from a snapshot or a migration), the others
-/// in the first free slots, in order. BARs live in `mmio32`, and 64-bit ones also in `mmio64`.
+/// in the first free slots, in order. BARs live in `layout.mmio32`, and 64-bit ones also in
+/// `layout.mmio64`.
 #[allow(clippy::too_many_arguments)]
 pub fn attach_pci(
     vm: &Arc<VmFd>,
@@ -466,10 +482,14 @@ pub fn attach_pci(
     devices: Vec<Box<dyn VirtioDevice>>,
     ids: &[(String, String)],
     slots: &BTreeMap<String, u8>,
-    (mmio32, mmio64): (Range<u64>, Option<Range<u64>>),
+    layout: PciLayout,
 ) -> Result<PciBus, VmmError> {
     check_ids(&devices, ids)?;
-    let bus = PciBus::new(vm, mem, routing, dm, mmio32, mmio64)?;
+    let pc = layout.pc_identity;
+    let bus = PciBus::new(vm, mem, routing, dm, layout.mmio32, layout.mmio64)?;
+    if let Some(pm_base) = pc {
+        lock(&bus.root).set_pc_identity(pm_base);
+    }
     let mut plugged: Vec<Option<Arc<Mutex<VirtioPciDevice>>>> = ids.iter().map(|_| None).collect();
     let (hinted, rest): (Vec<_>, Vec<_>) = devices
         .into_iter()
@@ -486,11 +506,6 @@ pub fn attach_pci(
 }
 
 impl PciBus {
-    /// Gives the root the PC identity OVMF needs ([`PciRoot::set_pc_identity`]).
-    pub fn set_pc_identity(&self, pm_base: u16) {
-        lock(&self.root).set_pc_identity(pm_base);
-    }
-
     /// Each function's slot, by id.
     pub fn slots(&self) -> BTreeMap<String, u8> {
         lock(&self.functions)

@@ -5,7 +5,8 @@
 #     sh /rig/l1/debian.sh [fw] -- VMM-ARGV...
 #
 # VMM-ARGV boots Debian's kernel and initramfs (xtask/src/debian.rs), or with "fw" the
-# firmware that boots the partitioned Debian disk through GRUB; this script gives the
+# firmware that boots the partitioned Debian disk through GRUB, or with "blank" the firmware
+# with a blank disk (nothing to boot: the VMM must say so and exit); this script gives the
 # boot its own qcow2 overlay on the pristine Debian root (read-only, on the disk L1 mounted at
 # /rig/debian), appends it as the guest's /dev/vda (tern: --disk; QEMU: -drive if=virtio), runs
 # the VMM and removes the overlay. It prints "TERN-DEBIAN-OK" when the VMM exited 0 and
@@ -14,19 +15,30 @@
 set -u
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+# QEMU keeps the temporary copy of a snapshot=on drive (the UEFI variables) in /var/tmp (it
+# takes TMPDIR=/tmp for /var/tmp too), which L1 lacks.
+mkdir -p /var/tmp
 
 BASE=/rig/debian/debian.qcow2
 # "fw": the partitioned disk that boots through firmware and GRUB (xtask/src/debian_fw.rs).
 if [ "${1:-}" = "fw" ]; then
     BASE=/rig/debian/debian-fw.qcow2
     shift
+elif [ "${1:-}" = "blank" ]; then
+    BASE=
+    shift
 fi
 [ "${1:-}" = "--" ] && shift
 [ $# -gt 0 ] || { echo "TERN-DEBIAN-FAIL no VMM command line"; exit 1; }
-[ -f "$BASE" ] || { echo "TERN-DEBIAN-FAIL $BASE missing (L1 has no Debian disk)"; exit 1; }
+[ -z "$BASE" ] || [ -f "$BASE" ] || { echo "TERN-DEBIAN-FAIL $BASE missing (L1 has no Debian disk)"; exit 1; }
 
 overlay=/tmp/debian-overlay-$$.qcow2
-if ! out=$(qemu-img create -q -f qcow2 -F qcow2 -b "$BASE" "$overlay" 2>&1); then
+if [ -z "$BASE" ]; then
+    create="qemu-img create -q -f qcow2 $overlay 64M"
+else
+    create="qemu-img create -q -f qcow2 -F qcow2 -b $BASE $overlay"
+fi
+if ! out=$($create 2>&1); then
     echo "TERN-DEBIAN-FAIL cannot create the overlay: $out"
     exit 1
 fi

@@ -43,6 +43,20 @@ now() { cut -d' ' -f1 /proc/uptime; }
 between() { echo "$1 $2" | awk '{ printf "%.1f", $2 - $1 }'; }
 since() { between "$1" "$(now)"; }
 
+# wait_for_line FILE TEXT PID SECONDS: waits until FILE holds TEXT; fails, saying why, if the
+# process PID ends first or SECONDS pass.
+wait_for_line() {
+    local n=0
+    while [ $n -le $(($4 * 5)) ]; do
+        grep -q -F -- "$2" "$1" 2>/dev/null && return 0
+        kill -0 "$3" 2>/dev/null || { echo "the VMM exited before '$2'"; return 1; }
+        n=$((n + 1))
+        sleep 0.2
+    done
+    echo "no '$2' after $4s"
+    return 1
+}
+
 # pause_vm: the check "pause" (tern pause of the first run, on $SOCK).
 pause_vm() {
     local out

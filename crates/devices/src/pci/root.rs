@@ -38,6 +38,11 @@ const PIIX4_PM_BDF: PciBdf = PciBdf {
     function: 3,
 };
 const PIIX4_PM_DEVICE: u16 = 0x7113;
+/// The PIIX3 PCI-to-ISA bridge at 00:01.0 of a PC-identity root: OVMF finds the serial ports
+/// (and its console on COM1) below an ISA bridge.
+const ISA_BRIDGE_SLOT: usize = 1;
+const PIIX3_ISA_DEVICE: u16 = 0x7000;
+const ISA_BRIDGE_CLASS: u32 = 0x06_01_00;
 const PIIX4_PM_CLASS: u32 = 0x06_80_00;
 /// PIIX4 PM: the PM I/O base register (bit 0 reads as one: an I/O address).
 const PIIX4_PMBA: usize = 0x40;
@@ -128,6 +133,8 @@ pub struct PciRoot {
     placed: Vec<Vec<(BarInfo, u64)>>,
     /// The PIIX4 PM function's configuration space, on a PC-identity root.
     piix4_pm: Option<Box<[u8; 256]>>,
+    /// The ISA bridge at 00:01.0, on a PC-identity root.
+    isa_bridge: Option<PciConfiguration>,
 }
 
 impl PciRoot {
@@ -149,14 +156,17 @@ impl PciRoot {
             on_relocation: None,
             placed: (0..PCI_SLOTS).map(|_| Vec::new()).collect(),
             piix4_pm: None,
+            isa_bridge: None,
         })
     }
 
     /// Makes the root look like the PC chipset OVMF (the UEFI firmware of a PC) supports: the
-    /// host bridge reads as an i440FX, and 00:01.3 as the PIIX4 power-management function with
+    /// host bridge reads as an i440FX, 00:01.0 as the PIIX3 ISA bridge (OVMF puts its console
+    /// on the COM1 it finds below it), and 00:01.3 as the PIIX4 power-management function with
     /// its PM I/O block already enabled at `pm_base` (read-only: firmware and OS take it as
-    /// found). Only OVMF reads that function; with no function 0 at 00:01, operating systems
-    /// never enumerate it.
+    /// found). The ISA bridge is single-function, so only OVMF, which reads 00:01.3 by its
+    /// address, sees the PM function; operating systems never enumerate it. Call it before
+    /// attaching devices: slot 1 is the bridge's.
     pub fn set_pc_identity(&mut self, pm_base: u16) {
         self.host_bridge = PciConfiguration::new(&PciHeader {
             vendor_id: HOST_BRIDGE_VENDOR,
@@ -171,12 +181,23 @@ impl PciRoot {
         c[PIIX4_PMBA..PIIX4_PMBA + 4].copy_from_slice(&(u32::from(pm_base) | 1).to_le_bytes());
         c[PIIX4_PMREGMISC] = 1;
         self.piix4_pm = Some(c);
+        self.isa_bridge = Some(PciConfiguration::new(&PciHeader {
+            vendor_id: HOST_BRIDGE_VENDOR,
+            device_id: PIIX3_ISA_DEVICE,
+            class_code: ISA_BRIDGE_CLASS,
+            ..Default::default()
+        }));
+    }
+
+    /// Whether `slot` holds a device or the ISA bridge.
+    fn slot_taken(&self, slot: usize) -> bool {
+        self.slots[slot].is_some() || (slot == ISA_BRIDGE_SLOT && self.isa_bridge.is_some())
     }
 
     /// Attaches `dev` at the first free slot and places its BARs; returns its address.
     pub fn attach(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Result<PciBdf, PciRootError> {
         let slot = (1..PCI_SLOTS)
-            .find(|&s| self.slots[s].is_none())
+            .find(|&s| !self.slot_taken(s))
             .ok_or(PciRootError::NoFreeSlot)?;
         self.attach_at(slot as u8, dev)
     }
@@ -192,7 +213,7 @@ impl PciRoot {
         if s == 0 || s >= PCI_SLOTS {
             return Err(PciRootError::BadSlot(slot));
         }
-        if self.slots[s].is_some() {
+        if self.slot_taken(s) {
             return Err(PciRootError::SlotInUse(slot));
         }
         let bdf = PciBdf::new(0, slot, 0);
@@ -313,6 +334,11 @@ impl PciRoot {
             }
             match &dev {
                 Target::HostBridge => self.host_bridge.read(r, chunk),
+                Target::IsaBridge => {
+                    if let Some(c) = &self.isa_bridge {
+                        c.read(r, chunk);
+                    }
+                }
                 Target::Device(d) => lock(d).config_read(r, chunk),
                 Target::Piix4Pm => {
                     let c = self.piix4_pm.as_deref();
@@ -338,6 +364,11 @@ impl PciRoot {
             match &dev {
                 Target::HostBridge => {
                     self.host_bridge.write(r, chunk);
+                }
+                Target::IsaBridge => {
+                    if let Some(c) = &mut self.isa_bridge {
+                        c.write(r, chunk);
+                    }
                 }
                 Target::Device(d) => {
                     if let Some(mut m) = lock(d).config_write(r, chunk) {
@@ -386,6 +417,9 @@ impl PciRoot {
         if bdf.device == 0 {
             return Target::HostBridge;
         }
+        if usize::from(bdf.device) == ISA_BRIDGE_SLOT && self.isa_bridge.is_some() {
+            return Target::IsaBridge;
+        }
         match self.device(bdf) {
             Some(d) => Target::Device(d),
             None => Target::None,
@@ -396,6 +430,7 @@ impl PciRoot {
 enum Target {
     None,
     HostBridge,
+    IsaBridge,
     Device(Arc<Mutex<dyn PciDevice>>),
     Piix4Pm,
 }
@@ -709,7 +744,7 @@ mod tests {
     /// beside whatever device has slot 1; a plain root has neither.
     #[test]
     fn pc_identity() {
-        let (plain, _) = root_with(1);
+        let (plain, _) = root_with(0);
         let mut io = PciConfigIo::new(plain.clone());
         cf8(&mut io, 0, 1, 3, 0);
         assert_eq!(io_read(&mut io, 4, 4), 0xffff_ffff);
@@ -723,9 +758,23 @@ mod tests {
         assert_eq!(io_read(&mut io, 4, 4), 0xb001);
         cf8(&mut io, 0, 1, 3, 0x80);
         assert_eq!(io_read(&mut io, 4, 1), 1);
-        // Slot 1's own device is still function 0.
+        // 00:01.0 is a single-function PIIX3 ISA bridge whose command register takes writes
+        // (OVMF enables I/O decoding before it looks below the bridge).
         cf8(&mut io, 0, 1, 0, 0);
-        assert_eq!(io_read(&mut io, 4, 4), 0x0100_1234);
+        assert_eq!(io_read(&mut io, 4, 4), 0x7000_8086);
+        cf8(&mut io, 0, 1, 0, 8);
+        assert_eq!(io_read(&mut io, 4, 4) >> 8, 0x06_01_00);
+        cf8(&mut io, 0, 1, 0, 0xc);
+        assert_eq!(io_read(&mut io, 4, 4) >> 16 & 0xff, 0, "header type");
+        cf8(&mut io, 0, 1, 0, 4);
+        io.write(4, &3u16.to_le_bytes());
+        assert_eq!(io_read(&mut io, 4, 2) & 3, 3);
+        // Devices go after it; slot 1 is not free.
+        let mut r = plain.lock().unwrap();
+        let d = Arc::new(Mutex::new(Dummy::new(0x100)));
+        assert_eq!(r.attach(d.clone()).unwrap(), PciBdf::new(0, 2, 0));
+        assert!(matches!(r.attach_at(1, d), Err(PciRootError::SlotInUse(1))));
+        assert!(r.detach(1).is_none());
     }
 
     /// A detached device's slot and BAR space are taken by the next device, at the same
