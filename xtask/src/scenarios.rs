@@ -461,8 +461,8 @@ const QEMU_UEFI_ARGV: &[&str] = &[
 /// The UEFI boots (groups `firmware` and `uefi`): the same disk booted by OVMF from its EFI
 /// system partition (`EFI/BOOT/BOOTX64.EFI`, GRUB), under tern and QEMU, 1 and 2 vCPUs (QEMU's
 /// 2-vCPU reference is left out of `core` to keep the suite's time); a UEFI VM snapshotted
-/// while GRUB loads the kernel and restored; and a UEFI VM with a blank disk, which tern must
-/// end with one line.
+/// while GRUB loads the kernel and restored, and one migrated then (not in `core`); and a UEFI
+/// VM with a blank disk, which tern must end with one line.
 fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
     let uefi = Scenario {
         groups: &["debian", "core", "firmware", "uefi"],
@@ -470,16 +470,6 @@ fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
     };
     let mut vars = uefi.clone();
     vars.expect.require.push("TERN-UEFI-VARS-WRITTEN".into());
-    let snapshot_checks = [
-        "boot",
-        "pause",
-        "snapshot",
-        "killed",
-        "snapshot-files",
-        "restore-exit",
-        "systemd",
-        "resumed",
-    ];
     vec![
         Scenario {
             name: "tern-debian-uefi",
@@ -513,19 +503,24 @@ fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
             vmm: Vmm::Tern,
             memory_mib: 512,
             argv_override: Some(TERN_UEFI_ARGV),
-            l1_script: Some(&["fw-snapshot.sh"]),
+            l1_script: Some(&["fw-lifecycle.sh", "snapshot"]),
             // Two boots' worth: up to GRUB, then from GRUB to the power-off.
             timeout_secs: 500,
-            expect: Expect {
-                exit: ExitExpect::Code(0),
-                marker_required: true,
-                require: snapshot_checks
-                    .iter()
-                    .map(|c| format!("TERN-FWSNAP-PASS fw/{c}:"))
-                    .chain(["TERN-FWSNAP-OK fw ".to_string()])
-                    .collect(),
-                forbid: strings(&["TERN-FWSNAP-FAIL", "Kernel panic"]),
-            },
+            expect: fw_lifecycle_checks_pass(
+                "snapshot",
+                &["pause", "snapshot", "killed", "snapshot-files"],
+            ),
+            ..uefi.clone()
+        },
+        Scenario {
+            name: "tern-debian-uefi-migrate",
+            groups: &["debian", "firmware", "uefi"],
+            vmm: Vmm::Tern,
+            memory_mib: 512,
+            argv_override: Some(TERN_UEFI_ARGV),
+            l1_script: Some(&["fw-lifecycle.sh", "migrate"]),
+            timeout_secs: 500,
+            expect: fw_lifecycle_checks_pass("migrate", &["incoming", "migrate", "source-exit"]),
             ..uefi.clone()
         },
         Scenario {
@@ -544,6 +539,23 @@ fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
             ..uefi
         },
     ]
+}
+
+/// What a case of `xtask/l1/scenarios/fw-lifecycle.sh` must report: the checks every case
+/// makes and `checks` of its own passed (`TERN-FW-PASS <case>/<check>:`), none failed, and the
+/// script's final `TERN-FW-OK <case>`.
+fn fw_lifecycle_checks_pass(case: &str, checks: &[&str]) -> Expect {
+    Expect {
+        exit: ExitExpect::Code(0),
+        marker_required: true,
+        require: ["boot", "second-exit", "systemd", "resumed"]
+            .iter()
+            .chain(checks)
+            .map(|c| format!("TERN-FW-PASS {case}/{c}:"))
+            .chain([format!("TERN-FW-OK {case} ")])
+            .collect(),
+        forbid: strings(&["TERN-FW-FAIL", "Kernel panic"]),
+    }
 }
 
 /// The firmware boots (groups `debian` and `firmware`): the partitioned Debian disk

@@ -67,7 +67,8 @@ pub struct FlashMemory {
 unsafe impl Send for FlashMemory {}
 
 impl FlashMemory {
-    /// A private copy of `template` (variables are lost with the VM).
+    /// A private copy of `template` (what the guest programs is lost with the VM; also the
+    /// firmware code's mapping).
     pub fn copy_of(template: &[u8]) -> std::io::Result<Self> {
         let len = template.len();
         // SAFETY: a fresh private anonymous mapping; the result is checked.

@@ -251,54 +251,34 @@ pub fn attach_flash(
 
 /// The firmware image mapped into the guest, read-only: kept as long as the VM.
 pub struct FirmwareRom {
-    addr: *mut libc::c_void,
-    len: usize,
+    mem: FlashMemory,
 }
 
-// SAFETY: the mapping is only unmapped on drop; nothing else touches the pointer.
-unsafe impl Send for FirmwareRom {}
-// SAFETY: as above: shared references never use the pointer.
+// SAFETY: nothing uses the mapping through a shared reference (only the guest reads it, and
+// the drop of the last owner unmaps it).
 unsafe impl Sync for FirmwareRom {}
-
-impl Drop for FirmwareRom {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` are the mapping `map_rom` made and nothing else unmaps it.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
-}
 
 /// Maps `image` so that it ends at 4 GiB, as a read-only KVM slot (guest writes to it exit and
 /// are dropped, as a ROM's are).
 pub fn map_rom(vm: &VmFd, image: &FirmwareImage) -> Result<FirmwareRom, VmmError> {
     let len = image.bytes.len();
-    // SAFETY: a fresh private anonymous mapping; the result is checked.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+    let mem = FlashMemory::copy_of(&image.bytes)
+        .map_err(|e| setup(format!("cannot map the firmware ({len} bytes): {e}")))?;
+    // SAFETY: the mapping `mem` owns, `len` bytes; dropping write access changes no contents.
+    unsafe {
+        libc::mprotect(
+            mem.host_address() as *mut libc::c_void,
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
+            libc::PROT_READ,
         )
     };
-    if addr == libc::MAP_FAILED {
-        return Err(setup(format!(
-            "cannot map the firmware ({len} bytes): {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    let rom = FirmwareRom { addr, len };
-    // SAFETY: the mapping is `len` bytes long and writable; the image is `len` bytes.
-    unsafe { std::ptr::copy_nonoverlapping(image.bytes.as_ptr(), addr.cast::<u8>(), len) };
-    // SAFETY: the same mapping; dropping write access changes no contents.
-    unsafe { libc::mprotect(addr, len, libc::PROT_READ) };
+    let rom = FirmwareRom { mem };
     let region = kvm_userspace_memory_region {
         slot: ROM_SLOT,
         flags: KVM_MEM_READONLY,
         guest_phys_addr: arch::firmware::rom_base(len as u64),
         memory_size: len as u64,
-        userspace_addr: addr as u64,
+        userspace_addr: rom.mem.host_address(),
     };
     // SAFETY: the mapping lives in `rom`, which the VM keeps for as long as the VM fd.
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("map the firmware"))?;

@@ -57,6 +57,17 @@ wait_for_line() {
     return 1
 }
 
+# wait_gone PID SECONDS: waits until the process PID has ended; fails if SECONDS pass first.
+wait_gone() {
+    local n=0
+    while kill -0 "$1" 2>/dev/null; do
+        [ $n -ge $(($2 * 5)) ] && return 1
+        n=$((n + 1))
+        sleep 0.2
+    done
+    return 0
+}
+
 # pause_vm: the check "pause" (tern pause of the first run, on $SOCK).
 pause_vm() {
     local out
