@@ -740,8 +740,9 @@ mod tests {
         u32::from_le_bytes(d)
     }
 
-    /// A PC-identity root: an i440FX host bridge and a read-only PIIX4 PM function at 00:01.3
-    /// beside whatever device has slot 1; a plain root has neither.
+    /// A PC-identity root: an i440FX host bridge, the PIIX3 ISA bridge at 00:01.0 (slot 1 is
+    /// then not free for devices) and a read-only PIIX4 PM function at 00:01.3; a plain root
+    /// has none of them.
     #[test]
     fn pc_identity() {
         let (plain, _) = root_with(0);
