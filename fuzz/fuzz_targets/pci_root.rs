@@ -1,6 +1,7 @@
 //! PCI root: configuration accesses through the 0xcf8/0xcfc ports and ECAM, on bus 0 with the
 //! host bridge and two virtio-pci functions (BAR moves included), then accesses to the BARs
-//! where the guest put them (the MSI-X table among them).
+//! where the guest put them (the MSI-X table among them). Half the inputs get the PC identity
+//! a UEFI VM's root has (i440FX, PIIX3 ISA bridge at 00:01.0, PIIX4 PM at 00:01.3).
 #![no_main]
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
     })
     .unwrap();
     let first = input.u8();
+    if first & 0x80 != 0 {
+        root.set_pc_identity(0xb000);
+    }
     for which in [first, first.wrapping_add(1)] {
         let t = VirtioPciDevice::new(vm_mem(), some_device(which), Arc::new(NoMsi)).unwrap();
         let dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(t));
