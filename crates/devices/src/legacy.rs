@@ -17,8 +17,15 @@ pub const DEBUG_PORT: u64 = 0x440;
 
 /// The i8042 keyboard controller: enough of it for guests to initialise the controller
 /// quickly (configuration byte, self tests, output port) and to reset the machine through it
-/// (`reboot=k`: command 0xfe, or clearing bit 0 of the output port). No keyboard or mouse is
-/// attached, so device commands get no answer.
+/// (`reboot=k`: command 0xfe, or clearing bit 0 of the output port).
+///
+/// A keyboard with no key ever pressed sits on its first port and answers its commands the
+/// way a PS/2 keyboard does (acknowledge, reset and self-test result, identity, echo), so
+/// firmware finds it at once: OVMF waits a second for an acknowledgement on every probe of a
+/// silent port, and with no answer spent 40 s of a nested boot polling the controller. No mouse
+/// is attached: commands for it get no answer. The controller raises no interrupt; firmware
+/// polls it, and Linux under tern is told not to look for it (`i8042.nopnp` with
+/// `i8042.dumbkbd` in the default command line, and no 8042 flag in the FADT).
 ///
 /// Why in-tree: `vm-superio`'s i8042 implements only the reset command and reads back 0, which
 /// makes Linux wait for its controller probe to time out on every boot.
@@ -28,6 +35,8 @@ pub struct I8042 {
     ctr: u8,
     out: std::collections::VecDeque<u8>,
     pending: Option<u8>,
+    /// A keyboard command waiting for its parameter byte.
+    kbd_pending: Option<u8>,
     last_was_command: bool,
 }
 
@@ -36,6 +45,10 @@ const I8042_STATUS_SYS: u8 = 1 << 2;
 const I8042_STATUS_CMD: u8 = 1 << 3;
 /// Keyboard interrupt enabled, system flag, translation on.
 const I8042_DEFAULT_CTR: u8 = 0x45;
+/// Configuration byte: the controller translates the keyboard's scan codes to set 1.
+const I8042_CTR_TRANSLATE: u8 = 1 << 6;
+/// A keyboard's acknowledgement of a command or parameter byte.
+const KBD_ACK: u8 = 0xfa;
 
 impl I8042 {
     /// A controller calling `reset` when the guest pulses the reset line. It is called on the
@@ -49,6 +62,7 @@ impl I8042 {
             ctr: I8042_DEFAULT_CTR,
             out: Default::default(),
             pending: None,
+            kbd_pending: None,
             last_was_command: false,
         }
     }
@@ -88,8 +102,46 @@ impl I8042 {
             Some(0x60) => self.ctr = v,
             Some(0xd1) if v & 1 == 0 => self.pulse_reset(),
             Some(0xd2) => self.reply(v),
-            // No keyboard or mouse: device commands go unanswered.
-            _ => {}
+            // No mouse: what is written to it goes unanswered.
+            Some(0xd3 | 0xd4) => {}
+            _ => self.keyboard(v),
+        }
+    }
+
+    /// A byte for the keyboard: a command, or the parameter of the one before.
+    fn keyboard(&mut self, v: u8) {
+        let translated = self.ctr & I8042_CTR_TRANSLATE != 0;
+        if let Some(cmd) = self.kbd_pending.take() {
+            self.reply(KBD_ACK);
+            // Scan code set 0xf0 with parameter 0 asks which set is in use: set 2, which
+            // the controller shows as its set-1 translation.
+            if cmd == 0xf0 && v == 0 {
+                self.reply(if translated { 0x41 } else { 0x02 });
+            }
+            return;
+        }
+        match v {
+            // Set LEDs, get/set scan code set, set typematic rate: a parameter follows.
+            0xed | 0xf0 | 0xf3 => {
+                self.reply(KBD_ACK);
+                self.kbd_pending = Some(v);
+            }
+            0xee => self.reply(0xee),
+            // Identify: an MF2 keyboard.
+            0xf2 => {
+                self.reply(KBD_ACK);
+                self.reply(0xab);
+                self.reply(if translated { 0x41 } else { 0x83 });
+            }
+            // Resend: nothing was lost.
+            0xfe => {}
+            // Reset: acknowledged, then the self test passed.
+            0xff => {
+                self.reply(KBD_ACK);
+                self.reply(0xaa);
+            }
+            // Enable, disable, set defaults and the rest.
+            _ => self.reply(KBD_ACK),
         }
     }
 }
@@ -340,14 +392,63 @@ mod tests {
         dev.write(4, &[0xaa]);
         dev.read(0, &mut b);
         assert_eq!(b[0], 0x55);
-        // Output port with bit 0 clear resets too; keyboard commands get no reply.
-        dev.write(0, &[0xff]);
-        dev.read(4, &mut b);
-        assert_eq!(b[0] & I8042_STATUS_OBF, 0);
+        // Output port with bit 0 clear resets too.
         dev.write(4, &[0xd1]);
         dev.write(0, &[0x00]);
         assert_eq!(taken(&resets), 1);
         dev.write(0, &[]);
+    }
+
+    /// Everything the controller has to say, in order.
+    fn drain(dev: &mut I8042) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        loop {
+            dev.read(4, &mut b);
+            if b[0] & I8042_STATUS_OBF == 0 {
+                return got;
+            }
+            dev.read(0, &mut b);
+            got.push(b[0]);
+        }
+    }
+
+    #[test]
+    fn i8042_keyboard_answers_like_a_ps2_keyboard() {
+        let mut dev = I8042::new(Box::new(|| panic!("no reset expected")));
+        // Reset: acknowledged, self test passed.
+        dev.write(0, &[0xff]);
+        assert_eq!(drain(&mut dev), [0xfa, 0xaa]);
+        // Enable scanning (OVMF's presence probe).
+        dev.write(0, &[0xf4]);
+        assert_eq!(drain(&mut dev), [0xfa]);
+        // Identify, translated (the default configuration) and not.
+        dev.write(0, &[0xf2]);
+        assert_eq!(drain(&mut dev), [0xfa, 0xab, 0x41]);
+        dev.write(4, &[0x60]);
+        dev.write(0, &[0x05]);
+        dev.write(0, &[0xf2]);
+        assert_eq!(drain(&mut dev), [0xfa, 0xab, 0x83]);
+        // LEDs take a parameter; each byte is acknowledged, and the parameter is not a
+        // command (0xff here is not a reset).
+        dev.write(0, &[0xed]);
+        dev.write(0, &[0xff]);
+        assert_eq!(drain(&mut dev), [0xfa, 0xfa]);
+        // Which scan code set: set 2.
+        dev.write(0, &[0xf0]);
+        dev.write(0, &[0x00]);
+        assert_eq!(drain(&mut dev), [0xfa, 0xfa, 0x02]);
+        dev.write(0, &[0xee]);
+        assert_eq!(drain(&mut dev), [0xee]);
+        // No mouse: bytes for it get no answer, and do not reach the keyboard.
+        dev.write(4, &[0xd4]);
+        dev.write(0, &[0xff]);
+        assert!(drain(&mut dev).is_empty());
+        // A guest that never reads does not grow the output buffer without bound.
+        for _ in 0..100 {
+            dev.write(0, &[0xf2]);
+        }
+        assert_eq!(drain(&mut dev).len(), 16);
     }
 
     #[test]

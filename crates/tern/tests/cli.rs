@@ -119,6 +119,36 @@ fn debug_exit_status_becomes_exit_code_on_both_entries() {
     }
 }
 
+/// A port and an address nobody answers read as all ones, as on a PC (firmware takes that as
+/// "no device": OVMF's TPM probe at 0xfed40000 gives up at once instead of timing out).
+#[test]
+fn unclaimed_reads_float_high() {
+    if !require_kvm("unclaimed_reads_float_high") {
+        return;
+    }
+    let code = [
+        0xe4, 0x99, // in al, 0x99
+        0x88, 0xc3, // mov bl, al
+        0xa0, 0x00, 0x00, 0xd4, 0xfe, // mov al, [0xfed40000]
+        0x20, 0xd8, // and al, bl
+        0xe6, 0xf4, // out 0xf4, al: the exit status
+        0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt forever
+    ];
+    let k = tiny_guest("unclaimed.elf", &code);
+    let r = tern_run(
+        &[
+            "--kernel",
+            s(&k),
+            "--memory",
+            "32M",
+            "--boot-protocol",
+            "pvh",
+        ],
+        T,
+    );
+    assert_eq!(r.code, Some(0xff), "{}", r.stderr);
+}
+
 #[test]
 fn serial_to_file_and_none() {
     if !require_kvm("serial_to_file_and_none") {

@@ -47,6 +47,12 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     res
 }
 
+/// What a read nobody answers returns, byte by byte: all ones, as on a PC's buses where no
+/// device drives the lines. Firmware and drivers take it as "nothing here": OVMF, for one,
+/// probes the TPM interface at 0xfed40000 and gives up at once on 0xff, where a 0 made it poll
+/// for 1.5 s of timeouts (about 100,000 exits) on every boot.
+pub const UNCLAIMED_READ: u8 = 0xff;
+
 /// Exit counters of one vCPU.
 #[derive(Default)]
 pub struct ExitCounters {
@@ -104,7 +110,7 @@ impl Vcpu {
                     VcpuExit::IoIn(port, data) => {
                         self.counters.pio.fetch_add(1, Ordering::Relaxed);
                         if !self.pio.read(u64::from(port), data) {
-                            data.fill(0);
+                            data.fill(UNCLAIMED_READ);
                         }
                     }
                     VcpuExit::MmioWrite(addr, data) => {
@@ -116,7 +122,7 @@ impl Vcpu {
                     VcpuExit::MmioRead(addr, data) => {
                         self.counters.mmio.fetch_add(1, Ordering::Relaxed);
                         if !self.mmio.read(addr, data) {
-                            data.fill(0);
+                            data.fill(UNCLAIMED_READ);
                         }
                     }
                     VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {
