@@ -149,7 +149,8 @@ enum Cmd {
         /// debug, qemu-extra, all.
         #[arg(long, default_value = "core")]
         group: String,
-        /// Only scenarios whose name contains this.
+        /// Only scenarios whose name contains this; a comma-separated list selects those
+        /// matching any part, and a part `=NAME` matches that name exactly.
         #[arg(long)]
         filter: Option<String>,
         /// Also copy logs and results here.

@@ -195,13 +195,24 @@ fn plan(s: &Scenario, name: String) -> Planned {
 }
 
 /// `cargo xtask rig --list`.
+/// Whether a scenario named `name` is selected by `--filter`: a comma-separated list of
+/// substrings, or of exact names after `=`, any of which may match (no filter selects all).
+fn matches_filter(name: &str, filter: Option<&str>) -> bool {
+    filter.is_none_or(|f| {
+        f.split(',').any(|part| match part.strip_prefix('=') {
+            Some(exact) => name == exact,
+            None => name.contains(part),
+        })
+    })
+}
+
 pub fn list(group: &str, filter: Option<&str>) {
     println!(
         "{:<24} {:<6} {:<9} {:>4} {:>5} {:<22} {:<8} cmdline",
         "scenario", "vmm", "kernel", "cpus", "mem", "groups", "timeout"
     );
     for s in scenarios::all() {
-        let selected = s.in_group(group) && filter.is_none_or(|f| s.name.contains(f));
+        let selected = s.in_group(group) && matches_filter(s.name, filter);
         println!(
             "{}{:<23} {:<6} {:<9} {:>4} {:>4}M {:<22} {:<8} {}",
             if selected { "*" } else { " " },
@@ -242,7 +253,7 @@ pub fn rig(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<()> {
 pub fn rig_run(opts: &RigOptions, group: &str, filter: Option<&str>) -> Result<RigRun> {
     let selected: Vec<Scenario> = scenarios::all()
         .into_iter()
-        .filter(|s| s.in_group(group) && filter.is_none_or(|f| s.name.contains(f)))
+        .filter(|s| s.in_group(group) && matches_filter(s.name, filter))
         .collect();
     if selected.is_empty() {
         bail!(

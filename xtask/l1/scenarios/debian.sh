@@ -12,6 +12,7 @@
 # the VMM and removes the overlay. It prints "TERN-DEBIAN-OK" when the VMM exited 0 and
 # "TERN-DEBIAN-FAIL why" otherwise; the guest's own "RIG-DEBIAN-STATE=..." line says how far
 # systemd got.
+# It also logs the exits the guest caused ("TERN-EXITS ...", below).
 set -u
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
@@ -32,6 +33,35 @@ fi
 [ $# -gt 0 ] || { echo "TERN-DEBIAN-FAIL no VMM command line"; exit 1; }
 [ -z "$BASE" ] || [ -f "$BASE" ] || { echo "TERN-DEBIAN-FAIL $BASE missing (L1 has no Debian disk)"; exit 1; }
 
+# The exits the guest caused, counted by L1's KVM (tracepoint histograms, kept in the kernel:
+# no trace buffer, a few hundred cycles per exit), the same way for tern and for QEMU. After the
+# run one line per kind: "TERN-EXITS <event>: <key>=<count> ..." with the 12 most frequent.
+T=/sys/kernel/tracing
+PROFILE="kvm_exit:exit_reason.hex kvm_userspace_exit:reason kvm_pio:port.hex,rw kvm_mmio:gpa.hex,type kvm_msr:ecx.hex,write kvm_page_fault:fault_address.hex"
+profile_start() {
+    [ -d $T/events ] || mount -t tracefs nodev $T 2>/dev/null
+    [ -d $T/events/kvm ] || { echo "TERN-EXITS unavailable: no kvm tracepoints in $T"; return 0; }
+    for p in $PROFILE; do
+        echo "hist:keys=${p#*:}:sort=hitcount.descending:size=512" >"$T/events/kvm/${p%%:*}/trigger" 2>/dev/null ||
+            echo "TERN-EXITS ${p%%:*}: cannot attach a histogram"
+    done
+}
+profile_report() {
+    [ -d $T/events/kvm ] || return 0
+    for p in $PROFILE; do
+        e=$T/events/kvm/${p%%:*}
+        [ -f "$e/hist" ] || continue
+        awk -v ev="${p%%:*}" '
+            /^\{/ { k = $0; sub(/^\{ */, "", k); sub(/ *\}.*/, "", k); gsub(/[a-z_]+: +/, "", k)
+                     gsub(/, +/, "/", k); while (k ~ /0x0[0-9a-f]/) sub(/0x0/, "0x", k)
+                     n = $0; sub(/.*hitcount: */, "", n); sub(/ .*/, "", n)
+                     if (shown < 12) line = line " " k "=" n; shown++ }
+            /^ *Hits:/ { total = $2 }
+            END { printf "TERN-EXITS %s: total=%s%s\n", ev, total, line }' "$e/hist"
+        echo "!hist:keys=${p#*:}:sort=hitcount.descending:size=512" >"$e/trigger" 2>/dev/null
+    done
+}
+
 overlay=/tmp/debian-overlay-$$.qcow2
 if [ -z "$BASE" ]; then
     create="qemu-img create -q -f qcow2 $overlay 64M"
@@ -47,8 +77,10 @@ case "$(basename "$1")" in
     qemu-system-*) set -- "$@" -drive "file=$overlay,format=qcow2,if=virtio" ;;
     *) echo "TERN-DEBIAN-FAIL unknown VMM $1"; rm -f "$overlay"; exit 1 ;;
 esac
+profile_start
 "$@" </dev/null
 rc=$?
+profile_report
 rm -f "$overlay"
 # A VM given a UEFI variable file: OVMF must have written its boot entries there.
 case " $* " in
