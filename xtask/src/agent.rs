@@ -102,6 +102,7 @@ struct Captured {
     output: Vec<u8>,
     truncated: bool,
     marker_ms: Option<u64>,
+    stage_ms: Option<u64>,
     mem: Option<MemSample>,
 }
 
@@ -152,6 +153,7 @@ fn execute(run: &RunSpec) -> (RunResult, Vec<u8>) {
     let guest_mem = run.measure_memory.then_some(run.guest_mem_bytes);
     let stream = run.stream.then(|| run.name.clone());
     let sigterm_after = run.sigterm_after.clone().map(String::into_bytes);
+    let stage = (!run.stage.is_empty()).then(|| run.stage.clone().into_bytes());
     let reader_thread = std::thread::spawn(move || {
         capture(
             reader,
@@ -161,6 +163,7 @@ fn execute(run: &RunSpec) -> (RunResult, Vec<u8>) {
             guest_mem,
             stream.as_deref(),
             sigterm_after.as_deref(),
+            stage.as_deref(),
         )
     });
 
@@ -202,15 +205,19 @@ fn execute(run: &RunSpec) -> (RunResult, Vec<u8>) {
         output: b"(output reader thread failed)".to_vec(),
         truncated: true,
         marker_ms: None,
+        stage_ms: None,
         mem: None,
     });
     result.marker_ms = captured.marker_ms;
+    result.stage_ms = captured.stage_ms;
     result.mem = captured.mem;
     result.log_truncated = captured.truncated;
     (result, captured.output)
 }
 
-/// Reads the VMM's output until EOF, timing the marker and sampling memory when it appears.
+/// Reads the VMM's output until EOF, timing the marker and sampling memory when it appears,
+/// and timing the stage string.
+#[allow(clippy::too_many_arguments)]
 fn capture(
     mut pipe: std::io::PipeReader,
     start: Instant,
@@ -219,11 +226,13 @@ fn capture(
     guest_mem: Option<u64>,
     stream: Option<&str>,
     mut sigterm_after: Option<&[u8]>,
+    mut stage: Option<&[u8]>,
 ) -> Captured {
     let mut c = Captured {
         output: Vec::new(),
         truncated: false,
         marker_ms: None,
+        stage_ms: None,
         mem: None,
     };
     let mut buf = [0u8; 16384];
@@ -259,6 +268,13 @@ fn capture(
             c.truncated = true;
         }
         c.output.extend_from_slice(&chunk[..n.min(room)]);
+        if let Some(s) = stage {
+            let from = c.output.len().saturating_sub(n + s.len());
+            if c.output[from..].windows(s.len()).any(|w| w == s) {
+                c.stage_ms = Some(now.duration_since(start).as_millis() as u64);
+                stage = None;
+            }
+        }
         if let Some(trigger) = sigterm_after {
             let from = c.output.len().saturating_sub(n + trigger.len());
             if c.output[from..]

@@ -8,7 +8,8 @@
 //!   each boot uses through its own qcow2 overlay so every boot starts from the same state;
 //! - `vmlinuz` and `initrd.img`: the kernel and initramfs from the root file system's `/boot`;
 //! - `debian-fw.qcow2`: the same system as a whole disk that firmware boots (GPT, GRUB for BIOS
-//!   and UEFI, root by UUID), built by `debian_fw.rs`.
+//!   and UEFI, root by UUID), and `debian-sdboot.qcow2`, an ESP-only disk that boots it with
+//!   systemd-boot instead, both built by `debian_fw.rs`.
 //!
 //! The system gets one unit of the rig's own, `rig-report.service`: once systemd's startup has
 //! finished it prints `RIG-DEBIAN-STATE=<state of systemctl is-system-running>` (and the failed
@@ -38,6 +39,8 @@ pub mod in_l1 {
     pub const INITRD: &str = "/rig/debian/initrd.img";
     /// The firmware-bootable disk (`debian_fw.rs`).
     pub const FW_DISK: &str = "/rig/debian/debian-fw.qcow2";
+    /// The systemd-boot disk (`debian_fw.rs`), put before the firmware disk.
+    pub const SDBOOT_DISK: &str = "/rig/debian/debian-sdboot.qcow2";
 }
 
 /// The line the guest prints once systemd's startup has finished.
@@ -64,6 +67,10 @@ const REPORT_SCRIPT: &str = "#!/bin/sh
 # Installed by the tern rig (xtask/src/debian.rs).
 say() { echo \"<2>rig-report: $*\" > /dev/kmsg; }
 state=$(systemctl is-system-running --wait)
+# The boot loader, when it says: systemd-boot sets LoaderInfo (GRUB sets nothing). The value
+# follows 4 bytes of attributes, in UTF-16; efivarfs files cannot seek, hence cat.
+info=/sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
+[ -r $info ] && say \"RIG-DEBIAN-LOADER=$(cat $info | tail -c +5 | tr -d '\\000')\"
 say \"RIG-DEBIAN-STATE=$state uptime=$(cut -d' ' -f1 /proc/uptime)\"
 if [ \"$state\" != running ]; then
     systemctl --failed --no-legend --plain | while read -r unit rest; do
@@ -157,6 +164,8 @@ pub fn build() -> Result<PathBuf> {
     let fw_started = std::time::Instant::now();
     crate::debian_fw::build(&fw, &work, &outer.join("debian-fw.qcow2"))
         .context("building the firmware-bootable Debian disk failed")?;
+    crate::debian_fw::build_sdboot(&fw, &work, &outer.join("debian-sdboot.qcow2"))
+        .context("building the systemd-boot disk failed")?;
     let fw_secs = fw_started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&root);
     run_capture(

@@ -13,6 +13,12 @@
 //! and take `/boot/grub` on it as the prefix; GRUB's `normal` mode then reads `grub.cfg` there,
 //! which sends GRUB's terminal to the serial port and boots Debian's kernel and initramfs.
 //!
+//! `debian-sdboot.qcow2` is a second, small disk for the other boot loader users meet on UEFI:
+//! one ESP holding systemd-boot (Debian's `systemd-boot-efi`) at the removable-media path, its
+//! `loader.conf` and one Boot Loader Specification entry, and Debian's kernel and initramfs
+//! beside them. Put before the firmware disk, it boots the same root file system (by UUID) with
+//! systemd-boot instead of GRUB.
+//!
 //! Nothing here needs loop devices or mounts (which these machines do not offer for
 //! partitions): each partition is built as a file of its own (`mkfs.ext4 -d`, `mkfs.vfat` +
 //! mtools) and copied into a sparse disk file at its offset after `sfdisk` wrote the table. The
@@ -41,6 +47,15 @@ const PART_GUIDS: [&str; 3] = [
 ];
 /// FAT volume serial of the ESP.
 const ESP_VOLUME_ID: &str = "3F6C2A4E";
+/// The systemd-boot disk's identities: disk, ESP partition, FAT volume serial.
+const SDBOOT_DISK_GUID: &str = "3F6C2A4E-5B1D-4E8A-9C27-7D0E41B5A910";
+const SDBOOT_ESP_GUID: &str = "3F6C2A4E-5B1D-4E8A-9C27-7D0E41B5A911";
+const SDBOOT_VOLUME_ID: &str = "3F6C2A4F";
+/// Where Debian's `systemd-boot-efi` puts the boot manager (the package is downloaded and
+/// unpacked under `build/debs/`, not installed: it would upgrade the host's systemd to match).
+const SDBOOT_EFI: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// systemd-boot's configuration: no menu (a key held at start still shows it), the one entry.
+const SDBOOT_LOADER_CONF: &str = "timeout 0\ndefault debian.conf\n";
 
 /// GPT partition types (as GRUB's `include/grub/gpt_partition.h` and util-linux spell them).
 const TYPE_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
@@ -90,6 +105,9 @@ const BOOT_CODE_END: usize = 0x1b8;
 const BLOCKLIST: usize = 0x200 - 12;
 const CORE_LOAD_SEGMENT: u16 = 0x820;
 
+/// The first line GRUB prints from `grub.cfg` (the rig times it: the firmware's share of a boot).
+pub const GRUB_LOADING: &str = "rig-grub: loading";
+
 /// The configuration built into both GRUB images.
 fn early_config() -> String {
     format!("search --no-floppy --fs-uuid --set=root {ROOT_UUID}\nset prefix=($root)/boot/grub\n")
@@ -106,12 +124,21 @@ terminal_input serial console
 terminal_output serial
 set timeout=0
 set default=0
-echo 'rig-grub: loading /boot/{kernel}'
+echo '{GRUB_LOADING} /boot/{kernel}'
 menuentry 'Debian GNU/Linux (tern rig)' {{
 \tlinux /boot/{kernel} root=UUID={ROOT_UUID} ro console=ttyS0 quiet
 \tinitrd /boot/{initrd}
 }}
 "
+    )
+}
+
+/// The systemd-boot entry (Boot Loader Specification type 1): the kernel and initramfs at the
+/// ESP's root, the same command line as GRUB's.
+fn sdboot_entry() -> String {
+    format!(
+        "title Debian GNU/Linux (tern rig, systemd-boot)\nlinux /vmlinuz\ninitrd /initrd.img\n\
+         options root=UUID={ROOT_UUID} ro console=ttyS0 quiet\n"
     )
 }
 
@@ -151,7 +178,13 @@ pub fn recipe(fp: &mut Fingerprint) {
         .str(ESP_VOLUME_ID)
         .str(&GRUB_COMMON_MODULES.join(","))
         .str(&GRUB_BIOS_MODULES.join(","))
-        .str(&GRUB_EFI_MODULES.join(","));
+        .str(&GRUB_EFI_MODULES.join(","))
+        .str(SDBOOT_DISK_GUID)
+        .str(SDBOOT_ESP_GUID)
+        .str(SDBOOT_VOLUME_ID)
+        .str(SDBOOT_EFI)
+        .str(SDBOOT_LOADER_CONF)
+        .str(&sdboot_entry());
 }
 
 /// The host tools, installed if missing (GRUB's images are data files, not commands).
@@ -257,35 +290,144 @@ pub fn build(input: &Input, work: &Path, out: &Path) -> Result<()> {
 
     // The ESP: FAT32 with GRUB at the removable-media path.
     let esp = work.join("esp.vfat");
-    sparse_file(&esp, p2.1 * SECTOR)?;
-    run_capture(
-        Command::new(&t.mkfs_vfat)
-            .args(["-F", "32", "-n", "EFI", "-i", ESP_VOLUME_ID])
-            .arg(&esp),
-    )
-    .context("mkfs.vfat of the ESP failed")?;
-    let esp_at = format!("{}", esp.display());
-    run_capture(
-        Command::new(&t.mmd)
-            .args(["-i", &esp_at, "::/EFI", "::/EFI/BOOT"])
-            .env("MTOOLS_SKIP_CHECK", "1"),
-    )
-    .context("mmd on the ESP failed")?;
-    run_capture(
-        Command::new(&t.mcopy)
-            .args(["-i", &esp_at])
-            .arg(&efi)
-            .arg("::/EFI/BOOT/BOOTX64.EFI")
-            .env("MTOOLS_SKIP_CHECK", "1"),
-    )
-    .context("mcopy of BOOTX64.EFI onto the ESP failed")?;
+    fat_image(
+        &t,
+        &esp,
+        p2.1 * SECTOR,
+        ESP_VOLUME_ID,
+        &[(efi.as_path(), "EFI/BOOT/BOOTX64.EFI")],
+    )?;
 
     // The disk: table, partitions, boot code.
     let raw = work.join("fw-disk.raw");
-    sparse_file(&raw, disk_sectors(root_mib) * SECTOR)?;
+    partitioned_disk(
+        &t,
+        &raw,
+        disk_sectors(root_mib),
+        &sfdisk_script(root_mib),
+        &[(&esp, p2), (&root_img, p3)],
+    )?;
+    install_bios_boot(&raw, &core, p1)?;
+    to_qcow2(input.qemu_img, &raw, out)
+}
+
+/// Builds `debian-sdboot.qcow2` at `out` in `work`: one GPT partition, an ESP with systemd-boot
+/// at the removable-media path, its configuration, one entry, and the kernel and initramfs.
+pub fn build_sdboot(input: &Input, work: &Path, out: &Path) -> Result<()> {
+    let t = tools()?;
+    let sdboot = crate::debs::fetch_and_unpack(&crate::debs::resolve("systemd-boot-efi", None)?)?
+        .root
+        .join(SDBOOT_EFI);
+    ensure!(
+        sdboot.is_file(),
+        "{} missing from Debian's systemd-boot-efi",
+        sdboot.display()
+    );
+    let kernel = input.root.join("boot").join(input.kernel);
+    let initrd = input.root.join("boot").join(input.initrd);
+    let payload = std::fs::metadata(&kernel)?.len() + std::fs::metadata(&initrd)?.len();
+    // Room for FAT's own structures; 64 MiB at least, which FAT32 with 512-byte clusters needs.
+    let esp_mib = ((payload >> 20) + 16).max(64);
+    let esp_part = (MIB_SECTORS, esp_mib * MIB_SECTORS);
+    let loader_conf = work.join("loader.conf");
+    std::fs::write(&loader_conf, SDBOOT_LOADER_CONF)?;
+    let entry = work.join("debian.conf");
+    std::fs::write(&entry, sdboot_entry())?;
+    let esp = work.join("sdboot-esp.vfat");
+    fat_image(
+        &t,
+        &esp,
+        esp_part.1 * SECTOR,
+        SDBOOT_VOLUME_ID,
+        &[
+            (sdboot.as_path(), "EFI/BOOT/BOOTX64.EFI"),
+            (loader_conf.as_path(), "loader/loader.conf"),
+            (entry.as_path(), "loader/entries/debian.conf"),
+            (kernel.as_path(), "vmlinuz"),
+            (initrd.as_path(), "initrd.img"),
+        ],
+    )?;
+    let script = format!(
+        "label: gpt\nlabel-id: {SDBOOT_DISK_GUID}\nunit: sectors\nsector-size: {SECTOR}\n\n\
+         start={}, size={}, type={TYPE_ESP}, uuid={SDBOOT_ESP_GUID}, name=\"EFI system\"\n",
+        esp_part.0, esp_part.1
+    );
+    let raw = work.join("sdboot-disk.raw");
+    // The ESP after the first MiB, and 1 MiB at the end for the backup GPT.
+    let sectors = esp_part.0 + esp_part.1 + MIB_SECTORS;
+    partitioned_disk(&t, &raw, sectors, &script, &[(&esp, esp_part)])?;
+    to_qcow2(input.qemu_img, &raw, out)
+}
+
+/// A FAT32 image of `len` bytes at `path` (volume serial `volume_id`, label "EFI") holding
+/// `files`, each (source, path on the volume), with the directories they need.
+fn fat_image(
+    t: &Tools,
+    path: &Path,
+    len: u64,
+    volume_id: &str,
+    files: &[(&Path, &str)],
+) -> Result<()> {
+    sparse_file(path, len)?;
+    run_capture(
+        Command::new(&t.mkfs_vfat)
+            .args(["-F", "32", "-s", "1", "-n", "EFI", "-i", volume_id])
+            .arg(path),
+    )
+    .with_context(|| format!("mkfs.vfat of {} failed", path.display()))?;
+    let image = format!("{}", path.display());
+    let mut dirs: Vec<String> = Vec::new();
+    for (_, dest) in files {
+        let mut at = String::new();
+        for part in dest
+            .split('/')
+            .rev()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            at = format!("{at}/{part}");
+            if !dirs.contains(&at) {
+                dirs.push(at.clone());
+            }
+        }
+    }
+    if !dirs.is_empty() {
+        run_capture(
+            Command::new(&t.mmd)
+                .args(["-i", &image])
+                .args(dirs.iter().map(|d| format!("::{d}")))
+                .env("MTOOLS_SKIP_CHECK", "1"),
+        )
+        .with_context(|| format!("mmd on {} failed", path.display()))?;
+    }
+    for (src, dest) in files {
+        run_capture(
+            Command::new(&t.mcopy)
+                .args(["-i", &image])
+                .arg(src)
+                .arg(format!("::/{dest}"))
+                .env("MTOOLS_SKIP_CHECK", "1"),
+        )
+        .with_context(|| format!("mcopy of {} to {dest} failed", src.display()))?;
+    }
+    Ok(())
+}
+
+/// A sparse raw disk of `sectors` at `raw` with the partition table of `script` (sfdisk), and
+/// each image copied to its partition `(start, sectors)` (then removed).
+fn partitioned_disk(
+    t: &Tools,
+    raw: &Path,
+    sectors: u64,
+    script: &str,
+    parts: &[(&Path, (u64, u64))],
+) -> Result<()> {
+    sparse_file(raw, sectors * SECTOR)?;
     let mut sfdisk = Command::new(&t.sfdisk)
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(&raw)
+        .arg(raw)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -295,7 +437,7 @@ pub fn build(input: &Input, work: &Path, out: &Path) -> Result<()> {
         .stdin
         .take()
         .context("sfdisk stdin")?
-        .write_all(sfdisk_script(root_mib).as_bytes())?;
+        .write_all(script.as_bytes())?;
     let done = sfdisk.wait_with_output()?;
     if !done.status.success() {
         bail!(
@@ -304,7 +446,7 @@ pub fn build(input: &Input, work: &Path, out: &Path) -> Result<()> {
             String::from_utf8_lossy(&done.stderr).trim()
         );
     }
-    for (image, (start, sectors)) in [(&esp, p2), (&root_img, p3)] {
+    for (image, (start, sectors)) in parts {
         let len = std::fs::metadata(image)?.len();
         ensure!(
             len <= sectors * SECTOR,
@@ -321,16 +463,19 @@ pub fn build(input: &Input, work: &Path, out: &Path) -> Result<()> {
         .with_context(|| format!("dd of {} into the disk failed", image.display()))?;
         std::fs::remove_file(image)?;
     }
-    install_bios_boot(&raw, &core, p1)?;
+    Ok(())
+}
 
+/// Converts the raw disk `raw` to qcow2 at `out` and removes it.
+fn to_qcow2(qemu_img: &Path, raw: &Path, out: &Path) -> Result<()> {
     run_capture(
-        Command::new(input.qemu_img)
+        Command::new(qemu_img)
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
+            .arg(raw)
             .arg(out),
     )
-    .context("qemu-img convert of the firmware disk failed")?;
-    std::fs::remove_file(&raw)?;
+    .with_context(|| format!("qemu-img convert of {} failed", raw.display()))?;
+    std::fs::remove_file(raw)?;
     Ok(())
 }
 
@@ -395,11 +540,13 @@ pub fn describe(root_mib: u64) -> String {
     let (p1, p2, p3) = layout(root_mib);
     format!(
         "{}: GPT, BIOS boot at LBA {}, ESP at LBA {} ({ESP_MIB} MiB), root (UUID {ROOT_UUID}) \
-         at LBA {} ({root_mib} MiB), {} sectors",
+         at LBA {} ({root_mib} MiB), {} sectors; {}: GPT, ESP with systemd-boot at LBA {}",
         crate::debian::in_l1::FW_DISK,
         p1.0,
         p2.0,
         p3.0,
-        disk_sectors(root_mib)
+        disk_sectors(root_mib),
+        crate::debian::in_l1::SDBOOT_DISK,
+        MIB_SECTORS,
     )
 }

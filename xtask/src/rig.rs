@@ -183,6 +183,7 @@ fn plan(s: &Scenario, name: String) -> Planned {
             argv: resolve_argv(s),
             timeout_secs: s.timeout_secs,
             marker: s.marker.to_string(),
+            stage: s.stage.to_string(),
             guest_mem_bytes: u64::from(s.memory_mib) << 20,
             expect: s.expect.clone(),
             // Streamed so that what the guest printed survives an L1 freeze.
@@ -700,14 +701,24 @@ fn print_table(results: &[RunResult]) {
         |ms: Option<u64>| ms.map_or("-".to_string(), |v| format!("{:.2}s", v as f64 / 1000.0));
     println!();
     println!(
-        "{:<24} {:<7} {:>9} {:>9} {:>11} {:>11} {:>5} {:>6} {:>7}  reasons",
-        "scenario", "verdict", "marker", "exit", "vmm-rss", "guest-rss", "code", "nproc", "g-upt"
+        "{:<24} {:<7} {:>9} {:>9} {:>9} {:>11} {:>11} {:>5} {:>6} {:>7}  reasons",
+        "scenario",
+        "verdict",
+        "stage",
+        "marker",
+        "exit",
+        "vmm-rss",
+        "guest-rss",
+        "code",
+        "nproc",
+        "g-upt"
     );
     for r in results {
         println!(
-            "{:<24} {:<7} {:>9} {:>9} {:>11} {:>11} {:>5} {:>6} {:>7}  {}",
+            "{:<24} {:<7} {:>9} {:>9} {:>9} {:>11} {:>11} {:>5} {:>6} {:>7}  {}",
             r.name,
             if r.pass { "PASS" } else { "FAIL" },
+            secs(r.stage_ms),
             secs(r.marker_ms),
             secs(r.exit_ms),
             r.mem

@@ -56,6 +56,9 @@ pub struct Scenario {
     pub timeout_secs: u64,
     /// Output substring whose first appearance is timed.
     pub marker: &'static str,
+    /// Another output substring whose first appearance is timed ("stage" in the table), such
+    /// as the boot loader's first line (empty: none).
+    pub stage: &'static str,
     /// Send the VMM a SIGTERM once its output contains this.
     pub sigterm_after: Option<&'static str>,
     /// QEMU's `-M` value for QEMU scenarios.
@@ -293,6 +296,7 @@ const DEFAULT: Scenario = Scenario {
     argv_override: None,
     timeout_secs: 120,
     marker: INIT_MARKER,
+    stage: "",
     sigterm_after: None,
     qemu_machine: "microvm",
     l1_script: None,
@@ -364,94 +368,43 @@ const TERN_BIOS_ARGV: &[&str] = &[
     "--rng",
 ];
 
+/// QEMU `-M pc` with the devices of the firmware scenarios, then `$extra`.
+macro_rules! qemu_pc_argv {
+    ($($extra:literal),* $(,)?) => {
+        &[
+            "{qemu}", "-L", "{qemu_data}", "-accel", "kvm", "-M", "pc", "-cpu", "host",
+            "-m", "{memory_mib}", "-smp", "{cpus}", "-nographic", "-nic", "none", "-vga", "none",
+            "-device", "virtio-rng-pci", $($extra),*
+        ]
+    };
+}
+
+/// tern with OVMF (`--firmware uefi`), then `$extra`; a guest reset restarts the VM (OVMF
+/// resets once on its first boot with a fresh variable store).
+macro_rules! tern_uefi_argv {
+    ($($extra:literal),* $(,)?) => {
+        &[
+            "{tern}", "run", "--firmware", "uefi", "--on-reboot", "restart", "--cpus", "{cpus}",
+            "--memory", "{memory_mib}M", "--serial", "stdio", "--rng", $($extra),*
+        ]
+    };
+}
+
 /// QEMU `-M pc` with the same SeaBIOS (Debian's `bios-256k.bin`, copied into L1's QEMU data
 /// directory) and the same devices.
-const QEMU_BIOS_ARGV: &[&str] = &[
-    "{qemu}",
-    "-L",
-    "{qemu_data}",
-    "-accel",
-    "kvm",
-    "-M",
-    "pc",
-    "-cpu",
-    "host",
-    "-m",
-    "{memory_mib}",
-    "-smp",
-    "{cpus}",
-    "-nographic",
-    "-no-reboot",
-    "-nic",
-    "none",
-    "-vga",
-    "none",
-    "-device",
-    "virtio-rng-pci",
-];
+const QEMU_BIOS_ARGV: &[&str] = qemu_pc_argv!["-no-reboot"];
 
-/// tern with OVMF (`--firmware uefi`), its variables in memory; a guest reset restarts the VM
-/// (OVMF resets once on its first boot with a fresh variable store).
-const TERN_UEFI_ARGV: &[&str] = &[
-    "{tern}",
-    "run",
-    "--firmware",
-    "uefi",
-    "--on-reboot",
-    "restart",
-    "--cpus",
-    "{cpus}",
-    "--memory",
-    "{memory_mib}M",
-    "--serial",
-    "stdio",
-    "--rng",
-];
+/// tern with OVMF, its variables in memory.
+const TERN_UEFI_ARGV: &[&str] = tern_uefi_argv![];
 
 /// tern with OVMF and a variable file of its own (made from the template), which `debian.sh`
 /// checks OVMF wrote to.
-const TERN_UEFI_VARS_ARGV: &[&str] = &[
-    "{tern}",
-    "run",
-    "--firmware",
-    "uefi",
-    "--uefi-vars",
-    "/tmp/tern-uefi-vars.fd",
-    "--on-reboot",
-    "restart",
-    "--cpus",
-    "{cpus}",
-    "--memory",
-    "{memory_mib}M",
-    "--serial",
-    "stdio",
-    "--rng",
-];
+const TERN_UEFI_VARS_ARGV: &[&str] = tern_uefi_argv!["--uefi-vars", "/tmp/tern-uefi-vars.fd"];
 
 /// QEMU `-M pc` with the same OVMF files as flash: the code read-only, the variables a
 /// throw-away copy of the template (`snapshot=on`). Resets are allowed (no `-no-reboot`): OVMF
 /// resets once on its first boot with a fresh variable store.
-const QEMU_UEFI_ARGV: &[&str] = &[
-    "{qemu}",
-    "-L",
-    "{qemu_data}",
-    "-accel",
-    "kvm",
-    "-M",
-    "pc",
-    "-cpu",
-    "host",
-    "-m",
-    "{memory_mib}",
-    "-smp",
-    "{cpus}",
-    "-nographic",
-    "-nic",
-    "none",
-    "-vga",
-    "none",
-    "-device",
-    "virtio-rng-pci",
+const QEMU_UEFI_ARGV: &[&str] = qemu_pc_argv![
     "-drive",
     "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
     "-drive",
@@ -460,7 +413,9 @@ const QEMU_UEFI_ARGV: &[&str] = &[
 
 /// The UEFI boots (groups `firmware` and `uefi`): the same disk booted by OVMF from its EFI
 /// system partition (`EFI/BOOT/BOOTX64.EFI`, GRUB), under tern and QEMU, 1 and 2 vCPUs (QEMU's
-/// 2-vCPU reference is left out of `core` to keep the suite's time); a UEFI VM snapshotted
+/// 2-vCPU reference is left out of `core` to keep the suite's time); the same root booted by
+/// systemd-boot from a disk in front of it (which the guest confirms: systemd-boot's
+/// `LoaderInfo` variable); a UEFI VM snapshotted
 /// while GRUB loads the kernel and restored, and one migrated then (not in `core`); and a UEFI
 /// VM with a blank disk, which tern must end with one line.
 fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
@@ -524,6 +479,21 @@ fn uefi_scenarios(fw: &Scenario) -> Vec<Scenario> {
             ..uefi.clone()
         },
         Scenario {
+            name: "tern-debian-uefi-sdboot",
+            vmm: Vmm::Tern,
+            argv_override: Some(TERN_UEFI_ARGV),
+            l1_script: Some(&["debian.sh", "sdboot"]),
+            expect: Expect {
+                require: strings(&[
+                    "RIG-DEBIAN-LOADER=systemd-boot",
+                    "RIG-DEBIAN-STATE=running",
+                    "TERN-DEBIAN-OK",
+                ]),
+                ..uefi.expect.clone()
+            },
+            ..uefi.clone()
+        },
+        Scenario {
             name: "tern-uefi-no-boot",
             vmm: Vmm::Tern,
             memory_mib: 256,
@@ -567,6 +537,7 @@ fn debian_firmware_scenarios(base: &Scenario) -> Vec<Scenario> {
     let fw = Scenario {
         groups: &["debian", "core", "firmware"],
         l1_script: Some(&["debian.sh", "fw"]),
+        stage: crate::debian_fw::GRUB_LOADING,
         ..base.clone()
     };
     vec![

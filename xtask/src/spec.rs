@@ -27,6 +27,10 @@ pub struct RunSpec {
     pub timeout_secs: u64,
     /// Output substring whose first appearance is timed (and triggers the RSS sample).
     pub marker: String,
+    /// Another output substring whose first appearance is timed, such as a boot loader's first
+    /// line (empty: none).
+    #[serde(default)]
+    pub stage: String,
     /// Guest RAM size; mappings at least this large are counted as guest RAM, not VMM overhead.
     pub guest_mem_bytes: u64,
     pub expect: Expect,
@@ -91,6 +95,9 @@ pub struct RunResult {
     pub error: Option<String>,
     /// Milliseconds from spawn to the first output line containing the marker.
     pub marker_ms: Option<u64>,
+    /// Milliseconds from spawn to the first output containing the stage string.
+    #[serde(default)]
+    pub stage_ms: Option<u64>,
     /// Milliseconds from spawn to process exit (or to the kill on timeout).
     pub exit_ms: Option<u64>,
     pub exit_code: Option<i32>,

@@ -2,10 +2,11 @@
 # L1 side of the real-distribution scenarios (xtask/src/scenarios.rs, group "debian"). Runs
 # inside L1, started by the rig agent as
 #
-#     sh /rig/l1/debian.sh [fw] -- VMM-ARGV...
+#     sh /rig/l1/debian.sh [fw|sdboot|blank] -- VMM-ARGV...
 #
 # VMM-ARGV boots Debian's kernel and initramfs (xtask/src/debian.rs), or with "fw" the
-# firmware that boots the partitioned Debian disk through GRUB, or with "blank" the firmware
+# firmware that boots the partitioned Debian disk through GRUB, with "sdboot" the firmware that
+# boots it through systemd-boot on a disk put before it, or with "blank" the firmware
 # with a blank disk (nothing to boot: the VMM must say so and exit); this script gives the
 # boot its own qcow2 overlay on the pristine Debian root (read-only, on the disk L1 mounted at
 # /rig/debian), appends it as the guest's /dev/vda (tern: --disk; QEMU: -drive if=virtio), runs
@@ -21,9 +22,16 @@ export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 mkdir -p /var/tmp
 
 BASE=/rig/debian/debian.qcow2
-# "fw": the partitioned disk that boots through firmware and GRUB (xtask/src/debian_fw.rs).
+# Given, a disk put before the root disk (in its own overlay too).
+FIRST=
+# "fw": the partitioned disk that boots through firmware and GRUB (xtask/src/debian_fw.rs);
+# "sdboot": the same behind a disk whose ESP boots it with systemd-boot.
 if [ "${1:-}" = "fw" ]; then
     BASE=/rig/debian/debian-fw.qcow2
+    shift
+elif [ "${1:-}" = "sdboot" ]; then
+    BASE=/rig/debian/debian-fw.qcow2
+    FIRST=/rig/debian/debian-sdboot.qcow2
     shift
 elif [ "${1:-}" = "blank" ]; then
     BASE=
@@ -31,7 +39,9 @@ elif [ "${1:-}" = "blank" ]; then
 fi
 [ "${1:-}" = "--" ] && shift
 [ $# -gt 0 ] || { echo "TERN-DEBIAN-FAIL no VMM command line"; exit 1; }
-[ -z "$BASE" ] || [ -f "$BASE" ] || { echo "TERN-DEBIAN-FAIL $BASE missing (L1 has no Debian disk)"; exit 1; }
+for f in $BASE $FIRST; do
+    [ -f "$f" ] || { echo "TERN-DEBIAN-FAIL $f missing (L1 has no Debian disk)"; exit 1; }
+done
 
 # The exits the guest caused, counted by L1's KVM (tracepoint histograms, kept in the kernel:
 # no trace buffer, a few hundred cycles per exit), the same way for tern and for QEMU. After the
@@ -72,16 +82,27 @@ if ! out=$($create 2>&1); then
     echo "TERN-DEBIAN-FAIL cannot create the overlay: $out"
     exit 1
 fi
-case "$(basename "$1")" in
-    tern*) set -- "$@" --disk "path=$overlay,format=qcow2" ;;
-    qemu-system-*) set -- "$@" -drive "file=$overlay,format=qcow2,if=virtio" ;;
-    *) echo "TERN-DEBIAN-FAIL unknown VMM $1"; rm -f "$overlay"; exit 1 ;;
-esac
+first=
+if [ -n "$FIRST" ]; then
+    first=/tmp/debian-first-$$.qcow2
+    if ! out=$(qemu-img create -q -f qcow2 -F qcow2 -b "$FIRST" "$first" 2>&1); then
+        echo "TERN-DEBIAN-FAIL cannot create the overlay: $out"
+        rm -f "$overlay"
+        exit 1
+    fi
+fi
+for disk in $first $overlay; do
+    case "$(basename "$1")" in
+        tern*) set -- "$@" --disk "path=$disk,format=qcow2" ;;
+        qemu-system-*) set -- "$@" -drive "file=$disk,format=qcow2,if=virtio" ;;
+        *) echo "TERN-DEBIAN-FAIL unknown VMM $1"; rm -f "$overlay" $first; exit 1 ;;
+    esac
+done
 profile_start
 "$@" </dev/null
 rc=$?
 profile_report
-rm -f "$overlay"
+rm -f "$overlay" $first
 # A VM given a UEFI variable file: OVMF must have written its boot entries there.
 case " $* " in
     *" --uefi-vars "*)
