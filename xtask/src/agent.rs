@@ -269,18 +269,13 @@ fn capture(
         }
         c.output.extend_from_slice(&chunk[..n.min(room)]);
         if let Some(s) = stage {
-            let from = c.output.len().saturating_sub(n + s.len());
-            if c.output[from..].windows(s.len()).any(|w| w == s) {
+            if found_in_new(&c.output, n, s) {
                 c.stage_ms = Some(now.duration_since(start).as_millis() as u64);
                 stage = None;
             }
         }
         if let Some(trigger) = sigterm_after {
-            let from = c.output.len().saturating_sub(n + trigger.len());
-            if c.output[from..]
-                .windows(trigger.len())
-                .any(|w| w == trigger)
-            {
+            if found_in_new(&c.output, n, trigger) {
                 // SAFETY: kill(2) on our own child's pid; no memory is involved.
                 unsafe {
                     libc::kill(pid, libc::SIGTERM);
@@ -290,6 +285,13 @@ fn capture(
         }
     }
     c
+}
+
+/// Whether `needle` occurs in the last `n` bytes of `output` (the chunk just appended) or
+/// across the boundary before them. Callers look for a first occurrence only and stop there.
+fn found_in_new(output: &[u8], n: usize, needle: &[u8]) -> bool {
+    let from = output.len().saturating_sub(n + needle.len());
+    output[from..].windows(needle.len()).any(|w| w == needle)
 }
 
 /// Reads `/proc/PID/smaps` and `/proc/PID/status`.
@@ -348,6 +350,14 @@ pub fn smaps_split(smaps: &str, guest_mem: u64) -> MemSample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn found_in_new_sees_the_new_chunk_and_across_its_boundary() {
+        assert!(found_in_new(b"abc rig-grub: loading", 8, b"loading"));
+        assert!(found_in_new(b"rig-grub: loading", 3, b"loading"));
+        assert!(!found_in_new(b"loading then more text", 10, b"loading"));
+        assert!(!found_in_new(b"xy", 2, b"loading"));
+    }
 
     #[test]
     fn smaps_guest_ram_is_excluded() {

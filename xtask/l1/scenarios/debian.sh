@@ -72,37 +72,35 @@ profile_report() {
     done
 }
 
-overlay=/tmp/debian-overlay-$$.qcow2
-if [ -z "$BASE" ]; then
-    create="qemu-img create -q -f qcow2 $overlay 64M"
-else
-    create="qemu-img create -q -f qcow2 -F qcow2 -b $BASE $overlay"
-fi
-if ! out=$($create 2>&1); then
-    echo "TERN-DEBIAN-FAIL cannot create the overlay: $out"
-    exit 1
-fi
-first=
-if [ -n "$FIRST" ]; then
-    first=/tmp/debian-first-$$.qcow2
-    if ! out=$(qemu-img create -q -f qcow2 -F qcow2 -b "$FIRST" "$first" 2>&1); then
+# new_overlay OUT BASE: a qcow2 at OUT over BASE (blank, 64 MiB, when BASE is empty), added to
+# the VM's disks in order; the run fails if it cannot be made.
+disks=
+new_overlay() {
+    if [ -n "$2" ]; then
+        out=$(qemu-img create -q -f qcow2 -F qcow2 -b "$2" "$1" 2>&1)
+    else
+        out=$(qemu-img create -q -f qcow2 "$1" 64M 2>&1)
+    fi || {
         echo "TERN-DEBIAN-FAIL cannot create the overlay: $out"
-        rm -f "$overlay"
+        rm -f $disks
         exit 1
-    fi
-fi
-for disk in $first $overlay; do
+    }
+    disks="$disks $1"
+}
+[ -z "$FIRST" ] || new_overlay /tmp/debian-first-$$.qcow2 "$FIRST"
+new_overlay /tmp/debian-overlay-$$.qcow2 "$BASE"
+for disk in $disks; do
     case "$(basename "$1")" in
         tern*) set -- "$@" --disk "path=$disk,format=qcow2" ;;
         qemu-system-*) set -- "$@" -drive "file=$disk,format=qcow2,if=virtio" ;;
-        *) echo "TERN-DEBIAN-FAIL unknown VMM $1"; rm -f "$overlay" $first; exit 1 ;;
+        *) echo "TERN-DEBIAN-FAIL unknown VMM $1"; rm -f $disks; exit 1 ;;
     esac
 done
 profile_start
 "$@" </dev/null
 rc=$?
 profile_report
-rm -f "$overlay" $first
+rm -f $disks
 # A VM given a UEFI variable file: OVMF must have written its boot entries there.
 case " $* " in
     *" --uefi-vars "*)
