@@ -15,7 +15,8 @@ use crate::util::{apt_install, build_dir, workspace_root};
 /// the L0 emulator's thread backtraces when L1 freezes; grub-common, grub-pc-bin,
 /// grub-efi-amd64-bin, fdisk's `sfdisk`, dosfstools and mtools build the firmware-bootable
 /// Debian disk — GRUB for BIOS and UEFI, its GPT and its FAT ESP without loop devices — and
-/// ovmf is the UEFI firmware that boots it).
+/// ovmf is the UEFI firmware that boots it; python3-prometheus-client is Prometheus' own
+/// text-format parser, which reads `GET /metrics` in the tests).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gdb",
@@ -32,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "dosfstools",
     "mtools",
     "ovmf",
+    "python3-prometheus-client",
 ];
 
 /// Fuzzing time per target in `cargo xtask test`: with the instrumented build, the fuzz step

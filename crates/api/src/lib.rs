@@ -1,6 +1,7 @@
 //! tern's control API as data, for the VMM that serves it and for every client: the VM
 //! configuration ([`config::VmConfig`]), the restore request ([`restore::RestoreOptions`]) and
-//! the answers ([`VmInfo`], [`Counters`], [`ErrorBody`]); and the one client of the API's
+//! the answers ([`VmInfo`], [`Counters`], [`ErrorBody`]) and their Prometheus form
+//! ([`metrics`]); and the one client of the API's
 //! Unix socket ([`client`]). Nothing here knows KVM or the server.
 
 pub mod balloon;
@@ -8,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod devices;
 pub mod firmware;
+pub mod metrics;
 pub mod migrate;
 pub mod resize;
 pub mod responses;

@@ -124,6 +124,10 @@ pub struct VcpuCounters {
     pub mmio_exits: u64,
     /// Every other exit.
     pub other_exits: u64,
+    /// CPU time the vCPU's thread used, in nanoseconds (in the guest and in tern, since the
+    /// thread started: a restored or migrated VM counts from then).
+    #[serde(default)]
+    pub cpu_time_ns: u64,
 }
 
 /// One device's I/O counters, tagged by `"type"`.
@@ -287,6 +291,7 @@ mod tests {
                 pio_exits: 1,
                 mmio_exits: 2,
                 other_exits: 3,
+                cpu_time_ns: 7,
             }],
             devices: vec![
                 DeviceCounters::Block {
@@ -323,7 +328,8 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&c).unwrap(),
             concat!(
-                r#"{"vcpus":[{"vcpu":0,"pio_exits":1,"mmio_exits":2,"other_exits":3}],"devices":["#,
+                r#"{"vcpus":[{"vcpu":0,"pio_exits":1,"mmio_exits":2,"other_exits":3,"cpu_time_ns":7}],"#,
+                r#""devices":["#,
                 r#"{"type":"block","id":"disk0","path":"/d.img","read_ops":1,"read_bytes":512,"#,
                 r#""write_ops":2,"#,
                 r#""write_bytes":1024,"flush_ops":3,"discard_ops":4,"errors":5,"throttled":6},"#,
@@ -341,7 +347,7 @@ mod tests {
                 r#""read_ops":1,"throttled":6,"type":"block","write_bytes":1024,"write_ops":2},"#,
                 r#"{"link_down":5,"rx_bytes":60,"rx_dropped":2,"rx_frames":1,"tap":"tap0","#,
                 r#""throttled":6,"tx_bytes":180,"tx_dropped":4,"tx_frames":3,"type":"net"}],"#,
-                r#""vcpus":[{"mmio_exits":2,"other_exits":3,"pio_exits":1,"vcpu":0}]}"#
+                r#""vcpus":[{"cpu_time_ns":7,"mmio_exits":2,"other_exits":3,"pio_exits":1,"vcpu":0}]}"#
             )
         );
         let back: Counters = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();

@@ -824,8 +824,12 @@ fn show_counters(body: &str) -> Result<String, String> {
     let mut lines = Vec::new();
     for c in v["vcpus"].as_array().into_iter().flatten() {
         lines.push(format!(
-            "vcpu{}: pio {} mmio {} other {}",
-            c["vcpu"], c["pio_exits"], c["mmio_exits"], c["other_exits"]
+            "vcpu{}: pio {} mmio {} other {} cpu {:.3} s",
+            c["vcpu"],
+            c["pio_exits"],
+            c["mmio_exits"],
+            c["other_exits"],
+            c["cpu_time_ns"].as_u64().unwrap_or(0) as f64 / 1e9
         ));
     }
     for d in v["devices"].as_array().into_iter().flatten() {

@@ -4,7 +4,8 @@
 //! the VMM's event loop over a channel, with an eventfd to wake that loop; the loop answers
 //! through a oneshot channel. vCPU threads never see the API.
 //!
-//! URL space (versioned under `/v1`, resources under `/v1/vm`): `GET /ping`, `GET|PUT /v1/vm`,
+//! URL space (versioned under `/v1`, resources under `/v1/vm`): `GET /ping`, `GET /metrics`
+//! (Prometheus' text format, unversioned where scrapers look for it), `GET|PUT /v1/vm`,
 //! `PUT /v1/vm/{boot,pause,resume,shutdown,reboot}`, `GET /v1/vm/counters`,
 //! `PUT /v1/vm/snapshot`, `PUT /v1/vm/restore`, and live migration: `PUT /v1/vm/migrate/send`
 //! (202; it runs in the background), `GET /v1/vm/migrate` (its status), `DELETE /v1/vm/migrate`
@@ -42,6 +43,7 @@ use crate::VmConfig;
 /// Every route the server answers: (method, path).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/ping"),
+    ("GET", "/metrics"),
     ("GET", "/v1/vm"),
     ("PUT", "/v1/vm"),
     ("PUT", "/v1/vm/boot"),
@@ -328,6 +330,7 @@ impl Drop for ApiServer {
 fn router(shared: Shared) -> Router {
     Router::new()
         .route("/ping", get(ping))
+        .route("/metrics", get(metrics))
         .route("/v1/vm", get(info).put(configure))
         .route("/v1/vm/boot", put(|s| ask(s, Action::Boot)))
         .route("/v1/vm/pause", put(|s| ask(s, Action::Pause)))
@@ -369,15 +372,49 @@ fn reply(r: Reply) -> Response {
 }
 
 async fn ask(State(s): State<Shared>, action: Action) -> Response {
+    reply(answer(&s, action).await)
+}
+
+/// The VMM's answer to `action`.
+async fn answer(s: &Shared, action: Action) -> Reply {
     let (tx, rx) = oneshot::channel();
     if s.tx.send(Request { action, reply: tx }).is_err() {
-        return reply(Reply::error(503, "the VMM is shutting down"));
+        return Reply::error(503, "the VMM is shutting down");
     }
     let _ = s.evt.write(1);
-    match rx.await {
-        Ok(r) => reply(r),
-        Err(_) => reply(Reply::error(503, "the VMM is shutting down")),
+    rx.await
+        .unwrap_or_else(|_| Reply::error(503, "the VMM is shutting down"))
+}
+
+/// `GET /metrics`: the VM's state and, once it is booted, its counters, in Prometheus' text
+/// format (see `api::metrics`).
+async fn metrics(State(s): State<Shared>) -> Response {
+    fn body<T: serde::de::DeserializeOwned>(r: Reply) -> Result<T, Reply> {
+        match (r.status, r.body) {
+            (200, Some(b)) => serde_json::from_value(b)
+                .map_err(|e| Reply::error(500, format!("cannot read the VMM's answer: {e}"))),
+            (status, body) => Err(Reply { status, body }),
+        }
     }
+    let info: ::api::VmInfo = match body(answer(&s, Action::Info).await) {
+        Ok(i) => i,
+        Err(r) => return reply(r),
+    };
+    let counters = match info.state {
+        ::api::VmState::Running | ::api::VmState::Paused => {
+            // The VM may end between the two questions: what is known of it still goes out.
+            body::<::api::Counters>(answer(&s, Action::Counters).await).ok()
+        }
+        _ => None,
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            ::api::metrics::CONTENT_TYPE,
+        )],
+        ::api::metrics::render(&info, counters.as_ref()),
+    )
+        .into_response()
 }
 
 async fn ping() -> Response {

@@ -2,7 +2,7 @@
 //! and get kicked out of `KVM_RUN` cleanly (`immediate_exit` set from a signal handler).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{
@@ -62,6 +62,51 @@ pub struct ExitCounters {
     pub mmio: AtomicU64,
     /// Other exits.
     pub other: AtomicU64,
+    /// The CPU-time clock of the vCPU's thread (0 until the thread starts).
+    cpu_clock: AtomicI32,
+    /// The last CPU time read from that clock, in nanoseconds: what is shown once the thread
+    /// has ended.
+    cpu_time_ns: AtomicU64,
+}
+
+impl ExitCounters {
+    /// Called on the vCPU's thread: its CPU time is what [`cpu_time_ns`](Self::cpu_time_ns)
+    /// reads from now on.
+    pub fn track_this_thread(&self) {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_getcpuclockid only writes the clock id it is given a place for, and
+        // pthread_self is this live thread.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
+            self.cpu_clock.store(clock, Ordering::Relaxed);
+        }
+    }
+
+    /// Called on the vCPU's thread as it ends: its last CPU time stays.
+    pub fn untrack_this_thread(&self) {
+        self.cpu_time_ns();
+        self.cpu_clock.store(0, Ordering::Relaxed);
+    }
+
+    /// CPU time the vCPU's thread has used, in nanoseconds (from any thread).
+    pub fn cpu_time_ns(&self) -> u64 {
+        let clock = self.cpu_clock.load(Ordering::Relaxed);
+        if clock != 0 {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime only writes the timespec it is given; a clock whose thread
+            // has ended makes it fail (EINVAL), and the last value read stays.
+            // `untrack_this_thread` forgets the clock before its thread id can be reused.
+            if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
+                let ns = (ts.tv_sec as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(ts.tv_nsec as u64);
+                self.cpu_time_ns.store(ns, Ordering::Relaxed);
+            }
+        }
+        self.cpu_time_ns.load(Ordering::Relaxed)
+    }
 }
 
 /// One vCPU and what it needs to run.

@@ -45,9 +45,12 @@ impl VcpuComponent {
 
     fn start(&mut self) -> Result<(), VmmError> {
         if let Some(v) = self.vcpu.take() {
+            let counters = self.counters.clone();
             let t = spawn(Role::Vcpu, &format!("tern-vcpu{}", self.id), move || {
                 crate::vcpu_cgroups::join();
-                v.run()
+                counters.track_this_thread();
+                v.run();
+                counters.untrack_this_thread();
             })
             .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
             self.thread = Some(t);

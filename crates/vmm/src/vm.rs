@@ -414,6 +414,7 @@ impl Vm {
                         pio_exits: c.pio.load(Ordering::Relaxed),
                         mmio_exits: c.mmio.load(Ordering::Relaxed),
                         other_exits: c.other.load(Ordering::Relaxed),
+                        cpu_time_ns: c.cpu_time_ns(),
                     })
                     .collect();
                 let devices: Vec<_> = lock(&self.devs)
