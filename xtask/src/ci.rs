@@ -16,7 +16,8 @@ use crate::util::{apt_install, build_dir, workspace_root};
 /// grub-efi-amd64-bin, fdisk's `sfdisk`, dosfstools and mtools build the firmware-bootable
 /// Debian disk — GRUB for BIOS and UEFI, its GPT and its FAT ESP without loop devices — and
 /// ovmf is the UEFI firmware that boots it; python3-prometheus-client is Prometheus' own
-/// text-format parser, which reads `GET /metrics` in the tests).
+/// text-format parser, which reads `GET /metrics` in the tests, and systemd's
+/// `systemd-analyze verify` checks the shipped unit template).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gdb",
@@ -34,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "mtools",
     "ovmf",
     "python3-prometheus-client",
+    "systemd",
 ];
 
 /// Fuzzing time per target in `cargo xtask test`: with the instrumented build, the fuzz step

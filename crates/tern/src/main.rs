@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use vmm::config::{
     BootProtocol, CharBackend, Decompress, DiskConfig, MemSize, NetConfig, OnReboot, Transport,
 };
+use vmm::systemd::{ERR, NOTICE, WARNING};
 use vmm::{VmConfig, VmExit};
 
 /// Exit status when the guest crashed (triple fault, KVM internal error, kernel panic).
@@ -379,12 +380,45 @@ fn init_logging(level: Option<&str>) {
         .unwrap_or_else(|| "warn".to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
-        .without_time()
-        .init();
+        .without_time();
+    if vmm::systemd::stderr_is_journal() {
+        fmt.event_format(JournalLine).init();
+    } else {
+        fmt.init();
+    }
+}
+
+/// A log line for the journal: its syslog priority (`<3>`…`<7>`), which the journal keeps as
+/// the line's own, then the message and its fields (the journal adds the time).
+struct JournalLine;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JournalLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::fmt::FormatFields;
+        use vmm::systemd::{prefix, DEBUG, ERR, INFO, WARNING};
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => ERR,
+            tracing::Level::WARN => WARNING,
+            tracing::Level::INFO => INFO,
+            _ => DEBUG,
+        };
+        write!(writer, "{}", prefix(priority))?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }
 
 /// Closes the Landlock sandbox around what `config` names (or, for a VM still to be configured
@@ -473,7 +507,13 @@ fn main() -> ExitCode {
             // SIGINT/SIGTERM belong to the VMM's signalfd; blocked before any thread starts (or
             // the API socket appears), so a signal never finds them at their default action.
             if let Err(e) = vmm::signals::block_stop_signals_in_this_thread() {
-                eprintln!("tern: cannot block SIGINT/SIGTERM: {e}");
+                vmm::report!(ERR, "tern: cannot block SIGINT/SIGTERM: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+            // systemd's notification socket is connected before any thread starts or sandbox
+            // closes.
+            if let Err(e) = vmm::systemd::init() {
+                vmm::report!(ERR, "tern: {e}");
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
             let (seccomp, landlock, allow_path, api_socket) = (
@@ -483,7 +523,7 @@ fn main() -> ExitCode {
                 args.api_socket.clone(),
             );
             if !landlock && !allow_path.is_empty() {
-                eprintln!("tern: --allow-path goes with --landlock");
+                vmm::report!(ERR, "tern: --allow-path goes with --landlock");
                 return ExitCode::from(EXIT_USAGE);
             }
             // What a migrating VM may use here, it may reach under Landlock too.
@@ -496,12 +536,12 @@ fn main() -> ExitCode {
             let report = match seccomp_report() {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("tern: {e}");
+                    vmm::report!(ERR, "tern: {e}");
                     return ExitCode::from(EXIT_VMM_ERROR);
                 }
             };
             if let Err(e) = vmm::vcpu_cgroups::set(&args.vcpu_cgroup_fd) {
-                eprintln!("tern: {e}");
+                vmm::report!(ERR, "tern: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
             let incoming = match &args.incoming {
@@ -513,7 +553,8 @@ fn main() -> ExitCode {
                     };
                     if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
                     {
-                        eprintln!(
+                        vmm::report!(
+                            ERR,
                             "tern: --incoming takes the VM's settings from its source; only \
                              --serial, --console, --disk-remap, --tap-remap, --accept-dir, \
                              --accept-tap and --api-socket may be given with it"
@@ -531,7 +572,7 @@ fn main() -> ExitCode {
                             accept_taps: args.accept_tap.clone(),
                         },
                         Err(e) => {
-                            eprintln!("tern: {e}");
+                            vmm::report!(ERR, "tern: {e}");
                             return ExitCode::from(EXIT_USAGE);
                         }
                     };
@@ -539,14 +580,17 @@ fn main() -> ExitCode {
                     match vmm::migration::Listener::bind(url) {
                         Ok(listener) => Some(vmm::migration::receive::Incoming { listener, opts }),
                         Err(e) => {
-                            eprintln!("tern: {e}");
+                            vmm::report!(ERR, "tern: {e}");
                             return ExitCode::from(EXIT_VMM_ERROR);
                         }
                     }
                 }
                 None => {
                     if !args.accept_dir.is_empty() || !args.accept_tap.is_empty() {
-                        eprintln!("tern: --accept-dir and --accept-tap go with --incoming URL");
+                        vmm::report!(
+                            ERR,
+                            "tern: --accept-dir and --accept-tap go with --incoming URL"
+                        );
                         return ExitCode::from(EXIT_USAGE);
                     }
                     None
@@ -564,7 +608,8 @@ fn main() -> ExitCode {
                     };
                     if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
                     {
-                        eprintln!(
+                        vmm::report!(
+                            ERR,
                             "tern: --restore takes the VM's settings from the snapshot; only \
                              --serial, --console, --disk-remap, --tap-remap, --restore-mode and \
                              --paused may be given with it"
@@ -574,7 +619,7 @@ fn main() -> ExitCode {
                     match restore_options(dir, &args).and_then(|o| vmm::snapshot::open(&o)) {
                         Ok(r) => Some(r),
                         Err(e) => {
-                            eprintln!("tern: {e}");
+                            vmm::report!(ERR, "tern: {e}");
                             return ExitCode::from(EXIT_VMM_ERROR);
                         }
                     }
@@ -585,7 +630,8 @@ fn main() -> ExitCode {
                         || (incoming.is_none()
                             && (!args.disk_remap.is_empty() || !args.tap_remap.is_empty()))
                     {
-                        eprintln!(
+                        vmm::report!(
+                            ERR,
                             "tern: --paused, --restore-mode, --disk-remap and --tap-remap go \
                              with --restore DIR"
                         );
@@ -600,7 +646,8 @@ fn main() -> ExitCode {
                 None
             } else if args.api_only() {
                 if args.vm_flags_given() {
-                    eprintln!(
+                    vmm::report!(
+                        ERR,
                         "tern: VM settings on the command line need --kernel (or --config); with \
                          --api-socket alone, send the whole configuration with PUT /v1/vm"
                     );
@@ -611,7 +658,7 @@ fn main() -> ExitCode {
                 match args.into_config() {
                     Ok(c) => Some(c),
                     Err(e) => {
-                        eprintln!("tern: {e}");
+                        vmm::report!(ERR, "tern: {e}");
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
                 }
@@ -622,7 +669,7 @@ fn main() -> ExitCode {
                 Some(p) => match vmm::api::ApiServer::bind(p) {
                     Ok(s) => Some(s),
                     Err(e) => {
-                        eprintln!("tern: {e}");
+                        vmm::report!(ERR, "tern: {e}");
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
                 },
@@ -632,7 +679,7 @@ fn main() -> ExitCode {
                 let dirs = match restore.as_ref().map(|r| r.snapshot.chain_dirs(&r.dir)) {
                     Some(Ok(d)) => d,
                     Some(Err(e)) => {
-                        eprintln!("tern: {e}");
+                        vmm::report!(ERR, "tern: {e}");
                         return ExitCode::from(EXIT_VMM_ERROR);
                     }
                     None => Vec::new(),
@@ -643,26 +690,30 @@ fn main() -> ExitCode {
                     &allow_path,
                     (api_socket.is_some() || incoming.is_some()) && config.is_none(),
                 ) {
-                    eprintln!("tern: {e}");
+                    vmm::report!(ERR, "tern: {e}");
                     return ExitCode::from(EXIT_VMM_ERROR);
                 }
             }
             if let Err(e) = sandbox::seccomp::install(seccomp, report) {
-                eprintln!("tern: seccomp: {e}");
+                vmm::report!(ERR, "tern: seccomp: {e}");
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
             let api = match socket.map(vmm::api::ApiServer::serve) {
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {
-                    eprintln!("tern: {e}");
+                    vmm::report!(ERR, "tern: {e}");
                     return ExitCode::from(EXIT_VMM_ERROR);
                 }
                 None => None,
             };
             match vmm::run(config, api, restore, incoming, start) {
-                Ok(exit) => exit_code(&exit),
+                Ok(exit) => {
+                    vmm::systemd::stopping(&format!("tern is stopping: {exit}"));
+                    exit_code(&exit)
+                }
                 Err(e) => {
-                    eprintln!("tern: {e}");
+                    vmm::systemd::stopping(&format!("tern is stopping: {e}"));
+                    vmm::report!(ERR, "tern: {e}");
                     ExitCode::from(EXIT_VMM_ERROR)
                 }
             }
@@ -863,33 +914,35 @@ fn exit_code(exit: &VmExit) -> ExitCode {
         }
         VmExit::DebugExit(s) => ExitCode::from(*s),
         VmExit::Signal(s) => {
-            eprintln!("tern: stopped by signal {s}");
+            vmm::report!(NOTICE, "tern: stopped by signal {s}");
             ExitCode::SUCCESS
         }
         VmExit::UserQuit => ExitCode::SUCCESS,
         VmExit::Migrated { url, downtime_us } => {
-            eprintln!(
+            vmm::report!(
+                NOTICE,
                 "tern: the VM migrated to {url} (downtime {:.1} ms) and runs there",
                 *downtime_us as f64 / 1e3
             );
             ExitCode::SUCCESS
         }
         VmExit::ApiStop => {
-            eprintln!("tern: stopped through the API");
+            vmm::report!(NOTICE, "tern: stopped through the API");
             ExitCode::SUCCESS
         }
         VmExit::ShutdownTimeout(secs) => {
-            eprintln!(
+            vmm::report!(
+                WARNING,
                 "tern: the guest did not power off within {secs} s of the power button; stopped it"
             );
             ExitCode::SUCCESS
         }
         VmExit::GuestPanic => {
-            eprintln!("tern: the guest kernel panicked");
+            vmm::report!(ERR, "tern: the guest kernel panicked");
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::TripleFault { vcpu, regs } => {
-            eprintln!("tern: guest triple fault on vCPU {vcpu}: {regs}");
+            vmm::report!(ERR, "tern: guest triple fault on vCPU {vcpu}: {regs}");
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::InternalError {
@@ -897,11 +950,14 @@ fn exit_code(exit: &VmExit) -> ExitCode {
             suberror,
             regs,
         } => {
-            eprintln!("tern: KVM internal error (suberror {suberror}) on vCPU {vcpu}: {regs}");
+            vmm::report!(
+                ERR,
+                "tern: KVM internal error (suberror {suberror}) on vCPU {vcpu}: {regs}"
+            );
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::Error(e) => {
-            eprintln!("tern: {e}");
+            vmm::report!(ERR, "tern: {e}");
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }

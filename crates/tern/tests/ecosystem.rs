@@ -1,10 +1,12 @@
 //! tern under the host's own service tools: `GET /metrics` read by Prometheus' own text-format
-//! parser (Debian's `python3-prometheus-client`), on a running probe guest.
+//! parser (Debian's `python3-prometheus-client`), systemd's notifications (`READY=1`,
+//! `STATUS=`, `STOPPING=1`) heard on a `NOTIFY_SOCKET` of the test's own, and log lines with
+//! the journal's priority prefixes when `JOURNAL_STREAM` names tern's standard error.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -245,4 +247,299 @@ fn metrics_are_prometheus_text_before_and_after_boot() {
     assert_eq!(counters.vcpus[0].pio_exits as f64, exits(&p2));
     assert!(counters.vcpus[0].cpu_time_ns > 0);
     drop(vm);
+}
+
+/// A notification socket for a tern to write to, as systemd's: a datagram socket bound at a
+/// path in `dir` or, with `abstract_name`, in the abstract namespace. Returns it and the
+/// `NOTIFY_SOCKET` value naming it.
+fn notify_socket(dir: &Scratch, abstract_name: bool) -> (UnixDatagram, String) {
+    let (socket, addr) = if abstract_name {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("tern-test-notify-{}", std::process::id());
+        let a = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        (UnixDatagram::bind_addr(&a).unwrap(), format!("@{name}"))
+    } else {
+        let p = dir.path("notify.sock");
+        (UnixDatagram::bind(&p).unwrap(), s(&p).to_string())
+    };
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    (socket, addr)
+}
+
+/// The messages on `socket` until one has `field`, within `limit`: each message's lines.
+fn messages_until(socket: &UnixDatagram, field: &str, limit: Duration) -> Vec<Vec<String>> {
+    let t0 = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        let Ok(n) = socket.recv(&mut buf) else {
+            continue;
+        };
+        let lines: Vec<String> = String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let done = lines.iter().any(|l| l == field);
+        got.push(lines);
+        if done {
+            return got;
+        }
+    }
+    panic!("no {field} within {limit:?}; got {got:?}");
+}
+
+/// `tern run ARGS` with `env` added, its standard error piped.
+fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Tern {
+    let mut c = Command::new(tern());
+    c.arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Tern(c.spawn().expect("start tern"))
+}
+
+#[test]
+fn systemd_hears_ready_status_and_stopping() {
+    let test = "systemd_hears_ready_status_and_stopping";
+    if !require_kvm(test) {
+        return;
+    }
+    let dir = Scratch::new("notify");
+    let (notify, addr) = notify_socket(&dir, false);
+    let sock = dir.path("api.sock");
+    let probe = probe();
+    let vm = spawn_with_env(
+        &[
+            "--kernel",
+            s(&probe),
+            "--memory",
+            "64M",
+            "--serial",
+            "none",
+            "--api-socket",
+            s(&sock),
+            "--cmdline",
+            "probe.run=count probe.count_ms=20000",
+        ],
+        &[("NOTIFY_SOCKET", &addr)],
+    );
+    let m = messages_until(&notify, "READY=1", Duration::from_secs(20));
+    assert_eq!(
+        m.last().unwrap(),
+        &["READY=1", "STATUS=the VM runs"],
+        "{m:?}"
+    );
+    let c = api::client::Client::new(&sock);
+    let (st, b) = c.call("PUT", "/v1/vm/pause", None).unwrap();
+    assert_eq!(st, 204, "{b}");
+    let m = messages_until(&notify, "STATUS=the VM is paused", Duration::from_secs(5));
+    assert_eq!(m.len(), 1, "{m:?}");
+    let (st, b) = c.call("PUT", "/v1/vm/resume", None).unwrap();
+    assert_eq!(st, 204, "{b}");
+    messages_until(&notify, "STATUS=the VM runs", Duration::from_secs(5));
+    let (st, b) = c.call("PUT", "/v1/vm/shutdown?force=true", None).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let m = messages_until(&notify, "STOPPING=1", Duration::from_secs(10));
+    assert_eq!(
+        m.last().unwrap(),
+        &[
+            "STOPPING=1",
+            "STATUS=tern is stopping: stopped through the API"
+        ],
+        "{m:?}"
+    );
+    let (code, err) = vm.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+
+    // An empty tern is ready once it waits for a VM; SIGTERM stops it. The address is in the
+    // abstract namespace this time.
+    let (notify, addr) = notify_socket(&dir, true);
+    let sock = dir.path("empty.sock");
+    let empty = spawn_with_env(&["--api-socket", s(&sock)], &[("NOTIFY_SOCKET", &addr)]);
+    let m = messages_until(&notify, "READY=1", Duration::from_secs(20));
+    assert_eq!(
+        m.last().unwrap(),
+        &["READY=1", "STATUS=waiting for a VM through the API"],
+        "{m:?}"
+    );
+    // SAFETY: kill only sends a signal to the child this test started.
+    unsafe { libc::kill(empty.0.id() as i32, libc::SIGTERM) };
+    let m = messages_until(&notify, "STOPPING=1", Duration::from_secs(10));
+    assert_eq!(
+        m.last().unwrap(),
+        &[
+            "STOPPING=1",
+            "STATUS=tern is stopping: stopped by signal 15"
+        ],
+        "{m:?}"
+    );
+    let (code, err) = empty.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+
+    // A NOTIFY_SOCKET nobody can reach is an error named at once.
+    let out = Command::new(tern())
+        .args(["run", "--kernel", s(&probe), "--memory", "64M"])
+        .env("NOTIFY_SOCKET", dir.path("nobody-listens"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("NOTIFY_SOCKET") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn log_lines_carry_their_priority_for_the_journal() {
+    let test = "log_lines_carry_their_priority_for_the_journal";
+    if !require_kvm(test) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = Scratch::new("journal");
+    let probe = probe();
+    // `tern run --log-level info ARGS` with standard error in a file; with `journal`,
+    // JOURNAL_STREAM names that file, as systemd names a service's journal stream, and
+    // otherwise another file, as when a service's standard error was redirected.
+    let run = |name: &str, journal: bool, args: &[&str], code: i32| -> String {
+        let log = dir.path(name);
+        let f = std::fs::File::create(&log).unwrap();
+        let m = f.metadata().unwrap();
+        let ino = if journal { m.ino() } else { m.ino() + 1 };
+        let st = Command::new(tern())
+            .args(["--log-level", "info", "run", "--kernel", s(&probe)])
+            .args(["--memory", "64M", "--serial", "none"])
+            .args(args)
+            .env("JOURNAL_STREAM", format!("{}:{ino}", m.dev()))
+            .stderr(f)
+            .status()
+            .unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(st.code(), Some(code), "{text}");
+        text
+    };
+    let count = ["--cmdline", "probe.run=count probe.count_ms=100"];
+    let missing = ["--disk", "path=/nonexistent/disk.raw"];
+    let ok = run("ok.txt", true, &count, 0);
+    let failed = run("failed.txt", true, &missing, 1);
+    for line in ok.lines().chain(failed.lines()) {
+        assert!(
+            line.len() > 3
+                && line.starts_with('<')
+                && line.as_bytes()[2] == b'>'
+                && (b'0'..=b'7').contains(&line.as_bytes()[1]),
+            "a line without its priority: {line:?}\n{ok}{failed}"
+        );
+    }
+    assert!(ok.lines().any(|l| l.starts_with("<6>")), "{ok}");
+    assert!(
+        failed
+            .lines()
+            .any(|l| l.starts_with("<3>tern: ") && l.contains("/nonexistent/disk.raw")),
+        "{failed}"
+    );
+    let plain = run("plain.txt", false, &missing, 1);
+    assert!(!plain.contains("<3>") && !plain.contains("<6>"), "{plain}");
+    assert!(plain.contains("/nonexistent/disk.raw"), "{plain}");
+}
+
+/// The shipped unit template, `contrib/systemd/tern@.service`.
+fn unit_template() -> String {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../contrib/systemd/tern@.service"
+    );
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_its_command_runs_a_vm() {
+    let test = "the_systemd_unit_verifies_and_its_command_runs_a_vm";
+    if !require_kvm(test) {
+        return;
+    }
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        assert!(
+            !in_ci(),
+            "{test}: systemd-analyze is required under CI=true"
+        );
+        eprintln!("\n*** SKIPPED {test}: needs systemd-analyze (package systemd) ***\n");
+        return;
+    }
+    let dir = Scratch::new("unit");
+    // The template as installed here: this build of tern, and the test's own /etc/tern and
+    // /run/tern.
+    let etc = dir.path("etc");
+    let run = dir.path("run");
+    std::fs::create_dir_all(&etc).unwrap();
+    let unit = unit_template()
+        .replace("/usr/local/bin/tern", s(&tern()))
+        .replace("/etc/tern/", &format!("{}/", s(&etc)))
+        .replace("/run/tern/", &format!("{}/", s(&run)));
+    let units = dir.path("units");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::write(units.join("tern@.service"), &unit).unwrap();
+    std::os::unix::fs::symlink("tern@.service", units.join("tern@probe.service")).unwrap();
+    let out = Command::new(analyze)
+        .args(["verify", s(&units.join("tern@probe.service"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+
+    // Its ExecStart, as systemd runs it for instance `probe` (RuntimeDirectory made), with
+    // the instance's file, is a tern that says when its VM runs and when it stops.
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart")
+        .replace("%i", "probe");
+    let probe = probe();
+    std::fs::write(
+        etc.join("probe.toml"),
+        format!(
+            "kernel = \"{}\"\nmemory = \"64M\"\nserial = \"none\"\ncmdline = \"probe.run=count probe.count_ms=300\"\n",
+            s(&probe)
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(run.join("probe")).unwrap();
+    let (notify, addr) = notify_socket(&dir, false);
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .env("NOTIFY_SOCKET", &addr)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let m = messages_until(&notify, "READY=1", Duration::from_secs(20));
+    assert_eq!(m.last().unwrap()[1], "STATUS=the VM runs", "{m:?}");
+    assert!(run.join("probe/api.sock").exists());
+    let m = messages_until(&notify, "STOPPING=1", Duration::from_secs(20));
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(
+        m.last().unwrap()[1].starts_with("STATUS=tern is stopping: the guest"),
+        "{m:?}"
+    );
 }

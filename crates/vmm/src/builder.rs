@@ -137,7 +137,8 @@ fn load_guest(
     drop(kernel_bytes);
     if linux {
         if let Some(why) = crate::host::emulation_backed_kvm() {
-            eprintln!(
+            crate::report!(
+                    crate::systemd::WARNING,
                     "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code is emulated instruction by instruction, so a stock Linux kernel will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
                 );
         }
@@ -380,7 +381,8 @@ fn build_rest(
             }
             tracing::info!("firmware {} mapped", image.path.display());
             if let Some(why) = crate::host::emulation_backed_kvm() {
-                eprintln!(
+                crate::report!(
+                    crate::systemd::WARNING,
                     "tern: warning: /dev/kvm on this host is emulation-backed ({why}): guest kernel-mode code (firmware, bootloader and OS kernel) is emulated instruction by instruction, so an operating system will not boot in reasonable time here; use a host with VT-x/AMD-V (or tern's nested test rig, see README)"
                 );
             }

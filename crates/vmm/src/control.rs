@@ -57,6 +57,31 @@ pub enum VmExit {
     Error(String),
 }
 
+impl std::fmt::Display for VmExit {
+    /// How the VM ended, in a few words (registers left out).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::PowerOff => f.write_str("the guest powered off"),
+            VmExit::Reset => f.write_str("the guest rebooted"),
+            VmExit::DebugExit(s) => write!(f, "the guest exited with status {s}"),
+            VmExit::GuestPanic => f.write_str("the guest kernel panicked"),
+            VmExit::TripleFault { vcpu, .. } => write!(f, "guest triple fault on vCPU {vcpu}"),
+            VmExit::InternalError { vcpu, suberror, .. } => {
+                write!(f, "KVM internal error (suberror {suberror}) on vCPU {vcpu}")
+            }
+            VmExit::Signal(s) => write!(f, "stopped by signal {s}"),
+            VmExit::ShutdownTimeout(secs) => write!(
+                f,
+                "the guest did not power off within {secs} s of the power button"
+            ),
+            VmExit::UserQuit => f.write_str("stopped from the console"),
+            VmExit::ApiStop => f.write_str("stopped through the API"),
+            VmExit::Migrated { url, .. } => write!(f, "the VM migrated to {url}"),
+            VmExit::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
 /// Which vCPUs are asked to park and which have, and a pending request for one's state.
 #[derive(Default)]
 struct Parking {

@@ -33,6 +33,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod states;
 pub mod sync;
+pub mod systemd;
 pub mod terminal;
 pub mod unix_socket;
 pub mod vcpu;

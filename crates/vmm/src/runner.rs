@@ -46,6 +46,7 @@ pub fn run(
     if config.is_none() && incoming.is_none() {
         if let Some(a) = &api {
             shell = spawn(Role::Vmm, "tern-prepare", || VmShell::create(true)).ok();
+            crate::systemd::ready("waiting for a VM through the API");
             match wait_for_boot(a, &signals, None)? {
                 Ok(b) if b.incoming.is_some() => {
                     b.req.reply(Reply::accepted());
@@ -228,6 +229,10 @@ fn run_loop(
                 start.elapsed().as_secs_f64() * 1e3
             );
         }
+        crate::systemd::ready(match &restoring {
+            Some(r) if r.paused => "the VM is restored and paused",
+            _ => "the VM runs",
+        });
         let mut exit = vm.run(&signals, &stdin_quit, api.as_ref(), &mut config)?;
         if restoring.as_ref().is_some_and(|r| r.lazy) {
             // A guest that lost the memory file under it fails in ways of its own (a triple
@@ -243,10 +248,12 @@ fn run_loop(
         *stdin_target.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if exit == VmExit::Reset && config.on_reboot == OnReboot::Restart {
             tracing::info!("guest rebooted; restarting the VM");
+            crate::systemd::status("the guest rebooted; restarting the VM");
             continue;
         }
         if exit == VmExit::Reset && crate::firmware::is_uefi(&config) {
-            eprintln!(
+            crate::report!(
+                crate::systemd::NOTICE,
                 "tern: the guest reset and tern exits (--on-reboot exit); OVMF resets once on its first boot with a fresh variable store, so UEFI VMs want --on-reboot restart"
             );
         }
@@ -267,6 +274,10 @@ fn receive_vm(
     use std::os::fd::AsFd;
     let build = move |c: &VmConfig, m| build_incoming(c, m, start);
     let Some(api) = api else {
+        crate::systemd::ready(&format!(
+            "waiting for a VM migrating in on {}",
+            inc.listener.local()
+        ));
         return Ok(match receive(&inc, signals.as_fd(), build) {
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(VmExit::Signal(read_signal(signals))),
@@ -278,6 +289,7 @@ fn receive_vm(
     let done = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
     let done_tx = done.try_clone().map_err(setup)?;
     let url = inc.listener.local();
+    crate::systemd::ready(&format!("waiting for a VM migrating in on {url}"));
     let thread = spawn(Role::Vmm, "tern-receive", move || {
         let r = receive(&inc, stop_rx.as_fd(), build);
         let _ = done_tx.write(1);

@@ -215,7 +215,7 @@ pub(crate) fn open_disk(
     .map_err(setup)?;
     let locks = disk.locks().map_err(setup)?;
     if let Some(w) = warning {
-        eprintln!("tern: warning: {w}");
+        crate::report!(crate::systemd::WARNING, "tern: warning: {w}");
     }
     if disk.size() < 512 {
         return Err(setup(format!(

@@ -367,11 +367,15 @@ impl Vm {
             })
             }
             Action::Pause => match self.components.pause() {
-                Ok(()) => Reply::done(),
+                Ok(()) => {
+                    crate::systemd::status("the VM is paused");
+                    Reply::done()
+                }
                 Err(e) => Reply::error(500, format!("cannot pause: {e}; the VM keeps running")),
             },
             Action::Resume => {
                 self.components.resume();
+                crate::systemd::status("the VM runs");
                 Reply::done()
             }
             Action::Shutdown { force: true } => {
@@ -503,7 +507,8 @@ impl Vm {
                         if signo == libc::SIGTERM && button_deadline.is_none() {
                             // First SIGTERM: ask the guest to shut down, as a power button.
                             self.press_power_button(&mut button_deadline);
-                            eprintln!(
+                            crate::report!(
+                                crate::systemd::NOTICE,
                                 "tern: SIGTERM: pressed the power button; the guest has {} s to power off (SIGTERM again or SIGINT stops it now)",
                                 self.shutdown_timeout.as_secs()
                             );
@@ -545,7 +550,8 @@ impl Vm {
         for out in std::iter::once(serial).chain(self.console_output.clone()) {
             out.drain(Duration::from_secs(1));
             if out.dropped() > 0 {
-                eprintln!(
+                crate::report!(
+                    crate::systemd::WARNING,
                     "tern: {} bytes of {} output were dropped: nobody read it fast enough",
                     out.dropped(),
                     out.what()

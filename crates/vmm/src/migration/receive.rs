@@ -160,7 +160,8 @@ pub fn receive<V: Arrival>(
     stop: BorrowedFd<'_>,
     build: impl FnOnce(&VmConfig, Option<File>) -> Result<V, String>,
 ) -> Result<Option<Received<V>>, String> {
-    eprintln!(
+    crate::report!(
+        crate::systemd::NOTICE,
         "tern: waiting for a migrating VM on {}",
         incoming.listener.local()
     );
