@@ -16,8 +16,9 @@ use crate::util::{apt_install, build_dir, workspace_root};
 /// grub-efi-amd64-bin, fdisk's `sfdisk`, dosfstools and mtools build the firmware-bootable
 /// Debian disk — GRUB for BIOS and UEFI, its GPT and its FAT ESP without loop devices — and
 /// ovmf is the UEFI firmware that boots it; python3-prometheus-client is Prometheus' own
-/// text-format parser, which reads `GET /metrics` in the tests, and systemd's
-/// `systemd-analyze verify` checks the shipped unit template).
+/// text-format parser, which reads `GET /metrics` in the tests, systemd's
+/// `systemd-analyze verify` checks the shipped unit template, and python3-venv holds
+/// pyrecracker, a Firecracker client from PyPI that drives tern's Firecracker API).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gdb",
@@ -36,7 +37,52 @@ const PACKAGES: &[&str] = &[
     "ovmf",
     "python3-prometheus-client",
     "systemd",
+    "python3-venv",
 ];
+
+/// A third-party Firecracker client from PyPI. It declares Python 3.12 or later, but its
+/// code runs on Debian's 3.11, so it is installed with `--ignore-requires-python`.
+const PYRECRACKER: &str = "pyrecracker==0.6.4";
+
+/// A venv under `build/` with [`PYRECRACKER`]; its Python.
+fn ensure_pyrecracker() -> Result<PathBuf> {
+    let venv = build_dir().join("venv-pyrecracker");
+    let python = venv.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", "import pyrecracker.client"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready() {
+        return Ok(python);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    check(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+        "python3 -m venv",
+    )?;
+    check(
+        Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--ignore-requires-python",
+            PYRECRACKER,
+        ]),
+        "pip install pyrecracker",
+    )?;
+    if !ready() {
+        bail!(
+            "pyrecracker was installed in {} but does not import",
+            venv.display()
+        );
+    }
+    Ok(python)
+}
 
 /// Fuzzing time per target in `cargo xtask test`: with the instrumented build, the fuzz step
 /// stays within about four minutes.
@@ -219,6 +265,7 @@ pub fn test(skip_rig: bool) -> Result<()> {
     step("build");
     let tern = build_tern()?;
     let probe = build_probe()?;
+    let pyrecracker = ensure_pyrecracker()?;
 
     let (mut passed, mut failed) = (0u64, 0u64);
     step("unit and end-to-end tests (host /dev/kvm)");
@@ -232,6 +279,7 @@ pub fn test(skip_rig: bool) -> Result<()> {
         &[
             ("TERN_PROBE", &probe),
             ("TERN_SECCOMP_REPORT", &violations_file),
+            ("TERN_PYRECRACKER_PYTHON", &pyrecracker),
         ],
         &mut passed,
         &mut failed,

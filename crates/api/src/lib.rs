@@ -8,6 +8,7 @@ pub mod balloon;
 pub mod client;
 pub mod config;
 pub mod devices;
+pub mod firecracker;
 pub mod firmware;
 pub mod metrics;
 pub mod migrate;

@@ -2,6 +2,7 @@
 
 mod balloon;
 mod devices;
+mod firecracker;
 mod jail;
 mod migrate;
 
@@ -79,6 +80,9 @@ enum Command {
         #[arg(long, value_name = "SIZE")]
         memory: Option<MemSize>,
     },
+    /// Run as Firecracker does, with its flags and its API (what `firecracker`, a link to
+    /// tern, runs): see `tern firecracker --help`.
+    Firecracker(Box<firecracker::Args>),
     /// List a running VM's disks, plug one in or out, or change one (rate limits, size).
     #[command(subcommand)]
     Disk(devices::DiskCmd),
@@ -117,7 +121,7 @@ struct ClientArgs {
 }
 
 #[derive(Args, Clone)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// Serve the control API (HTTP/1.1 REST) on this Unix socket. Without --kernel (or a
     /// config file), tern starts empty and waits for PUT /v1/vm and PUT /v1/vm/boot.
     #[arg(long, value_name = "PATH")]
@@ -380,15 +384,31 @@ fn init_logging(level: Option<&str>) {
         .unwrap_or_else(|| "warn".to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Colours only for a person at a terminal: not in files, FIFOs or the journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time();
+    // The Firecracker dialect's `PUT /logger` changes the level while tern runs.
+    macro_rules! init_reloadable {
+        ($builder:expr) => {{
+            let b = $builder.with_filter_reloading();
+            let handle = b.reload_handle();
+            let _ = vmm::api::firecracker::LOG_FILTER.set(Box::new(move |f: &str| {
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }));
+            b.init();
+        }};
+    }
     if vmm::systemd::stderr_is_journal() {
-        fmt.event_format(JournalLine).init();
+        init_reloadable!(fmt.event_format(JournalLine));
     } else {
-        fmt.init();
+        init_reloadable!(fmt);
     }
 }
 
@@ -493,9 +513,16 @@ fn seccomp_report() -> anyhow::Result<Option<std::fs::File>> {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    if firecracker::invoked_as_firecracker() {
+        init_logging(None);
+        return firecracker::main_from_argv(start);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
-    if !matches!(cli.cmd, Command::Run(_) | Command::Jail(_)) {
+    if !matches!(
+        cli.cmd,
+        Command::Run(_) | Command::Jail(_) | Command::Firecracker(_)
+    ) {
         // A client whose output goes to a pipe closed early (`tern info | head -1`) ends
         // quietly, as other Unix tools do, instead of failing to print. The VMM itself keeps
         // SIGPIPE ignored: a peer closing a socket must not end it.
@@ -503,221 +530,8 @@ fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     match cli.cmd {
-        Command::Run(args) => {
-            // SIGINT/SIGTERM belong to the VMM's signalfd; blocked before any thread starts (or
-            // the API socket appears), so a signal never finds them at their default action.
-            if let Err(e) = vmm::signals::block_stop_signals_in_this_thread() {
-                vmm::report!(ERR, "tern: cannot block SIGINT/SIGTERM: {e}");
-                return ExitCode::from(EXIT_VMM_ERROR);
-            }
-            // systemd's notification socket is connected before any thread starts or sandbox
-            // closes.
-            if let Err(e) = vmm::systemd::init() {
-                vmm::report!(ERR, "tern: {e}");
-                return ExitCode::from(EXIT_VMM_ERROR);
-            }
-            let (seccomp, landlock, allow_path, api_socket) = (
-                args.seccomp,
-                args.landlock,
-                args.allow_path.clone(),
-                args.api_socket.clone(),
-            );
-            if !landlock && !allow_path.is_empty() {
-                vmm::report!(ERR, "tern: --allow-path goes with --landlock");
-                return ExitCode::from(EXIT_USAGE);
-            }
-            // What a migrating VM may use here, it may reach under Landlock too.
-            let mut allow_path = allow_path;
-            allow_path.extend(
-                args.accept_dir
-                    .iter()
-                    .map(|d| d.to_string_lossy().into_owned()),
-            );
-            let report = match seccomp_report() {
-                Ok(r) => r,
-                Err(e) => {
-                    vmm::report!(ERR, "tern: {e}");
-                    return ExitCode::from(EXIT_VMM_ERROR);
-                }
-            };
-            if let Err(e) = vmm::vcpu_cgroups::set(&args.vcpu_cgroup_fd) {
-                vmm::report!(ERR, "tern: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-            let incoming = match &args.incoming {
-                Some(url) => {
-                    let others = RunArgs {
-                        serial: None,
-                        console: None,
-                        ..(*args).clone()
-                    };
-                    if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
-                    {
-                        vmm::report!(
-                            ERR,
-                            "tern: --incoming takes the VM's settings from its source; only \
-                             --serial, --console, --disk-remap, --tap-remap, --accept-dir, \
-                             --accept-tap and --api-socket may be given with it"
-                        );
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                    let opts = match restore_options(std::path::Path::new(""), &args) {
-                        Ok(o) => api::migrate::ReceiveOptions {
-                            url: url.clone(),
-                            disk_remap: o.disk_remap,
-                            tap_remap: o.tap_remap,
-                            serial: o.serial,
-                            console: o.console,
-                            accept_dirs: args.accept_dir.clone(),
-                            accept_taps: args.accept_tap.clone(),
-                        },
-                        Err(e) => {
-                            vmm::report!(ERR, "tern: {e}");
-                            return ExitCode::from(EXIT_USAGE);
-                        }
-                    };
-                    // Listening starts before the sandbox closes.
-                    match vmm::migration::Listener::bind(url) {
-                        Ok(listener) => Some(vmm::migration::receive::Incoming { listener, opts }),
-                        Err(e) => {
-                            vmm::report!(ERR, "tern: {e}");
-                            return ExitCode::from(EXIT_VMM_ERROR);
-                        }
-                    }
-                }
-                None => {
-                    if !args.accept_dir.is_empty() || !args.accept_tap.is_empty() {
-                        vmm::report!(
-                            ERR,
-                            "tern: --accept-dir and --accept-tap go with --incoming URL"
-                        );
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                    None
-                }
-            };
-            let restore = match &args.restore {
-                Some(dir) => {
-                    // Where the serial port and console write, and which disks and TAPs it
-                    // uses, are the host's business; the rest of the VM comes from the
-                    // snapshot.
-                    let others = RunArgs {
-                        serial: None,
-                        console: None,
-                        ..(*args).clone()
-                    };
-                    if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
-                    {
-                        vmm::report!(
-                            ERR,
-                            "tern: --restore takes the VM's settings from the snapshot; only \
-                             --serial, --console, --disk-remap, --tap-remap, --restore-mode and \
-                             --paused may be given with it"
-                        );
-                        return ExitCode::from(EXIT_VMM_ERROR);
-                    }
-                    match restore_options(dir, &args).and_then(|o| vmm::snapshot::open(&o)) {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            vmm::report!(ERR, "tern: {e}");
-                            return ExitCode::from(EXIT_VMM_ERROR);
-                        }
-                    }
-                }
-                None => {
-                    if args.paused
-                        || args.restore_mode.is_some()
-                        || (incoming.is_none()
-                            && (!args.disk_remap.is_empty() || !args.tap_remap.is_empty()))
-                    {
-                        vmm::report!(
-                            ERR,
-                            "tern: --paused, --restore-mode, --disk-remap and --tap-remap go \
-                             with --restore DIR"
-                        );
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                    None
-                }
-            };
-            let config = if let Some(r) = &restore {
-                Some(r.snapshot.config.clone())
-            } else if incoming.is_some() {
-                None
-            } else if args.api_only() {
-                if args.vm_flags_given() {
-                    vmm::report!(
-                        ERR,
-                        "tern: VM settings on the command line need --kernel (or --config); with \
-                         --api-socket alone, send the whole configuration with PUT /v1/vm"
-                    );
-                    return ExitCode::from(EXIT_VMM_ERROR);
-                }
-                None
-            } else {
-                match args.into_config() {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        vmm::report!(ERR, "tern: {e}");
-                        return ExitCode::from(EXIT_VMM_ERROR);
-                    }
-                }
-            };
-            // The API socket is made before the sandbox closes (making files is not allowed
-            // after), and served after it (every thread starts confined).
-            let socket = match &api_socket {
-                Some(p) => match vmm::api::ApiServer::bind(p) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        vmm::report!(ERR, "tern: {e}");
-                        return ExitCode::from(EXIT_VMM_ERROR);
-                    }
-                },
-                None => None,
-            };
-            if landlock {
-                let dirs = match restore.as_ref().map(|r| r.snapshot.chain_dirs(&r.dir)) {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => {
-                        vmm::report!(ERR, "tern: {e}");
-                        return ExitCode::from(EXIT_VMM_ERROR);
-                    }
-                    None => Vec::new(),
-                };
-                if let Err(e) = landlock_sandbox(
-                    config.as_ref(),
-                    &dirs,
-                    &allow_path,
-                    (api_socket.is_some() || incoming.is_some()) && config.is_none(),
-                ) {
-                    vmm::report!(ERR, "tern: {e}");
-                    return ExitCode::from(EXIT_VMM_ERROR);
-                }
-            }
-            if let Err(e) = sandbox::seccomp::install(seccomp, report) {
-                vmm::report!(ERR, "tern: seccomp: {e}");
-                return ExitCode::from(EXIT_VMM_ERROR);
-            }
-            let api = match socket.map(vmm::api::ApiServer::serve) {
-                Some(Ok(s)) => Some(s),
-                Some(Err(e)) => {
-                    vmm::report!(ERR, "tern: {e}");
-                    return ExitCode::from(EXIT_VMM_ERROR);
-                }
-                None => None,
-            };
-            match vmm::run(config, api, restore, incoming, start) {
-                Ok(exit) => {
-                    vmm::systemd::stopping(&format!("tern is stopping: {exit}"));
-                    exit_code(&exit)
-                }
-                Err(e) => {
-                    vmm::systemd::stopping(&format!("tern is stopping: {e}"));
-                    vmm::report!(ERR, "tern: {e}");
-                    ExitCode::from(EXIT_VMM_ERROR)
-                }
-            }
-        }
+        Command::Run(args) => run(args, start, None),
+        Command::Firecracker(args) => firecracker::main(args, start),
         Command::Jail(args) => jail::main(*args),
         Command::Migrate(args) => migrate::main(*args),
         Command::Balloon(args) => balloon::main(args),
@@ -957,6 +771,238 @@ fn exit_code(exit: &VmExit) -> ExitCode {
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::Error(e) => {
+            vmm::report!(ERR, "tern: {e}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+/// `tern run`: builds and runs the VM (or waits for one through the API), confined as the
+/// flags say. `fc` serves Firecracker's API too, and may bring the VM's configuration (a
+/// Firecracker `--config-file`).
+pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mode>) -> ExitCode {
+    // SIGINT/SIGTERM belong to the VMM's signalfd; blocked before any thread starts (or
+    // the API socket appears), so a signal never finds them at their default action.
+    if let Err(e) = vmm::signals::block_stop_signals_in_this_thread() {
+        vmm::report!(ERR, "tern: cannot block SIGINT/SIGTERM: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
+    // systemd's notification socket is connected before any thread starts or sandbox
+    // closes.
+    if let Err(e) = vmm::systemd::init() {
+        vmm::report!(ERR, "tern: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
+    let (seccomp, landlock, allow_path, api_socket) = (
+        args.seccomp,
+        args.landlock,
+        args.allow_path.clone(),
+        args.api_socket.clone(),
+    );
+    if !landlock && !allow_path.is_empty() {
+        vmm::report!(ERR, "tern: --allow-path goes with --landlock");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // What a migrating VM may use here, it may reach under Landlock too.
+    let mut allow_path = allow_path;
+    allow_path.extend(
+        args.accept_dir
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned()),
+    );
+    let report = match seccomp_report() {
+        Ok(r) => r,
+        Err(e) => {
+            vmm::report!(ERR, "tern: {e}");
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    if let Err(e) = vmm::vcpu_cgroups::set(&args.vcpu_cgroup_fd) {
+        vmm::report!(ERR, "tern: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let incoming = match &args.incoming {
+        Some(url) => {
+            let others = RunArgs {
+                serial: None,
+                console: None,
+                ..(*args).clone()
+            };
+            if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given() {
+                vmm::report!(
+                    ERR,
+                    "tern: --incoming takes the VM's settings from its source; only \
+                     --serial, --console, --disk-remap, --tap-remap, --accept-dir, \
+                     --accept-tap and --api-socket may be given with it"
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let opts = match restore_options(std::path::Path::new(""), &args) {
+                Ok(o) => api::migrate::ReceiveOptions {
+                    url: url.clone(),
+                    disk_remap: o.disk_remap,
+                    tap_remap: o.tap_remap,
+                    serial: o.serial,
+                    console: o.console,
+                    accept_dirs: args.accept_dir.clone(),
+                    accept_taps: args.accept_tap.clone(),
+                },
+                Err(e) => {
+                    vmm::report!(ERR, "tern: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            // Listening starts before the sandbox closes.
+            match vmm::migration::Listener::bind(url) {
+                Ok(listener) => Some(vmm::migration::receive::Incoming { listener, opts }),
+                Err(e) => {
+                    vmm::report!(ERR, "tern: {e}");
+                    return ExitCode::from(EXIT_VMM_ERROR);
+                }
+            }
+        }
+        None => {
+            if !args.accept_dir.is_empty() || !args.accept_tap.is_empty() {
+                vmm::report!(
+                    ERR,
+                    "tern: --accept-dir and --accept-tap go with --incoming URL"
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            None
+        }
+    };
+    let restore = match &args.restore {
+        Some(dir) => {
+            // Where the serial port and console write, and which disks and TAPs it
+            // uses, are the host's business; the rest of the VM comes from the
+            // snapshot.
+            let others = RunArgs {
+                serial: None,
+                console: None,
+                ..(*args).clone()
+            };
+            if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given() {
+                vmm::report!(
+                    ERR,
+                    "tern: --restore takes the VM's settings from the snapshot; only \
+                     --serial, --console, --disk-remap, --tap-remap, --restore-mode and \
+                     --paused may be given with it"
+                );
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+            match restore_options(dir, &args).and_then(|o| vmm::snapshot::open(&o)) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    vmm::report!(ERR, "tern: {e}");
+                    return ExitCode::from(EXIT_VMM_ERROR);
+                }
+            }
+        }
+        None => {
+            if args.paused
+                || args.restore_mode.is_some()
+                || (incoming.is_none()
+                    && (!args.disk_remap.is_empty() || !args.tap_remap.is_empty()))
+            {
+                vmm::report!(
+                    ERR,
+                    "tern: --paused, --restore-mode, --disk-remap and --tap-remap go \
+                     with --restore DIR"
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            None
+        }
+    };
+    let fc_config = fc.as_ref().and_then(|f| f.config.as_ref());
+    let config = if let Some(r) = &restore {
+        Some(r.snapshot.config.clone())
+    } else if incoming.is_some() {
+        None
+    } else if let Some(c) = fc_config {
+        match c.vm_config() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                vmm::report!(ERR, "tern: the Firecracker configuration: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+        }
+    } else if args.api_only() {
+        if args.vm_flags_given() {
+            vmm::report!(
+                ERR,
+                "tern: VM settings on the command line need --kernel (or --config); with \
+                 --api-socket alone, send the whole configuration with PUT /v1/vm"
+            );
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+        None
+    } else {
+        match args.into_config() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                vmm::report!(ERR, "tern: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+        }
+    };
+    // The API socket is made before the sandbox closes (making files is not allowed
+    // after), and served after it (every thread starts confined).
+    let socket = match &api_socket {
+        Some(p) => match vmm::api::ApiServer::bind(p) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                vmm::report!(ERR, "tern: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+        },
+        None => None,
+    };
+    if landlock {
+        let dirs = match restore.as_ref().map(|r| r.snapshot.chain_dirs(&r.dir)) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                vmm::report!(ERR, "tern: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+            None => Vec::new(),
+        };
+        if let Err(e) = landlock_sandbox(
+            config.as_ref(),
+            &dirs,
+            &allow_path,
+            (api_socket.is_some() || incoming.is_some()) && config.is_none(),
+        ) {
+            vmm::report!(ERR, "tern: {e}");
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    }
+    if let Err(e) = sandbox::seccomp::install(seccomp, report) {
+        vmm::report!(ERR, "tern: seccomp: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
+    let instance = fc.map(|f| vmm::api::firecracker::Instance {
+        id: f.id,
+        started: f.config.is_some(),
+        config: f.config.unwrap_or_default(),
+        metrics: f.metrics,
+    });
+    let api = match socket.map(|s| vmm::api::ApiServer::serve_with(s, instance)) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            vmm::report!(ERR, "tern: {e}");
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+        None => None,
+    };
+    match vmm::run(config, api, restore, incoming, start) {
+        Ok(exit) => {
+            vmm::systemd::stopping(&format!("tern is stopping: {exit}"));
+            exit_code(&exit)
+        }
+        Err(e) => {
+            vmm::systemd::stopping(&format!("tern is stopping: {e}"));
             vmm::report!(ERR, "tern: {e}");
             ExitCode::from(EXIT_VMM_ERROR)
         }

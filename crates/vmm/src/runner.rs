@@ -319,6 +319,7 @@ fn receive_vm(
         for req in api.take() {
             let reply = match req.action {
                 Action::Info => Reply::ok(&VmInfo::new(VmState::Created, None)),
+                Action::OnVmm(ref t) => t.run(),
                 Action::MigrateStatus => Reply::ok(&status),
                 Action::Shutdown { .. } => {
                     if stopped.is_none() {
@@ -398,6 +399,10 @@ fn wait_for_boot(
             match req.action {
                 Action::Info => {
                     let r = Reply::ok(&VmInfo::new(state, config.clone()));
+                    req.reply(r);
+                }
+                Action::OnVmm(ref t) => {
+                    let r = t.run();
                     req.reply(r);
                 }
                 Action::Configure(ref c) => match c.validate() {

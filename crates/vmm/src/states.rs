@@ -12,7 +12,7 @@ pub fn check(state: VmState, action: &Action) -> Result<(), Reply> {
     let booted = matches!(state, Running | Paused);
     let refuse = |what: &str| Err(Reply::conflict(what, state));
     match action {
-        Action::Info => Ok(()),
+        Action::Info | Action::OnVmm(_) => Ok(()),
         Action::Configure(_) if booted => refuse("configure"),
         Action::Configure(_) => Ok(()),
         Action::Boot if booted => refuse("boot"),

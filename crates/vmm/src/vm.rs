@@ -366,6 +366,7 @@ impl Vm {
                 ..VmInfo::new(state, Some(config.clone()))
             })
             }
+            Action::OnVmm(t) => t.run(),
             Action::Pause => match self.components.pause() {
                 Ok(()) => {
                     crate::systemd::status("the VM is paused");

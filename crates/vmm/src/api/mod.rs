@@ -33,6 +33,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod firecracker;
 mod routes;
 
 use crate::VmConfig;
@@ -133,6 +134,10 @@ pub enum Action {
         /// Its id.
         id: String,
     },
+    /// Work the API thread's sandbox does not allow (opening and linking files), run on the
+    /// VMM's thread in any state: the Firecracker dialect's logger, metrics and snapshot
+    /// files.
+    OnVmm(VmmTask),
     /// Change an interface's rate limits.
     NetUpdate {
         /// The interface's id.
@@ -140,6 +145,31 @@ pub enum Action {
         /// What changes.
         update: ::api::devices::NetUpdate,
     },
+}
+
+/// A piece of work for the VMM's thread, run once (see [`Action::OnVmm`]).
+pub struct VmmTask(std::sync::Mutex<Option<Box<dyn FnOnce() -> Reply + Send>>>);
+
+impl VmmTask {
+    /// A task doing `f`.
+    pub fn new(f: impl FnOnce() -> Reply + Send + 'static) -> Self {
+        VmmTask(std::sync::Mutex::new(Some(Box::new(f))))
+    }
+
+    /// Runs it (the first time; later calls answer 500).
+    pub fn run(&self) -> Reply {
+        let f = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match f {
+            Some(f) => f(),
+            None => Reply::error(500, "the task ran already"),
+        }
+    }
+}
+
+impl std::fmt::Debug for VmmTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmmTask")
+    }
 }
 
 /// The VMM's answer.
@@ -247,6 +277,15 @@ impl ApiServer {
 
     /// Serves a socket [`bind`](Self::bind) made, on the API thread.
     pub fn serve(socket: BoundSocket) -> Result<Self, String> {
+        Self::serve_with(socket, None)
+    }
+
+    /// [`serve`](Self::serve), with Firecracker's API at the socket's root too when
+    /// `firecracker` is given (see [`firecracker`]).
+    pub fn serve_with(
+        socket: BoundSocket,
+        firecracker: Option<firecracker::Instance>,
+    ) -> Result<Self, String> {
         let BoundSocket { path, listener } = socket;
         let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         let (tx, rx) = mpsc::channel();
@@ -274,8 +313,8 @@ impl ApiServer {
                         }
                     };
                     // On stop, answers in flight are still written out before the thread ends.
-                    let serve =
-                        axum::serve(listener, router(shared)).with_graceful_shutdown(async {
+                    let serve = axum::serve(listener, router(shared, firecracker))
+                        .with_graceful_shutdown(async {
                             let _ = stop_rx.await;
                         });
                     if let Err(e) = serve.await {
@@ -335,10 +374,27 @@ pub mod fuzzing {
     pub fn router() -> Router {
         let (tx, _) = mpsc::channel();
         let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        super::router(Shared {
-            tx,
-            evt: std::sync::Arc::new(evt),
-        })
+        super::router(
+            Shared {
+                tx,
+                evt: std::sync::Arc::new(evt),
+            },
+            None,
+        )
+    }
+
+    /// The router with Firecracker's dialect too (a fresh, unstarted instance), with no VMM
+    /// behind it.
+    pub fn firecracker_router() -> Router {
+        let (tx, _) = mpsc::channel();
+        let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        super::router(
+            Shared {
+                tx,
+                evt: std::sync::Arc::new(evt),
+            },
+            Some(super::firecracker::Instance::default()),
+        )
     }
 }
 

@@ -14,8 +14,9 @@ use tokio::sync::oneshot;
 use super::{Action, Reply, Request, Shared, MAX_BODY};
 use crate::VmConfig;
 
-pub(super) fn router(shared: Shared) -> Router {
-    Router::new()
+pub(super) fn router(shared: Shared, firecracker: Option<super::firecracker::Instance>) -> Router {
+    let fc = firecracker.is_some();
+    let r = Router::new()
         .route("/ping", get(ping))
         .route("/metrics", get(metrics))
         .route("/v1/vm", get(info).put(configure))
@@ -42,15 +43,28 @@ pub(super) fn router(shared: Shared) -> Router {
             "/v1/vm/balloon",
             get(|s| ask(s, Action::BalloonInfo)).put(balloon_set),
         )
-        .fallback(|| async { reply(Reply::error(404, "no such route")) })
-        .method_not_allowed_fallback(|| async {
-            reply(Reply::error(405, "method not allowed on this route"))
+        .with_state(shared.clone());
+    let r = match firecracker {
+        Some(i) => r.merge(super::firecracker::routes(shared, i)),
+        None => r,
+    };
+    r.fallback(move || async move { not_found(fc, 404, "no such route") })
+        .method_not_allowed_fallback(move || async move {
+            not_found(fc, 405, "method not allowed on this route")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(shared)
 }
 
-fn reply(r: Reply) -> Response {
+/// An unknown route or method: in the Firecracker dialect's error shape when it is served.
+fn not_found(firecracker: bool, status: u16, msg: &str) -> Response {
+    if firecracker {
+        super::firecracker::fault(status, msg)
+    } else {
+        reply(Reply::error(status, msg))
+    }
+}
+
+pub(super) fn reply(r: Reply) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match r.body {
         Some(b) => (status, Json(b)).into_response(),
@@ -63,7 +77,7 @@ async fn ask(State(s): State<Shared>, action: Action) -> Response {
 }
 
 /// The VMM's answer to `action`.
-async fn answer(s: &Shared, action: Action) -> Reply {
+pub(super) async fn answer(s: &Shared, action: Action) -> Reply {
     let (tx, rx) = oneshot::channel();
     if s.tx.send(Request { action, reply: tx }).is_err() {
         return Reply::error(503, "the VMM is shutting down");

@@ -44,7 +44,8 @@ pub use remap::apply_host_side;
 /// Version of the snapshot format this tern writes and reads.
 pub const FORMAT_VERSION: u32 = 3;
 const STATE_FILE: &str = "state.json";
-const MEMORY_FILE: &str = "memory.bin";
+/// The guest memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory.bin";
 /// Largest `state.json` read: far above what 254 vCPUs and every device need.
 pub const MAX_STATE_SIZE: u64 = 16 << 20;
 

@@ -1,0 +1,337 @@
+//! tern's Firecracker personality driven by a third-party client: pyrecracker (PyPI; `cargo
+//! xtask test` installs it in a venv and names its Python in `TERN_PYRECRACKER_PYTHON`)
+//! configures, boots, pauses, resumes, snapshots and loads a probe guest through `tern
+//! firecracker`, and tern started through a link named `firecracker` boots a Firecracker
+//! `--config-file` with its log and metrics going to FIFOs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The venv's Python with pyrecracker, or None (a loud skip; a failure under CI=true).
+fn pyrecracker(test: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("TERN_PYRECRACKER_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/venv-pyrecracker/bin/python")
+        });
+    let ok = Command::new(&python)
+        .args(["-c", "import pyrecracker.client"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        !in_ci(),
+        "{test}: pyrecracker is required under CI=true (cargo xtask test installs it)"
+    );
+    eprintln!(
+        "\n*** SKIPPED {test}: pyrecracker is not installed (cargo xtask test installs it) ***\n"
+    );
+    None
+}
+
+/// What the client script does: `STEP SOCKET ARGS…` with pyrecracker's FirecrackerClient.
+const CLIENT: &str = r#"
+import sys
+from requests.exceptions import HTTPError
+from pyrecracker.client import FirecrackerClient
+from pyrecracker.client_types import (ActionType, BootSource, Drive, InstanceActionInfo,
+    MachineConfiguration, NetworkInterface, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, VM, VMState)
+
+step, sock, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+c = FirecrackerClient(sock)
+if step == "boot":
+    kernel, disk, tap = args
+    c.put_machine_config(MachineConfiguration(mem_size_mib=64, vcpu_count=2))
+    c.put_boot_source(BootSource(kernel_image_path=kernel,
+        boot_args="console=ttyS0 probe.run=count probe.count_ms=60000"))
+    c.put_drives(Drive(drive_id="rootfs", is_root_device=True, path_on_host=disk))
+    c.put_network_interfaces(NetworkInterface(host_dev_name=tap, iface_id="eth0",
+        guest_mac="06:00:ac:10:00:02"))
+    c.put_actions(InstanceActionInfo(action_type=ActionType.INSTANCE_START))
+elif step == "pause":
+    c.patch_vm(VM(state=VMState.PAUSED))
+elif step == "resume":
+    c.patch_vm(VM(state=VMState.RESUMED))
+elif step == "snapshot":
+    c.put_snapshot_create(SnapshotCreateParams(snapshot_path=args[0], mem_file_path=args[1],
+        snapshot_type=SnapshotType.FULL))
+elif step == "load":
+    c.put_snapshot_load(SnapshotLoadParams(snapshot_path=args[0], mem_file_path=args[1],
+        resume_vm=True))
+elif step == "refused":
+    try:
+        c.put_machine_config(MachineConfiguration(mem_size_mib=128, vcpu_count=1))
+    except HTTPError as e:
+        print(e.response.status_code, e.response.json()["fault_message"])
+        sys.exit(0)
+    sys.exit("a machine-config after InstanceStart was accepted")
+print("ok")
+"#;
+
+fn client(python: &Path, step: &str, sock: &Path, args: &[&str]) -> String {
+    let out = Command::new(python)
+        .args(["-c", CLIENT, step, s(sock)])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "pyrecracker {step}: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// `tern firecracker --api-sock SOCK` with the guest's console (its standard output) in
+/// `console`.
+fn firecracker(sock: &Path, console: &Path, id: &str) -> Child {
+    Command::new(tern())
+        .args(["firecracker", "--api-sock", s(sock), "--id", id])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(console).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn last_tick(console: &Path) -> u64 {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("probe: count tick="))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A TAP made for the test, removed when dropped.
+struct Tap(String);
+
+impl Tap {
+    fn new(name: &str) -> Tap {
+        let _ = Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let st = Command::new("ip")
+            .args(["tuntap", "add", "dev", name, "mode", "tap"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip tuntap add {name}");
+        Tap(name.into())
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+fn kill(mut c: Child) -> String {
+    let _ = c.kill();
+    let _ = c.wait();
+    let mut err = String::new();
+    if let Some(mut e) = c.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+#[test]
+fn pyrecracker_drives_the_firecracker_api() {
+    let test = "pyrecracker_drives_the_firecracker_api";
+    if !require_kvm(test) || !require_netns(test) {
+        return;
+    }
+    let Some(python) = pyrecracker(test) else {
+        return;
+    };
+    let dir = Scratch::new("pyrecracker");
+    let tap = Tap::new(&format!("tfc{}", std::process::id() % 100000));
+    let disk = dir.path("rootfs.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path("fc.sock");
+    let console = dir.path("console.txt");
+    let fc = firecracker(&sock, &console, "vm-a");
+    wait_until("the API socket", Duration::from_secs(10), || sock.exists());
+    let kernel = probe();
+    client(&python, "boot", &sock, &[s(&kernel), s(&disk), &tap.0]);
+    let info = api::client::Client::new(&sock).info().unwrap();
+    let c = info.config.unwrap();
+    assert_eq!(info.vcpus, Some(2));
+    assert_eq!(c.transport, api::config::Transport::Mmio);
+    assert!(
+        c.cmdline.as_deref().unwrap().ends_with(" root=/dev/vda rw"),
+        "{:?}",
+        c.cmdline
+    );
+    assert_eq!(c.disks[0].id.as_deref(), Some("rootfs"));
+    assert_eq!(c.nets[0].tap, tap.0);
+    wait_until("ticks", Duration::from_secs(20), || {
+        last_tick(&console) >= 3
+    });
+    let refused = client(&python, "refused", &sock, &[]);
+    assert!(
+        refused.starts_with("400 ") && refused.contains("after starting the microVM"),
+        "{refused}"
+    );
+
+    client(&python, "pause", &sock, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let paused_at = last_tick(&console);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(last_tick(&console), paused_at, "ticks while paused");
+    let snap = dir.path("snap");
+    let mem = dir.path("mem.file");
+    client(&python, "snapshot", &sock, &[s(&snap), s(&mem)]);
+    assert!(snap.join("state.json").exists() && mem.exists());
+    client(&python, "resume", &sock, &[]);
+    wait_until("ticks after resume", Duration::from_secs(10), || {
+        last_tick(&console) > paused_at + 1
+    });
+    let err = kill(fc);
+
+    // A new instance loads the snapshot and runs on from where it was taken.
+    let sock2 = dir.path("fc2.sock");
+    let console2 = dir.path("console2.txt");
+    let fc2 = firecracker(&sock2, &console2, "vm-b");
+    wait_until("the second API socket", Duration::from_secs(10), || {
+        sock2.exists()
+    });
+    client(&python, "load", &sock2, &[s(&snap), s(&mem)]);
+    wait_until("ticks after the load", Duration::from_secs(20), || {
+        last_tick(&console2) > paused_at + 1
+    });
+    let first = std::fs::read_to_string(&console2)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("probe: count tick="))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap();
+    assert_eq!(
+        first,
+        paused_at + 1,
+        "the loaded guest did not go on from the snapshot"
+    );
+    let err2 = kill(fc2);
+    assert!(
+        !err.contains("panicked") && !err2.contains("panicked"),
+        "{err}{err2}"
+    );
+}
+
+#[test]
+fn a_firecracker_link_boots_a_config_file_with_fifos() {
+    let test = "a_firecracker_link_boots_a_config_file_with_fifos";
+    if !require_kvm(test) {
+        return;
+    }
+    let dir = Scratch::new("fc-config");
+    let link = dir.path("firecracker");
+    std::os::unix::fs::symlink(tern(), &link).unwrap();
+    let out = Command::new(&link).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && v.starts_with("Firecracker v1.") && v.contains("tern"),
+        "{v}"
+    );
+
+    // The log and metrics FIFOs, read as Kata reads them.
+    let (log, metrics) = (dir.path("log.fifo"), dir.path("metrics.fifo"));
+    for f in [&log, &metrics] {
+        let c = std::ffi::CString::new(s(f)).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+    // Read until tern, the only writer, has closed them.
+    let reader = |p: PathBuf| {
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(p).unwrap();
+            BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        })
+    };
+    let (log_lines, metric_lines) = (reader(log.clone()), reader(metrics.clone()));
+    // Placeholder drives, as Kata gives them: empty files whose real images come later.
+    let placeholder = dir.path("drive_0");
+    std::fs::write(&placeholder, vec![0u8; 512]).unwrap();
+    let config = dir.path("vm.json");
+    let kernel = probe();
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "boot-source": {
+                "kernel_image_path": kernel,
+                "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=count probe.count_ms=300"
+            },
+            "drives": [{"drive_id": "drive_0", "path_on_host": placeholder,
+                        "is_root_device": false, "is_read_only": false}],
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": false},
+            "logger": {"log_path": log, "level": "Info", "show_level": true},
+            "metrics": {"metrics_path": metrics}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let sock = dir.path("fc.sock");
+    let out = Command::new(&link)
+        .args([
+            "--api-sock",
+            s(&sock),
+            "--config-file",
+            s(&config),
+            "--id",
+            "kata",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout);
+    let log_lines = log_lines.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{console}{}{log_lines:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(console.contains("probe: count ok"), "{console}");
+    assert!(
+        log_lines.iter().any(|l| l.contains("INFO")),
+        "no Info line in the log FIFO: {log_lines:?} {console} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No FlushMetrics was asked for: the FIFO was open and stays empty.
+    assert_eq!(metric_lines.join().unwrap(), Vec::<String>::new());
+
+    // What tern cannot honour is refused by name.
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "vsock": {"guest_cid": 3, "uds_path": dir.path("v.sock")}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(&link)
+        .args(["--no-api", "--config-file", s(&config)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("vsock") && err.lines().count() == 1, "{err}");
+}
