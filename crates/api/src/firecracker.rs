@@ -3,8 +3,8 @@
 //! maps onto tern's own [`VmConfig`].
 //!
 //! What tern cannot honour is refused with a message naming the field, never dropped:
-//! SMT, CPU templates, huge pages, vhost-user drives (`socket`), `one_time_burst` and
-//! virtio-vsock (not in tern yet). What tern does in its own way is taken and documented here:
+//! SMT, CPU templates, huge pages, vhost-user drives (`socket`), `one_time_burst`, the
+//! logger's `module` and virtio-vsock (not in tern yet). What tern does in its own way is taken and documented here:
 //! - `cache_type: "Unsafe"` (Firecracker ignores the guest's flushes) gets tern's writeback
 //!   cache, which honours them: slower on flush-heavy guests, never less safe.
 //! - `io_engine: "Async"` is io_uring, `"Sync"` synchronous I/O, as in Firecracker.
@@ -369,7 +369,7 @@ pub struct Logger {
     /// Each line names its level (tern's lines always do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
-    /// Each line names its source file (refused when true).
+    /// Each line names its source file and line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
     /// Only this module's lines (refused).
@@ -380,27 +380,24 @@ pub struct Logger {
 impl Logger {
     /// The tracing filter for `level`.
     pub fn filter(&self) -> Result<Option<&'static str>, String> {
-        if self.show_log_origin == Some(true) {
-            return Err(
-                "tern's log lines do not name their source file: show_log_origin must be false"
-                    .into(),
-            );
-        }
         if self.module.is_some() {
             return Err("tern does not filter its log by module: leave module out".into());
         }
-        Ok(match self.level.as_deref() {
+        // Firecracker takes the level in any case.
+        let level = self.level.as_deref().map(str::to_ascii_lowercase);
+        Ok(match level.as_deref() {
             None => None,
-            Some("Off") => Some("off"),
-            Some("Error") => Some("error"),
-            Some("Warning" | "Warn") => Some("warn"),
-            Some("Info") => Some("info"),
-            Some("Debug") => Some("debug"),
-            Some("Trace") => Some("trace"),
-            Some(l) => {
+            Some("off") => Some("off"),
+            Some("error") => Some("error"),
+            Some("warning" | "warn") => Some("warn"),
+            Some("info") => Some("info"),
+            Some("debug") => Some("debug"),
+            Some("trace") => Some("trace"),
+            Some(_) => {
+                let l = self.level.as_deref().unwrap_or_default();
                 return Err(format!(
                     "unknown log level {l:?}: Error, Warning, Info, Debug, Trace or Off"
-                ))
+                ));
             }
         })
     }

@@ -4,12 +4,12 @@
 //!
 //! Flags taken as Firecracker takes them: `--api-sock`, `--config-file` (its JSON: the VM
 //! boots at once), `--id`, `--no-api` (with `--config-file`), `--no-seccomp`, `--version`,
-//! `--log-path`, `--level`, `--show-level`, `--metrics-path`, `--http-api-max-payload-size`
+//! `--log-path`, `--level`, `--show-level`, `--show-log-origin`, `--metrics-path`, `--http-api-max-payload-size`
 //! (tern's limit stays 64 KiB, which every body fits), and the jailer's `--start-time-us`,
 //! `--start-time-cpu-us` and `--parent-cpu-time-us` (Firecracker only reports them in its
 //! boot-time metrics, which tern does not write). Refused by name: `--boot-timer`,
 //! `--seccomp-filter` (tern's filters are its own), `--mmds-size-limit` (no MMDS),
-//! `--describe-snapshot` and `--show-log-origin`.
+//! and `--describe-snapshot`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,7 +66,7 @@ pub(crate) struct Args {
     /// Each log line names its level (tern's always do).
     #[arg(long)]
     show_level: bool,
-    /// Refused: tern's log lines do not name their source file.
+    /// Each log line names its source file and line.
     #[arg(long)]
     show_log_origin: bool,
     /// Where FlushMetrics writes its JSON line (a file or a FIFO with its reader).
@@ -144,10 +144,6 @@ pub(crate) fn main(args: Box<Args>, start: Instant) -> ExitCode {
             args.describe_snapshot.is_some(),
             "--describe-snapshot: tern's snapshots are directories; their state.json names the format",
         ),
-        (
-            args.show_log_origin,
-            "--show-log-origin: tern's log lines do not name their source file",
-        ),
     ];
     if let Some((_, why)) = refused.iter().find(|(on, _)| *on) {
         eprintln!("tern firecracker: {why}");
@@ -216,6 +212,13 @@ fn setup(args: &Args) -> Result<Setup, String> {
             set(level)?;
         }
     }
+    if args.show_level {
+        logger.show_level = Some(true);
+    }
+    if args.show_log_origin {
+        logger.show_log_origin = Some(true);
+    }
+    vmm::api::firecracker::set_log_style(&logger);
     if let Some(p) = &logger.log_path {
         redirect_log(p)?;
     }

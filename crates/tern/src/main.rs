@@ -386,37 +386,39 @@ fn init_logging(level: Option<&str>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     // Colours only for a person at a terminal: not in files, FIFOs or the journal.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let plain = tracing_subscriber::fmt::format()
+        .without_time()
+        .with_target(false)
+        .with_ansi(ansi);
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time();
-    // The Firecracker dialect's `PUT /logger` changes the level while tern runs.
-    macro_rules! init_reloadable {
-        ($builder:expr) => {{
-            let b = $builder.with_filter_reloading();
-            let handle = b.reload_handle();
-            let _ = vmm::api::firecracker::LOG_FILTER.set(Box::new(move |f: &str| {
-                let filter =
-                    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            }));
-            b.init();
-        }};
-    }
-    if vmm::systemd::stderr_is_journal() {
-        init_reloadable!(fmt.event_format(JournalLine));
-    } else {
-        init_reloadable!(fmt);
-    }
+        .event_format(Line {
+            journal: vmm::systemd::stderr_is_journal(),
+            plain,
+        })
+        // The Firecracker dialect's `PUT /logger` changes the level while tern runs.
+        .with_filter_reloading();
+    let handle = fmt.reload_handle();
+    let _ = vmm::api::firecracker::LOG_FILTER.set(Box::new(move |f: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }));
+    fmt.init();
 }
 
-/// A log line for the journal: its syslog priority (`<3>`…`<7>`), which the journal keeps as
-/// the line's own, then the message and its fields (the journal adds the time).
-struct JournalLine;
+/// How tern writes a log line: tracing's own line (level, message, fields) unless the journal
+/// reads it or a Firecracker logger asked for another shape. For the journal, the line starts
+/// with its syslog priority (`<3>`…`<7>`), which the journal keeps as the line's own, and has
+/// no level word (the journal adds the time); a Firecracker logger may leave the level out
+/// (`show_level: false`) and name each line's source file and line (`show_log_origin`).
+struct Line {
+    journal: bool,
+    plain: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>,
+}
 
-impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JournalLine
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Line
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
@@ -427,15 +429,29 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
         use tracing_subscriber::fmt::FormatFields;
+        use vmm::api::firecracker::{HIDE_LEVEL, SHOW_ORIGIN};
         use vmm::systemd::{prefix, DEBUG, ERR, INFO, WARNING};
-        let priority = match *event.metadata().level() {
-            tracing::Level::ERROR => ERR,
-            tracing::Level::WARN => WARNING,
-            tracing::Level::INFO => INFO,
-            _ => DEBUG,
-        };
-        write!(writer, "{}", prefix(priority))?;
+        let (origin, hide_level) = (SHOW_ORIGIN.load(Relaxed), HIDE_LEVEL.load(Relaxed));
+        if !self.journal && !origin && !hide_level {
+            return self.plain.format_event(ctx, writer, event);
+        }
+        let meta = event.metadata();
+        if self.journal {
+            let priority = match *meta.level() {
+                tracing::Level::ERROR => ERR,
+                tracing::Level::WARN => WARNING,
+                tracing::Level::INFO => INFO,
+                _ => DEBUG,
+            };
+            write!(writer, "{}", prefix(priority))?;
+        } else if !hide_level {
+            write!(writer, "{:>5} ", meta.level())?;
+        }
+        if let (true, Some(file), Some(line)) = (origin, meta.file(), meta.line()) {
+            write!(writer, "{file}:{line}: ")?;
+        }
         ctx.format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }

@@ -167,8 +167,14 @@ fn pyrecracker_drives_the_firecracker_api() {
     let fc = firecracker(&sock, &console, "vm-a");
     wait_until("the API socket", Duration::from_secs(10), || sock.exists());
     let kernel = probe();
+    // Metrics to a file (pyrecracker has no call for it: tern's own client sends it).
+    let metrics = dir.path("metrics.json");
+    let api = api::client::Client::new(&sock);
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, s(&metrics));
+    let (st, b) = api.call("PUT", "/metrics", Some(&body)).unwrap();
+    assert_eq!(st, 204, "{b}");
     client(&python, "boot", &sock, &[s(&kernel), s(&disk), &tap.0]);
-    let info = api::client::Client::new(&sock).info().unwrap();
+    let info = api.info().unwrap();
     let c = info.config.unwrap();
     assert_eq!(info.vcpus, Some(2));
     assert_eq!(c.transport, api::config::Transport::Mmio);
@@ -182,6 +188,25 @@ fn pyrecracker_drives_the_firecracker_api() {
     wait_until("ticks", Duration::from_secs(20), || {
         last_tick(&console) >= 3
     });
+    // Each FlushMetrics line holds what changed since the one before.
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    for _ in 0..2 {
+        let (st, b) = api.call("PUT", "/actions", Some(flush)).unwrap();
+        assert_eq!(st, 204, "{b}");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let io = |l: &serde_json::Value| l["vcpu"]["exit_io"].as_u64().unwrap();
+    assert!(
+        io(&lines[0]) > 100 && io(&lines[1]) < io(&lines[0]),
+        "{lines:?}"
+    );
+    assert!(lines[0]["block_rootfs"].is_object() && lines[0]["net_eth0"].is_object());
+    assert!(lines[1]["utc_timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
     let refused = client(&python, "refused", &sock, &[]);
     assert!(
         refused.starts_with("400 ") && refused.contains("after starting the microVM"),
@@ -281,7 +306,8 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
             "drives": [{"drive_id": "drive_0", "path_on_host": placeholder,
                         "is_root_device": false, "is_read_only": false}],
             "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": false},
-            "logger": {"log_path": log, "level": "Info", "show_level": true},
+            "logger": {"log_path": log, "level": "info", "show_level": true,
+                       "show_log_origin": true},
             "metrics": {"metrics_path": metrics}
         })
         .to_string(),
@@ -309,8 +335,11 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(console.contains("probe: count ok"), "{console}");
+    // Each line names its level and its origin, as firecracker-containerd asks.
     assert!(
-        log_lines.iter().any(|l| l.contains("INFO")),
+        log_lines
+            .iter()
+            .any(|l| l.starts_with(" INFO crates/") && l.contains(".rs:")),
         "no Info line in the log FIFO: {log_lines:?} {console} {}",
         String::from_utf8_lossy(&out.stderr)
     );

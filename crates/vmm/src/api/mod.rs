@@ -295,6 +295,7 @@ impl ApiServer {
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .map_err(|e| format!("cannot start the API runtime: {e}"))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();

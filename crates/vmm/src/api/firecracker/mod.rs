@@ -15,11 +15,10 @@
 //! the VMM's own failures) otherwise. What tern cannot honour is refused by name.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ::api::firecracker::*;
-use ::api::{Counters, DeviceCounters, VmInfo, VmState};
+use ::api::{VmInfo, VmState};
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path as UrlPath, State};
@@ -29,12 +28,36 @@ use axum::routing::{get, patch, put};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::routes::answer;
-use super::{Action, Reply, Shared, VmmTask};
+mod files;
+mod metrics;
+
+pub use files::{open_sink, redirect_log};
+pub use metrics::firecracker_metrics;
+
+use crate::api::routes::answer;
+use crate::api::{Action, Reply, Shared};
+use files::{logger, metrics as put_metrics, snapshot_create, snapshot_load};
+use metrics::flush_metrics;
 
 /// How the Firecracker dialect changes tern's log filter (`PUT /logger` `level`); set by the
 /// binary, which owns the log subscriber.
 pub static LOG_FILTER: OnceLock<LogFilterSetter> = OnceLock::new();
+
+/// The logger's `show_log_origin`: each line names its source file and line.
+pub static SHOW_ORIGIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The logger's `show_level: false`: lines do not name their level.
+pub static HIDE_LEVEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Applies a logger's `show_level` and `show_log_origin` to tern's log lines.
+pub fn set_log_style(l: &Logger) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Some(o) = l.show_log_origin {
+        SHOW_ORIGIN.store(o, Relaxed);
+    }
+    if let Some(s) = l.show_level {
+        HIDE_LEVEL.store(!s, Relaxed);
+    }
+}
 
 /// Sets tern's log filter (a tracing filter such as `info`).
 pub type LogFilterSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -127,6 +150,9 @@ fn pre_boot(fc: &Fc) -> Result<(), Refused> {
     Ok(())
 }
 
+/// How often metrics are written without a `FlushMetrics`.
+pub const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Every route of the Firecracker dialect: (method, path).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
@@ -157,6 +183,20 @@ pub(super) fn routes(shared: Shared, instance: Instance) -> Router {
             last: Map::new(),
         })),
     };
+    // As Firecracker, metrics go out every minute once there is a file for them.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let st = st.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_PERIOD);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if st.lock().instance.metrics.is_some() {
+                    let _ = flush_metrics(&st).await;
+                }
+            }
+        });
+    }
     Router::new()
         .route("/", get(root))
         .route("/version", get(version))
@@ -174,7 +214,7 @@ pub(super) fn routes(shared: Shared, instance: Instance) -> Router {
         .route("/snapshot/create", put(snapshot_create))
         .route("/snapshot/load", put(snapshot_load))
         .route("/logger", put(logger))
-        .route("/metrics", put(metrics))
+        .route("/metrics", put(put_metrics))
         .with_state(st)
 }
 
@@ -483,391 +523,4 @@ async fn vm_state(State(st): State<FcState>, b: Bytes) -> Response {
 
 async fn vm_config(State(st): State<FcState>) -> Response {
     Json(st.lock().instance.config.clone()).into_response()
-}
-
-async fn snapshot_create(State(st): State<FcState>, b: Bytes) -> Response {
-    let b = match body::<SnapshotCreate>(&b) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    if b.version.is_some() {
-        return fault(
-            400,
-            "tern writes its own snapshot format: leave version out",
-        );
-    }
-    let diff = match b.snapshot_type.as_deref() {
-        None | Some("Full") => false,
-        Some("Diff") => true,
-        Some(t) => return fault(400, format!("unknown snapshot_type {t:?}: Full or Diff")),
-    };
-    let dir = b.snapshot_path.clone();
-    let r = answer(
-        &st.s,
-        Action::Snapshot {
-            dir: dir.clone(),
-            diff,
-        },
-    )
-    .await;
-    if !(200..300).contains(&r.status) {
-        return relay(r);
-    }
-    let mem = b.mem_file_path;
-    let link = VmmTask::new(move || match link_memory(&dir, &mem) {
-        Ok(()) => Reply::done(),
-        Err(e) => Reply::error(500, e),
-    });
-    relay(answer(&st.s, Action::OnVmm(link)).await)
-}
-
-/// Makes `mem` name the memory file of the snapshot in `dir` (a hard link; an earlier file
-/// there is replaced, as Firecracker overwrites it).
-fn link_memory(dir: &Path, mem: &Path) -> Result<(), String> {
-    let src = dir.join(crate::snapshot::MEMORY_FILE);
-    match std::fs::symlink_metadata(mem) {
-        Ok(m) if m.is_dir() => {
-            return Err(format!("mem_file_path {} is a directory", mem.display()))
-        }
-        Ok(_) => std::fs::remove_file(mem)
-            .map_err(|e| format!("cannot replace {}: {e}", mem.display()))?,
-        Err(_) => {}
-    }
-    std::fs::hard_link(&src, mem).map_err(|e| {
-        format!(
-            "the snapshot is in {}, but its memory file cannot be linked to {}: {e} (it must be on the same file system)",
-            dir.display(),
-            mem.display()
-        )
-    })
-}
-
-/// The restore that `PUT /snapshot/load` `b` asks for, checked against the snapshot.
-fn load_options(b: &SnapshotLoad) -> Result<::api::restore::RestoreOptions, String> {
-    let dir = &b.snapshot_path;
-    let snap = crate::snapshot::read(dir)?;
-    let mem = match (&b.mem_backend, &b.mem_file_path) {
-        (Some(_), Some(_)) => return Err("give mem_backend or mem_file_path, not both".into()),
-        (Some(m), None) if m.backend_type == "File" => Some(m.backend_path.clone()),
-        (Some(m), None) if m.backend_type == "Uffd" => {
-            return Err("tern has no userfaultfd memory backend: it maps the memory file copy-on-write itself (backend_type File)".into())
-        }
-        (Some(m), None) => return Err(format!("unknown backend_type {:?}: File", m.backend_type)),
-        (None, m) => m.clone(),
-    };
-    if let Some(mem) = mem {
-        use std::os::unix::fs::MetadataExt;
-        let ours = dir.join(crate::snapshot::MEMORY_FILE);
-        let same = match (std::fs::metadata(&mem), std::fs::metadata(&ours)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            (Err(e), _) => return Err(format!("memory file {}: {e}", mem.display())),
-            (_, Err(e)) => return Err(format!("{}: {e}", ours.display())),
-        };
-        if !same {
-            return Err(format!(
-                "tern reads guest memory from {}; {} is another file",
-                ours.display(),
-                mem.display()
-            ));
-        }
-    }
-    let track = b.track_dirty_pages.or(b.enable_diff_snapshots);
-    if track.is_some_and(|t| t != snap.config.track_dirty_pages) {
-        return Err(format!(
-            "the snapshot's VM {} dirty pages, and a restored VM keeps that: leave track_dirty_pages out",
-            if snap.config.track_dirty_pages { "tracks" } else { "does not track" }
-        ));
-    }
-    let mut tap_remap = std::collections::BTreeMap::new();
-    for o in b.network_overrides.iter().flatten() {
-        let Some(n) = snap
-            .config
-            .nets
-            .iter()
-            .find(|n| n.id.as_deref() == Some(o.iface_id.as_str()))
-        else {
-            return Err(format!(
-                "the snapshot has no network interface {}",
-                o.iface_id
-            ));
-        };
-        tap_remap.insert(n.tap.clone(), o.host_dev_name.clone());
-    }
-    Ok(::api::restore::RestoreOptions {
-        dir: dir.clone(),
-        mode: ::api::restore::RestoreMode::Lazy,
-        paused: !b.resume_vm.unwrap_or(false),
-        disk_remap: Default::default(),
-        tap_remap,
-        serial: None,
-        console: None,
-    })
-}
-
-async fn snapshot_load(State(st): State<FcState>, b: Bytes) -> Response {
-    let b = match body::<SnapshotLoad>(&b) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = pre_boot(&st.lock()) {
-        return r.into_response();
-    }
-    let task = VmmTask::new(move || match load_options(&b) {
-        Ok(o) => Reply::ok(&o),
-        Err(e) => Reply::error(400, format!("cannot load the snapshot: {e}")),
-    });
-    let r = answer(&st.s, Action::OnVmm(task)).await;
-    let opts = match (r.status, &r.body) {
-        (200, Some(b)) => match serde_json::from_value(b.clone()) {
-            Ok(o) => o,
-            Err(e) => return fault(500, e.to_string()),
-        },
-        _ => return relay(r),
-    };
-    let r = answer(&st.s, Action::Restore(Box::new(opts))).await;
-    if (200..300).contains(&r.status) {
-        st.lock().instance.started = true;
-    }
-    relay(r)
-}
-
-/// Opens `path` to append to, as Firecracker opens its log and metrics files: a FIFO for
-/// reading and writing (so the open neither waits for a reader nor fails without one), any
-/// other file for appending, made (0600) when missing. Writes wait for a slow reader.
-pub fn open_sink(path: &Path) -> Result<File, String> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-    let mut o = std::fs::OpenOptions::new();
-    if fifo {
-        o.read(true).write(true);
-    } else {
-        o.append(true).create(true).mode(0o600);
-    }
-    o.custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
-}
-
-/// Sends tern's standard error (its log) to `path`.
-pub fn redirect_log(path: &Path) -> Result<(), String> {
-    let f = open_sink(path)?;
-    // SAFETY: dup2 onto standard error of a descriptor this function owns; the old standard
-    // error is closed by the kernel, and the new one stays open after `f` drops.
-    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&f), 2) } < 0 {
-        return Err(format!(
-            "cannot log to {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
-
-async fn logger(State(st): State<FcState>, b: Bytes) -> Response {
-    let l = match body::<Logger>(&b) {
-        Ok(l) => l,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = pre_boot(&st.lock()) {
-        return r.into_response();
-    }
-    let filter = match l.filter() {
-        Ok(f) => f,
-        Err(e) => return fault(400, e),
-    };
-    if let Some(f) = filter {
-        match LOG_FILTER.get() {
-            Some(set) => {
-                if let Err(e) = set(f) {
-                    return fault(400, e);
-                }
-            }
-            None => return fault(400, "this tern cannot change its log level"),
-        }
-    }
-    if let Some(path) = l.log_path.clone() {
-        let task = VmmTask::new(move || match redirect_log(&path) {
-            Ok(()) => Reply::done(),
-            Err(e) => Reply::error(400, e),
-        });
-        let r = answer(&st.s, Action::OnVmm(task)).await;
-        if !(200..300).contains(&r.status) {
-            return relay(r);
-        }
-    }
-    st.lock().instance.config.logger = Some(l);
-    done()
-}
-
-async fn metrics(State(st): State<FcState>, b: Bytes) -> Response {
-    let m = match body::<Metrics>(&b) {
-        Ok(m) => m,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = pre_boot(&st.lock()) {
-        return r.into_response();
-    }
-    let fc = st.fc.clone();
-    let path: PathBuf = m.metrics_path.clone();
-    let task = VmmTask::new(move || match open_sink(&path) {
-        Ok(f) => {
-            fc.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .instance
-                .metrics = Some(Arc::new(f));
-            Reply::done()
-        }
-        Err(e) => Reply::error(400, e),
-    });
-    let r = answer(&st.s, Action::OnVmm(task)).await;
-    if (200..300).contains(&r.status) {
-        st.lock().instance.config.metrics = Some(m);
-    }
-    relay(r)
-}
-
-/// Firecracker's metrics from tern's counters: totals per device kind (`block`, `net`), each
-/// device on its own (`block_ID`, `net_ID`) and the vCPUs' exits (`vcpu`).
-pub fn firecracker_metrics(c: &Counters) -> Map<String, Value> {
-    let mut out = Map::new();
-    let mut add = |group: &str, key: &str, v: u64| {
-        let g = out
-            .entry(group.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(g) = g {
-            let e = g.entry(key.to_string()).or_insert(json!(0));
-            *e = json!(e.as_u64().unwrap_or(0) + v);
-        }
-    };
-    for v in &c.vcpus {
-        add("vcpu", "exit_io", v.pio_exits);
-        add("vcpu", "exit_mmio", v.mmio_exits);
-        add("vcpu", "exit_other", v.other_exits);
-    }
-    for d in &c.devices {
-        match d {
-            DeviceCounters::Block {
-                id,
-                read_ops,
-                read_bytes,
-                write_ops,
-                write_bytes,
-                flush_ops,
-                errors,
-                throttled,
-                ..
-            } => {
-                let per = format!("block_{}", id.as_deref().unwrap_or("?"));
-                for g in ["block", per.as_str()] {
-                    add(g, "read_count", *read_ops);
-                    add(g, "read_bytes", *read_bytes);
-                    add(g, "write_count", *write_ops);
-                    add(g, "write_bytes", *write_bytes);
-                    add(g, "flush_count", *flush_ops);
-                    add(g, "invalid_reqs_count", *errors);
-                    add(g, "rate_limiter_throttled_events", *throttled);
-                }
-            }
-            DeviceCounters::Net {
-                id,
-                rx_frames,
-                rx_bytes,
-                rx_dropped,
-                tx_frames,
-                tx_bytes,
-                tx_dropped,
-                throttled,
-                ..
-            } => {
-                let per = format!("net_{}", id.as_deref().unwrap_or("?"));
-                for g in ["net", per.as_str()] {
-                    add(g, "rx_packets_count", *rx_frames);
-                    add(g, "rx_bytes_count", *rx_bytes);
-                    add(g, "rx_fails", *rx_dropped);
-                    add(g, "tx_packets_count", *tx_frames);
-                    add(g, "tx_bytes_count", *tx_bytes);
-                    add(g, "tx_fails", *tx_dropped);
-                    add(g, "rx_rate_limiter_throttled", *throttled);
-                }
-            }
-            DeviceCounters::Other => {}
-        }
-    }
-    out
-}
-
-/// `now` less `last`, key by key (Firecracker writes what changed since its last flush).
-fn difference(now: &Map<String, Value>, last: &Map<String, Value>) -> Map<String, Value> {
-    now.iter()
-        .map(|(k, v)| {
-            let v = match (v, last.get(k)) {
-                (Value::Object(n), Some(Value::Object(l))) => Value::Object(difference(n, l)),
-                (Value::Object(n), _) => Value::Object(difference(n, &Map::new())),
-                (n, l) => json!(n
-                    .as_u64()
-                    .unwrap_or(0)
-                    .saturating_sub(l.and_then(Value::as_u64).unwrap_or(0))),
-            };
-            (k.clone(), v)
-        })
-        .collect()
-}
-
-async fn flush_metrics(st: &FcState) -> Response {
-    let Some(file) = st.lock().instance.metrics.clone() else {
-        return fault(400, "no metrics file: PUT /metrics first");
-    };
-    let counters = match info(st).await {
-        Ok(i) if matches!(i.state, VmState::Running | VmState::Paused) => {
-            let r = answer(&st.s, Action::Counters).await;
-            r.body
-                .and_then(|b| serde_json::from_value::<Counters>(b).ok())
-                .unwrap_or_default()
-        }
-        Ok(_) => Counters::default(),
-        Err(r) => return r.into_response(),
-    };
-    let now = firecracker_metrics(&counters);
-    let mut line = {
-        let mut fc = st.lock();
-        let d = difference(&now, &fc.last);
-        fc.last = now;
-        d
-    };
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    line.insert("utc_timestamp_ms".into(), json!(ms));
-    let mut text = Value::Object(line).to_string();
-    text.push('\n');
-    match std::io::Write::write_all(&mut &*file, text.as_bytes()) {
-        Ok(()) => done(),
-        Err(e) => fault(500, format!("cannot write the metrics: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_are_differences_since_the_last_flush() {
-        let c = |n: u64| Counters {
-            vcpus: vec![::api::VcpuCounters {
-                vcpu: 0,
-                pio_exits: n,
-                mmio_exits: 1,
-                other_exits: 0,
-                cpu_time_ns: 0,
-            }],
-            devices: vec![],
-        };
-        let first = firecracker_metrics(&c(10));
-        assert_eq!(difference(&first, &Map::new())["vcpu"]["exit_io"], 10);
-        let second = firecracker_metrics(&c(25));
-        let d = difference(&second, &first);
-        assert_eq!(d["vcpu"]["exit_io"], 15);
-        assert_eq!(d["vcpu"]["exit_mmio"], 0);
-    }
 }
