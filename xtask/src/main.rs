@@ -22,6 +22,7 @@ use arch::bzimage;
 mod agent;
 mod bench_api;
 mod bench_blk;
+mod bench_firecracker;
 mod bench_migrate;
 mod bench_net;
 mod bench_probe;
@@ -102,6 +103,16 @@ enum Cmd {
         /// tern binary to measure [default: build target/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
+    },
+    /// What the Firecracker dialect costs over tern's own API: boot to the first guest
+    /// instruction and snapshot load, interleaved.
+    BenchFirecracker {
+        /// tern binary to measure [default: build target/release/tern].
+        #[arg(long)]
+        tern: Option<PathBuf>,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 15)]
+        runs: usize,
     },
     /// Snapshot, restore and clone times, tern vs QEMU (migrate to file / -incoming).
     BenchSnapshot {
@@ -326,6 +337,14 @@ fn run(command: Cmd) -> Result<()> {
             };
             let probe = ci::build_probe()?;
             bench_api::run(&tern, &probe)
+        }
+        Cmd::BenchFirecracker { tern, runs } => {
+            let tern = match tern {
+                Some(t) => t,
+                None => ci::build_tern()?,
+            };
+            let probe = ci::build_probe()?;
+            bench_firecracker::run(&tern, &probe, runs)
         }
         Cmd::BenchSnapshot {
             terns,
