@@ -356,6 +356,62 @@ pub struct SnapshotLoad {
     pub network_overrides: Option<Vec<NetworkOverride>>,
 }
 
+/// `PUT /balloon`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    /// The balloon's target size in MiB.
+    pub amount_mib: u32,
+    /// The guest's driver deflates the balloon when the guest runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Seconds between the guest's statistics; 0: none.
+    #[serde(default)]
+    pub stats_polling_interval_s: u32,
+    /// The guest reports memory it freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
+    /// Free page hinting (refused when true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_hinting: Option<bool>,
+}
+
+impl Balloon {
+    /// tern's balloon for it.
+    pub fn config(&self) -> Result<crate::balloon::BalloonConfig, String> {
+        if self.free_page_hinting == Some(true) {
+            return Err("tern's balloon has no free page hinting: use free_page_reporting".into());
+        }
+        if self.stats_polling_interval_s > crate::balloon::MAX_STATS_S {
+            return Err(format!(
+                "stats_polling_interval_s {} is over {} s",
+                self.stats_polling_interval_s,
+                crate::balloon::MAX_STATS_S
+            ));
+        }
+        Ok(crate::balloon::BalloonConfig {
+            deflate_on_oom: self.deflate_on_oom,
+            free_page_reporting: self.free_page_reporting.unwrap_or(false),
+            stats_s: self.stats_polling_interval_s,
+        })
+    }
+}
+
+/// `PATCH /balloon`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// The balloon's new target size in MiB.
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// Seconds between the guest's statistics.
+    pub stats_polling_interval_s: u32,
+}
+
 /// `PUT /logger`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -460,6 +516,9 @@ pub struct FullConfig {
     /// The metrics sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// A balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
 }
 
 impl FullConfig {
@@ -535,6 +594,7 @@ impl FullConfig {
             track_dirty_pages: m.track_dirty_pages,
             ..VmConfig::default()
         };
+        c.balloon = self.balloon.as_ref().map(Balloon::config).transpose()?;
         c.disks = drives
             .into_iter()
             .map(disk_config)
@@ -707,8 +767,12 @@ mod tests {
                 "io_engine",
             ),
             (
-                r#""balloon": {"amount_mib": 0, "deflate_on_oom": false}"#,
-                "balloon",
+                r#""balloon": {"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#,
+                "hinting",
+            ),
+            (
+                r#""mmds-config": {"network_interfaces": []}"#,
+                "mmds-config",
             ),
         ] {
             let e = full(&format!("{{{boot}, {extra}}}")).unwrap_err();

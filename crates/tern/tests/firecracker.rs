@@ -364,3 +364,81 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("vsock") && err.lines().count() == 1, "{err}");
 }
+
+#[test]
+fn the_firecracker_balloon_routes_drive_terns_balloon() {
+    let test = "the_firecracker_balloon_routes_drive_terns_balloon";
+    if !require_kvm(test) {
+        return;
+    }
+    let dir = Scratch::new("fc-balloon");
+    let sock = dir.path("fc.sock");
+    let console = dir.path("console.txt");
+    let fc = firecracker(&sock, &console, "balloon");
+    wait_until("the API socket", Duration::from_secs(10), || sock.exists());
+    let api = api::client::Client::new(&sock);
+    let call = |method: &str, path: &str, body: Option<&str>| api.call(method, path, body).unwrap();
+    let (st, b) = call("GET", "/balloon", None);
+    assert!(st == 400 && b.contains("No balloon"), "{st} {b}");
+    let put = r#"{"amount_mib": 16, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#;
+    assert_eq!(call("PUT", "/balloon", Some(put)).0, 204);
+    let (st, b) = call(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 0, "deflate_on_oom": true, "free_page_hinting": true}"#),
+    );
+    assert!(st == 400 && b.contains("hinting"), "{st} {b}");
+    let kernel = probe();
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "boot_args": "console=ttyS0 probe.run=vballoon probe.balloon_fill_mb=128 probe.balloon_ms=60000"
+    });
+    for (path, body) in [
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256}"#.to_string(),
+        ),
+        ("/boot-source", boot.to_string()),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ] {
+        let (st, b) = call("PUT", path, Some(&body));
+        assert_eq!(st, 204, "{path}: {b}");
+    }
+    let said = |what: &str| {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("probe: vballoon {what}")))
+    };
+    // The amount given before the start is set once the VM runs.
+    wait_until("16 MiB held", Duration::from_secs(20), || {
+        said("held=4096 ")
+    });
+    let (st, b) = call("PATCH", "/balloon", Some(r#"{"amount_mib": 64}"#));
+    assert_eq!(st, 204, "{b}");
+    wait_until("64 MiB held", Duration::from_secs(20), || {
+        said("held=16384 ")
+    });
+    let get = |path: &str| -> serde_json::Value {
+        let (st, b) = call("GET", path, None);
+        assert_eq!(st, 200, "{path}: {b}");
+        serde_json::from_str(&b).unwrap()
+    };
+    let b = get("/balloon");
+    assert_eq!(b["amount_mib"], 64, "{b}");
+    assert_eq!(b["stats_polling_interval_s"], 1, "{b}");
+    wait_until("the statistics", Duration::from_secs(10), || {
+        let s = get("/balloon/statistics");
+        s["actual_mib"] == 64 && s["total_memory"].is_u64()
+    });
+    let (st, b) = call(
+        "PATCH",
+        "/balloon/statistics",
+        Some(r#"{"stats_polling_interval_s": 5}"#),
+    );
+    assert!(st == 400 && b.contains("PUT /balloon"), "{st} {b}");
+    kill(fc);
+}

@@ -28,6 +28,7 @@ use axum::routing::{get, patch, put};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
+mod balloon;
 mod files;
 mod metrics;
 
@@ -36,6 +37,7 @@ pub use metrics::firecracker_metrics;
 
 use crate::api::routes::answer;
 use crate::api::{Action, Reply, Shared};
+use balloon::{balloon_get, balloon_patch, balloon_put, balloon_stats, balloon_stats_patch};
 use files::{logger, metrics as put_metrics, snapshot_create, snapshot_load};
 use metrics::flush_metrics;
 
@@ -173,6 +175,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/snapshot/load"),
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
+    ("GET", "/balloon"),
+    ("PUT", "/balloon"),
+    ("PATCH", "/balloon"),
+    ("GET", "/balloon/statistics"),
+    ("PATCH", "/balloon/statistics"),
 ];
 
 pub(super) fn routes(shared: Shared, instance: Instance) -> Router {
@@ -215,6 +222,14 @@ pub(super) fn routes(shared: Shared, instance: Instance) -> Router {
         .route("/snapshot/load", put(snapshot_load))
         .route("/logger", put(logger))
         .route("/metrics", put(put_metrics))
+        .route(
+            "/balloon",
+            get(balloon_get).put(balloon_put).patch(balloon_patch),
+        )
+        .route(
+            "/balloon/statistics",
+            get(balloon_stats).patch(balloon_stats_patch),
+        )
         .with_state(st)
 }
 
@@ -492,10 +507,32 @@ async fn actions(State(st): State<FcState>, b: Bytes) -> Response {
                 return relay(r);
             }
             let r = answer(&st.s, Action::Boot).await;
-            if (200..300).contains(&r.status) {
-                st.lock().instance.started = true;
+            if !(200..300).contains(&r.status) {
+                return relay(r);
             }
-            relay(r)
+            let amount = {
+                let mut fc = st.lock();
+                fc.instance.started = true;
+                fc.instance
+                    .config
+                    .balloon
+                    .as_ref()
+                    .map_or(0, |b| b.amount_mib)
+            };
+            // The balloon's first size: tern's balloon starts empty and is set once it runs.
+            if amount > 0 {
+                let r = balloon::set(&st, amount).await;
+                if !(200..300).contains(&r.status) {
+                    return fault(
+                        400,
+                        format!(
+                            "the VM runs, but its balloon's size could not be set: {}",
+                            message(&r)
+                        ),
+                    );
+                }
+            }
+            done()
         }
         "SendCtrlAltDel" => relay(answer(&st.s, Action::Shutdown { force: false }).await),
         "FlushMetrics" => flush_metrics(&st).await,
