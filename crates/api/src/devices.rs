@@ -39,9 +39,14 @@ pub struct PluggedDevice {
 }
 
 /// What to change on a disk; absent fields stay as they are.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskUpdate {
+    /// Another image to put behind the disk, as a drive whose medium changed: opened as the
+    /// disk's was (its stated format, or probed afresh; read-only as before), in-flight
+    /// requests finished on the old one, the guest told the new capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
     /// Operations per second (0: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iops: Option<u64>,
@@ -114,15 +119,16 @@ fn items<'a>(s: &'a str, what: &'static str) -> Result<Vec<(&'a str, &'a str)>, 
 impl FromStr for DiskUpdate {
     type Err = ConfigError;
 
-    /// Parses `[iops=N][,bw=RATE][,size=SIZE]` (at least one).
+    /// Parses `[iops=N][,bw=RATE][,size=SIZE][,path=PATH]` (at least one).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut u = DiskUpdate::default();
-        for (k, v) in items(s, "a change (iops=N, bw=RATE or size=SIZE)")? {
+        for (k, v) in items(s, "a change (iops=N, bw=RATE, size=SIZE or path=PATH)")? {
             match k {
                 "iops" => u.iops = Some(number("disk iops", v)?),
                 "bw" => u.bw = Some(byte_rate("disk bw", v)?),
                 "size" => u.size = Some(disk_size(v)?),
-                _ => return Err(invalid("disk update", k, "expected iops, bw or size")),
+                "path" if !v.is_empty() => u.path = Some(v.into()),
+                _ => return Err(invalid("disk update", k, "expected iops, bw, size or path")),
             }
         }
         Ok(u)
@@ -166,11 +172,16 @@ mod tests {
                 iops: Some(100),
                 bw: Some(10 << 20),
                 size: Some(2 << 30),
+                path: None,
             }
         );
         assert_eq!(
             "size=1048576".parse::<DiskUpdate>().unwrap().size,
             Some(1 << 20)
+        );
+        assert_eq!(
+            "path=/images/new.qcow2".parse::<DiskUpdate>().unwrap().path,
+            Some("/images/new.qcow2".into())
         );
         assert_eq!(
             "tx_bw=1M,rx_ops=0".parse::<NetUpdate>().unwrap(),

@@ -16,8 +16,9 @@ pub enum DiskCmd {
     /// List the VM's disks: id, image, limits.
     List(crate::ClientArgs),
     /// Change a disk while the guest runs: its rate limits (iops=N, bw=RATE; 0 lifts a
-    /// limit) or its size (size=SIZE: at least its size now; a host block device must have
-    /// been grown on the host first). The guest sees a new size at once.
+    /// limit), its size (size=SIZE: at least its size now; a host block device must have
+    /// been grown on the host first) or the image behind it (path=PATH). The guest sees a
+    /// new size at once.
     Update(Update),
 }
 

@@ -1,8 +1,9 @@
 //! Disks and interfaces changed while the guest runs, on the host's `/dev/kvm`: ids given and
 //! generated, `PATCH /v1/vm/disks/{id}` and `PATCH /v1/vm/nets/{id}` with their refusals
 //! (nothing changes), a rate limit tightened and lifted under the probe's disk writes (its
-//! `count_blk` ticks), raw and qcow2 images grown in place, `tern disk|net list|update`, and
-//! the new limits kept by a snapshot. The nested rig's `tern-disk-resize` has Linux see a grown
+//! `count_blk` ticks), raw and qcow2 images grown in place, another image put behind the
+//! running disk (the probe's writes go on into it), `tern disk|net list|update`, and the new
+//! limits kept by a snapshot. The nested rig's `tern-disk-resize` has Linux see a grown
 //! disk and measures a changed rate.
 
 mod common;
@@ -154,6 +155,53 @@ fn disks_and_interfaces_change_by_id_while_the_guest_runs() {
         "size=12M",
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
+
+    // Another image behind the running disk: the probe's writes go on, into the new file
+    // only, and the counters and configuration name it.
+    for (body, why) in [
+        (
+            r#"{"path": "/nonexistent/new.raw"}"#,
+            "/nonexistent/new.raw",
+        ),
+        (r#"{"path": "/x", "size": 1048576}"#, "not both"),
+    ] {
+        let (st, b) = patch(&c, "/v1/vm/disks/data", body);
+        assert!(st == 400 && b.contains(why), "{body}: {st} {b}");
+    }
+    let new = dir.path("new.raw");
+    std::fs::write(&new, vec![0u8; 4 << 20]).unwrap();
+    let ticks0 = lines_after(&serial, "probe: count blk ").len();
+    let body = format!(r#"{{"path": "{}"}}"#, s(&new));
+    let (st, b) = patch(&c, "/v1/vm/disks/data", &body);
+    assert_eq!(st, 204, "{b}");
+    let old_after = std::fs::read(&raw).unwrap();
+    wait_until("writes in the new image", Duration::from_secs(10), || {
+        std::fs::read(&new).unwrap()[..64 * 512]
+            .iter()
+            .any(|&b| b != 0)
+    });
+    wait_until("ticks on the new image", Duration::from_secs(10), || {
+        lines_after(&serial, "probe: count blk ").len() >= ticks0 + 20
+    });
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        old_after,
+        "the old image changed after the new one took its place"
+    );
+    let config = c.info().unwrap().config.unwrap();
+    assert_eq!(config.disks[0].path, new);
+    assert_eq!(
+        config.disks[0].probed_format,
+        Some(api::config::DiskFormat::Raw)
+    );
+    let counters = c.counters().unwrap();
+    assert!(
+        matches!(&counters.devices[0], api::DeviceCounters::Block { path, .. } if path == s(&new)),
+        "{:?}",
+        counters.devices[0]
+    );
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(!text.contains("FAIL") && !text.contains("fail"), "{text}");
 
     // An interface's limits, and the limits a snapshot keeps.
     let r = tern_cmd(&[

@@ -1,7 +1,8 @@
 //! tern's Firecracker personality driven by a third-party client: pyrecracker (PyPI; `cargo
 //! xtask test` installs it in a venv and names its Python in `TERN_PYRECRACKER_PYTHON`)
 //! configures, boots, pauses, resumes, snapshots and loads a probe guest through `tern
-//! firecracker`, and tern started through a link named `firecracker` boots a Firecracker
+//! firecracker` (and tern's own client swaps the file behind the running root drive, as Kata
+//! does), and tern started through a link named `firecracker` boots a Firecracker
 //! `--config-file` with its log and metrics going to FIFOs.
 
 mod common;
@@ -53,7 +54,7 @@ if step == "boot":
     kernel, disk, tap = args
     c.put_machine_config(MachineConfiguration(mem_size_mib=64, vcpu_count=2))
     c.put_boot_source(BootSource(kernel_image_path=kernel,
-        boot_args="console=ttyS0 probe.run=count probe.count_ms=60000"))
+        boot_args="console=ttyS0 probe.run=count probe.count_ms=60000 probe.count_blk=1"))
     c.put_drives(Drive(drive_id="rootfs", is_root_device=True, path_on_host=disk))
     c.put_network_interfaces(NetworkInterface(host_dev_name=tap, iface_id="eth0",
         guest_mac="06:00:ac:10:00:02"))
@@ -188,6 +189,24 @@ fn pyrecracker_drives_the_firecracker_api() {
     wait_until("ticks", Duration::from_secs(20), || {
         last_tick(&console) >= 3
     });
+    // The file behind the running root drive changes, as Kata swaps its placeholder drives:
+    // the probe's writes go into the new one.
+    let swapped = dir.path("rootfs2.img");
+    std::fs::write(&swapped, vec![0u8; 1 << 20]).unwrap();
+    let body = serde_json::json!({ "drive_id": "rootfs", "path_on_host": swapped });
+    let (st, b) = api
+        .call("PATCH", "/drives/rootfs", Some(&body.to_string()))
+        .unwrap();
+    assert_eq!(st, 204, "{b}");
+    wait_until("writes in the new file", Duration::from_secs(10), || {
+        std::fs::read(&swapped).unwrap()[..64 * 512]
+            .iter()
+            .any(|&b| b != 0)
+    });
+    let (_, b) = api.call("GET", "/vm/config", None).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["drives"][0]["path_on_host"], s(&swapped), "{v}");
+
     // Each FlushMetrics line holds what changed since the one before.
     let flush = r#"{"action_type": "FlushMetrics"}"#;
     for _ in 0..2 {

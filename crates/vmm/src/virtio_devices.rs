@@ -199,6 +199,30 @@ pub(crate) fn open_disk(
     d: &DiskConfig,
     lock: bool,
 ) -> Result<(Block, Vec<block::ImageLock>), VmmError> {
+    let (disk, locks) = open_image(d, lock)?;
+    let engine = match d.io {
+        DiskIo::Auto | DiskIo::IoUring => EngineKind::IoUring,
+        DiskIo::Sync => EngineKind::Sync,
+    };
+    let serial = d.serial.clone().unwrap_or_else(|| serial.to_string());
+    let blk = Block::new(
+        Arc::new(disk),
+        BlockOptions {
+            serial,
+            queues: d.queues,
+            engine,
+            iops: d.iops,
+            bandwidth: d.bw,
+        },
+    );
+    Ok((blk, locks))
+}
+
+/// Opens disk `d`'s image (its locks taken when `lock`); returns it with the image's locks.
+pub(crate) fn open_image(
+    d: &DiskConfig,
+    lock: bool,
+) -> Result<(Disk, Vec<block::ImageLock>), VmmError> {
     let opts = DiskOptions {
         path: d.path.clone(),
         format: d.format.map(image_format),
@@ -223,22 +247,7 @@ pub(crate) fn open_disk(
             d.path.display()
         )));
     }
-    let engine = match d.io {
-        DiskIo::Auto | DiskIo::IoUring => EngineKind::IoUring,
-        DiskIo::Sync => EngineKind::Sync,
-    };
-    let serial = d.serial.clone().unwrap_or_else(|| serial.to_string());
-    let blk = Block::new(
-        Arc::new(disk),
-        BlockOptions {
-            serial,
-            queues: d.queues,
-            engine,
-            iops: d.iops,
-            bandwidth: d.bw,
-        },
-    );
-    Ok((blk, locks))
+    Ok((disk, locks))
 }
 
 /// Opens (or creates) the TAP of interface `i` and wraps it in a virtio-net device.

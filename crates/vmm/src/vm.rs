@@ -444,7 +444,7 @@ impl Vm {
                 None => crate::balloon::none(),
             },
             Action::DiskUpdate { id, update } => {
-                crate::device_updates::update_disk(&lock(&self.devs).disks, id, update, config)
+                crate::device_updates::update_disk(&mut lock(&self.devs), id, update, config)
             }
             Action::AddDisk(d) => self.add_disk(d, config),
             Action::AddNet(n) => self.add_net(n, config),

@@ -32,7 +32,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use block::{Completion, Disk, Engine, EngineKind, IoOp, IoSlice};
 use virtio_bindings::bindings::virtio_blk::*;
@@ -104,9 +104,24 @@ pub struct BlockCounters {
     pub throttled: AtomicU64,
 }
 
+/// The image behind a disk and the workers serving its queues: replaced together when the
+/// VMM puts another image behind the running disk ([`BlockHandle::replace`]).
+struct Backend {
+    disk: Arc<Disk>,
+    workers: Vec<Worker<BlkWorker>>,
+    /// Whether the device is paused (a worker started again stays paused then).
+    paused: bool,
+}
+
+type SharedBackend = Arc<Mutex<Backend>>;
+
+fn backend(b: &SharedBackend) -> std::sync::MutexGuard<'_, Backend> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The virtio-blk device.
 pub struct Block {
-    disk: Arc<Disk>,
+    backend: SharedBackend,
     opts: BlockOptions,
     queue_sizes: Vec<u16>,
     config: [u8; CONFIG_LEN],
@@ -116,13 +131,14 @@ pub struct Block {
     interrupt: Arc<ConfigIrq>,
     counters: Arc<BlockCounters>,
     broken: Arc<AtomicBool>,
-    workers: Vec<Worker<BlkWorker>>,
 }
 
-/// What the VMM changes on a disk while the guest runs: its rate limits and its size.
+/// What the VMM changes on a disk while the guest runs: its rate limits, its size and the
+/// image behind it.
 #[derive(Clone)]
 pub struct BlockHandle {
-    disk: Arc<Disk>,
+    backend: SharedBackend,
+    engine: EngineKind,
     limiter: SharedLimiter,
     interrupt: Arc<ConfigIrq>,
 }
@@ -135,24 +151,93 @@ impl BlockHandle {
 
     /// The disk's size in bytes.
     pub fn size(&self) -> u64 {
-        self.disk.size()
+        backend(&self.backend).disk.size()
     }
 
     /// Grows the disk to `size` bytes (see [`Disk::grow`]) and tells the driver its capacity
     /// changed (a configuration change interrupt, when the driver runs; one that is not
     /// running reads the capacity when it starts).
     pub fn grow(&self, size: u64) -> Result<(), block::BlockError> {
-        let before = self.disk.size();
-        self.disk.grow(size)?;
-        if self.disk.size() != before {
-            if let Err(e) = self.interrupt.raise() {
-                tracing::warn!(
-                    "virtio-blk {}: grown to {size} bytes, but {e}",
-                    self.disk.path().display()
-                );
-            }
+        let disk = backend(&self.backend).disk.clone();
+        let before = disk.size();
+        disk.grow(size)?;
+        if disk.size() != before {
+            self.capacity_changed(&disk);
         }
         Ok(())
+    }
+
+    fn capacity_changed(&self, disk: &Disk) {
+        if let Err(e) = self.interrupt.raise() {
+            tracing::warn!(
+                "virtio-blk {}: its capacity changed to {} bytes, but {e}",
+                disk.path().display(),
+                disk.size()
+            );
+        }
+    }
+
+    /// Puts `disk` behind the running disk in place of its image, as a drive whose medium
+    /// changed: every queue's worker stops once its in-flight requests are answered (within
+    /// `deadline`), takes up the new image and goes on; the guest is told the capacity
+    /// (a configuration change interrupt). The new image must be writable or read-only as the
+    /// old one was (the guest negotiated that), and a host block device must keep its block
+    /// sizes. Returns the old image; on an error nothing changed.
+    pub fn replace(
+        &self,
+        disk: Arc<Disk>,
+        deadline: std::time::Instant,
+    ) -> Result<Arc<Disk>, String> {
+        let mut b = backend(&self.backend);
+        if disk.read_only() != b.disk.read_only() {
+            return Err(format!(
+                "{} is {}, and the guest knows this disk as {}",
+                disk.path().display(),
+                if disk.read_only() {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                if b.disk.read_only() {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+            ));
+        }
+        if disk.device_block_sizes() != b.disk.device_block_sizes() {
+            return Err(format!(
+                "{} has other block sizes than the image it replaces",
+                disk.path().display()
+            ));
+        }
+        if !super::common::pause_all(&b.workers, deadline) {
+            if !b.paused {
+                b.workers.iter().for_each(|w| w.resume());
+            }
+            return Err("its in-flight requests did not finish in time; nothing changed".into());
+        }
+        let mut handlers = Vec::new();
+        for w in b.workers.drain(..) {
+            match w.stop() {
+                Some(h) => handlers.push(h),
+                None => return Err("a queue's worker had failed; the disk no longer runs".into()),
+            }
+        }
+        let old = std::mem::replace(&mut b.disk, disk.clone());
+        for mut h in handlers {
+            h.engine = Engine::new(disk.clone(), u32::from(QUEUE_SIZE), self.engine);
+            let name = format!("virtio-blk-q{}", h.index);
+            let w = Worker::spawn(lifecycle::threads::Device::Block, &name, h)
+                .map_err(|e| format!("cannot start a queue's worker again: {e}"))?;
+            if b.paused {
+                w.pause(deadline);
+            }
+            b.workers.push(w);
+        }
+        drop(b);
+        self.capacity_changed(&disk);
+        Ok(old)
     }
 }
 
@@ -193,7 +278,11 @@ impl Block {
         let limiter = shared_limiter(opts.iops, opts.bandwidth);
         Block {
             queue_sizes: vec![QUEUE_SIZE; usize::from(opts.queues)],
-            disk,
+            backend: Arc::new(Mutex::new(Backend {
+                disk,
+                workers: Vec::new(),
+                paused: false,
+            })),
             opts,
             config,
             acked: 0,
@@ -201,14 +290,19 @@ impl Block {
             interrupt: Arc::default(),
             counters: Arc::default(),
             broken: Arc::default(),
-            workers: Vec::new(),
         }
+    }
+
+    /// The image behind the disk now.
+    fn disk(&self) -> Arc<Disk> {
+        backend(&self.backend).disk.clone()
     }
 
     /// What the VMM changes while the guest runs.
     pub fn handle(&self) -> BlockHandle {
         BlockHandle {
-            disk: self.disk.clone(),
+            backend: self.backend.clone(),
+            engine: self.opts.engine,
             limiter: self.limiter.clone(),
             interrupt: self.interrupt.clone(),
         }
@@ -238,7 +332,8 @@ impl VirtioDevice for Block {
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH;
-        if self.disk.read_only() {
+        let disk = self.disk();
+        if disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
@@ -246,7 +341,7 @@ impl VirtioDevice for Block {
         if self.opts.queues > 1 {
             f |= 1 << VIRTIO_BLK_F_MQ;
         }
-        if self.disk.device_block_sizes().is_some() {
+        if disk.device_block_sizes().is_some() {
             f |= 1 << VIRTIO_BLK_F_TOPOLOGY;
         }
         f
@@ -264,7 +359,7 @@ impl VirtioDevice for Block {
         if off < CONFIG_LEN {
             let mut config = self.config;
             // The capacity, in sectors, as the disk is now (it grows while in use).
-            config[..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
+            config[..8].copy_from_slice(&(self.disk().size() / SECTOR).to_le_bytes());
             let n = data.len().min(CONFIG_LEN - off);
             data[..n].copy_from_slice(&config[off..off + n]);
         }
@@ -292,12 +387,13 @@ impl VirtioDevice for Block {
         let mut serial = [0u8; ID_LEN];
         let s = self.opts.serial.as_bytes();
         serial[..s.len().min(ID_LEN)].copy_from_slice(&s[..s.len().min(ID_LEN)]);
+        let mut b = backend(&self.backend);
         for (i, q) in queues.into_iter().enumerate() {
             let index = i as u16;
-            let engine = Engine::new(self.disk.clone(), u32::from(QUEUE_SIZE), self.opts.engine);
+            let engine = Engine::new(b.disk.clone(), u32::from(QUEUE_SIZE), self.opts.engine);
             tracing::debug!(
                 "virtio-blk {}: queue {index} uses {} I/O",
-                self.disk.path().display(),
+                b.disk.path().display(),
                 engine.kind()
             );
             let handler = BlkWorker {
@@ -320,7 +416,7 @@ impl VirtioDevice for Block {
                 done: Vec::new(),
             };
             let name = format!("virtio-blk-q{index}");
-            self.workers.push(
+            b.workers.push(
                 Worker::spawn(lifecycle::threads::Device::Block, &name, handler)
                     .map_err(ActivateError::Worker)?,
             );
@@ -330,7 +426,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         // Each worker's engine waits for its in-flight I/O when it is dropped.
-        for w in self.workers.drain(..) {
+        for w in backend(&self.backend).workers.drain(..) {
             w.stop();
         }
         self.interrupt.set(None);
@@ -338,11 +434,15 @@ impl VirtioDevice for Block {
     }
 
     fn pause(&mut self, deadline: std::time::Instant) -> bool {
-        super::common::pause_all(&self.workers, deadline)
+        let mut b = backend(&self.backend);
+        b.paused = true;
+        super::common::pause_all(&b.workers, deadline)
     }
 
     fn resume(&mut self) {
-        self.workers.iter().for_each(|w| w.resume());
+        let mut b = backend(&self.backend);
+        b.paused = false;
+        b.workers.iter().for_each(|w| w.resume());
     }
 
     fn broken(&self) -> bool {
@@ -1377,6 +1477,46 @@ mod tests {
         let e = r.handle.grow(64 << 10).unwrap_err().to_string();
         assert!(e.contains("shrinking"), "{e}");
         assert_eq!(capacity(&mut r), 512);
+    }
+
+    #[test]
+    fn a_replaced_image_serves_the_queue_and_shows_its_capacity() {
+        let mut r = rig("swap-old", false, EngineKind::IoUring, false, 0);
+        let capacity = |r: &mut Rig| u64::from(r.d.read(0x100)) | u64::from(r.d.read(0x104)) << 32;
+        assert_eq!(capacity(&mut r), 128);
+        // The new image: 256 sectors, each holding its number + 0x40.
+        let path = std::env::temp_dir().join(format!("tern-vblk-{}-swap-new", std::process::id()));
+        let content: Vec<u8> = (0..256 * 512).map(|i| (i / 512 + 0x40) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let open = |read_only| {
+            let opts = DiskOptions {
+                path: path.clone(),
+                read_only,
+                ..DiskOptions::default()
+            };
+            Arc::new(Disk::open(&opts).unwrap().0)
+        };
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // A read-only image cannot replace a writable one: nothing changes.
+        let e = r.handle.replace(open(true), far).unwrap_err();
+        assert!(e.contains("read-only"), "{e}");
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 3, &[(DATA, 512, true)]).0, OK);
+        assert_eq!(r.bytes(DATA, 512), vec![3u8; 512]);
+        let _ = r.d.irq.read();
+        let _ = r.d.read(REG_ISR);
+        let old = r.handle.replace(open(false), far).unwrap();
+        assert_eq!(old.size(), 64 << 10);
+        drop(old);
+        assert_eq!(capacity(&mut r), 256);
+        assert_ne!(r.d.read(REG_ISR) & 2, 0, "no config interrupt");
+        // The same queue, now on the new image: reads and writes reach it.
+        assert_eq!(r.send(VIRTIO_BLK_T_IN, 150, &[(DATA, 512, true)]).0, OK);
+        assert_eq!(r.bytes(DATA, 512), vec![150 + 0x40; 512]);
+        r.fill(DATA, 512, 0x99);
+        assert_eq!(r.send(VIRTIO_BLK_T_OUT, 7, &[(DATA, 512, false)]).0, OK);
+        let now = std::fs::read(&path).unwrap();
+        assert_eq!(&now[7 * 512..8 * 512], &[0x99u8; 512][..]);
+        let _ = std::fs::remove_file(&path);
     }
 
     /// A `virtio_blk_discard_write_zeroes` segment.

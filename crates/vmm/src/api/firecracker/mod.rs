@@ -355,7 +355,7 @@ async fn drive_patch(
         Ok(id) => id,
         Err(r) => return r.into_response(),
     };
-    let started = {
+    {
         let mut fc = st.lock();
         if !fc.instance.started {
             let Some(d) = fc
@@ -380,26 +380,48 @@ async fn drive_patch(
             *d = new;
             return done();
         }
-        true
-    };
-    debug_assert!(started);
-    if p.path_on_host.is_some() {
-        return fault(
-            400,
-            "tern cannot put another file behind a running drive yet: path_on_host can only change before InstanceStart",
-        );
     }
-    let (bw, iops) = match p.rate_limiter.as_ref().map(RateLimiter::rates) {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return fault(400, e),
-        None => return done(),
+    let rates = match p.rate_limiter.as_ref().map(RateLimiter::rates).transpose() {
+        Ok(r) => r,
+        Err(e) => return fault(400, e),
     };
+    if rates.is_none() && p.path_on_host.is_none() {
+        return done();
+    }
+    // A new file behind the drive (Kata's and firecracker-containerd's placeholder drives).
     let update = ::api::devices::DiskUpdate {
-        iops: Some(iops),
-        bw: Some(bw),
+        iops: rates.map(|r| r.1),
+        bw: rates.map(|r| r.0),
         size: None,
+        path: p.path_on_host.clone(),
     };
-    relay(answer(&st.s, Action::DiskUpdate { id, update }).await)
+    let r = answer(
+        &st.s,
+        Action::DiskUpdate {
+            id: id.clone(),
+            update,
+        },
+    )
+    .await;
+    if (200..300).contains(&r.status) {
+        // `GET /vm/config` shows the drive as it is now.
+        let mut fc = st.lock();
+        if let Some(d) = fc
+            .instance
+            .config
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == id)
+        {
+            if let Some(path) = &p.path_on_host {
+                d.path_on_host = Some(path.clone());
+            }
+            if let Some(r) = &p.rate_limiter {
+                d.rate_limiter = Some(r.clone());
+            }
+        }
+    }
+    relay(r)
 }
 
 async fn net_put(
