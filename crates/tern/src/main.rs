@@ -264,6 +264,18 @@ pub(crate) struct RunArgs {
 }
 
 impl RunArgs {
+    /// Whether any of the VM's own settings were given (a kernel, a config file, a VM flag),
+    /// besides the host side (`--serial`, `--console`), which a restored or migrating VM may
+    /// take here.
+    fn vm_settings_given(&self) -> bool {
+        let others = RunArgs {
+            serial: None,
+            console: None,
+            ..self.clone()
+        };
+        others.kernel.is_some() || others.config.is_some() || others.vm_flags_given()
+    }
+
     /// Whether the VM is to be configured through the API (no kernel, no config file).
     fn api_only(&self) -> bool {
         self.api_socket.is_some()
@@ -839,12 +851,7 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
     }
     let incoming = match &args.incoming {
         Some(url) => {
-            let others = RunArgs {
-                serial: None,
-                console: None,
-                ..(*args).clone()
-            };
-            if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given() {
+            if args.vm_settings_given() {
                 vmm::report!(
                     ERR,
                     "tern: --incoming takes the VM's settings from its source; only \
@@ -893,12 +900,7 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
             // Where the serial port and console write, and which disks and TAPs it
             // uses, are the host's business; the rest of the VM comes from the
             // snapshot.
-            let others = RunArgs {
-                serial: None,
-                console: None,
-                ..(*args).clone()
-            };
-            if others.kernel.is_some() || others.config.is_some() || others.vm_flags_given() {
+            if args.vm_settings_given() {
                 vmm::report!(
                     ERR,
                     "tern: --restore takes the VM's settings from the snapshot; only \

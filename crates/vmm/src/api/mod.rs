@@ -373,29 +373,23 @@ pub mod fuzzing {
     /// The API's router, as the server runs it, with no VMM behind it: a request that gets
     /// past its route's body and query parsing is answered 503.
     pub fn router() -> Router {
-        let (tx, _) = mpsc::channel();
-        let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        super::router(
-            Shared {
-                tx,
-                evt: std::sync::Arc::new(evt),
-            },
-            None,
-        )
+        super::router(no_vmm(), None)
     }
 
     /// The router with Firecracker's dialect too (a fresh, unstarted instance), with no VMM
     /// behind it.
     pub fn firecracker_router() -> Router {
+        super::router(no_vmm(), Some(super::firecracker::Instance::default()))
+    }
+
+    /// A request channel whose VMM is gone.
+    fn no_vmm() -> Shared {
         let (tx, _) = mpsc::channel();
         let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        super::router(
-            Shared {
-                tx,
-                evt: std::sync::Arc::new(evt),
-            },
-            Some(super::firecracker::Instance::default()),
-        )
+        Shared {
+            tx,
+            evt: std::sync::Arc::new(evt),
+        }
     }
 }
 
