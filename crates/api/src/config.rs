@@ -659,6 +659,61 @@ fn default_memory() -> MemSize {
     MemSize(512 << 20)
 }
 
+/// A virtio-vsock device (`--vsock cid=N,socket=PATH`): the guest's CID, and the Unix socket
+/// on the host where host programs connect (`CONNECT <port>\n`) and beside which guest
+/// connections to host port P reach `PATH_P`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id: 3 to 4294967294.
+    pub cid: u32,
+    /// The host's Unix socket (made by tern; a stale one is replaced).
+    pub socket: PathBuf,
+}
+
+impl VsockConfig {
+    /// Checks the CID.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cid < 3 || self.cid == u32::MAX {
+            return Err(invalid(
+                "vsock cid",
+                self.cid.to_string(),
+                "0 to 2 are reserved (2 is the host) and 4294967295 means any: give 3 to 4294967294",
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(ConfigError::Missing("vsock socket (socket=PATH)"));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    /// Parses `cid=N,socket=PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let (mut cid, mut socket) = (None, None);
+        for item in s.split(',') {
+            match item.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(v.parse::<u32>().map_err(|_| {
+                        invalid("vsock cid", v, "expected a number from 3 to 4294967294")
+                    })?)
+                }
+                Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                _ => return Err(invalid("vsock", item, "expected cid=N and socket=PATH")),
+            }
+        }
+        let c = VsockConfig {
+            cid: cid.ok_or(ConfigError::Missing("vsock cid (cid=N)"))?,
+            socket: socket.ok_or(ConfigError::Missing("vsock socket (socket=PATH)"))?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -738,6 +793,9 @@ pub struct VmConfig {
     /// A virtio-balloon device, through which the host asks the guest for memory back.
     #[serde(default)]
     pub balloon: Option<crate::balloon::BalloonConfig>,
+    /// A virtio-vsock device: stream sockets between the guest and Unix sockets on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// Set by tern, not by users: the PCI slot of each virtio device by id, recorded when the
     /// VM is built and as devices are plugged in and out, so that a snapshot or a migration
     /// rebuilds every device where the guest knows it.
@@ -838,6 +896,7 @@ impl Default for VmConfig {
             track_dirty_pages: false,
             memory_shared: false,
             balloon: None,
+            vsock: None,
             pci_slots: Default::default(),
         }
     }
@@ -946,6 +1005,9 @@ impl VmConfig {
 
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         match (&self.kernel, &self.firmware) {
             (None, None) => {
                 return Err(ConfigError::Missing(

@@ -3,8 +3,8 @@
 //! maps onto tern's own [`VmConfig`].
 //!
 //! What tern cannot honour is refused with a message naming the field, never dropped:
-//! SMT, CPU templates, huge pages, vhost-user drives (`socket`), `one_time_burst`, the
-//! logger's `module` and virtio-vsock (not in tern yet). What tern does in its own way is taken and documented here:
+//! SMT, CPU templates, huge pages, vhost-user drives (`socket`), `one_time_burst` and the
+//! logger's `module`. What tern does in its own way is taken and documented here:
 //! - `cache_type: "Unsafe"` (Firecracker ignores the guest's flushes) gets tern's writeback
 //!   cache, which honours them: slower on flush-heavy guests, never less safe.
 //! - `io_engine: "Async"` is io_uring, `"Sync"` synchronous I/O, as in Firecracker.
@@ -507,7 +507,7 @@ pub struct FullConfig {
     /// The interfaces, in the order they were put.
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
-    /// virtio-vsock (refused: not in tern yet).
+    /// virtio-vsock with Firecracker's Unix-socket backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     /// The logger.
@@ -562,9 +562,6 @@ impl FullConfig {
             .ok_or("no boot source: PUT /boot-source first")?;
         let m = &self.machine_config;
         m.check()?;
-        if self.vsock.is_some() {
-            return Err("tern has no virtio-vsock device yet: leave vsock out".into());
-        }
         let mut cmdline = boot
             .boot_args
             .clone()
@@ -595,6 +592,10 @@ impl FullConfig {
             ..VmConfig::default()
         };
         c.balloon = self.balloon.as_ref().map(Balloon::config).transpose()?;
+        c.vsock = self.vsock.as_ref().map(|v| crate::config::VsockConfig {
+            cid: v.guest_cid,
+            socket: v.uds_path.clone(),
+        });
         c.disks = drives
             .into_iter()
             .map(disk_config)
@@ -755,8 +756,8 @@ mod tests {
                 "huge_pages",
             ),
             (
-                r#""vsock": {"guest_cid": 3, "uds_path": "/v.sock"}"#,
-                "vsock",
+                r#""vsock": {"guest_cid": 2, "uds_path": "/v.sock"}"#,
+                "vsock cid",
             ),
             (
                 r#""drives": [{"drive_id": "d", "path_on_host": "/d", "is_root_device": false, "rate_limiter": {"ops": {"size": 1, "refill_time": 1, "one_time_burst": 5}}}]"#,

@@ -43,6 +43,20 @@ impl EventLoop {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
     }
 
+    /// Watches a socket for input and for room to write, edge-triggered (each reported once
+    /// per change, for a handler that reads and writes until it would block).
+    pub fn add_stream(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
     /// Waits until something is ready or `timeout` passes (None: no limit); returns the ready
     /// tokens (none after a timeout or a signal).
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<Tokens<'_>> {
@@ -53,6 +67,14 @@ impl EventLoop {
             Err(e) => return Err(e),
         };
         Ok(Tokens(&self.events[..n]))
+    }
+}
+
+impl std::os::fd::AsRawFd for EventLoop {
+    /// The epoll instance, which is itself readable when one of its descriptors is ready: a
+    /// loop nested in another.
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
     }
 }
 

@@ -49,6 +49,8 @@ pub enum Device {
     Balloon,
     /// Hotpluggable memory (virtio-mem): frees the guest memory its driver unplugs.
     Mem,
+    /// Sockets between guest and host (virtio-vsock): accepts and makes Unix connections.
+    Vsock,
 }
 
 impl Role {
@@ -62,6 +64,7 @@ impl Role {
             Role::DeviceWorker(Device::Console) => "device-console",
             Role::DeviceWorker(Device::Balloon) => "device-balloon",
             Role::DeviceWorker(Device::Mem) => "device-mem",
+            Role::DeviceWorker(Device::Vsock) => "device-vsock",
             Role::Api => "api",
             Role::Vmm => "vmm",
             Role::Io => "io",

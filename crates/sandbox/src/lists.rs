@@ -195,6 +195,15 @@ const CONNECTIONS: &[Rule] = &[
     any("getpeername"),
 ];
 
+/// virtio-vsock: accepting host connections on its listening Unix socket, connecting to the
+/// host's `<socket>_<port>` sockets for the guest, with [`CONNECTIONS`].
+const VSOCK: &[Rule] = &[
+    when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
+    any("connect"),
+    when("ioctl", &[Arg::Eq(1, libc::FIONBIO)]),
+    any("epoll_ctl"),
+];
+
 /// The API thread: an HTTP server on a Unix socket (tokio on one thread), with
 /// [`CONNECTIONS`].
 const API: &[Rule] = &[when("ioctl", &[Arg::Eq(1, libc::FIONBIO)])];
@@ -336,6 +345,7 @@ pub fn rules(role: Role) -> Vec<Rule> {
         Role::DeviceWorker(Device::Console) => &[CONSOLE, EVENTS],
         // virtio-mem frees unplugged memory the way the balloon frees what it is given.
         Role::DeviceWorker(Device::Balloon | Device::Mem) => &[BALLOON, EVENTS],
+        Role::DeviceWorker(Device::Vsock) => &[VSOCK, CONNECTIONS, EVENTS],
         Role::Api => &[API, CONNECTIONS, EVENTS],
         Role::Io => &[IO],
         Role::Spawner => &[SPAWNER],

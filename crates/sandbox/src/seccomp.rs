@@ -55,6 +55,7 @@ pub const ROLES: &[Role] = &[
     Role::DeviceWorker(Device::Console),
     Role::DeviceWorker(Device::Balloon),
     Role::DeviceWorker(Device::Mem),
+    Role::DeviceWorker(Device::Vsock),
     Role::Api,
     Role::Io,
     Role::Migration,

@@ -242,6 +242,11 @@ pub(crate) struct RunArgs {
     /// [deflate_on_oom=on][,free_page_reporting=on][,stats_s=N].
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<api::balloon::BalloonConfig>,
+    /// A virtio-vsock device: cid=N (the guest's CID, 3 or more),socket=PATH (the Unix socket
+    /// host programs connect to with `CONNECT <port>\n`; guest connections to host port P reach
+    /// PATH_P).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<api::config::VsockConfig>,
     /// System-call filters on every thread of tern, each allowing what its role needs: on (a
     /// call outside the list ends tern with a line naming the thread and call), log (the
     /// kernel logs such calls and lets them through) or off.
@@ -307,6 +312,7 @@ impl RunArgs {
             || self.track_dirty_pages
             || self.memory_shared
             || self.balloon.is_some()
+            || self.vsock.is_some()
     }
 
     fn into_config(self) -> anyhow::Result<VmConfig> {
@@ -383,6 +389,9 @@ impl RunArgs {
         }
         if let Some(b) = self.balloon {
             c.balloon = Some(b);
+        }
+        if let Some(v) = self.vsock {
+            c.vsock = Some(v);
         }
         c.validate()?;
         Ok(c)

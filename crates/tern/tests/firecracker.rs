@@ -370,7 +370,7 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
         &config,
         serde_json::json!({
             "boot-source": {"kernel_image_path": kernel},
-            "vsock": {"guest_cid": 3, "uds_path": dir.path("v.sock")}
+            "vsock": {"guest_cid": 2, "uds_path": dir.path("v.sock")}
         })
         .to_string(),
     )
@@ -381,7 +381,10 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("vsock") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("vsock cid") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]
@@ -459,5 +462,85 @@ fn the_firecracker_balloon_routes_drive_terns_balloon() {
         Some(r#"{"stats_polling_interval_s": 5}"#),
     );
     assert!(st == 400 && b.contains("PUT /balloon"), "{st} {b}");
+    kill(fc);
+}
+
+#[test]
+fn a_vsock_gets_its_socket_through_the_flag_and_both_apis() {
+    let test = "a_vsock_gets_its_socket_through_the_flag_and_both_apis";
+    if !require_kvm(test) {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let dir = Scratch::new("vsock");
+    let is_socket =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+    // A reserved CID is refused on the command line.
+    let kernel = probe();
+    let r = tern_run(
+        &[
+            "--kernel",
+            s(&kernel),
+            "--vsock",
+            "cid=2,socket=/tmp/x.sock",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        r.code == Some(2) && r.stderr.contains("reserved"),
+        "{:?} {}",
+        r.code,
+        r.stderr
+    );
+
+    // tern's own flag: the socket is there while the VM runs, and gone after.
+    let vsock = dir.path("v.sock");
+    let arg = format!("cid=3,socket={}", s(&vsock));
+    let sock = dir.path("api.sock");
+    let (vm, c) = running_vm(
+        &sock,
+        "none",
+        "probe.run=count probe.count_ms=20000",
+        &["--vsock", &arg],
+    );
+    assert!(is_socket(&vsock));
+    let v = c.info().unwrap().config.unwrap().vsock.unwrap();
+    assert_eq!((v.cid, v.socket.as_path()), (3, vsock.as_path()));
+    let (st, b) = c.call("PUT", "/v1/vm/shutdown?force=true", None).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let (code, err) = vm.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!vsock.exists(), "the vsock socket was left behind");
+
+    // Firecracker's PUT /vsock.
+    let fsock = dir.path("fc.sock");
+    let console = dir.path("console.txt");
+    let fc = firecracker(&fsock, &console, "vsock");
+    wait_until("the API socket", Duration::from_secs(10), || fsock.exists());
+    let api = api::client::Client::new(&fsock);
+    let uds = dir.path("fc-v.sock");
+    let body = serde_json::json!({ "guest_cid": 5, "uds_path": uds });
+    let (st, b) = api.call("PUT", "/vsock", Some(&body.to_string())).unwrap();
+    assert_eq!(st, 204, "{b}");
+    let bad = serde_json::json!({ "guest_cid": 1, "uds_path": uds });
+    let (st, b) = api.call("PUT", "/vsock", Some(&bad.to_string())).unwrap();
+    assert!(st == 400 && b.contains("reserved"), "{st} {b}");
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "boot_args": "console=ttyS0 probe.run=count probe.count_ms=20000"
+    });
+    for (path, body) in [
+        ("/boot-source", boot.to_string()),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ] {
+        let (st, b) = api.call("PUT", path, Some(&body)).unwrap();
+        assert_eq!(st, 204, "{path}: {b}");
+    }
+    assert!(is_socket(&uds));
+    let v = api.info().unwrap().config.unwrap().vsock.unwrap();
+    assert_eq!(v.cid, 5);
     kill(fc);
 }

@@ -113,6 +113,19 @@ pub fn config_paths(c: &VmConfig) -> Result<Vec<Allowed>, String> {
     if !c.nets.is_empty() {
         out.push(Allowed::write(TUN));
     }
+    // The vsock's socket is made in its directory, and the guest's connections reach sockets
+    // beside it.
+    if let Some(dir) = c.vsock.as_ref().and_then(|v| v.socket.parent()) {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        out.push(Allowed {
+            path: dir.to_path_buf(),
+            write: true,
+        });
+    }
     Ok(out)
 }
 

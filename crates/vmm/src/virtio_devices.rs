@@ -99,6 +99,11 @@ pub fn create(
         mem = Some(dev.handle());
         devices.push(Box::new(dev));
     }
+    if let Some(v) = &config.vsock {
+        let dev = virtio::devices::Vsock::new(u64::from(v.cid), &v.socket)
+            .map_err(|e| setup(format!("virtio-vsock socket {}: {e}", v.socket.display())))?;
+        devices.push(Box::new(dev));
+    }
     if devices.len() as u64 > VIRTIO_MMIO_MAX {
         return Err(setup(format!(
             "at most {VIRTIO_MMIO_MAX} virtio devices are supported"
@@ -168,6 +173,13 @@ pub fn device_names(config: &VmConfig) -> Vec<String> {
             config.hotplug_memory() >> 20
         ));
     }
+    if let Some(v) = &config.vsock {
+        names.push(format!(
+            "virtio-vsock (CID {}, {})",
+            v.cid,
+            v.socket.display()
+        ));
+    }
     names
 }
 
@@ -188,6 +200,9 @@ pub fn device_ids(config: &VmConfig) -> Vec<String> {
     }
     if config.hotplug_memory() > 0 {
         ids.push("virtio-mem".to_string());
+    }
+    if config.vsock.is_some() {
+        ids.push("virtio-vsock".to_string());
     }
     ids
 }

@@ -17,6 +17,7 @@ pub mod console;
 pub mod mem;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 pub use balloon::{Balloon, BalloonHandle, BalloonOptions, BalloonStatus, Discard};
 pub use block::{Block, BlockCounters, BlockHandle, BlockOptions};
@@ -24,3 +25,4 @@ pub use console::{Console, ConsoleInput, ConsoleOutput};
 pub use mem::{MemHandle, MemOptions, MemStatus, VirtioMem};
 pub use net::{Limits, Net, NetCounters, NetHandle, NetOptions};
 pub use rng::Rng;
+pub use vsock::Vsock;

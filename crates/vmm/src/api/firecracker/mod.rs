@@ -499,11 +499,24 @@ async fn net_patch(
     relay(answer(&st.s, Action::NetUpdate { id, update }).await)
 }
 
-async fn vsock(b: Bytes) -> Response {
-    match body::<Vsock>(&b) {
-        Ok(_) => fault(400, "tern has no virtio-vsock device yet"),
-        Err(r) => r.into_response(),
+async fn vsock(State(st): State<FcState>, b: Bytes) -> Response {
+    let v = match body::<Vsock>(&b) {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    let mut fc = st.lock();
+    if let Err(r) = pre_boot(&fc) {
+        return r.into_response();
     }
+    let c = ::api::config::VsockConfig {
+        cid: v.guest_cid,
+        socket: v.uds_path.clone(),
+    };
+    if let Err(e) = c.validate() {
+        return fault(400, e.to_string());
+    }
+    fc.instance.config.vsock = Some(v);
+    done()
 }
 
 async fn actions(State(st): State<FcState>, b: Bytes) -> Response {
