@@ -6,7 +6,8 @@
 //! - `vmlinuz-cloud`: `linux-image-cloud-amd64`'s bzImage, the guest (L2) kernel;
 //!   `vmlinux-cloud`: the ELF vmlinux extracted from it (PVH / 64-bit Linux entry).
 //! - `guest-initrd.cpio`: busybox + `/init` (xtask/guest/init.sh) + scenario scripts
-//!   (xtask/guest/scenarios/*.sh) + the cloud kernel's virtio-related modules.
+//!   (xtask/guest/scenarios/*.sh) + the cloud kernel's virtio-related modules + `vsock-rig`
+//!   (xtask/rig/vsock-rig.c, also in L1).
 //! - `blk-root.ext4`: a small ext4 file system (`mkfs.ext4 -d`) holding busybox, the guest init
 //!   as `/sbin/init` and the scenario scripts: the root disk of the virtio-blk scenarios (the
 //!   initramfs init mounts it and `switch_root`s when the command line says `root=/dev/vdX`).
@@ -140,6 +141,8 @@ pub struct Images {
     pub l0_data: PathBuf,
     /// The library preloaded into the L0 emulator (see [`l0_preload`]).
     pub l0_preload: PathBuf,
+    /// The vsock scenario's helper (see [`vsock_rig`]).
+    pub vsock_rig: PathBuf,
 }
 
 /// QEMU 10 from bookworm-backports, unpacked under `build/debs/qemu-l0/` (the host's QEMU is
@@ -191,6 +194,31 @@ pub fn l0_preload() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// `xtask/rig/vsock-rig.c` built static into `build/images/vsock-rig`: both ends of the vsock
+/// scenario, in the guest's initramfs (AF_VSOCK) and in L1 (Unix sockets).
+pub fn vsock_rig() -> Result<PathBuf> {
+    let src = crate::util::workspace_root().join("xtask/rig/vsock-rig.c");
+    let out = images_dir().join("vsock-rig");
+    let stamp = Stamp::new(
+        &out,
+        Fingerprint::default().str(IMAGES_VERSION).file(&src)?.hex(),
+    );
+    if stamp.fresh(&out) {
+        return Ok(out);
+    }
+    let cc = crate::util::which("cc").context("no C compiler (cc) for vsock-rig")?;
+    let tmp = out.with_extension("tmp");
+    run_capture(
+        Command::new(cc)
+            .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&tmp)
+            .arg(&src),
+    )?;
+    std::fs::rename(&tmp, &out)?;
+    stamp.commit()?;
+    Ok(out)
+}
+
 fn images_dir() -> PathBuf {
     build_dir().join("images")
 }
@@ -230,6 +258,7 @@ pub fn build() -> Result<Images> {
     let qemu = ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
     let (l0_qemu, l0_data) = l0_emulator()?;
     let l0_preload = l0_preload()?;
+    let vsock_rig = vsock_rig()?;
 
     let (l1_release, l1_vmlinuz, l1_modules) = l1_pkg.kernel()?;
     let (guest_release, guest_vmlinuz, guest_modules) = guest_pkg.kernel()?;
@@ -270,7 +299,8 @@ pub fn build() -> Result<Images> {
     }
 
     let guest_initrd = dir.join("guest-initrd.cpio");
-    let archive = guest_archive(&busybox, &guest_modules, &guest_release)?;
+    let mut archive = guest_archive(&busybox, &guest_modules, &guest_release)?;
+    archive.file("bin/vsock-rig", &vsock_rig)?;
     write_archive(&archive, &guest_initrd)?;
 
     let blk_root = dir.join("blk-root.ext4");
@@ -290,6 +320,7 @@ pub fn build() -> Result<Images> {
         l0_qemu,
         l0_data,
         l0_preload,
+        vsock_rig,
     })
 }
 
@@ -603,6 +634,7 @@ pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) ->
     a.file(l1::VMLINUX, &images.vmlinux_cloud)?;
     a.file(l1::INITRD, &images.guest_initrd)?;
     a.file(l1::BLK_ROOT, &images.blk_root)?;
+    a.file("/usr/bin/vsock-rig", &images.vsock_rig)?;
     for (tool, package, in_l1) in L1_TOOLS {
         let host = ensure_tool(tool, package)?;
         add_program(&mut a, in_l1, &host)?;

@@ -1174,6 +1174,37 @@ pub fn all() -> Vec<Scenario> {
             },
             ..DEFAULT
         },
+        // virtio-vsock with Linux's own driver: a guest connection to the host's port 5000
+        // reaches L1's Unix socket beside tern's, and L1 connects to a guest listener through
+        // tern's socket (`CONNECT 1024`); both carry a line and its echo.
+        Scenario {
+            name: "tern-vsock",
+            action: "script:vsock",
+            // virtio-mmio, as Firecracker's clients boot with pci=off.
+            extra_args: &["--transport", "mmio"],
+            l1_script: Some(&["vsock.sh", "vsock"]),
+            timeout_secs: 180,
+            expect: Expect {
+                exit: ExitExpect::Code(0),
+                marker_required: true,
+                require: [
+                    "listening",
+                    "ok-line",
+                    "host-to-guest",
+                    "guest-to-host",
+                    "l1-served",
+                    "guest-served",
+                    "exit",
+                    "socket",
+                ]
+                .iter()
+                .map(|c| format!("TERN-VSOCK-PASS vsock/{c}:"))
+                .chain(["TERN-VSOCK-OK vsock".to_string()])
+                .collect(),
+                forbid: strings(&["TERN-VSOCK-FAIL", "Kernel panic", "TERN-GUEST-ERROR"]),
+            },
+            ..DEFAULT
+        },
         // Snapshot and restore under a workload: a guest with its root file system on
         // virtio-blk and a virtio-console writes files; L1 pauses it half way, snapshots it,
         // kills tern and restores the snapshot in a new tern (lazy restore); the guest must

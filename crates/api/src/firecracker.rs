@@ -8,6 +8,7 @@
 //! - `cache_type: "Unsafe"` (Firecracker ignores the guest's flushes) gets tern's writeback
 //!   cache, which honours them: slower on flush-heavy guests, never less safe.
 //! - `io_engine: "Async"` is io_uring, `"Sync"` synchronous I/O, as in Firecracker.
+//! - Drives are raw images (`format=raw`), as Firecracker's are: never probed for qcow2.
 //! - A token bucket (`size` tokens refilled every `refill_time` ms) becomes tern's rate of
 //!   `size * 1000 / refill_time` per second.
 //! - Devices use virtio-mmio, announced on the kernel command line as Firecracker does, since
@@ -163,7 +164,8 @@ impl TokenBucket {
         if self.size == 0 || self.refill_time == 0 {
             return Ok(0);
         }
-        Ok(self.size.saturating_mul(1000) / self.refill_time)
+        // A slow rate stays a limit (0 would lift it).
+        Ok((self.size.saturating_mul(1000) / self.refill_time).max(1))
     }
 }
 
@@ -180,6 +182,21 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// `self` with the buckets `patch` names replaced; the others stay (as Firecracker's
+    /// `PATCH` does).
+    pub fn merged(&self, patch: &RateLimiter) -> RateLimiter {
+        RateLimiter {
+            bandwidth: patch.bandwidth.clone().or_else(|| self.bandwidth.clone()),
+            ops: patch.ops.clone().or_else(|| self.ops.clone()),
+        }
+    }
+
+    /// (bytes/s, operations/s) of the buckets given; None for a bucket left out.
+    pub fn given_rates(&self) -> Result<(Option<u64>, Option<u64>), String> {
+        let r = |b: &Option<TokenBucket>| b.as_ref().map(TokenBucket::rate).transpose();
+        Ok((r(&self.bandwidth)?, r(&self.ops)?))
+    }
+
     /// (bytes/s, operations/s); 0 is no limit.
     pub fn rates(&self) -> Result<(u64, u64), String> {
         let r = |b: &Option<TokenBucket>| b.as_ref().map_or(Ok(0), TokenBucket::rate);
@@ -586,7 +603,11 @@ impl FullConfig {
             initrd: boot.initrd_path.clone(),
             cmdline: Some(cmdline),
             cpus: m.vcpu_count,
-            memory: crate::config::MemSize(m.mem_size_mib << 20),
+            memory: crate::config::MemSize(
+                m.mem_size_mib
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| format!("mem_size_mib {} is too large", m.mem_size_mib))?,
+            ),
             transport: Transport::Mmio,
             track_dirty_pages: m.track_dirty_pages,
             ..VmConfig::default()
@@ -661,9 +682,12 @@ pub fn disk_config(d: &Drive) -> Result<DiskConfig, String> {
             .map_err(|e| format!("drive {}: {e}", d.drive_id))?,
         None => (0, 0),
     };
+    // Firecracker's drives are raw images: never probed (a guest could write a qcow2 header
+    // into its own disk).
     serde_json::from_value(serde_json::json!({
         "id": d.drive_id,
         "path": path,
+        "format": "raw",
         "readonly": d.is_read_only.unwrap_or(false),
         "io": io,
         "bw": bw,

@@ -170,6 +170,9 @@ pub(crate) fn main(args: Box<Args>, start: Instant) -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            // Firecracker does not speak systemd's notification protocol, and a tern started by
+            // a service manager's child (a container shim) must not answer for that service.
+            std::env::remove_var("NOTIFY_SOCKET");
             let mode = Mode {
                 id: args.id.clone(),
                 config,
@@ -235,7 +238,7 @@ fn setup(args: &Args) -> Result<Setup, String> {
             .and_then(|c| c.metrics.as_ref().map(|m| m.metrics_path.clone()))
     });
     let metrics = match metrics_path {
-        Some(p) => Some(Arc::new(open_sink(&p)?)),
+        Some(p) => Some(Arc::new(open_sink(&p, true)?)),
         None => None,
     };
     Ok((config, metrics))

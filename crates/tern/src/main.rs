@@ -415,10 +415,7 @@ fn init_logging(level: Option<&str>) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
-        .event_format(Line {
-            journal: vmm::systemd::stderr_is_journal(),
-            plain,
-        })
+        .event_format(Line { plain })
         // The Firecracker dialect's `PUT /logger` changes the level while tern runs.
         .with_filter_reloading();
     let handle = fmt.reload_handle();
@@ -435,7 +432,6 @@ fn init_logging(level: Option<&str>) {
 /// no level word (the journal adds the time); a Firecracker logger may leave the level out
 /// (`show_level: false`) and name each line's source file and line (`show_log_origin`).
 struct Line {
-    journal: bool,
     plain: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>,
 }
 
@@ -455,11 +451,12 @@ where
         use vmm::api::firecracker::{HIDE_LEVEL, SHOW_ORIGIN};
         use vmm::systemd::{prefix, DEBUG, ERR, INFO, WARNING};
         let (origin, hide_level) = (SHOW_ORIGIN.load(Relaxed), HIDE_LEVEL.load(Relaxed));
-        if !self.journal && !origin && !hide_level {
+        let journal = vmm::systemd::stderr_is_journal();
+        if !journal && !origin && !hide_level {
             return self.plain.format_event(ctx, writer, event);
         }
         let meta = event.metadata();
-        if self.journal {
+        if journal {
             let priority = match *meta.level() {
                 tracing::Level::ERROR => ERR,
                 tracing::Level::WARN => WARNING,

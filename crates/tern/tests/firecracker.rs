@@ -312,7 +312,7 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
     let (log_lines, metric_lines) = (reader(log.clone()), reader(metrics.clone()));
     // Placeholder drives, as Kata gives them: empty files whose real images come later.
     let placeholder = dir.path("drive_0");
-    std::fs::write(&placeholder, vec![0u8; 512]).unwrap();
+    std::fs::write(&placeholder, b"").unwrap();
     let config = dir.path("vm.json");
     let kernel = probe();
     std::fs::write(

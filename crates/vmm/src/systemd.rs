@@ -37,6 +37,13 @@ pub const DEBUG: u8 = 7;
 
 static SOCKET: OnceLock<Option<UnixDatagram>> = OnceLock::new();
 static JOURNAL: OnceLock<bool> = OnceLock::new();
+static REDIRECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Standard error was pointed elsewhere (a Firecracker logger's file): no journal prefixes
+/// from now on.
+pub fn stderr_redirected() {
+    REDIRECTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Connects to the notification socket `NOTIFY_SOCKET` names, if it names one; call before
 /// any thread starts and any sandbox closes. The variable is removed from the environment,
@@ -57,6 +64,8 @@ pub fn init() -> Result<(), String> {
 
 fn connect(addr: &str) -> std::io::Result<UnixDatagram> {
     let socket = UnixDatagram::unbound()?;
+    // A full queue on systemd's side drops the message rather than stalling the VMM.
+    socket.set_nonblocking(true)?;
     if let Some(name) = addr.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
         let a = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
@@ -120,6 +129,9 @@ pub fn stopping(status: &str) {
 /// Whether standard error is the journal's stream (`JOURNAL_STREAM` names its device and
 /// inode).
 pub fn stderr_is_journal() -> bool {
+    if REDIRECTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
     *JOURNAL.get_or_init(|| {
         let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
             return false;

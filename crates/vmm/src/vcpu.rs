@@ -102,7 +102,8 @@ impl ExitCounters {
                 let ns = (ts.tv_sec as u64)
                     .saturating_mul(1_000_000_000)
                     .saturating_add(ts.tv_nsec as u64);
-                self.cpu_time_ns.store(ns, Ordering::Relaxed);
+                // Concurrent readers: the counter never goes back.
+                self.cpu_time_ns.fetch_max(ns, Ordering::Relaxed);
             }
         }
         self.cpu_time_ns.load(Ordering::Relaxed)

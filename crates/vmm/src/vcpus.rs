@@ -49,8 +49,15 @@ impl VcpuComponent {
             let t = spawn(Role::Vcpu, &format!("tern-vcpu{}", self.id), move || {
                 crate::vcpu_cgroups::join();
                 counters.track_this_thread();
+                // Forgets the thread's clock however the thread ends (its id may be reused).
+                struct Untrack(Arc<ExitCounters>);
+                impl Drop for Untrack {
+                    fn drop(&mut self) {
+                        self.0.untrack_this_thread();
+                    }
+                }
+                let _untrack = Untrack(counters);
                 v.run();
-                counters.untrack_this_thread();
             })
             .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
             self.thread = Some(t);

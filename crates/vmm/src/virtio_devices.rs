@@ -256,7 +256,9 @@ pub(crate) fn open_image(
     if let Some(w) = warning {
         crate::report!(crate::systemd::WARNING, "tern: warning: {w}");
     }
-    if disk.size() < 512 {
+    // An empty image is a drive without a medium (Kata's placeholder drives are empty files
+    // until another image is put behind them); a partial sector is a mistake.
+    if disk.size() > 0 && disk.size() < 512 {
         return Err(setup(format!(
             "disk image {} is smaller than one 512-byte sector",
             d.path.display()

@@ -105,18 +105,35 @@ pub struct BlockCounters {
 }
 
 /// The image behind a disk and the workers serving its queues: replaced together when the
-/// VMM puts another image behind the running disk ([`BlockHandle::replace`]).
+/// VMM puts another image behind the running disk ([`BlockHandle::replace`]). The image has a
+/// lock of its own, held only to read or swap the pointer, so that a vCPU reading the
+/// configuration never waits for the workers to finish their requests.
 struct Backend {
-    disk: Arc<Disk>,
-    workers: Vec<Worker<BlkWorker>>,
+    disk: Arc<Mutex<Arc<Disk>>>,
+    workers: Mutex<Workers>,
+}
+
+struct Workers {
+    list: Vec<Worker<BlkWorker>>,
     /// Whether the device is paused (a worker started again stays paused then).
     paused: bool,
 }
 
-type SharedBackend = Arc<Mutex<Backend>>;
+type SharedBackend = Arc<Backend>;
 
-fn backend(b: &SharedBackend) -> std::sync::MutexGuard<'_, Backend> {
-    b.lock().unwrap_or_else(|p| p.into_inner())
+impl Backend {
+    fn disk(&self) -> Arc<Disk> {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, Workers> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The logical block size the guest addresses a disk in.
+fn logical_block(d: &Disk) -> u32 {
+    d.device_block_sizes().map_or(SECTOR as u32, |b| b.logical)
 }
 
 /// The virtio-blk device.
@@ -139,6 +156,7 @@ pub struct Block {
 pub struct BlockHandle {
     backend: SharedBackend,
     engine: EngineKind,
+    broken: Arc<AtomicBool>,
     limiter: SharedLimiter,
     interrupt: Arc<ConfigIrq>,
 }
@@ -151,14 +169,14 @@ impl BlockHandle {
 
     /// The disk's size in bytes.
     pub fn size(&self) -> u64 {
-        backend(&self.backend).disk.size()
+        self.backend.disk().size()
     }
 
     /// Grows the disk to `size` bytes (see [`Disk::grow`]) and tells the driver its capacity
     /// changed (a configuration change interrupt, when the driver runs; one that is not
     /// running reads the capacity when it starts).
     pub fn grow(&self, size: u64) -> Result<(), block::BlockError> {
-        let disk = backend(&self.backend).disk.clone();
+        let disk = self.backend.disk();
         let before = disk.size();
         disk.grow(size)?;
         if disk.size() != before {
@@ -181,61 +199,69 @@ impl BlockHandle {
     /// changed: every queue's worker stops once its in-flight requests are answered (within
     /// `deadline`), takes up the new image and goes on; the guest is told the capacity
     /// (a configuration change interrupt). The new image must be writable or read-only as the
-    /// old one was (the guest negotiated that), and a host block device must keep its block
-    /// sizes. Returns the old image; on an error nothing changed.
+    /// old one was, and addressed in the same logical blocks (the guest negotiated both).
+    /// Returns the old image. On an error nothing changed, except when a worker had failed
+    /// or cannot be started again: then the device is broken (its driver must reset it, and
+    /// goes on with the old image) and the error says so.
     pub fn replace(
         &self,
         disk: Arc<Disk>,
         deadline: std::time::Instant,
     ) -> Result<Arc<Disk>, String> {
-        let mut b = backend(&self.backend);
-        if disk.read_only() != b.disk.read_only() {
+        let mut w = self.backend.workers();
+        let old = self.backend.disk();
+        let rw = |d: &Disk| {
+            if d.read_only() {
+                "read-only"
+            } else {
+                "writable"
+            }
+        };
+        if disk.read_only() != old.read_only() {
             return Err(format!(
                 "{} is {}, and the guest knows this disk as {}",
                 disk.path().display(),
-                if disk.read_only() {
-                    "read-only"
-                } else {
-                    "writable"
-                },
-                if b.disk.read_only() {
-                    "read-only"
-                } else {
-                    "writable"
-                },
+                rw(&disk),
+                rw(&old)
             ));
         }
-        if disk.device_block_sizes() != b.disk.device_block_sizes() {
+        if logical_block(&disk) != logical_block(&old) {
             return Err(format!(
-                "{} has other block sizes than the image it replaces",
-                disk.path().display()
+                "{} has {}-byte blocks, and the guest addresses this disk in {}-byte blocks",
+                disk.path().display(),
+                logical_block(&disk),
+                logical_block(&old)
             ));
         }
-        if !super::common::pause_all(&b.workers, deadline) {
-            if !b.paused {
-                b.workers.iter().for_each(|w| w.resume());
+        if !super::common::pause_all(&w.list, deadline) {
+            if !w.paused {
+                w.list.iter().for_each(|x| x.resume());
             }
             return Err("its in-flight requests did not finish in time; nothing changed".into());
         }
+        let broken = |why: String| {
+            self.broken.store(true, Ordering::SeqCst);
+            format!("{why}; the device needs a reset by the guest's driver")
+        };
         let mut handlers = Vec::new();
-        for w in b.workers.drain(..) {
-            match w.stop() {
+        for x in w.list.drain(..) {
+            match x.stop() {
                 Some(h) => handlers.push(h),
-                None => return Err("a queue's worker had failed; the disk no longer runs".into()),
+                None => return Err(broken("a queue's worker had failed".into())),
             }
         }
-        let old = std::mem::replace(&mut b.disk, disk.clone());
         for mut h in handlers {
             h.engine = Engine::new(disk.clone(), u32::from(QUEUE_SIZE), self.engine);
             let name = format!("virtio-blk-q{}", h.index);
-            let w = Worker::spawn(lifecycle::threads::Device::Block, &name, h)
-                .map_err(|e| format!("cannot start a queue's worker again: {e}"))?;
-            if b.paused {
-                w.pause(deadline);
+            let x = Worker::spawn(lifecycle::threads::Device::Block, &name, h)
+                .map_err(|e| broken(format!("cannot start a queue's worker again: {e}")))?;
+            if w.paused {
+                x.pause(deadline);
             }
-            b.workers.push(w);
+            w.list.push(x);
         }
-        drop(b);
+        *self.backend.disk.lock().unwrap_or_else(|p| p.into_inner()) = disk.clone();
+        drop(w);
         self.capacity_changed(&disk);
         Ok(old)
     }
@@ -278,11 +304,13 @@ impl Block {
         let limiter = shared_limiter(opts.iops, opts.bandwidth);
         Block {
             queue_sizes: vec![QUEUE_SIZE; usize::from(opts.queues)],
-            backend: Arc::new(Mutex::new(Backend {
-                disk,
-                workers: Vec::new(),
-                paused: false,
-            })),
+            backend: Arc::new(Backend {
+                disk: Arc::new(Mutex::new(disk)),
+                workers: Mutex::new(Workers {
+                    list: Vec::new(),
+                    paused: false,
+                }),
+            }),
             opts,
             config,
             acked: 0,
@@ -295,7 +323,7 @@ impl Block {
 
     /// The image behind the disk now.
     fn disk(&self) -> Arc<Disk> {
-        backend(&self.backend).disk.clone()
+        self.backend.disk()
     }
 
     /// What the VMM changes while the guest runs.
@@ -303,6 +331,7 @@ impl Block {
         BlockHandle {
             backend: self.backend.clone(),
             engine: self.opts.engine,
+            broken: self.broken.clone(),
             limiter: self.limiter.clone(),
             interrupt: self.interrupt.clone(),
         }
@@ -387,13 +416,14 @@ impl VirtioDevice for Block {
         let mut serial = [0u8; ID_LEN];
         let s = self.opts.serial.as_bytes();
         serial[..s.len().min(ID_LEN)].copy_from_slice(&s[..s.len().min(ID_LEN)]);
-        let mut b = backend(&self.backend);
+        let disk = self.backend.disk();
+        let mut w = self.backend.workers();
         for (i, q) in queues.into_iter().enumerate() {
             let index = i as u16;
-            let engine = Engine::new(b.disk.clone(), u32::from(QUEUE_SIZE), self.opts.engine);
+            let engine = Engine::new(disk.clone(), u32::from(QUEUE_SIZE), self.opts.engine);
             tracing::debug!(
                 "virtio-blk {}: queue {index} uses {} I/O",
-                b.disk.path().display(),
+                disk.path().display(),
                 engine.kind()
             );
             let handler = BlkWorker {
@@ -416,7 +446,7 @@ impl VirtioDevice for Block {
                 done: Vec::new(),
             };
             let name = format!("virtio-blk-q{index}");
-            b.workers.push(
+            w.list.push(
                 Worker::spawn(lifecycle::threads::Device::Block, &name, handler)
                     .map_err(ActivateError::Worker)?,
             );
@@ -426,7 +456,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         // Each worker's engine waits for its in-flight I/O when it is dropped.
-        for w in backend(&self.backend).workers.drain(..) {
+        for w in self.backend.workers().list.drain(..) {
             w.stop();
         }
         self.interrupt.set(None);
@@ -434,15 +464,15 @@ impl VirtioDevice for Block {
     }
 
     fn pause(&mut self, deadline: std::time::Instant) -> bool {
-        let mut b = backend(&self.backend);
-        b.paused = true;
-        super::common::pause_all(&b.workers, deadline)
+        let mut w = self.backend.workers();
+        w.paused = true;
+        super::common::pause_all(&w.list, deadline)
     }
 
     fn resume(&mut self) {
-        let mut b = backend(&self.backend);
-        b.paused = false;
-        b.workers.iter().for_each(|w| w.resume());
+        let mut w = self.backend.workers();
+        w.paused = false;
+        w.list.iter().for_each(|x| x.resume());
     }
 
     fn broken(&self) -> bool {

@@ -163,8 +163,10 @@ pub(super) async fn snapshot_load(State(st): State<FcState>, b: Bytes) -> Respon
 
 /// Opens `path` to append to, as Firecracker opens its log and metrics files: a FIFO for
 /// reading and writing (so the open neither waits for a reader nor fails without one), any
-/// other file for appending, made (0600) when missing. Writes wait for a slow reader.
-pub fn open_sink(path: &Path) -> Result<File, String> {
+/// other file for appending, made (0600) when missing. With `nonblocking`, a write to a FIFO
+/// whose reader does not keep up fails instead of waiting (metrics: the line is dropped);
+/// without, it waits (the log: stderr's writers expect it).
+pub fn open_sink(path: &Path, nonblocking: bool) -> Result<File, String> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
     let mut o = std::fs::OpenOptions::new();
@@ -173,14 +175,19 @@ pub fn open_sink(path: &Path) -> Result<File, String> {
     } else {
         o.append(true).create(true).mode(0o600);
     }
-    o.custom_flags(libc::O_CLOEXEC)
+    let flags = if nonblocking {
+        libc::O_CLOEXEC | libc::O_NONBLOCK
+    } else {
+        libc::O_CLOEXEC
+    };
+    o.custom_flags(flags)
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
 /// Sends tern's standard error (its log) to `path`.
 pub fn redirect_log(path: &Path) -> Result<(), String> {
-    let f = open_sink(path)?;
+    let f = open_sink(path, false)?;
     // SAFETY: dup2 onto standard error of a descriptor this function owns; the old standard
     // error is closed by the kernel, and the new one stays open after `f` drops.
     if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&f), 2) } < 0 {
@@ -190,6 +197,8 @@ pub fn redirect_log(path: &Path) -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
+    // Whatever systemd connected standard error to, it is this file now.
+    crate::systemd::stderr_redirected();
     Ok(())
 }
 
@@ -205,17 +214,10 @@ pub(super) async fn logger(State(st): State<FcState>, b: Bytes) -> Response {
         Ok(f) => f,
         Err(e) => return fault(400, e),
     };
-    if let Some(f) = filter {
-        match LOG_FILTER.get() {
-            Some(set) => {
-                if let Err(e) = set(f) {
-                    return fault(400, e);
-                }
-            }
-            None => return fault(400, "this tern cannot change its log level"),
-        }
+    if filter.is_some() && LOG_FILTER.get().is_none() {
+        return fault(400, "this tern cannot change its log level");
     }
-    set_log_style(&l);
+    // The file first: a logger whose file cannot be opened changes nothing.
     if let Some(path) = l.log_path.clone() {
         let task = VmmTask::new(move || match redirect_log(&path) {
             Ok(()) => Reply::done(),
@@ -226,6 +228,12 @@ pub(super) async fn logger(State(st): State<FcState>, b: Bytes) -> Response {
             return relay(r);
         }
     }
+    if let (Some(f), Some(set)) = (filter, LOG_FILTER.get()) {
+        if let Err(e) = set(f) {
+            return fault(400, e);
+        }
+    }
+    set_log_style(&l);
     st.lock().instance.config.logger = Some(l);
     done()
 }
@@ -240,7 +248,7 @@ pub(super) async fn metrics(State(st): State<FcState>, b: Bytes) -> Response {
     }
     let fc = st.fc.clone();
     let path: PathBuf = m.metrics_path.clone();
-    let task = VmmTask::new(move || match open_sink(&path) {
+    let task = VmmTask::new(move || match open_sink(&path, true) {
         Ok(f) => {
             fc.lock()
                 .unwrap_or_else(|p| p.into_inner())

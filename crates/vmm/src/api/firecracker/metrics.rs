@@ -98,6 +98,8 @@ fn difference(now: &Map<String, Value>, last: &Map<String, Value>) -> Map<String
 }
 
 pub(super) async fn flush_metrics(st: &FcState) -> Response {
+    // One flush at a time: each line is the difference from the one before.
+    let _one = st.flush.lock().await;
     let Some(file) = st.lock().instance.metrics.clone() else {
         return fault(400, "no metrics file: PUT /metrics first");
     };
@@ -127,6 +129,10 @@ pub(super) async fn flush_metrics(st: &FcState) -> Response {
     text.push('\n');
     match std::io::Write::write_all(&mut &*file, text.as_bytes()) {
         Ok(()) => done(),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => fault(
+            500,
+            "the metrics FIFO is full (its reader does not keep up): this line was dropped",
+        ),
         Err(e) => fault(500, format!("cannot write the metrics: {e}")),
     }
 }

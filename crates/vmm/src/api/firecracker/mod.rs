@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ::api::firecracker::*;
 use ::api::{VmInfo, VmState};
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, put};
@@ -29,6 +28,7 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
 mod balloon;
+mod devices;
 mod files;
 mod metrics;
 
@@ -38,6 +38,7 @@ pub use metrics::firecracker_metrics;
 use crate::api::routes::answer;
 use crate::api::{Action, Reply, Shared};
 use balloon::{balloon_get, balloon_patch, balloon_put, balloon_stats, balloon_stats_patch};
+use devices::{drive_patch, drive_put, net_patch, net_put};
 use files::{logger, metrics as put_metrics, snapshot_create, snapshot_load};
 use metrics::flush_metrics;
 
@@ -88,6 +89,8 @@ struct Fc {
 struct FcState {
     s: Shared,
     fc: Arc<Mutex<Fc>>,
+    /// Held by the metrics flush in progress.
+    flush: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl FcState {
@@ -189,6 +192,7 @@ pub(super) fn routes(shared: Shared, instance: Instance) -> Router {
             instance,
             last: Map::new(),
         })),
+        flush: Arc::default(),
     };
     // As Firecracker, metrics go out every minute once there is a file for them.
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -306,197 +310,6 @@ async fn boot_source(State(st): State<FcState>, b: Bytes) -> Response {
     }
     fc.instance.config.boot_source = Some(b);
     done()
-}
-
-/// The id in the URL, which must be the body's.
-fn same_id(url: Result<UrlPath<String>, PathRejection>, body_id: &str) -> Result<String, Refused> {
-    match url {
-        Ok(UrlPath(id)) if id == body_id => Ok(id),
-        Ok(UrlPath(id)) => Err(Refused(
-            400,
-            format!("the id in the path ({id}) is not the body's ({body_id})"),
-        )),
-        Err(e) => Err(Refused(400, e.body_text())),
-    }
-}
-
-async fn drive_put(
-    State(st): State<FcState>,
-    url: Result<UrlPath<String>, PathRejection>,
-    b: Bytes,
-) -> Response {
-    let d = match body::<Drive>(&b) {
-        Ok(d) => d,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = same_id(url, &d.drive_id) {
-        return r.into_response();
-    }
-    let mut fc = st.lock();
-    if let Err(r) = pre_boot(&fc) {
-        return r.into_response();
-    }
-    match fc.instance.config.put_drive(d) {
-        Ok(()) => done(),
-        Err(e) => fault(400, e),
-    }
-}
-
-async fn drive_patch(
-    State(st): State<FcState>,
-    url: Result<UrlPath<String>, PathRejection>,
-    b: Bytes,
-) -> Response {
-    let p = match body::<DrivePatch>(&b) {
-        Ok(p) => p,
-        Err(r) => return r.into_response(),
-    };
-    let id = match same_id(url, &p.drive_id) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    {
-        let mut fc = st.lock();
-        if !fc.instance.started {
-            let Some(d) = fc
-                .instance
-                .config
-                .drives
-                .iter_mut()
-                .find(|d| d.drive_id == id)
-            else {
-                return fault(400, format!("no drive {id}"));
-            };
-            let mut new = d.clone();
-            if let Some(path) = &p.path_on_host {
-                new.path_on_host = Some(path.clone());
-            }
-            if let Some(r) = &p.rate_limiter {
-                new.rate_limiter = Some(r.clone());
-            }
-            if let Err(e) = disk_config(&new) {
-                return fault(400, e);
-            }
-            *d = new;
-            return done();
-        }
-    }
-    let rates = match p.rate_limiter.as_ref().map(RateLimiter::rates).transpose() {
-        Ok(r) => r,
-        Err(e) => return fault(400, e),
-    };
-    if rates.is_none() && p.path_on_host.is_none() {
-        return done();
-    }
-    // A new file behind the drive (Kata's and firecracker-containerd's placeholder drives).
-    let update = ::api::devices::DiskUpdate {
-        iops: rates.map(|r| r.1),
-        bw: rates.map(|r| r.0),
-        size: None,
-        path: p.path_on_host.clone(),
-    };
-    let r = answer(
-        &st.s,
-        Action::DiskUpdate {
-            id: id.clone(),
-            update,
-        },
-    )
-    .await;
-    if (200..300).contains(&r.status) {
-        // `GET /vm/config` shows the drive as it is now.
-        let mut fc = st.lock();
-        if let Some(d) = fc
-            .instance
-            .config
-            .drives
-            .iter_mut()
-            .find(|d| d.drive_id == id)
-        {
-            if let Some(path) = &p.path_on_host {
-                d.path_on_host = Some(path.clone());
-            }
-            if let Some(r) = &p.rate_limiter {
-                d.rate_limiter = Some(r.clone());
-            }
-        }
-    }
-    relay(r)
-}
-
-async fn net_put(
-    State(st): State<FcState>,
-    url: Result<UrlPath<String>, PathRejection>,
-    b: Bytes,
-) -> Response {
-    let n = match body::<NetworkInterface>(&b) {
-        Ok(n) => n,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = same_id(url, &n.iface_id) {
-        return r.into_response();
-    }
-    let mut fc = st.lock();
-    if let Err(r) = pre_boot(&fc) {
-        return r.into_response();
-    }
-    match fc.instance.config.put_net(n) {
-        Ok(()) => done(),
-        Err(e) => fault(400, e),
-    }
-}
-
-async fn net_patch(
-    State(st): State<FcState>,
-    url: Result<UrlPath<String>, PathRejection>,
-    b: Bytes,
-) -> Response {
-    let p = match body::<NetworkInterfacePatch>(&b) {
-        Ok(p) => p,
-        Err(r) => return r.into_response(),
-    };
-    let id = match same_id(url, &p.iface_id) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    {
-        let mut fc = st.lock();
-        if !fc.instance.started {
-            let Some(n) = fc
-                .instance
-                .config
-                .network_interfaces
-                .iter_mut()
-                .find(|n| n.iface_id == id)
-            else {
-                return fault(400, format!("no network interface {id}"));
-            };
-            let mut new = n.clone();
-            if p.rx_rate_limiter.is_some() {
-                new.rx_rate_limiter = p.rx_rate_limiter.clone();
-            }
-            if p.tx_rate_limiter.is_some() {
-                new.tx_rate_limiter = p.tx_rate_limiter.clone();
-            }
-            if let Err(e) = net_config(&new) {
-                return fault(400, e);
-            }
-            *n = new;
-            return done();
-        }
-    }
-    let rates = |r: &Option<RateLimiter>| r.as_ref().map(RateLimiter::rates).transpose();
-    let (rx, tx) = match (rates(&p.rx_rate_limiter), rates(&p.tx_rate_limiter)) {
-        (Ok(rx), Ok(tx)) => (rx, tx),
-        (Err(e), _) | (_, Err(e)) => return fault(400, e),
-    };
-    let update = ::api::devices::NetUpdate {
-        rx_bw: rx.map(|r| r.0),
-        rx_ops: rx.map(|r| r.1),
-        tx_bw: tx.map(|r| r.0),
-        tx_ops: tx.map(|r| r.1),
-    };
-    relay(answer(&st.s, Action::NetUpdate { id, update }).await)
 }
 
 async fn vsock(State(st): State<FcState>, b: Bytes) -> Response {
