@@ -744,10 +744,10 @@ impl VsockWorker {
         }
     }
 
-    /// Fills the guest's receive buffers: control packets first, then data from readable
-    /// connections as far as each one's credit goes.
-    fn deliver(&mut self) -> Result<(), Malformed> {
-        let mut used = 0u32;
+    /// Puts the queued control packets in the guest's receive buffers, as far as there are
+    /// buffers; how many it used.
+    fn send_control(&mut self) -> Result<u32, Malformed> {
+        let mut used = 0;
         while let Some(h) = self.control.front().copied() {
             let Some(req) = self.ctx.pop(&mut self.queues[RXQ], RXQ as u16)? else {
                 break;
@@ -759,6 +759,13 @@ impl VsockWorker {
             self.control.pop_front();
             used += 1;
         }
+        Ok(used)
+    }
+
+    /// Fills the guest's receive buffers: control packets first, then data from readable
+    /// connections as far as each one's credit goes.
+    fn deliver(&mut self) -> Result<(), Malformed> {
+        let mut used = self.send_control()?;
         if self.control.is_empty() {
             let keys: Vec<Key> = self
                 .conns
@@ -834,17 +841,7 @@ impl VsockWorker {
                 }
             }
             // Resets the loop above queued (failed reads).
-            while let Some(h) = self.control.front().copied() {
-                let Some(req) = self.ctx.pop(&mut self.queues[RXQ], RXQ as u16)? else {
-                    break;
-                };
-                req.expect(true)?;
-                let n = self.ctx.write_bufs(&req, &h.bytes())?;
-                self.ctx
-                    .add_used(&mut self.queues[RXQ], RXQ as u16, req.head, n as u32)?;
-                self.control.pop_front();
-                used += 1;
-            }
+            used += self.send_control()?;
         }
         if used > 0 {
             self.ctx.signal(&self.queues[RXQ], RXQ as u16);
