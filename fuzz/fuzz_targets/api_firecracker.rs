@@ -3,21 +3,11 @@
 //! with a fresh instance and no VMM behind it: every body parser and the checks of what tern
 //! cannot honour.
 #![no_main]
-use std::sync::OnceLock;
-
 use axum::body::Body;
 use axum::http::Request;
 use libfuzzer_sys::fuzz_target;
+use tern_fuzz::runtime;
 use tower_service::Service;
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-    })
-}
 
 /// Answered 200 without a VMM: what the instance keeps itself.
 const LOCAL: &[&str] = &["/version", "/machine-config", "/vm/config"];

@@ -3,21 +3,11 @@
 //! through the API's router as the server runs it: each route's body and query parsing, and
 //! the answers to what does not fit.
 #![no_main]
-use std::sync::OnceLock;
-
 use axum::body::Body;
 use axum::http::Request;
 use libfuzzer_sys::fuzz_target;
+use tern_fuzz::runtime;
 use tower_service::Service;
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let [sel, pick, rest @ ..] = data else {

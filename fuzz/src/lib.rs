@@ -248,3 +248,13 @@ pub fn scratch_dir(what: &str) -> std::path::PathBuf {
     let _ = std::fs::create_dir_all(&dir);
     dir
 }
+
+/// One current-thread tokio runtime for the API targets, made on first use.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    })
+}
