@@ -1057,6 +1057,52 @@ mod tests {
     }
 
     #[test]
+    fn hostile_packets_are_reset_or_break_the_device() {
+        let mut g = guest("hostile");
+        // A packet claiming another guest's CID, and one for a connection that does not
+        // exist: both reset, nothing reaches the host.
+        let mut spoofed = g.hdr(1, 5000, OP_REQUEST, 0);
+        spoofed.src_cid = 7;
+        g.send(spoofed, &[]);
+        assert_eq!(g.recv().0.op, OP_RST);
+        g.send(g.hdr(1, 5000, OP_RW, 3), b"abc");
+        assert_eq!(g.recv().0.op, OP_RST);
+        // A connection whose guest sends past the credit it was given loses it.
+        let mut s = UnixStream::connect(&g.path).unwrap();
+        s.write_all(b"CONNECT 8000\n").unwrap();
+        let local = g.recv().0.src_port;
+        g.send(g.hdr(8000, local, OP_RESPONSE, 0), &[]);
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // The host does not read: what the guest sends piles up until it passes BUF_ALLOC.
+        let chunk = vec![1u8; 16 << 10];
+        let mut reset = false;
+        for sent in 1..=(BUF_ALLOC as usize / chunk.len() + 16) as u16 {
+            // One packet at a time, from the same place.
+            g.tx_at = TX;
+            g.send(g.hdr(8000, local, OP_RW, chunk.len() as u32), &chunk);
+            assert!(wait_for(|| g.tx.used_idx(&g.d.mem) >= sent + 3));
+            if g.rx.used_idx(&g.d.mem) > g.rx_seen {
+                let (h, _) = g.recv();
+                if h.op == OP_RST {
+                    reset = true;
+                    break;
+                }
+            }
+        }
+        assert!(reset, "a guest sending past its credit kept its connection");
+        // A chain shorter than a header breaks the device.
+        g.d.mem
+            .write_slice(&[0u8; 8], GuestAddress(g.tx_at))
+            .unwrap();
+        g.tx.add_chain(&g.d.mem, &[(g.tx_at, 8, false)]);
+        g.d.notify(1);
+        assert!(g.d.wait_needs_reset(), "a truncated packet was accepted");
+    }
+
+    #[test]
     fn a_restored_device_tells_the_guest_its_transport_was_reset() {
         let path = std::env::temp_dir().join(format!("tern-vsock-{}-reset", std::process::id()));
         let mut dev = Vsock::new(GUEST, &path).unwrap();
