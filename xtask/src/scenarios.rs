@@ -1176,25 +1176,33 @@ pub fn all() -> Vec<Scenario> {
         },
         // virtio-vsock with Linux's own driver: a guest connection to the host's port 5000
         // reaches L1's Unix socket beside tern's, and L1 connects to a guest listener through
-        // tern's socket (`CONNECT 1024`); both carry a line and its echo.
+        // tern's socket (`CONNECT 1024`); both carry a line and its echo. Then across a
+        // snapshot and lazy restore: a held connection is reset, new ones work both ways.
         Scenario {
             name: "tern-vsock",
             action: "script:vsock",
             // virtio-mmio, as Firecracker's clients boot with pci=off.
             extra_args: &["--transport", "mmio"],
             l1_script: Some(&["vsock.sh", "vsock"]),
-            timeout_secs: 180,
+            timeout_secs: 300,
             expect: Expect {
                 exit: ExitExpect::Code(0),
                 marker_required: true,
                 require: [
                     "listening",
-                    "ok-line",
                     "host-to-guest",
                     "guest-to-host",
-                    "l1-served",
                     "guest-served",
+                    "l1-served",
+                    "held",
+                    "pause",
+                    "snapshot",
+                    "reset",
+                    "host-to-guest-restored",
                     "exit",
+                    "guest-to-host-restored",
+                    "guest-served-restored",
+                    "l1-held",
                     "socket",
                 ]
                 .iter()

@@ -778,7 +778,8 @@ pub struct VmConfig {
     /// virtio-net interfaces on TAP devices, in order (the first is the guest's `eth0`).
     #[serde(default)]
     pub nets: Vec<NetConfig>,
-    /// Seconds the guest has to power off after SIGTERM presses its power button.
+    /// Seconds the guest has to power off after SIGTERM presses its power button (0: SIGTERM
+    /// stops the VM at once, pressing nothing).
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: u64,
     /// Track the guest memory the guest and the devices write (KVM dirty logging), so a

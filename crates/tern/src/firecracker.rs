@@ -170,6 +170,8 @@ pub(crate) fn main(args: Box<Args>, start: Instant) -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            // SIGTERM stops at once, vCPU threads are `fc_vcpu N`.
+            vmm::personality::set_firecracker();
             // Firecracker does not speak systemd's notification protocol, and a tern started by
             // a service manager's child (a container shim) must not answer for that service.
             std::env::remove_var("NOTIFY_SOCKET");

@@ -227,7 +227,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     net: Vec<NetConfig>,
     /// Seconds the guest gets to power off after SIGTERM presses its ACPI power button
-    /// [default: 20].
+    /// [default: 20; 0: SIGTERM stops the VM at once].
     #[arg(long, value_name = "SECS")]
     shutdown_timeout: Option<u64>,
     /// Track the memory the guest and its devices write, so `tern snapshot create --diff`

@@ -301,7 +301,7 @@ fn sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm() 
     let mut code = print(b"up\n");
     code.extend_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
     let k = tiny_guest("deaf.elf", &code);
-    let spawn = || {
+    let spawn_with = |timeout: &str| {
         std::process::Command::new(tern())
             .args([
                 "run",
@@ -310,7 +310,7 @@ fn sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm() 
                 "--memory",
                 "32M",
                 "--shutdown-timeout",
-                "1",
+                timeout,
             ])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -318,6 +318,7 @@ fn sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm() 
             .spawn()
             .unwrap()
     };
+    let spawn = || spawn_with("1");
     // One SIGTERM: the button is pressed, the guest ignores it, tern stops it after 1 s.
     let child = spawn();
     std::thread::sleep(Duration::from_millis(300));
@@ -345,6 +346,16 @@ fn sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("stopped by signal 15"), "{err}");
+    // --shutdown-timeout 0: the first SIGTERM stops it at once, pressing nothing.
+    let child = spawn_with("0");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+    assert!(!err.contains("power button"), "{err}");
 }
 
 extern "C" {

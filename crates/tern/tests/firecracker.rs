@@ -150,6 +150,42 @@ fn kill(mut c: Child) -> String {
     err
 }
 
+/// Firecracker's semantics a running instance must show: its vCPU thread is named
+/// `fc_vcpu 0` (Kata finds vCPU threads by that name), and SIGTERM stops it at once instead of
+/// pressing the guest's power button (which the probe guest would ignore for 20 s).
+fn sigterm_stops_at_once(mut c: Child) -> String {
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", c.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "fc_vcpu 0"), "threads: {names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("tern-vcpu")),
+        "{names:?}"
+    );
+    // SAFETY: kill(2) on the child's pid, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "still running 3 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = c.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(!err.contains("power button"), "{err}");
+    assert!(err.contains("signal 15"), "{status:?}: {err}");
+    err
+}
+
 #[test]
 fn pyrecracker_drives_the_firecracker_api() {
     let test = "pyrecracker_drives_the_firecracker_api";
@@ -269,7 +305,7 @@ fn pyrecracker_drives_the_firecracker_api() {
         paused_at + 1,
         "the loaded guest did not go on from the snapshot"
     );
-    let err2 = kill(fc2);
+    let err2 = sigterm_stops_at_once(fc2);
     assert!(
         !err.contains("panicked") && !err2.contains("panicked"),
         "{err}{err2}"

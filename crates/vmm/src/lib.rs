@@ -26,6 +26,7 @@ mod layout_tests;
 pub mod memory;
 pub mod migration;
 pub mod pci_hotplug;
+pub mod personality;
 pub mod platform;
 pub mod resize;
 pub mod runner;

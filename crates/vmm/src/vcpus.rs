@@ -46,19 +46,23 @@ impl VcpuComponent {
     fn start(&mut self) -> Result<(), VmmError> {
         if let Some(v) = self.vcpu.take() {
             let counters = self.counters.clone();
-            let t = spawn(Role::Vcpu, &format!("tern-vcpu{}", self.id), move || {
-                crate::vcpu_cgroups::join();
-                counters.track_this_thread();
-                // Forgets the thread's clock however the thread ends (its id may be reused).
-                struct Untrack(Arc<ExitCounters>);
-                impl Drop for Untrack {
-                    fn drop(&mut self) {
-                        self.0.untrack_this_thread();
+            let t = spawn(
+                Role::Vcpu,
+                &crate::personality::vcpu_thread_name(self.id.into()),
+                move || {
+                    crate::vcpu_cgroups::join();
+                    counters.track_this_thread();
+                    // Forgets the thread's clock however the thread ends (its id may be reused).
+                    struct Untrack(Arc<ExitCounters>);
+                    impl Drop for Untrack {
+                        fn drop(&mut self) {
+                            self.0.untrack_this_thread();
+                        }
                     }
-                }
-                let _untrack = Untrack(counters);
-                v.run();
-            })
+                    let _untrack = Untrack(counters);
+                    v.run();
+                },
+            )
             .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
             self.thread = Some(t);
         }

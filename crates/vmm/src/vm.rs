@@ -505,7 +505,10 @@ impl Vm {
                 match token {
                     SIGNAL => {
                         let signo = crate::signals::read_signal(signals);
-                        if signo == libc::SIGTERM && button_deadline.is_none() {
+                        // Firecracker's dialect, or no time to power off: SIGTERM stops now.
+                        let at_once =
+                            crate::personality::firecracker() || self.shutdown_timeout.is_zero();
+                        if signo == libc::SIGTERM && button_deadline.is_none() && !at_once {
                             // First SIGTERM: ask the guest to shut down, as a power button.
                             self.press_power_button(&mut button_deadline);
                             crate::report!(

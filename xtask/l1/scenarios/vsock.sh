@@ -4,11 +4,15 @@
 #
 #     sh /rig/l1/vsock.sh CASE -- TERN-ARGV...
 #
-# Listens on the Unix socket SOCK_5000 (what a guest connection to the host's port 5000
-# reaches), runs tern (TERN-ARGV, whose guest runs xtask/guest/scenarios/vsock.sh) with
-# --vsock cid=3,socket=SOCK, and once the guest listens on vsock port 1024 connects to SOCK
-# with CONNECT 1024. Both connections must carry a line and its echo; tern must exit 0 and
-# remove its socket.
+# Runs tern (TERN-ARGV, whose guest runs xtask/guest/scenarios/vsock.sh) with
+# --vsock cid=3,socket=SOCK and an API socket.
+# 1. Listens on SOCK_5000 (what a guest connection to the host's port 5000 reaches) and, once
+#    the guest listens on vsock port 1024, connects to SOCK with CONNECT 1024. Both connections
+#    must carry a line and its echo.
+# 2. Accepts the guest's connection to port 5001 on SOCK_5001 and keeps it open; pauses the VM,
+#    snapshots it, kills tern with SIGKILL and restores the snapshot in a new tern (lazy). The
+#    guest's held connection must end with ECONNRESET; its new connection to port 5002 and L1's
+#    CONNECT 1025 must carry a line and its echo. The restored tern must exit 0 and remove SOCK.
 #
 # Output: "TERN-VSOCK-PASS CASE/CHECK: what" per passed check, "TERN-VSOCK-FAIL CASE/CHECK: why"
 # per failed one, the VM's output, and "TERN-VSOCK-OK CASE" when every check passed.
@@ -20,89 +24,107 @@ export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 case_=${1:?usage: vsock.sh CASE -- TERN-ARGV...}
 shift
 [ "${1:-}" = "--" ] && shift
-V=/tmp/tern-vsock-$case_.sock
-OUT=/tmp/tern-vsock-$case_.out
-ECHO=/tmp/tern-vsock-$case_.echo
-rm -f "$V" "${V}_5000" "$OUT" "$ECHO"
+tern=$1
+TAG=TERN-VSOCK
+W=/tmp/tern-vsock-$case_
+V=$W/v.sock
+OUT=$W/tern-1.out
+OUT2=$W/tern-2.out
+SNAP=$W/snap
+rm -rf "$W"
+mkdir -p "$W"
+. /rig/l1/l1-lib.sh
 
-failed=0
-pass() { echo "TERN-VSOCK-PASS $case_/$1: $2"; }
-fail() { failed=1; echo "TERN-VSOCK-FAIL $case_/$1: $2"; }
-wait_for() {
-    n=0
-    while ! grep -q -E "$1" "$OUT" 2>/dev/null; do
-        n=$((n + 1))
-        [ $n -gt $(($2 * 5)) ] && return 1
-        sleep 0.2
-    done
+# host_connect CHECK PORT MSG: L1 connects to the guest's PORT through tern's socket; tern must
+# answer OK, and the guest's listener echo MSG.
+host_connect() {
+    host=$(vsock-rig unix-connect "$V" "$2" "$3" 2>&1)
+    if echo "$host" | grep -q '^VSOCK-RIG ok=OK [0-9]' &&
+        echo "$host" | grep -q "^VSOCK-RIG answer=echo:$3"; then
+        pass "$1" "CONNECT $2 got tern's OK and the guest listener's echo of '$3'"
+    else
+        fail "$1" "CONNECT $2: $(oneline "$host")"
+    fi
+}
+# guest_line CHECK FILE FACT WANT WHAT: the guest's FACT line in FILE holds WANT.
+guest_line() {
+    if grep -q -F "TERN-GUEST-$3=$4" "$2"; then
+        pass "$1" "$5"
+    else
+        fail "$1" "$5: not seen; the guest said '$(grep -F "TERN-GUEST-$3=" "$2" | tr -d '\r')'"
+    fi
 }
 
-vsock-rig unix-echo "${V}_5000" > "$ECHO" 2>&1 &
-epid=$!
-"$@" --vsock "cid=3,socket=$V" > "$OUT" 2>&1 &
+# 1: a first boot, connections both ways.
+vsock-rig unix-echo "${V}_5000" > "$W/echo-5000" 2>&1 &
+vsock-rig unix-hold "${V}_5001" > "$W/hold-5001" 2>&1 &
+"$@" --vsock "cid=3,socket=$V" --api-socket "$W/api.sock" > "$OUT" 2>&1 &
 pid=$!
-
-if wait_for TERN-GUEST-VSOCK-LISTENING 120; then
+if wait_for "$OUT" TERN-GUEST-VSOCK-LISTENING 120 "$pid"; then
     pass listening "the guest's driver bound and its program listens on vsock port 1024"
     sleep 0.3
-    host=$(vsock-rig unix-connect "$V" 1024 host-hello 2>&1)
-    if echo "$host" | grep -q '^VSOCK-RIG ok=OK [0-9]'; then
-        pass ok-line "tern answered CONNECT 1024 with OK and its port"
-    else
-        fail ok-line "no OK line: $(echo "$host" | tr '\n' '|')"
-    fi
-    if echo "$host" | grep -q '^VSOCK-RIG answer=echo:host-hello'; then
-        pass host-to-guest "a host connection reached the guest's listener and got its echo"
-    else
-        fail host-to-guest "$(echo "$host" | tr '\n' '|')"
-    fi
+    host_connect host-to-guest 1024 host-hello
 else
     fail listening "the guest did not listen within 120 s"
+fi
+if wait_for "$OUT" 'TERN-GUEST-VSOCK-HELD=VSOCK-RIG held=5001' 60 "$pid"; then
+    guest_line guest-to-host "$OUT" VSOCK-CONNECT 'VSOCK-RIG answer=echo:guest-hello' \
+        "a guest connection to the host's port 5000 reached ${V}_5000 and got its echo"
+    guest_line guest-served "$OUT" VSOCK-SERVED 'VSOCK-RIG listening=1024 VSOCK-RIG served=host-hello' \
+        "the guest's listener served L1's line"
+    if grep -q 'served=guest-hello' "$W/echo-5000"; then
+        pass l1-served "L1's listener served the guest's line"
+    else
+        fail l1-served "$(oneline "$(cat "$W/echo-5000")")"
+    fi
+    pass held "the guest holds a connection to the host's port 5001"
+else
+    fail held "the guest holds no connection to port 5001: $(oneline "$(grep TERN-GUEST-VSOCK "$OUT")")"
     kill -9 "$pid" 2>/dev/null
+    cat "$OUT"
+    verdict
 fi
 
-n=0
-while kill -0 "$pid" 2>/dev/null; do
-    n=$((n + 1))
-    if [ $n -gt 300 ]; then
-        fail exit "tern still running 60 s after the guest's script"
-        kill -9 "$pid"
-        break
-    fi
-    sleep 0.2
-done
+# 2: snapshot, kill, restore.
+if out=$("$tern" pause --api-socket "$W/api.sock" 2>&1); then
+    pass pause "tern pause"
+else
+    fail pause "$(oneline "$out")"
+fi
+if out=$("$tern" snapshot create --dir "$SNAP" --api-socket "$W/api.sock" 2>&1); then
+    pass snapshot "tern snapshot create wrote $SNAP"
+else
+    fail snapshot "$(oneline "$out")"
+fi
+kill -9 "$pid"
 wait "$pid"
-rc=$?
-kill "$epid" 2>/dev/null
-cat "$OUT"
-if grep -q 'TERN-GUEST-VSOCK-CONNECT=VSOCK-RIG answer=echo:guest-hello' "$OUT"; then
-    pass guest-to-host "a guest connection to the host's port 5000 reached ${V}_5000 and got its echo"
+echo "$TAG-LOG vsock/first run:"
+tr -d '\r' < "$OUT"
+echo "$TAG-LOG-END vsock/first run"
+vsock-rig unix-echo "${V}_5002" > "$W/echo-5002" 2>&1 &
+"$tern" run --restore "$SNAP" --restore-mode lazy > "$OUT2" 2>&1 &
+pid=$!
+if wait_for "$OUT2" TERN-GUEST-VSOCK-HOLD-ENDED= 120 "$pid"; then
+    guest_line reset "$OUT2" VSOCK-HOLD-ENDED 'VSOCK-RIG held=5001 VSOCK-RIG hold-ended=ECONNRESET' \
+        "after the restore the guest's held connection ended with ECONNRESET (transport reset)"
+    sleep 0.3
+    host_connect host-to-guest-restored 1025 after-restore
 else
-    fail guest-to-host "$(grep TERN-GUEST-VSOCK-CONNECT "$OUT")"
+    fail reset "the held connection did not end within 120 s of the restore"
 fi
-if grep -q 'served=guest-hello' "$ECHO"; then
-    pass l1-served "L1's listener served the guest's line"
+finish_vmm exit "$pid" "$OUT2"
+guest_line guest-to-host-restored "$OUT2" VSOCK-CONNECT2 'VSOCK-RIG answer=echo:after-restore' \
+    "after the restore a guest connection to the host's port 5002 got its echo"
+guest_line guest-served-restored "$OUT2" VSOCK-SERVED2 'VSOCK-RIG listening=1025 VSOCK-RIG served=after-restore' \
+    "after the restore the guest's listener (made before the snapshot) served L1's line"
+if grep -q 'hold-ended=eof' "$W/hold-5001"; then
+    pass l1-held "L1's end of the held connection closed when the first tern died"
 else
-    fail l1-served "$(tr '\n' '|' < "$ECHO")"
-fi
-if grep -q 'TERN-GUEST-VSOCK-SERVED=VSOCK-RIG listening=1024 VSOCK-RIG served=host-hello' "$OUT"; then
-    pass guest-served "the guest's listener served L1's line"
-else
-    fail guest-served "$(grep TERN-GUEST-VSOCK-SERVED "$OUT")"
-fi
-if [ "$rc" = 0 ]; then
-    pass exit "tern exited 0"
-else
-    fail exit "tern exited with status $rc"
+    fail l1-held "$(oneline "$(cat "$W/hold-5001")")"
 fi
 if [ -e "$V" ]; then
-    fail socket "tern left its vsock socket $V behind"
+    fail socket "the restored tern left its vsock socket $V behind"
 else
-    pass socket "tern removed its vsock socket"
+    pass socket "the restored tern removed its vsock socket"
 fi
-if [ "$failed" = 0 ]; then
-    echo "TERN-VSOCK-OK $case_"
-    exit 0
-fi
-echo "TERN-VSOCK-FAILED $case_"
-exit 1
+verdict
