@@ -54,6 +54,8 @@ const L1_MODULES: &[&str] = &[
     "ext4",
     // Loop devices: a host block device for tern-blk-fstrim-loop.
     "loop",
+    // QEMU's vhost-vsock-device, the reference in `cargo xtask bench-vsock`.
+    "vhost_vsock",
 ];
 
 /// Cloud-kernel modules shipped in the guest initramfs: every module under these paths, plus

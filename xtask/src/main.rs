@@ -10,6 +10,7 @@
 //! cargo xtask bench-migrate [--runs N] [--sizes 256M,1G] [--dirty 0,10,100] [--transports unix,tcp]
 //!                           [--qemu PATH] [TERNS]
 //! cargo xtask bench-boot [--runs N] [--kernel bzimage|vmlinux] [--cpus N] [--tern PATH]
+//! cargo xtask bench-vsock [--runs N] [--mib N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
 //! cargo xtask fuzz [--target NAME] [--seconds N] [--runs N]
@@ -28,6 +29,7 @@ mod bench_net;
 mod bench_probe;
 mod bench_snapshot;
 mod bench_terns;
+mod bench_vsock;
 mod ci;
 mod cpio;
 mod debian;
@@ -194,6 +196,19 @@ enum Cmd {
         #[arg(long)]
         keep_logs: Option<PathBuf>,
     },
+    /// virtio-vsock stream throughput in the rig, tern vs QEMU's vhost-vsock, both ways.
+    BenchVsock {
+        #[arg(long)]
+        tern: Option<PathBuf>,
+        /// Runs per VMM (interleaved).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// MiB streamed each way per run.
+        #[arg(long, default_value_t = 64)]
+        mib: u32,
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
     /// Boot L1 interactively (console on this terminal) with the guest images and VMMs.
     Shell {
         #[arg(long)]
@@ -275,6 +290,15 @@ fn run(command: Cmd) -> Result<()> {
                 KernelArg::Vmlinux => scenarios::KernelForm::Vmlinux,
             };
             rig::bench(&opts, runs, kernel, cpus, guest_decompress)
+        }
+        Cmd::BenchVsock {
+            tern,
+            runs,
+            mib,
+            keep_logs,
+        } => {
+            let opts = rig::RigOptions::new(tern.unwrap_or_else(rig::default_tern), keep_logs);
+            bench_vsock::run(&opts, runs, mib)
         }
         Cmd::Fuzz {
             target,

@@ -140,7 +140,7 @@ impl RigRun {
 pub const FREEZES_TO_FAIL: usize = 2;
 
 /// One planned run: its spec for the agent and where it came from.
-struct Planned {
+pub(crate) struct Planned {
     spec: RunSpec,
     scenario: Scenario,
 }
@@ -176,7 +176,7 @@ fn resolve_argv(s: &Scenario) -> Vec<String> {
         .collect()
 }
 
-fn plan(s: &Scenario, name: String) -> Planned {
+pub(crate) fn plan(s: &Scenario, name: String) -> Planned {
     Planned {
         spec: RunSpec {
             name,
@@ -383,7 +383,7 @@ pub fn bench(
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -459,7 +459,7 @@ fn sanitize(name: &str) -> String {
 
 /// Builds images, runs the planned scenarios in one L1 boot, reports. With `live`, the agent
 /// streams each VMM's output as it comes and it is echoed here (for demos; it perturbs timing).
-fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<RigRun> {
+pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) -> Result<RigRun> {
     let tern = opts.tern.is_file().then_some(opts.tern.as_path());
     if tern.is_none() && planned.iter().any(|p| p.scenario.needs_tern()) {
         eprintln!(

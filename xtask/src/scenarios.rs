@@ -1742,6 +1742,43 @@ pub fn bench_pair(kernel: KernelForm, cpus: u32, guest_decompress: bool) -> [Sce
     ]
 }
 
+/// The `cargo xtask bench-vsock` pair: stream throughput through tern's virtio-vsock (its
+/// hybrid Unix-socket backend) and QEMU's vhost-vsock-device, both on virtio-mmio, MIB MiB
+/// each way (`xtask/l1/scenarios/vsock-bench.sh`).
+pub fn bench_vsock_pair(mib: u32) -> [Scenario; 2] {
+    // A scenario's strings are static; this one is made once per benchmark run.
+    let mib: &'static str = Box::leak(mib.to_string().into_boxed_str());
+    let script = |vmm: &'static str| -> &'static [&'static str] {
+        Box::leak(Box::new(["vsock-bench.sh", vmm, mib]))
+    };
+    let base = Scenario {
+        groups: &["bench"],
+        action: "script:vsock-bench",
+        timeout_secs: 400,
+        expect: Expect {
+            exit: ExitExpect::Code(0),
+            marker_required: true,
+            require: strings(&["TERN-GUEST-BENCH-H2G-MIBS=", "TERN-GUEST-BENCH-G2H-MIBS="]),
+            forbid: strings(&["TERN-VSOCKB-FAIL", "Kernel panic", "TERN-GUEST-ERROR"]),
+        },
+        ..DEFAULT
+    };
+    [
+        Scenario {
+            name: "bench-vsock-tern",
+            extra_args: &["--transport", "mmio"],
+            l1_script: Some(script("tern")),
+            ..base.clone()
+        },
+        Scenario {
+            name: "bench-vsock-qemu",
+            vmm: Vmm::Qemu,
+            l1_script: Some(script("qemu")),
+            ..base
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -351,6 +351,8 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
     std::fs::write(&placeholder, b"").unwrap();
     let config = dir.path("vm.json");
     let kernel = probe();
+    // Kata's vsock to its agent, with the deprecated vsock_id it still sends.
+    let hvsock = dir.path("kata.hvsock");
     std::fs::write(
         &config,
         serde_json::json!({
@@ -363,13 +365,14 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
             "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": false},
             "logger": {"log_path": log, "level": "info", "show_level": true,
                        "show_log_origin": true},
-            "metrics": {"metrics_path": metrics}
+            "metrics": {"metrics_path": metrics},
+            "vsock": {"vsock_id": "root", "guest_cid": 3, "uds_path": hvsock}
         })
         .to_string(),
     )
     .unwrap();
     let sock = dir.path("fc.sock");
-    let out = Command::new(&link)
+    let mut out = Command::new(&link)
         .args([
             "--api-sock",
             s(&sock),
@@ -379,8 +382,23 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
             "kata",
         ])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // The vsock's socket is there while the VM runs (made before the guest starts).
+    let mut vsock_seen = false;
+    while out.try_wait().unwrap().is_none() {
+        vsock_seen |= hvsock.exists();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = out.wait_with_output().unwrap();
+    assert!(
+        vsock_seen,
+        "no vsock socket {} while the VM ran",
+        hvsock.display()
+    );
+    assert!(!hvsock.exists(), "the vsock socket outlived tern");
     let console = String::from_utf8_lossy(&out.stdout);
     let log_lines = log_lines.join().unwrap();
     assert_eq!(

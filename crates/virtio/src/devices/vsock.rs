@@ -322,9 +322,36 @@ struct Conn {
     host_eof: bool,
     /// The guest will send no more (SHUTDOWN with SEND).
     guest_done: bool,
+    /// The guest will receive no more (SHUTDOWN with RCV, as when it closes).
+    guest_rcv_done: bool,
+    /// The host connection's sending side was shut down (after the guest's last bytes).
+    host_write_shut: bool,
 }
 
 impl Conn {
+    /// A connection between host port `local` and guest port `peer` over `stream` (token
+    /// `id`), not yet established, nothing sent either way.
+    fn new(stream: UnixStream, id: u64, local: u32, peer: u32) -> Conn {
+        Conn {
+            stream,
+            id,
+            local,
+            peer,
+            established: false,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_told: 0,
+            out: VecDeque::new(),
+            readable: false,
+            host_eof: false,
+            guest_done: false,
+            guest_rcv_done: false,
+            host_write_shut: false,
+        }
+    }
+
     fn credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
@@ -531,13 +558,9 @@ impl VsockWorker {
             }
             OP_CREDIT_UPDATE => {}
             OP_SHUTDOWN => {
-                if hdr.flags & SHUTDOWN_SEND != 0 {
-                    c.guest_done = true;
-                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
-                }
-                if hdr.flags & SHUTDOWN_RCV != 0 || (c.guest_done && c.host_eof) {
-                    self.close(key, true);
-                }
+                c.guest_done |= hdr.flags & SHUTDOWN_SEND != 0;
+                c.guest_rcv_done |= hdr.flags & SHUTDOWN_RCV != 0;
+                self.settle(key);
             }
             OP_RST => self.close(key, false),
             _ => self.close(key, true),
@@ -571,20 +594,11 @@ impl VsockWorker {
             return;
         };
         let c = Conn {
-            stream,
-            id,
-            local: hdr.dst_port,
-            peer: hdr.src_port,
             established: true,
             peer_buf_alloc: hdr.buf_alloc,
             peer_fwd_cnt: hdr.fwd_cnt,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            fwd_told: 0,
-            out: VecDeque::new(),
             readable: true,
-            host_eof: false,
-            guest_done: false,
+            ..Conn::new(stream, id, hdr.dst_port, hdr.src_port)
         };
         let h = header(self.cid, &c, OP_RESPONSE);
         self.conns.insert(key, c);
@@ -632,6 +646,29 @@ impl VsockWorker {
             c.fwd_told = c.fwd_cnt;
             let h = header(self.cid, c, OP_CREDIT_UPDATE);
             self.control.push_back(h);
+        }
+        self.settle(key);
+    }
+
+    /// An orderly release, once the guest's bytes have all reached the host connection: a
+    /// guest that sends no more shuts down the host connection's sending side (the host reads
+    /// its end), and a connection done both ways — the guest receives no more (it closed), or
+    /// neither side sends any more — ends with the RST a closing guest waits for. Each side
+    /// may go on sending after the other stopped (a half-close).
+    fn settle(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if !c.out.is_empty() {
+            // flush_out settles again once the host connection took them.
+            return;
+        }
+        if c.guest_done && !c.host_write_shut {
+            c.host_write_shut = true;
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        if c.guest_rcv_done || (c.guest_done && c.host_eof) {
+            self.close(key, true);
         }
     }
 
@@ -703,22 +740,7 @@ impl VsockWorker {
         let Ok(id) = self.watch(&s, Target::Conn((local, peer))) else {
             return;
         };
-        let c = Conn {
-            stream: s,
-            id,
-            local,
-            peer,
-            established: false,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            fwd_told: 0,
-            out: VecDeque::new(),
-            readable: false,
-            host_eof: false,
-            guest_done: false,
-        };
+        let c = Conn::new(s, id, local, peer);
         let h = header(self.cid, &c, OP_REQUEST);
         self.conns.insert((local, peer), c);
         self.control.push_back(h);
@@ -770,7 +792,7 @@ impl VsockWorker {
             let keys: Vec<Key> = self
                 .conns
                 .iter()
-                .filter(|(_, c)| c.established && c.readable && !c.host_eof)
+                .filter(|(_, c)| c.established && c.readable && !c.host_eof && !c.guest_rcv_done)
                 .map(|(k, _)| *k)
                 .collect();
             'conns: for key in keys {
@@ -800,10 +822,12 @@ impl VsockWorker {
                     };
                     let (h, n) = match got {
                         Ok(0) => {
-                            // The host side is done sending: tell the guest.
+                            // The host side is done sending (closed, or shut down its
+                            // sending side): tell the guest, which may still send. A host
+                            // that closed fails the next write, and the guest gets an RST.
                             c.host_eof = true;
                             let mut h = header(self.cid, c, OP_SHUTDOWN);
-                            h.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+                            h.flags = SHUTDOWN_SEND;
                             (h, 0)
                         }
                         Ok(n) => {
@@ -836,6 +860,8 @@ impl VsockWorker {
                     )?;
                     used += 1;
                     if n == 0 {
+                        // Done both ways if the guest had stopped sending too.
+                        self.settle(key);
                         continue 'conns;
                     }
                 }
@@ -952,6 +978,64 @@ mod tests {
                 ..Hdr::default()
             }
         }
+    }
+
+    #[test]
+    fn either_side_may_stop_sending_and_still_receive() {
+        let mut g = guest("half");
+        let port = std::path::PathBuf::from(format!("{}_5010", g.path.display()));
+        let _ = std::fs::remove_file(&port);
+        let host = UnixListener::bind(&port).unwrap();
+        g.send(g.hdr(1300, 5010, OP_REQUEST, 0), &[]);
+        assert_eq!(g.recv().0.op, OP_RESPONSE);
+        let (mut s, _) = host.accept().unwrap();
+        // The host sends a request and shuts down its sending side: the guest hears that the
+        // host sends no more (SEND only), and its answer still reaches the host.
+        s.write_all(b"question").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let (h, data) = g.recv();
+        assert_eq!((h.op, data.as_slice()), (OP_RW, &b"question"[..]));
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        g.send(g.hdr(1300, 5010, OP_RW, 6), b"answer");
+        // The guest closes: the host reads the answer, then the end; the guest gets its RST.
+        let mut rcv_send = g.hdr(1300, 5010, OP_SHUTDOWN, 0);
+        rcv_send.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        g.send(rcv_send, &[]);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"answer");
+        assert_eq!(g.recv().0.op, OP_RST);
+
+        // The guest stops sending first: the host reads the end and may still answer.
+        g.send(g.hdr(1301, 5010, OP_REQUEST, 0), &[]);
+        assert_eq!(g.recv().0.op, OP_RESPONSE);
+        let (mut s, _) = host.accept().unwrap();
+        g.send(g.hdr(1301, 5010, OP_RW, 2), b"hi");
+        let mut send = g.hdr(1301, 5010, OP_SHUTDOWN, 0);
+        send.flags = SHUTDOWN_SEND;
+        g.send(send, &[]);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hi");
+        s.write_all(b"bye").unwrap();
+        let (h, data) = g.recv();
+        assert_eq!((h.op, data.as_slice()), (OP_RW, &b"bye"[..]));
+        // Then the host closes: done both ways, the connection ends with an RST.
+        drop(s);
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        assert_eq!(g.recv().0.op, OP_RST);
+
+        // A host that closed for good: the guest's next bytes get an RST.
+        g.send(g.hdr(1302, 5010, OP_REQUEST, 0), &[]);
+        assert_eq!(g.recv().0.op, OP_RESPONSE);
+        let (s, _) = host.accept().unwrap();
+        drop(s);
+        assert_eq!(g.recv().0.op, OP_SHUTDOWN);
+        g.send(g.hdr(1302, 5010, OP_RW, 4), b"lost");
+        assert_eq!(g.recv().0.op, OP_RST);
+        let _ = std::fs::remove_file(&port);
     }
 
     #[test]
