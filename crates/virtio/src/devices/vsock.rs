@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use lifecycle::event_loop::EventLoop;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,6 +46,8 @@ pub const HOST_CID: u64 = 2;
 pub const BUF_ALLOC: u32 = 256 << 10;
 /// Largest packet payload either way.
 const MAX_PAYLOAD: usize = 64 << 10;
+/// Most host bytes read from a connection at once, to be cut into the guest's buffers.
+const STAGE: usize = 64 << 10;
 /// Header size.
 const HDR: usize = 44;
 /// Host ports tern picks for connections the host starts.
@@ -248,6 +250,7 @@ impl VirtioDevice for Vsock {
             control: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
             reset_event,
+            scratch: Vec::new(),
         };
         self.worker = Some(
             Worker::spawn(lifecycle::threads::Device::Vsock, "virtio-vsock", handler)
@@ -318,6 +321,11 @@ struct Conn {
     out: VecDeque<u8>,
     /// The host connection may have bytes to read.
     readable: bool,
+    /// Host bytes read and not yet sent to the guest: `inbuf[inpos..]`.
+    inbuf: Vec<u8>,
+    inpos: usize,
+    /// The host connection ended its sending side; the guest is not told yet.
+    eof_pending: bool,
     /// The host connection ended its sending side (the guest was told).
     host_eof: bool,
     /// The guest will send no more (SHUTDOWN with SEND).
@@ -345,6 +353,9 @@ impl Conn {
             fwd_told: 0,
             out: VecDeque::new(),
             readable: false,
+            inbuf: Vec::new(),
+            inpos: 0,
+            eof_pending: false,
             host_eof: false,
             guest_done: false,
             guest_rcv_done: false,
@@ -355,6 +366,20 @@ impl Conn {
     fn credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Host bytes read and not yet sent to the guest.
+    fn staged(&self) -> usize {
+        self.inbuf.len() - self.inpos
+    }
+
+    /// Whether the guest may have something to receive on this connection: host bytes, or
+    /// the host's end.
+    fn has_input(&self) -> bool {
+        self.established
+            && !self.host_eof
+            && !self.guest_rcv_done
+            && (self.readable || self.staged() > 0 || self.eof_pending)
     }
 }
 
@@ -385,6 +410,8 @@ struct VsockWorker {
     control: VecDeque<Hdr>,
     next_port: u32,
     reset_event: bool,
+    /// Where a receive packet is put together (kept to spare an allocation per packet).
+    scratch: Vec<u8>,
 }
 
 impl Handler for VsockWorker {
@@ -792,78 +819,14 @@ impl VsockWorker {
             let keys: Vec<Key> = self
                 .conns
                 .iter()
-                .filter(|(_, c)| c.established && c.readable && !c.host_eof && !c.guest_rcv_done)
+                .filter(|(_, c)| c.has_input())
                 .map(|(k, _)| *k)
                 .collect();
-            'conns: for key in keys {
-                loop {
-                    let Some(c) = self.conns.get_mut(&key) else {
-                        continue 'conns;
-                    };
-                    let credit = c.credit() as usize;
-                    if credit == 0 {
-                        continue 'conns;
-                    }
-                    let Some(req) = self.ctx.pop(&mut self.queues[RXQ], RXQ as u16)? else {
-                        break 'conns;
-                    };
-                    req.expect(true)?;
-                    let room: usize = req.bufs.iter().map(|b| b.len as usize).sum();
-                    if room <= HDR {
-                        return Err(Malformed::Truncated(req.head));
-                    }
-                    let want = (room - HDR).min(credit).min(MAX_PAYLOAD);
-                    let mut buf = vec![0u8; HDR + want];
-                    let got = loop {
-                        match c.stream.read(&mut buf[HDR..]) {
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            r => break r,
-                        }
-                    };
-                    let (h, n) = match got {
-                        Ok(0) => {
-                            // The host side is done sending (closed, or shut down its
-                            // sending side): tell the guest, which may still send. A host
-                            // that closed fails the next write, and the guest gets an RST.
-                            c.host_eof = true;
-                            let mut h = header(self.cid, c, OP_SHUTDOWN);
-                            h.flags = SHUTDOWN_SEND;
-                            (h, 0)
-                        }
-                        Ok(n) => {
-                            c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
-                            let mut h = header(self.cid, c, OP_RW);
-                            h.len = n as u32;
-                            (h, n)
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            c.readable = false;
-                            // Not used: the chain goes back to the driver's ring.
-                            let q = &mut self.queues[RXQ];
-                            q.set_next_avail(q.next_avail().wrapping_sub(1));
-                            continue 'conns;
-                        }
-                        Err(_) => {
-                            let q = &mut self.queues[RXQ];
-                            q.set_next_avail(q.next_avail().wrapping_sub(1));
-                            self.close(key, true);
-                            continue 'conns;
-                        }
-                    };
-                    buf[..HDR].copy_from_slice(&h.bytes());
-                    let written = self.ctx.write_bufs(&req, &buf[..HDR + n])?;
-                    self.ctx.add_used(
-                        &mut self.queues[RXQ],
-                        RXQ as u16,
-                        req.head,
-                        written as u32,
-                    )?;
-                    used += 1;
-                    if n == 0 {
-                        // Done both ways if the guest had stopped sending too.
-                        self.settle(key);
-                        continue 'conns;
-                    }
+            for key in keys {
+                let (n, buffers_left) = self.deliver_conn(key)?;
+                used += n;
+                if !buffers_left {
+                    break;
                 }
             }
             // Resets the loop above queued (failed reads).
@@ -873,6 +836,91 @@ impl VsockWorker {
             self.ctx.signal(&self.queues[RXQ], RXQ as u16);
         }
         Ok(())
+    }
+
+    /// Moves connection `key`'s host bytes into the guest's receive buffers, as far as its
+    /// credit, the host's data and the buffers go, and its end (a SHUTDOWN) once the host is
+    /// done. Host bytes are read in blocks of up to [`STAGE`] and cut into packets from
+    /// there: one read for many of the guest's (4 KiB) buffers. Returns the buffers used
+    /// and whether any are left.
+    fn deliver_conn(&mut self, key: Key) -> Result<(u32, bool), Malformed> {
+        let mut used = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(&key) else {
+                return Ok((used, true));
+            };
+            let credit = c.credit() as usize;
+            if c.staged() == 0 && !c.eof_pending {
+                if !c.readable || credit == 0 {
+                    return Ok((used, true));
+                }
+                c.inbuf.resize(credit.min(STAGE), 0);
+                c.inpos = 0;
+                let got = loop {
+                    match c.stream.read(&mut c.inbuf) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        r => break r,
+                    }
+                };
+                match got {
+                    // The host side is done sending (closed, or shut down its sending side).
+                    Ok(0) => {
+                        c.inbuf.clear();
+                        c.eof_pending = true;
+                    }
+                    Ok(n) => c.inbuf.truncate(n),
+                    Err(e) => {
+                        c.inbuf.clear();
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            c.readable = false;
+                        } else {
+                            self.close(key, true);
+                        }
+                        return Ok((used, true));
+                    }
+                }
+            }
+            if c.staged() > 0 && credit == 0 {
+                return Ok((used, true));
+            }
+            let Some(req) = self.ctx.pop(&mut self.queues[RXQ], RXQ as u16)? else {
+                return Ok((used, false));
+            };
+            req.expect(true)?;
+            let room: usize = req.bufs.iter().map(|b| b.len as usize).sum();
+            if room <= HDR {
+                return Err(Malformed::Truncated(req.head));
+            }
+            self.scratch.clear();
+            let eof = c.staged() == 0;
+            if eof {
+                // Tell the guest, which may still send. A host that closed fails the next
+                // write, and the guest gets an RST.
+                c.eof_pending = false;
+                c.host_eof = true;
+                let mut h = header(self.cid, c, OP_SHUTDOWN);
+                h.flags = SHUTDOWN_SEND;
+                self.scratch.extend_from_slice(&h.bytes());
+            } else {
+                let n = (room - HDR).min(credit).min(c.staged()).min(MAX_PAYLOAD);
+                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                let mut h = header(self.cid, c, OP_RW);
+                h.len = n as u32;
+                self.scratch.extend_from_slice(&h.bytes());
+                self.scratch
+                    .extend_from_slice(&c.inbuf[c.inpos..c.inpos + n]);
+                c.inpos += n;
+            }
+            let written = self.ctx.write_bufs(&req, &self.scratch)?;
+            self.ctx
+                .add_used(&mut self.queues[RXQ], RXQ as u16, req.head, written as u32)?;
+            used += 1;
+            if eof {
+                // Done both ways if the guest had stopped sending too.
+                self.settle(key);
+                return Ok((used, true));
+            }
+        }
     }
 }
 
