@@ -17,8 +17,10 @@ use crate::util::{apt_install, build_dir, workspace_root};
 /// Debian disk — GRUB for BIOS and UEFI, its GPT and its FAT ESP without loop devices — and
 /// ovmf is the UEFI firmware that boots it; python3-prometheus-client is Prometheus' own
 /// text-format parser, which reads `GET /metrics` in the tests, systemd's
-/// `systemd-analyze verify` checks the shipped unit template, and python3-venv holds
-/// pyrecracker, a Firecracker client from PyPI that drives tern's Firecracker API).
+/// `systemd-analyze verify` checks the shipped unit template, python3-venv holds
+/// pyrecracker, a Firecracker client from PyPI that drives tern's Firecracker API, and dbus,
+/// python3-dbus and python3-gi give the machined test a real message bus and a service on
+/// it).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gdb",
@@ -38,6 +40,9 @@ const PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     "systemd",
     "python3-venv",
+    "dbus",
+    "python3-dbus",
+    "python3-gi",
 ];
 
 /// A third-party Firecracker client from PyPI. It declares Python 3.12 or later, but its

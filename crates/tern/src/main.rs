@@ -126,6 +126,11 @@ pub(crate) struct RunArgs {
     /// config file), tern starts empty and waits for PUT /v1/vm and PUT /v1/vm/boot.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Register the VM with systemd-machined under this name when tern starts, so that
+    /// `machinectl list` shows it (the unit tern runs in is the machine's); where machined
+    /// does not run, tern says so and runs the VM anyway.
+    #[arg(long, value_name = "NAME", value_parser = machine_name)]
+    machine_name: Option<String>,
     /// Bring back the VM saved in this snapshot directory instead of booting one.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
@@ -811,6 +816,15 @@ fn exit_code(exit: &VmExit) -> ExitCode {
     }
 }
 
+/// `--machine-name`: a name systemd-machined takes.
+fn machine_name(s: &str) -> Result<String, String> {
+    if vmm::machined::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err("1 to 64 letters, digits, '-', '_' and '.', not starting with '-' or '.'".into())
+    }
+}
+
 /// `tern run`: builds and runs the VM (or waits for one through the API), confined as the
 /// flags say. `fc` serves Firecracker's API too, and may bring the VM's configuration (a
 /// Firecracker `--config-file`).
@@ -826,6 +840,16 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
     if let Err(e) = vmm::systemd::init() {
         vmm::report!(ERR, "tern: {e}");
         return ExitCode::from(EXIT_VMM_ERROR);
+    }
+    // machined files the VM under tern's process, before any sandbox closes.
+    if let Some(name) = &args.machine_name {
+        match vmm::machined::register(name) {
+            Ok(path) => tracing::info!("registered with systemd-machined as {name} ({path})"),
+            Err(e) => vmm::report!(
+                WARNING,
+                "tern: the VM is not registered with systemd-machined: {e}"
+            ),
+        }
     }
     let (seccomp, landlock, allow_path, api_socket) = (
         args.seccomp,

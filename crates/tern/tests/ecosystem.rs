@@ -517,9 +517,15 @@ fn the_systemd_unit_verifies_and_its_command_runs_a_vm() {
     std::fs::create_dir_all(run.join("probe")).unwrap();
     let (notify, addr) = notify_socket(&dir, false);
     let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert!(argv.ends_with(&["--machine-name", "probe"]), "{argv:?}");
     let mut child = Command::new(argv[0])
         .args(&argv[1..])
         .env("NOTIFY_SOCKET", &addr)
+        // A host without a system bus (tests/machined.rs has one): the VM runs unregistered.
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            format!("unix:path={}", dir.path("no-bus").display()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -538,6 +544,10 @@ fn the_systemd_unit_verifies_and_its_command_runs_a_vm() {
         .read_to_string(&mut err)
         .unwrap();
     assert_eq!(st.code(), Some(0), "{err}");
+    assert!(
+        err.contains("tern: the VM is not registered with systemd-machined: no system bus at"),
+        "{err}"
+    );
     assert!(
         m.last().unwrap()[1].starts_with("STATUS=tern is stopping: the guest"),
         "{m:?}"

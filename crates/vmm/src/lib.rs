@@ -23,6 +23,7 @@ pub mod interrupts;
 pub mod intx;
 #[cfg(test)]
 mod layout_tests;
+pub mod machined;
 pub mod memory;
 pub mod migration;
 pub mod pci_hotplug;
