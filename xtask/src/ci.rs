@@ -20,7 +20,8 @@ use crate::util::{apt_install, build_dir, workspace_root};
 /// `systemd-analyze verify` checks the shipped unit template, python3-venv holds
 /// pyrecracker, a Firecracker client from PyPI that drives tern's Firecracker API, and dbus,
 /// python3-dbus and python3-gi give the machined test a real message bus and a service on
-/// it).
+/// it, and systemd-container boots this host's Debian as a container with systemd, journald
+/// and systemd-machined, where the shipped unit runs a VM).
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gdb",
@@ -43,6 +44,7 @@ const PACKAGES: &[&str] = &[
     "dbus",
     "python3-dbus",
     "python3-gi",
+    "systemd-container",
 ];
 
 /// A third-party Firecracker client from PyPI. It declares Python 3.12 or later, but its

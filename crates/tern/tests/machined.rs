@@ -1,9 +1,10 @@
-//! `tern run --machine-name`: tern's registration with systemd-machined, on a real D-Bus
-//! message bus (Debian's `dbus-daemon`, on a socket of the test's own, named to tern by
-//! `DBUS_SYSTEM_BUS_ADDRESS`). machined itself needs systemd as PID 1, which these machines do
-//! not run; in its place a service written with Debian's `python3-dbus` takes the name
-//! `org.freedesktop.machine1` and answers `RegisterMachine` with machined's signature
-//! (`sayssus` → `o`), recording each call and the caller's pid as the bus reports it.
+//! `tern run --machine-name` when machined cannot take the VM, on a real D-Bus message bus
+//! (Debian's `dbus-daemon`, on a socket of the test's own, named to tern by
+//! `DBUS_SYSTEM_BUS_ADDRESS`): a name machined already has, a bus without machined, no bus.
+//! The real machined, which needs systemd as PID 1, is met in `systemd_machine.rs`; here a
+//! service written with Debian's `python3-dbus` takes the name `org.freedesktop.machine1` and
+//! answers `RegisterMachine` with machined's signature (`sayssus` → `o`) and its
+//! `MachineExists` error, recording each call and the caller's pid as the bus reports it.
 
 mod common;
 

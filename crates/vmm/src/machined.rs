@@ -14,8 +14,9 @@
 //! for it, and the `dbus` crate a C library (libdbus). What this needs of the D-Bus
 //! specification is small: the `EXTERNAL` authentication, the message header, and the
 //! marshalling of strings, byte arrays and 32-bit integers — written below and checked
-//! against a real `dbus-daemon` by the `machined` integration test; the reply parser
-//! ([`parse_reply`]) has a fuzz target.
+//! against the real systemd-machined by the `systemd_machine` integration test (the shipped
+//! unit in a booted Debian container), and for machined's refusals on a real `dbus-daemon` by
+//! the `machined` test; the reply parser ([`parse_reply`]) has a fuzz target.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
