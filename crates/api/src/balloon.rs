@@ -21,6 +21,10 @@ pub struct BalloonConfig {
     /// Seconds between requests for the guest's memory statistics; 0: no statistics.
     #[serde(default)]
     pub stats_s: u32,
+    /// The balloon's size when the VM starts (the guest's driver inflates it to that as it
+    /// comes up); none: empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<MemSize>,
 }
 
 /// Longest statistics interval accepted: one day.
@@ -29,8 +33,8 @@ pub const MAX_STATS_S: u32 = 24 * 60 * 60;
 impl FromStr for BalloonConfig {
     type Err = String;
 
-    /// Parses `[deflate_on_oom=on|off][,free_page_reporting=on|off][,stats_s=N]` (empty: all
-    /// off).
+    /// Parses `[deflate_on_oom=on|off][,free_page_reporting=on|off][,stats_s=N][,size=SIZE]`
+    /// (empty: all off, an empty balloon).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut c = BalloonConfig::default();
         for item in s.split(',').filter(|i| !i.is_empty()) {
@@ -56,10 +60,16 @@ impl FromStr for BalloonConfig {
                             format!("invalid balloon stats_s '{v}': expected 0 to {MAX_STATS_S}")
                         })?
                 }
+                "size" => {
+                    c.size = Some(
+                        v.parse()
+                            .map_err(|e| format!("invalid balloon size '{v}': {e}"))?,
+                    )
+                }
                 _ => {
                     return Err(format!(
                         "invalid balloon setting '{item}': expected deflate_on_oom, \
-                         free_page_reporting or stats_s"
+                         free_page_reporting, stats_s or size"
                     ))
                 }
             }
@@ -134,11 +144,15 @@ mod tests {
             .parse()
             .unwrap();
         assert!(c.deflate_on_oom && c.free_page_reporting && c.stats_s == 2);
+        assert_eq!(c.size, None);
+        let c: BalloonConfig = "size=1G".parse().unwrap();
+        assert_eq!(c.size, Some(MemSize(1 << 30)));
         for (bad, why) in [
             ("stats_s=-1", "stats_s"),
             ("stats_s=100000", "stats_s"),
             ("deflate_on_oom=maybe", "expected on or off"),
-            ("size=1G", "expected deflate_on_oom"),
+            ("size=lots", "invalid balloon size 'lots'"),
+            ("colour=red", "expected deflate_on_oom"),
             ("on", "expected key=value"),
         ] {
             let e = bad.parse::<BalloonConfig>().unwrap_err();

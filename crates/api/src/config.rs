@@ -1009,6 +1009,15 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.validate()?;
         }
+        if let Some(size) = self.balloon.and_then(|b| b.size) {
+            if size.0 > self.memory.0 {
+                return Err(invalid(
+                    "balloon size",
+                    size,
+                    format!("larger than the guest's memory ({})", self.memory),
+                ));
+            }
+        }
         match (&self.kernel, &self.firmware) {
             (None, None) => {
                 return Err(ConfigError::Missing(

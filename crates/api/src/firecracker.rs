@@ -295,6 +295,32 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// `PUT /entropy`: a virtio-rng device, fed from the host's getrandom.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    /// Limits on what the guest draws; tern's virtio-rng has none, so only an empty one is
+    /// taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+impl Entropy {
+    /// Refuses what tern cannot do.
+    pub fn check(&self) -> Result<(), String> {
+        if self
+            .rate_limiter
+            .as_ref()
+            .is_some_and(|r| *r != RateLimiter::default())
+        {
+            return Err(
+                "entropy rate_limiter: tern's virtio-rng has no rate limiter; leave it out".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -409,6 +435,8 @@ impl Balloon {
             deflate_on_oom: self.deflate_on_oom,
             free_page_reporting: self.free_page_reporting.unwrap_or(false),
             stats_s: self.stats_polling_interval_s,
+            size: (self.amount_mib > 0)
+                .then(|| crate::config::MemSize(u64::from(self.amount_mib) << 20)),
         })
     }
 }
@@ -536,6 +564,9 @@ pub struct FullConfig {
     /// A balloon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<Balloon>,
+    /// A virtio-rng device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
 }
 
 impl FullConfig {
@@ -613,6 +644,10 @@ impl FullConfig {
             ..VmConfig::default()
         };
         c.balloon = self.balloon.as_ref().map(Balloon::config).transpose()?;
+        if let Some(e) = &self.entropy {
+            e.check()?;
+            c.rng = true;
+        }
         c.vsock = self.vsock.as_ref().map(|v| crate::config::VsockConfig {
             cid: v.guest_cid,
             socket: v.uds_path.clone(),

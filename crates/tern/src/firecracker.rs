@@ -202,13 +202,6 @@ fn setup(args: &Args) -> Result<Setup, String> {
         }
         None => None,
     };
-    if config
-        .as_ref()
-        .and_then(|c| c.balloon.as_ref())
-        .is_some_and(|b| b.amount_mib > 0)
-    {
-        return Err("the balloon in --config-file: tern sets a balloon's size once the VM runs; give amount_mib 0 and PATCH /balloon".into());
-    }
     let mut logger = config
         .as_ref()
         .and_then(|c| c.logger.clone())

@@ -311,3 +311,40 @@ fn a_ballooned_vm_migrates_with_its_balloon() {
     wait_said(&serial2, "held=0 zero=ok", 20);
     drop(dst);
 }
+
+/// `--balloon size=`: the VM starts with its balloon at that size (the guest's driver inflates
+/// it as it comes up); a size past the guest's memory is one line naming it.
+#[test]
+fn a_balloon_given_a_size_starts_inflated() {
+    if !require_kvm("a_balloon_given_a_size_starts_inflated") {
+        return;
+    }
+    let dir = Scratch::new("balloon-size");
+    let (t, c, _serial) = guest(&dir, &["--balloon", "size=64M"], false);
+    wait_until("a 64 MiB balloon", Duration::from_secs(20), || {
+        balloon(&c)["actual_bytes"] == 64u64 << 20
+    });
+    let b = balloon(&c);
+    assert_eq!(b["target_bytes"], 64u64 << 20, "{b}");
+    assert_eq!(b["config"]["size"], "64M", "{b}");
+    drop(t);
+    let kernel = probe();
+    let r = tern_run(
+        &[
+            "--kernel",
+            s(&kernel),
+            "--memory",
+            "128M",
+            "--balloon",
+            "size=1G",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("balloon size") && r.stderr.contains("larger than the guest's memory"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+}

@@ -358,8 +358,9 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
         serde_json::json!({
             "boot-source": {
                 "kernel_image_path": kernel,
-                "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=count probe.count_ms=300"
+                "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=vrng,count probe.count_ms=300"
             },
+            "entropy": {},
             "drives": [{"drive_id": "drive_0", "path_on_host": placeholder,
                         "is_root_device": false, "is_read_only": false}],
             "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": false},
@@ -408,6 +409,13 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(console.contains("probe: count ok"), "{console}");
+    // The entropy device: the guest read from it over virtio-mmio.
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with("probe: vrng ok") && l.contains("devices=1")),
+        "{console}"
+    );
     // Each line names its level and its origin, as firecracker-containerd asks.
     assert!(
         log_lines
@@ -437,6 +445,25 @@ fn a_firecracker_link_boots_a_config_file_with_fifos() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("vsock cid") && err.lines().count() == 1,
+        "{err}"
+    );
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "entropy": {"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(&link)
+        .args(["--no-api", "--config-file", s(&config)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("entropy rate_limiter") && err.lines().count() == 1,
         "{err}"
     );
 }
@@ -489,7 +516,7 @@ fn the_firecracker_balloon_routes_drive_terns_balloon() {
             .lines()
             .any(|l| l.starts_with(&format!("probe: vballoon {what}")))
     };
-    // The amount given before the start is set once the VM runs.
+    // The amount given before the start is the size the VM starts with.
     wait_until("16 MiB held", Duration::from_secs(20), || {
         said("held=4096 ")
     });

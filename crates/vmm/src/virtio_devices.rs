@@ -83,6 +83,14 @@ pub fn create(
         };
         let dev = Balloon::new(opts, config.memory.0, ram.clone())
             .map_err(|e| setup(format!("virtio-balloon: {e}")))?;
+        // Its first size, which the guest's driver reads as it comes up (a restore then
+        // brings back the snapshot's).
+        if let Some(size) = b.size {
+            let pages = u32::try_from(size.0 / 4096).unwrap_or(u32::MAX);
+            dev.handle()
+                .set_target(pages)
+                .map_err(|e| setup(format!("virtio-balloon size {size}: {e}")))?;
+        }
         balloon = Some(dev.handle());
         devices.push(Box::new(dev));
     }

@@ -1,5 +1,5 @@
 //! The Firecracker dialect's balloon routes on tern's virtio-balloon: `PUT /balloon` before
-//! the start (its `amount_mib` is set once the VM runs), `PATCH /balloon` after it,
+//! the start (its `amount_mib` is the size the VM starts with), `PATCH /balloon` after it,
 //! `GET /balloon` and `GET /balloon/statistics` from `GET /v1/vm/balloon`. The statistics
 //! interval is fixed when the VM is built: `PATCH /balloon/statistics` is refused.
 

@@ -1,6 +1,7 @@
-//! The Firecracker dialect's drives and network interfaces: kept in the instance's
-//! configuration before the start, then changed on the running VM through tern's own
-//! `PATCH` actions (rate limits bucket by bucket, another file behind a drive).
+//! The Firecracker dialect's drives, network interfaces and entropy device: kept in the
+//! instance's configuration before the start, then drives and interfaces changed on the
+//! running VM through tern's own `PATCH` actions (rate limits bucket by bucket, another file
+//! behind a drive).
 
 use ::api::firecracker::*;
 use axum::body::Bytes;
@@ -208,4 +209,21 @@ pub(super) async fn net_patch(
         tx_ops,
     };
     relay(answer(&st.s, Action::NetUpdate { id, update }).await)
+}
+
+/// `PUT /entropy`: tern's virtio-rng, before the start.
+pub(super) async fn entropy(State(st): State<FcState>, b: Bytes) -> Response {
+    let e = match body::<Entropy>(&b) {
+        Ok(e) => e,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(m) = e.check() {
+        return fault(400, m);
+    }
+    let mut fc = st.lock();
+    if let Err(r) = pre_boot(&fc) {
+        return r.into_response();
+    }
+    fc.instance.config.entropy = Some(e);
+    done()
 }

@@ -171,6 +171,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/network-interfaces/{id}"),
     ("PATCH", "/network-interfaces/{id}"),
     ("PUT", "/vsock"),
+    ("PUT", "/entropy"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
@@ -219,6 +220,7 @@ pub(super) fn routes(shared: Shared, instance: Instance) -> Router {
         .route("/drives/{id}", put(drive_put).patch(drive_patch))
         .route("/network-interfaces/{id}", put(net_put).patch(net_patch))
         .route("/vsock", put(vsock))
+        .route("/entropy", put(devices::entropy))
         .route("/actions", put(actions))
         .route("/vm", patch(vm_state))
         .route("/vm/config", get(vm_config))
@@ -358,28 +360,8 @@ async fn actions(State(st): State<FcState>, b: Bytes) -> Response {
             if !(200..300).contains(&r.status) {
                 return relay(r);
             }
-            let amount = {
-                let mut fc = st.lock();
-                fc.instance.started = true;
-                fc.instance
-                    .config
-                    .balloon
-                    .as_ref()
-                    .map_or(0, |b| b.amount_mib)
-            };
-            // The balloon's first size: tern's balloon starts empty and is set once it runs.
-            if amount > 0 {
-                let r = balloon::set(&st, amount).await;
-                if !(200..300).contains(&r.status) {
-                    return fault(
-                        400,
-                        format!(
-                            "the VM runs, but its balloon's size could not be set: {}",
-                            message(&r)
-                        ),
-                    );
-                }
-            }
+            // The balloon's amount_mib is in the configuration: the VM starts with it.
+            st.lock().instance.started = true;
             done()
         }
         "SendCtrlAltDel" => relay(answer(&st.s, Action::Shutdown { force: false }).await),
