@@ -361,6 +361,16 @@ fn config_files(plan: &mut Plan, c: &api::config::VmConfig, restoring: bool) -> 
         };
         plan.add(&n.path, access, n.what);
     }
+    // tern makes the vsock's socket, and the host's listeners for guest connections sit
+    // beside it: its directory is made in the jail, as the API socket's.
+    if let Some(v) = &c.vsock {
+        let abs = std::path::absolute(&v.socket).context("the vsock socket")?;
+        let dir = abs
+            .parent()
+            .ok_or_else(|| anyhow!("vsock socket {}: no directory", v.socket.display()))?;
+        plan.relative |= v.socket.is_relative();
+        plan.writable_dirs.push(dir.to_path_buf());
+    }
     plan.tun = !c.nets.is_empty();
     Ok(())
 }

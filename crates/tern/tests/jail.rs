@@ -7,7 +7,7 @@ mod common;
 mod jail_vcpus;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -214,6 +214,9 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o644)).unwrap();
     let serial = dir.path("serial.log");
     let sock = dir.path("api/api.sock");
+    // A vsock, whose socket tern makes in a directory of its own in the jail.
+    let vsock = dir.path("vsock/v.sock");
+    let vsock_arg = format!("cid=3,socket={}", s(&vsock));
     let id = format!("boot-{}", std::process::id());
     let (limit, limit_file, limit_value) = cpu_limit();
     let mut cmd = jail_cmd(
@@ -235,6 +238,8 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
             &format!("path={}", s(&disk)),
             "--disk",
             &format!("path={},readonly=on", s(&shm)),
+            "--vsock",
+            &vsock_arg,
         ],
     );
     let mut child = cmd
@@ -309,6 +314,7 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
         shm.clone(),
         serial.clone(),
         sock.clone(),
+        vsock.clone(),
         PathBuf::from("/dev/kvm"),
     ]
     .into_iter()
@@ -363,6 +369,12 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
         .unwrap();
     let info_out = String::from_utf8_lossy(&info.stdout);
     assert!(info_out.contains("state: running"), "{info_out}");
+    // The vsock's socket is the jail user's, where the host reaches it.
+    let host_vsock = root.join(vsock.strip_prefix("/").unwrap());
+    let m = std::fs::symlink_metadata(&host_vsock).unwrap();
+    assert!(m.file_type().is_socket(), "{}", host_vsock.display());
+    assert_eq!((m.uid(), m.gid()), (UID, GID));
+    std::os::unix::net::UnixStream::connect(&host_vsock).expect("connect to the vsock socket");
 
     // The guest finishes its count; tern jail exits as tern did.
     let (code, err) = finish(child, Duration::from_secs(60));
@@ -370,6 +382,7 @@ fn a_jailed_tern_boots_the_probe_as_an_unprivileged_user_in_its_chroot_and_cgrou
     let text = std::fs::read_to_string(&serial).unwrap();
     assert!(text.contains("probe: done status=0"), "{text}");
     assert!(ticks(&serial).len() >= 10, "{text}");
+    assert!(!host_vsock.exists(), "tern left its vsock socket behind");
 
     remove_cgroup(&cg);
 }

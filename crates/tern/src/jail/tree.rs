@@ -18,8 +18,8 @@
 //!   (inside the jail's mount namespace only) and remounted read-only when tern only reads it.
 //! - A serial or console file that does not exist yet is created on the host (0600, owned by
 //!   the jail user), so its output is where `tern run` would have put it.
-//! - The API socket's directory is made in the jail, owned by the jail user (0700): the host
-//!   reaches the socket at `DIR/tern/ID/root/PATH`.
+//! - The API socket's directory (and the vsock socket's) is made in the jail, owned by the jail
+//!   user (0700): the host reaches the socket at `DIR/tern/ID/root/PATH`.
 
 use std::ffi::OsStr;
 use std::fs::File;
