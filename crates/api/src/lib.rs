@@ -17,4 +17,6 @@ pub mod responses;
 pub mod restore;
 
 pub use config::VmConfig;
-pub use responses::{Counters, DeviceCounters, ErrorBody, VcpuCounters, VmInfo, VmState};
+pub use responses::{
+    Counters, DeviceCounters, ErrorBody, ProcessCounters, VcpuCounters, VmInfo, VmState,
+};

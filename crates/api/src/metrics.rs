@@ -142,7 +142,35 @@ pub fn render(info: &VmInfo, counters: Option<&Counters>) -> String {
     };
     render_vcpus(&mut out, c);
     render_devices(&mut out, c);
+    render_process(&mut out, c);
     out
+}
+
+fn render_process(out: &mut String, c: &Counters) {
+    let p = &c.process;
+    if let Some(b) = p.resident_bytes {
+        family(
+            out,
+            "tern_process_resident_memory_bytes",
+            "gauge",
+            "tern's resident memory, the guest RAM it touched included, in bytes.",
+        )
+        .sample(&[], b);
+    }
+    family(
+        out,
+        "tern_process_resident_memory_max_bytes",
+        "gauge",
+        "The most resident memory tern has had, in bytes.",
+    )
+    .sample(&[], p.peak_resident_bytes);
+    family(
+        out,
+        "tern_process_cpu_seconds_total",
+        "counter",
+        "CPU time all of tern's threads used (user and system, vCPUs included), in seconds.",
+    )
+    .sample(&[], seconds(p.cpu_time_ns));
 }
 
 fn render_vcpus(out: &mut String, c: &Counters) {
@@ -398,8 +426,27 @@ mod tests {
                 },
                 DeviceCounters::Other,
             ],
+            process: crate::ProcessCounters {
+                resident_bytes: Some(8 << 20),
+                peak_resident_bytes: 9 << 20,
+                cpu_time_ns: 1_500_000_000,
+            },
         };
         let text = render(&info, Some(&c));
+        assert!(
+            text.contains(
+                "tern_process_resident_memory_bytes 8388608
+"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tern_process_cpu_seconds_total 1.500000000
+"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("tern_vm_uptime_seconds 1.500000000\n"),
             "{text}"

@@ -111,6 +111,22 @@ pub struct Counters {
     pub vcpus: Vec<VcpuCounters>,
     /// The disks, then the network interfaces, in configuration order.
     pub devices: Vec<DeviceCounters>,
+    /// tern's own process.
+    #[serde(default)]
+    pub process: ProcessCounters,
+}
+
+/// tern's process: its memory (the guest's RAM that was touched included) and CPU time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessCounters {
+    /// Resident memory now, in bytes (absent where `/proc` cannot be read, as under
+    /// `--landlock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_bytes: Option<u64>,
+    /// The most resident memory it has had, in bytes.
+    pub peak_resident_bytes: u64,
+    /// CPU time all its threads used (user and system), in nanoseconds.
+    pub cpu_time_ns: u64,
 }
 
 /// One vCPU's exits to the VMM.
@@ -319,6 +335,11 @@ mod tests {
                     throttled: 6,
                 },
             ],
+            process: ProcessCounters {
+                resident_bytes: Some(4096),
+                peak_resident_bytes: 8192,
+                cpu_time_ns: 9,
+            },
         }
     }
 
@@ -334,7 +355,8 @@ mod tests {
                 r#""write_ops":2,"#,
                 r#""write_bytes":1024,"flush_ops":3,"discard_ops":4,"errors":5,"throttled":6},"#,
                 r#"{"type":"net","tap":"tap0","rx_frames":1,"rx_bytes":60,"rx_dropped":2,"#,
-                r#""tx_frames":3,"tx_bytes":180,"tx_dropped":4,"link_down":5,"throttled":6}]}"#
+                r#""tx_frames":3,"tx_bytes":180,"tx_dropped":4,"link_down":5,"throttled":6}],"#,
+                r#""process":{"resident_bytes":4096,"peak_resident_bytes":8192,"cpu_time_ns":9}}"#
             )
         );
         // What the server sends: as before these types existed, with the disk's id added.
@@ -347,6 +369,7 @@ mod tests {
                 r#""read_ops":1,"throttled":6,"type":"block","write_bytes":1024,"write_ops":2},"#,
                 r#"{"link_down":5,"rx_bytes":60,"rx_dropped":2,"rx_frames":1,"tap":"tap0","#,
                 r#""throttled":6,"tx_bytes":180,"tx_dropped":4,"tx_frames":3,"type":"net"}],"#,
+                r#""process":{"cpu_time_ns":9,"peak_resident_bytes":8192,"resident_bytes":4096},"#,
                 r#""vcpus":[{"cpu_time_ns":7,"mmio_exits":2,"other_exits":3,"pio_exits":1,"vcpu":0}]}"#
             )
         );
@@ -354,7 +377,7 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(
             serde_json::to_string(&Counters::default()).unwrap(),
-            r#"{"vcpus":[],"devices":[]}"#
+            r#"{"vcpus":[],"devices":[],"process":{"peak_resident_bytes":0,"cpu_time_ns":0}}"#
         );
     }
 

@@ -249,6 +249,8 @@ const MIGRATION: &[Rule] = &[
 /// process, a mount, a module, another process's memory or privileges.
 const VMM: &[Rule] = &[
     when("ioctl", KVM_IOCTLS),
+    // The process' peak memory and CPU time, for `GET /v1/vm/counters` and `GET /metrics`.
+    any("getrusage"),
     // Type 'T' (0x54): TAP set-up (TUNSETIFF, TUNSETOFFLOAD, …), the terminal (TCGETS,
     // TCSETS), FIONBIO.
     when("ioctl", &[Arg::MaskedEq(1, 0xff00, 0x5400)]),

@@ -105,7 +105,7 @@ pub fn main(args: JailArgs) -> ExitCode {
 pub struct Plan {
     /// Host files to link into the jail.
     pub files: Vec<Need>,
-    /// Directories tern creates a file in (the API socket's): made in the jail, owned by the
+    /// Directories tern creates a file in (the API socket's, the vsock's): made in the jail, owned by the
     /// jail user.
     pub writable_dirs: Vec<PathBuf>,
     /// Whether a virtio-net device needs /dev/net/tun.

@@ -755,6 +755,18 @@ fn show_counters(body: &str) -> Result<String, String> {
             fields.join(" ")
         ));
     }
+    let p = &v["process"];
+    if let Some(peak) = p["peak_resident_bytes"].as_u64() {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let now = p["resident_bytes"]
+            .as_u64()
+            .map_or("?".to_string(), |b| format!("{:.1}", mib(b)));
+        lines.push(format!(
+            "tern: resident {now} MiB (peak {:.1} MiB) cpu {:.3} s",
+            mib(peak),
+            p["cpu_time_ns"].as_u64().unwrap_or(0) as f64 / 1e9
+        ));
+    }
     Ok(lines.join("\n"))
 }
 

@@ -221,6 +221,21 @@ fn metrics_are_prometheus_text_before_and_after_boot() {
         0.0
     );
     value(&samples, "tern_disk_throttled_total", &[("id", "data")]);
+    // tern's process: its resident memory as the kernel counts it (VmRSS, read here at about
+    // the same time), its peak, and CPU time at least the vCPU's.
+    let rss = value(&samples, "tern_process_resident_memory_bytes", &[]);
+    let vm_rss = vm.rss() as f64;
+    assert!(
+        rss > 1048576.0 && (rss - vm_rss).abs() < 0.25 * vm_rss,
+        "{rss} against VmRSS {vm_rss}"
+    );
+    let peak = value(&samples, "tern_process_resident_memory_max_bytes", &[]);
+    assert!(
+        peak >= rss,
+        "peak {peak} rss {rss} VmHWM {:?}",
+        status_field(&format!("/proc/{}/status", vm.0.id()), "VmHWM")
+    );
+    assert!(value(&samples, "tern_process_cpu_seconds_total", &[]) >= cpu0);
 
     // Counters only grow; while the VM is paused its exits stand still.
     let (st, b) = c.call("PUT", "/v1/vm/pause", None).unwrap();

@@ -427,7 +427,12 @@ impl Vm {
                     .iter()
                     .map(|d| d.counters())
                     .collect();
-                Reply::ok(&Counters { vcpus, devices })
+                let process = crate::host::process_counters();
+                Reply::ok(&Counters {
+                    vcpus,
+                    devices,
+                    process,
+                })
             }
             Action::BalloonInfo => match &self.balloon {
                 Some(b) => Reply::ok(&crate::balloon::info(b, config)),

@@ -152,6 +152,7 @@ mod tests {
                 cpu_time_ns: 0,
             }],
             devices: vec![],
+            process: ::api::ProcessCounters::default(),
         };
         let first = firecracker_metrics(&c(10));
         assert_eq!(difference(&first, &Map::new())["vcpu"]["exit_io"], 10);
