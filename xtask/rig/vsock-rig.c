@@ -35,6 +35,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <linux/vm_sockets.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -248,6 +249,8 @@ int main(int argc, char **argv) {
     const char *cmd = argc >= 2 ? argv[1] : "";
     int fd;
     double t0;
+    /* A peer that reset the connection is an error to report, not a silent death. */
+    signal(SIGPIPE, SIG_IGN);
     if (argc >= 3 && !strcmp(cmd, "listen")) {
         if ((fd = vsock_listen(argv[2])) < 0)
             return die("vsock listen");

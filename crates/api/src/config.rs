@@ -1010,11 +1010,14 @@ impl VmConfig {
             v.validate()?;
         }
         if let Some(size) = self.balloon.and_then(|b| b.size) {
-            if size.0 > self.memory.0 {
+            if size.0 >= self.memory.0 {
                 return Err(invalid(
                     "balloon size",
                     size,
-                    format!("larger than the guest's memory ({})", self.memory),
+                    format!(
+                        "it must leave the guest some of its memory ({})",
+                        self.memory
+                    ),
                 ));
             }
         }

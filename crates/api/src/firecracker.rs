@@ -299,8 +299,8 @@ pub struct Vsock {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
-    /// Limits on what the guest draws; tern's virtio-rng has none, so only an empty one is
-    /// taken.
+    /// Limits on what the guest draws; tern's virtio-rng has none, so only one that limits
+    /// nothing (no bucket, or buckets of size 0) is taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
 }
@@ -308,16 +308,13 @@ pub struct Entropy {
 impl Entropy {
     /// Refuses what tern cannot do.
     pub fn check(&self) -> Result<(), String> {
-        if self
-            .rate_limiter
-            .as_ref()
-            .is_some_and(|r| *r != RateLimiter::default())
-        {
-            return Err(
+        match self.rate_limiter.as_ref().map(RateLimiter::rates) {
+            None | Some(Ok((0, 0))) => Ok(()),
+            Some(Err(e)) => Err(format!("entropy rate_limiter: {e}")),
+            Some(Ok(_)) => Err(
                 "entropy rate_limiter: tern's virtio-rng has no rate limiter; leave it out".into(),
-            );
+            ),
         }
-        Ok(())
     }
 }
 

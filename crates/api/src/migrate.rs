@@ -196,6 +196,10 @@ pub struct ReceiveOptions {
     /// Where the virtio-console writes, instead of the source's setting.
     #[serde(default)]
     pub console: Option<CharBackend>,
+    /// The vsock's host socket, instead of the one the source names (a VM migrating between
+    /// two terns on one host needs another, as the source's stays in use until it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_socket: Option<PathBuf>,
     /// Directories this host lets the source's VM use files from as the source names them
     /// (kernel, initrd, disk images with their data and backing files, serial and console
     /// files). A file the source names outside them, and not replaced by a remap or by

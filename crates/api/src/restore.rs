@@ -37,6 +37,10 @@ pub struct RestoreOptions {
     /// has one).
     #[serde(default)]
     pub console: Option<CharBackend>,
+    /// The vsock's host socket, instead of the one the snapshot names (only for a VM that has
+    /// a vsock): each clone restored beside another needs its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_socket: Option<PathBuf>,
 }
 
 /// How guest memory comes back.

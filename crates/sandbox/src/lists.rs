@@ -200,6 +200,9 @@ const CONNECTIONS: &[Rule] = &[
 const VSOCK: &[Rule] = &[
     when("socket", &[Arg::Eq(0, libc::AF_UNIX as u64)]),
     any("connect"),
+    // Whether a host connection that ended its input closed altogether (POLLHUP).
+    any("poll"),
+    any("ppoll"),
     when("ioctl", &[Arg::Eq(1, libc::FIONBIO)]),
     any("epoll_ctl"),
 ];

@@ -155,6 +155,11 @@ pub(crate) struct RunArgs {
     /// its MAC address.
     #[arg(long, value_name = "OLD=NEW")]
     tap_remap: Vec<String>,
+    /// With --restore or --incoming: the VM's vsock on this host socket instead of the one
+    /// the snapshot or the source names (clones side by side, and a VM migrating between two
+    /// terns on one host, each need their own).
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
     /// With --incoming: let the migrating VM use files the source names (kernel, initrd,
     /// disks, serial and console files) inside DIR (repeatable). Any other file it names is
     /// refused unless --disk-remap, --serial or --console names one here instead.
@@ -833,7 +838,7 @@ fn machine_name(s: &str) -> Result<String, String> {
     if vmm::machined::valid_name(s) {
         Ok(s.to_string())
     } else {
-        Err("1 to 64 letters, digits, '-', '_' and '.', not starting with '-' or '.'".into())
+        Err(vmm::machined::NAME_RULE.into())
     }
 }
 
@@ -897,8 +902,8 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
                 vmm::report!(
                     ERR,
                     "tern: --incoming takes the VM's settings from its source; only \
-                     --serial, --console, --disk-remap, --tap-remap, --accept-dir, \
-                     --accept-tap and --api-socket may be given with it"
+                     --serial, --console, --disk-remap, --tap-remap, --vsock-socket, \
+                     --accept-dir, --accept-tap and --api-socket may be given with it"
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
@@ -909,6 +914,7 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
                     tap_remap: o.tap_remap,
                     serial: o.serial,
                     console: o.console,
+                    vsock_socket: o.vsock_socket,
                     accept_dirs: args.accept_dir.clone(),
                     accept_taps: args.accept_tap.clone(),
                 },
@@ -946,8 +952,8 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
                 vmm::report!(
                     ERR,
                     "tern: --restore takes the VM's settings from the snapshot; only \
-                     --serial, --console, --disk-remap, --tap-remap, --restore-mode and \
-                     --paused may be given with it"
+                     --serial, --console, --disk-remap, --tap-remap, --vsock-socket, \
+                     --restore-mode and --paused may be given with it"
                 );
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
@@ -963,12 +969,14 @@ pub(crate) fn run(args: Box<RunArgs>, start: Instant, fc: Option<firecracker::Mo
             if args.paused
                 || args.restore_mode.is_some()
                 || (incoming.is_none()
-                    && (!args.disk_remap.is_empty() || !args.tap_remap.is_empty()))
+                    && (!args.disk_remap.is_empty()
+                        || !args.tap_remap.is_empty()
+                        || args.vsock_socket.is_some()))
             {
                 vmm::report!(
                     ERR,
-                    "tern: --paused, --restore-mode, --disk-remap and --tap-remap go \
-                     with --restore DIR"
+                    "tern: --paused, --restore-mode, --disk-remap, --tap-remap and \
+                     --vsock-socket go with --restore DIR (or --incoming)"
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
@@ -1096,5 +1104,6 @@ fn restore_options(
         tap_remap: pairs("--tap-remap", &args.tap_remap)?.into_iter().collect(),
         serial: args.serial.clone(),
         console: args.console.clone(),
+        vsock_socket: args.vsock_socket.clone(),
     })
 }

@@ -342,7 +342,7 @@ fn a_balloon_given_a_size_starts_inflated() {
     );
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(
-        r.stderr.contains("balloon size") && r.stderr.contains("larger than the guest's memory"),
+        r.stderr.contains("balloon size") && r.stderr.contains("must leave the guest some"),
         "{}",
         r.stderr
     );

@@ -356,6 +356,45 @@ fn sigterm_presses_the_power_button_then_stops_on_timeout_or_a_second_sigterm() 
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("stopped by signal 15"), "{err}");
     assert!(!err.contains("power button"), "{err}");
+    // --shutdown-timeout 0 and the power button pressed through the API: the guest keeps all
+    // the time it takes (tern does not stop it), and SIGTERM still stops it at once.
+    let dir = Scratch::new("shutdown-0");
+    let sock = dir.path("api.sock");
+    let child = std::process::Command::new(tern())
+        .args([
+            "run",
+            "--kernel",
+            s(&k),
+            "--memory",
+            "32M",
+            "--shutdown-timeout",
+            "0",
+            "--api-socket",
+            s(&sock),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the API socket", Duration::from_secs(10), || sock.exists());
+    let r = run_with_timeout(
+        &tern(),
+        &["shutdown", "--api-socket", s(&sock)],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let mut child = Tern(child);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.running(),
+        "tern stopped the guest after the API's button press"
+    );
+    // SAFETY: as above.
+    unsafe { libc_kill(child.0.id() as i32, 15) };
+    let (code, err) = child.finish(Duration::from_secs(5));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
 }
 
 extern "C" {

@@ -625,3 +625,77 @@ fn a_vsock_gets_its_socket_through_the_flag_and_both_apis() {
     assert_eq!(v.cid, 5);
     kill(fc);
 }
+
+/// A snapshot's vsock socket is in use while its VM runs: a restore beside it is refused in
+/// one line naming the socket, and `--vsock-socket` gives the restored VM its own.
+#[test]
+fn a_restored_vsock_takes_its_own_socket_with_vsock_socket() {
+    let test = "a_restored_vsock_takes_its_own_socket_with_vsock_socket";
+    if !require_kvm(test) {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let dir = Scratch::new("vsock-restore");
+    let is_socket =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+    let vsock = dir.path("v.sock");
+    let arg = format!("cid=3,socket={}", s(&vsock));
+    let sock = dir.path("api.sock");
+    let (vm, c) = running_vm(
+        &sock,
+        "none",
+        "probe.run=count probe.count_ms=20000",
+        &["--vsock", &arg],
+    );
+    let snap = dir.path("snap");
+    pause_and_snapshot(&c, &snap);
+    // The first VM still holds v.sock.
+    let r = tern_run(
+        &["--restore", s(&snap), "--serial", "none"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{} is in use", vsock.display()))
+            && r.stderr.trim().lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    // Its own socket.
+    let other = dir.path("clone.sock");
+    let sock2 = dir.path("api2.sock");
+    let clone = spawn(&[
+        "--restore",
+        s(&snap),
+        "--serial",
+        "none",
+        "--api-socket",
+        s(&sock2),
+        "--vsock-socket",
+        s(&other),
+    ]);
+    wait_until("the clone's vsock socket", Duration::from_secs(20), || {
+        is_socket(&other)
+    });
+    let c2 = api::client::Client::new(&sock2);
+    wait_until("the clone runs", Duration::from_secs(20), || {
+        c2.info().is_ok_and(|i| i.state.as_str() == "running")
+    });
+    let v = c2.info().unwrap().config.unwrap().vsock.unwrap();
+    assert_eq!(v.socket, other);
+    assert!(is_socket(&vsock), "the first VM's socket went away");
+    // A VM without a vsock has none to move.
+    let plain = dir.path("plain");
+    let sock3 = dir.path("api3.sock");
+    let (vm3, c3) = counting_vm(&sock3);
+    pause_and_snapshot(&c3, &plain);
+    drop(vm3);
+    let r = tern_run(
+        &["--restore", s(&plain), "--vsock-socket", s(&other)],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("has no vsock"), "{}", r.stderr);
+    drop(clone);
+    drop(vm);
+}

@@ -217,7 +217,7 @@ fn the_vm_registers_with_machined_over_the_system_bus() {
 
 #[test]
 fn a_machine_name_machined_would_refuse_is_a_usage_error() {
-    for bad in ["-vm", "vm 1", "vm/1", ""] {
+    for bad in ["-vm", "vm_1", "vm 1", "vm/1", "a..b", ""] {
         let flag = format!("--machine-name={bad}");
         let r = tern_run(
             &["--kernel", "/nonexistent", &flag],

@@ -42,24 +42,30 @@ const REPLY_SERIAL: u8 = 5;
 const DESTINATION: u8 = 6;
 const SIGNATURE: u8 = 8;
 
-/// Whether `name` is a machine name machined takes: 1 to 64 letters, digits, `-`, `_` and
-/// `.`, not starting with `-` or `.`.
+/// What a machine name may be, for messages.
+pub const NAME_RULE: &str =
+    "1 to 64 letters, digits, '-' and '.', in labels that neither start nor end with '-' or '.'";
+
+/// Whether `name` is a machine name machined takes, by systemd's rule for host names: 1 to 64
+/// letters, digits, `-` and `.`, in labels separated by single dots; no label starts or ends
+/// with `-`, and the name neither starts nor ends with a dot.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['-', '.'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Registers this process as the VM `name` with systemd-machined; the machine's object path
 /// on success, or why not.
 pub fn register(name: &str) -> Result<String, String> {
     if !valid_name(name) {
-        return Err(format!(
-            "invalid machine name '{name}': 1 to 64 letters, digits, '-', '_' and '.', not starting with '-' or '.'"
-        ));
+        return Err(format!("invalid machine name '{name}': {NAME_RULE}"));
     }
     let addr = std::env::var("DBUS_SYSTEM_BUS_ADDRESS").ok();
     let mut bus = connect(addr.as_deref())?;
@@ -93,14 +99,23 @@ pub fn register(name: &str) -> Result<String, String> {
         .write_all(&[hello, call].concat())
         .map_err(|e| format!("the system bus: {e}"))?;
     // The Hello's answer and the NameAcquired signal come first; machined's answer is the
-    // one for serial 2.
+    // one for serial 2, within TIMEOUT in all.
+    let deadline = std::time::Instant::now() + TIMEOUT;
     for _ in 0..16 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let _ = bus.get_ref().set_read_timeout(Some(left));
         let msg = read_message(&mut bus)?;
         if let Some((2, reply)) = parse_reply(&msg)? {
             return reply;
         }
     }
-    Err("no answer from systemd-machined".to_string())
+    Err(format!(
+        "no answer from systemd-machined within {} s",
+        TIMEOUT.as_secs()
+    ))
 }
 
 /// Connects to the bus at `address` (a D-Bus address list; `None`: the system bus) and
@@ -193,7 +208,13 @@ fn unescape(v: &str) -> Option<String> {
 
 /// One message from the bus, whole.
 pub fn read_message(bus: &mut impl Read) -> Result<Vec<u8>, String> {
-    let err = |e: std::io::Error| format!("the system bus: {e}");
+    let err = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+            "no answer from the system bus within {} s",
+            TIMEOUT.as_secs()
+        ),
+        _ => format!("the system bus: {e}"),
+    };
     let mut msg = vec![0u8; 16];
     bus.read_exact(&mut msg).map_err(err)?;
     let little = match msg[0] {
@@ -216,7 +237,9 @@ pub fn read_message(bus: &mut impl Read) -> Result<Vec<u8>, String> {
     let (body, fields) = (word(4) as usize, word(12) as usize);
     let total = (16 + fields).next_multiple_of(8) + body;
     if body > MAX_MESSAGE || fields > MAX_MESSAGE {
-        return Err(format!("the system bus sent a message of {total} bytes"));
+        return Err(format!(
+            "the system bus sent a message of {total} bytes, more than tern reads"
+        ));
     }
     msg.resize(total, 0);
     bus.read_exact(&mut msg[16..]).map_err(err)?;
@@ -443,10 +466,24 @@ mod tests {
 
     #[test]
     fn machine_names_follow_machined() {
-        for good in ["vm1", "tern-vm_1.a", &"a".repeat(64)] {
+        for good in ["vm1", "tern-vm-1.a", "a.b.c", "x--y", &"a".repeat(64)] {
             assert!(valid_name(good), "{good}");
         }
-        for bad in ["", "-vm", ".vm", "vm 1", "vm/1", "vm\n", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "-vm",
+            ".vm",
+            "vm-",
+            "vm.",
+            "a..b",
+            "a-.b",
+            "a.-b",
+            "vm_1",
+            "vm 1",
+            "vm/1",
+            "vm\n",
+            &"a".repeat(65),
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }

@@ -121,6 +121,7 @@ mod tests {
                 tap_remap: Default::default(),
                 serial: None,
                 console: None,
+                vsock_socket: None,
                 accept_dirs: Vec::new(),
                 accept_taps: Vec::new(),
             }))

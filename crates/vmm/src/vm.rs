@@ -100,9 +100,13 @@ impl Vm {
         &self.devices
     }
 
+    /// Presses the guest's power button and, unless tern never stops a guest that was asked
+    /// (Firecracker's dialect, or `--shutdown-timeout 0`, where only SIGTERM stops the VM, at
+    /// once), starts the time it has to power off.
     fn press_power_button(&self, deadline: &mut Option<Instant>) {
         let _ = self.power_button.write(1);
-        if deadline.is_none() {
+        let no_deadline = crate::personality::firecracker() || self.shutdown_timeout.is_zero();
+        if deadline.is_none() && !no_deadline {
             // Validation bounds the timeout; past the clock's range, wait the longest allowed.
             let now = Instant::now();
             *deadline = Some(

@@ -57,7 +57,9 @@ guest_line() {
 
 # 1: a first boot, connections both ways.
 vsock-rig unix-echo "${V}_5000" > "$W/echo-5000" 2>&1 &
+epid=$!
 vsock-rig unix-hold "${V}_5001" > "$W/hold-5001" 2>&1 &
+hpid=$!
 "$@" --vsock "cid=3,socket=$V" --api-socket "$W/api.sock" > "$OUT" 2>&1 &
 pid=$!
 if wait_for "$OUT" TERN-GUEST-VSOCK-LISTENING 120 "$pid"; then
@@ -80,7 +82,7 @@ if wait_for "$OUT" 'TERN-GUEST-VSOCK-HELD=VSOCK-RIG held=5001' 60 "$pid"; then
     pass held "the guest holds a connection to the host's port 5001"
 else
     fail held "the guest holds no connection to port 5001: $(oneline "$(grep TERN-GUEST-VSOCK "$OUT")")"
-    kill -9 "$pid" 2>/dev/null
+    kill -9 "$pid" "$epid" "$hpid" 2>/dev/null
     cat "$OUT"
     verdict
 fi

@@ -48,6 +48,10 @@ pub const BUF_ALLOC: u32 = 256 << 10;
 const MAX_PAYLOAD: usize = 64 << 10;
 /// Most host bytes read from a connection at once, to be cut into the guest's buffers.
 const STAGE: usize = 64 << 10;
+/// Most control packets (resets, credit updates, ...) waiting for the guest's receive
+/// buffers: past this the device takes no more packets from the guest until it posted
+/// buffers, so a guest that sends and never receives cannot make the queue grow.
+const MAX_CONTROL: usize = 1024;
 /// Header size.
 const HDR: usize = 44;
 /// Host ports tern picks for connections the host starts.
@@ -163,6 +167,19 @@ impl Vsock {
     }
 }
 
+/// Whether the host end of `s` closed altogether (not only its sending side): Unix stream
+/// sockets report POLLHUP then.
+fn hung_up(s: &UnixStream) -> bool {
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a socket this function borrows; no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLHUP != 0
+}
+
 /// Binds `path`, replacing a socket file nothing listens on.
 fn listen(path: &Path) -> io::Result<UnixListener> {
     match UnixListener::bind(path) {
@@ -251,6 +268,7 @@ impl VirtioDevice for Vsock {
             next_port: FIRST_LOCAL_PORT,
             reset_event,
             scratch: Vec::new(),
+            tx_held: false,
         };
         self.worker = Some(
             Worker::spawn(lifecycle::threads::Device::Vsock, "virtio-vsock", handler)
@@ -321,9 +339,12 @@ struct Conn {
     out: VecDeque<u8>,
     /// The host connection may have bytes to read.
     readable: bool,
-    /// Host bytes read and not yet sent to the guest: `inbuf[inpos..]`.
+    /// Host bytes read and not yet sent to the guest: `inbuf[inpos..inend]`. The buffer
+    /// ([`STAGE`] bytes) is kept while the host has more to send and dropped when it has
+    /// nothing, so an idle connection holds none.
     inbuf: Vec<u8>,
     inpos: usize,
+    inend: usize,
     /// The host connection ended its sending side; the guest is not told yet.
     eof_pending: bool,
     /// The host connection ended its sending side (the guest was told).
@@ -355,6 +376,7 @@ impl Conn {
             readable: false,
             inbuf: Vec::new(),
             inpos: 0,
+            inend: 0,
             eof_pending: false,
             host_eof: false,
             guest_done: false,
@@ -370,7 +392,7 @@ impl Conn {
 
     /// Host bytes read and not yet sent to the guest.
     fn staged(&self) -> usize {
-        self.inbuf.len() - self.inpos
+        self.inend - self.inpos
     }
 
     /// Whether the guest may have something to receive on this connection: host bytes, or
@@ -412,6 +434,8 @@ struct VsockWorker {
     reset_event: bool,
     /// Where a receive packet is put together (kept to spare an allocation per packet).
     scratch: Vec<u8>,
+    /// The guest's packets wait in its transmit queue until the control queue has room.
+    tx_held: bool,
 }
 
 impl Handler for VsockWorker {
@@ -444,7 +468,16 @@ impl Handler for VsockWorker {
         };
         let res = res
             .and_then(|()| self.send_event())
-            .and_then(|()| self.deliver());
+            .and_then(|()| self.deliver())
+            .and_then(|()| {
+                // Packets held back while the control queue was full, once it has room.
+                if self.tx_held && self.control.len() < MAX_CONTROL {
+                    self.tx_held = false;
+                    self.transmit().and_then(|()| self.deliver())
+                } else {
+                    Ok(())
+                }
+            });
         match res {
             Ok(()) => true,
             Err(e) => self.ctx.fail(e),
@@ -525,7 +558,14 @@ impl VsockWorker {
     /// Every packet the guest sent.
     fn transmit(&mut self) -> Result<(), Malformed> {
         let mut used = 0;
-        while let Some(req) = self.ctx.pop(&mut self.queues[TXQ], TXQ as u16)? {
+        loop {
+            if self.control.len() >= MAX_CONTROL {
+                self.tx_held = true;
+                break;
+            }
+            let Some(req) = self.ctx.pop(&mut self.queues[TXQ], TXQ as u16)? else {
+                break;
+            };
             let (hdr, data) = self.read_packet(&req)?;
             self.ctx
                 .add_used(&mut self.queues[TXQ], TXQ as u16, req.head, 0)?;
@@ -679,9 +719,10 @@ impl VsockWorker {
 
     /// An orderly release, once the guest's bytes have all reached the host connection: a
     /// guest that sends no more shuts down the host connection's sending side (the host reads
-    /// its end), and a connection done both ways — the guest receives no more (it closed), or
-    /// neither side sends any more — ends with the RST a closing guest waits for. Each side
-    /// may go on sending after the other stopped (a half-close).
+    /// its end), and a connection done both ways — the guest sends no more and either receives
+    /// no more (it closed) or hears nothing more from the host — ends with the RST a closing
+    /// guest waits for. Each side may go on sending after the other stopped (a half-close); a
+    /// guest that only stopped receiving may still send.
     fn settle(&mut self, key: Key) {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
@@ -694,7 +735,7 @@ impl VsockWorker {
             c.host_write_shut = true;
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
         }
-        if c.guest_rcv_done || (c.guest_done && c.host_eof) {
+        if c.guest_done && (c.guest_rcv_done || c.host_eof) {
             self.close(key, true);
         }
     }
@@ -854,23 +895,27 @@ impl VsockWorker {
                 if !c.readable || credit == 0 {
                     return Ok((used, true));
                 }
-                c.inbuf.resize(credit.min(STAGE), 0);
-                c.inpos = 0;
+                if c.inbuf.len() < STAGE {
+                    c.inbuf = vec![0; STAGE];
+                }
+                let want = credit.min(STAGE);
                 let got = loop {
-                    match c.stream.read(&mut c.inbuf) {
+                    match c.stream.read(&mut c.inbuf[..want]) {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         r => break r,
                     }
                 };
+                c.inpos = 0;
+                c.inend = 0;
                 match got {
                     // The host side is done sending (closed, or shut down its sending side).
                     Ok(0) => {
-                        c.inbuf.clear();
+                        c.inbuf = Vec::new();
                         c.eof_pending = true;
                     }
-                    Ok(n) => c.inbuf.truncate(n),
+                    Ok(n) => c.inend = n.min(want),
                     Err(e) => {
-                        c.inbuf.clear();
+                        c.inbuf = Vec::new();
                         if e.kind() == io::ErrorKind::WouldBlock {
                             c.readable = false;
                         } else {
@@ -893,13 +938,20 @@ impl VsockWorker {
             }
             self.scratch.clear();
             let eof = c.staged() == 0;
+            let mut gone = false;
             if eof {
-                // Tell the guest, which may still send. A host that closed fails the next
-                // write, and the guest gets an RST.
+                // Tell the guest. A host that only shut down its sending side still reads:
+                // the guest may go on sending. A host that closed reads nothing more either:
+                // the connection ends both ways.
                 c.eof_pending = false;
                 c.host_eof = true;
+                gone = hung_up(&c.stream);
                 let mut h = header(self.cid, c, OP_SHUTDOWN);
-                h.flags = SHUTDOWN_SEND;
+                h.flags = if gone {
+                    SHUTDOWN_SEND | SHUTDOWN_RCV
+                } else {
+                    SHUTDOWN_SEND
+                };
                 self.scratch.extend_from_slice(&h.bytes());
             } else {
                 let n = (room - HDR).min(credit).min(c.staged()).min(MAX_PAYLOAD);
@@ -915,6 +967,11 @@ impl VsockWorker {
             self.ctx
                 .add_used(&mut self.queues[RXQ], RXQ as u16, req.head, written as u32)?;
             used += 1;
+            if gone {
+                // Nothing more either way: the guest's answering RST finds no connection.
+                self.close(key, false);
+                return Ok((used, true));
+            }
             if eof {
                 // Done both ways if the guest had stopped sending too.
                 self.settle(key);
@@ -1069,20 +1126,40 @@ mod tests {
         s.write_all(b"bye").unwrap();
         let (h, data) = g.recv();
         assert_eq!((h.op, data.as_slice()), (OP_RW, &b"bye"[..]));
-        // Then the host closes: done both ways, the connection ends with an RST.
+        // Then the host closes altogether: the guest hears that it neither sends nor
+        // receives any more, and the connection is gone (the guest's RST gets no answer).
         drop(s);
         let (h, _) = g.recv();
-        assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV));
+        g.send(g.hdr(1301, 5010, OP_RST, 0), &[]);
+
+        // A guest that only stops receiving may still send; it ends with its SEND.
+        g.send(g.hdr(1303, 5010, OP_REQUEST, 0), &[]);
+        assert_eq!(g.recv().0.op, OP_RESPONSE);
+        let (mut s, _) = host.accept().unwrap();
+        let mut rcv = g.hdr(1303, 5010, OP_SHUTDOWN, 0);
+        rcv.flags = SHUTDOWN_RCV;
+        g.send(rcv, &[]);
+        g.send(g.hdr(1303, 5010, OP_RW, 5), b"still");
+        let mut send = g.hdr(1303, 5010, OP_SHUTDOWN, 0);
+        send.flags = SHUTDOWN_SEND;
+        g.send(send, &[]);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"still");
         assert_eq!(g.recv().0.op, OP_RST);
+        drop(s);
 
         // A host that closed for good: the guest's next bytes get an RST.
         g.send(g.hdr(1302, 5010, OP_REQUEST, 0), &[]);
         assert_eq!(g.recv().0.op, OP_RESPONSE);
         let (s, _) = host.accept().unwrap();
         drop(s);
-        assert_eq!(g.recv().0.op, OP_SHUTDOWN);
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV));
         g.send(g.hdr(1302, 5010, OP_RW, 4), b"lost");
-        assert_eq!(g.recv().0.op, OP_RST);
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.dst_port), (OP_RST, 1302));
         let _ = std::fs::remove_file(&port);
     }
 

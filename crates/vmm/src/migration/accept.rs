@@ -94,6 +94,18 @@ pub fn check(config: &VmConfig, opts: &ReceiveOptions) -> Result<(), String> {
             file(what, p)?;
         }
     }
+    // The source's vsock socket would be made here, and guest connections would reach the
+    // sockets beside it: its directory must be accepted, or --vsock-socket name another.
+    if let (None, Some(v)) = (&opts.vsock_socket, &config.vsock) {
+        let dir = v
+            .socket
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .ok_or_else(|| format!("the source names vsock socket {}", v.socket.display()))?;
+        file("the vsock socket's directory", dir).map_err(|e| {
+            format!("{e}; or put the vsock on a socket of this host's with --vsock-socket PATH")
+        })?;
+    }
     let remapped: BTreeSet<&str> = opts.tap_remap.values().map(String::as_str).collect();
     for n in &config.nets {
         if !remapped.contains(n.tap.as_str())
@@ -172,6 +184,7 @@ mod tests {
             tap_remap: Default::default(),
             serial: None,
             console: None,
+            vsock_socket: None,
             accept_dirs: dirs.iter().map(|d| d.to_path_buf()).collect(),
             accept_taps: Vec::new(),
         }
@@ -186,6 +199,34 @@ mod tests {
 
     fn disk(p: &Path) -> DiskConfig {
         serde_json::from_value(serde_json::json!({ "path": p })).unwrap()
+    }
+
+    #[test]
+    fn the_source_names_a_vsock_socket_only_in_an_accepted_directory() {
+        let ok = scratch("vsock");
+        let mut c = VmConfig {
+            kernel: Some(ok.join("vmlinux")),
+            ..VmConfig::default()
+        };
+        c.vsock = Some(api::config::VsockConfig {
+            cid: 3,
+            socket: PathBuf::from("/run/elsewhere/v.sock"),
+        });
+        let e = check(&c, &opts(&[&ok])).unwrap_err();
+        assert!(
+            e.contains("the vsock socket's directory /run/elsewhere")
+                && e.contains("--vsock-socket"),
+            "{e}"
+        );
+        // Its directory accepted, or another socket named here.
+        c.vsock.as_mut().unwrap().socket = ok.join("v.sock");
+        check(&c, &opts(&[&ok])).unwrap();
+        c.vsock.as_mut().unwrap().socket = PathBuf::from("/run/elsewhere/v.sock");
+        let mine = ReceiveOptions {
+            vsock_socket: Some(ok.join("mine.sock")),
+            ..opts(&[&ok])
+        };
+        check(&c, &mine).unwrap();
     }
 
     #[test]

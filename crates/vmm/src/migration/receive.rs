@@ -227,10 +227,7 @@ fn take<V: Arrival, S: Conn>(
     crate::snapshot::apply_host_side(
         &mut config,
         "the migrating VM",
-        &opts.disk_remap,
-        &opts.tap_remap,
-        opts.serial.as_ref(),
-        opts.console.as_ref(),
+        &crate::snapshot::HostSide::receive(opts),
     )
     .map_err(refuse)?;
     super::accept::check(&config, opts).map_err(refuse)?;
@@ -462,6 +459,7 @@ pub mod fuzzing {
             tap_remap: Default::default(),
             serial: None,
             console: None,
+            vsock_socket: None,
             // The sample names its kernel in /tmp; nothing is opened here.
             accept_dirs: vec!["/tmp".into()],
             accept_taps: vec!["*".into()],

@@ -39,7 +39,7 @@ use memory::{fnv, FNV_INIT, PAGE};
 
 pub use kvm::{check_cpu_features, VcpuState, VmState};
 pub use lost::mapped_memory_lost;
-pub use remap::apply_host_side;
+pub use remap::{apply_host_side, HostSide};
 
 /// Version of the snapshot format this tern writes and reads.
 pub const FORMAT_VERSION: u32 = 3;
@@ -277,14 +277,7 @@ pub fn open(opts: &RestoreOptions) -> Result<Restore, String> {
     sandbox::landlock::check(&opts.dir, false)?;
     let mut snap = read(&opts.dir)?;
     let c = &mut snap.config;
-    apply_host_side(
-        c,
-        "the snapshot",
-        &opts.disk_remap,
-        &opts.tap_remap,
-        opts.serial.as_ref(),
-        opts.console.as_ref(),
-    )?;
+    apply_host_side(c, "the snapshot", &HostSide::restore(opts))?;
     // The configuration inside a snapshot is checked as any other, once the options
     // are applied (for `tern run --restore` and `PUT /v1/vm/restore` alike).
     c.validate().map_err(|e| {

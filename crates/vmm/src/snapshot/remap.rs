@@ -1,21 +1,61 @@
 //! What the host side changes when a VM arrives from elsewhere (a snapshot restored, a
-//! migration received): its disks and TAPs remapped, its serial port and console redirected.
+//! migration received): its disks and TAPs remapped, its serial port and console redirected,
+//! its vsock on another socket.
 
 use std::path::PathBuf;
 
 use crate::VmConfig;
 
+/// What the host side changes on the way in.
+#[derive(Clone, Copy)]
+pub struct HostSide<'a> {
+    /// Disk images to open instead (old path → new path).
+    pub disk_remap: &'a std::collections::BTreeMap<PathBuf, PathBuf>,
+    /// TAPs to use instead (old name → new name).
+    pub tap_remap: &'a std::collections::BTreeMap<String, String>,
+    /// Where the serial port writes instead.
+    pub serial: Option<&'a crate::config::CharBackend>,
+    /// Where the virtio-console writes instead.
+    pub console: Option<&'a crate::config::CharBackend>,
+    /// The vsock's host socket instead.
+    pub vsock_socket: Option<&'a PathBuf>,
+}
+
+impl<'a> HostSide<'a> {
+    /// What a restore's options change.
+    pub fn restore(o: &'a api::restore::RestoreOptions) -> HostSide<'a> {
+        HostSide {
+            disk_remap: &o.disk_remap,
+            tap_remap: &o.tap_remap,
+            serial: o.serial.as_ref(),
+            console: o.console.as_ref(),
+            vsock_socket: o.vsock_socket.as_ref(),
+        }
+    }
+
+    /// What a migration's receiving options change.
+    pub fn receive(o: &'a api::migrate::ReceiveOptions) -> HostSide<'a> {
+        HostSide {
+            disk_remap: &o.disk_remap,
+            tap_remap: &o.tap_remap,
+            serial: o.serial.as_ref(),
+            console: o.console.as_ref(),
+            vsock_socket: o.vsock_socket.as_ref(),
+        }
+    }
+}
+
 /// Applies what the host side changes on the way in (a restore or a migration): disks and
-/// TAPs remapped, the serial port and console redirected. `whose` names the VM's origin in
-/// messages ("the snapshot").
-pub fn apply_host_side(
-    c: &mut VmConfig,
-    whose: &str,
-    disk_remap: &std::collections::BTreeMap<PathBuf, PathBuf>,
-    tap_remap: &std::collections::BTreeMap<String, String>,
-    serial: Option<&crate::config::CharBackend>,
-    console: Option<&crate::config::CharBackend>,
-) -> Result<(), String> {
+/// TAPs remapped, the serial port and console redirected, the vsock on another socket.
+/// `whose` names the VM's origin in messages ("the snapshot").
+pub fn apply_host_side(c: &mut VmConfig, whose: &str, h: &HostSide<'_>) -> Result<(), String> {
+    let HostSide {
+        disk_remap,
+        tap_remap,
+        serial,
+        console,
+        vsock_socket,
+    } = *h;
     for (old, new) in disk_remap {
         let i = c.disks.iter().position(|d| &d.path == old).ok_or_else(|| {
             format!(
@@ -53,6 +93,14 @@ pub fn apply_host_side(
             return Err(format!("{whose}'s VM has no virtio-console to redirect"));
         }
         c.console = Some(con.clone());
+    }
+    if let Some(p) = vsock_socket {
+        let Some(v) = c.vsock.as_mut() else {
+            return Err(format!(
+                "{whose}'s VM has no vsock to put on another socket"
+            ));
+        };
+        v.socket = p.clone();
     }
     Ok(())
 }

@@ -131,6 +131,7 @@ fn load_options(b: &SnapshotLoad) -> Result<::api::restore::RestoreOptions, Stri
         tap_remap,
         serial: None,
         console: None,
+        vsock_socket: None,
     })
 }
 
