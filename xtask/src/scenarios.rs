@@ -1177,7 +1177,8 @@ pub fn all() -> Vec<Scenario> {
         // virtio-vsock with Linux's own driver: a guest connection to the host's port 5000
         // reaches L1's Unix socket beside tern's, and L1 connects to a guest listener through
         // tern's socket (`CONNECT 1024`); both carry a line and its echo. Then across a
-        // snapshot and lazy restore: a held connection is reset, new ones work both ways.
+        // snapshot and lazy restore, and a live migration to a tern on another socket
+        // (`--vsock-socket`): a held connection is reset, new ones work both ways.
         Scenario {
             name: "tern-vsock",
             action: "script:vsock",
@@ -1199,11 +1200,18 @@ pub fn all() -> Vec<Scenario> {
                     "snapshot",
                     "reset",
                     "host-to-guest-restored",
-                    "exit",
                     "guest-to-host-restored",
                     "guest-served-restored",
                     "l1-held",
+                    "migrate",
+                    "source-exit",
                     "socket",
+                    "reset-migrated",
+                    "host-to-guest-migrated",
+                    "exit",
+                    "guest-to-host-migrated",
+                    "guest-served-migrated",
+                    "socket-migrated",
                 ]
                 .iter()
                 .map(|c| format!("TERN-VSOCK-PASS vsock/{c}:"))

@@ -7,6 +7,8 @@
 #    snapshots the VM, kills tern and restores the snapshot in a new tern. The held connection
 #    must end with ECONNRESET (the transport-reset event), and new connections must work both
 #    ways: to the host's port 5002, and L1's CONNECT 1025.
+# 3. The same across a live migration to a third tern on the same host, whose vsock is on
+#    another socket (--vsock-socket): held 5003, then 5004 and CONNECT 1026.
 rig_modload virtio_mmio virtio_pci vmw_vsock_virtio_transport || echo "TERN-GUEST-ERROR=vsock-modules"
 sleep 0.3
 for d in /sys/bus/virtio/devices/*; do
@@ -46,3 +48,20 @@ echo "TERN-GUEST-VSOCK-HOLD-ENDED=$(tr '\n' ' ' < /tmp/vsock-hold.out)"
 echo "TERN-GUEST-VSOCK-CONNECT2=$(vsock-rig connect 5002 after-restore 2>&1 | tr '\n' ' ')"
 vsock_wait "$l2pid" 300
 echo "TERN-GUEST-VSOCK-SERVED2=$(tr '\n' ' ' < /tmp/vsock-listen2.out)"
+
+# 3: across a live migration.
+vsock-rig listen 1026 > /tmp/vsock-listen3.out 2>&1 &
+l3pid=$!
+vsock-rig hold 5003 > /tmp/vsock-hold3.out 2>&1 &
+h3pid=$!
+n=0
+while ! grep -q held= /tmp/vsock-hold3.out && kill -0 "$h3pid" 2>/dev/null && [ "$n" -lt 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+echo "TERN-GUEST-VSOCK-HELD3=$(tr '\n' ' ' < /tmp/vsock-hold3.out)"
+vsock_wait "$h3pid" 1800
+echo "TERN-GUEST-VSOCK-HOLD3-ENDED=$(tr '\n' ' ' < /tmp/vsock-hold3.out)"
+echo "TERN-GUEST-VSOCK-CONNECT3=$(vsock-rig connect 5004 after-migration 2>&1 | tr '\n' ' ')"
+vsock_wait "$l3pid" 300
+echo "TERN-GUEST-VSOCK-SERVED3=$(tr '\n' ' ' < /tmp/vsock-listen3.out)"

@@ -12,7 +12,11 @@
 # 2. Accepts the guest's connection to port 5001 on SOCK_5001 and keeps it open; pauses the VM,
 #    snapshots it, kills tern with SIGKILL and restores the snapshot in a new tern (lazy). The
 #    guest's held connection must end with ECONNRESET; its new connection to port 5002 and L1's
-#    CONNECT 1025 must carry a line and its echo. The restored tern must exit 0 and remove SOCK.
+#    CONNECT 1025 must carry a line and its echo.
+# 3. Migrates the restored VM live to a third tern on this host whose vsock is on another
+#    socket (--vsock-socket SOCK2): the guest's connection held to port 5003 must end with
+#    ECONNRESET, a new one to port 5004 reach SOCK2_5004, and CONNECT 1026 on SOCK2 reach the
+#    guest. The source must exit 0 and remove SOCK; the destination exit 0 and remove SOCK2.
 #
 # Output: "TERN-VSOCK-PASS CASE/CHECK: what" per passed check, "TERN-VSOCK-FAIL CASE/CHECK: why"
 # per failed one, the VM's output, and "TERN-VSOCK-OK CASE" when every check passed.
@@ -104,7 +108,9 @@ echo "$TAG-LOG vsock/first run:"
 tr -d '\r' < "$OUT"
 echo "$TAG-LOG-END vsock/first run"
 vsock-rig unix-echo "${V}_5002" > "$W/echo-5002" 2>&1 &
-"$tern" run --restore "$SNAP" --restore-mode lazy > "$OUT2" 2>&1 &
+vsock-rig unix-hold "${V}_5003" > "$W/hold-5003" 2>&1 &
+h3pid=$!
+"$tern" run --restore "$SNAP" --restore-mode lazy --api-socket "$W/api2.sock" > "$OUT2" 2>&1 &
 pid=$!
 if wait_for "$OUT2" TERN-GUEST-VSOCK-HOLD-ENDED= 120 "$pid"; then
     guest_line reset "$OUT2" VSOCK-HOLD-ENDED 'VSOCK-RIG held=5001 VSOCK-RIG hold-ended=ECONNRESET' \
@@ -114,19 +120,88 @@ if wait_for "$OUT2" TERN-GUEST-VSOCK-HOLD-ENDED= 120 "$pid"; then
 else
     fail reset "the held connection did not end within 120 s of the restore"
 fi
-finish_vmm exit "$pid" "$OUT2"
-guest_line guest-to-host-restored "$OUT2" VSOCK-CONNECT2 'VSOCK-RIG answer=echo:after-restore' \
-    "after the restore a guest connection to the host's port 5002 got its echo"
-guest_line guest-served-restored "$OUT2" VSOCK-SERVED2 'VSOCK-RIG listening=1025 VSOCK-RIG served=after-restore' \
-    "after the restore the guest's listener (made before the snapshot) served L1's line"
+if wait_for "$OUT2" 'TERN-GUEST-VSOCK-HELD3=VSOCK-RIG held=5003' 60 "$pid"; then
+    guest_line guest-to-host-restored "$OUT2" VSOCK-CONNECT2 'VSOCK-RIG answer=echo:after-restore' \
+        "after the restore a guest connection to the host's port 5002 got its echo"
+    guest_line guest-served-restored "$OUT2" VSOCK-SERVED2 'VSOCK-RIG listening=1025 VSOCK-RIG served=after-restore' \
+        "after the restore the guest's listener (made before the snapshot) served L1's line"
+else
+    fail held3 "the restored guest holds no connection to port 5003"
+fi
 if grep -q 'hold-ended=eof' "$W/hold-5001"; then
     pass l1-held "L1's end of the held connection closed when the first tern died"
 else
     fail l1-held "$(oneline "$(cat "$W/hold-5001")")"
 fi
-if [ -e "$V" ]; then
-    fail socket "the restored tern left its vsock socket $V behind"
+
+# 3: a live migration of the restored VM to a third tern on this host, its vsock on V2 (the
+# source keeps V until it ends). The destination accepts the kernel and initrd where the argv
+# has them.
+V2=$W/v2.sock
+URL=unix:$W/mig.sock
+OUT3=$W/tern-3.out
+accept=
+set_next=
+for a in "$@"; do
+    case "$set_next" in --kernel | --initrd) accept="$accept --accept-dir $(dirname "$a")" ;; esac
+    set_next=$a
+done
+vsock-rig unix-echo "${V2}_5004" > "$W/echo-5004" 2>&1 &
+# shellcheck disable=SC2086 # $accept is a list of flags; the directories have no spaces
+"$tern" run --incoming "$URL" --vsock-socket "$V2" $accept --api-socket "$W/api3.sock" \
+    > "$OUT3" 2>&1 &
+pid3=$!
+if wait_for "$OUT3" "waiting for a migrating VM" 30 "$pid3"; then
+    if out=$("$tern" migrate --api-socket "$W/api2.sock" --to "$URL" 2>&1); then
+        pass migrate "tern migrate: $(oneline "$out")"
+    else
+        fail migrate "tern migrate: $(oneline "$out")"
+    fi
 else
-    pass socket "the restored tern removed its vsock socket"
+    fail migrate "the destination does not wait on $URL: $(oneline "$(head -c 400 "$OUT3")")"
+fi
+n=0
+while kill -0 "$pid" 2>/dev/null && [ $n -lt 150 ]; do
+    n=$((n + 1))
+    sleep 0.2
+done
+if ! kill -0 "$pid" 2>/dev/null; then
+    wait "$pid"
+    rc=$?
+    [ "$rc" = 0 ] && pass source-exit "the source tern exited 0 after the migration" ||
+        fail source-exit "the source tern exited with status $rc"
+else
+    fail source-exit "the source tern still runs 30 s after tern migrate"
+    kill -9 "$pid" 2>/dev/null
+fi
+echo "$TAG-LOG vsock/restored run:"
+tr -d '\r' < "$OUT2"
+echo "$TAG-LOG-END vsock/restored run"
+if [ -e "$V" ]; then
+    fail socket "the source tern left its vsock socket $V behind"
+else
+    pass socket "the source tern removed its vsock socket"
+fi
+if wait_for "$OUT3" TERN-GUEST-VSOCK-HOLD3-ENDED= 120 "$pid3"; then
+    guest_line reset-migrated "$OUT3" VSOCK-HOLD3-ENDED 'VSOCK-RIG held=5003 VSOCK-RIG hold-ended=ECONNRESET' \
+        "after the migration the guest's held connection ended with ECONNRESET (transport reset)"
+    sleep 0.3
+    vsock_host="$V"
+    V=$V2
+    host_connect host-to-guest-migrated 1026 after-migration
+    V=$vsock_host
+else
+    fail reset-migrated "the held connection did not end within 120 s of the migration"
+fi
+finish_vmm exit "$pid3" "$OUT3"
+guest_line guest-to-host-migrated "$OUT3" VSOCK-CONNECT3 'VSOCK-RIG answer=echo:after-migration' \
+    "after the migration a guest connection to the host's port 5004 reached ${V2}_5004 and got its echo"
+guest_line guest-served-migrated "$OUT3" VSOCK-SERVED3 'VSOCK-RIG listening=1026 VSOCK-RIG served=after-migration' \
+    "after the migration the guest's listener (made before it) served L1's line"
+kill "$h3pid" 2>/dev/null
+if [ -e "$V2" ]; then
+    fail socket-migrated "the destination tern left its vsock socket $V2 behind"
+else
+    pass socket-migrated "the destination tern removed its vsock socket"
 fi
 verdict
