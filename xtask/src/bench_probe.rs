@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench_peers::{self, Kind, Peer, ProbeGuest};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
+
+/// A probe's `key=value` fields.
+type Fields = Vec<(String, String)>;
 
 pub(crate) struct Sample {
     first_line_ms: f64,
@@ -22,51 +26,118 @@ pub(crate) struct Sample {
     fields: Vec<(String, String)>,
 }
 
-/// Spawns `cmd`, timestamps the first stdout line starting with "probe:", waits with wait4 for
-/// the peak RSS, and returns the probe's `key=value` fields from all lines.
+/// Spawns `program`, timestamps the first stdout line starting with "probe:", and returns the
+/// probe's `key=value` fields from all lines, the wall time to the process's end, and its peak
+/// RSS. The peak is the kernel's `VmHWM` of the process's own memory, read when its main
+/// thread stops at its exit under `ptrace` (PTRACE_O_TRACEEXIT; only the main thread is
+/// traced, so vCPU threads and their signals never pass through here). `ru_maxrss` is not
+/// used: it also counts the memory of the process that forked and exec'd the VMM.
 pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
+    use std::os::unix::process::CommandExt;
     let start = Instant::now();
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: PTRACE_TRACEME in the child between fork and exec: one syscall, no allocation.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     let pid = child.id() as libc::pid_t;
     let stdout = child.stdout.take().context("stdout")?;
-    let mut first_line_ms = None;
-    let mut fields = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        if line.starts_with("probe:") {
-            first_line_ms.get_or_insert(start.elapsed().as_secs_f64() * 1e3);
-            for tok in line.split_whitespace() {
-                if let Some((k, v)) = tok.split_once('=') {
-                    fields.push((k.to_string(), v.to_string()));
+    let name = program.display().to_string();
+    let reader = std::thread::spawn(move || -> Result<(Option<f64>, Fields)> {
+        let mut first_line_ms = None;
+        let mut fields = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if line.starts_with("probe:") {
+                first_line_ms.get_or_insert(start.elapsed().as_secs_f64() * 1e3);
+                for tok in line.split_whitespace() {
+                    if let Some((k, v)) = tok.split_once('=') {
+                        fields.push((k.to_string(), v.to_string()));
+                    }
                 }
             }
+            if start.elapsed() > Duration::from_secs(60) {
+                // SAFETY: signalling our own child, not yet reaped (we hold its stdout).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                bail!("{name} took over 60 s");
+            }
         }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            bail!("{} took over 60 s", program.display());
-        }
-    }
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by wait4 for our own child.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child, with valid out-pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    if r != pid {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
-    }
+        Ok((first_line_ms, fields))
+    });
+    let hwm = trace_to_exit(pid);
     let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (first_line_ms, fields) = reader.join().map_err(|_| anyhow::anyhow!("reader"))??;
+    let max_rss_kib = hwm?.with_context(|| {
+        format!(
+            "{}: its main thread ended without an exit stop",
+            program.display()
+        )
+    })?;
     Ok(Sample {
         first_line_ms: first_line_ms.context("the guest printed no probe line")?,
         wall_ms,
-        max_rss_kib: ru.ru_maxrss as u64,
+        max_rss_kib,
         fields,
     })
+}
+
+/// Follows the traced child `pid` to its end, passing on every signal; returns its `VmHWM` in
+/// KiB as read at the main thread's exit stop (None if there was none).
+fn trace_to_exit(pid: libc::pid_t) -> Result<Option<u64>> {
+    let mut hwm = None;
+    let mut execed = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r != pid {
+            bail!("waitpid: {}", std::io::Error::last_os_error());
+        }
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return Ok(hwm);
+        }
+        if !libc::WIFSTOPPED(status) {
+            continue;
+        }
+        let sig = libc::WSTOPSIG(status);
+        let event = status >> 16;
+        let pass = if event == libc::PTRACE_EVENT_EXIT {
+            hwm = read_hwm(pid);
+            0
+        } else if sig == libc::SIGTRAP && event == 0 && !execed {
+            execed = true;
+            // The stop after exec: from here on, stop at the exit too, and kill the child if
+            // this process dies.
+            let opts = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL;
+            // SAFETY: ptrace requests on our stopped tracee.
+            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts) };
+            0
+        } else {
+            sig
+        };
+        // SAFETY: resuming our stopped tracee, passing on its signal.
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, pass) };
+    }
+}
+
+/// `VmHWM` of `pid`, in KiB.
+fn read_hwm(pid: libc::pid_t) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Throughput of the `vrng` scenario: request size over the mean time per request.
@@ -101,6 +172,8 @@ type Metric = Box<dyn Fn(&Sample) -> f64>;
 /// One workload: the probe command line plus the extra flags each VMM needs for it.
 struct Workload {
     cmdline: &'static str,
+    /// The peers that run it too (see [`peer_workload`]).
+    peers: &'static [Kind],
     tern: &'static [&'static str],
     qemu_machine: &'static str,
     qemu: &'static [&'static str],
@@ -109,20 +182,23 @@ struct Workload {
 const WORKLOADS: [Workload; 4] = [
     Workload {
         cmdline: "probe.run=hello",
+        peers: &[Kind::Firecracker, Kind::CloudHypervisor],
         tern: &[],
         qemu_machine: "microvm",
         qemu: &[],
     },
     Workload {
         cmdline: "probe.run=exits probe.exits=20000",
+        peers: &[Kind::Firecracker, Kind::CloudHypervisor],
         tern: &[],
         qemu_machine: "microvm",
         qemu: &[],
     },
     // virtio-rng over virtio-mmio: QEMU microvm without ACPI so the probe finds the device on
-    // the command line, and modern (v2) virtio-mmio.
+    // the command line, and modern (v2) virtio-mmio; Firecracker's entropy device.
     Workload {
         cmdline: "probe.run=vrng probe.vrng_chunk=4096 probe.vrng_bytes=1048576",
+        peers: &[Kind::Firecracker],
         tern: &["--transport", "mmio", "--rng"],
         qemu_machine: "microvm,acpi=off",
         qemu: &[
@@ -132,9 +208,11 @@ const WORKLOADS: [Workload; 4] = [
             "virtio-rng-device",
         ],
     },
-    // virtio-rng over modern virtio-pci: QEMU pc (SeaBIOS assigns the BARs).
+    // virtio-rng over modern virtio-pci: QEMU pc (SeaBIOS assigns the BARs); Cloud
+    // Hypervisor's.
     Workload {
         cmdline: "probe.run=vrng probe.vrng_chunk=4096 probe.vrng_bytes=1048576",
+        peers: &[Kind::CloudHypervisor],
         tern: &["--transport", "pci", "--rng"],
         qemu_machine: "pc",
         qemu: &["-device", "virtio-rng-pci,disable-legacy=on"],
@@ -193,13 +271,25 @@ fn qemu_args(probe: &str, w: &Workload) -> Vec<String> {
     a
 }
 
+/// The arguments for workload `w` (number `i`) under `peer`.
+fn peer_workload(peer: &Peer, probe: &Path, w: &Workload, i: usize) -> Result<Vec<String>> {
+    let g = ProbeGuest {
+        kernel: probe,
+        cmdline: w.cmdline,
+        memory_mib: 64,
+        rng: w.tern.contains(&"--rng"),
+    };
+    bench_peers::probe_args(peer, &g, &format!("w{i}"))
+}
+
 /// Runs the benchmark; `runs` samples of each workload per VMM, interleaved. With a baseline
-/// among `terns`, it runs in the same runs as `tern` and QEMU and gets its own columns.
-pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+/// among `terns`, it runs in the same runs as `tern` and QEMU and gets its own columns; so does
+/// each of `peers`, on the workloads it has the devices for.
+pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     let p = probe.display().to_string();
-    // results[vmm][workload] = samples; vmm 0.. = the tern variants, then QEMU.
+    // results[vmm][workload] = samples; vmm 0.. = the tern variants, then QEMU, then the peers.
     let q = terns.len();
-    let mut results: Vec<Vec<Vec<Sample>>> = (0..=q)
+    let mut results: Vec<Vec<Vec<Sample>>> = (0..=q + peers.len())
         .map(|_| (0..WORKLOADS.len()).map(|_| Vec::new()).collect())
         .collect();
     for run in 0..runs {
@@ -213,22 +303,38 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
             let s =
                 sample(qemu, &qemu_args(&p, wl)).with_context(|| format!("qemu {}", wl.cmdline))?;
             results[q][w].push(s);
+            for (i, peer) in peers.iter().enumerate() {
+                if !wl.peers.contains(&peer.kind) {
+                    continue;
+                }
+                let args = peer_workload(peer, probe, wl, w)?;
+                let s = sample(&peer.program, &args)
+                    .with_context(|| format!("{} {}", peer.kind.short(), wl.cmdline))?;
+                results[q + 1 + i][w].push(s);
+            }
         }
     }
     let m = |v: usize, w: usize, f: &dyn Fn(&Sample) -> f64| {
         median(results[v][w].iter().map(f).collect())
     };
-    println!("probe guest on the host /dev/kvm: tern vs QEMU 7.2 (microvm; pc for virtio-pci), {runs} interleaved runs each, medians");
+    println!(
+        "probe guest on the host /dev/kvm: tern vs {} (microvm; pc for virtio-pci), {runs} interleaved runs each, medians",
+        crate::util::first_line_of(qemu, "--version")
+    );
     if let Some(d) = describe(terns) {
         println!("{d}");
     }
+    for d in bench_peers::describe(peers) {
+        println!("{d}");
+    }
     println!(
-        "{:<44} {:>12} {:>12} {:>12}{}",
+        "{:<44} {:>12} {:>12} {:>12}{}{}",
         "metric",
         "tern",
         "qemu",
         "tern/qemu",
-        baseline_heads(terns, 12)
+        baseline_heads(terns, 12),
+        bench_peers::heads(peers, 10)
     );
     let rows: Vec<(&str, usize, Metric)> = vec![
         (
@@ -287,9 +393,10 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
         let t = m(0, w, &*f);
         let qv = m(q, w, &*f);
         println!(
-            "{name:<44} {t:>12.2} {qv:>12.2} {:>12.3}{}",
+            "{name:<44} {t:>12.2} {qv:>12.2} {:>12.3}{}{}",
             t / qv,
-            baseline_cells(terns, 12, 2, |i| m(i, w, &*f))
+            baseline_cells(terns, 12, 2, |i| m(i, w, &*f)),
+            bench_peers::cells(peers, 10, qv, |i| m(q + 1 + i, w, &*f))
         );
     }
     Ok(())

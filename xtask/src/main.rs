@@ -3,7 +3,7 @@
 //! ```text
 //! cargo xtask images                 build kernels + initramfs images into build/images/
 //! cargo xtask rig [--group core] [--filter S] [--tern PATH] [--keep-logs DIR] [--list]
-//! cargo xtask bench-probe [--runs N] [TERNS]
+//! cargo xtask bench-probe [--runs N] [TERNS] [PEERS]
 //! cargo xtask bench-blk [--runs N] [TERNS]
 //! cargo xtask bench-net [--runs N] [TERNS]
 //! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [TERNS]
@@ -13,9 +13,11 @@
 //! cargo xtask bench-vsock [--runs N] [--mib N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
+//! cargo xtask link-order            regenerate crates/tern/link-order.txt (callgrind)
 //! cargo xtask fuzz [--target NAME] [--seconds N] [--runs N]
 //! ```
 //! TERNS: [--tern PATH] [--baseline PATH] [--baseline-args "ARGS"] (bench_terns.rs).
+//! PEERS: [--firecracker PATH] [--cloud-hypervisor PATH] (bench_peers.rs).
 //! See shared/design/TESTING.md for why the rig exists and what it measures.
 
 use arch::bzimage;
@@ -26,6 +28,7 @@ mod bench_blk;
 mod bench_firecracker;
 mod bench_migrate;
 mod bench_net;
+mod bench_peers;
 mod bench_probe;
 mod bench_snapshot;
 mod bench_terns;
@@ -37,6 +40,7 @@ mod debian_fw;
 mod debs;
 mod fuzz;
 mod images;
+mod link_order;
 mod modules;
 mod rig;
 mod scenarios;
@@ -80,6 +84,8 @@ enum Cmd {
     BenchProbe {
         #[command(flatten)]
         terns: bench_terns::TernOpts,
+        #[command(flatten)]
+        peers: bench_peers::PeerOpts,
         /// Interleaved runs per VMM and workload.
         #[arg(long, default_value_t = 10)]
         runs: usize,
@@ -216,6 +222,9 @@ enum Cmd {
     },
     /// Extract the ELF vmlinux from a bzImage.
     ExtractVmlinux { bzimage: PathBuf, output: PathBuf },
+    /// Regenerate crates/tern/link-order.txt: the functions the probe's workloads run, from
+    /// callgrind, which release builds place first.
+    LinkOrder,
     /// Build the fuzz targets (fuzz/), replay their regression inputs, then fuzz each for a
     /// bounded time; a crash or hang fails, naming the target and the input.
     Fuzz {
@@ -310,6 +319,11 @@ fn run(command: Cmd) -> Result<()> {
             runs,
         }),
         Cmd::Shell { tern } => rig::shell(&tern.unwrap_or_else(rig::default_tern)),
+        Cmd::LinkOrder => {
+            let tern = ci::build_tern()?;
+            let probe = ci::build_probe()?;
+            link_order::run(&tern, &probe)
+        }
         Cmd::ExtractVmlinux { bzimage, output } => {
             let image = std::fs::read(&bzimage)
                 .with_context(|| format!("cannot read {}", bzimage.display()))?;
@@ -336,11 +350,12 @@ fn run(command: Cmd) -> Result<()> {
         }
         Cmd::Test { no_rig } => ci::test(no_rig),
         Cmd::Demo => ci::demo(),
-        Cmd::BenchProbe { terns, runs } => {
+        Cmd::BenchProbe { terns, peers, runs } => {
+            let peers = peers.peers()?;
             let terns = terns.terns()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_probe::run(&terns, &probe, &qemu, runs)
+            bench_probe::run(&terns, &peers, &probe, &qemu, runs)
         }
         Cmd::BenchBlk { terns, runs } => {
             let terns = terns.terns()?;

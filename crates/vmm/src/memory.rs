@@ -19,8 +19,36 @@ pub fn layout(config: &crate::VmConfig) -> Vec<(u64, u64)> {
     arch::memory::guest_regions(config.memory.0, config.hotplug_memory())
 }
 
+/// Guests with at least this much RAM get transparent huge pages (see [`allocate`]).
+pub const THP_MIN_BYTES: u64 = 256 << 20;
+
+/// Asks the host for transparent huge pages under guest RAM, where it offers them on request:
+/// fewer TLB misses for the guest, and O_DIRECT disk I/O into guest memory pins 2 MiB pages
+/// instead of 4 KiB ones (1 MiB reads into a 256 MiB probe guest went from 670 to 2290 MB/s).
+/// Smaller guests are told `MADV_NOHUGEPAGE`, so that hosts whose THP setting is `always` treat
+/// them alike.
+fn advise_huge_pages(mem: &GuestMemoryMmap, huge: bool) {
+    let advice = if huge {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    for region in mem.iter() {
+        // SAFETY: advice on a mapping we own, over exactly its extent; it changes no contents.
+        let r = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, advice) };
+        if r != 0 {
+            tracing::debug!(
+                "madvise({advice}) on guest memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Allocates guest memory for `regions` (see [`layout`]) from private anonymous memory, which
-/// the host only backs as the guest touches it.
+/// the host only backs as the guest touches it. Guests of [`THP_MIN_BYTES`] or more get huge
+/// pages; smaller ones do not, because every 2 MiB page a small guest touches at all would
+/// count whole against the VM's memory (a 64 MiB guest that touches little took 2 MiB more).
 pub fn allocate(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
     let size: u64 = regions.iter().map(|r| r.1).sum();
     let ranges: Vec<(GuestAddress, usize)> = regions
@@ -29,24 +57,7 @@ pub fn allocate(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|e| VmmError::Memory(size >> 20, e.to_string()))?;
-    // Transparent huge pages for guest RAM where the host offers them on request: fewer TLB misses for the guest, and O_DIRECT disk I/O into guest
-    // memory pins 2 MiB pages instead of 4 KiB ones.
-    for region in mem.iter() {
-        // SAFETY: advice on a mapping we own, over exactly its extent; it changes no contents.
-        let r = unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_HUGEPAGE,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(
-                "madvise(MADV_HUGEPAGE) on guest memory: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    advise_huge_pages(&mem, size >= THP_MIN_BYTES);
     Ok(mem)
 }
 
@@ -386,5 +397,33 @@ impl virtio::devices::Discard for GuestRam {
         } else {
             Err(std::io::Error::last_os_error())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `VmFlags` line of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap_or_else(|| panic!("no mapping at {head}"))
+            .to_string()
+    }
+
+    #[test]
+    fn huge_pages_only_for_large_guests() {
+        let small = allocate(&[(0, 64 << 20)]).unwrap();
+        let flags = vm_flags(small.iter().next().unwrap().as_ptr() as usize);
+        assert!(flags.contains(" nh"), "64 MiB: {flags}");
+        assert!(!flags.contains(" hg"), "64 MiB: {flags}");
+        let large = allocate(&[(0, THP_MIN_BYTES)]).unwrap();
+        let flags = vm_flags(large.iter().next().unwrap().as_ptr() as usize);
+        assert!(flags.contains(" hg"), "256 MiB: {flags}");
+        assert!(!flags.contains(" nh"), "256 MiB: {flags}");
     }
 }

@@ -89,6 +89,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         let _ = writeln!(serial::Serial, "\nprobe: PANIC {info}");
         let _ = writeln!(serial::Serial, "probe: done status={EXIT_PANIC}");
         rt::io::outb(layout::PORT_EXIT, EXIT_PANIC);
+        rt::io::outb(layout::PORT_SLEEP_CONTROL, layout::SLEEP_S5);
         rt::io::outb(0x64, 0xfe);
     }
     rt::sys::halt_forever()

@@ -49,6 +49,7 @@ pub fn exit(status: u8) -> ! {
     crate::println!("probe: done status={status}");
     milestone(crate::layout::MILESTONE_DONE);
     io::outb(crate::layout::PORT_EXIT, status);
+    io::outb(crate::layout::PORT_SLEEP_CONTROL, crate::layout::SLEEP_S5);
     io::outb(0x64, 0xfe);
     sys::halt_forever()
 }

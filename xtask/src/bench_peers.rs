@@ -1,0 +1,179 @@
+//! The peers a benchmark can run beside tern and QEMU: Firecracker and Cloud Hypervisor,
+//! built by the user from their public sources outside this tree (`docs/benchmarks.md` gives
+//! the commits and commands) and named with `--firecracker PATH` and `--cloud-hypervisor PATH`.
+//! Each gets its own columns: its figure and its ratio to QEMU's.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The options that name the peers, flattened into a benchmark's command.
+#[derive(clap::Args, Default)]
+pub(crate) struct PeerOpts {
+    /// A Firecracker binary to run the same guest under, in the same runs (extra columns).
+    #[arg(long, value_name = "PATH")]
+    firecracker: Option<PathBuf>,
+    /// A Cloud Hypervisor binary to run the same guest under, in the same runs.
+    #[arg(long, value_name = "PATH")]
+    cloud_hypervisor: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Firecracker,
+    CloudHypervisor,
+}
+
+/// One peer: which VMM, its binary, and a directory for the files it needs.
+pub(crate) struct Peer {
+    pub kind: Kind,
+    pub program: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl PeerOpts {
+    /// The peers named, each checked to run (`--version`), with a fresh scratch directory.
+    pub fn peers(&self) -> Result<Vec<Peer>> {
+        let mut v = Vec::new();
+        for (kind, p) in [
+            (Kind::Firecracker, &self.firecracker),
+            (Kind::CloudHypervisor, &self.cloud_hypervisor),
+        ] {
+            let Some(program) = p else { continue };
+            let out = std::process::Command::new(program)
+                .arg("--version")
+                .output()
+                .with_context(|| format!("cannot run {}", program.display()))?;
+            if !out.status.success() {
+                bail!("{} --version failed", program.display());
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "tern-bench-{}-{}",
+                kind.short(),
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir)?;
+            v.push(Peer {
+                kind,
+                program: program.clone(),
+                dir,
+            });
+        }
+        Ok(v)
+    }
+}
+
+impl Kind {
+    /// The column name.
+    pub fn short(self) -> &'static str {
+        match self {
+            Kind::Firecracker => "fc",
+            Kind::CloudHypervisor => "ch",
+        }
+    }
+}
+
+/// What a probe-guest workload needs of a peer.
+pub(crate) struct ProbeGuest<'a> {
+    pub kernel: &'a Path,
+    pub cmdline: &'a str,
+    pub memory_mib: u32,
+    /// A virtio-rng device (over mmio for Firecracker, pci for Cloud Hypervisor).
+    pub rng: bool,
+}
+
+/// The command line that boots `g` under `peer`, with the serial console on stdout; the probe
+/// ends the VM itself (Firecracker: the i8042 reset; Cloud Hypervisor: the ACPI sleep control
+/// register). `tag` names the workload's files.
+pub(crate) fn probe_args(peer: &Peer, g: &ProbeGuest, tag: &str) -> Result<Vec<String>> {
+    match peer.kind {
+        Kind::Firecracker => {
+            let mut cfg = serde_json::json!({
+                "boot-source": {
+                    "kernel_image_path": g.kernel,
+                    "boot_args": g.cmdline,
+                },
+                "machine-config": { "vcpu_count": 1, "mem_size_mib": g.memory_mib },
+                "drives": [],
+            });
+            if g.rng {
+                cfg["entropy"] = serde_json::json!({});
+            }
+            let path = peer.dir.join(format!("{tag}.json"));
+            std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
+            Ok(vec![
+                "--no-api".into(),
+                "--config-file".into(),
+                path.display().to_string(),
+                "--level".into(),
+                "Error".into(),
+            ])
+        }
+        Kind::CloudHypervisor => {
+            let mut a: Vec<String> = vec![
+                "--kernel".into(),
+                g.kernel.display().to_string(),
+                "--cmdline".into(),
+                g.cmdline.into(),
+                "--cpus".into(),
+                "boot=1".into(),
+                "--memory".into(),
+                format!("size={}M", g.memory_mib),
+                "--serial".into(),
+                "tty".into(),
+                "--console".into(),
+                "off".into(),
+            ];
+            if g.rng {
+                a.extend(["--rng".into(), "src=/dev/urandom".into()]);
+            }
+            Ok(a)
+        }
+    }
+}
+
+/// The report's lines on the peers.
+pub(crate) fn describe(peers: &[Peer]) -> Vec<String> {
+    peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {} ({})",
+                p.kind.short(),
+                p.program.display(),
+                crate::util::first_line_of(&p.program, "--version")
+            )
+        })
+        .collect()
+}
+
+/// Header cells for the peers: each one's figure and its ratio to QEMU's.
+pub(crate) fn heads(peers: &[Peer], w: usize) -> String {
+    peers
+        .iter()
+        .map(|p| {
+            let s = p.kind.short();
+            format!(" {s:>w$} {:>w$}", format!("{s}/qemu"))
+        })
+        .collect()
+}
+
+/// Cells for the peers; `value(i)` is peer `i`'s figure (NaN where it has none), `qemu` QEMU's.
+pub(crate) fn cells(peers: &[Peer], w: usize, qemu: f64, value: impl Fn(usize) -> f64) -> String {
+    (0..peers.len())
+        .map(|i| {
+            let v = value(i);
+            if v.is_nan() {
+                format!(" {:>w$} {:>w$}", "-", "-")
+            } else {
+                format!(" {v:>w$.2} {:>w$.3}", v / qemu)
+            }
+        })
+        .collect()
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
