@@ -1,7 +1,9 @@
 //! `cargo xtask bench-probe`: tern vs QEMU on the probe guest, side by side on the host's
 //! /dev/kvm, same binary, same run, interleaved. Reports medians and tern/QEMU ratios for:
 //! process start to the guest's first serial line, the `exits` scenario's per-exit costs,
-//! the whole wall time of a 20,000-port-write guest, and peak RSS for a 64 MiB guest.
+//! the whole wall time of a 20,000-port-write guest, and peak RSS for a 64 MiB guest (the
+//! VMM's own `VmHWM`, see [`sample`]). `--firecracker PATH` and `--cloud-hypervisor PATH` add
+//! those VMMs to the same runs, on the workloads they have the devices for (bench_peers.rs).
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern (an earlier binary, or
 //! this one with other `tern run` arguments) to the same runs, with `baseline` and
 //! `tern/baseline` columns (bench_terns.rs).

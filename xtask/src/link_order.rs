@@ -3,7 +3,14 @@
 //! valgrind's callgrind on the probe guest's workloads, collects every function that ran, in
 //! any thread, and keeps those in tern's symbol table, in the order callgrind first names
 //! them. valgrind does not know seccomp: the workloads run with `--seccomp off`, and one more
-//! run with seccomp on covers the building of the filters, up to where installing them fails.
+//! run with seccomp on covers the start, up to where installing the filters fails.
+//!
+//! What runs only under the filters (the calls they refuse send std and the C library down
+//! other paths) is found from real runs: a copy of tern, dropped from the page cache, runs
+//! each workload with the block device's read-ahead at 0, so that the kernel reads exactly the
+//! pages of code that fault; the pages the copy then has in the page cache (`mincore`) are the
+//! ones the run executed, and every function on them is added after callgrind's. The device's
+//! read-ahead is set back at once (this needs root).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -35,9 +42,11 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tern-link-order-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = profile(&valgrind, tern, probe, &dir);
+    let touched = result.and_then(|names| Ok((names, touched_pages(tern, probe, &dir)?)));
     let _ = std::fs::remove_dir_all(&dir);
-    let names = result?;
+    let (mut names, pages) = touched?;
     let symbols = text_symbols(tern)?;
+    names.extend(functions_on(tern, &pages)?);
     let mut seen = HashSet::new();
     let order: Vec<&String> = names
         .iter()
@@ -106,6 +115,154 @@ fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec
         }
     }
     Ok(names)
+}
+
+/// The command line of workload `w` for `tern`, with extra arguments `extra` first.
+fn tern_args(probe: &Path, w: &(&str, &[&str]), sock: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = ["run", "--kernel"].iter().map(Into::into).collect();
+    a.push(probe.into());
+    for x in [
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--serial",
+        "stdio",
+        "--cmdline",
+        w.0,
+    ] {
+        a.push(x.into());
+    }
+    for x in w.1 {
+        a.push(if *x == "@SOCK" { sock.into() } else { x.into() });
+    }
+    a
+}
+
+/// Sets a block device's read-ahead, and sets it back when dropped.
+struct ReadAhead {
+    path: std::path::PathBuf,
+    old: String,
+}
+
+impl ReadAhead {
+    /// Read-ahead 0 for the device holding `file`.
+    fn off_for(file: &Path) -> Result<ReadAhead> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(file)?.dev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        let base = std::path::PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let path = [base.join("queue"), base.join("../queue")]
+            .into_iter()
+            .map(|q| q.join("read_ahead_kb"))
+            .find(|p| p.exists())
+            .with_context(|| format!("no read_ahead_kb for block device {major}:{minor}"))?;
+        let old = std::fs::read_to_string(&path)?.trim().to_string();
+        std::fs::write(&path, "0").with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(ReadAhead { path, old })
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
+}
+
+/// The pages (file offsets) of `tern` that real runs of the workloads, seccomp on, executed.
+fn touched_pages(tern: &Path, probe: &Path, dir: &Path) -> Result<HashSet<u64>> {
+    let copy = dir.join("tern");
+    std::fs::copy(tern, &copy)?;
+    std::fs::File::open(&copy)?.sync_all()?;
+    let _ra = ReadAhead::off_for(&copy)?;
+    let mut pages = HashSet::new();
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let f = std::fs::File::open(&copy)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: advice on our own descriptor; it drops clean cached pages only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let out = Command::new(&copy)
+            .args(tern_args(probe, w, &dir.join(format!("real.{i}"))))
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).contains("probe: done status=0") {
+            bail!(
+                "the probe did not pass ({}): {}",
+                w.0,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        pages.extend(cached_pages(&f)?);
+    }
+    Ok(pages)
+}
+
+/// The offsets of the pages of `f` in the page cache.
+fn cached_pages(f: &std::fs::File) -> Result<Vec<u64>> {
+    use std::os::fd::AsRawFd;
+    let len = f.metadata()?.len() as usize;
+    // SAFETY: a fresh read-only shared mapping of the whole file, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    if r != 0 {
+        bail!("mincore: {}", std::io::Error::last_os_error());
+    }
+    Ok((0..vec.len() as u64)
+        .filter(|i| vec[*i as usize] & 1 != 0)
+        .map(|i| i * 4096)
+        .collect())
+}
+
+/// The functions of `binary` that lie (partly) on the pages at file offsets `pages`.
+fn functions_on(binary: &Path, pages: &HashSet<u64>) -> Result<Vec<String>> {
+    let elf = std::fs::read(binary)?;
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    // The executable PT_LOAD segment: file offset = address - (p_vaddr - p_offset).
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    let delta = (0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .find(|&ph| {
+            let kind = u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap());
+            let flags = u32::from_le_bytes(elf[ph + 4..ph + 8].try_into().unwrap());
+            kind == 1 && flags & 1 != 0
+        })
+        .map(|ph| u64_at(ph + 16) - u64_at(ph + 8))
+        .context("no executable segment")?;
+    let nm = run_capture(Command::new("nm").args(["-S"]).arg(binary)).context("nm")?;
+    let mut out = Vec::new();
+    for l in nm.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let [addr, size, kind, name] = f[..] else {
+            continue;
+        };
+        if !matches!(kind, "t" | "T") {
+            continue;
+        }
+        let (Ok(a), Ok(s)) = (u64::from_str_radix(addr, 16), u64::from_str_radix(size, 16)) else {
+            continue;
+        };
+        let (first, last) = ((a - delta) / 4096, (a - delta + s.max(1) - 1) / 4096);
+        if (first..=last).any(|p| pages.contains(&(p * 4096))) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// The names of the functions in `binary`'s symbol table.

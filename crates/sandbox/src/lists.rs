@@ -339,7 +339,7 @@ const VMM: &[Rule] = &[
 ];
 
 /// The rules of `role`: [`COMMON`] and its own (the spawner's own only; see
-/// [`crate::seccomp::role_rules`]).
+/// [`crate::compile::role_rules`]).
 pub fn rules(role: Role) -> Vec<Rule> {
     let own: &[&[Rule]] = match role {
         Role::Vmm => &[VMM, FILE_IO, CONNECTIONS, EVENTS],
@@ -366,7 +366,7 @@ pub fn rules(role: Role) -> Vec<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seccomp::{number, role_rules, ROLES};
+    use crate::compile::{number, role_rules, ROLES};
 
     /// Calls no thread of tern may make: new programs and processes, debugging other
     /// processes or reading their memory, mounts and namespaces, identities, kernel modules

@@ -8,159 +8,29 @@
 //! call through and logs it (`dmesg`, the audit log: `type=1326 … syscall=N comm="…"`).
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use lifecycle::threads::{Device, Role};
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use lifecycle::threads::Role;
+use seccompiler::sock_filter;
 
-use crate::lists::{Arg, Rule};
-use crate::syscalls::SYSCALLS;
+pub use crate::compile::{compile, name, number, refusals, role_rules, Mode, ROLES};
 
-/// What a call outside a thread's list meets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Filters are applied; a violation ends tern with one line naming the thread and call.
-    On,
-    /// Filters are applied, but violations are only logged by the kernel.
-    Log,
-    /// No filters.
-    Off,
+/// One role's filters as the build script compiled them: its refusals, then its own.
+struct Filters {
+    role: &'static str,
+    refusals: &'static [&'static [sock_filter]],
+    own: &'static [sock_filter],
 }
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "on" => Ok(Mode::On),
-            "log" => Ok(Mode::Log),
-            "off" => Ok(Mode::Off),
-            _ => Err(format!("seccomp mode {s:?}: expected on, log or off")),
-        }
-    }
+/// One BPF instruction (the build script's output is a table of these).
+const fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
+    sock_filter { code, jt, jf, k }
 }
 
-/// Every role's filter is built for, in the order `role_lists` returns them.
-pub const ROLES: &[Role] = &[
-    Role::Vmm,
-    Role::Vcpu,
-    Role::DeviceWorker(Device::Block),
-    Role::DeviceWorker(Device::Net),
-    Role::DeviceWorker(Device::Rng),
-    Role::DeviceWorker(Device::Console),
-    Role::DeviceWorker(Device::Balloon),
-    Role::DeviceWorker(Device::Mem),
-    Role::DeviceWorker(Device::Vsock),
-    Role::Api,
-    Role::Io,
-    Role::Migration,
-    Role::Spawner,
-];
-
-/// The number of a system call named in the allow-lists.
-pub fn number(name: &str) -> Option<i64> {
-    SYSCALLS
-        .iter()
-        .find(|(_, n)| *n == name)
-        .map(|(nr, _)| i64::from(*nr))
-}
-
-/// The name of system call `nr`, if it has one.
-pub fn name(nr: i64) -> Option<&'static str> {
-    SYSCALLS
-        .iter()
-        .find(|(n, _)| i64::from(*n) == nr)
-        .map(|(_, name)| *name)
-}
-
-/// The rules of `role` (for the spawner: every role's rules and its own, since every thread
-/// begins under the spawner's filter).
-pub fn role_rules(role: Role) -> Vec<Rule> {
-    if role != Role::Spawner {
-        return crate::lists::rules(role);
-    }
-    let mut all = crate::lists::rules(Role::Spawner);
-    for r in ROLES.iter().filter(|r| **r != Role::Spawner) {
-        all.extend(crate::lists::rules(*r));
-    }
-    all
-}
-
-fn condition(a: &Arg) -> Result<SeccompCondition, String> {
-    let (idx, op, value) = match *a {
-        Arg::Eq(i, v) => (i, SeccompCmpOp::Eq, v),
-        Arg::MaskedEq(i, mask, v) => (i, SeccompCmpOp::MaskedEq(mask), v),
-    };
-    SeccompCondition::new(idx, SeccompCmpArgLen::Qword, op, value).map_err(|e| e.to_string())
-}
-
-/// Compiles `rules` into a filter whose mismatch action `mode` decides.
-pub fn compile(rules: &[Rule], mode: Mode) -> Result<BpfProgram, String> {
-    let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-    for (i, r) in rules.iter().enumerate() {
-        // Lists overlap (every role has the common list; the spawner has them all): a rule
-        // already compiled would only lengthen the filter.
-        if rules[..i].contains(r) {
-            continue;
-        }
-        let nr = number(r.syscall)
-            .ok_or_else(|| format!("allow-list names an unknown system call {:?}", r.syscall))?;
-        let entry = map.entry(nr).or_insert_with(|| Some(Vec::new()));
-        if r.when.is_empty() {
-            // Allowed whatever the arguments: no rule list (seccompiler's "always").
-            *entry = None;
-        } else if let Some(list) = entry {
-            let conds = r.when.iter().map(condition).collect::<Result<_, _>>()?;
-            list.push(SeccompRule::new(conds).map_err(|e| e.to_string())?);
-        }
-    }
-    let rules = map
-        .into_iter()
-        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
-        .collect();
-    let mismatch = match mode {
-        Mode::Log => SeccompAction::Log,
-        _ => SeccompAction::Trap,
-    };
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| e.to_string())?;
-    BpfProgram::try_from(filter).map_err(|e| e.to_string())
-}
-
-/// The filter that makes the calls [`crate::lists::refused`] names for `role` fail with their
-/// error (stacked on the role's own filter, which allows them): one filter per error number,
-/// since seccompiler gives a filter one action for every match.
-pub fn refusals(role: Role) -> Result<Vec<BpfProgram>, String> {
-    let calls = crate::lists::refused(role);
-    let mut programs: Vec<BpfProgram> = Vec::new();
-    let mut errnos: Vec<i32> = calls.iter().map(|c| c.1).collect();
-    errnos.dedup();
-    for errno in errnos {
-        let rules = calls
-            .iter()
-            .filter(|c| c.1 == errno)
-            .map(|(n, _)| {
-                number(n)
-                    .map(|nr| (nr, Vec::new()))
-                    .ok_or_else(|| format!("unknown system call {n:?}"))
-            })
-            .collect::<Result<_, _>>()?;
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::Errno(errno as u32),
-            TargetArch::x86_64,
-        )
-        .map_err(|e| e.to_string())?;
-        programs.push(BpfProgram::try_from(filter).map_err(|e| e.to_string())?);
-    }
-    Ok(programs)
-}
+// `FILTERS_ON` and `FILTERS_LOG`: every role's filters, for `Mode::On` and `Mode::Log`.
+include!(concat!(env!("OUT_DIR"), "/filters.rs"));
 
 /// Where violations are also written (besides stderr), `-1` for nowhere.
 static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
@@ -270,24 +140,20 @@ fn install_sigsys_handler() -> std::io::Result<()> {
     Ok(())
 }
 
-/// The compiled filters of each role, by role name: its refusals, then its own.
-struct Programs {
-    roles: BTreeMap<&'static str, (Vec<BpfProgram>, BpfProgram)>,
-}
-
-/// Applies the filter of `role` to the calling thread, named `name` in violation reports.
-fn apply(programs: &Programs, role: Role, name: &str) {
+/// Applies the filter of `role`, from `table`, to the calling thread, named `name` in
+/// violation reports.
+fn apply(table: &[Filters], role: Role, name: &str) {
     set_who(name, role);
     // The refusals go first: applying a filter takes `prctl` and `seccomp`, which the role's
     // own filter does not allow.
-    let result = programs
-        .roles
-        .get(role.name())
+    let result = table
+        .iter()
+        .find(|f| f.role == role.name())
         .ok_or_else(|| "no filter for this role".to_string())
-        .and_then(|(refusals, own)| {
-            refusals
+        .and_then(|f| {
+            f.refusals
                 .iter()
-                .chain(std::iter::once(own))
+                .chain(std::iter::once(&f.own))
                 .try_for_each(|p| seccompiler::apply_filter(p).map_err(|e| e.to_string()))
         });
     if let Err(e) = result {
@@ -304,26 +170,45 @@ fn apply(programs: &Programs, role: Role, name: &str) {
 /// applies its role's filter first, and the calling thread (the VMM's main thread) applies
 /// [`Role::Vmm`]'s. `report`, when given, receives a copy of every violation line.
 ///
+/// The filters were compiled when tern was built (build.rs), from the same lists: compiling
+/// them at every start took most of tern's start-up instructions and about 1 MiB of its peak
+/// memory.
+///
 /// Call it once, before any thread of tern's is started.
 pub fn install(mode: Mode, report: Option<File>) -> Result<(), String> {
-    if mode == Mode::Off {
-        return Ok(());
-    }
-    let mut roles = BTreeMap::new();
-    for &role in ROLES {
-        let what = |e: String| format!("seccomp filter of role {}: {e}", role.name());
-        let own = compile(&role_rules(role), mode).map_err(what)?;
-        roles.insert(role.name(), (refusals(role).map_err(what)?, own));
-    }
-    let programs = Programs { roles };
+    let table: &'static [Filters] = match mode {
+        Mode::Off => return Ok(()),
+        Mode::On => FILTERS_ON,
+        Mode::Log => FILTERS_LOG,
+    };
     if let Some(f) = report {
         let fd: RawFd = f.into_raw_fd();
         REPORT_FD.store(fd, Ordering::Relaxed);
     }
     install_sigsys_handler().map_err(|e| format!("cannot handle SIGSYS: {e}"))?;
-    let programs = std::sync::Arc::new(programs);
-    let for_threads = programs.clone();
-    lifecycle::threads::set_policy(Box::new(move |role, name| apply(&for_threads, role, name)))?;
-    apply(&programs, Role::Vmm, "tern-main");
+    lifecycle::threads::set_policy(Box::new(move |role, name| apply(table, role, name)))?;
+    apply(table, Role::Vmm, "tern-main");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables built in are what compiling the lists gives now.
+    #[test]
+    fn built_in_filters_match_the_lists() {
+        for (mode, table) in [(Mode::On, FILTERS_ON), (Mode::Log, FILTERS_LOG)] {
+            assert_eq!(table.len(), ROLES.len());
+            for (role, f) in ROLES.iter().zip(table) {
+                assert_eq!(f.role, role.name());
+                assert_eq!(f.own, &compile(&role_rules(*role), mode).unwrap()[..]);
+                let refusals = refusals(*role).unwrap();
+                assert_eq!(f.refusals.len(), refusals.len());
+                for (a, b) in f.refusals.iter().zip(&refusals) {
+                    assert_eq!(*a, &b[..]);
+                }
+            }
+        }
+    }
 }
