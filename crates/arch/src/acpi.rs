@@ -106,11 +106,15 @@ pub fn build(platform: &AcpiPlatform) -> Result<(Vec<TablePiece>, u64), AcpiErro
     });
 
     // DSDT: the S5 sleep type.
-    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // The body is built apart and appended once: `Sdt` sums the whole table again for every
+    // byte appended to it, which for a DSDT of PCI hotplug slots took most of tern's start.
+    let mut body = Vec::new();
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
-    s5.to_aml_bytes(&mut dsdt);
+    s5.to_aml_bytes(&mut body);
     // Then every device's own description.
-    dsdt.vec(&platform.devices);
+    body.vec(&platform.devices);
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&body);
     let dsdt_bytes = bytes(&dsdt);
     let dsdt_addr = next;
     next = align(next + dsdt_bytes.len() as u64);
