@@ -3,21 +3,24 @@
 //! are placed together at the front of the text, so a VM maps a few hundred KiB of tern's code
 //! instead of pieces of all of it (the kernel maps 64 KiB around every page of code that
 //! faults). `cargo xtask link-order` regenerates the list; a symbol that no longer exists only
-//! loses its place. `TERN_LINK_ORDER=0` turns this off, for a linker other than lld.
+//! loses its place. It is used only where rustc links with its own lld (Rust 1.90 and later,
+//! no other linker configured); `TERN_LINK_ORDER=0` turns it off. The list names v0 symbols
+//! (`.cargo/config.toml`); a build whose `RUSTFLAGS` replace that setting only loses the order.
 //!
 //! Where the C library supports them (glibc 2.36 and later), relative relocations are packed
 //! (`-z pack-relative-relocs`): the dynamic loader then reads a few KiB of them at start instead
-//! of 180 KiB.
+//! of 180 KiB. A binary built so needs glibc 2.36 or later wherever it runs.
 
 fn main() {
     println!("cargo:rerun-if-changed=link-order.txt");
     println!("cargo:rerun-if-env-changed=TERN_LINK_ORDER");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
     let release = std::env::var("PROFILE").as_deref() == Ok("release");
     let gnu = std::env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu");
     let off = std::env::var("TERN_LINK_ORDER").as_deref() == Ok("0");
     let list = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default())
         .join("link-order.txt");
-    if release && gnu && !off && list.is_file() {
+    if release && gnu && !off && list.is_file() && links_with_rust_lld() {
         println!(
             "cargo:rustc-link-arg-bin=tern=-Wl,--symbol-ordering-file={}",
             list.display()
@@ -27,6 +30,31 @@ fn main() {
             println!("cargo:rustc-link-arg-bin=tern=-Wl,-z,pack-relative-relocs");
         }
     }
+}
+
+/// Whether rustc links this build with its own lld: Rust 1.90 or later on this target, with no
+/// linker named in the environment or the flags.
+fn links_with_rust_lld() -> bool {
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if flags.contains("linker") || flags.contains("fuse-ld") {
+        return false;
+    }
+    if std::env::var_os("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_some() {
+        return false;
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(out) = std::process::Command::new(rustc).arg("-V").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (…)"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (1, 90)
 }
 
 /// Whether this host's C library defines `GLIBC_ABI_DT_RELR` (packed relative relocations): a

@@ -70,23 +70,42 @@ pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
                     }
                 }
             }
-            if start.elapsed() > Duration::from_secs(60) {
-                // SAFETY: signalling our own child, not yet reaped (we hold its stdout).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                bail!("{name} took over 60 s");
-            }
         }
         Ok((first_line_ms, fields))
     });
-    let hwm = trace_to_exit(pid);
+    // A watchdog ends a VMM that runs over 60 s, printing or not; it is called off as soon as
+    // the tracer below has reaped the VMM.
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            watch.recv_timeout(Duration::from_secs(60))
+        {
+            // SAFETY: signalling our own child; the tracer calls this off right after reaping
+            // it, so only that instant could see the pid gone.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return true;
+        }
+        false
+    });
+    let traced = trace_to_exit(pid);
+    if traced.is_err() {
+        // SAFETY: our own child, possibly held in a ptrace stop that nobody will resume now.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // SAFETY: reaping it, so that its stdout closes and the reader ends.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    drop(done);
     let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+    if watchdog.join().unwrap_or(false) {
+        bail!("{name} took over 60 s");
+    }
     let (first_line_ms, fields) = reader.join().map_err(|_| anyhow::anyhow!("reader"))??;
-    let max_rss_kib = hwm?.with_context(|| {
-        format!(
-            "{}: its main thread ended without an exit stop",
-            program.display()
-        )
-    })?;
+    let (hwm, status) = traced?;
+    if libc::WIFSIGNALED(status) {
+        bail!("{name} was killed by signal {}", libc::WTERMSIG(status));
+    }
+    let max_rss_kib =
+        hwm.with_context(|| format!("{name}: its main thread ended without an exit stop"))?;
     Ok(Sample {
         first_line_ms: first_line_ms.context("the guest printed no probe line")?,
         wall_ms,
@@ -96,8 +115,8 @@ pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
 }
 
 /// Follows the traced child `pid` to its end, passing on every signal; returns its `VmHWM` in
-/// KiB as read at the main thread's exit stop (None if there was none).
-fn trace_to_exit(pid: libc::pid_t) -> Result<Option<u64>> {
+/// KiB as read at the main thread's exit stop (None if there was none), and its wait status.
+fn trace_to_exit(pid: libc::pid_t) -> Result<(Option<u64>, i32)> {
     let mut hwm = None;
     let mut execed = false;
     loop {
@@ -108,7 +127,7 @@ fn trace_to_exit(pid: libc::pid_t) -> Result<Option<u64>> {
             bail!("waitpid: {}", std::io::Error::last_os_error());
         }
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-            return Ok(hwm);
+            return Ok((hwm, status));
         }
         if !libc::WIFSTOPPED(status) {
             continue;

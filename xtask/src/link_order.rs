@@ -39,7 +39,12 @@ const WORKLOADS: [(&str, &[&str]); 6] = [
 
 pub fn run(tern: &Path, probe: &Path) -> Result<()> {
     let valgrind = ensure_tool("valgrind", "valgrind")?;
-    let dir = std::env::temp_dir().join(format!("tern-link-order-{}", std::process::id()));
+    // Beside the binary, not in /tmp: the copy must be on a block device (tmpfs has no
+    // read-ahead to turn off).
+    let dir = tern
+        .parent()
+        .context("tern has no directory")?
+        .join(format!("link-order.{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = profile(&valgrind, tern, probe, &dir);
     let touched = result.and_then(|names| Ok((names, touched_pages(tern, probe, &dir)?)));
@@ -159,6 +164,10 @@ impl ReadAhead {
             .with_context(|| format!("no read_ahead_kb for block device {major}:{minor}"))?;
         let old = std::fs::read_to_string(&path)?.trim().to_string();
         std::fs::write(&path, "0").with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!(
+            "link-order: {} is 0 while tern runs (it was {old}; if interrupted, write {old} back)",
+            path.display()
+        );
         Ok(ReadAhead { path, old })
     }
 }

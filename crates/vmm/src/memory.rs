@@ -417,6 +417,15 @@ mod tests {
 
     #[test]
     fn huge_pages_only_for_large_guests() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            // The advice fails (EINVAL) on a kernel without THP, and sets no flag.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but this kernel has no transparent huge pages"
+            );
+            eprintln!("SKIPPED: this kernel has no transparent huge pages");
+            return;
+        }
         let small = allocate(&[(0, 64 << 20)]).unwrap();
         let flags = vm_flags(small.iter().next().unwrap().as_ptr() as usize);
         assert!(flags.contains(" nh"), "64 MiB: {flags}");
