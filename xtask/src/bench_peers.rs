@@ -29,6 +29,8 @@ pub(crate) struct Peer {
     pub kind: Kind,
     pub program: PathBuf,
     pub dir: PathBuf,
+    /// The first line of its `--version`.
+    pub version: String,
 }
 
 impl PeerOpts {
@@ -57,6 +59,11 @@ impl PeerOpts {
                 kind,
                 program: program.clone(),
                 dir,
+                version: String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
             });
         }
         Ok(v)
@@ -141,7 +148,7 @@ pub(crate) fn describe(peers: &[Peer]) -> Vec<String> {
                 "{}: {} ({})",
                 p.kind.short(),
                 p.program.display(),
-                crate::util::first_line_of(&p.program, "--version")
+                p.version
             )
         })
         .collect()

@@ -240,8 +240,10 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
-fn tern_args(probe: &str, w: &Workload) -> Vec<String> {
-    let mut a: Vec<String> = [
+/// `tern run` on the probe with the benchmarks' machine (1 vCPU, 64 MiB, serial on stdout) and
+/// command line `cmdline`.
+pub(crate) fn probe_run_args(probe: &str, cmdline: &str) -> Vec<String> {
+    [
         "run",
         "--kernel",
         probe,
@@ -252,11 +254,15 @@ fn tern_args(probe: &str, w: &Workload) -> Vec<String> {
         "--serial",
         "stdio",
         "--cmdline",
-        w.cmdline,
+        cmdline,
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect();
+    .collect()
+}
+
+fn tern_args(probe: &str, w: &Workload) -> Vec<String> {
+    let mut a = probe_run_args(probe, w.cmdline);
     a.extend(w.tern.iter().map(|s| s.to_string()));
     a
 }

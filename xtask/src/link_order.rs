@@ -50,8 +50,9 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
     let touched = result.and_then(|names| Ok((names, touched_pages(tern, probe, &dir)?)));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut names, pages) = touched?;
-    let symbols = text_symbols(tern)?;
-    names.extend(functions_on(tern, &pages)?);
+    let functions = functions(tern)?;
+    names.extend(functions_on(tern, &functions, &pages)?);
+    let symbols: HashSet<&str> = functions.iter().map(|f| f.name.as_str()).collect();
     let mut seen = HashSet::new();
     let order: Vec<&String> = names
         .iter()
@@ -84,19 +85,9 @@ fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec
         cmd.args(["--tool=callgrind", "--demangle=no"])
             .arg(format!("--callgrind-out-file={}", out.display()))
             .arg(tern)
-            .args(["run", "--kernel"])
-            .arg(probe)
-            .args(["--memory", "64M", "--cpus", "1", "--serial", "stdio"])
-            .args(["--cmdline", cmdline]);
+            .args(tern_args(probe, &(cmdline, extra), &sock));
         if !extra.contains(&"--seccomp") {
             cmd.args(["--seccomp", "off"]);
-        }
-        for a in extra.iter() {
-            if *a == "@SOCK" {
-                cmd.arg(&sock);
-            } else {
-                cmd.arg(a);
-            }
         }
         let output = cmd
             .output()
@@ -122,22 +113,14 @@ fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec
     Ok(names)
 }
 
-/// The command line of workload `w` for `tern`, with extra arguments `extra` first.
+/// The `tern run` command line of workload `w`: the probe's, then the workload's own flags
+/// (`@SOCK` standing for `sock`).
 fn tern_args(probe: &Path, w: &(&str, &[&str]), sock: &Path) -> Vec<std::ffi::OsString> {
-    let mut a: Vec<std::ffi::OsString> = ["run", "--kernel"].iter().map(Into::into).collect();
-    a.push(probe.into());
-    for x in [
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--serial",
-        "stdio",
-        "--cmdline",
-        w.0,
-    ] {
-        a.push(x.into());
-    }
+    let probe = probe.display().to_string();
+    let mut a: Vec<std::ffi::OsString> = crate::bench_probe::probe_run_args(&probe, w.0)
+        .into_iter()
+        .map(Into::into)
+        .collect();
     for x in w.1 {
         a.push(if *x == "@SOCK" { sock.into() } else { x.into() });
     }
@@ -238,7 +221,11 @@ fn cached_pages(f: &std::fs::File) -> Result<Vec<u64>> {
 }
 
 /// The functions of `binary` that lie (partly) on the pages at file offsets `pages`.
-fn functions_on(binary: &Path, pages: &HashSet<u64>) -> Result<Vec<String>> {
+fn functions_on(
+    binary: &Path,
+    functions: &[Function],
+    pages: &HashSet<u64>,
+) -> Result<Vec<String>> {
     let elf = std::fs::read(binary)?;
     let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
     let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
@@ -253,36 +240,48 @@ fn functions_on(binary: &Path, pages: &HashSet<u64>) -> Result<Vec<String>> {
         })
         .map(|ph| u64_at(ph + 16) - u64_at(ph + 8))
         .context("no executable segment")?;
-    let nm = run_capture(Command::new("nm").args(["-S"]).arg(binary)).context("nm")?;
     let mut out = Vec::new();
-    for l in nm.lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let [addr, size, kind, name] = f[..] else {
-            continue;
-        };
-        if !matches!(kind, "t" | "T") {
-            continue;
-        }
-        let (Ok(a), Ok(s)) = (u64::from_str_radix(addr, 16), u64::from_str_radix(size, 16)) else {
-            continue;
-        };
-        let (first, last) = ((a - delta) / 4096, (a - delta + s.max(1) - 1) / 4096);
+    for f in functions {
+        let Some(s) = f.size else { continue };
+        let (first, last) = (
+            (f.addr - delta) / 4096,
+            (f.addr - delta + s.max(1) - 1) / 4096,
+        );
         if (first..=last).any(|p| pages.contains(&(p * 4096))) {
-            out.push(name.to_string());
+            out.push(f.name.clone());
         }
     }
     Ok(out)
 }
 
-/// The names of the functions in `binary`'s symbol table.
-fn text_symbols(binary: &Path) -> Result<HashSet<String>> {
-    let nm = run_capture(Command::new("nm").arg(binary)).context("nm")?;
+/// A function in a binary's symbol table.
+struct Function {
+    addr: u64,
+    /// Its size, where the symbol table gives one.
+    size: Option<u64>,
+    name: String,
+}
+
+/// The functions in `binary`'s symbol table (`nm -S`).
+fn functions(binary: &Path) -> Result<Vec<Function>> {
+    let nm = run_capture(Command::new("nm").arg("-S").arg(binary)).context("nm")?;
     Ok(nm
         .lines()
         .filter_map(|l| {
-            let mut p = l.split_whitespace();
-            let (_, kind, name) = (p.next()?, p.next()?, p.next()?);
-            matches!(kind, "t" | "T").then(|| name.to_string())
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, size, kind, name) = match f[..] {
+                [a, s, k, n] => (a, Some(s), k, n),
+                [a, k, n] => (a, None, k, n),
+                _ => return None,
+            };
+            if !matches!(kind, "t" | "T") {
+                return None;
+            }
+            Some(Function {
+                addr: u64::from_str_radix(addr, 16).ok()?,
+                size: size.map(|s| u64::from_str_radix(s, 16)).transpose().ok()?,
+                name: name.to_string(),
+            })
         })
         .collect())
 }
