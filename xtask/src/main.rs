@@ -40,6 +40,7 @@ mod debian_fw;
 mod debs;
 mod fuzz;
 mod images;
+mod l0_watch;
 mod link_order;
 mod modules;
 mod rig;

@@ -6,6 +6,7 @@
 
 use crate::debian;
 use crate::images::{self, l1, Images};
+use crate::l0_watch::{self, Stall};
 use crate::scenarios::{self, KernelForm, Scenario, Vmm};
 use crate::spec::{AgentSpec, RunResult, RunSpec, FRAME};
 use crate::util::{build_dir, human_bytes, workspace_root};
@@ -87,6 +88,8 @@ pub struct Freeze {
 pub struct RigRun {
     pub results: Vec<RunResult>,
     pub freezes: Vec<Freeze>,
+    /// Times L1 went silent long enough for the rig to nudge it (see `l0_watch.rs`).
+    pub stalls: Vec<Stall>,
     /// How many runs each VMM made (each run is one or more guest boots).
     pub runs_by_vmm: BTreeMap<&'static str, usize>,
     /// Lines in the runs' output where tern's seccomp filter stopped a call.
@@ -99,11 +102,17 @@ impl RigRun {
         self.freezes.iter().filter(|f| f.vmm == Some(vmm)).count()
     }
 
-    /// One line for CI: how many times L1 froze, and under which VMM.
+    /// One line for CI: how many times L1 froze, and under which VMM; then how often it went
+    /// silent long enough to be nudged, and how often the nudge woke it.
     pub fn freeze_summary(&self) -> String {
         let runs = |k: &str| self.runs_by_vmm.get(k).copied().unwrap_or(0);
+        let woke = self
+            .stalls
+            .iter()
+            .filter(|s| s.woke_after_secs.is_some())
+            .count();
         format!(
-            "L1 froze {} time(s): {} during tern runs ({} runs), {} during QEMU runs ({} runs){}",
+            "L1 froze {} time(s): {} during tern runs ({} runs), {} during QEMU runs ({} runs){}; stalled {} time(s), {woke} woken by a key press",
             self.freezes.len(),
             self.freezes_of(Vmm::Tern),
             runs("tern"),
@@ -112,7 +121,8 @@ impl RigRun {
             match self.freezes.iter().filter(|f| f.vmm.is_none()).count() {
                 0 => String::new(),
                 n => format!(", {n} between runs"),
-            }
+            },
+            self.stalls.len(),
         )
     }
 
@@ -518,7 +528,9 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
     let mut freezes: Vec<Freeze> = Vec::new();
     // L1 (nested SVM under TCG) may freeze for good mid-run. A frozen L1 is killed and a fresh
     // one runs the runs that have no result yet; a run during which L1 froze twice fails.
-    let mut stalls: BTreeMap<String, u32> = BTreeMap::new();
+    let mut froze_in: BTreeMap<String, u32> = BTreeMap::new();
+    // Silences the rig ended with a key press (l0_watch.rs), whether L1 woke or not.
+    let mut stalls: Vec<Stall> = Vec::new();
     let mut l1_boot = 0;
     // Built once for every L1 boot (not at all if no run can start).
     let imgs = if to_run.is_empty() {
@@ -567,6 +579,7 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 results: &mut results,
                 logs: &mut logs,
                 notes: &mut notes,
+                stalls: &mut stalls,
                 live,
             },
         )?;
@@ -584,7 +597,7 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 }
                 freezes.push(freeze);
                 if vmm_of.contains_key(&name) {
-                    let n = stalls.entry(name.clone()).or_default();
+                    let n = froze_in.entry(name.clone()).or_default();
                     *n += 1;
                     if *n >= 2 {
                         results.insert(
@@ -677,10 +690,31 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 .map_or(String::new(), |p| format!(", diagnostics {}", p.display()))
         );
     }
+    for s in stalls.iter_mut() {
+        s.vmm = vmm_of.get(&s.run).copied();
+        println!(
+            "L1 STALLED during {} ({}), L1 boot {}, silent from {:.0}s into the run, L0 CPU while silent: {}; {}{}",
+            s.run,
+            s.vmm.map_or("no VMM", vmm_key),
+            s.l1_boot,
+            s.last_heard_secs,
+            s.l0_cpu_secs
+                .map_or("unknown".to_string(), |c| format!("{c:.1}s")),
+            match (s.sent, s.woke_after_secs) {
+                (false, _) => "the monitor did not take the key press".to_string(),
+                (true, Some(w)) => format!("L1 spoke again {w:.1}s after a key press"),
+                (true, None) => "a key press did not wake it".to_string(),
+            },
+            s.diagnostics
+                .as_ref()
+                .map_or(String::new(), |p| format!(", diagnostics {}", p.display()))
+        );
+    }
     println!("logs: {}", dir.display());
     Ok(RigRun {
         results: ordered,
         freezes,
+        stalls,
         runs_by_vmm,
         seccomp_violations,
     })
@@ -813,6 +847,7 @@ struct L1Sink<'a> {
     results: &'a mut BTreeMap<String, RunResult>,
     logs: &'a mut BTreeMap<String, Vec<u8>>,
     notes: &'a mut Vec<String>,
+    stalls: &'a mut Vec<Stall>,
     /// Echo guest output to stdout as it arrives.
     live: bool,
 }
@@ -867,74 +902,6 @@ const L1_FREEZE_GRACE: Duration = Duration::from_secs(45);
 /// The agent prints a heartbeat every few seconds (`agent.rs`); an L1 silent this long has
 /// frozen.
 const L1_SILENCE: Duration = Duration::from_secs(45);
-
-/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf(3) only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
-}
-
-/// Asks the L0 emulator's monitor what L1's CPU is doing; returns the transcript.
-fn monitor_dump(sock: &Path) -> Option<String> {
-    use std::io::Read;
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .ok()?;
-    stream
-        .write_all(b"info status\ninfo registers\ninfo lapic\ninfo pic\ninfo irq\n")
-        .ok()?;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if !out.is_empty() {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    Some(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// What the L0 emulator was doing when L1 froze: its monitor's view of L1's CPU and, if gdb is
-/// installed, the emulator's threads (a vCPU thread waiting on its condition variable means L1
-/// halted and no interrupt woke it; one waiting on a lock means the emulator deadlocked).
-fn freeze_diagnostics(monitor: &Path, pid: u32) -> Option<String> {
-    let mut text = String::new();
-    if let Some(m) = monitor_dump(monitor) {
-        text.push_str("== L0 monitor\n");
-        text.push_str(&m);
-        text.push('\n');
-    }
-    if let Some(gdb) = crate::util::which("gdb") {
-        let out = Command::new(gdb)
-            .args(["-batch", "-nx", "-p"])
-            .arg(pid.to_string())
-            .args(["-ex", "thread apply all bt"])
-            .stdin(Stdio::null())
-            .output();
-        if let Ok(out) = out {
-            text.push_str("== L0 threads (gdb)\n");
-            text.push_str(&String::from_utf8_lossy(&out.stdout));
-        }
-    }
-    (!text.is_empty()).then_some(text)
-}
 
 fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
     let console_path = rig_dir().join(format!("l1-console-{}.txt", boot.number));
@@ -991,8 +958,20 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
     let mut finished_runs = 0;
     let mut current: Option<(String, Instant)> = None;
     let mut last_heard = Instant::now();
-    let mut cpu_at_last_heard = cpu_secs(pid);
+    let mut cpu_at_last_heard = l0_watch::cpu_secs(pid);
     let mut froze: Option<Freeze> = None;
+    // The nudge sent in the current silence, if any, and when.
+    let mut nudged: Option<(Stall, Instant)> = None;
+    let seconds_into_run = |current: &Option<(String, Instant)>, last_heard: Instant| {
+        current.as_ref().map_or(0.0, |(_, at)| {
+            last_heard.saturating_duration_since(*at).as_secs_f64()
+        })
+    };
+    let run_name = |current: &Option<(String, Instant)>| {
+        current
+            .as_ref()
+            .map_or("(between runs)".to_string(), |(n, _)| n.clone())
+    };
     loop {
         let now = Instant::now();
         let limit = if init_reached {
@@ -1011,32 +990,71 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let cpu_since_heard = || match (l0_watch::cpu_secs(pid), cpu_at_last_heard) {
+            (Some(now), Some(then)) => Some(now - then),
+            _ => None,
+        };
         if freeze_at.is_some_and(|f| now >= f) {
-            let cpu = match (cpu_secs(pid), cpu_at_last_heard) {
-                (Some(now), Some(then)) => Some(now - then),
-                _ => None,
-            };
-            let diagnostics = freeze_diagnostics(&monitor, pid).map(|text| {
-                let path = rig_dir().join(format!("freeze-l1-{}.txt", boot.number));
-                let _ = std::fs::write(&path, text);
-                path
-            });
+            let cpu = cpu_since_heard();
+            let diagnostics = l0_watch::save_diagnostics(
+                &monitor,
+                pid,
+                rig_dir().join(format!("freeze-l1-{}.txt", boot.number)),
+            );
+            if let Some((stall, _)) = nudged.take() {
+                sink.stalls.push(stall);
+            }
             froze = Some(Freeze {
-                run: current
-                    .as_ref()
-                    .map_or("(between runs)".to_string(), |(n, _)| n.clone()),
+                run: run_name(&current),
                 vmm: None,
                 l1_boot: boot.number,
                 runs_before: finished_runs,
-                last_heard_secs: current.as_ref().map_or(0.0, |(_, at)| {
-                    last_heard.saturating_duration_since(*at).as_secs_f64()
-                }),
+                last_heard_secs: seconds_into_run(&current, last_heard),
                 l0_cpu_secs: cpu,
                 diagnostics,
             });
             break;
         }
-        let limit = freeze_at.map_or(limit, |f| f.min(limit));
+        // A long silence may be the emulator's lost interrupt: save what L0 sees, then send
+        // L1 a key press, whose interrupt brings the lost one back (l0_watch.rs).
+        let nudge_at = (agent_started && !done && nudged.is_none())
+            .then_some(last_heard + l0_watch::NUDGE_AFTER);
+        if nudge_at.is_some_and(|n| now >= n) {
+            let l0_cpu_secs = cpu_since_heard();
+            let number = sink.stalls.len() + 1;
+            let diagnostics = l0_watch::save_diagnostics(
+                &monitor,
+                pid,
+                rig_dir().join(format!("stall-l1-{}-{number}.txt", boot.number)),
+            );
+            let sent = l0_watch::nudge(&monitor);
+            eprintln!(
+                "[rig] {:6.1}s L1 silent for {}s; {}",
+                start.elapsed().as_secs_f64(),
+                l0_watch::NUDGE_AFTER.as_secs(),
+                if sent {
+                    "sent it a key press"
+                } else {
+                    "the L0 monitor did not answer"
+                }
+            );
+            let stall = Stall {
+                run: run_name(&current),
+                vmm: None,
+                l1_boot: boot.number,
+                last_heard_secs: seconds_into_run(&current, last_heard),
+                l0_cpu_secs,
+                sent,
+                woke_after_secs: None,
+                diagnostics,
+            };
+            nudged = Some((stall, Instant::now()));
+            continue;
+        }
+        let limit = [freeze_at, nudge_at]
+            .into_iter()
+            .flatten()
+            .fold(limit, |l, f| f.min(l));
         if now >= limit {
             if init_reached {
                 sink.notes.push(format!(
@@ -1051,7 +1069,16 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
         };
         if event.is_some() {
             last_heard = Instant::now();
-            cpu_at_last_heard = cpu_secs(pid);
+            cpu_at_last_heard = l0_watch::cpu_secs(pid);
+            if let Some((mut stall, at)) = nudged.take() {
+                let woke = at.elapsed().as_secs_f64();
+                eprintln!(
+                    "[rig] {:6.1}s L1 spoke again {woke:.1}s after the key press",
+                    start.elapsed().as_secs_f64()
+                );
+                stall.woke_after_secs = Some(woke);
+                sink.stalls.push(stall);
+            }
         }
         let t = start.elapsed().as_secs_f64();
         if !matches!(event, Some(Event::Log(..) | Event::Heartbeat)) {
@@ -1235,6 +1262,7 @@ mod tests {
         RigRun {
             results: Vec::new(),
             freezes,
+            stalls: Vec::new(),
             seccomp_violations: Vec::new(),
             runs_by_vmm: [("tern", tern_runs), ("qemu", qemu_runs)]
                 .into_iter()
@@ -1269,7 +1297,29 @@ mod tests {
         assert!(!between.tern_froze_more());
         assert_eq!(
             between.freeze_summary(),
-            "L1 froze 2 time(s): 0 during tern runs (3 runs), 1 during QEMU runs (2 runs), 1 between runs"
+            "L1 froze 2 time(s): 0 during tern runs (3 runs), 1 during QEMU runs (2 runs), 1 between runs; stalled 0 time(s), 0 woken by a key press"
+        );
+    }
+
+    #[test]
+    fn stalls_are_counted_apart_from_freezes() {
+        let stall = |woke: Option<f64>| Stall {
+            run: "r".into(),
+            vmm: Some(Vmm::Tern),
+            l1_boot: 1,
+            last_heard_secs: 3.0,
+            l0_cpu_secs: Some(0.4),
+            sent: true,
+            woke_after_secs: woke,
+            diagnostics: None,
+        };
+        let mut run = rig_run(vec![freeze(Some(Vmm::Tern))], 20, 4);
+        run.stalls = vec![stall(Some(0.2)), stall(Some(1.0)), stall(None)];
+        // A stall a key press ended is the emulator's lost interrupt, not a freeze.
+        assert!(!run.tern_froze_more());
+        assert_eq!(
+            run.freeze_summary(),
+            "L1 froze 1 time(s): 1 during tern runs (20 runs), 0 during QEMU runs (4 runs); stalled 3 time(s), 2 woken by a key press"
         );
     }
 
