@@ -120,6 +120,17 @@ fn execute(run: &RunSpec) -> (RunResult, Vec<u8>) {
         result.error = Some(format!("{program} not found in L1"));
         return (result, Vec::new());
     }
+    for (path, contents) in &run.files {
+        let path = std::path::Path::new(path);
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(path, contents));
+        if let Err(e) = written {
+            result.error = Some(format!("cannot write {}: {e}", path.display()));
+            return (result, Vec::new());
+        }
+    }
     let (reader, writer) = match std::io::pipe() {
         Ok(p) => p,
         Err(e) => {

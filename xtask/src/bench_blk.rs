@@ -12,13 +12,17 @@
 //! own (non-huge-page) buffers, on the same file or device.
 //!
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
-//! (bench_terns.rs), with `baseline` and `tern/baseline` columns.
+//! (bench_terns.rs), with `baseline` and `tern/baseline` columns. `--firecracker PATH` and
+//! `--cloud-hypervisor PATH` add the peers (bench_peers.rs) on the rows they have the disk
+//! for: Firecracker raw files over virtio-mmio through the page cache (`io_engine` Async,
+//! io_uring); Cloud Hypervisor every virtio-pci row (`direct=on` for cache=none).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench_peers::{self, Peer, ProbeDisk, ProbeGuest};
 use crate::bench_probe::{field, median, sample, Sample};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
@@ -281,7 +285,7 @@ fn fio(file: &Path, rw: &str, bs: &str, depth: u32, direct: bool) -> Result<(f64
 }
 
 /// Runs the benchmark with `runs` boots per VMM (each tern variant and QEMU) and setup.
-pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
     crate::util::ensure_tool("fio", "fio")?;
     let file = bench_file()?;
     let p = probe.display().to_string();
@@ -294,15 +298,19 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
     if let Some(d) = describe(terns) {
         println!("{d}");
     }
+    for d in bench_peers::describe(peers) {
+        println!("{d}");
+    }
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}{}",
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}{}{}",
         "workload",
         "tern",
         "qemu",
         "tern/qemu",
         "fio",
         "tern/fio",
-        baseline_heads(terns, 10)
+        baseline_heads(terns, 10),
+        bench_peers::heads(peers, 10)
     );
     let device = LoopDevice::attach(&file);
     let qcow2 = qcow2_file(&file)?;
@@ -318,11 +326,35 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
         // t[run][variant]
         let mut t: Vec<Vec<Sample>> = Vec::new();
         let mut q: Vec<Sample> = Vec::new();
+        // pe[peer] = that peer's samples (none where it has no such disk).
+        let mut pe: Vec<Vec<Sample>> = peers.iter().map(|_| Vec::new()).collect();
+        let guest_cmdline = cmdline("");
         for run in 0..runs {
             t.push(run_terns(terns, run, |v| {
                 sample(&v.program, &v.args(&tern_args(&p, &file, s, "", "")))
             })?);
             q.push(sample(qemu, &qemu_args(&p, &file, s))?);
+            for (i, peer) in peers.iter().enumerate() {
+                if !peer.kind.has_disk(s.transport, s.direct, s.qcow2) {
+                    continue;
+                }
+                let g = ProbeGuest {
+                    kernel: probe,
+                    cmdline: &guest_cmdline,
+                    memory_mib: 256,
+                    rng: false,
+                    disk: Some(ProbeDisk {
+                        path: &file,
+                        direct: s.direct,
+                    }),
+                    tap: None,
+                };
+                let args = bench_peers::probe_args(peer, &g, "blk")?;
+                pe[i].push(
+                    sample(&peer.program, &args)
+                        .with_context(|| format!("{} blk", peer.kind.short()))?,
+                );
+            }
         }
         let rows = [
             (
@@ -356,12 +388,20 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
             let fio_file = if s.qcow2 { &raw } else { &file };
             let (fi, fm) = fio(fio_file, rw, bs, depth, s.direct)?;
             let f = if key == "seq_mbps" { fm } else { fi };
+            let peer_median = |i: usize| {
+                if pe[i].is_empty() {
+                    f64::NAN
+                } else {
+                    median(pe[i].iter().map(|x| field(x, key)).collect())
+                }
+            };
             println!(
-                "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}{}",
+                "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}{}{}",
                 format!("{} {cache}: {name}", s.transport),
                 tm / qm,
                 tm / f,
-                baseline_cells(terns, 10, 0, tern_median)
+                baseline_cells(terns, 10, 0, tern_median),
+                bench_peers::cells(peers, 10, qm, peer_median)
             );
         }
     }

@@ -12,13 +12,16 @@
 //! frames.
 //!
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
-//! (bench_terns.rs), with `baseline` and `tern/baseline` columns.
+//! (bench_terns.rs), with `baseline` and `tern/baseline` columns. `--firecracker PATH` (its
+//! virtio-net over mmio) and `--cloud-hypervisor PATH` (over pci) add the peers on their
+//! transport, on the same `tap0` (bench_peers.rs); a row a peer's device cannot do shows `-`.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use netpeer::{NetNs, Peer};
 
+use crate::bench_peers::{self, Kind, ProbeGuest};
 use crate::bench_probe::{field, median, sample, Sample};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
@@ -131,7 +134,13 @@ fn boot(program: &Path, args: &[String], keys: &[&str]) -> Result<Sample> {
 }
 
 /// Runs the benchmark with `runs` boots per VMM (each tern variant and QEMU) and transport.
-pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+pub fn run(
+    terns: &[Tern],
+    peers: &[bench_peers::Peer],
+    probe: &Path,
+    qemu: &Path,
+    runs: usize,
+) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
         bail!("bench-net needs root and /dev/net/tun (network namespaces, TAP devices)");
@@ -147,18 +156,24 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
     if let Some(d) = describe(terns) {
         println!("{d}");
     }
+    for d in bench_peers::describe(peers) {
+        println!("{d}");
+    }
     println!(
-        "{:<30} {:>10} {:>10} {:>10}{}",
+        "{:<30} {:>10} {:>10} {:>10}{}{}",
         "workload",
         "tern",
         "qemu",
         "tern/qemu",
-        baseline_heads(terns, 10)
+        baseline_heads(terns, 10),
+        bench_peers::heads(peers, 10)
     );
     for transport in ["mmio", "pci"] {
         // t[run][variant]
         let mut t: Vec<Vec<Sample>> = Vec::new();
         let mut q: Vec<Sample> = Vec::new();
+        // pe[peer] = that peer's samples (none off its transport).
+        let mut pe: Vec<Vec<Sample>> = peers.iter().map(|_| Vec::new()).collect();
         for run in 0..runs {
             t.push(run_terns(terns, run, |v| {
                 boot(
@@ -168,16 +183,50 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, runs: usize) -> Result<()>
                 )
             })?);
             q.push(boot(qemu, &qemu_args(&p, transport), &keys)?);
+            for (i, peer) in peers.iter().enumerate() {
+                let on = match peer.kind {
+                    Kind::Firecracker => "mmio",
+                    Kind::CloudHypervisor => "pci",
+                };
+                if on != transport {
+                    continue;
+                }
+                let cmdline = cmdline("");
+                let g = ProbeGuest {
+                    kernel: probe,
+                    cmdline: &cmdline,
+                    memory_mib: 128,
+                    rng: false,
+                    disk: None,
+                    tap: Some("tap0"),
+                };
+                let args = bench_peers::probe_args(peer, &g, "net")?;
+                // A test the peer's device cannot run leaves its row empty, not the run failed.
+                pe[i].push(boot(&peer.program, &args, &[])?);
+            }
         }
         for (key, name) in ROWS {
             let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
             let tm = tern_median(0);
             let qm = median(q.iter().map(|x| field(x, key)).collect());
+            let peer_median = |i: usize| {
+                let v: Vec<f64> = pe[i]
+                    .iter()
+                    .map(|x| field(x, key))
+                    .filter(|v| v.is_finite())
+                    .collect();
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    median(v)
+                }
+            };
             println!(
-                "{:<30} {tm:>10.0} {qm:>10.0} {:>10.2}{}",
+                "{:<30} {tm:>10.0} {qm:>10.0} {:>10.2}{}{}",
                 format!("{transport}: {name}"),
                 tm / qm,
-                baseline_cells(terns, 10, 0, tern_median)
+                baseline_cells(terns, 10, 0, tern_median),
+                bench_peers::cells(peers, 10, qm, peer_median)
             );
         }
     }

@@ -71,6 +71,24 @@ impl PeerOpts {
 }
 
 impl Kind {
+    /// Whether this peer has a disk like the one asked for: Firecracker's are raw files over
+    /// virtio-mmio through the page cache; Cloud Hypervisor's are virtio-pci, raw or qcow2,
+    /// with or without `O_DIRECT`.
+    pub fn has_disk(self, transport: &str, direct: bool, qcow2: bool) -> bool {
+        match self {
+            Kind::Firecracker => transport == "mmio" && !direct && !qcow2,
+            Kind::CloudHypervisor => transport == "pci",
+        }
+    }
+
+    /// The rig's name for it.
+    pub fn vmm(self) -> crate::scenarios::Vmm {
+        match self {
+            Kind::Firecracker => crate::scenarios::Vmm::Firecracker,
+            Kind::CloudHypervisor => crate::scenarios::Vmm::CloudHypervisor,
+        }
+    }
+
     /// The column name.
     pub fn short(self) -> &'static str {
         match self {
@@ -87,6 +105,18 @@ pub(crate) struct ProbeGuest<'a> {
     pub memory_mib: u32,
     /// A virtio-rng device (over mmio for Firecracker, pci for Cloud Hypervisor).
     pub rng: bool,
+    /// A virtio-blk disk (over mmio for Firecracker, pci for Cloud Hypervisor).
+    pub disk: Option<ProbeDisk<'a>>,
+    /// A virtio-net device on this existing TAP device (over mmio for Firecracker, pci for
+    /// Cloud Hypervisor).
+    pub tap: Option<&'a str>,
+}
+
+/// A disk for the probe guest.
+pub(crate) struct ProbeDisk<'a> {
+    pub path: &'a Path,
+    /// `O_DIRECT` on the host (Cloud Hypervisor's `direct=on`; Firecracker has no such option).
+    pub direct: bool,
 }
 
 /// The command line that boots `g` under `peer`, with the serial console on stdout; the probe
@@ -105,6 +135,27 @@ pub(crate) fn probe_args(peer: &Peer, g: &ProbeGuest, tag: &str) -> Result<Vec<S
             });
             if g.rng {
                 cfg["entropy"] = serde_json::json!({});
+            }
+            if let Some(d) = &g.disk {
+                if d.direct {
+                    bail!("Firecracker has no O_DIRECT disks");
+                }
+                // Async: io_uring, as tern and QEMU use; Writeback: flushes reach the file.
+                cfg["drives"] = serde_json::json!([{
+                    "drive_id": "d0",
+                    "path_on_host": d.path,
+                    "is_root_device": false,
+                    "is_read_only": false,
+                    "cache_type": "Writeback",
+                    "io_engine": "Async",
+                }]);
+            }
+            if let Some(tap) = g.tap {
+                cfg["network-interfaces"] = serde_json::json!([{
+                    "iface_id": "n0",
+                    "host_dev_name": tap,
+                    "guest_mac": "52:54:00:12:34:56",
+                }]);
             }
             let path = peer.dir.join(format!("{tag}.json"));
             std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
@@ -133,6 +184,17 @@ pub(crate) fn probe_args(peer: &Peer, g: &ProbeGuest, tag: &str) -> Result<Vec<S
             ];
             if g.rng {
                 a.extend(["--rng".into(), "src=/dev/urandom".into()]);
+            }
+            if let Some(d) = &g.disk {
+                a.push("--disk".into());
+                a.push(format!(
+                    "path={},direct={}",
+                    d.path.display(),
+                    if d.direct { "on" } else { "off" }
+                ));
+            }
+            if let Some(tap) = g.tap {
+                a.extend(["--net".into(), format!("tap={tap},mac=52:54:00:12:34:56")]);
             }
             Ok(a)
         }

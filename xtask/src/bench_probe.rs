@@ -305,6 +305,8 @@ fn peer_workload(peer: &Peer, probe: &Path, w: &Workload, i: usize) -> Result<Ve
         cmdline: w.cmdline,
         memory_mib: 64,
         rng: w.tern.contains(&"--rng"),
+        disk: None,
+        tap: None,
     };
     bench_peers::probe_args(peer, &g, &format!("w{i}"))
 }

@@ -116,6 +116,10 @@ pub mod l1 {
     pub const TERN: &str = "/usr/bin/tern";
     pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
     pub const QEMU_DATA: &str = "/usr/share/qemu";
+    /// The peers, when a benchmark is given them, and their configuration files.
+    pub const FIRECRACKER: &str = "/usr/bin/firecracker";
+    pub const CLOUD_HYPERVISOR: &str = "/usr/bin/cloud-hypervisor";
+    pub const PEERS: &str = "/rig/peers";
     pub const AGENT: &str = "/rig/xtask";
     /// The virtio-blk scenarios' pristine ext4 disk image (scripts copy it before use).
     pub const BLK_ROOT: &str = "/rig/blk/root.ext4";
@@ -586,7 +590,13 @@ fn add_program(a: &mut Archive, archive_path: &str, host: &Path) -> Result<()> {
 }
 
 /// Builds `build/images/l1-initrd.cpio` for one rig run.
-pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) -> Result<PathBuf> {
+/// `programs`: more programs to put in L1, as (L1 path, host path), with their libraries.
+pub fn build_l1_initrd(
+    images: &Images,
+    tern: Option<&Path>,
+    programs: &[(&str, &Path)],
+    spec_json: &str,
+) -> Result<PathBuf> {
     ensure_tool("ldd", "libc-bin")?;
     let mut a = base_archive(&images.busybox)?;
     a.bytes("init", L1_INIT, 0o755)?;
@@ -631,6 +641,9 @@ pub fn build_l1_initrd(images: &Images, tern: Option<&Path>, spec_json: &str) ->
     }
     if let Some(tern) = tern {
         add_program(&mut a, l1::TERN, tern)?;
+    }
+    for (in_l1, host) in programs {
+        add_program(&mut a, in_l1, host)?;
     }
     a.file(l1::BZIMAGE, &images.vmlinuz_cloud)?;
     a.file(l1::VMLINUX, &images.vmlinux_cloud)?;

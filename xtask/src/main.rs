@@ -95,6 +95,8 @@ enum Cmd {
     BenchBlk {
         #[command(flatten)]
         terns: bench_terns::TernOpts,
+        #[command(flatten)]
+        peers: bench_peers::PeerOpts,
         /// Interleaved boots per VMM and setup.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -103,6 +105,8 @@ enum Cmd {
     BenchNet {
         #[command(flatten)]
         terns: bench_terns::TernOpts,
+        #[command(flatten)]
+        peers: bench_peers::PeerOpts,
         /// Interleaved boots per VMM and transport.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -202,6 +206,9 @@ enum Cmd {
         guest_decompress: bool,
         #[arg(long)]
         keep_logs: Option<PathBuf>,
+        /// The peers boot only the ELF vmlinux (`--kernel vmlinux`).
+        #[command(flatten)]
+        peers: bench_peers::PeerOpts,
     },
     /// virtio-vsock stream throughput in the rig, tern vs QEMU's vhost-vsock, both ways.
     BenchVsock {
@@ -262,7 +269,7 @@ fn run(command: Cmd) -> Result<()> {
             let imgs = images::build()?;
             let tern = tern.unwrap_or_else(rig::default_tern);
             let tern = tern.is_file().then_some(tern.as_path());
-            let initrd = images::build_l1_initrd(&imgs, tern, &rig::default_spec_json()?)?;
+            let initrd = images::build_l1_initrd(&imgs, tern, &[], &rig::default_spec_json()?)?;
             rig::print_images(&imgs, &initrd);
             Ok(())
         }
@@ -293,8 +300,19 @@ fn run(command: Cmd) -> Result<()> {
             cpus,
             guest_decompress,
             keep_logs,
+            peers,
         } => {
-            let opts = rig::RigOptions::new(tern.unwrap_or_else(rig::default_tern), keep_logs);
+            let peers = peers.peers()?;
+            let opts = rig::RigOptions {
+                peers: peers
+                    .iter()
+                    .map(|p| (p.kind.vmm(), p.program.clone()))
+                    .collect(),
+                ..rig::RigOptions::new(tern.unwrap_or_else(rig::default_tern), keep_logs)
+            };
+            for line in bench_peers::describe(&peers) {
+                println!("{line}");
+            }
             let kernel = match kernel {
                 KernelArg::Bzimage => scenarios::KernelForm::BzImage,
                 KernelArg::Vmlinux => scenarios::KernelForm::Vmlinux,
@@ -358,17 +376,19 @@ fn run(command: Cmd) -> Result<()> {
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
             bench_probe::run(&terns, &peers, &probe, &qemu, runs)
         }
-        Cmd::BenchBlk { terns, runs } => {
+        Cmd::BenchBlk { terns, peers, runs } => {
             let terns = terns.terns()?;
+            let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_blk::run(&terns, &probe, &qemu, runs)
+            bench_blk::run(&terns, &peers, &probe, &qemu, runs)
         }
-        Cmd::BenchNet { terns, runs } => {
+        Cmd::BenchNet { terns, peers, runs } => {
             let terns = terns.terns()?;
+            let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_net::run(&terns, &probe, &qemu, runs)
+            bench_net::run(&terns, &peers, &probe, &qemu, runs)
         }
         Cmd::BenchApi { tern } => {
             let tern = match tern {

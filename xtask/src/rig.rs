@@ -50,6 +50,9 @@ pub struct RigOptions {
     pub repeat: usize,
     /// At most this many runs per L1 boot (a fresh L1 for the next ones); all in one if None.
     pub per_l1: Option<usize>,
+    /// The peers' binaries on this host (benchmarks only), put in L1 where their scenarios
+    /// look for them.
+    pub peers: Vec<(Vmm, PathBuf)>,
 }
 
 impl RigOptions {
@@ -59,6 +62,7 @@ impl RigOptions {
             keep_logs,
             repeat: 1,
             per_l1: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -155,13 +159,18 @@ pub(crate) struct Planned {
     scenario: Scenario,
 }
 
-/// Substitutes the L1 paths and the scenario's parameters into its argv template.
-fn resolve_argv(s: &Scenario) -> Vec<String> {
-    let (kernel, initrd) = match s.kernel {
+/// The guest kernel and initrd a scenario boots, as L1 paths.
+fn kernel_and_initrd(s: &Scenario) -> (&'static str, &'static str) {
+    match s.kernel {
         _ if s.debian => (debian::in_l1::KERNEL, debian::in_l1::INITRD),
         KernelForm::BzImage => (l1::BZIMAGE, l1::INITRD),
         KernelForm::Vmlinux => (l1::VMLINUX, l1::INITRD),
-    };
+    }
+}
+
+/// Substitutes the L1 paths and the scenario's parameters into its argv template.
+fn resolve_argv(s: &Scenario) -> Vec<String> {
+    let (kernel, initrd) = kernel_and_initrd(s);
     let cmdline = s.cmdline();
     let vars = [
         ("{tern}", l1::TERN.to_string()),
@@ -174,6 +183,9 @@ fn resolve_argv(s: &Scenario) -> Vec<String> {
         ("{cmdline}", cmdline),
         ("{cpus}", s.cpus.to_string()),
         ("{memory_mib}", s.memory_mib.to_string()),
+        ("{firecracker}", l1::FIRECRACKER.to_string()),
+        ("{cloud_hypervisor}", l1::CLOUD_HYPERVISOR.to_string()),
+        ("{fc_config}", s.firecracker_config_path()),
     ];
     s.argv_template()
         .into_iter()
@@ -200,6 +212,15 @@ pub(crate) fn plan(s: &Scenario, name: String) -> Planned {
             stream: s.debian,
             sigterm_after: s.sigterm_after.map(str::to_string),
             measure_memory: s.l1_script.is_none(),
+            files: if s.vmm == Vmm::Firecracker {
+                let (kernel, initrd) = kernel_and_initrd(s);
+                vec![(
+                    s.firecracker_config_path(),
+                    s.firecracker_config(kernel, initrd),
+                )]
+            } else {
+                Vec::new()
+            },
         },
         scenario: s.clone(),
     }
@@ -299,7 +320,8 @@ pub fn demo(opts: &RigOptions) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench-boot`: interleaved tern/QEMU boots of the same guest, medians and ratios.
+/// `cargo xtask bench-boot`: interleaved boots of the same guest under tern, QEMU and the
+/// peers in `opts`, medians and ratios to QEMU.
 pub fn bench(
     opts: &RigOptions,
     runs: usize,
@@ -307,38 +329,52 @@ pub fn bench(
     cpus: u32,
     guest_decompress: bool,
 ) -> Result<()> {
-    let pair = scenarios::bench_pair(kernel, cpus, guest_decompress);
+    let peers: Vec<Vmm> = opts.peers.iter().map(|(v, _)| *v).collect();
+    if !peers.is_empty() && kernel != KernelForm::Vmlinux {
+        bail!("Firecracker and Cloud Hypervisor boot only an ELF vmlinux: add --kernel vmlinux");
+    }
+    let set = scenarios::bench_set(kernel, cpus, guest_decompress, &peers);
     let mut planned = Vec::new();
     for i in 1..=runs.max(1) {
-        for s in &pair {
+        for s in &set {
             planned.push(plan(s, format!("{}#{i}", s.name)));
         }
     }
     let results = run_planned(opts, planned, false)?.results;
-    type Stats = (Option<f64>, Option<f64>, Option<f64>, Option<f64>, usize);
-    let stats = |prefix: &str| -> Stats {
-        let ok: Vec<&RunResult> = results
-            .iter()
-            .filter(|r| r.name.starts_with(prefix) && r.pass)
-            .collect();
-        let med = |f: &dyn Fn(&RunResult) -> Option<f64>| {
-            median(ok.iter().filter_map(|r| f(r)).collect())
-        };
-        (
-            med(&|r| r.marker_ms.map(|v| v as f64)),
-            med(&|r| r.exit_ms.map(|v| v as f64)),
-            med(&|r| r.mem.as_ref().map(|m| m.vmm_rss_kib as f64)),
-            med(&|r| {
-                r.guest_facts
-                    .get("UPTIME")
-                    .and_then(|u| u.parse::<f64>().ok())
-                    .map(|s| s * 1000.0)
-            }),
-            ok.len(),
-        )
-    };
-    let (tm, te, tr, tu, tn) = stats("bench-tern#");
-    let (qm, qe, qr, qu, qn) = stats("bench-qemu#");
+    /// Medians of one VMM's passing runs: time to init, to exit, RSS, guest uptime (ms, KiB).
+    struct Stats {
+        name: &'static str,
+        rows: [Option<f64>; 4],
+        passed: usize,
+    }
+    let stats: Vec<Stats> = set
+        .iter()
+        .map(|s| {
+            let prefix = format!("{}#", s.name);
+            let ok: Vec<&RunResult> = results
+                .iter()
+                .filter(|r| r.name.starts_with(&prefix) && r.pass)
+                .collect();
+            let med = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+                median(ok.iter().filter_map(|r| f(r)).collect())
+            };
+            Stats {
+                name: vmm_key(s.vmm),
+                rows: [
+                    med(&|r| r.marker_ms.map(|v| v as f64)),
+                    med(&|r| r.exit_ms.map(|v| v as f64)),
+                    med(&|r| r.mem.as_ref().map(|m| m.vmm_rss_kib as f64)),
+                    med(&|r| {
+                        r.guest_facts
+                            .get("UPTIME")
+                            .and_then(|u| u.parse::<f64>().ok())
+                            .map(|s| s * 1000.0)
+                    }),
+                ],
+                passed: ok.len(),
+            }
+        })
+        .collect();
     let fmt_s = |v: Option<f64>| v.map_or("-".to_string(), |ms| format!("{:.2}s", ms / 1000.0));
     let fmt_m =
         |v: Option<f64>| v.map_or("-".to_string(), |kib| human_bytes((kib * 1024.0) as u64));
@@ -346,49 +382,53 @@ pub fn bench(
         (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
         _ => "n/a".to_string(),
     };
+    // stats[1] is QEMU's (bench_set puts tern, QEMU, then the peers).
+    let qemu = &stats[1];
     println!();
     println!(
-        "bench-boot: {:?} kernel{}, {cpus} vCPU(s), medians of passing runs (tern {tn}/{runs}, qemu {qn}/{runs})",
+        "bench-boot: {:?} kernel{}, {cpus} vCPU(s), medians of passing runs ({})",
         kernel,
-        if guest_decompress { " (tern --decompress guest)" } else { "" }
+        if guest_decompress {
+            " (tern --decompress guest)"
+        } else {
+            ""
+        },
+        stats
+            .iter()
+            .map(|s| format!("{} {}/{runs}", s.name, s.passed))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!(
-        "{:<22} {:>10} {:>10} {:>10}",
-        "", "tern", "qemu", "tern/qemu"
-    );
-    println!(
-        "{:<22} {:>10} {:>10} {:>10}",
+    let mut head = format!("{:<22}", "");
+    for (i, s) in stats.iter().enumerate() {
+        head.push_str(&format!(" {:>10}", s.name));
+        if i != 1 {
+            head.push_str(&format!(" {:>10}", format!("{}/qemu", s.name)));
+        }
+    }
+    println!("{head}");
+    let labels = [
         "time to guest init",
-        fmt_s(tm),
-        fmt_s(qm),
-        ratio(tm, qm)
-    );
-    println!(
-        "{:<22} {:>10} {:>10} {:>10}",
         "time to exit",
-        fmt_s(te),
-        fmt_s(qe),
-        ratio(te, qe)
-    );
-    println!(
-        "{:<22} {:>10} {:>10} {:>10}",
-        "guest uptime at report",
-        fmt_s(tu),
-        fmt_s(qu),
-        ratio(tu, qu)
-    );
-    println!(
-        "{:<22} {:>10} {:>10} {:>10}",
         "RSS excl. guest RAM",
-        fmt_m(tr),
-        fmt_m(qr),
-        ratio(tr, qr)
-    );
-    if tn == 0 || qn == 0 {
-        bail!(
-            "no passing {} runs: no ratio",
-            if tn == 0 { "tern" } else { "QEMU" }
-        );
+        "guest uptime at report",
+    ];
+    for (row, label) in labels.iter().enumerate() {
+        let fmt = |v: Option<f64>| if row == 2 { fmt_m(v) } else { fmt_s(v) };
+        let mut line = format!("{label:<22}");
+        for (i, s) in stats.iter().enumerate() {
+            line.push_str(&format!(" {:>10}", fmt(s.rows[row])));
+            if i != 1 {
+                line.push_str(&format!(" {:>10}", ratio(s.rows[row], qemu.rows[row])));
+            }
+        }
+        println!("{line}");
+    }
+    if !peers.is_empty() {
+        println!("(Firecracker's guest ends with a reboot, the others' with a power-off)");
+    }
+    if let Some(s) = stats.iter().find(|s| s.passed == 0) {
+        bail!("no passing {} runs: no ratio", s.name);
     }
     Ok(())
 }
@@ -507,7 +547,20 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
     let mut results: BTreeMap<String, RunResult> = BTreeMap::new();
     let mut to_run = Vec::new();
     for p in &planned {
-        if p.scenario.needs_tern() && tern.is_none() {
+        let missing_peer = matches!(p.scenario.vmm, Vmm::Firecracker | Vmm::CloudHypervisor)
+            && !opts.peers.iter().any(|(v, _)| *v == p.scenario.vmm);
+        if missing_peer {
+            let why = format!("no {:?} binary was given", p.scenario.vmm);
+            results.insert(
+                p.spec.name.clone(),
+                RunResult {
+                    name: p.spec.name.clone(),
+                    error: Some(why.clone()),
+                    reasons: vec![why],
+                    ..Default::default()
+                },
+            );
+        } else if p.scenario.needs_tern() && tern.is_none() {
             results.insert(
                 p.spec.name.clone(),
                 RunResult {
@@ -560,7 +613,19 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
         };
         let spec_json = serde_json::to_string_pretty(&spec)?;
         std::fs::write(dir.join("scenarios.json"), &spec_json)?;
-        let initrd = images::build_l1_initrd(imgs, tern, &spec_json)?;
+        let programs: Vec<(&str, &Path)> = opts
+            .peers
+            .iter()
+            .map(|(vmm, host)| {
+                let in_l1 = if *vmm == Vmm::Firecracker {
+                    l1::FIRECRACKER
+                } else {
+                    l1::CLOUD_HYPERVISOR
+                };
+                (in_l1, host.as_path())
+            })
+            .collect();
+        let initrd = images::build_l1_initrd(imgs, tern, &programs, &spec_json)?;
         let budget = L1_OVERHEAD_SECS + remaining.iter().map(|r| r.timeout_secs + 5).sum::<u64>();
         let timeouts: BTreeMap<String, u64> = remaining
             .iter()
@@ -727,6 +792,8 @@ fn vmm_key(vmm: Vmm) -> &'static str {
     match vmm {
         Vmm::Tern => "tern",
         Vmm::Qemu => "qemu",
+        Vmm::Firecracker => "fc",
+        Vmm::CloudHypervisor => "ch",
     }
 }
 
@@ -1188,7 +1255,7 @@ pub fn shell(tern: &Path) -> Result<()> {
     let imgs = images::build()?;
     let tern = tern.is_file().then_some(tern);
     let spec_json = serde_json::to_string_pretty(&AgentSpec { runs: Vec::new() })?;
-    let initrd = images::build_l1_initrd(&imgs, tern, &spec_json)?;
+    let initrd = images::build_l1_initrd(&imgs, tern, &[], &spec_json)?;
     eprintln!("[rig] booting L1 with a shell (Ctrl-A X quits QEMU)");
     let status = l1_command(&imgs, &initrd, "rig.l1=shell", None, None)
         .status()
@@ -1364,6 +1431,50 @@ mod tests {
         assert!(argv.iter().any(|a| a == l1::VMLINUX));
         assert!(argv.iter().any(|a| a.contains("rig.action=poweroff")));
         assert!(!argv.iter().any(|a| a.contains('{')));
+    }
+
+    #[test]
+    fn peers_boot_the_same_guest() {
+        let set = scenarios::bench_set(
+            KernelForm::Vmlinux,
+            2,
+            false,
+            &[Vmm::Firecracker, Vmm::CloudHypervisor],
+        );
+        let names: Vec<_> = set.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["bench-tern", "bench-qemu", "bench-fc", "bench-ch"]);
+        let fc = plan(&set[2], "bench-fc#1".into()).spec;
+        assert_eq!(fc.argv[0], l1::FIRECRACKER);
+        let (path, json) = &fc.files[0];
+        assert!(fc.argv.contains(path));
+        let cfg: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg["boot-source"]["kernel_image_path"], l1::VMLINUX);
+        assert_eq!(cfg["boot-source"]["initrd_path"], l1::INITRD);
+        assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
+        let args = cfg["boot-source"]["boot_args"].as_str().unwrap();
+        assert!(args.contains("rig.action=reboot"), "{args}");
+        let ch = plan(&set[3], "bench-ch#1".into()).spec;
+        assert_eq!(ch.argv[0], l1::CLOUD_HYPERVISOR);
+        assert!(ch.argv.iter().any(|a| a == "boot=2"));
+        assert!(ch.argv.iter().any(|a| a.contains("rig.action=poweroff")));
+        assert!(!ch.argv.iter().chain(&fc.argv).any(|a| a.contains('{')));
+        // The same guest: kernel command lines differ only in how the guest ends.
+        let qemu = plan(&set[1], "bench-qemu#1".into()).spec;
+        let cmdline = |argv: &[String], flag: &str| {
+            argv.iter()
+                .skip_while(|a| *a != flag)
+                .nth(1)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            cmdline(&qemu.argv, "-append"),
+            cmdline(&ch.argv, "--cmdline")
+        );
+        assert_eq!(
+            args.replace("rig.action=reboot", "rig.action=poweroff"),
+            cmdline(&ch.argv, "--cmdline")
+        );
     }
 
     #[test]

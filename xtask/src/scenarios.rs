@@ -5,7 +5,9 @@
 //! argv template (built by [`Scenario::argv_template`] unless overridden) and what a pass looks
 //! like. Placeholders in argv templates, resolved to L1 paths by the host:
 //! `{tern}`, `{qemu}`, `{qemu_data}`, `{kernel}` (the bzImage or vmlinux, per `kernel`),
-//! `{bzimage}`, `{vmlinux}`, `{initrd}`, `{cmdline}`, `{cpus}`, `{memory_mib}`.
+//! `{bzimage}`, `{vmlinux}`, `{initrd}`, `{cmdline}`, `{cpus}`, `{memory_mib}`, and for the
+//! peers `{firecracker}`, `{cloud_hypervisor}` and `{fc_config}` (the run's Firecracker
+//! configuration file, see [`Scenario::firecracker_config`]).
 //!
 //! A scenario that needs work in L1 around the VMM (disk images to prepare and check, several
 //! boots) names an L1-side script (`l1_script`, from `xtask/l1/scenarios/`): the agent runs
@@ -20,6 +22,10 @@ use crate::spec::{ExitExpect, Expect};
 pub enum Vmm {
     Tern,
     Qemu,
+    /// The peers, only in benchmarks that are given their binaries (`--firecracker PATH`,
+    /// `--cloud-hypervisor PATH`; built outside this tree, see docs/benchmarks.md).
+    Firecracker,
+    CloudHypervisor,
 }
 
 /// Which form of the guest kernel is booted.
@@ -140,6 +146,31 @@ impl Scenario {
                 "-append",
                 "{cmdline}",
             ],
+            (None, Vmm::Firecracker) => &[
+                "{firecracker}",
+                "--no-api",
+                "--config-file",
+                "{fc_config}",
+                "--level",
+                "Error",
+            ],
+            (None, Vmm::CloudHypervisor) => &[
+                "{cloud_hypervisor}",
+                "--kernel",
+                "{kernel}",
+                "--initramfs",
+                "{initrd}",
+                "--cmdline",
+                "{cmdline}",
+                "--cpus",
+                "boot={cpus}",
+                "--memory",
+                "size={memory_mib}M",
+                "--serial",
+                "tty",
+                "--console",
+                "off",
+            ],
         };
         let extra: &[&str] = if self.argv_override.is_some() {
             &[]
@@ -169,6 +200,27 @@ impl Scenario {
     /// True if the template needs the tern binary.
     pub fn needs_tern(&self) -> bool {
         self.argv_template().iter().any(|a| a.contains("{tern}"))
+    }
+
+    /// Where a Firecracker run's configuration file is in L1.
+    pub fn firecracker_config_path(&self) -> String {
+        format!("{}/{}.json", l1::PEERS, self.name)
+    }
+
+    /// A Firecracker scenario's configuration file (Firecracker takes the kernel, initrd,
+    /// command line and machine shape only from one): the same guest as the other VMMs get,
+    /// no devices. `kernel` and `initrd` are L1 paths.
+    pub fn firecracker_config(&self, kernel: &str, initrd: &str) -> String {
+        let cfg = serde_json::json!({
+            "boot-source": {
+                "kernel_image_path": kernel,
+                "initrd_path": initrd,
+                "boot_args": self.cmdline(),
+            },
+            "machine-config": { "vcpu_count": self.cpus, "mem_size_mib": self.memory_mib },
+            "drives": [],
+        });
+        serde_json::to_string_pretty(&cfg).unwrap_or_default()
     }
 
     pub fn in_group(&self, group: &str) -> bool {
@@ -1720,10 +1772,49 @@ pub fn demo() -> Scenario {
     }
 }
 
-/// The pair `cargo xtask bench-boot` compares: the same guest, same boot, tern vs QEMU.
-/// `guest_decompress` makes tern boot a bzImage with `--decompress guest` (the kernel's own
-/// decompressor) instead of its default host-side decompression.
-pub fn bench_pair(kernel: KernelForm, cpus: u32, guest_decompress: bool) -> [Scenario; 2] {
+/// What `cargo xtask bench-boot` compares: the same guest, same boot, under tern, QEMU and the
+/// `peers` given. `guest_decompress` makes tern boot a bzImage with `--decompress guest` (the
+/// kernel's own decompressor) instead of its default host-side decompression.
+///
+/// Firecracker has no ACPI power-off: its guest ends with `reboot -f` (the i8042 reset, on
+/// which it exits). The others power off. Both report the same facts first.
+pub fn bench_set(
+    kernel: KernelForm,
+    cpus: u32,
+    guest_decompress: bool,
+    peers: &[Vmm],
+) -> Vec<Scenario> {
+    let [tern, qemu] = bench_pair(kernel, cpus, guest_decompress);
+    let mut v = vec![tern, qemu.clone()];
+    for &peer in peers {
+        v.push(match peer {
+            Vmm::Firecracker => Scenario {
+                name: "bench-fc",
+                vmm: peer,
+                action: "reboot",
+                expect: Expect {
+                    require: vec![
+                        format!("TERN-GUEST-NPROC={cpus}"),
+                        "TERN-GUEST-UPTIME=".to_string(),
+                        "TERN-GUEST-REBOOTING".to_string(),
+                    ],
+                    ..boots_and_reboots()
+                },
+                ..qemu.clone()
+            },
+            Vmm::CloudHypervisor => Scenario {
+                name: "bench-ch",
+                vmm: peer,
+                ..qemu.clone()
+            },
+            Vmm::Tern | Vmm::Qemu => continue,
+        });
+    }
+    v
+}
+
+/// The tern and QEMU scenarios of [`bench_set`].
+fn bench_pair(kernel: KernelForm, cpus: u32, guest_decompress: bool) -> [Scenario; 2] {
     let base = Scenario {
         groups: &["bench"],
         kernel,

@@ -45,6 +45,9 @@ pub struct RunSpec {
     /// that runs the VMM as a child (its own RSS would be taken for the VMM's).
     #[serde(default = "yes")]
     pub measure_memory: bool,
+    /// Files the agent writes, as (L1 path, contents), before it starts the run (untimed).
+    #[serde(default)]
+    pub files: Vec<(String, String)>,
 }
 
 fn yes() -> bool {
