@@ -1,5 +1,13 @@
 //! virtio-rng (device type 4): one request queue; every device-writable buffer the driver
-//! offers is filled from the host's `getrandom(2)` and returned with the length written.
+//! offers is filled with random bytes and returned with the length written.
+//!
+//! The bytes come from ChaCha20 (`rand_chacha`) keyed from the host's `getrandom(2)` and
+//! rekeyed from it after every [`RESEED_BYTES`], as the kernel's own generator and `rand`'s
+//! `ThreadRng` do. Filling straight from `getrandom(2)` cost 13 µs per 4 KiB on these hosts
+//! (the kernel's generator runs ChaCha20 without SIMD), half of a request's whole time in the
+//! guest; ChaCha20 here takes under 3 µs. The key lives only in this worker; a restored or
+//! migrated VM's new tern process draws a fresh one. If the host's generator fails, the device
+//! returns what it has written so far and draws nothing more from the old key.
 //!
 //! Written in-tree because no maintained crate provides virtio device models that plug into
 //! our own transports. Malformed chains (including one with a device-readable buffer) break the
@@ -10,6 +18,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::Queue;
@@ -21,6 +31,9 @@ use crate::{ActivateError, Interrupt, QueueEvent, VirtioDevice, VmMemory};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
+
+/// Bytes served from one key before the next is drawn from the host.
+pub const RESEED_BYTES: u64 = 64 << 10;
 
 /// The virtio-rng device.
 pub struct Rng {
@@ -78,6 +91,7 @@ impl VirtioDevice for Rng {
             ctx: Ctx::new(mem, interrupt, self.broken.clone(), "rng", MAX_CHAIN_BYTES),
             queue: q.queue,
             event: q.event,
+            stream: KeyedStream::default(),
         };
         self.worker = Some(
             Worker::spawn(lifecycle::threads::Device::Rng, "virtio-rng", handler)
@@ -110,6 +124,39 @@ struct RngWorker {
     ctx: Ctx,
     queue: Queue,
     event: EventFd,
+    stream: KeyedStream,
+}
+
+/// ChaCha20 keyed from the host, rekeyed after [`RESEED_BYTES`].
+#[derive(Default)]
+struct KeyedStream {
+    cipher: Option<ChaCha20Rng>,
+    /// Bytes served from the current key.
+    served: u64,
+}
+
+impl KeyedStream {
+    /// Fills `buf`; on the host generator's failure, draws nothing from the old key.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            if self.cipher.is_none() || self.served >= RESEED_BYTES {
+                self.cipher = None;
+                let mut key = [0u8; 32];
+                getrandom(&mut key)?;
+                self.cipher = Some(ChaCha20Rng::from_seed(key));
+                self.served = 0;
+            }
+            let Some(cipher) = self.cipher.as_mut() else {
+                unreachable!("keyed just above")
+            };
+            let n = (buf.len() - done).min((RESEED_BYTES - self.served) as usize);
+            cipher.fill_bytes(&mut buf[done..done + n]);
+            self.served += n as u64;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 impl Handler for RngWorker {
@@ -148,7 +195,7 @@ impl RngWorker {
         Ok(())
     }
 
-    fn fill(&self, req: &Request) -> Result<u32, Malformed> {
+    fn fill(&mut self, req: &Request) -> Result<u32, Malformed> {
         let mut chunk = [0u8; CHUNK];
         let mut written = 0u32;
         for b in &req.bufs {
@@ -156,7 +203,7 @@ impl RngWorker {
             while off < b.len {
                 let n = (b.len - off).min(CHUNK as u32);
                 let part = &mut chunk[..n as usize];
-                if let Err(e) = getrandom(part) {
+                if let Err(e) = self.stream.fill(part) {
                     ratelimit::warn_limited!("virtio-rng: getrandom failed: {e}");
                     return Ok(written);
                 }
@@ -174,7 +221,7 @@ impl RngWorker {
     }
 }
 
-/// Fills `buf` from the kernel's CSPRNG.
+/// Fills `buf` from the kernel's CSPRNG (the key of [`KeyedStream`]).
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -242,6 +289,31 @@ mod tests {
         d.write(REG_ACK, 1);
         assert_eq!(d.read(REG_ISR), 0);
         assert_eq!(d.read(REG_STATUS) & NEEDS_RESET, 0);
+    }
+
+    /// The stream is keyed from the host per device and rekeyed after RESEED_BYTES: what
+    /// follows the boundary is not what the old key would have produced.
+    #[test]
+    fn stream_rekeys_from_the_host() {
+        let (mut s, mut t) = (KeyedStream::default(), KeyedStream::default());
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        s.fill(&mut a).unwrap();
+        t.fill(&mut b).unwrap();
+        assert_ne!(a, b, "two devices got the same key");
+        let mut rest = vec![0u8; RESEED_BYTES as usize - 64];
+        s.fill(&mut rest).unwrap();
+        assert_eq!(s.served, RESEED_BYTES);
+        let mut old = s.cipher.clone().unwrap();
+        let (mut next, mut would_have_been) = ([0u8; 64], [0u8; 64]);
+        s.fill(&mut next).unwrap();
+        old.fill_bytes(&mut would_have_been);
+        assert_ne!(next, would_have_been, "not rekeyed");
+        assert_eq!(s.served, 64);
+        // A request that straddles the boundary is served from both keys, in full.
+        let mut big = vec![0u8; RESEED_BYTES as usize + 100];
+        s.fill(&mut big).unwrap();
+        assert_eq!(s.served, 164);
+        assert!(big[big.len() - 100..].iter().any(|&x| x != 0));
     }
 
     /// Guest memory added while the device runs is usable by its next request, and what the
