@@ -32,7 +32,7 @@ const LOG_CAP: usize = 8 << 20;
 const LOG_CHUNK: usize = 57;
 
 /// How often the agent tells the host it is alive (the host's `L1_SILENCE` is much longer).
-const HEARTBEAT: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Writes one framed line to stdout in a single `write`.
 fn frame(kind: &str, body: &str) {

@@ -584,6 +584,7 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
     let mut froze_in: BTreeMap<String, u32> = BTreeMap::new();
     // Silences the rig ended with a key press (l0_watch.rs), whether L1 woke or not.
     let mut stalls: Vec<Stall> = Vec::new();
+    let mut retried_after_stall: std::collections::BTreeSet<String> = Default::default();
     let mut l1_boot = 0;
     // Built once for every L1 boot (not at all if no run can start).
     let imgs = if to_run.is_empty() {
@@ -648,6 +649,25 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 live,
             },
         )?;
+        // A run that failed after L1 stalled under it may have failed for the stall (its
+        // timers jumped): it gets one more try on a fresh L1, as a frozen one does.
+        let mut requeued = false;
+        for st in stalls.iter().filter(|st| st.l1_boot == l1_boot) {
+            let name = &st.run;
+            let failed = results.get(name).is_some_and(|r| !r.pass);
+            if st.woke_after_secs.is_some() && failed && retried_after_stall.insert(name.clone()) {
+                eprintln!("[rig] {name} failed after L1 stalled under it; it runs again");
+                notes.push(format!(
+                    "{name} failed after L1 stalled under it (L1 boot {l1_boot}) and ran again"
+                ));
+                results.remove(name);
+                requeued = true;
+                if let Some(log) = logs.remove(name) {
+                    let path = dir.join(format!("{}.stalled-{l1_boot}.log", sanitize(name)));
+                    std::fs::write(&path, &log)?;
+                }
+            }
+        }
         match outcome {
             Some(mut freeze) => {
                 freeze.vmm = vmm_of.get(&freeze.run).copied();
@@ -682,7 +702,7 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 }
             }
             // An L1 that ran but gave no new result will not do better next time.
-            None if results.len() == before => break,
+            None if results.len() == before && !requeued => break,
             None => {}
         }
     }
@@ -1066,6 +1086,7 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
             let diagnostics = l0_watch::save_diagnostics(
                 &monitor,
                 pid,
+                true,
                 rig_dir().join(format!("freeze-l1-{}.txt", boot.number)),
             );
             if let Some((stall, _)) = nudged.take() {
@@ -1092,6 +1113,7 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
             let diagnostics = l0_watch::save_diagnostics(
                 &monitor,
                 pid,
+                false,
                 rig_dir().join(format!("stall-l1-{}-{number}.txt", boot.number)),
             );
             let sent = l0_watch::nudge(&monitor);
