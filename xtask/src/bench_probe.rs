@@ -137,11 +137,16 @@ fn trace_to_exit(pid: libc::pid_t) -> Result<(Option<u64>, i32)> {
         let pass = if event == libc::PTRACE_EVENT_EXIT {
             hwm = read_hwm(pid);
             0
+        } else if event == libc::PTRACE_EVENT_EXEC {
+            // A further exec (`ip netns exec NS VMM` becomes the VMM): its own, fresh VmHWM.
+            0
         } else if sig == libc::SIGTRAP && event == 0 && !execed {
             execed = true;
-            // The stop after exec: from here on, stop at the exit too, and kill the child if
-            // this process dies.
-            let opts = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL;
+            // The stop after exec: from here on, stop at the exit too, report later execs as
+            // events (not as a SIGTRAP the program would die of), and kill the child if this
+            // process dies.
+            let opts =
+                libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL;
             // SAFETY: ptrace requests on our stopped tracee.
             unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts) };
             0
