@@ -49,7 +49,8 @@ pub fn main(spec_path: &str) -> Result<()> {
     )
     .with_context(|| format!("cannot parse {spec_path}"))?;
     frame("AGENT-START", &spec.runs.len().to_string());
-    // A sign of life every few seconds: the host takes a long silence for a frozen L1.
+    // A sign of life every 2 s: the host nudges L1 after 6 s of silence (l0_watch.rs) and takes
+    // a long one for a frozen L1.
     std::thread::spawn(|| loop {
         std::thread::sleep(HEARTBEAT);
         let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();

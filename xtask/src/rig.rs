@@ -94,6 +94,8 @@ pub struct RigRun {
     pub freezes: Vec<Freeze>,
     /// Times L1 went silent long enough for the rig to nudge it (see `l0_watch.rs`).
     pub stalls: Vec<Stall>,
+    /// Runs that failed after a lost interrupt and ran again.
+    pub reruns: usize,
     /// How many runs each VMM made (each run is one or more guest boots).
     pub runs_by_vmm: BTreeMap<&'static str, usize>,
     /// Lines in the runs' output where tern's seccomp filter stopped a call.
@@ -110,13 +112,10 @@ impl RigRun {
     /// silent long enough to be nudged, and how often the nudge woke it.
     pub fn freeze_summary(&self) -> String {
         let runs = |k: &str| self.runs_by_vmm.get(k).copied().unwrap_or(0);
-        let woke = self
-            .stalls
-            .iter()
-            .filter(|s| s.woke_after_secs.is_some())
-            .count();
+        let woke = self.stalls.iter().filter(|s| s.woken_by_key()).count();
+        let lost = self.stalls.iter().filter(|s| s.lost_interrupt).count();
         format!(
-            "L1 froze {} time(s): {} during tern runs ({} runs), {} during QEMU runs ({} runs){}; stalled {} time(s), {woke} woken by a key press",
+            "L1 froze {} time(s): {} during tern runs ({} runs), {} during QEMU runs ({} runs){}; stalled {} time(s), {lost} with an interrupt lost, {woke} woken by a key press, {} run(s) ran again",
             self.freezes.len(),
             self.freezes_of(Vmm::Tern),
             runs("tern"),
@@ -127,6 +126,7 @@ impl RigRun {
                 n => format!(", {n} between runs"),
             },
             self.stalls.len(),
+            self.reruns,
         )
     }
 
@@ -585,6 +585,10 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
     // Silences the rig ended with a key press (l0_watch.rs), whether L1 woke or not.
     let mut stalls: Vec<Stall> = Vec::new();
     let mut retried_after_stall: std::collections::BTreeSet<String> = Default::default();
+    // Results set aside for a rerun (kept if the rerun never happens), and the seccomp lines
+    // of those first attempts.
+    let mut rerun_from: BTreeMap<String, RunResult> = BTreeMap::new();
+    let mut stalled_violations: Vec<String> = Vec::new();
     let mut l1_boot = 0;
     // Built once for every L1 boot (not at all if no run can start).
     let imgs = if to_run.is_empty() {
@@ -649,22 +653,36 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 live,
             },
         )?;
-        // A run that failed after L1 stalled under it may have failed for the stall (its
-        // timers jumped): it gets one more try on a fresh L1, as a frozen one does.
+        // A run that failed after L1 lost an interrupt under it may have failed for the stall
+        // (everything in L1 waited): it gets one more try on a fresh L1, as a frozen one does.
+        // Only for the known emulator fault: the dump showed the lost interrupt and L1 spoke
+        // right after the key press. The first attempt's failure stays in the notes, and its
+        // seccomp violations count.
         let mut requeued = false;
         for st in stalls.iter().filter(|st| st.l1_boot == l1_boot) {
             let name = &st.run;
-            let failed = results.get(name).is_some_and(|r| !r.pass);
-            if st.woke_after_secs.is_some() && failed && retried_after_stall.insert(name.clone()) {
-                eprintln!("[rig] {name} failed after L1 stalled under it; it runs again");
+            let Some(failed) = results.get(name).filter(|r| !r.pass) else {
+                continue;
+            };
+            if st.lost_interrupt && st.woken_by_key() && retried_after_stall.insert(name.clone()) {
+                eprintln!("[rig] {name} failed after L1 lost an interrupt under it; it runs again");
                 notes.push(format!(
-                    "{name} failed after L1 stalled under it (L1 boot {l1_boot}) and ran again"
+                    "{name} failed after L1 lost an interrupt under it (L1 boot {l1_boot}) and ran again; the first attempt: {}",
+                    failed.reasons.join("; ")
                 ));
-                results.remove(name);
                 requeued = true;
                 if let Some(log) = logs.remove(name) {
+                    stalled_violations.extend(
+                        String::from_utf8_lossy(&log)
+                            .lines()
+                            .filter(|l| l.contains(SECCOMP_LINE))
+                            .map(|l| format!("{name} (attempt before a rerun): {}", l.trim())),
+                    );
                     let path = dir.join(format!("{}.stalled-{l1_boot}.log", sanitize(name)));
                     std::fs::write(&path, &log)?;
+                }
+                if let Some(r) = results.remove(name) {
+                    rerun_from.insert(name.clone(), r);
                 }
             }
         }
@@ -709,16 +727,26 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
 
     // Reports, in plan order.
     let mut ordered = Vec::new();
-    let mut seccomp_violations = Vec::new();
+    let mut seccomp_violations = stalled_violations;
     for p in &planned {
         let name = &p.spec.name;
-        let mut r = results.remove(name).unwrap_or_else(|| RunResult {
-            name: name.clone(),
-            reasons: vec![
-                "no result from the rig (L1 died or timed out before it ran)".to_string(),
-            ],
-            ..Default::default()
-        });
+        let mut r = results
+            .remove(name)
+            .or_else(|| {
+                // A rerun that never ran: the first attempt's failure stands.
+                rerun_from.remove(name).map(|mut r| {
+                    r.reasons
+                        .push("its rerun after the stall never ran".to_string());
+                    r
+                })
+            })
+            .unwrap_or_else(|| RunResult {
+                name: name.clone(),
+                reasons: vec![
+                    "no result from the rig (L1 died or timed out before it ran)".to_string(),
+                ],
+                ..Default::default()
+            });
         let log = logs.remove(name).unwrap_or_default();
         seccomp_violations.extend(
             String::from_utf8_lossy(&log)
@@ -786,9 +814,16 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
             s.l0_cpu_secs
                 .map_or("unknown".to_string(), |c| format!("{c:.1}s")),
             match (s.sent, s.woke_after_secs) {
-                (false, _) => "the monitor did not take the key press".to_string(),
-                (true, Some(w)) => format!("L1 spoke again {w:.1}s after a key press"),
+                (false, _) => "the L0 monitor could not be reached".to_string(),
+                (true, Some(w)) if w < 0.0 => {
+                    format!("L1 spoke again {:.2}s before the key press", -w)
+                }
+                (true, Some(w)) => format!("L1 spoke again {w:.2}s after a key press"),
                 (true, None) => "a key press did not wake it".to_string(),
+            } + if s.lost_interrupt {
+                " (the dump shows an interrupt pending in its APIC, none in service)"
+            } else {
+                " (the dump shows no pending interrupt)"
             },
             s.diagnostics
                 .as_ref()
@@ -800,6 +835,7 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
         results: ordered,
         freezes,
         stalls,
+        reruns: retried_after_stall.len(),
         runs_by_vmm,
         seccomp_violations,
     })
@@ -1009,7 +1045,8 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
     let pid = child.id();
     let stdout = child.stdout.take().context("no L1 stdout")?;
     let stderr = child.stderr.take().context("no L1 stderr")?;
-    let (tx, rx) = mpsc::channel::<(Option<Event>, String)>();
+    // Each line with when it arrived (a stall's wake-up is timed from these stamps).
+    let (tx, rx) = mpsc::channel::<(Option<Event>, String, Instant)>();
     let tx_err = tx.clone();
     std::thread::spawn(move || {
         let mut reader = std::io::BufReader::new(stdout);
@@ -1021,20 +1058,20 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&raw);
                     let line = line.trim_end_matches(['\r', '\n']).to_string();
-                    if tx.send((parse_line(&line), line)).is_err() {
+                    if tx.send((parse_line(&line), line, Instant::now())).is_err() {
                         return;
                     }
                 }
             }
         }
-        let _ = tx.send((Some(Event::Eof), String::new()));
+        let _ = tx.send((Some(Event::Eof), String::new(), Instant::now()));
     });
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
-            let _ = tx_err.send((None, format!("[l1-qemu-stderr] {line}")));
+            let _ = tx_err.send((None, format!("[l1-qemu-stderr] {line}"), Instant::now()));
         }
     });
 
@@ -1088,7 +1125,8 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
                 pid,
                 true,
                 rig_dir().join(format!("freeze-l1-{}.txt", boot.number)),
-            );
+            )
+            .path;
             if let Some((stall, _)) = nudged.take() {
                 sink.stalls.push(stall);
             }
@@ -1116,15 +1154,20 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
                 false,
                 rig_dir().join(format!("stall-l1-{}-{number}.txt", boot.number)),
             );
-            let sent = l0_watch::nudge(&monitor);
+            let sent_at = l0_watch::nudge(&monitor);
             eprintln!(
-                "[rig] {:6.1}s L1 silent for {}s; {}",
+                "[rig] {:6.1}s L1 silent for {}s{}; {}",
                 start.elapsed().as_secs_f64(),
                 l0_watch::NUDGE_AFTER.as_secs(),
-                if sent {
+                if diagnostics.lost_interrupt {
+                    " (an interrupt pending in its APIC, none in service)"
+                } else {
+                    ""
+                },
+                if sent_at.is_some() {
                     "sent it a key press"
                 } else {
-                    "the L0 monitor did not answer"
+                    "the L0 monitor could not be reached"
                 }
             );
             let stall = Stall {
@@ -1133,11 +1176,12 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
                 l1_boot: boot.number,
                 last_heard_secs: seconds_into_run(&current, last_heard),
                 l0_cpu_secs,
-                sent,
+                sent: sent_at.is_some(),
+                lost_interrupt: diagnostics.lost_interrupt,
                 woke_after_secs: None,
-                diagnostics,
+                diagnostics: diagnostics.path,
             };
-            nudged = Some((stall, Instant::now()));
+            nudged = Some((stall, sent_at.unwrap_or_else(Instant::now)));
             continue;
         }
         let limit = [freeze_at, nudge_at]
@@ -1153,17 +1197,24 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
             }
             break;
         }
-        let Ok((event, line)) = rx.recv_timeout(limit - now) else {
+        let Ok((event, line, arrived)) = rx.recv_timeout(limit - now) else {
             continue;
         };
-        if event.is_some() {
+        // The emulator's own end is not L1 speaking.
+        if event.is_some() && !matches!(event, Some(Event::Eof)) {
             last_heard = Instant::now();
             cpu_at_last_heard = l0_watch::cpu_secs(pid);
             if let Some((mut stall, at)) = nudged.take() {
-                let woke = at.elapsed().as_secs_f64();
+                let woke = if arrived >= at {
+                    arrived.duration_since(at).as_secs_f64()
+                } else {
+                    -at.duration_since(arrived).as_secs_f64()
+                };
                 eprintln!(
-                    "[rig] {:6.1}s L1 spoke again {woke:.1}s after the key press",
-                    start.elapsed().as_secs_f64()
+                    "[rig] {:6.1}s L1 spoke again {:.2}s {} the key press",
+                    start.elapsed().as_secs_f64(),
+                    woke.abs(),
+                    if woke < 0.0 { "before" } else { "after" }
                 );
                 stall.woke_after_secs = Some(woke);
                 sink.stalls.push(stall);
@@ -1233,6 +1284,10 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
             Some(Event::AgentExit(_)) | None => {}
         }
     }
+    // A nudge still waiting for an answer when the loop ended: L1 never spoke again.
+    if let Some((stall, _)) = nudged.take() {
+        sink.stalls.push(stall);
+    }
     // L1 powers itself off after the agent; give it a moment, then make sure it is gone.
     let grace = Instant::now() + Duration::from_secs(if done { 20 } else { 0 });
     loop {
@@ -1248,7 +1303,7 @@ fn boot_l1(boot: &L1Boot, sink: &mut L1Sink) -> Result<L1Outcome> {
     }
     let _ = std::fs::remove_file(&monitor);
     // Drain whatever is left (console lines after the loop ended).
-    while let Ok((_, line)) = rx.try_recv() {
+    while let Ok((_, line, _)) = rx.try_recv() {
         let _ = writeln!(console, "{line}");
     }
     eprintln!(
@@ -1352,6 +1407,7 @@ mod tests {
             results: Vec::new(),
             freezes,
             stalls: Vec::new(),
+            reruns: 0,
             seccomp_violations: Vec::new(),
             runs_by_vmm: [("tern", tern_runs), ("qemu", qemu_runs)]
                 .into_iter()
@@ -1386,7 +1442,7 @@ mod tests {
         assert!(!between.tern_froze_more());
         assert_eq!(
             between.freeze_summary(),
-            "L1 froze 2 time(s): 0 during tern runs (3 runs), 1 during QEMU runs (2 runs), 1 between runs; stalled 0 time(s), 0 woken by a key press"
+            "L1 froze 2 time(s): 0 during tern runs (3 runs), 1 during QEMU runs (2 runs), 1 between runs; stalled 0 time(s), 0 with an interrupt lost, 0 woken by a key press, 0 run(s) ran again"
         );
     }
 
@@ -1399,16 +1455,26 @@ mod tests {
             last_heard_secs: 3.0,
             l0_cpu_secs: Some(0.4),
             sent: true,
+            lost_interrupt: woke.is_some(),
             woke_after_secs: woke,
             diagnostics: None,
         };
         let mut run = rig_run(vec![freeze(Some(Vmm::Tern))], 20, 4);
-        run.stalls = vec![stall(Some(0.2)), stall(Some(1.0)), stall(None)];
+        // Woken right after the key, before it (during the dump), long after it, never.
+        run.stalls = vec![
+            stall(Some(0.2)),
+            stall(Some(-0.3)),
+            stall(Some(4.0)),
+            stall(None),
+        ];
+        run.reruns = 1;
+        assert!(run.stalls[0].woken_by_key());
+        assert!(!run.stalls[1].woken_by_key() && !run.stalls[2].woken_by_key());
         // A stall a key press ended is the emulator's lost interrupt, not a freeze.
         assert!(!run.tern_froze_more());
         assert_eq!(
             run.freeze_summary(),
-            "L1 froze 1 time(s): 1 during tern runs (20 runs), 0 during QEMU runs (4 runs); stalled 3 time(s), 2 woken by a key press"
+            "L1 froze 1 time(s): 1 during tern runs (20 runs), 0 during QEMU runs (4 runs); stalled 4 time(s), 3 with an interrupt lost, 1 woken by a key press, 1 run(s) ran again"
         );
     }
 

@@ -2,8 +2,7 @@
 //! offers is filled with random bytes and returned with the length written.
 //!
 //! The bytes come from ChaCha20 (`rand_chacha`) keyed from the host's `getrandom(2)` and
-//! rekeyed from it after every [`RESEED_BYTES`], as the kernel's own generator and `rand`'s
-//! `ThreadRng` do. Filling straight from `getrandom(2)` cost 13 µs per 4 KiB on these hosts
+//! rekeyed from it after every [`RESEED_BYTES`], as `rand`'s `ThreadRng` is. Filling straight from `getrandom(2)` cost 13 µs per 4 KiB on these hosts
 //! (the kernel's generator runs ChaCha20 without SIMD), half of a request's whole time in the
 //! guest; ChaCha20 here takes under 3 µs. The key lives only in this worker; a restored or
 //! migrated VM's new tern process draws a fresh one. If the host's generator fails, the device
