@@ -388,13 +388,7 @@ pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usiz
             let fio_file = if s.qcow2 { &raw } else { &file };
             let (fi, fm) = fio(fio_file, rw, bs, depth, s.direct)?;
             let f = if key == "seq_mbps" { fm } else { fi };
-            let peer_median = |i: usize| {
-                if pe[i].is_empty() {
-                    f64::NAN
-                } else {
-                    median(pe[i].iter().map(|x| field(x, key)).collect())
-                }
-            };
+            let peer_median = |i: usize| bench_peers::median_of(&pe[i], key);
             println!(
                 "{:<34} {tm:>10.0} {qm:>10.0} {:>10.2} {f:>10.0} {:>10.2}{}{}",
                 format!("{} {cache}: {name}", s.transport),

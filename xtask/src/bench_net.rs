@@ -21,7 +21,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use netpeer::{NetNs, Peer};
 
-use crate::bench_peers::{self, Kind, ProbeGuest};
+use crate::bench_peers::{self, ProbeGuest};
 use crate::bench_probe::{field, median, sample, Sample};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
@@ -174,6 +174,7 @@ pub fn run(
         let mut q: Vec<Sample> = Vec::new();
         // pe[peer] = that peer's samples (none off its transport).
         let mut pe: Vec<Vec<Sample>> = peers.iter().map(|_| Vec::new()).collect();
+        let guest_cmdline = cmdline("");
         for run in 0..runs {
             t.push(run_terns(terns, run, |v| {
                 boot(
@@ -184,17 +185,12 @@ pub fn run(
             })?);
             q.push(boot(qemu, &qemu_args(&p, transport), &keys)?);
             for (i, peer) in peers.iter().enumerate() {
-                let on = match peer.kind {
-                    Kind::Firecracker => "mmio",
-                    Kind::CloudHypervisor => "pci",
-                };
-                if on != transport {
+                if peer.kind.transport() != transport {
                     continue;
                 }
-                let cmdline = cmdline("");
                 let g = ProbeGuest {
                     kernel: probe,
-                    cmdline: &cmdline,
+                    cmdline: &guest_cmdline,
                     memory_mib: 128,
                     rng: false,
                     disk: None,
@@ -209,18 +205,7 @@ pub fn run(
             let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
             let tm = tern_median(0);
             let qm = median(q.iter().map(|x| field(x, key)).collect());
-            let peer_median = |i: usize| {
-                let v: Vec<f64> = pe[i]
-                    .iter()
-                    .map(|x| field(x, key))
-                    .filter(|v| v.is_finite())
-                    .collect();
-                if v.is_empty() {
-                    f64::NAN
-                } else {
-                    median(v)
-                }
-            };
+            let peer_median = |i: usize| bench_peers::median_of(&pe[i], key);
             println!(
                 "{:<30} {tm:>10.0} {qm:>10.0} {:>10.2}{}{}",
                 format!("{transport}: {name}"),

@@ -75,9 +75,18 @@ impl Kind {
     /// virtio-mmio through the page cache; Cloud Hypervisor's are virtio-pci, raw or qcow2,
     /// with or without `O_DIRECT`.
     pub fn has_disk(self, transport: &str, direct: bool, qcow2: bool) -> bool {
+        transport == self.transport()
+            && match self {
+                Kind::Firecracker => !direct && !qcow2,
+                Kind::CloudHypervisor => true,
+            }
+    }
+
+    /// The virtio transport its devices use.
+    pub fn transport(self) -> &'static str {
         match self {
-            Kind::Firecracker => transport == "mmio" && !direct && !qcow2,
-            Kind::CloudHypervisor => transport == "pci",
+            Kind::Firecracker => "mmio",
+            Kind::CloudHypervisor => "pci",
         }
     }
 
@@ -225,6 +234,21 @@ pub(crate) fn heads(peers: &[Peer], w: usize) -> String {
             format!(" {s:>w$} {:>w$}", format!("{s}/qemu"))
         })
         .collect()
+}
+
+/// The median of `key` over a peer's samples, NaN where it has none (a row it did not run,
+/// or a test its device could not do).
+pub(crate) fn median_of(samples: &[crate::bench_probe::Sample], key: &str) -> f64 {
+    let v: Vec<f64> = samples
+        .iter()
+        .map(|x| crate::bench_probe::field(x, key))
+        .filter(|v| v.is_finite())
+        .collect();
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        crate::bench_probe::median(v)
+    }
 }
 
 /// Cells for the peers; `value(i)` is peer `i`'s figure (NaN where it has none), `qemu` QEMU's.

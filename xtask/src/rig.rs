@@ -549,24 +549,20 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
     for p in &planned {
         let missing_peer = matches!(p.scenario.vmm, Vmm::Firecracker | Vmm::CloudHypervisor)
             && !opts.peers.iter().any(|(v, _)| *v == p.scenario.vmm);
-        if missing_peer {
-            let why = format!("no {:?} binary was given", p.scenario.vmm);
+        let cannot_start = if missing_peer {
+            Some(format!("no {:?} binary was given", p.scenario.vmm))
+        } else if p.scenario.needs_tern() && tern.is_none() {
+            Some(format!("tern binary not found at {}", opts.tern.display()))
+        } else {
+            None
+        };
+        if let Some(why) = cannot_start {
             results.insert(
                 p.spec.name.clone(),
                 RunResult {
                     name: p.spec.name.clone(),
                     error: Some(why.clone()),
                     reasons: vec![why],
-                    ..Default::default()
-                },
-            );
-        } else if p.scenario.needs_tern() && tern.is_none() {
-            results.insert(
-                p.spec.name.clone(),
-                RunResult {
-                    name: p.spec.name.clone(),
-                    error: Some(format!("tern binary not found at {}", opts.tern.display())),
-                    reasons: vec![format!("tern binary not found at {}", opts.tern.display())],
                     ..Default::default()
                 },
             );
@@ -672,12 +668,10 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 ));
                 requeued = true;
                 if let Some(log) = logs.remove(name) {
-                    stalled_violations.extend(
-                        String::from_utf8_lossy(&log)
-                            .lines()
-                            .filter(|l| l.contains(SECCOMP_LINE))
-                            .map(|l| format!("{name} (attempt before a rerun): {}", l.trim())),
-                    );
+                    stalled_violations.extend(seccomp_lines(
+                        &format!("{name} (attempt before a rerun)"),
+                        &log,
+                    ));
                     let path = dir.join(format!("{}.stalled-{l1_boot}.log", sanitize(name)));
                     std::fs::write(&path, &log)?;
                 }
@@ -748,12 +742,7 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
                 ..Default::default()
             });
         let log = logs.remove(name).unwrap_or_default();
-        seccomp_violations.extend(
-            String::from_utf8_lossy(&log)
-                .lines()
-                .filter(|l| l.contains(SECCOMP_LINE))
-                .map(|l| format!("{name}: {}", l.trim())),
-        );
+        seccomp_violations.extend(seccomp_lines(name, &log));
         if r.log_len > 0 && (log.len() != r.log_len || crate::util::fnv(&log) != r.log_fnv) {
             notes.push(format!(
                 "{name}: log damaged in transfer ({} of {} bytes received)",
@@ -843,6 +832,15 @@ pub(crate) fn run_planned(opts: &RigOptions, planned: Vec<Planned>, live: bool) 
 
 /// How a line tern writes when its seccomp filter stops a call begins.
 pub const SECCOMP_LINE: &str = "tern: seccomp: ";
+
+/// The lines of a run's output where tern's seccomp filter stopped a call, as `LABEL: line`.
+fn seccomp_lines(label: &str, log: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(log)
+        .lines()
+        .filter(|l| l.contains(SECCOMP_LINE))
+        .map(|l| format!("{label}: {}", l.trim()))
+        .collect()
+}
 
 fn vmm_key(vmm: Vmm) -> &'static str {
     match vmm {

@@ -2,9 +2,10 @@
 //! offers is filled with random bytes and returned with the length written.
 //!
 //! The bytes come from ChaCha20 (`rand_chacha`) keyed from the host's `getrandom(2)` and
-//! rekeyed from it after every [`RESEED_BYTES`], as `rand`'s `ThreadRng` is. Filling straight from `getrandom(2)` cost 13 µs per 4 KiB on these hosts
-//! (the kernel's generator runs ChaCha20 without SIMD), half of a request's whole time in the
-//! guest; ChaCha20 here takes under 3 µs. The key lives only in this worker; a restored or
+//! rekeyed from it after every [`RESEED_BYTES`], as `rand`'s `ThreadRng` is. Filling straight
+//! from `getrandom(2)` cost 13 µs per 4 KiB on these hosts (the kernel's generator runs
+//! ChaCha20 without SIMD), half of a request's whole time in the guest; ChaCha20 here takes
+//! under 3 µs. The key lives only in this worker; a restored or
 //! migrated VM's new tern process draws a fresh one. If the host's generator fails, the device
 //! returns what it has written so far and draws nothing more from the old key.
 //!
@@ -139,15 +140,16 @@ impl KeyedStream {
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            if self.cipher.is_none() || self.served >= RESEED_BYTES {
-                self.cipher = None;
-                let mut key = [0u8; 32];
-                getrandom(&mut key)?;
-                self.cipher = Some(ChaCha20Rng::from_seed(key));
-                self.served = 0;
-            }
-            let Some(cipher) = self.cipher.as_mut() else {
-                unreachable!("keyed just above")
+            let cipher = match &mut self.cipher {
+                Some(c) if self.served < RESEED_BYTES => c,
+                slot => {
+                    // The old key goes first: nothing is drawn from it if the host fails.
+                    *slot = None;
+                    let mut key = [0u8; 32];
+                    getrandom(&mut key)?;
+                    self.served = 0;
+                    slot.insert(ChaCha20Rng::from_seed(key))
+                }
             };
             let n = (buf.len() - done).min((RESEED_BYTES - self.served) as usize);
             cipher.fill_bytes(&mut buf[done..done + n]);
