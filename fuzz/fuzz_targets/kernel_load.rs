@@ -5,7 +5,7 @@
 #![no_main]
 use std::sync::OnceLock;
 
-use arch::boot::{load_kernel, BootProtocol, BzImageEntry, KernelSpec};
+use arch::boot::{load_kernel, BootProtocol, BzImageEntry, KernelImage, KernelSpec};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
 
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = load_kernel(
         mem,
         KernelSpec {
-            kernel,
+            kernel: KernelImage::Bytes(kernel),
             initrd: None,
             cmdline: "console=ttyS0 panic=1",
             mem_size: MEM,

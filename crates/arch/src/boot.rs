@@ -83,6 +83,9 @@ pub enum BootError {
     /// Reading the initrd failed.
     #[error("cannot read initrd: {0}")]
     Initrd(std::io::Error),
+    /// Reading the kernel file failed.
+    #[error("cannot read the kernel: {0}")]
+    Read(std::io::Error),
 }
 
 /// Which entry to use.
@@ -107,10 +110,113 @@ pub enum BzImageEntry {
     Guest,
 }
 
+/// A kernel image: bytes in memory, or a file read piece by piece.
+///
+/// From a file, only the headers (and an ELF's notes) are read into tern's memory; an ELF
+/// kernel's segments go straight from the file into guest memory. Reading a 50 MiB vmlinux
+/// whole first cost a second copy of it and the faults on a fresh heap buffer: 0.1-0.2 s of a
+/// boot in the nested rig. A bzImage is still read whole (the host decompresses its payload).
+pub enum KernelImage<'a> {
+    /// The image's bytes.
+    Bytes(&'a [u8]),
+    /// The image file.
+    File(&'a mut std::fs::File),
+}
+
+/// The most of an ELF program header table or note segment read to find the notes.
+const ELF_NOTES_MAX: u64 = 1 << 20;
+
+impl KernelImage<'_> {
+    /// Up to `len` bytes at `off` (fewer at the end of the image).
+    fn read_at(&mut self, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        match self {
+            KernelImage::Bytes(b) => {
+                let start = usize::try_from(off).unwrap_or(usize::MAX).min(b.len());
+                let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+                Ok(b[start..end.min(b.len())].to_vec())
+            }
+            KernelImage::File(f) => {
+                let mut v = Vec::new();
+                f.seek(SeekFrom::Start(off))?;
+                (&mut **f).take(len).read_to_end(&mut v)?;
+                Ok(v)
+            }
+        }
+    }
+
+    /// The whole image.
+    fn read_all(&mut self) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            KernelImage::Bytes(b) => Ok(std::borrow::Cow::Borrowed(b)),
+            KernelImage::File(f) => {
+                let mut v = Vec::new();
+                f.seek(SeekFrom::Start(0))?;
+                f.read_to_end(&mut v)?;
+                Ok(std::borrow::Cow::Owned(v))
+            }
+        }
+    }
+
+    /// The first bytes: enough for [`kernel_kind`] and the ELF header's fields.
+    fn head(&mut self) -> Result<Vec<u8>, BootError> {
+        self.read_at(0, 0x1000).map_err(BootError::Read)
+    }
+
+    /// Whether this is a Linux kernel (bzImage, or ELF with a "Linux" ELF note).
+    pub fn is_linux(&mut self) -> bool {
+        let Ok(head) = self.head() else {
+            return false;
+        };
+        match kernel_kind(&head) {
+            Ok(KernelKind::BzImage) => true,
+            Ok(KernelKind::Elf) => elf_notes(self, &head)
+                .iter()
+                .any(|(name, _, _)| name == b"Linux"),
+            Err(_) => false,
+        }
+    }
+}
+
+/// A `Read + Seek + ReadVolatile` view of a [`KernelImage`], for linux-loader.
+enum Reader<'a> {
+    Slice(SliceReader<'a>),
+    File(&'a mut std::fs::File),
+}
+
+impl Read for Reader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Reader::Slice(r) => r.read(buf),
+            Reader::File(f) => f.read(buf),
+        }
+    }
+}
+
+impl Seek for Reader<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Reader::Slice(r) => r.seek(pos),
+            Reader::File(f) => f.seek(pos),
+        }
+    }
+}
+
+impl ReadVolatile for Reader<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        match self {
+            Reader::Slice(r) => r.read_volatile(buf),
+            Reader::File(f) => f.read_volatile(buf),
+        }
+    }
+}
+
 /// What to boot.
 pub struct KernelSpec<'a> {
-    /// The kernel file's bytes.
-    pub kernel: &'a [u8],
+    /// The kernel image.
+    pub kernel: KernelImage<'a>,
     /// The initrd, if any: a file and its size.
     pub initrd: Option<(&'a mut std::fs::File, u64)>,
     /// The command line (without NUL).
@@ -169,60 +275,65 @@ pub fn kernel_kind(image: &[u8]) -> Result<KernelKind, BootError> {
 
 /// Whether the image is a Linux kernel (bzImage, or ELF with a "Linux" ELF note).
 pub fn is_linux(image: &[u8]) -> bool {
-    match kernel_kind(image) {
-        Ok(KernelKind::BzImage) => true,
-        Ok(KernelKind::Elf) => elf_notes(image).iter().any(|(name, _, _)| name == b"Linux"),
-        Err(_) => false,
-    }
+    KernelImage::Bytes(image).is_linux()
 }
 
-/// The (name, type, descriptor) of every note in the ELF's PT_NOTE segments; malformed notes
-/// end the walk.
-fn elf_notes(image: &[u8]) -> Vec<(Vec<u8>, u32, Vec<u8>)> {
-    let rd16 = |o: usize| {
-        image
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let rd32 = |o: usize| {
-        image
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
-    };
-    let rd64 = |o: usize| {
-        image
-            .get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-    };
+/// Little-endian readers of a byte slice: `None` past its end.
+fn rd16(b: &[u8], o: usize) -> Option<u16> {
+    b.get(o..o.checked_add(2)?)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+fn rd32(b: &[u8], o: usize) -> Option<u32> {
+    b.get(o..o.checked_add(4)?)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
+}
+
+fn rd64(b: &[u8], o: usize) -> Option<u64> {
+    b.get(o..o.checked_add(8)?)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+}
+
+/// The (name, type, descriptor) of every note in the ELF's PT_NOTE segments (`head`: its
+/// first bytes); malformed notes end the walk. The program header table and each note
+/// segment are read from the image, at most [`ELF_NOTES_MAX`] bytes of each.
+fn elf_notes(image: &mut KernelImage, head: &[u8]) -> Vec<(Vec<u8>, u32, Vec<u8>)> {
     let mut out = Vec::new();
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (rd64(head, 0x20), rd16(head, 0x36), rd16(head, 0x38))
+    else {
         return out;
     };
-    for i in 0..u64::from(phnum) {
-        let Some(ph) = phoff
-            .checked_add(i * u64::from(phentsize))
-            .map(|v| v as usize)
-        else {
+    let table_len = (u64::from(phentsize) * u64::from(phnum)).min(ELF_NOTES_MAX);
+    let Ok(table) = image.read_at(phoff, table_len) else {
+        return out;
+    };
+    for i in 0..usize::from(phnum) {
+        let ph = i * usize::from(phentsize);
+        if ph >= table.len() {
             break;
-        };
-        if rd32(ph) != Some(4) {
+        }
+        if rd32(&table, ph) != Some(4) {
             continue;
         }
-        let (Some(off), Some(size)) = (rd64(ph + 8), rd64(ph + 32)) else {
+        let (Some(off), Some(size)) = (rd64(&table, ph + 8), rd64(&table, ph + 32)) else {
             continue;
         };
-        let (off, end) = (off as usize, off.saturating_add(size) as usize);
-        let mut p = off;
-        while p + 12 <= end.min(image.len()) {
-            let (Some(namesz), Some(descsz), Some(ty)) = (rd32(p), rd32(p + 4), rd32(p + 8)) else {
+        let Ok(seg) = image.read_at(off, size.min(ELF_NOTES_MAX)) else {
+            continue;
+        };
+        let word = |o| rd32(&seg, o);
+        let mut p = 0usize;
+        while p + 12 <= seg.len() {
+            let (Some(namesz), Some(descsz), Some(ty)) = (word(p), word(p + 4), word(p + 8)) else {
                 break;
             };
             let name_start = p + 12;
             let desc_start = name_start + (namesz as usize).div_ceil(4) * 4;
             let next = desc_start.saturating_add((descsz as usize).div_ceil(4) * 4);
             let (Some(name), Some(desc)) = (
-                image.get(name_start..name_start + namesz as usize),
-                image.get(desc_start..desc_start.saturating_add(descsz as usize)),
+                seg.get(name_start..name_start + namesz as usize),
+                seg.get(desc_start..desc_start.saturating_add(descsz as usize)),
             ) else {
                 break;
             };
@@ -323,21 +434,19 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
     if spec.cmdline.as_bytes().contains(&0) {
         return Err(BootError::CmdlineNul);
     }
-    let kind = kernel_kind(spec.kernel)?;
+    let mut image = spec.kernel;
+    let head = image.head()?;
+    let kind = kernel_kind(&head)?;
     // Load the kernel image itself.
     let (entry, mode, hdr, kernel_end, how) = match kind {
         KernelKind::Elf => {
-            let res = Elf::load(
-                mem,
-                None,
-                &mut SliceReader {
-                    data: spec.kernel,
-                    pos: 0,
-                },
-                Some(GuestAddress(HIMEM_START)),
-            )
-            .map_err(|e| map_elf_err(e, spec.mem_size))?;
-            let e_entry = u64::from_le_bytes(spec.kernel[0x18..0x20].try_into().unwrap_or([0; 8]));
+            let mut reader = match &mut image {
+                KernelImage::Bytes(b) => Reader::Slice(SliceReader { data: b, pos: 0 }),
+                KernelImage::File(f) => Reader::File(f),
+            };
+            let res = Elf::load(mem, None, &mut reader, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| map_elf_err(e, spec.mem_size))?;
+            let e_entry = rd64(&head, 0x18).unwrap_or(0);
             match (spec.protocol, res.pvh_boot_cap) {
                 (BootProtocol::Pvh | BootProtocol::Auto, PvhBootCapability::PvhEntryPresent(a)) => {
                     (
@@ -359,7 +468,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
             }
         }
         KernelKind::BzImage => {
-            let hdr = bzimage_setup_header(spec.kernel)?;
+            let all = image.read_all().map_err(BootError::Read)?;
+            let hdr = bzimage_setup_header(&all)?;
             let (version, xloadflags) = (hdr.version, hdr.xloadflags);
             if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::Not64Bit {
@@ -371,7 +481,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                 return Err(BootError::NoPvhEntry);
             }
             let decompressed = match spec.bzimage_entry {
-                BzImageEntry::Host => crate::bzimage::extract_vmlinux(spec.kernel).ok(),
+                BzImageEntry::Host => crate::bzimage::extract_vmlinux(&all).ok(),
                 BzImageEntry::Guest => None,
             };
             match decompressed {
@@ -409,17 +519,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                     let res = BzImage::load(
                         mem,
                         None,
-                        &mut SliceReader {
-                            data: spec.kernel,
-                            pos: 0,
-                        },
+                        &mut SliceReader { data: &all, pos: 0 },
                         Some(GuestAddress(HIMEM_START)),
                     )
                     .map_err(|e| match e {
                         linux_loader::loader::Error::Bzimage(
                             linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
                         ) => BootError::DoesNotFit {
-                            kernel_mib: mib(spec.kernel.len() as u64),
+                            kernel_mib: mib(all.len() as u64),
                             initrd_mib: 0,
                             mem_mib: mib(spec.mem_size),
                         },
@@ -671,7 +778,7 @@ mod tests {
         protocol: BootProtocol,
     ) -> KernelSpec<'a> {
         KernelSpec {
-            kernel,
+            kernel: KernelImage::Bytes(kernel),
             initrd: None,
             cmdline,
             mem_size: mib << 20,

@@ -100,7 +100,7 @@ fn load_guest(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     acpi_platform: &arch::acpi::AcpiPlatform,
-    kernel_bytes: Vec<u8>,
+    mut kernel: File,
     mut initrd: Option<(File, u64)>,
     linux: bool,
 ) -> Result<arch::boot::BootInfo, VmmError> {
@@ -121,7 +121,7 @@ fn load_guest(
     let boot = arch::boot::load_kernel(
         mem,
         arch::boot::KernelSpec {
-            kernel: &kernel_bytes,
+            kernel: arch::boot::KernelImage::File(&mut kernel),
             initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
             cmdline: &config.effective_cmdline(),
             mem_size,
@@ -134,7 +134,7 @@ fn load_guest(
         path: kernel_path.display().to_string(),
         err,
     })?;
-    drop(kernel_bytes);
+    drop(kernel);
     if linux {
         if let Some(why) = crate::host::emulation_backed_kvm() {
             crate::report!(
@@ -183,11 +183,13 @@ pub fn build_on(
 ) -> Result<Vm, VmmError> {
     let restoring = origin != Origin::Boot;
     let firmware = crate::firmware::read(config)?;
-    let kernel = if restoring || firmware.is_some() {
+    let mut kernel = if restoring || firmware.is_some() {
         None
     } else {
         let kernel_path = kernel_path(config)?;
-        Some(std::fs::read(kernel_path).map_err(|err| VmmError::File {
+        // Opened, not read: the loader reads what it needs (an ELF's segments straight into
+        // guest memory).
+        Some(File::open(kernel_path).map_err(|err| VmmError::File {
             what: "kernel",
             path: kernel_path.display().to_string(),
             err,
@@ -207,7 +209,9 @@ pub fn build_on(
         }
         None => None,
     };
-    let linux = kernel.as_deref().is_some_and(arch::boot::is_linux);
+    let linux = kernel
+        .as_mut()
+        .is_some_and(|f| arch::boot::KernelImage::File(f).is_linux());
     let shell = match shell {
         Some(s) => s,
         None => VmShell::create(false)?,
@@ -228,11 +232,16 @@ pub fn build_on(
         let (m, f) = crate::memory::allocate_shared(&crate::memory::layout(config), memory)?;
         (m, Some(f))
     } else {
-        (
-            crate::memory::allocate(&crate::memory::layout(config))?,
-            None,
-        )
+        let layout = crate::memory::layout(config);
+        let mem = if kernel.is_some() {
+            // Advised once the kernel and initrd are in (see `allocate_unadvised`).
+            crate::memory::allocate_unadvised(&layout)?
+        } else {
+            crate::memory::allocate(&layout)?
+        };
+        (mem, None)
     };
+    let advise_after_load = kernel.is_some() && backing.is_none();
     // Registering guest memory and creating the PIT (which starts a kernel thread) are among
     // the slowest KVM calls on some hosts; they run on their own thread while this one loads
     // the kernel and sets up devices and vCPUs, and are joined before the VM can run.
@@ -262,6 +271,7 @@ pub fn build_on(
         kernel,
         initrd,
         linux,
+        advise_after_load,
         firmware: firmware.map(|f| (f, !restoring)),
         rom,
     };
@@ -284,9 +294,11 @@ struct Parts {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     backing: Option<File>,
-    kernel: Option<Vec<u8>>,
+    kernel: Option<File>,
     initrd: Option<(File, u64)>,
     linux: bool,
+    /// Guest memory waits for its huge-page advice until the kernel is loaded.
+    advise_after_load: bool,
     /// The firmware image, and whether this is a fresh boot (its top is then copied below 1
     /// MiB).
     firmware: Option<(crate::firmware::FirmwareImage, bool)>,
@@ -307,6 +319,7 @@ fn build_rest(
         kernel,
         initrd,
         linux,
+        advise_after_load,
         firmware,
         rom,
     } = p;
@@ -393,6 +406,9 @@ fn build_rest(
         Some(k) => Some(load_guest(config, &mem, &acpi, k, initrd, linux)?),
         None => None,
     };
+    if advise_after_load {
+        crate::memory::advise(&mem);
+    }
     let (pio, mmio) = dm.buses();
     let vcpus = Vcpus::create(
         &kvm,
