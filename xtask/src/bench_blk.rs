@@ -348,6 +348,7 @@ pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usiz
                         direct: s.direct,
                     }),
                     tap: None,
+                    api_socket: None,
                 };
                 let args = bench_peers::probe_args(peer, &g, "blk")?;
                 pe[i].push(

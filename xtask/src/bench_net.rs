@@ -195,6 +195,7 @@ pub fn run(
                     rng: false,
                     disk: None,
                     tap: Some("tap0"),
+                    api_socket: None,
                 };
                 let args = bench_peers::probe_args(peer, &g, "net")?;
                 // A test the peer's device cannot run leaves its row empty, not the run failed.

@@ -119,6 +119,9 @@ pub(crate) struct ProbeGuest<'a> {
     /// A virtio-net device on this existing TAP device (over mmio for Firecracker, pci for
     /// Cloud Hypervisor).
     pub tap: Option<&'a str>,
+    /// The VMM's API socket; without one Firecracker runs with `--no-api` and Cloud Hypervisor
+    /// without `--api-socket`.
+    pub api_socket: Option<&'a Path>,
 }
 
 /// A disk for the probe guest.
@@ -168,13 +171,17 @@ pub(crate) fn probe_args(peer: &Peer, g: &ProbeGuest, tag: &str) -> Result<Vec<S
             }
             let path = peer.dir.join(format!("{tag}.json"));
             std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
-            Ok(vec![
-                "--no-api".into(),
+            let mut a: Vec<String> = match g.api_socket {
+                Some(s) => vec!["--api-sock".into(), s.display().to_string()],
+                None => vec!["--no-api".into()],
+            };
+            a.extend([
                 "--config-file".into(),
                 path.display().to_string(),
                 "--level".into(),
                 "Error".into(),
-            ])
+            ]);
+            Ok(a)
         }
         Kind::CloudHypervisor => {
             let mut a: Vec<String> = vec![
@@ -204,6 +211,9 @@ pub(crate) fn probe_args(peer: &Peer, g: &ProbeGuest, tag: &str) -> Result<Vec<S
             }
             if let Some(tap) = g.tap {
                 a.extend(["--net".into(), format!("tap={tap},mac=52:54:00:12:34:56")]);
+            }
+            if let Some(s) = g.api_socket {
+                a.extend(["--api-socket".into(), format!("path={}", s.display())]);
             }
             Ok(a)
         }

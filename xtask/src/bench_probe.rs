@@ -312,6 +312,7 @@ fn peer_workload(peer: &Peer, probe: &Path, w: &Workload, i: usize) -> Result<Ve
         rng: w.tern.contains(&"--rng"),
         disk: None,
         tap: None,
+        api_socket: None,
     };
     bench_peers::probe_args(peer, &g, &format!("w{i}"))
 }

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::bench_peers::{self, Peer};
 use crate::bench_probe::median;
+use crate::bench_snapshot_peers;
 use crate::bench_terns::{describe, has_baseline, run_terns, Tern};
 
 /// The guest's tick period: the "first tick" latencies include up to this much guest time (the
@@ -44,7 +46,7 @@ const COUNT_MS: u64 = 3_600_000;
 /// Time allowed for a boot (including the memory fill) to reach its first ticks.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Time allowed for one snapshot or restore step.
-const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Where the scratch directory goes (snapshots of big guests are GiBs: not a tmpfs).
 const SCRATCH_PARENT: &str = "/var/tmp";
 const SCRATCH_PREFIX: &str = "tern-bench-snapshot-";
@@ -89,7 +91,7 @@ fn pattern_mib(size_mib: u64) -> u64 {
     size_mib / 4
 }
 
-fn cmdline(size_mib: u64) -> String {
+pub(crate) fn cmdline(size_mib: u64) -> String {
     format!(
         "probe.run=count probe.count_ms={COUNT_MS} probe.count_tick_ms={TICK_MS} probe.count_mem_mb={}",
         pattern_mib(size_mib)
@@ -121,7 +123,7 @@ pub(crate) fn ticks_in(text: &str) -> Vec<u64> {
         .collect()
 }
 
-fn ticks(log: &Path) -> Vec<u64> {
+pub(crate) fn ticks(log: &Path) -> Vec<u64> {
     // A partial read of a growing file is fine: only complete lines count.
     let bytes = std::fs::read(log).unwrap_or_default();
     ticks_in(&String::from_utf8_lossy(&bytes))
@@ -141,7 +143,7 @@ pub(crate) fn tail(log: &Path) -> String {
 /// Checks that a restored guest's first tick continues the counter: the snapshot's last
 /// complete tick was `last`; a line being printed at the pause shows up as a partial line, so
 /// the next complete one may be `last + 2`.
-fn check_continues(what: &str, first: u64, last: u64) -> Result<()> {
+pub(crate) fn check_continues(what: &str, first: u64, last: u64) -> Result<()> {
     if first <= last || first > last + 2 {
         bail!(
             "{what}: the restored guest's first tick is {first}, but the snapshot was taken \
@@ -168,12 +170,31 @@ impl Proc {
         name: &'static str,
         stderr: &Path,
     ) -> Result<Proc> {
+        Proc::spawn_to(program, args, name, stderr, None)
+    }
+
+    /// Like [`Proc::spawn`], with stdout in the file `stdout` if given (a serial console
+    /// printed there).
+    pub fn spawn_to(
+        program: &Path,
+        args: &[String],
+        name: &'static str,
+        stderr: &Path,
+        stdout: Option<&Path>,
+    ) -> Result<Proc> {
         let err = std::fs::File::create(stderr)
             .with_context(|| format!("cannot create {}", stderr.display()))?;
+        let out = match stdout {
+            Some(p) => Stdio::from(
+                std::fs::File::create(p)
+                    .with_context(|| format!("cannot create {}", p.display()))?,
+            ),
+            None => Stdio::null(),
+        };
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(Stdio::from(err))
             .spawn()
             .with_context(|| format!("cannot start {}", program.display()))?;
@@ -434,20 +455,21 @@ fn shell_safe(p: &Path) -> Result<&str> {
 // ---------------------------------------------------------------------------------------------
 // Measurements.
 
-/// One tern binary's numbers in one run for one guest size; NaN where a number does not exist.
+/// One tern binary's numbers in one run for one guest size, or a peer's
+/// ([`crate::bench_snapshot_peers`]); NaN where a number does not exist.
 #[derive(Default, Clone)]
-struct TernResult {
-    create_s: f64,
-    apparent: f64,
-    du: f64,
-    api_lazy_reply: f64,
-    api_lazy_tick: f64,
-    api_eager_reply: f64,
-    api_eager_tick: f64,
-    cold_lazy_tick: f64,
-    cold_eager_tick: f64,
-    clone_rate: f64,
-    clone_all_ticked: f64,
+pub(crate) struct TernResult {
+    pub create_s: f64,
+    pub apparent: f64,
+    pub du: f64,
+    pub api_lazy_reply: f64,
+    pub api_lazy_tick: f64,
+    pub api_eager_reply: f64,
+    pub api_eager_tick: f64,
+    pub cold_lazy_tick: f64,
+    pub cold_eager_tick: f64,
+    pub clone_rate: f64,
+    pub clone_all_ticked: f64,
 }
 
 /// QEMU's numbers in one run for one guest size.
@@ -462,16 +484,19 @@ struct QemuResult {
     cold_tick: f64,
 }
 
-/// One run's numbers for one guest size: each tern variant's (in [`Ctx::terns`] order) and
-/// QEMU's.
+/// One run's numbers for one guest size: each tern variant's (in [`Ctx::terns`] order),
+/// QEMU's and each peer's (in [`Ctx::peers`] order).
 #[derive(Clone)]
 struct RunResult {
     terns: Vec<TernResult>,
     qemu: QemuResult,
+    peers: Vec<TernResult>,
+    /// Why a peer has no figures in this run, if it has none.
+    peer_errors: Vec<Option<String>>,
 }
 
 /// Apparent size and allocated size (`du`) of a file or of the files in a directory, MiB.
-fn sizes_mib(p: &Path) -> Result<(f64, f64)> {
+pub(crate) fn sizes_mib(p: &Path) -> Result<(f64, f64)> {
     let meta = std::fs::metadata(p).with_context(|| format!("cannot stat {}", p.display()))?;
     let files: Vec<std::fs::Metadata> = if meta.is_dir() {
         std::fs::read_dir(p)?
@@ -490,12 +515,14 @@ struct Ctx<'a> {
     /// The tern variants: the one measured, then the baseline if any.
     terns: &'a [Tern],
     qemu: &'a Path,
+    /// Firecracker and Cloud Hypervisor, when named.
+    peers: &'a [Peer],
     probe: String,
     clones: usize,
 }
 
 /// Waits for a booted guest's ticks to start (after its memory fill).
-fn wait_booted(p: &mut Proc, log: &Path) -> Result<()> {
+pub(crate) fn wait_booted(p: &mut Proc, log: &Path) -> Result<()> {
     p.wait_for("the guest's first ticks", BOOT_TIMEOUT, || {
         (ticks(log).len() >= 3).then_some(())
     })
@@ -503,7 +530,7 @@ fn wait_booted(p: &mut Proc, log: &Path) -> Result<()> {
 }
 
 /// Waits for the first complete tick line of a restored guest; its number.
-fn wait_first_tick(p: &mut Proc, log: &Path) -> Result<u64> {
+pub(crate) fn wait_first_tick(p: &mut Proc, log: &Path) -> Result<u64> {
     p.wait_for("the restored guest's first tick", STEP_TIMEOUT, || {
         first_tick(log)
     })
@@ -784,7 +811,7 @@ impl Ctx<'_> {
     }
 
     /// Run number `run` for one guest size, in `dir` (emptied by the caller): every tern
-    /// variant (each in a subdirectory named after it), then QEMU.
+    /// variant (each in a subdirectory named after it), then QEMU, then each peer.
     fn run_once(&self, dir: &Path, size_mib: u64, run: usize) -> Result<RunResult> {
         let terns = run_terns(self.terns, run, |t| {
             self.tern_run(t, &dir.join(t.name), size_mib, run)
@@ -799,7 +826,32 @@ impl Ctx<'_> {
         (qemu.cold_running, qemu.cold_tick) = self
             .qemu_cold_restore(dir, size_mib, last)
             .context("QEMU -incoming")?;
-        Ok(RunResult { terns, qemu })
+        let mut peers = Vec::with_capacity(self.peers.len());
+        let mut peer_errors = Vec::with_capacity(self.peers.len());
+        for p in self.peers {
+            // A peer that cannot do a step on this host gets empty columns and its reason
+            // under the table; tern's and QEMU's figures still stand.
+            let d = dir.join(p.kind.short());
+            match bench_snapshot_peers::peer_run(p, Path::new(&self.probe), &d, size_mib, run) {
+                Ok(r) => {
+                    peers.push(r);
+                    peer_errors.push(None);
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    eprintln!("[bench-snapshot] {}: {why}", p.kind.short());
+                    let _ = std::fs::remove_dir_all(&d);
+                    peers.push(bench_snapshot_peers::no_figures());
+                    peer_errors.push(Some(why));
+                }
+            }
+        }
+        Ok(RunResult {
+            terns,
+            qemu,
+            peers,
+            peer_errors,
+        })
     }
 }
 
@@ -991,8 +1043,8 @@ fn print_header(o: &Options) {
 }
 
 /// The table for one guest size; `baseline`: whether `results` hold a baseline tern's numbers
-/// (second) to report in extra columns.
-fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool) {
+/// (second) to report in extra columns; each of `peers` gets its figure and ratio to QEMU's.
+fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool, peers: &[Peer]) {
     println!(
         "\n== {size_mib} MiB guest, {} MiB pattern ==",
         pattern_mib(size_mib)
@@ -1004,7 +1056,7 @@ fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool)
     if baseline {
         print!(" {:>10} {:>14}", "baseline", "tern/baseline");
     }
-    println!();
+    println!("{}", bench_peers::heads(peers, 10));
     for row in rows(o.clones) {
         let name = if row.name.starts_with("clones") {
             format!("{} ({})", row.name, o.clones)
@@ -1027,13 +1079,46 @@ fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool)
             let b = tern_median(1);
             print!(" {:>10} {:>14}", cell(b, row.precision), cell(t / b, 3));
         }
-        println!();
+        // Over the runs the peer finished (a failed run's figures are NaN).
+        let peer_median = |i: usize| {
+            median(
+                results
+                    .iter()
+                    .map(|r| (row.tern)(&r.peers[i]))
+                    .filter(|v| !v.is_nan())
+                    .collect(),
+            )
+        };
+        println!("{}", bench_peers::cells(peers, 10, q, peer_median));
+    }
+    for (i, p) in peers.iter().enumerate() {
+        let failed: Vec<&String> = results
+            .iter()
+            .filter_map(|r| r.peer_errors[i].as_ref())
+            .collect();
+        if let Some(first) = failed.first() {
+            // The first line of the reason (a peer's JSON error may carry a backtrace after
+            // an escaped newline).
+            let line = first.lines().next().unwrap_or_default();
+            let line = line.split("\\n").next().unwrap_or_default();
+            let line: String = line.chars().take(300).collect();
+            let which = if failed.len() == results.len() {
+                format!("failed in all {} runs (no figures)", results.len())
+            } else {
+                format!(
+                    "failed in {} of {} runs (its figures are from the others)",
+                    failed.len(),
+                    results.len()
+                )
+            };
+            println!("{}: {which}: {line}", p.kind.short());
+        }
     }
 }
 
 /// Runs the benchmark; with a baseline among `terns`, it goes through the same steps as `tern`
 /// in the same runs and gets its own columns.
-pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, o: &Options) -> Result<()> {
+pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, o: &Options) -> Result<()> {
     if o.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -1065,6 +1150,7 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, o: &Options) -> Result<()>
     let ctx = Ctx {
         terns,
         qemu,
+        peers,
         probe: path_str(probe)?.to_string(),
         clones: o.clones,
     };
@@ -1074,6 +1160,9 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, o: &Options) -> Result<()>
         None => println!("tern {}", terns[0].program.display()),
     }
     println!("qemu {}", qemu.display());
+    for l in bench_peers::describe(peers) {
+        println!("{l}");
+    }
     let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); o.sizes_mib.len()];
     for run in 0..o.runs {
         for (i, &size) in o.sizes_mib.iter().enumerate() {
@@ -1093,7 +1182,7 @@ pub fn run(terns: &[Tern], probe: &Path, qemu: &Path, o: &Options) -> Result<()>
         }
     }
     for (i, &size) in o.sizes_mib.iter().enumerate() {
-        print_size(o, size, &results[i], has_baseline(terns));
+        print_size(o, size, &results[i], has_baseline(terns), peers);
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ mod bench_net;
 mod bench_peers;
 mod bench_probe;
 mod bench_snapshot;
+mod bench_snapshot_peers;
 mod bench_terns;
 mod bench_vsock;
 mod ci;
@@ -131,6 +132,8 @@ enum Cmd {
     BenchSnapshot {
         #[command(flatten)]
         terns: bench_terns::TernOpts,
+        #[command(flatten)]
+        peers: bench_peers::PeerOpts,
         /// Interleaved runs per guest size.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -408,6 +411,7 @@ fn run(command: Cmd) -> Result<()> {
         }
         Cmd::BenchSnapshot {
             terns,
+            peers,
             runs,
             sizes,
             clones,
@@ -418,13 +422,14 @@ fn run(command: Cmd) -> Result<()> {
                  bench-snapshot compares tern with it",
             )?;
             let terns = terns.terns()?;
+            let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let opts = bench_snapshot::Options {
                 sizes_mib: sizes,
                 runs,
                 clones,
             };
-            bench_snapshot::run(&terns, &probe, &qemu, &opts)
+            bench_snapshot::run(&terns, &peers, &probe, &qemu, &opts)
         }
         Cmd::BenchMigrate {
             terns,
