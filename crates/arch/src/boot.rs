@@ -892,6 +892,41 @@ mod tests {
     }
 
     #[test]
+    fn kernel_from_file_loads_as_from_bytes() {
+        let payload: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        let mut k = tiny_elf(0x20_0000, &payload, Some(0x20_0010));
+        let path = std::env::temp_dir().join(format!("tern-kernel-file-{}", std::process::id()));
+        std::fs::write(&path, &k).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        assert!(!KernelImage::File(&mut f).is_linux());
+        let m = guest(32);
+        let mut s = spec(&k, "x", 32, BootProtocol::Auto);
+        s.kernel = KernelImage::File(&mut f);
+        let from_file = load_kernel(&m, s).unwrap();
+        let mut loaded = vec![0u8; payload.len()];
+        m.read_slice(&mut loaded, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(loaded, payload);
+        let from_bytes = load_kernel(&guest(32), spec(&k, "x", 32, BootProtocol::Auto)).unwrap();
+        assert_eq!(from_file, from_bytes);
+        // A "Linux" note (namesz 6, padded to 8; no descriptor) is found in the file.
+        let pos = k.windows(4).position(|w| w == b"Xen\0").unwrap();
+        k[pos - 12..pos - 8].copy_from_slice(&6u32.to_le_bytes());
+        k[pos - 8..pos - 4].copy_from_slice(&0u32.to_le_bytes());
+        k[pos..pos + 8].copy_from_slice(b"Linux\0\0\0");
+        assert!(is_linux(&k));
+        std::fs::write(&path, &k).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        assert!(KernelImage::File(&mut f).is_linux());
+        // A file cut short inside a segment is refused with a line, as bytes are.
+        std::fs::write(&path, &k[..k.len() - 4096]).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut s = spec(&k, "x", 32, BootProtocol::Auto);
+        s.kernel = KernelImage::File(&mut f);
+        assert!(matches!(load_kernel(&m, s), Err(BootError::Elf(_))));
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
     fn garbage_never_panics() {
         let m = guest(16);
         assert!(matches!(
