@@ -814,8 +814,10 @@ impl Ctx<'_> {
     /// variant (each in a subdirectory named after it), then QEMU, then each peer.
     fn run_once(&self, dir: &Path, size_mib: u64, run: usize) -> Result<RunResult> {
         let terns = run_terns(self.terns, run, |t| {
+            settle();
             self.tern_run(t, &dir.join(t.name), size_mib, run)
         })?;
+        settle();
         let mut qemu = QemuResult::default();
         let last = self
             .qemu_create(dir, size_mib, &mut qemu)
@@ -829,6 +831,7 @@ impl Ctx<'_> {
         let mut peers = Vec::with_capacity(self.peers.len());
         let mut peer_errors = Vec::with_capacity(self.peers.len());
         for p in self.peers {
+            settle();
             // A peer that cannot do a step on this host gets empty columns and its reason
             // under the table; tern's and QEMU's figures still stand.
             let d = dir.join(p.kind.short());
@@ -853,6 +856,15 @@ impl Ctx<'_> {
             peer_errors,
         })
     }
+}
+
+/// Writes back all dirty data before a VMM's steps (not timed), so that none of them waits
+/// behind the previous one's writes: Firecracker's memory file (the whole of guest memory,
+/// not fsynced by it) was still being written back during the next tern's snapshot, which then
+/// took 1.1 s instead of 0.53 s for a 1 GiB guest.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 // ---------------------------------------------------------------------------------------------
