@@ -152,7 +152,7 @@ fn api_restore(peer: &Peer, dir: &Path, lazy: bool, last: u64) -> Result<(f64, f
     let sock = dir.join(format!("{}-api-{mode}.sock", k.short()));
     let log = dir.join(format!("{}-api-{mode}.log", k.short()));
     let args = api_only_args(k, &sock);
-    let err = dir.join(format!("{}-api.err", k.short()));
+    let err = dir.join(format!("{}-api-{mode}.err", k.short()));
     let mut vm = Proc::spawn_to(&peer.program, &args, name(k), &err, Some(&log))?;
     wait_api(&mut vm, k, &sock)?;
     let (path, body) = restore_request(peer, dir, lazy)?;
@@ -185,7 +185,7 @@ fn cold_restore(peer: &Peer, dir: &Path, lazy: bool, last: u64) -> Result<f64> {
     let mode = if lazy { "lazy" } else { "eager" };
     let sock = dir.join(format!("{}-cold-{mode}.sock", k.short()));
     let log = dir.join(format!("{}-cold-{mode}.log", k.short()));
-    let err = dir.join(format!("{}-cold.err", k.short()));
+    let err = dir.join(format!("{}-cold-{mode}.err", k.short()));
     let mut args = api_only_args(k, &sock);
     if k == Kind::CloudHypervisor {
         args.extend([

@@ -123,8 +123,16 @@ pub enum KernelImage<'a> {
     File(&'a mut std::fs::File),
 }
 
-/// The most of an ELF program header table or note segment read to find the notes.
+/// The most read of an ELF's note segments, all together, to find its notes.
 const ELF_NOTES_MAX: u64 = 1 << 20;
+/// The most PT_NOTE segments, and bytes in each, of an ELF kernel tern loads. The loader walks
+/// every note of every note segment one read at a time, so a crafted file with thousands of
+/// segments of tiny notes would keep it busy for hours; a Linux vmlinux has one segment of a
+/// few hundred bytes.
+const ELF_NOTE_SEGMENTS_MAX: usize = 16;
+const ELF_NOTE_SEGMENT_MAX: u64 = 64 << 10;
+/// An ELF64 program header's size (the only one the loader accepts).
+const ELF64_PHDR: u64 = 56;
 
 impl KernelImage<'_> {
     /// Up to `len` bytes at `off` (fewer at the end of the image).
@@ -278,6 +286,39 @@ pub fn is_linux(image: &[u8]) -> bool {
     KernelImage::Bytes(image).is_linux()
 }
 
+/// Refuses an ELF whose note segments would keep the loader busy: more than
+/// [`ELF_NOTE_SEGMENTS_MAX`] of them, or one over [`ELF_NOTE_SEGMENT_MAX`] bytes. Reads the
+/// program header table as the loader does (`e_phnum` entries of 56 bytes at `e_phoff`); a
+/// header the loader would refuse is left for it to refuse.
+fn check_note_segments(image: &mut KernelImage, head: &[u8]) -> Result<(), BootError> {
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (rd64(head, 0x20), rd16(head, 0x36), rd16(head, 0x38))
+    else {
+        return Ok(());
+    };
+    if u64::from(phentsize) != ELF64_PHDR {
+        return Ok(());
+    }
+    let table = image
+        .read_at(phoff, ELF64_PHDR * u64::from(phnum))
+        .map_err(BootError::Read)?;
+    let mut segments = 0;
+    for ph in table.chunks_exact(ELF64_PHDR as usize) {
+        if rd32(ph, 0) != Some(4) {
+            continue;
+        }
+        segments += 1;
+        let size = rd64(ph, 32).unwrap_or(0);
+        if segments > ELF_NOTE_SEGMENTS_MAX || size > ELF_NOTE_SEGMENT_MAX {
+            return Err(BootError::Elf(format!(
+                "more than {ELF_NOTE_SEGMENTS_MAX} note segments, or one over {} KiB: not a kernel tern loads",
+                ELF_NOTE_SEGMENT_MAX >> 10
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Little-endian readers of a byte slice: `None` past its end.
 fn rd16(b: &[u8], o: usize) -> Option<u16> {
     b.get(o..o.checked_add(2)?)
@@ -295,8 +336,8 @@ fn rd64(b: &[u8], o: usize) -> Option<u64> {
 }
 
 /// The (name, type, descriptor) of every note in the ELF's PT_NOTE segments (`head`: its
-/// first bytes); malformed notes end the walk. The program header table and each note
-/// segment are read from the image, at most [`ELF_NOTES_MAX`] bytes of each.
+/// first bytes); malformed notes end the walk. The program header table and the note
+/// segments are read from the image, at most [`ELF_NOTES_MAX`] bytes of segments in all.
 fn elf_notes(image: &mut KernelImage, head: &[u8]) -> Vec<(Vec<u8>, u32, Vec<u8>)> {
     let mut out = Vec::new();
     let (Some(phoff), Some(phentsize), Some(phnum)) =
@@ -308,6 +349,7 @@ fn elf_notes(image: &mut KernelImage, head: &[u8]) -> Vec<(Vec<u8>, u32, Vec<u8>
     let Ok(table) = image.read_at(phoff, table_len) else {
         return out;
     };
+    let mut budget = ELF_NOTES_MAX;
     for i in 0..usize::from(phnum) {
         let ph = i * usize::from(phentsize);
         if ph >= table.len() {
@@ -319,9 +361,13 @@ fn elf_notes(image: &mut KernelImage, head: &[u8]) -> Vec<(Vec<u8>, u32, Vec<u8>
         let (Some(off), Some(size)) = (rd64(&table, ph + 8), rd64(&table, ph + 32)) else {
             continue;
         };
-        let Ok(seg) = image.read_at(off, size.min(ELF_NOTES_MAX)) else {
+        if budget == 0 {
+            break;
+        }
+        let Ok(seg) = image.read_at(off, size.min(budget)) else {
             continue;
         };
+        budget -= seg.len() as u64;
         let word = |o| rd32(&seg, o);
         let mut p = 0usize;
         while p + 12 <= seg.len() {
@@ -440,6 +486,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
     // Load the kernel image itself.
     let (entry, mode, hdr, kernel_end, how) = match kind {
         KernelKind::Elf => {
+            check_note_segments(&mut image, &head)?;
             let mut reader = match &mut image {
                 KernelImage::Bytes(b) => Reader::Slice(SliceReader { data: b, pos: 0 }),
                 KernelImage::File(f) => Reader::File(f),
@@ -924,6 +971,33 @@ mod tests {
         s.kernel = KernelImage::File(&mut f);
         assert!(matches!(load_kernel(&m, s), Err(BootError::Elf(_))));
         std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn oversized_note_segments_refused() {
+        let m = guest(32);
+        // The PVH note's program header is the second: its p_filesz at 64 + 56 + 32.
+        let mut k = tiny_elf(0x20_0000, &[0x90; 64], Some(0x20_0010));
+        k[152..160].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        let err = load_kernel(&m, spec(&k, "", 32, BootProtocol::Auto)).unwrap_err();
+        assert!(
+            matches!(&err, BootError::Elf(e) if e.contains("note segments")),
+            "{err}"
+        );
+        // Seventeen note segments are too many, whatever their size.
+        let mut k = tiny_elf(0x20_0000, &[0x90; 64], Some(0x20_0010));
+        let note_ph = k[120..176].to_vec();
+        k[0x38..0x3a].copy_from_slice(&18u16.to_le_bytes());
+        let mut many = k[..176].to_vec();
+        for _ in 0..16 {
+            many.extend_from_slice(&note_ph);
+        }
+        many.extend_from_slice(&k[176..]);
+        let err = load_kernel(&m, spec(&many, "", 32, BootProtocol::Auto)).unwrap_err();
+        assert!(
+            matches!(&err, BootError::Elf(e) if e.contains("note segments")),
+            "{err}"
+        );
     }
 
     #[test]

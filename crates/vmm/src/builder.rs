@@ -94,13 +94,45 @@ fn kernel_path(config: &VmConfig) -> Result<&std::path::Path, VmmError> {
         ))?)
 }
 
+/// The kernel to boot: a regular file is opened, not read (the loader reads what it needs, an
+/// ELF's segments straight into guest memory); anything else (a pipe such as `--kernel
+/// <(zcat vmlinux.gz)`, a character device) is read whole, as it cannot be read at offsets.
+enum Kernel {
+    File(File),
+    Bytes(Vec<u8>),
+}
+
+impl Kernel {
+    fn open(path: &std::path::Path) -> Result<Kernel, VmmError> {
+        let file_err = |err| VmmError::File {
+            what: "kernel",
+            path: path.display().to_string(),
+            err,
+        };
+        let meta = std::fs::metadata(path).map_err(file_err)?;
+        if meta.is_file() {
+            File::open(path).map(Kernel::File).map_err(file_err)
+        } else {
+            // A directory fails here with "Is a directory", as it always did.
+            std::fs::read(path).map(Kernel::Bytes).map_err(file_err)
+        }
+    }
+
+    fn image(&mut self) -> arch::boot::KernelImage<'_> {
+        match self {
+            Kernel::File(f) => arch::boot::KernelImage::File(f),
+            Kernel::Bytes(b) => arch::boot::KernelImage::Bytes(b),
+        }
+    }
+}
+
 /// Writes the ACPI tables, the kernel, initrd, command line, boot structures and MP table
 /// into guest memory.
 fn load_guest(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     acpi_platform: &arch::acpi::AcpiPlatform,
-    mut kernel: File,
+    mut kernel: Kernel,
     mut initrd: Option<(File, u64)>,
     linux: bool,
 ) -> Result<arch::boot::BootInfo, VmmError> {
@@ -121,7 +153,7 @@ fn load_guest(
     let boot = arch::boot::load_kernel(
         mem,
         arch::boot::KernelSpec {
-            kernel: arch::boot::KernelImage::File(&mut kernel),
+            kernel: kernel.image(),
             initrd: initrd.as_mut().map(|(f, l)| (f, *l)),
             cmdline: &config.effective_cmdline(),
             mem_size,
@@ -187,13 +219,7 @@ pub fn build_on(
         None
     } else {
         let kernel_path = kernel_path(config)?;
-        // Opened, not read: the loader reads what it needs (an ELF's segments straight into
-        // guest memory).
-        Some(File::open(kernel_path).map_err(|err| VmmError::File {
-            what: "kernel",
-            path: kernel_path.display().to_string(),
-            err,
-        })?)
+        Some(Kernel::open(kernel_path)?)
     };
     let initrd = match &config.initrd {
         Some(_) if restoring => None,
@@ -209,9 +235,7 @@ pub fn build_on(
         }
         None => None,
     };
-    let linux = kernel
-        .as_mut()
-        .is_some_and(|f| arch::boot::KernelImage::File(f).is_linux());
+    let linux = kernel.as_mut().is_some_and(|k| k.image().is_linux());
     let shell = match shell {
         Some(s) => s,
         None => VmShell::create(false)?,
@@ -294,7 +318,7 @@ struct Parts {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     backing: Option<File>,
-    kernel: Option<File>,
+    kernel: Option<Kernel>,
     initrd: Option<(File, u64)>,
     linux: bool,
     /// Guest memory waits for its huge-page advice until the kernel is loaded.
