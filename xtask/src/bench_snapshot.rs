@@ -490,9 +490,8 @@ struct QemuResult {
 struct RunResult {
     terns: Vec<TernResult>,
     qemu: QemuResult,
-    peers: Vec<TernResult>,
-    /// Why a peer has no figures in this run, if it has none.
-    peer_errors: Vec<Option<String>>,
+    /// Each peer's figures, or why it has none in this run.
+    peers: Vec<Result<TernResult, String>>,
 }
 
 /// Apparent size and allocated size (`du`) of a file or of the files in a directory, MiB.
@@ -832,32 +831,21 @@ impl Ctx<'_> {
         // more space than [`space_needed`].
         let _ = std::fs::remove_file(dir.join("qemu.mig"));
         let mut peers = Vec::with_capacity(self.peers.len());
-        let mut peer_errors = Vec::with_capacity(self.peers.len());
         for p in self.peers {
             settle();
             // A peer that cannot do a step on this host gets empty columns and its reason
             // under the table; tern's and QEMU's figures still stand.
             let d = dir.join(p.kind.short());
-            match bench_snapshot_peers::peer_run(p, Path::new(&self.probe), &d, size_mib, run) {
-                Ok(r) => {
-                    peers.push(r);
-                    peer_errors.push(None);
-                }
-                Err(e) => {
+            let r = bench_snapshot_peers::peer_run(p, Path::new(&self.probe), &d, size_mib, run)
+                .map_err(|e| {
                     let why = format!("{e:#}");
                     eprintln!("[bench-snapshot] {}: {why}", p.kind.short());
                     let _ = std::fs::remove_dir_all(&d);
-                    peers.push(bench_snapshot_peers::no_figures());
-                    peer_errors.push(Some(why));
-                }
-            }
+                    why
+                });
+            peers.push(r);
         }
-        Ok(RunResult {
-            terns,
-            qemu,
-            peers,
-            peer_errors,
-        })
+        Ok(RunResult { terns, qemu, peers })
     }
 }
 
@@ -1095,12 +1083,13 @@ fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool,
             let b = tern_median(1);
             print!(" {:>10} {:>14}", cell(b, row.precision), cell(t / b, 3));
         }
-        // Over the runs the peer finished (a failed run's figures are NaN).
+        // Over the runs the peer finished; NaN where it has no figure.
         let peer_median = |i: usize| {
             median(
                 results
                     .iter()
-                    .map(|r| (row.tern)(&r.peers[i]))
+                    .filter_map(|r| r.peers[i].as_ref().ok())
+                    .map(row.tern)
                     .filter(|v| !v.is_nan())
                     .collect(),
             )
@@ -1110,7 +1099,7 @@ fn print_size(o: &Options, size_mib: u64, results: &[RunResult], baseline: bool,
     for (i, p) in peers.iter().enumerate() {
         let failed: Vec<&String> = results
             .iter()
-            .filter_map(|r| r.peer_errors[i].as_ref())
+            .filter_map(|r| r.peers[i].as_ref().err())
             .collect();
         if let Some(first) = failed.first() {
             // The first line of the reason (a peer's JSON error may carry a backtrace after

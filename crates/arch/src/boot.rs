@@ -185,42 +185,6 @@ impl KernelImage<'_> {
     }
 }
 
-/// A `Read + Seek + ReadVolatile` view of a [`KernelImage`], for linux-loader.
-enum Reader<'a> {
-    Slice(SliceReader<'a>),
-    File(&'a mut std::fs::File),
-}
-
-impl Read for Reader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Reader::Slice(r) => r.read(buf),
-            Reader::File(f) => f.read(buf),
-        }
-    }
-}
-
-impl Seek for Reader<'_> {
-    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        match self {
-            Reader::Slice(r) => r.seek(pos),
-            Reader::File(f) => f.seek(pos),
-        }
-    }
-}
-
-impl ReadVolatile for Reader<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        match self {
-            Reader::Slice(r) => r.read_volatile(buf),
-            Reader::File(f) => f.read_volatile(buf),
-        }
-    }
-}
-
 /// What to boot.
 pub struct KernelSpec<'a> {
     /// The kernel image.
@@ -487,12 +451,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
     let (entry, mode, hdr, kernel_end, how) = match kind {
         KernelKind::Elf => {
             check_note_segments(&mut image, &head)?;
-            let mut reader = match &mut image {
-                KernelImage::Bytes(b) => Reader::Slice(SliceReader { data: b, pos: 0 }),
-                KernelImage::File(f) => Reader::File(f),
-            };
-            let res = Elf::load(mem, None, &mut reader, Some(GuestAddress(HIMEM_START)))
-                .map_err(|e| map_elf_err(e, spec.mem_size))?;
+            let high = Some(GuestAddress(HIMEM_START));
+            let res = match &mut image {
+                KernelImage::Bytes(b) => {
+                    Elf::load(mem, None, &mut SliceReader { data: b, pos: 0 }, high)
+                }
+                KernelImage::File(f) => Elf::load(mem, None, *f, high),
+            }
+            .map_err(|e| map_elf_err(e, spec.mem_size))?;
             let e_entry = rd64(&head, 0x18).unwrap_or(0);
             match (spec.protocol, res.pvh_boot_cap) {
                 (BootProtocol::Pvh | BootProtocol::Auto, PvhBootCapability::PvhEntryPresent(a)) => {

@@ -258,14 +258,13 @@ pub fn build_on(
     } else {
         let layout = crate::memory::layout(config);
         let mem = if kernel.is_some() {
-            // Advised once the kernel and initrd are in (see `allocate_unadvised`).
-            crate::memory::allocate_unadvised(&layout)?
+            // Advised once the kernel and initrd are in (see `allocate_for_load`).
+            crate::memory::allocate_for_load(&layout)?
         } else {
             crate::memory::allocate(&layout)?
         };
         (mem, None)
     };
-    let advise_after_load = kernel.is_some() && backing.is_none();
     // Registering guest memory and creating the PIT (which starts a kernel thread) are among
     // the slowest KVM calls on some hosts; they run on their own thread while this one loads
     // the kernel and sets up devices and vCPUs, and are joined before the VM can run.
@@ -295,7 +294,6 @@ pub fn build_on(
         kernel,
         initrd,
         linux,
-        advise_after_load,
         firmware: firmware.map(|f| (f, !restoring)),
         rom,
     };
@@ -321,8 +319,6 @@ struct Parts {
     kernel: Option<Kernel>,
     initrd: Option<(File, u64)>,
     linux: bool,
-    /// Guest memory waits for its huge-page advice until the kernel is loaded.
-    advise_after_load: bool,
     /// The firmware image, and whether this is a fresh boot (its top is then copied below 1
     /// MiB).
     firmware: Option<(crate::firmware::FirmwareImage, bool)>,
@@ -343,10 +339,12 @@ fn build_rest(
         kernel,
         initrd,
         linux,
-        advise_after_load,
         firmware,
         rom,
     } = p;
+    // Private memory for a kernel boot waits for its huge-page advice until the kernel is in
+    // (see `memory::allocate_for_load`).
+    let advise_after_load = kernel.is_some() && backing.is_none();
     // Guest memory as its owner keeps it, and as the devices share it.
     let ram = Arc::new(GuestRam::new(mem.clone(), vm.clone(), backing));
     let virtio = crate::virtio_devices::create(config, lock_disks, &ram)?;

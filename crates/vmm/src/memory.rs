@@ -61,7 +61,7 @@ pub fn allocate(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
 /// faulting one in cost up to 7 ms, and loading a 25 MiB kernel segment into a 256 MiB guest
 /// took 84 ms with huge pages against 11 ms without. The advice against is explicit so that
 /// hosts whose THP setting is `always` load into small pages too.
-pub fn allocate_unadvised(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
+pub fn allocate_for_load(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
     let mem = map_anonymous(regions)?;
     advise_huge_pages(&mem, false);
     Ok(mem)
@@ -76,7 +76,7 @@ fn map_anonymous(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, VmmError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory(size >> 20, e.to_string()))
 }
 
-/// Gives guest memory from [`allocate_unadvised`] the huge-page advice [`allocate`] gives.
+/// Gives guest memory from [`allocate_for_load`] the huge-page advice [`allocate`] gives.
 pub fn advise(mem: &GuestMemoryMmap) {
     let size: u64 = mem.iter().map(|r| r.len()).sum();
     advise_huge_pages(mem, size >= THP_MIN_BYTES);
@@ -456,7 +456,7 @@ mod tests {
         assert!(flags.contains(" hg"), "256 MiB: {flags}");
         assert!(!flags.contains(" nh"), "256 MiB: {flags}");
         // A kernel boot's memory gets the same advice, after the kernel is loaded.
-        let later = allocate_unadvised(&[(0, THP_MIN_BYTES)]).unwrap();
+        let later = allocate_for_load(&[(0, THP_MIN_BYTES)]).unwrap();
         let at = later.iter().next().unwrap().as_ptr() as usize;
         assert!(vm_flags(at).contains(" nh"), "before: {}", vm_flags(at));
         assert!(!vm_flags(at).contains(" hg"), "before: {}", vm_flags(at));
@@ -464,7 +464,7 @@ mod tests {
         assert!(vm_flags(at).contains(" hg"), "after: {}", vm_flags(at));
         assert!(!vm_flags(at).contains(" nh"), "after: {}", vm_flags(at));
         // A small guest keeps the advice against.
-        let small = allocate_unadvised(&[(0, 64 << 20)]).unwrap();
+        let small = allocate_for_load(&[(0, 64 << 20)]).unwrap();
         advise(&small);
         let at = small.iter().next().unwrap().as_ptr() as usize;
         assert!(
