@@ -5,23 +5,28 @@
 # CPUs changes it says so and runs a task pinned to each online CPU, which must report that it
 # ran there. It powers off once it has seen 4, 2 and 4 CPUs in that order.
 cpus_online() { cat /sys/devices/system/cpu/online; }
-online_count() {
-    n=0
-    for c in /sys/devices/system/cpu/cpu[0-9]*; do
-        if [ ! -f "$c/online" ] || [ "$(cat "$c/online")" = 1 ]; then n=$((n + 1)); fi
+# online_ids: the kernel's online mask ("0-1,3") as a list of CPU numbers. The mask, not the
+# cpuN/online files: a vCPU being added has its cpuN directory a moment before its online file.
+online_ids() {
+    for r in $(cpus_online | tr ',' ' '); do
+        case "$r" in
+            *-*) seq "${r%-*}" "${r#*-}" ;;
+            *) echo "$r" ;;
+        esac
     done
-    echo $n
 }
+online_count() { online_ids | wc -l; }
 # work_on_each: runs a task pinned to each online CPU; each must report (field 39 of its
-# /proc/self/stat) that it ran there.
+# /proc/self/stat) that it ran there. A CPU the kernel takes offline meanwhile (while it
+# ejects a vCPU) is left out: the next change of the count runs this again.
 work_on_each() {
     ok=""
-    for c in /sys/devices/system/cpu/cpu[0-9]*; do
-        id=${c##*cpu}
-        if [ -f "$c/online" ] && [ "$(cat "$c/online")" != 1 ]; then continue; fi
+    for id in $(online_ids); do
         ran=$(taskset -c "$id" awk '{ print $39 }' /proc/self/stat 2>&1)
         if [ "$ran" = "$id" ]; then
             ok="$ok $id"
+        elif ! online_ids | grep -qx "$id"; then
+            echo "TERN-GUEST-CPUS-LEFT $id went offline while checked"
         else
             echo "TERN-GUEST-ERROR: a task pinned to CPU $id ran on '$ran'"
         fi
