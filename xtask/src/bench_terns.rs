@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 /// The options that choose the tern variants, flattened into each benchmark's command.
 #[derive(clap::Args)]
 pub(crate) struct TernOpts {
-    /// tern binary to measure [default: build target/release/tern].
+    /// tern binary to measure [default: build target/x86_64-unknown-linux-gnu/release/tern].
     #[arg(long)]
     tern: Option<PathBuf>,
     /// A baseline tern binary (an earlier one) to run in the same runs (extra columns

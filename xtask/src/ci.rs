@@ -179,10 +179,7 @@ pub fn build_tern() -> Result<PathBuf> {
         cargo().args(["build", "--release", "-p", "tern"]),
         "cargo build --release -p tern",
     )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    Ok(workspace_root().join(target).join("release/tern"))
+    Ok(crate::util::release_tern())
 }
 
 /// Builds the probe guest and returns its path.

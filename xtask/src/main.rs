@@ -114,14 +114,14 @@ enum Cmd {
     },
     /// Control-API latency (GET /v1/vm, pause+resume) and tern's CPU use serving it.
     BenchApi {
-        /// tern binary to measure [default: build target/release/tern].
+        /// tern binary to measure [default: build target/x86_64-unknown-linux-gnu/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
     },
     /// What the Firecracker dialect costs over tern's own API: boot to the first guest
     /// instruction and snapshot load, interleaved.
     BenchFirecracker {
-        /// tern binary to measure [default: build target/release/tern].
+        /// tern binary to measure [default: build target/x86_64-unknown-linux-gnu/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
         /// Interleaved rounds.
@@ -169,7 +169,7 @@ enum Cmd {
     },
     /// Run Linux-guest scenarios in the nested rig (L1 = QEMU TCG with AMD-V).
     Rig {
-        /// tern binary [default: target/release/tern].
+        /// tern binary [default: target/x86_64-unknown-linux-gnu/release/tern].
         #[arg(long)]
         tern: Option<PathBuf>,
         /// Scenario group: core, block, block-qemu, hotplug, net, net-qemu, snapshot, migrate, debian, firmware, compare,

@@ -9,7 +9,7 @@ use crate::images::{self, l1, Images};
 use crate::l0_watch::{self, Stall};
 use crate::scenarios::{self, KernelForm, Scenario, Vmm};
 use crate::spec::{AgentSpec, RunResult, RunSpec, FRAME};
-use crate::util::{build_dir, human_bytes, workspace_root};
+use crate::util::{build_dir, human_bytes};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use std::collections::BTreeMap;
@@ -35,7 +35,7 @@ const L1_OVERHEAD_SECS: u64 = 120;
 
 /// Default tern binary: the workspace's release build.
 pub fn default_tern() -> PathBuf {
-    workspace_root().join("target/release/tern")
+    crate::util::release_tern()
 }
 
 fn rig_dir() -> PathBuf {
