@@ -7,9 +7,12 @@
 //! no other linker configured); `TERN_LINK_ORDER=0` turns it off. The list names v0 symbols
 //! (`.cargo/config.toml`); a build whose `RUSTFLAGS` replace that setting only loses the order.
 //!
+//! tern is linked statically (`.cargo/config.toml`), and the list includes the C library's
+//! functions it runs, so they sit beside tern's own.
+//!
 //! Where the C library supports them (glibc 2.36 and later), relative relocations are packed
-//! (`-z pack-relative-relocs`): the dynamic loader then reads a few KiB of them at start instead
-//! of 180 KiB. A binary built so needs glibc 2.36 or later wherever it runs.
+//! (`-z pack-relative-relocs`): the static binary's start-up code then applies a few KiB of
+//! them instead of reading 180 KiB.
 
 fn main() {
     println!("cargo:rerun-if-changed=link-order.txt");
