@@ -26,8 +26,9 @@ const RUSTFLAGS: &[&str] = &[
     "-Coverflow-checks",
 ];
 
-/// Set explicitly so RUSTFLAGS reach only the targets, not build scripts and proc macros.
-const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+// The target is passed explicitly so RUSTFLAGS reach only the targets, not build scripts and
+// proc macros.
+use crate::util::TRIPLE;
 
 /// What to run.
 pub struct FuzzOptions {

@@ -4,8 +4,9 @@
 //! any thread, and keeps those in tern's symbol table: first those that ran in the most
 //! workloads (start, the exit loop and teardown run in all of them), and among equals in the
 //! order callgrind first names them. A VM then maps the code every VM runs as one stretch,
-//! and only the code of the devices and the API it uses beyond it. valgrind does not know seccomp: the workloads run with `--seccomp off`, and one more
-//! run with seccomp on covers the start, up to where installing the filters fails.
+//! and only the code of the devices and the API it uses beyond it. valgrind does not know
+//! seccomp: the workloads run with `--seccomp off`, and one more run with seccomp on covers
+//! the start, up to where installing the filters fails.
 //!
 //! What runs only under the filters (the calls they refuse send std and the C library down
 //! other paths) is found from real runs: a copy of tern, dropped from the page cache, runs
@@ -80,6 +81,7 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
 /// Runs every workload under callgrind; the function names of all its output files, those that
 /// ran in more workloads first, and among equals in the order they were first named.
 fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec<String>> {
+    // Each name once, in the order first named.
     let mut names = Vec::new();
     // For each name: in how many workloads it ran, and the workload last counted.
     let mut runs: std::collections::HashMap<String, (usize, usize)> = Default::default();
@@ -113,15 +115,15 @@ fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec
             if let Some((_, name)) = rest.and_then(|r| r.split_once(") ")) {
                 let seen = runs.entry(name.to_string()).or_insert((0, usize::MAX));
                 if seen.1 != i {
+                    if seen.0 == 0 {
+                        names.push(name.to_string());
+                    }
                     *seen = (seen.0 + 1, i);
-                    names.push(name.to_string());
                 }
             }
         }
     }
     // A stable sort keeps the first-named order among names that ran equally often.
-    let mut first = HashSet::new();
-    names.retain(|n| first.insert(n.clone()));
     names.sort_by_key(|n| std::cmp::Reverse(runs[n].0));
     Ok(names)
 }

@@ -10,20 +10,19 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-/// Where cargo puts what it builds for tern's target (`.cargo/config.toml` names the target, so
-/// outputs sit under `target/x86_64-unknown-linux-gnu/`), or under `$CARGO_TARGET_DIR` when set.
-pub fn target_out_dir() -> PathBuf {
+/// The target tern is built for (`.cargo/config.toml` names it, so cargo's outputs sit under
+/// `target/x86_64-unknown-linux-gnu/`).
+pub const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+/// The release tern binary, under `target/` or `$CARGO_TARGET_DIR` when set.
+pub fn release_tern() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .filter(|d| !d.is_empty())
         .map_or_else(|| PathBuf::from("target"), PathBuf::from);
     workspace_root()
         .join(target)
-        .join("x86_64-unknown-linux-gnu")
-}
-
-/// The release tern binary.
-pub fn release_tern() -> PathBuf {
-    target_out_dir().join("release/tern")
+        .join(TRIPLE)
+        .join("release/tern")
 }
 
 /// `build/` under the workspace root (gitignored), or `$TERN_BUILD_DIR` when set (so two rig
