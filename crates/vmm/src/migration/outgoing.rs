@@ -40,7 +40,13 @@ impl Outgoing {
         let seen = Arc::new(AtomicBool::new(false));
         let (st, c, s) = (status.clone(), cancel.clone(), seen.clone());
         let thread = spawn(Role::Migration, "tern-migrate", move || {
-            run(&parts, &opts, &target, &st, &c, &s)
+            let ctl = parts.ctl.clone();
+            let exit = run(&parts, &opts, &target, &st, &c, &s);
+            // The VM's parts go first (see `run`).
+            drop(parts);
+            if let Some(exit) = exit {
+                ctl.request_exit(exit);
+            }
         })
         .map_err(|e| {
             let e = format!("cannot start the migration thread: {e}");

@@ -56,6 +56,10 @@ enum Failure {
     Unknown(String),
 }
 
+/// Migrates the VM; the end it must be asked for when the migration is over (it migrated, or
+/// may now run on the destination), if any. The caller asks for it once it has dropped `p`:
+/// the VM's devices must have no owner left on this thread when the VMM's thread ends the
+/// VM, or tern could exit before they are dropped (a vsock device removes its socket then).
 pub(super) fn run(
     p: &VmParts,
     opts: &SendOptions,
@@ -63,7 +67,7 @@ pub(super) fn run(
     status: &Mutex<MigrationStatus>,
     cancel: &AtomicBool,
     seen: &AtomicBool,
-) {
+) -> Option<VmExit> {
     let t0 = Instant::now();
     let mut s = Sender {
         p,
@@ -99,10 +103,10 @@ pub(super) fn run(
             while !seen.load(Ordering::SeqCst) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            p.ctl.request_exit(VmExit::Migrated {
+            Some(VmExit::Migrated {
                 url,
                 downtime_us: downtime.as_micros() as u64,
-            });
+            })
         }
         Err(Failure::Kept(e)) => {
             st.state = if cancel.load(Ordering::SeqCst) {
@@ -113,15 +117,16 @@ pub(super) fn run(
             st.error = Some(format!("{e}; the VM keeps running on the source"));
             drop(st);
             tracing::warn!("migration: {e}; the VM keeps running here");
+            None
         }
         Err(Failure::Unknown(e)) => {
             st.state = MigrationState::Failed;
             st.error = Some(e.clone());
             drop(st);
-            p.ctl.request_exit(VmExit::Error(format!(
+            Some(VmExit::Error(format!(
                 "migration: {e}, after the destination was told to run the VM: it may run \
                  there, so this tern stops without running it again"
-            )));
+            )))
         }
     }
 }
