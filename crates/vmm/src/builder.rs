@@ -25,19 +25,23 @@ use crate::vcpus::{BootCpu, Vcpus};
 use crate::vm::Vm;
 
 /// A KVM VM with what every tern VM has whatever its configuration: TSS and identity map
-/// addresses, the in-kernel irqchip and (when `has_pit`) the PIT. An API-only tern makes one
-/// while it waits, so a boot or restore request does not pay for it.
+/// addresses, and (when `platform`) the in-kernel irqchip and PIT. An API-only tern makes one,
+/// platform included, while it waits, so a boot or restore request does not pay for it.
+///
+/// A shell made at once has no irqchip or PIT yet: [`build_on`] registers guest memory before
+/// making them. On this project's hosts, making them leaves KVM a grace period of about 7.5 ms
+/// to finish, which the next change of memory slots waits out, while the same registration made
+/// first takes 0.05 ms (docs/benchmarks.md, "Where a start's time goes").
 pub struct VmShell {
     kvm: Kvm,
     vm: Arc<VmFd>,
-    has_pit: bool,
+    platform: bool,
 }
 
 impl VmShell {
-    /// Opens `/dev/kvm`, checks what tern needs and creates the VM (with its PIT when
-    /// `with_pit`: creating it starts a kernel thread, which a cold start overlaps with other
-    /// work instead).
-    pub fn create(with_pit: bool) -> Result<VmShell, VmmError> {
+    /// Opens `/dev/kvm`, checks what tern needs and creates the VM, with its irqchip and PIT
+    /// when `platform` (for a shell made ahead of its VM's memory).
+    pub fn create(platform: bool) -> Result<VmShell, VmmError> {
         let kvm = Kvm::new().map_err(|e| {
             VmmError::Kvm(format!(
                 "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
@@ -59,17 +63,18 @@ impl VmShell {
             .map_err(kvm_err("set TSS address"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("set identity map address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create in-kernel irqchip"))?;
-        if with_pit {
-            create_pit(&vm)?;
+        if platform {
+            create_platform(&vm)?;
         }
-        Ok(VmShell {
-            kvm,
-            vm,
-            has_pit: with_pit,
-        })
+        Ok(VmShell { kvm, vm, platform })
     }
+}
+
+/// The in-kernel irqchip and PIT.
+fn create_platform(vm: &VmFd) -> Result<(), VmmError> {
+    vm.create_irq_chip()
+        .map_err(kvm_err("create in-kernel irqchip"))?;
+    create_pit(vm)
 }
 
 /// The in-kernel PIT. Port 0x61 stays with tern ([`crate::platform`]), which reads timer 2's
@@ -240,7 +245,7 @@ pub fn build_on(
         Some(s) => s,
         None => VmShell::create(false)?,
     };
-    let VmShell { kvm, vm, has_pit } = shell;
+    let VmShell { kvm, vm, platform } = shell;
     let rom = firmware
         .as_ref()
         .map(|f| crate::firmware::map_rom(&vm, f))
@@ -265,22 +270,33 @@ pub fn build_on(
         };
         (mem, None)
     };
-    // Registering guest memory and creating the PIT (which starts a kernel thread) are among
-    // the slowest KVM calls on some hosts; they run on their own thread while this one loads
-    // the kernel and sets up devices and vCPUs, and are joined before the VM can run.
+    // Guest memory is registered (0.45 ms per GiB here), then the irqchip and PIT are made
+    // when the shell has none (see `VmShell`; the PIT also starts a kernel thread), on a
+    // thread of their own while this one opens the devices. The devices wait for the irqchip
+    // only when they attach their interrupts; the thread is joined before the VM can run.
     let slots = crate::memory::slots(&mem, config.track_dirty_pages);
     let vm_for_slots = vm.clone();
+    let (irqchip_made, irqchip) = std::sync::mpsc::sync_channel::<()>(1);
     let register_memory = spawn(
         Role::Vmm,
         "tern-memslots",
         move || -> Result<(), VmmError> {
-            if !has_pit {
-                create_pit(&vm_for_slots)?;
-            }
             // SAFETY: each slot is a live mapping owned by `mem`, which `build` keeps until this
             // thread is joined, and which the returned `Vm` then keeps for as long as the VM fd
             // exists.
-            unsafe { crate::memory::register(&vm_for_slots, slots) }
+            unsafe { crate::memory::register(&vm_for_slots, slots) }?;
+            if !platform {
+                vm_for_slots
+                    .create_irq_chip()
+                    .map_err(kvm_err("create in-kernel irqchip"))?;
+                // The devices may attach their interrupts from here on (a build that failed
+                // early no longer listens).
+                let _ = irqchip_made.send(());
+                create_pit(&vm_for_slots)?;
+            } else {
+                let _ = irqchip_made.send(());
+            }
+            Ok(())
         },
     )
     .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
@@ -296,14 +312,17 @@ pub fn build_on(
         linux,
         firmware: firmware.map(|f| (f, !restoring)),
         rom,
+        irqchip,
     };
     let result = build_rest(config, start, parts, origin != Origin::Migration);
     let registered = register_memory
         .join()
         .unwrap_or_else(|_| Err(VmmError::Setup("guest memory registration panicked".into())));
     drop(mem);
-    let vm = result?;
+    // A failed registration or irqchip is the cause when both failed (the build then only
+    // saw the irqchip missing).
     registered?;
+    let vm = result?;
     if config.track_dirty_pages {
         vm.ram.start_dirty_log(true)?;
     }
@@ -323,6 +342,8 @@ struct Parts {
     /// MiB).
     firmware: Option<(crate::firmware::FirmwareImage, bool)>,
     rom: Option<crate::firmware::FirmwareRom>,
+    /// Says when the in-kernel irqchip exists (closed if it could not be made).
+    irqchip: std::sync::mpsc::Receiver<()>,
 }
 
 fn build_rest(
@@ -341,6 +362,7 @@ fn build_rest(
         linux,
         firmware,
         rom,
+        irqchip,
     } = p;
     // Private memory for a kernel boot waits for its huge-page advice until the kernel is in
     // (see `memory::allocate_for_load`).
@@ -350,6 +372,9 @@ fn build_rest(
     let virtio = crate::virtio_devices::create(config, lock_disks, &ram)?;
     let ctl = Arc::new(VmControl::new()?);
     let mut dm = DeviceManager::default();
+    irqchip
+        .recv()
+        .map_err(|_| VmmError::Setup("the in-kernel irqchip was not made".into()))?;
     let Platform {
         serial,
         power_button,
