@@ -562,6 +562,10 @@ fn main() -> ExitCode {
         return firecracker::main_from_argv(start);
     }
     let cli = Cli::parse();
+    // Building the parser of every subcommand takes about 140 KiB of heap, free once parsing
+    // is done; handing its pages back now keeps them out of the VMM's peak memory.
+    // SAFETY: malloc_trim only releases free memory of the allocator's own heap.
+    unsafe { libc::malloc_trim(0) };
     init_logging(cli.log_level.as_deref());
     if !matches!(
         cli.cmd,
