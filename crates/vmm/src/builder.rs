@@ -25,23 +25,22 @@ use crate::vcpus::{BootCpu, Vcpus};
 use crate::vm::Vm;
 
 /// A KVM VM with what every tern VM has whatever its configuration: TSS and identity map
-/// addresses, and (when `platform`) the in-kernel irqchip and PIT. An API-only tern makes one,
-/// platform included, while it waits, so a boot or restore request does not pay for it.
+/// addresses. An API-only tern makes one while it waits, so a boot or restore request does not
+/// pay for it.
 ///
-/// A shell made at once has no irqchip or PIT yet: [`build_on`] registers guest memory before
-/// making them. On this project's hosts, making them leaves KVM a grace period of about 7.5 ms
-/// to finish, which the next change of memory slots waits out, while the same registration made
-/// first takes 0.05 ms (docs/benchmarks.md, "Where a start's time goes").
+/// The shell has no irqchip or PIT yet: [`build_on`] registers guest memory before making them.
+/// On this project's hosts, making them leaves KVM a grace period of about 7.5 ms to finish,
+/// which the next change of memory slots waits out, while the same registration made first
+/// takes 0.05 ms (docs/benchmarks.md, "Where the start's time went"). A shell made ahead with
+/// them had a restore request that came soon after tern's start wait that period out.
 pub struct VmShell {
     kvm: Kvm,
     vm: Arc<VmFd>,
-    platform: bool,
 }
 
 impl VmShell {
-    /// Opens `/dev/kvm`, checks what tern needs and creates the VM, with its irqchip and PIT
-    /// when `platform` (for a shell made ahead of its VM's memory).
-    pub fn create(platform: bool) -> Result<VmShell, VmmError> {
+    /// Opens `/dev/kvm`, checks what tern needs and creates the VM.
+    pub fn create() -> Result<VmShell, VmmError> {
         let kvm = Kvm::new().map_err(|e| {
             VmmError::Kvm(format!(
                 "{e} (is the kvm module loaded, and may this user open /dev/kvm?)"
@@ -63,18 +62,8 @@ impl VmShell {
             .map_err(kvm_err("set TSS address"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("set identity map address"))?;
-        if platform {
-            create_platform(&vm)?;
-        }
-        Ok(VmShell { kvm, vm, platform })
+        Ok(VmShell { kvm, vm })
     }
-}
-
-/// The in-kernel irqchip and PIT.
-fn create_platform(vm: &VmFd) -> Result<(), VmmError> {
-    vm.create_irq_chip()
-        .map_err(kvm_err("create in-kernel irqchip"))?;
-    create_pit(vm)
 }
 
 /// The in-kernel PIT. Port 0x61 stays with tern ([`crate::platform`]), which reads timer 2's
@@ -243,9 +232,9 @@ pub fn build_on(
     let linux = kernel.as_mut().is_some_and(|k| k.image().is_linux());
     let shell = match shell {
         Some(s) => s,
-        None => VmShell::create(false)?,
+        None => VmShell::create()?,
     };
-    let VmShell { kvm, vm, platform } = shell;
+    let VmShell { kvm, vm } = shell;
     let rom = firmware
         .as_ref()
         .map(|f| crate::firmware::map_rom(&vm, f))
@@ -271,8 +260,8 @@ pub fn build_on(
         (mem, None)
     };
     // Guest memory is registered (0.45 ms per GiB here), then the irqchip and PIT are made
-    // when the shell has none (see `VmShell`; the PIT also starts a kernel thread), on a
-    // thread of their own while this one opens the devices. The devices wait for the irqchip
+    // (see `VmShell`; the PIT also starts a kernel thread), on a thread of their own while
+    // this one opens the devices. The devices wait for the irqchip
     // only when they attach their interrupts; the thread is joined before the VM can run.
     let slots = crate::memory::slots(&mem, config.track_dirty_pages);
     let vm_for_slots = vm.clone();
@@ -285,18 +274,13 @@ pub fn build_on(
             // thread is joined, and which the returned `Vm` then keeps for as long as the VM fd
             // exists.
             unsafe { crate::memory::register(&vm_for_slots, slots) }?;
-            if !platform {
-                vm_for_slots
-                    .create_irq_chip()
-                    .map_err(kvm_err("create in-kernel irqchip"))?;
-                // The devices may attach their interrupts from here on (a build that failed
-                // early no longer listens).
-                let _ = irqchip_made.send(());
-                create_pit(&vm_for_slots)?;
-            } else {
-                let _ = irqchip_made.send(());
-            }
-            Ok(())
+            vm_for_slots
+                .create_irq_chip()
+                .map_err(kvm_err("create in-kernel irqchip"))?;
+            // The devices may attach their interrupts from here on (a build that failed early
+            // no longer listens).
+            let _ = irqchip_made.send(());
+            create_pit(&vm_for_slots)
         },
     )
     .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;

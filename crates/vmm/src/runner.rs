@@ -45,7 +45,7 @@ pub fn run(
     let mut received = None;
     if config.is_none() && incoming.is_none() {
         if let Some(a) = &api {
-            shell = spawn(Role::Vmm, "tern-prepare", || VmShell::create(true)).ok();
+            shell = spawn(Role::Vmm, "tern-prepare", VmShell::create).ok();
             crate::systemd::ready("waiting for a VM through the API");
             match wait_for_boot(a, &signals, None)? {
                 Ok(b) if b.incoming.is_some() => {
