@@ -176,8 +176,14 @@ pub fn layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
 
 /// Writes all of `mem` into `f` (`path`, for messages), region after region; pages of zeroes
 /// are left as holes (most of a guest's memory usually is, and a hole reads back as zeroes,
-/// eagerly or mapped). Returns the checksum of all of it.
-pub(crate) fn write_full(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<u64, String> {
+/// eagerly or mapped). Only `extents` (guest address, length, in order, in whole pages) are
+/// read: the rest is taken as zeroes. Returns the checksum of all of it.
+pub(crate) fn write_full(
+    f: &File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    extents: &[(u64, u64)],
+) -> Result<u64, String> {
     let werr = |e: std::io::Error| format!("writing {}: {e}", path.display());
     let total: u64 = layout(mem).iter().map(|(_, l)| l).sum();
     f.set_len(total).map_err(werr)?;
@@ -187,13 +193,27 @@ pub(crate) fn write_full(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result
         // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`; the VM is
         // paused, so nothing writes it while it is read.
         let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
-        let (next, runs) = scan_pages(h, bytes);
-        h = next;
-        for (start, len) in runs {
-            f.write_all_at(&bytes[start..start + len], off + start as u64)
-                .map_err(werr)?;
+        let (base, len) = (r.start_addr().0, r.len());
+        // Where the region's bytes have been checksummed up to.
+        let mut at = 0u64;
+        for &(addr, l) in extents {
+            let start = addr.max(base).saturating_sub(base).min(len).max(at);
+            let end = (addr + l).saturating_sub(base).min(len);
+            if end <= start {
+                continue;
+            }
+            h = fnv_zeroes(h, start - at);
+            let piece = &bytes[start as usize..end as usize];
+            let (next, runs) = scan_pages(h, piece);
+            h = next;
+            for (s, n) in runs {
+                f.write_all_at(&piece[s..s + n], off + start + s as u64)
+                    .map_err(werr)?;
+            }
+            at = end;
         }
-        off += r.len();
+        h = fnv_zeroes(h, len - at);
+        off += len;
     }
     Ok(h)
 }
@@ -377,5 +397,48 @@ mod tests {
         assert!(nonzero_runs(&[0u8; 8192]).is_empty());
         // The checksum of the scan is the plain one.
         assert_eq!(scan_pages(99, &d).0, fnv(99, &d));
+    }
+
+    /// Reading only the extents that may hold data writes the same file, with the same
+    /// checksum, as reading all of memory, when the rest is zeroes.
+    #[test]
+    fn memory_outside_the_extents_counts_as_zeroes() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 * 4096),
+            (GuestAddress(1 << 32), 8 * 4096),
+        ])
+        .unwrap();
+        for (addr, byte) in [
+            (4096 + 5, 1u8),
+            (9 * 4096, 2),
+            ((1 << 32) + 3 * 4096 + 17, 3),
+        ] {
+            mem.write_obj(byte, GuestAddress(addr)).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("tern-extents-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, extents: &[(u64, u64)]| {
+            let path = dir.join(name);
+            let f = File::create(&path).unwrap();
+            let h = write_full(&f, &path, &mem, extents).unwrap();
+            (h, std::fs::read(&path).unwrap())
+        };
+        let all = write("all", &layout(&mem));
+        // Extents that reach across a region's end, cover zero pages, or lie between regions.
+        let some = write(
+            "some",
+            &[
+                (4096, 4096),
+                (8 * 4096, 10 * 4096),
+                ((1 << 32) - 4096, 2 * 4096),
+                ((1 << 32) + 3 * 4096, 4096),
+            ],
+        );
+        assert_eq!(some, all);
+        // A page with data outside the extents is not read.
+        let missed = write("missed", &[(4096, 4096)]);
+        assert_ne!(missed.0, all.0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

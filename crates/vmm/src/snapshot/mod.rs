@@ -174,8 +174,13 @@ pub struct Parent {
 
 /// What memory a snapshot holds.
 pub enum MemoryContent<'a> {
-    /// All of it.
-    Full,
+    /// All of it. Only `extents` (guest address, length; in order) may hold anything but
+    /// zeroes: the rest is not read (reading memory the host never gave the guest would fault
+    /// it in), and counts in the checksum as the zeroes it is.
+    Full {
+        /// The parts that may hold data (see [`crate::memory::GuestRam::extents_with_data`]).
+        extents: Vec<(u64, u64)>,
+    },
     /// The pages set in `dirty` (one bit per 4 KiB page of the regions end to end), over
     /// `parent`.
     Diff {
@@ -221,7 +226,9 @@ pub fn write(
         let path = tmp.join(MEMORY_FILE);
         let f = create_private(&path)?;
         let (memory_fnv, parent_snap, dirty_fnv) = match content {
-            MemoryContent::Full => (memory::write_full(&f, &path, mem)?, None, 0),
+            MemoryContent::Full { extents } => {
+                (memory::write_full(&f, &path, mem, &extents)?, None, 0)
+            }
             MemoryContent::Diff { parent, dirty } => {
                 let h = memory::write_diff(&f, &path, mem, dirty)?;
                 let words: Vec<u8> = dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
