@@ -261,8 +261,8 @@ pub fn build_on(
     };
     // Guest memory is registered (0.45 ms per GiB here), then the irqchip and PIT are made
     // (see `VmShell`; the PIT also starts a kernel thread), on a thread of their own while
-    // this one opens the devices. The devices wait for the irqchip
-    // only when they attach their interrupts; the thread is joined before the VM can run.
+    // this one opens the devices. The devices wait for the irqchip only when they attach
+    // their interrupts; the thread is joined before the VM can run.
     let slots = crate::memory::slots(&mem, config.track_dirty_pages);
     let vm_for_slots = vm.clone();
     let (irqchip_made, irqchip) = std::sync::mpsc::sync_channel::<()>(1);
