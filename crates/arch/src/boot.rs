@@ -214,6 +214,9 @@ pub struct BootInfo {
     pub how: String,
     /// Where the initrd was placed, and its size.
     pub initrd: Option<(u64, u64)>,
+    /// Where the kernel image was placed: its first and its end address (what it uses of
+    /// memory from its load address on, bss and early page tables included).
+    pub kernel: (u64, u64),
 }
 
 /// Kernel image kinds tern recognises.
@@ -448,7 +451,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
     let head = image.head()?;
     let kind = kernel_kind(&head)?;
     // Load the kernel image itself.
-    let (entry, mode, hdr, kernel_end, how) = match kind {
+    let (entry, mode, hdr, (kernel_start, kernel_end), how) = match kind {
         KernelKind::Elf => {
             check_note_segments(&mut image, &head)?;
             let high = Some(GuestAddress(HIMEM_START));
@@ -466,7 +469,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                         a.0,
                         EntryMode::Pvh,
                         None,
-                        res.kernel_end,
+                        (res.kernel_load.0, res.kernel_end),
                         "ELF kernel, PVH entry".to_string(),
                     )
                 }
@@ -475,7 +478,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                     e_entry,
                     EntryMode::Linux64,
                     Some(default_setup_header()),
-                    res.kernel_end,
+                    (res.kernel_load.0, res.kernel_end),
                     "ELF kernel, 64-bit Linux entry".to_string(),
                 ),
             }
@@ -524,7 +527,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                         entry,
                         EntryMode::Linux64,
                         Some(hdr),
-                        init_end,
+                        (res.kernel_load.0, init_end),
                         "bzImage, payload decompressed by tern, 64-bit entry".to_string(),
                     )
                 }
@@ -555,7 +558,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                         res.kernel_load.0 + 0x200,
                         EntryMode::Linux64,
                         Some(hdr),
-                        init_end,
+                        (res.kernel_load.0, init_end),
                         "bzImage, in-guest decompression, 64-bit entry".to_string(),
                     )
                 }
@@ -629,6 +632,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
         mode,
         how,
         initrd: initrd_at,
+        kernel: (kernel_start, kernel_end),
     })
 }
 

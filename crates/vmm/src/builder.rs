@@ -250,14 +250,10 @@ pub fn build_on(
         let (m, f) = crate::memory::allocate_shared(&crate::memory::layout(config), memory)?;
         (m, Some(f))
     } else {
-        let layout = crate::memory::layout(config);
-        let mem = if kernel.is_some() {
-            // Advised once the kernel and initrd are in (see `allocate_for_load`).
-            crate::memory::allocate_for_load(&layout)?
-        } else {
-            crate::memory::allocate(&layout)?
-        };
-        (mem, None)
+        (
+            crate::memory::allocate(&crate::memory::layout(config))?,
+            None,
+        )
     };
     // Guest memory is registered (0.45 ms per GiB here), then the irqchip and PIT are made
     // (see `VmShell`; the PIT also starts a kernel thread), on a thread of their own while
@@ -348,9 +344,9 @@ fn build_rest(
         rom,
         irqchip,
     } = p;
-    // Private memory for a kernel boot waits for its huge-page advice until the kernel is in
-    // (see `memory::allocate_for_load`).
-    let advise_after_load = kernel.is_some() && backing.is_none();
+    // Private memory gets huge pages under the kernel a boot loads (see
+    // `memory::advise_loaded`).
+    let private = backing.is_none();
     // Guest memory as its owner keeps it, and as the devices share it.
     let ram = Arc::new(GuestRam::new(mem.clone(), vm.clone(), backing));
     let virtio = crate::virtio_devices::create(config, lock_disks, &ram)?;
@@ -437,8 +433,12 @@ fn build_rest(
         Some(k) => Some(load_guest(config, &mem, &acpi, k, initrd, linux)?),
         None => None,
     };
-    if advise_after_load {
-        crate::memory::advise(&mem);
+    if let (Some(boot), true) = (&boot, private) {
+        let loaded: Vec<(u64, u64)> =
+            std::iter::once((boot.kernel.0, boot.kernel.1.saturating_sub(boot.kernel.0)))
+                .chain(boot.initrd)
+                .collect();
+        crate::memory::advise_loaded(&mem, &loaded);
     }
     let (pio, mmio) = dm.buses();
     let vcpus = Vcpus::create(
