@@ -214,8 +214,10 @@ pub struct BootInfo {
     pub how: String,
     /// Where the initrd was placed, and its size.
     pub initrd: Option<(u64, u64)>,
-    /// Where the kernel image was placed: its first and its end address (what it uses of
-    /// memory from its load address on, bss and early page tables included).
+    /// The guest memory the kernel image occupies from the start: from its load address (an
+    /// ELF's entry, a bzImage's load address) to the end of what was written there or, for a
+    /// kernel decompressed by tern, of what it uses from its load address on (bss, brk and
+    /// early page tables included). Where huge pages pay (see the VMM's `advise_loaded`).
     pub kernel: (u64, u64),
 }
 
@@ -451,6 +453,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
     let head = image.head()?;
     let kind = kernel_kind(&head)?;
     // Load the kernel image itself.
+    // What the loader wrote, where that is less than `kernel_end` (a compressed kernel that
+    // decompresses itself elsewhere).
+    let mut written_end = None;
     let (entry, mode, hdr, (kernel_start, kernel_end), how) = match kind {
         KernelKind::Elf => {
             check_note_segments(&mut image, &head)?;
@@ -554,6 +559,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
                         .0
                         .saturating_add(u64::from(hdr.init_size))
                         .max(res.kernel_end);
+                    written_end = Some(res.kernel_end);
                     (
                         res.kernel_load.0 + 0x200,
                         EntryMode::Linux64,
@@ -632,7 +638,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: KernelSpec<'_>) -> Result<BootIn
         mode,
         how,
         initrd: initrd_at,
-        kernel: (kernel_start, kernel_end),
+        kernel: (kernel_start, written_end.unwrap_or(kernel_end)),
     })
 }
 
