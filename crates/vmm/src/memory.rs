@@ -493,15 +493,21 @@ mod tests {
         smaps_field(addr, "VmFlags:")
     }
 
+    /// A test that cannot get what it needs: fails under `CI=true`, where the machine must
+    /// have it, and says loudly that it is skipped elsewhere.
+    fn skip(why: &str) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but {why}"
+        );
+        eprintln!("SKIPPED: {why}");
+    }
+
     #[test]
     fn huge_pages_only_for_large_guests() {
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
             // The advice fails (EINVAL) on a kernel without THP, and sets no flag.
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but this kernel has no transparent huge pages"
-            );
-            eprintln!("SKIPPED: this kernel has no transparent huge pages");
+            skip("this kernel has no transparent huge pages");
             return;
         }
         let small = allocate(&[(0, 64 << 20)]).unwrap();
@@ -524,11 +530,7 @@ mod tests {
     fn a_small_guests_loaded_kernel_gets_huge_pages() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
         if thp.as_deref().map_or(true, |t| t.contains("[never]")) {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but this kernel offers no transparent huge pages"
-            );
-            eprintln!("SKIPPED: this kernel offers no transparent huge pages");
+            skip("this kernel offers no transparent huge pages");
             return;
         }
         let mem = allocate(&[(0, 64 << 20)]).unwrap();
@@ -536,11 +538,7 @@ mod tests {
         if !base.is_multiple_of(HUGE_PAGE) {
             // Linux aligns anonymous mappings of whole 2 MiB blocks to 2 MiB (6.7 on, and
             // the stable kernels it was taken into); without it no block would qualify.
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but this kernel placed the mapping off a 2 MiB boundary"
-            );
-            eprintln!("SKIPPED: this kernel placed the mapping off a 2 MiB boundary");
+            skip("this kernel placed the mapping off a 2 MiB boundary");
             return;
         }
         // A "kernel" from 3 MiB + 4 KiB to 9 MiB: it fills the blocks at 4 and 6 MiB whole,
