@@ -27,6 +27,9 @@ const LINE_KEEP: usize = 512;
 pub const OUTPUT_BUFFER: usize = 256 << 10;
 /// What the writer thread writes at a time.
 const WRITE_CHUNK: usize = 4096;
+/// How long a partial line (a prompt, an echoed key) waits for its newline before the writer
+/// thread writes it anyway.
+const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(20);
 
 /// Output on its way from the UART to the sink.
 #[derive(Default)]
@@ -62,15 +65,24 @@ impl Queue {
             let mut p = self.lock();
             p.writing = false;
             self.cv.notify_all();
-            // Wait for output to write (kicked), or for the end (closed, all written).
+            // Wait for output to write (kicked, or a partial line that waited
+            // [`PARTIAL_LINE_DELAY`]), or for the end (closed, all written). With nothing
+            // buffered, sleep until the UART wakes this thread: an idle guest costs no wakeups.
             loop {
                 if p.closed || (p.kick && !p.bytes.is_empty()) {
                     break;
                 }
                 if p.bytes.is_empty() {
                     p.kick = false;
+                    p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                } else {
+                    let (g, t) = self
+                        .cv
+                        .wait_timeout(p, PARTIAL_LINE_DELAY)
+                        .unwrap_or_else(|e| e.into_inner());
+                    p = g;
+                    p.kick |= t.timed_out();
                 }
-                p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
             }
             if p.bytes.is_empty() {
                 return;
@@ -95,7 +107,8 @@ impl Queue {
 
 /// A sink written by a thread of its own, from a bounded buffer: writing to it never blocks,
 /// so a sink that does (a pipe nobody reads) never blocks a vCPU or a device worker. The
-/// thread writes at each newline, when 4 KiB are waiting, and on [`flush`](Write::flush).
+/// thread writes at each newline, when 4 KiB are waiting, on [`flush`](Write::flush), and a
+/// partial line once no newline came for [`PARTIAL_LINE_DELAY`].
 /// When [`OUTPUT_BUFFER`] bytes are waiting, the oldest are dropped and counted
 /// ([`OutputHandle::dropped`]): the newest output (a panic, a prompt) is what a reader that
 /// comes back needs. A sink that fails is dropped, and the output with it.
@@ -143,6 +156,7 @@ impl Write for BufferedSink {
         if p.dead {
             return Ok(data.len());
         }
+        let was_empty = p.bytes.is_empty();
         p.bytes.extend(data);
         let over = p.bytes.len().saturating_sub(OUTPUT_BUFFER);
         if over > 0 {
@@ -158,6 +172,9 @@ impl Write for BufferedSink {
         }
         if data.contains(&b'\n') || p.bytes.len() >= FLUSH_AT {
             p.kick = true;
+            q.cv.notify_all();
+        } else if was_empty {
+            // The writer sleeps until output comes: wake it to time the partial line.
             q.cv.notify_all();
         }
         Ok(data.len())
@@ -220,8 +237,8 @@ impl OutputHandle {
 /// What runs when a watched text appears.
 type Watcher = Box<dyn FnMut() + Send>;
 
-/// Guest console output of the UART, through a [`BufferedSink`] (tern's event loop flushes it
-/// periodically), watched for the Linux panic banner.
+/// Guest console output of the UART, through a [`BufferedSink`], watched for the Linux panic
+/// banner.
 pub struct SerialOut {
     sink: Option<BufferedSink>,
     line: Vec<u8>,
@@ -268,12 +285,6 @@ impl SerialOut {
         }
     }
 
-    fn kick(&mut self) {
-        if let Some(s) = &mut self.sink {
-            let _ = s.flush();
-        }
-    }
-
     /// A handle on this output, to wait for it outside the UART's lock.
     pub fn output(&self) -> OutputHandle {
         match &self.sink {
@@ -294,8 +305,8 @@ impl Write for SerialOut {
         Ok(data.len())
     }
 
-    /// vm-superio flushes after every byte; buffering is the point, so this does nothing and
-    /// [`SerialDevice::flush`] flushes for real.
+    /// vm-superio flushes after every byte; buffering is the point, so this does nothing (the
+    /// sink writes whole lines, and a partial line after a short wait).
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
@@ -322,11 +333,6 @@ impl SerialDevice {
             return 0;
         }
         self.serial.enqueue_raw_bytes(&input[..take]).unwrap_or(0)
-    }
-
-    /// Has buffered output written (by the output thread; this does not wait for it).
-    pub fn flush(&mut self) {
-        self.serial.writer_mut().kick();
     }
 
     /// A handle on the output, to wait for it to be written without holding this device.
@@ -484,7 +490,7 @@ mod tests {
     }
 
     #[test]
-    fn output_is_buffered_until_newline_or_flush() {
+    fn output_is_written_by_line_and_a_partial_line_after_a_wait() {
         let sink = Shared::default();
         let panic = Arc::new(AtomicBool::new(false));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -492,16 +498,15 @@ mod tests {
             EventFdTrigger(evt),
             SerialOut::new(Some(Box::new(sink.clone())), panic.clone()),
         );
-        for b in b"hi" {
+        // A partial line (a prompt) is written by itself, with no flush from anyone.
+        for b in b"login: " {
             dev.write(0, &[*b]);
         }
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(sink.0.lock().unwrap().is_empty());
-        dev.write(0, b"\n");
-        assert!(wait_for(|| &*sink.0.lock().unwrap() == b"hi\n"));
-        dev.write(0, b"x");
-        dev.flush();
-        assert!(wait_for(|| &*sink.0.lock().unwrap() == b"hi\nx"));
+        assert!(wait_for(|| &*sink.0.lock().unwrap() == b"login: "));
+        for b in b"root\n" {
+            dev.write(0, &[*b]);
+        }
+        assert!(wait_for(|| &*sink.0.lock().unwrap() == b"login: root\n"));
         assert!(!panic.load(Ordering::SeqCst));
         for b in b"[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n" {
             dev.write(0, &[*b]);
@@ -552,7 +557,7 @@ mod tests {
             ),
         )));
         // A "vCPU" writes 1 MiB of lines while nobody reads: it must finish, and the lock must
-        // stay free for others (the event loop's periodic flush).
+        // stay free for others.
         let d = dev.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -565,7 +570,6 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(60))
             .expect("a guest writing to the UART blocked on its sink");
-        dev.lock().unwrap().flush();
         let out = dev.lock().unwrap().output();
         // Nothing can be written: the drain gives up after its idle time.
         let t0 = Instant::now();

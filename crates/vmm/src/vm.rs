@@ -513,9 +513,11 @@ impl Vm {
                 self.ctl
                     .request_exit(VmExit::ShutdownTimeout(self.shutdown_timeout.as_secs()));
             }
-            let ready = events
-                .wait(Some(Duration::from_millis(50)))
-                .map_err(epoll_err)?;
+            // Asleep until something happens: an idle VM wakes this thread for nothing. The
+            // one timer is the deadline the power button gives the guest to power off.
+            let timeout = button_deadline
+                .map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
+            let ready = events.wait(timeout).map_err(epoll_err)?;
             for token in ready.iter() {
                 match token {
                     SIGNAL => {
@@ -551,10 +553,6 @@ impl Vm {
                     _ => {}
                 }
             }
-            self.serial
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .flush();
         }
 
         // Stop every vCPU: the stop flag is set; kick each out of KVM_RUN until it returns.
