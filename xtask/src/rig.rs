@@ -359,7 +359,7 @@ pub fn bench(
                 median(ok.iter().filter_map(|r| f(r)).collect())
             };
             Stats {
-                name: vmm_key(s.vmm),
+                name: s.name.trim_start_matches("bench-"),
                 rows: [
                     med(&|r| r.marker_ms.map(|v| v as f64)),
                     med(&|r| r.exit_ms.map(|v| v as f64)),
@@ -1528,8 +1528,20 @@ mod tests {
             &[Vmm::Firecracker, Vmm::CloudHypervisor],
         );
         let names: Vec<_> = set.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["bench-tern", "bench-qemu", "bench-fc", "bench-ch"]);
-        let fc = plan(&set[2], "bench-fc#1".into()).spec;
+        assert_eq!(
+            names,
+            [
+                "bench-tern",
+                "bench-qemu",
+                "bench-tern-pci",
+                "bench-fc",
+                "bench-ch"
+            ]
+        );
+        let tern = resolve_argv(&set[0]);
+        assert!(tern.windows(2).any(|w| w == ["--transport", "mmio"]));
+        assert!(!resolve_argv(&set[2]).iter().any(|a| a == "--transport"));
+        let fc = plan(&set[3], "bench-fc#1".into()).spec;
         assert_eq!(fc.argv[0], l1::FIRECRACKER);
         let (path, json) = &fc.files[0];
         assert!(fc.argv.contains(path));
@@ -1539,7 +1551,7 @@ mod tests {
         assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
         let args = cfg["boot-source"]["boot_args"].as_str().unwrap();
         assert!(args.contains("rig.action=reboot"), "{args}");
-        let ch = plan(&set[3], "bench-ch#1".into()).spec;
+        let ch = plan(&set[4], "bench-ch#1".into()).spec;
         assert_eq!(ch.argv[0], l1::CLOUD_HYPERVISOR);
         assert!(ch.argv.iter().any(|a| a == "boot=2"));
         assert!(ch.argv.iter().any(|a| a.contains("rig.action=poweroff")));
