@@ -45,7 +45,7 @@ const KVM_IOCTLS: &[Arg] = &[Arg::MaskedEq(1, 0xff00, 0xae00)];
 
 /// Calls every thread makes: memory for its allocator (never executable), its stack and exit,
 /// locks, time, random keys for hash maps, reading and writing the descriptors it was handed,
-/// waiting on its event loop, and `abort`.
+/// waiting on its event loop (and resuming a wait after a stop), and `abort`.
 pub const COMMON: &[Rule] = &[
     any("read"),
     any("readv"),
@@ -56,6 +56,9 @@ pub const COMMON: &[Rule] = &[
     any("exit"),
     any("exit_group"),
     any("rt_sigreturn"),
+    // A timed wait (a sleep, a futex with a timeout) that a stop signal interrupted resumes
+    // through it when tern is continued (job control, `kill -STOP`/`-CONT`, a debugger).
+    any("restart_syscall"),
     any("rt_sigprocmask"),
     any("sigaltstack"),
     any("munmap"),

@@ -149,3 +149,79 @@ fn clone_child() {
     .join()
     .unwrap();
 }
+
+const STOP_CHILD: &str = "SANDBOX_TEST_STOP";
+
+/// A stopped and continued tern (job control: Ctrl-Z and `fg`, `kill -STOP` and `-CONT`, a
+/// debugger attaching) must go on: a thread stopped in a timed wait (a sleep, a condition
+/// variable with a timeout) resumes it through `restart_syscall`, which every role allows.
+#[test]
+fn every_role_survives_being_stopped_in_a_timed_wait() {
+    if std::env::var(CHILD_ROLE).is_ok() || std::env::var(STOP_CHILD).is_ok() {
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "stop_child", "--nocapture", "--test-threads=1"])
+        .env(STOP_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("all waiting") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "the child ended before its threads waited"
+        );
+    }
+    // Every thread is in its wait by now (they wait 2 s from before the line).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGSTOP), 0);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGCONT), 0);
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {rest}\n{err}");
+    assert!(rest.contains("child done"), "{rest}\n{err}");
+}
+
+#[test]
+fn stop_child() {
+    if std::env::var(STOP_CHILD).is_err() {
+        return;
+    }
+    install(Mode::On, None).unwrap();
+    let wait = || {
+        // A sleep, and a condition variable's timed wait (a futex with a timeout).
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let (m, cv) = (std::sync::Mutex::new(()), std::sync::Condvar::new());
+        let g = m.lock().unwrap();
+        drop(
+            cv.wait_timeout(g, std::time::Duration::from_secs(1))
+                .unwrap(),
+        );
+    };
+    let threads: Vec<_> = sandbox::seccomp::ROLES
+        .iter()
+        .filter(|r| !matches!(r, Role::Vmm | Role::Spawner))
+        .map(|r| spawn(*r, "tern-test", wait).unwrap())
+        .collect();
+    println!("all waiting");
+    wait();
+    for t in threads {
+        t.join().unwrap();
+    }
+    println!("child done");
+}
