@@ -225,6 +225,7 @@ pub fn write(
     let res = (|| {
         let path = tmp.join(MEMORY_FILE);
         let f = create_private(&path)?;
+        memory::bypass_page_cache(&f);
         let (memory_fnv, parent_snap, dirty_fnv) = match content {
             MemoryContent::Full { extents } => {
                 (memory::write_full(&f, &path, mem, &extents)?, None, 0)
