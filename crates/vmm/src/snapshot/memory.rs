@@ -169,15 +169,17 @@ unsafe fn map_over(ptr: *mut u8, len: u64, f: &File, off: u64, path: &Path) -> R
     Ok(())
 }
 
-/// Has `f` (a memory file just created) written past the host's page cache (`O_DIRECT`) where
-/// its file system allows that; elsewhere (a file system without it) it stays as it is.
+/// Has `f` (a memory file) written and read past the host's page cache (`O_DIRECT`) where its
+/// file system allows that; elsewhere (a file system without it) it stays as it is.
 ///
-/// Guest memory goes from the guest's own pages to the disk: writing 256 MiB does not first
-/// take 256 MiB of fresh page cache (on a host that hands free memory back to its own host,
-/// such pages cost a fault each there: 0.3 to 1.1 s for the copy into the cache, against
+/// Guest memory goes between the guest's own pages and the disk: writing 256 MiB does not
+/// first take 256 MiB of fresh page cache (on a host that hands free memory back to its own
+/// host, such pages cost a fault each there: 0.3 to 1.1 s for the copy into the cache, against
 /// 0.11 s for the direct write and the `fsync` together), does not evict what other VMs have
-/// cached, and leaves no writeback for the `fsync` to wait on. Its pieces are whole pages at
-/// page offsets, which `O_DIRECT` needs; [`write_at`] falls back for a device that wants more.
+/// cached, and leaves no writeback for the `fsync` to wait on; an eager restore reads into
+/// guest memory without a second copy in the cache. The pieces are whole pages at page
+/// offsets, which `O_DIRECT` needs; [`write_at`] and [`read_at`] fall back for a device that
+/// wants more. A lazy restore maps the file, through the page cache.
 pub(crate) fn bypass_page_cache(f: &File) {
     set_direct(f, true);
 }
@@ -208,6 +210,18 @@ fn write_at(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             set_direct(f, false);
             f.write_all_at(data, off)
+        }
+        r => r,
+    }
+}
+
+/// Reads `buf.len()` bytes at `off` of `f`, falling back to the page cache as [`write_at`]
+/// does.
+fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    match f.read_exact_at(buf, off) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            set_direct(f, false);
+            f.read_exact_at(buf, off)
         }
         r => r,
     }
@@ -323,9 +337,11 @@ pub(crate) fn map(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<(), St
     Ok(())
 }
 
-/// Reads the memory file into `mem` (eagerly); returns the checksum of what it read.
+/// Reads the memory file into `mem` (eagerly; past the page cache, as it was written);
+/// returns the checksum of what it read.
 pub(crate) fn load(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<u64, String> {
     use std::os::fd::AsRawFd;
+    bypass_page_cache(f);
     // Only the file's data is read: its holes are pages of zeroes, which the freshly built
     // VM's memory already is (they still count in the checksum).
     let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
@@ -355,7 +371,7 @@ pub(crate) fn load(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<u64, 
                 .map_or(end, |d| d.saturating_sub(base).min(end))
                 .max(pos + 1);
             let chunk = &mut bytes[pos as usize..hole as usize];
-            f.read_exact_at(chunk, base + pos)
+            read_at(f, chunk, base + pos)
                 .map_err(|e| format!("{} is truncated or unreadable: {e}", path.display()))?;
             h = fnv(h, chunk);
             pos = hole;
@@ -399,6 +415,9 @@ pub(crate) fn apply_diff(
     // Each mapped piece is a mapping of its own; past a few thousand, reading is cheaper
     // than the mappings (and the process's mapping limit is far away).
     let map = lazy && pieces.len() <= 4096;
+    if !map {
+        bypass_page_cache(f);
+    }
     let mut h = FNV_INIT;
     for (ptr, off, n) in pieces {
         if map {
@@ -409,8 +428,7 @@ pub(crate) fn apply_diff(
             // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`); no vCPU
             // runs yet and nothing else references these bytes while they are read.
             let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n as usize) };
-            f.read_exact_at(bytes, off)
-                .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+            read_at(f, bytes, off).map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
             h = fnv(h, bytes);
         }
     }
