@@ -35,7 +35,8 @@ const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(20);
 #[derive(Default)]
 struct Pending {
     bytes: VecDeque<u8>,
-    /// The writer should write what is buffered (a newline, a full chunk, or a flush).
+    /// The writer should write what is buffered (a newline, a full chunk, a flush, or a partial
+    /// line that waited long enough).
     kick: bool,
     /// The writer holds bytes it took and has not written yet.
     writing: bool,

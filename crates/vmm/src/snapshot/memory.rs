@@ -178,50 +178,41 @@ unsafe fn map_over(ptr: *mut u8, len: u64, f: &File, off: u64, path: &Path) -> R
 /// 0.11 s for the direct write and the `fsync` together), does not evict what other VMs have
 /// cached, and leaves no writeback for the `fsync` to wait on; an eager restore reads into
 /// guest memory without a second copy in the cache. The pieces are whole pages at page
-/// offsets, which `O_DIRECT` needs; [`write_at`] and [`read_at`] fall back for a device that
-/// wants more. A lazy restore maps the file, through the page cache.
+/// offsets, which `O_DIRECT` needs; [`through_cache_if_refused`] falls back for a device
+/// that wants more. A lazy restore maps the file, through the page cache.
 pub(crate) fn bypass_page_cache(f: &File) {
     set_direct(f, true);
 }
 
-/// Sets or clears `O_DIRECT` on `f`; whether it is now set.
-fn set_direct(f: &File, on: bool) -> bool {
+/// Sets or clears `O_DIRECT` on `f` (left as it is if the file system refuses).
+fn set_direct(f: &File, on: bool) {
     use std::os::fd::AsRawFd;
     let fd = f.as_raw_fd();
     // SAFETY: fcntl(F_GETFL/F_SETFL) on a descriptor `f` owns; no memory is passed.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            return false;
+        if flags >= 0 {
+            let want = if on {
+                flags | libc::O_DIRECT
+            } else {
+                flags & !libc::O_DIRECT
+            };
+            libc::fcntl(fd, libc::F_SETFL, want);
         }
-        let want = if on {
-            flags | libc::O_DIRECT
-        } else {
-            flags & !libc::O_DIRECT
-        };
-        libc::fcntl(fd, libc::F_SETFL, want) == 0 && on
     }
 }
 
-/// Writes `data` at `off` of `f`. Past the page cache a device may refuse a piece that is not
-/// aligned to its blocks (`EINVAL`): then the rest goes through the page cache.
-fn write_at(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
-    match f.write_all_at(data, off) {
+/// Runs `io` (a read or write of `f`). Past the page cache a device may refuse a piece that is
+/// not aligned to its blocks (`EINVAL`): then `io` runs again, and the rest goes, through the
+/// page cache.
+fn through_cache_if_refused(
+    f: &File,
+    mut io: impl FnMut() -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    match io() {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             set_direct(f, false);
-            f.write_all_at(data, off)
-        }
-        r => r,
-    }
-}
-
-/// Reads `buf.len()` bytes at `off` of `f`, falling back to the page cache as [`write_at`]
-/// does.
-fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-    match f.read_exact_at(buf, off) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            set_direct(f, false);
-            f.read_exact_at(buf, off)
+            io()
         }
         r => r,
     }
@@ -265,7 +256,9 @@ pub(crate) fn write_full(
             let (next, runs) = scan_pages(h, piece);
             h = next;
             for (s, n) in runs {
-                write_at(f, &piece[s..s + n], off + start + s as u64).map_err(werr)?;
+                let at = off + start + s as u64;
+                through_cache_if_refused(f, || f.write_all_at(&piece[s..s + n], at))
+                    .map_err(werr)?;
             }
             at = end;
         }
@@ -292,7 +285,7 @@ pub(crate) fn write_diff(
         // paused.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
         h = fnv(h, bytes);
-        write_at(f, bytes, off).map_err(werr)?;
+        through_cache_if_refused(f, || f.write_all_at(bytes, off)).map_err(werr)?;
     }
     Ok(h)
 }
@@ -371,7 +364,7 @@ pub(crate) fn load(f: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<u64, 
                 .map_or(end, |d| d.saturating_sub(base).min(end))
                 .max(pos + 1);
             let chunk = &mut bytes[pos as usize..hole as usize];
-            read_at(f, chunk, base + pos)
+            through_cache_if_refused(f, || f.read_exact_at(chunk, base + pos))
                 .map_err(|e| format!("{} is truncated or unreadable: {e}", path.display()))?;
             h = fnv(h, chunk);
             pos = hole;
@@ -428,7 +421,8 @@ pub(crate) fn apply_diff(
             // SAFETY: the piece lies inside one live region of `mem` (`run_pieces`); no vCPU
             // runs yet and nothing else references these bytes while they are read.
             let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n as usize) };
-            read_at(f, bytes, off).map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+            through_cache_if_refused(f, || f.read_exact_at(bytes, off))
+                .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
             h = fnv(h, bytes);
         }
     }
@@ -473,9 +467,9 @@ mod tests {
         // SAFETY: the mapping is PAGE bytes, owned by `page` and used by nothing else.
         let buf = unsafe { std::slice::from_raw_parts_mut(page.as_ptr(), PAGE as usize) };
         buf.fill(0xab);
-        write_at(&f, buf, PAGE).unwrap();
+        through_cache_if_refused(&f, || f.write_all_at(buf, PAGE)).unwrap();
         assert!(is_direct(&f), "a whole page turned O_DIRECT off");
-        write_at(&f, b"odd", 3).unwrap();
+        through_cache_if_refused(&f, || f.write_all_at(b"odd", 3)).unwrap();
         assert!(!is_direct(&f));
         let got = std::fs::read(&path).unwrap();
         assert_eq!(got.len() as u64, 2 * PAGE);
