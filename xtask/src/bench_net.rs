@@ -11,6 +11,12 @@
 //! second; `tso_tx_mbps` and `tso_rx_mbps`, TCP payload in 10^6 bytes per second of 64 KiB TSO
 //! frames.
 //!
+//! `--pin` gives every VMM the same placement on the host's CPUs: its vCPU thread on the last
+//! CPU, its other threads and the host peer on CPU 0 (QEMU gets `-name …,debug-threads=on` so
+//! that its vCPU thread has a name to find). Unpinned, the host's scheduler places the three
+//! busy threads of a test (vCPU, device, peer) as it likes, and on a 2-CPU host where it puts
+//! them decides the TSO rows (docs/benchmarks.md).
+//!
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
 //! (bench_terns.rs), with `baseline` and `tern/baseline` columns. `--firecracker PATH` (its
 //! virtio-net over mmio) and `--cloud-hypervisor PATH` (over pci) add the peers on their
@@ -22,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use netpeer::{NetNs, Peer};
 
 use crate::bench_peers::{self, ProbeGuest};
-use crate::bench_probe::{field, median, sample, Sample};
+use crate::bench_probe::{field, median, pin_self, sample_with, Sample};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
 /// Milliseconds each `vnetbench` test runs per boot.
@@ -64,7 +70,7 @@ fn tern_args(probe: &str, transport: &str, net_opts: &str, cmd_extra: &str) -> V
     a
 }
 
-fn qemu_args(probe: &str, transport: &str) -> Vec<String> {
+fn qemu_args(probe: &str, transport: &str, pinned: bool) -> Vec<String> {
     let (machine, device): (&str, &[&str]) = if transport == "mmio" {
         (
             "microvm,acpi=off",
@@ -110,16 +116,19 @@ fn qemu_args(probe: &str, transport: &str) -> Vec<String> {
     .collect();
     a.push("-append".into());
     a.push(cmdline(""));
+    if pinned {
+        a.extend(["-name".into(), "bench,debug-threads=on".into()]);
+    }
     a
 }
 
 /// One boot of `program args` in a fresh namespace with the peer running; fails unless the
-/// probe reported every one of `keys`.
-fn boot(program: &Path, args: &[String], keys: &[&str]) -> Result<Sample> {
+/// probe reported every one of `keys`. With `vcpu_cpu`, the VMM's vCPU threads go to that CPU.
+fn boot(program: &Path, args: &[String], keys: &[&str], vcpu_cpu: Option<usize>) -> Result<Sample> {
     let ns = NetNs::new().context("creating the network namespace")?;
     let peer = Peer::start(&ns).context("starting the host peer")?;
     let program = program.to_str().context("non-UTF-8 program path")?;
-    let s = sample(Path::new("ip"), &ns.exec_args(program, args));
+    let s = sample_with(Path::new("ip"), &ns.exec_args(program, args), vcpu_cpu);
     peer.stop().context("host peer")?;
     let s = s.with_context(|| format!("{program} {}", args.join(" ")))?;
     for k in keys {
@@ -140,12 +149,25 @@ pub fn run(
     probe: &Path,
     qemu: &Path,
     runs: usize,
+    pin: bool,
 ) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
         bail!("bench-net needs root and /dev/net/tun (network namespaces, TAP devices)");
     }
     crate::util::ensure_tool("ip", "iproute2")?;
+    // The vCPU threads' CPU when pinned: the last one this process may use.
+    let vcpu_cpu = if pin {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            bail!("--pin needs 2 CPUs, this process may use {cpus}");
+        }
+        // Everything started from here on (VMMs, their threads, the host peer) starts on CPU 0.
+        pin_self(0)?;
+        Some(cpus - 1)
+    } else {
+        None
+    };
     let p = probe.display().to_string();
     let keys: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
     println!(
@@ -153,6 +175,12 @@ pub fn run(
          TAP in a fresh network namespace per boot with the host peer; tern vs QEMU (vhost=off), \
          {runs} interleaved boots each, medians"
     );
+    if let Some(cpu) = vcpu_cpu {
+        println!(
+            "pinned: every VMM's vCPU thread on CPU {cpu}; its other threads and the host peer \
+             on CPU 0"
+        );
+    }
     if let Some(d) = describe(terns) {
         println!("{d}");
     }
@@ -181,9 +209,10 @@ pub fn run(
                     &v.program,
                     &v.args(&tern_args(&p, transport, "", "")),
                     &keys,
+                    vcpu_cpu,
                 )
             })?);
-            q.push(boot(qemu, &qemu_args(&p, transport), &keys)?);
+            q.push(boot(qemu, &qemu_args(&p, transport, pin), &keys, vcpu_cpu)?);
             for (i, peer) in peers.iter().enumerate() {
                 if peer.kind.transport() != transport {
                     continue;
@@ -199,7 +228,7 @@ pub fn run(
                 };
                 let args = bench_peers::probe_args(peer, &g, "net")?;
                 // A test the peer's device cannot run leaves its row empty, not the run failed.
-                pe[i].push(boot(&peer.program, &args, &[])?);
+                pe[i].push(boot(&peer.program, &args, &[], vcpu_cpu)?);
             }
         }
         for (key, name) in ROWS {
@@ -224,7 +253,7 @@ pub fn run(
         (",tx_bw=50M", "tso", "tso_tx_mbps", 50.0 * 1048576.0 / 1e6),
     ] {
         let args = tern_args(&p, "pci", limit, &format!("probe.vnet_bench={test}"));
-        let x = boot(&terns[0].program, &args, &[key])?;
+        let x = boot(&terns[0].program, &args, &[key], vcpu_cpu)?;
         let got = field(&x, key);
         println!(
             "  {:<12} configured {cfg:>8.1} achieved {got:>8.1} ({:+.1}%)",

@@ -35,6 +35,16 @@ pub(crate) struct Sample {
 /// traced, so vCPU threads and their signals never pass through here). `ru_maxrss` is not
 /// used: it also counts the memory of the process that forked and exec'd the VMM.
 pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
+    sample_with(program, args, None)
+}
+
+/// [`sample`], with the VMM's vCPU threads moved to CPU `vcpu_cpu` (if given) as they appear:
+/// see [`pin_vcpus`].
+pub(crate) fn sample_with(
+    program: &Path,
+    args: &[String],
+    vcpu_cpu: Option<usize>,
+) -> Result<Sample> {
     use std::os::unix::process::CommandExt;
     let start = Instant::now();
     let mut cmd = Command::new(program);
@@ -87,7 +97,16 @@ pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
         }
         false
     });
+    let pinner = vcpu_cpu.map(|cpu| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        (stop, std::thread::spawn(move || pin_vcpus(pid, cpu, &s)))
+    });
     let traced = trace_to_exit(pid);
+    let pinned = pinner.map(|(stop, h)| {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().unwrap_or(0)
+    });
     if traced.is_err() {
         // SAFETY: our own child, possibly held in a ptrace stop that nobody will resume now.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -106,6 +125,9 @@ pub(crate) fn sample(program: &Path, args: &[String]) -> Result<Sample> {
     }
     let max_rss_kib =
         hwm.with_context(|| format!("{name}: its main thread ended without an exit stop"))?;
+    if pinned == Some(0) {
+        bail!("{name}: no thread named as a vCPU thread was found to pin");
+    }
     Ok(Sample {
         first_line_ms: first_line_ms.context("the guest printed no probe line")?,
         wall_ms,
@@ -156,6 +178,73 @@ fn trace_to_exit(pid: libc::pid_t) -> Result<(Option<u64>, i32)> {
         // SAFETY: resuming our stopped tracee, passing on its signal.
         unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, pass) };
     }
+}
+
+/// Whether a thread name is a vCPU thread's, in tern (`tern-vcpu0`), Firecracker
+/// (`fc_vcpu 0`), Cloud Hypervisor (`vcpu0`) or QEMU with `-name …,debug-threads=on`
+/// (`CPU 0/KVM`).
+fn is_vcpu_thread(name: &str) -> bool {
+    name.contains("vcpu") || (name.starts_with("CPU ") && name.ends_with("/KVM"))
+}
+
+/// Moves every vCPU thread of process `pid` ([`is_vcpu_thread`]) to CPU `cpu` as it appears,
+/// until `stop`; returns how many it moved. The process's other threads keep the affinity
+/// they were started with. Polls `/proc/PID/task` every millisecond for the first half second
+/// (threads start and take their names then), every 50 ms after that.
+fn pin_vcpus(pid: libc::pid_t, cpu: usize, stop: &std::sync::atomic::AtomicBool) -> usize {
+    let start = Instant::now();
+    let mut pinned = std::collections::HashSet::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for tid in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        {
+            if pinned.contains(&tid) {
+                continue;
+            }
+            let Ok(name) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) else {
+                continue;
+            };
+            if !is_vcpu_thread(name.trim_end()) {
+                continue;
+            }
+            // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `cpu` is below the set's size (checked by the caller against the
+            // machine's CPUs).
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+            // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from `set`.
+            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } == 0 {
+                pinned.insert(tid);
+            }
+        }
+        let pause = if start.elapsed() < Duration::from_millis(500) {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(50)
+        };
+        std::thread::sleep(pause);
+    }
+    pinned.len()
+}
+
+/// Restricts the calling thread, and so what it starts from now on (processes and threads),
+/// to CPU `cpu`.
+pub(crate) fn pin_self(cpu: usize) -> Result<()> {
+    // SAFETY: as in `pin_vcpus`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as in `pin_vcpus`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: as in `pin_vcpus`; 0 is the calling thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        bail!(
+            "sched_setaffinity(CPU {cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// `VmHWM` of `pid`, in KiB.

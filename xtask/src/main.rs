@@ -5,7 +5,7 @@
 //! cargo xtask rig [--group core] [--filter S] [--tern PATH] [--keep-logs DIR] [--list]
 //! cargo xtask bench-probe [--runs N] [TERNS] [PEERS]
 //! cargo xtask bench-blk [--runs N] [TERNS]
-//! cargo xtask bench-net [--runs N] [TERNS]
+//! cargo xtask bench-net [--runs N] [--pin] [TERNS] [PEERS]
 //! cargo xtask bench-snapshot [--runs N] [--sizes 256M,1G,4G] [--clones N] [TERNS]
 //! cargo xtask bench-migrate [--runs N] [--sizes 256M,1G] [--dirty 0,10,100] [--transports unix,tcp]
 //!                           [--qemu PATH] [TERNS]
@@ -111,6 +111,10 @@ enum Cmd {
         /// Interleaved boots per VMM and transport.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Every VMM's vCPU thread on the last CPU, its other threads and the host peer on
+        /// CPU 0: the same placement for all, not the scheduler's.
+        #[arg(long)]
+        pin: bool,
     },
     /// Control-API latency (GET /v1/vm, pause+resume) and tern's CPU use serving it.
     BenchApi {
@@ -386,12 +390,17 @@ fn run(command: Cmd) -> Result<()> {
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
             bench_blk::run(&terns, &peers, &probe, &qemu, runs)
         }
-        Cmd::BenchNet { terns, peers, runs } => {
+        Cmd::BenchNet {
+            terns,
+            peers,
+            runs,
+            pin,
+        } => {
             let terns = terns.terns()?;
             let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_net::run(&terns, &peers, &probe, &qemu, runs)
+            bench_net::run(&terns, &peers, &probe, &qemu, runs, pin)
         }
         Cmd::BenchApi { tern } => {
             let tern = match tern {
