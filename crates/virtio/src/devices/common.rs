@@ -80,6 +80,10 @@ impl Request {
     }
 }
 
+/// What [`Ctx::pop_checked`] took from a queue: nothing (the ring is empty), a checked request,
+/// or the head of a chain that failed its checks and why.
+pub(crate) type Popped = Option<Result<Request, (u16, Malformed)>>;
+
 /// What a device's worker holds besides its queues.
 pub(crate) struct Ctx {
     /// The VM's memory, of which `mem` is the view the worker uses; [`pop`](Self::pop) takes
@@ -155,11 +159,7 @@ impl Ctx {
     /// comes back as `Some(Err((head, why)))`, so a device may return it unused and carry on
     /// (virtio-net drops such frames). A bad available ring is still an error.
     #[allow(clippy::type_complexity)]
-    pub fn pop_checked(
-        &mut self,
-        q: &mut Queue,
-        index: u16,
-    ) -> Result<Option<Result<Request, (u16, Malformed)>>, Malformed> {
+    pub fn pop_checked(&mut self, q: &mut Queue, index: u16) -> Result<Popped, Malformed> {
         self.refresh();
         let size = q.size();
         let chain = q

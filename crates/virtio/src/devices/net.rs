@@ -31,7 +31,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{
-    drain, shared_limiter, Ctx, Handler, Malformed, Request, SharedLimiter, Throttle, Worker,
+    drain, shared_limiter, Ctx, Handler, Malformed, Popped, Request, SharedLimiter, Throttle,
+    Worker,
 };
 use crate::{ActivateError, Interrupt, InterruptKind, QueueEvent, VirtioDevice, VmMemory};
 
@@ -291,6 +292,7 @@ impl VirtioDevice for Net {
                 tap: Some(tap.clone()),
                 tap_readable: true,
                 pending: None,
+                rx_notify: None,
                 buf: vec![0u8; MAX_FRAME],
                 mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
                 acked,
@@ -395,6 +397,9 @@ struct PairWorker {
     tap_readable: bool,
     /// Length of a frame read from the TAP into `buf` and not yet delivered.
     pending: Option<usize>,
+    /// Whether the receive queue's notifications are on, where known (see
+    /// [`Self::rx_chain`]).
+    rx_notify: Option<bool>,
     buf: Vec<u8>,
     mrg_rxbuf: bool,
     acked: u64,
@@ -689,7 +694,7 @@ impl PairWorker {
         let mut chains: Vec<Request> = Vec::new();
         let mut room = 0usize;
         while room < len {
-            let Some(chain) = self.ctx.pop_checked(&mut self.rx, index)? else {
+            let Some(chain) = self.rx_chain()? else {
                 for _ in &chains {
                     self.rx.go_to_previous_position();
                 }
@@ -736,6 +741,39 @@ impl PairWorker {
             .rx_bytes
             .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// The next receive chain, with the receive queue's notifications off while the driver
+    /// keeps it supplied: a driver that hands buffers back then need not notify the device
+    /// (an exit per batch of buffers, and a wakeup of this worker), which only needs to hear
+    /// of new buffers when it has run out. Out of buffers, notifications go back on, and the
+    /// ring is looked at once more for a buffer the driver added just before. A new worker
+    /// (activation, restore) does not know the flag, which lives in guest memory: its first
+    /// look sets it either way.
+    fn rx_chain(&mut self) -> Result<Popped, Malformed> {
+        let index = 2 * self.pair;
+        loop {
+            if let Some(chain) = self.ctx.pop_checked(&mut self.rx, index)? {
+                if self.rx_notify != Some(false) {
+                    self.rx
+                        .disable_notification(&self.ctx.mem)
+                        .map_err(|e| Malformed::Queue(index, e))?;
+                    self.rx_notify = Some(false);
+                }
+                return Ok(Some(chain));
+            }
+            if self.rx_notify == Some(true) {
+                return Ok(None);
+            }
+            self.rx_notify = Some(true);
+            let more = self
+                .rx
+                .enable_notification(&self.ctx.mem)
+                .map_err(|e| Malformed::Queue(index, e))?;
+            if !more {
+                return Ok(None);
+            }
+        }
     }
 
     fn rx_bad_chain(&mut self, head: u16) -> Result<(), Malformed> {
@@ -1007,6 +1045,11 @@ mod tests {
     }
 
     fn rig(name: &str, mtu: u16) -> Option<Rig> {
+        rig_with(name, mtu, |_, _| {})
+    }
+
+    /// [`rig`], with `before_ok(driver, rx queue)` run just before the driver sets DRIVER_OK.
+    fn rig_with(name: &str, mtu: u16, before_ok: impl FnOnce(&Driver, &VirtQueue)) -> Option<Rig> {
         let mut wire = wire(name)?;
         let dev = Net::new(
             wire.taps.take().unwrap(),
@@ -1025,6 +1068,7 @@ mod tests {
         let tx = VirtQueue::new(0x2000);
         d.setup_queue(0, &rx);
         d.setup_queue(1, &tx);
+        before_ok(&d, &rx);
         d.add_status(DRIVER_OK);
         assert_eq!(d.read(REG_STATUS) & NEEDS_RESET, 0);
         Some(Rig {
@@ -1088,6 +1132,62 @@ mod tests {
         assert_eq!(&got[12..1512], &inb[..]);
         assert_eq!(r.counters.rx_frames.load(Ordering::Relaxed), 1);
         assert_eq!(r.counters.tx_frames.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_receive_queue_wants_no_notification_until_it_runs_out_of_buffers() {
+        let Some(mut r) = rig("ternt5", 1500) else {
+            return;
+        };
+        // The used ring's flags: VRING_USED_F_NO_NOTIFY (1) or none.
+        let flags = |r: &Rig| r.d.mem.read_obj::<u16>(GuestAddress(r.rx.used)).unwrap();
+        assert_eq!(flags(&r), 0, "notifications start on");
+        for i in 0..2u64 {
+            r.rx.add_chain(&r.d.mem, &[(RXBUF + i * 0x1000, 2048, true)]);
+        }
+        r.d.notify(0);
+        r.wire.send(&frame(600, 1));
+        assert!(wait_for(|| r.rx.used_idx(&r.d.mem) == 1));
+        assert_eq!(flags(&r), 1, "off while the device holds buffers");
+        r.wire.send(&frame(600, 2));
+        assert!(wait_for(|| r.rx.used_idx(&r.d.mem) == 2));
+        assert_eq!(
+            flags(&r),
+            1,
+            "off until the device looks for a buffer and finds none"
+        );
+        // The third frame finds no buffer: notifications come back on and the frame waits.
+        let third = frame(600, 3);
+        r.wire.send(&third);
+        assert!(wait_for(|| flags(&r) == 0), "on once out of buffers");
+        assert_eq!(r.rx.used_idx(&r.d.mem), 2);
+        r.rx.add_chain(&r.d.mem, &[(RXBUF + 0x2000, 2048, true)]);
+        r.d.notify(0);
+        assert!(wait_for(|| r.rx.used_idx(&r.d.mem) == 3));
+        let mut got = vec![0u8; 600];
+        r.d.mem
+            .read_slice(&mut got, GuestAddress(RXBUF + 0x2000 + 12))
+            .unwrap();
+        assert_eq!(got, third);
+        assert_eq!(flags(&r), 1, "off again with a buffer taken");
+    }
+
+    /// A restored guest's used ring may say "no notification" from before; a new worker that
+    /// finds no buffer must not trust it, or it would wait for a notification that never comes.
+    #[test]
+    fn a_new_worker_out_of_buffers_turns_notifications_on_whatever_the_ring_said() {
+        let Some(r) = rig_with("ternt6", 1500, |d, rx| {
+            d.mem.write_obj(1u16, GuestAddress(rx.used)).unwrap();
+        }) else {
+            return;
+        };
+        r.wire.send(&frame(600, 1));
+        assert!(wait_for(|| r
+            .d
+            .mem
+            .read_obj::<u16>(GuestAddress(r.rx.used))
+            .unwrap()
+            == 0));
     }
 
     #[test]
