@@ -91,6 +91,8 @@ pub(crate) struct Ctx {
     space: VmMemory,
     /// The view `mem` was cloned from (identifies it).
     view: Arc<GuestMemoryMmap>,
+    /// `space`'s change count when `view` was taken (read before it).
+    changes: u64,
     /// Guest memory as the worker uses it now: a clone of `view` (same regions).
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<dyn Interrupt>,
@@ -109,10 +111,12 @@ impl Ctx {
         name: &'static str,
         max_chain: u64,
     ) -> Self {
+        let changes = space.changes();
         let view = space.memory().into_inner();
         Ctx {
             mem: (*view).clone(),
             view,
+            changes,
             space,
             interrupt,
             broken,
@@ -121,10 +125,15 @@ impl Ctx {
         }
     }
 
-    /// Takes the VM's current memory view, if it changed (a region was added): cheap when it
-    /// did not. Regions are never removed, so buffers checked against the old view (I/O in
+    /// Takes the VM's current memory view, if it changed (a region was added): one load when
+    /// it did not. Regions are never removed, so buffers checked against the old view (I/O in
     /// flight) stay mapped in the new one.
     fn refresh(&mut self) {
+        let changes = self.space.changes();
+        if changes == self.changes {
+            return;
+        }
+        self.changes = changes;
         let now = self.space.memory();
         if !std::ptr::eq(&*now, Arc::as_ptr(&self.view)) {
             self.mem = (*now).clone();
