@@ -1358,4 +1358,49 @@ mod tests {
         let paused = wait.recv_timeout(std::time::Duration::from_secs(5)) == Ok(true);
         assert!(paused, "the worker never came back to its events");
     }
+
+    /// The same on the receive side, which switches its queue's notifications too: a used
+    /// ring whose flags lie over the available index, and a zero-length receive buffer.
+    #[test]
+    fn a_receive_used_ring_over_the_available_ring_does_not_hold_the_worker() {
+        let Some(mut wire) = wire("tnoverlap1") else {
+            return;
+        };
+        let dev = Net::new(
+            wire.taps.take().unwrap(),
+            NetOptions {
+                mac: MAC,
+                mtu: 1500,
+                offload: false,
+                rx: Limits::default(),
+                tx: Limits::default(),
+            },
+        );
+        let mut d = Driver::new(Box::new(dev));
+        assert!(d.negotiate(FEATURES));
+        let mut rx = VirtQueue::new(0x1000);
+        let tx = VirtQueue::new(0x2000);
+        rx.avail += 2;
+        rx.used = rx.avail + 2;
+        d.setup_queue(0, &rx);
+        d.setup_queue(1, &tx);
+        d.add_status(DRIVER_OK);
+        rx.set_desc(&d.mem, 0, RXBUF, 0, WRITE, 0);
+        rx.publish(&d.mem, 0);
+        d.notify(0);
+        for tag in 0..4 {
+            wire.send(&frame(600, tag));
+        }
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use crate::transport::PauseDevice;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            let stopped = d.t.pause_device(deadline);
+            let _ = done.send(stopped);
+            d
+        });
+        let paused = wait.recv_timeout(std::time::Duration::from_secs(5)) == Ok(true);
+        assert!(paused, "the worker never came back to its events");
+    }
 }
