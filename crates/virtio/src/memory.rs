@@ -30,7 +30,7 @@ pub struct VmMemory {
     map: GuestMemoryAtomic<GuestMemoryMmap>,
     /// Counts the changes of `map` (regions added): a device compares it with the count its
     /// view was taken at, one plain load, before it takes a view per request (an `arc_swap`
-    /// load and its release, an eighth of a virtio-net worker's time at 500,000 frames/s).
+    /// load and its release, 7% of a virtio-net worker's samples at 500,000 frames/s).
     changes: Arc<AtomicU64>,
     dirty: DirtyLog,
 }

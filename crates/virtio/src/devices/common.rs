@@ -89,11 +89,9 @@ pub(crate) struct Ctx {
     /// The VM's memory, of which `mem` is the view the worker uses; [`pop`](Self::pop) takes
     /// the current one per request.
     space: VmMemory,
-    /// The view `mem` was cloned from (identifies it).
-    view: Arc<GuestMemoryMmap>,
-    /// `space`'s change count when `view` was taken (read before it).
+    /// `space`'s change count when `mem` was taken (read before it).
     changes: u64,
-    /// Guest memory as the worker uses it now: a clone of `view` (same regions).
+    /// Guest memory as the worker uses it now: a clone of a view of `space` (same regions).
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<dyn Interrupt>,
     pub broken: Arc<AtomicBool>,
@@ -112,10 +110,8 @@ impl Ctx {
         max_chain: u64,
     ) -> Self {
         let changes = space.changes();
-        let view = space.memory().into_inner();
         Ctx {
-            mem: (*view).clone(),
-            view,
+            mem: (*space.memory()).clone(),
             changes,
             space,
             interrupt,
@@ -134,11 +130,7 @@ impl Ctx {
             return;
         }
         self.changes = changes;
-        let now = self.space.memory();
-        if !std::ptr::eq(&*now, Arc::as_ptr(&self.view)) {
-            self.mem = (*now).clone();
-            self.view = now.into_inner();
-        }
+        self.mem = (*self.space.memory()).clone();
     }
 
     /// Marks the device broken and tells the driver (a config interrupt); returns false so
