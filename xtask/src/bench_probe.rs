@@ -207,16 +207,7 @@ fn pin_vcpus(pid: libc::pid_t, cpu: usize, stop: &std::sync::atomic::AtomicBool)
             let Ok(name) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) else {
                 continue;
             };
-            if !is_vcpu_thread(name.trim_end()) {
-                continue;
-            }
-            // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
-            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: `cpu` is below the set's size (checked by the caller against the
-            // machine's CPUs).
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-            // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from `set`.
-            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } == 0 {
+            if is_vcpu_thread(name.trim_end()) && set_affinity(tid, cpu).is_ok() {
                 pinned.insert(tid);
             }
         }
@@ -230,21 +221,24 @@ fn pin_vcpus(pid: libc::pid_t, cpu: usize, stop: &std::sync::atomic::AtomicBool)
     pinned.len()
 }
 
+/// Restricts thread `tid` (0: the calling one) to CPU `cpu`, which must be below
+/// `CPU_SETSIZE`.
+fn set_affinity(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set` for a `cpu` below its size (the callers' CPUs).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from `set`.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Restricts the calling thread, and so what it starts from now on (processes and threads),
 /// to CPU `cpu`.
 pub(crate) fn pin_self(cpu: usize) -> Result<()> {
-    // SAFETY: as in `pin_vcpus`.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as in `pin_vcpus`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: as in `pin_vcpus`; 0 is the calling thread.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
-        bail!(
-            "sched_setaffinity(CPU {cpu}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    set_affinity(0, cpu).with_context(|| format!("sched_setaffinity(CPU {cpu})"))
 }
 
 /// `VmHWM` of `pid`, in KiB.
