@@ -11,6 +11,12 @@
 //! QEMU uses `aio=io_uring`. fio runs `psync` at depth 1 and `io_uring` at depth 32, on its
 //! own (non-huge-page) buffers, on the same file or device.
 //!
+//! `--pin` gives every VMM the same placement on the host's CPUs: its vCPU thread on the last
+//! CPU, its other threads (where its disk I/O is submitted and completed) and fio on CPU 0;
+//! `--pin vcpu-first` the other way round. Which CPU takes the disk's completion interrupts
+//! decides the depth-1 `O_DIRECT` rows for every VMM alike (docs/benchmarks.md): unpinned, each
+//! boot's figure depends on where the scheduler happened to put its I/O thread.
+//!
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
 //! (bench_terns.rs), with `baseline` and `tern/baseline` columns. `--firecracker PATH` and
 //! `--cloud-hypervisor PATH` add the peers (bench_peers.rs) on the rows they have the disk
@@ -23,7 +29,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::bench_peers::{self, Peer, ProbeDisk, ProbeGuest};
-use crate::bench_probe::{field, median, sample, Sample};
+use crate::bench_probe::{field, median, placement, sample_with, Pin, Sample};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
 /// The benchmark file: big enough that random reads are not all in the device's caches.
@@ -156,7 +162,7 @@ fn tern_args(probe: &str, file: &Path, s: Setup, disk_extra: &str, cmd_extra: &s
     a
 }
 
-fn qemu_args(probe: &str, file: &Path, s: Setup) -> Vec<String> {
+fn qemu_args(probe: &str, file: &Path, s: Setup, pinned: bool) -> Vec<String> {
     let cache = if s.direct { "none" } else { "writeback" };
     let (machine, device) = if s.transport == "mmio" {
         ("microvm,acpi=off", "virtio-blk-device,drive=d0")
@@ -196,6 +202,9 @@ fn qemu_args(probe: &str, file: &Path, s: Setup) -> Vec<String> {
     ));
     a.push("-device".into());
     a.push(device.into());
+    if pinned {
+        a.extend(["-name".into(), "bench,debug-threads=on".into()]);
+    }
     a
 }
 
@@ -285,8 +294,17 @@ fn fio(file: &Path, rw: &str, bs: &str, depth: u32, direct: bool) -> Result<(f64
 }
 
 /// Runs the benchmark with `runs` boots per VMM (each tern variant and QEMU) and setup.
-pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usize) -> Result<()> {
+pub fn run(
+    terns: &[Tern],
+    peers: &[Peer],
+    probe: &Path,
+    qemu: &Path,
+    runs: usize,
+    pin: Option<Pin>,
+) -> Result<()> {
     crate::util::ensure_tool("fio", "fio")?;
+    let pinned = placement(pin)?;
+    let vcpu_cpu = pinned.as_ref().map(|p| p.0);
     let file = bench_file()?;
     let p = probe.display().to_string();
     println!(
@@ -295,6 +313,9 @@ pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usiz
         FILE_SIZE >> 20,
         file.display()
     );
+    if let Some((_, line)) = &pinned {
+        println!("{line}");
+    }
     if let Some(d) = describe(terns) {
         println!("{d}");
     }
@@ -331,9 +352,17 @@ pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usiz
         let guest_cmdline = cmdline("");
         for run in 0..runs {
             t.push(run_terns(terns, run, |v| {
-                sample(&v.program, &v.args(&tern_args(&p, &file, s, "", "")))
+                sample_with(
+                    &v.program,
+                    &v.args(&tern_args(&p, &file, s, "", "")),
+                    vcpu_cpu,
+                )
             })?);
-            q.push(sample(qemu, &qemu_args(&p, &file, s))?);
+            q.push(sample_with(
+                qemu,
+                &qemu_args(&p, &file, s, pin.is_some()),
+                vcpu_cpu,
+            )?);
             for (i, peer) in peers.iter().enumerate() {
                 if !peer.kind.has_disk(s.transport, s.direct, s.qcow2) {
                     continue;
@@ -352,7 +381,7 @@ pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usiz
                 };
                 let args = bench_peers::probe_args(peer, &g, "blk")?;
                 pe[i].push(
-                    sample(&peer.program, &args)
+                    sample_with(&peer.program, &args, vcpu_cpu)
                         .with_context(|| format!("{} blk", peer.kind.short()))?,
                 );
             }
@@ -409,7 +438,11 @@ pub fn run(terns: &[Tern], peers: &[Peer], probe: &Path, qemu: &Path, runs: usiz
         (",iops=5000", "iops_qd32", 5000.0),
         (",bw=50M", "seq_mbps", 50.0 * 1048576.0 / 1e6),
     ] {
-        let x = sample(&terns[0].program, &tern_args(&p, &file, s, limit, ""))?;
+        let x = sample_with(
+            &terns[0].program,
+            &tern_args(&p, &file, s, limit, ""),
+            vcpu_cpu,
+        )?;
         let got = field(&x, key);
         println!(
             "  {:<12} configured {cfg:>8.1} achieved {got:>8.1} ({:+.1}%)",

@@ -12,8 +12,8 @@
 //! frames.
 //!
 //! `--pin` gives every VMM the same placement on the host's CPUs: its vCPU thread on the last
-//! CPU, its other threads and the host peer on CPU 0 (QEMU gets `-name …,debug-threads=on` so
-//! that its vCPU thread has a name to find). Unpinned, the host's scheduler places the three
+//! CPU, its other threads and the host peer on CPU 0 (`--pin vcpu-first`: the other way round;
+//! QEMU gets `-name …,debug-threads=on` so that its vCPU thread has a name to find). Unpinned, the host's scheduler places the three
 //! busy threads of a test (vCPU, device, peer) as it likes, and on a 2-CPU host where it puts
 //! them decides the TSO rows (docs/benchmarks.md).
 //!
@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use netpeer::{NetNs, Peer};
 
 use crate::bench_peers::{self, ProbeGuest};
-use crate::bench_probe::{field, median, pin_self, sample_with, Sample};
+use crate::bench_probe::{field, median, placement, sample_with, Pin, Sample};
 use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Tern};
 
 /// Milliseconds each `vnetbench` test runs per boot.
@@ -149,25 +149,15 @@ pub fn run(
     probe: &Path,
     qemu: &Path,
     runs: usize,
-    pin: bool,
+    pin: Option<Pin>,
 ) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
         bail!("bench-net needs root and /dev/net/tun (network namespaces, TAP devices)");
     }
     crate::util::ensure_tool("ip", "iproute2")?;
-    // The vCPU threads' CPU when pinned: the last one this process may use.
-    let vcpu_cpu = if pin {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpus < 2 {
-            bail!("--pin needs 2 CPUs, this process may use {cpus}");
-        }
-        // Everything started from here on (VMMs, their threads, the host peer) starts on CPU 0.
-        pin_self(0)?;
-        Some(cpus - 1)
-    } else {
-        None
-    };
+    let pinned = placement(pin)?;
+    let vcpu_cpu = pinned.as_ref().map(|p| p.0);
     let p = probe.display().to_string();
     let keys: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
     println!(
@@ -175,11 +165,8 @@ pub fn run(
          TAP in a fresh network namespace per boot with the host peer; tern vs QEMU (vhost=off), \
          {runs} interleaved boots each, medians"
     );
-    if let Some(cpu) = vcpu_cpu {
-        println!(
-            "pinned: every VMM's vCPU thread on CPU {cpu}; its other threads and the host peer \
-             on CPU 0"
-        );
+    if let Some((_, line)) = &pinned {
+        println!("{line}");
     }
     if let Some(d) = describe(terns) {
         println!("{d}");
@@ -212,7 +199,12 @@ pub fn run(
                     vcpu_cpu,
                 )
             })?);
-            q.push(boot(qemu, &qemu_args(&p, transport, pin), &keys, vcpu_cpu)?);
+            q.push(boot(
+                qemu,
+                &qemu_args(&p, transport, pin.is_some()),
+                &keys,
+                vcpu_cpu,
+            )?);
             for (i, peer) in peers.iter().enumerate() {
                 if peer.kind.transport() != transport {
                     continue;

@@ -235,10 +235,40 @@ fn set_affinity(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Restricts the calling thread, and so what it starts from now on (processes and threads),
-/// to CPU `cpu`.
-pub(crate) fn pin_self(cpu: usize) -> Result<()> {
-    set_affinity(0, cpu).with_context(|| format!("sched_setaffinity(CPU {cpu})"))
+/// Where a benchmark's `--pin` puts every VMM's vCPU thread. Everything else (the VMM's other
+/// threads, where its devices do their I/O, and what the benchmark itself starts: a host peer,
+/// fio) goes to the CPU at the other end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Pin {
+    /// vCPU threads on the last CPU, the rest on CPU 0.
+    VcpuLast,
+    /// vCPU threads on CPU 0, the rest on the last CPU.
+    VcpuFirst,
+}
+
+/// Applies `pin`: this process, and so everything it starts from now on, is restricted to the
+/// CPU the VMMs' other threads get. Returns the CPU for their vCPU threads (for
+/// [`sample_with`]), and the line that says so in a benchmark's output.
+pub(crate) fn placement(pin: Option<Pin>) -> Result<Option<(usize, String)>> {
+    let Some(pin) = pin else {
+        return Ok(None);
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        bail!("--pin needs 2 CPUs, this process may use {cpus}");
+    }
+    let (vcpu, rest) = match pin {
+        Pin::VcpuLast => (cpus - 1, 0),
+        Pin::VcpuFirst => (0, cpus - 1),
+    };
+    set_affinity(0, rest).with_context(|| format!("sched_setaffinity(CPU {rest})"))?;
+    Ok(Some((
+        vcpu,
+        format!(
+            "pinned: every VMM's vCPU thread on CPU {vcpu}; its other threads, and what the \
+             benchmark starts beside it, on CPU {rest}"
+        ),
+    )))
 }
 
 /// `VmHWM` of `pid`, in KiB.

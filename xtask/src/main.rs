@@ -101,6 +101,11 @@ enum Cmd {
         /// Interleaved boots per VMM and setup.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// The same placement for every VMM, not the scheduler's: its vCPU thread on the last
+        /// CPU (`vcpu-last`, the default) or CPU 0 (`vcpu-first`), its other threads (where
+        /// its disk I/O runs) and fio on the other.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "vcpu-last")]
+        pin: Option<bench_probe::Pin>,
     },
     /// virtio-net packet rate and TSO throughput, tern vs QEMU on the probe guest (needs root).
     BenchNet {
@@ -111,10 +116,11 @@ enum Cmd {
         /// Interleaved boots per VMM and transport.
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Every VMM's vCPU thread on the last CPU, its other threads and the host peer on
-        /// CPU 0: the same placement for all, not the scheduler's.
-        #[arg(long)]
-        pin: bool,
+        /// The same placement for every VMM, not the scheduler's: its vCPU thread on the last
+        /// CPU (`vcpu-last`, the default) or CPU 0 (`vcpu-first`), its other threads and the
+        /// host peer on the other.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "vcpu-last")]
+        pin: Option<bench_probe::Pin>,
     },
     /// Control-API latency (GET /v1/vm, pause+resume) and tern's CPU use serving it.
     BenchApi {
@@ -383,12 +389,17 @@ fn run(command: Cmd) -> Result<()> {
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
             bench_probe::run(&terns, &peers, &probe, &qemu, runs)
         }
-        Cmd::BenchBlk { terns, peers, runs } => {
+        Cmd::BenchBlk {
+            terns,
+            peers,
+            runs,
+            pin,
+        } => {
             let terns = terns.terns()?;
             let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_blk::run(&terns, &peers, &probe, &qemu, runs)
+            bench_blk::run(&terns, &peers, &probe, &qemu, runs, pin)
         }
         Cmd::BenchNet {
             terns,
