@@ -319,18 +319,21 @@ fn sample_memory(pid: i32, guest_mem: u64) -> Result<MemSample> {
     Ok(sample)
 }
 
-/// Splits smaps Rss into guest RAM (mappings with Size >= `guest_mem`) and the rest.
+/// Splits smaps Rss into guest RAM (mappings with Size >= `guest_mem`) and the rest, and the
+/// rest by kind of mapping ([`MemSample::parts`]).
 pub fn smaps_split(smaps: &str, guest_mem: u64) -> MemSample {
     let mut sample = MemSample::default();
-    let mut size_kib = 0u64;
-    let mut rss_kib = 0u64;
-    let mut in_mapping = false;
-    let flush = |size: u64, rss: u64, sample: &mut MemSample| {
+    let mut parts = std::collections::BTreeMap::<String, u64>::new();
+    // The mapping being read: its kind, Size and Rss.
+    let mut mapping: Option<(String, u64, u64)> = None;
+    let mut flush = |m: Option<(String, u64, u64)>, sample: &mut MemSample| {
+        let Some((kind, size, rss)) = m else { return };
         if guest_mem > 0 && size * 1024 >= guest_mem {
             sample.guest_rss_kib += rss;
             sample.guest_mappings += 1;
         } else {
             sample.vmm_rss_kib += rss;
+            *parts.entry(kind).or_default() += rss;
         }
     };
     for line in smaps.lines() {
@@ -338,24 +341,26 @@ pub fn smaps_split(smaps: &str, guest_mem: u64) -> MemSample {
         let Some(first) = fields.next() else { continue };
         if first.ends_with(':') {
             let value: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            match first {
-                "Size:" => size_kib = value,
-                "Rss:" => rss_kib = value,
-                _ => {}
+            if let Some((_, size, rss)) = mapping.as_mut() {
+                match first {
+                    "Size:" => *size = value,
+                    "Rss:" => *rss = value,
+                    _ => {}
+                }
             }
         } else if first.contains('-') && first.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
             // A mapping header: "start-end perms offset dev inode [path]".
-            if in_mapping {
-                flush(size_kib, rss_kib, &mut sample);
-            }
-            in_mapping = true;
-            size_kib = 0;
-            rss_kib = 0;
+            flush(mapping.take(), &mut sample);
+            let perms = fields.next().unwrap_or("");
+            let path = fields.nth(3).unwrap_or("anon");
+            let name = path.rsplit('/').next().unwrap_or(path);
+            mapping = Some((format!("{name} {perms}"), 0, 0));
         }
     }
-    if in_mapping {
-        flush(size_kib, rss_kib, &mut sample);
-    }
+    flush(mapping, &mut sample);
+    let mut parts: Vec<(String, u64)> = parts.into_iter().filter(|p| p.1 > 0).collect();
+    parts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    sample.parts = parts;
     sample
 }
 
@@ -390,5 +395,12 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(s.vmm_rss_kib, 864);
         assert_eq!(s.guest_rss_kib, 100_000);
         assert_eq!(s.guest_mappings, 1);
+        assert_eq!(
+            s.parts,
+            [
+                ("qemu-system-x86_64 r-xp".to_string(), 800),
+                ("[heap] rw-p".to_string(), 64)
+            ]
+        );
     }
 }

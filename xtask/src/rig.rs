@@ -8,7 +8,7 @@ use crate::debian;
 use crate::images::{self, l1, Images};
 use crate::l0_watch::{self, Stall};
 use crate::scenarios::{self, KernelForm, Scenario, Vmm};
-use crate::spec::{AgentSpec, RunResult, RunSpec, FRAME};
+use crate::spec::{AgentSpec, MemSample, RunResult, RunSpec, FRAME};
 use crate::util::{build_dir, human_bytes};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
@@ -426,6 +426,34 @@ pub fn bench(
     }
     if !peers.is_empty() {
         println!("(Firecracker's guest ends with a reboot, the others' with a power-off)");
+    }
+    println!("RSS excl. guest RAM by mapping, KiB, in each VMM's passing run nearest its median:");
+    for (s, st) in set.iter().zip(&stats) {
+        let Some(median_rss) = st.rows[2] else {
+            continue;
+        };
+        let prefix = format!("{}#", s.name);
+        let off = |m: &MemSample| (m.vmm_rss_kib as f64 - median_rss).abs();
+        let Some(mem) = results
+            .iter()
+            .filter(|r| r.name.starts_with(&prefix) && r.pass)
+            .filter_map(|r| r.mem.as_ref())
+            .min_by(|a, b| off(a).total_cmp(&off(b)))
+        else {
+            continue;
+        };
+        let parts: Vec<String> = mem
+            .parts
+            .iter()
+            .take(8)
+            .map(|(kind, kib)| format!("{kind} {kib}"))
+            .collect();
+        println!(
+            "  {:<10} {}: {}",
+            st.name,
+            mem.vmm_rss_kib,
+            parts.join(", ")
+        );
     }
     if let Some(s) = stats.iter().find(|s| s.passed == 0) {
         bail!("no passing {} runs: no ratio", s.name);

@@ -88,6 +88,10 @@ pub struct MemSample {
     pub guest_mappings: u32,
     /// `VmHWM` from `/proc/PID/status` (peak Rss, guest RAM included).
     pub hwm_kib: u64,
+    /// `vmm_rss_kib` by kind of mapping, largest first: a file's name or `[heap]`, `[stack]`,
+    /// `anon`…, with the mapping's permissions (`r-xp` is code).
+    #[serde(default)]
+    pub parts: Vec<(String, u64)>,
 }
 
 /// The agent's report for one run.
