@@ -98,7 +98,13 @@ pub(crate) struct Ctx {
     pub name: &'static str,
     /// Most bytes a chain may describe ([`MAX_CHAIN_BYTES`] unless the device needs more).
     pub max_chain: u64,
+    /// Buffer lists of requests handed back by [`recycle`](Self::recycle), emptied, for the
+    /// next chains popped: a device that recycles pops without allocating.
+    spare: Vec<Vec<Buf>>,
 }
+
+/// Most buffer lists a [`Ctx`] keeps for reuse (a queue's worth of chains in flight).
+const SPARE_MAX: usize = 256;
 
 impl Ctx {
     /// A worker's context over the VM's memory `space`, starting from its current view.
@@ -118,6 +124,16 @@ impl Ctx {
             broken,
             name,
             max_chain,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Takes back a request the device has finished with, to reuse its buffer list.
+    pub fn recycle(&mut self, req: Request) {
+        if self.spare.len() < SPARE_MAX {
+            let mut bufs = req.bufs;
+            bufs.clear();
+            self.spare.push(bufs);
         }
     }
 
@@ -171,19 +187,22 @@ impl Ctx {
             return Ok(None);
         };
         let head = chain.head_index();
-        match self.validate(chain) {
+        let bufs = self.spare.pop().unwrap_or_default();
+        match self.validate(chain, bufs) {
             Ok(r) => Ok(Some(Ok(r))),
             Err(e) if head < size => Ok(Some(Err((head, e)))),
             Err(e) => Err(e),
         }
     }
 
+    /// Checks a chain's descriptors (order, total length, each in guest memory) into `bufs`
+    /// (empty), marking the device-writable ones dirty in the VM's log.
     fn validate(
         &self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mut bufs: Vec<Buf>,
     ) -> Result<Request, Malformed> {
         let head = chain.head_index();
-        let mut bufs = Vec::new();
         let mut total = 0u64;
         // The chain iterator stops quietly at a loop (after queue-size descriptors), at an index
         // outside the table or at an unreadable descriptor; a last descriptor that still says

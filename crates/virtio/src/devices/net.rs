@@ -294,6 +294,7 @@ impl VirtioDevice for Net {
                 pending: None,
                 rx_notify: None,
                 buf: vec![0u8; MAX_FRAME],
+                rx_chains: Vec::new(),
                 mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
                 acked,
                 mtu: usize::from(self.opts.mtu),
@@ -401,6 +402,8 @@ struct PairWorker {
     /// [`Self::rx_chain`]).
     rx_notify: Option<bool>,
     buf: Vec<u8>,
+    /// The receive chains of the frame being delivered (kept to reuse its allocation).
+    rx_chains: Vec<Request>,
     mrg_rxbuf: bool,
     acked: u64,
     mtu: usize,
@@ -543,6 +546,7 @@ impl PairWorker {
                     Ok(false) => {
                         // Throttled: the chain goes back; the timer brings us here again.
                         self.tx.go_to_previous_position();
+                        self.ctx.recycle(req);
                         return Ok(());
                     }
                     Err(()) => {
@@ -551,6 +555,7 @@ impl PairWorker {
                 }
                 self.ctx
                     .add_used(&mut self.tx, 2 * self.pair + 1, req.head, 0)?;
+                self.ctx.recycle(req);
                 *used = true;
             }
             let more = self
@@ -604,25 +609,46 @@ impl PairWorker {
         if !self.admit(TX, frame as u64) {
             return Ok(false);
         }
-        let mut iov = Vec::with_capacity(req.bufs.len());
+        // The iovecs: on the stack for the few buffers a frame usually has.
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut few = [empty; 8];
+        let mut many = Vec::new();
+        let mut n = 0;
         for b in req.bufs.iter().filter(|b| b.len > 0) {
             let s = self
                 .ctx
                 .mem
                 .get_slice(b.addr, b.len as usize)
                 .map_err(|_| ())?;
-            iov.push(libc::iovec {
+            let v = libc::iovec {
                 iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
                 iov_len: b.len as usize,
-            });
+            };
+            if n < few.len() {
+                few[n] = v;
+            } else {
+                if many.is_empty() {
+                    many.extend_from_slice(&few);
+                }
+                many.push(v);
+            }
+            n += 1;
         }
+        let iov = if many.is_empty() {
+            &few[..n]
+        } else {
+            &many[..]
+        };
         let Some(tap) = &self.tap else {
             return Err(());
         };
         // SAFETY: every iovec was checked to lie inside guest memory, which `self.ctx.mem`
         // keeps mapped (regions are never dropped from a `VmMemory`); the kernel only reads
         // from it.
-        match unsafe { tap.writev(&iov) } {
+        match unsafe { tap.writev(iov) } {
             Ok(_) => {
                 self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
                 self.counters
@@ -690,12 +716,27 @@ impl PairWorker {
 
     /// Copies the frame in `buf[..len]` into receive chains; false if there were not enough.
     fn deliver(&mut self, len: usize, used: &mut bool) -> Result<bool, Malformed> {
+        let mut chains = std::mem::take(&mut self.rx_chains);
+        let res = self.fill(len, used, &mut chains);
+        for req in chains.drain(..) {
+            self.ctx.recycle(req);
+        }
+        self.rx_chains = chains;
+        res
+    }
+
+    /// [`deliver`](Self::deliver)'s work, taking chains into `chains`.
+    fn fill(
+        &mut self,
+        len: usize,
+        used: &mut bool,
+        chains: &mut Vec<Request>,
+    ) -> Result<bool, Malformed> {
         let index = 2 * self.pair;
-        let mut chains: Vec<Request> = Vec::new();
         let mut room = 0usize;
         while room < len {
             let Some(chain) = self.rx_chain()? else {
-                for _ in &chains {
+                for _ in chains.iter() {
                     self.rx.go_to_previous_position();
                 }
                 return Ok(false);
@@ -710,6 +751,7 @@ impl PairWorker {
                 }
                 Ok(req) => {
                     self.rx_bad_chain(req.head)?;
+                    self.ctx.recycle(req);
                     *used = true;
                 }
                 Err((head, e)) => {
@@ -729,7 +771,7 @@ impl PairWorker {
         let n = chains.len() as u16;
         self.buf[10..12].copy_from_slice(&n.to_le_bytes());
         let mut off = 0;
-        for req in &chains {
+        for req in chains.iter() {
             let wrote = self.ctx.write_bufs(req, &self.buf[off..len])?;
             off += wrote;
             self.ctx
@@ -1132,6 +1174,36 @@ mod tests {
         assert_eq!(&got[12..1512], &inb[..]);
         assert_eq!(r.counters.rx_frames.load(Ordering::Relaxed), 1);
         assert_eq!(r.counters.tx_frames.load(Ordering::Relaxed), 1);
+    }
+
+    /// A frame in many buffers (more than the few the device gathers on its stack) goes out
+    /// whole and in order, and so does a frame in few after it.
+    #[test]
+    fn a_frame_in_many_buffers_goes_out_whole() {
+        let Some(mut r) = rig("ternt7", 1500) else {
+            return;
+        };
+        let out = frame(1200, 7);
+        let mut bytes = vec![0u8; 12];
+        bytes.extend_from_slice(&out);
+        r.d.mem.write_slice(&bytes, GuestAddress(TXBUF)).unwrap();
+        // The header, then the frame in 100-byte pieces: 13 buffers.
+        let mut bufs = vec![(TXBUF, 12, false)];
+        let mut off = 12u64;
+        while off < bytes.len() as u64 {
+            let len = (bytes.len() as u64 - off).min(100);
+            bufs.push((TXBUF + off, len as u32, false));
+            off += len;
+        }
+        assert!(bufs.len() > 8);
+        r.tx.add_chain(&r.d.mem, &bufs);
+        r.d.notify(1);
+        assert_eq!(r.wire.recv().as_deref(), Some(&out[..]));
+        let next = frame(300, 8);
+        r.transmit([0; 12], &next);
+        assert_eq!(r.wire.recv().as_deref(), Some(&next[..]));
+        assert_eq!(r.counters.tx_frames.load(Ordering::Relaxed), 2);
+        assert_eq!(r.counters.tx_dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]
