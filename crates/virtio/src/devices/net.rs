@@ -616,6 +616,12 @@ impl PairWorker {
         };
         let mut few = [empty; 8];
         let mut many = Vec::new();
+        let iov: &mut [libc::iovec] = if req.bufs.len() <= few.len() {
+            &mut few
+        } else {
+            many.resize(req.bufs.len(), empty);
+            &mut many
+        };
         let mut n = 0;
         for b in req.bufs.iter().filter(|b| b.len > 0) {
             let s = self
@@ -623,25 +629,13 @@ impl PairWorker {
                 .mem
                 .get_slice(b.addr, b.len as usize)
                 .map_err(|_| ())?;
-            let v = libc::iovec {
+            iov[n] = libc::iovec {
                 iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
                 iov_len: b.len as usize,
             };
-            if n < few.len() {
-                few[n] = v;
-            } else {
-                if many.is_empty() {
-                    many.extend_from_slice(&few);
-                }
-                many.push(v);
-            }
             n += 1;
         }
-        let iov = if many.is_empty() {
-            &few[..n]
-        } else {
-            &many[..]
-        };
+        let iov = &iov[..n];
         let Some(tap) = &self.tap else {
             return Err(());
         };
