@@ -105,6 +105,9 @@ pub(crate) struct Ctx {
 
 /// Most buffer lists a [`Ctx`] keeps for reuse (a queue's worth of chains in flight).
 const SPARE_MAX: usize = 256;
+/// Longest buffer list kept for reuse: a guest's long chains must not make the worker hold on
+/// to their memory (at most `SPARE_MAX` × 16 buffers are kept, 64 KiB).
+const SPARE_BUFS: usize = 16;
 
 impl Ctx {
     /// A worker's context over the VM's memory `space`, starting from its current view.
@@ -130,7 +133,7 @@ impl Ctx {
 
     /// Takes back a request the device has finished with, to reuse its buffer list.
     pub fn recycle(&mut self, req: Request) {
-        if self.spare.len() < SPARE_MAX {
+        if self.spare.len() < SPARE_MAX && req.bufs.capacity() <= SPARE_BUFS {
             let mut bufs = req.bufs;
             bufs.clear();
             self.spare.push(bufs);
@@ -673,6 +676,32 @@ mod tests {
 
     use super::*;
     use crate::testing::*;
+
+    #[test]
+    fn recycled_buffer_lists_are_reused_up_to_a_bound() {
+        let (mut ctx, _, mut vq, mut q) = rig();
+        let req = |n: usize| Request {
+            head: 0,
+            bufs: Vec::with_capacity(n),
+        };
+        ctx.recycle(req(4));
+        ctx.recycle(req(SPARE_BUFS + 1));
+        assert_eq!(ctx.spare.len(), 1, "a long list is not kept");
+        let before = ctx.spare[0].as_ptr();
+        vq.add_chain(&ctx.mem, &[(BUFS, 16, false)]);
+        let r = ctx.pop(&mut q, 0).unwrap().unwrap();
+        assert_eq!(r.bufs.len(), 1);
+        assert_eq!(
+            r.bufs.as_ptr(),
+            before,
+            "the kept list is the one popped into"
+        );
+        assert!(ctx.spare.is_empty());
+        for _ in 0..SPARE_MAX + 1 {
+            ctx.recycle(req(1));
+        }
+        assert_eq!(ctx.spare.len(), SPARE_MAX);
+    }
 
     #[test]
     fn the_polling_window_grows_with_dense_events_and_closes_when_idle() {
