@@ -13,9 +13,10 @@
 //!
 //! `--pin` gives every VMM the same placement on the host's CPUs: its vCPU thread on the last
 //! CPU, its other threads and the host peer on CPU 0 (`--pin vcpu-first`: the other way round;
-//! QEMU gets `-name …,debug-threads=on` so that its vCPU thread has a name to find). Unpinned, the host's scheduler places the three
-//! busy threads of a test (vCPU, device, peer) as it likes, and on a 2-CPU host where it puts
-//! them decides the TSO rows (docs/benchmarks.md).
+//! QEMU gets `-name …,debug-threads=on` so that its vCPU thread has a name to find).
+//! Unpinned, the host's scheduler places the three busy threads of a test (vCPU, device, peer)
+//! as it likes, and on a 2-CPU host where it puts them decides the TSO rows
+//! (docs/benchmarks.md).
 //!
 //! `--baseline PATH` and/or `--baseline-args "ARGS"` add a baseline tern to the same boots
 //! (bench_terns.rs), with `baseline` and `tern/baseline` columns. `--firecracker PATH` (its

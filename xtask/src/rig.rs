@@ -342,10 +342,12 @@ pub fn bench(
     }
     let results = run_planned(opts, planned, false)?.results;
     /// Medians of one VMM's passing runs: time to init, to exit, RSS, guest uptime (ms, KiB).
-    struct Stats {
+    /// `mem`: the memory sample of the passing run whose RSS is nearest the median.
+    struct Stats<'a> {
         name: &'static str,
         rows: [Option<f64>; 4],
         passed: usize,
+        mem: Option<&'a MemSample>,
     }
     let stats: Vec<Stats> = set
         .iter()
@@ -358,12 +360,14 @@ pub fn bench(
             let med = |f: &dyn Fn(&RunResult) -> Option<f64>| {
                 median(ok.iter().filter_map(|r| f(r)).collect())
             };
+            let rss = med(&|r| r.mem.as_ref().map(|m| m.vmm_rss_kib as f64));
+            let off = |m: &MemSample| (m.vmm_rss_kib as f64 - rss.unwrap_or(0.0)).abs();
             Stats {
                 name: s.name.trim_start_matches("bench-"),
                 rows: [
                     med(&|r| r.marker_ms.map(|v| v as f64)),
                     med(&|r| r.exit_ms.map(|v| v as f64)),
-                    med(&|r| r.mem.as_ref().map(|m| m.vmm_rss_kib as f64)),
+                    rss,
                     med(&|r| {
                         r.guest_facts
                             .get("UPTIME")
@@ -372,6 +376,10 @@ pub fn bench(
                     }),
                 ],
                 passed: ok.len(),
+                mem: ok
+                    .iter()
+                    .filter_map(|r| r.mem.as_ref())
+                    .min_by(|a, b| off(a).total_cmp(&off(b))),
             }
         })
         .collect();
@@ -428,18 +436,8 @@ pub fn bench(
         println!("(Firecracker's guest ends with a reboot, the others' with a power-off)");
     }
     println!("RSS excl. guest RAM by mapping, KiB, in each VMM's passing run nearest its median:");
-    for (s, st) in set.iter().zip(&stats) {
-        let Some(median_rss) = st.rows[2] else {
-            continue;
-        };
-        let prefix = format!("{}#", s.name);
-        let off = |m: &MemSample| (m.vmm_rss_kib as f64 - median_rss).abs();
-        let Some(mem) = results
-            .iter()
-            .filter(|r| r.name.starts_with(&prefix) && r.pass)
-            .filter_map(|r| r.mem.as_ref())
-            .min_by(|a, b| off(a).total_cmp(&off(b)))
-        else {
+    for st in &stats {
+        let Some(mem) = st.mem else {
             continue;
         };
         let parts: Vec<String> = mem
