@@ -35,19 +35,47 @@ use crate::bench_terns::{baseline_cells, baseline_heads, describe, run_terns, Te
 /// Milliseconds each `vnetbench` test runs per boot.
 const TEST_MS: u64 = 2000;
 
-/// `vnetbench`'s results, and the rows they make.
-const ROWS: [(&str, &str); 4] = [
-    ("tx_pps", "tx 64 B frames, pps"),
-    ("rx_pps", "rx 64 B frames, pps"),
-    ("tso_tx_mbps", "TSO tx, MB/s"),
-    ("tso_rx_mbps", "TSO rx, MB/s"),
+/// `vnetbench`'s tests (`probe.vnet_bench`), their results and the rows they make.
+const ROWS: [(&str, &str, &str); 4] = [
+    ("tx", "tx_pps", "tx 64 B frames, pps"),
+    ("rx", "rx_pps", "rx 64 B frames, pps"),
+    ("tso", "tso_tx_mbps", "TSO tx, MB/s"),
+    ("tso_rx", "tso_rx_mbps", "TSO rx, MB/s"),
 ];
+
+/// The names of `vnetbench`'s tests, for `--tests`.
+pub const TESTS: [&str; 4] = [ROWS[0].0, ROWS[1].0, ROWS[2].0, ROWS[3].0];
+
+/// Which rows to measure: `vnetbench` tests (a subset of [`TESTS`]) on which transports.
+pub struct Select {
+    pub tests: Vec<String>,
+    pub transports: Vec<String>,
+}
+
+impl Select {
+    /// The guest's command line for the selected tests (all four when none is named).
+    fn cmdline(&self) -> String {
+        let mut c = format!("probe.run=vnetbench probe.vnet_ms={TEST_MS}");
+        if !self.tests.is_empty() {
+            c += &format!(" probe.vnet_bench={}", self.tests.join(","));
+        }
+        c
+    }
+
+    /// The rows of the selected tests, in `ROWS` order.
+    fn rows(&self) -> Vec<(&'static str, &'static str)> {
+        ROWS.iter()
+            .filter(|r| self.tests.is_empty() || self.tests.iter().any(|t| t == r.0))
+            .map(|r| (r.1, r.2))
+            .collect()
+    }
+}
 
 fn cmdline(extra: &str) -> String {
     format!("probe.run=vnetbench probe.vnet_ms={TEST_MS} {extra}")
 }
 
-fn tern_args(probe: &str, transport: &str, net_opts: &str, cmd_extra: &str) -> Vec<String> {
+fn tern_args(probe: &str, transport: &str, net_opts: &str, cmdline: String) -> Vec<String> {
     let mut a: Vec<String> = [
         "run",
         "--kernel",
@@ -65,13 +93,13 @@ fn tern_args(probe: &str, transport: &str, net_opts: &str, cmd_extra: &str) -> V
     .map(|s| s.to_string())
     .collect();
     a.push("--cmdline".into());
-    a.push(cmdline(cmd_extra));
+    a.push(cmdline);
     a.push("--net".into());
     a.push(format!("tap=tap0{net_opts}"));
     a
 }
 
-fn qemu_args(probe: &str, transport: &str, pinned: bool) -> Vec<String> {
+fn qemu_args(probe: &str, transport: &str, cmdline: String, pinned: bool) -> Vec<String> {
     let (machine, device): (&str, &[&str]) = if transport == "mmio" {
         (
             "microvm,acpi=off",
@@ -116,7 +144,7 @@ fn qemu_args(probe: &str, transport: &str, pinned: bool) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     a.push("-append".into());
-    a.push(cmdline(""));
+    a.push(cmdline);
     if pinned {
         a.extend(["-name".into(), "bench,debug-threads=on".into()]);
     }
@@ -151,6 +179,7 @@ pub fn run(
     qemu: &Path,
     runs: usize,
     pin: Option<Pin>,
+    select: &Select,
 ) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
@@ -160,7 +189,8 @@ pub fn run(
     let pinned = placement(pin)?;
     let vcpu_cpu = pinned.as_ref().map(|p| p.0);
     let p = probe.display().to_string();
-    let keys: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
+    let rows = select.rows();
+    let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
     println!(
         "virtio-net, probe guest (vnetbench, {TEST_MS} ms per test) on the host /dev/kvm, 1 vCPU, \
          TAP in a fresh network namespace per boot with the host peer; tern vs QEMU (vhost=off), \
@@ -185,24 +215,27 @@ pub fn run(
         bench_peers::heads(peers, 10)
     );
     for transport in ["mmio", "pci"] {
+        if !select.transports.is_empty() && !select.transports.iter().any(|t| t == transport) {
+            continue;
+        }
         // t[run][variant]
         let mut t: Vec<Vec<Sample>> = Vec::new();
         let mut q: Vec<Sample> = Vec::new();
         // pe[peer] = that peer's samples (none off its transport).
         let mut pe: Vec<Vec<Sample>> = peers.iter().map(|_| Vec::new()).collect();
-        let guest_cmdline = cmdline("");
+        let guest_cmdline = select.cmdline();
         for run in 0..runs {
             t.push(run_terns(terns, run, |v| {
                 boot(
                     &v.program,
-                    &v.args(&tern_args(&p, transport, "", "")),
+                    &v.args(&tern_args(&p, transport, "", select.cmdline())),
                     &keys,
                     vcpu_cpu,
                 )
             })?);
             q.push(boot(
                 qemu,
-                &qemu_args(&p, transport, pin.is_some()),
+                &qemu_args(&p, transport, select.cmdline(), pin.is_some()),
                 &keys,
                 vcpu_cpu,
             )?);
@@ -224,7 +257,7 @@ pub fn run(
                 pe[i].push(boot(&peer.program, &args, &[], vcpu_cpu)?);
             }
         }
-        for (key, name) in ROWS {
+        for &(key, name) in &rows {
             let tern_median = |i: usize| median(t.iter().map(|x| field(&x[i], key)).collect());
             let tm = tern_median(0);
             let qm = median(q.iter().map(|x| field(x, key)).collect());
@@ -240,12 +273,17 @@ pub fn run(
     }
     // Rate limiter: configured vs achieved on virtio-pci, one test per limit. tso_tx_mbps
     // counts TCP payload only (65160 of each 65214-byte frame), MB = 10^6 bytes; 50M = 50 MiB/s.
+    // Only with the whole benchmark: a selection measures its rows alone.
+    if !select.tests.is_empty() || !select.transports.is_empty() {
+        return Ok(());
+    }
     println!("\nrate limiter (tern, virtio-pci, {TEST_MS} ms per test):");
     for (limit, test, key, cfg) in [
         (",tx_ops=20000", "tx", "tx_pps", 20000.0),
         (",tx_bw=50M", "tso", "tso_tx_mbps", 50.0 * 1048576.0 / 1e6),
     ] {
-        let args = tern_args(&p, "pci", limit, &format!("probe.vnet_bench={test}"));
+        let extra = format!("probe.vnet_bench={test}");
+        let args = tern_args(&p, "pci", limit, cmdline(&extra));
         let x = boot(&terns[0].program, &args, &[key], vcpu_cpu)?;
         let got = field(&x, key);
         println!(

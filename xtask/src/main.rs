@@ -121,6 +121,12 @@ enum Cmd {
         /// host peer on the other.
         #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "vcpu-last")]
         pin: Option<bench_probe::Pin>,
+        /// Only these tests (comma-separated), and no rate-limiter rows [default: all].
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench_net::TESTS))]
+        tests: Vec<String>,
+        /// Only this transport (`mmio` or `pci`), and no rate-limiter rows [default: both].
+        #[arg(long, value_parser = ["mmio", "pci"])]
+        transport: Option<String>,
     },
     /// Control-API latency (GET /v1/vm, pause+resume) and tern's CPU use serving it.
     BenchApi {
@@ -406,12 +412,18 @@ fn run(command: Cmd) -> Result<()> {
             peers,
             runs,
             pin,
+            tests,
+            transport,
         } => {
             let terns = terns.terns()?;
             let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            bench_net::run(&terns, &peers, &probe, &qemu, runs, pin)
+            let select = bench_net::Select {
+                tests,
+                transports: transport.into_iter().collect(),
+            };
+            bench_net::run(&terns, &peers, &probe, &qemu, runs, pin, &select)
         }
         Cmd::BenchApi { tern } => {
             let tern = match tern {
