@@ -86,9 +86,8 @@ fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
 ///
 /// KVM creates a PIT that delivers late ticks, with acknowledgement notifiers for them; their
 /// removal, here or when the VM is destroyed, waits for two SRCU grace periods (12-18 ms on
-/// this host). [`build_on`] therefore calls this last on its memory-registration thread, after
-/// telling the build it may run the VM: neither the start nor the exit of a directly booted VM
-/// waits for it.
+/// this host). [`build_on`] therefore calls this on a thread of its own, beside the guest's
+/// boot, and neither the start nor the exit of a directly booted VM waits for it.
 fn drop_late_ticks(vm: &VmFd) -> Result<(), VmmError> {
     vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
     let control = kvm_bindings::kvm_reinject_control {
@@ -286,21 +285,19 @@ pub fn build_on(
     // Guest memory is registered (0.45 ms per GiB here), then the irqchip and PIT are made
     // (see `VmShell`; the PIT also starts a kernel thread), on a thread of their own while
     // this one opens the devices. The devices wait for the irqchip only when they attach
-    // their interrupts; the VM runs only after the thread said it is done with all three.
-    // For a directly booted VM it then goes on to set the PIT's lost-tick policy, beside the
-    // guest's boot ([`drop_late_ticks`]), and ends unjoined: it holds the VM's descriptor
-    // until then, so the VM outlives it.
+    // their interrupts; the thread is joined before the VM can run.
     let slots = crate::memory::slots(&mem, config.track_dirty_pages);
     let vm_for_slots = vm.clone();
     // Lost PIT ticks are delivered late only to a firmware's guest, which may count them.
-    let late_ticks = firmware.is_some();
+    let reinject_ticks = firmware.is_some();
     let (irqchip_made, irqchip) = std::sync::mpsc::sync_channel::<()>(1);
-    let (done_tx, done) = std::sync::mpsc::sync_channel::<Result<(), VmmError>>(1);
-    spawn(Role::Vmm, "tern-memslots", move || {
-        let made = (|| {
-            // SAFETY: each slot is a live mapping owned by `mem`, which `build` keeps until
-            // this thread says it is done, and which the returned `Vm` then keeps for as long
-            // as the VM fd exists.
+    let register_memory = spawn(
+        Role::Vmm,
+        "tern-memslots",
+        move || -> Result<(), VmmError> {
+            // SAFETY: each slot is a live mapping owned by `mem`, which `build` keeps until this
+            // thread is joined, and which the returned `Vm` then keeps for as long as the VM fd
+            // exists.
             unsafe { crate::memory::register(&vm_for_slots, slots) }?;
             vm_for_slots
                 .create_irq_chip()
@@ -308,19 +305,25 @@ pub fn build_on(
             // The devices may attach their interrupts from here on (a build that failed early
             // no longer listens).
             let _ = irqchip_made.send(());
-            create_pit(&vm_for_slots)
-        })();
-        let pit = made.is_ok();
-        let _ = done_tx.send(made);
-        if pit && !late_ticks {
-            if let Err(e) = drop_late_ticks(&vm_for_slots) {
-                tracing::warn!("{e}; the PIT delivers lost ticks late");
+            create_pit(&vm_for_slots)?;
+            if !reinject_ticks {
+                // Not joined: it holds the VM's descriptor until done, so the VM outlives it.
+                let vm = vm_for_slots.clone();
+                let policy = spawn(Role::Vmm, "tern-pit", move || {
+                    if let Err(e) = drop_late_ticks(&vm) {
+                        tracing::warn!("{e}; the PIT delivers lost ticks late");
+                    }
+                });
+                if let Err(e) = policy {
+                    tracing::warn!("cannot start a thread ({e}); the PIT delivers lost ticks late");
+                }
             }
-        }
-    })
+            Ok(())
+        },
+    )
     .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
-    // `mem` (and so the mapping) stays alive here until the thread is done with it, whether
-    // or not the rest of the build succeeds; clones share the same mapping.
+    // `mem` (and so the mapping) stays alive here until the thread is joined, whether or not
+    // the rest of the build succeeds; clones share the same mapping.
     let parts = Parts {
         kvm,
         vm,
@@ -334,8 +337,8 @@ pub fn build_on(
         irqchip,
     };
     let result = build_rest(config, start, parts, origin != Origin::Migration);
-    let registered = done
-        .recv()
+    let registered = register_memory
+        .join()
         .unwrap_or_else(|_| Err(VmmError::Setup("guest memory registration panicked".into())));
     drop(mem);
     // A failed registration or irqchip is the cause when both failed (the build then only
