@@ -52,7 +52,6 @@ impl VmShell {
             (Cap::Ioeventfd, "ioeventfd"),
             (Cap::Irqfd, "irqfd"),
             (Cap::Pit2, "PIT2"),
-            (Cap::ReinjectControl, "PIT reinjection control"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(VmmError::Kvm(format!("KVM lacks {name} support")));
@@ -71,37 +70,12 @@ impl VmShell {
 /// output from KVM's PIT state: a guest polling it then leaves to user space on every read, as
 /// under QEMU (in the nested rig, a guest spinning on an in-kernel port 0x61 with interrupts
 /// off froze the emulated L1).
-///
-/// Without `reinject`, ticks the guest has not taken by the next one are dropped rather than
-/// delivered later (QEMU's `lost_tick_policy=discard`): only a guest that keeps time by
-/// counting the PIT's interrupts needs them delivered, and a directly booted Linux keeps time
-/// by its clock source and does not run the PIT at all when the TSC-deadline timer is there.
-/// KVM then also keeps no acknowledgement notifiers for it, whose removal when the VM is
-/// destroyed waits for two grace periods: 12-16 ms of every exit on this host, against 0.5 ms
-/// without them.
-fn create_pit(vm: &VmFd, reinject: bool) -> Result<(), VmmError> {
+fn create_pit(vm: &VmFd) -> Result<(), VmmError> {
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-    if reinject {
-        return Ok(());
-    }
-    vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
-    let control = kvm_bindings::kvm_reinject_control {
-        pit_reinject: 0,
-        ..Default::default()
-    };
-    // SAFETY: KVM_REINJECT_CONTROL reads a `kvm_reinject_control`, which `control` is, from
-    // the pointer it is given and keeps nothing.
-    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_REINJECT_CONTROL(), &control) };
-    if r < 0 {
-        return Err(kvm_err("set the PIT's lost-tick policy")(
-            kvm_ioctls::Error::last(),
-        ));
-    }
-    Ok(())
+    vm.create_pit2(pit).map_err(kvm_err("create PIT"))
 }
 
 /// The kernel a configuration boots.
@@ -287,8 +261,6 @@ pub fn build_on(
     // their interrupts; the thread is joined before the VM can run.
     let slots = crate::memory::slots(&mem, config.track_dirty_pages);
     let vm_for_slots = vm.clone();
-    // Lost PIT ticks are delivered late only to a firmware's guest, which may count them.
-    let reinject_ticks = firmware.is_some();
     let (irqchip_made, irqchip) = std::sync::mpsc::sync_channel::<()>(1);
     let register_memory = spawn(
         Role::Vmm,
@@ -304,7 +276,7 @@ pub fn build_on(
             // The devices may attach their interrupts from here on (a build that failed early
             // no longer listens).
             let _ = irqchip_made.send(());
-            create_pit(&vm_for_slots, reinject_ticks)
+            create_pit(&vm_for_slots)
         },
     )
     .map_err(|e| VmmError::Setup(format!("cannot start a thread: {e}")))?;
@@ -516,25 +488,4 @@ fn build_rest(
         last_snapshot: Mutex::new(None),
         firmware_rom: rom,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::create_pit;
-
-    /// Both kinds of PIT are made on a real VM (a wrong ioctl for the lost-tick policy fails
-    /// here, as it would fail every directly booted VM).
-    #[test]
-    fn the_pit_is_made_with_and_without_late_ticks() {
-        let test = "the_pit_is_made_with_and_without_late_ticks";
-        let Some(kvm) = crate::component_tests::kvm_or_skip(test) else {
-            return;
-        };
-        for reinject in [true, false] {
-            let vm = kvm.create_vm().unwrap();
-            vm.create_irq_chip().unwrap();
-            create_pit(&vm, reinject)
-                .unwrap_or_else(|e| panic!("PIT with reinject={reinject}: {e}"));
-        }
-    }
 }
