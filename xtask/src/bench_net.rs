@@ -46,20 +46,25 @@ const ROWS: [(&str, &str, &str); 4] = [
 /// The names of `vnetbench`'s tests, for `--tests`.
 pub const TESTS: [&str; 4] = [ROWS[0].0, ROWS[1].0, ROWS[2].0, ROWS[3].0];
 
-/// Which rows to measure: `vnetbench` tests (a subset of [`TESTS`]) on which transports.
+/// Which rows to measure: `vnetbench` tests (a subset of [`TESTS`], all when empty) on one
+/// transport or both.
 pub struct Select {
     pub tests: Vec<String>,
-    pub transports: Vec<String>,
+    pub transport: Option<String>,
 }
 
 impl Select {
-    /// The guest's command line for the selected tests (all four when none is named).
+    /// Whether this is the whole benchmark (no test or transport named).
+    fn whole(&self) -> bool {
+        self.tests.is_empty() && self.transport.is_none()
+    }
+
+    /// The guest's command line for the selected tests.
     fn cmdline(&self) -> String {
-        let mut c = format!("probe.run=vnetbench probe.vnet_ms={TEST_MS}");
-        if !self.tests.is_empty() {
-            c += &format!(" probe.vnet_bench={}", self.tests.join(","));
+        if self.tests.is_empty() {
+            return cmdline("");
         }
-        c
+        cmdline(&format!("probe.vnet_bench={}", self.tests.join(",")))
     }
 
     /// The rows of the selected tests, in `ROWS` order.
@@ -215,7 +220,7 @@ pub fn run(
         bench_peers::heads(peers, 10)
     );
     for transport in ["mmio", "pci"] {
-        if !select.transports.is_empty() && !select.transports.iter().any(|t| t == transport) {
+        if select.transport.as_deref().is_some_and(|t| t != transport) {
             continue;
         }
         // t[run][variant]
@@ -228,14 +233,14 @@ pub fn run(
             t.push(run_terns(terns, run, |v| {
                 boot(
                     &v.program,
-                    &v.args(&tern_args(&p, transport, "", select.cmdline())),
+                    &v.args(&tern_args(&p, transport, "", guest_cmdline.clone())),
                     &keys,
                     vcpu_cpu,
                 )
             })?);
             q.push(boot(
                 qemu,
-                &qemu_args(&p, transport, select.cmdline(), pin.is_some()),
+                &qemu_args(&p, transport, guest_cmdline.clone(), pin.is_some()),
                 &keys,
                 vcpu_cpu,
             )?);
@@ -274,7 +279,7 @@ pub fn run(
     // Rate limiter: configured vs achieved on virtio-pci, one test per limit. tso_tx_mbps
     // counts TCP payload only (65160 of each 65214-byte frame), MB = 10^6 bytes; 50M = 50 MiB/s.
     // Only with the whole benchmark: a selection measures its rows alone.
-    if !select.tests.is_empty() || !select.transports.is_empty() {
+    if !select.whole() {
         return Ok(());
     }
     println!("\nrate limiter (tern, virtio-pci, {TEST_MS} ms per test):");

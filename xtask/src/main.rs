@@ -419,10 +419,7 @@ fn run(command: Cmd) -> Result<()> {
             let peers = peers.peers()?;
             let probe = ci::build_probe()?;
             let qemu = util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-            let select = bench_net::Select {
-                tests,
-                transports: transport.into_iter().collect(),
-            };
+            let select = bench_net::Select { tests, transport };
             bench_net::run(&terns, &peers, &probe, &qemu, runs, pin, &select)
         }
         Cmd::BenchApi { tern } => {
