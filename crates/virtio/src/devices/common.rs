@@ -266,6 +266,55 @@ impl Ctx {
             .map_err(|e| Malformed::Queue(index, e))
     }
 
+    /// Like [`Self::add_used`], but the driver sees the entry only at the next
+    /// [`Self::publish_used`]. `virtio_queue` writes the used index with every entry; a worker
+    /// that returns many chains in one pass can instead write the entries and publish the
+    /// index once. A driver polling that index (on another CPU) then takes its cache line from
+    /// the worker once per batch, not once per chain, and the worker's next store to it does
+    /// not wait for the line to come back.
+    pub fn put_used(
+        &self,
+        q: &mut Queue,
+        index: u16,
+        head: u16,
+        len: u32,
+    ) -> Result<(), Malformed> {
+        let size = q.size();
+        if head >= size {
+            return Err(Malformed::Queue(
+                index,
+                virtio_queue::Error::InvalidDescriptorIndex,
+            ));
+        }
+        let next = q.next_used();
+        // The used ring: flags and index (2 bytes each), then 8-byte entries (id, len).
+        let addr = q
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(next % size))
+            .ok_or(Malformed::Queue(
+                index,
+                virtio_queue::Error::AddressOverflow,
+            ))?;
+        let entry = (u64::from(len) << 32) | u64::from(head);
+        self.mem
+            .write_obj(entry.to_le(), GuestAddress(addr))
+            .map_err(Malformed::Memory)?;
+        q.set_next_used(next.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Makes the entries [`Self::put_used`] wrote visible to the driver: stores the used
+    /// index after them (release ordering: the entries first).
+    pub fn publish_used(&self, q: &Queue, index: u16) -> Result<(), Malformed> {
+        let addr = q.used_ring().checked_add(2).ok_or(Malformed::Queue(
+            index,
+            virtio_queue::Error::AddressOverflow,
+        ))?;
+        self.mem
+            .store(q.next_used().to_le(), GuestAddress(addr), Ordering::Release)
+            .map_err(Malformed::Memory)
+    }
+
     /// Interrupts the guest for queue `index` unless the driver asked not to be
     /// (VRING_AVAIL_F_NO_INTERRUPT; EVENT_IDX is not offered by these devices).
     pub fn signal(&self, q: &Queue, index: u16) {
@@ -774,6 +823,34 @@ mod tests {
         ctx.add_used(&mut q, 0, req.head, 5).unwrap();
         assert_eq!(vq.used_elem(&ctx.mem, 0), (h.into(), 5));
         assert!(ctx.pop(&mut q, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn entries_put_are_seen_when_published() {
+        let (mut ctx, _, mut vq, mut q) = rig();
+        let mut heads = Vec::new();
+        for i in 0..3u32 {
+            heads.push(vq.add_chain(&ctx.mem, &[(BUFS + 16 * u64::from(i), 4, true)]));
+        }
+        for (i, &h) in heads.iter().enumerate() {
+            let req = ctx.pop(&mut q, 0).unwrap().unwrap();
+            ctx.put_used(&mut q, 0, req.head, 10 + i as u32).unwrap();
+            assert_eq!(vq.used_elem(&ctx.mem, i as u16), (h.into(), 10 + i as u32));
+        }
+        assert_eq!(vq.used_idx(&ctx.mem), 0, "nothing published yet");
+        ctx.publish_used(&q, 0).unwrap();
+        assert_eq!(vq.used_idx(&ctx.mem), 3);
+        // The index wraps at 65,536: entry 65,535 lands in the last slot, the next in slot 0.
+        q.set_next_used(u16::MAX);
+        ctx.put_used(&mut q, 0, heads[0], 7).unwrap();
+        ctx.put_used(&mut q, 0, heads[1], 8).unwrap();
+        assert_eq!(vq.used_elem(&ctx.mem, u16::MAX), (heads[0].into(), 7));
+        assert_eq!(vq.used_elem(&ctx.mem, 0), (heads[1].into(), 8));
+        ctx.publish_used(&q, 0).unwrap();
+        assert_eq!(vq.used_idx(&ctx.mem), 1);
+        // A head outside the table is the driver's fault, not a panic.
+        let e = ctx.put_used(&mut q, 0, vq.size, 0).unwrap_err();
+        assert!(matches!(e, Malformed::Queue(0, _)), "{e}");
     }
 
     #[test]
