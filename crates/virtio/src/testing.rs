@@ -63,7 +63,11 @@ pub struct VirtQueue {
 impl VirtQueue {
     /// A queue of [`QSIZE`] at `base` (16-byte aligned).
     pub fn new(base: u64) -> Self {
-        let size = QSIZE;
+        Self::with_size(base, QSIZE)
+    }
+
+    /// A queue of `size` (a power of two) at `base` (16-byte aligned).
+    pub fn with_size(base: u64, size: u16) -> Self {
         let avail = base + 16 * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
         VirtQueue {
