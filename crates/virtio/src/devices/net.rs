@@ -380,14 +380,14 @@ impl VirtioDevice for Net {
 
 const RX: usize = 0;
 const TX: usize = 1;
-/// A queue's used index is published after this many returned chains (half the ring), and at
-/// the end of each pass (see [`PairWorker::put_used`]). bench-net, against publishing with
-/// every chain (5 pinned boots): 64-byte transmit 608,000 against 527,000 frames/s over mmio.
-/// Publishing only at the end of a pass (up to 256 chains) lost TSO receive (1.2 against 2.2
-/// GB/s): the driver saw nothing of a pass that filled the ring and could not give buffers
-/// back meanwhile. Against every 16 chains, 5 unpinned boots: TSO transmit 6,610 against
-/// 5,109 MB/s (mmio), TSO receive 1,084 against 857, 64-byte transmit 601,663 against 567,191
-/// frames/s.
+/// A queue's used index is published at the end of each pass, and at the end of a frame once
+/// this many entries wait (half the ring; see [`PairWorker::frame_done`]). bench-net, 5 boots
+/// each against the step before: publishing every 16 entries instead of with each one took
+/// pinned 64-byte transmit over mmio from 527,000 to 608,000 frames/s; every 128 instead of 16
+/// took unpinned TSO transmit from 5,109 to 6,610 MB/s and TSO receive from 857 to 1,084.
+/// Publishing only at the end of a pass (up to 256 entries) lost pinned TSO receive (1.2
+/// against 2.2 GB/s): the driver saw nothing of a pass that filled the ring and could not give
+/// buffers back meanwhile.
 const PUBLISH_EVERY: u16 = QUEUE_SIZE / 2;
 const TOKEN_RX: usize = 0;
 const TOKEN_TX: usize = 1;
