@@ -10,12 +10,23 @@
 //! tern is linked statically (`.cargo/config.toml`), and the list includes the C library's
 //! functions it runs, so they sit beside tern's own.
 //!
+//! The same runs decide the order of the read-only data: `rodata-order.ld`, a linker script
+//! that lld inserts before `.rodata`, gathers the constants those runs read (and the pages the
+//! kernel read, such as the seccomp filters) into one output section, `.rodata.hot`, with the
+//! merged constants and strings and the C library's character tables after them. The kernel
+//! maps 64 KiB around every page of data that faults too, and tern's hot constants were spread
+//! over all of its 512 KiB of `.rodata`. Most of them have no symbol (`.rodata..Lanon.*`), so
+//! the script names their input sections; a name that no longer exists matches nothing. The
+//! link writes a map (`tern.map` beside the binary), from which `cargo xtask link-order`
+//! learns where each input section went.
+//!
 //! Where the C library supports them (glibc 2.36 and later), relative relocations are packed
 //! (`-z pack-relative-relocs`): the static binary's start-up code then applies a few KiB of
 //! them instead of reading 180 KiB.
 
 fn main() {
     println!("cargo:rerun-if-changed=link-order.txt");
+    println!("cargo:rerun-if-changed=rodata-order.ld");
     println!("cargo:rerun-if-env-changed=TERN_LINK_ORDER");
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
     let release = std::env::var("PROFILE").as_deref() == Ok("release");
@@ -29,6 +40,20 @@ fn main() {
             list.display()
         );
         println!("cargo:rustc-link-arg-bin=tern=-Wl,--no-warn-symbol-ordering");
+        let script = list.with_file_name("rodata-order.ld");
+        if script.is_file() {
+            println!("cargo:rustc-link-arg-bin=tern=-Wl,-T,{}", script.display());
+        }
+        // OUT_DIR is <target>/<profile>/build/tern-<hash>/out: the map goes beside the binary.
+        if let Some(dir) = std::env::var_os("OUT_DIR")
+            .map(std::path::PathBuf::from)
+            .and_then(|o| o.ancestors().nth(3).map(|d| d.to_path_buf()))
+        {
+            println!(
+                "cargo:rustc-link-arg-bin=tern=-Wl,-Map={}",
+                dir.join("tern.map").display()
+            );
+        }
         if glibc_has_relr() {
             println!("cargo:rustc-link-arg-bin=tern=-Wl,-z,pack-relative-relocs");
         }

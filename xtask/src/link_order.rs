@@ -42,6 +42,17 @@ const WORKLOADS: [(&str, &[&str]); 6] = [
 
 pub fn run(tern: &Path, probe: &Path) -> Result<()> {
     let valgrind = ensure_tool("valgrind", "valgrind")?;
+    let map = tern.with_file_name("tern.map");
+    let map_text = std::fs::read_to_string(&map).with_context(|| {
+        format!(
+            "cannot read {} (the release link writes it; see crates/tern/build.rs)",
+            map.display()
+        )
+    })?;
+    let sections = rodata_sections(&map_text);
+    if sections.is_empty() {
+        bail!("{} lists no input section of .rodata", map.display());
+    }
     // Beside the binary, not in /tmp: the copy must be on a block device (tmpfs has no
     // read-ahead to turn off).
     let dir = tern
@@ -49,12 +60,17 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
         .context("tern has no directory")?
         .join(format!("link-order.{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = profile(&valgrind, tern, probe, &dir);
-    let touched = result.and_then(|names| Ok((names, touched_pages(tern, probe, &dir)?)));
+    let result = (|| -> Result<_> {
+        let names = profile(&valgrind, tern, probe, &dir)?;
+        let reads = data_profile(&valgrind, tern, probe, &dir, &sections)?;
+        let pages = touched_pages(tern, probe, &dir)?;
+        Ok((names, reads, pages))
+    })();
     let _ = std::fs::remove_dir_all(&dir);
-    let (mut names, pages) = touched?;
+    let (mut names, reads, pages) = result?;
+    let all_pages: HashSet<u64> = pages.iter().flatten().copied().collect();
     let functions = functions(tern)?;
-    names.extend(functions_on(tern, &functions, &pages)?);
+    names.extend(functions_on(tern, &functions, &all_pages)?);
     let symbols: HashSet<&str> = functions.iter().map(|f| f.name.as_str()).collect();
     let mut seen = HashSet::new();
     let order: Vec<&String> = names
@@ -75,6 +91,21 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
         Ok(())
     })?;
     println!("{}: {} functions", out.display(), order.len());
+
+    let delta = load_delta(&std::fs::read(tern)?, false)?;
+    let hot = hot_sections(&sections, &reads, &pages, delta);
+    let bytes: u64 = hot.iter().map(|&i| sections[i].size).sum();
+    let script = workspace_root().join("crates/tern/rodata-order.ld");
+    write_atomic(&script, |f| {
+        f.write_all(rodata_script(&sections, &hot).as_bytes())?;
+        Ok(())
+    })?;
+    println!(
+        "{}: {} input sections, {} KiB",
+        script.display(),
+        hot.len(),
+        bytes / 1024
+    );
     Ok(())
 }
 
@@ -180,13 +211,15 @@ impl Drop for ReadAhead {
     }
 }
 
-/// The pages (file offsets) of `tern` that real runs of the workloads, seccomp on, executed.
-fn touched_pages(tern: &Path, probe: &Path, dir: &Path) -> Result<HashSet<u64>> {
+/// The pages (file offsets) of `tern` that real runs of the workloads, seccomp on, faulted in:
+/// the code they executed and the data they (or the kernel, on their behalf) read; one set per
+/// workload.
+fn touched_pages(tern: &Path, probe: &Path, dir: &Path) -> Result<Vec<HashSet<u64>>> {
     let copy = dir.join("tern");
     std::fs::copy(tern, &copy)?;
     std::fs::File::open(&copy)?.sync_all()?;
     let _ra = ReadAhead::off_for(&copy)?;
-    let mut pages = HashSet::new();
+    let mut pages = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let f = std::fs::File::open(&copy)?;
         use std::os::fd::AsRawFd;
@@ -202,7 +235,7 @@ fn touched_pages(tern: &Path, probe: &Path, dir: &Path) -> Result<HashSet<u64>> 
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        pages.extend(cached_pages(&f)?);
+        pages.push(cached_pages(&f)?.into_iter().collect());
     }
     Ok(pages)
 }
@@ -245,20 +278,7 @@ fn functions_on(
     functions: &[Function],
     pages: &HashSet<u64>,
 ) -> Result<Vec<String>> {
-    let elf = std::fs::read(binary)?;
-    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
-    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
-    // The executable PT_LOAD segment: file offset = address - (p_vaddr - p_offset).
-    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
-    let delta = (0..phnum)
-        .map(|i| phoff + i * phentsize)
-        .find(|&ph| {
-            let kind = u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap());
-            let flags = u32::from_le_bytes(elf[ph + 4..ph + 8].try_into().unwrap());
-            kind == 1 && flags & 1 != 0
-        })
-        .map(|ph| u64_at(ph + 16) - u64_at(ph + 8))
-        .context("no executable segment")?;
+    let delta = load_delta(&std::fs::read(binary)?, true)?;
     let mut out = Vec::new();
     for f in functions {
         let Some(s) = f.size else { continue };
@@ -271,6 +291,222 @@ fn functions_on(
         }
     }
     Ok(out)
+}
+
+/// For the `PT_LOAD` segment of `elf` that is executable (`exec`) or not (the first read-only
+/// one): its address minus its file offset.
+fn load_delta(elf: &[u8], exec: bool) -> Result<u64> {
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    (0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .find(|&ph| {
+            let flags = u32_at(ph + 4);
+            // PF_X 1, PF_W 2, PF_R 4.
+            u32_at(ph) == 1 && if exec { flags & 1 != 0 } else { flags == 4 }
+        })
+        .map(|ph| u64_at(ph + 16) - u64_at(ph + 8))
+        .context("no such segment")
+}
+
+/// An input section of tern's read-only data, from the link map.
+struct Section {
+    addr: u64,
+    size: u64,
+    /// How a linker script names it: `*(NAME)`, or `*MEMBER(NAME)` for a C library object.
+    pattern: String,
+}
+
+/// Sections larger than this go after the others: one hot word in a big table should not
+/// push the small hot constants apart.
+const LARGE: u64 = 16 * 1024;
+
+/// The input sections placed in `.rodata` and `.rodata.hot`, from an lld map (`-Map`): lines
+/// `VMA LMA SIZE ALIGN OUT` for an output section, `VMA LMA SIZE ALIGN         FILE:(NAME)`
+/// for an input section, and symbols further in.
+fn rodata_sections(map: &str) -> Vec<Section> {
+    let mut out = Vec::new();
+    let mut in_rodata = false;
+    for line in map.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let (Ok(addr), Ok(size)) = (u64::from_str_radix(f[0], 16), u64::from_str_radix(f[2], 16))
+        else {
+            continue;
+        };
+        let rest = f[4..].join(" ");
+        // An output section's name follows its alignment after one space; input sections and
+        // symbols are indented further.
+        let at = line.find(f[4]).unwrap_or(0);
+        let output = at - line[..at].trim_end_matches(' ').len() == 1;
+        match rest.split_once(":(") {
+            None if output && f.len() == 5 => {
+                in_rodata = matches!(f[4], ".rodata" | ".rodata.hot");
+            }
+            Some((file, name)) if in_rodata && size > 0 => {
+                let name = name.trim_end_matches(')');
+                // An archive member is FILE.a(MEMBER.o); the script matches "FILE.a:MEMBER.o".
+                let pattern = match file.rsplit_once('(') {
+                    Some((_, member)) if !file.starts_with('<') => {
+                        format!("*{}({name})", member.trim_end_matches(')'))
+                    }
+                    _ => format!("*({name})"),
+                };
+                out.push(Section {
+                    addr,
+                    size,
+                    pattern,
+                });
+            }
+            _ => {}
+        }
+    }
+    out.sort_by_key(|s| s.addr);
+    out
+}
+
+/// The index in `sections` (sorted by address) of the section holding `addr`.
+fn section_at(sections: &[Section], addr: u64) -> Option<usize> {
+    let i = sections
+        .partition_point(|s| s.addr <= addr)
+        .checked_sub(1)?;
+    (addr < sections[i].addr + sections[i].size).then_some(i)
+}
+
+/// Runs every workload under valgrind's lackey, which traces every load and store; for each
+/// section of read-only data, in how many workloads tern read it (the seccomp run counting as
+/// all of them, as in [`profile`]). What the kernel reads (the seccomp filters a thread
+/// applies, for one) does not show here: [`hot_sections`] adds it from real runs.
+fn data_profile(
+    valgrind: &Path,
+    tern: &Path,
+    probe: &Path,
+    dir: &Path,
+    sections: &[Section],
+) -> Result<Vec<usize>> {
+    use std::io::BufRead;
+    let elf = std::fs::read(tern)?;
+    let entry = u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap());
+    let mut reads = vec![0usize; sections.len()];
+    for (i, (cmdline, extra)) in WORKLOADS.iter().enumerate() {
+        let log = dir.join(format!("lackey.{i}"));
+        let mut cmd = Command::new(valgrind);
+        cmd.args(["--tool=lackey", "--trace-mem=yes"])
+            .arg(format!("--log-file={}", log.display()))
+            .arg(tern)
+            .args(tern_args(
+                probe,
+                &(cmdline, extra),
+                &dir.join(format!("lk.{i}")),
+            ));
+        let seccomp = extra.contains(&"on");
+        if !extra.contains(&"--seccomp") {
+            cmd.args(["--seccomp", "off"]);
+        }
+        let output = cmd
+            .output()
+            .with_context(|| format!("cannot run {}", valgrind.display()))?;
+        if !seccomp && !String::from_utf8_lossy(&output.stdout).contains("probe: done status=0") {
+            bail!(
+                "the probe did not pass under lackey ({cmdline}): {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let weight = if seccomp { WORKLOADS.len() } else { 1 };
+        let mut hit = vec![false; sections.len()];
+        // tern is position-independent: the first instruction traced is its entry point.
+        let mut base = None;
+        let file =
+            std::fs::File::open(&log).with_context(|| format!("cannot read {}", log.display()))?;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            let Some((kind, rest)) = line.split_at_checked(3) else {
+                continue;
+            };
+            let Some(addr) = rest
+                .trim_start()
+                .split(',')
+                .next()
+                .and_then(|a| u64::from_str_radix(a, 16).ok())
+            else {
+                continue;
+            };
+            match (kind, base) {
+                ("I  ", None) => base = Some(addr.wrapping_sub(entry)),
+                (" L " | " S " | " M ", Some(b)) => {
+                    if let Some(s) = section_at(sections, addr.wrapping_sub(b)) {
+                        hit[s] = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_file(&log);
+        for (r, h) in reads.iter_mut().zip(hit) {
+            *r += if h { weight } else { 0 };
+        }
+    }
+    Ok(reads)
+}
+
+/// The sections of read-only data to place first, in order: those lackey saw read, and every
+/// section on a page that a real run faulted in (`pages`: file offsets, one set per workload;
+/// `delta`: address minus file offset) where lackey saw nothing read, which is what the kernel
+/// read. Most-read first, the large ones last (the largest first).
+fn hot_sections(
+    sections: &[Section],
+    reads: &[usize],
+    pages: &[HashSet<u64>],
+    delta: u64,
+) -> Vec<usize> {
+    let mut weight = reads.to_vec();
+    for set in pages {
+        let mut found = HashSet::new();
+        for &page in set {
+            let (lo, hi) = (page + delta, page + delta + 4096);
+            let first = sections.partition_point(|s| s.addr + s.size <= lo);
+            let on: Vec<usize> = (first..sections.len())
+                .take_while(|&i| sections[i].addr < hi)
+                .collect();
+            if on.iter().all(|&i| reads[i] == 0) {
+                found.extend(on);
+            }
+        }
+        for i in found {
+            weight[i] += 1;
+        }
+    }
+    let mut hot: Vec<usize> = (0..sections.len()).filter(|&i| weight[i] > 0).collect();
+    hot.sort_by_key(|&i| {
+        let s = &sections[i];
+        if s.size > LARGE {
+            (1, std::cmp::Reverse(s.size as usize))
+        } else {
+            (0, std::cmp::Reverse(weight[i]))
+        }
+    });
+    let mut seen = HashSet::new();
+    hot.retain(|&i| seen.insert(sections[i].pattern.as_str()));
+    hot
+}
+
+/// The linker script that gathers `hot` into `.rodata.hot`, before `.rodata`.
+fn rodata_script(sections: &[Section], hot: &[usize]) -> String {
+    let mut s = String::from(
+        "/* Written by `cargo xtask link-order`: the read-only data tern's runs read, placed\n   \
+         together (crates/tern/build.rs). */\nSECTIONS\n{\n  .rodata.hot : {\n",
+    );
+    for &i in hot {
+        s.push_str("    ");
+        s.push_str(&sections[i].pattern);
+        s.push('\n');
+    }
+    s.push_str("  }\n}\nINSERT BEFORE .rodata;\n");
+    s
 }
 
 /// A function in a binary's symbol table.
@@ -303,4 +539,68 @@ fn functions(binary: &Path) -> Result<Vec<Function>> {
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as lld writes them: an output section, its input sections (from tern's object, the
+    /// linker's merged constants and a C library member), a symbol, and the next output section.
+    const MAP: &str = "             VMA              LMA     Size Align Out     In      Symbol
+            3c00             3c00    7ff14   128 .rodata
+            3c00             3c00     21a0    16         <internal>:(.rodata.cst16)
+            5da0             5da0       48     4         /t/deps/tern-1.rcgu.o:(.rodata..Lanon.ab.7)
+            5de8             5de8     5000     4         /t/deps/tern-1.rcgu.o:(.rodata._RNvCs1_4tern4main)
+            5de8             5de8        0     1                 .Lsym
+            ade8             ade8     dd8c    32         /usr/lib/libc.a(C-ctype.o):(.rodata)
+           18b74            18b74       10     4         /t/deps/tern-1.rcgu.o:(.rodata..Lanon.ab.9)
+           83b14            83b14     f824     4 .eh_frame_hdr
+           83b14            83b14     f824     4         <internal>:(.eh_frame_hdr)
+";
+
+    #[test]
+    fn the_map_gives_rodata_input_sections_and_their_script_names() {
+        let s = rodata_sections(MAP);
+        let got: Vec<(u64, u64, &str)> = s
+            .iter()
+            .map(|s| (s.addr, s.size, s.pattern.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x3c00, 0x21a0, "*(.rodata.cst16)"),
+                (0x5da0, 0x48, "*(.rodata..Lanon.ab.7)"),
+                (0x5de8, 0x5000, "*(.rodata._RNvCs1_4tern4main)"),
+                (0xade8, 0xdd8c, "*C-ctype.o(.rodata)"),
+                (0x18b74, 0x10, "*(.rodata..Lanon.ab.9)"),
+            ]
+        );
+        assert_eq!(section_at(&s, 0x5da0 + 0x47), Some(1));
+        assert_eq!(section_at(&s, 0x5da0 + 0x48), Some(2));
+        assert_eq!(section_at(&s, 0x3bff), None);
+        assert_eq!(section_at(&s, 0x18b84), None);
+    }
+
+    #[test]
+    fn hot_sections_come_most_read_first_and_large_last() {
+        let s = rodata_sections(MAP);
+        // lackey: main read in one workload, .Lanon.ab.9 in two, the C library table in one.
+        let reads = [0, 0, 1, 3, 2];
+        // A real run faulted in the page of .Lanon.ab.7 (nothing read there by lackey: the
+        // kernel's read) and a page of main's (already explained).
+        let pages = vec![HashSet::from([0x5000]), HashSet::from([0x9000])];
+        let hot = hot_sections(&s, &reads, &pages, 0);
+        // 0x5000..0x6000 holds cst16's tail, .Lanon.ab.7 and main's start: main was read, so
+        // that page adds nothing; 0x9000 is main's alone. main (20 KiB) and the C library's
+        // table (55 KiB) are large: they come last, the larger first.
+        assert_eq!(hot, [4, 3, 2]);
+        let none = hot_sections(&s, &[0; 5], &pages, 0);
+        // Unexplained pages bring in every section on them, the large ones last.
+        assert_eq!(none, [0, 1, 2]);
+        let script = rodata_script(&s, &hot);
+        assert!(script.contains(
+            "  .rodata.hot : {\n    *(.rodata..Lanon.ab.9)\n    *C-ctype.o(.rodata)\n    *(.rodata._RNvCs1_4tern4main)\n  }\n}\nINSERT BEFORE .rodata;\n"
+        ));
+    }
 }

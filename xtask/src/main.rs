@@ -13,7 +13,7 @@
 //! cargo xtask bench-vsock [--runs N] [--mib N] [--tern PATH]
 //! cargo xtask shell [--tern PATH]    interactive L1 with the guest images and VMMs
 //! cargo xtask extract-vmlinux BZIMAGE OUT
-//! cargo xtask link-order            regenerate crates/tern/link-order.txt (callgrind)
+//! cargo xtask link-order            regenerate crates/tern/link-order.txt and rodata-order.ld (valgrind)
 //! cargo xtask fuzz [--target NAME] [--seconds N] [--runs N]
 //! ```
 //! TERNS: [--tern PATH] [--baseline PATH] [--baseline-args "ARGS"] (bench_terns.rs).
@@ -249,8 +249,9 @@ enum Cmd {
     },
     /// Extract the ELF vmlinux from a bzImage.
     ExtractVmlinux { bzimage: PathBuf, output: PathBuf },
-    /// Regenerate crates/tern/link-order.txt: the functions the probe's workloads run, from
-    /// callgrind, which release builds place first.
+    /// Regenerate crates/tern/link-order.txt and rodata-order.ld: the functions the probe's
+    /// workloads run (callgrind) and the read-only data they read (lackey, and real runs),
+    /// which release builds place first.
     LinkOrder,
     /// Build the fuzz targets (fuzz/), replay their regression inputs, then fuzz each for a
     /// bounded time; a crash or hang fails, naming the target and the input.
