@@ -25,6 +25,7 @@ use std::sync::Arc;
 use net::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::*;
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -195,7 +196,8 @@ impl VirtioDevice for Net {
             | 1 << VIRTIO_NET_F_MTU
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MRG_RXBUF
-            | 1 << VIRTIO_NET_F_CTRL_VQ;
+            | 1 << VIRTIO_NET_F_CTRL_VQ
+            | 1 << VIRTIO_RING_F_EVENT_IDX;
         if self.opts.offload {
             f |= 1 << VIRTIO_NET_F_CSUM
                 | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -282,6 +284,7 @@ impl VirtioDevice for Net {
             };
             let throttle =
                 |l: &SharedLimiter| Throttle::new(l.clone()).map_err(ActivateError::Worker);
+            let signalled = [rx.queue.next_used(), tx.queue.next_used()];
             let w = PairWorker {
                 ctx: ctx(),
                 pair: i as u16,
@@ -303,6 +306,7 @@ impl VirtioDevice for Net {
                 counters: self.counters.clone(),
                 tally: Tally::default(),
                 unpublished: [0, 0],
+                signalled,
             };
             let name = format!("virtio-net-q{i}");
             self.pairs.push(
@@ -427,6 +431,9 @@ struct PairWorker {
     tally: Tally,
     /// Used entries of each direction written and not yet published (see [`Self::put_used`]).
     unpublished: [u16; 2],
+    /// Each direction's used index when the worker last decided whether to interrupt
+    /// ([`Ctx::signal_since`]).
+    signalled: [u16; 2],
 }
 
 /// Frames and bytes a pass of [`PairWorker`] moved, not yet in its [`NetCounters`].
@@ -488,10 +495,12 @@ impl Handler for PairWorker {
             .and_then(|()| self.publish(RX));
         self.tally.flush(&self.counters);
         if used[RX] {
-            self.ctx.signal(&self.rx, 2 * self.pair);
+            self.ctx
+                .signal_since(&self.rx, 2 * self.pair, &mut self.signalled[RX]);
         }
         if used[TX] {
-            self.ctx.signal(&self.tx, 2 * self.pair + 1);
+            self.ctx
+                .signal_since(&self.tx, 2 * self.pair + 1, &mut self.signalled[TX]);
         }
         match res {
             Ok(()) => true,
