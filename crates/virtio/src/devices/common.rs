@@ -897,7 +897,7 @@ mod tests {
         // The driver's used_event: the word after the available ring.
         let event_at = GuestAddress(vq.avail + 4 + 2 * u64::from(vq.size));
         let set_event = |e: u16| ctx.mem.write_obj(e.to_le(), event_at).unwrap();
-        let mut put = |q: &mut Queue, n: u16| {
+        let put = |q: &mut Queue, n: u16| {
             for _ in 0..n {
                 ctx.put_used(q, 0, 0, 1).unwrap();
             }
