@@ -5,7 +5,9 @@
 //! `HOST_TSO4/6`, `GUEST_TSO4/6`) cost tern nothing: the host kernel segments or checksums what
 //! needs it. Receive buffers may be merged (`MRG_RXBUF`). With `queues=N` (`MQ` + `CTRL_VQ`)
 //! each queue pair has its own TAP queue (`IFF_MULTI_QUEUE`) and worker thread; the control
-//! queue has one more.
+//! queue has one more. With `EVENT_IDX` the driver says after which used entry it wants its
+//! next interrupt (and the device after which available entry its next notification), so a
+//! busy queue interrupts and exits less; Linux drivers use it.
 //!
 //! Hostile guests: a transmitted frame with a malformed header (unknown GSO type or flags,
 //! offsets past the frame, GSO the guest did not negotiate), larger than the MTU without GSO,
