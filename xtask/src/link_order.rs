@@ -60,9 +60,15 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
         .context("tern has no directory")?
         .join(format!("link-order.{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let elf = std::fs::read(tern).with_context(|| format!("cannot read {}", tern.display()))?;
+    let entry = elf
+        .get(0x18..0x20)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .context("tern is not an ELF file")?;
     let result = (|| -> Result<_> {
         let names = profile(&valgrind, tern, probe, &dir)?;
-        let reads = data_profile(&valgrind, tern, probe, &dir, &sections)?;
+        let reads = data_profile(&valgrind, tern, entry, probe, &dir, &sections)?;
         let pages = touched_pages(tern, probe, &dir)?;
         Ok((names, reads, pages))
     })();
@@ -70,7 +76,7 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
     let (mut names, reads, pages) = result?;
     let all_pages: HashSet<u64> = pages.iter().flatten().copied().collect();
     let functions = functions(tern)?;
-    names.extend(functions_on(tern, &functions, &all_pages)?);
+    names.extend(functions_on(&elf, &functions, &all_pages)?);
     let symbols: HashSet<&str> = functions.iter().map(|f| f.name.as_str()).collect();
     let mut seen = HashSet::new();
     let order: Vec<&String> = names
@@ -92,7 +98,7 @@ pub fn run(tern: &Path, probe: &Path) -> Result<()> {
     })?;
     println!("{}: {} functions", out.display(), order.len());
 
-    let delta = load_delta(&std::fs::read(tern)?, false)?;
+    let delta = load_delta(&elf, false)?;
     let hot = hot_sections(&sections, &reads, &pages, delta);
     let bytes: u64 = hot.iter().map(|&i| sections[i].size).sum();
     let script = workspace_root().join("crates/tern/rodata-order.ld");
@@ -117,32 +123,23 @@ fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec
     let mut names = Vec::new();
     // For each name: in how many workloads it ran, and the workload last counted.
     let mut runs: std::collections::HashMap<String, (usize, usize)> = Default::default();
-    for (i, (cmdline, extra)) in WORKLOADS.iter().enumerate() {
+    for i in 0..WORKLOADS.len() {
         let out = dir.join(format!("callgrind.{i}"));
-        let sock = dir.join(format!("api.{i}"));
-        let mut cmd = Command::new(valgrind);
-        cmd.args(["--tool=callgrind", "--demangle=no"])
-            .arg(format!("--callgrind-out-file={}", out.display()))
-            .arg(tern)
-            .args(tern_args(probe, &(cmdline, extra), &sock));
-        if !extra.contains(&"--seccomp") {
-            cmd.args(["--seccomp", "off"]);
-        }
-        let output = cmd
-            .output()
-            .with_context(|| format!("cannot run {}", valgrind.display()))?;
-        let seccomp = extra.contains(&"on");
-        if !seccomp && !String::from_utf8_lossy(&output.stdout).contains("probe: done status=0") {
-            bail!(
-                "the probe did not pass under callgrind ({cmdline}): {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        let tool = [
+            "--tool=callgrind".to_string(),
+            "--demangle=no".to_string(),
+            format!("--callgrind-out-file={}", out.display()),
+        ];
+        let weight = under_valgrind(
+            valgrind,
+            &tool,
+            tern,
+            probe,
+            i,
+            &dir.join(format!("api.{i}")),
+        )?;
         let text = std::fs::read_to_string(&out)
             .with_context(|| format!("cannot read {}", out.display()))?;
-        // What the seccomp run reaches (the filters' set-up) runs at every default start:
-        // it ranks with the code every workload runs.
-        let weight = if seccomp { WORKLOADS.len() } else { 1 };
         for line in text.lines() {
             let rest = line
                 .strip_prefix("fn=(")
@@ -161,6 +158,41 @@ fn profile(valgrind: &Path, tern: &Path, probe: &Path, dir: &Path) -> Result<Vec
     // A stable sort keeps the first-named order among names that ran equally often.
     names.sort_by_key(|n| std::cmp::Reverse(runs[n].0));
     Ok(names)
+}
+
+/// Runs workload `i` under valgrind with `tool`'s options (`--seccomp off` unless the workload
+/// sets it: valgrind cannot apply filters; `sock` for an API socket) and checks that the probe
+/// passed, which the seccomp run does not (it stops where applying the first filter fails).
+/// Returns the weight of what the run saw: what the seccomp run reaches (the filters' set-up)
+/// runs at every default start, so it ranks with what every workload runs.
+fn under_valgrind(
+    valgrind: &Path,
+    tool: &[String],
+    tern: &Path,
+    probe: &Path,
+    i: usize,
+    sock: &Path,
+) -> Result<usize> {
+    let (cmdline, extra) = WORKLOADS[i];
+    let mut cmd = Command::new(valgrind);
+    cmd.args(tool)
+        .arg(tern)
+        .args(tern_args(probe, &(cmdline, extra), sock));
+    if !extra.contains(&"--seccomp") {
+        cmd.args(["--seccomp", "off"]);
+    }
+    let output = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", valgrind.display()))?;
+    let seccomp = extra.contains(&"on");
+    if !seccomp && !String::from_utf8_lossy(&output.stdout).contains("probe: done status=0") {
+        bail!(
+            "the probe did not pass under valgrind {} ({cmdline}): {}",
+            tool[0],
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(if seccomp { WORKLOADS.len() } else { 1 })
 }
 
 /// The `tern run` command line of workload `w`: the probe's, then the workload's own flags
@@ -272,13 +304,9 @@ fn cached_pages(f: &std::fs::File) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// The functions of `binary` that lie (partly) on the pages at file offsets `pages`.
-fn functions_on(
-    binary: &Path,
-    functions: &[Function],
-    pages: &HashSet<u64>,
-) -> Result<Vec<String>> {
-    let delta = load_delta(&std::fs::read(binary)?, true)?;
+/// The functions of the ELF image `elf` that lie (partly) on the pages at file offsets `pages`.
+fn functions_on(elf: &[u8], functions: &[Function], pages: &HashSet<u64>) -> Result<Vec<String>> {
+    let delta = load_delta(elf, true)?;
     let mut out = Vec::new();
     for f in functions {
         let Some(s) = f.size else { continue };
@@ -384,39 +412,28 @@ fn section_at(sections: &[Section], addr: u64) -> Option<usize> {
 fn data_profile(
     valgrind: &Path,
     tern: &Path,
+    entry: u64,
     probe: &Path,
     dir: &Path,
     sections: &[Section],
 ) -> Result<Vec<usize>> {
     use std::io::BufRead;
-    let elf = std::fs::read(tern)?;
-    let entry = u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap());
     let mut reads = vec![0usize; sections.len()];
-    for (i, (cmdline, extra)) in WORKLOADS.iter().enumerate() {
+    for i in 0..WORKLOADS.len() {
         let log = dir.join(format!("lackey.{i}"));
-        let mut cmd = Command::new(valgrind);
-        cmd.args(["--tool=lackey", "--trace-mem=yes"])
-            .arg(format!("--log-file={}", log.display()))
-            .arg(tern)
-            .args(tern_args(
-                probe,
-                &(cmdline, extra),
-                &dir.join(format!("lk.{i}")),
-            ));
-        let seccomp = extra.contains(&"on");
-        if !extra.contains(&"--seccomp") {
-            cmd.args(["--seccomp", "off"]);
-        }
-        let output = cmd
-            .output()
-            .with_context(|| format!("cannot run {}", valgrind.display()))?;
-        if !seccomp && !String::from_utf8_lossy(&output.stdout).contains("probe: done status=0") {
-            bail!(
-                "the probe did not pass under lackey ({cmdline}): {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let weight = if seccomp { WORKLOADS.len() } else { 1 };
+        let tool = [
+            "--tool=lackey".to_string(),
+            "--trace-mem=yes".to_string(),
+            format!("--log-file={}", log.display()),
+        ];
+        let weight = under_valgrind(
+            valgrind,
+            &tool,
+            tern,
+            probe,
+            i,
+            &dir.join(format!("lk.{i}")),
+        )?;
         let mut hit = vec![false; sections.len()];
         // tern is position-independent: the first instruction traced is its entry point.
         let mut base = None;
